@@ -1,0 +1,89 @@
+"""The build toolchain fingerprint: everything that changes the bytes a build produces.
+
+Read from package metadata and source files only (no DSL import), so computing keys for a
+rebuild that finds everything cached stays cheap.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+#: Distributions whose versions change generated code.
+PACKAGES = ("nvidia-cutlass-dsl", "nvidia-cutlass-dsl-libs-base", "flash-attn-4", "quack-kernels")
+
+_PKG_ROOT = Path(__file__).resolve().parent.parent  # fa4aot/
+
+
+def kernels_dir() -> Path:
+    """Directory of the ``fa4aot_kernels`` sources (installed or in the checkout)."""
+    import fa4aot_kernels
+
+    return Path(fa4aot_kernels.__file__).resolve().parent
+
+
+def _hash_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def c_compiler() -> str:
+    """The C compiler used to link launch plans ($CC, else cc/gcc/clang on PATH)."""
+    import os
+
+    for cand in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cand and shutil.which(cand):
+            return cand
+    from fa4aot.errors import ToolchainError
+
+    raise ToolchainError(
+        "no C compiler found (set $CC or install gcc/clang): launch plans are linked with the "
+        "system C toolchain"
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def fingerprint() -> dict[str, str]:
+    """Versions and source hashes that go into every cache key."""
+    from fa4aot.errors import ToolchainError
+
+    out: dict[str, str] = {}
+    for pkg in PACKAGES:
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            raise ToolchainError(
+                f"{pkg} is not installed: install the build extra (pip install 'fa4aot[build]')"
+            ) from None
+    out["cuda-libs"] = _dsl_cuda_flavor()
+    out["kernels-src"] = _hash_files(list(kernels_dir().glob("*.py")))
+    out["plan-shim"] = _hash_files([_PKG_ROOT / "plan_shim.c"])
+    cc = c_compiler()
+    try:
+        ver = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except OSError as e:
+        raise ToolchainError(f"cannot run the C compiler {cc}: {e}") from None
+    out["cc"] = ver.splitlines()[0] if ver else cc
+    return out
+
+
+def _dsl_cuda_flavor() -> str:
+    """Which CUDA libs flavour of the DSL is installed (cu13 wins, as the DSL itself picks)."""
+    for flavour in ("cu13", "cu12"):
+        try:
+            return f"{flavour}:{importlib.metadata.version(f'nvidia-cutlass-dsl-libs-{flavour}')}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "none"
+
+
+def host_arch() -> str:
+    """CPU architecture launch plans are built for (the machine running the build)."""
+    return platform.machine()

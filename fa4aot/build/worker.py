@@ -1,0 +1,168 @@
+"""Compile one variant (runs in a build worker process; imports the CUTLASS DSL and FA4).
+
+One ``cute.compile`` without ``--enable-tvm-ffi`` yields both the cubin and, through
+``export_to_c``, FA4's host code as an object file; the object is linked with the shim into the
+variant's launch plan, which is then called once on sample shapes as a self-test and to record
+what the launch looks like (block, cluster, dynamic smem).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fa4aot import cubin as cubin_reader
+from fa4aot.build.link import link_plan
+from fa4aot.signature import check_against, parse_header
+from fa4aot.variant import Target, Variant
+
+
+@dataclass
+class BuildOutput:
+    """Result of compiling one variant: blob bytes by role plus metadata (or an error)."""
+
+    variant: Variant
+    ok: bool
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+
+
+_CONFIGURED: tuple[str, int] | None = None
+
+
+def configure(target: Target) -> None:
+    """Per-process set-up for a target: DSL arch and the SM-count stand-in.
+
+    Must run before the DSL is imported in this process (the arch is read from the environment
+    when the DSL initialises), so build workers call it from their pool initializer.
+    """
+    global _CONFIGURED
+    if _CONFIGURED == (target.arch, target.num_sms):
+        return
+    if _CONFIGURED is not None and _CONFIGURED[0] != target.arch:
+        raise RuntimeError("a build worker serves one target arch; start a new pool per target")
+    os.environ["CUTE_DSL_ARCH"] = target.arch
+    os.environ.setdefault("CUTE_DSL_LOG_LEVEL", "0")
+    from fa4aot_kernels.common import install_target_hardware
+
+    install_target_hardware(target.num_sms)
+    _CONFIGURED = (target.arch, target.num_sms)
+
+
+def build_variant(variant: Variant, target: Target) -> BuildOutput:
+    """Compile ``variant`` for ``target``; never raises (errors are returned)."""
+    t0 = time.perf_counter()
+    try:
+        configure(target)
+        blobs, meta = _build(variant, target)
+        out = BuildOutput(variant, True, blobs, meta)
+    except Exception as e:  # one failing variant must not stop the build
+        detail = "".join(traceback.format_exception_only(type(e), e)).strip()
+        out = BuildOutput(variant, False, error=detail)
+        out.meta["traceback"] = traceback.format_exc(limit=8)
+    out.seconds = time.perf_counter() - t0
+    out.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _build(variant: Variant, target: Target) -> tuple[dict[str, bytes], dict[str, Any]]:
+    import cutlass.cute as cute
+
+    from fa4aot_kernels import module_for
+
+    entry = module_for(variant.family).make_entry(variant, target)
+    options = f"--gpu-arch {target.arch} --keep-cubin"
+    if entry.options:
+        options += " " + entry.options
+    t0 = time.perf_counter()
+    compiled = cute.compile(entry.fn, *entry.compile_args, options=options)
+    compile_s = time.perf_counter() - t0
+    cubin_bytes = compiled.artifacts.CUBIN
+    if not cubin_bytes:
+        raise RuntimeError("the DSL produced no cubin (was --keep-cubin honoured?)")
+    prefix = "fa4aot_" + variant.variant_id[:12]
+    with tempfile.TemporaryDirectory(prefix="fa4aot-build-") as tmp:
+        tmpd = Path(tmp)
+        compiled.export_to_c(str(tmpd), "plan", prefix)
+        header_text = (tmpd / "plan.h").read_text()
+        host_object = (tmpd / "plan.o").read_bytes()
+        header = parse_header(header_text)
+        check_against(header, entry.args)
+        link_plan(tmpd / "plan.o", tmpd / "plan.so")
+        plan_bytes = (tmpd / "plan.so").read_bytes()
+        parsed = cubin_reader.parse(cubin_bytes)
+        kernel_names = list(compiled.kernel_info.keys())
+        kernels = []
+        for name in kernel_names:
+            k = parsed.kernels.get(name)
+            if k is None:
+                raise RuntimeError(f"kernel {name} reported by the DSL is not in the cubin")
+            if k.cbank_param_size is None or not k.params:
+                raise RuntimeError(f"kernel {name} has no parameter table in .nv.info")
+            kernels.append(
+                {
+                    "symbol": name,
+                    "params": k.param_table(),
+                    "cbank_param_size": k.cbank_param_size,
+                    "reqntid": list(k.reqntid) if k.reqntid else None,
+                    "registers": k.registers,
+                }
+            )
+        meta: dict[str, Any] = {
+            "cubin_arch": parsed.arch,
+            "cubin_sm": parsed.sm,
+            "cubin_toolkit": parsed.toolkit,
+            "kernels": kernels,
+            "signature": {
+                "prefix": header.prefix,
+                "entry": header.entry_symbol,
+                "init": header.init_symbol,
+                "load": header.load_symbol,
+                "args": [a.to_dict() for a in entry.args],
+            },
+            "compile_seconds": round(compile_s, 3),
+        }
+        meta["launch"] = _self_test(tmpd / "plan.so", meta, variant, target)
+    blobs = {"cubin": cubin_bytes, "host_object": host_object, "header": header_text.encode(), "plan": plan_bytes}
+    return blobs, meta
+
+
+def _self_test(plan_path: Path, meta: dict[str, Any], variant: Variant, target: Target) -> dict[str, Any]:
+    """Call the new plan on sample shapes: proves it runs, and records what the launch is."""
+    from fa4aot import samples
+    from fa4aot.runtime.plan import KernelTable, Plan, target_answers
+
+    plan = Plan(
+        str(plan_path),
+        meta["signature"]["args"],
+        [KernelTable.from_meta(k) for k in meta["kernels"]],
+        meta["signature"]["entry"],
+        meta["signature"]["init"],
+        meta["signature"]["load"],
+    )
+    dev, ker = target_answers(target.optin_smem())
+    load = plan.load(list(range(1, len(meta["kernels"]) + 1)), dev, ker)
+    args = samples.named_args(variant)
+    launches = plan.plan(plan.order(args))
+    if not launches:
+        raise RuntimeError("the plan recorded no launch for the sample call")
+    first = launches[0]
+    return {
+        "block": list(first.block),
+        "smem": first.smem,
+        "cluster": list(first.cluster) if first.cluster else None,
+        "attributes": {k: v for k, v in first.attribute_values().items()},
+        "launches_per_call": len(launches),
+        "module_load_set_attributes": [list(x) for x in load.set_attributes],
+        "sample_grid": list(first.grid),
+        "sample": samples.describe(variant),
+    }

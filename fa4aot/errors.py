@@ -1,0 +1,48 @@
+"""Exceptions raised by fa4aot.
+
+Every error says what was wrong and where (a manifest field, an argument name, a cache key), so a
+user can fix it without reading the source. All derive from :class:`Fa4aotError`.
+"""
+
+from __future__ import annotations
+
+
+class Fa4aotError(Exception):
+    """Base class of every fa4aot error."""
+
+
+class ManifestError(Fa4aotError, ValueError):
+    """An invalid manifest; the message starts with the offending field path."""
+
+    def __init__(self, field: str, reason: str):
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{field}: {reason}")
+
+
+class CacheError(Fa4aotError):
+    """The cache is unreadable, or an entry's metadata is malformed."""
+
+
+class CorruptArtifactError(CacheError):
+    """A blob's bytes do not match the sha256 recorded for them (flipped, truncated, missing)."""
+
+
+class VariantNotFoundError(Fa4aotError, LookupError):
+    """The cache has no artifact for the variant a call needs."""
+
+
+class DeviceMismatchError(Fa4aotError):
+    """The cache was built for another GPU (arch, SM count), driver or host CPU."""
+
+
+class ArgumentError(Fa4aotError, ValueError):
+    """A launch argument has the wrong dtype, shape, stride, alignment or device."""
+
+
+class PlanError(Fa4aotError):
+    """A launch plan could not be loaded or called, or recorded something unexpected."""
+
+
+class ToolchainError(Fa4aotError):
+    """A build tool (CUTLASS DSL, C compiler) is missing or failed."""

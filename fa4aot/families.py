@@ -1,0 +1,463 @@
+"""Kernel families: their compile-time fields, manifest axes and FA4's validity rules.
+
+Pure Python (no DSL, no torch), so the manifest expander, the build, the runtime dispatcher and the
+tests all share one definition of what a variant of each family is. The rules mirror what
+``flash_attn.cute`` 4.0.0b36 itself enforces or decides (``interface._flash_attn_fwd``,
+``_validate_head_dims``, the kernel constructors); each rejection carries a reason that names the
+rule, so ``fa4aot plan`` can say why a combination was skipped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+DTYPES = ("bf16", "fp16")
+#: Out dtypes of the combine kernel (FA4: fp16, bf16 or fp32).
+COMBINE_DTYPES = ("bf16", "fp16", "fp32")
+SCHEDULERS = ("static", "single", "dynamic", "clc")
+#: Prepare kernel warp counts: FA4 sizes the CTA by batch (31 batches per warp), rounded up to a
+#: power of two; above 31 * 32 = 992 batches it launches several CTAs of 32 warps.
+PREPARE_WARPS = (1, 2, 4, 8, 16, 32)
+#: Minimum KV blocks per split for S ping-pong (FA4 ``S_PING_PONG_MIN_N_BLOCKS_PER_SPLIT``).
+S_PING_PONG_MIN_N_BLOCKS_PER_SPLIT = {64: 16, 128: 64}
+
+
+def prepare_num_warps(num_batch: int) -> int:
+    """FA4's warp count for the prepare kernel at this batch size."""
+    num_warps = min((num_batch + 30) // 31, 32)
+    return 1 << max(num_warps - 1, 0).bit_length()
+
+
+def combine_tiling(head_dim: int) -> tuple[int, int, int]:
+    """(k_block_size, tile_m, min log_max_splits) FA4 uses for the combine kernel at head_dim."""
+    k_block_size = 64 if head_dim <= 64 else 128
+    tile_m = 8 if k_block_size % 128 == 0 else (16 if k_block_size % 64 == 0 else 32)
+    min_log = 5 if tile_m == 8 else 4
+    return k_block_size, tile_m, min_log
+
+
+def combine_log_max_splits(num_splits: int, head_dim: int) -> int:
+    """FA4's log_max_splits for a call with ``num_splits`` splits."""
+    _, _, min_log = combine_tiling(head_dim)
+    return max(math.ceil(math.log2(max(num_splits, 1))), min_log)
+
+
+def sm90_tile(head_dim: int, head_dim_v: int, causal: bool, local: bool) -> tuple[int, int, bool, bool]:
+    """FA4's SM90 forward config: (tile_m, tile_n, mma_pv_is_rs, intra_wg_overlap)."""
+    if head_dim <= 64:
+        return 192, 128, True, True
+    if head_dim <= 96:
+        return (192, 128, False, True) if (causal or local) else (192, 144, False, True)
+    if head_dim <= 128:
+        return 128, 128, True, True
+    if head_dim <= 192:
+        tile_n = 96 if local else (128 if head_dim_v <= 128 else 112)
+        return 128, tile_n, True, True
+    return 128, (64 if local else 80), True, True
+
+
+def _pad16(x: int) -> int:
+    return int(math.ceil(x / 16) * 16)
+
+
+def sm100_head_dims_ok(head_dim: int, head_dim_v: int, dtype: str) -> str | None:
+    """FA4 ``_validate_head_dims`` for SM100 (without the MLA shapes fa4aot does not build)."""
+    alignment = 8  # 16 bytes of a 2-byte dtype
+    standard = 8 <= head_dim <= 128 and 8 <= head_dim_v <= 128
+    deepseek = head_dim == 192 and head_dim_v == 128
+    hd256 = head_dim == 256 and head_dim_v == 256
+    if head_dim_v == 512:
+        return "head_dim_v 512 is FA4's MLA path (qv), which fa4aot does not build"
+    if not (standard or deepseek or hd256):
+        return (
+            f"(head_dim, head_dim_v)=({head_dim}, {head_dim_v}) is not supported on SM100: FA4 "
+            "takes 8..128, (192, 128) or (256, 256)"
+        )
+    if head_dim % alignment or head_dim_v % alignment:
+        return f"head dims must be multiples of {alignment} for {dtype}"
+    return None
+
+
+def sm90_head_dims_ok(head_dim: int, head_dim_v: int) -> str | None:
+    """FA4 ``_validate_head_dims`` for SM90."""
+    if not (8 <= head_dim <= 256 and 8 <= head_dim_v <= 256):
+        return f"(head_dim, head_dim_v)=({head_dim}, {head_dim_v}) is not supported on SM90 (8..256)"
+    if head_dim % 8 or head_dim_v % 8:
+        return "head dims must be multiples of 8"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Family rules. Each takes the full field dict and returns None (valid) or the reason it is not.
+# --------------------------------------------------------------------------------------------
+
+
+def check_fwd_sm100(f: dict[str, Any]) -> str | None:
+    hd, hdv = f["head_dim"], f["head_dim_v"]
+    if reason := sm100_head_dims_ok(hd, hdv, f["dtype"]):
+        return reason
+    qh = f["qhead_per_kvhead"]
+    if qh < 1:
+        return "qhead_per_kvhead must be >= 1"
+    if f["pack_gqa"] and qh == 1:
+        return "pack_gqa needs qhead_per_kvhead > 1"
+    if f["causal"] and f["local"]:
+        return "causal and local are exclusive (FA4 resolves a causal window to causal)"
+    if f["tile_m"] != 128:
+        return "FA4's SM100 forward uses tile_m 128"
+    if f["tile_n"] not in (64, 128):
+        return "FA4's SM100 forward uses tile_n 128 (64 for split-KV with head_dim != head_dim_v)"
+    split = f["split_kv"]
+    if split and hd != hdv and f["tile_n"] != 64:
+        return "split-KV with head_dim != head_dim_v uses tile_n 64 in FA4"
+    if not (split and hd != hdv) and f["tile_n"] != 128:
+        return "tile_n 64 is only used by FA4 for split-KV with head_dim != head_dim_v"
+    if f["q_stage"] == 2 and hdv == 256:
+        return "q_stage 2 exceeds TMEM at head_dim_v 256"
+    if split:
+        if _pad16(hdv) >= 192 and hdv != 256:
+            return "FA4 SplitKV is not supported for head_dim_v >= 192 except 256"
+    two_cta = f["two_cta"]
+    if two_cta:
+        if hd == 256 and hdv == 256:
+            return "fa4aot does not build the hd256 2CTA forward"
+        if split:
+            return "FA4 never uses 2CTA with split-KV"
+        if f["causal"] or f["local"]:
+            return "FA4 uses 2CTA only for non-causal, non-local attention"
+        if f["varlen_q"] or f["seqused_q"]:
+            return "FA4 uses 2CTA only without cu_seqlens_q / seqused_q"
+        if _pad16(hd) not in (128, 192) or _pad16(hdv) != 128:
+            return "FA4 uses 2CTA only for head_dim in (128, 192) with head_dim_v 128"
+        if f["q_stage"] != 2:
+            return "2CTA only runs with more than one M block, where FA4 picks q_stage 2"
+        if f["pack_gqa"] and f["tile_m"] % qh != 0:
+            return "2CTA with pack_gqa needs tile_m divisible by qhead_per_kvhead"
+        if f["scheduler"] != "static":
+            return "FA4's dense non-causal 2CTA forward runs the static persistent scheduler"
+    sched = f["scheduler"]
+    varlen_q = f["varlen_q"] or f["seqused_q"]
+    dense_noncausal = not (f["causal"] or f["local"] or varlen_q)
+    if sched == "static":
+        if split:
+            return "FA4 never runs split-KV with the static persistent scheduler"
+    elif sched == "single":
+        if dense_noncausal and not split:
+            return (
+                "FA4 runs dense non-causal attention with the static persistent scheduler, "
+                "never single-tile"
+            )
+        if split and varlen_q:
+            return "FA4 runs varlen split-KV with prepared scheduler metadata (scheduler dynamic)"
+        if f["q_stage"] == 1 and not split:
+            return "with one M block (q_stage 1) FA4 uses the static persistent scheduler"
+    elif sched == "dynamic":
+        if not varlen_q:
+            return "the dynamic persistent scheduler is FA4's varlen scheduler (needs varlen_q)"
+    elif sched == "clc":
+        if varlen_q and qh == 1:
+            return "FA4 disables CLC for varlen MHA"
+        if dense_noncausal:
+            return "FA4 disables CLC for dense non-causal attention"
+        if two_cta:
+            return "CLC is not used with 2CTA"
+    else:
+        return f"unknown scheduler {sched!r}"
+    want_pp = sm100_s_ping_pong_possible(f)
+    if f["s_ping_pong"] and not want_pp:
+        return "FA4 enables S ping-pong only for q_stage 1, head_dim in (64, 128, 256), hdim == hdim_v, 128x128 tiles"
+    if not f["s_ping_pong"] and want_pp and not split:
+        return "FA4 always enables S ping-pong for this shape without split-KV"
+    return None
+
+
+def sm100_s_ping_pong_possible(f: dict[str, Any]) -> bool:
+    """FA4's S ping-pong condition, minus the split-KV block-count part (a run-time property)."""
+    return (
+        f["q_stage"] == 1
+        and f["head_dim"] in (64, 128, 256)
+        and f["head_dim_v"] == f["head_dim"]
+        and f["tile_m"] == 128
+        and f["tile_n"] == 128
+    )
+
+
+def check_fwd_sm90(f: dict[str, Any]) -> str | None:
+    hd, hdv = f["head_dim"], f["head_dim_v"]
+    if reason := sm90_head_dims_ok(hd, hdv):
+        return reason
+    qh = f["qhead_per_kvhead"]
+    if qh < 1:
+        return "qhead_per_kvhead must be >= 1"
+    if f["pack_gqa"] and qh == 1:
+        return "pack_gqa needs qhead_per_kvhead > 1"
+    if f["causal"] and f["local"]:
+        return "causal and local are exclusive (FA4 resolves a causal window to causal)"
+    tile_m, tile_n, rs, overlap = sm90_tile(hd, hdv, f["causal"], f["local"])
+    if (f["tile_m"], f["tile_n"]) != (tile_m, tile_n):
+        return f"FA4's SM90 tile for this head dim is {tile_m}x{tile_n}"
+    if (f["mma_pv_is_rs"], f["intra_wg_overlap"]) != (rs, overlap):
+        return "mma_pv_is_rs / intra_wg_overlap must follow FA4's SM90 config"
+    return None
+
+
+def check_combine(f: dict[str, Any]) -> str | None:
+    hd = f["head_dim"]
+    if hd % 8 or not 8 <= hd <= 512:
+        return "combine needs head_dim a multiple of 8 in 8..512"
+    _, tile_m, min_log = combine_tiling(hd)
+    log = f["log_max_splits"]
+    if log < min_log or log > 8:
+        return f"log_max_splits must be in {min_log}..8 at head_dim {hd} (FA4 tile_m {tile_m})"
+    if f["num_head"] < 1:
+        return "num_head must be >= 1"
+    if f["seqused"] and not f["varlen"]:
+        return "fa4aot builds seqused only together with cu_seqlens (varlen)"
+    return None
+
+
+def check_prepare(f: dict[str, Any]) -> str | None:
+    if f["num_warps"] not in PREPARE_WARPS:
+        return f"num_warps must be one of {PREPARE_WARPS}"
+    if f["nheads"] % f["nheads_kv"]:
+        return "nheads must be a multiple of nheads_kv"
+    if f["pack_gqa"] and f["nheads"] == f["nheads_kv"]:
+        return "pack_gqa needs nheads > nheads_kv"
+    if not (f["varlen_q"] or f["seqused_q"] or f["varlen_k"] or f["seqused_k"]):
+        return "the prepare kernel needs at least one of cu_seqlens_q/k, seqused_q/k"
+    if f["varlen_q"] and f["seqused_q"]:
+        return "give cu_seqlens_q or seqused_q, not both (FA4 reads seqused first)"
+    if f["varlen_k"] and f["seqused_k"]:
+        return "give cu_seqlens_k or seqused_k, not both (FA4 reads seqused first)"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest axes: how a YAML key expands into field values.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One manifest key of a family group.
+
+    ``parse`` turns one YAML item into a dict of field values (or raises ValueError with a
+    reason); ``default`` is the list used when the group omits the key. The value ``"auto"``
+    (where allowed) means "derive from the other fields the way FA4 does".
+    """
+
+    name: str
+    parse: Callable[[Any], dict[str, Any]]
+    default: tuple[Any, ...]
+    doc: str
+
+
+def _bool(field: str) -> Callable[[Any], dict[str, Any]]:
+    def parse(v: Any) -> dict[str, Any]:
+        if not isinstance(v, bool):
+            raise ValueError(f"expected true/false, got {v!r}")
+        return {field: v}
+
+    return parse
+
+
+def _bool_or_auto(field: str) -> Callable[[Any], dict[str, Any]]:
+    def parse(v: Any) -> dict[str, Any]:
+        if v == "auto":
+            return {field: "auto"}
+        if not isinstance(v, bool):
+            raise ValueError(f"expected true, false or auto, got {v!r}")
+        return {field: v}
+
+    return parse
+
+
+def _choice(field: str, choices: Iterable[Any]) -> Callable[[Any], dict[str, Any]]:
+    choices = tuple(choices)
+
+    def parse(v: Any) -> dict[str, Any]:
+        if v not in choices:
+            raise ValueError(f"expected one of {list(choices)}, got {v!r}")
+        return {field: v}
+
+    return parse
+
+
+def _posint(field: str, lo: int = 1, hi: int = 1 << 20) -> Callable[[Any], dict[str, Any]]:
+    def parse(v: Any) -> dict[str, Any]:
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ValueError(f"expected an integer in {lo}..{hi}, got {v!r}")
+        return {field: v}
+
+    return parse
+
+
+def _pair(f1: str, f2: str, lo: int = 1, hi: int = 1024) -> Callable[[Any], dict[str, Any]]:
+    def parse(v: Any) -> dict[str, Any]:
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = [v, v]
+        if (
+            not isinstance(v, (list, tuple))
+            or len(v) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi for x in v)
+        ):
+            raise ValueError(f"expected an integer or a pair [{f1}, {f2}] in {lo}..{hi}, got {v!r}")
+        return {f1: v[0], f2: v[1]}
+
+    return parse
+
+
+def _pair_or_auto(f1: str, f2: str) -> Callable[[Any], dict[str, Any]]:
+    inner = _pair(f1, f2)
+
+    def parse(v: Any) -> dict[str, Any]:
+        if v == "auto":
+            return {f1: "auto", f2: "auto"}
+        return inner(v)
+
+    return parse
+
+
+def _max_splits(v: Any) -> dict[str, Any]:
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 256:
+        raise ValueError(f"expected the largest split count to support, 1..256, got {v!r}")
+    return {"log_max_splits": max(math.ceil(math.log2(v)), 0), "_min_log": True}
+
+
+def _max_batch(v: Any) -> dict[str, Any]:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"expected the largest batch size to support, got {v!r}")
+    return {"_max_batch": v}
+
+
+_COMMON_FWD_AXES = (
+    Axis("dtype", _choice("dtype", DTYPES), ("bf16",), "element type of q, k, v, out"),
+    Axis("head_dims", _pair("head_dim", "head_dim_v"), ((128, 128),), "(head_dim, head_dim_v) pairs"),
+    Axis("qhead_per_kvhead", _posint("qhead_per_kvhead", 1, 256), (1,), "query heads per KV head (GQA ratio)"),
+    Axis("pack_gqa", _bool_or_auto("pack_gqa"), ("auto",), "pack query heads of one KV head into M (auto: qhead_per_kvhead > 1)"),
+    Axis("causal", _bool("causal"), (False,), "causal mask"),
+    Axis("local", _bool("local"), (False,), "sliding-window (local) attention"),
+    Axis("varlen_q", _bool("varlen_q"), (False,), "cu_seqlens_q (packed variable-length queries)"),
+    Axis("varlen_k", _bool("varlen_k"), (False,), "cu_seqlens_k (packed variable-length keys)"),
+    Axis("seqused_q", _bool("seqused_q"), (False,), "seqused_q (per-batch used query length)"),
+    Axis("seqused_k", _bool("seqused_k"), (False,), "seqused_k (per-batch used key length, e.g. a KV cache)"),
+    Axis("return_lse", _bool("has_lse"), (False,), "write the log-sum-exp"),
+)
+
+FWD_SM100_AXES = _COMMON_FWD_AXES + (
+    Axis("split_kv", _bool("split_kv"), (False,), "split-KV (writes fp32 partials for combine)"),
+    Axis("tiles", _pair_or_auto("tile_m", "tile_n"), ("auto",), "(tile_m, tile_n); auto: FA4's choice"),
+    Axis("q_stage", _choice("q_stage", (1, 2)), (1, 2), "Q tiles per CTA (FA4: 2 when seqlen_q*pack > tile_m)"),
+    Axis("two_cta", _bool("two_cta"), (False, True), "2-CTA MMA (cluster 2x1)"),
+    Axis("scheduler", _choice("scheduler", SCHEDULERS), ("static", "single", "dynamic"), "tile scheduler"),
+    Axis("s_ping_pong", _bool_or_auto("s_ping_pong"), ("auto",), "S ping-pong (auto: FA4's rule)"),
+)
+
+FWD_SM90_AXES = _COMMON_FWD_AXES + (
+    Axis("tiles", _pair_or_auto("tile_m", "tile_n"), ("auto",), "(tile_m, tile_n); auto: FA4's choice"),
+)
+
+COMBINE_AXES = (
+    Axis("dtype", _choice("dtype", COMBINE_DTYPES), ("bf16",), "output dtype (partials are fp32)"),
+    Axis("head_dim", _posint("head_dim", 8, 512), (128,), "head dimension of the partials"),
+    Axis("num_head", _posint("num_head", 1, 1024), (16,), "query heads (FA4 specializes varlen combine on it)"),
+    Axis("max_splits", _max_splits, (128,), "largest split count to support"),
+    Axis("varlen", _bool("varlen"), (False,), "cu_seqlens (packed variable-length)"),
+    Axis("seqused", _bool("seqused"), (False,), "seqused (with varlen)"),
+    Axis("return_lse", _bool("has_lse"), (False,), "write the combined log-sum-exp"),
+    Axis("num_splits_dynamic", _bool("num_splits_dynamic"), (False,), "per-batch split counts from the prepare kernel"),
+)
+
+PREPARE_AXES = (
+    Axis("heads", _pair("nheads", "nheads_kv", 1, 1024), ((16, 16),), "(nheads, nheads_kv)"),
+    Axis("head_dims", _pair("headdim", "headdim_v"), ((128, 128),), "(head_dim, head_dim_v)"),
+    Axis("tiles", _pair("tile_m", "tile_n"), ((128, 128),), "(tile_m, tile_n) of the forward it serves"),
+    Axis("causal", _bool("causal"), (False,), "causal (adds num_nheads_in_l2)"),
+    Axis("pack_gqa", _bool_or_auto("pack_gqa"), ("auto",), "pack_gqa (auto: nheads > nheads_kv)"),
+    Axis("varlen_q", _bool("varlen_q"), (True,), "cu_seqlens_q"),
+    Axis("seqused_q", _bool("seqused_q"), (False,), "seqused_q"),
+    Axis("varlen_k", _bool("varlen_k"), (True,), "cu_seqlens_k"),
+    Axis("seqused_k", _bool("seqused_k"), (False,), "seqused_k"),
+    Axis("semaphore", _bool("has_semaphore"), (True,), "reset the tile_count_semaphore (FA4: unless CLC)"),
+    Axis("max_batch", _max_batch, (992,), "largest batch to support (picks the warp-count buckets)"),
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A kernel family: name, the arches it builds for, its axes and its validity rule."""
+
+    name: str
+    arches: tuple[str, ...]
+    axes: tuple[Axis, ...]
+    check: Callable[[dict[str, Any]], str | None]
+    doc: str
+
+    def axis(self, name: str) -> Axis | None:
+        return next((a for a in self.axes if a.name == name), None)
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("fwd_sm100", ("sm_100a",), FWD_SM100_AXES, check_fwd_sm100, "FA4 SM100 forward (FlashAttentionForwardSm100)"),
+        Family("fwd_sm90", ("sm_90a",), FWD_SM90_AXES, check_fwd_sm90, "FA4 SM90 forward (FlashAttentionForwardSm90)"),
+        Family("combine", ("sm_90a", "sm_100a"), COMBINE_AXES, check_combine, "FA4 split-KV combine (FlashAttentionForwardCombine)"),
+        Family("prepare", ("sm_90a", "sm_100a"), PREPARE_AXES, check_prepare, "FA4 scheduler-metadata prepare (FlashPrepareScheduler)"),
+    )
+}
+
+
+def resolve_fields(family: str, raw: dict[str, Any]) -> list[dict[str, Any]]:
+    """Turn one product point of axis values into the concrete field dicts it stands for.
+
+    Resolves ``auto`` the way FA4 does; for axes that stand for several concrete variants (the
+    prepare kernel's batch buckets) returns one dict per variant.
+    """
+    f = dict(raw)
+    if family in ("fwd_sm100", "fwd_sm90"):
+        if f["pack_gqa"] == "auto":
+            f["pack_gqa"] = f["qhead_per_kvhead"] > 1
+        if family == "fwd_sm90":
+            tm, tn, rs, ov = sm90_tile(f["head_dim"], f["head_dim_v"], f["causal"], f["local"])
+            if f["tile_m"] == "auto":
+                f["tile_m"], f["tile_n"] = tm, tn
+            f["mma_pv_is_rs"], f["intra_wg_overlap"] = rs, ov
+            return [f]
+        if f["tile_m"] == "auto":
+            f["tile_m"] = 128
+            f["tile_n"] = 64 if (f["split_kv"] and f["head_dim"] != f["head_dim_v"]) else 128
+        if f["s_ping_pong"] == "auto":
+            possible = sm100_s_ping_pong_possible(f)
+            if f["split_kv"] and possible:
+                return [dict(f, s_ping_pong=False), dict(f, s_ping_pong=True)]
+            f["s_ping_pong"] = possible
+        return [f]
+    if family == "combine":
+        _, _, min_log = combine_tiling(f["head_dim"])
+        if f.pop("_min_log", False):
+            f["log_max_splits"] = max(f["log_max_splits"], min_log)
+        return [f]
+    if family == "prepare":
+        if f["pack_gqa"] == "auto":
+            f["pack_gqa"] = f["nheads"] > f["nheads_kv"]
+        max_batch = f.pop("_max_batch")
+        top = prepare_num_warps(max_batch)
+        return [dict(f, num_warps=w) for w in PREPARE_WARPS if w <= top]
+    raise KeyError(family)
+
+
+def product(axes: tuple[Axis, ...], values: dict[str, list[Any]]) -> Iterable[tuple[dict[str, Any], dict[str, Any]]]:
+    """Yield (raw field dict, {axis name: item}) for every point of the axes' product."""
+    names = [a.name for a in axes]
+    lists = [values[n] for n in names]
+    for combo in itertools.product(*lists):
+        raw: dict[str, Any] = {}
+        picked = {}
+        for axis, item in zip(axes, combo):
+            raw.update(axis.parse(item))
+            picked[axis.name] = item
+        yield raw, picked

@@ -1,0 +1,182 @@
+"""Which tensors each family's kernels take, with their dtypes, shapes and FA4's layouts.
+
+Pure functions of a variant and the problem sizes. The runtime validates callers' tensors against
+them; the build's self-test, the CLI and the tests make sample arguments from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fa4aot.variant import Variant
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Problem sizes of one call. ``total_q``/``total_k`` are the packed lengths for varlen."""
+
+    batch: int = 2
+    seqlen_q: int = 1024
+    seqlen_k: int = 1024
+    nheads: int = 16
+    nheads_kv: int = 16
+    head_dim: int = 128
+    head_dim_v: int = 128
+    num_splits: int = 1
+    total_q: int | None = None
+    total_k: int | None = None
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """A tensor's dtype, shape and strides (elements). ``strides`` is FA4's layout for it."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+
+
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    out = []
+    acc = 1
+    for s in reversed(shape):
+        out.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(out))
+
+
+def _c(dtype: str, *shape: int) -> TensorLayout:
+    return TensorLayout(dtype, tuple(shape), contiguous_strides(tuple(shape)))
+
+
+def _swap_last(layout: TensorLayout) -> TensorLayout:
+    """View of a contiguous (..., a, b) tensor as (..., b, a): how FA4 hands LSE to combine."""
+    s, st = list(layout.shape), list(layout.strides)
+    s[-1], s[-2] = s[-2], s[-1]
+    st[-1], st[-2] = st[-2], st[-1]
+    return TensorLayout(layout.dtype, tuple(s), tuple(st))
+
+
+def forward_tensors(variant: Variant, d: Dims) -> dict[str, TensorLayout]:
+    """Tensors of an SM100/SM90 forward call (FA4's ``_flash_attn_fwd`` layouts)."""
+    f = variant.fields
+    dt = f["dtype"]
+    split = f.get("split_kv", False)
+    b, h, hk = d.batch, d.nheads, d.nheads_kv
+    tq = d.total_q if d.total_q is not None else b * d.seqlen_q
+    tk = d.total_k if d.total_k is not None else b * d.seqlen_k
+    qrows = (tq,) if f["varlen_q"] else (b, d.seqlen_q)
+    krows = (tk,) if f["varlen_k"] else (b, d.seqlen_k)
+    out: dict[str, TensorLayout] = {
+        "q": _c(dt, *qrows, h, d.head_dim),
+        "k": _c(dt, *krows, hk, d.head_dim),
+        "v": _c(dt, *krows, hk, d.head_dim_v),
+    }
+    lse_shape = (h, tq) if f["varlen_q"] else (b, h, d.seqlen_q)
+    if split:
+        out["out_partial"] = _c("fp32", d.num_splits, *qrows, h, d.head_dim_v)
+        out["lse_partial"] = _c("fp32", d.num_splits, *lse_shape)
+    else:
+        out["out"] = _c(dt, *qrows, h, d.head_dim_v)
+        if f["has_lse"]:
+            out["lse"] = _c("fp32", *lse_shape)
+    if f["varlen_q"]:
+        out["cu_seqlens_q"] = _c("int32", b + 1)
+    if f["varlen_k"]:
+        out["cu_seqlens_k"] = _c("int32", b + 1)
+    if f["seqused_q"]:
+        out["seqused_q"] = _c("int32", b)
+    if f["seqused_k"]:
+        out["seqused_k"] = _c("int32", b)
+    if f.get("scheduler") == "dynamic":
+        out["num_splits_dynamic"] = _c("int32", b)
+        out["tile_count_semaphore"] = _c("int32", 1)
+        if f["causal"]:
+            out["num_nheads_in_l2"] = _c("int32", b)
+    return out
+
+
+def combine_tensors(variant: Variant, d: Dims) -> dict[str, TensorLayout]:
+    """Tensors of a combine call, as FA4's forward hands them over (LSE seqlen-contiguous)."""
+    f = variant.fields
+    b, h, hd, s = d.batch, d.nheads, f["head_dim"], d.num_splits
+    tq = d.total_q if d.total_q is not None else b * d.seqlen_q
+    if f["varlen"]:
+        out = {
+            "out_partial": _c("fp32", s, tq, h, hd),
+            "lse_partial": _swap_last(_c("fp32", s, h, tq)),
+            "out": _c(f["dtype"], tq, h, hd),
+            "cu_seqlens": _c("int32", b + 1),
+        }
+        if f["has_lse"]:
+            out["lse"] = _swap_last(_c("fp32", h, tq))
+    else:
+        out = {
+            "out_partial": _c("fp32", s, b, d.seqlen_q, h, hd),
+            "lse_partial": _swap_last(_c("fp32", s, b, h, d.seqlen_q)),
+            "out": _c(f["dtype"], b, d.seqlen_q, h, hd),
+        }
+        if f["has_lse"]:
+            out["lse"] = _swap_last(_c("fp32", b, h, d.seqlen_q))
+    if f["seqused"]:
+        out["seqused"] = _c("int32", b)
+    if f["num_splits_dynamic"]:
+        out["num_splits_dynamic"] = _c("int32", b)
+    return out
+
+
+def prepare_tensors(variant: Variant, d: Dims) -> dict[str, TensorLayout]:
+    """Tensors of a prepare call: the varlen inputs and the metadata buffers it fills."""
+    f = variant.fields
+    b = d.batch
+    out: dict[str, TensorLayout] = {}
+    if f["varlen_q"]:
+        out["cu_seqlens_q"] = _c("int32", b + 1)
+    if f["seqused_q"]:
+        out["seqused_q"] = _c("int32", b)
+    if f["varlen_k"]:
+        out["cu_seqlens_k"] = _c("int32", b + 1)
+    if f["seqused_k"]:
+        out["seqused_k"] = _c("int32", b)
+    if f["has_semaphore"]:
+        out["tile_count_semaphore"] = _c("int32", 1)
+    out["num_m_blocks"] = _c("int32", b)
+    out["num_splits_dynamic"] = _c("int32", b)
+    if f["causal"]:
+        out["num_nheads_in_l2"] = _c("int32", b)
+    return out
+
+
+def tensors_for(variant: Variant, d: Dims) -> dict[str, TensorLayout]:
+    """Dispatch on the family."""
+    if variant.family in ("fwd_sm100", "fwd_sm90"):
+        return forward_tensors(variant, d)
+    if variant.family == "combine":
+        return combine_tensors(variant, d)
+    if variant.family == "prepare":
+        return prepare_tensors(variant, d)
+    raise KeyError(variant.family)
+
+
+def dims_for(variant: Variant, **overrides: Any) -> Dims:
+    """Representative dims for a variant (its head dims and head counts), with overrides."""
+    f = variant.fields
+    base: dict[str, Any] = {}
+    if variant.family in ("fwd_sm100", "fwd_sm90"):
+        qh = f["qhead_per_kvhead"]
+        base = {"head_dim": f["head_dim"], "head_dim_v": f["head_dim_v"], "nheads_kv": 4, "nheads": 4 * qh}
+        if f.get("split_kv"):
+            base["num_splits"] = 4
+        if f.get("q_stage") == 1:
+            base["seqlen_q"] = 1 if qh == 1 else max(1, 128 // qh)
+    elif variant.family == "combine":
+        base = {"head_dim": f["head_dim"], "head_dim_v": f["head_dim"], "nheads": f["num_head"], "num_splits": 4}
+    elif variant.family == "prepare":
+        base = {
+            "head_dim": f["headdim"], "head_dim_v": f["headdim_v"],
+            "nheads": f["nheads"], "nheads_kv": f["nheads_kv"],
+            "batch": max(1, 31 * f["num_warps"] // 2),
+        }
+    base.update(overrides)
+    return Dims(**base)

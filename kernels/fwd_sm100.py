@@ -1,0 +1,140 @@
+"""FA4's SM100 forward (``FlashAttentionForwardSm100``) for one variant.
+
+The FA4 object is built exactly as ``flash_attn.cute.interface._flash_attn_fwd`` builds it for the
+same decisions; the fake tensors mirror ``to_cute_tensor`` (every extent dynamic, every stride
+dynamic except the innermost, 16-byte assumed alignment for q/k/v/o, 4 for the rest).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import cuda.bindings.driver as cuda
+import cutlass.cute as cute
+from cutlass import Float32, Int32
+from flash_attn.cute.flash_fwd_sm100 import FlashAttentionForwardSm100
+from flash_attn.cute.utils import AuxData
+
+from fa4aot.variant import Target, Variant
+from fa4aot_kernels.common import KernelEntry, Signature, sym
+
+
+def make_entry(variant: Variant, target: Target) -> KernelEntry:
+    f = variant.fields
+    sched = f["scheduler"]
+    varlen_q = f["varlen_q"] or f["seqused_q"]
+    dynamic = sched == "dynamic"
+    kernel = FlashAttentionForwardSm100(
+        f["head_dim"],
+        f["head_dim_v"],
+        qhead_per_kvhead=f["qhead_per_kvhead"],
+        is_causal=f["causal"],
+        is_local=f["local"],
+        is_split_kv=f["split_kv"],
+        pack_gqa=f["pack_gqa"],
+        m_block_size=f["tile_m"],
+        n_block_size=f["tile_n"],
+        q_stage=f["q_stage"],
+        is_static_persistent=sched == "static",
+        paged_kv_non_tma=False,
+        is_varlen_q=varlen_q,
+        use_2cta_instrs=f["two_cta"],
+        use_clc_scheduler=sched == "clc",
+        has_tile_count_semaphore=dynamic,
+        use_s_ping_pong=f["s_ping_pong"],
+    )
+    sig = Signature()
+    add_forward_tensors(sig, f)
+    # num_splits_dynamic, tile_count_semaphore, virtual_batch_idx, num_nheads_in_l2: what FA4's
+    # prepared scheduler metadata passes to the dynamic scheduler.
+    if dynamic:
+        sig.tensor("num_splits_dynamic", "int32", (sym(),), leading_dim=0, align=4)
+        sig.tensor("tile_count_semaphore", "int32", (sym(),), leading_dim=0, align=4)
+        if f["causal"]:
+            sig.tensor("num_nheads_in_l2", "int32", (sym(),), leading_dim=0, align=4)
+        else:
+            sig.absent()
+    else:
+        sig.absent()
+        sig.absent()
+        sig.absent()
+    sig.scalar("max_seqlen_q", "i32")
+    sig.stream()
+
+    @cute.jit
+    def fwd_sm100_entry(
+        q: cute.Tensor,
+        k: cute.Tensor,
+        v: cute.Tensor,
+        out: cute.Tensor,
+        lse: Optional[cute.Tensor],
+        softmax_scale: Float32,
+        cu_seqlens_q: Optional[cute.Tensor],
+        cu_seqlens_k: Optional[cute.Tensor],
+        seqused_q: Optional[cute.Tensor],
+        seqused_k: Optional[cute.Tensor],
+        window_size_left: Optional[Int32],
+        window_size_right: Optional[Int32],
+        num_splits_dynamic: Optional[cute.Tensor],
+        tile_count_semaphore: Optional[cute.Tensor],
+        num_nheads_in_l2: Optional[cute.Tensor],
+        max_seqlen_q: Int32,
+        stream: cuda.CUstream,
+    ):
+        kernel(
+            q, k, v, out, lse, softmax_scale,
+            cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
+            None,  # page_table
+            window_size_left, window_size_right,
+            None,  # learnable_sink
+            None,  # descale_tensors
+            None,  # blocksparse_tensors
+            AuxData(None, None),
+            num_splits_dynamic, tile_count_semaphore,
+            None,  # virtual_batch_idx (FA4's LPT batch sort is not implemented)
+            num_nheads_in_l2,
+            None, None, None,  # cu_total_m_blocks, cu_total_splits_m_blocks, blocks_to_batch_idx
+            max_seqlen_q,
+            stream,
+        )
+
+    return KernelEntry(fwd_sm100_entry, sig.compile_args, sig.args)
+
+
+def add_forward_tensors(sig: Signature, f: dict) -> None:
+    """q, k, v, out, lse, softmax_scale, cu_seqlens/seqused and the window scalars, in FA4's
+    argument order, with FA4's layouts. Shared with the SM90 forward."""
+    dt = f["dtype"]
+    split = f.get("split_kv", False)
+    if f["varlen_q"]:
+        q_shape = (sym(), sym(), sym())
+    else:
+        q_shape = (sym(), sym(), sym(), sym())
+    kv_rank = 3 if f["varlen_k"] else 4
+    sig.tensor("q", dt, q_shape)
+    sig.tensor("k", dt, tuple(sym() for _ in range(kv_rank)))
+    sig.tensor("v", dt, tuple(sym() for _ in range(kv_rank)))
+    o_rank = len(q_shape) + (1 if split else 0)
+    sig.tensor("out_partial" if split else "out", "fp32" if split else dt, tuple(sym() for _ in range(o_rank)))
+    if f["has_lse"] or split:
+        lse_rank = (2 if f["varlen_q"] else 3) + (1 if split else 0)
+        sig.tensor("lse_partial" if split else "lse", "fp32", tuple(sym() for _ in range(lse_rank)), align=4)
+    else:
+        sig.absent()
+    sig.scalar("softmax_scale", "f32")
+    for name, on in (
+        ("cu_seqlens_q", f["varlen_q"]),
+        ("cu_seqlens_k", f["varlen_k"]),
+        ("seqused_q", f["seqused_q"]),
+        ("seqused_k", f["seqused_k"]),
+    ):
+        if on:
+            sig.tensor(name, "int32", (sym(),), leading_dim=0, align=4)
+        else:
+            sig.absent()
+    if f["local"]:
+        sig.scalar("window_size_left", "i32")
+        sig.scalar("window_size_right", "i32")
+    else:
+        sig.absent()
+        sig.absent()
