@@ -74,9 +74,9 @@ def forward_tensors(variant: Variant, d: Dims) -> dict[str, TensorLayout]:
         "v": _c(dt, *krows, hk, d.head_dim_v),
     }
     lse_shape = (h, tq) if f["varlen_q"] else (b, h, d.seqlen_q)
-    if split:
-        out["out_partial"] = _c("fp32", d.num_splits, *qrows, h, d.head_dim_v)
-        out["lse_partial"] = _c("fp32", d.num_splits, *lse_shape)
+    if split:  # the kernel writes FA4's fp32 partials; combine reduces them into the real out
+        out["out"] = _c("fp32", d.num_splits, *qrows, h, d.head_dim_v)
+        out["lse"] = _c("fp32", d.num_splits, *lse_shape)
     else:
         out["out"] = _c(dt, *qrows, h, d.head_dim_v)
         if f["has_lse"]:

@@ -2,7 +2,8 @@
 
 Schema (every key below ``families.<family>[i]`` is an axis; see ``fa4aot plan --axes``)::
 
-    target:                 # the GPU SKU the cache is for
+    target:                 # the GPU SKU the cache is for (or ``targets:``, a list of
+                            # {target, families} mappings, for a cache serving several SKUs)
       name: b200
       arch: sm_100a         # sm_100a or sm_90a
       num_sms: 148          # baked into FA4's grids; the runtime refuses another SM count
@@ -38,9 +39,10 @@ _TARGET_KEYS = {"name", "arch", "num_sms", "l2_bytes", "smem_optin_bytes"}
 
 @dataclass(frozen=True)
 class PlannedVariant:
-    """A variant the manifest asks for, with the group it came from."""
+    """A variant the manifest asks for, with its target and the group it came from."""
 
     variant: Variant
+    target: Target
     origin: str
 
 
@@ -55,9 +57,9 @@ class Skipped:
 
 @dataclass
 class Plan:
-    """Result of expanding a manifest: the target, the variants to build and what was skipped."""
+    """Result of expanding a manifest: the targets, the variants to build and what was skipped."""
 
-    target: Target
+    targets: list[Target]
     variants: list[PlannedVariant] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
 
@@ -84,26 +86,26 @@ def load(path: str | Path) -> Plan:
     return expand(doc)
 
 
-def parse_target(doc: Any) -> Target:
-    """Validate the ``target`` mapping."""
+def parse_target(doc: Any, path: str = "target") -> Target:
+    """Validate a ``target`` mapping."""
     if not isinstance(doc, Mapping):
-        raise ManifestError("target", "missing or not a mapping (needs name, arch, num_sms)")
+        raise ManifestError(path, "missing or not a mapping (needs name, arch, num_sms)")
     unknown = set(doc) - _TARGET_KEYS
     if unknown:
-        raise ManifestError(f"target.{sorted(unknown)[0]}", f"unknown key; known: {sorted(_TARGET_KEYS)}")
+        raise ManifestError(f"{path}.{sorted(unknown)[0]}", f"unknown key; known: {sorted(_TARGET_KEYS)}")
     name = doc.get("name")
     if not isinstance(name, str) or not name:
-        raise ManifestError("target.name", "required, a non-empty string (the GPU SKU, e.g. b200)")
+        raise ManifestError(f"{path}.name", "required, a non-empty string (the GPU SKU, e.g. b200)")
     arch = doc.get("arch")
     if arch not in ARCHES:
-        raise ManifestError("target.arch", f"must be one of {list(ARCHES)}, got {arch!r}")
+        raise ManifestError(f"{path}.arch", f"must be one of {list(ARCHES)}, got {arch!r}")
     num_sms = doc.get("num_sms")
     if isinstance(num_sms, bool) or not isinstance(num_sms, int) or not 1 <= num_sms <= 1024:
-        raise ManifestError("target.num_sms", f"required, an integer in 1..1024, got {num_sms!r}")
+        raise ManifestError(f"{path}.num_sms", f"required, an integer in 1..1024, got {num_sms!r}")
     for key in ("l2_bytes", "smem_optin_bytes"):
         v = doc.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-            raise ManifestError(f"target.{key}", f"must be a positive integer, got {v!r}")
+            raise ManifestError(f"{path}.{key}", f"must be a positive integer, got {v!r}")
     return Target(name, arch, num_sms, doc.get("l2_bytes"), doc.get("smem_optin_bytes"))
 
 
@@ -111,23 +113,43 @@ def expand(doc: Any) -> Plan:
     """Expand a parsed manifest document into a :class:`Plan`."""
     if not isinstance(doc, Mapping):
         raise ManifestError("<manifest>", "the document must be a mapping with target and families")
-    unknown = set(doc) - {"target", "families"}
-    if unknown:
-        raise ManifestError(sorted(unknown)[0], "unknown top-level key; known: target, families")
-    target = parse_target(doc.get("target"))
-    fams = doc.get("families")
-    if not isinstance(fams, Mapping) or not fams:
-        raise ManifestError("families", "required, a mapping of family name to a list of groups")
-    plan = Plan(target)
+    if "targets" in doc:
+        unknown = set(doc) - {"targets"}
+        if unknown:
+            raise ManifestError(sorted(unknown)[0], "with targets:, every target carries its own families")
+        sections = doc["targets"]
+        if not isinstance(sections, list) or not sections:
+            raise ManifestError("targets", "must be a non-empty list of {target, families} mappings")
+        prefixes = [f"targets[{i}]." for i in range(len(sections))]
+    else:
+        sections, prefixes = [doc], [""]
+    plan = Plan([])
     seen: set[str] = set()
+    for section, prefix in zip(sections, prefixes):
+        if not isinstance(section, Mapping):
+            raise ManifestError(prefix.rstrip("."), "must be a mapping with target and families")
+        unknown = set(section) - {"target", "families"}
+        if unknown:
+            raise ManifestError(prefix + sorted(unknown)[0], "unknown key; known: target, families")
+        target = parse_target(section.get("target"), prefix + "target")
+        if any(t.identity() == target.identity() for t in plan.targets):
+            raise ManifestError(prefix + "target", f"{target.arch} with {target.num_sms} SMs is listed twice")
+        plan.targets.append(target)
+        _expand_families(section.get("families"), prefix, target, plan, seen)
+    return plan
+
+
+def _expand_families(fams: Any, prefix: str, target: Target, plan: Plan, seen: set[str]) -> None:
+    if not isinstance(fams, Mapping) or not fams:
+        raise ManifestError(prefix + "families", "required, a mapping of family name to a list of groups")
     for fam_name, groups in fams.items():
-        path = f"families.{fam_name}"
+        path = f"{prefix}families.{fam_name}"
         family = FAMILIES.get(fam_name)
         if family is None:
             raise ManifestError(path, f"unknown family; known: {sorted(FAMILIES)}")
         if target.arch not in family.arches:
             raise ManifestError(
-                path, f"builds for {list(family.arches)}, but target.arch is {target.arch}"
+                path, f"builds for {list(family.arches)}, but {prefix}target.arch is {target.arch}"
             )
         if isinstance(groups, Mapping):
             groups = [groups]
@@ -135,7 +157,6 @@ def expand(doc: Any) -> Plan:
             raise ManifestError(path, "must be a non-empty list of groups (mappings of axes)")
         for i, group in enumerate(groups):
             _expand_group(family, f"{path}[{i}]", group, target, plan, seen)
-    return plan
 
 
 def _expand_group(
@@ -189,7 +210,7 @@ def _expand_group(
                 variant = Variant.make(family.name, target.arch, target.num_sms, **fields)
                 if variant.variant_id not in seen:
                     seen.add(variant.variant_id)
-                    plan.variants.append(PlannedVariant(variant, origin))
+                    plan.variants.append(PlannedVariant(variant, target, origin))
             else:
                 for k, j in idx.items():
                     first_reason.setdefault((k, j), reason)

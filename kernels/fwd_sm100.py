@@ -115,10 +115,11 @@ def add_forward_tensors(sig: Signature, f: dict) -> None:
     sig.tensor("k", dt, tuple(sym() for _ in range(kv_rank)))
     sig.tensor("v", dt, tuple(sym() for _ in range(kv_rank)))
     o_rank = len(q_shape) + (1 if split else 0)
-    sig.tensor("out_partial" if split else "out", "fp32" if split else dt, tuple(sym() for _ in range(o_rank)))
+    # With split-KV, out and lse are FA4's fp32 partials (a leading num_splits mode).
+    sig.tensor("out", "fp32" if split else dt, tuple(sym() for _ in range(o_rank)))
     if f["has_lse"] or split:
         lse_rank = (2 if f["varlen_q"] else 3) + (1 if split else 0)
-        sig.tensor("lse_partial" if split else "lse", "fp32", tuple(sym() for _ in range(lse_rank)), align=4)
+        sig.tensor("lse", "fp32", tuple(sym() for _ in range(lse_rank)), align=4)
     else:
         sig.absent()
     sig.scalar("softmax_scale", "f32")

@@ -415,3 +415,23 @@ class Plan:
 def target_answers(smem_optin: int, static_smem: int = 0) -> tuple[dict[int, int], dict[int, int]]:
     """Attribute answers for a plan's module load on a machine without the GPU."""
     return {DEV_ATTR_MAX_SMEM_OPTIN: smem_optin}, {FUNC_ATTR_SHARED_SIZE_BYTES: static_smem}
+
+
+def open_plan(library_bytes: bytes, meta: Mapping[str, Any]) -> Plan:
+    """Load a plan from verified bytes (its sha256 already checked by the caller).
+
+    The bytes go into an anonymous memory file that is then loaded, so what runs is exactly what
+    was hashed, even if the file in the cache changes afterwards, and nothing is written to disk
+    (read-only caches work).
+    """
+    sig = meta["signature"]
+    kernels = [KernelTable.from_meta(k) for k in meta["kernels"]]
+    fd = os.memfd_create("fa4aot-plan", os.MFD_CLOEXEC)
+    view = memoryview(library_bytes)
+    while view:
+        view = view[os.write(fd, view) :]
+    # The fd stays open for the life of the process: dlopen matches libraries by path, and a
+    # closed fd's /proc/self/fd/N name would be reused by the next plan.
+    plan = Plan(f"/proc/self/fd/{fd}", sig["args"], kernels, sig["entry"], sig["init"], sig["load"])
+    plan.fd = fd
+    return plan

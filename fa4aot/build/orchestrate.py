@@ -1,0 +1,149 @@
+"""``fa4aot build``: expand a manifest, skip what the cache already has, compile the rest in a
+bounded process pool, store each result as it arrives, and report."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, TextIO
+
+from fa4aot import manifest as manifest_mod
+from fa4aot.build.toolchain import fingerprint, host_arch
+from fa4aot.build.worker import BuildOutput, build_variant, configure
+from fa4aot.cache import Cache, _blob_ok
+from fa4aot.variant import Target, Variant, cache_key
+
+#: Compiles per worker process before it is replaced (bounds memory growth across compiles).
+TASKS_PER_WORKER = 16
+#: Rough peak RSS of one FA4 forward compile, for the default job count.
+WORKER_RSS_BYTES = 1 << 30
+
+
+@dataclass
+class Row:
+    """One variant's outcome."""
+
+    variant: Variant
+    key: str
+    status: str  # built | cached | failed
+    seconds: float = 0.0
+    size: int = 0
+    error: str | None = None
+
+
+@dataclass
+class BuildReport:
+    rows: list[Row] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(r.status != "failed" for r in self.rows)
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.rows)
+
+
+def default_jobs() -> int:
+    """Worker count bounded by CPUs and by memory (about 1 GiB per FA4 compile)."""
+    cpus = os.cpu_count() or 1
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        by_mem = max(1, mem // WORKER_RSS_BYTES - 1)
+    except (ValueError, OSError):
+        by_mem = cpus
+    return max(1, min(cpus, by_mem))
+
+
+def _cached(cache: Cache, key: str) -> int | None:
+    """Size of a complete cached entry for ``key`` (all blobs present and intact), else None."""
+    entry = cache.get(key)
+    if entry is None:
+        return None
+    if all(_blob_ok(cache.blob_path(ref), ref) for ref in entry.blobs.values()):
+        return sum(ref.size for ref in entry.blobs.values())
+    return None
+
+
+def build(
+    manifest_path: str | Path,
+    cache_dir: str | Path,
+    jobs: int | None = None,
+    *,
+    log: TextIO = sys.stderr,
+    progress: Callable[[int, int, Row], None] | None = None,
+    only: Callable[[Variant], bool] | None = None,
+) -> BuildReport:
+    """Build every variant the manifest asks for into ``cache_dir``."""
+    t0 = time.perf_counter()
+    plan = manifest_mod.load(manifest_path)
+    toolchain = fingerprint()
+    host = host_arch()
+    cache = Cache(cache_dir)
+    report = BuildReport()
+    todo: dict[Target, list[tuple[manifest_mod.PlannedVariant, str]]] = {}
+    planned = [pv for pv in plan.variants if only is None or only(pv.variant)]
+    total = len(planned)
+    done = 0
+    for pv in planned:
+        key = cache_key(pv.variant, toolchain, host)
+        size = _cached(cache, key)
+        if size is not None:
+            row = Row(pv.variant, key, "cached", size=size)
+            report.rows.append(row)
+            done += 1
+            if progress:
+                progress(done, total, row)
+        else:
+            todo.setdefault(pv.target, []).append((pv, key))
+    jobs = max(1, jobs or default_jobs())
+    for target, items in todo.items():
+        with _pool(target, min(jobs, len(items))) as pool:
+            futures = {pool.submit(build_variant, pv.variant, target): (pv, key) for pv, key in items}
+            for fut in cf.as_completed(futures):
+                pv, key = futures[fut]
+                try:
+                    out: BuildOutput = fut.result()
+                except Exception as e:  # a worker died (e.g. killed by the OOM killer)
+                    out = BuildOutput(pv.variant, False, error=f"build worker died: {e!r}")
+                report.peak_rss_mb = max(report.peak_rss_mb, out.peak_rss_mb)
+                if out.ok:
+                    meta = dict(out.meta)
+                    meta.update(
+                        variant=pv.variant.to_dict(),
+                        target=target.to_dict(),
+                        toolchain=toolchain,
+                        host_arch=host,
+                        origin=pv.origin,
+                        build={"seconds": round(out.seconds, 3), "peak_rss_mb": round(out.peak_rss_mb, 1)},
+                    )
+                    entry = cache.put(key, meta, out.blobs)
+                    row = Row(pv.variant, key, "built", out.seconds, sum(r.size for r in entry.blobs.values()))
+                else:
+                    row = Row(pv.variant, key, "failed", out.seconds, error=out.error)
+                report.rows.append(row)
+                done += 1
+                if progress:
+                    progress(done, total, row)
+    cache.close()
+    report.wall_seconds = time.perf_counter() - t0
+    return report
+
+
+def _pool(target: Target, workers: int) -> cf.ProcessPoolExecutor:
+    # spawn: workers must import the DSL after configure() has set the arch; fork would inherit
+    # a parent's DSL state. Workers are recycled to bound memory growth across compiles.
+    ctx = multiprocessing.get_context("spawn")
+    return cf.ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=ctx,
+        initializer=configure,
+        initargs=(target,),
+        max_tasks_per_child=TASKS_PER_WORKER,
+    )

@@ -1,0 +1,312 @@
+"""fa4aot command line: build FA4 kernels ahead of time into a verified cache, inspect it, and
+show the launches its plans make - all without a GPU."""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fa4aot.cache import Cache, default_cache_dir
+from fa4aot.errors import Fa4aotError
+
+CACHE_OPTION = click.option(
+    "--cache",
+    "cache_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Cache directory [default: $FA4AOT_CACHE or ./cache].",
+)
+
+
+def _cache_dir(cache_dir: Path | None) -> Path:
+    return cache_dir or default_cache_dir()
+
+
+def _open(cache_dir: Path | None, readonly: bool = True) -> Cache:
+    return Cache(_cache_dir(cache_dir), readonly=readonly)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Ahead-of-time FlashAttention-4 kernel cache.
+
+    Build every kernel a deployment needs from a YAML manifest (no GPU needed), ship the cache,
+    and launch the kernels with the zero-JIT runtime (`import fa4aot`).
+    """
+
+
+@main.command()
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@CACHE_OPTION
+@click.option("--jobs", "-j", type=click.IntRange(1, 256), default=None, help="Parallel compiles [default: bounded by CPUs and memory].")
+@click.option("--family", multiple=True, help="Build only these families (repeatable).")
+@click.option("--quiet", "-q", is_flag=True, help="No per-variant progress lines.")
+def build(manifest: Path, cache_dir: Path | None, jobs: int | None, family: tuple[str, ...], quiet: bool) -> None:
+    """Compile every variant MANIFEST asks for into the cache.
+
+    Variants already in the cache (same variant, target, toolchain and sources) are skipped; one
+    failing variant is reported and does not stop the others. Exits 1 if any variant failed.
+    """
+    from fa4aot.build.orchestrate import build as run_build
+
+    def progress(done: int, total: int, row: Any) -> None:
+        if quiet:
+            return
+        extra = f"{row.seconds:5.1f}s" if row.status != "cached" else "     "
+        click.echo(f"[{done:>{len(str(total))}}/{total}] {row.status:<6} {extra} {row.key[:12]} {row.variant.label()}", err=True)
+        if row.error:
+            click.echo(f"    error: {row.error}", err=True)
+
+    try:
+        report = run_build(manifest, _cache_dir(cache_dir), jobs, progress=progress,
+                           only=(lambda v: v.family in family) if family else None)
+    except Fa4aotError as e:
+        raise click.ClickException(str(e)) from None
+    rows = report.rows
+    click.echo("")
+    click.echo(f"{'family':<10} {'built':>6} {'cached':>7} {'failed':>7} {'compile s':>10} {'size':>10}")
+    for fam in sorted({r.variant.family for r in rows}):
+        rs = [r for r in rows if r.variant.family == fam]
+        click.echo(
+            f"{fam:<10} {sum(r.status == 'built' for r in rs):>6} {sum(r.status == 'cached' for r in rs):>7} "
+            f"{sum(r.status == 'failed' for r in rs):>7} {sum(r.seconds for r in rs):>10.1f} "
+            f"{_human(sum(r.size for r in rs)):>10}"
+        )
+    click.echo(
+        f"{'total':<10} {report.count('built'):>6} {report.count('cached'):>7} {report.count('failed'):>7} "
+        f"wall {report.wall_seconds:.1f}s, peak worker RSS {report.peak_rss_mb:.0f} MiB, "
+        f"cache {_cache_dir(cache_dir)}"
+    )
+    for r in rows:
+        if r.status == "failed":
+            click.echo(f"FAILED {r.variant.label()}: {r.error}", err=True)
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.command("plan")
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--skipped/--no-skipped", default=True, help="List skipped combinations and why.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plan_cmd(manifest: Path, skipped: bool, as_json: bool) -> None:
+    """Show the variants MANIFEST expands to, and what was skipped and why (no compiling)."""
+    from fa4aot import manifest as manifest_mod
+
+    try:
+        plan = manifest_mod.load(manifest)
+    except Fa4aotError as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps({
+            "targets": [t.to_dict() for t in plan.targets],
+            "variants": [{"id": pv.variant.variant_id, "origin": pv.origin, **pv.variant.to_dict()} for pv in plan.variants],
+            "skipped": [{"origin": s.origin, "axes": s.axes, "reason": s.reason} for s in plan.skipped],
+        }, indent=1, default=str))
+        return
+    for t in plan.targets:
+        click.echo(f"target {t.name}: {t.arch}, {t.num_sms} SMs")
+    click.echo(f"{len(plan.variants)} variants: " + ", ".join(f"{k} {v}" for k, v in sorted(plan.counts().items())))
+    for pv in plan.variants:
+        click.echo(f"  {pv.variant.variant_id[:12]} {pv.variant.label()}   <- {pv.origin}")
+    if skipped and plan.skipped:
+        reasons: dict[str, int] = {}
+        for s in plan.skipped:
+            reasons[s.reason] = reasons.get(s.reason, 0) + 1
+        click.echo(f"{len(plan.skipped)} combinations skipped:")
+        for reason, count in sorted(reasons.items(), key=lambda x: -x[1]):
+            click.echo(f"  {count:>5}  {reason}")
+
+
+@main.command("ls")
+@CACHE_OPTION
+@click.option("--family", default=None, help="Only this family.")
+def ls_cmd(cache_dir: Path | None, family: str | None) -> None:
+    """List cache entries: key, variant id, target, size, label."""
+    try:
+        cache = _open(cache_dir)
+        entries = cache.entries()
+    except Fa4aotError as e:
+        raise click.ClickException(str(e)) from None
+    total = 0
+    for e in entries:
+        if family and e.variant.family != family:
+            continue
+        size = sum(b.size for b in e.blobs.values())
+        total += size
+        click.echo(f"{e.key[:12]}  {e.variant_id[:12]}  {e.target.name:<6} {_human(size):>10}  {e.variant.label()}")
+    click.echo(f"{len(entries)} entries, {_human(total)}", err=True)
+
+
+@main.command()
+@click.argument("key")
+@CACHE_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print the raw metadata record.")
+def show(key: str, cache_dir: Path | None, as_json: bool) -> None:
+    """Show one entry (KEY: a prefix of its key or variant id)."""
+    try:
+        cache = _open(cache_dir)
+        e = cache.resolve(key)
+    except Fa4aotError as err:
+        raise click.ClickException(str(err)) from None
+    m = e.meta
+    if as_json:
+        click.echo(json.dumps(m, indent=1, sort_keys=True))
+        return
+    click.echo(f"key         {e.key}")
+    click.echo(f"variant id  {e.variant_id}")
+    click.echo(f"variant     {e.variant.label()}")
+    click.echo(f"target      {e.target.name} {e.target.arch} {e.target.num_sms} SMs; host {m.get('host_arch')}")
+    click.echo(f"cubin       {m.get('cubin_arch')} (toolkit {m.get('cubin_toolkit')})")
+    launch = m.get("launch", {})
+    click.echo(f"launch      block {launch.get('block')} smem {launch.get('smem')} cluster {launch.get('cluster')}")
+    click.echo(f"            sample {launch.get('sample')}: grid {launch.get('sample_grid')}")
+    for k in m.get("kernels", []):
+        click.echo(f"kernel      {k['symbol']}")
+        click.echo(f"            {len(k['params'])} params, {k['cbank_param_size']} bytes, block {k['reqntid']}, {k['registers']} registers")
+        for o, off, size in k["params"]:
+            click.echo(f"              param {o:>2}  offset 0x{off:03x}  size {size}")
+    click.echo("arguments   " + ", ".join(_arg_text(a) for a in m["signature"]["args"]))
+    for role, ref in e.blobs.items():
+        click.echo(f"blob        {role:<12} {ref.size:>8} B  {cache.blob_path(ref)}")
+    click.echo(f"toolchain   {json.dumps(m.get('toolchain'))}")
+    click.echo(f"built       {m.get('build')} from {m.get('origin')}")
+
+
+def _arg_text(a: dict[str, Any]) -> str:
+    if a["kind"] == "tensor":
+        dims = ",".join("?" if s is None else str(s) for s in a["shape"])
+        return f"{a['name']}:{a['dtype']}[{dims}]"
+    if a["kind"] == "scalar":
+        return f"{a['name']}:{a['ctype']}"
+    return a["name"]
+
+
+@main.command("verify")
+@CACHE_OPTION
+@click.option("--plans/--no-plans", default=True, help="Also load and call every launch plan built for this CPU.")
+def verify_cmd(cache_dir: Path | None, plans: bool) -> None:
+    """Re-hash every blob, re-parse every cubin, check arch and parameter tables against the
+    metadata, and run every plan on sample shapes. Exits 1 on any mismatch."""
+    from fa4aot.verify import verify
+
+    try:
+        cache = _open(cache_dir)
+        n, problems = verify(cache, plans)
+    except Fa4aotError as e:
+        raise click.ClickException(str(e)) from None
+    for p in problems:
+        click.echo(f"BAD {p.key[:12]} {p.label}: {p.what}", err=True)
+    bad = len({p.key for p in problems})
+    click.echo(f"verified {n} entries: {n - bad} ok, {bad} bad")
+    if problems:
+        sys.exit(1)
+
+
+@main.command()
+@CACHE_OPTION
+@click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Also drop entries this manifest (with the installed toolchain) would not build.")
+@click.option("--grace", type=float, default=3600.0, show_default=True,
+              help="Keep unreferenced files younger than this many seconds (a concurrent build's).")
+def gc(cache_dir: Path | None, manifest: Path | None, grace: float) -> None:
+    """Remove unreferenced blobs and stale staging files (and, with --manifest, stale entries)."""
+    keep = None
+    try:
+        if manifest is not None:
+            from fa4aot import manifest as manifest_mod
+            from fa4aot.build.toolchain import fingerprint, host_arch
+            from fa4aot.variant import cache_key
+
+            plan = manifest_mod.load(manifest)
+            tc, host = fingerprint(), host_arch()
+            keep = {cache_key(pv.variant, tc, host) for pv in plan.variants}
+        cache = _open(cache_dir, readonly=False)
+        stats = cache.gc(keep, grace)
+        cache.close()
+    except Fa4aotError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(
+        f"removed {stats['entries_removed']} entries and {stats['files_removed']} files, "
+        f"freed {_human(stats['bytes_freed'])}"
+    )
+
+
+@main.command("launch-plan")
+@click.argument("key")
+@CACHE_OPTION
+@click.option("--shape", "shape", default="", help="Problem sizes, e.g. batch=8,seqlen_q=4096,seqlen_k=4096,nheads=32,nheads_kv=8,num_splits=4 (total_q/total_k for varlen).")
+@click.option("--params/--no-params", default=True, help="Decode every kernel parameter.")
+def launch_plan_cmd(key: str, cache_dir: Path | None, shape: str, params: bool) -> None:
+    """Print the launch a cached variant makes for given shapes: grid, block, smem, cluster and
+    every kernel parameter, computed by FA4's own host code with no GPU.
+
+    Tensors are placed at fake, distinct device addresses; a parameter holding one of them is
+    labelled with the tensor's name.
+    """
+    from fa4aot import samples
+    from fa4aot.layouts import dims_for
+    from fa4aot.runtime.plan import open_plan, target_answers
+
+    try:
+        cache = _open(cache_dir)
+        e = cache.resolve(key)
+        overrides: dict[str, int] = {}
+        for item in filter(None, (s.strip() for s in shape.split(","))):
+            name, _, value = item.partition("=")
+            try:
+                overrides[name.strip()] = int(value)
+            except ValueError:
+                raise click.BadParameter(f"{item!r}: expected name=integer", param_hint="--shape") from None
+        try:
+            dims = dims_for(e.variant, **overrides)
+        except TypeError as err:
+            raise click.BadParameter(str(err), param_hint="--shape") from None
+        plan = open_plan(cache.read_blob(e, "plan"), e.meta)
+        dev, ker = target_answers(e.target.optin_smem())
+        plan.load(list(range(1, len(plan.kernels) + 1)), dev, ker)
+        named = samples.named_args(e.variant, dims)
+        launches = plan.plan(plan.order(named))
+    except Fa4aotError as err:
+        raise click.ClickException(str(err)) from None
+    pointers = {v.ptr: k for k, v in named.items() if hasattr(v, "ptr")}
+    click.echo(f"{e.variant.label()}  ({e.target.name}, {e.target.num_sms} SMs)")
+    click.echo(f"shape: {samples.describe(e.variant, dims)}")
+    kernels = {k["symbol"]: k for k in e.meta["kernels"]}
+    for i, launch in enumerate(launches):
+        click.echo(f"launch {i}: grid {launch.grid} block {launch.block} smem {launch.smem} cluster {launch.cluster}")
+        click.echo(f"  attributes {launch.attribute_values()}")
+        click.echo(f"  kernel {launch.kernel}")
+        if not params:
+            continue
+        for o, off, size in kernels[launch.kernel]["params"]:
+            raw = launch.param_bytes[off : off + size]
+            click.echo(f"  param {o:>2} @0x{off:03x} [{size:>3}] {_decode(raw, pointers)}")
+
+
+def _decode(raw: bytes, pointers: dict[int, str]) -> str:
+    """Readable view of a parameter: known pointers named, then 32-bit words."""
+    notes = []
+    for off in range(0, len(raw) - 7, 8):
+        (v,) = struct.unpack_from("<Q", raw, off)
+        if v in pointers:
+            notes.append(f"+{off}: &{pointers[v]}")
+    words = [struct.unpack_from("<i", raw, i)[0] for i in range(0, len(raw) - len(raw) % 4, 4)]
+    shown = " ".join(str(w) for w in words[:12]) + (" ..." if len(words) > 12 else "")
+    return (" ".join(notes) + "  " if notes else "") + f"i32[{shown}]"
+
+
+if __name__ == "__main__":
+    main()
