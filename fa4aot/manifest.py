@@ -217,9 +217,18 @@ def _expand_group(
                 plan.skipped.append(Skipped(origin, dict(picked), reason))
     if n_valid == 0:
         reason = plan.skipped[-1].reason if plan.skipped else "expands to nothing"
+        # Blame the axis whose explicit values make everything invalid: the one that, set back
+        # to its default, admits a valid combination.
+        culprit = None
+        for key in (k for k, e in explicit.items() if e):
+            trial = dict(values, **{key: list(family.axis(key).default)})
+            if _any_valid(family, trial):
+                culprit = key
+                break
+        where = f"{path}.{culprit}" if culprit else path
         if all_scalar:
-            raise ManifestError(path, f"FA4 cannot build this combination: {reason}")
-        raise ManifestError(path, f"no combination of this group is valid: {reason}")
+            raise ManifestError(where, f"FA4 cannot build this combination: {reason}")
+        raise ManifestError(where, f"no combination of this group is valid: {reason}")
     for key, items in values.items():
         if not explicit[key]:
             continue
@@ -230,6 +239,14 @@ def _expand_group(
                     where,
                     f"no valid combination uses {items[j]!r}: {first_reason.get((key, j), 'invalid')}",
                 )
+
+
+def _any_valid(family: Family, values: dict[str, list[Any]]) -> bool:
+    return any(
+        family.check(fields) is None
+        for raw, _ in product(family.axes, values)
+        for fields in resolve_fields(family.name, raw)
+    )
 
 
 def _is_pair_scalar(key: str, value: list[Any]) -> bool:

@@ -1,0 +1,139 @@
+"""Manifest validation and expansion (pure Python, no compiler)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from fa4aot import manifest
+from fa4aot.errors import ManifestError
+from fa4aot.families import FAMILIES, sm90_tile
+
+BASE = {
+    "target": {"name": "b200", "arch": "sm_100a", "num_sms": 148},
+    "families": {"combine": [{"head_dim": 128}]},
+}
+
+
+def expand(doc):
+    return manifest.expand(copy.deepcopy(doc))
+
+
+def error_field(doc) -> str:
+    with pytest.raises(ManifestError) as ei:
+        expand(doc)
+    return ei.value.field
+
+
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda d: d.pop("target"), "target"),
+        (lambda d: d["target"].update(arch="sm_80"), "target.arch"),
+        (lambda d: d["target"].update(num_sms=0), "target.num_sms"),
+        (lambda d: d["target"].update(num_sms="148"), "target.num_sms"),
+        (lambda d: d["target"].update(colour="red"), "target.colour"),
+        (lambda d: d.update(extra=1), "extra"),
+        (lambda d: d["families"].update(fwd_sm90=[{"head_dims": [[128, 128]]}]), "families.fwd_sm90"),
+        (lambda d: d["families"].update(nope=[{}]), "families.nope"),
+        (lambda d: d["families"]["combine"][0].update(head_dimm=128), "families.combine[0].head_dimm"),
+        (lambda d: d["families"]["combine"][0].update(head_dim=[64, "x"]), "families.combine[0].head_dim[1]"),
+        (lambda d: d["families"]["combine"][0].update(max_splits=1000), "families.combine[0].max_splits"),
+        (lambda d: d["families"].update(combine=[]), "families.combine"),
+    ],
+)
+def test_errors_name_the_field(mutate, field):
+    doc = copy.deepcopy(BASE)
+    mutate(doc)
+    assert error_field(doc) == field
+
+
+def test_explicit_combination_fa4_cannot_build_is_an_error():
+    doc = copy.deepcopy(BASE)
+    doc["families"] = {"fwd_sm100": [{"head_dims": [[192, 192]]}]}
+    with pytest.raises(ManifestError) as ei:
+        expand(doc)
+    assert ei.value.field == "families.fwd_sm100[0].head_dims"
+    assert "not supported on SM100" in ei.value.reason
+
+
+def test_listed_value_no_combination_uses_is_an_error():
+    doc = copy.deepcopy(BASE)
+    doc["families"] = {"fwd_sm100": [{"causal": [True], "two_cta": [False, True]}]}
+    with pytest.raises(ManifestError) as ei:
+        expand(doc)
+    assert ei.value.field == "families.fwd_sm100[0].two_cta[1]"
+    assert "non-causal" in ei.value.reason
+
+
+def test_expansion_counts_and_skip_reasons():
+    doc = copy.deepcopy(BASE)
+    doc["families"] = {"fwd_sm100": [{"causal": [False, True], "qhead_per_kvhead": [1, 4]}]}
+    plan = expand(doc)
+    variants = [pv.variant for pv in plan.variants]
+    # default axes: q_stage {1,2} x two_cta {F,T} x scheduler {static,single,dynamic}
+    assert len(variants) + len(plan.skipped) == 2 * 2 * 2 * 2 * 3
+    for v in variants:
+        f = v.fields
+        assert FAMILIES["fwd_sm100"].check(f) is None
+        assert not (f["two_cta"] and f["causal"])
+        assert f["pack_gqa"] == (f["qhead_per_kvhead"] > 1)
+        if f["q_stage"] == 1:
+            assert f["scheduler"] == "static" and f["s_ping_pong"]
+    reasons = {s.reason for s in plan.skipped}
+    assert any("2CTA only for non-causal" in r for r in reasons)
+    assert any("needs varlen_q" in r for r in reasons)
+    # every dense non-causal variant runs the static persistent scheduler, as in FA4
+    assert all(v.fields["scheduler"] == "static" for v in variants if not v.fields["causal"])
+    assert len({v.variant_id for v in variants}) == len(variants)
+
+
+def test_sm90_tiles_follow_fa4():
+    doc = {"target": {"name": "h100", "arch": "sm_90a", "num_sms": 132},
+           "families": {"fwd_sm90": [{"head_dims": [[64, 64], [96, 96], [128, 128], [256, 256]], "causal": [False, True]}]}}
+    plan = expand(doc)
+    assert len(plan.variants) == 8
+    for pv in plan.variants:
+        f = pv.variant.fields
+        assert (f["tile_m"], f["tile_n"]) == sm90_tile(f["head_dim"], f["head_dim_v"], f["causal"], False)[:2]
+
+
+def test_prepare_expands_to_warp_buckets():
+    doc = copy.deepcopy(BASE)
+    doc["families"] = {"prepare": [{"heads": [32, 8], "max_batch": 2000}]}
+    plan = expand(doc)
+    assert sorted(pv.variant.fields["num_warps"] for pv in plan.variants) == [1, 2, 4, 8, 16, 32]
+
+
+def test_multi_target_and_duplicates():
+    doc = {"targets": [
+        {"target": {"name": "b200", "arch": "sm_100a", "num_sms": 148}, "families": {"combine": [{"head_dim": 128}, {"head_dim": [128]}]}},
+        {"target": {"name": "h100", "arch": "sm_90a", "num_sms": 132}, "families": {"combine": [{"head_dim": 128}]}},
+    ]}
+    plan = expand(doc)
+    assert [t.arch for t in plan.targets] == ["sm_100a", "sm_90a"]
+    assert len(plan.variants) == 2  # the duplicate group adds nothing
+    assert {pv.variant.arch for pv in plan.variants} == {"sm_100a", "sm_90a"}
+    doc["targets"][1]["target"]["arch"] = "sm_100a"
+    doc["targets"][1]["target"]["num_sms"] = 148
+    assert error_field(doc) == "targets[1].target"
+
+
+def test_shipped_manifests_expand(tmp_path):
+    from conftest import ROOT
+
+    for name in ("ci.yaml", "b200.yaml", "h100.yaml"):
+        plan = manifest.load(ROOT / "manifests" / name)
+        assert plan.variants, name
+
+
+def test_load_reports_yaml_errors(tmp_path):
+    p = tmp_path / "m.yaml"
+    p.write_text("target: [unclosed")
+    with pytest.raises(ManifestError) as ei:
+        manifest.load(p)
+    assert "not valid YAML" in str(ei.value)
+    p.write_text(yaml.safe_dump(BASE))
+    assert manifest.load(p).variants
