@@ -27,9 +27,10 @@ import os
 import sqlite3
 import time
 import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from fa4aot.errors import CacheError, CorruptArtifactError
 from fa4aot.variant import CACHE_FORMAT_VERSION, Target, Variant, sha256_hex
@@ -67,7 +68,7 @@ class Entry:
     blobs: dict[str, BlobRef]
 
     @classmethod
-    def from_json(cls, key: str, text: str) -> "Entry":
+    def from_json(cls, key: str, text: str) -> Entry:
         try:
             meta = json.loads(text)
             blobs = {

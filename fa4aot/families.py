@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 DTYPES = ("bf16", "fp16")
 #: Out dtypes of the combine kernel (FA4: fp16, bf16 or fp32).

@@ -25,9 +25,10 @@ build, is an error naming the field. :func:`expand` is pure and does no compilat
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from fa4aot.errors import ManifestError
 from fa4aot.families import FAMILIES, Family, product, resolve_fields

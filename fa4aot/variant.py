@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 #: Bumped whenever the cache entry layout or the meaning of a variant field changes.
 CACHE_FORMAT_VERSION = 1
@@ -70,7 +71,7 @@ class Target:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Target":
+    def from_dict(cls, d: Mapping[str, Any]) -> Target:
         return cls(
             name=d["name"],
             arch=d["arch"],
@@ -90,7 +91,7 @@ class Variant:
     params: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
 
     @classmethod
-    def make(cls, family: str, arch: str, num_sms: int, **params: Any) -> "Variant":
+    def make(cls, family: str, arch: str, num_sms: int, **params: Any) -> Variant:
         """Build a variant from keyword fields (stored sorted, so order never matters)."""
         return cls(family, arch, int(num_sms), tuple(sorted(params.items())))
 
@@ -113,7 +114,7 @@ class Variant:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Variant":
+    def from_dict(cls, d: Mapping[str, Any]) -> Variant:
         return cls.make(d["family"], d["arch"], d["num_sms"], **d["params"])
 
     @property

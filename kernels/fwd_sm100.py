@@ -12,11 +12,11 @@ from typing import Optional
 import cuda.bindings.driver as cuda
 import cutlass.cute as cute
 from cutlass import Float32, Int32
+from fa4aot_kernels.common import KernelEntry, Signature, sym
 from flash_attn.cute.flash_fwd_sm100 import FlashAttentionForwardSm100
 from flash_attn.cute.utils import AuxData
 
 from fa4aot.variant import Target, Variant
-from fa4aot_kernels.common import KernelEntry, Signature, sym
 
 
 def make_entry(variant: Variant, target: Target) -> KernelEntry:

@@ -8,12 +8,12 @@ from typing import Optional
 import cuda.bindings.driver as cuda
 import cutlass.cute as cute
 from cutlass import Float32, Int32
+from fa4aot_kernels.common import CUTLASS_DTYPES, KernelEntry, Signature
+from fa4aot_kernels.fwd_sm100 import add_forward_tensors
 from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90
 from flash_attn.cute.utils import AuxData
 
 from fa4aot.variant import Target, Variant
-from fa4aot_kernels.common import CUTLASS_DTYPES, KernelEntry, Signature
-from fa4aot_kernels.fwd_sm100 import add_forward_tensors
 
 
 def make_entry(variant: Variant, target: Target) -> KernelEntry:

@@ -8,10 +8,10 @@ from typing import Optional
 import cuda.bindings.driver as cuda
 import cutlass.cute as cute
 from cutlass import Int32
+from fa4aot_kernels.common import KernelEntry, Signature, sym
 from flash_attn.cute.prepare_scheduler import FlashPrepareScheduler
 
 from fa4aot.variant import Target, Variant
-from fa4aot_kernels.common import KernelEntry, Signature, sym
 
 
 def make_entry(variant: Variant, target: Target) -> KernelEntry:

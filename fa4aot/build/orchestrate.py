@@ -8,9 +8,10 @@ import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 from fa4aot import manifest as manifest_mod
 from fa4aot.build.toolchain import fingerprint, host_arch
@@ -103,34 +104,39 @@ def build(
         else:
             todo.setdefault(pv.target, []).append((pv, key))
     jobs = max(1, jobs or default_jobs())
-    for target, items in todo.items():
-        with _pool(target, min(jobs, len(items))) as pool:
-            futures = {pool.submit(build_variant, pv.variant, target): (pv, key) for pv, key in items}
-            for fut in cf.as_completed(futures):
-                pv, key = futures[fut]
-                try:
-                    out: BuildOutput = fut.result()
-                except Exception as e:  # a worker died (e.g. killed by the OOM killer)
-                    out = BuildOutput(pv.variant, False, error=f"build worker died: {e!r}")
-                report.peak_rss_mb = max(report.peak_rss_mb, out.peak_rss_mb)
-                if out.ok:
-                    meta = dict(out.meta)
-                    meta.update(
-                        variant=pv.variant.to_dict(),
-                        target=target.to_dict(),
-                        toolchain=toolchain,
-                        host_arch=host,
-                        origin=pv.origin,
-                        build={"seconds": round(out.seconds, 3), "peak_rss_mb": round(out.peak_rss_mb, 1)},
-                    )
-                    entry = cache.put(key, meta, out.blobs)
-                    row = Row(pv.variant, key, "built", out.seconds, sum(r.size for r in entry.blobs.values()))
-                else:
-                    row = Row(pv.variant, key, "failed", out.seconds, error=out.error)
-                report.rows.append(row)
-                done += 1
-                if progress:
-                    progress(done, total, row)
+    for target, all_items in todo.items():
+        # A fresh pool per chunk recycles workers (bounding memory growth across compiles); the
+        # executor's own max_tasks_per_child can deadlock on Python 3.11.
+        chunk = jobs * TASKS_PER_WORKER
+        for start in range(0, len(all_items), chunk):
+            items = all_items[start : start + chunk]
+            with _pool(target, min(jobs, len(items))) as pool:
+                futures = {pool.submit(build_variant, pv.variant, target): (pv, key) for pv, key in items}
+                for fut in cf.as_completed(futures):
+                    pv, key = futures[fut]
+                    try:
+                        out: BuildOutput = fut.result()
+                    except Exception as e:  # a worker died (e.g. killed by the OOM killer)
+                        out = BuildOutput(pv.variant, False, error=f"build worker died: {e!r}")
+                    report.peak_rss_mb = max(report.peak_rss_mb, out.peak_rss_mb)
+                    if out.ok:
+                        meta = dict(out.meta)
+                        meta.update(
+                            variant=pv.variant.to_dict(),
+                            target=target.to_dict(),
+                            toolchain=toolchain,
+                            host_arch=host,
+                            origin=pv.origin,
+                            build={"seconds": round(out.seconds, 3), "peak_rss_mb": round(out.peak_rss_mb, 1)},
+                        )
+                        entry = cache.put(key, meta, out.blobs)
+                        row = Row(pv.variant, key, "built", out.seconds, sum(r.size for r in entry.blobs.values()))
+                    else:
+                        row = Row(pv.variant, key, "failed", out.seconds, error=out.error)
+                    report.rows.append(row)
+                    done += 1
+                    if progress:
+                        progress(done, total, row)
     cache.close()
     report.wall_seconds = time.perf_counter() - t0
     return report
@@ -138,12 +144,6 @@ def build(
 
 def _pool(target: Target, workers: int) -> cf.ProcessPoolExecutor:
     # spawn: workers must import the DSL after configure() has set the arch; fork would inherit
-    # a parent's DSL state. Workers are recycled to bound memory growth across compiles.
+    # a parent's DSL state.
     ctx = multiprocessing.get_context("spawn")
-    return cf.ProcessPoolExecutor(
-        max_workers=workers,
-        mp_context=ctx,
-        initializer=configure,
-        initargs=(target,),
-        max_tasks_per_child=TASKS_PER_WORKER,
-    )
+    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=configure, initargs=(target,))

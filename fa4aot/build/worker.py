@@ -76,7 +76,6 @@ def build_variant(variant: Variant, target: Target) -> BuildOutput:
 
 def _build(variant: Variant, target: Target) -> tuple[dict[str, bytes], dict[str, Any]]:
     import cutlass.cute as cute
-
     from fa4aot_kernels import module_for
 
     entry = module_for(variant.family).make_entry(variant, target)

@@ -15,8 +15,9 @@ import ctypes
 import os
 import struct
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from fa4aot.errors import ArgumentError, PlanError
 from fa4aot.signature import Arg, ScalarArg, StreamArg, TensorArg, arg_from_dict, struct_layout
@@ -116,7 +117,7 @@ class KernelTable:
     param_bytes: int
 
     @classmethod
-    def from_meta(cls, meta: Mapping[str, Any]) -> "KernelTable":
+    def from_meta(cls, meta: Mapping[str, Any]) -> KernelTable:
         params = sorted(meta["params"], key=lambda p: p[0])
         if [p[0] for p in params] != list(range(len(params))):
             raise PlanError(f"kernel {meta['symbol']}: parameter ordinals are not 0..n-1")

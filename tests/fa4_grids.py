@@ -1,0 +1,68 @@
+"""Independent oracle: FA4 4.0.0b36's tile-scheduler grid formulas, re-derived by hand from
+``flash_attn/cute/tile_scheduler.py`` and the forward kernels' ``__call__``. Tests compare what a
+launch plan (FA4's real host code) records against these."""
+
+from __future__ import annotations
+
+from math import ceil
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def sm100_forward_grid(f: dict, *, batch: int, seqlen_q: int, nheads: int, nheads_kv: int, num_sms: int,
+                       total_q: int | None = None, num_splits: int = 1) -> tuple[int, int, int]:
+    """Grid of FlashAttentionForwardSm100 for the variant fields ``f``."""
+    pack = f["qhead_per_kvhead"] if f["pack_gqa"] else 1
+    heads = nheads_kv if f["pack_gqa"] else nheads
+    cm = 2 if f["two_cta"] else 1
+    tile = f["q_stage"] * f["tile_m"]
+    sched = f["scheduler"]
+    varlen = f["varlen_q"] or f["seqused_q"]
+    splits = num_splits if f["split_kv"] else 1
+    if varlen and sched in ("single", "dynamic"):
+        tq = (total_q if f["varlen_q"] else batch * seqlen_q) * pack
+        blocks_max = (tq + batch * (cm * tile - 1)) // tile // cm * cm
+        if sched == "dynamic":
+            return (min(num_sms, blocks_max * heads * splits), 1, 1)
+        return (blocks_max * heads, splits, 1)
+    persistent = sched == "static"
+    divisor = tile * (cm if not persistent and cm > 1 else 1)
+    num_block = _cdiv(seqlen_q * pack, divisor)
+    if persistent:
+        clusters = _cdiv(num_block, cm) * heads * batch
+        return (min((num_sms // cm) * cm, clusters * cm), 1, 1)
+    if f["causal"] or f["local"] or sched == "clc":  # SingleTileLPTScheduler
+        x = num_block * heads * batch * (cm if cm > 1 else 1)
+        return (x, splits, 1)
+    return (ceil(num_block / cm) * cm, heads * splits, batch)  # SingleTileScheduler
+
+
+def sm90_forward_grid(f: dict, *, batch: int, seqlen_q: int, nheads: int, nheads_kv: int,
+                      total_q: int | None = None) -> tuple[int, int, int]:
+    """Grid of FlashAttentionForwardSm90 (no clusters, no splits, never persistent)."""
+    pack = f["qhead_per_kvhead"] if f["pack_gqa"] else 1
+    heads = nheads_kv if f["pack_gqa"] else nheads
+    tile = f["tile_m"]
+    if f["varlen_q"] or f["seqused_q"]:
+        tq = (total_q if f["varlen_q"] else batch * seqlen_q) * pack
+        return ((tq + batch * (tile - 1)) // tile * heads, 1, 1)
+    num_block = _cdiv(seqlen_q * pack, tile)
+    if f["causal"] and not f["local"]:
+        return (num_block * heads * batch, 1, 1)
+    return (num_block, heads, batch)
+
+
+def combine_grid(f: dict, *, batch: int, seqlen: int, nheads: int, total_q: int | None = None) -> tuple[int, int, int]:
+    """Grid of FlashAttentionForwardCombine: m blocks over seqlen*heads, head_dim blocks, batch."""
+    k_block = 64 if f["head_dim"] <= 64 else 128
+    tile_m = 8 if k_block % 128 == 0 else 16
+    kblocks = _cdiv(f["head_dim"], k_block)
+    if f["varlen"]:
+        return (((total_q * nheads) + batch * (tile_m - 1)) // tile_m * kblocks, 1, 1)
+    return (_cdiv(seqlen * nheads, tile_m), kblocks, batch)
+
+
+def prepare_grid(num_batch: int) -> tuple[int, int, int]:
+    return (_cdiv(num_batch, 31 * 32), 1, 1)

@@ -1,0 +1,117 @@
+"""The manifest-driven build of manifests/ci.yaml, and what makes a key change."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import CI_MANIFEST, needs_dsl, run_cli
+
+from fa4aot import manifest
+from fa4aot.build import toolchain
+from fa4aot.cache import Cache
+from fa4aot.variant import Variant, cache_key
+
+
+def test_ci_manifest_builds_every_variant_for_both_arches(built_cache):
+    cache = Cache(built_cache, readonly=True)
+    entries = cache.entries()
+    plan = manifest.load(CI_MANIFEST)
+    assert {e.variant_id for e in entries} >= {pv.variant.variant_id for pv in plan.variants}
+    assert {e.meta["cubin_arch"] for e in entries} == {"sm_100a", "sm_90a"}
+    assert {e.variant.family for e in entries} == {"fwd_sm100", "fwd_sm90", "combine", "prepare"}
+    out = run_cli("verify", "--cache", str(built_cache))
+    assert "0 bad" in out.stdout
+
+
+def test_sm100_forward_entry_shows_threads_and_parameter_table(built_cache):
+    cache = Cache(built_cache, readonly=True)
+    (entry,) = [e for e in cache.entries() if e.variant.family == "fwd_sm100" and e.variant.fields["two_cta"]
+                and e.variant.fields["qhead_per_kvhead"] == 1]
+    out = run_cli("show", entry.key[:10], "--cache", str(built_cache)).stdout
+    k = entry.meta["kernels"][0]
+    assert "block [512, 1, 1]" in out
+    assert f"{len(k['params'])} params, {k['cbank_param_size']} bytes" in out
+    for o, off, size in k["params"]:
+        assert f"param {o:>2}  offset 0x{off:03x}  size {size}" in out
+    assert "smem 232448 cluster [2, 1, 1]" in out
+
+
+def test_second_build_compiles_nothing(built_cache):
+    t0 = time.perf_counter()
+    out = run_cli("build", str(CI_MANIFEST), "--cache", str(built_cache), "-q")
+    elapsed = time.perf_counter() - t0
+    n = len(manifest.load(CI_MANIFEST).variants)
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.split()[1:4] == ["0", str(n), "0"], last  # built, cached, failed
+    assert elapsed < 60
+
+
+def test_key_changes_with_versions_sources_and_host():
+    v = Variant.make("combine", "sm_90a", 132, head_dim=128)
+    tc = {"nvidia-cutlass-dsl": "4.8.1", "flash-attn-4": "4.0.0b36", "kernels-src": "abc"}
+    base = cache_key(v, tc, "x86_64")
+    assert cache_key(v, dict(tc), "x86_64") == base
+    assert cache_key(v, {**tc, "flash-attn-4": "4.0.0b37"}, "x86_64") != base
+    assert cache_key(v, {**tc, "nvidia-cutlass-dsl": "4.8.2"}, "x86_64") != base
+    assert cache_key(v, {**tc, "kernels-src": "abd"}, "x86_64") != base
+    assert cache_key(v, tc, "aarch64") != base
+    assert cache_key(Variant.make("combine", "sm_90a", 148, head_dim=128), tc, "x86_64") != base
+    assert cache_key(Variant.make("combine", "sm_90a", 132, head_dim=64), tc, "x86_64") != base
+
+
+def test_key_is_stable_across_processes():
+    code = ("from fa4aot.variant import Variant, cache_key;"
+            "print(cache_key(Variant.make('prepare','sm_100a',148,b=1,a=2),{'x':'1'},'x86_64'))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout for _ in range(2)}
+    assert len(outs) == 1
+    assert outs.pop().strip() == cache_key(Variant.make("prepare", "sm_100a", 148, a=2, b=1), {"x": "1"}, "x86_64")
+
+
+@needs_dsl
+def test_kernels_source_edit_changes_fingerprint(tmp_path, monkeypatch):
+    base = dict(toolchain.fingerprint())
+    copy = tmp_path / "kernels"
+    shutil.copytree(toolchain.kernels_dir(), copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(toolchain, "kernels_dir", lambda: copy)
+    toolchain.fingerprint.cache_clear()
+    try:
+        assert toolchain.fingerprint() == base
+        (copy / "combine.py").write_text((copy / "combine.py").read_text() + "\n# edit\n")
+        toolchain.fingerprint.cache_clear()
+        edited = toolchain.fingerprint()
+        assert edited["kernels-src"] != base["kernels-src"]
+        assert {k for k in base if base[k] != edited[k]} == {"kernels-src"}
+    finally:
+        toolchain.fingerprint.cache_clear()
+
+
+def test_build_reports_a_failing_variant_and_continues(tmp_path, monkeypatch):
+    if not toolchain.shutil.which("cc") and not toolchain.shutil.which("gcc"):
+        pytest.skip("no C compiler")
+    m = tmp_path / "m.yaml"
+    m.write_text("target: {name: h100, arch: sm_90a, num_sms: 132}\n"
+                 "families:\n  prepare:\n    - heads: [16, 4]\n      max_batch: 62\n")
+    pytest.importorskip("cutlass")
+    # Make one variant fail: the prepare module rejects num_warps 2.
+    code = (
+        "import sys, fa4aot_kernels.prepare as p;"
+        "orig = p.make_entry\n"
+        "def bad(v, t):\n"
+        "    if v.fields['num_warps'] == 2: raise ValueError('injected failure')\n"
+        "    return orig(v, t)\n"
+        "p.make_entry = bad\n"
+        "from fa4aot.build import orchestrate, worker\n"
+        "import concurrent.futures as cf\n"
+        "class P(cf.ThreadPoolExecutor):\n"
+        "    def __init__(self, max_workers, **kw): super().__init__(max_workers)\n"
+        "orchestrate._pool = lambda target, n: (worker.configure(target), P(n))[1]\n"
+        "r = orchestrate.build(sys.argv[1], sys.argv[2], 1)\n"
+        "print([(row.status, row.variant.fields['num_warps'], row.error) for row in r.rows]); sys.exit(0 if r.ok else 1)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(m), str(tmp_path / "c")], capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    assert "('built', 1, None)" in proc.stdout and "('failed', 2, 'ValueError: injected failure')" in proc.stdout
