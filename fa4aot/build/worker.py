@@ -79,21 +79,28 @@ def _build(variant: Variant, target: Target) -> tuple[dict[str, bytes], dict[str
     from fa4aot_kernels import module_for
 
     entry = module_for(variant.family).make_entry(variant, target)
-    options = f"--gpu-arch {target.arch} --keep-cubin"
-    if entry.options:
-        options += " " + entry.options
-    t0 = time.perf_counter()
-    compiled = cute.compile(entry.fn, *entry.compile_args, options=options)
-    compile_s = time.perf_counter() - t0
-    cubin_bytes = compiled.artifacts.CUBIN
-    if not cubin_bytes:
-        raise RuntimeError("the DSL produced no cubin (was --keep-cubin honoured?)")
     prefix = "fa4aot_" + variant.variant_id[:12]
     with tempfile.TemporaryDirectory(prefix="fa4aot-build-") as tmp:
         tmpd = Path(tmp)
+        # --keep-cubin writes <dump-dir>/<function name>.<arch>.cubin and reads it back; the name
+        # does not depend on the variant, so every compile needs its own dump dir (a shared one
+        # races between workers and hands one variant another's cubin).
+        dump = tmpd / "dump"
+        dump.mkdir()
+        options = f"--gpu-arch {target.arch} --keep-cubin --dump-dir {dump}"
+        if entry.options:
+            options += " " + entry.options
+        t0 = time.perf_counter()
+        compiled = cute.compile(entry.fn, *entry.compile_args, options=options)
+        compile_s = time.perf_counter() - t0
+        cubin_bytes = compiled.artifacts.CUBIN
+        if not cubin_bytes:
+            raise RuntimeError("the DSL produced no cubin (was --keep-cubin honoured?)")
         compiled.export_to_c(str(tmpd), "plan", prefix)
         header_text = (tmpd / "plan.h").read_text()
         host_object = (tmpd / "plan.o").read_bytes()
+        if cubin_bytes not in host_object:
+            raise RuntimeError("the cubin is not the one embedded in the exported host object")
         header = parse_header(header_text)
         check_against(header, entry.args)
         link_plan(tmpd / "plan.o", tmpd / "plan.so")
