@@ -130,6 +130,18 @@ def plan_cmd(manifest: Path, skipped: bool, as_json: bool) -> None:
             click.echo(f"  {count:>5}  {reason}")
 
 
+@main.command()
+def axes() -> None:
+    """List every kernel family and the manifest axes it takes, with defaults."""
+    from fa4aot.families import FAMILIES
+
+    for fam in FAMILIES.values():
+        click.echo(f"{fam.name}  ({', '.join(fam.arches)}): {fam.doc}")
+        for a in fam.axes:
+            default = ", ".join(str(list(d)) if isinstance(d, tuple) else str(d) for d in a.default)
+            click.echo(f"  {a.name:<20} default [{default}]  {a.doc}")
+
+
 @main.command("ls")
 @CACHE_OPTION
 @click.option("--family", default=None, help="Only this family.")
