@@ -264,43 +264,22 @@ def _index(items: list[Any], item: Any) -> int:
     return -1
 
 
-#: For error messages: which manifest axis sets each variant field.
-_FIELD_TO_AXIS = {
-    "head_dim": "head_dims",
-    "head_dim_v": "head_dims",
-    "headdim": "head_dims",
-    "headdim_v": "head_dims",
-    "tile_m": "tiles",
-    "tile_n": "tiles",
-    "nheads": "heads",
-    "nheads_kv": "heads",
-    "has_lse": "return_lse",
-    "log_max_splits": "max_splits",
-    "has_semaphore": "semaphore",
-    "num_warps": "max_batch",
-}
-
-
 def group_for(variant: Variant) -> dict[str, Any]:
-    """The manifest group (axis -> value) that builds exactly ``variant``; for error messages."""
+    """The manifest group (axis -> [value]) that builds exactly ``variant``; for error messages."""
     f = variant.fields
     out: dict[str, Any] = {}
-    for name, value in sorted(f.items()):
-        axis = _FIELD_TO_AXIS.get(name, name)
-        if axis in out or name in ("mma_pv_is_rs", "intra_wg_overlap"):
-            continue
-        if axis == "head_dims":
-            out[axis] = [[f.get("head_dim", f.get("headdim")), f.get("head_dim_v", f.get("headdim_v"))]]
-        elif axis == "tiles":
-            out[axis] = [[f["tile_m"], f["tile_n"]]]
-        elif axis == "heads":
-            out[axis] = [[f["nheads"], f["nheads_kv"]]]
-        elif axis == "max_splits":
-            out[axis] = [1 << value]
-        elif axis == "max_batch":
-            out[axis] = [31 * value]
+    for axis in FAMILIES[variant.family].axes:
+        if axis.name == "max_splits":
+            out[axis.name] = [1 << f["log_max_splits"]]
+        elif axis.name == "max_batch":
+            out[axis.name] = [31 * f["num_warps"]]
         else:
-            out[axis] = [value]
+            try:
+                probe = axis.parse([11, 22])  # a pair axis: learn which field is first
+                out[axis.name] = [[f[k] for k, _ in sorted(probe.items(), key=lambda kv: kv[1])]]
+            except ValueError:
+                (key,) = axis.parse(axis.default[0]).keys()
+                out[axis.name] = [f[key]]
     return out
 
 

@@ -1,0 +1,96 @@
+"""``fa4aot.combine``: FA4's split-KV combine kernel on partial outputs from any runtime."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fa4aot.errors import ArgumentError, VariantNotFoundError
+from fa4aot.families import combine_log_max_splits
+from fa4aot.runtime import validate
+from fa4aot.runtime.loader import Runtime, default_runtime
+from fa4aot.runtime.plan import TensorDesc
+from fa4aot.runtime.tensors import stream_handle
+
+MAX_SPLITS = 256
+
+
+def combine(
+    out_partial: Any,
+    lse_partial: Any,
+    out: Any,
+    lse: Any = None,
+    cu_seqlens: Any = None,
+    seqused: Any = None,
+    num_splits_dynamic: Any = None,
+    stream: Any = None,
+    *,
+    runtime: Runtime | None = None,
+) -> None:
+    """Combine split-KV partial results into ``out`` (and ``lse``), as FA4's combine kernel does.
+
+    Layouts (FA4's): batched ``out_partial`` (splits, batch, seqlen, heads, head_dim) fp32,
+    ``lse_partial`` (splits, batch, seqlen, heads) fp32 with the seqlen dimension contiguous,
+    ``out`` (batch, seqlen, heads, head_dim) in bf16/fp16/fp32, ``lse`` (batch, seqlen, heads)
+    fp32 seqlen-contiguous. Varlen (``cu_seqlens`` (batch+1,) int32 given): drop the batch
+    dimension, seqlen becomes total_q. ``seqused`` (batch,) limits rows per batch;
+    ``num_splits_dynamic`` (batch,) int32 gives each batch's split count (from the prepare kernel).
+    Nothing is launched if any argument is invalid.
+    """
+    rt = runtime or default_runtime()
+    dev = rt.device
+    varlen = cu_seqlens is not None
+    rank = 4 if varlen else 5
+    op = validate.tensor(out_partial, "out_partial", dtypes=("fp32",), rank=rank, device=dev, align=16, stride_multiple=4)
+    splits, head_dim, heads = op.shape[0], op.shape[-1], op.shape[-2]
+    rows = op.shape[1:-2]  # (batch, seqlen) or (total_q,)
+    if not 1 <= splits <= MAX_SPLITS:
+        raise ArgumentError(f"out_partial: {splits} splits; FA4's combine takes 1..{MAX_SPLITS}")
+    lp = validate.tensor(lse_partial, "lse_partial", dtypes=("fp32",), rank=rank - 1, device=dev, align=4,
+                         contiguous_dim=1 if varlen else 2)
+    validate.shape(lp, "lse_partial", (splits, *rows, heads), "out_partial's shape without head_dim")
+    o = validate.tensor(out, "out", dtypes=("bf16", "fp16", "fp32"), rank=rank - 1, device=dev, align=8,
+                        stride_multiple=4)
+    if o.dtype == "fp32" and o.ptr % 16:
+        raise ArgumentError(f"out: base address 0x{o.ptr:x} is not 16-byte aligned")
+    validate.shape(o, "out", (*rows, heads, head_dim), "out_partial's shape without splits")
+    named: dict[str, Any] = {
+        "out_partial": TensorDesc(op.ptr, op.shape, op.strides),
+        "lse_partial": TensorDesc(lp.ptr, lp.shape, lp.strides),
+        "out": TensorDesc(o.ptr, o.shape, o.strides),
+    }
+    if lse is not None:
+        ls = validate.tensor(lse, "lse", dtypes=("fp32",), rank=rank - 2, device=dev, align=4, contiguous_dim=0 if varlen else 1)
+        validate.shape(ls, "lse", (*rows, heads), "out's shape without head_dim")
+        named["lse"] = TensorDesc(ls.ptr, ls.shape, ls.strides)
+    if varlen:
+        cu = validate.tensor(cu_seqlens, "cu_seqlens", dtypes=("int32",), rank=1, device=dev, align=4)
+        if cu.shape[0] < 2:
+            raise ArgumentError("cu_seqlens: needs batch + 1 >= 2 entries")
+        batch = cu.shape[0] - 1
+        named["cu_seqlens"] = TensorDesc(cu.ptr, cu.shape, cu.strides)
+    else:
+        batch = rows[0]
+    if seqused is not None:
+        if not varlen:
+            raise ArgumentError("seqused: fa4aot's combine takes seqused only with cu_seqlens (varlen)")
+        su = validate.int32_vector(seqused, "seqused", batch, dev)
+        named["seqused"] = TensorDesc(su.ptr, su.shape, su.strides)
+    if num_splits_dynamic is not None:
+        nsd = validate.int32_vector(num_splits_dynamic, "num_splits_dynamic", batch, dev)
+        named["num_splits_dynamic"] = TensorDesc(nsd.ptr, nsd.shape, nsd.strides)
+    named["stream"] = stream_handle(stream)
+
+    fields = dict(dtype=o.dtype, head_dim=head_dim, num_head=heads, varlen=varlen, seqused=seqused is not None,
+                  has_lse=lse is not None, num_splits_dynamic=num_splits_dynamic is not None)
+    lv = None
+    first = combine_log_max_splits(splits, head_dim)
+    for log in range(first, 9):  # FA4's choice first; a kernel for more splits is also correct
+        v = rt.variant_for("combine", log_max_splits=log, **fields)
+        if rt.has(v):
+            lv = rt.load(v)
+            break
+    if lv is None:
+        rt.load(rt.variant_for("combine", log_max_splits=first, **fields))  # raises, naming the manifest entry
+        raise VariantNotFoundError("unreachable")
+    plan = lv.plan
+    rt.launch(lv, plan.flatten(plan.order(named)), named["stream"])

@@ -1,0 +1,150 @@
+"""``fa4aot.SchedulerMetadata``: FA4's varlen scheduler metadata, computed once per batch.
+
+FA4's prepare kernel (``FlashPrepareScheduler``) turns a batch's sequence lengths into the buffers
+its varlen schedulers read: ``num_m_blocks`` and ``num_splits_dynamic`` (per batch entry),
+``num_nheads_in_l2`` (per batch entry, causal only: the head swizzle that keeps K/V in L2) and the
+``tile_count_semaphore`` the dynamic persistent scheduler's CTAs take work from.
+
+When to recompute: whenever anything the kernel read changes - the batch size, the sequence
+lengths (``cu_seqlens_*`` / ``seqused_*`` contents), ``max_seqlen_*`` or ``num_splits``. It does not
+depend on the layer, so one object serves every layer of a forward pass (the upstream PR's "compute
+once per batch, pass to every layer").
+
+The semaphore: the prepare kernel zeroes it; each forward that uses it counts it up; so it must be
+zero again before the next forward. fa4aot's forward resets it on the same stream right after each
+use (a ``cuMemsetD32Async``, capturable in a CUDA graph); call :meth:`reset_semaphore` yourself only
+if you launch FA4 kernels with these buffers some other way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fa4aot.errors import ArgumentError
+from fa4aot.families import prepare_num_warps
+from fa4aot.runtime import validate
+from fa4aot.runtime.loader import Runtime, default_runtime
+from fa4aot.runtime.plan import TensorDesc
+from fa4aot.runtime.tensors import RawTensor, stream_handle
+
+
+class SchedulerMetadata:
+    """Device buffers of FA4's scheduler metadata for one batch configuration.
+
+    The buffers are allocated once (one ``cuMemAlloc``) and owned by this object; ``close()`` (or
+    garbage collection) frees them. ``tile_m``/``tile_n`` are those of the forward kernel the
+    metadata serves (FA4: 128 x 128 on SM100). Buffers are exposed as :class:`RawTensor`.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        nheads: int,
+        nheads_kv: int,
+        headdim: int,
+        headdim_v: int | None = None,
+        *,
+        causal: bool = False,
+        pack_gqa: bool | None = None,
+        tile_m: int = 128,
+        tile_n: int = 128,
+        runtime: Runtime | None = None,
+    ):
+        if batch_size < 1:
+            raise ArgumentError(f"batch_size must be >= 1, got {batch_size}")
+        if nheads % nheads_kv:
+            raise ArgumentError(f"nheads ({nheads}) must be a multiple of nheads_kv ({nheads_kv})")
+        self.runtime = runtime or default_runtime()
+        self.batch_size = batch_size
+        self.fields = dict(
+            tile_m=tile_m, tile_n=tile_n, nheads=nheads, nheads_kv=nheads_kv, headdim=headdim,
+            headdim_v=headdim if headdim_v is None else headdim_v, causal=causal,
+            pack_gqa=(nheads > nheads_kv) if pack_gqa is None else pack_gqa,
+            num_warps=prepare_num_warps(batch_size), has_semaphore=True,
+        )
+        b = batch_size
+        n_vec = 3 if causal else 2
+        drv = self.runtime.driver
+        # one allocation: [semaphore, pad to 16 B][num_m_blocks][num_splits_dynamic][num_nheads_in_l2]
+        self._stride = (b + 3) // 4 * 4
+        self._ptr = drv.alloc(4 * (4 + n_vec * self._stride))
+        dev = self.runtime.device
+        self.tile_count_semaphore = RawTensor(self._ptr, (1,), "int32", device=dev)
+        self.num_m_blocks = RawTensor(self._ptr + 16, (b,), "int32", device=dev)
+        self.num_splits_dynamic = RawTensor(self._ptr + 16 + 4 * self._stride, (b,), "int32", device=dev)
+        self.num_nheads_in_l2 = (
+            RawTensor(self._ptr + 16 + 8 * self._stride, (b,), "int32", device=dev) if causal else None
+        )
+        self.num_splits: int | None = None
+        self.max_seqlen_q: int | None = None
+        self.max_seqlen_k: int | None = None
+
+    def compute(
+        self,
+        *,
+        max_seqlen_q: int,
+        max_seqlen_k: int,
+        num_splits: int,
+        cu_seqlens_q: Any = None,
+        cu_seqlens_k: Any = None,
+        seqused_q: Any = None,
+        seqused_k: Any = None,
+        stream: Any = None,
+    ) -> "SchedulerMetadata":
+        """Launch the prepare kernel to fill the buffers (and zero the semaphore) on ``stream``."""
+        rt = self.runtime
+        dev, b = rt.device, self.batch_size
+        named: dict[str, Any] = {}
+        for name, obj, length in (
+            ("cu_seqlens_q", cu_seqlens_q, b + 1),
+            ("cu_seqlens_k", cu_seqlens_k, b + 1),
+            ("seqused_q", seqused_q, b),
+            ("seqused_k", seqused_k, b),
+        ):
+            if obj is not None:
+                t = validate.int32_vector(obj, name, length, dev)
+                named[name] = TensorDesc(t.ptr, t.shape, t.strides)
+        if not named:
+            raise ArgumentError("give at least one of cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k")
+        if num_splits < 1:
+            raise ArgumentError(f"num_splits must be >= 1, got {num_splits}")
+        for name in ("num_m_blocks", "num_splits_dynamic", "num_nheads_in_l2", "tile_count_semaphore"):
+            t = getattr(self, name)
+            if t is not None:
+                named[name] = TensorDesc(t.ptr, t.shape, (1,))
+        named.update(
+            max_seqlen_q=validate.fits_int32(max_seqlen_q, "max_seqlen_q"),
+            max_seqlen_k=validate.fits_int32(max_seqlen_k, "max_seqlen_k"),
+            seqlen_k_new=0,
+            num_batch=b,
+            num_splits=validate.fits_int32(num_splits, "num_splits"),
+            stream=stream_handle(stream),
+        )
+        variant = rt.variant_for(
+            "prepare",
+            varlen_q=cu_seqlens_q is not None,
+            seqused_q=seqused_q is not None,
+            varlen_k=cu_seqlens_k is not None,
+            seqused_k=seqused_k is not None,
+            **self.fields,
+        )
+        lv = rt.load(variant)
+        rt.launch(lv, lv.plan.flatten(lv.plan.order(named)), named["stream"])
+        self.num_splits, self.max_seqlen_q, self.max_seqlen_k = num_splits, max_seqlen_q, max_seqlen_k
+        return self
+
+    def reset_semaphore(self, stream: Any = None) -> None:
+        """Zero ``tile_count_semaphore`` on ``stream`` (stream-ordered, graph-capturable)."""
+        self.runtime.driver.memset_d32(self.tile_count_semaphore.ptr, 0, 1, stream_handle(stream))
+
+    def close(self) -> None:
+        """Free the buffers (after the work that uses them has finished)."""
+        if self._ptr:
+            self.runtime.driver.free(self._ptr)
+            self._ptr = 0
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

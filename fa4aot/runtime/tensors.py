@@ -1,0 +1,192 @@
+"""Tensors and streams from any runtime, as plain descriptions (no framework imports).
+
+Accepted tensors: objects with ``__cuda_array_interface__`` (PyTorch, CuPy, Numba), DLPack
+producers (``__dlpack__``: JAX, PyTorch, CuPy, ...), and :class:`RawTensor` for raw device
+pointers. Accepted streams: None (the legacy default stream), an int handle, an object with
+``__cuda_stream__`` (the CUDA stream protocol), ``cuda_stream`` (PyTorch), ``ptr`` (CuPy), or a
+``cuda.bindings`` ``CUstream``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from typing import Any
+
+from fa4aot.errors import ArgumentError
+
+#: bytes per element of the dtypes fa4aot handles
+ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4, "int32": 4, "int64": 8, "uint8": 1}
+
+_CAI_TYPES = {"<f2": "fp16", "<f4": "fp32", "<i4": "int32", "<i8": "int64", "|u1": "uint8", "<u1": "uint8"}
+# DLPack (code, bits) -> dtype; code 0 int, 1 uint, 2 float, 4 bfloat
+_DL_TYPES = {(2, 16): "fp16", (2, 32): "fp32", (4, 16): "bf16", (0, 32): "int32", (0, 64): "int64", (1, 8): "uint8"}
+_KDLCUDA, _KDLCUDA_MANAGED = 2, 13
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """A tensor given as a raw device pointer: shape and strides in elements.
+
+    ``strides`` defaults to the contiguous (row-major) strides of ``shape``.
+    """
+
+    ptr: int
+    shape: tuple[int, ...]
+    dtype: str
+    strides: tuple[int, ...] | None = None
+    device: int = 0
+
+
+@dataclass(frozen=True)
+class DeviceTensor:
+    """What fa4aot needs to know about a tensor: address, shape, strides (elements), dtype,
+    device ordinal (None when the source does not say, e.g. ``__cuda_array_interface__``)."""
+
+    ptr: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    dtype: str
+    device: int | None
+    source: str
+
+    @property
+    def itemsize(self) -> int:
+        return ITEMSIZE[self.dtype]
+
+
+def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    out, acc = [], 1
+    for s in reversed(shape):
+        out.append(acc)
+        acc *= max(int(s), 1)
+    return tuple(reversed(out))
+
+
+def as_device_tensor(obj: Any, name: str) -> DeviceTensor:
+    """Describe ``obj`` (see the module doc); raises :class:`ArgumentError` naming ``name``."""
+    if isinstance(obj, DeviceTensor):
+        return obj
+    if isinstance(obj, RawTensor):
+        if obj.dtype not in ITEMSIZE:
+            raise ArgumentError(f"{name}: unknown dtype {obj.dtype!r}; use one of {sorted(ITEMSIZE)}")
+        shape = tuple(int(s) for s in obj.shape)
+        strides = tuple(int(s) for s in obj.strides) if obj.strides is not None else contiguous_strides(shape)
+        if len(strides) != len(shape):
+            raise ArgumentError(f"{name}: {len(shape)} dims but {len(strides)} strides")
+        return DeviceTensor(int(obj.ptr), shape, strides, obj.dtype, obj.device, "raw")
+    cai = getattr(obj, "__cuda_array_interface__", None) if not _is_bf16_torch(obj) else None
+    if cai is not None:
+        return _from_cai(cai, name)
+    if hasattr(obj, "__dlpack__"):
+        return _from_dlpack(obj, name)
+    raise ArgumentError(
+        f"{name}: expected a CUDA tensor (__cuda_array_interface__ or __dlpack__) or fa4aot.RawTensor, "
+        f"got {type(obj).__name__}"
+    )
+
+
+def _is_bf16_torch(obj: Any) -> bool:
+    # torch refuses __cuda_array_interface__ for bfloat16; go straight to DLPack.
+    dt = getattr(obj, "dtype", None)
+    return dt is not None and str(dt) == "torch.bfloat16"
+
+
+def _from_cai(cai: dict[str, Any], name: str) -> DeviceTensor:
+    typestr = cai.get("typestr")
+    dtype = _CAI_TYPES.get(typestr)
+    if dtype is None:
+        raise ArgumentError(f"{name}: unsupported element type {typestr!r} (__cuda_array_interface__)")
+    shape = tuple(int(s) for s in cai["shape"])
+    item = ITEMSIZE[dtype]
+    if cai.get("strides") is None:
+        strides = contiguous_strides(shape)
+    else:
+        bs = cai["strides"]
+        if any(b % item for b in bs):
+            raise ArgumentError(f"{name}: byte strides {tuple(bs)} are not multiples of the element size {item}")
+        strides = tuple(int(b) // item for b in bs)
+    ptr = int(cai["data"][0])
+    return DeviceTensor(ptr, shape, strides, dtype, None, "cuda_array_interface")
+
+
+class _DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class _DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _DLTensor(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device", _DLDevice),
+        ("ndim", ctypes.c_int32),
+        ("dtype", _DLDataType),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),
+        ("byte_offset", ctypes.c_uint64),
+    ]
+
+
+_PyCapsule_GetPointer = ctypes.pythonapi.PyCapsule_GetPointer
+_PyCapsule_GetPointer.restype = ctypes.c_void_p
+_PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+_PyCapsule_IsValid = ctypes.pythonapi.PyCapsule_IsValid
+_PyCapsule_IsValid.restype = ctypes.c_int
+_PyCapsule_IsValid.argtypes = [ctypes.py_object, ctypes.c_char_p]
+
+
+def _from_dlpack(obj: Any, name: str) -> DeviceTensor:
+    try:
+        dev_type, dev_id = obj.__dlpack_device__()
+    except Exception as e:
+        raise ArgumentError(f"{name}: __dlpack_device__ failed: {e}") from None
+    if int(dev_type) not in (_KDLCUDA, _KDLCUDA_MANAGED):
+        raise ArgumentError(f"{name}: must be on a CUDA device (DLPack device type {int(dev_type)}, 2 is CUDA)")
+    try:
+        capsule = obj.__dlpack__(stream=None)
+    except TypeError:
+        capsule = obj.__dlpack__()
+    except Exception as e:
+        raise ArgumentError(f"{name}: __dlpack__ failed: {e}") from None
+    # The capsule stays unconsumed: its destructor releases the producer's reference when it is
+    # collected, while ``obj`` (held by the caller) keeps the memory alive.
+    if _PyCapsule_IsValid(capsule, b"dltensor"):
+        addr = _PyCapsule_GetPointer(capsule, b"dltensor")
+    elif _PyCapsule_IsValid(capsule, b"dltensor_versioned"):
+        # DLManagedTensorVersioned: {DLPackVersion version; void* manager_ctx; deleter; uint64 flags; DLTensor}
+        addr = _PyCapsule_GetPointer(capsule, b"dltensor_versioned") + 8 + 8 + 8 + 8
+    else:
+        raise ArgumentError(f"{name}: __dlpack__ returned no dltensor capsule")
+    t = _DLTensor.from_address(addr)
+    key = (t.dtype.code, t.dtype.bits)
+    dtype = _DL_TYPES.get(key)
+    if dtype is None or t.dtype.lanes != 1:
+        raise ArgumentError(f"{name}: unsupported DLPack element type code={key[0]} bits={key[1]}")
+    ndim = t.ndim
+    shape = tuple(t.shape[i] for i in range(ndim))
+    strides = tuple(t.strides[i] for i in range(ndim)) if t.strides else contiguous_strides(shape)
+    ptr = (t.data or 0) + t.byte_offset
+    return DeviceTensor(ptr, shape, strides, dtype, t.device.device_id, "dlpack")
+
+
+def stream_handle(stream: Any) -> int:
+    """The raw ``CUstream`` value of ``stream`` (see the module doc); 0 is the legacy default."""
+    if stream is None:
+        return 0
+    if isinstance(stream, int):
+        return stream
+    proto = getattr(stream, "__cuda_stream__", None)
+    if proto is not None:
+        _, handle = proto() if callable(proto) else proto
+        return int(handle)
+    for attr in ("cuda_stream", "ptr", "handle"):
+        v = getattr(stream, attr, None)
+        if isinstance(v, int):
+            return v
+    try:
+        return int(stream)  # cuda.bindings CUstream supports int()
+    except (TypeError, ValueError):
+        raise ArgumentError(f"stream: cannot get a CUDA stream handle from {type(stream).__name__}") from None
