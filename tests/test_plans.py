@@ -7,7 +7,7 @@ import struct
 import subprocess
 import sys
 import threading
-from dataclasses import replace
+ 
 
 import pytest
 from conftest import run_cli
@@ -154,7 +154,7 @@ def _check_moves(plan, named, ptr_name, scale_name=None):
     assert not _moved(plan, named, named, mask)
     # pointer: exactly the 8 bytes that held it move, inside one parameter
     t = named[ptr_name]
-    moved = _moved(plan, named, {**named, ptr_name: replace(t, ptr=t.ptr + 4096)}, mask)
+    moved = _moved(plan, named, {**named, ptr_name: t._replace(ptr=t.ptr + 4096)}, mask)
     assert len(moved) == 1
     (o, offs), = moved.items()
     base = bytes(plan.call(flat).launches[0].params[: k.param_bytes])
@@ -163,7 +163,7 @@ def _check_moves(plan, named, ptr_name, scale_name=None):
     # stride: the tensor's batch stride moves its own parameter(s) only, never the pointer word
     st = list(t.strides)
     st[0] *= 2
-    moved_stride = _moved(plan, named, {**named, ptr_name: replace(t, strides=tuple(st))}, mask)
+    moved_stride = _moved(plan, named, {**named, ptr_name: t._replace(strides=tuple(st))}, mask)
     assert moved_stride and all(not (o2 == o and set(v) & set(offs)) for o2, v in moved_stride.items())
     report = {ptr_name + ".ptr": sorted(moved), ptr_name + ".stride[0]": sorted(moved_stride)}
     if scale_name:

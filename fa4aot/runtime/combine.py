@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fa4aot.errors import ArgumentError, VariantNotFoundError
+from fa4aot.errors import ArgumentError
 from fa4aot.families import combine_log_max_splits
 from fa4aot.runtime import validate
 from fa4aot.runtime.loader import Runtime, default_runtime
-from fa4aot.runtime.plan import TensorDesc
 from fa4aot.runtime.tensors import stream_handle
 
 MAX_SPLITS = 256
@@ -53,44 +52,45 @@ def combine(
     if o.dtype == "fp32" and o.ptr % 16:
         raise ArgumentError(f"out: base address 0x{o.ptr:x} is not 16-byte aligned")
     validate.shape(o, "out", (*rows, heads, head_dim), "out_partial's shape without splits")
-    named: dict[str, Any] = {
-        "out_partial": TensorDesc(op.ptr, op.shape, op.strides),
-        "lse_partial": TensorDesc(lp.ptr, lp.shape, lp.strides),
-        "out": TensorDesc(o.ptr, o.shape, o.strides),
-    }
+    named: dict[str, Any] = {"out_partial": op, "lse_partial": lp, "out": o}
     if lse is not None:
         ls = validate.tensor(lse, "lse", dtypes=("fp32",), rank=rank - 2, device=dev, align=4, contiguous_dim=0 if varlen else 1)
         validate.shape(ls, "lse", (*rows, heads), "out's shape without head_dim")
-        named["lse"] = TensorDesc(ls.ptr, ls.shape, ls.strides)
+        named["lse"] = ls
     if varlen:
         cu = validate.tensor(cu_seqlens, "cu_seqlens", dtypes=("int32",), rank=1, device=dev, align=4)
         if cu.shape[0] < 2:
             raise ArgumentError("cu_seqlens: needs batch + 1 >= 2 entries")
         batch = cu.shape[0] - 1
-        named["cu_seqlens"] = TensorDesc(cu.ptr, cu.shape, cu.strides)
+        named["cu_seqlens"] = cu
     else:
         batch = rows[0]
     if seqused is not None:
         if not varlen:
             raise ArgumentError("seqused: fa4aot's combine takes seqused only with cu_seqlens (varlen)")
         su = validate.int32_vector(seqused, "seqused", batch, dev)
-        named["seqused"] = TensorDesc(su.ptr, su.shape, su.strides)
+        named["seqused"] = su
     if num_splits_dynamic is not None:
         nsd = validate.int32_vector(num_splits_dynamic, "num_splits_dynamic", batch, dev)
-        named["num_splits_dynamic"] = TensorDesc(nsd.ptr, nsd.shape, nsd.strides)
+        named["num_splits_dynamic"] = nsd
     named["stream"] = stream_handle(stream)
 
-    fields = dict(dtype=o.dtype, head_dim=head_dim, num_head=heads, varlen=varlen, seqused=seqused is not None,
-                  has_lse=lse is not None, num_splits_dynamic=num_splits_dynamic is not None)
-    lv = None
-    first = combine_log_max_splits(splits, head_dim)
-    for log in range(first, 9):  # FA4's choice first; a kernel for more splits is also correct
+    key = ("combine", o.dtype, head_dim, heads, splits, varlen, seqused is not None, lse is not None,
+           num_splits_dynamic is not None)
+    lv = rt.memo.get(key)
+    if lv is None:
+        lv = rt.memo[key] = _pick(rt, splits, dict(
+            dtype=o.dtype, head_dim=head_dim, num_head=heads, varlen=varlen, seqused=seqused is not None,
+            has_lse=lse is not None, num_splits_dynamic=num_splits_dynamic is not None))
+    rt.launch(lv, lv.plan.pack(named), named["stream"])
+
+
+def _pick(rt: Runtime, splits: int, fields: dict[str, Any]) -> Any:
+    """FA4's log_max_splits for this split count if cached, else the next larger one cached (a
+    kernel built for more splits handles fewer correctly)."""
+    first = combine_log_max_splits(splits, fields["head_dim"])
+    for log in range(first, 9):
         v = rt.variant_for("combine", log_max_splits=log, **fields)
         if rt.has(v):
-            lv = rt.load(v)
-            break
-    if lv is None:
-        rt.load(rt.variant_for("combine", log_max_splits=first, **fields))  # raises, naming the manifest entry
-        raise VariantNotFoundError("unreachable")
-    plan = lv.plan
-    rt.launch(lv, plan.flatten(plan.order(named)), named["stream"])
+            return rt.load(v)
+    return rt.load(rt.variant_for("combine", log_max_splits=first, **fields))  # raises, naming the manifest entry

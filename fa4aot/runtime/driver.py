@@ -38,12 +38,16 @@ class CudaDriver:
     """``cuda.bindings.driver`` behind the methods fa4aot needs. Thread-safe."""
 
     def __init__(self) -> None:
-        from cuda.bindings import driver
+        try:
+            from cuda.bindings import driver
 
+            result = driver.cuInit(0)
+        except Exception as e:  # ImportError, or cuda-python's "libcuda not found"
+            raise CudaError(f"the CUDA driver is not available: {e}") from None
         self._d = driver
         self._lock = threading.Lock()
         self._streams: dict[int, Any] = {}
-        self._check(driver.cuInit(0), "cuInit")
+        self._check(result, "cuInit")
 
     def _check(self, result: Any, what: str) -> Any:
         err, *rest = result if isinstance(result, tuple) else (result,)

@@ -85,6 +85,8 @@ class Runtime:
                 if prev is None or e.meta.get("created", 0) >= prev.meta.get("created", 0):
                     self._by_id[e.variant_id] = e
         self._loaded: dict[str, LoadedVariant] = {}
+        #: dispatch decisions of the API functions, by their argument signature
+        self.memo: dict[tuple, LoadedVariant] = {}
         self._lock = threading.Lock()
         self._attrs_applied: set[tuple[str, int]] = set()
 
@@ -205,10 +207,12 @@ class Runtime:
         n = st.n_launches
         for i in range(n):
             rec = st.launches[i]
-            argv = loc.argv.get((i, rec.kernel))
-            if argv is None:
-                argv = loc.argv[(i, rec.kernel)] = _param_pointer_array(lv, rec)
-            attrs = _attributes(rec)
+            cached = loc.argv.get((i, rec.kernel, rec.n_attrs))
+            if cached is None:
+                # Launch attributes (cluster shape, ...) are compile-time constants of the
+                # variant's host code, so they are decoded once per launch slot.
+                cached = loc.argv[(i, rec.kernel, rec.n_attrs)] = (_param_pointer_array(lv, rec), _attributes(rec))
+            (argv, attrs) = cached
             launchers[rec.kernel].launch(
                 (rec.grid[0], rec.grid[1], rec.grid[2]),
                 (rec.block[0], rec.block[1], rec.block[2]),

@@ -103,7 +103,7 @@ class SchedulerMetadata:
         ):
             if obj is not None:
                 t = validate.int32_vector(obj, name, length, dev)
-                named[name] = TensorDesc(t.ptr, t.shape, t.strides)
+                named[name] = t
         if not named:
             raise ArgumentError("give at least one of cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k")
         if num_splits < 1:
@@ -129,7 +129,7 @@ class SchedulerMetadata:
             **self.fields,
         )
         lv = rt.load(variant)
-        rt.launch(lv, lv.plan.flatten(lv.plan.order(named)), named["stream"])
+        rt.launch(lv, lv.plan.pack(named), named["stream"])
         self.num_splits, self.max_seqlen_q, self.max_seqlen_k = num_splits, max_seqlen_q, max_seqlen_k
         return self
 

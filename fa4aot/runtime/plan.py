@@ -15,9 +15,9 @@ import ctypes
 import os
 import struct
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from fa4aot.errors import ArgumentError, PlanError
 from fa4aot.signature import Arg, ScalarArg, StreamArg, TensorArg, arg_from_dict, struct_layout
@@ -165,8 +165,7 @@ class ModuleLoad:
     set_attributes: tuple[tuple[str, int, int], ...]
 
 
-@dataclass(frozen=True)
-class TensorDesc:
+class TensorDesc(NamedTuple):
     """A tensor as a plan sees it: device address, shape and strides in elements."""
 
     ptr: int
@@ -231,6 +230,7 @@ class Plan:
         self._load_fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         self._call_fn.restype = _i32
         self._call_fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _i32, _i32]
+        self._packer = _make_packer(self.signature)
         fmt, offsets = struct_layout(self.signature)
         self._struct = struct.Struct(fmt)
         self._offsets = offsets
@@ -325,52 +325,29 @@ class Plan:
         self._struct.pack_into(buf, 0, *values)
 
     def flatten(self, args: Sequence[Any]) -> list[Any]:
-        """Validate ``args`` against the signature and flatten them to struct fields.
+        """Validate positional ``args`` against the signature and flatten them to struct fields.
 
-        Tensors are :class:`TensorDesc` (or (ptr, shape, strides) tuples); scalars numbers; the
-        stream an int handle. A static mode whose value differs from the compiled one, a wrong
-        rank or a missing/extra argument raises :class:`ArgumentError` naming the argument.
+        Tensors are anything with ``ptr``, ``shape`` and ``strides`` (:class:`TensorDesc`); scalars
+        numbers; the stream an int handle. A static mode whose value differs from the compiled
+        one, a wrong rank or a wrong count raises :class:`ArgumentError` naming the argument.
         """
         if len(args) != len(self.signature):
             raise ArgumentError(
                 f"plan takes {len(self.signature)} arguments "
                 f"({', '.join(a.name for a in self.signature)}), got {len(args)}"
             )
-        out: list[Any] = []
-        for spec, value in zip(self.signature, args):
-            if isinstance(spec, TensorArg):
-                if isinstance(value, TensorDesc):
-                    ptr, shape, strides = value.ptr, value.shape, value.strides
-                else:
-                    try:
-                        ptr, shape, strides = value
-                    except (TypeError, ValueError):
-                        raise ArgumentError(f"{spec.name}: expected a tensor (ptr, shape, strides)") from None
-                if len(shape) != spec.rank or len(strides) != spec.rank:
-                    raise ArgumentError(f"{spec.name}: expected rank {spec.rank}, got shape {tuple(shape)}")
-                out.append(ptr)
-                for i, s in enumerate(spec.shape):
-                    if s is None:
-                        out.append(shape[i])
-                    elif shape[i] != s:
-                        raise ArgumentError(f"{spec.name}: mode {i} is compiled as {s}, got {shape[i]}")
-                for i, s in enumerate(spec.stride):
-                    if s is None:
-                        out.append(strides[i])
-                    elif strides[i] != s and shape[i] != 1:
-                        raise ArgumentError(f"{spec.name}: stride {i} must be {s}, got {strides[i]}")
-            elif isinstance(spec, ScalarArg):
-                if spec.ctype == "f32":
-                    if not isinstance(value, (int, float)) or isinstance(value, bool):
-                        raise ArgumentError(f"{spec.name}: expected a float, got {value!r}")
-                    out.append(float(value))
-                else:
-                    if not isinstance(value, int) or isinstance(value, bool):
-                        raise ArgumentError(f"{spec.name}: expected an int, got {value!r}")
-                    out.append(value)
-            else:
-                out.append(int(value or 0))
-        return out
+        return self.pack(dict(zip((a.name for a in self.signature), args)))
+
+    def pack(self, named: Mapping[str, Any]) -> list[Any]:
+        """Flatten named arguments (exactly the signature's names) to struct fields, checking
+        each tensor's rank and static modes. Generated once per plan: the per-call fast path."""
+        if len(named) != len(self.signature):
+            self.order(named)  # raises, naming the missing or extra argument
+        try:
+            return self._packer(named)
+        except (KeyError, AttributeError, TypeError, ValueError) as e:
+            self.order(named)
+            raise ArgumentError(f"malformed plan argument: {e}") from None
 
     def order(self, named: Mapping[str, Any]) -> list[Any]:
         """Order named arguments as the signature lists them; names the signature does not take
@@ -411,6 +388,41 @@ class Plan:
             attributes={rec.attr_id[i]: bytes(rec.attr_val[i]) for i in range(rec.n_attrs)},
             param_bytes=bytes(rec.params[: rec.param_bytes]),
         )
+
+
+def _make_packer(signature: Sequence[Arg]) -> Callable[[Mapping[str, Any]], list[Any]]:
+    """Generate ``pack(named) -> list`` for a signature: straight-line code, one line per field."""
+    lines = ["def pack(a):", "    out = []"]
+    for spec in signature:
+        n = spec.name
+        if isinstance(spec, TensorArg):
+            lines += [f"    t = a[{n!r}]", "    s = t.shape", "    st = t.strides"]
+            lines.append(f"    if len(s) != {spec.rank} or len(st) != {spec.rank}: "
+                         f"raise ArgumentError(f'{n}: expected rank {spec.rank}, got shape {{tuple(s)}}')")
+            for i, v in enumerate(spec.shape):
+                if v is not None:
+                    lines.append(f"    if s[{i}] != {v}: raise ArgumentError(f'{n}: mode {i} is compiled as {v}, got {{s[{i}]}}')")
+            for i, v in enumerate(spec.stride):
+                if v is not None:
+                    lines.append(f"    if st[{i}] != {v} and s[{i}] != 1: "
+                                 f"raise ArgumentError(f'{n}: stride {i} must be {v}, got {{st[{i}]}}')")
+            fields = ["t.ptr"] + [f"s[{i}]" for i, v in enumerate(spec.shape) if v is None]
+            fields += [f"st[{i}]" for i, v in enumerate(spec.stride) if v is None]
+            lines.append(f"    out += ({', '.join(fields)},)")
+        elif isinstance(spec, ScalarArg):
+            lines.append(f"    v = a[{n!r}]")
+            if spec.ctype == "f32":
+                lines.append(f"    if v.__class__ not in (float, int): raise ArgumentError(f'{n}: expected a float, got {{v!r}}')")
+                lines.append("    out.append(float(v))")
+            else:
+                lines.append(f"    if v.__class__ is not int: raise ArgumentError(f'{n}: expected an int, got {{v!r}}')")
+                lines.append("    out.append(v)")
+        else:
+            lines.append(f"    out.append(a.get({n!r}) or 0)")
+    lines.append("    return out")
+    scope: dict[str, Any] = {"ArgumentError": ArgumentError}
+    exec("\n".join(lines), scope)  # noqa: S102 - generated from the recorded signature only
+    return scope["pack"]
 
 
 def target_answers(smem_optin: int, static_smem: int = 0) -> tuple[dict[int, int], dict[int, int]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from fa4aot.errors import ArgumentError
 
@@ -38,10 +38,10 @@ class RawTensor:
     device: int = 0
 
 
-@dataclass(frozen=True)
-class DeviceTensor:
+class DeviceTensor(NamedTuple):
     """What fa4aot needs to know about a tensor: address, shape, strides (elements), dtype,
-    device ordinal (None when the source does not say, e.g. ``__cuda_array_interface__``)."""
+    device ordinal (None when the source does not say, e.g. ``__cuda_array_interface__``).
+    A plan takes it directly as a tensor argument."""
 
     ptr: int
     shape: tuple[int, ...]
@@ -65,17 +65,20 @@ def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def as_device_tensor(obj: Any, name: str) -> DeviceTensor:
     """Describe ``obj`` (see the module doc); raises :class:`ArgumentError` naming ``name``."""
-    if isinstance(obj, DeviceTensor):
+    cls = obj.__class__
+    if cls is DeviceTensor:
         return obj
-    if isinstance(obj, RawTensor):
+    if cls is RawTensor:
         if obj.dtype not in ITEMSIZE:
             raise ArgumentError(f"{name}: unknown dtype {obj.dtype!r}; use one of {sorted(ITEMSIZE)}")
-        shape = tuple(int(s) for s in obj.shape)
-        strides = tuple(int(s) for s in obj.strides) if obj.strides is not None else contiguous_strides(shape)
+        shape = tuple(obj.shape)
+        strides = contiguous_strides(shape) if obj.strides is None else tuple(obj.strides)
         if len(strides) != len(shape):
             raise ArgumentError(f"{name}: {len(shape)} dims but {len(strides)} strides")
-        return DeviceTensor(int(obj.ptr), shape, strides, obj.dtype, obj.device, "raw")
-    cai = getattr(obj, "__cuda_array_interface__", None) if not _is_bf16_torch(obj) else None
+        return DeviceTensor(obj.ptr, shape, strides, obj.dtype, obj.device, "raw")
+    if cls.__module__ == "torch" and hasattr(obj, "data_ptr"):
+        return _from_torch(obj, name)
+    cai = getattr(obj, "__cuda_array_interface__", None)
     if cai is not None:
         return _from_cai(cai, name)
     if hasattr(obj, "__dlpack__"):
@@ -86,10 +89,20 @@ def as_device_tensor(obj: Any, name: str) -> DeviceTensor:
     )
 
 
-def _is_bf16_torch(obj: Any) -> bool:
-    # torch refuses __cuda_array_interface__ for bfloat16; go straight to DLPack.
-    dt = getattr(obj, "dtype", None)
-    return dt is not None and str(dt) == "torch.bfloat16"
+_TORCH_TYPES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32", "torch.int32": "int32",
+                "torch.int64": "int64", "torch.uint8": "uint8"}
+
+
+def _from_torch(t: Any, name: str) -> DeviceTensor:
+    """A torch.Tensor through its own accessors (duck-typed: torch is never imported here).
+    Faster than either protocol, and works for bfloat16, which torch's
+    ``__cuda_array_interface__`` refuses."""
+    dtype = _TORCH_TYPES.get(str(t.dtype))
+    if dtype is None:
+        raise ArgumentError(f"{name}: unsupported dtype {t.dtype}")
+    if not t.is_cuda:
+        raise ArgumentError(f"{name}: must be a CUDA tensor, got one on {t.device}")
+    return DeviceTensor(t.data_ptr(), tuple(t.shape), t.stride(), dtype, t.get_device(), "torch")
 
 
 def _from_cai(cai: dict[str, Any], name: str) -> DeviceTensor:

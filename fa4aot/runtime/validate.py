@@ -32,21 +32,17 @@ def tensor(
         raise ArgumentError(f"{name}: is on cuda:{t.device}, the current device is cuda:{device}")
     if t.ptr % align:
         raise ArgumentError(f"{name}: base address 0x{t.ptr:x} is not {align}-byte aligned")
-    if contiguous_dim is not None:
-        d = contiguous_dim % rank
-        if t.strides[d] != 1 and t.shape[d] > 1:
-            raise ArgumentError(f"{name}: dimension {d} must be contiguous (stride 1), got strides {t.strides}")
-    if stride_multiple > 1:
-        for i, (s, n) in enumerate(zip(t.strides, t.shape)):
-            if contiguous_dim is not None and i == contiguous_dim % rank:
-                continue
-            if n > 1 and s % stride_multiple:
-                raise ArgumentError(
-                    f"{name}: stride {i} is {s} elements; the kernel needs multiples of {stride_multiple} "
-                    f"({stride_multiple * t.itemsize} bytes)"
-                )
-    if any(s < 0 for s in t.strides):
-        raise ArgumentError(f"{name}: negative strides are not supported, got {t.strides}")
+    d = -1 if contiguous_dim is None else contiguous_dim % rank
+    if d >= 0 and t.strides[d] != 1 and t.shape[d] > 1:
+        raise ArgumentError(f"{name}: dimension {d} must be contiguous (stride 1), got strides {t.strides}")
+    for i, s in enumerate(t.strides):
+        if s < 0:
+            raise ArgumentError(f"{name}: negative strides are not supported, got {t.strides}")
+        if s % stride_multiple and i != d and t.shape[i] > 1:
+            raise ArgumentError(
+                f"{name}: stride {i} is {s} elements; the kernel needs multiples of {stride_multiple} "
+                f"({stride_multiple * t.itemsize} bytes)"
+            )
     return t
 
 
