@@ -227,6 +227,31 @@ def verify_cmd(cache_dir: Path | None, plans: bool) -> None:
         sys.exit(1)
 
 
+@main.command("check-plans")
+@CACHE_OPTION
+@click.option("-n", "runs", type=click.IntRange(1, 100000), default=30, show_default=True, help="Random calls per variant.")
+def check_plans_cmd(cache_dir: Path | None, runs: int) -> None:
+    """Run every forward variant's launch plan on random argument sets (CPU) and check block,
+    smem, grid (against FA4's scheduler formulas), cluster and where Q/K/V/O land. Exits 1 on
+    any mismatch."""
+    from fa4aot.plancheck import check_cache
+
+    try:
+        reports = check_cache(_open(cache_dir), runs)
+    except Fa4aotError as e:
+        raise click.ClickException(str(e)) from None
+    bad = 0
+    for r in reports:
+        status = "ok" if not r.problems else f"{len(r.problems)} problems"
+        click.echo(f"{r.entry.key[:12]} {r.runs:>4} calls {status:<12} {r.entry.variant.label()}")
+        for p in r.problems[:5]:
+            click.echo(f"    {p}", err=True)
+        bad += bool(r.problems)
+    click.echo(f"{len(reports)} forward variants, {sum(r.runs for r in reports)} plan calls, {bad} with problems")
+    if bad:
+        sys.exit(1)
+
+
 @main.command()
 @CACHE_OPTION
 @click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,

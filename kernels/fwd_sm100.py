@@ -19,14 +19,12 @@ from flash_attn.cute.utils import AuxData
 from fa4aot.variant import Target, Variant
 
 
-def make_entry(variant: Variant, target: Target) -> KernelEntry:
-    f = variant.fields
+def constructor_kwargs(f: dict) -> dict:
+    """The FlashAttentionForwardSm100 arguments FA4's interface passes for these variant fields."""
     sched = f["scheduler"]
-    varlen_q = f["varlen_q"] or f["seqused_q"]
-    dynamic = sched == "dynamic"
-    kernel = FlashAttentionForwardSm100(
-        f["head_dim"],
-        f["head_dim_v"],
+    return dict(
+        head_dim=f["head_dim"],
+        head_dim_v=f["head_dim_v"],
         qhead_per_kvhead=f["qhead_per_kvhead"],
         is_causal=f["causal"],
         is_local=f["local"],
@@ -37,12 +35,18 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
         q_stage=f["q_stage"],
         is_static_persistent=sched == "static",
         paged_kv_non_tma=False,
-        is_varlen_q=varlen_q,
+        is_varlen_q=f["varlen_q"] or f["seqused_q"],
         use_2cta_instrs=f["two_cta"],
         use_clc_scheduler=sched == "clc",
-        has_tile_count_semaphore=dynamic,
+        has_tile_count_semaphore=sched == "dynamic",
         use_s_ping_pong=f["s_ping_pong"],
     )
+
+
+def make_entry(variant: Variant, target: Target) -> KernelEntry:
+    f = variant.fields
+    dynamic = f["scheduler"] == "dynamic"
+    kernel = FlashAttentionForwardSm100(**constructor_kwargs(f))
     sig = Signature()
     add_forward_tensors(sig, f)
     # num_splits_dynamic, tile_count_semaphore, virtual_batch_idx, num_nheads_in_l2: what FA4's

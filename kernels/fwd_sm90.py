@@ -16,13 +16,13 @@ from flash_attn.cute.utils import AuxData
 from fa4aot.variant import Target, Variant
 
 
-def make_entry(variant: Variant, target: Target) -> KernelEntry:
-    f = variant.fields
-    kernel = FlashAttentionForwardSm90(
-        CUTLASS_DTYPES[f["dtype"]],
-        f["head_dim"],
-        f["head_dim_v"],
-        f["qhead_per_kvhead"],
+def constructor_kwargs(f: dict) -> dict:
+    """The FlashAttentionForwardSm90 arguments FA4's interface passes for these variant fields."""
+    return dict(
+        dtype=CUTLASS_DTYPES[f["dtype"]],
+        head_dim=f["head_dim"],
+        head_dim_v=f["head_dim_v"],
+        qhead_per_kvhead=f["qhead_per_kvhead"],
         is_causal=f["causal"],
         is_local=f["local"],
         pack_gqa=f["pack_gqa"],
@@ -35,6 +35,11 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
         mma_pv_is_rs=f["mma_pv_is_rs"],
         paged_kv_non_tma=False,
     )
+
+
+def make_entry(variant: Variant, target: Target) -> KernelEntry:
+    f = variant.fields
+    kernel = FlashAttentionForwardSm90(**constructor_kwargs(f))
     sig = Signature()
     add_forward_tensors(sig, f)
     sig.stream()

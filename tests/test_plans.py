@@ -11,7 +11,7 @@ import threading
 
 import pytest
 from conftest import run_cli
-from fa4_grids import combine_grid, sm100_forward_grid, sm90_forward_grid
+from fa4aot.grids import combine_grid, sm100_forward_grid, sm90_forward_grid
 
 from fa4aot import cubin, samples
 from fa4aot.cache import Cache
@@ -283,3 +283,24 @@ def test_launch_plan_cli(built_cache):
     assert sum(line.lstrip().startswith("param ") for line in out.splitlines()) == n_params
     bad = run_cli("launch-plan", e.key[:10], "--cache", str(built_cache), "--shape", "bogus=1", check=False)
     assert bad.returncode != 0 and "bogus" in bad.stderr
+
+
+def test_every_forward_plan_on_random_arguments(built_cache):
+    """>= 30 random argument sets per forward variant (see fa4aot.plancheck for what varies and
+    what is checked: block, smem, grid vs FA4's formulas, cluster, Q/K/V/O addresses)."""
+    from fa4aot.plancheck import check_cache
+
+    reports = check_cache(Cache(built_cache, readonly=True), n=30)
+    assert {r.entry.variant.family for r in reports} == {"fwd_sm100", "fwd_sm90"}
+    assert all(r.runs >= 30 for r in reports)
+    problems = [(r.entry.variant.label(), p) for r in reports for p in r.problems]
+    assert not problems, problems[:5]
+
+
+def test_plan_check_catches_a_wrong_grid(built_cache, monkeypatch):
+    """The check can fail: with a wrong oracle it reports every call."""
+    from fa4aot import plancheck
+
+    monkeypatch.setattr(plancheck, "sm100_forward_grid", lambda f, **kw: (1, 1, 1))
+    cache, (e, *_) = entries(built_cache, "fwd_sm100")
+    assert len(plancheck.check_entry(cache, e, n=5).problems) == 5

@@ -1,4 +1,4 @@
-"""Independent oracle: FA4 4.0.0b36's tile-scheduler grid formulas, re-derived by hand from
+"""Independent oracle for launch plans: FA4 4.0.0b36's tile-scheduler grid formulas, re-derived by hand from
 ``flash_attn/cute/tile_scheduler.py`` and the forward kernels' ``__call__``. Tests compare what a
 launch plan (FA4's real host code) records against these."""
 
@@ -13,7 +13,12 @@ def _cdiv(a: int, b: int) -> int:
 
 def sm100_forward_grid(f: dict, *, batch: int, seqlen_q: int, nheads: int, nheads_kv: int, num_sms: int,
                        total_q: int | None = None, num_splits: int = 1) -> tuple[int, int, int]:
-    """Grid of FlashAttentionForwardSm100 for the variant fields ``f``."""
+    """Grid of FlashAttentionForwardSm100 for the variant fields ``f``.
+
+    The scheduler class follows the kernel's own order: varlen queries first (dynamic persistent,
+    static persistent or single-tile varlen), then causal/local/CLC (LPT), then static persistent,
+    else single-tile.
+    """
     pack = f["qhead_per_kvhead"] if f["pack_gqa"] else 1
     heads = nheads_kv if f["pack_gqa"] else nheads
     cm = 2 if f["two_cta"] else 1
@@ -21,22 +26,23 @@ def sm100_forward_grid(f: dict, *, batch: int, seqlen_q: int, nheads: int, nhead
     sched = f["scheduler"]
     varlen = f["varlen_q"] or f["seqused_q"]
     splits = num_splits if f["split_kv"] else 1
-    if varlen and sched in ("single", "dynamic"):
+    persistent = sched in ("static", "dynamic", "clc")
+    if varlen and sched in ("single", "dynamic", "clc"):
         tq = (total_q if f["varlen_q"] else batch * seqlen_q) * pack
         blocks_max = (tq + batch * (cm * tile - 1)) // tile // cm * cm
         if sched == "dynamic":
             return (min(num_sms, blocks_max * heads * splits), 1, 1)
         return (blocks_max * heads, splits, 1)
-    persistent = sched == "static"
-    divisor = tile * (cm if not persistent and cm > 1 else 1)
-    num_block = _cdiv(seqlen_q * pack, divisor)
-    if persistent:
+    use_cluster_idx = not persistent and cm > 1
+    num_block = _cdiv(seqlen_q * pack, tile * (cm if use_cluster_idx else 1))
+    if not varlen and (f["causal"] or f["local"] or sched == "clc"):  # SingleTileLPTScheduler
+        return (num_block * heads * batch * (cm if use_cluster_idx else 1), splits, 1)
+    if persistent:  # StaticPersistentTileScheduler
         clusters = _cdiv(num_block, cm) * heads * batch
         return (min((num_sms // cm) * cm, clusters * cm), 1, 1)
-    if f["causal"] or f["local"] or sched == "clc":  # SingleTileLPTScheduler
-        x = num_block * heads * batch * (cm if cm > 1 else 1)
-        return (x, splits, 1)
-    return (ceil(num_block / cm) * cm, heads * splits, batch)  # SingleTileScheduler
+    if use_cluster_idx:  # SingleTileScheduler
+        return (num_block * cm, heads * splits, batch)
+    return (ceil(num_block / cm) * cm, heads * splits, batch)
 
 
 def sm90_forward_grid(f: dict, *, batch: int, seqlen_q: int, nheads: int, nheads_kv: int,

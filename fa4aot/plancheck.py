@@ -1,0 +1,168 @@
+"""Exercise forward launch plans on random arguments, on the CPU.
+
+For every forward variant in a cache: ``n`` random argument sets that fit the variant (batch
+1..64, seqlens 1..16k including non-multiples of the tile, its GQA ratio, varlen with empty
+sequences, padded (non-contiguous) batch/seq/head strides, decode shapes for q_stage 1), each run
+through FA4's exported host code, with checks that can fail:
+
+* block equals the cubin's REQNTID; dynamic smem equals the build's record and fits the target;
+* the grid equals FA4's scheduler formula (:mod:`fa4aot.grids`, derived independently);
+* cluster (2,1,1) exactly for 2CTA variants;
+* the Q, K, V, O base addresses each start a kernel parameter of the cubin's table.
+
+``fa4aot check-plans --cache DIR`` runs it; tests run it on manifests/ci.yaml.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+from fa4aot.cache import Cache, Entry
+from fa4aot.grids import sm90_forward_grid, sm100_forward_grid
+from fa4aot.runtime.plan import TensorDesc, open_plan, target_answers
+from fa4aot.samples import fake_pointer
+
+FORWARD = ("fwd_sm100", "fwd_sm90")
+
+
+@dataclass
+class VariantReport:
+    entry: Entry
+    runs: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def _lens(rng: random.Random, batch: int, cap: int) -> list[int]:
+    lens = [rng.randint(0, cap) for _ in range(batch)]
+    for _ in range(rng.randint(0, max(1, batch // 4))):
+        lens[rng.randrange(batch)] = 0  # empty sequences
+    if max(lens) == 0:
+        lens[0] = rng.randint(1, cap)
+    return lens
+
+
+def _padded(rng: random.Random, shape: tuple[int, ...], pad: bool) -> tuple[int, ...]:
+    """Strides for ``shape`` with the innermost dim contiguous and, if ``pad``, every outer stride
+    padded by a multiple of 8 elements (16 bytes: what TMA needs)."""
+    strides = [1]
+    acc = shape[-1]
+    for n in reversed(shape[:-1]):
+        acc += 8 * rng.randint(1, 4) if pad else 0
+        strides.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def random_call(entry: Entry, rng: random.Random) -> tuple[dict[str, Any], dict[str, int]]:
+    """Named plan arguments for one random call that fits ``entry``'s variant, and its sizes."""
+    f = entry.variant.fields
+    qh = f["qhead_per_kvhead"]
+    hk = rng.choice([1, 2, 4, 8])
+    h = hk * qh
+    batch = rng.randint(1, 64)
+    small = entry.variant.family == "fwd_sm100" and f["q_stage"] == 1
+    cap_q = max(1, 128 // (qh if f["pack_gqa"] else 1)) if small else 16384
+    if small and rng.random() < 0.5:
+        cap_q = 1  # decode
+    if f["varlen_q"]:
+        lens_q = _lens(rng, batch, min(cap_q, 4096))
+        total_q, seqlen_q = sum(lens_q), max(lens_q)
+    else:
+        seqlen_q = rng.randint(1, cap_q) if cap_q > 1 else 1
+        total_q = batch * seqlen_q
+    if f["varlen_k"]:
+        lens_k = _lens(rng, batch, 4096)
+        total_k, seqlen_k = sum(lens_k), max(lens_k)
+    else:
+        seqlen_k = rng.randint(1, 16384)
+        total_k = batch * seqlen_k
+    splits = rng.randint(2, 64) if f.get("split_kv") else 1
+    pad = rng.random() < 0.5
+    hd, hdv = f["head_dim"], f["head_dim_v"]
+    qrows = (total_q,) if f["varlen_q"] else (batch, seqlen_q)
+    krows = (total_k,) if f["varlen_k"] else (batch, seqlen_k)
+    shapes = {
+        "q": (*qrows, h, hd),
+        "k": (*krows, hk, hd),
+        "v": (*krows, hk, hdv),
+    }
+    named: dict[str, Any] = {}
+    for i, (name, shape) in enumerate(shapes.items()):
+        named[name] = TensorDesc(fake_pointer(i), shape, _padded(rng, shape, pad))
+    if f.get("split_kv"):
+        oshape = (splits, *qrows, h, hdv)
+        lshape = (splits, h, total_q) if f["varlen_q"] else (splits, batch, h, seqlen_q)
+    else:
+        oshape = (*qrows, h, hdv)
+        lshape = (h, total_q) if f["varlen_q"] else (batch, h, seqlen_q)
+    named["out"] = TensorDesc(fake_pointer(3), oshape, _padded(rng, oshape, pad and not f.get("split_kv")))
+    if f["has_lse"] or f.get("split_kv"):
+        named["lse"] = TensorDesc(fake_pointer(4), lshape, _padded(rng, lshape, False))
+    for j, name in enumerate(("cu_seqlens_q", "cu_seqlens_k")):
+        if f["varlen_" + name[-1]]:
+            named[name] = TensorDesc(fake_pointer(5 + j), (batch + 1,), (1,))
+    for j, name in enumerate(("seqused_q", "seqused_k")):
+        if f[name]:
+            named[name] = TensorDesc(fake_pointer(7 + j), (batch,), (1,))
+    if f.get("scheduler") == "dynamic":
+        named["num_splits_dynamic"] = TensorDesc(fake_pointer(9), (batch,), (1,))
+        named["tile_count_semaphore"] = TensorDesc(fake_pointer(10), (1,), (1,))
+        if f["causal"]:
+            named["num_nheads_in_l2"] = TensorDesc(fake_pointer(11), (batch,), (1,))
+    named["softmax_scale"] = rng.uniform(0.01, 1.0)
+    if f["local"]:
+        named["window_size_left"] = rng.randint(0, 4096)
+        named["window_size_right"] = rng.randint(0, 4096)
+    if entry.variant.family == "fwd_sm100":
+        named["max_seqlen_q"] = seqlen_q
+    named["stream"] = 0
+    sizes = dict(batch=batch, seqlen_q=seqlen_q, total_q=total_q, nheads=h, nheads_kv=hk, num_splits=splits)
+    return named, sizes
+
+
+def check_entry(cache: Cache, entry: Entry, n: int = 30, seed: int = 0) -> VariantReport:
+    report = VariantReport(entry)
+    plan = open_plan(cache.read_blob(entry, "plan"), entry.meta)
+    plan.load(list(range(1, len(plan.kernels) + 1)), *target_answers(entry.target.optin_smem()))
+    k = entry.meta["kernels"][0]
+    starts = {off for _, off, _ in k["params"]}
+    f = entry.variant.fields
+    rng = random.Random(f"{entry.variant_id}:{seed}")
+    for _ in range(n):
+        named, sz = random_call(entry, rng)
+        (launch,) = plan.plan(plan.order(named))
+        report.runs += 1
+        where = f"sizes {sz}"
+        if list(launch.block) != k["reqntid"]:
+            report.problems.append(f"block {launch.block} != REQNTID {k['reqntid']} ({where})")
+        if launch.smem != entry.meta["launch"]["smem"] or launch.smem > entry.target.optin_smem():
+            report.problems.append(f"smem {launch.smem} != build's {entry.meta['launch']['smem']} ({where})")
+        if entry.variant.family == "fwd_sm100":
+            want = sm100_forward_grid(f, batch=sz["batch"], seqlen_q=sz["seqlen_q"], nheads=sz["nheads"],
+                                      nheads_kv=sz["nheads_kv"], num_sms=entry.target.num_sms,
+                                      total_q=sz["total_q"], num_splits=sz["num_splits"])
+        else:
+            want = sm90_forward_grid(f, batch=sz["batch"], seqlen_q=sz["seqlen_q"], nheads=sz["nheads"],
+                                     nheads_kv=sz["nheads_kv"], total_q=sz["total_q"])
+        if launch.grid != want:
+            report.problems.append(f"grid {launch.grid} != FA4 formula {want} ({where})")
+        if (launch.cluster == (2, 1, 1)) != bool(f.get("two_cta")):
+            report.problems.append(f"cluster {launch.cluster} for two_cta={f.get('two_cta')}")
+        buf = launch.param_bytes
+        for name in ("q", "k", "v", "out"):
+            base = named[name].ptr
+            if name == "out" and entry.variant.family == "fwd_sm90" and f["varlen_q"]:
+                # SM90 stores varlen O through a ragged TMA view whose base is shifted back by
+                # 2**30 rows (quack's create_ragged_tensor_for_tma(ptr_shift=True))
+                base = (base - (1 << 30) * named[name].strides[0] * 2) % (1 << 64)
+            raw = struct.pack("<Q", base)
+            if not any(buf[s : s + 8] == raw for s in starts):
+                report.problems.append(f"&{name} starts no kernel parameter ({where})")
+    return report
+
+
+def check_cache(cache: Cache, n: int = 30, families: tuple[str, ...] = FORWARD) -> list[VariantReport]:
+    return [check_entry(cache, e, n) for e in cache.entries() if e.variant.family in families]
