@@ -105,17 +105,25 @@ def main() -> None:
             qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
             flops = 4 * b * h * s * s * d / (2 if causal else 1)
             res = {"shape": (b, s, h, d), "causal": causal}
-            res["fa4aot"] = flops / gpu_ms(lambda: fa4aot.flash_attn_func(q, k, v, causal=causal, out=out)) / 1e9
-            for label, backend in (("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
+            res["fa4aot"] = (
+                flops
+                / gpu_ms(lambda q=q, k=k, v=v, c=causal, o=out: fa4aot.flash_attn_func(q, k, v, causal=c, out=o))
+                / 1e9
+            )
+            for label, backend in (
+                ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
+                ("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+            ):
                 try:
                     with sdpa_kernel(backend):
-                        ms = gpu_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal))
+                        ms = gpu_ms(
+                            lambda a=qt, b_=kt, c=vt, z=causal: F.scaled_dot_product_attention(a, b_, c, is_causal=z)
+                        )
                     res[label] = flops / ms / 1e9
                 except RuntimeError as e:  # backend not available for this shape
                     res[label] = None
                     print(f"{label} unavailable for {res['shape']}: {str(e)[:80]}", file=sys.stderr)
             rows.append(res)
-            del q, k, v, out, qt, kt, vt
 
     q = torch.randn(1, 128, 16, 128, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(q)
@@ -144,7 +152,9 @@ def main() -> None:
     print(f"{'b, s, h, d':<22} {'causal':<7} {'fa4aot':>8} {'sdpa-cudnn':>11} {'sdpa-flash':>11}")
     for r in rows:
         fmt = lambda x: f"{x:.0f}" if x else "n/a"  # noqa: E731
-        print(f"{str(r['shape']):<22} {str(r['causal']):<7} {fmt(r['fa4aot']):>8} {fmt(r['sdpa-cudnn']):>11} {fmt(r['sdpa-flash']):>11}")
+        print(
+            f"{str(r['shape']):<22} {str(r['causal']):<7} {fmt(r['fa4aot']):>8} {fmt(r['sdpa-cudnn']):>11} {fmt(r['sdpa-flash']):>11}"
+        )
     print("\nhost microseconds per call, b=1 s=128 h=16 d=128 causal (median)")
     for k, v in host.items():
         print(f"  {k:<42} {v:8.1f}")
@@ -161,7 +171,10 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(9, 3.6))
-        labels = [f"{r['shape'][0]}x{r['shape'][1]}x{r['shape'][2]}x{r['shape'][3]}{' c' if r['causal'] else ''}" for r in rows]
+        labels = [
+            f"{r['shape'][0]}x{r['shape'][1]}x{r['shape'][2]}x{r['shape'][3]}{' c' if r['causal'] else ''}"
+            for r in rows
+        ]
         x = range(len(rows))
         for i, key in enumerate(("fa4aot", "sdpa-cudnn", "sdpa-flash")):
             ax.bar([j + (i - 1) * 0.27 for j in x], [r[key] or 0 for r in rows], width=0.27, label=key)

@@ -6,7 +6,7 @@ Measures, on the current GPU, with no torch in the process (buffers from cuMemAl
 * host microseconds per ``fa4aot.combine`` call (validate, plan, cuLaunchKernelEx),
 * the same for a raw ``cuLaunchKernelEx`` on a prepacked parameter buffer and a prebuilt config
   (the floor: what any Python launcher pays to the driver),
-* the plan call alone,
+* the plan call alone, and plan + launch on already packed arguments (one foreign call),
 * in fresh processes: ``import fa4aot`` time and time from interpreter start to the first
   combine finished on the GPU (runtime open, artifact verification, cubin + plan load, launch).
 Medians over repeated batches; the GPU is named in the output.
@@ -67,8 +67,9 @@ def main() -> None:
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
 
-    import fa4aot
     from cuda.bindings import driver as d
+
+    import fa4aot
     from fa4aot.runtime.tensors import RawTensor
 
     rt = fa4aot.open_runtime(args.cache)
@@ -90,9 +91,12 @@ def main() -> None:
     plan = lv.plan
     from fa4aot.runtime.plan import TensorDesc
 
-    named = {"out_partial": TensorDesc(op.ptr, op.shape, (b * s * h * dim, s * h * dim, h * dim, dim, 1)),
-             "lse_partial": TensorDesc(lp.ptr, lp.shape, lp.strides),
-             "out": TensorDesc(out.ptr, out.shape, (s * h * dim, h * dim, dim, 1)), "stream": sh}
+    named = {
+        "out_partial": TensorDesc(op.ptr, op.shape, (b * s * h * dim, s * h * dim, h * dim, dim, 1)),
+        "lse_partial": TensorDesc(lp.ptr, lp.shape, lp.strides),
+        "out": TensorDesc(out.ptr, out.shape, (s * h * dim, h * dim, dim, 1)),
+        "stream": sh,
+    }
     flat = plan.flatten(plan.order(named))
 
     # the floor: prepacked parameters, prebuilt config, one cuLaunchKernelEx per call
@@ -101,7 +105,7 @@ def main() -> None:
     import ctypes
 
     params = (ctypes.c_uint8 * rec.param_bytes).from_buffer_copy(bytes(rec.params[: rec.param_bytes]))
-    offsets = lv.param_offsets[0]
+    offsets = [off for _, off, _ in sorted(lv.entry.meta["kernels"][0]["params"])]
     argv = (ctypes.c_void_p * len(offsets))(*(ctypes.addressof(params) + o for o in offsets))
     cfg = d.CUlaunchConfig()
     cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = tuple(rec.grid)
@@ -114,11 +118,16 @@ def main() -> None:
     def raw_launch():
         d.cuLaunchKernelEx(cfg, fn, argv_addr, 0)
 
+    launch_fn = rt._launch_fn
     rows = {
         "raw cuLaunchKernelEx (prepacked)": median_us(raw_launch, args.inner, args.repeats, sync),
         "plan call only": median_us(lambda: plan.call(flat), args.inner, args.repeats, sync),
-        "fa4aot.combine (RawTensor args)": median_us(lambda: fa4aot.combine(op, lp, out, stream=sh),
-                                                     args.inner, args.repeats, sync),
+        "plan + launch, packed args": median_us(
+            lambda: plan.call_launch(flat, launch_fn), args.inner, args.repeats, sync
+        ),
+        "fa4aot.combine (RawTensor args)": median_us(
+            lambda: fa4aot.combine(op, lp, out, stream=sh), args.inner, args.repeats, sync
+        ),
     }
     imports, firsts = [], []
     for _ in range(args.fresh):
@@ -131,11 +140,21 @@ def main() -> None:
     print(f"{'path':<36} {'host us/call':>12}")
     for k, v in rows.items():
         print(f"{k:<36} {v:>12.2f}")
-    print(f"{'overhead over the floor':<36} {rows['fa4aot.combine (RawTensor args)'] - rows['raw cuLaunchKernelEx (prepacked)']:>12.2f}")
-    print(f"fresh process: import fa4aot {statistics.median(imports):.1f} ms; "
-          f"interpreter start to first combine done {statistics.median(firsts):.1f} ms (median of {args.fresh})")
-    result = {"gpu": name, "host_us": rows, "import_ms": statistics.median(imports),
-              "first_launch_ms": statistics.median(firsts), "import_ms_all": imports, "first_launch_ms_all": firsts}
+    print(
+        f"{'overhead over the floor':<36} {rows['fa4aot.combine (RawTensor args)'] - rows['raw cuLaunchKernelEx (prepacked)']:>12.2f}"
+    )
+    print(
+        f"fresh process: import fa4aot {statistics.median(imports):.1f} ms; "
+        f"interpreter start to first combine done {statistics.median(firsts):.1f} ms (median of {args.fresh})"
+    )
+    result = {
+        "gpu": name,
+        "host_us": rows,
+        "import_ms": statistics.median(imports),
+        "first_launch_ms": statistics.median(firsts),
+        "import_ms_all": imports,
+        "first_launch_ms_all": firsts,
+    }
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

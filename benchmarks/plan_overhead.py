@@ -48,7 +48,7 @@ def main() -> None:
         plan.load(list(range(1, len(plan.kernels) + 1)), *target_answers(e.target.optin_smem()))
         ordered = plan.order(samples.named_args(e.variant))
         flat = plan.flatten(ordered)
-        rows.append((fam, arch, bench(lambda: plan.call(flat)), bench(lambda: plan.plan(ordered))))
+        rows.append((fam, arch, bench(lambda p=plan, a=flat: p.call(a)), bench(lambda p=plan, a=ordered: p.plan(a))))
     print(f"launch-plan host cost on {platform.processor() or platform.machine()} ({platform.python_version()})")
     print(f"{'family':<10} {'arch':<8} {'call us':>8} {'plan() us':>10}")
     for fam, arch, call_us, plan_us in rows:

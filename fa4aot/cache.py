@@ -236,9 +236,7 @@ class Cache:
             for e in self.entries():
                 if e.key not in keep and self.delete(e.key):
                     removed_entries += 1
-        referenced = {
-            str(self.blob_path(ref)) for e in self.entries() for ref in e.blobs.values()
-        }
+        referenced = {str(self.blob_path(ref)) for e in self.entries() for ref in e.blobs.values()}
         now = time.time()
         removed_blobs = freed = 0
         for sub in ("blobs", "tmp"):

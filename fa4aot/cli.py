@@ -51,7 +51,13 @@ def main() -> None:
 @main.command()
 @click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @CACHE_OPTION
-@click.option("--jobs", "-j", type=click.IntRange(1, 256), default=None, help="Parallel compiles [default: bounded by CPUs and memory].")
+@click.option(
+    "--jobs",
+    "-j",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="Parallel compiles [default: bounded by CPUs and memory].",
+)
 @click.option("--family", multiple=True, help="Build only these families (repeatable).")
 @click.option("--quiet", "-q", is_flag=True, help="No per-variant progress lines.")
 def build(manifest: Path, cache_dir: Path | None, jobs: int | None, family: tuple[str, ...], quiet: bool) -> None:
@@ -66,13 +72,21 @@ def build(manifest: Path, cache_dir: Path | None, jobs: int | None, family: tupl
         if quiet:
             return
         extra = f"{row.seconds:5.1f}s" if row.status != "cached" else "     "
-        click.echo(f"[{done:>{len(str(total))}}/{total}] {row.status:<6} {extra} {row.key[:12]} {row.variant.label()}", err=True)
+        click.echo(
+            f"[{done:>{len(str(total))}}/{total}] {row.status:<6} {extra} {row.key[:12]} {row.variant.label()}",
+            err=True,
+        )
         if row.error:
             click.echo(f"    error: {row.error}", err=True)
 
     try:
-        report = run_build(manifest, _cache_dir(cache_dir), jobs, progress=progress,
-                           only=(lambda v: v.family in family) if family else None)
+        report = run_build(
+            manifest,
+            _cache_dir(cache_dir),
+            jobs,
+            progress=progress,
+            only=(lambda v: v.family in family) if family else None,
+        )
     except Fa4aotError as e:
         raise click.ClickException(str(e)) from None
     rows = report.rows
@@ -110,11 +124,20 @@ def plan_cmd(manifest: Path, skipped: bool, as_json: bool) -> None:
     except Fa4aotError as e:
         raise click.ClickException(str(e)) from None
     if as_json:
-        click.echo(json.dumps({
-            "targets": [t.to_dict() for t in plan.targets],
-            "variants": [{"id": pv.variant.variant_id, "origin": pv.origin, **pv.variant.to_dict()} for pv in plan.variants],
-            "skipped": [{"origin": s.origin, "axes": s.axes, "reason": s.reason} for s in plan.skipped],
-        }, indent=1, default=str))
+        click.echo(
+            json.dumps(
+                {
+                    "targets": [t.to_dict() for t in plan.targets],
+                    "variants": [
+                        {"id": pv.variant.variant_id, "origin": pv.origin, **pv.variant.to_dict()}
+                        for pv in plan.variants
+                    ],
+                    "skipped": [{"origin": s.origin, "axes": s.axes, "reason": s.reason} for s in plan.skipped],
+                },
+                indent=1,
+                default=str,
+            )
+        )
         return
     for t in plan.targets:
         click.echo(f"target {t.name}: {t.arch}, {t.num_sms} SMs")
@@ -187,7 +210,9 @@ def show(key: str, cache_dir: Path | None, as_json: bool) -> None:
     click.echo(f"            sample {launch.get('sample')}: grid {launch.get('sample_grid')}")
     for k in m.get("kernels", []):
         click.echo(f"kernel      {k['symbol']}")
-        click.echo(f"            {len(k['params'])} params, {k['cbank_param_size']} bytes, block {k['reqntid']}, {k['registers']} registers")
+        click.echo(
+            f"            {len(k['params'])} params, {k['cbank_param_size']} bytes, block {k['reqntid']}, {k['registers']} registers"
+        )
         for o, off, size in k["params"]:
             click.echo(f"              param {o:>2}  offset 0x{off:03x}  size {size}")
     click.echo("arguments   " + ", ".join(_arg_text(a) for a in m["signature"]["args"]))
@@ -229,7 +254,9 @@ def verify_cmd(cache_dir: Path | None, plans: bool) -> None:
 
 @main.command("check-plans")
 @CACHE_OPTION
-@click.option("-n", "runs", type=click.IntRange(1, 100000), default=30, show_default=True, help="Random calls per variant.")
+@click.option(
+    "-n", "runs", type=click.IntRange(1, 100000), default=30, show_default=True, help="Random calls per variant."
+)
 def check_plans_cmd(cache_dir: Path | None, runs: int) -> None:
     """Run every forward variant's launch plan on random argument sets (CPU) and check block,
     smem, grid (against FA4's scheduler formulas), cluster and where Q/K/V/O land. Exits 1 on
@@ -254,10 +281,19 @@ def check_plans_cmd(cache_dir: Path | None, runs: int) -> None:
 
 @main.command()
 @CACHE_OPTION
-@click.option("--manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Also drop entries this manifest (with the installed toolchain) would not build.")
-@click.option("--grace", type=float, default=3600.0, show_default=True,
-              help="Keep unreferenced files younger than this many seconds (a concurrent build's).")
+@click.option(
+    "--manifest",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Also drop entries this manifest (with the installed toolchain) would not build.",
+)
+@click.option(
+    "--grace",
+    type=float,
+    default=3600.0,
+    show_default=True,
+    help="Keep unreferenced files younger than this many seconds (a concurrent build's).",
+)
 def gc(cache_dir: Path | None, manifest: Path | None, grace: float) -> None:
     """Remove unreferenced blobs and stale staging files (and, with --manifest, stale entries)."""
     keep = None
@@ -284,7 +320,12 @@ def gc(cache_dir: Path | None, manifest: Path | None, grace: float) -> None:
 @main.command("launch-plan")
 @click.argument("key")
 @CACHE_OPTION
-@click.option("--shape", "shape", default="", help="Problem sizes, e.g. batch=8,seqlen_q=4096,seqlen_k=4096,nheads=32,nheads_kv=8,num_splits=4 (total_q/total_k for varlen).")
+@click.option(
+    "--shape",
+    "shape",
+    default="",
+    help="Problem sizes, e.g. batch=8,seqlen_q=4096,seqlen_k=4096,nheads=32,nheads_kv=8,num_splits=4 (total_q/total_k for varlen).",
+)
 @click.option("--params/--no-params", default=True, help="Decode every kernel parameter.")
 def launch_plan_cmd(key: str, cache_dir: Path | None, shape: str, params: bool) -> None:
     """Print the launch a cached variant makes for given shapes: grid, block, smem, cluster and

@@ -100,9 +100,7 @@ def parse(data: bytes) -> Cubin:
         raise CubinError("truncated cubin (section headers past the end)")
     sections = []
     for i in range(e_shnum):
-        name, typ, _flags, _addr, off, size, link, info, _align, entsize = _u(
-            "IIQQQQIIQQ", data, e_shoff + i * 64
-        )
+        name, typ, _flags, _addr, off, size, link, info, _align, entsize = _u("IIQQQQIIQQ", data, e_shoff + i * 64)
         if typ != 8 and off + size > len(data):  # SHT_NOBITS occupies no file bytes
             raise CubinError(f"truncated cubin (section {i} past the end)")
         sections.append((name, typ, off, size, link, info, entsize))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fa4aot.errors import ArgumentError
-from fa4aot.families import S_PING_PONG_MIN_N_BLOCKS_PER_SPLIT, sm90_tile, sm100_head_dims_ok, sm90_head_dims_ok
+from fa4aot.families import S_PING_PONG_MIN_N_BLOCKS_PER_SPLIT, sm90_head_dims_ok, sm90_tile, sm100_head_dims_ok
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,10 @@ def num_splits_heuristic(total_mblocks: int, num_sms: int, num_n_blocks: int, ma
     if num_n_blocks <= 4 or total_mblocks == 0:
         return 1
     return max(1, min(num_sms // total_mblocks, max_splits, num_n_blocks))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def clc_requested() -> bool:
@@ -158,7 +162,7 @@ def decide(c: Call) -> Decision:
     static = (not causal and not local and not c.varlen_q and not c.seqused_q and not split) or (
         leq_one and not split and not (two_cta and not c.varlen_q and (causal or local))
     )
-    n_per_split = -(-(-(-seqlen_k_loaded // tile_n)) // num_splits)
+    n_per_split = _cdiv(_cdiv(seqlen_k_loaded, tile_n), num_splits)
     s_ping_pong = (
         q_stage == 1
         and c.head_dim in (64, 128, 256)
@@ -176,24 +180,53 @@ def decide(c: Call) -> Decision:
     else:
         scheduler = "single"
     fields = dict(
-        dtype=c.dtype, head_dim=c.head_dim, head_dim_v=c.head_dim_v, qhead_per_kvhead=qh, pack_gqa=pack_gqa,
-        causal=causal, local=local, varlen_q=c.varlen_q, varlen_k=c.varlen_k, seqused_q=c.seqused_q,
-        seqused_k=c.seqused_k, has_lse=c.return_lse, split_kv=split, tile_m=tile_m, tile_n=tile_n,
-        q_stage=q_stage, two_cta=two_cta, scheduler=scheduler, s_ping_pong=s_ping_pong,
+        dtype=c.dtype,
+        head_dim=c.head_dim,
+        head_dim_v=c.head_dim_v,
+        qhead_per_kvhead=qh,
+        pack_gqa=pack_gqa,
+        causal=causal,
+        local=local,
+        varlen_q=c.varlen_q,
+        varlen_k=c.varlen_k,
+        seqused_q=c.seqused_q,
+        seqused_k=c.seqused_k,
+        has_lse=c.return_lse,
+        split_kv=split,
+        tile_m=tile_m,
+        tile_n=tile_n,
+        q_stage=q_stage,
+        two_cta=two_cta,
+        scheduler=scheduler,
+        s_ping_pong=s_ping_pong,
     )
     return Decision(fields, num_splits, needs_metadata, causal, local, wl, wr)
 
 
-def _decide_sm90(c: Call, causal: bool, local: bool, wl: int | None, wr: int | None, qh: int, pack_gqa: bool) -> Decision:
+def _decide_sm90(
+    c: Call, causal: bool, local: bool, wl: int | None, wr: int | None, qh: int, pack_gqa: bool
+) -> Decision:
     if reason := sm90_head_dims_ok(c.head_dim, c.head_dim_v):
         raise ArgumentError(reason)
     if c.num_splits > 1:
         raise ArgumentError("FA4 runs no split-KV forward on SM90 (num_splits must be 1)")
     tile_m, tile_n, rs, overlap = sm90_tile(c.head_dim, c.head_dim_v, causal, local)
     fields = dict(
-        dtype=c.dtype, head_dim=c.head_dim, head_dim_v=c.head_dim_v, qhead_per_kvhead=qh, pack_gqa=pack_gqa,
-        causal=causal, local=local, varlen_q=c.varlen_q, varlen_k=c.varlen_k, seqused_q=c.seqused_q,
-        seqused_k=c.seqused_k, has_lse=c.return_lse, tile_m=tile_m, tile_n=tile_n, mma_pv_is_rs=rs,
+        dtype=c.dtype,
+        head_dim=c.head_dim,
+        head_dim_v=c.head_dim_v,
+        qhead_per_kvhead=qh,
+        pack_gqa=pack_gqa,
+        causal=causal,
+        local=local,
+        varlen_q=c.varlen_q,
+        varlen_k=c.varlen_k,
+        seqused_q=c.seqused_q,
+        seqused_k=c.seqused_k,
+        has_lse=c.return_lse,
+        tile_m=tile_m,
+        tile_n=tile_n,
+        mma_pv_is_rs=rs,
         intra_wg_overlap=overlap,
     )
     return Decision(fields, 1, False, causal, local, wl, wr)

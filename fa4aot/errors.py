@@ -44,5 +44,13 @@ class PlanError(Fa4aotError):
     """A launch plan could not be loaded or called, or recorded something unexpected."""
 
 
+class LaunchError(Fa4aotError):
+    """The CUDA driver rejected a launch (``code`` is the CUresult)."""
+
+    def __init__(self, message: str, code: int = 0):
+        super().__init__(message)
+        self.code = code
+
+
 class ToolchainError(Fa4aotError):
     """A build tool (CUTLASS DSL, C compiler) is missing or failed."""

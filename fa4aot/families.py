@@ -147,10 +147,7 @@ def check_fwd_sm100(f: dict[str, Any]) -> str | None:
             return "FA4 never runs split-KV with the static persistent scheduler"
     elif sched == "single":
         if dense_noncausal and not split:
-            return (
-                "FA4 runs dense non-causal attention with the static persistent scheduler, "
-                "never single-tile"
-            )
+            return "FA4 runs dense non-causal attention with the static persistent scheduler, never single-tile"
         if split and varlen_q:
             return "FA4 runs varlen split-KV with prepared scheduler metadata (scheduler dynamic)"
         if f["q_stage"] == 1 and not split:
@@ -338,7 +335,12 @@ _COMMON_FWD_AXES = (
     Axis("dtype", _choice("dtype", DTYPES), ("bf16",), "element type of q, k, v, out"),
     Axis("head_dims", _pair("head_dim", "head_dim_v"), ((128, 128),), "(head_dim, head_dim_v) pairs"),
     Axis("qhead_per_kvhead", _posint("qhead_per_kvhead", 1, 256), (1,), "query heads per KV head (GQA ratio)"),
-    Axis("pack_gqa", _bool_or_auto("pack_gqa"), ("auto",), "pack query heads of one KV head into M (auto: qhead_per_kvhead > 1)"),
+    Axis(
+        "pack_gqa",
+        _bool_or_auto("pack_gqa"),
+        ("auto",),
+        "pack query heads of one KV head into M (auto: qhead_per_kvhead > 1)",
+    ),
     Axis("causal", _bool("causal"), (False,), "causal mask"),
     Axis("local", _bool("local"), (False,), "sliding-window (local) attention"),
     Axis("varlen_q", _bool("varlen_q"), (False,), "cu_seqlens_q (packed variable-length queries)"),
@@ -404,10 +406,24 @@ class Family:
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("fwd_sm100", ("sm_100a",), FWD_SM100_AXES, check_fwd_sm100, "FA4 SM100 forward (FlashAttentionForwardSm100)"),
+        Family(
+            "fwd_sm100", ("sm_100a",), FWD_SM100_AXES, check_fwd_sm100, "FA4 SM100 forward (FlashAttentionForwardSm100)"
+        ),
         Family("fwd_sm90", ("sm_90a",), FWD_SM90_AXES, check_fwd_sm90, "FA4 SM90 forward (FlashAttentionForwardSm90)"),
-        Family("combine", ("sm_90a", "sm_100a"), COMBINE_AXES, check_combine, "FA4 split-KV combine (FlashAttentionForwardCombine)"),
-        Family("prepare", ("sm_90a", "sm_100a"), PREPARE_AXES, check_prepare, "FA4 scheduler-metadata prepare (FlashPrepareScheduler)"),
+        Family(
+            "combine",
+            ("sm_90a", "sm_100a"),
+            COMBINE_AXES,
+            check_combine,
+            "FA4 split-KV combine (FlashAttentionForwardCombine)",
+        ),
+        Family(
+            "prepare",
+            ("sm_90a", "sm_100a"),
+            PREPARE_AXES,
+            check_prepare,
+            "FA4 scheduler-metadata prepare (FlashPrepareScheduler)",
+        ),
     )
 }
 

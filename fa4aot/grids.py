@@ -11,8 +11,17 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def sm100_forward_grid(f: dict, *, batch: int, seqlen_q: int, nheads: int, nheads_kv: int, num_sms: int,
-                       total_q: int | None = None, num_splits: int = 1) -> tuple[int, int, int]:
+def sm100_forward_grid(
+    f: dict,
+    *,
+    batch: int,
+    seqlen_q: int,
+    nheads: int,
+    nheads_kv: int,
+    num_sms: int,
+    total_q: int | None = None,
+    num_splits: int = 1,
+) -> tuple[int, int, int]:
     """Grid of FlashAttentionForwardSm100 for the variant fields ``f``.
 
     The scheduler class follows the kernel's own order: varlen queries first (dynamic persistent,
@@ -45,8 +54,9 @@ def sm100_forward_grid(f: dict, *, batch: int, seqlen_q: int, nheads: int, nhead
     return (ceil(num_block / cm) * cm, heads * splits, batch)
 
 
-def sm90_forward_grid(f: dict, *, batch: int, seqlen_q: int, nheads: int, nheads_kv: int,
-                      total_q: int | None = None) -> tuple[int, int, int]:
+def sm90_forward_grid(
+    f: dict, *, batch: int, seqlen_q: int, nheads: int, nheads_kv: int, total_q: int | None = None
+) -> tuple[int, int, int]:
     """Grid of FlashAttentionForwardSm90 (no clusters, no splits, never persistent)."""
     pack = f["qhead_per_kvhead"] if f["pack_gqa"] else 1
     heads = nheads_kv if f["pack_gqa"] else nheads

@@ -174,8 +174,10 @@ def dims_for(variant: Variant, **overrides: Any) -> Dims:
         base = {"head_dim": f["head_dim"], "head_dim_v": f["head_dim"], "nheads": f["num_head"], "num_splits": 4}
     elif variant.family == "prepare":
         base = {
-            "head_dim": f["headdim"], "head_dim_v": f["headdim_v"],
-            "nheads": f["nheads"], "nheads_kv": f["nheads_kv"],
+            "head_dim": f["headdim"],
+            "head_dim_v": f["headdim_v"],
+            "nheads": f["nheads"],
+            "nheads_kv": f["nheads_kv"],
             "batch": max(1, 31 * f["num_warps"] // 2),
         }
     base.update(overrides)

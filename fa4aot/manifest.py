@@ -149,9 +149,7 @@ def _expand_families(fams: Any, prefix: str, target: Target, plan: Plan, seen: s
         if family is None:
             raise ManifestError(path, f"unknown family; known: {sorted(FAMILIES)}")
         if target.arch not in family.arches:
-            raise ManifestError(
-                path, f"builds for {list(family.arches)}, but {prefix}target.arch is {target.arch}"
-            )
+            raise ManifestError(path, f"builds for {list(family.arches)}, but {prefix}target.arch is {target.arch}")
         if isinstance(groups, Mapping):
             groups = [groups]
         if not isinstance(groups, list) or not groups:
@@ -160,9 +158,7 @@ def _expand_families(fams: Any, prefix: str, target: Target, plan: Plan, seen: s
             _expand_group(family, f"{path}[{i}]", group, target, plan, seen)
 
 
-def _expand_group(
-    family: Family, path: str, group: Any, target: Target, plan: Plan, seen: set[str]
-) -> None:
+def _expand_group(family: Family, path: str, group: Any, target: Target, plan: Plan, seen: set[str]) -> None:
     if not isinstance(group, Mapping):
         raise ManifestError(path, "a group must be a mapping of axis name to value(s)")
     label = group.get("name")
@@ -252,8 +248,10 @@ def _any_valid(family: Family, values: dict[str, list[Any]]) -> bool:
 
 def _is_pair_scalar(key: str, value: list[Any]) -> bool:
     """``head_dims: [128, 128]`` is one pair, not a list of two head dims."""
-    return key in ("head_dims", "tiles", "heads") and len(value) == 2 and all(
-        isinstance(x, int) and not isinstance(x, bool) for x in value
+    return (
+        key in ("head_dims", "tiles", "heads")
+        and len(value) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
     )
 
 

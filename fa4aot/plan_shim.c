@@ -7,6 +7,10 @@
  * scheduler params, grid, cluster, smem) and hands back the launch instead of making it.
  * Nothing here touches libcuda.
  *
+ * fa4aot_shim_launch then makes the recorded launches for real through the driver's
+ * cuLaunchKernelEx, whose address the caller supplies (fa4aot gets it from cuda-python's
+ * cuGetProcAddress), so a call is plan + launch in one foreign call.
+ *
  * The caller owns a fa4aot_shim_state (inputs: handles and attribute answers; outputs: the
  * recorded launches) and binds it to the current thread, so plans are reentrant per thread.
  * The layout of every struct below is mirrored by fa4aot/runtime/plan.py; bump
@@ -16,7 +20,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define FA4AOT_SHIM_ABI 1
+#define FA4AOT_SHIM_ABI 2
 #define FA4AOT_MAX_KERNELS 4
 #define FA4AOT_MAX_PARAMS 64
 #define FA4AOT_MAX_PARAM_BYTES 4096
@@ -109,7 +113,7 @@ typedef struct {
     uint32_t n_launches;
     uint32_t n_setattrs;
     int32_t error;
-    uint32_t pad1;
+    int32_t launch_error; /* CUresult of a failed cuLaunchKernelEx (fa4aot_shim_call_launch) */
     char error_msg[256];
     fa4aot_setattr setattrs[FA4AOT_MAX_SETATTRS];
     fa4aot_launch launches[FA4AOT_MAX_LAUNCHES];
@@ -273,6 +277,50 @@ static __attribute__((noinline)) void poison_stack(int pattern) {
     __asm__ volatile("" : : "r"(buf) : "memory");
 }
 
+/* CUlaunchConfig / CUlaunchAttribute of the CUDA driver API (cuda.h). */
+typedef struct {
+    uint32_t grid[3];
+    uint32_t block[3];
+    uint32_t smem;
+    void *stream;
+    const shim_launch_attribute *attrs;
+    uint32_t num_attrs;
+} shim_cu_launch_config;
+
+typedef int32_t (*cu_launch_kernel_ex_fn)(const shim_cu_launch_config *config, void *f, void **params, void **extra);
+
+/* Make the launches the last call recorded, in order, with cuLaunchKernelEx. */
+static int32_t launch_recorded(fa4aot_shim_state *s, cu_launch_kernel_ex_fn launch) {
+    for (uint32_t i = 0; i < s->n_launches; i++) {
+        fa4aot_launch *l = &s->launches[i];
+        fa4aot_kernel_info *k = find_kernel(s, l->kernel);
+        if (!k) return fail(s, kErrorInvalidValue, "recorded launch of an unknown kernel", (int32_t)i);
+        if (l->smem > 0xFFFFFFFFu) return fail(s, kErrorInvalidValue, "dynamic smem too large", (int32_t)i);
+        void *params[FA4AOT_MAX_PARAMS];
+        for (uint32_t j = 0; j < k->n_params && j < FA4AOT_MAX_PARAMS; j++) params[j] = l->params + k->param_offset[j];
+        shim_launch_attribute attrs[FA4AOT_MAX_ATTRS];
+        for (uint32_t a = 0; a < l->n_attrs && a < FA4AOT_MAX_ATTRS; a++) {
+            attrs[a].id = l->attr_id[a];
+            attrs[a].pad = 0;
+            memcpy(attrs[a].val, l->attr_val[a], 64);
+        }
+        shim_cu_launch_config cfg = {
+            {l->grid[0], l->grid[1], l->grid[2]},
+            {l->block[0], l->block[1], l->block[2]},
+            (uint32_t)l->smem,
+            (void *)(uintptr_t)l->stream,
+            attrs,
+            l->n_attrs,
+        };
+        int32_t rc = launch(&cfg, (void *)(uintptr_t)k->handle, params, NULL);
+        if (rc) {
+            s->launch_error = rc;
+            return rc;
+        }
+    }
+    return kSuccess;
+}
+
 /* Run module load (init + load_to_device) against `state`; returns the first CUDA error. */
 EXPORT int32_t fa4aot_shim_load(fa4aot_shim_state *state, entry_fn init, entry_fn load) {
     fa4aot_shim_state *prev = tls_state;
@@ -300,10 +348,20 @@ EXPORT int32_t fa4aot_shim_call(fa4aot_shim_state *state, entry_fn entry, void *
     state->n_launches = 0;
     state->n_setattrs = 0;
     state->error = 0;
+    state->launch_error = 0;
     state->error_msg[0] = 0;
     if (pattern >= 0) poison_stack(pattern);
     entry(args, num_args);
     tls_state = prev;
     int32_t ret = *(int32_t *)args[num_args - 1];
     return state->error ? state->error : ret;
+}
+
+/* Call the entry, then launch what it recorded (see launch_recorded). A plan error leaves
+ * launch_error 0; a driver error sets it. Nothing is launched if the plan fails. */
+EXPORT int32_t fa4aot_shim_call_launch(fa4aot_shim_state *state, entry_fn entry, void **args, int32_t num_args,
+                                       cu_launch_kernel_ex_fn launch) {
+    int32_t rc = fa4aot_shim_call(state, entry, args, num_args, -1);
+    if (rc) return rc;
+    return launch_recorded(state, launch);
 }

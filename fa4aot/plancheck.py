@@ -141,12 +141,25 @@ def check_entry(cache: Cache, entry: Entry, n: int = 30, seed: int = 0) -> Varia
         if launch.smem != entry.meta["launch"]["smem"] or launch.smem > entry.target.optin_smem():
             report.problems.append(f"smem {launch.smem} != build's {entry.meta['launch']['smem']} ({where})")
         if entry.variant.family == "fwd_sm100":
-            want = sm100_forward_grid(f, batch=sz["batch"], seqlen_q=sz["seqlen_q"], nheads=sz["nheads"],
-                                      nheads_kv=sz["nheads_kv"], num_sms=entry.target.num_sms,
-                                      total_q=sz["total_q"], num_splits=sz["num_splits"])
+            want = sm100_forward_grid(
+                f,
+                batch=sz["batch"],
+                seqlen_q=sz["seqlen_q"],
+                nheads=sz["nheads"],
+                nheads_kv=sz["nheads_kv"],
+                num_sms=entry.target.num_sms,
+                total_q=sz["total_q"],
+                num_splits=sz["num_splits"],
+            )
         else:
-            want = sm90_forward_grid(f, batch=sz["batch"], seqlen_q=sz["seqlen_q"], nheads=sz["nheads"],
-                                     nheads_kv=sz["nheads_kv"], total_q=sz["total_q"])
+            want = sm90_forward_grid(
+                f,
+                batch=sz["batch"],
+                seqlen_q=sz["seqlen_q"],
+                nheads=sz["nheads"],
+                nheads_kv=sz["nheads_kv"],
+                total_q=sz["total_q"],
+            )
         if launch.grid != want:
             report.problems.append(f"grid {launch.grid} != FA4 formula {want} ({where})")
         if (launch.cluster == (2, 1, 1)) != bool(f.get("two_cta")):

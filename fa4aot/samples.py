@@ -37,8 +37,13 @@ def named_args(variant: Variant, dims: Dims | None = None, *, stream: int = 0) -
             out["window_size_left"] = 128
             out["window_size_right"] = 0
     elif variant.family == "prepare":
-        out.update(max_seqlen_q=d.seqlen_q, max_seqlen_k=d.seqlen_k, seqlen_k_new=0,
-                   num_batch=d.batch, num_splits=max(d.num_splits, 1))
+        out.update(
+            max_seqlen_q=d.seqlen_q,
+            max_seqlen_k=d.seqlen_k,
+            seqlen_k_new=0,
+            num_batch=d.batch,
+            num_splits=max(d.num_splits, 1),
+        )
     out["stream"] = stream
     return out
 

@@ -204,9 +204,12 @@ def check_against(header: HeaderSignature, args: Sequence[Arg]) -> None:
             want = (arg.n_dyn_shapes, arg.shape_bits, arg.n_dyn_strides, arg.stride_bits)
             got = dims
             # A struct with zero dynamic shapes or strides omits the field; bits are then moot.
-            if got is None or (got[0], got[2]) != (want[0], want[2]) or (
-                got[0] and got[1] != want[1]
-            ) or (got[2] and got[3] != want[3]):
+            if (
+                got is None
+                or (got[0], got[2]) != (want[0], want[2])
+                or (got[0] and got[1] != want[1])
+                or (got[2] and got[3] != want[3])
+            ):
                 raise PlanError(f"tensor {name}: header has {got}, kernel declared {want}")
         elif isinstance(arg, ScalarArg):
             if {"f32": "float", "i32": "int32_t"}[arg.ctype] != ctype:

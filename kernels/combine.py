@@ -29,8 +29,13 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
         log_max_splits=f["log_max_splits"],
     )
     if not kernel.can_implement(
-        CUTLASS_DTYPES[f["dtype"]], Float32, head_dim, tile_m, k_block_size,
-        f["log_max_splits"], num_threads=256,
+        CUTLASS_DTYPES[f["dtype"]],
+        Float32,
+        head_dim,
+        tile_m,
+        k_block_size,
+        f["log_max_splits"],
+        num_threads=256,
     ):
         raise ValueError("FlashAttentionForwardCombine.can_implement rejected this variant")
 

@@ -90,13 +90,8 @@ class Signature:
         rank = len(shape)
         if leading_dim is not None and leading_dim < 0:
             leading_dim += rank
-        stride = tuple(
-            1 if i == leading_dim else cute.sym_int64(divisibility=stride_divisibility)
-            for i in range(rank)
-        )
-        fake = cute.runtime.make_fake_tensor(
-            CUTLASS_DTYPES[dtype], shape, stride=stride, assumed_align=align
-        )
+        stride = tuple(1 if i == leading_dim else cute.sym_int64(divisibility=stride_divisibility) for i in range(rank))
+        fake = cute.runtime.make_fake_tensor(CUTLASS_DTYPES[dtype], shape, stride=stride, assumed_align=align)
         self.compile_args.append(fake)
         self.args.append(
             TensorArg(

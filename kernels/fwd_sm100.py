@@ -86,18 +86,30 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
         stream: cuda.CUstream,
     ):
         kernel(
-            q, k, v, out, lse, softmax_scale,
-            cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            softmax_scale,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            seqused_q,
+            seqused_k,
             None,  # page_table
-            window_size_left, window_size_right,
+            window_size_left,
+            window_size_right,
             None,  # learnable_sink
             None,  # descale_tensors
             None,  # blocksparse_tensors
             AuxData(None, None),
-            num_splits_dynamic, tile_count_semaphore,
+            num_splits_dynamic,
+            tile_count_semaphore,
             None,  # virtual_batch_idx (FA4's LPT batch sort is not implemented)
             num_nheads_in_l2,
-            None, None, None,  # cu_total_m_blocks, cu_total_splits_m_blocks, blocks_to_batch_idx
+            None,
+            None,
+            None,  # cu_total_m_blocks, cu_total_splits_m_blocks, blocks_to_batch_idx
             max_seqlen_q,
             stream,
         )

@@ -61,14 +61,24 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
         stream: cuda.CUstream,
     ):
         kernel(
-            q, k, v, out, lse, softmax_scale,
-            cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            softmax_scale,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            seqused_q,
+            seqused_k,
             None,  # page_table
-            window_size_left, window_size_right,
+            window_size_left,
+            window_size_right,
             None,  # learnable_sink
             None,  # blocksparse_tensors
             AuxData(None, None),
-            None, None,  # cu_total_m_blocks, cu_total_splits_m_blocks
+            None,
+            None,  # cu_total_m_blocks, cu_total_splits_m_blocks
             stream,
         )
 

@@ -70,13 +70,20 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
         stream: cuda.CUstream,
     ):
         scheduler(
-            max_seqlen_q, max_seqlen_k, seqlen_k_new,
-            cu_seqlens_q, cu_seqlens_k,
+            max_seqlen_q,
+            max_seqlen_k,
+            seqlen_k_new,
+            cu_seqlens_q,
+            cu_seqlens_k,
             None,  # cu_seqlens_k_new
-            seqused_q, seqused_k,
+            seqused_q,
+            seqused_k,
             None,  # leftpad_k
-            num_batch, num_splits,
-            tile_count_semaphore, num_m_blocks, num_splits_dynamic,
+            num_batch,
+            num_splits,
+            tile_count_semaphore,
+            num_m_blocks,
+            num_splits_dynamic,
             None,  # virtual_batch_idx (sort is not implemented in FA4)
             num_nheads_in_l2,
             None,  # n_blocks_per_split (FA4's heuristic decides)

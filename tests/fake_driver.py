@@ -34,6 +34,8 @@ class FakeDriver:
     allocs: dict = field(default_factory=dict)
     #: per kernel handle, parameter sizes (to read the bytes a launch passes)
     param_sizes: dict = field(default_factory=dict)
+    #: CUresult every launch returns (set non-zero to simulate a driver error)
+    launch_result: int = 0
     _next: int = 0x7E00_0000_0000
 
     def current_device(self) -> int:
@@ -73,14 +75,42 @@ class FakeDriver:
     def pointer_device(self, ptr: int):
         return self.device
 
-    def make_launcher(self, kernel):
-        drv = self
+    def launch_function(self) -> int:
+        """A C-callable stand-in for cuLaunchKernelEx that records each launch (a ctypes callback,
+        so the plan's real C launch path runs)."""
+        if getattr(self, "_cb", None) is None:
+            self._cb = _LAUNCH_T(self._record)
+        return ctypes.cast(self._cb, ctypes.c_void_p).value
 
-        class _L:
-            def launch(self, grid, block, smem, stream, attrs, params_ptr):
-                n = len(drv.param_sizes.get(int(kernel), ()))
-                ptrs = (ctypes.c_void_p * max(n, 1)).from_address(params_ptr)
-                params = [ctypes.string_at(ptrs[i], size) for i, size in enumerate(drv.param_sizes.get(int(kernel), ()))]
-                drv.launches.append(FakeLaunch(int(kernel), grid, block, smem, stream, attrs, params))
+    def _record(self, cfg_ptr, f, params, extra):
+        cfg = _Config.from_address(cfg_ptr)
+        attrs = tuple(
+            (cfg.attrs[i].id, tuple(cfg.attrs[i].val[:3]) if cfg.attrs[i].id == 4 else (cfg.attrs[i].val[0],))
+            for i in range(cfg.num_attrs)
+        )
+        sizes = self.param_sizes.get(int(f or 0), ())
+        blobs = [ctypes.string_at(params[i], size) for i, size in enumerate(sizes)]
+        self.launches.append(
+            FakeLaunch(int(f or 0), tuple(cfg.grid), tuple(cfg.block), cfg.smem, cfg.stream or 0, attrs, blobs)
+        )
+        return self.launch_result
 
-        return _L()
+
+class _Attr(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("val", ctypes.c_uint32 * 16)]
+
+
+class _Config(ctypes.Structure):
+    _fields_ = [
+        ("grid", ctypes.c_uint32 * 3),
+        ("block", ctypes.c_uint32 * 3),
+        ("smem", ctypes.c_uint32),
+        ("stream", ctypes.c_uint64),
+        ("attrs", ctypes.POINTER(_Attr)),
+        ("num_attrs", ctypes.c_uint32),
+    ]
+
+
+_LAUNCH_T = ctypes.CFUNCTYPE(
+    ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p
+)

@@ -29,8 +29,11 @@ def test_ci_manifest_builds_every_variant_for_both_arches(built_cache):
 
 def test_sm100_forward_entry_shows_threads_and_parameter_table(built_cache):
     cache = Cache(built_cache, readonly=True)
-    (entry,) = [e for e in cache.entries() if e.variant.family == "fwd_sm100" and e.variant.fields["two_cta"]
-                and e.variant.fields["qhead_per_kvhead"] == 1]
+    (entry,) = [
+        e
+        for e in cache.entries()
+        if e.variant.family == "fwd_sm100" and e.variant.fields["two_cta"] and e.variant.fields["qhead_per_kvhead"] == 1
+    ]
     out = run_cli("show", entry.key[:10], "--cache", str(built_cache)).stdout
     k = entry.meta["kernels"][0]
     assert "block [512, 1, 1]" in out
@@ -64,8 +67,10 @@ def test_key_changes_with_versions_sources_and_host():
 
 
 def test_key_is_stable_across_processes():
-    code = ("from fa4aot.variant import Variant, cache_key;"
-            "print(cache_key(Variant.make('prepare','sm_100a',148,b=1,a=2),{'x':'1'},'x86_64'))")
+    code = (
+        "from fa4aot.variant import Variant, cache_key;"
+        "print(cache_key(Variant.make('prepare','sm_100a',148,b=1,a=2),{'x':'1'},'x86_64'))"
+    )
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout for _ in range(2)}
     assert len(outs) == 1
     assert outs.pop().strip() == cache_key(Variant.make("prepare", "sm_100a", 148, a=2, b=1), {"x": "1"}, "x86_64")
@@ -93,8 +98,10 @@ def test_build_reports_a_failing_variant_and_continues(tmp_path, monkeypatch):
     if not toolchain.shutil.which("cc") and not toolchain.shutil.which("gcc"):
         pytest.skip("no C compiler")
     m = tmp_path / "m.yaml"
-    m.write_text("target: {name: h100, arch: sm_90a, num_sms: 132}\n"
-                 "families:\n  prepare:\n    - heads: [16, 4]\n      max_batch: 62\n")
+    m.write_text(
+        "target: {name: h100, arch: sm_90a, num_sms: 132}\n"
+        "families:\n  prepare:\n    - heads: [16, 4]\n      max_batch: 62\n"
+    )
     pytest.importorskip("cutlass")
     # Make one variant fail: the prepare module rejects num_warps 2.
     code = (

@@ -26,8 +26,19 @@ def _meta(v: Variant) -> dict:
 
 
 def _variant(i: int) -> Variant:
-    return Variant.make("combine", "sm_100a", 148, dtype="bf16", head_dim=128, num_head=i, log_max_splits=7,
-                        varlen=False, seqused=False, has_lse=False, num_splits_dynamic=False)
+    return Variant.make(
+        "combine",
+        "sm_100a",
+        148,
+        dtype="bf16",
+        head_dim=128,
+        num_head=i,
+        log_max_splits=7,
+        varlen=False,
+        seqused=False,
+        has_lse=False,
+        num_splits_dynamic=False,
+    )
 
 
 def test_put_get_roundtrip(tmp_path):
@@ -152,8 +163,12 @@ def test_concurrent_builds_end_consistent(tmp_path):
     m.write_text(SMALL_MANIFEST)
     cache = tmp_path / "cache"
     procs = [
-        subprocess.Popen([sys.executable, "-m", "fa4aot.cli", "build", str(m), "--cache", str(cache), "-j", "1", "-q"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-m", "fa4aot.cli", "build", str(m), "--cache", str(cache), "-j", "1", "-q"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(2)
     ]
     for p in procs:
@@ -170,8 +185,13 @@ def test_build_killed_midway_then_verify_and_resume(tmp_path):
     m = tmp_path / "m.yaml"
     m.write_text(SMALL_MANIFEST.replace("max_batch: 62", "max_batch: 992"))
     cache = tmp_path / "cache"
-    p = subprocess.Popen([sys.executable, "-m", "fa4aot.cli", "build", str(m), "--cache", str(cache), "-j", "1"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "fa4aot.cli", "build", str(m), "--cache", str(cache), "-j", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     # wait for the first stored entry, then kill the whole build (parent and workers)
     deadline = time.time() + 300
     while time.time() < deadline:

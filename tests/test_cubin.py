@@ -54,7 +54,7 @@ def test_sm100_forward_kernel_facts(built_cache):
 def test_reader_matches_cuobjdump(built_cache, tmp_path):
     """An independent oracle: NVIDIA's cuobjdump reads the same parameter tables."""
     checked = 0
-    for entry, data in _cubins(built_cache)[:6]:
+    for _entry, data in _cubins(built_cache)[:6]:
         path = tmp_path / "k.cubin"
         path.write_bytes(data)
         out = subprocess.run(["cuobjdump", "-elf", str(path)], capture_output=True, text=True)
@@ -62,7 +62,9 @@ def test_reader_matches_cuobjdump(built_cache, tmp_path):
             pytest.skip(f"cuobjdump cannot read these cubins: {out.stderr.strip()[:200]}")
         found = {
             (int(o, 16), int(off, 16), int(sz, 16))
-            for o, off, sz in re.findall(r"Ordinal\s*:\s*(0x[0-9a-f]+)\s+Offset\s*:\s*(0x[0-9a-f]+)\s+Size\s*:\s*(0x[0-9a-f]+)", out.stdout)
+            for o, off, sz in re.findall(
+                r"Ordinal\s*:\s*(0x[0-9a-f]+)\s+Offset\s*:\s*(0x[0-9a-f]+)\s+Size\s*:\s*(0x[0-9a-f]+)", out.stdout
+            )
         }
         ours = {(p.ordinal, p.offset, p.size) for k in cubin.parse(data).kernels.values() for p in k.params}
         assert found == ours

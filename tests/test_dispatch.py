@@ -74,17 +74,94 @@ SM100_CASES = [
     dict(batch=2, seqlen_q=1024, seqlen_k=1024, nheads=16, nheads_kv=16, head_dim=128, head_dim_v=128, causal=True),
     dict(batch=4, seqlen_q=200, seqlen_k=900, nheads=8, nheads_kv=8, head_dim=128, head_dim_v=128, causal=True),
     dict(batch=3, seqlen_q=200, seqlen_k=900, nheads=8, nheads_kv=8, head_dim=128, head_dim_v=128),
-    dict(batch=64, seqlen_q=1, seqlen_k=8192, nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128, causal=True, seqused_k=True),
-    dict(batch=8, seqlen_q=1, seqlen_k=8192, nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128, causal=True, seqused_k=True, num_splits=8),
-    dict(batch=1, seqlen_q=1, seqlen_k=32768, nheads=8, nheads_kv=1, head_dim=128, head_dim_v=128, causal=True, num_splits=0),
-    dict(batch=5, seqlen_q=3000, seqlen_k=3000, nheads=16, nheads_kv=16, head_dim=128, head_dim_v=128, causal=True,
-         varlen=True, total_q=9000, total_k=9000),
-    dict(batch=300, seqlen_q=100, seqlen_k=4000, nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128, causal=True,
-         varlen=True, total_q=20000, total_k=600000),
-    dict(batch=16, seqlen_q=1, seqlen_k=4000, nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128, causal=True,
-         varlen=True, total_q=16, total_k=40000, num_splits=8),
-    dict(batch=16, seqlen_q=300, seqlen_k=9000, nheads=32, nheads_kv=4, head_dim=128, head_dim_v=128, causal=True,
-         varlen=True, total_q=2000, total_k=90000, num_splits=16),
+    dict(
+        batch=64,
+        seqlen_q=1,
+        seqlen_k=8192,
+        nheads=32,
+        nheads_kv=8,
+        head_dim=128,
+        head_dim_v=128,
+        causal=True,
+        seqused_k=True,
+    ),
+    dict(
+        batch=8,
+        seqlen_q=1,
+        seqlen_k=8192,
+        nheads=32,
+        nheads_kv=8,
+        head_dim=128,
+        head_dim_v=128,
+        causal=True,
+        seqused_k=True,
+        num_splits=8,
+    ),
+    dict(
+        batch=1,
+        seqlen_q=1,
+        seqlen_k=32768,
+        nheads=8,
+        nheads_kv=1,
+        head_dim=128,
+        head_dim_v=128,
+        causal=True,
+        num_splits=0,
+    ),
+    dict(
+        batch=5,
+        seqlen_q=3000,
+        seqlen_k=3000,
+        nheads=16,
+        nheads_kv=16,
+        head_dim=128,
+        head_dim_v=128,
+        causal=True,
+        varlen=True,
+        total_q=9000,
+        total_k=9000,
+    ),
+    dict(
+        batch=300,
+        seqlen_q=100,
+        seqlen_k=4000,
+        nheads=32,
+        nheads_kv=8,
+        head_dim=128,
+        head_dim_v=128,
+        causal=True,
+        varlen=True,
+        total_q=20000,
+        total_k=600000,
+    ),
+    dict(
+        batch=16,
+        seqlen_q=1,
+        seqlen_k=4000,
+        nheads=32,
+        nheads_kv=8,
+        head_dim=128,
+        head_dim_v=128,
+        causal=True,
+        varlen=True,
+        total_q=16,
+        total_k=40000,
+        num_splits=8,
+    ),
+    dict(
+        batch=16,
+        seqlen_q=300,
+        seqlen_k=9000,
+        nheads=32,
+        nheads_kv=4,
+        head_dim=128,
+        head_dim_v=128,
+        causal=True,
+        varlen=True,
+        total_q=2000,
+        total_k=90000,
+        num_splits=16,
+    ),
     dict(batch=2, seqlen_q=4096, seqlen_k=4096, nheads=16, nheads_kv=16, head_dim=192, head_dim_v=128),
     dict(batch=2, seqlen_q=4096, seqlen_k=4096, nheads=16, nheads_kv=16, head_dim=192, head_dim_v=128, causal=True),
     dict(batch=2, seqlen_q=512, seqlen_k=512, nheads=8, nheads_kv=8, head_dim=64, head_dim_v=64, causal=True),
@@ -102,26 +179,72 @@ SM90_CASES = [
     dict(batch=2, seqlen_q=1000, seqlen_k=1000, nheads=16, nheads_kv=16, head_dim=96, head_dim_v=96),
     dict(batch=2, seqlen_q=1000, seqlen_k=1000, nheads=16, nheads_kv=16, head_dim=96, head_dim_v=96, causal=True),
     dict(batch=2, seqlen_q=1000, seqlen_k=1000, nheads=16, nheads_kv=16, head_dim=256, head_dim_v=256, wl=64, wr=64),
-    dict(batch=4, seqlen_q=700, seqlen_k=900, nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128, causal=True,
-         varlen=True, total_q=2000, total_k=3000),
-    dict(batch=8, seqlen_q=1, seqlen_k=4096, nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128, causal=True, seqused_k=True),
+    dict(
+        batch=4,
+        seqlen_q=700,
+        seqlen_k=900,
+        nheads=32,
+        nheads_kv=8,
+        head_dim=128,
+        head_dim_v=128,
+        causal=True,
+        varlen=True,
+        total_q=2000,
+        total_k=3000,
+    ),
+    dict(
+        batch=8,
+        seqlen_q=1,
+        seqlen_k=4096,
+        nheads=32,
+        nheads_kv=8,
+        head_dim=128,
+        head_dim_v=128,
+        causal=True,
+        seqused_k=True,
+    ),
 ]
 
 
 def _oracle(arch: str, num_sms: int, cases: list[dict]) -> list[dict]:
-    env = dict(os.environ, FLASH_ATTENTION_ARCH=arch, CUTE_DSL_ARCH=arch, FLASH_ATTENTION_NUM_SMS=str(num_sms),
-               CUTE_DSL_LOG_LEVEL="0")
-    proc = subprocess.run([sys.executable, "-c", ORACLE, json.dumps(cases)], capture_output=True, text=True, env=env,
-                          timeout=900)
+    env = dict(
+        os.environ,
+        FLASH_ATTENTION_ARCH=arch,
+        CUTE_DSL_ARCH=arch,
+        FLASH_ATTENTION_NUM_SMS=str(num_sms),
+        CUTE_DSL_LOG_LEVEL="0",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", ORACLE, json.dumps(cases)], capture_output=True, text=True, env=env, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _call(arch: str, num_sms: int, case: dict) -> Call:
-    return Call(arch, num_sms, "bf16", case["batch"], case["seqlen_q"], case["seqlen_k"], case["nheads"],
-                case["nheads_kv"], case["head_dim"], case["head_dim_v"], case.get("causal", False), case.get("wl"),
-                case.get("wr"), case.get("varlen", False), case.get("varlen", False), False, case.get("seqused_k", False),
-                case.get("num_splits", 1), case.get("pack_gqa"), case.get("return_lse", False), False)
+    return Call(
+        arch,
+        num_sms,
+        "bf16",
+        case["batch"],
+        case["seqlen_q"],
+        case["seqlen_k"],
+        case["nheads"],
+        case["nheads_kv"],
+        case["head_dim"],
+        case["head_dim_v"],
+        case.get("causal", False),
+        case.get("wl"),
+        case.get("wr"),
+        case.get("varlen", False),
+        case.get("varlen", False),
+        False,
+        case.get("seqused_k", False),
+        case.get("num_splits", 1),
+        case.get("pack_gqa"),
+        case.get("return_lse", False),
+        False,
+    )
 
 
 @needs_dsl
@@ -132,9 +255,23 @@ def test_sm100_dispatch_matches_fa4():
     for case, fa4 in zip(SM100_CASES, got):
         d = decide(_call("sm_100a", 148, case))
         ours = constructor_kwargs(d.fields)
-        for key in ("head_dim", "head_dim_v", "qhead_per_kvhead", "is_causal", "is_local", "is_split_kv", "pack_gqa",
-                    "m_block_size", "n_block_size", "q_stage", "use_2cta_instrs", "use_clc_scheduler",
-                    "has_tile_count_semaphore", "use_s_ping_pong", "is_varlen_q"):
+        for key in (
+            "head_dim",
+            "head_dim_v",
+            "qhead_per_kvhead",
+            "is_causal",
+            "is_local",
+            "is_split_kv",
+            "pack_gqa",
+            "m_block_size",
+            "n_block_size",
+            "q_stage",
+            "use_2cta_instrs",
+            "use_clc_scheduler",
+            "has_tile_count_semaphore",
+            "use_s_ping_pong",
+            "is_varlen_q",
+        ):
             assert ours[key] == fa4[key], f"{case}: {key} ours={ours[key]} FA4={fa4[key]}"
         if not ours["has_tile_count_semaphore"]:  # the dynamic scheduler overrides static persistence
             assert ours["is_static_persistent"] == fa4["is_static_persistent"], case
@@ -147,8 +284,20 @@ def test_sm90_dispatch_matches_fa4():
     got = _oracle("sm_90a", 132, SM90_CASES)
     for case, fa4 in zip(SM90_CASES, got):
         ours = constructor_kwargs(decide(_call("sm_90a", 132, case)).fields)
-        for key in ("head_dim", "head_dim_v", "qhead_per_kvhead", "is_causal", "is_local", "pack_gqa", "tile_m",
-                    "tile_n", "num_stages", "num_threads", "intra_wg_overlap", "mma_pv_is_rs"):
+        for key in (
+            "head_dim",
+            "head_dim_v",
+            "qhead_per_kvhead",
+            "is_causal",
+            "is_local",
+            "pack_gqa",
+            "tile_m",
+            "tile_n",
+            "num_stages",
+            "num_threads",
+            "intra_wg_overlap",
+            "mma_pv_is_rs",
+        ):
             assert ours[key] == fa4[key], f"{case}: {key} ours={ours[key]} FA4={fa4[key]}"
         assert str(ours["dtype"]) == fa4["dtype"]
 

@@ -34,8 +34,9 @@ def test_sm90_forward_dispatch_and_launch(sm90):
     rt, drv = sm90
     b, s, h, d = 2, 1000, 16, 128
     out = t(3, (b, s, h, d))
-    res, lse = fa4aot.flash_attn_func(t(0, (b, s, h, d)), t(1, (b, s, h, d)), t(2, (b, s, h, d)), causal=True,
-                                      out=out, stream=5, runtime=rt)
+    res, lse = fa4aot.flash_attn_func(
+        t(0, (b, s, h, d)), t(1, (b, s, h, d)), t(2, (b, s, h, d)), causal=True, out=out, stream=5, runtime=rt
+    )
     assert res is out and lse is None
     (launch,) = drv.launches
     (lv,) = rt._loaded.values()
@@ -49,7 +50,9 @@ def test_sm90_forward_dispatch_and_launch(sm90):
 def test_sm100_2cta_prefill_dispatch(sm100):
     rt, drv = sm100
     b, s, h, d = 2, 1024, 16, 128
-    fa4aot.flash_attn_func(t(0, (b, s, h, d)), t(1, (b, s, h, d)), t(2, (b, s, h, d)), out=t(3, (b, s, h, d)), runtime=rt)
+    fa4aot.flash_attn_func(
+        t(0, (b, s, h, d)), t(1, (b, s, h, d)), t(2, (b, s, h, d)), out=t(3, (b, s, h, d)), runtime=rt
+    )
     (launch,) = drv.launches
     (lv,) = rt._loaded.values()
     assert lv.variant.fields["two_cta"] and lv.variant.fields["scheduler"] == "static"
@@ -65,8 +68,9 @@ def test_sm100_varlen_split_runs_prepare_forward_combine(sm100):
     out = t(3, (total_q, h, d))
     # raw pointers cannot get split-KV scratch buffers allocated for them
     with pytest.raises(ArgumentError, match="pass out="):
-        fa4aot.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_seqlen_q=1, max_seqlen_k=4000, causal=False,
-                                      num_splits=8, out=out, runtime=rt)
+        fa4aot.flash_attn_varlen_func(
+            q, k, v, cu_q, cu_k, max_seqlen_q=1, max_seqlen_k=4000, causal=False, num_splits=8, out=out, runtime=rt
+        )
     assert drv.launches == []
 
 
@@ -92,8 +96,9 @@ def test_sm100_varlen_split_sequence(sm100, framework_alloc):
     q, k, v = t(0, (total_q, h, d)), t(1, (total_k, hk, d)), t(2, (total_k, hk, d))
     cu_q, cu_k = t(4, (b + 1,), "int32"), t(5, (b + 1,), "int32")
     out = t(3, (total_q, h, d))
-    res, lse = fa4aot.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_seqlen_q=1, max_seqlen_k=4000,
-                                             num_splits=8, out=out, stream=9, runtime=rt)
+    res, lse = fa4aot.flash_attn_varlen_func(
+        q, k, v, cu_q, cu_k, max_seqlen_q=1, max_seqlen_k=4000, num_splits=8, out=out, stream=9, runtime=rt
+    )
     assert res is out and lse is None
     prepare, fwd, comb = drv.launches
     assert [x.stream for x in drv.launches] == [9, 9, 9]
@@ -107,16 +112,32 @@ def test_sm100_varlen_split_sequence(sm100, framework_alloc):
     assert lse_partial.shape == (8, h, total_q)
     # metadata buffers are cached per (stream, configuration): a second call allocates nothing new
     n_allocs = len(drv.allocs)
-    fa4aot.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_seqlen_q=1, max_seqlen_k=4000, num_splits=8, out=out,
-                                  stream=9, runtime=rt)
+    fa4aot.flash_attn_varlen_func(
+        q, k, v, cu_q, cu_k, max_seqlen_q=1, max_seqlen_k=4000, num_splits=8, out=out, stream=9, runtime=rt
+    )
     assert len(drv.allocs) == n_allocs and len(drv.launches) == 6 and drv.memsets == []
     # caller-provided metadata: no prepare launch, and the semaphore is reset after the forward
     md = fa4aot.SchedulerMetadata(b, h, hk, d, runtime=rt)
     md.compute(max_seqlen_q=1, max_seqlen_k=4000, num_splits=8, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, stream=9)
     n = len(drv.launches)
-    fa4aot.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_seqlen_q=1, max_seqlen_k=4000, num_splits=8, out=out,
-                                  scheduler_metadata=md, stream=9, runtime=rt)
-    assert [families.get(x.kernel, None) and families[x.kernel].family for x in drv.launches[n:]] == ["fwd_sm100", "combine"]
+    fa4aot.flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_q,
+        cu_k,
+        max_seqlen_q=1,
+        max_seqlen_k=4000,
+        num_splits=8,
+        out=out,
+        scheduler_metadata=md,
+        stream=9,
+        runtime=rt,
+    )
+    assert [families.get(x.kernel, None) and families[x.kernel].family for x in drv.launches[n:]] == [
+        "fwd_sm100",
+        "combine",
+    ]
     assert drv.memsets == [(md.tile_count_semaphore.ptr, 0, 1, 9)]
 
 
@@ -124,7 +145,9 @@ def test_missing_forward_variant_names_manifest_entry(sm90):
     rt, drv = sm90
     b, s, h, d = 2, 100, 16, 96
     with pytest.raises(VariantNotFoundError, match=r"families.fwd_sm90: - \{.*head_dims: \[\[96, 96\]\]"):
-        fa4aot.flash_attn_func(t(0, (b, s, h, d)), t(1, (b, s, h, d)), t(2, (b, s, h, d)), out=t(3, (b, s, h, d)), runtime=rt)
+        fa4aot.flash_attn_func(
+            t(0, (b, s, h, d)), t(1, (b, s, h, d)), t(2, (b, s, h, d)), out=t(3, (b, s, h, d)), runtime=rt
+        )
     assert drv.launches == []
 
 
@@ -135,7 +158,10 @@ def test_missing_forward_variant_names_manifest_entry(sm90):
         (dict(k=t(1, (2, 100, 16, 128), "fp16")), "k: dtype must be bf16"),
         (dict(q=t(0, (2, 100, 16, 128), offset=8)), "q: base address .* not 16-byte aligned"),
         (dict(q=t(0, (2, 100, 16, 128), strides=(100 * 16 * 132, 16 * 132, 132, 1))), "q: stride 2 is 132 elements"),
-        (dict(q=t(0, (2, 100, 16, 128), strides=(100 * 16 * 256, 16 * 256, 256, 2))), "q: dimension 3 must be contiguous"),
+        (
+            dict(q=t(0, (2, 100, 16, 128), strides=(100 * 16 * 256, 16 * 256, 256, 2))),
+            "q: dimension 3 must be contiguous",
+        ),
         (dict(k=t(1, (2, 100, 16, 64))), "k .* and v .* must agree"),
         (dict(k=t(1, (2, 100, 5, 128)), v=t(2, (2, 100, 5, 128))), "multiple of nheads_kv"),
         (dict(out=t(3, (2, 100, 16, 64))), r"out: expected shape \(2, 100, 16, 128\)"),
@@ -145,7 +171,9 @@ def test_missing_forward_variant_names_manifest_entry(sm90):
 )
 def test_forward_rejects_bad_arguments(sm90, kw, match):
     rt, drv = sm90
-    a = dict(q=t(0, (2, 100, 16, 128)), k=t(1, (2, 100, 16, 128)), v=t(2, (2, 100, 16, 128)), out=t(3, (2, 100, 16, 128)))
+    a = dict(
+        q=t(0, (2, 100, 16, 128)), k=t(1, (2, 100, 16, 128)), v=t(2, (2, 100, 16, 128)), out=t(3, (2, 100, 16, 128))
+    )
     a.update(kw)
     with pytest.raises(ArgumentError, match=match):
         fa4aot.flash_attn_func(a["q"], a["k"], a["v"], out=a["out"], runtime=rt)

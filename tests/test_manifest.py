@@ -91,8 +91,12 @@ def test_expansion_counts_and_skip_reasons():
 
 
 def test_sm90_tiles_follow_fa4():
-    doc = {"target": {"name": "h100", "arch": "sm_90a", "num_sms": 132},
-           "families": {"fwd_sm90": [{"head_dims": [[64, 64], [96, 96], [128, 128], [256, 256]], "causal": [False, True]}]}}
+    doc = {
+        "target": {"name": "h100", "arch": "sm_90a", "num_sms": 132},
+        "families": {
+            "fwd_sm90": [{"head_dims": [[64, 64], [96, 96], [128, 128], [256, 256]], "causal": [False, True]}]
+        },
+    }
     plan = expand(doc)
     assert len(plan.variants) == 8
     for pv in plan.variants:
@@ -108,10 +112,18 @@ def test_prepare_expands_to_warp_buckets():
 
 
 def test_multi_target_and_duplicates():
-    doc = {"targets": [
-        {"target": {"name": "b200", "arch": "sm_100a", "num_sms": 148}, "families": {"combine": [{"head_dim": 128}, {"head_dim": [128]}]}},
-        {"target": {"name": "h100", "arch": "sm_90a", "num_sms": 132}, "families": {"combine": [{"head_dim": 128}]}},
-    ]}
+    doc = {
+        "targets": [
+            {
+                "target": {"name": "b200", "arch": "sm_100a", "num_sms": 148},
+                "families": {"combine": [{"head_dim": 128}, {"head_dim": [128]}]},
+            },
+            {
+                "target": {"name": "h100", "arch": "sm_90a", "num_sms": 132},
+                "families": {"combine": [{"head_dim": 128}]},
+            },
+        ]
+    }
     plan = expand(doc)
     assert [t.arch for t in plan.targets] == ["sm_100a", "sm_90a"]
     assert len(plan.variants) == 2  # the duplicate group adds nothing

@@ -7,15 +7,14 @@ import struct
 import subprocess
 import sys
 import threading
- 
 
 import pytest
 from conftest import run_cli
-from fa4aot.grids import combine_grid, sm100_forward_grid, sm90_forward_grid
 
 from fa4aot import cubin, samples
 from fa4aot.cache import Cache
 from fa4aot.errors import ArgumentError
+from fa4aot.grids import combine_grid, sm90_forward_grid, sm100_forward_grid
 from fa4aot.layouts import Dims, dims_for
 from fa4aot.runtime.plan import TensorDesc, open_plan, target_answers
 
@@ -76,7 +75,9 @@ def _fwd_2cta(built_cache):
     return cache, es[0]
 
 
-@pytest.mark.parametrize("b,s,h", [(2, 1024, 16), (8, 4096, 32), (3, 1000, 7), (1, 257, 1), (4, 16384, 8), (16, 777, 3)])
+@pytest.mark.parametrize(
+    "b,s,h", [(2, 1024, 16), (8, 4096, 32), (3, 1000, 7), (1, 257, 1), (4, 16384, 8), (16, 777, 3)]
+)
 def test_sm100_forward_2cta_launch(built_cache, b, s, h):
     cache, e = _fwd_2cta(built_cache)
     plan = load_plan(cache, e)
@@ -98,13 +99,16 @@ def test_sm100_decode_and_varlen_shapes_are_recorded(built_cache):
     d = Dims(batch=64, seqlen_q=1, seqlen_k=8192, nheads=32, nheads_kv=4)
     (launch,) = plan.plan(plan.order(samples.named_args(dec[0].variant, d)))
     assert launch.cluster is None and launch.block == (512, 1, 1)
-    assert launch.grid == sm100_forward_grid(dec[0].variant.fields, batch=64, seqlen_q=1, nheads=32, nheads_kv=4, num_sms=148)
+    assert launch.grid == sm100_forward_grid(
+        dec[0].variant.fields, batch=64, seqlen_q=1, nheads=32, nheads_kv=4, num_sms=148
+    )
     cache, var = entries(built_cache, "fwd_sm100", varlen_q=True, split_kv=False)
     plan = load_plan(cache, var[0])
     d = Dims(batch=5, seqlen_q=3000, seqlen_k=3000, nheads=16, nheads_kv=16, total_q=5000, total_k=6000)
     (launch,) = plan.plan(plan.order(samples.named_args(var[0].variant, d)))
-    assert launch.grid == sm100_forward_grid(var[0].variant.fields, batch=5, seqlen_q=3000, nheads=16, nheads_kv=16,
-                                             num_sms=148, total_q=5000)
+    assert launch.grid == sm100_forward_grid(
+        var[0].variant.fields, batch=5, seqlen_q=3000, nheads=16, nheads_kv=16, num_sms=148, total_q=5000
+    )
 
 
 def test_sm90_and_combine_grids(built_cache):
@@ -114,7 +118,9 @@ def test_sm90_and_combine_grids(built_cache):
         d = dims_for(e.variant, batch=3, seqlen_q=1000, seqlen_k=1000)
         (launch,) = plan.plan(plan.order(samples.named_args(e.variant, d)))
         assert launch.block == (384, 1, 1) and launch.smem == 164864
-        assert launch.grid == sm90_forward_grid(e.variant.fields, batch=3, seqlen_q=1000, nheads=d.nheads, nheads_kv=d.nheads_kv)
+        assert launch.grid == sm90_forward_grid(
+            e.variant.fields, batch=3, seqlen_q=1000, nheads=d.nheads, nheads_kv=d.nheads_kv
+        )
     cache, es = entries(built_cache, "combine")
     for e in es:
         plan = load_plan(cache, e)
@@ -134,8 +140,14 @@ def _never_written(plan, flat_args) -> set[int]:
 
 def _moved(plan, base_named, changed_named, mask) -> dict[int, list[int]]:
     """{param ordinal: [byte offsets inside it]} that differ between two argument sets."""
-    a = bytes(plan.call(plan.flatten(plan.order(base_named)), pattern=0x00).launches[0].params[: plan.kernels[0].param_bytes])
-    b = bytes(plan.call(plan.flatten(plan.order(changed_named)), pattern=0x00).launches[0].params[: plan.kernels[0].param_bytes])
+    a = bytes(
+        plan.call(plan.flatten(plan.order(base_named)), pattern=0x00).launches[0].params[: plan.kernels[0].param_bytes]
+    )
+    b = bytes(
+        plan.call(plan.flatten(plan.order(changed_named)), pattern=0x00)
+        .launches[0]
+        .params[: plan.kernels[0].param_bytes]
+    )
     k = plan.kernels[0]
     out: dict[int, list[int]] = {}
     for i in range(len(a)):
@@ -156,7 +168,7 @@ def _check_moves(plan, named, ptr_name, scale_name=None):
     t = named[ptr_name]
     moved = _moved(plan, named, {**named, ptr_name: t._replace(ptr=t.ptr + 4096)}, mask)
     assert len(moved) == 1
-    (o, offs), = moved.items()
+    ((o, offs),) = moved.items()
     base = bytes(plan.call(flat).launches[0].params[: k.param_bytes])
     at = base.find(struct.pack("<Q", t.ptr))
     assert k.param_offsets[o] <= at and set(offs) <= set(range(at - k.param_offsets[o], at - k.param_offsets[o] + 8))
@@ -168,7 +180,7 @@ def _check_moves(plan, named, ptr_name, scale_name=None):
     report = {ptr_name + ".ptr": sorted(moved), ptr_name + ".stride[0]": sorted(moved_stride)}
     if scale_name:
         moved_scale = _moved(plan, named, {**named, scale_name: named[scale_name] * 2}, mask)
-        (so, sv), = moved_scale.items()
+        ((so, sv),) = moved_scale.items()
         assert k.param_sizes[so] == 4
         new = plan.call(plan.flatten(plan.order({**named, scale_name: named[scale_name] * 2}))).launches[0]
         (val,) = struct.unpack_from("<f", bytes(new.params[k.param_offsets[so] : k.param_offsets[so] + 4]))
@@ -275,8 +287,14 @@ def test_plans_run_without_dsl_torch_or_libcuda(built_cache):
 
 def test_launch_plan_cli(built_cache):
     cache, e = _fwd_2cta(built_cache)
-    out = run_cli("launch-plan", e.key[:10], "--cache", str(built_cache),
-                  "--shape", "batch=8,seqlen_q=4096,seqlen_k=4096,nheads=32,nheads_kv=32").stdout
+    out = run_cli(
+        "launch-plan",
+        e.key[:10],
+        "--cache",
+        str(built_cache),
+        "--shape",
+        "batch=8,seqlen_q=4096,seqlen_k=4096,nheads=32,nheads_kv=32",
+    ).stdout
     assert "grid (148, 1, 1) block (512, 1, 1) smem 232448 cluster (2, 1, 1)" in out
     assert "+0: &q" in out and "+0: &out" in out
     n_params = len(e.meta["kernels"][0]["params"])

@@ -14,7 +14,7 @@ from fake_driver import FakeDriver
 import fa4aot
 from fa4aot import samples
 from fa4aot.cache import Cache
-from fa4aot.errors import ArgumentError, CorruptArtifactError, DeviceMismatchError, VariantNotFoundError
+from fa4aot.errors import ArgumentError, CorruptArtifactError, DeviceMismatchError, LaunchError, VariantNotFoundError
 from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.metadata import SchedulerMetadata
 from fa4aot.runtime.tensors import RawTensor, as_device_tensor, stream_handle
@@ -56,36 +56,70 @@ def test_combine_launch_path(runtime):
     lv = next(iter(rt._loaded.values()))
     assert lv.variant.fields["num_head"] == 16 and lv.variant.fields["has_lse"]
     # the launch is exactly what the plan records for these arguments
-    (want,) = lv.plan.plan(lv.plan.order(dict(
-        out_partial=as_device_tensor(op, "x") and samples.TensorDesc(op.ptr, op.shape, as_device_tensor(op, "x").strides),
-        lse_partial=samples.TensorDesc(lp.ptr, lp.shape, lp.strides),
-        out=samples.TensorDesc(out.ptr, out.shape, as_device_tensor(out, "o").strides),
-        lse=samples.TensorDesc(ls.ptr, ls.shape, ls.strides), stream=0x1234)))
+    (want,) = lv.plan.plan(
+        lv.plan.order(
+            dict(
+                out_partial=as_device_tensor(op, "x")
+                and samples.TensorDesc(op.ptr, op.shape, as_device_tensor(op, "x").strides),
+                lse_partial=samples.TensorDesc(lp.ptr, lp.shape, lp.strides),
+                out=samples.TensorDesc(out.ptr, out.shape, as_device_tensor(out, "o").strides),
+                lse=samples.TensorDesc(ls.ptr, ls.shape, ls.strides),
+                stream=0x1234,
+            )
+        )
+    )
     assert (launch.grid, launch.block, launch.smem, launch.stream) == (want.grid, want.block, want.smem, 0x1234)
     # module load applied the attributes the plan asked for (max dynamic smem, non-portable cluster)
     assert {(a, v) for _, a, v, _ in drv.set_attributes} == {(8, 232448), (14, 1)}
     # the parameter pointers handed to cuLaunchKernelEx point at the recorded parameter bytes
     _sizes(rt, drv)
     fa4aot.combine(op, lp, out, ls, stream=0x1234, runtime=rt)
-    assert b"".join(drv.launches[-1].params)[:8] == op.ptr.to_bytes(8, "little")
+    sizes = [size for _, _, size in sorted(lv.entry.meta["kernels"][0]["params"])]
+    assert [len(p) for p in drv.launches[-1].params] == sizes  # one pointer per KPARAM_INFO entry
+    assert drv.launches[-1].params[0][:8] == op.ptr.to_bytes(8, "little")
+    # a driver error surfaces as LaunchError with the CUresult
+    drv.launch_result = 700
+    with pytest.raises(LaunchError, match="CUresult 700"):
+        fa4aot.combine(op, lp, out, ls, stream=0x1234, runtime=rt)
 
 
 @pytest.mark.parametrize(
     "mutate, match",
     [
         (lambda a: a.update(op=raw((5, 2, 100, 16, 128), "bf16")), "out_partial: dtype must be fp32"),
-        (lambda a: a.update(op=raw((5, 2, 100, 16, 128), offset=4)), "out_partial: base address .* not 16-byte aligned"),
-        (lambda a: a.update(out=raw((2, 100, 16, 128), "bf16", offset=2, index=2)), "out: base address .* not 8-byte aligned"),
+        (
+            lambda a: a.update(op=raw((5, 2, 100, 16, 128), offset=4)),
+            "out_partial: base address .* not 16-byte aligned",
+        ),
+        (
+            lambda a: a.update(out=raw((2, 100, 16, 128), "bf16", offset=2, index=2)),
+            "out: base address .* not 8-byte aligned",
+        ),
         (lambda a: a.update(out=raw((2, 100, 16, 64), "bf16", index=2)), r"out: expected shape \(2, 100, 16, 128\)"),
         (lambda a: a.update(lp=raw((5, 2, 100, 16), index=1)), "lse_partial: dimension 2 must be contiguous"),
-        (lambda a: a.update(op=raw((5, 2, 100, 16, 128), strides=(2 * 100 * 16 * 128, 100 * 16 * 128, 16 * 128, 130, 1))),
-         "out_partial: stride 3 is 130 elements; the kernel needs multiples of 4"),
-        (lambda a: a.update(op=raw((5, 2, 100, 16, 128), strides=(2 * 100 * 16 * 256, 100 * 16 * 256, 16 * 256, 256, 2))),
-         "out_partial: dimension 4 must be contiguous"),
-        (lambda a: a.update(op=raw((300, 2, 100, 16, 128)), lp=raw((300, 2, 100, 16), strides=(3200, 1600, 1, 100), index=1)),
-         "300 splits"),
+        (
+            lambda a: a.update(
+                op=raw((5, 2, 100, 16, 128), strides=(2 * 100 * 16 * 128, 100 * 16 * 128, 16 * 128, 130, 1))
+            ),
+            "out_partial: stride 3 is 130 elements; the kernel needs multiples of 4",
+        ),
+        (
+            lambda a: a.update(
+                op=raw((5, 2, 100, 16, 128), strides=(2 * 100 * 16 * 256, 100 * 16 * 256, 16 * 256, 256, 2))
+            ),
+            "out_partial: dimension 4 must be contiguous",
+        ),
+        (
+            lambda a: a.update(
+                op=raw((300, 2, 100, 16, 128)), lp=raw((300, 2, 100, 16), strides=(3200, 1600, 1, 100), index=1)
+            ),
+            "300 splits",
+        ),
         (lambda a: a.update(op=RawTensor(BASE, (5, 2, 100, 16, 128), "fp32", device=1)), "out_partial: is on cuda:1"),
-        (lambda a: a.update(ls=raw((2, 100, 8), strides=(800, 1, 100), index=3)), r"lse: expected shape \(2, 100, 16\)"),
+        (
+            lambda a: a.update(ls=raw((2, 100, 8), strides=(800, 1, 100), index=3)),
+            r"lse: expected shape \(2, 100, 16\)",
+        ),
         (lambda a: a.update(op=object()), "out_partial: expected a CUDA tensor"),
     ],
 )
@@ -156,7 +190,14 @@ def test_scheduler_metadata_compute_and_reset(runtime):
     md = SchedulerMetadata(20, 16, 4, 128, runtime=rt)
     assert md.num_nheads_in_l2 is None and md.fields["pack_gqa"] and md.fields["num_warps"] == 1
     cu = raw((21,), "int32", index=5)
-    md.compute(max_seqlen_q=100, max_seqlen_k=4000, num_splits=16, cu_seqlens_q=cu, cu_seqlens_k=raw((21,), "int32", index=6), stream=7)
+    md.compute(
+        max_seqlen_q=100,
+        max_seqlen_k=4000,
+        num_splits=16,
+        cu_seqlens_q=cu,
+        cu_seqlens_k=raw((21,), "int32", index=6),
+        stream=7,
+    )
     (launch,) = drv.launches
     assert launch.grid == (1, 1, 1) and launch.block == (32, 1, 1) and launch.stream == 7
     md.reset_semaphore(stream=7)
@@ -171,7 +212,13 @@ def test_scheduler_metadata_compute_and_reset(runtime):
 
 def test_stream_and_tensor_protocols():
     class CAI:
-        __cuda_array_interface__ = {"shape": (2, 3), "typestr": "<f2", "data": (4096, False), "strides": (12, 2), "version": 3}
+        __cuda_array_interface__ = {
+            "shape": (2, 3),
+            "typestr": "<f2",
+            "data": (4096, False),
+            "strides": (12, 2),
+            "version": 3,
+        }
 
     t = as_device_tensor(CAI(), "x")
     assert (t.ptr, t.shape, t.strides, t.dtype) == (4096, (2, 3), (6, 1), "fp16")
@@ -209,13 +256,16 @@ print(len(drv.launches), banned)
 
 
 def test_runtime_path_imports_no_dsl_torch_or_build_code(built_cache):
-    out = subprocess.run([sys.executable, "-c", ISOLATED, str(built_cache), str(Path(__file__).parent)],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", ISOLATED, str(built_cache), str(Path(__file__).parent)], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "2 []"
 
 
 def test_import_fa4aot_is_lazy():
-    code = "import sys, fa4aot; print(sorted(m for m in sys.modules if m.startswith(('cuda', 'fa4aot.runtime', 'yaml'))))"
+    code = (
+        "import sys, fa4aot; print(sorted(m for m in sys.modules if m.startswith(('cuda', 'fa4aot.runtime', 'yaml'))))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "[]"

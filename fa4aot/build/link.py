@@ -20,9 +20,19 @@ def link_plan(host_object: Path, out: Path) -> None:
     """
     cc = c_compiler()
     cmd = [
-        cc, "-shared", "-fPIC", "-O2", "-fvisibility=hidden", "-std=c11",
-        "-Wl,-z,defs", "-Wl,-Bsymbolic", "-Wl,--build-id=none",
-        "-o", str(out), str(SHIM_SOURCE), str(host_object),
+        cc,
+        "-shared",
+        "-fPIC",
+        "-O2",
+        "-fvisibility=hidden",
+        "-std=c11",
+        "-Wl,-z,defs",
+        "-Wl,-Bsymbolic",
+        "-Wl,--build-id=none",
+        "-o",
+        str(out),
+        str(SHIM_SOURCE),
+        str(host_object),
     ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

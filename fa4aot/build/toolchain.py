@@ -44,8 +44,7 @@ def c_compiler() -> str:
     from fa4aot.errors import ToolchainError
 
     raise ToolchainError(
-        "no C compiler found (set $CC or install gcc/clang): launch plans are linked with the "
-        "system C toolchain"
+        "no C compiler found (set $CC or install gcc/clang): launch plans are linked with the system C toolchain"
     )
 
 

@@ -39,22 +39,34 @@ def combine(
     dev = rt.device
     varlen = cu_seqlens is not None
     rank = 4 if varlen else 5
-    op = validate.tensor(out_partial, "out_partial", dtypes=("fp32",), rank=rank, device=dev, align=16, stride_multiple=4)
+    op = validate.tensor(
+        out_partial, "out_partial", dtypes=("fp32",), rank=rank, device=dev, align=16, stride_multiple=4
+    )
     splits, head_dim, heads = op.shape[0], op.shape[-1], op.shape[-2]
     rows = op.shape[1:-2]  # (batch, seqlen) or (total_q,)
     if not 1 <= splits <= MAX_SPLITS:
         raise ArgumentError(f"out_partial: {splits} splits; FA4's combine takes 1..{MAX_SPLITS}")
-    lp = validate.tensor(lse_partial, "lse_partial", dtypes=("fp32",), rank=rank - 1, device=dev, align=4,
-                         contiguous_dim=1 if varlen else 2)
+    lp = validate.tensor(
+        lse_partial,
+        "lse_partial",
+        dtypes=("fp32",),
+        rank=rank - 1,
+        device=dev,
+        align=4,
+        contiguous_dim=1 if varlen else 2,
+    )
     validate.shape(lp, "lse_partial", (splits, *rows, heads), "out_partial's shape without head_dim")
-    o = validate.tensor(out, "out", dtypes=("bf16", "fp16", "fp32"), rank=rank - 1, device=dev, align=8,
-                        stride_multiple=4)
+    o = validate.tensor(
+        out, "out", dtypes=("bf16", "fp16", "fp32"), rank=rank - 1, device=dev, align=8, stride_multiple=4
+    )
     if o.dtype == "fp32" and o.ptr % 16:
         raise ArgumentError(f"out: base address 0x{o.ptr:x} is not 16-byte aligned")
     validate.shape(o, "out", (*rows, heads, head_dim), "out_partial's shape without splits")
     named: dict[str, Any] = {"out_partial": op, "lse_partial": lp, "out": o}
     if lse is not None:
-        ls = validate.tensor(lse, "lse", dtypes=("fp32",), rank=rank - 2, device=dev, align=4, contiguous_dim=0 if varlen else 1)
+        ls = validate.tensor(
+            lse, "lse", dtypes=("fp32",), rank=rank - 2, device=dev, align=4, contiguous_dim=0 if varlen else 1
+        )
         validate.shape(ls, "lse", (*rows, heads), "out's shape without head_dim")
         named["lse"] = ls
     if varlen:
@@ -75,13 +87,32 @@ def combine(
         named["num_splits_dynamic"] = nsd
     named["stream"] = stream_handle(stream)
 
-    key = ("combine", o.dtype, head_dim, heads, splits, varlen, seqused is not None, lse is not None,
-           num_splits_dynamic is not None)
+    key = (
+        "combine",
+        o.dtype,
+        head_dim,
+        heads,
+        splits,
+        varlen,
+        seqused is not None,
+        lse is not None,
+        num_splits_dynamic is not None,
+    )
     lv = rt.memo.get(key)
     if lv is None:
-        lv = rt.memo[key] = _pick(rt, splits, dict(
-            dtype=o.dtype, head_dim=head_dim, num_head=heads, varlen=varlen, seqused=seqused is not None,
-            has_lse=lse is not None, num_splits_dynamic=num_splits_dynamic is not None))
+        lv = rt.memo[key] = _pick(
+            rt,
+            splits,
+            dict(
+                dtype=o.dtype,
+                head_dim=head_dim,
+                num_head=heads,
+                varlen=varlen,
+                seqused=seqused is not None,
+                has_lse=lse is not None,
+                num_splits_dynamic=num_splits_dynamic is not None,
+            ),
+        )
     rt.launch(lv, lv.plan.pack(named), named["stream"])
 
 

@@ -102,7 +102,9 @@ class CudaDriver:
     def kernel_attribute(self, kernel: Any, attr: int, device: int) -> int:
         d = self._d
         dev = self._check(d.cuDeviceGet(device), "cuDeviceGet")
-        return int(self._check(d.cuKernelGetAttribute(d.CUfunction_attribute(attr), kernel, dev), "cuKernelGetAttribute"))
+        return int(
+            self._check(d.cuKernelGetAttribute(d.CUfunction_attribute(attr), kernel, dev), "cuKernelGetAttribute")
+        )
 
     def set_kernel_attribute(self, kernel: Any, attr: int, value: int, device: int) -> None:
         d = self._d
@@ -131,6 +133,16 @@ class CudaDriver:
 
     # -- launches ------------------------------------------------------------------------------
 
+    def launch_function(self) -> int:
+        """Address of the driver's ``cuLaunchKernelEx`` (from cuda-python's ``cuGetProcAddress``):
+        plans call it directly with the launch they recorded."""
+        d = self._d
+        res = d.cuGetProcAddress(b"cuLaunchKernelEx", 12000, d.CUdriverProcAddress_flags.CU_GET_PROC_ADDRESS_DEFAULT)
+        pfn = self._check(res[:2], "cuGetProcAddress(cuLaunchKernelEx)")
+        if not pfn:
+            raise CudaError("the CUDA driver does not provide cuLaunchKernelEx (CUDA 12.0 or newer needed)")
+        return int(pfn)
+
     def stream(self, handle: int) -> Any:
         s = self._streams.get(handle)
         if s is None:
@@ -138,49 +150,3 @@ class CudaDriver:
             with self._lock:
                 self._streams[handle] = s
         return s
-
-    def make_launcher(self, kernel: Any) -> "Launcher":
-        return Launcher(self, kernel)
-
-
-class Launcher:
-    """Launches one kernel with ``cuLaunchKernelEx``; the config object and its attributes are
-    built once and only the changing fields are set per call. One per thread (not shared)."""
-
-    def __init__(self, driver: CudaDriver, kernel: Any):
-        d = driver._d
-        self._driver = driver
-        self._launch = d.cuLaunchKernelEx
-        self._fn = d.CUfunction(int(kernel))  # a CUkernel is accepted where a CUfunction is
-        self._config = d.CUlaunchConfig()
-        self._attr_key: tuple | None = None
-        self._d = d
-
-    def launch(self, grid, block, smem: int, stream: int, attrs: tuple, params_ptr: int) -> None:
-        """``attrs``: ((id, value tuple), ...), e.g. ((4, (2, 1, 1)),) for a 2x1x1 cluster."""
-        cfg = self._config
-        cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid
-        cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = block
-        cfg.sharedMemBytes = smem
-        cfg.hStream = self._driver.stream(stream)
-        if attrs != self._attr_key:
-            cfg.attrs = [self._attribute(aid, val) for aid, val in attrs]
-            cfg.numAttrs = len(attrs)
-            self._attr_key = attrs
-        err = self._launch(cfg, self._fn, params_ptr, 0)[0]
-        if int(err) != 0:
-            self._driver._check((err,), "cuLaunchKernelEx")
-
-    def _attribute(self, aid: int, val: tuple) -> Any:
-        d = self._d
-        a = d.CUlaunchAttribute()
-        a.id = d.CUlaunchAttributeID(aid)
-        if aid == 4:  # cluster dimension
-            a.value.clusterDim.x, a.value.clusterDim.y, a.value.clusterDim.z = val
-        elif aid == 2:
-            a.value.cooperative = val[0]
-        elif aid == 6:
-            a.value.programmaticStreamSerializationAllowed = val[0]
-        else:
-            raise CudaError(f"launch attribute {aid} recorded by the plan is not supported by fa4aot")
-        return a

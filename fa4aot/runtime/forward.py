@@ -47,8 +47,27 @@ def flash_attn_func(
     """Attention over ``q`` (batch, seqlen_q, nheads, head_dim), ``k`` (batch, seqlen_k,
     nheads_kv, head_dim), ``v`` (batch, seqlen_k, nheads_kv, head_dim_v); returns ``(out, lse)``
     with ``out`` (batch, seqlen_q, nheads, head_dim_v) and ``lse`` (batch, nheads, seqlen_q) fp32."""
-    return _forward(q, k, v, None, None, None, None, None, None, softmax_scale, causal, window_size, num_splits,
-                    pack_gqa, return_lse, out, None, stream, runtime)
+    return _forward(
+        q,
+        k,
+        v,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        softmax_scale,
+        causal,
+        window_size,
+        num_splits,
+        pack_gqa,
+        return_lse,
+        out,
+        None,
+        stream,
+        runtime,
+    )
 
 
 def flash_attn_varlen_func(
@@ -80,13 +99,50 @@ def flash_attn_varlen_func(
     tile and scheduler choices depend on them; they must bound every sequence).
     ``scheduler_metadata``: a :class:`fa4aot.SchedulerMetadata` computed for this batch (split-KV
     varlen; reuse it across layers); without it fa4aot runs the prepare kernel itself."""
-    return _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
-                    softmax_scale, causal, window_size, num_splits, pack_gqa, return_lse, out, scheduler_metadata,
-                    stream, runtime)
+    return _forward(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        seqused_q,
+        seqused_k,
+        softmax_scale,
+        causal,
+        window_size,
+        num_splits,
+        pack_gqa,
+        return_lse,
+        out,
+        scheduler_metadata,
+        stream,
+        runtime,
+    )
 
 
-def _forward(q, k, v, cu_q, cu_k, max_q, max_k, su_q, su_k, softmax_scale, causal, window_size, num_splits,
-             pack_gqa, return_lse, out, metadata, stream, runtime) -> tuple[Any, Any]:
+def _forward(
+    q,
+    k,
+    v,
+    cu_q,
+    cu_k,
+    max_q,
+    max_k,
+    su_q,
+    su_k,
+    softmax_scale,
+    causal,
+    window_size,
+    num_splits,
+    pack_gqa,
+    return_lse,
+    out,
+    metadata,
+    stream,
+    runtime,
+) -> tuple[Any, Any]:
     rt = runtime or default_runtime()
     dev = rt.device
     varlen_q, varlen_k = cu_q is not None, cu_k is not None
@@ -129,14 +185,34 @@ def _forward(q, k, v, cu_q, cu_k, max_q, max_k, su_q, su_k, softmax_scale, causa
     validate.fits_int32(max_k, "max_seqlen_k")
 
     wl, wr = window_size if window_size is not None else (None, None)
-    call = Call(rt.target.arch, rt.target.num_sms, qd.dtype, batch, max_q, max_k, nheads, nheads_kv, head_dim,
-                head_dim_v, bool(causal), wl, wr, varlen_q, varlen_k, su_q is not None, su_k is not None,
-                num_splits, pack_gqa, bool(return_lse), metadata is not None)
-    hit = rt.memo.get(call)
+    key = (
+        qd.dtype,
+        batch,
+        max_q,
+        max_k,
+        nheads,
+        nheads_kv,
+        head_dim,
+        head_dim_v,
+        bool(causal),
+        wl,
+        wr,
+        varlen_q,
+        varlen_k,
+        su_q is not None,
+        su_k is not None,
+        num_splits,
+        pack_gqa,
+        bool(return_lse),
+        metadata is not None,
+    )
+    hit = rt.memo.get(key)
     if hit is None:
+        call = Call(rt.target.arch, rt.target.num_sms, *key)
         d = decide(call)
-        hit = rt.memo[call] = (d, rt.load(rt.variant_for(rt.target.arch == "sm_90a" and "fwd_sm90" or "fwd_sm100", **d.fields)))
-    d, lv = hit
+        lv = rt.load(rt.variant_for("fwd_sm90" if rt.target.arch == "sm_90a" else "fwd_sm100", **d.fields))
+        hit = rt.memo[key] = (d, lv, call, any(a.name == "max_seqlen_q" for a in lv.plan.signature))
+    d, lv, call, takes_max_q = hit
     split = d.fields.get("split_kv", False)
     if metadata is not None and not (varlen_q or su_q is not None):
         raise ArgumentError("scheduler_metadata is for varlen queries (cu_seqlens_q or seqused_q)")
@@ -173,14 +249,23 @@ def _forward(q, k, v, cu_q, cu_k, max_q, max_k, su_q, su_k, softmax_scale, causa
             named[name] = as_device_tensor(getattr(md, name), name)
         if d.causal:
             named["num_nheads_in_l2"] = as_device_tensor(md.num_nheads_in_l2, "num_nheads_in_l2")
-    if "max_seqlen_q" in {a.name for a in lv.plan.signature}:
+    if takes_max_q:
         named["max_seqlen_q"] = max_q
     named["stream"] = s
     rt.launch(lv, lv.plan.pack(named), s)
     if split:
         lse_c = _transposed(lse) if lse is not None else None
-        combine(out_partial, _transposed(lse_partial), out, lse_c, cu_seqlens=cu_q, seqused=su_q if varlen_q else None,
-                num_splits_dynamic=md.num_splits_dynamic if md is not None else None, stream=s, runtime=rt)
+        combine(
+            out_partial,
+            _transposed(lse_partial),
+            out,
+            lse_c,
+            cu_seqlens=cu_q,
+            seqused=su_q if varlen_q else None,
+            num_splits_dynamic=md.num_splits_dynamic if md is not None else None,
+            stream=s,
+            runtime=rt,
+        )
     if metadata is not None and md is metadata:
         md.reset_semaphore(s)  # the forward counted it up; zero it for the next use (FA4 does the same)
     return out, lse
@@ -200,16 +285,43 @@ def _check_metadata(md: SchedulerMetadata, batch: int, d: Decision) -> None:
 def _auto_metadata(rt: Runtime, d: Decision, call: Call, named: dict[str, Any], stream: int) -> SchedulerMetadata:
     """Prepare-kernel metadata for a split-KV varlen call, like FA4's automatic path. The buffers
     are cached per (stream, configuration), so repeated calls allocate nothing."""
-    key = ("auto-metadata", stream, call.batch, call.nheads, call.nheads_kv, call.head_dim, call.head_dim_v,
-           d.causal, d.fields["pack_gqa"], d.fields["tile_m"], d.fields["tile_n"])
+    key = (
+        "auto-metadata",
+        stream,
+        call.batch,
+        call.nheads,
+        call.nheads_kv,
+        call.head_dim,
+        call.head_dim_v,
+        d.causal,
+        d.fields["pack_gqa"],
+        d.fields["tile_m"],
+        d.fields["tile_n"],
+    )
     md = rt.memo.get(key)
     if md is None:
         md = rt.memo[key] = SchedulerMetadata(
-            call.batch, call.nheads, call.nheads_kv, call.head_dim, call.head_dim_v, causal=d.causal,
-            pack_gqa=d.fields["pack_gqa"], tile_m=d.fields["tile_m"], tile_n=d.fields["tile_n"], runtime=rt)
-    md.compute(max_seqlen_q=call.max_seqlen_q, max_seqlen_k=call.max_seqlen_k, num_splits=d.num_splits,
-               cu_seqlens_q=named.get("cu_seqlens_q"), cu_seqlens_k=named.get("cu_seqlens_k"),
-               seqused_q=named.get("seqused_q"), seqused_k=named.get("seqused_k"), stream=stream)
+            call.batch,
+            call.nheads,
+            call.nheads_kv,
+            call.head_dim,
+            call.head_dim_v,
+            causal=d.causal,
+            pack_gqa=d.fields["pack_gqa"],
+            tile_m=d.fields["tile_m"],
+            tile_n=d.fields["tile_n"],
+            runtime=rt,
+        )
+    md.compute(
+        max_seqlen_q=call.max_seqlen_q,
+        max_seqlen_k=call.max_seqlen_k,
+        num_splits=d.num_splits,
+        cu_seqlens_q=named.get("cu_seqlens_q"),
+        cu_seqlens_k=named.get("cu_seqlens_k"),
+        seqused_q=named.get("seqused_q"),
+        seqused_k=named.get("seqused_k"),
+        stream=stream,
+    )
     return md
 
 
@@ -262,7 +374,9 @@ def _default_stream(ref: Any) -> int:
     """The caller's framework's current stream (FA4 launches on torch's current stream)."""
     fw = _framework(ref)
     if fw == "torch":
-        return sys.modules["torch"].cuda.current_stream(ref.device).cuda_stream
+        torch = sys.modules["torch"]
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # the fast accessor, if present
+        return raw(ref.get_device()) if raw is not None else torch.cuda.current_stream(ref.device).cuda_stream
     if fw == "cupy":
         return sys.modules["cupy"].cuda.get_current_stream().ptr
     return 0

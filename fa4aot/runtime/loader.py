@@ -7,24 +7,23 @@ loads the plan (answering its attribute queries with the real device's values) a
 kernel attributes the plan's module load asked for. Everything after that is per-call work only:
 validate (callers do), run the plan, launch.
 
-Thread safety: variant loading is serialised by a lock; plans keep per-thread state and each
-thread gets its own launcher objects, so launches may come from several threads.
+Thread safety: variant loading is serialised by a lock; plans keep per-thread state (argument
+buffer, recorded launches), so launches may come from several threads.
 """
 
 from __future__ import annotations
 
 import platform
-import struct
 import threading
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from fa4aot.cache import Cache, Entry, default_cache_dir
 from fa4aot.errors import DeviceMismatchError, VariantNotFoundError
 from fa4aot.runtime.plan import (
-    ATTR_CLUSTER_DIMENSION,
     DEV_ATTR_MAX_SMEM_OPTIN,
     FUNC_ATTR_SHARED_SIZE_BYTES,
     Plan,
@@ -44,9 +43,6 @@ class LoadedVariant:
     plan: Plan
     kernels: list[Any]
     handles: list[int]
-    #: per kernel, the byte offset of each parameter (ordinal order) in the parameter buffer
-    param_offsets: list[list[int]] = field(default_factory=list)
-    _local: threading.local = field(default_factory=threading.local)
 
     @property
     def variant(self) -> Variant:
@@ -84,6 +80,7 @@ class Runtime:
                 prev = self._by_id.get(e.variant_id)
                 if prev is None or e.meta.get("created", 0) >= prev.meta.get("created", 0):
                     self._by_id[e.variant_id] = e
+        self._launch_fn = driver.launch_function()
         self._loaded: dict[str, LoadedVariant] = {}
         #: dispatch decisions of the API functions, by their argument signature
         self.memo: dict[tuple, LoadedVariant] = {}
@@ -186,8 +183,7 @@ class Runtime:
             {FUNC_ATTR_SHARED_SIZE_BYTES: static_smem},
             device=self.device,
         )
-        offsets = [[off for _, off, _ in sorted(k["params"])] for k in entry.meta["kernels"]]
-        lv = LoadedVariant(entry, plan, kernels, handles, offsets)
+        lv = LoadedVariant(entry, plan, kernels, handles)
         by_name = dict(zip((k["symbol"] for k in entry.meta["kernels"]), kernels))
         for name, attr, value in load.set_attributes:
             drv.set_kernel_attribute(by_name[name], attr, value, self.device)
@@ -196,60 +192,9 @@ class Runtime:
     # -- launch ----------------------------------------------------------------------------
 
     def launch(self, lv: LoadedVariant, flat_args: list[Any], stream: int) -> int:
-        """Run ``lv``'s plan on already validated, flattened arguments and launch what it records
-        on ``stream``; returns the number of launches."""
-        st = lv.plan.call(flat_args)
-        loc = lv._local
-        launchers = getattr(loc, "launchers", None)
-        if launchers is None:
-            launchers = loc.launchers = {h: self.driver.make_launcher(k) for h, k in zip(lv.handles, lv.kernels)}
-            loc.argv = {}
-        n = st.n_launches
-        for i in range(n):
-            rec = st.launches[i]
-            cached = loc.argv.get((i, rec.kernel, rec.n_attrs))
-            if cached is None:
-                # Launch attributes (cluster shape, ...) are compile-time constants of the
-                # variant's host code, so they are decoded once per launch slot.
-                cached = loc.argv[(i, rec.kernel, rec.n_attrs)] = (_param_pointer_array(lv, rec), _attributes(rec))
-            (argv, attrs) = cached
-            launchers[rec.kernel].launch(
-                (rec.grid[0], rec.grid[1], rec.grid[2]),
-                (rec.block[0], rec.block[1], rec.block[2]),
-                rec.smem,
-                stream,
-                attrs,
-                argv[0],
-            )
-        return n
-
-
-def _param_pointer_array(lv: LoadedVariant, rec: Any) -> tuple[int, Any]:
-    """A ``void*[]`` pointing at each parameter inside this thread's launch record (its address
-    is stable: the record lives in the plan's per-thread state)."""
-    import ctypes
-
-    idx = lv.handles.index(rec.kernel)
-    offsets = lv.param_offsets[idx]
-    base = ctypes.addressof(rec.params)
-    arr = (ctypes.c_void_p * len(offsets))(*(base + off for off in offsets))
-    return ctypes.addressof(arr), arr
-
-
-_ATTR_CACHE: dict[tuple[int, bytes], tuple[int, tuple[int, ...]]] = {}
-
-
-def _attributes(rec: Any) -> tuple:
-    out = []
-    for j in range(rec.n_attrs):
-        aid = rec.attr_id[j]
-        raw = bytes(rec.attr_val[j][:12])
-        key = (aid, raw)
-        val = _ATTR_CACHE.get(key)
-        if val is None:
-            val = _ATTR_CACHE[key] = (aid, struct.unpack_from("<3I", raw) if aid == ATTR_CLUSTER_DIMENSION else (struct.unpack_from("<i", raw)[0],))
-        out.append(val)
-    return tuple(out)
+        """Run ``lv``'s plan on already validated, flattened arguments (the stream among them) and
+        launch what it records with ``cuLaunchKernelEx``; returns the number of launches."""
+        return lv.plan.call_launch(flat_args, self._launch_fn)
 
 
 _DEFAULT: Runtime | None = None

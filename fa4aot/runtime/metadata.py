@@ -57,10 +57,16 @@ class SchedulerMetadata:
         self.runtime = runtime or default_runtime()
         self.batch_size = batch_size
         self.fields = dict(
-            tile_m=tile_m, tile_n=tile_n, nheads=nheads, nheads_kv=nheads_kv, headdim=headdim,
-            headdim_v=headdim if headdim_v is None else headdim_v, causal=causal,
+            tile_m=tile_m,
+            tile_n=tile_n,
+            nheads=nheads,
+            nheads_kv=nheads_kv,
+            headdim=headdim,
+            headdim_v=headdim if headdim_v is None else headdim_v,
+            causal=causal,
             pack_gqa=(nheads > nheads_kv) if pack_gqa is None else pack_gqa,
-            num_warps=prepare_num_warps(batch_size), has_semaphore=True,
+            num_warps=prepare_num_warps(batch_size),
+            has_semaphore=True,
         )
         b = batch_size
         n_vec = 3 if causal else 2
@@ -90,7 +96,7 @@ class SchedulerMetadata:
         seqused_q: Any = None,
         seqused_k: Any = None,
         stream: Any = None,
-    ) -> "SchedulerMetadata":
+    ) -> SchedulerMetadata:
         """Launch the prepare kernel to fill the buffers (and zero the semaphore) on ``stream``."""
         rt = self.runtime
         dev, b = rt.device, self.batch_size

@@ -19,10 +19,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from fa4aot.errors import ArgumentError, PlanError
+from fa4aot.errors import ArgumentError, LaunchError, PlanError
 from fa4aot.signature import Arg, ScalarArg, StreamArg, TensorArg, arg_from_dict, struct_layout
 
-SHIM_ABI = 1
+SHIM_ABI = 2
 MAX_KERNELS = 4
 MAX_PARAMS = 64
 MAX_PARAM_BYTES = 4096
@@ -100,7 +100,7 @@ class _State(ctypes.Structure):
         ("n_launches", _u32),
         ("n_setattrs", _u32),
         ("error", _i32),
-        ("pad1", _u32),
+        ("launch_error", _i32),
         ("error_msg", ctypes.c_char * 256),
         ("setattrs", _SetAttr * MAX_SETATTRS),
         ("launches", _Launch * MAX_LAUNCHES),
@@ -230,6 +230,9 @@ class Plan:
         self._load_fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         self._call_fn.restype = _i32
         self._call_fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _i32, _i32]
+        self._call_launch_fn = self._lib.fa4aot_shim_call_launch
+        self._call_launch_fn.restype = _i32
+        self._call_launch_fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _i32, ctypes.c_void_p]
         self._packer = _make_packer(self.signature)
         fmt, offsets = struct_layout(self.signature)
         self._struct = struct.Struct(fmt)
@@ -289,8 +292,11 @@ class Plan:
             if rc:
                 raise PlanError(f"plan module load failed (cuda error {rc}): {st.error_msg.decode()}")
             sets = tuple(
-                (self._handle_names.get(st.setattrs[i].kernel, hex(st.setattrs[i].kernel)),
-                 st.setattrs[i].attr, st.setattrs[i].value)
+                (
+                    self._handle_names.get(st.setattrs[i].kernel, hex(st.setattrs[i].kernel)),
+                    st.setattrs[i].attr,
+                    st.setattrs[i].value,
+                )
                 for i in range(st.n_setattrs)
             )
             self.module_load = ModuleLoad(st.n_library_loads, st.n_kernel_lookups, sets)
@@ -318,11 +324,6 @@ class Plan:
             argv[n] = base + ret_off
             loc.state, loc.buf, loc.argv = st, buf, argv
         return st, loc.buf, loc.argv
-
-    def pack(self, values: Sequence[Any], buf: Any) -> None:
-        """Pack argument values into ``buf`` following the signature (no checks beyond the
-        struct module's own range checks; :meth:`flatten` does the checking)."""
-        self._struct.pack_into(buf, 0, *values)
 
     def flatten(self, args: Sequence[Any]) -> list[Any]:
         """Validate positional ``args`` against the signature and flatten them to struct fields.
@@ -374,6 +375,22 @@ class Plan:
             raise PlanError(f"plan call failed (cuda error {rc}): {st.error_msg.decode() or 'host code error'}")
         return st
 
+    def call_launch(self, flat: Sequence[Any], launch_fn: int) -> int:
+        """Run the entry with flattened arguments, then launch the recorded launch(es) through
+        ``launch_fn`` (the address of the driver's ``cuLaunchKernelEx``); one foreign call.
+        Returns the number of launches; raises PlanError (nothing launched) or LaunchError."""
+        st, buf, argv = self._thread_state()
+        try:
+            self._struct.pack_into(buf, 0, *flat)
+        except struct.error as e:
+            raise ArgumentError(f"argument out of range for the plan's C types: {e}") from None
+        rc = self._call_launch_fn(ctypes.byref(st), self._entry, argv, len(argv), launch_fn)
+        if rc:
+            if st.launch_error:
+                raise LaunchError(f"cuLaunchKernelEx failed with CUresult {st.launch_error}", st.launch_error)
+            raise PlanError(f"plan call failed (cuda error {rc}): {st.error_msg.decode() or 'host code error'}")
+        return st.n_launches
+
     def plan(self, args: Sequence[Any], pattern: int = -1) -> list[Launch]:
         """Validate ``args``, run FA4's host code, and return the launch(es) it would make."""
         st = self.call(self.flatten(args), pattern)
@@ -397,25 +414,35 @@ def _make_packer(signature: Sequence[Arg]) -> Callable[[Mapping[str, Any]], list
         n = spec.name
         if isinstance(spec, TensorArg):
             lines += [f"    t = a[{n!r}]", "    s = t.shape", "    st = t.strides"]
-            lines.append(f"    if len(s) != {spec.rank} or len(st) != {spec.rank}: "
-                         f"raise ArgumentError(f'{n}: expected rank {spec.rank}, got shape {{tuple(s)}}')")
+            lines.append(
+                f"    if len(s) != {spec.rank} or len(st) != {spec.rank}: "
+                f"raise ArgumentError(f'{n}: expected rank {spec.rank}, got shape {{tuple(s)}}')"
+            )
             for i, v in enumerate(spec.shape):
                 if v is not None:
-                    lines.append(f"    if s[{i}] != {v}: raise ArgumentError(f'{n}: mode {i} is compiled as {v}, got {{s[{i}]}}')")
+                    lines.append(
+                        f"    if s[{i}] != {v}: raise ArgumentError(f'{n}: mode {i} is compiled as {v}, got {{s[{i}]}}')"
+                    )
             for i, v in enumerate(spec.stride):
                 if v is not None:
-                    lines.append(f"    if st[{i}] != {v} and s[{i}] != 1: "
-                                 f"raise ArgumentError(f'{n}: stride {i} must be {v}, got {{st[{i}]}}')")
+                    lines.append(
+                        f"    if st[{i}] != {v} and s[{i}] != 1: "
+                        f"raise ArgumentError(f'{n}: stride {i} must be {v}, got {{st[{i}]}}')"
+                    )
             fields = ["t.ptr"] + [f"s[{i}]" for i, v in enumerate(spec.shape) if v is None]
             fields += [f"st[{i}]" for i, v in enumerate(spec.stride) if v is None]
             lines.append(f"    out += ({', '.join(fields)},)")
         elif isinstance(spec, ScalarArg):
             lines.append(f"    v = a[{n!r}]")
             if spec.ctype == "f32":
-                lines.append(f"    if v.__class__ not in (float, int): raise ArgumentError(f'{n}: expected a float, got {{v!r}}')")
+                lines.append(
+                    f"    if v.__class__ not in (float, int): raise ArgumentError(f'{n}: expected a float, got {{v!r}}')"
+                )
                 lines.append("    out.append(float(v))")
             else:
-                lines.append(f"    if v.__class__ is not int: raise ArgumentError(f'{n}: expected an int, got {{v!r}}')")
+                lines.append(
+                    f"    if v.__class__ is not int: raise ArgumentError(f'{n}: expected an int, got {{v!r}}')"
+                )
                 lines.append("    out.append(v)")
         else:
             lines.append(f"    out.append(a.get({n!r}) or 0)")

@@ -37,6 +37,14 @@ class RawTensor:
     strides: tuple[int, ...] | None = None
     device: int = 0
 
+    def __post_init__(self) -> None:
+        # normalise once here, not on every call that takes the tensor
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        if self.strides is None:
+            object.__setattr__(self, "strides", contiguous_strides(self.shape))
+        else:
+            object.__setattr__(self, "strides", tuple(int(s) for s in self.strides))
+
 
 class DeviceTensor(NamedTuple):
     """What fa4aot needs to know about a tensor: address, shape, strides (elements), dtype,
@@ -71,11 +79,9 @@ def as_device_tensor(obj: Any, name: str) -> DeviceTensor:
     if cls is RawTensor:
         if obj.dtype not in ITEMSIZE:
             raise ArgumentError(f"{name}: unknown dtype {obj.dtype!r}; use one of {sorted(ITEMSIZE)}")
-        shape = tuple(obj.shape)
-        strides = contiguous_strides(shape) if obj.strides is None else tuple(obj.strides)
-        if len(strides) != len(shape):
-            raise ArgumentError(f"{name}: {len(shape)} dims but {len(strides)} strides")
-        return DeviceTensor(obj.ptr, shape, strides, obj.dtype, obj.device, "raw")
+        if len(obj.strides) != len(obj.shape):
+            raise ArgumentError(f"{name}: {len(obj.shape)} dims but {len(obj.strides)} strides")
+        return DeviceTensor(obj.ptr, obj.shape, obj.strides, obj.dtype, obj.device, "raw")
     if cls.__module__ == "torch" and hasattr(obj, "data_ptr"):
         return _from_torch(obj, name)
     cai = getattr(obj, "__cuda_array_interface__", None)
@@ -89,8 +95,14 @@ def as_device_tensor(obj: Any, name: str) -> DeviceTensor:
     )
 
 
-_TORCH_TYPES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32", "torch.int32": "int32",
-                "torch.int64": "int64", "torch.uint8": "uint8"}
+_TORCH_TYPES = {
+    "torch.bfloat16": "bf16",
+    "torch.float16": "fp16",
+    "torch.float32": "fp32",
+    "torch.int32": "int32",
+    "torch.int64": "int64",
+    "torch.uint8": "uint8",
+}
 
 
 def _from_torch(t: Any, name: str) -> DeviceTensor:

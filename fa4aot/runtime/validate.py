@@ -4,7 +4,8 @@ pointer is accepted silently and faults or corrupts on the GPU), so these checks
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from fa4aot.errors import ArgumentError
 from fa4aot.runtime.tensors import DeviceTensor, as_device_tensor

@@ -7,7 +7,6 @@ import math
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,14 +68,15 @@ def test_combine_matches_fp32_reference(runtime, varlen, d, dtype, with_lse, wit
         nsd = None
         if with_nsd:
             nsd = torch.randint(1, splits + 1, (b,), dtype=torch.int32, device="cuda", generator=gen)
-        fa4aot.combine(op, lp, out, lse, cu_seqlens=cu, num_splits_dynamic=nsd,
-                       stream=torch.cuda.current_stream(), runtime=runtime)
+        fa4aot.combine(
+            op, lp, out, lse, cu_seqlens=cu, num_splits_dynamic=nsd, stream=torch.cuda.current_stream(), runtime=runtime
+        )
         torch.cuda.synchronize()
         flat_op = op if varlen else op.flatten(1, 2)
         flat_lp = lp if varlen else lp.flatten(1, 2)
         ref_out, ref_lse = combine_reference(flat_op, flat_lp, nsd, rows_batch)
         got = out if varlen else out.flatten(0, 1)
-        _close(got, ref_out, f"out splits={splits}", 2 ** -7 if dtype == "bf16" else 2 ** -9)
+        _close(got, ref_out, f"out splits={splits}", 2**-7 if dtype == "bf16" else 2**-9)
         if with_lse:
             got_lse = lse if varlen else lse.flatten(0, 1)
             _close(got_lse, ref_lse, f"lse splits={splits}", 1e-5)
@@ -97,7 +97,7 @@ def prepare_reference(lens_q, lens_k, num_splits, nheads, nheads_kv, hd, hdv, ca
     nsd = []
     n_after = []
     total = sum(mi * ni for mi, ni in zip(m, n))
-    for mi, ni in zip(m, n):
+    for ni in n:
         if num_ctas > 1 or num_splits == 1:
             s = 1
         else:
@@ -116,7 +116,17 @@ def prepare_reference(lens_q, lens_k, num_splits, nheads, nheads_kv, hd, hdv, ca
         max_blocks = (size_l2 + one - 1) // one
         l2 = []
         for ni in n_after:
-            v = 16 if ni * 16 <= max_blocks else 8 if ni * 8 <= max_blocks else 4 if ni * 4 <= max_blocks else 2 if ni * 2 <= max_blocks else 1
+            v = (
+                16
+                if ni * 16 <= max_blocks
+                else 8
+                if ni * 8 <= max_blocks
+                else 4
+                if ni * 4 <= max_blocks
+                else 2
+                if ni * 2 <= max_blocks
+                else 1
+            )
             if not pack:
                 v *= qh
             l2.append(min(v, nheads_computed))
@@ -135,8 +145,14 @@ def test_prepare_matches_fa4_formulas(runtime, heads, pack, causal):
         cu_k = torch.tensor([0] + list(np.cumsum(lens_k)), dtype=torch.int32, device="cuda")
         for num_splits in (1, 16):
             md = fa4aot.SchedulerMetadata(batch, nheads, nheads_kv, 128, causal=causal, pack_gqa=pack, runtime=runtime)
-            md.compute(max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k), num_splits=num_splits,
-                       cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, stream=torch.cuda.current_stream())
+            md.compute(
+                max_seqlen_q=max(lens_q),
+                max_seqlen_k=max(lens_k),
+                num_splits=num_splits,
+                cu_seqlens_q=cu_q,
+                cu_seqlens_k=cu_k,
+                stream=torch.cuda.current_stream(),
+            )
             torch.cuda.synchronize()
             got = _read_i32(md, batch)
             m, nsd, l2 = prepare_reference(lens_q, lens_k, num_splits, nheads, nheads_kv, 128, 128, causal, pack)
@@ -184,8 +200,17 @@ def test_corrupt_artifact_is_refused_on_gpu(gpu_cache, tmp_path, role):
     op = torch.randn(4, 2, 8, 16, 128, device="cuda")
     lp = torch.randn(4, 2, 16, 8, device="cuda").transpose(-1, -2)
     out = torch.full((2, 8, 16, 128), 7.0, dtype=torch.bfloat16, device="cuda")
-    v = rt.variant_for("combine", dtype="bf16", head_dim=128, num_head=16, varlen=False, seqused=False,
-                       has_lse=False, num_splits_dynamic=False, log_max_splits=7)
+    v = rt.variant_for(
+        "combine",
+        dtype="bf16",
+        head_dim=128,
+        num_head=16,
+        varlen=False,
+        seqused=False,
+        has_lse=False,
+        num_splits_dynamic=False,
+        log_max_splits=7,
+    )
     entry = rt._by_id[v.variant_id]
     path = Cache(copy, readonly=True).blob_path(entry.blobs[role])
     data = bytearray(path.read_bytes())
