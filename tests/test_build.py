@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import CI_MANIFEST, needs_dsl, run_cli
+from helpers import CI_MANIFEST, needs_dsl, run_cli
 
 from fa4aot import manifest
 from fa4aot.build import toolchain

@@ -12,7 +12,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import HAS_DSL, run_cli
+from helpers import HAS_DSL, run_cli
 
 from fa4aot.cache import Cache
 from fa4aot.errors import CacheError, CorruptArtifactError

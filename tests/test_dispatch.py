@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import needs_dsl
+from helpers import needs_dsl
 
 from fa4aot.dispatch import Call, decide, resolve_window
 

@@ -134,7 +134,7 @@ def test_multi_target_and_duplicates():
 
 
 def test_shipped_manifests_expand(tmp_path):
-    from conftest import ROOT
+    from helpers import ROOT
 
     for name in ("ci.yaml", "b200.yaml", "h100.yaml"):
         plan = manifest.load(ROOT / "manifests" / name)

@@ -9,7 +9,7 @@ import sys
 import threading
 
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 
 from fa4aot import cubin, samples
 from fa4aot.cache import Cache
