@@ -348,7 +348,7 @@ def _alloc_like(ref: Any, shape: tuple[int, ...], dtype: str) -> Any:
         with ref.device:
             return cp.empty(shape, dtype=getattr(cp, _FRAMEWORK_DTYPES[dtype]))
     if fw == "jax":
-        jnp = sys.modules["jax.numpy"] if "jax.numpy" in sys.modules else __import__("jax.numpy").numpy
+        jnp = sys.modules["jax.numpy"]
         return jnp.empty(shape, dtype=getattr(jnp, _FRAMEWORK_DTYPES[dtype]), device=next(iter(ref.devices())))
     raise ArgumentError(
         f"cannot allocate a {dtype}{list(shape)} output for raw pointers: pass out= (and use num_splits=1 and "
