@@ -269,3 +269,46 @@ def test_import_fa4aot_is_lazy():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_sm100_cache_on_sm90_device_is_refused(built_cache, tmp_path):
+    copy = tmp_path / "c"
+    shutil.copytree(built_cache, copy)
+    cache = Cache(copy)
+    for e in cache.entries():
+        if e.target.arch == "sm_90a":
+            cache.delete(e.key)
+    cache.close()
+    with pytest.raises(DeviceMismatchError, match=r"b200 \(sm_100a, 148 SMs\).*\(sm_90, 132 SMs\), which cannot run them"):
+        Runtime(copy, driver=FakeDriver(cc=(9, 0), num_sms=132))
+
+
+def test_launches_from_several_threads(runtime):
+    import threading
+
+    from fa4aot.grids import combine_grid
+
+    rt, drv = runtime
+    errors = []
+
+    def worker(seed):
+        try:
+            for i in range(50):
+                s = 1 + (seed * 13 + i * 7) % 300
+                op, lp, out, ls = combine_args(s=s)
+                fa4aot.combine(op, lp, out, ls, stream=seed + 1, runtime=rt)
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    assert len(drv.launches) == 400
+    fields = next(iter(rt._loaded.values())).variant.fields
+    for launch in drv.launches:
+        seed = launch.stream - 1
+        grids = {combine_grid(fields, batch=2, seqlen=1 + (seed * 13 + i * 7) % 300, nheads=16) for i in range(50)}
+        assert launch.grid in grids
