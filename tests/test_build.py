@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -122,3 +123,46 @@ def test_build_reports_a_failing_variant_and_continues(tmp_path, monkeypatch):
     proc = subprocess.run([sys.executable, "-c", code, str(m), str(tmp_path / "c")], capture_output=True, text=True)
     assert proc.returncode == 1, proc.stderr
     assert "('built', 1, None)" in proc.stdout and "('failed', 2, 'ValueError: injected failure')" in proc.stdout
+
+
+FA4_CUBIN = r"""
+import glob, json, os, sys
+arch, sms, causal, dump = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+os.environ.update(FLASH_ATTENTION_ARCH=arch, CUTE_DSL_ARCH=arch, FLASH_ATTENTION_NUM_SMS=sms,
+                  CUTE_DSL_KEEP="cubin", CUTE_DSL_DUMP_DIR=dump, CUTE_DSL_LOG_LEVEL="0")
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from fa4aot_kernels.common import install_target_hardware
+install_target_hardware(int(sms))
+from flash_attn.cute import interface as I
+with FakeTensorMode():
+    q = torch.empty(2, 1024, 16, 128, dtype=torch.bfloat16, device="cuda")
+    I._flash_attn_fwd(q, q, q, causal=causal)
+print(json.dumps(glob.glob(dump + "/*.cubin")))
+"""
+
+
+@pytest.mark.parametrize("arch, sms", [("sm_90a", 132), ("sm_100a", 148)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cubins_are_the_ones_fa4_builds(built_cache, tmp_path, arch, sms, causal):
+    """The variant dispatch picks for a call has exactly the cubin FA4's own JIT builds for it."""
+    import json
+
+    from fa4aot.dispatch import Call, decide
+
+    env = dict(os.environ)
+    proc = subprocess.run(
+        [sys.executable, "-c", FA4_CUBIN, arch, str(sms), json.dumps(causal), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = json.loads(proc.stdout.strip().splitlines()[-1])
+    fa4 = open(path, "rb").read()
+    d = decide(Call(arch, sms, "bf16", 2, 1024, 1024, 16, 16, 128, 128, causal))
+    v = Variant.make("fwd_sm90" if arch == "sm_90a" else "fwd_sm100", arch, sms, **d.fields)
+    cache = Cache(built_cache, readonly=True)
+    (entry,) = [e for e in cache.entries() if e.variant_id == v.variant_id][-1:]
+    assert cache.read_blob(entry, "cubin") == fa4

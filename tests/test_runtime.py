@@ -279,7 +279,9 @@ def test_sm100_cache_on_sm90_device_is_refused(built_cache, tmp_path):
         if e.target.arch == "sm_90a":
             cache.delete(e.key)
     cache.close()
-    with pytest.raises(DeviceMismatchError, match=r"b200 \(sm_100a, 148 SMs\).*\(sm_90, 132 SMs\), which cannot run them"):
+    with pytest.raises(
+        DeviceMismatchError, match=r"b200 \(sm_100a, 148 SMs\).*\(sm_90, 132 SMs\), which cannot run them"
+    ):
         Runtime(copy, driver=FakeDriver(cc=(9, 0), num_sms=132))
 
 
