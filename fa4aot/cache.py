@@ -129,7 +129,7 @@ class Cache:
             )
         return self._index
 
-    def _records(self, key: str | None = None) -> Iterator[tuple[str, str]]:
+    def records(self, key: str | None = None) -> Iterator[tuple[str, str]]:
         """(key, JSON) index records read with plain sqlite3 (works read-only)."""
         db = self.root / "index" / "cache.db"
         if not db.exists():
@@ -156,13 +156,13 @@ class Cache:
 
     def get(self, key: str) -> Entry | None:
         """The entry for ``key``, or None. Blobs are not read (see :meth:`read_blob`)."""
-        for k, text in self._records(key):
+        for k, text in self.records(key):
             return Entry.from_json(k, text)
         return None
 
     def entries(self) -> list[Entry]:
         """Every entry, in insertion order."""
-        return [Entry.from_json(k, text) for k, text in self._records()]
+        return [Entry.from_json(k, text) for k, text in self.records()]
 
     def resolve(self, prefix: str) -> Entry:
         """The entry whose key (or variant id) starts with ``prefix``; error if none or several."""

@@ -29,7 +29,7 @@ def verify(cache: Cache, run_plans: bool = True) -> tuple[int, list[Problem]]:
     """(entries checked, problems found)."""
     problems: list[Problem] = []
     n = 0
-    for key, text in cache._records():
+    for key, text in cache.records():
         n += 1
         try:
             entry = Entry.from_json(key, text)

@@ -72,9 +72,6 @@ class FakeDriver:
     def memset_d32(self, ptr: int, value: int, count: int, stream: int) -> None:
         self.memsets.append((ptr, value, count, stream))
 
-    def pointer_device(self, ptr: int):
-        return self.device
-
     def launch_function(self) -> int:
         """A C-callable stand-in for cuLaunchKernelEx that records each launch (a ctypes callback,
         so the plan's real C launch path runs)."""

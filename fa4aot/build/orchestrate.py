@@ -6,12 +6,10 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
 
 from fa4aot import manifest as manifest_mod
 from fa4aot.build.toolchain import fingerprint, host_arch
@@ -77,7 +75,6 @@ def build(
     cache_dir: str | Path,
     jobs: int | None = None,
     *,
-    log: TextIO = sys.stderr,
     progress: Callable[[int, int, Row], None] | None = None,
     only: Callable[[Variant], bool] | None = None,
 ) -> BuildReport:
@@ -119,20 +116,7 @@ def build(
                     except Exception as e:  # a worker died (e.g. killed by the OOM killer)
                         out = BuildOutput(pv.variant, False, error=f"build worker died: {e!r}")
                     report.peak_rss_mb = max(report.peak_rss_mb, out.peak_rss_mb)
-                    if out.ok:
-                        meta = dict(out.meta)
-                        meta.update(
-                            variant=pv.variant.to_dict(),
-                            target=target.to_dict(),
-                            toolchain=toolchain,
-                            host_arch=host,
-                            origin=pv.origin,
-                            build={"seconds": round(out.seconds, 3), "peak_rss_mb": round(out.peak_rss_mb, 1)},
-                        )
-                        entry = cache.put(key, meta, out.blobs)
-                        row = Row(pv.variant, key, "built", out.seconds, sum(r.size for r in entry.blobs.values()))
-                    else:
-                        row = Row(pv.variant, key, "failed", out.seconds, error=out.error)
+                    row = _store(cache, pv, key, target, out, toolchain, host)
                     report.rows.append(row)
                     done += 1
                     if progress:
@@ -140,6 +124,31 @@ def build(
     cache.close()
     report.wall_seconds = time.perf_counter() - t0
     return report
+
+
+def _store(
+    cache: Cache,
+    pv: manifest_mod.PlannedVariant,
+    key: str,
+    target: Target,
+    out: BuildOutput,
+    toolchain: dict[str, str],
+    host: str,
+) -> Row:
+    """Put a successful build into the cache (blobs first, index record last)."""
+    if not out.ok:
+        return Row(pv.variant, key, "failed", out.seconds, error=out.error)
+    meta = dict(out.meta)
+    meta.update(
+        variant=pv.variant.to_dict(),
+        target=target.to_dict(),
+        toolchain=toolchain,
+        host_arch=host,
+        origin=pv.origin,
+        build={"seconds": round(out.seconds, 3), "peak_rss_mb": round(out.peak_rss_mb, 1)},
+    )
+    entry = cache.put(key, meta, out.blobs)
+    return Row(pv.variant, key, "built", out.seconds, sum(r.size for r in entry.blobs.values()))
 
 
 def _pool(target: Target, workers: int) -> cf.ProcessPoolExecutor:

@@ -125,12 +125,6 @@ class CudaDriver:
     def memset_d32(self, ptr: int, value: int, count: int, stream: int) -> None:
         self._check(self._d.cuMemsetD32Async(ptr, value, count, self.stream(stream)), "cuMemsetD32Async")
 
-    def pointer_device(self, ptr: int) -> int | None:
-        """Device ordinal owning ``ptr``, or None if it is not device memory."""
-        d = self._d
-        err, ordinal = d.cuPointerGetAttribute(d.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, ptr)
-        return None if int(err) != 0 else int(ordinal)
-
     # -- launches ------------------------------------------------------------------------------
 
     def launch_function(self) -> int:
