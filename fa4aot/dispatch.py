@@ -179,7 +179,16 @@ def decide(c: Call) -> Decision:
         scheduler = "static"
     else:
         scheduler = "single"
-    fields = dict(
+    fields = _common_fields(c, qh, pack_gqa, causal, local, tile_m, tile_n)
+    fields.update(split_kv=split, q_stage=q_stage, two_cta=two_cta, scheduler=scheduler, s_ping_pong=s_ping_pong)
+    return Decision(fields, num_splits, needs_metadata, causal, local, wl, wr)
+
+
+def _common_fields(
+    c: Call, qh: int, pack_gqa: bool, causal: bool, local: bool, tile_m: int, tile_n: int
+) -> dict[str, Any]:
+    """The variant fields both forward families share."""
+    return dict(
         dtype=c.dtype,
         head_dim=c.head_dim,
         head_dim_v=c.head_dim_v,
@@ -192,15 +201,9 @@ def decide(c: Call) -> Decision:
         seqused_q=c.seqused_q,
         seqused_k=c.seqused_k,
         has_lse=c.return_lse,
-        split_kv=split,
         tile_m=tile_m,
         tile_n=tile_n,
-        q_stage=q_stage,
-        two_cta=two_cta,
-        scheduler=scheduler,
-        s_ping_pong=s_ping_pong,
     )
-    return Decision(fields, num_splits, needs_metadata, causal, local, wl, wr)
 
 
 def _decide_sm90(
@@ -211,22 +214,6 @@ def _decide_sm90(
     if c.num_splits > 1:
         raise ArgumentError("FA4 runs no split-KV forward on SM90 (num_splits must be 1)")
     tile_m, tile_n, rs, overlap = sm90_tile(c.head_dim, c.head_dim_v, causal, local)
-    fields = dict(
-        dtype=c.dtype,
-        head_dim=c.head_dim,
-        head_dim_v=c.head_dim_v,
-        qhead_per_kvhead=qh,
-        pack_gqa=pack_gqa,
-        causal=causal,
-        local=local,
-        varlen_q=c.varlen_q,
-        varlen_k=c.varlen_k,
-        seqused_q=c.seqused_q,
-        seqused_k=c.seqused_k,
-        has_lse=c.return_lse,
-        tile_m=tile_m,
-        tile_n=tile_n,
-        mma_pv_is_rs=rs,
-        intra_wg_overlap=overlap,
-    )
+    fields = _common_fields(c, qh, pack_gqa, causal, local, tile_m, tile_n)
+    fields.update(mma_pv_is_rs=rs, intra_wg_overlap=overlap)
     return Decision(fields, 1, False, causal, local, wl, wr)

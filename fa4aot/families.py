@@ -96,17 +96,21 @@ def sm90_head_dims_ok(head_dim: int, head_dim_v: int) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
-def check_fwd_sm100(f: dict[str, Any]) -> str | None:
-    hd, hdv = f["head_dim"], f["head_dim_v"]
-    if reason := sm100_head_dims_ok(hd, hdv, f["dtype"]):
-        return reason
-    qh = f["qhead_per_kvhead"]
-    if qh < 1:
+def _check_forward_common(f: dict[str, Any]) -> str | None:
+    if f["qhead_per_kvhead"] < 1:
         return "qhead_per_kvhead must be >= 1"
-    if f["pack_gqa"] and qh == 1:
+    if f["pack_gqa"] and f["qhead_per_kvhead"] == 1:
         return "pack_gqa needs qhead_per_kvhead > 1"
     if f["causal"] and f["local"]:
         return "causal and local are exclusive (FA4 resolves a causal window to causal)"
+    return None
+
+
+def check_fwd_sm100(f: dict[str, Any]) -> str | None:
+    hd, hdv = f["head_dim"], f["head_dim_v"]
+    if reason := sm100_head_dims_ok(hd, hdv, f["dtype"]) or _check_forward_common(f):
+        return reason
+    qh = f["qhead_per_kvhead"]
     if f["tile_m"] != 128:
         return "FA4's SM100 forward uses tile_m 128"
     if f["tile_n"] not in (64, 128):
@@ -185,15 +189,8 @@ def sm100_s_ping_pong_possible(f: dict[str, Any]) -> bool:
 
 def check_fwd_sm90(f: dict[str, Any]) -> str | None:
     hd, hdv = f["head_dim"], f["head_dim_v"]
-    if reason := sm90_head_dims_ok(hd, hdv):
+    if reason := sm90_head_dims_ok(hd, hdv) or _check_forward_common(f):
         return reason
-    qh = f["qhead_per_kvhead"]
-    if qh < 1:
-        return "qhead_per_kvhead must be >= 1"
-    if f["pack_gqa"] and qh == 1:
-        return "pack_gqa needs qhead_per_kvhead > 1"
-    if f["causal"] and f["local"]:
-        return "causal and local are exclusive (FA4 resolves a causal window to causal)"
     tile_m, tile_n, rs, overlap = sm90_tile(hd, hdv, f["causal"], f["local"])
     if (f["tile_m"], f["tile_n"]) != (tile_m, tile_n):
         return f"FA4's SM90 tile for this head dim is {tile_m}x{tile_n}"
