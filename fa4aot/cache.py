@@ -257,10 +257,6 @@ class Cache:
                 freed += st.st_size
         return {"entries_removed": removed_entries, "files_removed": removed_blobs, "bytes_freed": freed}
 
-    def size_bytes(self) -> int:
-        """Bytes used by blobs and the index."""
-        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
-
 
 def _blob_ok(path: Path, ref: BlobRef) -> bool:
     try:

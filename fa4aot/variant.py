@@ -99,12 +99,6 @@ class Variant:
     def fields(self) -> dict[str, Any]:
         return dict(self.params)
 
-    def get(self, name: str, default: Any = None) -> Any:
-        for k, v in self.params:
-            if k == name:
-                return v
-        return default
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "family": self.family,

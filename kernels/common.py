@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import cutlass
@@ -65,7 +65,6 @@ class KernelEntry:
     compile_args: list[Any]
     args: list[Arg]
     options: str = ""
-    notes: dict[str, Any] = field(default_factory=dict)
 
 
 class Signature:
