@@ -89,7 +89,7 @@ def main() -> None:
     sync()
     (lv,) = rt._loaded.values()
     plan = lv.plan
-    from fa4aot.runtime.plan import TensorDesc
+    from fa4aot.core.signature import TensorDesc
 
     named = {
         "out_partial": TensorDesc(op.ptr, op.shape, (b * s * h * dim, s * h * dim, h * dim, dim, 1)),

@@ -14,9 +14,9 @@ import platform
 import statistics
 import time
 
-from fa4aot import samples
-from fa4aot.cache import Cache
-from fa4aot.runtime.plan import open_plan, target_answers
+from fa4aot.core import samples
+from fa4aot.core.index import Cache
+from fa4aot.plan.library import open_plan, target_answers
 
 
 def bench(fn, inner: int = 2000, repeats: int = 15) -> float:

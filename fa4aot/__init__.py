@@ -26,11 +26,11 @@ _LAZY = {
     "RawTensor": ("fa4aot.runtime.tensors", "RawTensor"),
     "flash_attn_func": ("fa4aot.runtime.forward", "flash_attn_func"),
     "flash_attn_varlen_func": ("fa4aot.runtime.forward", "flash_attn_varlen_func"),
-    "Fa4aotError": ("fa4aot.errors", "Fa4aotError"),
-    "ArgumentError": ("fa4aot.errors", "ArgumentError"),
-    "VariantNotFoundError": ("fa4aot.errors", "VariantNotFoundError"),
-    "DeviceMismatchError": ("fa4aot.errors", "DeviceMismatchError"),
-    "CorruptArtifactError": ("fa4aot.errors", "CorruptArtifactError"),
+    "Fa4aotError": ("fa4aot.core.errors", "Fa4aotError"),
+    "ArgumentError": ("fa4aot.core.errors", "ArgumentError"),
+    "VariantNotFoundError": ("fa4aot.core.errors", "VariantNotFoundError"),
+    "DeviceMismatchError": ("fa4aot.core.errors", "DeviceMismatchError"),
+    "CorruptArtifactError": ("fa4aot.core.errors", "CorruptArtifactError"),
 }
 
 __all__ = sorted(_LAZY)

@@ -11,8 +11,8 @@ from cutlass import Float32
 from fa4aot_kernels.common import CUTLASS_DTYPES, KernelEntry, Signature, sym
 from flash_attn.cute.flash_fwd_combine import FlashAttentionForwardCombine
 
-from fa4aot.families import combine_tiling
-from fa4aot.variant import Target, Variant
+from fa4aot.core.rules import combine_tiling
+from fa4aot.core.variant import Target, Variant
 
 
 def make_entry(variant: Variant, target: Target) -> KernelEntry:

@@ -9,7 +9,7 @@ from typing import Any
 import cutlass
 import cutlass.cute as cute
 
-from fa4aot.signature import Arg, ScalarArg, StreamArg, TensorArg
+from fa4aot.core.signature import Arg, ScalarArg, StreamArg, TensorArg
 
 CUTLASS_DTYPES = {
     "bf16": cutlass.BFloat16,
@@ -68,7 +68,7 @@ class KernelEntry:
 
 
 class Signature:
-    """Collects fake compile-time arguments together with their :mod:`fa4aot.signature` records."""
+    """Collects fake compile-time arguments together with their :mod:`fa4aot.core.signature` records."""
 
     def __init__(self) -> None:
         self.compile_args: list[Any] = []

@@ -16,7 +16,7 @@ from fa4aot_kernels.common import KernelEntry, Signature, sym
 from flash_attn.cute.flash_fwd_sm100 import FlashAttentionForwardSm100
 from flash_attn.cute.utils import AuxData
 
-from fa4aot.variant import Target, Variant
+from fa4aot.core.variant import Target, Variant
 
 
 def constructor_kwargs(f: dict) -> dict:

@@ -13,7 +13,7 @@ from fa4aot_kernels.fwd_sm100 import add_forward_tensors
 from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90
 from flash_attn.cute.utils import AuxData
 
-from fa4aot.variant import Target, Variant
+from fa4aot.core.variant import Target, Variant
 
 
 def constructor_kwargs(f: dict) -> dict:

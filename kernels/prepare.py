@@ -11,7 +11,7 @@ from cutlass import Int32
 from fa4aot_kernels.common import KernelEntry, Signature, sym
 from flash_attn.cute.prepare_scheduler import FlashPrepareScheduler
 
-from fa4aot.variant import Target, Variant
+from fa4aot.core.variant import Target, Variant
 
 
 def make_entry(variant: Variant, target: Target) -> KernelEntry:

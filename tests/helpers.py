@@ -20,7 +20,7 @@ needs_dsl = pytest.mark.skipif(not HAS_DSL, reason="needs the build extra (CUTLA
 
 def run_cli(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     """Run the fa4aot CLI in a fresh process, as a user would."""
-    proc = subprocess.run([sys.executable, "-m", "fa4aot.cli", *args], capture_output=True, text=True, **kw)
+    proc = subprocess.run([sys.executable, "-m", "fa4aot.tools.cli", *args], capture_output=True, text=True, **kw)
     if check and proc.returncode != 0:
         raise AssertionError(f"fa4aot {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc

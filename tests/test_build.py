@@ -11,10 +11,9 @@ import time
 import pytest
 from helpers import CI_MANIFEST, needs_dsl, run_cli
 
-from fa4aot import manifest
-from fa4aot.build import toolchain
-from fa4aot.cache import Cache
-from fa4aot.variant import Variant, cache_key
+from fa4aot.build import manifest, toolchain
+from fa4aot.core.index import Cache
+from fa4aot.core.variant import Variant, cache_key
 
 
 def test_ci_manifest_builds_every_variant_for_both_arches(built_cache):
@@ -69,7 +68,7 @@ def test_key_changes_with_versions_sources_and_host():
 
 def test_key_is_stable_across_processes():
     code = (
-        "from fa4aot.variant import Variant, cache_key;"
+        "from fa4aot.core.variant import Variant, cache_key;"
         "print(cache_key(Variant.make('prepare','sm_100a',148,b=1,a=2),{'x':'1'},'x86_64'))"
     )
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout for _ in range(2)}
@@ -148,7 +147,7 @@ def test_cubins_are_the_ones_fa4_builds(built_cache, tmp_path, arch, sms, causal
     """The variant dispatch picks for a call has exactly the cubin FA4's own JIT builds for it."""
     import json
 
-    from fa4aot.dispatch import Call, decide
+    from fa4aot.runtime.dispatch import Call, decide
 
     env = dict(os.environ)
     proc = subprocess.run(

@@ -14,9 +14,9 @@ import time
 import pytest
 from helpers import HAS_DSL, run_cli
 
-from fa4aot.cache import Cache
-from fa4aot.errors import CacheError, CorruptArtifactError
-from fa4aot.variant import Target, Variant, cache_key
+from fa4aot.core.errors import CacheError, CorruptArtifactError
+from fa4aot.core.index import Cache
+from fa4aot.core.variant import Target, Variant, cache_key
 
 TARGET = Target("b200", "sm_100a", 148)
 
@@ -113,7 +113,7 @@ def test_gc_removes_orphans_but_not_fresh_files(tmp_path):
 KILL_SCRIPT = textwrap.dedent(
     """
     import sys, time
-    import fa4aot.cache as c
+    import fa4aot.core.index as c
     orig = c._atomic_write
     n = {"i": 0}
     def slow(tmp_dir, path, data):
@@ -164,7 +164,7 @@ def test_concurrent_builds_end_consistent(tmp_path):
     cache = tmp_path / "cache"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "fa4aot.cli", "build", str(m), "--cache", str(cache), "-j", "1", "-q"],
+            [sys.executable, "-m", "fa4aot.tools.cli", "build", str(m), "--cache", str(cache), "-j", "1", "-q"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -186,7 +186,7 @@ def test_build_killed_midway_then_verify_and_resume(tmp_path):
     m.write_text(SMALL_MANIFEST.replace("max_batch: 62", "max_batch: 992"))
     cache = tmp_path / "cache"
     p = subprocess.Popen(
-        [sys.executable, "-m", "fa4aot.cli", "build", str(m), "--cache", str(cache), "-j", "1"],
+        [sys.executable, "-m", "fa4aot.tools.cli", "build", str(m), "--cache", str(cache), "-j", "1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -232,7 +232,7 @@ def test_malformed_index_record_is_reported(tmp_path):
     cache = Cache(tmp_path)
     cache.put("good", _meta(_variant(8)), {"cubin": b"x"})
     cache._writer().set("bad", json.dumps({"variant": {}}))
-    from fa4aot.verify import verify
+    from fa4aot.tools.verify import verify
 
     n, problems = verify(Cache(tmp_path, readonly=True), run_plans=False)
     assert n == 2 and any(p.key == "bad" and "malformed" in p.what for p in problems)

@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from fa4aot import cubin
-from fa4aot.cache import Cache
+from fa4aot.core import cubin
+from fa4aot.core.index import Cache
 
 
 def _cubins(built_cache):

@@ -12,7 +12,7 @@ import sys
 import pytest
 from helpers import needs_dsl
 
-from fa4aot.dispatch import Call, decide, resolve_window
+from fa4aot.runtime.dispatch import Call, decide, resolve_window
 
 ORACLE = r"""
 import json, os, sys

@@ -7,7 +7,7 @@ import pytest
 from fake_driver import FakeDriver
 
 import fa4aot
-from fa4aot.errors import ArgumentError, VariantNotFoundError
+from fa4aot.core.errors import ArgumentError, VariantNotFoundError
 from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.tensors import RawTensor
 

@@ -7,9 +7,10 @@ import copy
 import pytest
 import yaml
 
-from fa4aot import manifest
-from fa4aot.errors import ManifestError
-from fa4aot.families import FAMILIES, sm90_tile
+from fa4aot.build import manifest
+from fa4aot.core.errors import ManifestError
+from fa4aot.core.families import FAMILIES
+from fa4aot.core.rules import sm90_tile
 
 BASE = {
     "target": {"name": "b200", "arch": "sm_100a", "num_sms": 148},

@@ -11,12 +11,13 @@ import threading
 import pytest
 from helpers import run_cli
 
-from fa4aot import cubin, samples
-from fa4aot.cache import Cache
-from fa4aot.errors import ArgumentError
-from fa4aot.grids import combine_grid, sm90_forward_grid, sm100_forward_grid
-from fa4aot.layouts import Dims, dims_for
-from fa4aot.runtime.plan import TensorDesc, open_plan, target_answers
+from fa4aot.core import cubin, samples
+from fa4aot.core.errors import ArgumentError
+from fa4aot.core.index import Cache
+from fa4aot.core.layouts import Dims, dims_for
+from fa4aot.core.signature import TensorDesc
+from fa4aot.plan.library import open_plan, target_answers
+from fa4aot.tools.grids import combine_grid, sm90_forward_grid, sm100_forward_grid
 
 
 def load_plan(cache: Cache, entry, static_smem: int = 0):
@@ -261,9 +262,9 @@ def test_plans_are_reentrant_across_threads(built_cache):
 
 ISOLATED = r"""
 import sys
-from fa4aot.cache import Cache
-from fa4aot import samples
-from fa4aot.runtime.plan import open_plan, target_answers
+from fa4aot.core.index import Cache
+from fa4aot.core import samples
+from fa4aot.plan.library import open_plan, target_answers
 cache = Cache(sys.argv[1], readonly=True)
 n = 0
 for e in cache.entries():
@@ -304,9 +305,9 @@ def test_launch_plan_cli(built_cache):
 
 
 def test_every_forward_plan_on_random_arguments(built_cache):
-    """>= 30 random argument sets per forward variant (see fa4aot.plancheck for what varies and
+    """>= 30 random argument sets per forward variant (see fa4aot.tools.plancheck for what varies and
     what is checked: block, smem, grid vs FA4's formulas, cluster, Q/K/V/O addresses)."""
-    from fa4aot.plancheck import check_cache
+    from fa4aot.tools.plancheck import check_cache
 
     reports = check_cache(Cache(built_cache, readonly=True), n=30)
     assert {r.entry.variant.family for r in reports} == {"fwd_sm100", "fwd_sm90"}
@@ -317,7 +318,7 @@ def test_every_forward_plan_on_random_arguments(built_cache):
 
 def test_plan_check_catches_a_wrong_grid(built_cache, monkeypatch):
     """The check can fail: with a wrong oracle it reports every call."""
-    from fa4aot import plancheck
+    from fa4aot.tools import plancheck
 
     monkeypatch.setattr(plancheck, "sm100_forward_grid", lambda f, **kw: (1, 1, 1))
     cache, (e, *_) = entries(built_cache, "fwd_sm100")

@@ -12,9 +12,15 @@ import pytest
 from fake_driver import FakeDriver
 
 import fa4aot
-from fa4aot import samples
-from fa4aot.cache import Cache
-from fa4aot.errors import ArgumentError, CorruptArtifactError, DeviceMismatchError, LaunchError, VariantNotFoundError
+from fa4aot.core import samples
+from fa4aot.core.errors import (
+    ArgumentError,
+    CorruptArtifactError,
+    DeviceMismatchError,
+    LaunchError,
+    VariantNotFoundError,
+)
+from fa4aot.core.index import Cache
 from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.metadata import SchedulerMetadata
 from fa4aot.runtime.tensors import RawTensor, as_device_tensor, stream_handle
@@ -288,7 +294,7 @@ def test_sm100_cache_on_sm90_device_is_refused(built_cache, tmp_path):
 def test_launches_from_several_threads(runtime):
     import threading
 
-    from fa4aot.grids import combine_grid
+    from fa4aot.tools.grids import combine_grid
 
     rt, drv = runtime
     errors = []

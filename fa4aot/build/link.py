@@ -6,9 +6,9 @@ import subprocess
 from pathlib import Path
 
 from fa4aot.build.toolchain import c_compiler
-from fa4aot.errors import ToolchainError
+from fa4aot.core.errors import ToolchainError
 
-SHIM_SOURCE = Path(__file__).resolve().parent.parent / "plan_shim.c"
+SHIM_SOURCE = Path(__file__).resolve().parent.parent / "plan" / "shim.c"
 
 
 def link_plan(host_object: Path, out: Path) -> None:

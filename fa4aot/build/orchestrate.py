@@ -11,11 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fa4aot import manifest as manifest_mod
+from fa4aot.build import manifest as manifest_mod
 from fa4aot.build.toolchain import fingerprint, host_arch
 from fa4aot.build.worker import BuildOutput, build_variant, configure
-from fa4aot.cache import Cache, _blob_ok
-from fa4aot.variant import Target, Variant, cache_key
+from fa4aot.core.index import Cache, _blob_ok
+from fa4aot.core.variant import Target, Variant, cache_key
 
 #: Compiles per worker process before it is replaced (bounds memory growth across compiles).
 TASKS_PER_WORKER = 16

@@ -41,7 +41,7 @@ def c_compiler() -> str:
     for cand in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if cand and shutil.which(cand):
             return cand
-    from fa4aot.errors import ToolchainError
+    from fa4aot.core.errors import ToolchainError
 
     raise ToolchainError(
         "no C compiler found (set $CC or install gcc/clang): launch plans are linked with the system C toolchain"
@@ -51,7 +51,7 @@ def c_compiler() -> str:
 @functools.lru_cache(maxsize=1)
 def fingerprint() -> dict[str, str]:
     """Versions and source hashes that go into every cache key."""
-    from fa4aot.errors import ToolchainError
+    from fa4aot.core.errors import ToolchainError
 
     out: dict[str, str] = {}
     for pkg in PACKAGES:
@@ -63,7 +63,7 @@ def fingerprint() -> dict[str, str]:
             ) from None
     out["cuda-libs"] = _dsl_cuda_flavor()
     out["kernels-src"] = _hash_files(list(kernels_dir().glob("*.py")))
-    out["plan-shim"] = _hash_files([_PKG_ROOT / "plan_shim.c"])
+    out["plan-shim"] = _hash_files([_PKG_ROOT / "plan" / "shim.c"])
     cc = c_compiler()
     try:
         ver = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout

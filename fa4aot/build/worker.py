@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fa4aot import cubin as cubin_reader
+from fa4aot.build.header import check_against, parse_header
 from fa4aot.build.link import link_plan
-from fa4aot.signature import check_against, parse_header
-from fa4aot.variant import Target, Variant
+from fa4aot.core import cubin as cubin_reader
+from fa4aot.core.variant import Target, Variant
 
 
 @dataclass
@@ -144,8 +144,8 @@ def _build(variant: Variant, target: Target) -> tuple[dict[str, bytes], dict[str
 
 def _self_test(plan_path: Path, meta: dict[str, Any], variant: Variant, target: Target) -> dict[str, Any]:
     """Call the new plan on sample shapes: proves it runs, and records what the launch is."""
-    from fa4aot import samples
-    from fa4aot.runtime.plan import KernelTable, Plan, target_answers
+    from fa4aot.core import samples
+    from fa4aot.plan.library import KernelTable, Plan, target_answers
 
     plan = Plan(
         str(plan_path),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fa4aot.errors import ArgumentError
-from fa4aot.families import combine_log_max_splits
+from fa4aot.core.errors import ArgumentError
+from fa4aot.core.rules import combine_log_max_splits
 from fa4aot.runtime import validate
 from fa4aot.runtime.loader import Runtime, default_runtime
 from fa4aot.runtime.tensors import stream_handle

@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from fa4aot.errors import Fa4aotError
+from fa4aot.core.errors import Fa4aotError
 
 #: CUdevice_attribute / CUfunction_attribute values used here
 DEV_ATTR_SM_COUNT = 16

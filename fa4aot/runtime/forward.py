@@ -6,7 +6,7 @@ PyTorch, CuPy or JAX (DLPack) or be :class:`fa4aot.RawTensor`; outputs are alloc
 caller's framework when ``out`` is not given (raw pointers must pass ``out``). The stream defaults
 to the framework's current stream (PyTorch, CuPy), else the legacy default stream.
 
-A call picks the cached variant FA4 would run (:mod:`fa4aot.dispatch`, decided once per call
+A call picks the cached variant FA4 would run (:mod:`fa4aot.runtime.dispatch`, decided once per call
 signature), then launches: [prepare ->] forward [-> combine] on the stream. Nothing on this path
 synchronises the host or allocates when ``out`` (and, for split-KV varlen, ``scheduler_metadata``)
 is given, so calls can be captured in a CUDA graph (run once before capturing, to load the kernels).
@@ -18,10 +18,10 @@ import math
 import sys
 from typing import Any
 
-from fa4aot.dispatch import Call, Decision, decide
-from fa4aot.errors import ArgumentError
+from fa4aot.core.errors import ArgumentError
 from fa4aot.runtime import validate
 from fa4aot.runtime.combine import combine
+from fa4aot.runtime.dispatch import Call, Decision, decide
 from fa4aot.runtime.loader import Runtime, default_runtime
 from fa4aot.runtime.metadata import SchedulerMetadata
 from fa4aot.runtime.tensors import DeviceTensor, as_device_tensor, stream_handle

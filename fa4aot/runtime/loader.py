@@ -21,15 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fa4aot.cache import Cache, Entry, default_cache_dir
-from fa4aot.errors import DeviceMismatchError, VariantNotFoundError
-from fa4aot.runtime.plan import (
+from fa4aot.core.errors import DeviceMismatchError, VariantNotFoundError
+from fa4aot.core.index import Cache, Entry, default_cache_dir
+from fa4aot.core.variant import Target, Variant
+from fa4aot.plan.library import (
     DEV_ATTR_MAX_SMEM_OPTIN,
     FUNC_ATTR_SHARED_SIZE_BYTES,
     Plan,
     open_plan,
 )
-from fa4aot.variant import Target, Variant
 
 #: CUDA driver major version each cubin toolkit major needs.
 _DRIVER_FOR_TOOLKIT = {12: 12000, 13: 13000}
@@ -160,7 +160,7 @@ class Runtime:
         return lv
 
     def _load(self, variant: Variant) -> LoadedVariant:
-        from fa4aot.manifest import describe_missing
+        from fa4aot.core.families import describe_missing
 
         entry = self._by_id.get(variant.variant_id)
         if entry is None:

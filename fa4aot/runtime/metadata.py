@@ -20,11 +20,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fa4aot.errors import ArgumentError
-from fa4aot.families import prepare_num_warps
+from fa4aot.core.errors import ArgumentError
+from fa4aot.core.rules import prepare_num_warps
+from fa4aot.core.signature import TensorDesc
 from fa4aot.runtime import validate
 from fa4aot.runtime.loader import Runtime, default_runtime
-from fa4aot.runtime.plan import TensorDesc
 from fa4aot.runtime.tensors import RawTensor, stream_handle
 
 

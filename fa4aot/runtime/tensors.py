@@ -13,7 +13,7 @@ import ctypes
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from fa4aot.errors import ArgumentError
+from fa4aot.core.errors import ArgumentError
 
 #: bytes per element of the dtypes fa4aot handles
 ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4, "int32": 4, "int64": 8, "uint8": 1}

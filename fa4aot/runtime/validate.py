@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from fa4aot.errors import ArgumentError
+from fa4aot.core.errors import ArgumentError
 from fa4aot.runtime.tensors import DeviceTensor, as_device_tensor
 
 

@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import fa4aot  # noqa: E402
-from fa4aot.errors import CorruptArtifactError  # noqa: E402
+from fa4aot.core.errors import CorruptArtifactError  # noqa: E402
 
 DT = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -191,7 +191,7 @@ def test_semaphore_reset_is_stream_ordered(runtime):
 
 @pytest.mark.parametrize("role", ["cubin", "plan"])
 def test_corrupt_artifact_is_refused_on_gpu(gpu_cache, tmp_path, role):
-    from fa4aot.cache import Cache
+    from fa4aot.core.index import Cache
     from fa4aot.runtime.loader import Runtime
 
     copy = tmp_path / "c"

@@ -1,6 +1,6 @@
 """Launch plans: call a variant's exported FA4 host code through ctypes and read back its launch.
 
-A plan library is the DSL's exported host object linked with ``fa4aot/plan_shim.c``. Calling its
+A plan library is the DSL's exported host object linked with ``fa4aot/plan/shim.c``. Calling its
 entry with real pointers, shapes, strides and scalars runs FA4's own host logic; the shim records
 the launch(es) it would make - kernel, grid, block, dynamic smem, launch attributes, and the
 kernel parameter bytes laid out as the cubin's parameter table says - and launches nothing.
@@ -17,10 +17,11 @@ import struct
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
-from fa4aot.errors import ArgumentError, LaunchError, PlanError
-from fa4aot.signature import Arg, ScalarArg, StreamArg, TensorArg, arg_from_dict, struct_layout
+from fa4aot.core.errors import ArgumentError, LaunchError, PlanError
+from fa4aot.core.signature import Arg, ScalarArg, StreamArg, TensorArg, arg_from_dict
+from fa4aot.plan.abi import struct_layout
 
 SHIM_ABI = 2
 MAX_KERNELS = 4
@@ -163,14 +164,6 @@ class ModuleLoad:
     library_loads: int
     kernel_lookups: int
     set_attributes: tuple[tuple[str, int, int], ...]
-
-
-class TensorDesc(NamedTuple):
-    """A tensor as a plan sees it: device address, shape and strides in elements."""
-
-    ptr: int
-    shape: tuple[int, ...]
-    strides: tuple[int, ...]
 
 
 def _open_library(path: str) -> ctypes.CDLL:

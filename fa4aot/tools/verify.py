@@ -12,10 +12,10 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass
 
-from fa4aot import cubin as cubin_reader
-from fa4aot.cache import Cache, Entry
-from fa4aot.errors import Fa4aotError
-from fa4aot.variant import Variant, cache_key
+from fa4aot.core import cubin as cubin_reader
+from fa4aot.core.errors import Fa4aotError
+from fa4aot.core.index import Cache, Entry
+from fa4aot.core.variant import Variant, cache_key
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,8 @@ def verify_entry(cache: Cache, entry: Entry, run_plans: bool = True) -> list[Pro
 
 def check_plan(entry: Entry, plan_bytes: bytes) -> list[str]:
     """Load the plan and call it on sample shapes; returns what is wrong (empty if fine)."""
-    from fa4aot import samples
-    from fa4aot.runtime.plan import open_plan, target_answers
+    from fa4aot.core import samples
+    from fa4aot.plan.library import open_plan, target_answers
 
     meta = entry.meta
     problems = []

@@ -13,7 +13,7 @@ import re
 import struct
 from dataclasses import dataclass, field
 
-from fa4aot.errors import CorruptArtifactError
+from fa4aot.core.errors import CorruptArtifactError
 
 EM_CUDA = 190
 SHT_SYMTAB = 2

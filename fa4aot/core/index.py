@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fa4aot.errors import CacheError, CorruptArtifactError
-from fa4aot.variant import CACHE_FORMAT_VERSION, Target, Variant, sha256_hex
+from fa4aot.core.errors import CacheError, CorruptArtifactError
+from fa4aot.core.variant import CACHE_FORMAT_VERSION, Target, Variant, sha256_hex
 
 FORMAT_LINE = f"fa4aot-cache {CACHE_FORMAT_VERSION}"
 #: File extension of each blob role.

@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fa4aot.layouts import Dims, dims_for, tensors_for
-from fa4aot.runtime.plan import TensorDesc
-from fa4aot.variant import Variant
+from fa4aot.core.layouts import Dims, dims_for, tensors_for
+from fa4aot.core.signature import TensorDesc
+from fa4aot.core.variant import Variant
 
 FAKE_BASE = 0x7F00_0000_0000
 FAKE_STRIDE = 0x0100_0000_0000 // 64  # 1 TiB / 64: room for any sample tensor

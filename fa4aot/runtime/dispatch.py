@@ -17,8 +17,15 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from fa4aot.errors import ArgumentError
-from fa4aot.families import S_PING_PONG_MIN_N_BLOCKS_PER_SPLIT, sm90_head_dims_ok, sm90_tile, sm100_head_dims_ok
+from fa4aot.core.errors import ArgumentError
+from fa4aot.core.rules import (
+    S_PING_PONG_MIN_N_BLOCKS_PER_SPLIT,
+    num_splits_heuristic,
+    resolve_window,
+    sm90_head_dims_ok,
+    sm90_tile,
+    sm100_head_dims_ok,
+)
 
 
 @dataclass(frozen=True)
@@ -59,26 +66,6 @@ class Decision:
     local: bool
     window_left: int | None
     window_right: int | None
-
-
-def resolve_window(causal: bool, left: int | None, right: int | None) -> tuple[bool, bool, int | None, int | None]:
-    """FA4's ``_resolve_causal_local_window``: (causal, local, left, right)."""
-    if left is not None and right is not None and left < 0 and right < 0:
-        left = right = None
-    if causal:
-        right = 0
-    if left is not None or right is not None:
-        if left is None and right == 0:
-            return True, False, None, None
-        return False, True, left, right
-    return causal, False, left, right
-
-
-def num_splits_heuristic(total_mblocks: int, num_sms: int, num_n_blocks: int, max_splits: int) -> int:
-    """FA4's split heuristic."""
-    if num_n_blocks <= 4 or total_mblocks == 0:
-        return 1
-    return max(1, min(num_sms // total_mblocks, max_splits, num_n_blocks))
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fa4aot.variant import Variant
+from fa4aot.core.variant import Variant
 
 
 @dataclass(frozen=True)

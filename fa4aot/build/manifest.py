@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fa4aot.errors import ManifestError
-from fa4aot.families import FAMILIES, Family, product, resolve_fields
-from fa4aot.variant import SMEM_OPTIN_BYTES, Target, Variant
+from fa4aot.core.errors import ManifestError
+from fa4aot.core.families import FAMILIES, Family, product, resolve_fields
+from fa4aot.core.variant import SMEM_OPTIN_BYTES, Target, Variant
 
 ARCHES = tuple(SMEM_OPTIN_BYTES)
 _TARGET_KEYS = {"name", "arch", "num_sms", "l2_bytes", "smem_optin_bytes"}
@@ -260,36 +260,3 @@ def _index(items: list[Any], item: Any) -> int:
         if x is item or x == item:
             return i
     return -1
-
-
-def group_for(variant: Variant) -> dict[str, Any]:
-    """The manifest group (axis -> [value]) that builds exactly ``variant``; for error messages."""
-    f = variant.fields
-    out: dict[str, Any] = {}
-    for axis in FAMILIES[variant.family].axes:
-        if axis.name == "max_splits":
-            out[axis.name] = [1 << f["log_max_splits"]]
-        elif axis.name == "max_batch":
-            out[axis.name] = [31 * f["num_warps"]]
-        else:
-            try:
-                probe = axis.parse([11, 22])  # a pair axis: learn which field is first
-                out[axis.name] = [[f[k] for k, _ in sorted(probe.items(), key=lambda kv: kv[1])]]
-            except ValueError:
-                (key,) = axis.parse(axis.default[0]).keys()
-                out[axis.name] = [f[key]]
-    return out
-
-
-def describe_missing(variant: Variant) -> str:
-    """One-line YAML the user can add under ``families:`` to build ``variant``."""
-    items = ", ".join(f"{k}: {_yaml_scalar(v)}" for k, v in group_for(variant).items())
-    return f"families.{variant.family}: - {{{items}}}  (target arch {variant.arch}, num_sms {variant.num_sms})"
-
-
-def _yaml_scalar(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, list):
-        return "[" + ", ".join(_yaml_scalar(x) for x in v) + "]"
-    return str(v)

@@ -6,7 +6,7 @@ sequences, padded (non-contiguous) batch/seq/head strides, decode shapes for q_s
 through FA4's exported host code, with checks that can fail:
 
 * block equals the cubin's REQNTID; dynamic smem equals the build's record and fits the target;
-* the grid equals FA4's scheduler formula (:mod:`fa4aot.grids`, derived independently);
+* the grid equals FA4's scheduler formula (:mod:`fa4aot.tools.grids`, derived independently);
 * cluster (2,1,1) exactly for 2CTA variants;
 * the Q, K, V, O base addresses each start a kernel parameter of the cubin's table.
 
@@ -20,10 +20,11 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from fa4aot.cache import Cache, Entry
-from fa4aot.grids import sm90_forward_grid, sm100_forward_grid
-from fa4aot.runtime.plan import TensorDesc, open_plan, target_answers
-from fa4aot.samples import fake_pointer
+from fa4aot.core.index import Cache, Entry
+from fa4aot.core.samples import fake_pointer
+from fa4aot.core.signature import TensorDesc
+from fa4aot.plan.library import open_plan, target_answers
+from fa4aot.tools.grids import sm90_forward_grid, sm100_forward_grid
 
 FORWARD = ("fwd_sm100", "fwd_sm90")
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import click
 
-from fa4aot.cache import Cache, default_cache_dir
-from fa4aot.errors import Fa4aotError
+from fa4aot.core.errors import Fa4aotError
+from fa4aot.core.index import Cache, default_cache_dir
 
 CACHE_OPTION = click.option(
     "--cache",
@@ -117,7 +117,7 @@ def build(manifest: Path, cache_dir: Path | None, jobs: int | None, family: tupl
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def plan_cmd(manifest: Path, skipped: bool, as_json: bool) -> None:
     """Show the variants MANIFEST expands to, and what was skipped and why (no compiling)."""
-    from fa4aot import manifest as manifest_mod
+    from fa4aot.build import manifest as manifest_mod
 
     try:
         plan = manifest_mod.load(manifest)
@@ -156,7 +156,7 @@ def plan_cmd(manifest: Path, skipped: bool, as_json: bool) -> None:
 @main.command()
 def axes() -> None:
     """List every kernel family and the manifest axes it takes, with defaults."""
-    from fa4aot.families import FAMILIES
+    from fa4aot.core.families import FAMILIES
 
     for fam in FAMILIES.values():
         click.echo(f"{fam.name}  ({', '.join(fam.arches)}): {fam.doc}")
@@ -237,7 +237,7 @@ def _arg_text(a: dict[str, Any]) -> str:
 def verify_cmd(cache_dir: Path | None, plans: bool) -> None:
     """Re-hash every blob, re-parse every cubin, check arch and parameter tables against the
     metadata, and run every plan on sample shapes. Exits 1 on any mismatch."""
-    from fa4aot.verify import verify
+    from fa4aot.tools.verify import verify
 
     try:
         cache = _open(cache_dir)
@@ -261,7 +261,7 @@ def check_plans_cmd(cache_dir: Path | None, runs: int) -> None:
     """Run every forward variant's launch plan on random argument sets (CPU) and check block,
     smem, grid (against FA4's scheduler formulas), cluster and where Q/K/V/O land. Exits 1 on
     any mismatch."""
-    from fa4aot.plancheck import check_cache
+    from fa4aot.tools.plancheck import check_cache
 
     try:
         reports = check_cache(_open(cache_dir), runs)
@@ -299,9 +299,9 @@ def gc(cache_dir: Path | None, manifest: Path | None, grace: float) -> None:
     keep = None
     try:
         if manifest is not None:
-            from fa4aot import manifest as manifest_mod
+            from fa4aot.build import manifest as manifest_mod
             from fa4aot.build.toolchain import fingerprint, host_arch
-            from fa4aot.variant import cache_key
+            from fa4aot.core.variant import cache_key
 
             plan = manifest_mod.load(manifest)
             tc, host = fingerprint(), host_arch()
@@ -334,9 +334,9 @@ def launch_plan_cmd(key: str, cache_dir: Path | None, shape: str, params: bool) 
     Tensors are placed at fake, distinct device addresses; a parameter holding one of them is
     labelled with the tensor's name.
     """
-    from fa4aot import samples
-    from fa4aot.layouts import dims_for
-    from fa4aot.runtime.plan import open_plan, target_answers
+    from fa4aot.core import samples
+    from fa4aot.core.layouts import dims_for
+    from fa4aot.plan.library import open_plan, target_answers
 
     try:
         cache = _open(cache_dir)

@@ -1,0 +1,101 @@
+"""FA4 4.0.0b36's own rules, restated as pure functions: head-dim limits, tile choices, the combine
+kernel's tiling, the prepare kernel's warp count, window resolution and the split heuristic.
+
+Shared by the manifest expander (which variants exist), the runtime's dispatch (which variant a call
+needs) and the tests, which check them against FA4 itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+#: Prepare kernel warp counts: FA4 sizes the CTA by batch (31 batches per warp), rounded up to a
+#: power of two; above 31 * 32 = 992 batches it launches several CTAs of 32 warps.
+PREPARE_WARPS = (1, 2, 4, 8, 16, 32)
+#: Minimum KV blocks per split for S ping-pong (FA4 ``S_PING_PONG_MIN_N_BLOCKS_PER_SPLIT``).
+S_PING_PONG_MIN_N_BLOCKS_PER_SPLIT = {64: 16, 128: 64}
+
+
+def prepare_num_warps(num_batch: int) -> int:
+    """FA4's warp count for the prepare kernel at this batch size."""
+    num_warps = min((num_batch + 30) // 31, 32)
+    return 1 << max(num_warps - 1, 0).bit_length()
+
+
+def combine_tiling(head_dim: int) -> tuple[int, int, int]:
+    """(k_block_size, tile_m, min log_max_splits) FA4 uses for the combine kernel at head_dim."""
+    k_block_size = 64 if head_dim <= 64 else 128
+    tile_m = 8 if k_block_size % 128 == 0 else (16 if k_block_size % 64 == 0 else 32)
+    min_log = 5 if tile_m == 8 else 4
+    return k_block_size, tile_m, min_log
+
+
+def combine_log_max_splits(num_splits: int, head_dim: int) -> int:
+    """FA4's log_max_splits for a call with ``num_splits`` splits."""
+    _, _, min_log = combine_tiling(head_dim)
+    return max(math.ceil(math.log2(max(num_splits, 1))), min_log)
+
+
+def sm90_tile(head_dim: int, head_dim_v: int, causal: bool, local: bool) -> tuple[int, int, bool, bool]:
+    """FA4's SM90 forward config: (tile_m, tile_n, mma_pv_is_rs, intra_wg_overlap)."""
+    if head_dim <= 64:
+        return 192, 128, True, True
+    if head_dim <= 96:
+        return (192, 128, False, True) if (causal or local) else (192, 144, False, True)
+    if head_dim <= 128:
+        return 128, 128, True, True
+    if head_dim <= 192:
+        tile_n = 96 if local else (128 if head_dim_v <= 128 else 112)
+        return 128, tile_n, True, True
+    return 128, (64 if local else 80), True, True
+
+
+def _pad16(x: int) -> int:
+    return int(math.ceil(x / 16) * 16)
+
+
+def sm100_head_dims_ok(head_dim: int, head_dim_v: int, dtype: str) -> str | None:
+    """FA4 ``_validate_head_dims`` for SM100 (without the MLA shapes fa4aot does not build)."""
+    alignment = 8  # 16 bytes of a 2-byte dtype
+    standard = 8 <= head_dim <= 128 and 8 <= head_dim_v <= 128
+    deepseek = head_dim == 192 and head_dim_v == 128
+    hd256 = head_dim == 256 and head_dim_v == 256
+    if head_dim_v == 512:
+        return "head_dim_v 512 is FA4's MLA path (qv), which fa4aot does not build"
+    if not (standard or deepseek or hd256):
+        return (
+            f"(head_dim, head_dim_v)=({head_dim}, {head_dim_v}) is not supported on SM100: FA4 "
+            "takes 8..128, (192, 128) or (256, 256)"
+        )
+    if head_dim % alignment or head_dim_v % alignment:
+        return f"head dims must be multiples of {alignment} for {dtype}"
+    return None
+
+
+def sm90_head_dims_ok(head_dim: int, head_dim_v: int) -> str | None:
+    """FA4 ``_validate_head_dims`` for SM90."""
+    if not (8 <= head_dim <= 256 and 8 <= head_dim_v <= 256):
+        return f"(head_dim, head_dim_v)=({head_dim}, {head_dim_v}) is not supported on SM90 (8..256)"
+    if head_dim % 8 or head_dim_v % 8:
+        return "head dims must be multiples of 8"
+    return None
+
+
+def resolve_window(causal: bool, left: int | None, right: int | None) -> tuple[bool, bool, int | None, int | None]:
+    """FA4's ``_resolve_causal_local_window``: (causal, local, left, right)."""
+    if left is not None and right is not None and left < 0 and right < 0:
+        left = right = None
+    if causal:
+        right = 0
+    if left is not None or right is not None:
+        if left is None and right == 0:
+            return True, False, None, None
+        return False, True, left, right
+    return causal, False, left, right
+
+
+def num_splits_heuristic(total_mblocks: int, num_sms: int, num_n_blocks: int, max_splits: int) -> int:
+    """FA4's split heuristic."""
+    if num_n_blocks <= 4 or total_mblocks == 0:
+        return 1
+    return max(1, min(num_sms // total_mblocks, max_splits, num_n_blocks))
