@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--cache", default="cache")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    cache = Cache(args.cache, readonly=True)
+    cache = Cache(args.cache)
     picked = {}
     for e in cache.entries():
         key = (e.variant.family, e.target.arch)

@@ -36,6 +36,8 @@ class FakeDriver:
     param_sizes: dict = field(default_factory=dict)
     #: CUresult every launch returns (set non-zero to simulate a driver error)
     launch_result: int = 0
+    #: address -> device ordinal (or None) reported by pointer_device
+    pointer_devices: dict = field(default_factory=dict)
     _next: int = 0x7E00_0000_0000
 
     def current_device(self) -> int:
@@ -57,8 +59,9 @@ class FakeDriver:
     def set_kernel_attribute(self, kernel, attr: int, value: int, device: int) -> None:
         self.set_attributes.append((kernel, attr, value, device))
 
-    def kernel_handle(self, kernel) -> int:
-        return int(kernel)
+    def pointer_device(self, ptr: int):
+        """Device of an address: ``pointer_devices`` overrides (None: not device memory)."""
+        return self.pointer_devices.get(ptr, self.device)
 
     def alloc(self, nbytes: int) -> int:
         ptr = self._next

@@ -17,7 +17,7 @@ from fa4aot.core.variant import Variant, cache_key
 
 
 def test_ci_manifest_builds_every_variant_for_both_arches(built_cache):
-    cache = Cache(built_cache, readonly=True)
+    cache = Cache(built_cache)
     entries = cache.entries()
     plan = manifest.load(CI_MANIFEST)
     assert {e.variant_id for e in entries} >= {pv.variant.variant_id for pv in plan.variants}
@@ -28,7 +28,7 @@ def test_ci_manifest_builds_every_variant_for_both_arches(built_cache):
 
 
 def test_sm100_forward_entry_shows_threads_and_parameter_table(built_cache):
-    cache = Cache(built_cache, readonly=True)
+    cache = Cache(built_cache)
     (entry,) = [
         e
         for e in cache.entries()
@@ -162,6 +162,6 @@ def test_cubins_are_the_ones_fa4_builds(built_cache, tmp_path, arch, sms, causal
     fa4 = open(path, "rb").read()
     d = decide(Call(arch, sms, "bf16", 2, 1024, 1024, 16, 16, 128, 128, causal))
     v = Variant.make("fwd_sm90" if arch == "sm_90a" else "fwd_sm100", arch, sms, **d.fields)
-    cache = Cache(built_cache, readonly=True)
+    cache = Cache(built_cache)
     (entry,) = [e for e in cache.entries() if e.variant_id == v.variant_id][-1:]
-    assert cache.read_blob(entry, "cubin") == fa4
+    assert cache.read_cubin(entry) == fa4

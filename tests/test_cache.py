@@ -14,6 +14,7 @@ import time
 import pytest
 from helpers import HAS_DSL, run_cli
 
+from fa4aot.build.store import CacheWriter
 from fa4aot.core.errors import CacheError, CorruptArtifactError
 from fa4aot.core.index import Cache
 from fa4aot.core.variant import Target, Variant, cache_key
@@ -42,7 +43,7 @@ def _variant(i: int) -> Variant:
 
 
 def test_put_get_roundtrip(tmp_path):
-    cache = Cache(tmp_path)
+    cache = CacheWriter(tmp_path)
     v = _variant(1)
     key = cache_key(v, {"x": "1"}, "x86_64")
     assert cache.get(key) is None
@@ -58,7 +59,7 @@ def test_put_get_roundtrip(tmp_path):
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
 def test_damaged_blob_is_never_served(tmp_path, damage):
-    cache = Cache(tmp_path)
+    cache = CacheWriter(tmp_path)
     v = _variant(2)
     entry = cache.put("k", _meta(v), {"cubin": bytes(range(256)) * 8})
     path = cache.blob_path(entry.blobs["cubin"])
@@ -78,22 +79,21 @@ def test_damaged_blob_is_never_served(tmp_path, damage):
 
 
 def test_readonly_open_writes_nothing(tmp_path):
-    cache = Cache(tmp_path)
+    cache = CacheWriter(tmp_path)
     cache.put("k", _meta(_variant(3)), {"cubin": b"x"})
     cache.close()
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
-    ro = Cache(tmp_path, readonly=True)
+    ro = Cache(tmp_path)
     assert ro.get("k") is not None and len(ro.entries()) == 1
-    with pytest.raises(CacheError, match="read-only"):
-        ro.put("k2", _meta(_variant(4)), {"cubin": b"y"})
+    assert not hasattr(ro, "put")  # the reader has no write path at all
     after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     assert before == after
     with pytest.raises(CacheError, match="not an fa4aot cache"):
-        Cache(tmp_path / "missing", readonly=True)
+        Cache(tmp_path / "missing")
 
 
 def test_gc_removes_orphans_but_not_fresh_files(tmp_path):
-    cache = Cache(tmp_path)
+    cache = CacheWriter(tmp_path)
     e = cache.put("k", _meta(_variant(5)), {"cubin": b"keep"})
     orphan = cache.root / "blobs" / "zz" / "orphan.cubin"
     orphan.parent.mkdir(parents=True)
@@ -113,7 +113,7 @@ def test_gc_removes_orphans_but_not_fresh_files(tmp_path):
 KILL_SCRIPT = textwrap.dedent(
     """
     import sys, time
-    import fa4aot.core.index as c
+    import fa4aot.build.store as c
     orig = c._atomic_write
     n = {"i": 0}
     def slow(tmp_dir, path, data):
@@ -122,7 +122,7 @@ KILL_SCRIPT = textwrap.dedent(
         print("wrote", n["i"], flush=True)
         time.sleep(30)  # killed here, between blob writes and the index record
     c._atomic_write = slow
-    cache = c.Cache(sys.argv[1])
+    cache = c.CacheWriter(sys.argv[1])
     cache.put("victim", {"variant": %r, "target": %r, "toolchain": {}, "host_arch": "x86_64"},
               {"cubin": b"a" * 1000, "plan": b"b" * 1000})
     """
@@ -130,18 +130,18 @@ KILL_SCRIPT = textwrap.dedent(
 
 
 def test_sigkill_mid_put_leaves_no_valid_entry(tmp_path):
-    Cache(tmp_path).put("other", _meta(_variant(6)), {"cubin": b"ok"})
+    CacheWriter(tmp_path).put("other", _meta(_variant(6)), {"cubin": b"ok"})
     script = KILL_SCRIPT % (_variant(7).to_dict(), TARGET.to_dict())
     proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().startswith("wrote 1")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    cache = Cache(tmp_path, readonly=True)
+    cache = CacheWriter(tmp_path)
     assert cache.get("victim") is None
     assert [e.key for e in cache.entries()] == ["other"]
     assert cache.read_blob(cache.get("other"), "cubin") == b"ok"
     # the blob written before the kill is an orphan that gc removes
-    assert Cache(tmp_path).gc(grace_seconds=0)["files_removed"] >= 1
+    assert CacheWriter(tmp_path).gc(grace_seconds=0)["files_removed"] >= 1
 
 
 SMALL_MANIFEST = """
@@ -174,7 +174,7 @@ def test_concurrent_builds_end_consistent(tmp_path):
     for p in procs:
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, out + err
-    c = Cache(cache, readonly=True)
+    c = Cache(cache)
     assert len(c.entries()) == 4  # two combine + two prepare buckets, each once
     out = run_cli("verify", "--cache", str(cache))
     assert "4 ok, 0 bad" in out.stdout
@@ -200,39 +200,44 @@ def test_build_killed_midway_then_verify_and_resume(tmp_path):
             break
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
-    n_before = len(Cache(cache, readonly=True).entries())
+    n_before = len(Cache(cache).entries())
     assert 1 <= n_before < 8
     assert "0 bad" in run_cli("verify", "--cache", str(cache)).stdout
     out = run_cli("build", str(m), "--cache", str(cache), "-q")
     assert f"{8 - n_before}" in out.stdout.splitlines()[-1]
-    assert len(Cache(cache, readonly=True).entries()) == 8
+    assert len(Cache(cache).entries()) == 8
 
 
 @pytest.mark.skipif(not HAS_DSL, reason="needs the build extra to compile kernels")
 def test_verify_catches_flipped_and_truncated_artifacts(built_cache, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(built_cache, copy)
-    cache = Cache(copy, readonly=True)
+    cache = Cache(copy)
     entries = cache.entries()
-    cubin_path = cache.blob_path(entries[0].blobs["cubin"])
-    data = bytearray(cubin_path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    cubin_path.write_bytes(bytes(data))
-    plan_path = cache.blob_path(entries[1].blobs["plan"])
-    plan_path.write_bytes(plan_path.read_bytes()[:-100])
+    plan_path = cache.blob_path(entries[0].blobs["plan"])
+    data = bytearray(plan_path.read_bytes())
+    data[entries[0].cubin.offset + entries[0].cubin.size // 2] ^= 0xFF  # inside the embedded cubin
+    plan_path.write_bytes(bytes(data))
+    header_path = cache.blob_path(entries[1].blobs["header"])
+    header_path.write_bytes(header_path.read_bytes()[:-100])
+    (packed,) = [p for p in (copy / "packed").iterdir() if p.name.startswith("sm_90a")]
+    raw = bytearray(packed.read_bytes())
+    raw[-10] ^= 0x01  # inside the last record
+    packed.write_bytes(bytes(raw))
     out = run_cli("verify", "--cache", str(copy), check=False)
     assert out.returncode == 1
     assert f"{len(entries) - 2} ok, 2 bad" in out.stdout
-    assert "cubin of entry" in out.stderr and "plan of entry" in out.stderr
+    assert "plan of entry" in out.stderr and "header of entry" in out.stderr
+    assert "packed indexes: 1 problem" in out.stdout and "record of" in out.stderr
     with pytest.raises(CorruptArtifactError):
-        cache.read_blob(entries[0], "cubin")
+        cache.read_cubin(entries[0])
 
 
 def test_malformed_index_record_is_reported(tmp_path):
-    cache = Cache(tmp_path)
+    cache = CacheWriter(tmp_path)
     cache.put("good", _meta(_variant(8)), {"cubin": b"x"})
     cache._writer().set("bad", json.dumps({"variant": {}}))
     from fa4aot.tools.verify import verify
 
-    n, problems = verify(Cache(tmp_path, readonly=True), run_plans=False)
+    n, problems = verify(Cache(tmp_path), run_plans=False)
     assert n == 2 and any(p.key == "bad" and "malformed" in p.what for p in problems)

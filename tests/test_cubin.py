@@ -13,8 +13,8 @@ from fa4aot.core.index import Cache
 
 
 def _cubins(built_cache):
-    cache = Cache(built_cache, readonly=True)
-    return [(e, cache.read_blob(e, "cubin")) for e in cache.entries()]
+    cache = Cache(built_cache)
+    return [(e, cache.read_cubin(e)) for e in cache.entries()]
 
 
 def test_reader_on_built_cubins(built_cache):

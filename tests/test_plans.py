@@ -28,7 +28,7 @@ def load_plan(cache: Cache, entry, static_smem: int = 0):
 
 
 def entries(built_cache, family=None, **fields):
-    cache = Cache(built_cache, readonly=True)
+    cache = Cache(built_cache)
     out = []
     for e in cache.entries():
         if family and e.variant.family != family:
@@ -43,7 +43,7 @@ def test_every_plan_matches_its_cubin(built_cache):
     assert all_entries
     for e in all_entries:
         plan = load_plan(cache, e)
-        parsed = cubin.parse(cache.read_blob(e, "cubin"))
+        parsed = cubin.parse(cache.read_cubin(e))
         ml = plan.module_load
         assert (ml.library_loads, ml.kernel_lookups) == (1, 1)
         sets = {(attr, value) for _, attr, value in ml.set_attributes}
@@ -265,7 +265,7 @@ import sys
 from fa4aot.core.index import Cache
 from fa4aot.core import samples
 from fa4aot.plan.library import open_plan, target_answers
-cache = Cache(sys.argv[1], readonly=True)
+cache = Cache(sys.argv[1])
 n = 0
 for e in cache.entries():
     plan = open_plan(cache.read_blob(e, "plan"), e.meta)
@@ -309,7 +309,7 @@ def test_every_forward_plan_on_random_arguments(built_cache):
     what is checked: block, smem, grid vs FA4's formulas, cluster, Q/K/V/O addresses)."""
     from fa4aot.tools.plancheck import check_cache
 
-    reports = check_cache(Cache(built_cache, readonly=True), n=30)
+    reports = check_cache(Cache(built_cache), n=30)
     assert {r.entry.variant.family for r in reports} == {"fwd_sm100", "fwd_sm90"}
     assert all(r.runs >= 30 for r in reports)
     problems = [(r.entry.variant.label(), p) for r in reports for p in r.problems]

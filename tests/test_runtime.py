@@ -12,6 +12,7 @@ import pytest
 from fake_driver import FakeDriver
 
 import fa4aot
+from fa4aot.build.store import CacheWriter
 from fa4aot.core import samples
 from fa4aot.core.errors import (
     ArgumentError,
@@ -50,7 +51,7 @@ def runtime(built_cache):
 
 def _sizes(rt, drv):
     for lv in rt._loaded.values():
-        for h, k in zip(lv.handles, lv.entry.meta["kernels"]):
+        for h, k in zip(lv.kernels, lv.entry.meta["kernels"]):
             drv.param_sizes[h] = [size for _, _, size in sorted(k["params"])]
 
 
@@ -166,27 +167,28 @@ def test_device_mismatches_are_refused(built_cache):
 
 
 def test_host_arch_mismatch_is_refused(built_cache, monkeypatch):
-    rt = Runtime(built_cache, driver=FakeDriver())
     monkeypatch.setattr("fa4aot.runtime.loader.platform.machine", lambda: "aarch64")
-    op, lp, out, ls = combine_args()
-    with pytest.raises(DeviceMismatchError, match="built for a x86_64 host"):
-        fa4aot.combine(op, lp, out, ls, runtime=rt)
+    with pytest.raises(DeviceMismatchError, match=r"x86_64 host\).*this host is aarch64"):
+        Runtime(built_cache, driver=FakeDriver())
 
 
-@pytest.mark.parametrize("role", ["cubin", "plan"])
-def test_corrupt_artifact_is_refused_not_launched(built_cache, tmp_path, role):
+@pytest.mark.parametrize("where", ["cubin", "host code"])
+def test_corrupt_artifact_is_refused_not_launched(built_cache, tmp_path, where):
+    """The cubin lives inside the plan blob: a flipped byte in either part is refused."""
     copy = tmp_path / "c"
     shutil.copytree(built_cache, copy)
     drv = FakeDriver()
     rt = Runtime(copy, driver=drv)
     op, lp, out, ls = combine_args()
-    (entry,) = [e for e in rt._by_id.values() if e.variant.family == "combine" and e.variant.fields["has_lse"]]
-    cache = Cache(copy, readonly=True)
-    path = cache.blob_path(entry.blobs[role])
+    (entry,) = [e for e in Cache(copy).entries() if e.variant.family == "combine" and e.variant.fields["has_lse"]]
+    path = Cache(copy).blob_path(entry.blobs["plan"])
     data = bytearray(path.read_bytes())
-    data[len(data) // 3] ^= 0x40
+    cub = entry.cubin
+    at = cub.offset + cub.size // 2 if where == "cubin" else (cub.offset // 2 if cub.offset > 64 else len(data) - 16)
+    assert (cub.offset <= at < cub.offset + cub.size) == (where == "cubin")
+    data[at] ^= 0x40
     path.write_bytes(bytes(data))
-    with pytest.raises(CorruptArtifactError, match=f"{role} of entry .* is corrupt"):
+    with pytest.raises(CorruptArtifactError, match="plan of entry .* is corrupt"):
         fa4aot.combine(op, lp, out, ls, runtime=rt)
     assert drv.launches == [] and drv.libraries == []
 
@@ -280,13 +282,14 @@ def test_import_fa4aot_is_lazy():
 def test_sm100_cache_on_sm90_device_is_refused(built_cache, tmp_path):
     copy = tmp_path / "c"
     shutil.copytree(built_cache, copy)
-    cache = Cache(copy)
+    cache = CacheWriter(copy)
     for e in cache.entries():
         if e.target.arch == "sm_90a":
             cache.delete(e.key)
+    cache.write_packed()
     cache.close()
     with pytest.raises(
-        DeviceMismatchError, match=r"b200 \(sm_100a, 148 SMs\).*\(sm_90, 132 SMs\), which cannot run them"
+        DeviceMismatchError, match=r"b200 \(sm_100a, 148 SMs, x86_64 host\).*\(sm_90a, 132 SMs\), which cannot run them"
     ):
         Runtime(copy, driver=FakeDriver(cc=(9, 0), num_sms=132))
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fa4aot.build import manifest as manifest_mod
+from fa4aot.build.store import CacheWriter, blob_ok
 from fa4aot.build.toolchain import fingerprint, host_arch
 from fa4aot.build.worker import BuildOutput, build_variant, configure
-from fa4aot.core.index import Cache, _blob_ok
 from fa4aot.core.variant import Target, Variant, cache_key
 
 #: Compiles per worker process before it is replaced (bounds memory growth across compiles).
@@ -60,12 +60,12 @@ def default_jobs() -> int:
     return max(1, min(cpus, by_mem))
 
 
-def _cached(cache: Cache, key: str) -> int | None:
+def _cached(cache: CacheWriter, key: str) -> int | None:
     """Size of a complete cached entry for ``key`` (all blobs present and intact), else None."""
     entry = cache.get(key)
     if entry is None:
         return None
-    if all(_blob_ok(cache.blob_path(ref), ref) for ref in entry.blobs.values()):
+    if all(blob_ok(cache.blob_path(ref), ref) for ref in entry.blobs.values()):
         return sum(ref.size for ref in entry.blobs.values())
     return None
 
@@ -83,7 +83,7 @@ def build(
     plan = manifest_mod.load(manifest_path)
     toolchain = fingerprint()
     host = host_arch()
-    cache = Cache(cache_dir)
+    cache = CacheWriter(cache_dir)
     report = BuildReport()
     todo: dict[Target, list[tuple[manifest_mod.PlannedVariant, str]]] = {}
     planned = [pv for pv in plan.variants if only is None or only(pv.variant)]
@@ -121,13 +121,14 @@ def build(
                     done += 1
                     if progress:
                         progress(done, total, row)
+    cache.write_packed()
     cache.close()
     report.wall_seconds = time.perf_counter() - t0
     return report
 
 
 def _store(
-    cache: Cache,
+    cache: CacheWriter,
     pv: manifest_mod.PlannedVariant,
     key: str,
     target: Target,

@@ -20,7 +20,8 @@ from typing import Any
 from fa4aot.build.header import check_against, parse_header
 from fa4aot.build.link import link_plan
 from fa4aot.core import cubin as cubin_reader
-from fa4aot.core.variant import Target, Variant
+from fa4aot.core.variant import Target, Variant, sha256_hex
+from fa4aot.plan.library import SHIM_ABI
 
 
 @dataclass
@@ -105,6 +106,10 @@ def _build(variant: Variant, target: Target) -> tuple[dict[str, bytes], dict[str
         check_against(header, entry.args)
         link_plan(tmpd / "plan.o", tmpd / "plan.so")
         plan_bytes = (tmpd / "plan.so").read_bytes()
+        # The plan embeds the cubin verbatim: record where, and store the cubin only there.
+        cubin_offset = plan_bytes.find(cubin_bytes)
+        if cubin_offset < 0 or plan_bytes.find(cubin_bytes, cubin_offset + 1) >= 0:
+            raise RuntimeError("the linked plan does not hold the cubin exactly once")
         parsed = cubin_reader.parse(cubin_bytes)
         kernel_names = list(compiled.kernel_info.keys())
         kernels = []
@@ -127,6 +132,7 @@ def _build(variant: Variant, target: Target) -> tuple[dict[str, bytes], dict[str
             "cubin_arch": parsed.arch,
             "cubin_sm": parsed.sm,
             "cubin_toolkit": parsed.toolkit,
+            "cubin": {"offset": cubin_offset, "size": len(cubin_bytes), "sha256": sha256_hex(cubin_bytes)},
             "kernels": kernels,
             "signature": {
                 "prefix": header.prefix,
@@ -136,9 +142,10 @@ def _build(variant: Variant, target: Target) -> tuple[dict[str, bytes], dict[str
                 "args": [a.to_dict() for a in entry.args],
             },
             "compile_seconds": round(compile_s, 3),
+            "shim_abi": SHIM_ABI,
         }
         meta["launch"] = _self_test(tmpd / "plan.so", meta, variant, target)
-    blobs = {"cubin": cubin_bytes, "host_object": host_object, "header": header_text.encode(), "plan": plan_bytes}
+    blobs = {"plan": plan_bytes, "header": header_text.encode()}
     return blobs, meta
 
 

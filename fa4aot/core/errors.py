@@ -29,7 +29,11 @@ class CorruptArtifactError(CacheError):
 
 
 class VariantNotFoundError(Fa4aotError, LookupError):
-    """The cache has no artifact for the variant a call needs."""
+    """The cache has no artifact for the variant a call needs (``variant``, when known)."""
+
+    def __init__(self, message: str, variant: object = None):
+        super().__init__(message)
+        self.variant = variant
 
 
 class DeviceMismatchError(Fa4aotError):

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fa4aot.core.rules import (
+    COMBINE_MAX_LOG_SPLITS,
+    COMBINE_MAX_SPLITS,
     PREPARE_WARPS,
     combine_tiling,
     prepare_num_warps,
@@ -148,8 +150,8 @@ def check_combine(f: dict[str, Any]) -> str | None:
         return "combine needs head_dim a multiple of 8 in 8..512"
     _, tile_m, min_log = combine_tiling(hd)
     log = f["log_max_splits"]
-    if log < min_log or log > 8:
-        return f"log_max_splits must be in {min_log}..8 at head_dim {hd} (FA4 tile_m {tile_m})"
+    if log < min_log or log > COMBINE_MAX_LOG_SPLITS:
+        return f"log_max_splits must be in {min_log}..{COMBINE_MAX_LOG_SPLITS} at head_dim {hd} (FA4 tile_m {tile_m})"
     if f["num_head"] < 1:
         return "num_head must be >= 1"
     if f["seqused"] and not f["varlen"]:
@@ -260,8 +262,8 @@ def _pair_or_auto(f1: str, f2: str) -> Callable[[Any], dict[str, Any]]:
 
 
 def _max_splits(v: Any) -> dict[str, Any]:
-    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 256:
-        raise ValueError(f"expected the largest split count to support, 1..256, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= COMBINE_MAX_SPLITS:
+        raise ValueError(f"expected the largest split count to support, 1..{COMBINE_MAX_SPLITS}, got {v!r}")
     return {"log_max_splits": max(math.ceil(math.log2(v)), 0), "_min_log": True}
 
 

@@ -1,33 +1,37 @@
-"""The artifact cache: content-addressed blobs on disk, indexed by diskcache.
+"""Reading a cache: the full index (for the CLI), the packed per-target index (for the runtime)
+and blobs, every byte hash-checked. Writing lives in :mod:`fa4aot.build.store`.
 
 Layout under the cache root::
 
     FORMAT                      "fa4aot-cache <version>"
-    index/                      diskcache (SQLite): key -> entry metadata (JSON text)
-    blobs/<aa>/<sha256>.<ext>   raw, immutable artifact bytes (cubin, host object, header, plan)
+    index/                      diskcache (SQLite): key -> entry metadata (JSON text), every entry
+    packed/<arch>-<sms>-<host>.idx
+                                one file per target and host arch, rewritten at the end of every
+                                build and gc: the entries the runtime may load, read in one go
+    blobs/<aa>/<sha256>.<ext>   raw, immutable artifact bytes (launch plan .so, header)
     tmp/                        staging for atomic writes
 
-Blobs are plain files named by their sha256, so external tools (cuobjdump, nm, a C loader) can
-read them directly; ``fa4aot show KEY`` prints their paths.
+Each entry stores its launch plan (FA4's exported host code linked with the shim) and the header
+``export_to_c`` wrote. The plan embeds the cubin; the entry records where (``meta["cubin"]``:
+offset, size, sha256), so the cubin is stored once and the runtime reads and hashes one blob per
+variant. ``fa4aot show KEY --cubin-out FILE`` extracts it for cuobjdump and friends.
 
-Concurrency idiom: any number of builders may :meth:`Cache.put` into one cache at once. Each blob
-is written to ``tmp/``, fsynced and renamed into place (rename is atomic, and two writers of one
-blob write the same bytes); the index record is written last, in one SQLite transaction. So a
-reader either sees no record or a record whose blobs are all on disk - a killed build leaves only
-orphan blobs, which :meth:`Cache.gc` removes. Readers use :meth:`Cache.get` (never a racy
-``in`` check followed by a read) and every blob read re-checks its sha256, so a flipped or
-truncated file is refused, never served. Opening with ``readonly=True`` writes nothing and works
-on a read-only volume.
+The packed index::
+
+    FA4AOT-PACKED <version>\\n
+    <sha256 of the header JSON> <length of the header JSON>\\n
+    <header JSON>: {"format", "target", "host_arch", "records": {variant_id: [key, offset, length, sha256]}}
+    <records>: the entries' metadata JSON, back to back (offsets count from the end of the header)
+
+Opening reads and hashes only the header; a record is read, hashed and parsed when its variant is
+first used.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sqlite3
-import time
-import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +41,10 @@ from fa4aot.core.variant import CACHE_FORMAT_VERSION, Target, Variant, sha256_he
 
 FORMAT_LINE = f"fa4aot-cache {CACHE_FORMAT_VERSION}"
 #: File extension of each blob role.
-BLOB_EXT = {"cubin": "cubin", "host_object": "o", "header": "h", "plan": "so"}
+BLOB_EXT = {"plan": "so", "header": "h"}
 DEFAULT_CACHE_ENV = "FA4AOT_CACHE"
+PACKED_DIR = "packed"
+PACKED_MAGIC = b"FA4AOT-PACKED 1\n"
 
 
 def default_cache_dir() -> Path:
@@ -58,6 +64,15 @@ class BlobRef:
 
 
 @dataclass(frozen=True)
+class CubinRef:
+    """Where an entry's cubin lies inside its plan blob."""
+
+    offset: int
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class Entry:
     """One built variant: its key, variant, target, metadata and blob references."""
 
@@ -68,7 +83,7 @@ class Entry:
     blobs: dict[str, BlobRef]
 
     @classmethod
-    def from_json(cls, key: str, text: str) -> Entry:
+    def from_json(cls, key: str, text: str | bytes) -> Entry:
         try:
             meta = json.loads(text)
             blobs = {
@@ -76,32 +91,159 @@ class Entry:
                 for role, b in meta["blobs"].items()
             }
             return cls(key, Variant.from_dict(meta["variant"]), Target.from_dict(meta["target"]), meta, blobs)
-        except (ValueError, KeyError, TypeError) as e:
-            raise CacheError(f"index record {key} is malformed: {e}") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CacheError(f"index record {key} is malformed: {e!r}") from None
 
     @property
     def variant_id(self) -> str:
         return self.variant.variant_id
 
+    @property
+    def cubin(self) -> CubinRef | None:
+        c = self.meta.get("cubin")
+        return CubinRef(int(c["offset"]), int(c["size"]), c["sha256"]) if isinstance(c, dict) else None
+
+    @property
+    def host_arch(self) -> str:
+        return str(self.meta.get("host_arch"))
+
+
+def packed_name(target: Target, host_arch: str) -> str:
+    """File name of the packed index for ``target`` on ``host_arch`` hosts."""
+    return f"{target.arch}-{target.num_sms}-{host_arch}.idx"
+
+
+def parse_packed_name(name: str) -> tuple[str, int, str] | None:
+    """(arch, num_sms, host_arch) from a packed index file name, or None."""
+    if not name.endswith(".idx"):
+        return None
+    parts = name[:-4].split("-")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1]), parts[2]
+
+
+def pack_index(target: Target, host_arch: str, records: list[tuple[str, str]]) -> bytes:
+    """The packed index bytes for ``records`` ((key, metadata JSON) pairs, one per variant)."""
+    table: dict[str, list[Any]] = {}
+    body = bytearray()
+    for key, text in records:
+        raw = text.encode()
+        vid = Entry.from_json(key, raw).variant_id
+        table[vid] = [key, len(body), len(raw), sha256_hex(raw)]
+        body += raw
+    header = json.dumps(
+        {"format": CACHE_FORMAT_VERSION, "target": target.to_dict(), "host_arch": host_arch, "records": table},
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
+    return PACKED_MAGIC + f"{sha256_hex(header)} {len(header)}\n".encode() + header + bytes(body)
+
+
+class PackedIndex:
+    """One target's packed index, opened read-only: the header is hashed and parsed now, each record
+    when :meth:`entry` first asks for it. The file stays open, so a concurrent rewrite (an atomic
+    rename) never mixes two versions."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise CacheError(f"cannot open the packed index {path}: {e.strerror or e}") from None
+        try:
+            head = os.pread(self._fd, 256, 0)
+            if not head.startswith(PACKED_MAGIC):
+                raise CorruptArtifactError(f"{path} is not an fa4aot packed index (bad magic)")
+            line_end = head.find(b"\n", len(PACKED_MAGIC))
+            try:
+                digest, length = head[len(PACKED_MAGIC) : line_end].decode().split()
+                length = int(length)
+            except ValueError:
+                raise CorruptArtifactError(f"{path}: malformed packed index header line") from None
+            start = line_end + 1
+            header = os.pread(self._fd, length, start)
+            if len(header) != length or sha256_hex(header) != digest:
+                raise CorruptArtifactError(
+                    f"{path} is corrupt (its header does not match its sha256); run `fa4aot reindex` or rebuild"
+                )
+            doc = json.loads(header)
+            if doc.get("format") != CACHE_FORMAT_VERSION:
+                raise CacheError(
+                    f"{path} has cache format {doc.get('format')}; this fa4aot reads {CACHE_FORMAT_VERSION}. "
+                    "Rebuild the cache with this fa4aot."
+                )
+            self.target = Target.from_dict(doc["target"])
+            self.host_arch: str = doc["host_arch"]
+            self.records: dict[str, list[Any]] = doc["records"]
+            self._body = start + length
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def __contains__(self, variant_id: str) -> bool:
+        return variant_id in self.records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def entry(self, variant_id: str) -> Entry:
+        """The entry for ``variant_id`` (KeyError if absent), its record hash-checked."""
+        key, offset, length, digest = self.records[variant_id]
+        raw = os.pread(self._fd, length, self._body + offset)
+        if len(raw) != length or sha256_hex(raw) != digest:
+            raise CorruptArtifactError(
+                f"{self.path}: the record of {variant_id} is corrupt; run `fa4aot reindex` or rebuild"
+            )
+        return Entry.from_json(key, raw)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class MemoryIndex:
+    """The packed-index interface over entries read from the full index (caches without packed
+    indexes). The newest entry of each variant wins."""
+
+    def __init__(self, entries: list[Entry]):
+        self.target = entries[0].target
+        self.host_arch = entries[0].host_arch
+        self._by_id: dict[str, Entry] = {}
+        for e in entries:
+            prev = self._by_id.get(e.variant_id)
+            if prev is None or e.meta.get("created", 0) >= prev.meta.get("created", 0):
+                self._by_id[e.variant_id] = e
+        self.records = {vid: e.key for vid, e in self._by_id.items()}
+
+    def __contains__(self, variant_id: str) -> bool:
+        return variant_id in self._by_id
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def entry(self, variant_id: str) -> Entry:
+        return self._by_id[variant_id]
+
+    def close(self) -> None:
+        pass
+
 
 class Cache:
-    """A cache directory. See the module docstring for layout and concurrency."""
+    """A cache directory, read-only. See the module docstring for the layout."""
 
-    def __init__(self, root: str | Path, *, readonly: bool = False):
+    def __init__(self, root: str | Path):
         self.root = Path(root)
-        self.readonly = readonly
-        self._index: Any = None
-        if readonly:
-            if not (self.root / "index" / "cache.db").exists():
-                raise CacheError(f"{self.root} is not an fa4aot cache (no index/cache.db)")
-            self._check_format()
-        else:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fmt = self.root / "FORMAT"
-            if fmt.exists():
-                self._check_format()
-            else:
-                _atomic_write(self.root / "tmp", fmt, (FORMAT_LINE + "\n").encode())
+        if not (self.root / "index" / "cache.db").exists() and not (self.root / PACKED_DIR).is_dir():
+            raise CacheError(f"{self.root} is not an fa4aot cache (no index); build one with `fa4aot build MANIFEST`")
+        self._check_format()
 
     def _check_format(self) -> None:
         try:
@@ -109,28 +251,17 @@ class Cache:
         except OSError:
             raise CacheError(f"{self.root} is not an fa4aot cache (no FORMAT file)") from None
         if line != FORMAT_LINE:
-            raise CacheError(f"{self.root} has cache format {line!r}; this fa4aot reads {FORMAT_LINE!r}")
-
-    # ---- index ---------------------------------------------------------------------------
-
-    def _writer(self) -> Any:
-        if self.readonly:
-            raise CacheError("cache opened read-only")
-        if self._index is None:
-            import diskcache
-
-            # Small JSON records stay inline in SQLite (raw text, readable by plain sqlite3);
-            # a rollback journal (not WAL) lets read-only volumes open the file without -shm.
-            self._index = diskcache.Cache(
-                str(self.root / "index"),
-                disk_min_file_size=1 << 24,
-                sqlite_journal_mode="delete",
-                timeout=60,
+            raise CacheError(
+                f"{self.root} has cache format {line!r}; this fa4aot reads {FORMAT_LINE!r}. "
+                "Rebuild it (or build into a new directory) with this fa4aot."
             )
-        return self._index
+
+    # ---- full index (CLI, verify, gc) --------------------------------------------------------
 
     def records(self, key: str | None = None) -> Iterator[tuple[str, str]]:
         """(key, JSON) index records read with plain sqlite3 (works read-only)."""
+        import sqlite3  # only the CLI and the fallback path read the full index
+
         db = self.root / "index" / "cache.db"
         if not db.exists():
             return iter(())
@@ -173,6 +304,19 @@ class Cache:
             raise CacheError(f"{prefix!r} is ambiguous: {len(matches)} entries match; give more digits")
         return matches[0]
 
+    # ---- packed indexes (runtime) --------------------------------------------------------------
+
+    def packed_targets(self) -> list[tuple[str, int, str]]:
+        """(arch, num_sms, host_arch) of every packed index present."""
+        try:
+            names = os.listdir(self.root / PACKED_DIR)
+        except FileNotFoundError:
+            return []
+        return sorted(p for p in map(parse_packed_name, names) if p is not None)
+
+    def open_packed(self, arch: str, num_sms: int, host_arch: str) -> PackedIndex:
+        return PackedIndex(self.root / PACKED_DIR / f"{arch}-{num_sms}-{host_arch}.idx")
+
     # ---- blobs ---------------------------------------------------------------------------
 
     def blob_path(self, ref: BlobRef) -> Path:
@@ -200,85 +344,21 @@ class Cache:
             )
         return data
 
-    def put(self, key: str, meta: Mapping[str, Any], blobs: Mapping[str, bytes]) -> Entry:
-        """Store blobs, then the index record; returns the entry. Safe to race (see module doc)."""
-        self._writer()
-        refs: dict[str, dict[str, Any]] = {}
-        for role, data in blobs.items():
-            ref = BlobRef(sha256_hex(data), len(data), BLOB_EXT.get(role, "bin"))
-            path = self.blob_path(ref)
-            if not _blob_ok(path, ref):
-                _atomic_write(self.root / "tmp", path, data)
-            refs[role] = {"sha256": ref.sha256, "size": ref.size, "file": str(path.relative_to(self.root))}
-        record = dict(meta)
-        record["blobs"] = refs
-        record.setdefault("created", time.time())
-        text = json.dumps(record, sort_keys=True)
-        self._writer().set(key, text)
-        return Entry.from_json(key, text)
-
-    def delete(self, key: str) -> bool:
-        """Remove an index record (blobs stay until :meth:`gc`)."""
-        return bool(self._writer().delete(key))
-
-    def close(self) -> None:
-        if self._index is not None:
-            self._index.close()
-            self._index = None
-
-    # ---- maintenance -----------------------------------------------------------------------
-
-    def gc(self, keep: set[str] | None = None, grace_seconds: float = 3600.0) -> dict[str, int]:
-        """Drop index records not in ``keep`` (if given), then blobs no record references and
-        staging files, older than ``grace_seconds`` (so a concurrent build's fresh blobs stay)."""
-        removed_entries = 0
-        if keep is not None:
-            for e in self.entries():
-                if e.key not in keep and self.delete(e.key):
-                    removed_entries += 1
-        referenced = {str(self.blob_path(ref)) for e in self.entries() for ref in e.blobs.values()}
-        now = time.time()
-        removed_blobs = freed = 0
-        for sub in ("blobs", "tmp"):
-            base = self.root / sub
-            if not base.exists():
-                continue
-            for path in base.rglob("*"):
-                if not path.is_file() or str(path) in referenced:
-                    continue
-                try:
-                    st = path.stat()
-                    if now - st.st_mtime < grace_seconds:
-                        continue
-                    path.unlink()
-                except FileNotFoundError:
-                    continue
-                removed_blobs += 1
-                freed += st.st_size
-        return {"entries_removed": removed_entries, "files_removed": removed_blobs, "bytes_freed": freed}
+    def read_cubin(self, entry: Entry, plan_bytes: bytes | None = None) -> bytes:
+        """The entry's cubin: a slice of its (verified) plan, checked against the cubin's own sha256."""
+        return cubin_of(entry, self.read_blob(entry, "plan") if plan_bytes is None else plan_bytes)
 
 
-def _blob_ok(path: Path, ref: BlobRef) -> bool:
-    try:
-        if path.stat().st_size != ref.size:
-            return False
-        return sha256_hex(path.read_bytes()) == ref.sha256
-    except OSError:
-        return False
-
-
-def _atomic_write(tmp_dir: Path, path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either nothing or all of it."""
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_dir / f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+def cubin_of(entry: Entry, plan_bytes: bytes) -> bytes:
+    """Slice ``entry``'s cubin out of its verified plan bytes. The plan's sha256 already covers
+    these bytes; the cubin's own sha256 is checked too, since it names the cubin FA4 built."""
+    ref = entry.cubin
+    if ref is None:
+        raise CacheError(f"entry {entry.key} records no cubin location (built by an older fa4aot?)")
+    data = plan_bytes[ref.offset : ref.offset + ref.size]
+    if len(data) != ref.size or sha256_hex(data) != ref.sha256:
+        raise CorruptArtifactError(
+            f"cubin of entry {entry.key} ({entry.variant.label()}) does not match its recorded sha256 at "
+            f"offset {ref.offset} of the plan; run `fa4aot verify` and rebuild."
+        )
+    return data

@@ -12,6 +12,10 @@ import math
 #: Prepare kernel warp counts: FA4 sizes the CTA by batch (31 batches per warp), rounded up to a
 #: power of two; above 31 * 32 = 992 batches it launches several CTAs of 32 warps.
 PREPARE_WARPS = (1, 2, 4, 8, 16, 32)
+#: The combine kernel's largest split count: FA4 compiles it with log_max_splits <= 8 (its LSE
+#: buffer in shared memory holds 2**8 splits).
+COMBINE_MAX_LOG_SPLITS = 8
+COMBINE_MAX_SPLITS = 1 << COMBINE_MAX_LOG_SPLITS
 #: Minimum KV blocks per split for S ping-pong (FA4 ``S_PING_PONG_MIN_N_BLOCKS_PER_SPLIT``).
 S_PING_PONG_MIN_N_BLOCKS_PER_SPLIT = {64: 16, 128: 64}
 

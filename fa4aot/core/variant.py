@@ -16,8 +16,11 @@ from typing import Any
 #: Bumped whenever the cache entry layout or the meaning of a variant field changes.
 CACHE_FORMAT_VERSION = 1
 
+#: cudaDevAttrMaxSharedMemoryPerBlockOptin of H100 and B200: 227 KiB (CUDA programming guide,
+#: compute capability 9.0 and 10.0 tables).
+SMEM_OPTIN_227_KIB = 227 * 1024
 #: Default opt-in shared memory per block (bytes) for each architecture we target.
-SMEM_OPTIN_BYTES = {"sm_90a": 232448, "sm_100a": 232448}
+SMEM_OPTIN_BYTES = {"sm_90a": SMEM_OPTIN_227_KIB, "sm_100a": SMEM_OPTIN_227_KIB}
 
 
 def canonical_json(obj: Any) -> str:
@@ -55,7 +58,7 @@ class Target:
 
     def optin_smem(self) -> int:
         """Opt-in shared memory per block for this target."""
-        return self.smem_optin_bytes or SMEM_OPTIN_BYTES.get(self.arch, 232448)
+        return self.smem_optin_bytes or SMEM_OPTIN_BYTES.get(self.arch, SMEM_OPTIN_227_KIB)
 
     def identity(self) -> dict[str, Any]:
         """The fields of the target that change generated code (the SKU name does not)."""

@@ -3,15 +3,26 @@
 A plan library is the DSL's exported host object linked with ``fa4aot/plan/shim.c``. Calling its
 entry with real pointers, shapes, strides and scalars runs FA4's own host logic; the shim records
 the launch(es) it would make - kernel, grid, block, dynamic smem, launch attributes, and the
-kernel parameter bytes laid out as the cubin's parameter table says - and launches nothing.
+kernel parameter bytes laid out as the cubin's parameter table says - and, when asked, launches
+them with ``cuLaunchKernelEx`` from C.
 
-Run-time module: ctypes and the standard library only. Each thread gets its own shim state and
-argument buffer, so one plan may be called from several threads at once.
+Three ways to call a plan:
+
+* :meth:`Plan.plan` - validate named arguments, run the host code, return the recorded launches
+  (no GPU; the build's self-test, ``fa4aot launch-plan``, the tests);
+* :meth:`Plan.launcher` - a generated function taking argument values in a fixed order that
+  packs them and makes one foreign call (plan + launch): the runtime's per-call path;
+* :meth:`Plan.bind` - a :class:`BoundCall` with every argument fixed but the tensor addresses and
+  the stream (prepared calls).
+
+Run-time module: ctypes and the standard library only. Each thread gets its own shim state,
+argument buffer and call block, so one plan may be called from several threads at once.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import struct
 import threading
@@ -21,91 +32,25 @@ from typing import Any
 
 from fa4aot.core.errors import ArgumentError, LaunchError, PlanError
 from fa4aot.core.signature import Arg, ScalarArg, StreamArg, TensorArg, arg_from_dict
-from fa4aot.plan.abi import struct_layout
+from fa4aot.plan.abi import (
+    ATTR_CLUSTER_DIMENSION,
+    ATTR_NAMES,
+    CALL_PTRS_OFFSET,
+    DEV_ATTR_MAX_SMEM_OPTIN,
+    FAKE_LIBRARY_HANDLE,
+    FUNC_ATTR_SHARED_SIZE_BYTES,
+    MAX_ANSWERS,
+    MAX_KERNELS,
+    MAX_PARAMS,
+    MAX_PTRS,
+    SHIM_ABI,
+    CallBlock,
+    LaunchRecord,
+    State,
+    struct_layout,
+)
 
-SHIM_ABI = 2
-MAX_KERNELS = 4
-MAX_PARAMS = 64
-MAX_PARAM_BYTES = 4096
-MAX_LAUNCHES = 4
-MAX_ATTRS = 8
-MAX_ANSWERS = 8
-MAX_SETATTRS = 16
-
-#: cudaLaunchAttributeID values that plans are known to record.
-ATTR_COOPERATIVE = 2
-ATTR_CLUSTER_DIMENSION = 4
-ATTR_PROGRAMMATIC_STREAM_SERIALIZATION = 6
-ATTR_NAMES = {
-    ATTR_COOPERATIVE: "cooperative",
-    ATTR_CLUSTER_DIMENSION: "cluster_dim",
-    ATTR_PROGRAMMATIC_STREAM_SERIALIZATION: "programmatic_stream_serialization",
-}
-#: Attribute queries a plan's module load makes, and how we answer them.
-DEV_ATTR_MAX_SMEM_OPTIN = 97  # cudaDevAttrMaxSharedMemoryPerBlockOptin
-FUNC_ATTR_SHARED_SIZE_BYTES = 1  # CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES (static smem)
-FUNC_ATTR_MAX_DYNAMIC_SMEM = 8
-FUNC_ATTR_NON_PORTABLE_CLUSTER = 14
-
-_u32, _i32, _u64 = ctypes.c_uint32, ctypes.c_int32, ctypes.c_uint64
-
-
-class _KernelInfo(ctypes.Structure):
-    _fields_ = [
-        ("name", ctypes.c_char * 512),
-        ("handle", _u64),
-        ("n_params", _u32),
-        ("param_bytes", _u32),
-        ("param_offset", _u32 * MAX_PARAMS),
-        ("param_size", _u32 * MAX_PARAMS),
-    ]
-
-
-class _Answer(ctypes.Structure):
-    _fields_ = [("attr", _i32), ("value", _i32)]
-
-
-class _SetAttr(ctypes.Structure):
-    _fields_ = [("kernel", _u64), ("attr", _i32), ("value", _i32), ("device", _i32), ("pad", _i32)]
-
-
-class _Launch(ctypes.Structure):
-    _fields_ = [
-        ("kernel", _u64),
-        ("grid", _u32 * 3),
-        ("block", _u32 * 3),
-        ("smem", _u64),
-        ("stream", _u64),
-        ("n_attrs", _u32),
-        ("param_bytes", _u32),
-        ("attr_id", _u32 * MAX_ATTRS),
-        ("attr_val", (ctypes.c_uint8 * 64) * MAX_ATTRS),
-        ("params", ctypes.c_uint8 * MAX_PARAM_BYTES),
-    ]
-
-
-class _State(ctypes.Structure):
-    _fields_ = [
-        ("abi", _u32),
-        ("device", _i32),
-        ("library_handle", _u64),
-        ("n_kernels", _u32),
-        ("n_device_answers", _u32),
-        ("n_kernel_answers", _u32),
-        ("pad0", _u32),
-        ("kernels", _KernelInfo * MAX_KERNELS),
-        ("device_answers", _Answer * MAX_ANSWERS),
-        ("kernel_answers", _Answer * MAX_ANSWERS),
-        ("n_library_loads", _u32),
-        ("n_kernel_lookups", _u32),
-        ("n_launches", _u32),
-        ("n_setattrs", _u32),
-        ("error", _i32),
-        ("launch_error", _i32),
-        ("error_msg", ctypes.c_char * 256),
-        ("setattrs", _SetAttr * MAX_SETATTRS),
-        ("launches", _Launch * MAX_LAUNCHES),
-    ]
+_RUN_T = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p)
 
 
 @dataclass(frozen=True)
@@ -166,10 +111,40 @@ class ModuleLoad:
     set_attributes: tuple[tuple[str, int, int], ...]
 
 
+class _Scratch:
+    """One thread's (or one bound call's) shim state, argument buffer, argv and call block."""
+
+    __slots__ = ("state", "buf", "argv", "block", "addr")
+
+    def __init__(self, plan: Plan, launch_fn: int, initial: bytes | None = None):
+        if plan._template is None:
+            raise PlanError("call Plan.load() before calling the plan")
+        self.state = State()
+        # copy the inputs (kernel tables, attribute answers) set up by load()
+        ctypes.memmove(ctypes.addressof(self.state), ctypes.addressof(plan._template), ctypes.sizeof(State))
+        size = plan._struct.size + (-plan._struct.size % 8)
+        self.buf = ctypes.create_string_buffer(max(size, 8) + 8)
+        if initial is not None:
+            ctypes.memmove(self.buf, initial, len(initial))
+        n = len(plan.signature)
+        self.argv = (ctypes.c_void_p * (n + 1))()
+        base = ctypes.addressof(self.buf)
+        for i, off in enumerate(plan._offsets):
+            self.argv[i] = base + off
+        self.argv[n] = base + size  # the int32 return slot
+        b = self.block = CallBlock()
+        b.state = ctypes.addressof(self.state)
+        b.entry = plan._entry
+        b.argv = ctypes.addressof(self.argv)
+        b.argbuf = base
+        b.launch = launch_fn
+        b.nargs = n + 1
+        self.addr = ctypes.addressof(b)
+
+
 def _open_library(path: str) -> ctypes.CDLL:
-    mode = os.RTLD_NOW | os.RTLD_LOCAL
     try:
-        return ctypes.CDLL(path, mode=mode)
+        return ctypes.CDLL(path, mode=os.RTLD_NOW | os.RTLD_LOCAL)
     except OSError as e:
         raise PlanError(f"cannot load launch plan {path}: {e}") from None
 
@@ -180,7 +155,7 @@ class Plan:
     ``signature`` is the argument list recorded at build time; ``kernels`` the cubin's kernel
     tables; ``handles[i]`` is the value the plan's kernel lookup hands back for ``kernels[i]``
     (the runtime passes its real ``CUkernel`` handles; without a GPU any distinct non-zero
-    integers do). Call :meth:`load` once, then :meth:`plan` (or the lower-level :meth:`call`).
+    integers do). Call :meth:`load` once, then :meth:`plan`, :meth:`launcher` or :meth:`bind`.
     """
 
     def __init__(
@@ -202,39 +177,50 @@ class Plan:
         for k in self.kernels:
             if len(k.name.encode()) >= 512 or len(k.param_sizes) > MAX_PARAMS:
                 raise PlanError(f"kernel {k.name[:60]}...: name or parameter table too large for the shim")
-        self._lib = _open_library(library_path)
+        if sum(isinstance(a, TensorArg) for a in self.signature) > MAX_PTRS:
+            raise PlanError(f"a plan takes at most {MAX_PTRS} tensors")
+        lib = self._lib = _open_library(library_path)
         try:
-            self._abi = self._lib.fa4aot_shim_abi
-            state_size = self._lib.fa4aot_shim_state_size
-            launches_off = self._lib.fa4aot_shim_launches_offset
-            self._load_fn = self._lib.fa4aot_shim_load
-            self._call_fn = self._lib.fa4aot_shim_call
-            self._entry = ctypes.cast(getattr(self._lib, entry_symbol), ctypes.c_void_p).value
-            self._init = ctypes.cast(getattr(self._lib, init_symbol), ctypes.c_void_p).value
-            self._loadsym = ctypes.cast(getattr(self._lib, load_symbol), ctypes.c_void_p).value
+            abi, state_size, launches_off, call_size = (
+                lib.fa4aot_shim_abi,
+                lib.fa4aot_shim_state_size,
+                lib.fa4aot_shim_launches_offset,
+                lib.fa4aot_shim_call_size,
+            )
+            self._load_fn = lib.fa4aot_shim_load
+            self._call_fn = lib.fa4aot_shim_call
+            self._run = _RUN_T(ctypes.cast(lib.fa4aot_shim_run, ctypes.c_void_p).value)
+            self._run_bound = _RUN_T(ctypes.cast(lib.fa4aot_shim_run_bound, ctypes.c_void_p).value)
+            self._entry = ctypes.cast(getattr(lib, entry_symbol), ctypes.c_void_p).value
+            self._init = ctypes.cast(getattr(lib, init_symbol), ctypes.c_void_p).value
+            self._loadsym = ctypes.cast(getattr(lib, load_symbol), ctypes.c_void_p).value
         except AttributeError as e:
-            raise PlanError(f"launch plan {library_path} lacks a symbol: {e}") from None
-        self._abi.restype = _u32
-        state_size.restype = ctypes.c_size_t
-        launches_off.restype = ctypes.c_size_t
-        if self._abi() != SHIM_ABI or state_size() != ctypes.sizeof(_State) or launches_off() != _State.launches.offset:
+            raise PlanError(f"launch plan {library_path} lacks a symbol (built by another fa4aot?): {e}") from None
+        abi.restype = ctypes.c_uint32
+        for f in (state_size, launches_off, call_size):
+            f.restype = ctypes.c_size_t
+        if (
+            abi() != SHIM_ABI
+            or state_size() != ctypes.sizeof(State)
+            or launches_off() != State.launches.offset
+            or call_size() != ctypes.sizeof(CallBlock)
+        ):
             raise PlanError(f"launch plan {library_path} was linked with an incompatible shim ABI")
-        self._load_fn.restype = _i32
+        self._load_fn.restype = ctypes.c_int32
         self._load_fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-        self._call_fn.restype = _i32
-        self._call_fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _i32, _i32]
-        self._call_launch_fn = self._lib.fa4aot_shim_call_launch
-        self._call_launch_fn.restype = _i32
-        self._call_launch_fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _i32, ctypes.c_void_p]
+        self._call_fn.restype = ctypes.c_int32
+        self._call_fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
         self._packer = _make_packer(self.signature)
         fmt, offsets = struct_layout(self.signature)
         self._struct = struct.Struct(fmt)
         self._offsets = offsets
-        self._template: _State | None = None
+        self._template: State | None = None
+        self._launch_fn = 0
         self._local = threading.local()
         self._load_lock = threading.Lock()
         self.module_load: ModuleLoad | None = None
         self._handle_names: dict[int, str] = {}
+        self.fd = -1
 
     # -- module load ---------------------------------------------------------------------
 
@@ -243,20 +229,22 @@ class Plan:
         handles: Sequence[int],
         device_attrs: Mapping[int, int],
         kernel_attrs: Mapping[int, int],
-        library_handle: int = 0x1B,
+        library_handle: int = FAKE_LIBRARY_HANDLE,
         device: int = 0,
+        launch_fn: int = 0,
     ) -> ModuleLoad:
         """Run the plan's module load once and remember what it asked for.
 
         ``device_attrs`` / ``kernel_attrs`` answer the attribute queries (the real device's
-        values, or the manifest target's without a GPU). Subsequent calls return the first result.
+        values, or the manifest target's without a GPU). ``launch_fn`` is the address of the
+        driver's ``cuLaunchKernelEx`` (0: the plan only records). Later calls return the first result.
         """
         with self._load_lock:
             if self.module_load is not None:
                 return self.module_load
             if len(handles) != len(self.kernels) or len(set(handles)) != len(handles) or 0 in handles:
                 raise PlanError("need one distinct non-zero handle per kernel")
-            st = _State()
+            st = State()
             st.abi = SHIM_ABI
             st.device = device
             st.library_handle = library_handle
@@ -293,30 +281,17 @@ class Plan:
                 for i in range(st.n_setattrs)
             )
             self.module_load = ModuleLoad(st.n_library_loads, st.n_kernel_lookups, sets)
+            self._launch_fn = launch_fn
             self._template = st
             return self.module_load
 
-    # -- calls ---------------------------------------------------------------------------
+    # -- named arguments -------------------------------------------------------------------
 
-    def _thread_state(self) -> tuple[_State, ctypes.Array, ctypes.Array]:
-        loc = self._local
-        st = getattr(loc, "state", None)
-        if st is None:
-            if self._template is None:
-                raise PlanError("call Plan.load() before calling the plan")
-            st = _State()
-            # copy the inputs (kernel tables, attribute answers) set up by load()
-            ctypes.memmove(ctypes.addressof(st), ctypes.addressof(self._template), ctypes.sizeof(_State))
-            buf = ctypes.create_string_buffer(max(self._struct.size, 8) + 8)
-            ret_off = self._struct.size + (-self._struct.size % 8)
-            n = len(self.signature)
-            argv = (ctypes.c_void_p * (n + 1))()
-            base = ctypes.addressof(buf)
-            for i, off in enumerate(self._offsets):
-                argv[i] = base + off
-            argv[n] = base + ret_off
-            loc.state, loc.buf, loc.argv = st, buf, argv
-        return st, loc.buf, loc.argv
+    def _scratch(self) -> _Scratch:
+        s = getattr(self._local, "s", None)
+        if s is None:
+            s = self._local.s = _Scratch(self, self._launch_fn)
+        return s
 
     def flatten(self, args: Sequence[Any]) -> list[Any]:
         """Validate positional ``args`` against the signature and flatten them to struct fields.
@@ -334,7 +309,7 @@ class Plan:
 
     def pack(self, named: Mapping[str, Any]) -> list[Any]:
         """Flatten named arguments (exactly the signature's names) to struct fields, checking
-        each tensor's rank and static modes. Generated once per plan: the per-call fast path."""
+        each tensor's rank and static modes."""
         if len(named) != len(self.signature):
             self.order(named)  # raises, naming the missing or extra argument
         try:
@@ -355,41 +330,43 @@ class Plan:
             raise ArgumentError(f"this variant takes no {', '.join(extra)} (a different variant does)")
         return [named.get(a.name) for a in self.signature]
 
-    def call(self, flat: Sequence[Any], pattern: int = -1) -> _State:
+    def _packed(self, s: _Scratch, flat: Sequence[Any]) -> None:
+        try:
+            self._struct.pack_into(s.buf, 0, *flat)
+        except struct.error as e:
+            raise ArgumentError(f"argument out of range for the plan's C types: {e}") from None
+
+    def call(self, flat: Sequence[Any], pattern: int = -1) -> State:
         """Run the entry with already-flattened arguments; returns this thread's shim state
         (valid until this thread's next call). ``pattern`` >= 0 poisons the stack first."""
-        st, buf, argv = self._thread_state()
-        try:
-            self._struct.pack_into(buf, 0, *flat)
-        except struct.error as e:
-            raise ArgumentError(f"argument out of range for the plan's C types: {e}") from None
-        rc = self._call_fn(ctypes.byref(st), self._entry, argv, len(argv), pattern)
+        s = self._scratch()
+        self._packed(s, flat)
+        rc = self._call_fn(ctypes.byref(s.state), self._entry, s.argv, len(s.argv), pattern)
         if rc:
-            raise PlanError(f"plan call failed (cuda error {rc}): {st.error_msg.decode() or 'host code error'}")
-        return st
+            raise PlanError(f"plan call failed (cuda error {rc}): {s.state.error_msg.decode() or 'host code error'}")
+        return s.state
 
-    def call_launch(self, flat: Sequence[Any], launch_fn: int) -> int:
-        """Run the entry with flattened arguments, then launch the recorded launch(es) through
-        ``launch_fn`` (the address of the driver's ``cuLaunchKernelEx``); one foreign call.
+    def call_launch(self, flat: Sequence[Any]) -> int:
+        """Run the entry with flattened arguments and launch what it recorded; one foreign call.
         Returns the number of launches; raises PlanError (nothing launched) or LaunchError."""
-        st, buf, argv = self._thread_state()
-        try:
-            self._struct.pack_into(buf, 0, *flat)
-        except struct.error as e:
-            raise ArgumentError(f"argument out of range for the plan's C types: {e}") from None
-        rc = self._call_launch_fn(ctypes.byref(st), self._entry, argv, len(argv), launch_fn)
+        s = self._scratch()
+        self._packed(s, flat)
+        self._check(self._run(s.addr), s.state)
+        return s.state.n_launches
+
+    @staticmethod
+    def _check(rc: int, state: State) -> None:
         if rc:
-            if st.launch_error:
-                raise LaunchError(f"cuLaunchKernelEx failed with CUresult {st.launch_error}", st.launch_error)
-            raise PlanError(f"plan call failed (cuda error {rc}): {st.error_msg.decode() or 'host code error'}")
-        return st.n_launches
+            if state.launch_error:
+                raise LaunchError(f"cuLaunchKernelEx failed with CUresult {state.launch_error}", state.launch_error)
+            raise PlanError(f"plan call failed (cuda error {rc}): {state.error_msg.decode() or 'host code error'}")
 
     def plan(self, args: Sequence[Any], pattern: int = -1) -> list[Launch]:
         """Validate ``args``, run FA4's host code, and return the launch(es) it would make."""
         st = self.call(self.flatten(args), pattern)
         return [self._launch(st.launches[i]) for i in range(st.n_launches)]
 
-    def _launch(self, rec: _Launch) -> Launch:
+    def _launch(self, rec: LaunchRecord) -> Launch:
         return Launch(
             kernel=self._handle_names.get(rec.kernel, hex(rec.kernel)),
             grid=tuple(rec.grid),  # type: ignore[arg-type]
@@ -399,6 +376,89 @@ class Plan:
             param_bytes=bytes(rec.params[: rec.param_bytes]),
         )
 
+    # -- the fast paths ----------------------------------------------------------------------
+
+    def launcher(self, order: Sequence[str], optional: Sequence[str] = ()) -> Callable[..., None]:
+        """A function ``f(*values)`` taking a value per name of ``order`` (a superset of the
+        signature's names; names this plan does not take must be None, except ``optional`` ones,
+        which are ignored) that packs them and makes one foreign call: FA4's host code, then
+        ``cuLaunchKernelEx``. Tensors are tuples whose first three items are address, shape and
+        strides (``TensorDesc``, ``DeviceTensor``)."""
+        if self._template is None or not self._launch_fn:
+            raise PlanError("load the plan with a launch function before asking for a launcher")
+        return _make_launcher(self, list(order), set(optional))
+
+    def bind(self, named: Mapping[str, Any]) -> BoundCall:
+        """Fix every argument but the tensor addresses and the stream (see :class:`BoundCall`)."""
+        return BoundCall(self, named)
+
+    # -- errors (slow path) --------------------------------------------------------------------
+
+    def _explain(self, values: Mapping[str, Any], error: Exception) -> ArgumentError:
+        self.order(values)
+        try:
+            self._packer(values)
+        except ArgumentError as e:
+            return e
+        except Exception as e:
+            return ArgumentError(f"malformed plan argument: {e}")
+        return ArgumentError(f"argument out of range for the plan's C types: {error}")
+
+
+class BoundCall:
+    """A plan call with every argument fixed except the tensor addresses and the stream.
+
+    Per call: write the addresses (in the signature's tensor order) and the stream into the call
+    block and make one foreign call, which runs FA4's host code (or, when the addresses equal the
+    last call's, reuses its launch) and launches. Each thread gets its own copy of the shim state
+    and argument buffer, so a bound call may be shared by threads.
+    """
+
+    def __init__(self, plan: Plan, named: Mapping[str, Any]):
+        if plan._template is None or not plan._launch_fn:
+            raise PlanError("load the plan with a launch function before binding it")
+        self.plan = plan
+        flat = plan.pack(named)
+        buf = ctypes.create_string_buffer(plan._struct.size)
+        try:
+            plan._struct.pack_into(buf, 0, *flat)
+        except struct.error as e:
+            raise ArgumentError(f"argument out of range for the plan's C types: {e}") from None
+        self._initial = buf.raw
+        tensors = [i for i, a in enumerate(plan.signature) if isinstance(a, TensorArg)]
+        self.tensor_names = tuple(plan.signature[i].name for i in tensors)
+        self._ptr_offsets = [plan._offsets[i] for i in tensors]
+        streams = [i for i, a in enumerate(plan.signature) if isinstance(a, StreamArg)]
+        if len(streams) != 1:
+            raise PlanError("a bound call needs a plan with exactly one stream argument")
+        self._stream_offset = plan._offsets[streams[0]]
+        n = len(tensors)
+        self.pack_into = struct.Struct(f"<{n}Q{(MAX_PTRS - n) * 8}xQ").pack_into
+        self.run = plan._run_bound
+        self._local = threading.local()
+
+    def scratch(self) -> _Scratch:
+        """This thread's call block (its ``addr`` is what :attr:`run` takes)."""
+        s = getattr(self._local, "s", None)
+        if s is None:
+            s = _Scratch(self.plan, self.plan._launch_fn, self._initial)
+            b = s.block
+            b.n_ptrs = len(self._ptr_offsets)
+            for i, off in enumerate(self._ptr_offsets):
+                b.ptr_offset[i] = off
+            b.stream_offset = self._stream_offset
+            self._local.s = s
+        return s
+
+    def __call__(self, ptrs: Sequence[int], stream: int) -> None:
+        """Launch with these tensor addresses (signature order) on ``stream``."""
+        s = self.scratch()
+        try:
+            self.pack_into(s.block, CALL_PTRS_OFFSET, *ptrs, stream)
+        except struct.error as e:
+            raise ArgumentError(f"a tensor address or the stream is not a valid pointer: {e}") from None
+        Plan._check(self.run(s.addr), s.state)
+
 
 def _make_packer(signature: Sequence[Arg]) -> Callable[[Mapping[str, Any]], list[Any]]:
     """Generate ``pack(named) -> list`` for a signature: straight-line code, one line per field."""
@@ -407,21 +467,7 @@ def _make_packer(signature: Sequence[Arg]) -> Callable[[Mapping[str, Any]], list
         n = spec.name
         if isinstance(spec, TensorArg):
             lines += [f"    t = a[{n!r}]", "    s = t.shape", "    st = t.strides"]
-            lines.append(
-                f"    if len(s) != {spec.rank} or len(st) != {spec.rank}: "
-                f"raise ArgumentError(f'{n}: expected rank {spec.rank}, got shape {{tuple(s)}}')"
-            )
-            for i, v in enumerate(spec.shape):
-                if v is not None:
-                    lines.append(
-                        f"    if s[{i}] != {v}: raise ArgumentError(f'{n}: mode {i} is compiled as {v}, got {{s[{i}]}}')"
-                    )
-            for i, v in enumerate(spec.stride):
-                if v is not None:
-                    lines.append(
-                        f"    if st[{i}] != {v} and s[{i}] != 1: "
-                        f"raise ArgumentError(f'{n}: stride {i} must be {v}, got {{st[{i}]}}')"
-                    )
+            lines += _tensor_checks(spec, "s", "st")
             fields = ["t.ptr"] + [f"s[{i}]" for i, v in enumerate(spec.shape) if v is None]
             fields += [f"st[{i}]" for i, v in enumerate(spec.stride) if v is None]
             lines.append(f"    out += ({', '.join(fields)},)")
@@ -445,6 +491,80 @@ def _make_packer(signature: Sequence[Arg]) -> Callable[[Mapping[str, Any]], list
     return scope["pack"]
 
 
+def _tensor_checks(spec: TensorArg, s: str, st: str) -> list[str]:
+    """Rank and static-mode checks of one tensor (its shape in ``s``, strides in ``st``)."""
+    n = spec.name
+    lines = [
+        f"    if len({s}) != {spec.rank} or len({st}) != {spec.rank}: "
+        f"raise ArgumentError(f'{n}: expected rank {spec.rank}, got shape {{tuple({s})}}')"
+    ]
+    for i, v in enumerate(spec.shape):
+        if v is not None:
+            lines.append(
+                f"    if {s}[{i}] != {v}: raise ArgumentError(f'{n}: mode {i} is compiled as {v}, got {{{s}[{i}]}}')"
+            )
+    for i, v in enumerate(spec.stride):
+        if v is not None:
+            lines.append(
+                f"    if {st}[{i}] != {v} and {s}[{i}] != 1: "
+                f"raise ArgumentError(f'{n}: stride {i} must be {v}, got {{{st}[{i}]}}')"
+            )
+    return lines
+
+
+def _make_launcher(plan: Plan, order: list[str], optional: set[str]) -> Callable[..., None]:
+    """Generate the per-call fast path of :meth:`Plan.launcher`."""
+    sig = {a.name: a for a in plan.signature}
+    missing = [n for n in sig if n not in order]
+    if missing:
+        raise PlanError(f"launcher order lacks {missing}")
+    params = ", ".join(order)
+    body = [
+        "    s = _local.__dict__.get('s')",
+        "    if s is None: s = _plan._scratch()",
+    ]
+    for name in order:
+        if name not in sig and name not in optional:
+            body.append(f"    if {name} is not None: raise _extra({name!r})")
+    fields: list[str] = []
+    checks: list[str] = []
+    for spec in plan.signature:
+        n = spec.name
+        if isinstance(spec, TensorArg):
+            checks.append(f"    {n}_s = {n}[1]; {n}_st = {n}[2]")
+            checks += _tensor_checks(spec, f"{n}_s", f"{n}_st")
+            fields.append(f"{n}[0]")
+            fields += [f"{n}_s[{i}]" for i, v in enumerate(spec.shape) if v is None]
+            fields += [f"{n}_st[{i}]" for i, v in enumerate(spec.stride) if v is None]
+        elif isinstance(spec, ScalarArg):
+            fields.append(n)
+        else:
+            fields.append(f"({n} or 0)")
+    names_dict = "{" + ", ".join(f"{n!r}: {n}" for n in order if n in sig or n not in optional) + "}"
+    body += ["    try:"]
+    body += ["    " + c for c in checks]
+    body += [
+        f"        _pack(s.buf, 0, {', '.join(fields)})",
+        "    except (TypeError, IndexError, _struct_error) as e:",
+        f"        raise _plan._explain({names_dict}, e) from None",
+        "    rc = _run(s.addr)",
+        "    if rc: _check(rc, s.state)",
+    ]
+    src = f"def launch({params}):\n" + "\n".join(body)
+    scope: dict[str, Any] = {
+        "ArgumentError": ArgumentError,
+        "_plan": plan,
+        "_local": plan._local,
+        "_pack": plan._struct.pack_into,
+        "_struct_error": struct.error,
+        "_run": plan._run,
+        "_check": Plan._check,
+        "_extra": lambda n: ArgumentError(f"this variant takes no {n} (a different variant does)"),
+    }
+    exec(src, scope)  # noqa: S102 - generated from the recorded signature only
+    return scope["launch"]
+
+
 def target_answers(smem_optin: int, static_smem: int = 0) -> tuple[dict[int, int], dict[int, int]]:
     """Attribute answers for a plan's module load on a machine without the GPU."""
     return {DEV_ATTR_MAX_SMEM_OPTIN: smem_optin}, {FUNC_ATTR_SHARED_SIZE_BYTES: static_smem}
@@ -453,18 +573,25 @@ def target_answers(smem_optin: int, static_smem: int = 0) -> tuple[dict[int, int
 def open_plan(library_bytes: bytes, meta: Mapping[str, Any]) -> Plan:
     """Load a plan from verified bytes (its sha256 already checked by the caller).
 
-    The bytes go into an anonymous memory file that is then loaded, so what runs is exactly what
-    was hashed, even if the file in the cache changes afterwards, and nothing is written to disk
-    (read-only caches work).
+    The bytes go into an anonymous memory file, sealed against writes, that is then loaded: what
+    runs is exactly what was hashed, even if the file in the cache changes afterwards, and nothing
+    is written to disk (read-only caches work).
     """
     sig = meta["signature"]
     kernels = [KernelTable.from_meta(k) for k in meta["kernels"]]
-    fd = os.memfd_create("fa4aot-plan", os.MFD_CLOEXEC)
-    view = memoryview(library_bytes)
-    while view:
-        view = view[os.write(fd, view) :]
-    # The fd stays open for the life of the process: dlopen matches libraries by path, and a
-    # closed fd's /proc/self/fd/N name would be reused by the next plan.
-    plan = Plan(f"/proc/self/fd/{fd}", sig["args"], kernels, sig["entry"], sig["init"], sig["load"])
+    fd = os.memfd_create("fa4aot-plan", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(library_bytes)
+        while view:
+            view = view[os.write(fd, view) :]
+        fcntl.fcntl(
+            fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+        )
+        # The fd stays open for the life of the process: dlopen matches libraries by path, and a
+        # closed fd's /proc/self/fd/N name would be reused by the next plan.
+        plan = Plan(f"/proc/self/fd/{fd}", sig["args"], kernels, sig["entry"], sig["init"], sig["load"])
+    except BaseException:
+        os.close(fd)
+        raise
     plan.fd = fd
     return plan

@@ -13,14 +13,17 @@
  *
  * The caller owns a fa4aot_shim_state (inputs: handles and attribute answers; outputs: the
  * recorded launches) and binds it to the current thread, so plans are reentrant per thread.
- * The layout of every struct below is mirrored by fa4aot/runtime/plan.py; bump
- * FA4AOT_SHIM_ABI when it changes.
+ * A fa4aot_call block bundles everything one call needs (state, entry, packed arguments, the
+ * launch function), so the hot path is one foreign call taking one pointer: fa4aot_shim_run for
+ * fully packed arguments, fa4aot_shim_run_bound for prepared calls, which patch only the tensor
+ * addresses and the stream. The layout of every struct below is mirrored by
+ * fa4aot/plan/library.py; bump FA4AOT_SHIM_ABI when it changes.
  */
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
-#define FA4AOT_SHIM_ABI 2
+#define FA4AOT_SHIM_ABI 3
 #define FA4AOT_MAX_KERNELS 4
 #define FA4AOT_MAX_PARAMS 64
 #define FA4AOT_MAX_PARAM_BYTES 4096
@@ -28,6 +31,7 @@
 #define FA4AOT_MAX_ATTRS 8
 #define FA4AOT_MAX_ANSWERS 8
 #define FA4AOT_MAX_SETATTRS 16
+#define FA4AOT_MAX_PTRS 16
 
 #define EXPORT __attribute__((visibility("default")))
 #define HIDDEN __attribute__((visibility("hidden")))
@@ -267,6 +271,7 @@ EXPORT size_t fa4aot_shim_state_size(void) { return sizeof(fa4aot_shim_state); }
 
 EXPORT size_t fa4aot_shim_launches_offset(void) { return offsetof(fa4aot_shim_state, launches); }
 
+
 typedef void (*entry_fn)(void **args, int32_t num_args);
 
 /* Fill a stack region with `pattern`; the entry called next from the same frame depth reuses it,
@@ -364,4 +369,57 @@ EXPORT int32_t fa4aot_shim_call_launch(fa4aot_shim_state *state, entry_fn entry,
     int32_t rc = fa4aot_shim_call(state, entry, args, num_args, -1);
     if (rc) return rc;
     return launch_recorded(state, launch);
+}
+
+/* ---- call blocks: one foreign call per launch ------------------------------------------------ */
+
+typedef struct {
+    fa4aot_shim_state *state;
+    entry_fn entry;
+    void **argv;        /* pointers into argbuf, one per argument, then the int32 return slot */
+    uint8_t *argbuf;    /* the packed arguments */
+    cu_launch_kernel_ex_fn launch;
+    int32_t nargs;      /* entries in argv, return slot included */
+    /* prepared calls: where the tensor addresses and the stream go in argbuf */
+    uint32_t n_ptrs;
+    uint32_t ptr_offset[FA4AOT_MAX_PTRS];
+    uint32_t stream_offset;
+    uint32_t have_last; /* the recorded launches are valid for last_ptrs */
+    uint64_t ptrs[FA4AOT_MAX_PTRS]; /* written by the caller before fa4aot_shim_run_bound */
+    uint64_t stream;                /* likewise */
+    uint64_t last_ptrs[FA4AOT_MAX_PTRS];
+} fa4aot_call;
+
+EXPORT size_t fa4aot_shim_call_size(void) { return sizeof(fa4aot_call); }
+
+/* Run the entry on the packed arguments, then launch what it recorded. */
+EXPORT int32_t fa4aot_shim_run(fa4aot_call *c) {
+    c->have_last = 0;
+    return fa4aot_shim_call_launch(c->state, c->entry, c->argv, c->nargs, c->launch);
+}
+
+/* A prepared call: write the new tensor addresses and stream into the packed arguments. When the
+ * addresses are the ones of the last successful run, FA4's host code would compute the same
+ * launch again (it is a pure function of its arguments; the stream only goes into the launch
+ * configuration), so the recorded launch is reused with the new stream. */
+EXPORT int32_t fa4aot_shim_run_bound(fa4aot_call *c) {
+    if (c->n_ptrs > FA4AOT_MAX_PTRS) return kErrorInvalidValue;
+    int same = c->have_last;
+    for (uint32_t i = 0; i < c->n_ptrs; i++) {
+        if (c->ptrs[i] != c->last_ptrs[i]) same = 0;
+        memcpy(c->argbuf + c->ptr_offset[i], &c->ptrs[i], sizeof(uint64_t));
+    }
+    memcpy(c->argbuf + c->stream_offset, &c->stream, sizeof(uint64_t));
+    fa4aot_shim_state *s = c->state;
+    if (same) {
+        for (uint32_t i = 0; i < s->n_launches; i++) s->launches[i].stream = c->stream;
+        s->launch_error = 0;
+        return launch_recorded(s, c->launch);
+    }
+    c->have_last = 0;
+    int32_t rc = fa4aot_shim_call(s, c->entry, c->argv, c->nargs, -1);
+    if (rc) return rc;
+    memcpy(c->last_ptrs, c->ptrs, sizeof(uint64_t) * c->n_ptrs);
+    c->have_last = 1;
+    return launch_recorded(s, c->launch);
 }

@@ -5,12 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from fa4aot.core.errors import ArgumentError
-from fa4aot.core.rules import combine_log_max_splits
-from fa4aot.runtime import validate
-from fa4aot.runtime.loader import Runtime, default_runtime
+from fa4aot.core.rules import COMBINE_MAX_LOG_SPLITS, COMBINE_MAX_SPLITS, combine_log_max_splits
+from fa4aot.runtime import loader, validate
+from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.tensors import stream_handle
-
-MAX_SPLITS = 256
 
 
 def combine(
@@ -35,29 +33,30 @@ def combine(
     ``num_splits_dynamic`` (batch,) int32 gives each batch's split count (from the prepare kernel).
     Nothing is launched if any argument is invalid.
     """
-    rt = runtime or default_runtime()
+    rt = runtime or loader._DEFAULT or loader.default_runtime()
     dev = rt.device
     varlen = cu_seqlens is not None
     rank = 4 if varlen else 5
     op = validate.tensor(
-        out_partial, "out_partial", dtypes=("fp32",), rank=rank, device=dev, align=16, stride_multiple=4
+        out_partial, "out_partial", dtypes=("fp32",), rank=rank, device=dev, rt=rt, align=16, stride_multiple=4
     )
     splits, head_dim, heads = op.shape[0], op.shape[-1], op.shape[-2]
     rows = op.shape[1:-2]  # (batch, seqlen) or (total_q,)
-    if not 1 <= splits <= MAX_SPLITS:
-        raise ArgumentError(f"out_partial: {splits} splits; FA4's combine takes 1..{MAX_SPLITS}")
+    if not 1 <= splits <= COMBINE_MAX_SPLITS:
+        raise ArgumentError(f"out_partial: {splits} splits; FA4's combine takes 1..{COMBINE_MAX_SPLITS}")
     lp = validate.tensor(
         lse_partial,
         "lse_partial",
         dtypes=("fp32",),
         rank=rank - 1,
         device=dev,
+        rt=rt,
         align=4,
         contiguous_dim=1 if varlen else 2,
     )
     validate.shape(lp, "lse_partial", (splits, *rows, heads), "out_partial's shape without head_dim")
     o = validate.tensor(
-        out, "out", dtypes=("bf16", "fp16", "fp32"), rank=rank - 1, device=dev, align=8, stride_multiple=4
+        out, "out", dtypes=("bf16", "fp16", "fp32"), rank=rank - 1, device=dev, rt=rt, align=8, stride_multiple=4
     )
     if o.dtype == "fp32" and o.ptr % 16:
         raise ArgumentError(f"out: base address 0x{o.ptr:x} is not 16-byte aligned")
@@ -65,12 +64,12 @@ def combine(
     named: dict[str, Any] = {"out_partial": op, "lse_partial": lp, "out": o}
     if lse is not None:
         ls = validate.tensor(
-            lse, "lse", dtypes=("fp32",), rank=rank - 2, device=dev, align=4, contiguous_dim=0 if varlen else 1
+            lse, "lse", dtypes=("fp32",), rank=rank - 2, device=dev, rt=rt, align=4, contiguous_dim=0 if varlen else 1
         )
         validate.shape(ls, "lse", (*rows, heads), "out's shape without head_dim")
         named["lse"] = ls
     if varlen:
-        cu = validate.tensor(cu_seqlens, "cu_seqlens", dtypes=("int32",), rank=1, device=dev, align=4)
+        cu = validate.int32_vector_any(cu_seqlens, "cu_seqlens", dev, rt)
         if cu.shape[0] < 2:
             raise ArgumentError("cu_seqlens: needs batch + 1 >= 2 entries")
         batch = cu.shape[0] - 1
@@ -80,15 +79,15 @@ def combine(
     if seqused is not None:
         if not varlen:
             raise ArgumentError("seqused: fa4aot's combine takes seqused only with cu_seqlens (varlen)")
-        su = validate.int32_vector(seqused, "seqused", batch, dev)
+        su = validate.int32_vector(seqused, "seqused", batch, dev, rt)
         named["seqused"] = su
     if num_splits_dynamic is not None:
-        nsd = validate.int32_vector(num_splits_dynamic, "num_splits_dynamic", batch, dev)
+        nsd = validate.int32_vector(num_splits_dynamic, "num_splits_dynamic", batch, dev, rt)
         named["num_splits_dynamic"] = nsd
     named["stream"] = stream_handle(stream)
 
-    key = (
-        "combine",
+    lv = pick(
+        rt,
         o.dtype,
         head_dim,
         heads,
@@ -98,30 +97,43 @@ def combine(
         lse is not None,
         num_splits_dynamic is not None,
     )
-    lv = rt.memo.get(key)
-    if lv is None:
-        lv = rt.memo[key] = _pick(
-            rt,
-            splits,
-            dict(
-                dtype=o.dtype,
-                head_dim=head_dim,
-                num_head=heads,
-                varlen=varlen,
-                seqused=seqused is not None,
-                has_lse=lse is not None,
-                num_splits_dynamic=num_splits_dynamic is not None,
-            ),
-        )
-    rt.launch(lv, lv.plan.pack(named), named["stream"])
+    lv.plan.call_launch(lv.plan.pack(named))
 
 
-def _pick(rt: Runtime, splits: int, fields: dict[str, Any]) -> Any:
-    """FA4's log_max_splits for this split count if cached, else the next larger one cached (a
-    kernel built for more splits handles fewer correctly)."""
-    first = combine_log_max_splits(splits, fields["head_dim"])
-    for log in range(first, 9):
+def pick(
+    rt: Runtime,
+    dtype: str,
+    head_dim: int,
+    heads: int,
+    splits: int,
+    varlen: bool,
+    seqused: bool,
+    has_lse: bool,
+    num_splits_dynamic: bool,
+) -> Any:
+    """The loaded combine variant for a call: FA4's log_max_splits for this split count if
+    cached, else the next larger one cached (a kernel built for more splits handles fewer
+    correctly). Remembered per call signature in ``rt.combine_picks``."""
+    key = (dtype, head_dim, heads, splits, varlen, seqused, has_lse, num_splits_dynamic)
+    lv = rt.combine_picks.get(key)
+    if lv is not None:
+        return lv
+    fields = dict(
+        dtype=dtype,
+        head_dim=head_dim,
+        num_head=heads,
+        varlen=varlen,
+        seqused=seqused,
+        has_lse=has_lse,
+        num_splits_dynamic=num_splits_dynamic,
+    )
+    first = combine_log_max_splits(splits, head_dim)
+    for log in range(first, COMBINE_MAX_LOG_SPLITS + 1):
         v = rt.variant_for("combine", log_max_splits=log, **fields)
         if rt.has(v):
-            return rt.load(v)
-    return rt.load(rt.variant_for("combine", log_max_splits=first, **fields))  # raises, naming the manifest entry
+            lv = rt.load(v)
+            break
+    else:
+        lv = rt.load(rt.variant_for("combine", log_max_splits=first, **fields))  # raises, naming the manifest entry
+    rt.combine_picks[key] = lv
+    return lv

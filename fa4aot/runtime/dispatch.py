@@ -1,8 +1,17 @@
 """Which forward variant FA4 would run for a call: a pure re-statement of the decisions in
 ``flash_attn.cute.interface._flash_attn_fwd`` (4.0.0b36) for the features fa4aot builds.
 
-Pure Python on plain numbers, so it runs per call signature (and is cached by the caller), and the
-tests can compare it with FA4's own decisions (FA4 run in fake-tensor mode, see
+Split in two so that nothing is cached on shapes:
+
+* :class:`ForwardRule` holds what depends only on compile-time inputs (:class:`StaticCall`:
+  dtype, head dims, GQA ratio, flags). The runtime caches one per static configuration, in a
+  bounded dict.
+* :meth:`ForwardRule.decide` does the per-call arithmetic FA4 does on batch, max_seqlen_q/k,
+  the window and num_splits (q_stage, split heuristic, tile_n, 2-CTA, scheduler, S ping-pong): a
+  few integer operations, computed every call. It returns a small tuple of the variant's
+  shape-dependent fields, which the rule maps to the loaded variant.
+
+The tests compare both halves with FA4 itself (FA4 run in fake-tensor mode, see
 tests/test_dispatch.py).
 
 Deviation from FA4, on purpose: above 256 varlen batches FA4's single-tile varlen scheduler gets
@@ -26,11 +35,228 @@ from fa4aot.core.rules import (
     sm90_tile,
     sm100_head_dims_ok,
 )
+from fa4aot.core.variant import Variant
+
+#: FA4's SM100 forward tiles (``_flash_attn_fwd``: m_block_size 128, n_block_size 128).
+SM100_TILE_M = 128
+SM100_TILE_N = 128
+#: n_block_size FA4 switches to for split-KV with head_dim != head_dim_v (enough KV blocks).
+SM100_SPLIT_TILE_N = 64
+#: FA4's cap on heuristic split counts (``num_splits_heuristic(..., 128)`` in ``_flash_attn_fwd``).
+MAX_HEURISTIC_SPLITS = 128
+#: FA4 uses tile_n 64 for mixed head dims with split-KV only from this many KV blocks on.
+SPLIT_TILE_N_MIN_BLOCKS = 64
+#: head_dim_v of FA4's MLA path, which keeps tile_n 128 and is never split (fa4aot does not build it).
+MLA_HEAD_DIM_V = 512
+
+
+def clc_requested() -> bool:
+    """FA4 turns on its CLC scheduler with FA_CLC=1; fa4aot reads the same variable (once, when a
+    runtime is opened)."""
+    return os.environ.get("FA_CLC", "0") == "1"
+
+
+@dataclass(frozen=True)
+class StaticCall:
+    """The compile-time inputs of a forward call. ``causal``/``local`` are already resolved from
+    the window (:func:`fa4aot.core.rules.resolve_window`); ``splits`` is how num_splits was asked
+    for: 1 (num_splits == 1), 2 (an explicit count > 1) or 0 (< 1: FA4's heuristic)."""
+
+    arch: str
+    num_sms: int
+    dtype: str
+    head_dim: int
+    head_dim_v: int
+    qhead_per_kvhead: int
+    causal: bool
+    local: bool
+    varlen_q: bool = False
+    varlen_k: bool = False
+    seqused_q: bool = False
+    seqused_k: bool = False
+    splits: int = 1
+    pack_gqa: bool | None = None
+    return_lse: bool = False
+    has_scheduler_metadata: bool = False
+    clc: bool = False
+
+
+def splits_mode(num_splits: int) -> int:
+    """The :attr:`StaticCall.splits` class of a num_splits argument."""
+    return 1 if num_splits == 1 else (2 if num_splits > 1 else 0)
+
+
+class ForwardRule:
+    """FA4's forward decisions for one :class:`StaticCall` (raises ArgumentError where FA4 would
+    reject the configuration).
+
+    ``loaded`` maps a :meth:`decide` key to the runtime's loaded variant; the runtime fills it.
+    Its size is bounded by the handful of shape-dependent fields.
+    """
+
+    __slots__ = ("s", "qh", "pack", "_base", "_sm90", "_static_two_cta", "_clc", "_hd256", "_vq", "loaded")
+
+    def __init__(self, s: StaticCall):
+        self.s = s
+        qh = self.qh = s.qhead_per_kvhead
+        if qh < 1:
+            raise ArgumentError(f"qhead_per_kvhead must be >= 1, got {qh}")
+        self.pack = qh > 1 if s.pack_gqa is None else s.pack_gqa
+        self.loaded: dict[tuple, Any] = {}
+        self._vq = s.varlen_q or s.seqused_q
+        if s.arch == "sm_90a":
+            if reason := sm90_head_dims_ok(s.head_dim, s.head_dim_v):
+                raise ArgumentError(reason)
+            if s.splits == 2:
+                raise ArgumentError("FA4 runs no split-KV forward on SM90 (num_splits must be 1)")
+            tile_m, tile_n, rs, overlap = sm90_tile(s.head_dim, s.head_dim_v, s.causal, s.local)
+            self._base = self._common(tile_m, tile_n)
+            self._base.update(pack_gqa=self.pack, mma_pv_is_rs=rs, intra_wg_overlap=overlap)
+            self._sm90 = True
+            return
+        if s.arch != "sm_100a":
+            raise ArgumentError(f"fa4aot has no forward for {s.arch}")
+        if reason := sm100_head_dims_ok(s.head_dim, s.head_dim_v, s.dtype):
+            raise ArgumentError(reason)
+        self._sm90 = False
+        self._base = self._common(SM100_TILE_M, None)
+        hd_pad = math.ceil(s.head_dim / 16) * 16
+        hdv_pad = math.ceil(s.head_dim_v / 16) * 16
+        self._hd256 = s.head_dim == s.head_dim_v == 256
+        hd256_varlen_ok = not s.varlen_q or not s.has_scheduler_metadata
+        self._static_two_cta = (
+            (not s.varlen_q or (self._hd256 and hd256_varlen_ok))
+            and not s.seqused_q
+            and (self._hd256 or (not s.causal and not s.local and hd_pad in (128, 192) and hdv_pad == 128))
+        )
+        is_varlen = s.varlen_q or s.varlen_k or s.seqused_q or s.seqused_k
+        self._clc = s.clc and not (is_varlen and qh == 1) and not (not is_varlen and not s.causal and not s.local)
+
+    def _common(self, tile_m: int, tile_n: int | None) -> dict[str, Any]:
+        s = self.s
+        return dict(
+            dtype=s.dtype,
+            head_dim=s.head_dim,
+            head_dim_v=s.head_dim_v,
+            qhead_per_kvhead=self.qh,
+            causal=s.causal,
+            local=s.local,
+            varlen_q=s.varlen_q,
+            varlen_k=s.varlen_k,
+            seqused_q=s.seqused_q,
+            seqused_k=s.seqused_k,
+            has_lse=s.return_lse,
+            tile_m=tile_m,
+            tile_n=tile_n,
+        )
+
+    def decide(
+        self,
+        batch: int,
+        nheads_kv: int,
+        max_seqlen_q: int,
+        max_seqlen_k: int,
+        num_splits: int,
+        window_left: int | None,
+        window_right: int | None,
+    ) -> tuple[tuple, int]:
+        """(key of the variant's shape-dependent fields, number of splits) for one call."""
+        if self._sm90:
+            return (), 1
+        s = self.s
+        qh = self.qh
+        pack = self.pack
+        if (
+            s.pack_gqa is None
+            and self._hd256
+            and SM100_TILE_M % qh != 0
+            and not s.seqused_q
+            and not (s.varlen_q and s.has_scheduler_metadata)
+            and (max_seqlen_q > 128 or (num_splits == 1 and 2 * batch * nheads_kv * qh <= s.num_sms))
+        ):
+            pack = False  # FA4 prefers 2CTA over cp.async-Q PackGQA for hd256
+        seqlen_q_pack = max_seqlen_q * qh if pack else max_seqlen_q
+        q_stage = 2 if seqlen_q_pack > SM100_TILE_M and s.head_dim_v != 256 else 1
+        m_eff = q_stage * SM100_TILE_M
+        if s.local:
+            wr = max_seqlen_k if window_right is None else window_right
+            wl = max_seqlen_k if window_left is None else window_left
+            seqlen_k_loaded = max(0, min(max_seqlen_k, wr + wl + 1 + SM100_TILE_M))
+        else:
+            seqlen_k_loaded = max_seqlen_k
+        num_m_blocks = -(-seqlen_q_pack // m_eff)
+        total_mblocks = batch * nheads_kv * (1 if pack else qh) * num_m_blocks
+        tile_n = SM100_TILE_N
+        num_n_blocks = -(-seqlen_k_loaded // tile_n)
+        splits = num_splits
+        if splits < 1:
+            splits = num_splits_heuristic(total_mblocks, s.num_sms, num_n_blocks, MAX_HEURISTIC_SPLITS)
+        if s.head_dim != s.head_dim_v and splits > 1:
+            if num_n_blocks >= SPLIT_TILE_N_MIN_BLOCKS and s.head_dim_v != MLA_HEAD_DIM_V:
+                tile_n = SM100_SPLIT_TILE_N
+                num_n_blocks = -(-seqlen_k_loaded // tile_n)
+                if num_splits < 1:
+                    splits = num_splits_heuristic(total_mblocks, s.num_sms, num_n_blocks, MAX_HEURISTIC_SPLITS)
+            else:
+                splits = 1
+        split = splits > 1
+        leq_one = seqlen_q_pack <= m_eff
+        hd256_decode_2cta = self._hd256 and 2 * batch * (nheads_kv if pack else nheads_kv * qh) <= s.num_sms
+        two_cta = (
+            self._static_two_cta
+            and not split
+            and (not leq_one or hd256_decode_2cta)
+            and (SM100_TILE_M % qh == 0 or not pack)
+        )
+        use_clc = self._clc and not (self._hd256 and two_cta)
+        has_semaphore = (s.has_scheduler_metadata or (split and self._vq)) and not use_clc
+        if has_semaphore and self._vq:
+            scheduler = "dynamic"
+        elif use_clc:
+            scheduler = "clc"
+        elif (not s.causal and not s.local and not self._vq and not split) or (
+            leq_one and not split and not (two_cta and not s.varlen_q and (s.causal or s.local))
+        ):
+            scheduler = "static"
+        else:
+            scheduler = "single"
+        s_ping_pong = (
+            q_stage == 1
+            and s.head_dim in (64, 128, 256)
+            and s.head_dim_v == s.head_dim
+            and tile_n == SM100_TILE_N
+            and (
+                splits == 1
+                # KV blocks per split (num_n_blocks is for the final tile_n)
+                or -(-num_n_blocks // splits) >= S_PING_PONG_MIN_N_BLOCKS_PER_SPLIT.get(s.head_dim, math.inf)
+            )
+        )
+        return (pack, q_stage, tile_n, split, two_cta, scheduler, s_ping_pong), splits
+
+    def fields(self, key: tuple) -> dict[str, Any]:
+        """The variant's fields for a :meth:`decide` key."""
+        f = dict(self._base)
+        if not self._sm90:
+            pack, q_stage, tile_n, split, two_cta, scheduler, s_ping_pong = key
+            f.update(
+                pack_gqa=pack,
+                tile_n=tile_n,
+                split_kv=split,
+                q_stage=q_stage,
+                two_cta=two_cta,
+                scheduler=scheduler,
+                s_ping_pong=s_ping_pong,
+            )
+        return f
+
+    def variant(self, key: tuple) -> Variant:
+        family = "fwd_sm90" if self._sm90 else "fwd_sm100"
+        return Variant.make(family, self.s.arch, self.s.num_sms, **self.fields(key))
 
 
 @dataclass(frozen=True)
 class Call:
-    """What dispatch needs to know about a forward call (host-side numbers only)."""
+    """A whole forward call as host-side numbers (what the tests hand FA4 and fa4aot alike)."""
 
     arch: str
     num_sms: int
@@ -53,154 +279,51 @@ class Call:
     pack_gqa: bool | None = None
     return_lse: bool = False
     has_scheduler_metadata: bool = False
+    clc: bool = False
 
 
 @dataclass(frozen=True)
 class Decision:
-    """The forward variant's fields, plus what the call must do around it."""
+    """The forward variant's fields, the split count and the resolved window of one call."""
 
     fields: dict[str, Any]
     num_splits: int
-    needs_metadata: bool  # split-KV varlen: run prepare (or use the caller's metadata)
     causal: bool
     local: bool
     window_left: int | None
     window_right: int | None
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def clc_requested() -> bool:
-    """FA4 turns on its CLC scheduler with FA_CLC=1; fa4aot reads the same variable."""
-    return os.environ.get("FA_CLC", "0") == "1"
+def static_call(c: Call) -> tuple[StaticCall, int | None, int | None]:
+    """The compile-time half of ``c``, and its resolved window edges."""
+    if c.nheads_kv < 1 or c.nheads % c.nheads_kv:
+        raise ArgumentError(f"nheads ({c.nheads}) must be a multiple of the KV heads ({c.nheads_kv})")
+    causal, local, wl, wr = resolve_window(c.causal, c.window_left, c.window_right)
+    s = StaticCall(
+        c.arch,
+        c.num_sms,
+        c.dtype,
+        c.head_dim,
+        c.head_dim_v,
+        c.nheads // c.nheads_kv,
+        causal,
+        local,
+        c.varlen_q,
+        c.varlen_k,
+        c.seqused_q,
+        c.seqused_k,
+        splits_mode(c.num_splits),
+        c.pack_gqa,
+        c.return_lse,
+        c.has_scheduler_metadata,
+        c.clc,
+    )
+    return s, wl, wr
 
 
 def decide(c: Call) -> Decision:
-    """The decision for call ``c`` (raises ArgumentError where FA4 would reject it)."""
-    if c.nheads % c.nheads_kv:
-        raise ArgumentError(f"nheads ({c.nheads}) must be a multiple of the KV heads ({c.nheads_kv})")
-    causal, local, wl, wr = resolve_window(c.causal, c.window_left, c.window_right)
-    qh = c.nheads // c.nheads_kv
-    pack_gqa = qh > 1 if c.pack_gqa is None else c.pack_gqa
-    if (
-        c.pack_gqa is None
-        and c.arch == "sm_100a"
-        and c.head_dim == c.head_dim_v == 256
-        and 128 % qh != 0
-        and not c.seqused_q
-        and not (c.varlen_q and c.has_scheduler_metadata)
-        and (c.max_seqlen_q > 128 or (c.num_splits == 1 and 2 * c.batch * c.nheads <= c.num_sms))
-    ):
-        pack_gqa = False  # FA4 prefers 2CTA over cp.async-Q PackGQA for hd256
-    if c.arch == "sm_90a":
-        return _decide_sm90(c, causal, local, wl, wr, qh, pack_gqa)
-    if c.arch != "sm_100a":
-        raise ArgumentError(f"no forward for {c.arch}")
-    if reason := sm100_head_dims_ok(c.head_dim, c.head_dim_v, c.dtype):
-        raise ArgumentError(reason)
-    tile_m, tile_n = 128, 128
-    seqlen_q_pack = c.max_seqlen_q * (qh if pack_gqa else 1)
-    q_stage = 2 if seqlen_q_pack > tile_m and c.head_dim_v != 256 else 1
-    m_eff = q_stage * tile_m
-    wr_loaded = c.max_seqlen_k if wr is None else wr
-    wl_loaded = c.max_seqlen_k if wl is None else wl
-    seqlen_k_loaded = c.max_seqlen_k if not local else max(0, min(c.max_seqlen_k, wr_loaded + wl_loaded + 1 + tile_m))
-    num_m_blocks = (seqlen_q_pack + m_eff - 1) // m_eff
-    total_mblocks = c.batch * c.nheads_kv * (1 if pack_gqa else qh) * num_m_blocks
-    num_n_blocks = (seqlen_k_loaded + tile_n - 1) // tile_n
-    num_splits = c.num_splits
-    if num_splits < 1:
-        num_splits = num_splits_heuristic(total_mblocks, c.num_sms, num_n_blocks, 128)
-    if c.head_dim != c.head_dim_v and num_splits > 1:
-        if num_n_blocks >= 64 and c.head_dim_v != 512:
-            tile_n = 64
-            num_n_blocks = (seqlen_k_loaded + tile_n - 1) // tile_n
-            if c.num_splits < 1:
-                num_splits = num_splits_heuristic(total_mblocks, c.num_sms, num_n_blocks, 128)
-        else:
-            num_splits = 1
-    split = num_splits > 1
-    leq_one = seqlen_q_pack <= q_stage * tile_m
-    varlen_q = c.varlen_q or c.seqused_q
-    hd_pad = int(math.ceil(c.head_dim / 16) * 16)
-    hdv_pad = int(math.ceil(c.head_dim_v / 16) * 16)
-    is_hd256 = c.head_dim == 256 and c.head_dim_v == 256
-    hd256_decode_2cta = is_hd256 and 2 * c.batch * (c.nheads_kv if pack_gqa else c.nheads) <= c.num_sms
-    hd256_varlen_ok = not c.varlen_q or not c.has_scheduler_metadata
-    two_cta = (
-        not split
-        and (not c.varlen_q or (is_hd256 and hd256_varlen_ok))
-        and not c.seqused_q
-        and (not leq_one or hd256_decode_2cta)
-        and (tile_m % qh == 0 or not pack_gqa)
-        and (is_hd256 or (not causal and not local and hd_pad in (128, 192) and hdv_pad == 128))
-    )
-    is_varlen = c.varlen_q or c.varlen_k or c.seqused_q or c.seqused_k
-    use_clc = (
-        clc_requested()
-        and not (is_varlen and qh == 1)
-        and not (not is_varlen and not causal and not local)
-        and not (is_hd256 and two_cta)
-    )
-    needs_metadata = split and varlen_q
-    has_semaphore = (c.has_scheduler_metadata or needs_metadata) and not use_clc
-    static = (not causal and not local and not c.varlen_q and not c.seqused_q and not split) or (
-        leq_one and not split and not (two_cta and not c.varlen_q and (causal or local))
-    )
-    n_per_split = _cdiv(_cdiv(seqlen_k_loaded, tile_n), num_splits)
-    s_ping_pong = (
-        q_stage == 1
-        and c.head_dim in (64, 128, 256)
-        and c.head_dim_v == c.head_dim
-        and tile_m == 128
-        and tile_n == 128
-        and (num_splits == 1 or n_per_split >= S_PING_PONG_MIN_N_BLOCKS_PER_SPLIT.get(c.head_dim, math.inf))
-    )
-    if has_semaphore and varlen_q:
-        scheduler = "dynamic"
-    elif use_clc:
-        scheduler = "clc"
-    elif static:
-        scheduler = "static"
-    else:
-        scheduler = "single"
-    fields = _common_fields(c, qh, pack_gqa, causal, local, tile_m, tile_n)
-    fields.update(split_kv=split, q_stage=q_stage, two_cta=two_cta, scheduler=scheduler, s_ping_pong=s_ping_pong)
-    return Decision(fields, num_splits, needs_metadata, causal, local, wl, wr)
-
-
-def _common_fields(
-    c: Call, qh: int, pack_gqa: bool, causal: bool, local: bool, tile_m: int, tile_n: int
-) -> dict[str, Any]:
-    """The variant fields both forward families share."""
-    return dict(
-        dtype=c.dtype,
-        head_dim=c.head_dim,
-        head_dim_v=c.head_dim_v,
-        qhead_per_kvhead=qh,
-        pack_gqa=pack_gqa,
-        causal=causal,
-        local=local,
-        varlen_q=c.varlen_q,
-        varlen_k=c.varlen_k,
-        seqused_q=c.seqused_q,
-        seqused_k=c.seqused_k,
-        has_lse=c.return_lse,
-        tile_m=tile_m,
-        tile_n=tile_n,
-    )
-
-
-def _decide_sm90(
-    c: Call, causal: bool, local: bool, wl: int | None, wr: int | None, qh: int, pack_gqa: bool
-) -> Decision:
-    if reason := sm90_head_dims_ok(c.head_dim, c.head_dim_v):
-        raise ArgumentError(reason)
-    if c.num_splits > 1:
-        raise ArgumentError("FA4 runs no split-KV forward on SM90 (num_splits must be 1)")
-    tile_m, tile_n, rs, overlap = sm90_tile(c.head_dim, c.head_dim_v, causal, local)
-    fields = _common_fields(c, qh, pack_gqa, causal, local, tile_m, tile_n)
-    fields.update(mma_pv_is_rs=rs, intra_wg_overlap=overlap)
-    return Decision(fields, 1, False, causal, local, wl, wr)
+    """The decision for call ``c`` (both halves, uncached: for tests and tools)."""
+    s, wl, wr = static_call(c)
+    rule = ForwardRule(s)
+    key, splits = rule.decide(c.batch, c.nheads_kv, c.max_seqlen_q, c.max_seqlen_k, c.num_splits, wl, wr)
+    return Decision(rule.fields(key), splits, s.causal, s.local, wl, wr)

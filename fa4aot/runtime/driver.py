@@ -1,27 +1,68 @@
 """The CUDA driver calls fa4aot makes, behind one small interface.
 
-:class:`CudaDriver` implements it with ``cuda.bindings.driver`` (imported on first use, never at
-``import fa4aot``). Tests substitute a fake with the same methods, so argument validation and the
-launch path run on machines without a GPU.
+:class:`CudaDriver` calls ``libcuda`` through ctypes, resolving each entry point it uses with
+``cuGetProcAddress`` - the mechanism ``cuda.bindings`` uses - on first use. It does not import
+``cuda.bindings.driver``: that import alone (about 75-120 ms on the CI CPU, most of it
+``cuda.pathfinder``) would be most of the runtime's start-up budget, and fa4aot calls a dozen entry
+points. Launches do not go through Python at all: plans call ``cuLaunchKernelEx`` from C with the
+address :meth:`CudaDriver.launch_function` returns. Tests substitute a fake with the same methods.
 """
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 from fa4aot.core.errors import Fa4aotError
 
-#: CUdevice_attribute / CUfunction_attribute values used here
+#: CUdevice_attribute values (cuda.h)
 DEV_ATTR_SM_COUNT = 16
 DEV_ATTR_CC_MAJOR = 75
 DEV_ATTR_CC_MINOR = 76
 DEV_ATTR_MAX_SMEM_OPTIN = 97
+#: CUpointer_attribute CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL (cuda.h)
+POINTER_ATTR_DEVICE_ORDINAL = 9
+#: The driver ABI fa4aot asks cuGetProcAddress for: CUDA 12.0, the first with cuLibrary* and
+#: cuLaunchKernelEx (so every entry point below exists in that version).
+ABI_VERSION = 12000
+#: CUresult CUDA_ERROR_INVALID_VALUE, returned by cuPointerGetAttribute for host memory.
+CUDA_ERROR_INVALID_VALUE = 1
+
+_c_int, _c_uint, _c_size, _p = ctypes.c_int, ctypes.c_uint, ctypes.c_size_t, ctypes.c_void_p
+_c_u64 = ctypes.c_uint64
+
+#: entry point -> argument types (all return CUresult, an int)
+_PROTOS: dict[str, tuple[Any, ...]] = {
+    "cuInit": (_c_uint,),
+    "cuDriverGetVersion": (ctypes.POINTER(_c_int),),
+    "cuGetErrorName": (_c_int, ctypes.POINTER(ctypes.c_char_p)),
+    "cuGetErrorString": (_c_int, ctypes.POINTER(ctypes.c_char_p)),
+    "cuCtxGetCurrent": (ctypes.POINTER(_p),),
+    "cuCtxSetCurrent": (_p,),
+    "cuCtxGetDevice": (ctypes.POINTER(_c_int),),
+    "cuDeviceGet": (ctypes.POINTER(_c_int), _c_int),
+    "cuDevicePrimaryCtxRetain": (ctypes.POINTER(_p), _c_int),
+    "cuDeviceGetAttribute": (ctypes.POINTER(_c_int), _c_int, _c_int),
+    "cuDeviceGetName": (ctypes.c_char_p, _c_int, _c_int),
+    "cuLibraryLoadData": (ctypes.POINTER(_p), _p, _p, _p, _c_uint, _p, _p, _c_uint),
+    "cuLibraryGetKernel": (ctypes.POINTER(_p), _p, ctypes.c_char_p),
+    "cuKernelGetAttribute": (ctypes.POINTER(_c_int), _c_int, _p, _c_int),
+    "cuKernelSetAttribute": (_c_int, _c_int, _p, _c_int),
+    "cuMemAlloc": (ctypes.POINTER(_c_u64), _c_size),
+    "cuMemFree": (_c_u64,),
+    "cuMemsetD32Async": (_c_u64, _c_uint, _c_size, _p),
+    "cuPointerGetAttribute": (_p, _c_int, _c_u64),
+}
 
 
 class CudaError(Fa4aotError):
     """A CUDA driver call failed."""
+
+    def __init__(self, message: str, code: int = 0):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -35,112 +76,148 @@ class DeviceInfo:
 
 
 class CudaDriver:
-    """``cuda.bindings.driver`` behind the methods fa4aot needs. Thread-safe."""
+    """``libcuda`` behind the methods fa4aot needs. Thread-safe (entry points resolve under a lock)."""
 
-    def __init__(self) -> None:
+    def __init__(self, library: str = "libcuda.so.1") -> None:
         try:
-            from cuda.bindings import driver
-
-            result = driver.cuInit(0)
-        except Exception as e:  # ImportError, or cuda-python's "libcuda not found"
-            raise CudaError(f"the CUDA driver is not available: {e}") from None
-        self._d = driver
+            self._lib = ctypes.CDLL(library)
+            gpa = self._lib.cuGetProcAddress_v2
+        except (OSError, AttributeError) as e:
+            raise CudaError(
+                f"the CUDA driver is not available ({library}: {e}); fa4aot needs an NVIDIA driver"
+            ) from None
+        gpa.restype = _c_int
+        gpa.argtypes = [ctypes.c_char_p, ctypes.POINTER(_p), _c_int, _c_u64, ctypes.POINTER(_c_int)]
+        self._gpa = gpa
+        self._fns: dict[str, Any] = {}
         self._lock = threading.Lock()
-        self._streams: dict[int, Any] = {}
-        self._check(result, "cuInit")
+        self._check(self._fn("cuInit")(0), "cuInit")
 
-    def _check(self, result: Any, what: str) -> Any:
-        err, *rest = result if isinstance(result, tuple) else (result,)
-        if int(err) != 0:
-            _, name = self._d.cuGetErrorName(err)
-            _, text = self._d.cuGetErrorString(err)
-            raise CudaError(f"{what} failed: {name.decode() if name else int(err)}: {text.decode() if text else ''}")
-        if not rest:
-            return None
-        return rest[0] if len(rest) == 1 else tuple(rest)
+    def _address(self, name: str) -> int:
+        pfn, status = _p(), _c_int()
+        rc = self._gpa(name.encode(), ctypes.byref(pfn), ABI_VERSION, 0, ctypes.byref(status))
+        if rc or not pfn.value:
+            raise CudaError(f"the CUDA driver does not provide {name} (CUDA 12.0 or newer needed)", rc)
+        return pfn.value
+
+    def _fn(self, name: str) -> Any:
+        fn = self._fns.get(name)
+        if fn is None:
+            with self._lock:
+                fn = self._fns.get(name)
+                if fn is None:
+                    fn = ctypes.CFUNCTYPE(_c_int, *_PROTOS[name])(self._address(name))
+                    self._fns[name] = fn
+        return fn
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc:
+            raise CudaError(f"{what} failed: {self.error_name(rc)}", rc)
+
+    def error_name(self, rc: int) -> str:
+        """``CUDA_ERROR_...: description`` for a CUresult."""
+        name, text = ctypes.c_char_p(), ctypes.c_char_p()
+        try:
+            self._fn("cuGetErrorName")(rc, ctypes.byref(name))
+            self._fn("cuGetErrorString")(rc, ctypes.byref(text))
+        except CudaError:
+            pass
+        return f"{(name.value or b'CUresult %d' % rc).decode()}: {(text.value or b'').decode()}"
 
     # -- device and context ------------------------------------------------------------------
 
     def current_device(self) -> int:
         """Ordinal of the current context's device; makes device 0's primary context current
         when no context is (the case for raw-pointer users)."""
-        d = self._d
-        ctx = self._check(d.cuCtxGetCurrent(), "cuCtxGetCurrent")
-        if int(ctx) == 0:
-            dev = self._check(d.cuDeviceGet(0), "cuDeviceGet")
-            ctx = self._check(d.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
-            self._check(d.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
-        return int(self._check(d.cuCtxGetDevice(), "cuCtxGetDevice"))
+        ctx = _p()
+        self._check(self._fn("cuCtxGetCurrent")(ctypes.byref(ctx)), "cuCtxGetCurrent")
+        if not ctx.value:
+            dev = _c_int()
+            self._check(self._fn("cuDeviceGet")(ctypes.byref(dev), 0), "cuDeviceGet")
+            self._check(self._fn("cuDevicePrimaryCtxRetain")(ctypes.byref(ctx), dev.value), "cuDevicePrimaryCtxRetain")
+            self._check(self._fn("cuCtxSetCurrent")(ctx), "cuCtxSetCurrent")
+        dev = _c_int()
+        self._check(self._fn("cuCtxGetDevice")(ctypes.byref(dev)), "cuCtxGetDevice")
+        return dev.value
 
     def device_info(self, ordinal: int) -> DeviceInfo:
-        d = self._d
-        dev = self._check(d.cuDeviceGet(ordinal), "cuDeviceGet")
+        dev = _c_int()
+        self._check(self._fn("cuDeviceGet")(ctypes.byref(dev), ordinal), "cuDeviceGet")
+        get = self._fn("cuDeviceGetAttribute")
 
         def attr(a: int) -> int:
-            return int(self._check(d.cuDeviceGetAttribute(d.CUdevice_attribute(a), dev), "cuDeviceGetAttribute"))
+            v = _c_int()
+            self._check(get(ctypes.byref(v), a, dev.value), "cuDeviceGetAttribute")
+            return v.value
 
-        name = self._check(d.cuDeviceGetName(256, dev), "cuDeviceGetName")
+        name = ctypes.create_string_buffer(256)
+        self._check(self._fn("cuDeviceGetName")(name, 256, dev.value), "cuDeviceGetName")
+        version = _c_int()
+        self._check(self._fn("cuDriverGetVersion")(ctypes.byref(version)), "cuDriverGetVersion")
         return DeviceInfo(
             ordinal=ordinal,
-            name=name.split(b"\0", 1)[0].decode(),
+            name=name.value.decode(errors="replace"),
             compute_capability=(attr(DEV_ATTR_CC_MAJOR), attr(DEV_ATTR_CC_MINOR)),
             num_sms=attr(DEV_ATTR_SM_COUNT),
             smem_optin=attr(DEV_ATTR_MAX_SMEM_OPTIN),
-            driver_version=int(self._check(d.cuDriverGetVersion(), "cuDriverGetVersion")),
+            driver_version=version.value,
         )
+
+    def pointer_device(self, ptr: int) -> int | None:
+        """Device ordinal of the allocation holding ``ptr`` (None for memory the driver does not
+        know, e.g. host memory)."""
+        ordinal = _c_int()
+        rc = self._fn("cuPointerGetAttribute")(ctypes.byref(ordinal), POINTER_ATTR_DEVICE_ORDINAL, ptr)
+        if rc == CUDA_ERROR_INVALID_VALUE:
+            return None
+        self._check(rc, "cuPointerGetAttribute")
+        return ordinal.value
 
     # -- modules -------------------------------------------------------------------------------
 
-    def load_library(self, cubin: bytes) -> Any:
+    def load_library(self, cubin: bytes) -> int:
         """Load a cubin as a context-independent library (``cuLibraryLoadData``)."""
-        d = self._d
-        return self._check(d.cuLibraryLoadData(cubin, None, None, 0, None, None, 0), "cuLibraryLoadData")
+        lib = _p()
+        rc = self._fn("cuLibraryLoadData")(ctypes.byref(lib), cubin, None, None, 0, None, None, 0)
+        self._check(rc, "cuLibraryLoadData")
+        return lib.value or 0
 
-    def get_kernel(self, library: Any, name: str) -> Any:
-        return self._check(self._d.cuLibraryGetKernel(library, name.encode()), f"cuLibraryGetKernel({name[:40]}...)")
-
-    def kernel_attribute(self, kernel: Any, attr: int, device: int) -> int:
-        d = self._d
-        dev = self._check(d.cuDeviceGet(device), "cuDeviceGet")
-        return int(
-            self._check(d.cuKernelGetAttribute(d.CUfunction_attribute(attr), kernel, dev), "cuKernelGetAttribute")
+    def get_kernel(self, library: int, name: str) -> int:
+        k = _p()
+        self._check(
+            self._fn("cuLibraryGetKernel")(ctypes.byref(k), library, name.encode()),
+            f"cuLibraryGetKernel({name[:40]}...)",
         )
+        return k.value or 0
 
-    def set_kernel_attribute(self, kernel: Any, attr: int, value: int, device: int) -> None:
-        d = self._d
-        dev = self._check(d.cuDeviceGet(device), "cuDeviceGet")
-        self._check(d.cuKernelSetAttribute(d.CUfunction_attribute(attr), value, kernel, dev), "cuKernelSetAttribute")
+    def kernel_attribute(self, kernel: int, attr: int, device: int) -> int:
+        v = _c_int()
+        self._check(self._fn("cuKernelGetAttribute")(ctypes.byref(v), attr, kernel, device), "cuKernelGetAttribute")
+        return v.value
 
-    def kernel_handle(self, kernel: Any) -> int:
-        return int(kernel)
+    def set_kernel_attribute(self, kernel: int, attr: int, value: int, device: int) -> None:
+        self._check(self._fn("cuKernelSetAttribute")(attr, value, kernel, device), "cuKernelSetAttribute")
 
     # -- memory --------------------------------------------------------------------------------
 
     def alloc(self, nbytes: int) -> int:
-        return int(self._check(self._d.cuMemAlloc(max(nbytes, 1)), "cuMemAlloc"))
+        ptr = _c_u64()
+        self._check(self._fn("cuMemAlloc")(ctypes.byref(ptr), max(nbytes, 1)), "cuMemAlloc")
+        return ptr.value
 
     def free(self, ptr: int) -> None:
-        self._check(self._d.cuMemFree(ptr), "cuMemFree")
+        self._check(self._fn("cuMemFree")(ptr), "cuMemFree")
 
     def memset_d32(self, ptr: int, value: int, count: int, stream: int) -> None:
-        self._check(self._d.cuMemsetD32Async(ptr, value, count, self.stream(stream)), "cuMemsetD32Async")
+        self._check(self._fn("cuMemsetD32Async")(ptr, value, count, stream or None), "cuMemsetD32Async")
+
+    def memset_d32_function(self) -> int:
+        """Address of ``cuMemsetD32Async`` (prepared calls reset the semaphore from C)."""
+        return self._address("cuMemsetD32Async")
 
     # -- launches ------------------------------------------------------------------------------
 
     def launch_function(self) -> int:
-        """Address of the driver's ``cuLaunchKernelEx`` (from cuda-python's ``cuGetProcAddress``):
-        plans call it directly with the launch they recorded."""
-        d = self._d
-        res = d.cuGetProcAddress(b"cuLaunchKernelEx", 12000, d.CUdriverProcAddress_flags.CU_GET_PROC_ADDRESS_DEFAULT)
-        pfn = self._check(res[:2], "cuGetProcAddress(cuLaunchKernelEx)")
-        if not pfn:
-            raise CudaError("the CUDA driver does not provide cuLaunchKernelEx (CUDA 12.0 or newer needed)")
-        return int(pfn)
-
-    def stream(self, handle: int) -> Any:
-        s = self._streams.get(handle)
-        if s is None:
-            s = self._d.CUstream(handle)
-            with self._lock:
-                self._streams[handle] = s
-        return s
+        """Address of the driver's ``cuLaunchKernelEx``: plans call it directly with the launch
+        they recorded."""
+        return self._address("cuLaunchKernelEx")

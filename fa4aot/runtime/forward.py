@@ -6,10 +6,14 @@ PyTorch, CuPy or JAX (DLPack) or be :class:`fa4aot.RawTensor`; outputs are alloc
 caller's framework when ``out`` is not given (raw pointers must pass ``out``). The stream defaults
 to the framework's current stream (PyTorch, CuPy), else the legacy default stream.
 
-A call picks the cached variant FA4 would run (:mod:`fa4aot.runtime.dispatch`, decided once per call
-signature), then launches: [prepare ->] forward [-> combine] on the stream. Nothing on this path
-synchronises the host or allocates when ``out`` (and, for split-KV varlen, ``scheduler_metadata``)
-is given, so calls can be captured in a CUDA graph (run once before capturing, to load the kernels).
+A call validates its arguments, picks the cached variant FA4 would run (the compile-time half of
+:mod:`fa4aot.runtime.dispatch` cached per static configuration, the per-call arithmetic done
+every call), then launches: [prepare ->] forward [-> combine] on the stream. Allocation: ``out``
+and ``lse`` when not given, and for split-KV the fp32 partials (``out_partial``, ``lse_partial``)
+the combine reduces; split-KV varlen without ``scheduler_metadata`` also fills buffers kept per
+stream and configuration. Nothing on this path synchronises the host. For CUDA graphs, pass
+``out`` (and, for split-KV varlen, ``scheduler_metadata``) or use :func:`fa4aot.prepare_forward`,
+which allocates everything at bind time.
 """
 
 from __future__ import annotations
@@ -18,15 +22,23 @@ import math
 import sys
 from typing import Any
 
+from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import ArgumentError
-from fa4aot.runtime import validate
+from fa4aot.core.rules import resolve_window
+from fa4aot.runtime import loader, validate
 from fa4aot.runtime.combine import combine
-from fa4aot.runtime.dispatch import Call, Decision, decide
-from fa4aot.runtime.loader import Runtime, default_runtime
+from fa4aot.runtime.combine import pick as pick_combine
+from fa4aot.runtime.dispatch import ForwardRule, StaticCall, splits_mode
+from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.metadata import SchedulerMetadata
 from fa4aot.runtime.tensors import DeviceTensor, as_device_tensor, stream_handle
 
 _FRAMEWORK_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+#: dtypes FA4's forward takes for q, k, v, out
+FORWARD_DTYPES = ("bf16", "fp16")
+#: A forward rule caches at most this many loaded variants (its shape-dependent field
+#: combinations; in practice a handful).
+MAX_RULE_VARIANTS = 64
 
 
 def flash_attn_func(
@@ -47,7 +59,8 @@ def flash_attn_func(
     """Attention over ``q`` (batch, seqlen_q, nheads, head_dim), ``k`` (batch, seqlen_k,
     nheads_kv, head_dim), ``v`` (batch, seqlen_k, nheads_kv, head_dim_v); returns ``(out, lse)``
     with ``out`` (batch, seqlen_q, nheads, head_dim_v) and ``lse`` (batch, nheads, seqlen_q) fp32."""
-    return _forward(
+    return forward(
+        runtime,
         q,
         k,
         v,
@@ -66,7 +79,6 @@ def flash_attn_func(
         out,
         None,
         stream,
-        runtime,
     )
 
 
@@ -99,7 +111,8 @@ def flash_attn_varlen_func(
     tile and scheduler choices depend on them; they must bound every sequence).
     ``scheduler_metadata``: a :class:`fa4aot.SchedulerMetadata` computed for this batch (split-KV
     varlen; reuse it across layers); without it fa4aot runs the prepare kernel itself."""
-    return _forward(
+    return forward(
+        runtime,
         q,
         k,
         v,
@@ -118,150 +131,286 @@ def flash_attn_varlen_func(
         out,
         scheduler_metadata,
         stream,
-        runtime,
     )
 
 
-def _forward(
-    q,
-    k,
-    v,
-    cu_q,
-    cu_k,
-    max_q,
-    max_k,
-    su_q,
-    su_k,
-    softmax_scale,
-    causal,
-    window_size,
-    num_splits,
-    pack_gqa,
-    return_lse,
-    out,
-    metadata,
-    stream,
-    runtime,
-) -> tuple[Any, Any]:
-    rt = runtime or default_runtime()
+class ForwardCall:
+    """One validated forward call: the descriptors, the chosen variant and its arguments (what
+    :func:`forward` launches and :func:`fa4aot.prepare_forward` binds)."""
+
+    __slots__ = (
+        "rt",
+        "lv",
+        "rule",
+        "num_splits",
+        "q",
+        "k",
+        "v",
+        "cu_q",
+        "cu_k",
+        "su_q",
+        "su_k",
+        "batch",
+        "rows",
+        "lse_shape",
+        "nheads",
+        "head_dim_v",
+        "dtype",
+        "max_q",
+        "max_k",
+        "scale",
+        "wl",
+        "wr",
+    )
+
+    @property
+    def split(self) -> bool:
+        return self.num_splits > 1
+
+    @property
+    def dynamic(self) -> bool:
+        """The variant runs FA4's dynamic persistent scheduler (reads scheduler metadata)."""
+        return self.lv.variant.fields.get("scheduler") == "dynamic"
+
+
+def _check_window(value: Any, name: str) -> int | None:
+    if value is None:
+        return None
+    if value.__class__ is not int:
+        raise ArgumentError(f"window_size {name}: expected an int or None, got {value!r}")
+    return validate.fits_int32(value, f"window_size {name}")
+
+
+def analyse(
+    rt: Runtime,
+    q: Any,
+    k: Any,
+    v: Any,
+    cu_q: Any,
+    cu_k: Any,
+    max_q: int | None,
+    max_k: int | None,
+    su_q: Any,
+    su_k: Any,
+    softmax_scale: float | None,
+    causal: bool,
+    window_size: Any,
+    num_splits: int,
+    pack_gqa: bool | None,
+    return_lse: bool,
+    has_metadata: bool,
+) -> ForwardCall:
+    """Validate a forward call's inputs and pick its variant (nothing is launched or allocated)."""
     dev = rt.device
     varlen_q, varlen_k = cu_q is not None, cu_k is not None
-    qd = validate.tensor(q, "q", dtypes=("bf16", "fp16"), rank=3 if varlen_q else 4, device=dev, stride_multiple=8)
-    kd = validate.tensor(k, "k", dtypes=(qd.dtype,), rank=3 if varlen_k else 4, device=dev, stride_multiple=8)
-    vd = validate.tensor(v, "v", dtypes=(qd.dtype,), rank=3 if varlen_k else 4, device=dev, stride_multiple=8)
-    nheads, head_dim = qd.shape[-2:]
-    nheads_kv, head_dim_v = vd.shape[-2:]
-    if kd.shape[:-1] != vd.shape[:-1] or kd.shape[-1] != head_dim:
-        raise ArgumentError(f"k {kd.shape} and v {vd.shape} must agree (and k's head_dim equal q's {head_dim})")
+    qd = as_device_tensor(q, "q")
+    kd = as_device_tensor(k, "k")
+    vd = as_device_tensor(v, "v")
+    dtype = qd[3]
+    if dtype not in FORWARD_DTYPES:
+        raise ArgumentError(f"q: dtype must be bf16 or fp16, got {dtype}")
+    if kd[3] != dtype or vd[3] != dtype:
+        raise ArgumentError(f"q, k and v must share one dtype, got {dtype}, {kd[3]}, {vd[3]}")
+    validate.io(qd, "q", 3 if varlen_q else 4, dev, rt)
+    validate.io(kd, "k", 3 if varlen_k else 4, dev, rt)
+    validate.io(vd, "v", 3 if varlen_k else 4, dev, rt)
+    qs, ks, vs = qd[1], kd[1], vd[1]
+    nheads, head_dim = qs[-2], qs[-1]
+    nheads_kv, head_dim_v = vs[-2], vs[-1]
+    if ks[:-1] != vs[:-1] or ks[-1] != head_dim:
+        raise ArgumentError(f"k {tuple(ks)} and v {tuple(vs)} must agree (and k's head_dim equal q's {head_dim})")
     if nheads_kv < 1 or nheads % nheads_kv:
         raise ArgumentError(f"q has {nheads} heads, k/v {nheads_kv}: nheads must be a multiple of nheads_kv")
-    named: dict[str, Any] = {"q": qd, "k": kd, "v": vd}
+    fc = ForwardCall()
+    fc.q, fc.k, fc.v = qd, kd, vd
+    fc.cu_q = fc.cu_k = fc.su_q = fc.su_k = None
     if varlen_q:
-        cu = validate.tensor(cu_q, "cu_seqlens_q", dtypes=("int32",), rank=1, device=dev, align=4)
-        batch = cu.shape[0] - 1
+        cu = validate.int32_vector_any(cu_q, "cu_seqlens_q", dev, rt)
+        batch = cu[1][0] - 1
         if batch < 1:
             raise ArgumentError("cu_seqlens_q: needs batch + 1 >= 2 entries")
-        named["cu_seqlens_q"] = cu
-        total_q = qd.shape[0]
-        max_q = total_q if max_q is None else max_q
+        fc.cu_q = cu
+        max_q = qs[0] if max_q is None else max_q
+        fc.rows = (qs[0],)
     else:
-        batch, seqlen_q = qd.shape[0], qd.shape[1]
+        batch, seqlen_q = qs[0], qs[1]
         if max_q is not None and max_q != seqlen_q:
             raise ArgumentError(f"max_seqlen_q ({max_q}) must equal q's seqlen ({seqlen_q}) without cu_seqlens_q")
         max_q = seqlen_q
+        fc.rows = (batch, seqlen_q)
     if varlen_k:
-        ck = validate.int32_vector(cu_k, "cu_seqlens_k", batch + 1, dev)
-        named["cu_seqlens_k"] = ck
-        max_k = kd.shape[0] if max_k is None else max_k
+        fc.cu_k = validate.int32_vector(cu_k, "cu_seqlens_k", batch + 1, dev, rt)
+        max_k = ks[0] if max_k is None else max_k
     else:
-        if kd.shape[0] != batch:
-            raise ArgumentError(f"k: batch {kd.shape[0]} != q's batch {batch}")
-        max_k = kd.shape[1] if max_k is None else max_k
+        if ks[0] != batch:
+            raise ArgumentError(f"k: batch {ks[0]} != q's batch {batch}")
+        max_k = ks[1] if max_k is None else max_k
     if su_q is not None:
-        named["seqused_q"] = validate.int32_vector(su_q, "seqused_q", batch, dev)
+        fc.su_q = validate.int32_vector(su_q, "seqused_q", batch, dev, rt)
     if su_k is not None:
-        named["seqused_k"] = validate.int32_vector(su_k, "seqused_k", batch, dev)
-    validate.fits_int32(max_q, "max_seqlen_q")
-    validate.fits_int32(max_k, "max_seqlen_k")
-
-    wl, wr = window_size if window_size is not None else (None, None)
+        fc.su_k = validate.int32_vector(su_k, "seqused_k", batch, dev, rt)
+    validate.seqlen(max_q, "max_seqlen_q")
+    validate.seqlen(max_k, "max_seqlen_k")
+    if softmax_scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    else:
+        scale = validate.finite(softmax_scale, "softmax_scale")
+    if num_splits.__class__ is not int:
+        raise ArgumentError(f"num_splits: expected an int, got {num_splits!r}")
+    wl, wr = (None, None) if window_size is None else window_size
+    wl, wr = _check_window(wl, "left"), _check_window(wr, "right")
+    causal_r, local, wl, wr = resolve_window(bool(causal), wl, wr)
     key = (
-        qd.dtype,
-        batch,
-        max_q,
-        max_k,
-        nheads,
-        nheads_kv,
+        dtype,
         head_dim,
         head_dim_v,
-        bool(causal),
-        wl,
-        wr,
+        nheads // nheads_kv,
+        causal_r,
+        local,
         varlen_q,
         varlen_k,
         su_q is not None,
         su_k is not None,
-        num_splits,
+        splits_mode(num_splits),
         pack_gqa,
         bool(return_lse),
+        has_metadata,
+    )
+    rule = rt.forward_rules.get(key)
+    if rule is None:
+        t = rt.target
+        rule = ForwardRule(StaticCall(t.arch, t.num_sms, *key, clc=rt.clc))
+        rt.forward_rules[key] = rule
+    vkey, splits = rule.decide(batch, nheads_kv, max_q, max_k, num_splits, wl, wr)
+    lv = rule.loaded.get(vkey)
+    if lv is None:
+        lv = rt.load(rule.variant(vkey))
+        if len(rule.loaded) >= MAX_RULE_VARIANTS:
+            rule.loaded.clear()
+        rule.loaded[vkey] = lv
+    fc.rt, fc.lv, fc.rule, fc.num_splits = rt, lv, rule, splits
+    fc.batch, fc.nheads, fc.head_dim_v, fc.dtype = batch, nheads, head_dim_v, dtype
+    fc.lse_shape = (nheads, fc.rows[0]) if varlen_q else (batch, nheads, fc.rows[1])
+    fc.max_q, fc.max_k, fc.scale = max_q, max_k, scale
+    if local:
+        # fa4aot's local variants take both window edges; an open edge is the whole sequence
+        fc.wl = max_k + max_q if wl is None else wl
+        fc.wr = max_k + max_q if wr is None else wr
+    else:
+        fc.wl = fc.wr = None
+    return fc
+
+
+def forward(
+    runtime: Runtime | None,
+    q: Any,
+    k: Any,
+    v: Any,
+    cu_q: Any,
+    cu_k: Any,
+    max_q: int | None,
+    max_k: int | None,
+    su_q: Any,
+    su_k: Any,
+    softmax_scale: float | None,
+    causal: bool,
+    window_size: Any,
+    num_splits: int,
+    pack_gqa: bool | None,
+    return_lse: bool,
+    out: Any,
+    metadata: SchedulerMetadata | None,
+    stream: Any,
+) -> tuple[Any, Any]:
+    """The forward call behind both API functions (positional: it is the hot path)."""
+    rt = runtime or loader._DEFAULT or loader.default_runtime()
+    fc = analyse(
+        rt,
+        q,
+        k,
+        v,
+        cu_q,
+        cu_k,
+        max_q,
+        max_k,
+        su_q,
+        su_k,
+        softmax_scale,
+        causal,
+        window_size,
+        num_splits,
+        pack_gqa,
+        return_lse,
         metadata is not None,
     )
-    hit = rt.memo.get(key)
-    if hit is None:
-        call = Call(rt.target.arch, rt.target.num_sms, *key)
-        d = decide(call)
-        lv = rt.load(rt.variant_for("fwd_sm90" if rt.target.arch == "sm_90a" else "fwd_sm100", **d.fields))
-        hit = rt.memo[key] = (d, lv, call, any(a.name == "max_seqlen_q" for a in lv.plan.signature))
-    d, lv, call, takes_max_q = hit
-    split = d.fields.get("split_kv", False)
-    if metadata is not None and not (varlen_q or su_q is not None):
+    if metadata is not None and cu_q is None and su_q is None:
         raise ArgumentError("scheduler_metadata is for varlen queries (cu_seqlens_q or seqused_q)")
-
-    s = _default_stream(q) if stream is None else stream_handle(stream)
-    rows = (qd.shape[0],) if varlen_q else (batch, qd.shape[1])
-    lse_shape = (nheads, rows[0]) if varlen_q else (batch, nheads, rows[1])
+    s = default_stream(q) if stream is None else stream_handle(stream)
+    out_shape = (*fc.rows, fc.nheads, fc.head_dim_v)
     if out is None:
-        out = _alloc_like(q, (*rows, nheads, head_dim_v), qd.dtype)
-    od = validate.tensor(out, "out", dtypes=(qd.dtype,), rank=len(rows) + 2, device=dev, stride_multiple=8)
-    validate.shape(od, "out", (*rows, nheads, head_dim_v), "q's shape with head_dim_v")
-    lse = _alloc_like(q, lse_shape, "fp32") if return_lse else None
+        out = alloc_like(q, out_shape, fc.dtype)
+    od = as_device_tensor(out, "out")
+    if od[3] != fc.dtype:
+        raise ArgumentError(f"out: dtype must be {fc.dtype} (q's), got {od[3]}")
+    validate.io(od, "out", len(out_shape), rt.device, rt, writable=True)
+    if od[1] != out_shape:
+        validate.shape(od, "out", out_shape, "q's shape with head_dim_v")
+    lse = alloc_like(q, fc.lse_shape, "fp32") if return_lse else None
     ld = as_device_tensor(lse, "lse") if lse is not None else None
-
-    if split:
-        out_partial = _alloc_like(q, (d.num_splits, *rows, nheads, head_dim_v), "fp32")
-        lse_partial = _alloc_like(q, (d.num_splits, *lse_shape), "fp32")
-        named["out"] = as_device_tensor(out_partial, "out_partial")
-        named["lse"] = as_device_tensor(lse_partial, "lse_partial")
+    if fc.split:
+        # everything the combine needs is resolved before anything is launched
+        out_partial = alloc_like(q, (fc.num_splits, *out_shape), "fp32")
+        lse_partial = alloc_like(q, (fc.num_splits, *fc.lse_shape), "fp32")
+        o_arg, l_arg = as_device_tensor(out_partial, "out_partial"), as_device_tensor(lse_partial, "lse_partial")
+        pick_combine(
+            rt,
+            fc.dtype,
+            fc.head_dim_v,
+            fc.nheads,
+            fc.num_splits,
+            cu_q is not None,
+            su_q is not None and cu_q is not None,
+            lse is not None,
+            fc.dynamic,
+        )
     else:
-        named["out"] = od
-        if ld is not None:
-            named["lse"] = ld
-    named["softmax_scale"] = (1.0 / math.sqrt(head_dim)) if softmax_scale is None else float(softmax_scale)
-    if d.local:
-        # fa4aot's local variants take both window edges; an open edge is the whole sequence
-        named["window_size_left"] = max_k + max_q if d.window_left is None else d.window_left
-        named["window_size_right"] = max_k + max_q if d.window_right is None else d.window_right
+        o_arg, l_arg = od, ld
     md = None
-    if d.fields.get("scheduler") == "dynamic":
-        md = metadata if metadata is not None else _auto_metadata(rt, d, call, named, s)
-        _check_metadata(md, batch, d)
-        for name in ("num_splits_dynamic", "tile_count_semaphore"):
-            named[name] = as_device_tensor(getattr(md, name), name)
-        if d.causal:
-            named["num_nheads_in_l2"] = as_device_tensor(md.num_nheads_in_l2, "num_nheads_in_l2")
-    if takes_max_q:
-        named["max_seqlen_q"] = max_q
-    named["stream"] = s
-    rt.launch(lv, lv.plan.pack(named), s)
-    if split:
-        lse_c = _transposed(lse) if lse is not None else None
+    if fc.dynamic:
+        md = metadata if metadata is not None else _auto_metadata(fc, s)  # may launch prepare
+        check_metadata(md, fc)
+        nsd, sem, l2 = md.buffers
+        if not fc.lv.variant.fields["causal"]:
+            l2 = None
+    else:
+        nsd = sem = l2 = None
+    fc.lv.launch(
+        fc.q,
+        fc.k,
+        fc.v,
+        o_arg,
+        l_arg,
+        fc.cu_q,
+        fc.cu_k,
+        fc.su_q,
+        fc.su_k,
+        nsd,
+        sem,
+        l2,
+        fc.scale,
+        fc.wl,
+        fc.wr,
+        fc.max_q,
+        s,
+    )
+    if fc.split:
         combine(
             out_partial,
-            _transposed(lse_partial),
+            transposed(lse_partial),
             out,
-            lse_c,
+            transposed(lse) if lse is not None else None,
             cu_seqlens=cu_q,
-            seqused=su_q if varlen_q else None,
+            seqused=su_q if cu_q is not None else None,
             num_splits_dynamic=md.num_splits_dynamic if md is not None else None,
             stream=s,
             runtime=rt,
@@ -271,73 +420,82 @@ def _forward(
     return out, lse
 
 
-def _check_metadata(md: SchedulerMetadata, batch: int, d: Decision) -> None:
+def check_metadata(md: SchedulerMetadata, fc: ForwardCall) -> None:
+    """``md`` fits the call (batch, computed, causal)."""
     if not isinstance(md, SchedulerMetadata):
         raise ArgumentError("scheduler_metadata must be a fa4aot.SchedulerMetadata")
-    if md.batch_size != batch:
-        raise ArgumentError(f"scheduler_metadata was made for batch {md.batch_size}, this call has {batch}")
+    if md.batch_size != fc.batch:
+        raise ArgumentError(f"scheduler_metadata was made for batch {md.batch_size}, this call has {fc.batch}")
     if md.num_splits is None:
         raise ArgumentError("scheduler_metadata has not been computed (call .compute(...))")
-    if d.causal and md.num_nheads_in_l2 is None:
+    if fc.lv.variant.fields["causal"] and md.num_nheads_in_l2 is None:
         raise ArgumentError("scheduler_metadata was made with causal=False for a causal call")
 
 
-def _auto_metadata(rt: Runtime, d: Decision, call: Call, named: dict[str, Any], stream: int) -> SchedulerMetadata:
+def _auto_metadata(fc: ForwardCall, stream: int) -> SchedulerMetadata:
     """Prepare-kernel metadata for a split-KV varlen call, like FA4's automatic path. The buffers
-    are cached per (stream, configuration), so repeated calls allocate nothing."""
+    are kept per (stream, configuration) in a bounded cache, so repeated calls allocate nothing."""
+    rt, f = fc.rt, fc.lv.variant.fields
+    nheads_kv = fc.nheads // f["qhead_per_kvhead"]
     key = (
-        "auto-metadata",
         stream,
-        call.batch,
-        call.nheads,
-        call.nheads_kv,
-        call.head_dim,
-        call.head_dim_v,
-        d.causal,
-        d.fields["pack_gqa"],
-        d.fields["tile_m"],
-        d.fields["tile_n"],
+        fc.batch,
+        fc.nheads,
+        nheads_kv,
+        f["head_dim"],
+        f["head_dim_v"],
+        f["causal"],
+        f["pack_gqa"],
+        f["tile_m"],
+        f["tile_n"],
     )
-    md = rt.memo.get(key)
+    md = rt.auto_metadata.get(key)
     if md is None:
-        md = rt.memo[key] = SchedulerMetadata(
-            call.batch,
-            call.nheads,
-            call.nheads_kv,
-            call.head_dim,
-            call.head_dim_v,
-            causal=d.causal,
-            pack_gqa=d.fields["pack_gqa"],
-            tile_m=d.fields["tile_m"],
-            tile_n=d.fields["tile_n"],
+        md = SchedulerMetadata(
+            fc.batch,
+            fc.nheads,
+            nheads_kv,
+            f["head_dim"],
+            f["head_dim_v"],
+            causal=f["causal"],
+            pack_gqa=f["pack_gqa"],
+            tile_m=f["tile_m"],
+            tile_n=f["tile_n"],
             runtime=rt,
         )
+        rt.auto_metadata[key] = md
     md.compute(
-        max_seqlen_q=call.max_seqlen_q,
-        max_seqlen_k=call.max_seqlen_k,
-        num_splits=d.num_splits,
-        cu_seqlens_q=named.get("cu_seqlens_q"),
-        cu_seqlens_k=named.get("cu_seqlens_k"),
-        seqused_q=named.get("seqused_q"),
-        seqused_k=named.get("seqused_k"),
+        max_seqlen_q=fc.max_q,
+        max_seqlen_k=fc.max_k,
+        num_splits=fc.num_splits,
+        cu_seqlens_q=fc.cu_q,
+        cu_seqlens_k=fc.cu_k,
+        seqused_q=fc.su_q,
+        seqused_k=fc.su_k,
         stream=stream,
     )
     return md
 
 
-def _framework(obj: Any) -> str:
-    mod = type(obj).__module__.split(".")[0]
-    if mod in ("torch", "cupy"):
-        return mod
-    if mod in ("jax", "jaxlib"):
-        return "jax"
-    return "raw"
+#: Python class -> framework name ("torch", "cupy", "jax", "raw")
+_FRAMEWORKS: BoundedDict = BoundedDict(64)
 
 
-def _alloc_like(ref: Any, shape: tuple[int, ...], dtype: str) -> Any:
+def framework(obj: Any) -> str:
+    """The framework a tensor comes from (remembered per Python class)."""
+    cls = obj.__class__
+    fw = _FRAMEWORKS.get(cls)
+    if fw is None:
+        mod = cls.__module__.split(".")[0]
+        fw = mod if mod in ("torch", "cupy") else ("jax" if mod in ("jax", "jaxlib") else "raw")
+        _FRAMEWORKS[cls] = fw
+    return fw
+
+
+def alloc_like(ref: Any, shape: tuple[int, ...], dtype: str) -> Any:
     """An empty tensor on ``ref``'s device, made by ``ref``'s own framework (already imported by
     the caller, so nothing new is imported here)."""
-    fw = _framework(ref)
+    fw = framework(ref)
     if fw == "torch":
         torch = sys.modules["torch"]
         return ref.new_empty(shape, dtype=getattr(torch, _FRAMEWORK_DTYPES[dtype]))
@@ -352,31 +510,36 @@ def _alloc_like(ref: Any, shape: tuple[int, ...], dtype: str) -> Any:
         return jnp.empty(shape, dtype=getattr(jnp, _FRAMEWORK_DTYPES[dtype]), device=next(iter(ref.devices())))
     raise ArgumentError(
         f"cannot allocate a {dtype}{list(shape)} output for raw pointers: pass out= (and use num_splits=1 and "
-        "return_lse=False, or call the kernels through a framework)"
+        "return_lse=False, or call the kernels through a framework, or use fa4aot.prepare_forward)"
     )
 
 
-def _transposed(t: Any) -> Any:
+def transposed(t: Any) -> Any:
     """The last two dimensions swapped, as a view in the tensor's framework (or a descriptor)."""
     if isinstance(t, DeviceTensor):
         s, st = list(t.shape), list(t.strides)
         s[-1], s[-2], st[-1], st[-2] = s[-2], s[-1], st[-2], st[-1]
         return t._replace(shape=tuple(s), strides=tuple(st))
-    fw = _framework(t)
+    fw = framework(t)
     if fw == "torch":
         return t.transpose(-1, -2)
     if fw == "cupy":
         return t.swapaxes(-1, -2)
-    return _transposed(as_device_tensor(t, "lse"))
+    return transposed(as_device_tensor(t, "lse"))
 
 
-def _default_stream(ref: Any) -> int:
+_TORCH_STREAM: list[Any] = []
+
+
+def default_stream(ref: Any) -> int:
     """The caller's framework's current stream (FA4 launches on torch's current stream)."""
-    fw = _framework(ref)
+    fw = framework(ref)
     if fw == "torch":
-        torch = sys.modules["torch"]
-        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # the fast accessor, if present
-        return raw(ref.get_device()) if raw is not None else torch.cuda.current_stream(ref.device).cuda_stream
+        if not _TORCH_STREAM:
+            torch = sys.modules["torch"]
+            raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # the fast accessor, if present
+            _TORCH_STREAM.append(raw or (lambda d: torch.cuda.current_stream(d).cuda_stream))
+        return _TORCH_STREAM[0](ref.get_device())
     if fw == "cupy":
         return sys.modules["cupy"].cuda.get_current_stream().ptr
     return 0

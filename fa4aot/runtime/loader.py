@@ -1,14 +1,19 @@
-"""Open a cache for the current GPU, load verified variants lazily, and launch them.
+"""Open a cache for the current GPU, load verified variants lazily (or ahead of time), launch them.
 
-:class:`Runtime` is what production code holds: it picks the cache target that matches the
-device (arch, SM count), refuses mismatches (or, when told to, warns), and for each variant on
-first use verifies the cubin's and the plan's sha256, loads the cubin with ``cuLibraryLoadData``,
-loads the plan (answering its attribute queries with the real device's values) and applies the
-kernel attributes the plan's module load asked for. Everything after that is per-call work only:
-validate (callers do), run the plan, launch.
+:class:`Runtime` is what production code holds. Opening it reads one small file: the packed
+index of the cache target that matches the device (arch, SM count, host CPU arch), hash-checked.
+It refuses mismatches (or, when told to, warns). For each variant on first use (or in
+:meth:`Runtime.preload`) it reads the variant's launch plan, checks its sha256 (the cubin is a
+hash-checked slice of it), loads the cubin with ``cuLibraryLoadData``, loads the plan (answering its
+attribute queries with the real device's values) and applies the kernel attributes the plan's
+module load asked for. After that a call is: validate, dispatch, one foreign call.
 
-Thread safety: variant loading is serialised by a lock; plans keep per-thread state (argument
-buffer, recorded launches), so launches may come from several threads.
+Every cache the runtime keeps is bounded: loaded variants by the cache's own entry count,
+dispatch rules, combine picks and automatic scheduler metadata by fixed sizes
+(:class:`fa4aot.core.bounded.BoundedDict`).
+
+Thread safety: loading is serialised per variant; plans keep per-thread state (argument buffer,
+recorded launches), so launches may come from several threads.
 """
 
 from __future__ import annotations
@@ -16,23 +21,48 @@ from __future__ import annotations
 import platform
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fa4aot.core.errors import DeviceMismatchError, VariantNotFoundError
-from fa4aot.core.index import Cache, Entry, default_cache_dir
+from fa4aot.core.bounded import BoundedDict
+from fa4aot.core.errors import CacheError, DeviceMismatchError, Fa4aotError, VariantNotFoundError
+from fa4aot.core.index import Cache, Entry, cubin_of, default_cache_dir
 from fa4aot.core.variant import Target, Variant
-from fa4aot.plan.library import (
-    DEV_ATTR_MAX_SMEM_OPTIN,
-    FUNC_ATTR_SHARED_SIZE_BYTES,
-    Plan,
-    open_plan,
-)
+from fa4aot.plan.abi import DEV_ATTR_MAX_SMEM_OPTIN, FUNC_ATTR_SHARED_SIZE_BYTES
+from fa4aot.plan.library import Plan, open_plan
+from fa4aot.runtime.dispatch import clc_requested
 
-#: CUDA driver major version each cubin toolkit major needs.
+#: CUDA driver version each cubin toolkit major needs.
 _DRIVER_FOR_TOOLKIT = {12: 12000, 13: 13000}
+#: Bounds of the runtime's caches (entries). Static forward configurations in use at once are a
+#: few per model; each automatic scheduler metadata holds device buffers, freed on eviction.
+MAX_FORWARD_RULES = 512
+MAX_COMBINE_PICKS = 256
+MAX_AUTO_METADATA = 16
+
+#: Argument order of the forward launchers (a superset of every forward plan's signature).
+FORWARD_ORDER = (
+    "q",
+    "k",
+    "v",
+    "out",
+    "lse",
+    "cu_seqlens_q",
+    "cu_seqlens_k",
+    "seqused_q",
+    "seqused_k",
+    "num_splits_dynamic",
+    "tile_count_semaphore",
+    "num_nheads_in_l2",
+    "softmax_scale",
+    "window_size_left",
+    "window_size_right",
+    "max_seqlen_q",
+    "stream",
+)
 
 
 @dataclass
@@ -41,19 +71,27 @@ class LoadedVariant:
 
     entry: Entry
     plan: Plan
-    kernels: list[Any]
-    handles: list[int]
+    kernels: list[int]
+    _launcher: Callable[..., None] | None = None
 
     @property
     def variant(self) -> Variant:
         return self.entry.variant
+
+    @property
+    def launch(self) -> Callable[..., None]:
+        """The forward-order launcher (see :data:`FORWARD_ORDER`; SM90 plans take no max_seqlen_q)."""
+        if self._launcher is None:
+            self._launcher = self.plan.launcher(FORWARD_ORDER, optional=("max_seqlen_q",))
+        return self._launcher
 
 
 class Runtime:
     """A read-only fa4aot cache bound to the current CUDA device.
 
     ``allow_sm_mismatch``: use a cache built for another SM count of the same arch (warns; FA4's
-    persistent grids then size for the wrong SKU - correct but not tuned). ``driver`` is for tests.
+    persistent grids then size for the wrong SKU - correct but not tuned). ``clc``: FA4's CLC
+    scheduler (default: FA_CLC=1 in the environment, read now). ``driver`` is for tests.
     """
 
     def __init__(
@@ -61,6 +99,7 @@ class Runtime:
         cache_dir: str | Path | None = None,
         *,
         allow_sm_mismatch: bool = False,
+        clc: bool | None = None,
         driver: Any = None,
     ):
         if driver is None:
@@ -68,66 +107,113 @@ class Runtime:
 
             driver = CudaDriver()
         self.driver = driver
-        self.cache = Cache(cache_dir or default_cache_dir(), readonly=True)
+        self.cache = Cache(cache_dir or default_cache_dir())
         self.device = driver.current_device()
         self.info = driver.device_info(self.device)
-        entries = self.cache.entries()
-        self.target = self._pick_target(entries, allow_sm_mismatch)
-        self._by_id: dict[str, Entry] = {}
-        for e in entries:
-            if e.target.identity() == self.target.identity():
-                # a later build (e.g. a newer toolchain) of the same variant wins
-                prev = self._by_id.get(e.variant_id)
-                if prev is None or e.meta.get("created", 0) >= prev.meta.get("created", 0):
-                    self._by_id[e.variant_id] = e
+        self.host_arch = platform.machine()
+        self.index = self._open_index(allow_sm_mismatch)
+        self.target: Target = self.index.target
+        self.clc = clc_requested() if clc is None else clc
         self._launch_fn = driver.launch_function()
         self._loaded: dict[str, LoadedVariant] = {}
-        #: dispatch decisions of the API functions, by their argument signature
-        self.memo: dict[tuple, LoadedVariant] = {}
+        self._loading: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
-        self._attrs_applied: set[tuple[str, int]] = set()
+        #: forward dispatch: static configuration -> ForwardRule (which caches its loaded variants)
+        self.forward_rules: BoundedDict = BoundedDict(MAX_FORWARD_RULES)
+        #: combine: call signature -> LoadedVariant
+        self.combine_picks: BoundedDict = BoundedDict(MAX_COMBINE_PICKS)
+        #: split-KV varlen calls without caller metadata: (stream, configuration) -> SchedulerMetadata
+        self.auto_metadata: BoundedDict = BoundedDict(MAX_AUTO_METADATA, on_evict=lambda k, md: md.close())
 
     # -- device checks ---------------------------------------------------------------------
 
-    def _pick_target(self, entries: list[Entry], allow_sm_mismatch: bool) -> Target:
+    def _open_index(self, allow_sm_mismatch: bool) -> Any:
         info = self.info
         cc = info.compute_capability
-        targets = {e.target.identity()["arch"] + f"/{e.target.num_sms}": e.target for e in entries}
+        arch = f"sm_{cc[0]}{cc[1]}a"
+        targets = self.cache.packed_targets()
         if not targets:
-            raise VariantNotFoundError(f"the cache {self.cache.root} is empty; build it with `fa4aot build MANIFEST`")
-        same_arch = [t for t in targets.values() if t.compute_capability == cc]
-        have = ", ".join(f"{t.name} ({t.arch}, {t.num_sms} SMs)" for t in targets.values())
+            return self._fallback_index(arch, allow_sm_mismatch)
+        here = [t for t in targets if t[2] == self.host_arch]
+        have = self._describe(targets) if len(here) != len(targets) or not any(t[0] == arch for t in here) else ""
+        if not here:
+            raise DeviceMismatchError(
+                f"the cache {self.cache.root} holds launch plans for {have}; this host is {self.host_arch}. "
+                "Build the cache on (or for) this CPU arch."
+            )
+        same_arch = [t for t in here if t[0] == arch]
         if not same_arch:
             raise DeviceMismatchError(
                 f"the cache {self.cache.root} holds kernels for {have}; this device is {info.name} "
-                f"(sm_{cc[0]}{cc[1]}, {info.num_sms} SMs), which cannot run them. Build a manifest whose "
-                f"target.arch is sm_{cc[0]}{cc[1]}a."
+                f"({arch}, {info.num_sms} SMs), which cannot run them. Build a manifest whose target.arch is {arch}."
             )
-        exact = [t for t in same_arch if t.num_sms == info.num_sms]
-        if exact:
-            target = exact[0]
-        elif allow_sm_mismatch:
-            target = same_arch[0]
-            warnings.warn(
-                f"fa4aot: using kernels built for {target.num_sms} SMs ({target.name}) on {info.name} with "
-                f"{info.num_sms} SMs: FA4's persistent grids are sized for the other SKU.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        else:
+        exact = [t for t in same_arch if t[1] == info.num_sms]
+        pick = exact[0] if exact else same_arch[0]
+        if not exact:
+            self._sm_mismatch(pick[1], self._describe(targets), allow_sm_mismatch)
+        return self.cache.open_packed(*pick)
+
+    def _describe(self, targets: list[tuple[str, int, str]]) -> str:
+        """'b200 (sm_100a, 148 SMs, x86_64 host), ...' for error messages (reads the headers)."""
+        out = []
+        for arch, sms, host in targets:
+            try:
+                idx = self.cache.open_packed(arch, sms, host)
+                name = idx.target.name
+                idx.close()
+            except Fa4aotError:
+                name = "?"
+            out.append(f"{name} ({arch}, {sms} SMs, {host} host)")
+        return ", ".join(out)
+
+    def _sm_mismatch(self, built_sms: int, have: str, allowed: bool) -> None:
+        info = self.info
+        if not allowed:
             raise DeviceMismatchError(
                 f"the cache holds {have}; this device ({info.name}) has {info.num_sms} SMs. FA4 sizes "
                 f"persistent grids by SM count at build time, so fa4aot refuses to launch a grid built "
                 f"for another SKU. Build for target.num_sms: {info.num_sms}, or pass allow_sm_mismatch=True."
             )
-        return target
+        warnings.warn(
+            f"fa4aot: using kernels built for {built_sms} SMs on {info.name} with {info.num_sms} SMs: "
+            "FA4's persistent grids are sized for the other SKU.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+    def _fallback_index(self, arch: str, allow_sm_mismatch: bool) -> Any:
+        """A cache without packed indexes (filled by copying index records): read the full
+        index instead. Slower to open; `fa4aot reindex` writes the packed ones."""
+        from fa4aot.core.index import MemoryIndex
+
+        entries = []
+        for key, text in self.cache.records():
+            try:
+                entries.append(Entry.from_json(key, text))
+            except CacheError:
+                continue
+        if not entries:
+            raise VariantNotFoundError(f"the cache {self.cache.root} is empty; build it with `fa4aot build MANIFEST`")
+        mine = [e for e in entries if e.host_arch == self.host_arch and e.target.arch == arch]
+        have = ", ".join(
+            sorted({f"{e.target.arch} with {e.target.num_sms} SMs for {e.host_arch} hosts" for e in entries})
+        )
+        if not mine:
+            raise DeviceMismatchError(
+                f"the cache {self.cache.root} holds {have}; this device is {self.info.name} ({arch}, "
+                f"{self.info.num_sms} SMs) on a {self.host_arch} host. Build a manifest for it."
+            )
+        exact = [e for e in mine if e.target.num_sms == self.info.num_sms]
+        if not exact:
+            self._sm_mismatch(mine[0].target.num_sms, have, allow_sm_mismatch)
+        sms = exact[0].target.num_sms if exact else mine[0].target.num_sms
+        return MemoryIndex([e for e in mine if e.target.num_sms == sms])
 
     def _check_entry(self, entry: Entry) -> None:
-        host = entry.meta.get("host_arch")
-        if host != platform.machine():
+        if entry.host_arch != self.host_arch:
             raise DeviceMismatchError(
-                f"{entry.variant.label()}: its launch plan was built for a {host} host; this is "
-                f"{platform.machine()}. Build the cache on (or cross-compile for) this CPU arch."
+                f"{entry.variant.label()}: its launch plan was built for a {entry.host_arch} host; this is "
+                f"{self.host_arch}. Build the cache on (or cross-compile for) this CPU arch."
             )
         toolkit = entry.meta.get("cubin_toolkit") or "13.0"
         need = _DRIVER_FOR_TOOLKIT.get(int(toolkit.split(".")[0]), 13000)
@@ -145,56 +231,100 @@ class Runtime:
         return Variant.make(family, self.target.arch, self.target.num_sms, **fields)
 
     def has(self, variant: Variant) -> bool:
-        return variant.variant_id in self._by_id
+        return variant.variant_id in self.index
+
+    def variant_ids(self) -> list[str]:
+        """Ids of every variant this runtime can load."""
+        return list(self.index.records)
 
     def load(self, variant: Variant) -> LoadedVariant:
         """The loaded variant (loading and verifying it on first use)."""
-        lv = self._loaded.get(variant.variant_id)
+        vid = variant.variant_id
+        lv = self._loaded.get(vid)
+        if lv is not None:
+            return lv
+        if vid not in self.index:
+            from fa4aot.core.families import describe_missing
+
+            raise VariantNotFoundError(
+                f"the cache {self.cache.root} has no {variant.label()}; add it to the manifest and "
+                f"rebuild: {describe_missing(variant)}",
+                variant=variant,
+            )
+        return self._load_id(vid)
+
+    def _load_id(self, vid: str) -> LoadedVariant:
+        lv = self._loaded.get(vid)
         if lv is not None:
             return lv
         with self._lock:
-            lv = self._loaded.get(variant.variant_id)
+            lock = self._loading.setdefault(vid, threading.Lock())
+        with lock:  # one loader per variant; different variants load in parallel
+            lv = self._loaded.get(vid)
             if lv is None:
-                lv = self._load(variant)
-                self._loaded[variant.variant_id] = lv
+                lv = self._load_entry(self.index.entry(vid))
+                self._loaded[vid] = lv
         return lv
 
-    def _load(self, variant: Variant) -> LoadedVariant:
-        from fa4aot.core.families import describe_missing
-
-        entry = self._by_id.get(variant.variant_id)
-        if entry is None:
-            raise VariantNotFoundError(
-                f"the cache {self.cache.root} has no {variant.label()}; add it to the manifest and "
-                f"rebuild: {describe_missing(variant)}"
-            )
+    def _load_entry(self, entry: Entry) -> LoadedVariant:
         self._check_entry(entry)
-        cubin = self.cache.read_blob(entry, "cubin")  # sha256 checked: a corrupt blob never loads
-        plan_bytes = self.cache.read_blob(entry, "plan")
+        plan_bytes = self.cache.read_blob(entry, "plan")  # sha256 checked: a corrupt blob never loads
+        cubin = cubin_of(entry, plan_bytes)  # a checked slice of the verified plan
         drv = self.driver
         library = drv.load_library(cubin)
-        kernels = [drv.get_kernel(library, k["symbol"]) for k in entry.meta["kernels"]]
-        handles = [drv.kernel_handle(k) for k in kernels]
+        symbols = [k["symbol"] for k in entry.meta["kernels"]]
+        kernels = [drv.get_kernel(library, s) for s in symbols]
         plan = open_plan(plan_bytes, entry.meta)
         static_smem = drv.kernel_attribute(kernels[0], FUNC_ATTR_SHARED_SIZE_BYTES, self.device)
         load = plan.load(
-            handles,
+            kernels,
             {DEV_ATTR_MAX_SMEM_OPTIN: self.info.smem_optin},
             {FUNC_ATTR_SHARED_SIZE_BYTES: static_smem},
             device=self.device,
+            launch_fn=self._launch_fn,
         )
-        lv = LoadedVariant(entry, plan, kernels, handles)
-        by_name = dict(zip((k["symbol"] for k in entry.meta["kernels"]), kernels))
+        by_name = dict(zip(symbols, kernels))
         for name, attr, value in load.set_attributes:
             drv.set_kernel_attribute(by_name[name], attr, value, self.device)
-        return lv
+        return LoadedVariant(entry, plan, kernels)
 
-    # -- launch ----------------------------------------------------------------------------
+    def preload(self, variants: Iterable[Variant | str] | str = "all", threads: int = 4) -> int:
+        """Do first-use work (read, verify, load cubin and plan) now for ``variants`` (Variant
+        objects or variant ids) or ``"all"`` the cache holds for this device; returns how many
+        are loaded. Missing variants raise VariantNotFoundError before anything loads."""
+        if isinstance(variants, str):
+            if variants != "all":
+                raise ValueError('variants must be "all" or an iterable of variants / variant ids')
+            ids = self.variant_ids()
+        else:
+            ids = []
+            for v in variants:
+                if isinstance(v, Variant):
+                    if not self.has(v):
+                        self.load(v)  # raises VariantNotFoundError naming the manifest line
+                    ids.append(v.variant_id)
+                else:
+                    if v not in self.index:
+                        raise VariantNotFoundError(f"the cache {self.cache.root} has no variant with id {v}")
+                    ids.append(v)
+        todo = [vid for vid in ids if vid not in self._loaded]
+        if threads <= 1 or len(todo) <= 1:
+            for vid in todo:
+                self._load_id(vid)
+        else:
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                list(pool.map(self._load_id, todo))
+        return len(ids)
 
-    def launch(self, lv: LoadedVariant, flat_args: list[Any], stream: int) -> int:
-        """Run ``lv``'s plan on already validated, flattened arguments (the stream among them) and
-        launch what it records with ``cuLaunchKernelEx``; returns the number of launches."""
-        return lv.plan.call_launch(flat_args, self._launch_fn)
+    def cache_sizes(self) -> dict[str, int]:
+        """Sizes of the runtime's caches (for monitoring; every one is bounded)."""
+        return {
+            "loaded_variants": len(self._loaded),
+            "forward_rules": len(self.forward_rules),
+            "forward_rule_variants": sum(len(r.loaded) for r in self.forward_rules.values()),
+            "combine_picks": len(self.combine_picks),
+            "auto_metadata": len(self.auto_metadata),
+        }
 
 
 _DEFAULT: Runtime | None = None
@@ -204,11 +334,13 @@ _DEFAULT_LOCK = threading.Lock()
 def default_runtime() -> Runtime:
     """The process-wide runtime over ``$FA4AOT_CACHE`` (or ./cache), created on first use."""
     global _DEFAULT
-    if _DEFAULT is None:
+    rt = _DEFAULT
+    if rt is None:
         with _DEFAULT_LOCK:
             if _DEFAULT is None:
                 _DEFAULT = Runtime()
-    return _DEFAULT
+            rt = _DEFAULT
+    return rt
 
 
 def set_default_runtime(runtime: Runtime | None) -> None:
@@ -217,8 +349,8 @@ def set_default_runtime(runtime: Runtime | None) -> None:
     _DEFAULT = runtime
 
 
-def open_runtime(cache_dir: str | Path | None = None, **kwargs: Mapping[str, Any]) -> Runtime:
+def open_runtime(cache_dir: str | Path | None = None, **kwargs: Any) -> Runtime:
     """Open ``cache_dir`` for the current device and make it the default runtime."""
-    rt = Runtime(cache_dir, **kwargs)  # type: ignore[arg-type]
+    rt = Runtime(cache_dir, **kwargs)
     set_default_runtime(rt)
     return rt

@@ -23,9 +23,9 @@ from typing import Any
 from fa4aot.core.errors import ArgumentError
 from fa4aot.core.rules import prepare_num_warps
 from fa4aot.core.signature import TensorDesc
-from fa4aot.runtime import validate
-from fa4aot.runtime.loader import Runtime, default_runtime
-from fa4aot.runtime.tensors import RawTensor, stream_handle
+from fa4aot.runtime import loader, validate
+from fa4aot.runtime.loader import Runtime
+from fa4aot.runtime.tensors import DeviceTensor, RawTensor, stream_handle
 
 
 class SchedulerMetadata:
@@ -54,7 +54,7 @@ class SchedulerMetadata:
             raise ArgumentError(f"batch_size must be >= 1, got {batch_size}")
         if nheads % nheads_kv:
             raise ArgumentError(f"nheads ({nheads}) must be a multiple of nheads_kv ({nheads_kv})")
-        self.runtime = runtime or default_runtime()
+        self.runtime = runtime or loader._DEFAULT or loader.default_runtime()
         self.batch_size = batch_size
         self.fields = dict(
             tile_m=tile_m,
@@ -81,7 +81,13 @@ class SchedulerMetadata:
         self.num_nheads_in_l2 = (
             RawTensor(self._ptr + 16 + 8 * self._stride, (b,), "int32", device=dev) if causal else None
         )
+        #: (num_splits_dynamic, tile_count_semaphore, num_nheads_in_l2) as the forward's launcher takes them
+        self.buffers = tuple(
+            None if t is None else DeviceTensor(t.ptr, t.shape, t.strides, "int32", dev, "raw")
+            for t in (self.num_splits_dynamic, self.tile_count_semaphore, self.num_nheads_in_l2)
+        )
         self.num_splits: int | None = None
+        self._prepare: dict[tuple[bool, ...], Any] = {}
         self.max_seqlen_q: int | None = None
         self.max_seqlen_k: int | None = None
 
@@ -108,34 +114,36 @@ class SchedulerMetadata:
             ("seqused_k", seqused_k, b),
         ):
             if obj is not None:
-                t = validate.int32_vector(obj, name, length, dev)
-                named[name] = t
+                named[name] = validate.int32_vector(obj, name, length, dev, rt)
         if not named:
             raise ArgumentError("give at least one of cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k")
-        if num_splits < 1:
-            raise ArgumentError(f"num_splits must be >= 1, got {num_splits}")
+        if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
+            raise ArgumentError(f"num_splits must be an int >= 1, got {num_splits!r}")
         for name in ("num_m_blocks", "num_splits_dynamic", "num_nheads_in_l2", "tile_count_semaphore"):
             t = getattr(self, name)
             if t is not None:
                 named[name] = TensorDesc(t.ptr, t.shape, (1,))
         named.update(
-            max_seqlen_q=validate.fits_int32(max_seqlen_q, "max_seqlen_q"),
-            max_seqlen_k=validate.fits_int32(max_seqlen_k, "max_seqlen_k"),
+            max_seqlen_q=validate.seqlen(max_seqlen_q, "max_seqlen_q"),
+            max_seqlen_k=validate.seqlen(max_seqlen_k, "max_seqlen_k"),
             seqlen_k_new=0,
             num_batch=b,
             num_splits=validate.fits_int32(num_splits, "num_splits"),
             stream=stream_handle(stream),
         )
-        variant = rt.variant_for(
-            "prepare",
-            varlen_q=cu_seqlens_q is not None,
-            seqused_q=seqused_q is not None,
-            varlen_k=cu_seqlens_k is not None,
-            seqused_k=seqused_k is not None,
-            **self.fields,
-        )
-        lv = rt.load(variant)
-        rt.launch(lv, lv.plan.pack(named), named["stream"])
+        flags = (cu_seqlens_q is not None, seqused_q is not None, cu_seqlens_k is not None, seqused_k is not None)
+        lv = self._prepare.get(flags)
+        if lv is None:
+            variant = rt.variant_for(
+                "prepare",
+                varlen_q=flags[0],
+                seqused_q=flags[1],
+                varlen_k=flags[2],
+                seqused_k=flags[3],
+                **self.fields,
+            )
+            lv = self._prepare[flags] = rt.load(variant)  # at most 16 flag combinations
+        lv.plan.call_launch(lv.plan.pack(named))
         self.num_splits, self.max_seqlen_q, self.max_seqlen_k = num_splits, max_seqlen_q, max_seqlen_k
         return self
 

@@ -10,9 +10,12 @@ pointers. Accepted streams: None (the legacy default stream), an int handle, an 
 from __future__ import annotations
 
 import ctypes
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import ArgumentError
 
 #: bytes per element of the dtypes fa4aot handles
@@ -72,49 +75,100 @@ def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def as_device_tensor(obj: Any, name: str) -> DeviceTensor:
-    """Describe ``obj`` (see the module doc); raises :class:`ArgumentError` naming ``name``."""
+    """Describe ``obj`` (see the module doc); raises :class:`ArgumentError` naming ``name``.
+
+    The converter is picked once per Python class (torch, CuPy, JAX, ...) and remembered."""
+    conv = _CONVERTERS.get(obj.__class__)
+    if conv is None:
+        conv = _converter_for(obj, name)
+    return conv(obj, name)
+
+
+def _converter_for(obj: Any, name: str) -> Callable[[Any, str], DeviceTensor]:
     cls = obj.__class__
     if cls is DeviceTensor:
-        return obj
-    if cls is RawTensor:
-        if obj.dtype not in ITEMSIZE:
-            raise ArgumentError(f"{name}: unknown dtype {obj.dtype!r}; use one of {sorted(ITEMSIZE)}")
-        if len(obj.strides) != len(obj.shape):
-            raise ArgumentError(f"{name}: {len(obj.shape)} dims but {len(obj.strides)} strides")
-        return DeviceTensor(obj.ptr, obj.shape, obj.strides, obj.dtype, obj.device, "raw")
-    if cls.__module__ == "torch" and hasattr(obj, "data_ptr"):
-        return _from_torch(obj, name)
-    cai = getattr(obj, "__cuda_array_interface__", None)
-    if cai is not None:
-        return _from_cai(cai, name)
-    if hasattr(obj, "__dlpack__"):
-        return _from_dlpack(obj, name)
-    raise ArgumentError(
-        f"{name}: expected a CUDA tensor (__cuda_array_interface__ or __dlpack__) or fa4aot.RawTensor, "
-        f"got {type(obj).__name__}"
-    )
+        conv = _from_device_tensor
+    elif cls is RawTensor:
+        conv = _from_raw
+    elif cls.__module__ == "torch" and hasattr(obj, "data_ptr"):
+        conv = _from_torch
+    elif cls.__module__.startswith("cupy") and hasattr(obj, "data") and hasattr(obj, "device"):
+        conv = _from_cupy
+    elif hasattr(obj, "__cuda_array_interface__"):
+        conv = _from_cai_obj
+    elif hasattr(obj, "__dlpack__"):
+        conv = _from_dlpack
+    else:
+        raise ArgumentError(
+            f"{name}: expected a CUDA tensor (__cuda_array_interface__ or __dlpack__) or fa4aot.RawTensor, "
+            f"got {cls.__name__}"
+        )
+    _CONVERTERS[cls] = conv
+    return conv
 
 
-_TORCH_TYPES = {
-    "torch.bfloat16": "bf16",
-    "torch.float16": "fp16",
-    "torch.float32": "fp32",
-    "torch.int32": "int32",
-    "torch.int64": "int64",
-    "torch.uint8": "uint8",
+def _from_device_tensor(t: DeviceTensor, name: str) -> DeviceTensor:
+    return t
+
+
+def _from_raw(t: RawTensor, name: str) -> DeviceTensor:
+    if t.dtype not in ITEMSIZE:
+        raise ArgumentError(f"{name}: unknown dtype {t.dtype!r}; use one of {sorted(ITEMSIZE)}")
+    if len(t.strides) != len(t.shape):
+        raise ArgumentError(f"{name}: {len(t.shape)} dims but {len(t.strides)} strides")
+    return DeviceTensor(t.ptr, t.shape, t.strides, t.dtype, t.device, "raw")
+
+
+_TORCH_DTYPES = {
+    "bfloat16": "bf16",
+    "float16": "fp16",
+    "float32": "fp32",
+    "int32": "int32",
+    "int64": "int64",
+    "uint8": "uint8",
 }
+#: torch dtype object -> fa4aot dtype, filled from the torch the caller already imported
+_TORCH_DT: dict[Any, str] = {}
 
 
 def _from_torch(t: Any, name: str) -> DeviceTensor:
     """A torch.Tensor through its own accessors (duck-typed: torch is never imported here).
     Faster than either protocol, and works for bfloat16, which torch's
     ``__cuda_array_interface__`` refuses."""
-    dtype = _TORCH_TYPES.get(str(t.dtype))
+    dtype = _TORCH_DT.get(t.dtype)
     if dtype is None:
-        raise ArgumentError(f"{name}: unsupported dtype {t.dtype}")
-    if not t.is_cuda:
+        if not _TORCH_DT:
+            torch = sys.modules["torch"]
+            _TORCH_DT.update({getattr(torch, k): v for k, v in _TORCH_DTYPES.items()})
+        dtype = _TORCH_DT.get(t.dtype)
+        if dtype is None:
+            raise ArgumentError(f"{name}: unsupported dtype {t.dtype}")
+    dev = t.get_device()
+    if dev < 0 or not t.is_cuda:
         raise ArgumentError(f"{name}: must be a CUDA tensor, got one on {t.device}")
-    return DeviceTensor(t.data_ptr(), tuple(t.shape), t.stride(), dtype, t.get_device(), "torch")
+    return DeviceTensor(t.data_ptr(), t.shape, t.stride(), dtype, dev, "torch")
+
+
+_CUPY_TYPES = {"e": "fp16", "f": "fp32", "i": "int32", "l": "int64", "q": "int64", "B": "uint8"}
+
+
+def _from_cupy(a: Any, name: str) -> DeviceTensor:
+    dtype = _CUPY_TYPES.get(a.dtype.char)
+    if dtype is None:
+        raise ArgumentError(f"{name}: unsupported element type {a.dtype}")
+    item = ITEMSIZE[dtype]
+    bs = a.strides
+    if any(b % item for b in bs):
+        raise ArgumentError(f"{name}: byte strides {tuple(bs)} are not multiples of the element size {item}")
+    return DeviceTensor(a.data.ptr, a.shape, tuple(b // item for b in bs), dtype, a.device.id, "cupy")
+
+
+def _from_cai_obj(obj: Any, name: str) -> DeviceTensor:
+    return _from_cai(obj.__cuda_array_interface__, name)
+
+
+#: Python class -> converter (a handful of tensor classes; bounded all the same)
+_CONVERTERS: BoundedDict = BoundedDict(64)
 
 
 def _from_cai(cai: dict[str, Any], name: str) -> DeviceTensor:

@@ -1,14 +1,65 @@
 """Argument checks that run before anything is launched. Each failure names the argument and what
 was expected. FA4's host code checks none of alignment, strides or devices (a misaligned base
-pointer is accepted silently and faults or corrupts on the GPU), so these checks are ours."""
+pointer is accepted silently and faults or corrupts on the GPU), so these checks are ours.
+
+Tensors are :class:`~fa4aot.runtime.tensors.DeviceTensor` tuples; the hot-path checks index
+them by position (ptr, shape, strides, dtype, device).
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from fa4aot.core.errors import ArgumentError
 from fa4aot.runtime.tensors import DeviceTensor, as_device_tensor
+
+#: FA4's q/k/v/o need 16-byte aligned bases and 16-byte multiples for every non-unit stride (TMA).
+IO_ALIGN_BYTES = 16
+IO_STRIDE_ELEMS = 8  # 16 bytes of a 2-byte dtype
+INT32_MAX = 2**31 - 1
+
+
+def device_of(t: DeviceTensor, name: str, device: int, rt: Any) -> None:
+    """``t`` lives on ``device``. Sources that do not say (``__cuda_array_interface__``) are asked
+    through the driver's pointer attributes."""
+    dev = t[4]
+    if dev is None:
+        dev = rt.driver.pointer_device(t[0]) if t[0] else device
+        if dev is None:
+            raise ArgumentError(f"{name}: address 0x{t[0]:x} is not CUDA device memory")
+    if dev != device:
+        raise ArgumentError(f"{name}: is on cuda:{dev}, the runtime's device is cuda:{device}")
+
+
+def io(t: DeviceTensor, name: str, rank: int, device: int, rt: Any, writable: bool = False) -> None:
+    """A q/k/v/out tensor: rank, device, 16-byte aligned base, contiguous last dimension, other
+    strides non-negative multiples of 8 elements (unit dimensions exempt)."""
+    shape, strides = t[1], t[2]
+    if len(shape) != rank:
+        raise ArgumentError(f"{name}: expected {rank} dimensions, got shape {tuple(shape)}")
+    if t[4] != device:
+        device_of(t, name, device, rt)
+    if t[0] % IO_ALIGN_BYTES:
+        raise ArgumentError(f"{name}: base address 0x{t[0]:x} is not {IO_ALIGN_BYTES}-byte aligned")
+    if strides[-1] != 1 and shape[-1] != 1:
+        raise ArgumentError(f"{name}: the last dimension must be contiguous (stride 1), got strides {tuple(strides)}")
+    x = 0
+    for s in strides[:-1]:
+        x |= s
+    if x < 0 or x % IO_STRIDE_ELEMS:  # one test for all (exact when no unit dimensions)
+        for i in range(rank - 1):
+            s = strides[i]
+            if s < 0:
+                raise ArgumentError(f"{name}: negative strides are not supported, got {tuple(strides)}")
+            if s % IO_STRIDE_ELEMS and shape[i] > 1:
+                raise ArgumentError(
+                    f"{name}: stride {i} is {s} elements; the kernel needs multiples of {IO_STRIDE_ELEMS} "
+                    f"({IO_STRIDE_ELEMS * 2} bytes)"
+                )
+    if writable and t[5] == "dlpack-readonly":
+        raise ArgumentError(f"{name}: the tensor is read-only (its DLPack export says so); fa4aot writes it")
 
 
 def tensor(
@@ -18,6 +69,7 @@ def tensor(
     dtypes: Sequence[str],
     rank: int,
     device: int,
+    rt: Any = None,
     align: int = 16,
     contiguous_dim: int | None = -1,
     stride_multiple: int = 1,
@@ -28,17 +80,20 @@ def tensor(
     if t.dtype not in dtypes:
         raise ArgumentError(f"{name}: dtype must be {' or '.join(dtypes)}, got {t.dtype}")
     if len(t.shape) != rank:
-        raise ArgumentError(f"{name}: expected {rank} dimensions, got shape {t.shape}")
-    if t.device is not None and t.device != device:
-        raise ArgumentError(f"{name}: is on cuda:{t.device}, the current device is cuda:{device}")
+        raise ArgumentError(f"{name}: expected {rank} dimensions, got shape {tuple(t.shape)}")
+    if t.device != device:
+        if t.device is None and rt is not None:
+            device_of(t, name, device, rt)
+        elif t.device is not None:
+            raise ArgumentError(f"{name}: is on cuda:{t.device}, the runtime's device is cuda:{device}")
     if t.ptr % align:
         raise ArgumentError(f"{name}: base address 0x{t.ptr:x} is not {align}-byte aligned")
     d = -1 if contiguous_dim is None else contiguous_dim % rank
     if d >= 0 and t.strides[d] != 1 and t.shape[d] > 1:
-        raise ArgumentError(f"{name}: dimension {d} must be contiguous (stride 1), got strides {t.strides}")
+        raise ArgumentError(f"{name}: dimension {d} must be contiguous (stride 1), got strides {tuple(t.strides)}")
     for i, s in enumerate(t.strides):
         if s < 0:
-            raise ArgumentError(f"{name}: negative strides are not supported, got {t.strides}")
+            raise ArgumentError(f"{name}: negative strides are not supported, got {tuple(t.strides)}")
         if s % stride_multiple and i != d and t.shape[i] > 1:
             raise ArgumentError(
                 f"{name}: stride {i} is {s} elements; the kernel needs multiples of {stride_multiple} "
@@ -48,19 +103,59 @@ def tensor(
 
 
 def shape(t: DeviceTensor, name: str, expected: Sequence[int], what: str) -> None:
-    if tuple(t.shape) != tuple(expected):
-        raise ArgumentError(f"{name}: expected shape {tuple(expected)} ({what}), got {t.shape}")
+    if tuple(t[1]) != tuple(expected):
+        raise ArgumentError(f"{name}: expected shape {tuple(expected)} ({what}), got {tuple(t[1])}")
 
 
-def int32_vector(obj: Any, name: str, length: int, device: int) -> DeviceTensor:
-    """A contiguous int32 vector of ``length`` (cu_seqlens, seqused, metadata buffers)."""
-    t = tensor(obj, name, dtypes=("int32",), rank=1, device=device, align=4)
-    if t.shape[0] != length:
-        raise ArgumentError(f"{name}: expected length {length}, got {t.shape[0]}")
+def int32_vector_any(obj: Any, name: str, device: int, rt: Any) -> DeviceTensor:
+    """A contiguous int32 vector of any length (cu_seqlens, seqused, metadata buffers)."""
+    t = as_device_tensor(obj, name)
+    if t[3] != "int32":
+        raise ArgumentError(f"{name}: dtype must be int32, got {t[3]}")
+    if len(t[1]) != 1:
+        raise ArgumentError(f"{name}: expected 1 dimension, got shape {tuple(t[1])}")
+    if t[4] != device:
+        device_of(t, name, device, rt)
+    if t[0] % 4:
+        raise ArgumentError(f"{name}: base address 0x{t[0]:x} is not 4-byte aligned")
+    if t[2][0] != 1 and t[1][0] > 1:
+        raise ArgumentError(f"{name}: must be contiguous (stride 1), got stride {t[2][0]}")
     return t
 
 
-def fits_int32(value: int, name: str) -> int:
-    if not -(2**31) <= value < 2**31:
+def int32_vector(obj: Any, name: str, length: int, device: int, rt: Any = None) -> DeviceTensor:
+    """A contiguous int32 vector of ``length``."""
+    t = int32_vector_any(obj, name, device, rt)
+    if t[1][0] != length:
+        raise ArgumentError(f"{name}: expected length {length}, got {t[1][0]}")
+    return t
+
+
+def fits_int32(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArgumentError(f"{name}: expected an int, got {value!r}")
+    if not -(2**31) <= value <= INT32_MAX:
         raise ArgumentError(f"{name}: {value} does not fit the kernel's int32")
+    return value
+
+
+def seqlen(value: Any, name: str) -> int:
+    """A sequence length: an int in 0..2^31-1."""
+    fits_int32(value, name)
+    if value < 0:
+        raise ArgumentError(f"{name}: must be >= 0, got {value}")
+    return value
+
+
+def finite(value: Any, name: str) -> float:
+    """A finite float scalar (ints and numpy/torch scalars are converted; bools and strings are not)."""
+    if value.__class__ is not float:
+        if isinstance(value, (bool, str, bytes)):
+            raise ArgumentError(f"{name}: expected a number, got {value!r}")
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ArgumentError(f"{name}: expected a number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise ArgumentError(f"{name}: must be finite, got {value}")
     return value

@@ -27,8 +27,8 @@ def _cache_dir(cache_dir: Path | None) -> Path:
     return cache_dir or default_cache_dir()
 
 
-def _open(cache_dir: Path | None, readonly: bool = True) -> Cache:
-    return Cache(_cache_dir(cache_dir), readonly=readonly)
+def _open(cache_dir: Path | None) -> Cache:
+    return Cache(_cache_dir(cache_dir))
 
 
 def _human(n: float) -> str:
@@ -189,13 +189,23 @@ def ls_cmd(cache_dir: Path | None, family: str | None) -> None:
 @click.argument("key")
 @CACHE_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the raw metadata record.")
-def show(key: str, cache_dir: Path | None, as_json: bool) -> None:
+@click.option(
+    "--cubin-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the entry's cubin (verified) to this file, for cuobjdump/nvdisasm.",
+)
+def show(key: str, cache_dir: Path | None, as_json: bool, cubin_out: Path | None) -> None:
     """Show one entry (KEY: a prefix of its key or variant id)."""
     try:
         cache = _open(cache_dir)
         e = cache.resolve(key)
+        if cubin_out is not None:
+            cubin_out.write_bytes(cache.read_cubin(e))
     except Fa4aotError as err:
         raise click.ClickException(str(err)) from None
+    except OSError as err:
+        raise click.ClickException(f"cannot write {cubin_out}: {err.strerror or err}") from None
     m = e.meta
     if as_json:
         click.echo(json.dumps(m, indent=1, sort_keys=True))
@@ -204,7 +214,9 @@ def show(key: str, cache_dir: Path | None, as_json: bool) -> None:
     click.echo(f"variant id  {e.variant_id}")
     click.echo(f"variant     {e.variant.label()}")
     click.echo(f"target      {e.target.name} {e.target.arch} {e.target.num_sms} SMs; host {m.get('host_arch')}")
-    click.echo(f"cubin       {m.get('cubin_arch')} (toolkit {m.get('cubin_toolkit')})")
+    cref = e.cubin
+    where = f"inside the plan at offset {cref.offset}, {cref.size} B, sha256 {cref.sha256[:16]}..." if cref else "?"
+    click.echo(f"cubin       {m.get('cubin_arch')} (toolkit {m.get('cubin_toolkit')}), {where}")
     launch = m.get("launch", {})
     click.echo(f"launch      block {launch.get('block')} smem {launch.get('smem')} cluster {launch.get('cluster')}")
     click.echo(f"            sample {launch.get('sample')}: grid {launch.get('sample_grid')}")
@@ -246,8 +258,10 @@ def verify_cmd(cache_dir: Path | None, plans: bool) -> None:
         raise click.ClickException(str(e)) from None
     for p in problems:
         click.echo(f"BAD {p.key[:12]} {p.label}: {p.what}", err=True)
-    bad = len({p.key for p in problems})
+    packed = [p for p in problems if p.key.startswith("packed/")]
+    bad = len({p.key for p in problems if p not in packed})
     click.echo(f"verified {n} entries: {n - bad} ok, {bad} bad")
+    click.echo(f"packed indexes: {len(packed)} problem{'s' * (len(packed) != 1)}")
     if problems:
         sys.exit(1)
 
@@ -306,7 +320,9 @@ def gc(cache_dir: Path | None, manifest: Path | None, grace: float) -> None:
             plan = manifest_mod.load(manifest)
             tc, host = fingerprint(), host_arch()
             keep = {cache_key(pv.variant, tc, host) for pv in plan.variants}
-        cache = _open(cache_dir, readonly=False)
+        from fa4aot.build.store import CacheWriter
+
+        cache = CacheWriter(_cache_dir(cache_dir))
         stats = cache.gc(keep, grace)
         cache.close()
     except Fa4aotError as e:
@@ -315,6 +331,27 @@ def gc(cache_dir: Path | None, manifest: Path | None, grace: float) -> None:
         f"removed {stats['entries_removed']} entries and {stats['files_removed']} files, "
         f"freed {_human(stats['bytes_freed'])}"
     )
+
+
+@main.command()
+@CACHE_OPTION
+def reindex(cache_dir: Path | None) -> None:
+    """Rewrite the packed per-target indexes the runtime reads from the full index.
+
+    `fa4aot build` and `fa4aot gc` do this themselves; run it after copying entries into a cache
+    by other means.
+    """
+    from fa4aot.build.store import CacheWriter
+
+    try:
+        _open(cache_dir)  # refuse a directory that is not a cache
+        cache = CacheWriter(_cache_dir(cache_dir))
+        written = cache.write_packed()
+        cache.close()
+    except Fa4aotError as e:
+        raise click.ClickException(str(e)) from None
+    for path in written:
+        click.echo(f"wrote {path}")
 
 
 @main.command("launch-plan")

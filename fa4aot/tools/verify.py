@@ -1,7 +1,7 @@
 """``fa4aot verify``: re-check every cache entry against its recorded metadata.
 
 For each entry: the key recomputes from the recorded variant, toolchain and host arch; every blob
-has its recorded size and sha256; the cubin parses, is for the entry's arch, and its kernels'
+has its recorded size and sha256; the cubin (inside the plan) has its own recorded sha256, parses, is for the entry's arch, and its kernels'
 parameter tables, parameter buffer sizes and block sizes equal the metadata; and (where the plan
 was built for this CPU) the launch plan loads and, called on sample shapes, launches the cubin's
 kernel with its block size and parameter table.
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from fa4aot.core import cubin as cubin_reader
 from fa4aot.core.errors import Fa4aotError
-from fa4aot.core.index import Cache, Entry
+from fa4aot.core.index import Cache, Entry, cubin_of
 from fa4aot.core.variant import Variant, cache_key
 
 
@@ -37,7 +37,32 @@ def verify(cache: Cache, run_plans: bool = True) -> tuple[int, list[Problem]]:
             problems.append(Problem(key, "?", str(e)))
             continue
         problems.extend(verify_entry(cache, entry, run_plans))
+    problems.extend(verify_packed(cache))
     return n, problems
+
+
+def verify_packed(cache: Cache) -> list[Problem]:
+    """Each packed index opens (header hash), every record in it hashes and names an entry of the
+    full index with the same metadata."""
+    out = []
+    for arch, sms, host in cache.packed_targets():
+        where = f"packed/{arch}-{sms}-{host}.idx"
+        try:
+            packed = cache.open_packed(arch, sms, host)
+        except Fa4aotError as e:
+            out.append(Problem(where, "packed index", str(e)))
+            continue
+        for vid in packed.records:
+            try:
+                e = packed.entry(vid)
+            except Fa4aotError as err:
+                out.append(Problem(where, vid, str(err)))
+                continue
+            full = cache.get(e.key)
+            if full is None or full.meta != e.meta:
+                out.append(Problem(where, vid, "record differs from the full index; run `fa4aot reindex`"))
+        packed.close()
+    return out
 
 
 def verify_entry(cache: Cache, entry: Entry, run_plans: bool = True) -> list[Problem]:
@@ -56,16 +81,17 @@ def verify_entry(cache: Cache, entry: Entry, run_plans: bool = True) -> list[Pro
         bad(f"metadata lacks {e}")
         return out
     blobs: dict[str, bytes] = {}
-    for role in ("cubin", "host_object", "header", "plan"):
+    for role in ("plan", "header"):
         try:
             blobs[role] = cache.read_blob(entry, role)
         except Fa4aotError as e:
             bad(str(e))
-    if "cubin" in blobs:
+    if "plan" in blobs:
         try:
-            parsed = cubin_reader.parse(blobs["cubin"])
+            cubin = cubin_of(entry, blobs["plan"])
+            parsed = cubin_reader.parse(cubin)
         except Fa4aotError as e:
-            bad(f"cubin does not parse: {e}")
+            bad(f"cubin: {e}")
         else:
             if parsed.arch != meta.get("cubin_arch") or parsed.arch != entry.target.arch:
                 bad(f"cubin is for {parsed.arch}; metadata says {meta.get('cubin_arch')}, target {entry.target.arch}")

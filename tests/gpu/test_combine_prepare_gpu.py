@@ -189,8 +189,8 @@ def test_semaphore_reset_is_stream_ordered(runtime):
     assert _read_i32(md, 4)["tile_count_semaphore"] == [0]
 
 
-@pytest.mark.parametrize("role", ["cubin", "plan"])
-def test_corrupt_artifact_is_refused_on_gpu(gpu_cache, tmp_path, role):
+@pytest.mark.parametrize("where", ["cubin", "host code"])
+def test_corrupt_artifact_is_refused_on_gpu(gpu_cache, tmp_path, where):
     from fa4aot.core.index import Cache
     from fa4aot.runtime.loader import Runtime
 
@@ -211,12 +211,14 @@ def test_corrupt_artifact_is_refused_on_gpu(gpu_cache, tmp_path, role):
         num_splits_dynamic=False,
         log_max_splits=7,
     )
-    entry = rt._by_id[v.variant_id]
-    path = Cache(copy, readonly=True).blob_path(entry.blobs[role])
+    entry = rt.index.entry(v.variant_id)
+    path = Cache(copy).blob_path(entry.blobs["plan"])
     data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x10
+    cub = entry.cubin
+    at = cub.offset + cub.size // 2 if where == "cubin" else len(data) - 16
+    data[at] ^= 0x10
     path.write_bytes(bytes(data))
-    with pytest.raises(CorruptArtifactError, match=f"{role} of entry"):
+    with pytest.raises(CorruptArtifactError, match="plan of entry"):
         fa4aot.combine(op, lp, out, runtime=rt)
     torch.cuda.synchronize()
     assert (out == 7.0).all()  # nothing ran
