@@ -34,6 +34,23 @@ def combine(
     Nothing is launched if any argument is invalid.
     """
     rt = runtime or loader._DEFAULT or loader.default_runtime()
+    lv, named, _ = analyse(rt, out_partial, lse_partial, out, lse, cu_seqlens, seqused, num_splits_dynamic)
+    named["stream"] = stream_handle(stream)
+    lv.plan.call_launch(lv.plan.pack(named))
+
+
+def analyse(
+    rt: Runtime,
+    out_partial: Any,
+    lse_partial: Any,
+    out: Any,
+    lse: Any,
+    cu_seqlens: Any,
+    seqused: Any,
+    num_splits_dynamic: Any,
+) -> tuple[Any, dict[str, Any], dict[str, int]]:
+    """Validate a combine call and pick its variant: (loaded variant, the plan's tensor
+    arguments by name, each tensor's required base alignment in bytes)."""
     dev = rt.device
     varlen = cu_seqlens is not None
     rank = 4 if varlen else 5
@@ -84,8 +101,6 @@ def combine(
     if num_splits_dynamic is not None:
         nsd = validate.int32_vector(num_splits_dynamic, "num_splits_dynamic", batch, dev, rt)
         named["num_splits_dynamic"] = nsd
-    named["stream"] = stream_handle(stream)
-
     lv = pick(
         rt,
         o.dtype,
@@ -97,7 +112,10 @@ def combine(
         lse is not None,
         num_splits_dynamic is not None,
     )
-    lv.plan.call_launch(lv.plan.pack(named))
+    aligns = {name: 4 for name in named}
+    aligns["out_partial"] = 16
+    aligns["out"] = 16 if o.dtype == "fp32" else 8
+    return lv, named, aligns
 
 
 def pick(

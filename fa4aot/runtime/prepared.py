@@ -1,0 +1,417 @@
+"""Prepared calls: validate and dispatch once, then launch with one foreign call per kernel.
+
+Serving engines call the same layer configuration thousands of times a second. FlashInfer's
+``plan()``/``run()`` is the model: :func:`prepare_forward` / :func:`prepare_combine` take example
+tensors and every other argument, validate all of it, pick the variant, load it, allocate what the
+call owns (split-KV partials, scheduler metadata) and bind the plan's packed arguments. The
+returned :class:`Prepared` object is then called with tensors of the same shapes, strides,
+dtypes and devices (new addresses are fine) and an optional stream::
+
+    run = fa4aot.prepare_forward(q, k, v, out, causal=True)
+    for layer in layers:
+        run(q[layer], k[layer], v[layer], out[layer])
+
+Per call it checks each tensor's (shape, strides, dtype, device) against the bound ones in one
+tuple comparison and the base alignment; a mismatch raises :class:`~fa4aot.ArgumentError` and
+launches nothing. Then it writes the addresses and the stream into the bound call block and makes
+one foreign call per kernel (FA4's host code, or its last launch again when the addresses did not
+change, then ``cuLaunchKernelEx``). Nothing is allocated per call and nothing synchronises, so a
+prepared call can be captured in a CUDA graph.
+
+Host scalars (softmax_scale, window, max_seqlen_q/k) are fixed at bind time; prepare one call per
+configuration (they are cheap to keep). The per-call function is generated for the bound
+tensors, with a fast path for PyTorch tensors (read through their own accessors).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fa4aot.core.errors import ArgumentError
+from fa4aot.plan.abi import CALL_PTRS_OFFSET
+from fa4aot.plan.library import BoundCall, Plan
+from fa4aot.runtime import combine as combine_mod
+from fa4aot.runtime import loader, validate
+from fa4aot.runtime.forward import analyse, check_metadata, default_stream, framework, transposed
+from fa4aot.runtime.loader import Runtime
+from fa4aot.runtime.metadata import SchedulerMetadata
+from fa4aot.runtime.tensors import DeviceTensor, as_device_tensor, contiguous_strides, stream_handle
+
+#: Alignment of the buffers a prepared call owns (cuMemAlloc gives 256 B; keep sub-buffers so).
+OWNED_ALIGN = 256
+
+
+class _Steps:
+    """The launches of one prepared call, as code: user tensors come in as p0, p1, ...; each step
+    names, per plan tensor, either a user tensor index or a fixed address."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.scope: dict[str, Any] = {}
+
+    def bound(self, call: BoundCall, sources: dict[str, int | str]) -> None:
+        i = len(self.scope)
+        self.scope.update({f"_b{i}": call, f"_l{i}": call._local, f"_pk{i}": call.pack_into, f"_r{i}": call.run})
+        ptrs = ", ".join(str(sources[n]) for n in call.tensor_names)
+        self.lines += [
+            f"    s_ = _l{i}.__dict__.get('s')",
+            f"    if s_ is None: s_ = _b{i}.scratch()",
+            f"    _pk{i}(s_.block, {CALL_PTRS_OFFSET}, {ptrs}, st)",
+            f"    rc = _r{i}(s_.addr)",
+            "    if rc: _check(rc, s_.state)",
+        ]
+
+    def python(self, fn: Callable[..., None], args: str) -> None:
+        i = len(self.scope)
+        self.scope[f"_f{i}"] = fn
+        self.lines.append(f"    _f{i}({args})")
+
+
+class Prepared:
+    """A prepared call: ``prepared(*tensors, stream=None)`` with tensors in :attr:`arg_names`
+    order, shaped like the ones it was prepared with. ``close()`` frees the buffers it owns
+    (after the work that uses them has finished)."""
+
+    def __init__(
+        self,
+        rt: Runtime,
+        names: Sequence[str],
+        tensors: Sequence[DeviceTensor],
+        aligns: Sequence[int],
+        torch_keys: Sequence[Any] | None,
+        steps: _Steps,
+        owned: list[Any],
+    ):
+        self.runtime = rt
+        self.arg_names = tuple(names)
+        self._tensors = list(tensors)
+        self._aligns = list(aligns)
+        #: the variants this call launches, in order
+        self.variants: tuple[Any, ...] = ()
+        self._owned = owned
+        self._lock = threading.Lock()
+        self._call = self._generate(names, tensors, aligns, torch_keys, steps)
+
+    def __call__(self, *tensors: Any, stream: Any = None) -> None:
+        self._call(*tensors, stream=stream)
+
+    def _generate(
+        self,
+        names: Sequence[str],
+        tensors: Sequence[DeviceTensor],
+        aligns: Sequence[int],
+        torch_keys: Sequence[Any] | None,
+        steps: _Steps,
+    ) -> Callable[..., None]:
+        n = len(names)
+        args = [f"a{i}" for i in range(n)]
+        scope: dict[str, Any] = dict(steps.scope)
+        scope.update(
+            _desc=as_device_tensor,
+            _bad=self._mismatch,
+            _misaligned=self._misaligned,
+            _check=Plan._check,
+            _stream=stream_handle,
+            _default=default_stream,
+        )
+        lines = [f"def run({', '.join(args)}, stream=None):"]
+        generic = []
+        for i in range(n):
+            t = tensors[i]
+            scope[f"_g{i}"] = (t[1], t[2], t[3], t[4], t[5])
+            generic += [
+                f"        d = _desc(a{i}, {names[i]!r})",
+                f"        if (d[1], d[2], d[3], d[4], d[5]) != _g{i}: _bad({i}, a{i})",
+                f"        p{i} = d[0]",
+            ]
+        if torch_keys is not None:
+            scope["_T"] = torch_keys[0]
+            cond = " and ".join(f"a{i}.__class__ is _T" for i in range(n))
+            lines.append(f"    if {cond}:")
+            for i in range(n):
+                scope[f"_t{i}"] = torch_keys[1 + i]
+                lines += [
+                    f"        if (a{i}.shape, a{i}.stride(), a{i}.dtype, a{i}.get_device()) != _t{i}: _bad({i}, a{i})",
+                    f"        p{i} = a{i}.data_ptr()",
+                ]
+            lines.append("    else:")
+            lines += generic
+        else:
+            lines.append("    if True:")
+            lines += generic
+        by_align: dict[int, list[str]] = {}
+        for i in range(n):
+            by_align.setdefault(aligns[i], []).append(f"p{i}")
+        cond = " or ".join(f"({' | '.join(ps)}) & {a - 1}" for a, ps in sorted(by_align.items()))
+        lines.append(f"    if {cond}: _misaligned(({', '.join(f'p{i}' for i in range(n))},))")
+        lines.append("    st = _default(a0) if stream is None else _stream(stream)")
+        lines += steps.lines
+        exec("\n".join(lines), scope)  # noqa: S102 - generated from the bound arguments only
+        return scope["run"]
+
+    def _mismatch(self, i: int, obj: Any) -> None:
+        name, want = self.arg_names[i], self._tensors[i]
+        got = as_device_tensor(obj, name)
+        for what, a, b in (
+            ("shape", tuple(got[1]), tuple(want[1])),
+            ("strides", tuple(got[2]), tuple(want[2])),
+            ("dtype", got[3], want[3]),
+            ("device", got[4], want[4]),
+            ("kind", got[5], want[5]),
+        ):
+            if a != b:
+                raise ArgumentError(f"{name}: {what} {a} differs from the prepared call's {b}; prepare another call")
+        raise ArgumentError(f"{name}: does not match the prepared call")
+
+    def _misaligned(self, ptrs: tuple[int, ...]) -> None:
+        for name, p, need in zip(self.arg_names, ptrs, self._aligns):
+            if p % need:
+                raise ArgumentError(f"{name}: base address 0x{p:x} is not {need}-byte aligned")
+        raise ArgumentError("a tensor address is misaligned")
+
+    def close(self) -> None:
+        """Free the buffers this call owns."""
+        with self._lock:
+            for item in self._owned:
+                if isinstance(item, SchedulerMetadata):
+                    item.close()
+                else:
+                    self.runtime.driver.free(item)
+            self._owned = []
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _torch_keys(objs: Sequence[Any], descs: Sequence[DeviceTensor]) -> list[Any] | None:
+    """(torch.Tensor class, then per tensor (shape, strides, dtype object, device)) when every
+    bound tensor is a plain torch.Tensor; else None."""
+    cls = objs[0].__class__
+    if framework(objs[0]) != "torch" or any(o.__class__ is not cls for o in objs):
+        return None
+    return [cls] + [(o.shape, o.stride(), o.dtype, o.get_device()) for o in objs]
+
+
+def _owned_tensor(ptr: int, shape: tuple[int, ...], dev: int) -> DeviceTensor:
+    return DeviceTensor(ptr, shape, contiguous_strides(shape), "fp32", dev, "raw")
+
+
+def prepare_forward(
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    *,
+    cu_seqlens_q: Any = None,
+    cu_seqlens_k: Any = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    seqused_q: Any = None,
+    seqused_k: Any = None,
+    lse: Any = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int | None, int | None] = (None, None),
+    num_splits: int = 1,
+    pack_gqa: bool | None = None,
+    scheduler_metadata: SchedulerMetadata | None = None,
+    runtime: Runtime | None = None,
+) -> Prepared:
+    """Prepare FA4's forward for tensors shaped like these (arguments as in
+    :func:`fa4aot.flash_attn_varlen_func`; ``lse`` given means return_lse). The prepared call
+    takes ``(q, k, v, out[, lse][, cu_seqlens_q][, cu_seqlens_k][, seqused_q][, seqused_k])``
+    (those given here, in this order; see ``arg_names``) and ``stream=``.
+
+    Split-KV partials are allocated now and owned by the prepared call. Split-KV varlen calls use
+    ``scheduler_metadata`` if given (recompute it per batch; the call zeroes its semaphore after
+    each use), else own metadata recomputed on every call (the prepare kernel runs first).
+    """
+    rt = runtime or loader._DEFAULT or loader.default_runtime()
+    dev = rt.device
+    fc = analyse(
+        rt,
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        seqused_q,
+        seqused_k,
+        softmax_scale,
+        causal,
+        window_size,
+        num_splits,
+        pack_gqa,
+        lse is not None,
+        scheduler_metadata is not None,
+    )
+    if scheduler_metadata is not None and cu_seqlens_q is None and seqused_q is None:
+        raise ArgumentError("scheduler_metadata is for varlen queries (cu_seqlens_q or seqused_q)")
+    out_shape = (*fc.rows, fc.nheads, fc.head_dim_v)
+    od = as_device_tensor(out, "out")
+    if od[3] != fc.dtype:
+        raise ArgumentError(f"out: dtype must be {fc.dtype} (q's), got {od[3]}")
+    validate.io(od, "out", len(out_shape), dev, rt, writable=True)
+    validate.shape(od, "out", out_shape, "q's shape with head_dim_v")
+    names, objs, descs, aligns = ["q", "k", "v", "out"], [q, k, v, out], [fc.q, fc.k, fc.v, od], [16, 16, 16, 16]
+    ld = None
+    if lse is not None:
+        ld = validate.tensor(lse, "lse", dtypes=("fp32",), rank=len(fc.lse_shape), device=dev, rt=rt, align=4)
+        validate.shape(ld, "lse", fc.lse_shape, "FA4's (batch, nheads, seqlen_q) or (nheads, total_q)")
+        names.append("lse"), objs.append(lse), descs.append(ld), aligns.append(4)
+    for name, obj, d in (
+        ("cu_seqlens_q", cu_seqlens_q, fc.cu_q),
+        ("cu_seqlens_k", cu_seqlens_k, fc.cu_k),
+        ("seqused_q", seqused_q, fc.su_q),
+        ("seqused_k", seqused_k, fc.su_k),
+    ):
+        if obj is not None:
+            names.append(name), objs.append(obj), descs.append(d), aligns.append(4)
+    src = {n: f"p{i}" for i, n in enumerate(names)}
+    src_fwd: dict[str, Any] = dict(src)
+    owned: list[Any] = []
+    steps = _Steps()
+    fwd_args: dict[str, Any] = dict(zip(names, descs))
+    variants = [fc.lv.variant]
+    try:
+        md = None
+        if fc.dynamic:
+            if scheduler_metadata is not None:
+                md = scheduler_metadata
+            else:
+                f = fc.lv.variant.fields
+                md = SchedulerMetadata(
+                    fc.batch,
+                    fc.nheads,
+                    fc.nheads // f["qhead_per_kvhead"],
+                    f["head_dim"],
+                    f["head_dim_v"],
+                    causal=f["causal"],
+                    pack_gqa=f["pack_gqa"],
+                    tile_m=f["tile_m"],
+                    tile_n=f["tile_n"],
+                    runtime=rt,
+                )
+                owned.append(md)
+                steps.python(_metadata_step(md, fc, names), ", ".join(["st"] + [src[n] for n in names]))
+                md.num_splits = fc.num_splits  # compute() sets it on every call; check_metadata wants it
+            check_metadata(md, fc)
+            nsd, sem, l2 = md.buffers
+            fwd_args.update(num_splits_dynamic=nsd, tile_count_semaphore=sem)
+            src_fwd.update(num_splits_dynamic=nsd.ptr, tile_count_semaphore=sem.ptr)
+            if fc.lv.variant.fields["causal"]:
+                fwd_args["num_nheads_in_l2"] = l2
+                src_fwd["num_nheads_in_l2"] = l2.ptr
+        if fc.split:
+            op_shape = (fc.num_splits, *out_shape)
+            lp_shape = (fc.num_splits, *fc.lse_shape)
+            op_bytes = 4 * _numel(op_shape) + (-4 * _numel(op_shape) % OWNED_ALIGN)
+            base = rt.driver.alloc(op_bytes + 4 * _numel(lp_shape))
+            owned.append(base)
+            op = _owned_tensor(base, op_shape, dev)
+            lp = _owned_tensor(base + op_bytes, lp_shape, dev)
+            fwd_args["out"], fwd_args["lse"] = op, lp
+            src_fwd.update(out=op.ptr, lse=lp.ptr)
+            comb_lv, comb_named, _ = combine_mod.analyse(
+                rt,
+                op,
+                transposed(lp),
+                od,
+                transposed(ld) if ld is not None else None,
+                fc.cu_q,
+                fc.su_q if fc.cu_q is not None else None,
+                md.buffers[0] if md is not None else None,
+            )
+        fwd_args.update(softmax_scale=fc.scale, stream=0)
+        if fc.wl is not None:
+            fwd_args.update(window_size_left=fc.wl, window_size_right=fc.wr)
+        if any(a.name == "max_seqlen_q" for a in fc.lv.plan.signature):
+            fwd_args["max_seqlen_q"] = fc.max_q
+        steps.bound(fc.lv.plan.bind(fwd_args), src_fwd)
+        if fc.split:
+            src_comb = {
+                "out_partial": op.ptr,
+                "lse_partial": lp.ptr,
+                "out": src["out"],
+                "lse": src.get("lse"),
+                "cu_seqlens": src.get("cu_seqlens_q"),
+                "seqused": src.get("seqused_q"),
+                "num_splits_dynamic": md.buffers[0].ptr if md is not None else None,
+            }
+            steps.bound(comb_lv.plan.bind(dict(comb_named, stream=0)), src_comb)
+            variants.append(comb_lv.variant)
+        if scheduler_metadata is not None and md is scheduler_metadata:
+            sem_ptr = md.tile_count_semaphore.ptr
+            memset = rt.driver.memset_d32
+            steps.python(lambda st: memset(sem_ptr, 0, 1, st), "st")  # zero the semaphore for the next use
+    except BaseException:
+        for item in owned:
+            item.close() if isinstance(item, SchedulerMetadata) else rt.driver.free(item)
+        raise
+    prepared = Prepared(rt, names, descs, aligns, _torch_keys(objs, descs), steps, owned)
+    prepared.variants = tuple(variants)
+    return prepared
+
+
+def _metadata_step(md: SchedulerMetadata, fc: Any, names: Sequence[str]) -> Callable[..., None]:
+    """Recompute the prepared call's own scheduler metadata from this call's sequence tensors."""
+    shapes = {"cu_seqlens_q": fc.cu_q, "cu_seqlens_k": fc.cu_k, "seqused_q": fc.su_q, "seqused_k": fc.su_k}
+    dev = fc.rt.device
+
+    def run(st: int, *ptrs: int) -> None:
+        got = dict(zip(names, ptrs))
+        kw = {n: DeviceTensor(got[n], d[1], d[2], "int32", dev, "raw") for n, d in shapes.items() if d is not None}
+        md.compute(max_seqlen_q=fc.max_q, max_seqlen_k=fc.max_k, num_splits=fc.num_splits, stream=st, **kw)
+
+    return run
+
+
+def prepare_combine(
+    out_partial: Any,
+    lse_partial: Any,
+    out: Any,
+    lse: Any = None,
+    cu_seqlens: Any = None,
+    seqused: Any = None,
+    num_splits_dynamic: Any = None,
+    *,
+    runtime: Runtime | None = None,
+) -> Prepared:
+    """Prepare FA4's split-KV combine for tensors shaped like these (layouts as in
+    :func:`fa4aot.combine`). The prepared call takes the tensors given here, in this order
+    (see ``arg_names``), and ``stream=``."""
+    rt = runtime or loader._DEFAULT or loader.default_runtime()
+    lv, named, aligns = combine_mod.analyse(
+        rt, out_partial, lse_partial, out, lse, cu_seqlens, seqused, num_splits_dynamic
+    )
+    given = {
+        "out_partial": out_partial,
+        "lse_partial": lse_partial,
+        "out": out,
+        "lse": lse,
+        "cu_seqlens": cu_seqlens,
+        "seqused": seqused,
+        "num_splits_dynamic": num_splits_dynamic,
+    }
+    names = [n for n, obj in given.items() if obj is not None]
+    objs = [given[n] for n in names]
+    descs = [named[n] for n in names]
+    steps = _Steps()
+    steps.bound(lv.plan.bind(dict(named, stream=0)), {n: f"p{i}" for i, n in enumerate(names)})
+    prepared = Prepared(rt, names, descs, [aligns[n] for n in names], _torch_keys(objs, descs), steps, [])
+    prepared.variants = (lv.variant,)
+    return prepared
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

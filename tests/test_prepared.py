@@ -1,0 +1,199 @@
+"""Prepared calls on the CPU (fake driver): they launch exactly what the plain API launches, follow
+new addresses and streams, refuse tensors that differ from the bound ones without launching, and
+own their split-KV buffers."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from fake_driver import FakeDriver
+
+import fa4aot
+from fa4aot.core.errors import ArgumentError
+from fa4aot.runtime.loader import Runtime
+from fa4aot.runtime.metadata import SchedulerMetadata
+from fa4aot.runtime.tensors import DeviceTensor, RawTensor
+
+B = 0x7F30_0000_0000
+
+
+def t(i, shape, dtype="bf16", strides=None, offset=0, device=0):
+    return RawTensor(B + i * (1 << 36) + offset, tuple(shape), dtype, strides, device)
+
+
+def _record_params(rt, drv):
+    """Let the fake driver read every launch's parameter bytes."""
+    for lv in rt._loaded.values():
+        for h, k in zip(lv.kernels, lv.entry.meta["kernels"]):
+            drv.param_sizes[h] = [size for _, _, size in sorted(k["params"])]
+
+
+def _buffer(launch, lv):
+    """The launch's parameter bytes laid out as the kernel's parameter buffer."""
+    k = lv.entry.meta["kernels"][0]
+    buf = bytearray(k["cbank_param_size"])
+    for (_, off, size), raw in zip(sorted(k["params"]), launch.params):
+        buf[off : off + size] = raw
+    return bytes(buf)
+
+
+def _written(lv, named):
+    """Expected parameter bytes and which of them FA4's host code writes (the rest is stack)."""
+    plan = lv.plan
+    flat = plan.pack(named)
+    n = plan.kernels[0].param_bytes
+    a = bytes(plan.call(flat, pattern=0x00).launches[0].params[:n])
+    b = bytes(plan.call(flat, pattern=0xFF).launches[0].params[:n])
+    return a, [x == y for x, y in zip(a, b)]
+
+
+def _same(got: bytes, want: bytes, mask: list[bool]) -> bool:
+    return all(g == w for g, w, m in zip(got, want, mask) if m)
+
+
+@pytest.fixture
+def sm90(built_cache):
+    drv = FakeDriver(cc=(9, 0), num_sms=132)
+    return Runtime(built_cache, driver=drv), drv
+
+
+@pytest.fixture
+def sm100(built_cache):
+    drv = FakeDriver(cc=(10, 0), num_sms=148)
+    return Runtime(built_cache, driver=drv), drv
+
+
+def test_prepared_forward_launches_what_the_plain_call_launches(sm90):
+    rt, drv = sm90
+    b, s, h, d = 2, 1000, 16, 128
+    q, k, v, o = (t(i, (b, s, h, d)) for i in range(4))
+    run = fa4aot.prepare_forward(q, k, v, o, causal=True, runtime=rt)
+    assert run.arg_names == ("q", "k", "v", "out") and run.variants[0].family == "fwd_sm90"
+    (lv,) = rt._loaded.values()
+    _record_params(rt, drv)
+    # the same call through the plain API and the prepared one, then new addresses, then the old again
+    q2, o2 = t(7, (b, s, h, d)), t(8, (b, s, h, d))
+    for qq, oo, stream in ((q, o, 5), (q2, o2, 6), (q, o, 7), (q, o, 8)):
+        fa4aot.flash_attn_func(qq, k, v, causal=True, out=oo, stream=stream, runtime=rt)
+        run(qq, k, v, oo, stream=stream)
+        plain, prep = drv.launches[-2:]
+        assert (prep.grid, prep.block, prep.smem, prep.attrs, prep.stream) == (
+            plain.grid,
+            plain.block,
+            plain.smem,
+            plain.attrs,
+            stream,
+        )
+        named = dict(
+            q=qq, k=k, v=v, out=oo, softmax_scale=128**-0.5, stream=stream
+        )  # what the launch must carry: FA4's host code run on these
+        named = {
+            n: (DeviceTensor(x.ptr, x.shape, x.strides, x.dtype, 0, "raw") if isinstance(x, RawTensor) else x)
+            for n, x in named.items()
+        }
+        want, mask = _written(lv, named)
+        assert _same(_buffer(prep, lv), want, mask) and _same(_buffer(plain, lv), want, mask)
+        assert qq.ptr.to_bytes(8, "little") in _buffer(prep, lv)  # the new q address reached the kernel
+
+
+def test_prepared_call_refuses_other_tensors_and_launches_nothing(sm90):
+    rt, drv = sm90
+    b, s, h, d = 2, 512, 8, 128
+    q, k, v, o = (t(i, (b, s, h, d)) for i in range(4))
+    run = fa4aot.prepare_forward(q, k, v, o, runtime=rt)
+    cases = [
+        ((t(0, (b, s + 1, h, d)), k, v, o), "q: shape"),
+        ((q, t(1, (b, s, h, d), strides=(s * h * d * 2, h * d * 2, d, 1)), v, o), "k: strides"),
+        ((q, k, t(2, (b, s, h, d), "fp16"), o), "v: dtype"),
+        ((q, k, v, t(3, (b, s, h, d), device=1)), "out: device"),
+        ((q, k, v, t(3, (b, s, h, d), offset=8)), "out: base address .* not 16-byte aligned"),
+        ((q, k, v), "missing|positional"),
+    ]
+    for args, match in cases:
+        with pytest.raises((ArgumentError, TypeError), match=match):
+            run(*args)
+    assert drv.launches == []
+    run(q, k, v, o)
+    assert len(drv.launches) == 1
+
+
+def test_prepared_split_varlen_owns_its_buffers(sm100):
+    rt, drv = sm100
+    b, h, hk, d = 16, 16, 4, 128
+    total_q, total_k = 16, 40000
+    q, k, v = t(0, (total_q, h, d)), t(1, (total_k, hk, d)), t(2, (total_k, hk, d))
+    cu_q, cu_k = t(4, (b + 1,), "int32"), t(5, (b + 1,), "int32")
+    out = t(3, (total_q, h, d))
+    before = dict(drv.allocs)
+    run = fa4aot.prepare_forward(
+        q, k, v, out, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=1, max_seqlen_k=4000, num_splits=8, runtime=rt
+    )
+    assert [x.family for x in run.variants] == ["fwd_sm100", "combine"]
+    assert len(drv.allocs) == len(before) + 2  # the partials and the scheduler metadata
+    n_allocs = len(drv.allocs)
+    for stream in (9, 10):
+        run(q, k, v, out, cu_q, cu_k, stream=stream)
+    assert len(drv.allocs) == n_allocs  # nothing allocated per call
+    families = {lv.kernels[0]: lv.variant.family for lv in rt._loaded.values()}
+    assert [families[x.kernel] for x in drv.launches] == ["prepare", "fwd_sm100", "combine"] * 2
+    assert [x.stream for x in drv.launches] == [9, 9, 9, 10, 10, 10]
+    run.close()
+    assert len(drv.allocs) == len(before)
+
+
+def test_prepared_split_varlen_with_caller_metadata_resets_its_semaphore(sm100):
+    rt, drv = sm100
+    b, h, hk, d = 16, 16, 4, 128
+    q, k, v = t(0, (16, h, d)), t(1, (40000, hk, d)), t(2, (40000, hk, d))
+    cu_q, cu_k = t(4, (b + 1,), "int32"), t(5, (b + 1,), "int32")
+    out = t(3, (16, h, d))
+    md = SchedulerMetadata(b, h, hk, d, runtime=rt).compute(
+        max_seqlen_q=1, max_seqlen_k=4000, num_splits=8, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k
+    )
+    run = fa4aot.prepare_forward(
+        q, k, v, out, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=1, max_seqlen_k=4000, num_splits=8,
+        scheduler_metadata=md, runtime=rt,
+    )  # fmt: skip
+    n = len(drv.launches)
+    run(q, k, v, out, cu_q, cu_k, stream=3)
+    families = {lv.kernels[0]: lv.variant.family for lv in rt._loaded.values()}
+    assert [families[x.kernel] for x in drv.launches[n:]] == ["fwd_sm100", "combine"]
+    assert drv.memsets[-1] == (md.tile_count_semaphore.ptr, 0, 1, 3)
+
+
+def test_prepared_combine_matches_combine(sm90):
+    rt, drv = sm90
+    splits, b, s, h, d = 5, 2, 100, 16, 128
+    op = t(0, (splits, b, s, h, d), "fp32")
+    lp = t(1, (splits, b, s, h), "fp32", strides=(b * h * s, h * s, 1, s))
+    out = t(2, (b, s, h, d))
+    run = fa4aot.prepare_combine(op, lp, out, runtime=rt)
+    assert run.arg_names == ("out_partial", "lse_partial", "out")
+    fa4aot.combine(op, lp, out, stream=4, runtime=rt)
+    run(op, lp, out, stream=4)
+    plain, prep = drv.launches
+    assert (plain.grid, plain.block, plain.smem, plain.stream) == (prep.grid, prep.block, prep.smem, prep.stream)
+
+
+def test_prepared_call_from_threads(sm90):
+    rt, drv = sm90
+    b, s, h, d = 1, 256, 8, 128
+    q, k, v, o = (t(i, (b, s, h, d)) for i in range(4))
+    run = fa4aot.prepare_forward(q, k, v, o, runtime=rt)
+    errors = []
+
+    def worker(stream):
+        try:
+            for _ in range(50):
+                run(q, k, v, o, stream=stream)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(100 + i,)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors and len(drv.launches) == 200
+    assert sorted({x.stream for x in drv.launches}) == [100, 101, 102, 103]
