@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: Bumped whenever the cache entry layout or the meaning of a variant field changes.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 
 #: cudaDevAttrMaxSharedMemoryPerBlockOptin of H100 and B200: 227 KiB (CUDA programming guide,
 #: compute capability 9.0 and 10.0 tables).

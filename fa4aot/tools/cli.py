@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import click
+try:
+    import click
+except ImportError:  # the runtime-only install has no CLI stack
+    sys.exit("fa4aot's command line needs the cli extra: pip install 'fa4aot[cli]' ('fa4aot[build]' to compile)")
 
 from fa4aot.core.errors import Fa4aotError
 from fa4aot.core.index import Cache, default_cache_dir
