@@ -118,13 +118,10 @@ def main() -> None:
     def raw_launch():
         d.cuLaunchKernelEx(cfg, fn, argv_addr, 0)
 
-    launch_fn = rt._launch_fn
     rows = {
         "raw cuLaunchKernelEx (prepacked)": median_us(raw_launch, args.inner, args.repeats, sync),
         "plan call only": median_us(lambda: plan.call(flat), args.inner, args.repeats, sync),
-        "plan + launch, packed args": median_us(
-            lambda: plan.call_launch(flat, launch_fn), args.inner, args.repeats, sync
-        ),
+        "plan + launch, packed args": median_us(lambda: plan.call_launch(flat), args.inner, args.repeats, sync),
         "fa4aot.combine (RawTensor args)": median_us(
             lambda: fa4aot.combine(op, lp, out, stream=sh), args.inner, args.repeats, sync
         ),

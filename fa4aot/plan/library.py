@@ -378,15 +378,18 @@ class Plan:
 
     # -- the fast paths ----------------------------------------------------------------------
 
-    def launcher(self, order: Sequence[str], optional: Sequence[str] = ()) -> Callable[..., None]:
+    def launcher(
+        self, order: Sequence[str], optional: Sequence[str] = (), ranks_checked: bool = False
+    ) -> Callable[..., None]:
         """A function ``f(*values)`` taking a value per name of ``order`` (a superset of the
         signature's names; names this plan does not take must be None, except ``optional`` ones,
         which are ignored) that packs them and makes one foreign call: FA4's host code, then
         ``cuLaunchKernelEx``. Tensors are tuples whose first three items are address, shape and
-        strides (``TensorDesc``, ``DeviceTensor``)."""
+        strides (``TensorDesc``, ``DeviceTensor``). ``ranks_checked``: the caller has checked every
+        tensor's rank, so only compiled static modes are checked here."""
         if self._template is None or not self._launch_fn:
             raise PlanError("load the plan with a launch function before asking for a launcher")
-        return _make_launcher(self, list(order), set(optional))
+        return _make_launcher(self, list(order), set(optional), ranks_checked)
 
     def bind(self, named: Mapping[str, Any]) -> BoundCall:
         """Fix every argument but the tensor addresses and the stream (see :class:`BoundCall`)."""
@@ -512,7 +515,7 @@ def _tensor_checks(spec: TensorArg, s: str, st: str) -> list[str]:
     return lines
 
 
-def _make_launcher(plan: Plan, order: list[str], optional: set[str]) -> Callable[..., None]:
+def _make_launcher(plan: Plan, order: list[str], optional: set[str], ranks_checked: bool) -> Callable[..., None]:
     """Generate the per-call fast path of :meth:`Plan.launcher`."""
     sig = {a.name: a for a in plan.signature}
     missing = [n for n in sig if n not in order]
@@ -532,7 +535,7 @@ def _make_launcher(plan: Plan, order: list[str], optional: set[str]) -> Callable
         n = spec.name
         if isinstance(spec, TensorArg):
             checks.append(f"    {n}_s = {n}[1]; {n}_st = {n}[2]")
-            checks += _tensor_checks(spec, f"{n}_s", f"{n}_st")
+            checks += _tensor_checks(spec, f"{n}_s", f"{n}_st")[1 if ranks_checked else 0 :]
             fields.append(f"{n}[0]")
             fields += [f"{n}_s[{i}]" for i, v in enumerate(spec.shape) if v is None]
             fields += [f"{n}_st[{i}]" for i, v in enumerate(spec.stride) if v is None]

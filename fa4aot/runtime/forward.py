@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any
+from typing import Any, NamedTuple
 
 from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import ArgumentError
@@ -28,10 +28,11 @@ from fa4aot.core.rules import resolve_window
 from fa4aot.runtime import loader, validate
 from fa4aot.runtime.combine import combine
 from fa4aot.runtime.combine import pick as pick_combine
-from fa4aot.runtime.dispatch import ForwardRule, StaticCall, splits_mode
+from fa4aot.runtime.dispatch import ForwardRule, StaticCall
 from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.metadata import SchedulerMetadata
 from fa4aot.runtime.tensors import DeviceTensor, as_device_tensor, stream_handle
+from fa4aot.runtime.validate import INT32_MAX
 
 _FRAMEWORK_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 #: dtypes FA4's forward takes for q, k, v, out
@@ -134,43 +135,46 @@ def flash_attn_varlen_func(
     )
 
 
-class ForwardCall:
+class ForwardCall(NamedTuple):
     """One validated forward call: the descriptors, the chosen variant and its arguments (what
-    :func:`forward` launches and :func:`fa4aot.prepare_forward` binds)."""
+    :func:`forward` launches and :func:`fa4aot.prepare_forward` binds). Built with one tuple
+    construction: it is made on every call."""
 
-    __slots__ = (
-        "rt",
-        "lv",
-        "rule",
-        "num_splits",
-        "q",
-        "k",
-        "v",
-        "cu_q",
-        "cu_k",
-        "su_q",
-        "su_k",
-        "batch",
-        "rows",
-        "lse_shape",
-        "nheads",
-        "head_dim_v",
-        "dtype",
-        "max_q",
-        "max_k",
-        "scale",
-        "wl",
-        "wr",
-    )
-
-    @property
-    def split(self) -> bool:
-        return self.num_splits > 1
+    rt: Runtime
+    lv: Any  # LoadedVariant
+    num_splits: int
+    split: bool
+    q: DeviceTensor
+    k: DeviceTensor
+    v: DeviceTensor
+    cu_q: DeviceTensor | None
+    cu_k: DeviceTensor | None
+    su_q: DeviceTensor | None
+    su_k: DeviceTensor | None
+    batch: int
+    rows: tuple[int, ...]  # (batch, seqlen_q), or (total_q,) for varlen queries
+    nheads: int
+    head_dim_v: int
+    dtype: str
+    max_q: int
+    max_k: int
+    scale: float
+    wl: int | None  # window edges as the local variants take them (None: not local)
+    wr: int | None
 
     @property
     def dynamic(self) -> bool:
         """The variant runs FA4's dynamic persistent scheduler (reads scheduler metadata)."""
-        return self.lv.variant.fields.get("scheduler") == "dynamic"
+        return self.lv.dynamic
+
+    @property
+    def lse_shape(self) -> tuple[int, ...]:
+        """FA4's LSE layout: (nheads, total_q) for varlen queries, else (batch, nheads, seqlen_q)."""
+        rows = self.rows
+        return (self.nheads, rows[0]) if len(rows) == 1 else (self.batch, self.nheads, rows[1])
+
+
+_new_call = tuple.__new__
 
 
 def _check_window(value: Any, name: str) -> int | None:
@@ -221,45 +225,48 @@ def analyse(
         raise ArgumentError(f"k {tuple(ks)} and v {tuple(vs)} must agree (and k's head_dim equal q's {head_dim})")
     if nheads_kv < 1 or nheads % nheads_kv:
         raise ArgumentError(f"q has {nheads} heads, k/v {nheads_kv}: nheads must be a multiple of nheads_kv")
-    fc = ForwardCall()
-    fc.q, fc.k, fc.v = qd, kd, vd
-    fc.cu_q = fc.cu_k = fc.su_q = fc.su_k = None
+    cuq = cuk = suq = suk = None
     if varlen_q:
         cu = validate.int32_vector_any(cu_q, "cu_seqlens_q", dev, rt)
         batch = cu[1][0] - 1
         if batch < 1:
             raise ArgumentError("cu_seqlens_q: needs batch + 1 >= 2 entries")
-        fc.cu_q = cu
+        cuq = cu
         max_q = qs[0] if max_q is None else max_q
-        fc.rows = (qs[0],)
+        rows = (qs[0],)
     else:
         batch, seqlen_q = qs[0], qs[1]
         if max_q is not None and max_q != seqlen_q:
             raise ArgumentError(f"max_seqlen_q ({max_q}) must equal q's seqlen ({seqlen_q}) without cu_seqlens_q")
         max_q = seqlen_q
-        fc.rows = (batch, seqlen_q)
+        rows = (batch, seqlen_q)
     if varlen_k:
-        fc.cu_k = validate.int32_vector(cu_k, "cu_seqlens_k", batch + 1, dev, rt)
+        cuk = validate.int32_vector(cu_k, "cu_seqlens_k", batch + 1, dev, rt)
         max_k = ks[0] if max_k is None else max_k
     else:
         if ks[0] != batch:
             raise ArgumentError(f"k: batch {ks[0]} != q's batch {batch}")
         max_k = ks[1] if max_k is None else max_k
     if su_q is not None:
-        fc.su_q = validate.int32_vector(su_q, "seqused_q", batch, dev, rt)
+        suq = validate.int32_vector(su_q, "seqused_q", batch, dev, rt)
     if su_k is not None:
-        fc.su_k = validate.int32_vector(su_k, "seqused_k", batch, dev, rt)
-    validate.seqlen(max_q, "max_seqlen_q")
-    validate.seqlen(max_k, "max_seqlen_k")
+        suk = validate.int32_vector(su_k, "seqused_k", batch, dev, rt)
+    if max_q.__class__ is not int or not 0 <= max_q <= INT32_MAX:
+        validate.seqlen(max_q, "max_seqlen_q")  # raises, saying why
+    if max_k.__class__ is not int or not 0 <= max_k <= INT32_MAX:
+        validate.seqlen(max_k, "max_seqlen_k")
     if softmax_scale is None:
         scale = 1.0 / math.sqrt(head_dim)
     else:
         scale = validate.finite(softmax_scale, "softmax_scale")
     if num_splits.__class__ is not int:
         raise ArgumentError(f"num_splits: expected an int, got {num_splits!r}")
-    wl, wr = (None, None) if window_size is None else window_size
-    wl, wr = _check_window(wl, "left"), _check_window(wr, "right")
-    causal_r, local, wl, wr = resolve_window(bool(causal), wl, wr)
+    if window_size is None or window_size == (None, None):
+        causal_r, local, wl, wr = bool(causal), False, None, None
+    else:
+        wl, wr = window_size
+        wl, wr = _check_window(wl, "left"), _check_window(wr, "right")
+        causal_r, local, wl, wr = resolve_window(bool(causal), wl, wr)
     key = (
         dtype,
         head_dim,
@@ -271,7 +278,7 @@ def analyse(
         varlen_k,
         su_q is not None,
         su_k is not None,
-        splits_mode(num_splits),
+        1 if num_splits == 1 else (2 if num_splits > 1 else 0),  # dispatch.splits_mode
         pack_gqa,
         bool(return_lse),
         has_metadata,
@@ -288,17 +295,14 @@ def analyse(
         if len(rule.loaded) >= MAX_RULE_VARIANTS:
             rule.loaded.clear()
         rule.loaded[vkey] = lv
-    fc.rt, fc.lv, fc.rule, fc.num_splits = rt, lv, rule, splits
-    fc.batch, fc.nheads, fc.head_dim_v, fc.dtype = batch, nheads, head_dim_v, dtype
-    fc.lse_shape = (nheads, fc.rows[0]) if varlen_q else (batch, nheads, fc.rows[1])
-    fc.max_q, fc.max_k, fc.scale = max_q, max_k, scale
     if local:
         # fa4aot's local variants take both window edges; an open edge is the whole sequence
-        fc.wl = max_k + max_q if wl is None else wl
-        fc.wr = max_k + max_q if wr is None else wr
-    else:
-        fc.wl = fc.wr = None
-    return fc
+        wl = max_k + max_q if wl is None else wl
+        wr = max_k + max_q if wr is None else wr
+    return _new_call(
+        ForwardCall,
+        (rt, lv, splits, splits > 1, qd, kd, vd, cuq, cuk, suq, suk, batch, rows, nheads, head_dim_v, dtype, max_q, max_k, scale, wl, wr),
+    )  # fmt: skip
 
 
 def forward(
@@ -380,7 +384,7 @@ def forward(
         md = metadata if metadata is not None else _auto_metadata(fc, s)  # may launch prepare
         check_metadata(md, fc)
         nsd, sem, l2 = md.buffers
-        if not fc.lv.variant.fields["causal"]:
+        if not fc.lv.fields["causal"]:
             l2 = None
     else:
         nsd = sem = l2 = None
@@ -428,14 +432,14 @@ def check_metadata(md: SchedulerMetadata, fc: ForwardCall) -> None:
         raise ArgumentError(f"scheduler_metadata was made for batch {md.batch_size}, this call has {fc.batch}")
     if md.num_splits is None:
         raise ArgumentError("scheduler_metadata has not been computed (call .compute(...))")
-    if fc.lv.variant.fields["causal"] and md.num_nheads_in_l2 is None:
+    if fc.lv.fields["causal"] and md.num_nheads_in_l2 is None:
         raise ArgumentError("scheduler_metadata was made with causal=False for a causal call")
 
 
 def _auto_metadata(fc: ForwardCall, stream: int) -> SchedulerMetadata:
     """Prepare-kernel metadata for a split-KV varlen call, like FA4's automatic path. The buffers
     are kept per (stream, configuration) in a bounded cache, so repeated calls allocate nothing."""
-    rt, f = fc.rt, fc.lv.variant.fields
+    rt, f = fc.rt, fc.lv.fields
     nheads_kv = fc.nheads // f["qhead_per_kvhead"]
     key = (
         stream,

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import platform
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,25 +65,28 @@ FORWARD_ORDER = (
 )
 
 
-@dataclass
 class LoadedVariant:
-    """A variant ready to launch on this device."""
+    """A variant ready to launch on this device: its entry, plan, kernel handles, its fields (a
+    dict, made once) and, for forward variants, the generated launcher taking
+    :data:`FORWARD_ORDER` (SM90 plans take no max_seqlen_q)."""
 
-    entry: Entry
-    plan: Plan
-    kernels: list[int]
-    _launcher: Callable[..., None] | None = None
+    __slots__ = ("entry", "plan", "kernels", "variant", "fields", "dynamic", "launch", "load_seconds")
 
-    @property
-    def variant(self) -> Variant:
-        return self.entry.variant
-
-    @property
-    def launch(self) -> Callable[..., None]:
-        """The forward-order launcher (see :data:`FORWARD_ORDER`; SM90 plans take no max_seqlen_q)."""
-        if self._launcher is None:
-            self._launcher = self.plan.launcher(FORWARD_ORDER, optional=("max_seqlen_q",))
-        return self._launcher
+    def __init__(self, entry: Entry, plan: Plan, kernels: list[int]):
+        self.entry = entry
+        self.plan = plan
+        self.kernels = kernels
+        self.variant: Variant = entry.variant
+        self.fields: dict[str, Any] = self.variant.fields
+        self.dynamic = self.fields.get("scheduler") == "dynamic"
+        #: seconds each phase of loading took (benchmarks read it)
+        self.load_seconds: dict[str, float] = {}
+        self.launch: Callable[..., None] | None = (
+            # the forward checks every tensor's rank before launching
+            plan.launcher(FORWARD_ORDER, optional=("max_seqlen_q",), ranks_checked=True)
+            if self.variant.family.startswith("fwd_")
+            else None
+        )
 
 
 class Runtime:
@@ -102,16 +105,21 @@ class Runtime:
         clc: bool | None = None,
         driver: Any = None,
     ):
+        t0 = time.perf_counter()
         if driver is None:
             from fa4aot.runtime.driver import CudaDriver
 
             driver = CudaDriver()
         self.driver = driver
-        self.cache = Cache(cache_dir or default_cache_dir())
+        t1 = time.perf_counter()
         self.device = driver.current_device()
         self.info = driver.device_info(self.device)
+        t2 = time.perf_counter()
+        self.cache = Cache(cache_dir or default_cache_dir())
         self.host_arch = platform.machine()
         self.index = self._open_index(allow_sm_mismatch)
+        #: seconds spent opening: driver set-up, device queries, cache and index (benchmarks read it)
+        self.open_seconds = {"driver": t1 - t0, "device": t2 - t1, "index": time.perf_counter() - t2}
         self.target: Target = self.index.target
         self.clc = clc_requested() if clc is None else clc
         self._launch_fn = driver.launch_function()
@@ -267,14 +275,18 @@ class Runtime:
         return lv
 
     def _load_entry(self, entry: Entry) -> LoadedVariant:
+        t = [time.perf_counter()]
         self._check_entry(entry)
         plan_bytes = self.cache.read_blob(entry, "plan")  # sha256 checked: a corrupt blob never loads
         cubin = cubin_of(entry, plan_bytes)  # a checked slice of the verified plan
+        t.append(time.perf_counter())
         drv = self.driver
         library = drv.load_library(cubin)
         symbols = [k["symbol"] for k in entry.meta["kernels"]]
         kernels = [drv.get_kernel(library, s) for s in symbols]
+        t.append(time.perf_counter())
         plan = open_plan(plan_bytes, entry.meta)
+        t.append(time.perf_counter())
         static_smem = drv.kernel_attribute(kernels[0], FUNC_ATTR_SHARED_SIZE_BYTES, self.device)
         load = plan.load(
             kernels,
@@ -286,7 +298,12 @@ class Runtime:
         by_name = dict(zip(symbols, kernels))
         for name, attr, value in load.set_attributes:
             drv.set_kernel_attribute(by_name[name], attr, value, self.device)
-        return LoadedVariant(entry, plan, kernels)
+        t.append(time.perf_counter())
+        lv = LoadedVariant(entry, plan, kernels)
+        t.append(time.perf_counter())
+        phases = ("read_and_hash", "cubin_load", "plan_dlopen", "module_load", "launcher")
+        lv.load_seconds = {p: b - a for p, a, b in zip(phases, t, t[1:])}
+        return lv
 
     def preload(self, variants: Iterable[Variant | str] | str = "all", threads: int = 4) -> int:
         """Do first-use work (read, verify, load cubin and plan) now for ``variants`` (Variant

@@ -92,10 +92,14 @@ class Prepared:
         self.variants: tuple[Any, ...] = ()
         self._owned = owned
         self._lock = threading.Lock()
-        self._call = self._generate(names, tensors, aligns, torch_keys, steps)
+        run = self._generate(names, tensors, aligns, torch_keys, steps)
+        # Calls go straight to the generated function: a class of its own per prepared call
+        # (Python looks __call__ up on the type), no forwarding frame.
+        self.__class__ = type("Prepared", (Prepared,), {"__call__": staticmethod(run), "__slots__": ()})
 
     def __call__(self, *tensors: Any, stream: Any = None) -> None:
-        self._call(*tensors, stream=stream)
+        """``prepared(*tensors, stream=None)`` (replaced per instance by the generated function)."""
+        raise NotImplementedError
 
     def _generate(
         self,
@@ -286,7 +290,7 @@ def prepare_forward(
             if scheduler_metadata is not None:
                 md = scheduler_metadata
             else:
-                f = fc.lv.variant.fields
+                f = fc.lv.fields
                 md = SchedulerMetadata(
                     fc.batch,
                     fc.nheads,
@@ -306,7 +310,7 @@ def prepare_forward(
             nsd, sem, l2 = md.buffers
             fwd_args.update(num_splits_dynamic=nsd, tile_count_semaphore=sem)
             src_fwd.update(num_splits_dynamic=nsd.ptr, tile_count_semaphore=sem.ptr)
-            if fc.lv.variant.fields["causal"]:
+            if fc.lv.fields["causal"]:
                 fwd_args["num_nheads_in_l2"] = l2
                 src_fwd["num_nheads_in_l2"] = l2.ptr
         if fc.split:

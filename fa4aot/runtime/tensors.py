@@ -127,6 +127,8 @@ _TORCH_DTYPES = {
     "int64": "int64",
     "uint8": "uint8",
 }
+#: DeviceTensor's constructor without its Python-level __new__ (the torch path is per call)
+_new = tuple.__new__
 #: torch dtype object -> fa4aot dtype, filled from the torch the caller already imported
 _TORCH_DT: dict[Any, str] = {}
 
@@ -146,7 +148,7 @@ def _from_torch(t: Any, name: str) -> DeviceTensor:
     dev = t.get_device()
     if dev < 0 or not t.is_cuda:
         raise ArgumentError(f"{name}: must be a CUDA tensor, got one on {t.device}")
-    return DeviceTensor(t.data_ptr(), t.shape, t.stride(), dtype, dev, "torch")
+    return _new(DeviceTensor, (t.data_ptr(), t.shape, t.stride(), dtype, dev, "torch"))
 
 
 _CUPY_TYPES = {"e": "fp16", "f": "fp32", "i": "int32", "l": "int64", "q": "int64", "B": "uint8"}

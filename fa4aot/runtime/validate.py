@@ -34,8 +34,8 @@ def device_of(t: DeviceTensor, name: str, device: int, rt: Any) -> None:
 
 
 def io(t: DeviceTensor, name: str, rank: int, device: int, rt: Any, writable: bool = False) -> None:
-    """A q/k/v/out tensor: rank, device, 16-byte aligned base, contiguous last dimension, other
-    strides non-negative multiples of 8 elements (unit dimensions exempt)."""
+    """A q/k/v/out tensor (rank 3 or 4): rank, device, 16-byte aligned base, contiguous last
+    dimension, other strides non-negative multiples of 8 elements (unit dimensions exempt)."""
     shape, strides = t[1], t[2]
     if len(shape) != rank:
         raise ArgumentError(f"{name}: expected {rank} dimensions, got shape {tuple(shape)}")
@@ -45,9 +45,7 @@ def io(t: DeviceTensor, name: str, rank: int, device: int, rt: Any, writable: bo
         raise ArgumentError(f"{name}: base address 0x{t[0]:x} is not {IO_ALIGN_BYTES}-byte aligned")
     if strides[-1] != 1 and shape[-1] != 1:
         raise ArgumentError(f"{name}: the last dimension must be contiguous (stride 1), got strides {tuple(strides)}")
-    x = 0
-    for s in strides[:-1]:
-        x |= s
+    x = strides[0] | strides[1] | strides[2] if rank == 4 else strides[0] | strides[1]  # q/k/v/out: rank 3 or 4
     if x < 0 or x % IO_STRIDE_ELEMS:  # one test for all (exact when no unit dimensions)
         for i in range(rank - 1):
             s = strides[i]

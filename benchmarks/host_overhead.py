@@ -1,0 +1,234 @@
+"""Host microseconds per forward call through fa4aot, against the launch floor (GPU).
+
+    python benchmarks/host_overhead.py --cache CACHE [--old-src DIR --old-cache DIR] \\
+        [--json out.json] [--plot out.png]
+
+Rows (PyTorch tensors, ``out`` given, torch's current stream, bf16, causal, head_dim 128):
+
+* floor, cuda.bindings: ``cuLaunchKernelEx`` from Python on a prepacked parameter buffer and a
+  prebuilt config (what any Python launcher pays the driver);
+* floor, C: the shim relaunching a recorded launch (one ctypes call, no FA4 host code);
+* batched forward, same shapes (b1 s128 h16);
+* varlen forward, same shapes (batch 8, GQA 4: 32 query / 8 KV heads, 64 tokens each);
+* varlen forward with max_seqlen_q/k changing on every call (the serving case);
+* prepared calls (``fa4aot.prepare_forward``), batched and varlen;
+* with ``--old-src``/``--old-cache``: the same plain calls through another fa4aot checkout (run in
+  a subprocess, e.g. the commit before the runtime redesign) - the baseline, measured in this run.
+
+Each number is the median over ``--repeats`` batches of ``--inner`` back-to-back calls, the GPU
+synchronised between batches (outside the timed region); shapes are small enough that the GPU
+keeps up. A cProfile of the varlen call is saved in the JSON (top functions by own time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PLAIN_CALLS = r"""
+import json, statistics, sys, time
+import torch
+import fa4aot
+inner, repeats = int(sys.argv[2]), int(sys.argv[3])
+rt = fa4aot.open_runtime(sys.argv[1])
+bf = torch.bfloat16
+q = torch.randn(1, 128, 16, 128, device="cuda", dtype=bf); o = torch.empty_like(q)
+qv = torch.randn(512, 32, 128, device="cuda", dtype=bf); kv = torch.randn(512, 8, 128, device="cuda", dtype=bf)
+ov = torch.empty_like(qv)
+cu = torch.arange(0, 513, 64, dtype=torch.int32, device="cuda")
+counter = iter(range(10**9))
+def median_us(fn):
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    per = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        per.append((time.perf_counter() - t0) / inner * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(per)
+def varlen_changing():
+    i = next(counter) % 4096
+    fa4aot.flash_attn_varlen_func(qv, kv, kv, cu, cu, 64 + i, 64 + (i * 7) % 4096, causal=True, out=ov)
+rows = {
+    "batched forward, same shapes": median_us(lambda: fa4aot.flash_attn_func(q, q, q, causal=True, out=o)),
+    "varlen forward, same shapes": median_us(
+        lambda: fa4aot.flash_attn_varlen_func(qv, kv, kv, cu, cu, 64, 64, causal=True, out=ov)),
+    "varlen forward, max_seqlen changing": median_us(varlen_changing),
+}
+print(json.dumps(rows))
+"""
+
+
+def median_us(fn, inner: int, repeats: int, sync) -> float:
+    for _ in range(50):
+        fn()
+    sync()
+    per = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        per.append((time.perf_counter() - t0) / inner * 1e6)
+        sync()
+    return statistics.median(per)
+
+
+def floors(rt, q, o, inner: int, repeats: int, sync) -> dict[str, float]:
+    """The two launch floors, for the batched forward's own kernel and launch."""
+    from cuda.bindings import driver as d
+
+    from fa4aot.runtime.forward import analyse
+    from fa4aot.runtime.tensors import as_device_tensor
+
+    fc = analyse(rt, q, q, q, None, None, None, None, None, None, None, True, (None, None), 1, None, False, False)
+    plan = fc.lv.plan
+    stream = torch_stream()
+    named = dict(q=fc.q, k=fc.k, v=fc.v, out=as_device_tensor(o, "out"), softmax_scale=fc.scale, stream=stream)
+    rec = plan.call(plan.pack(named)).launches[0]
+    k = fc.lv.entry.meta["kernels"][0]
+    params = (ctypes.c_uint8 * rec.param_bytes).from_buffer_copy(bytes(rec.params[: rec.param_bytes]))
+    offsets = [off for _, off, _ in sorted(k["params"])]
+    argv = (ctypes.c_void_p * len(offsets))(*(ctypes.addressof(params) + off for off in offsets))
+    cfg = d.CUlaunchConfig()
+    cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = tuple(rec.grid)
+    cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = tuple(rec.block)
+    cfg.sharedMemBytes = rec.smem
+    cfg.hStream = d.CUstream(stream)
+    fn = d.CUfunction(fc.lv.kernels[0])
+    argv_addr = ctypes.addressof(argv)
+    bound = plan.bind(named)
+    s = bound.scratch()
+    ptrs = [named[n][0] for n in bound.tensor_names]
+    bound(ptrs, stream)  # records the launch; later calls with these addresses relaunch it
+    run, addr = bound.run, s.addr
+    return {
+        "floor: cuLaunchKernelEx via cuda.bindings, prepacked": median_us(
+            lambda: d.cuLaunchKernelEx(cfg, fn, argv_addr, 0), inner, repeats, sync
+        ),
+        "floor: C relaunch of a recorded launch (1 ctypes call)": median_us(lambda: run(addr), inner, repeats, sync),
+    }
+
+
+def torch_stream() -> int:
+    import torch
+
+    return torch.cuda.current_stream().cuda_stream
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", default=os.environ.get("FA4AOT_CACHE", "cache"))
+    ap.add_argument("--old-src", default=None, help="another fa4aot checkout to measure as the baseline")
+    ap.add_argument("--old-cache", default=None, help="a cache that checkout built (manifests/h100.yaml)")
+    ap.add_argument("--inner", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None)
+    args = ap.parse_args()
+
+    import torch
+
+    import fa4aot
+
+    rt = fa4aot.open_runtime(args.cache)
+    sync = torch.cuda.synchronize
+    bf = torch.bfloat16
+    q = torch.randn(1, 128, 16, 128, device="cuda", dtype=bf)
+    o = torch.empty_like(q)
+    qv = torch.randn(512, 32, 128, device="cuda", dtype=bf)
+    kv = torch.randn(512, 8, 128, device="cuda", dtype=bf)
+    ov = torch.empty_like(qv)
+    cu = torch.arange(0, 513, 64, dtype=torch.int32, device="cuda")
+    rows: dict[str, float] = {}
+    rows.update(floors(rt, q, o, args.inner, args.repeats, sync))
+    proc = subprocess.run(
+        [sys.executable, "-c", PLAIN_CALLS, args.cache, str(args.inner), str(args.repeats)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+    rows.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    run_b = fa4aot.prepare_forward(q, q, q, o, causal=True)
+    run_v = fa4aot.prepare_forward(
+        qv, kv, kv, ov, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=64, max_seqlen_k=64, causal=True
+    )
+    rows["prepared call, batched"] = median_us(lambda: run_b(q, q, q, o), args.inner, args.repeats, sync)
+    rows["prepared call, varlen"] = median_us(lambda: run_v(qv, kv, kv, ov, cu, cu), args.inner, args.repeats, sync)
+    old: dict[str, float] = {}
+    if args.old_src and args.old_cache:
+        proc = subprocess.run(
+            [sys.executable, "-c", PLAIN_CALLS, args.old_cache, str(args.inner), str(args.repeats)],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=args.old_src),
+        )
+        if proc.returncode == 0:
+            old = {
+                f"baseline ({os.path.basename(args.old_src.rstrip('/'))}): {k}": v
+                for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()
+            }
+        else:
+            print("baseline run failed:", proc.stderr[-2000:], file=sys.stderr)
+
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(2000):
+        fa4aot.flash_attn_varlen_func(qv, kv, kv, cu, cu, 64, 64, causal=True, out=ov)
+    prof.disable()
+    sync()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(12)
+
+    from fa4aot.runtime.driver import CudaDriver
+
+    gpu = CudaDriver().device_info(rt.device).name
+    print(f"GPU: {gpu}; host microseconds per call, median of {args.repeats} x {args.inner} back-to-back calls")
+    floor = rows["floor: cuLaunchKernelEx via cuda.bindings, prepacked"]
+    print(f"{'call':<62} {'us/call':>8} {'x floor':>8}")
+    for k, v in {**rows, **old}.items():
+        print(f"{k:<62} {v:>8.2f} {v / floor:>8.2f}")
+    result = {
+        "gpu": gpu,
+        "inner": args.inner,
+        "repeats": args.repeats,
+        "host_us": rows,
+        "baseline_us": old,
+        "profile_varlen": buf.getvalue(),
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        items = list({**rows, **old}.items())
+        fig, ax = plt.subplots(figsize=(9, 0.45 * len(items) + 1))
+        colors = ["#888" if k.startswith("floor") else "#c66" if k.startswith("baseline") else "#36c" for k, _ in items]
+        ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1], color=colors[::-1])
+        ax.set_xlabel("host microseconds per call (median)")
+        ax.set_title(f"fa4aot forward host overhead, {gpu}")
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

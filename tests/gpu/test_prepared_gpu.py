@@ -1,0 +1,120 @@
+"""Prepared calls, preload and the ctypes driver on a real GPU: bitwise equal to the plain API,
+new addresses and streams followed, CUDA graph capture, refusals that leave outputs untouched."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fa4aot  # noqa: E402
+from fa4aot.core.errors import ArgumentError  # noqa: E402
+
+
+def _rand(*shape, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads", [(16, 16), (16, 4)])
+def test_prepared_batched_forward_equals_plain_call(runtime, causal, heads):
+    b, s, d = 2, 700, 128
+    h, hk = heads
+    run = fa4aot.prepare_forward(
+        _rand(b, s, h, d), _rand(b, s, hk, d), _rand(b, s, hk, d), torch.empty(b, s, h, d, device="cuda",
+        dtype=torch.bfloat16), causal=causal, runtime=runtime,
+    )  # fmt: skip
+    for seed in range(3):  # new tensors (new addresses) each time, then the same ones again
+        q, k, v = _rand(b, s, h, d, seed=seed), _rand(b, s, hk, d, seed=seed + 10), _rand(b, s, hk, d, seed=seed + 20)
+        want, _ = fa4aot.flash_attn_func(q, k, v, causal=causal, runtime=runtime)
+        out = torch.full_like(want, 7.0)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        run(q, k, v, out, stream=stream)
+        run(q, k, v, out, stream=stream)  # same addresses: the recorded launch is reused
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)
+
+
+def test_prepared_varlen_forward_and_combine_equal_plain_calls(runtime):
+    lens_q, lens_k = [5, 0, 300, 1, 129], [40, 7, 300, 1000, 129]
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    q, k, v = _rand(sum(lens_q), 16, 128), _rand(sum(lens_k), 4, 128, seed=1), _rand(sum(lens_k), 4, 128, seed=2)
+    want, _ = fa4aot.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=True, runtime=runtime)
+    out = torch.zeros_like(want)
+    run = fa4aot.prepare_forward(
+        q, k, v, out, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k),
+        causal=True, runtime=runtime,
+    )  # fmt: skip
+    assert run.arg_names == ("q", "k", "v", "out", "cu_seqlens_q", "cu_seqlens_k")
+    run(q, k, v, out, cu_q, cu_k)
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+    # combine
+    op = torch.randn(4, 2, 8, 16, 128, device="cuda")
+    lp = torch.randn(4, 2, 16, 8, device="cuda").transpose(-1, -2)
+    a, b = (
+        torch.empty(2, 8, 16, 128, device="cuda", dtype=torch.bfloat16),
+        torch.zeros(2, 8, 16, 128, device="cuda", dtype=torch.bfloat16),
+    )
+    fa4aot.combine(op, lp, a, runtime=runtime)
+    fa4aot.prepare_combine(op, lp, b, runtime=runtime)(op, lp, b)
+    torch.cuda.synchronize()
+    assert torch.equal(a, b)
+
+
+def test_prepared_call_in_a_cuda_graph(runtime):
+    b, s, h, d = 2, 512, 16, 128
+    q, k, v = _rand(b, s, h, d), _rand(b, s, h, d, seed=1), _rand(b, s, h, d, seed=2)
+    out = torch.empty_like(q)
+    run = fa4aot.prepare_forward(q, k, v, out, causal=True, runtime=runtime)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run(q, k, v, out)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(q, k, v, out)  # the stream defaults to torch's current (capturing) stream
+    for seed in range(3):
+        q.copy_(_rand(b, s, h, d, seed=100 + seed))
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        want, _ = fa4aot.flash_attn_func(q, k, v, causal=True, runtime=runtime)
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)
+
+
+def test_prepared_call_refusals_leave_out_untouched(runtime):
+    b, s, h, d = 1, 256, 8, 128
+    q, k, v = _rand(b, s, h, d), _rand(b, s, h, d, seed=1), _rand(b, s, h, d, seed=2)
+    out = torch.full_like(q, 7.0)
+    run = fa4aot.prepare_forward(q, k, v, out, runtime=runtime)
+    big = _rand(b, s, h, d + 8)
+    for args in (
+        (q[:, :100], k, v, out),  # shape
+        (big[..., :d], k, v, out),  # strides
+        (q.half(), k, v, out),  # dtype
+        (q.cpu(), k, v, out),  # device
+        (_rand(b * s * h * d + 4).view(-1)[4:].view(b, s, h, d), k, v, out),  # 8-byte aligned only
+    ):
+        with pytest.raises(ArgumentError):
+            run(*args)
+    torch.cuda.synchronize()
+    assert (out == 7.0).all()
+
+
+def test_preload_then_calls_load_nothing(gpu_cache):
+    from fa4aot.runtime.loader import Runtime
+
+    rt = Runtime(gpu_cache)
+    n = rt.preload("all", threads=4)
+    assert n == len(rt.index) == len(rt._loaded)
+    q = _rand(1, 128, 16, 128)
+    out, _ = fa4aot.flash_attn_func(q, q, q, causal=True, runtime=rt)
+    torch.cuda.synchronize()
+    assert len(rt._loaded) == n and out.isfinite().all()
