@@ -15,9 +15,12 @@ Rows (PyTorch tensors, ``out`` given, torch's current stream, bf16, causal, head
 * with ``--old-src``/``--old-cache``: the same plain calls through another fa4aot checkout (run in
   a subprocess, e.g. the commit before the runtime redesign) - the baseline, measured in this run.
 
-Each number is the median over ``--repeats`` batches of ``--inner`` back-to-back calls, the GPU
-synchronised between batches (outside the timed region); shapes are small enough that the GPU
-keeps up. A cProfile of the varlen call is saved in the JSON (top functions by own time).
+Each number is the median over ``--repeats`` batches of ``--inner`` back-to-back calls. Before
+each batch a sleep kernel (``torch.cuda._sleep``) occupies the stream, so the batch is only
+enqueued while the GPU is busy: the time is the host's cost of making the calls, never the
+kernels' run time (the launch queue holds far more than one batch). The GPU is synchronised
+between batches, outside the timed region. ``gpu_us`` in the JSON is each kernel's own time
+(CUDA events), for reference. A cProfile of the varlen call is saved too.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ def median_us(fn):
     torch.cuda.synchronize()
     per = []
     for _ in range(repeats):
+        torch.cuda._sleep(2_000_000)  # see SLEEP_CYCLES
         t0 = time.perf_counter()
         for _ in range(inner):
             fn()
@@ -70,12 +74,20 @@ print(json.dumps(rows))
 """
 
 
+#: Cycles of the sleep kernel that keeps the GPU busy while a batch is enqueued (~1 ms at 1.7 GHz:
+#: longer than any batch of calls takes the host).
+SLEEP_CYCLES = 2_000_000
+
+
 def median_us(fn, inner: int, repeats: int, sync) -> float:
+    import torch
+
     for _ in range(50):
         fn()
     sync()
     per = []
     for _ in range(repeats):
+        torch.cuda._sleep(SLEEP_CYCLES)
         t0 = time.perf_counter()
         for _ in range(inner):
             fn()
@@ -120,6 +132,20 @@ def floors(rt, q, o, inner: int, repeats: int, sync) -> dict[str, float]:
     }
 
 
+def gpu_time_us(fn, n: int = 200) -> float:
+    """Device time per call (CUDA events around n back-to-back calls)."""
+    import torch
+
+    fn()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(n):
+        fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) * 1e3 / n
+
+
 def torch_stream() -> int:
     import torch
 
@@ -157,6 +183,7 @@ def main() -> None:
         capture_output=True,
         text=True,
         check=True,
+        cwd=ROOT,
         env=dict(os.environ, PYTHONPATH=ROOT),
     )
     rows.update(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -164,6 +191,12 @@ def main() -> None:
     run_v = fa4aot.prepare_forward(
         qv, kv, kv, ov, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=64, max_seqlen_k=64, causal=True
     )
+    gpu_us = {
+        "batched forward kernel": gpu_time_us(lambda: fa4aot.flash_attn_func(q, q, q, causal=True, out=o)),
+        "varlen forward kernel": gpu_time_us(
+            lambda: fa4aot.flash_attn_varlen_func(qv, kv, kv, cu, cu, 64, 64, causal=True, out=ov)
+        ),
+    }
     rows["prepared call, batched"] = median_us(lambda: run_b(q, q, q, o), args.inner, args.repeats, sync)
     rows["prepared call, varlen"] = median_us(lambda: run_v(qv, kv, kv, ov, cu, cu), args.inner, args.repeats, sync)
     old: dict[str, float] = {}
@@ -172,6 +205,7 @@ def main() -> None:
             [sys.executable, "-c", PLAIN_CALLS, args.old_cache, str(args.inner), str(args.repeats)],
             capture_output=True,
             text=True,
+            cwd=args.old_src,  # `python -c` puts the working directory first on sys.path
             env=dict(os.environ, PYTHONPATH=args.old_src),
         )
         if proc.returncode == 0:
@@ -203,12 +237,15 @@ def main() -> None:
     print(f"{'call':<62} {'us/call':>8} {'x floor':>8}")
     for k, v in {**rows, **old}.items():
         print(f"{k:<62} {v:>8.2f} {v / floor:>8.2f}")
+    for k, v in gpu_us.items():
+        print(f"(device time per call, {k}: {v:.2f} us)")
     result = {
         "gpu": gpu,
         "inner": args.inner,
         "repeats": args.repeats,
         "host_us": rows,
         "baseline_us": old,
+        "gpu_us": gpu_us,
         "profile_varlen": buf.getvalue(),
     }
     if args.json:

@@ -93,6 +93,7 @@ def fresh(code: str, args: list[str], src: str, runs: int) -> tuple[dict[str, fl
             [sys.executable, "-c", code, *args],
             capture_output=True,
             text=True,
+            cwd=src,  # `python -c` puts the working directory first on sys.path
             env=dict(os.environ, PYTHONPATH=src),
         )
         walls.append((time.perf_counter() - t0) * 1e3)

@@ -167,7 +167,7 @@ def test_device_mismatches_are_refused(built_cache):
 
 
 def test_host_arch_mismatch_is_refused(built_cache, monkeypatch):
-    monkeypatch.setattr("fa4aot.runtime.loader.platform.machine", lambda: "aarch64")
+    monkeypatch.setattr("fa4aot.runtime.loader.host_arch", lambda: "aarch64")
     with pytest.raises(DeviceMismatchError, match=r"x86_64 host\).*this host is aarch64"):
         Runtime(built_cache, driver=FakeDriver())
 

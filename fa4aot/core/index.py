@@ -32,9 +32,8 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from fa4aot.core.errors import CacheError, CorruptArtifactError
 from fa4aot.core.variant import CACHE_FORMAT_VERSION, Target, Variant, sha256_hex
@@ -52,8 +51,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(DEFAULT_CACHE_ENV, "cache"))
 
 
-@dataclass(frozen=True)
-class BlobRef:
+class BlobRef(NamedTuple):
     sha256: str
     size: int
     ext: str
@@ -63,8 +61,7 @@ class BlobRef:
         return f"{self.sha256}.{self.ext}"
 
 
-@dataclass(frozen=True)
-class CubinRef:
+class CubinRef(NamedTuple):
     """Where an entry's cubin lies inside its plan blob."""
 
     offset: int
@@ -72,8 +69,7 @@ class CubinRef:
     sha256: str
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     """One built variant: its key, variant, target, metadata and blob references."""
 
     key: str

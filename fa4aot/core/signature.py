@@ -9,14 +9,12 @@ parses C; :class:`TensorDesc` is how a tensor is handed to a plan.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from fa4aot.core.errors import PlanError
 
 
-@dataclass(frozen=True)
-class TensorArg:
+class TensorArg(NamedTuple):
     """A tensor argument: rank, which modes are dynamic, element type and assumed alignment.
 
     ``shape[i]``/``stride[i]`` is None where the mode is dynamic (a field of the C struct) and
@@ -58,8 +56,7 @@ class TensorArg:
         }
 
 
-@dataclass(frozen=True)
-class ScalarArg:
+class ScalarArg(NamedTuple):
     """A scalar argument passed by value (``f32`` or ``i32``)."""
 
     name: str
@@ -71,8 +68,7 @@ class ScalarArg:
         return {"kind": "scalar", "name": self.name, "ctype": self.ctype}
 
 
-@dataclass(frozen=True)
-class StreamArg:
+class StreamArg(NamedTuple):
     """The CUDA stream (a ``cudaStream_t``, passed by value)."""
 
     name: str = "stream"

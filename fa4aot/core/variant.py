@@ -10,8 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 #: Bumped whenever the cache entry layout or the meaning of a variant field changes.
 CACHE_FORMAT_VERSION = 2
@@ -35,8 +34,7 @@ def sha256_hex(data: bytes | str) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):
     """The GPU SKU a cache is built for.
 
     ``num_sms`` is baked into FA4's host-side grid formulas at trace time, so it is part of every
@@ -84,14 +82,13 @@ class Target:
         )
 
 
-@dataclass(frozen=True)
-class Variant:
+class Variant(NamedTuple):
     """One kernel family with every compile-time field fixed, for one arch and SM count."""
 
     family: str
     arch: str
     num_sms: int
-    params: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+    params: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
     def make(cls, family: str, arch: str, num_sms: int, **params: Any) -> Variant:

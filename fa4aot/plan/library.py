@@ -27,8 +27,7 @@ import os
 import struct
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from fa4aot.core.errors import ArgumentError, LaunchError, PlanError
 from fa4aot.core.signature import Arg, ScalarArg, StreamArg, TensorArg, arg_from_dict
@@ -53,8 +52,7 @@ from fa4aot.plan.abi import (
 _RUN_T = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p)
 
 
-@dataclass(frozen=True)
-class KernelTable:
+class KernelTable(NamedTuple):
     """One kernel of a cubin: its symbol and parameter table (ordinal order)."""
 
     name: str
@@ -75,8 +73,7 @@ class KernelTable:
         )
 
 
-@dataclass(frozen=True)
-class Launch:
+class Launch(NamedTuple):
     """One launch a plan recorded."""
 
     kernel: str
@@ -102,8 +99,7 @@ class Launch:
         return out
 
 
-@dataclass(frozen=True)
-class ModuleLoad:
+class ModuleLoad(NamedTuple):
     """What a plan's module load did: lookups made and attributes it set (kernel, attr, value)."""
 
     library_loads: int

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from fa4aot.core.errors import ArgumentError
 from fa4aot.core.rules import (
@@ -56,8 +55,7 @@ def clc_requested() -> bool:
     return os.environ.get("FA_CLC", "0") == "1"
 
 
-@dataclass(frozen=True)
-class StaticCall:
+class StaticCall(NamedTuple):
     """The compile-time inputs of a forward call. ``causal``/``local`` are already resolved from
     the window (:func:`fa4aot.core.rules.resolve_window`); ``splits`` is how num_splits was asked
     for: 1 (num_splits == 1), 2 (an explicit count > 1) or 0 (< 1: FA4's heuristic)."""
@@ -254,8 +252,7 @@ class ForwardRule:
         return Variant.make(family, self.s.arch, self.s.num_sms, **self.fields(key))
 
 
-@dataclass(frozen=True)
-class Call:
+class Call(NamedTuple):
     """A whole forward call as host-side numbers (what the tests hand FA4 and fa4aot alike)."""
 
     arch: str
@@ -282,8 +279,7 @@ class Call:
     clc: bool = False
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     """The forward variant's fields, the split count and the resolved window of one call."""
 
     fields: dict[str, Any]

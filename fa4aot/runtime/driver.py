@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from fa4aot.core.errors import Fa4aotError
 
@@ -65,8 +64,7 @@ class CudaError(Fa4aotError):
         self.code = code
 
 
-@dataclass(frozen=True)
-class DeviceInfo:
+class DeviceInfo(NamedTuple):
     ordinal: int
     name: str
     compute_capability: tuple[int, int]

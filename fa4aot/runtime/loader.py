@@ -18,12 +18,11 @@ recorded launches), so launches may come from several threads.
 
 from __future__ import annotations
 
-import platform
+import os
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +115,7 @@ class Runtime:
         self.info = driver.device_info(self.device)
         t2 = time.perf_counter()
         self.cache = Cache(cache_dir or default_cache_dir())
-        self.host_arch = platform.machine()
+        self.host_arch = host_arch()
         self.index = self._open_index(allow_sm_mismatch)
         #: seconds spent opening: driver set-up, device queries, cache and index (benchmarks read it)
         self.open_seconds = {"driver": t1 - t0, "device": t2 - t1, "index": time.perf_counter() - t2}
@@ -329,6 +328,8 @@ class Runtime:
             for vid in todo:
                 self._load_id(vid)
         else:
+            from concurrent.futures import ThreadPoolExecutor  # not imported at start-up
+
             with ThreadPoolExecutor(max_workers=threads) as pool:
                 list(pool.map(self._load_id, todo))
         return len(ids)
@@ -342,6 +343,12 @@ class Runtime:
             "combine_picks": len(self.combine_picks),
             "auto_metadata": len(self.auto_metadata),
         }
+
+
+def host_arch() -> str:
+    """This CPU's arch as ``platform.machine()`` names it (x86_64, aarch64), without importing
+    platform at start-up."""
+    return os.uname().machine
 
 
 _DEFAULT: Runtime | None = None

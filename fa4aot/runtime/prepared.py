@@ -25,6 +25,7 @@ tensors, with a fast path for PyTorch tensors (read through their own accessors)
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -150,7 +151,12 @@ class Prepared:
             by_align.setdefault(aligns[i], []).append(f"p{i}")
         cond = " or ".join(f"({' | '.join(ps)}) & {a - 1}" for a, ps in sorted(by_align.items()))
         lines.append(f"    if {cond}: _misaligned(({', '.join(f'p{i}' for i in range(n))},))")
-        lines.append("    st = _default(a0) if stream is None else _stream(stream)")
+        cur = _torch_current_stream(torch_keys)
+        if cur is not None:  # torch's current stream of the bound device, read directly
+            scope["_cur"], scope["_dev"] = cur, torch_keys[1][3]
+            lines.append("    st = _cur(_dev) if stream is None else _stream(stream)")
+        else:
+            lines.append("    st = _default(a0) if stream is None else _stream(stream)")
         lines += steps.lines
         exec("\n".join(lines), scope)  # noqa: S102 - generated from the bound arguments only
         return scope["run"]
@@ -190,6 +196,13 @@ class Prepared:
             self.close()
         except Exception:
             pass
+
+
+def _torch_current_stream(torch_keys: Sequence[Any] | None) -> Callable[[int], int] | None:
+    """torch's fast current-stream accessor when the bound tensors are torch's (else None)."""
+    if torch_keys is None:
+        return None
+    return getattr(sys.modules["torch"]._C, "_cuda_getCurrentRawStream", None)
 
 
 def _torch_keys(objs: Sequence[Any], descs: Sequence[DeviceTensor]) -> list[Any] | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from fa4aot.core.bounded import BoundedDict
@@ -27,26 +26,29 @@ _DL_TYPES = {(2, 16): "fp16", (2, 32): "fp32", (4, 16): "bf16", (0, 32): "int32"
 _KDLCUDA, _KDLCUDA_MANAGED = 2, 13
 
 
-@dataclass(frozen=True)
-class RawTensor:
-    """A tensor given as a raw device pointer: shape and strides in elements.
-
-    ``strides`` defaults to the contiguous (row-major) strides of ``shape``.
-    """
-
+class _RawTensorFields(NamedTuple):
+    # address, shape, strides first, as in DeviceTensor and TensorDesc (plans read them by position)
     ptr: int
     shape: tuple[int, ...]
+    strides: tuple[int, ...]
     dtype: str
-    strides: tuple[int, ...] | None = None
-    device: int = 0
+    device: int
 
-    def __post_init__(self) -> None:
+
+class RawTensor(_RawTensorFields):
+    """A tensor given as a raw device pointer: ``RawTensor(ptr, shape, dtype, strides=None,
+    device=0)``, shape and strides in elements. ``strides`` defaults to the contiguous (row-major)
+    strides of ``shape``. Immutable."""
+
+    __slots__ = ()
+
+    def __new__(
+        cls, ptr: int, shape: tuple[int, ...], dtype: str, strides: tuple[int, ...] | None = None, device: int = 0
+    ) -> RawTensor:
         # normalise once here, not on every call that takes the tensor
-        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
-        if self.strides is None:
-            object.__setattr__(self, "strides", contiguous_strides(self.shape))
-        else:
-            object.__setattr__(self, "strides", tuple(int(s) for s in self.strides))
+        shape = tuple(int(s) for s in shape)
+        strides = contiguous_strides(shape) if strides is None else tuple(int(s) for s in strides)
+        return super().__new__(cls, int(ptr), shape, strides, dtype, int(device))
 
 
 class DeviceTensor(NamedTuple):
