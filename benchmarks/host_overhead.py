@@ -54,7 +54,7 @@ def median_us(fn):
     torch.cuda.synchronize()
     per = []
     for _ in range(repeats):
-        torch.cuda._sleep(2_000_000)  # see SLEEP_CYCLES
+        torch.cuda._sleep(int(sys.argv[4]))  # see SLEEP_CYCLES
         t0 = time.perf_counter()
         for _ in range(inner):
             fn()
@@ -74,12 +74,13 @@ print(json.dumps(rows))
 """
 
 
-#: Cycles of the sleep kernel that keeps the GPU busy while a batch is enqueued (~1 ms at 1.7 GHz:
-#: longer than any batch of calls takes the host).
-SLEEP_CYCLES = 2_000_000
+#: Cycles of the sleep kernel that keeps the GPU busy while a batch is enqueued (~12 ms at
+#: 1.7 GHz: far longer than a batch of calls takes the host, so no kernel of the batch runs while
+#: it is being enqueued).
+SLEEP_CYCLES = 20_000_000
 
 
-def median_us(fn, inner: int, repeats: int, sync) -> float:
+def median_us(fn, inner: int, repeats: int, sync, sleep: int = SLEEP_CYCLES) -> float:
     import torch
 
     for _ in range(50):
@@ -87,7 +88,7 @@ def median_us(fn, inner: int, repeats: int, sync) -> float:
     sync()
     per = []
     for _ in range(repeats):
-        torch.cuda._sleep(SLEEP_CYCLES)
+        torch.cuda._sleep(sleep)
         t0 = time.perf_counter()
         for _ in range(inner):
             fn()
@@ -96,7 +97,7 @@ def median_us(fn, inner: int, repeats: int, sync) -> float:
     return statistics.median(per)
 
 
-def floors(rt, q, o, inner: int, repeats: int, sync) -> dict[str, float]:
+def floors(rt, q, o, inner: int, repeats: int, sync, sleep: int) -> dict[str, float]:
     """The two launch floors, for the batched forward's own kernel and launch."""
     from cuda.bindings import driver as d
 
@@ -126,9 +127,11 @@ def floors(rt, q, o, inner: int, repeats: int, sync) -> dict[str, float]:
     run, addr = bound.run, s.addr
     return {
         "floor: cuLaunchKernelEx via cuda.bindings, prepacked": median_us(
-            lambda: d.cuLaunchKernelEx(cfg, fn, argv_addr, 0), inner, repeats, sync
+            lambda: d.cuLaunchKernelEx(cfg, fn, argv_addr, 0), inner, repeats, sync, sleep
         ),
-        "floor: C relaunch of a recorded launch (1 ctypes call)": median_us(lambda: run(addr), inner, repeats, sync),
+        "floor: C relaunch of a recorded launch (1 ctypes call)": median_us(
+            lambda: run(addr), inner, repeats, sync, sleep
+        ),
     }
 
 
@@ -159,6 +162,7 @@ def main() -> None:
     ap.add_argument("--old-cache", default=None, help="a cache that checkout built (manifests/h100.yaml)")
     ap.add_argument("--inner", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--sleep-cycles", type=int, default=SLEEP_CYCLES)
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
@@ -177,9 +181,9 @@ def main() -> None:
     ov = torch.empty_like(qv)
     cu = torch.arange(0, 513, 64, dtype=torch.int32, device="cuda")
     rows: dict[str, float] = {}
-    rows.update(floors(rt, q, o, args.inner, args.repeats, sync))
+    rows.update(floors(rt, q, o, args.inner, args.repeats, sync, args.sleep_cycles))
     proc = subprocess.run(
-        [sys.executable, "-c", PLAIN_CALLS, args.cache, str(args.inner), str(args.repeats)],
+        [sys.executable, "-c", PLAIN_CALLS, args.cache, str(args.inner), str(args.repeats), str(args.sleep_cycles)],
         capture_output=True,
         text=True,
         check=True,
@@ -197,12 +201,24 @@ def main() -> None:
             lambda: fa4aot.flash_attn_varlen_func(qv, kv, kv, cu, cu, 64, 64, causal=True, out=ov)
         ),
     }
-    rows["prepared call, batched"] = median_us(lambda: run_b(q, q, q, o), args.inner, args.repeats, sync)
-    rows["prepared call, varlen"] = median_us(lambda: run_v(qv, kv, kv, ov, cu, cu), args.inner, args.repeats, sync)
+    rows["prepared call, batched"] = median_us(
+        lambda: run_b(q, q, q, o), args.inner, args.repeats, sync, args.sleep_cycles
+    )
+    rows["prepared call, varlen"] = median_us(
+        lambda: run_v(qv, kv, kv, ov, cu, cu), args.inner, args.repeats, sync, args.sleep_cycles
+    )
     old: dict[str, float] = {}
     if args.old_src and args.old_cache:
         proc = subprocess.run(
-            [sys.executable, "-c", PLAIN_CALLS, args.old_cache, str(args.inner), str(args.repeats)],
+            [
+                sys.executable,
+                "-c",
+                PLAIN_CALLS,
+                args.old_cache,
+                str(args.inner),
+                str(args.repeats),
+                str(args.sleep_cycles),
+            ],
             capture_output=True,
             text=True,
             cwd=args.old_src,  # `python -c` puts the working directory first on sys.path

@@ -31,7 +31,7 @@ from fa4aot.runtime.combine import pick as pick_combine
 from fa4aot.runtime.dispatch import ForwardRule, StaticCall
 from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.metadata import SchedulerMetadata
-from fa4aot.runtime.tensors import DeviceTensor, as_device_tensor, stream_handle
+from fa4aot.runtime.tensors import DeviceTensor, as_device_tensor, converter, stream_handle
 from fa4aot.runtime.validate import INT32_MAX
 
 _FRAMEWORK_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -207,9 +207,10 @@ def analyse(
     """Validate a forward call's inputs and pick its variant (nothing is launched or allocated)."""
     dev = rt.device
     varlen_q, varlen_k = cu_q is not None, cu_k is not None
-    qd = as_device_tensor(q, "q")
-    kd = as_device_tensor(k, "k")
-    vd = as_device_tensor(v, "v")
+    conv = converter(q, "q")  # one lookup for the three (they are almost always one class)
+    qd = conv(q, "q")
+    kd = conv(k, "k") if k.__class__ is q.__class__ else as_device_tensor(k, "k")
+    vd = conv(v, "v") if v.__class__ is q.__class__ else as_device_tensor(v, "v")
     dtype = qd[3]
     if dtype not in FORWARD_DTYPES:
         raise ArgumentError(f"q: dtype must be bf16 or fp16, got {dtype}")

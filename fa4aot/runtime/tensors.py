@@ -82,12 +82,16 @@ def as_device_tensor(obj: Any, name: str) -> DeviceTensor:
     The converter is picked once per Python class (torch, CuPy, JAX, ...) and remembered."""
     conv = _CONVERTERS.get(obj.__class__)
     if conv is None:
-        conv = _converter_for(obj, name)
+        conv = converter(obj, name)
     return conv(obj, name)
 
 
-def _converter_for(obj: Any, name: str) -> Callable[[Any, str], DeviceTensor]:
+def converter(obj: Any, name: str) -> Callable[[Any, str], DeviceTensor]:
+    """The function that describes tensors of ``obj``'s class (remembered per class)."""
     cls = obj.__class__
+    conv = _CONVERTERS.get(cls)
+    if conv is not None:
+        return conv
     if cls is DeviceTensor:
         conv = _from_device_tensor
     elif cls is RawTensor:
