@@ -135,6 +135,35 @@ def floors(rt, q, o, inner: int, repeats: int, sync, sleep: int) -> dict[str, fl
     }
 
 
+def breakdown(rt, q, o, inner: int, repeats: int, sync, sleep: int) -> dict[str, float]:
+    """Where the batched plain call's host time goes: each step timed on its own."""
+    from fa4aot.runtime import validate
+    from fa4aot.runtime.forward import analyse, default_stream
+    from fa4aot.runtime.tensors import as_device_tensor
+
+    def args():
+        return (rt, q, q, q, None, None, None, None, None, None, None, True, (None, None), 1, None, False, False)
+
+    a = args()
+    fc = analyse(*a)
+    od = as_device_tensor(o, "out")
+    launch = fc.lv.launch
+    stream = default_stream(q)
+
+    def run_launcher():
+        launch(fc.q, fc.k, fc.v, od, None, None, None, None, None, None, None, None, fc.scale, None, None, 128, stream)
+
+    return {
+        "describe one torch tensor": median_us(lambda: as_device_tensor(q, "q"), inner, repeats, sync, sleep),
+        "check one q/k/v/out tensor": median_us(
+            lambda: validate.io(od, "out", 4, rt.device, rt), inner, repeats, sync, sleep
+        ),
+        "analyse (describe + check q, k, v; dispatch)": median_us(lambda: analyse(*a), inner, repeats, sync, sleep),
+        "current stream": median_us(lambda: default_stream(q), inner, repeats, sync, sleep),
+        "launcher (pack, FA4 host code, cuLaunchKernelEx)": median_us(run_launcher, inner, repeats, sync, sleep),
+    }
+
+
 def gpu_time_us(fn, n: int = 200) -> float:
     """Device time per call (CUDA events around n back-to-back calls)."""
     import torch
@@ -201,6 +230,7 @@ def main() -> None:
             lambda: fa4aot.flash_attn_varlen_func(qv, kv, kv, cu, cu, 64, 64, causal=True, out=ov)
         ),
     }
+    parts = breakdown(rt, q, o, args.inner, args.repeats, sync, args.sleep_cycles)
     rows["prepared call, batched"] = median_us(
         lambda: run_b(q, q, q, o), args.inner, args.repeats, sync, args.sleep_cycles
     )
@@ -255,6 +285,9 @@ def main() -> None:
         print(f"{k:<62} {v:>8.2f} {v / floor:>8.2f}")
     for k, v in gpu_us.items():
         print(f"(device time per call, {k}: {v:.2f} us)")
+    print("where the batched plain call's host time goes:")
+    for k, v in parts.items():
+        print(f"  {k:<60} {v:>8.2f}")
     result = {
         "gpu": gpu,
         "inner": args.inner,
@@ -262,6 +295,7 @@ def main() -> None:
         "host_us": rows,
         "baseline_us": old,
         "gpu_us": gpu_us,
+        "breakdown_us": parts,
         "profile_varlen": buf.getvalue(),
     }
     if args.json:

@@ -1,6 +1,6 @@
 """Manifest: the YAML file that says which variants a cache must hold.
 
-Schema (every key below ``families.<family>[i]`` is an axis; see ``fa4aot plan --axes``)::
+Schema (every key below ``families.<family>[i]`` is an axis; see ``fa4aot axes``)::
 
     target:                 # the GPU SKU the cache is for (or ``targets:``, a list of
                             # {target, families} mappings, for a cache serving several SKUs)

@@ -1,7 +1,8 @@
 """Which tensors each family's kernels take, with their dtypes, shapes and FA4's layouts.
 
-Pure functions of a variant and the problem sizes. The runtime validates callers' tensors against
-them; the build's self-test, the CLI and the tests make sample arguments from them.
+Pure functions of a variant and the problem sizes: the build's self-test, ``fa4aot verify``,
+``fa4aot launch-plan`` and the tests make sample arguments from them (the runtime checks callers'
+tensors itself, in :mod:`fa4aot.runtime.validate`).
 """
 
 from __future__ import annotations

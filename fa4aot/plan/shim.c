@@ -7,9 +7,9 @@
  * scheduler params, grid, cluster, smem) and hands back the launch instead of making it.
  * Nothing here touches libcuda.
  *
- * fa4aot_shim_launch then makes the recorded launches for real through the driver's
- * cuLaunchKernelEx, whose address the caller supplies (fa4aot gets it from cuda-python's
- * cuGetProcAddress), so a call is plan + launch in one foreign call.
+ * fa4aot_shim_call_launch (and the call-block entries at the end) then make the recorded launches
+ * for real through the driver's cuLaunchKernelEx, whose address the caller supplies (fa4aot gets
+ * it from cuGetProcAddress), so a call is plan + launch in one foreign call.
  *
  * The caller owns a fa4aot_shim_state (inputs: handles and attribute answers; outputs: the
  * recorded launches) and binds it to the current thread, so plans are reentrant per thread.

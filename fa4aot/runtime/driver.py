@@ -209,10 +209,6 @@ class CudaDriver:
     def memset_d32(self, ptr: int, value: int, count: int, stream: int) -> None:
         self._check(self._fn("cuMemsetD32Async")(ptr, value, count, stream or None), "cuMemsetD32Async")
 
-    def memset_d32_function(self) -> int:
-        """Address of ``cuMemsetD32Async`` (prepared calls reset the semaphore from C)."""
-        return self._address("cuMemsetD32Async")
-
     # -- launches ------------------------------------------------------------------------------
 
     def launch_function(self) -> int:
