@@ -11,8 +11,9 @@ from helpers import run_cli
 
 from fa4aot.build.store import CacheWriter
 from fa4aot.core.errors import CacheError, CorruptArtifactError
-from fa4aot.core.index import PACKED_MAGIC, Cache, PackedIndex, pack_index
+from fa4aot.core.index import PACKED_MAGIC, Cache, PackedIndex, PackedKey, pack_index
 from fa4aot.core.variant import Target, Variant
+from fa4aot.plan.abi import SHIM_ABI
 from fa4aot.runtime.loader import Runtime
 
 
@@ -24,10 +25,13 @@ def _copy(built_cache, tmp_path):
 
 def test_build_writes_one_packed_index_per_target(built_cache):
     cache = Cache(built_cache)
-    assert [(a, n) for a, n, _ in cache.packed_targets()] == [("sm_100a", 148), ("sm_90a", 132)]
-    for arch, sms, host in cache.packed_targets():
-        packed = cache.open_packed(arch, sms, host)
-        entries = [e for e in cache.entries() if e.target.arch == arch]
+    assert [(k.arch, k.num_sms, k.shim_abi) for k in cache.packed_targets()] == [
+        ("sm_100a", 148, SHIM_ABI),
+        ("sm_90a", 132, SHIM_ABI),
+    ]
+    for key in cache.packed_targets():
+        packed = cache.open_packed(key)
+        entries = [e for e in cache.entries() if e.target.arch == key.arch]
         assert set(packed.records) == {e.variant_id for e in entries}
         for e in entries:
             assert packed.entry(e.variant_id).meta == e.meta
@@ -80,12 +84,12 @@ def test_newest_entry_of_a_variant_wins_in_the_packed_index(tmp_path):
     cache = CacheWriter(tmp_path)
     target = Target("h100", "sm_90a", 132)
     v = Variant.make("combine", "sm_90a", 132, head_dim=128)
-    meta = {"variant": v.to_dict(), "target": target.to_dict(), "toolchain": {}, "host_arch": "x86_64"}
+    meta = {"variant": v.to_dict(), "target": target.to_dict(), "toolchain": {}, "host_arch": "x86_64", "shim_abi": 7}
     cache.put("old", dict(meta, created=1.0), {"plan": b"1"})
     cache.put("new", dict(meta, created=2.0), {"plan": b"2"})
     cache.put("stale-format", dict(meta, created=3.0, format=1), {"plan": b"3"})
     cache.write_packed()
-    packed = Cache(tmp_path).open_packed("sm_90a", 132, "x86_64")
+    packed = Cache(tmp_path).open_packed(PackedKey("sm_90a", 132, "x86_64", 7))
     assert packed.entry(v.variant_id).key == "new"
 
 

@@ -168,7 +168,7 @@ def test_device_mismatches_are_refused(built_cache):
 
 def test_host_arch_mismatch_is_refused(built_cache, monkeypatch):
     monkeypatch.setattr("fa4aot.runtime.loader.host_arch", lambda: "aarch64")
-    with pytest.raises(DeviceMismatchError, match=r"x86_64 host\).*this host is aarch64"):
+    with pytest.raises(DeviceMismatchError, match=r"x86_64 host, shim ABI \d+\).*this host is aarch64"):
         Runtime(built_cache, driver=FakeDriver())
 
 
@@ -307,7 +307,8 @@ def test_sm100_cache_on_sm90_device_is_refused(built_cache, tmp_path):
     cache.write_packed()
     cache.close()
     with pytest.raises(
-        DeviceMismatchError, match=r"b200 \(sm_100a, 148 SMs, x86_64 host\).*\(sm_90a, 132 SMs\), which cannot run them"
+        DeviceMismatchError,
+        match=r"b200 \(sm_100a, 148 SMs, x86_64 host, shim ABI \d+\).*\(sm_90a, 132 SMs\), which cannot run them",
     ):
         Runtime(copy, driver=FakeDriver(cc=(9, 0), num_sms=132))
 

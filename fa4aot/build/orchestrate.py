@@ -15,6 +15,8 @@ from fa4aot.build import manifest as manifest_mod
 from fa4aot.build.store import CacheWriter, blob_ok
 from fa4aot.build.toolchain import fingerprint, host_arch
 from fa4aot.build.worker import BuildOutput, build_variant, configure
+from fa4aot.core.errors import CacheError, CacheFullError, ManifestError
+from fa4aot.core.families import FAMILIES
 from fa4aot.core.variant import Target, Variant, cache_key
 
 #: Compiles per worker process before it is replaced (bounds memory growth across compiles).
@@ -40,10 +42,12 @@ class BuildReport:
     rows: list[Row] = field(default_factory=list)
     wall_seconds: float = 0.0
     peak_rss_mb: float = 0.0
+    #: why the build stopped before the end (a full disk), else None
+    stopped: str | None = None
 
     @property
     def ok(self) -> bool:
-        return all(r.status != "failed" for r in self.rows)
+        return not self.stopped and all(r.status != "failed" for r in self.rows)
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.rows)
@@ -65,7 +69,7 @@ def _cached(cache: CacheWriter, key: str) -> int | None:
     entry = cache.get(key)
     if entry is None:
         return None
-    if all(blob_ok(cache.blob_path(ref), ref) for ref in entry.blobs.values()):
+    if all(blob_ok(cache.root, ref) for ref in entry.blobs.values()):
         return sum(ref.size for ref in entry.blobs.values())
     return None
 
@@ -76,17 +80,34 @@ def build(
     jobs: int | None = None,
     *,
     progress: Callable[[int, int, Row], None] | None = None,
-    only: Callable[[Variant], bool] | None = None,
+    families: tuple[str, ...] = (),
+    compile_fn: Callable[[Variant, Target], BuildOutput] = build_variant,
+    pool_factory: Callable[[Target, int], cf.Executor] | None = None,
 ) -> BuildReport:
-    """Build every variant the manifest asks for into ``cache_dir``."""
+    """Build every variant the manifest asks for (of ``families``, if given) into ``cache_dir``.
+
+    Checks before compiling anything that the families exist in the manifest and that the cache
+    is writable. A full disk stops the build cleanly: what was stored stays, the report says what
+    was not (``report.stopped``). ``compile_fn`` and ``pool_factory`` (a process pool per target
+    by default) let tests run fake compiles.
+    """
     t0 = time.perf_counter()
     plan = manifest_mod.load(manifest_path)
+    planned = plan.variants
+    if families:
+        known = {pv.variant.family for pv in planned}
+        for fam in families:
+            if fam not in FAMILIES:
+                raise ManifestError("--family", f"unknown family {fam!r}; known: {sorted(FAMILIES)}")
+            if fam not in known:
+                raise ManifestError("--family", f"{manifest_path} builds no {fam} variant")
+        planned = [pv for pv in planned if pv.variant.family in families]
     toolchain = fingerprint()
     host = host_arch()
     cache = CacheWriter(cache_dir)
+    cache.check_writable()
     report = BuildReport()
     todo: dict[Target, list[tuple[manifest_mod.PlannedVariant, str]]] = {}
-    planned = [pv for pv in plan.variants if only is None or only(pv.variant)]
     total = len(planned)
     done = 0
     for pv in planned:
@@ -106,22 +127,42 @@ def build(
         # executor's own max_tasks_per_child can deadlock on Python 3.11.
         chunk = jobs * TASKS_PER_WORKER
         for start in range(0, len(all_items), chunk):
+            if report.stopped:
+                break
             items = all_items[start : start + chunk]
-            with _pool(target, min(jobs, len(items))) as pool:
-                futures = {pool.submit(build_variant, pv.variant, target): (pv, key) for pv, key in items}
+            with (pool_factory or _pool)(target, min(jobs, len(items))) as pool:
+                futures = {pool.submit(compile_fn, pv.variant, target): (pv, key) for pv, key in items}
                 for fut in cf.as_completed(futures):
                     pv, key = futures[fut]
+                    if report.stopped:
+                        fut.cancel()
+                        continue
                     try:
                         out: BuildOutput = fut.result()
                     except Exception as e:  # a worker died (e.g. killed by the OOM killer)
                         out = BuildOutput(pv.variant, False, error=f"build worker died: {e!r}")
                     report.peak_rss_mb = max(report.peak_rss_mb, out.peak_rss_mb)
-                    row = _store(cache, pv, key, target, out, toolchain, host)
+                    try:
+                        row = _store(cache, pv, key, target, out, toolchain, host)
+                    except CacheFullError as e:
+                        report.stopped = str(e)
+                        row = Row(pv.variant, key, "failed", out.seconds, error=f"not stored: {e}")
                     report.rows.append(row)
                     done += 1
                     if progress:
                         progress(done, total, row)
-    cache.write_packed()
+    if report.stopped:
+        done_keys = {r.key for r in report.rows}
+        for items in todo.values():
+            report.rows += [
+                Row(pv.variant, key, "failed", error="not built: the build stopped")
+                for pv, key in items
+                if key not in done_keys
+            ]
+    try:
+        cache.write_packed()
+    except (OSError, CacheError) as e:
+        report.stopped = report.stopped or f"cannot write the packed index: {e}"
     cache.close()
     report.wall_seconds = time.perf_counter() - t0
     return report

@@ -11,16 +11,18 @@ every committed record.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from fa4aot.core.errors import CacheError
+from fa4aot.core.errors import CacheError, CacheFullError
 from fa4aot.core.index import (
     BLOB_EXT,
     FORMAT_LINE,
@@ -28,56 +30,112 @@ from fa4aot.core.index import (
     BlobRef,
     Cache,
     Entry,
+    PackedKey,
     pack_index,
-    packed_name,
-    parse_packed_name,
+    read_regular,
 )
 from fa4aot.core.variant import CACHE_FORMAT_VERSION, Target, sha256_hex
 
+#: Lock file under the cache root: writers share it, gc takes it exclusively.
+LOCK_FILE = "LOCK"
+
 
 class CacheWriter(Cache):
-    """A cache directory opened for writing (created if missing)."""
+    """A cache directory opened for writing. ``create``: make it if it does not exist (builds);
+    otherwise (gc, reindex) the directory must already be an fa4aot cache and nothing is created.
+    """
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, *, create: bool = True):
         self.root = Path(root)
         self._index: Any = None
-        self.root.mkdir(parents=True, exist_ok=True)
         fmt = self.root / "FORMAT"
-        if fmt.exists():
+        if not create:
+            if not fmt.is_file() or not (self.root / "index" / "cache.db").is_file():
+                raise CacheError(
+                    f"{self.root} is not an fa4aot cache (no FORMAT and index/cache.db); refusing to touch it"
+                )
             self._check_format()
-        else:
-            _atomic_write(self.root / "tmp", fmt, (FORMAT_LINE + "\n").encode())
+            return
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if fmt.exists():
+                self._check_format()
+            else:
+                _atomic_write(self.root / "tmp", fmt, (FORMAT_LINE + "\n").encode())
+        except OSError as e:
+            raise CacheError(f"cannot write the cache {self.root}: {e.strerror or e}") from None
+
+    def check_writable(self) -> None:
+        """Raise CacheError unless this process can write blobs and the index (checked before a
+        build compiles anything)."""
+        probe = self.root / "tmp" / f".probe.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        try:
+            probe.parent.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+            self._writer()
+        except (OSError, CacheError) as e:
+            raise CacheError(f"the cache {self.root} is not writable: {getattr(e, 'strerror', None) or e}") from None
+
+    @contextlib.contextmanager
+    def _gc_lock(self, exclusive: bool) -> Iterator[None]:
+        """Writers hold it shared from their first blob to their index record; gc holds it
+        exclusively while it decides what is referenced and deletes, so it never deletes a blob a
+        record is about to reference."""
+        with open(self.root / LOCK_FILE, "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
 
     def _writer(self) -> Any:
         if self._index is None:
             import diskcache
 
-            # Small JSON records stay inline in SQLite (raw text, readable by plain sqlite3);
-            # a rollback journal (not WAL) lets read-only volumes open the file without -shm.
-            self._index = diskcache.Cache(
-                str(self.root / "index"),
-                disk_min_file_size=1 << 24,
-                sqlite_journal_mode="delete",
-                timeout=60,
-            )
+            index = self.root / "index"
+            index.mkdir(exist_ok=True)  # diskcache would make it 0755 whatever the umask
+            try:
+                # Small JSON records stay inline in SQLite (raw text, readable by plain sqlite3);
+                # a rollback journal (not WAL) lets read-only volumes open the file without -shm.
+                self._index = diskcache.Cache(
+                    str(index),
+                    disk_min_file_size=1 << 24,
+                    sqlite_journal_mode="delete",
+                    timeout=60,
+                )
+            except Exception as e:  # sqlite3 errors, PermissionError, a corrupt file
+                raise CacheError(f"cannot open the cache index {index}: {e}") from None
+            _match_umask(index / "cache.db")
         return self._index
 
     def put(self, key: str, meta: Mapping[str, Any], blobs: Mapping[str, bytes]) -> Entry:
-        """Store blobs, then the index record; returns the entry. Safe to race (see module doc)."""
+        """Store blobs, then the index record; returns the entry. Safe to race with other writers
+        and with gc (see the module doc). A full disk or index raises :class:`CacheFullError`
+        (nothing of this entry becomes visible)."""
         self._writer()
         refs: dict[str, dict[str, Any]] = {}
-        for role, data in blobs.items():
-            ref = BlobRef(sha256_hex(data), len(data), BLOB_EXT.get(role, "bin"))
-            path = self.blob_path(ref)
-            if not blob_ok(path, ref):
-                _atomic_write(self.root / "tmp", path, data)
-            refs[role] = {"sha256": ref.sha256, "size": ref.size, "file": str(path.relative_to(self.root))}
         record = dict(meta)
-        record["blobs"] = refs
         record.setdefault("format", CACHE_FORMAT_VERSION)
         record.setdefault("created", time.time())
-        text = json.dumps(record, sort_keys=True)
-        self._writer().set(key, text)
+        try:
+            with self._gc_lock(exclusive=False):
+                for role, data in blobs.items():
+                    ref = BlobRef(sha256_hex(data), len(data), BLOB_EXT.get(role, "bin"))
+                    path = self.blob_path(ref)
+                    if blob_ok(self.root, ref):
+                        os.utime(path)  # fresh again: a gc with a grace period keeps it
+                    else:
+                        _atomic_write(self.root / "tmp", path, data)
+                    refs[role] = {"sha256": ref.sha256, "size": ref.size, "file": str(path.relative_to(self.root))}
+                record["blobs"] = refs
+                text = json.dumps(record, sort_keys=True)
+                self._writer().set(key, text)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CacheFullError(f"the disk holding {self.root} is full ({e.strerror})") from None
+            raise CacheError(f"cannot write to the cache {self.root}: {e.strerror or e}") from None
+        except Exception as e:
+            if "full" in str(e).lower():  # sqlite3: "database or disk is full"
+                raise CacheFullError(f"the cache index of {self.root} cannot grow: {e}") from None
+            raise
         return Entry.from_json(key, text)
 
     def delete(self, key: str) -> bool:
@@ -92,82 +150,102 @@ class CacheWriter(Cache):
     # ---- packed indexes --------------------------------------------------------------------
 
     def write_packed(self) -> list[Path]:
-        """Rewrite every target's packed index from the full index; returns the files written.
+        """Rewrite every packed index from the full index; returns the files written.
 
-        Per (target, host arch) and variant, the newest entry of this cache format wins. Packed
-        files of targets that no longer have entries are removed.
+        One file per (target, host arch, plan-shim ABI); per variant the newest entry of this cache
+        format wins; records without a shim ABI or malformed ones are left out (``fa4aot verify``
+        reports the latter). Packed files no entry needs any more are removed.
         """
         pdir = self.root / PACKED_DIR
         pdir.mkdir(exist_ok=True)
         with open(pdir / ".lock", "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # readers never take it; writers serialise here
-            groups: dict[tuple[str, int, str], tuple[Target, dict[str, tuple[float, str, str]]]] = {}
+            groups: dict[PackedKey, tuple[Target, dict[str, tuple[float, str, str]]]] = {}
             for key, text in self.records():
                 try:
                     e = Entry.from_json(key, text)
-                except CacheError:
-                    continue  # `fa4aot verify` reports malformed records
+                    abi = int(e.meta["shim_abi"])
+                except (CacheError, KeyError, TypeError, ValueError):
+                    continue
                 if e.meta.get("format") != CACHE_FORMAT_VERSION:
                     continue
-                ident = (e.target.arch, e.target.num_sms, e.host_arch)
-                target, best = groups.setdefault(ident, (e.target, {}))
+                pk = PackedKey(e.target.arch, e.target.num_sms, e.host_arch, abi)
+                target, best = groups.setdefault(pk, (e.target, {}))
                 created = float(e.meta.get("created", 0))
                 prev = best.get(e.variant_id)
                 if prev is None or created >= prev[0]:
                     best[e.variant_id] = (created, key, text)
             written = []
-            for (_, _, host), (target, best) in groups.items():
+            for pk, (target, best) in groups.items():
                 records = [(key, text) for _, key, text in sorted(best.values(), key=lambda r: r[1])]
-                path = pdir / packed_name(target, host)
-                _atomic_write(self.root / "tmp", path, pack_index(target, host, records))
+                path = pdir / pk.filename
+                _atomic_write(self.root / "tmp", path, pack_index(target, pk.host_arch, records, pk.shim_abi))
                 written.append(path)
             for name in os.listdir(pdir):
-                if parse_packed_name(name) is not None and (pdir / name) not in written:
+                if PackedKey.parse(name) is not None and (pdir / name) not in written:
                     (pdir / name).unlink(missing_ok=True)
             return written
 
     # ---- maintenance -----------------------------------------------------------------------
 
-    def gc(self, keep: set[str] | None = None, grace_seconds: float = 3600.0) -> dict[str, int]:
-        """Drop index records not in ``keep`` (if given), then blobs no record references and
-        staging files, older than ``grace_seconds`` (so a concurrent build's fresh blobs stay)."""
-        removed_entries = 0
-        if keep is not None:
-            for e in self.entries():
-                if e.key not in keep and self.delete(e.key):
-                    removed_entries += 1
+    def gc(
+        self,
+        keep: set[str] | None = None,
+        grace_seconds: float = 3600.0,
+        owned: Callable[[Entry], bool] | None = None,
+    ) -> dict[str, int]:
+        """Drop index records not in ``keep`` (if given) among those ``owned`` accepts (default:
+        all), then blobs no record references and staging files older than ``grace_seconds``.
+        Runs under the exclusive gc lock, so a concurrent writer's blobs are either referenced by
+        its committed record or untouched."""
+        with self._gc_lock(exclusive=True):
+            removed_entries = 0
+            if keep is not None:
+                for e in self.entries():
+                    if e.key not in keep and (owned is None or owned(e)) and self.delete(e.key):
+                        removed_entries += 1
+            referenced = {str(self.blob_path(ref)) for e in self.entries() for ref in e.blobs.values()}
+            now = time.time()
+            removed_blobs = freed = 0
+            for sub in ("blobs", "tmp"):
+                base = self.root / sub
+                if not base.is_dir() or base.is_symlink():
+                    continue
+                for path in base.rglob("*"):
+                    if str(path) in referenced or path.is_dir() and not path.is_symlink():
+                        continue
+                    try:
+                        st = path.lstat()
+                        if now - st.st_mtime < grace_seconds:
+                            continue
+                        path.unlink()
+                    except FileNotFoundError:
+                        continue
+                    removed_blobs += 1
+                    freed += st.st_size
         if removed_entries:
             self.write_packed()
-        referenced = {str(self.blob_path(ref)) for e in self.entries() for ref in e.blobs.values()}
-        now = time.time()
-        removed_blobs = freed = 0
-        for sub in ("blobs", "tmp"):
-            base = self.root / sub
-            if not base.exists():
-                continue
-            for path in base.rglob("*"):
-                if not path.is_file() or str(path) in referenced:
-                    continue
-                try:
-                    st = path.stat()
-                    if now - st.st_mtime < grace_seconds:
-                        continue
-                    path.unlink()
-                except FileNotFoundError:
-                    continue
-                removed_blobs += 1
-                freed += st.st_size
         return {"entries_removed": removed_entries, "files_removed": removed_blobs, "bytes_freed": freed}
 
 
-def blob_ok(path: Path, ref: BlobRef) -> bool:
-    """True if ``path`` holds exactly the bytes ``ref`` names."""
+def blob_ok(root: Path, ref: BlobRef) -> bool:
+    """True if the cache at ``root`` holds exactly the bytes ``ref`` names, as a regular file."""
     try:
-        if path.stat().st_size != ref.size:
-            return False
-        return sha256_hex(path.read_bytes()) == ref.sha256
+        data = read_regular(root, ("blobs", ref.sha256[:2], ref.filename), ref.size)
     except OSError:
         return False
+    return sha256_hex(data) == ref.sha256
+
+
+def _match_umask(path: Path) -> None:
+    """Give ``path`` the mode a new file gets under this process's umask (SQLite creates its file
+    0644 whatever the umask, so a group-shared cache would lose group write on the index)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    try:
+        os.chmod(path, 0o666 & ~mask)
+    except OSError:
+        pass  # not our file (another user created it): leave it as it is
 
 
 def _atomic_write(tmp_dir: Path, path: Path, data: bytes) -> None:

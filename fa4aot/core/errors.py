@@ -24,6 +24,10 @@ class CacheError(Fa4aotError):
     """The cache is unreadable, or an entry's metadata is malformed."""
 
 
+class CacheFullError(CacheError):
+    """The disk (or the index database) holding the cache is full."""
+
+
 class CorruptArtifactError(CacheError):
     """A blob's bytes do not match the sha256 recorded for them (flipped, truncated, missing)."""
 

@@ -29,8 +29,10 @@ first used.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -104,23 +106,37 @@ class Entry(NamedTuple):
         return str(self.meta.get("host_arch"))
 
 
-def packed_name(target: Target, host_arch: str) -> str:
-    """File name of the packed index for ``target`` on ``host_arch`` hosts."""
-    return f"{target.arch}-{target.num_sms}-{host_arch}.idx"
+class PackedKey(NamedTuple):
+    """What a packed index serves: a target (arch, SM count), a host arch and a plan-shim ABI. Each
+    fa4aot version reads only the packed indexes of its own shim ABI, so versions can share a cache
+    without loading each other's plans."""
+
+    arch: str
+    num_sms: int
+    host_arch: str
+    shim_abi: int
+
+    @property
+    def filename(self) -> str:
+        return f"{self.arch}-{self.num_sms}-{self.host_arch}-abi{self.shim_abi}.idx"
+
+    @classmethod
+    def parse(cls, name: str) -> PackedKey | None:
+        """The key of a packed index file name, or None for other files."""
+        if not name.endswith(".idx"):
+            return None
+        parts = name[:-4].split("-")
+        if len(parts) != 4 or not parts[1].isdigit() or not parts[3].startswith("abi") or not parts[3][3:].isdigit():
+            return None
+        return cls(parts[0], int(parts[1]), parts[2], int(parts[3][3:]))
+
+    def describe(self) -> str:
+        return f"{self.arch} with {self.num_sms} SMs, {self.host_arch} host, shim ABI {self.shim_abi}"
 
 
-def parse_packed_name(name: str) -> tuple[str, int, str] | None:
-    """(arch, num_sms, host_arch) from a packed index file name, or None."""
-    if not name.endswith(".idx"):
-        return None
-    parts = name[:-4].split("-")
-    if len(parts) != 3 or not parts[1].isdigit():
-        return None
-    return parts[0], int(parts[1]), parts[2]
-
-
-def pack_index(target: Target, host_arch: str, records: list[tuple[str, str]]) -> bytes:
-    """The packed index bytes for ``records`` ((key, metadata JSON) pairs, one per variant)."""
+def pack_index(target: Target, host_arch: str, records: list[tuple[str, str]], shim_abi: int = 0) -> bytes:
+    """The packed index bytes for ``records`` ((key, metadata JSON) pairs, one per variant, all of
+    plan-shim ABI ``shim_abi``)."""
     table: dict[str, list[Any]] = {}
     body = bytearray()
     for key, text in records:
@@ -129,7 +145,13 @@ def pack_index(target: Target, host_arch: str, records: list[tuple[str, str]]) -
         table[vid] = [key, len(body), len(raw), sha256_hex(raw)]
         body += raw
     header = json.dumps(
-        {"format": CACHE_FORMAT_VERSION, "target": target.to_dict(), "host_arch": host_arch, "records": table},
+        {
+            "format": CACHE_FORMAT_VERSION,
+            "target": target.to_dict(),
+            "host_arch": host_arch,
+            "shim_abi": shim_abi,
+            "records": table,
+        },
         sort_keys=True,
         separators=(",", ":"),
     ).encode()
@@ -169,9 +191,13 @@ class PackedIndex:
                     f"{path} has cache format {doc.get('format')}; this fa4aot reads {CACHE_FORMAT_VERSION}. "
                     "Rebuild the cache with this fa4aot."
                 )
-            self.target = Target.from_dict(doc["target"])
-            self.host_arch: str = doc["host_arch"]
-            self.records: dict[str, list[Any]] = doc["records"]
+            try:
+                self.target = Target.from_dict(doc["target"])
+                self.host_arch: str = doc["host_arch"]
+                self.shim_abi = int(doc["shim_abi"])
+                self.records: dict[str, list[Any]] = dict(doc["records"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise CorruptArtifactError(f"{path}: packed index header lacks {e}; run `fa4aot reindex`") from None
             self._body = start + length
         except BaseException:
             os.close(self._fd)
@@ -237,15 +263,19 @@ class Cache:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        if not (self.root / "index" / "cache.db").exists() and not (self.root / PACKED_DIR).is_dir():
+        try:
+            is_cache = (self.root / "index" / "cache.db").exists() or (self.root / PACKED_DIR).is_dir()
+        except OSError as e:  # e.g. an unreadable index/ directory
+            raise CacheError(f"cannot read the cache {self.root}: {e.strerror or e}") from None
+        if not is_cache:
             raise CacheError(f"{self.root} is not an fa4aot cache (no index); build one with `fa4aot build MANIFEST`")
         self._check_format()
 
     def _check_format(self) -> None:
         try:
             line = (self.root / "FORMAT").read_text().strip()
-        except OSError:
-            raise CacheError(f"{self.root} is not an fa4aot cache (no FORMAT file)") from None
+        except (OSError, UnicodeDecodeError):
+            raise CacheError(f"{self.root} is not an fa4aot cache (no readable FORMAT file)") from None
         if line != FORMAT_LINE:
             raise CacheError(
                 f"{self.root} has cache format {line!r}; this fa4aot reads {FORMAT_LINE!r}. "
@@ -255,31 +285,49 @@ class Cache:
     # ---- full index (CLI, verify, gc) --------------------------------------------------------
 
     def records(self, key: str | None = None) -> Iterator[tuple[str, str]]:
-        """(key, JSON) index records read with plain sqlite3 (works read-only)."""
+        """(key, JSON) index records, committed ones only, read with plain sqlite3.
+
+        A writer killed inside a transaction leaves a hot journal; SQLite must roll it back
+        before anyone reads. With write access that happens here; without it the read fails with
+        a :class:`CacheError` saying what to run (it never reads past the journal)."""
         import sqlite3  # only the CLI and the fallback path read the full index
 
         db = self.root / "index" / "cache.db"
         if not db.exists():
             return iter(())
-        rows: list[tuple[str, str]] = []
-        for uri in (f"file:{db}?mode=ro", f"file:{db}?immutable=1"):
+        query = "SELECT key, value FROM Cache WHERE raw = 1" + (" ORDER BY rowid" if key is None else " AND key = ?")
+        params = () if key is None else (key,)
+        try:
             try:
-                con = sqlite3.connect(uri, uri=True, timeout=60)
-                try:
-                    if key is None:
-                        cur = con.execute("SELECT key, value FROM Cache WHERE raw = 1 ORDER BY rowid")
-                    else:
-                        cur = con.execute("SELECT key, value FROM Cache WHERE raw = 1 AND key = ?", (key,))
-                    rows = [(k, v) for k, v in cur.fetchall() if isinstance(k, str) and isinstance(v, str)]
-                finally:
-                    con.close()
-                break
-            except sqlite3.OperationalError as e:
-                last = e
-                continue
-        else:
-            raise CacheError(f"cannot read the cache index {db}: {last}")
-        return iter(rows)
+                rows = self._select(f"file:{db}?mode=ro", query, params)
+            except sqlite3.OperationalError:
+                if not Path(f"{db}-journal").exists():
+                    raise
+                if not (os.access(db, os.W_OK) and os.access(db.parent, os.W_OK)):
+                    raise CacheError(
+                        f"the cache index {db} has an unfinished transaction (a writer was killed), and "
+                        "rolling it back needs write access: run `fa4aot verify --cache "
+                        f"{self.root}` once as a user who can write the cache"
+                    ) from None
+                self._select(str(db), "SELECT count(*) FROM sqlite_master", ())  # rolls the journal back
+                rows = self._select(f"file:{db}?mode=ro", query, params)
+        except sqlite3.DatabaseError as e:  # OperationalError included: locked, unreadable, corrupt
+            raise CacheError(
+                f"cannot read the cache index {db}: {e}. Run `fa4aot verify`; rebuild if it persists"
+            ) from None
+        except OSError as e:
+            raise CacheError(f"cannot read the cache index {db}: {e.strerror or e}") from None
+        return iter([(k, v) for k, v in rows if isinstance(k, str) and isinstance(v, str)])
+
+    @staticmethod
+    def _select(uri: str, query: str, params: tuple) -> list[tuple]:
+        import sqlite3
+
+        con = sqlite3.connect(uri, uri=uri.startswith("file:"), timeout=60)
+        try:
+            return con.execute(query, params).fetchall()
+        finally:
+            con.close()
 
     def get(self, key: str) -> Entry | None:
         """The entry for ``key``, or None. Blobs are not read (see :meth:`read_blob`)."""
@@ -302,16 +350,18 @@ class Cache:
 
     # ---- packed indexes (runtime) --------------------------------------------------------------
 
-    def packed_targets(self) -> list[tuple[str, int, str]]:
-        """(arch, num_sms, host_arch) of every packed index present."""
+    def packed_targets(self) -> list[PackedKey]:
+        """The keys of every packed index present."""
         try:
             names = os.listdir(self.root / PACKED_DIR)
         except FileNotFoundError:
             return []
-        return sorted(p for p in map(parse_packed_name, names) if p is not None)
+        except OSError as e:
+            raise CacheError(f"cannot list {self.root / PACKED_DIR}: {e.strerror or e}") from None
+        return sorted(k for k in map(PackedKey.parse, names) if k is not None)
 
-    def open_packed(self, arch: str, num_sms: int, host_arch: str) -> PackedIndex:
-        return PackedIndex(self.root / PACKED_DIR / f"{arch}-{num_sms}-{host_arch}.idx")
+    def open_packed(self, key: PackedKey) -> PackedIndex:
+        return PackedIndex(self.root / PACKED_DIR / key.filename)
 
     # ---- blobs ---------------------------------------------------------------------------
 
@@ -319,16 +369,22 @@ class Cache:
         return self.root / "blobs" / ref.sha256[:2] / ref.filename
 
     def read_blob(self, entry: Entry, role: str) -> bytes:
-        """The bytes of one blob, after checking size and sha256 against the entry."""
+        """The bytes of one blob, after checking size and sha256 against the entry (see
+        :func:`read_regular`: links, FIFOs, devices and directories are refused)."""
         ref = entry.blobs.get(role)
         if ref is None:
             raise CacheError(f"entry {entry.key} has no {role} blob")
         path = self.blob_path(ref)
         try:
-            data = path.read_bytes()
+            data = read_regular(self.root, ("blobs", ref.sha256[:2], ref.filename), ref.size)
+        except SizeMismatch as e:
+            raise CorruptArtifactError(
+                f"{role} of entry {entry.key} ({entry.variant.label()}) is corrupt: {path} has {e.actual} "
+                f"bytes, the index records {ref.size}. Refusing to use it; run `fa4aot verify` and rebuild."
+            ) from None
         except OSError as e:
             raise CorruptArtifactError(
-                f"{role} of entry {entry.key} ({entry.variant.label()}) is missing: {path}: "
+                f"{role} of entry {entry.key} ({entry.variant.label()}) is missing or not a plain file: {path}: "
                 f"{e.strerror or e}. Rebuild it with `fa4aot build`."
             ) from None
         if len(data) != ref.size or sha256_hex(data) != ref.sha256:
@@ -358,3 +414,41 @@ def cubin_of(entry: Entry, plan_bytes: bytes) -> bytes:
             f"offset {ref.offset} of the plan; run `fa4aot verify` and rebuild."
         )
     return data
+
+
+class SizeMismatch(OSError):
+    """A blob file whose size is not the recorded one (``actual`` bytes)."""
+
+    def __init__(self, actual: int):
+        super().__init__(errno.EINVAL, f"{actual} bytes")
+        self.actual = actual
+
+
+def read_regular(root: Path, parts: tuple[str, ...], size: int) -> bytes:
+    """Read ``root/parts...``, a regular file of ``size`` bytes, without following a link at any
+    level below ``root``: a symlink, FIFO, device or directory raises OSError before anything is
+    read (a FIFO would block, /dev/zero never end), and so does a file of another size (it is
+    not read; the caller reports it as corrupt). Returns at most ``size`` bytes."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+    fds = [os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
+    try:
+        for part in parts[:-1]:
+            fds.append(os.open(part, flags | os.O_DIRECTORY, dir_fd=fds[-1]))
+        fd = os.open(parts[-1], flags | os.O_NONBLOCK, dir_fd=fds[-1])
+        fds.append(fd)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if st.st_size != size:
+            raise SizeMismatch(st.st_size)
+        chunks, left = [], size
+        while left:
+            chunk = os.read(fd, left)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        for fd in reversed(fds):
+            os.close(fd)

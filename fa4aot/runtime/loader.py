@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from fa4aot.core.bounded import BoundedDict
-from fa4aot.core.errors import CacheError, DeviceMismatchError, Fa4aotError, VariantNotFoundError
+from fa4aot.core.errors import CacheError, DeviceMismatchError, VariantNotFoundError
 from fa4aot.core.index import Cache, Entry, cubin_of, default_cache_dir
 from fa4aot.core.variant import Target, Variant
-from fa4aot.plan.abi import DEV_ATTR_MAX_SMEM_OPTIN, FUNC_ATTR_SHARED_SIZE_BYTES
+from fa4aot.plan.abi import DEV_ATTR_MAX_SMEM_OPTIN, FUNC_ATTR_SHARED_SIZE_BYTES, SHIM_ABI
 from fa4aot.plan.library import Plan, open_plan
 from fa4aot.runtime.dispatch import clc_requested
 
@@ -138,39 +138,44 @@ class Runtime:
         info = self.info
         cc = info.compute_capability
         arch = f"sm_{cc[0]}{cc[1]}a"
-        targets = self.cache.packed_targets()
-        if not targets:
+        keys = self.cache.packed_targets()
+        if not keys:
             return self._fallback_index(arch, allow_sm_mismatch)
-        here = [t for t in targets if t[2] == self.host_arch]
-        have = self._describe(targets) if len(here) != len(targets) or not any(t[0] == arch for t in here) else ""
-        if not here:
+        here = [k for k in keys if k.host_arch == self.host_arch and k.arch == arch]
+        mine = [k for k in here if k.shim_abi == SHIM_ABI]
+        if not mine:
+            have = self._describe(keys)
+            if here:
+                raise DeviceMismatchError(
+                    f"the cache {self.cache.root} holds launch plans for {have}, built by another fa4aot "
+                    f"version; this one reads shim ABI {SHIM_ABI}. Rebuild the cache with this fa4aot."
+                )
+            if any(k.host_arch == self.host_arch for k in keys):
+                raise DeviceMismatchError(
+                    f"the cache {self.cache.root} holds kernels for {have}; this device is {info.name} "
+                    f"({arch}, {info.num_sms} SMs), which cannot run them. Build a manifest whose target.arch is {arch}."
+                )
             raise DeviceMismatchError(
                 f"the cache {self.cache.root} holds launch plans for {have}; this host is {self.host_arch}. "
                 "Build the cache on (or for) this CPU arch."
             )
-        same_arch = [t for t in here if t[0] == arch]
-        if not same_arch:
-            raise DeviceMismatchError(
-                f"the cache {self.cache.root} holds kernels for {have}; this device is {info.name} "
-                f"({arch}, {info.num_sms} SMs), which cannot run them. Build a manifest whose target.arch is {arch}."
-            )
-        exact = [t for t in same_arch if t[1] == info.num_sms]
-        pick = exact[0] if exact else same_arch[0]
+        exact = [k for k in mine if k.num_sms == info.num_sms]
+        pick = exact[0] if exact else mine[0]
         if not exact:
-            self._sm_mismatch(pick[1], self._describe(targets), allow_sm_mismatch)
-        return self.cache.open_packed(*pick)
+            self._sm_mismatch(pick.num_sms, self._describe(keys), allow_sm_mismatch)
+        return self.cache.open_packed(pick)
 
-    def _describe(self, targets: list[tuple[str, int, str]]) -> str:
-        """'b200 (sm_100a, 148 SMs, x86_64 host), ...' for error messages (reads the headers)."""
+    def _describe(self, keys: list[PackedKey]) -> str:
+        """'b200 (sm_100a, 148 SMs, x86_64 host, shim ABI 3), ...' for error messages."""
         out = []
-        for arch, sms, host in targets:
+        for k in keys:
             try:
-                idx = self.cache.open_packed(arch, sms, host)
+                idx = self.cache.open_packed(k)
                 name = idx.target.name
                 idx.close()
             except Fa4aotError:
                 name = "?"
-            out.append(f"{name} ({arch}, {sms} SMs, {host} host)")
+            out.append(f"{name} ({k.arch}, {k.num_sms} SMs, {k.host_arch} host, shim ABI {k.shim_abi})")
         return ", ".join(out)
 
     def _sm_mismatch(self, built_sms: int, have: str, allowed: bool) -> None:
@@ -193,12 +198,21 @@ class Runtime:
         index instead. Slower to open; `fa4aot reindex` writes the packed ones."""
         from fa4aot.core.index import MemoryIndex
 
-        entries = []
+        entries, skipped = [], 0
         for key, text in self.cache.records():
             try:
-                entries.append(Entry.from_json(key, text))
+                e = Entry.from_json(key, text)
             except CacheError:
+                skipped += 1
                 continue
+            if e.meta.get("shim_abi") == SHIM_ABI:  # other fa4aot versions' plans are never loaded
+                entries.append(e)
+        if skipped:
+            warnings.warn(
+                f"fa4aot: skipped {skipped} malformed index record(s) of {self.cache.root}; `fa4aot verify` lists them",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         if not entries:
             raise VariantNotFoundError(f"the cache {self.cache.root} is empty; build it with `fa4aot build MANIFEST`")
         mine = [e for e in entries if e.host_arch == self.host_arch and e.target.arch == arch]
@@ -275,6 +289,7 @@ class Runtime:
 
     def _load_entry(self, entry: Entry) -> LoadedVariant:
         t = [time.perf_counter()]
+        _require_fields(entry)
         self._check_entry(entry)
         plan_bytes = self.cache.read_blob(entry, "plan")  # sha256 checked: a corrupt blob never loads
         cubin = cubin_of(entry, plan_bytes)  # a checked slice of the verified plan
@@ -343,6 +358,26 @@ class Runtime:
             "combine_picks": len(self.combine_picks),
             "auto_metadata": len(self.auto_metadata),
         }
+
+
+def _require_fields(entry: Entry) -> None:
+    """An index record has every field loading reads (a malformed record fails its own variant,
+    with a typed error, never the runtime)."""
+    m = entry.meta
+    try:
+        ok = (
+            isinstance(m["kernels"], list)
+            and m["kernels"]
+            and all(isinstance(k["symbol"], str) and isinstance(k["params"], list) for k in m["kernels"])
+            and all(isinstance(m["signature"][f], str) for f in ("entry", "init", "load"))
+            and isinstance(m["signature"]["args"], list)
+            and entry.cubin is not None
+            and "plan" in entry.blobs
+        )
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise CacheError(f"index record {entry.key} ({entry.variant.label()}) is malformed; run `fa4aot verify`")
 
 
 def host_arch() -> str:

@@ -34,6 +34,12 @@ def _open(cache_dir: Path | None) -> Cache:
     return Cache(_cache_dir(cache_dir))
 
 
+def _finite(value: float, name: str) -> float:
+    if value != value:  # NaN
+        raise click.BadParameter("must be a number, got nan", param_hint=name)
+    return value
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -88,7 +94,7 @@ def build(manifest: Path, cache_dir: Path | None, jobs: int | None, family: tupl
             _cache_dir(cache_dir),
             jobs,
             progress=progress,
-            only=(lambda v: v.family in family) if family else None,
+            families=family,
         )
     except Fa4aotError as e:
         raise click.ClickException(str(e)) from None
@@ -110,6 +116,11 @@ def build(manifest: Path, cache_dir: Path | None, jobs: int | None, family: tupl
     for r in rows:
         if r.status == "failed":
             click.echo(f"FAILED {r.variant.label()}: {r.error}", err=True)
+    if report.stopped:
+        stored = report.count("built")
+        click.echo(
+            f"build stopped: {report.stopped}; {stored} variants were stored before it, the rest were not", err=True
+        )
     if not report.ok:
         sys.exit(1)
 
@@ -306,14 +317,25 @@ def check_plans_cmd(cache_dir: Path | None, runs: int) -> None:
 )
 @click.option(
     "--grace",
-    type=float,
+    type=click.FloatRange(0, 10 * 365 * 86400),
+    callback=lambda ctx, param, v: _finite(v, "--grace"),  # FloatRange lets NaN through
     default=3600.0,
     show_default=True,
     help="Keep unreferenced files younger than this many seconds (a concurrent build's).",
 )
-def gc(cache_dir: Path | None, manifest: Path | None, grace: float) -> None:
-    """Remove unreferenced blobs and stale staging files (and, with --manifest, stale entries)."""
-    keep = None
+@click.option(
+    "--other-toolchains",
+    is_flag=True,
+    help="With --manifest, also drop entries built by other toolchains (other fa4aot or FA4 versions).",
+)
+def gc(cache_dir: Path | None, manifest: Path | None, grace: float, other_toolchains: bool) -> None:
+    """Remove unreferenced blobs and stale staging files (and, with --manifest, stale entries).
+
+    With --manifest, only entries this installation's toolchain built are candidates: a cache
+    shared by several fa4aot versions keeps the others' entries unless --other-toolchains is given.
+    Refuses a directory that is not an fa4aot cache and creates nothing.
+    """
+    keep = owned = None
     try:
         if manifest is not None:
             from fa4aot.build import manifest as manifest_mod
@@ -323,10 +345,12 @@ def gc(cache_dir: Path | None, manifest: Path | None, grace: float) -> None:
             plan = manifest_mod.load(manifest)
             tc, host = fingerprint(), host_arch()
             keep = {cache_key(pv.variant, tc, host) for pv in plan.variants}
+            if not other_toolchains:
+                owned = lambda e: e.meta.get("toolchain") == tc  # noqa: E731
         from fa4aot.build.store import CacheWriter
 
-        cache = CacheWriter(_cache_dir(cache_dir))
-        stats = cache.gc(keep, grace)
+        cache = CacheWriter(_cache_dir(cache_dir), create=False)
+        stats = cache.gc(keep, grace, owned)
         cache.close()
     except Fa4aotError as e:
         raise click.ClickException(str(e)) from None
@@ -347,8 +371,7 @@ def reindex(cache_dir: Path | None) -> None:
     from fa4aot.build.store import CacheWriter
 
     try:
-        _open(cache_dir)  # refuse a directory that is not a cache
-        cache = CacheWriter(_cache_dir(cache_dir))
+        cache = CacheWriter(_cache_dir(cache_dir), create=False)
         written = cache.write_packed()
         cache.close()
     except Fa4aotError as e:

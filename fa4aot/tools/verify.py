@@ -45,10 +45,10 @@ def verify_packed(cache: Cache) -> list[Problem]:
     """Each packed index opens (header hash), every record in it hashes and names an entry of the
     full index with the same metadata."""
     out = []
-    for arch, sms, host in cache.packed_targets():
-        where = f"packed/{arch}-{sms}-{host}.idx"
+    for key in cache.packed_targets():
+        where = f"packed/{key.filename}"
         try:
-            packed = cache.open_packed(arch, sms, host)
+            packed = cache.open_packed(key)
         except Fa4aotError as e:
             out.append(Problem(where, "packed index", str(e)))
             continue
