@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from fa4aot.core.bounded import BoundedDict
-from fa4aot.core.errors import CacheError, DeviceMismatchError, VariantNotFoundError
-from fa4aot.core.index import Cache, Entry, cubin_of, default_cache_dir
+from fa4aot.core.errors import CacheError, DeviceMismatchError, Fa4aotError, VariantNotFoundError
+from fa4aot.core.index import Cache, Entry, PackedKey, cubin_of, default_cache_dir
 from fa4aot.core.variant import Target, Variant
 from fa4aot.plan.abi import DEV_ATTR_MAX_SMEM_OPTIN, FUNC_ATTR_SHARED_SIZE_BYTES, SHIM_ABI
 from fa4aot.plan.library import Plan, open_plan
