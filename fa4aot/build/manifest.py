@@ -25,6 +25,7 @@ build, is an error naming the field. :func:`expand` is pure and does no compilat
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,18 @@ from fa4aot.core.variant import SMEM_OPTIN_BYTES, Target, Variant
 
 ARCHES = tuple(SMEM_OPTIN_BYTES)
 _TARGET_KEYS = {"name", "arch", "num_sms", "l2_bytes", "smem_optin_bytes"}
+#: Target and group names end up in file names, logs and shell lines: a safe character set only.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SAFE_NAME_RULE = "1-64 characters of A-Z a-z 0-9 . _ - (not starting with . _ -)"
+#: Hardware bounds for targets (well above any GPU so far: B200 has 148 SMs, 126 MiB of L2 and
+#: 227 KiB of opt-in shared memory per block).
+MAX_SMS = 1024
+MAX_L2_BYTES = 1 << 31
+MAX_SMEM_OPTIN_BYTES = 1 << 20
+#: A group's axes may expand to at most this many combinations, a manifest to this many variants
+#: (a typo such as a 1000-long list must fail fast, not expand for minutes).
+MAX_COMBINATIONS_PER_GROUP = 100_000
+MAX_VARIANTS = 20_000
 
 
 @dataclass(frozen=True)
@@ -73,47 +86,127 @@ class Plan:
 
 def load(path: str | Path) -> Plan:
     """Read and expand a manifest file; raises :class:`ManifestError` naming the bad field."""
-    import yaml  # local import: the runtime path never needs YAML
-
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as e:
         raise ManifestError(str(path), f"cannot read manifest: {e.strerror or e}") from None
+    return expand(parse_yaml(raw, str(path)))
+
+
+def parse_yaml(raw: bytes, where: str = "<manifest>") -> Any:
+    """The YAML document in ``raw`` under the YAML 1.2 core schema: ``true``/``false`` are the only
+    booleans and integers are decimal, 0o or 0x (YAML 1.1 would read ``2:12`` as 132 and ``no`` as
+    false); a key given twice in one mapping is an error."""
+    import yaml  # local import: the runtime path never needs YAML
+
     try:
-        doc = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ManifestError(where, f"not UTF-8 text (byte {e.start}: {raw[e.start : e.start + 1]!r})") from None
+    if "\0" in text:
+        raise ManifestError(where, "contains a NUL character")
+    try:
+        return yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader subclass
+    except ManifestError:
+        raise
     except yaml.YAMLError as e:
-        raise ManifestError(str(path), f"not valid YAML: {e}") from None
-    return expand(doc)
+        raise ManifestError(where, f"not valid YAML: {e}") from None
+    except RecursionError:
+        raise ManifestError(where, "nested too deeply") from None
+
+
+_LOADER: Any = None
+_CORE_TAGS = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+
+
+def _strict_loader() -> Any:
+    """A SafeLoader with YAML 1.2 core-schema scalars and duplicate-key detection (made once)."""
+    global _LOADER
+    if _LOADER is not None:
+        return _LOADER
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict:
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    hash(key)
+                except TypeError:
+                    raise ManifestError(f"line {line}", "a mapping key must be a plain value") from None
+                if key in seen:
+                    raise ManifestError(
+                        f"line {line}", f"key {key!r} appears twice in one mapping (also on line {seen[key]})"
+                    )
+                seen[key] = line
+            return super().construct_mapping(node, deep)
+
+    # Keep the other resolvers (null, timestamps, ...); replace YAML 1.1's bool/int/float with 1.2 core's.
+    StrictLoader.yaml_implicit_resolvers = {
+        ch: [(tag, rx) for tag, rx in resolvers if tag not in _CORE_TAGS]
+        for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    StrictLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+    )
+    StrictLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")
+    )
+    StrictLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(
+            r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+        ),
+        list("-+.0123456789"),
+    )
+
+    def construct_int(loader: Any, node: Any) -> int:
+        value = loader.construct_scalar(node)
+        return int(value, 0) if value.startswith(("0o", "0x")) else int(value)
+
+    StrictLoader.add_constructor("tag:yaml.org,2002:int", construct_int)
+    _LOADER = StrictLoader
+    return _LOADER
 
 
 def parse_target(doc: Any, path: str = "target") -> Target:
     """Validate a ``target`` mapping."""
     if not isinstance(doc, Mapping):
         raise ManifestError(path, "missing or not a mapping (needs name, arch, num_sms)")
+    _string_keys(doc, path)
     unknown = set(doc) - _TARGET_KEYS
     if unknown:
         raise ManifestError(f"{path}.{sorted(unknown)[0]}", f"unknown key; known: {sorted(_TARGET_KEYS)}")
     name = doc.get("name")
-    if not isinstance(name, str) or not name:
-        raise ManifestError(f"{path}.name", "required, a non-empty string (the GPU SKU, e.g. b200)")
+    if not isinstance(name, str) or not SAFE_NAME.match(name):
+        raise ManifestError(f"{path}.name", f"required: the GPU SKU (e.g. b200), {SAFE_NAME_RULE}; got {name!r}")
     arch = doc.get("arch")
     if arch not in ARCHES:
         raise ManifestError(f"{path}.arch", f"must be one of {list(ARCHES)}, got {arch!r}")
     num_sms = doc.get("num_sms")
-    if isinstance(num_sms, bool) or not isinstance(num_sms, int) or not 1 <= num_sms <= 1024:
-        raise ManifestError(f"{path}.num_sms", f"required, an integer in 1..1024, got {num_sms!r}")
-    for key in ("l2_bytes", "smem_optin_bytes"):
+    if isinstance(num_sms, bool) or not isinstance(num_sms, int) or not 1 <= num_sms <= MAX_SMS:
+        raise ManifestError(f"{path}.num_sms", f"required, an integer in 1..{MAX_SMS}, got {num_sms!r}")
+    for key, hi in (("l2_bytes", MAX_L2_BYTES), ("smem_optin_bytes", MAX_SMEM_OPTIN_BYTES)):
         v = doc.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-            raise ManifestError(f"{path}.{key}", f"must be a positive integer, got {v!r}")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi):
+            raise ManifestError(f"{path}.{key}", f"must be an integer in 1..{hi}, got {v!r}")
     return Target(name, arch, num_sms, doc.get("l2_bytes"), doc.get("smem_optin_bytes"))
+
+
+def _string_keys(doc: Mapping[Any, Any], path: str) -> None:
+    for key in doc:
+        if not isinstance(key, str):
+            raise ManifestError(f"{path}.{key!r}", "keys must be strings")
 
 
 def expand(doc: Any) -> Plan:
     """Expand a parsed manifest document into a :class:`Plan`."""
     if not isinstance(doc, Mapping):
         raise ManifestError("<manifest>", "the document must be a mapping with target and families")
+    _string_keys(doc, "<manifest>")
     if "targets" in doc:
         unknown = set(doc) - {"targets"}
         if unknown:
@@ -129,6 +222,7 @@ def expand(doc: Any) -> Plan:
     for section, prefix in zip(sections, prefixes):
         if not isinstance(section, Mapping):
             raise ManifestError(prefix.rstrip("."), "must be a mapping with target and families")
+        _string_keys(section, prefix.rstrip(".") or "<manifest>")
         unknown = set(section) - {"target", "families"}
         if unknown:
             raise ManifestError(prefix + sorted(unknown)[0], "unknown key; known: target, families")
@@ -143,6 +237,7 @@ def expand(doc: Any) -> Plan:
 def _expand_families(fams: Any, prefix: str, target: Target, plan: Plan, seen: set[str]) -> None:
     if not isinstance(fams, Mapping) or not fams:
         raise ManifestError(prefix + "families", "required, a mapping of family name to a list of groups")
+    _string_keys(fams, prefix + "families")
     for fam_name, groups in fams.items():
         path = f"{prefix}families.{fam_name}"
         family = FAMILIES.get(fam_name)
@@ -161,9 +256,10 @@ def _expand_families(fams: Any, prefix: str, target: Target, plan: Plan, seen: s
 def _expand_group(family: Family, path: str, group: Any, target: Target, plan: Plan, seen: set[str]) -> None:
     if not isinstance(group, Mapping):
         raise ManifestError(path, "a group must be a mapping of axis name to value(s)")
+    _string_keys(group, path)
     label = group.get("name")
-    if label is not None and not isinstance(label, str):
-        raise ManifestError(f"{path}.name", "must be a string")
+    if label is not None and (not isinstance(label, str) or not SAFE_NAME.match(label)):
+        raise ManifestError(f"{path}.name", f"must be {SAFE_NAME_RULE}; got {label!r}")
     origin = f"{path} ({label})" if label else path
     values: dict[str, list[Any]] = {}
     explicit: dict[str, bool] = {}
@@ -178,13 +274,17 @@ def _expand_group(family: Family, path: str, group: Any, target: Target, plan: P
         items = value if isinstance(value, list) and not _is_pair_scalar(key, value) else [value]
         if not items:
             raise ManifestError(f"{path}.{key}", "empty list")
+        listed = isinstance(value, list) and not _is_pair_scalar(key, value)
+        parsed: list[dict[str, Any]] = []
         for j, item in enumerate(items):
+            where = f"{path}.{key}[{j}]" if listed else f"{path}.{key}"
             try:
-                axis.parse(item)
+                fields = axis.parse(item)
             except ValueError as e:
-                listed = isinstance(value, list) and not _is_pair_scalar(key, value)
-                where = f"{path}.{key}[{j}]" if listed else f"{path}.{key}"
                 raise ManifestError(where, str(e)) from None
+            if fields in parsed:
+                raise ManifestError(where, f"{item!r} is listed twice (also at [{parsed.index(fields)}])")
+            parsed.append(fields)
         values[key] = items
         explicit[key] = True
     for axis in family.axes:
@@ -192,6 +292,13 @@ def _expand_group(family: Family, path: str, group: Any, target: Target, plan: P
             values[axis.name] = list(axis.default)
             explicit[axis.name] = False
 
+    combinations = 1
+    for items in values.values():
+        combinations *= len(items)
+    if combinations > MAX_COMBINATIONS_PER_GROUP:
+        raise ManifestError(
+            path, f"expands to {combinations} combinations (at most {MAX_COMBINATIONS_PER_GROUP}); split it"
+        )
     used: dict[tuple[str, int], bool] = {}
     first_reason: dict[tuple[str, int], str] = {}
     n_valid = 0
@@ -208,6 +315,8 @@ def _expand_group(family: Family, path: str, group: Any, target: Target, plan: P
                 if variant.variant_id not in seen:
                     seen.add(variant.variant_id)
                     plan.variants.append(PlannedVariant(variant, target, origin))
+                    if len(plan.variants) > MAX_VARIANTS:
+                        raise ManifestError(path, f"the manifest expands to more than {MAX_VARIANTS} variants")
             else:
                 for k, j in idx.items():
                     first_reason.setdefault((k, j), reason)

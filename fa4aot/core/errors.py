@@ -14,10 +14,13 @@ class Fa4aotError(Exception):
 class ManifestError(Fa4aotError, ValueError):
     """An invalid manifest; the message starts with the offending field path."""
 
+    #: Longest reason kept (a hostile value's repr can be megabytes).
+    MAX_REASON = 400
+
     def __init__(self, field: str, reason: str):
-        self.field = field
-        self.reason = reason
-        super().__init__(f"{field}: {reason}")
+        self.field = field[: self.MAX_REASON]
+        self.reason = reason if len(reason) <= self.MAX_REASON else reason[: self.MAX_REASON] + "..."
+        super().__init__(f"{self.field}: {self.reason}")
 
 
 class CacheError(Fa4aotError):

@@ -267,9 +267,13 @@ def _max_splits(v: Any) -> dict[str, Any]:
     return {"log_max_splits": max(math.ceil(math.log2(v)), 0), "_min_log": True}
 
 
+#: The prepare kernel takes the batch size as an int32.
+MAX_BATCH = 2**31 - 1
+
+
 def _max_batch(v: Any) -> dict[str, Any]:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"expected the largest batch size to support, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_BATCH:
+        raise ValueError(f"expected the largest batch size to support, 1..{MAX_BATCH}, got {v!r}")
     return {"_max_batch": v}
 
 

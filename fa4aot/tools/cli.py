@@ -404,17 +404,7 @@ def launch_plan_cmd(key: str, cache_dir: Path | None, shape: str, params: bool) 
     try:
         cache = _open(cache_dir)
         e = cache.resolve(key)
-        overrides: dict[str, int] = {}
-        for item in filter(None, (s.strip() for s in shape.split(","))):
-            name, _, value = item.partition("=")
-            try:
-                overrides[name.strip()] = int(value)
-            except ValueError:
-                raise click.BadParameter(f"{item!r}: expected name=integer", param_hint="--shape") from None
-        try:
-            dims = dims_for(e.variant, **overrides)
-        except TypeError as err:
-            raise click.BadParameter(str(err), param_hint="--shape") from None
+        dims = dims_for(e.variant, **_shape_overrides(shape))
         plan = open_plan(cache.read_blob(e, "plan"), e.meta)
         dev, ker = target_answers(e.target.optin_smem())
         plan.load(list(range(1, len(plan.kernels) + 1)), dev, ker)
@@ -435,6 +425,32 @@ def launch_plan_cmd(key: str, cache_dir: Path | None, shape: str, params: bool) 
         for o, off, size in kernels[launch.kernel]["params"]:
             raw = launch.param_bytes[off : off + size]
             click.echo(f"  param {o:>2} @0x{off:03x} [{size:>3}] {_decode(raw, pointers)}")
+
+
+#: Largest value of a --shape size: the kernels take sizes as int32.
+MAX_SHAPE = 2**31 - 1
+
+
+def _shape_overrides(shape: str) -> dict[str, int]:
+    """Parse --shape name=value,...: known names only, integers in 1..2^31-1."""
+    from fa4aot.core.layouts import Dims
+
+    known = list(Dims.__dataclass_fields__)
+    out: dict[str, int] = {}
+    for item in filter(None, (s.strip() for s in shape.split(","))):
+        name, eq, value = (x.strip() for x in item.partition("="))
+        if name not in known:
+            raise click.BadParameter(f"unknown size {name!r}; known: {', '.join(known)}", param_hint="--shape")
+        try:
+            n = int(value)
+        except ValueError:
+            raise click.BadParameter(f"{item!r}: expected {name}=<integer>", param_hint="--shape") from None
+        if not eq or not 1 <= n <= MAX_SHAPE:
+            raise click.BadParameter(f"{name} must be in 1..{MAX_SHAPE}, got {value!r}", param_hint="--shape")
+        if name in out:
+            raise click.BadParameter(f"{name} is given twice", param_hint="--shape")
+        out[name] = n
+    return out
 
 
 def _decode(raw: bytes, pointers: dict[int, str]) -> str:
