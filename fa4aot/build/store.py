@@ -257,7 +257,11 @@ def _atomic_write(tmp_dir: Path, path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except IsADirectoryError:
+        os.rmdir(path)  # an empty directory where a blob belongs is damage: replace it (never a full one)
+        os.replace(tmp, path)
     dfd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dfd)

@@ -73,7 +73,15 @@ def analyse(
     )
     validate.shape(lp, "lse_partial", (splits, *rows, heads), "out_partial's shape without head_dim")
     o = validate.tensor(
-        out, "out", dtypes=("bf16", "fp16", "fp32"), rank=rank - 1, device=dev, rt=rt, align=8, stride_multiple=4
+        out,
+        "out",
+        dtypes=("bf16", "fp16", "fp32"),
+        rank=rank - 1,
+        device=dev,
+        rt=rt,
+        align=8,
+        stride_multiple=4,
+        writable=True,
     )
     if o.dtype == "fp32" and o.ptr % 16:
         raise ArgumentError(f"out: base address 0x{o.ptr:x} is not 16-byte aligned")
@@ -81,7 +89,15 @@ def analyse(
     named: dict[str, Any] = {"out_partial": op, "lse_partial": lp, "out": o}
     if lse is not None:
         ls = validate.tensor(
-            lse, "lse", dtypes=("fp32",), rank=rank - 2, device=dev, rt=rt, align=4, contiguous_dim=0 if varlen else 1
+            lse,
+            "lse",
+            dtypes=("fp32",),
+            rank=rank - 2,
+            device=dev,
+            rt=rt,
+            align=4,
+            contiguous_dim=0 if varlen else 1,
+            writable=True,
         )
         validate.shape(ls, "lse", (*rows, heads), "out's shape without head_dim")
         named["lse"] = ls

@@ -280,7 +280,9 @@ def prepare_forward(
     names, objs, descs, aligns = ["q", "k", "v", "out"], [q, k, v, out], [fc.q, fc.k, fc.v, od], [16, 16, 16, 16]
     ld = None
     if lse is not None:
-        ld = validate.tensor(lse, "lse", dtypes=("fp32",), rank=len(fc.lse_shape), device=dev, rt=rt, align=4)
+        ld = validate.tensor(
+            lse, "lse", dtypes=("fp32",), rank=len(fc.lse_shape), device=dev, rt=rt, align=4, writable=True
+        )
         validate.shape(ld, "lse", fc.lse_shape, "FA4's (batch, nheads, seqlen_q) or (nheads, total_q)")
         names.append("lse"), objs.append(lse), descs.append(ld), aligns.append(4)
     for name, obj, d in (

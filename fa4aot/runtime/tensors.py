@@ -24,6 +24,13 @@ _CAI_TYPES = {"<f2": "fp16", "<f4": "fp32", "<i4": "int32", "<i8": "int64", "|u1
 # DLPack (code, bits) -> dtype; code 0 int, 1 uint, 2 float, 4 bfloat
 _DL_TYPES = {(2, 16): "fp16", (2, 32): "fp32", (4, 16): "bf16", (0, 32): "int32", (0, 64): "int64", (1, 8): "uint8"}
 _KDLCUDA, _KDLCUDA_MANAGED = 2, 13
+#: DLPack 1.x: the version fa4aot reads, the read-only flag, and where DLManagedTensorVersioned
+#: ({DLPackVersion version; void *manager_ctx; deleter; uint64_t flags; DLTensor dl_tensor})
+#: keeps its flags and its tensor.
+DLPACK_MAX_VERSION = (1, 0)
+DLPACK_FLAG_READ_ONLY = 1 << 0
+_DLV_FLAGS_OFFSET = 8 + 8 + 8
+_DLV_TENSOR_OFFSET = _DLV_FLAGS_OFFSET + 8
 
 
 class _RawTensorFields(NamedTuple):
@@ -53,8 +60,9 @@ class RawTensor(_RawTensorFields):
 
 class DeviceTensor(NamedTuple):
     """What fa4aot needs to know about a tensor: address, shape, strides (elements), dtype,
-    device ordinal (None when the source does not say, e.g. ``__cuda_array_interface__``).
-    A plan takes it directly as a tensor argument."""
+    device ordinal (None when the source does not say, e.g. ``__cuda_array_interface__``) and
+    where it came from (``dlpack-readonly``: the producer marked it read-only). A plan takes it
+    directly as a tensor argument."""
 
     ptr: int
     shape: tuple[int, ...]
@@ -233,18 +241,27 @@ def _from_dlpack(obj: Any, name: str) -> DeviceTensor:
     if int(dev_type) not in (_KDLCUDA, _KDLCUDA_MANAGED):
         raise ArgumentError(f"{name}: must be on a CUDA device (DLPack device type {int(dev_type)}, 2 is CUDA)")
     try:
-        capsule = obj.__dlpack__(stream=None)
+        # DLPack >= 1.0 producers hand out a versioned capsule, which carries the read-only flag
+        capsule = obj.__dlpack__(stream=None, max_version=DLPACK_MAX_VERSION)
     except TypeError:
-        capsule = obj.__dlpack__()
+        try:
+            capsule = obj.__dlpack__(stream=None)
+        except TypeError:
+            capsule = obj.__dlpack__()
+        except Exception as e:
+            raise ArgumentError(f"{name}: __dlpack__ failed: {e}") from None
     except Exception as e:
         raise ArgumentError(f"{name}: __dlpack__ failed: {e}") from None
     # The capsule stays unconsumed: its destructor releases the producer's reference when it is
     # collected, while ``obj`` (held by the caller) keeps the memory alive.
+    source = "dlpack"
     if _PyCapsule_IsValid(capsule, b"dltensor"):
         addr = _PyCapsule_GetPointer(capsule, b"dltensor")
     elif _PyCapsule_IsValid(capsule, b"dltensor_versioned"):
-        # DLManagedTensorVersioned: {DLPackVersion version; void* manager_ctx; deleter; uint64 flags; DLTensor}
-        addr = _PyCapsule_GetPointer(capsule, b"dltensor_versioned") + 8 + 8 + 8 + 8
+        base = _PyCapsule_GetPointer(capsule, b"dltensor_versioned")
+        if ctypes.c_uint64.from_address(base + _DLV_FLAGS_OFFSET).value & DLPACK_FLAG_READ_ONLY:
+            source = "dlpack-readonly"
+        addr = base + _DLV_TENSOR_OFFSET
     else:
         raise ArgumentError(f"{name}: __dlpack__ returned no dltensor capsule")
     t = _DLTensor.from_address(addr)
@@ -256,7 +273,7 @@ def _from_dlpack(obj: Any, name: str) -> DeviceTensor:
     shape = tuple(t.shape[i] for i in range(ndim))
     strides = tuple(t.strides[i] for i in range(ndim)) if t.strides else contiguous_strides(shape)
     ptr = (t.data or 0) + t.byte_offset
-    return DeviceTensor(ptr, shape, strides, dtype, t.device.device_id, "dlpack")
+    return DeviceTensor(ptr, shape, strides, dtype, t.device.device_id, source)
 
 
 def stream_handle(stream: Any) -> int:

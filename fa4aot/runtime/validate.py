@@ -19,6 +19,8 @@ from fa4aot.runtime.tensors import DeviceTensor, as_device_tensor
 IO_ALIGN_BYTES = 16
 IO_STRIDE_ELEMS = 8  # 16 bytes of a 2-byte dtype
 INT32_MAX = 2**31 - 1
+#: DeviceTensor.source of a tensor its DLPack producer marked read-only
+READ_ONLY = "dlpack-readonly"
 
 
 def device_of(t: DeviceTensor, name: str, device: int, rt: Any) -> None:
@@ -56,7 +58,7 @@ def io(t: DeviceTensor, name: str, rank: int, device: int, rt: Any, writable: bo
                     f"{name}: stride {i} is {s} elements; the kernel needs multiples of {IO_STRIDE_ELEMS} "
                     f"({IO_STRIDE_ELEMS * 2} bytes)"
                 )
-    if writable and t[5] == "dlpack-readonly":
+    if writable and t[5] == READ_ONLY:
         raise ArgumentError(f"{name}: the tensor is read-only (its DLPack export says so); fa4aot writes it")
 
 
@@ -71,10 +73,14 @@ def tensor(
     align: int = 16,
     contiguous_dim: int | None = -1,
     stride_multiple: int = 1,
+    writable: bool = False,
 ) -> DeviceTensor:
     """Describe ``obj`` and check dtype, rank, device, base alignment (bytes), unit stride of
-    ``contiguous_dim`` and that the other strides are multiples of ``stride_multiple`` elements."""
+    ``contiguous_dim``, that the other strides are multiples of ``stride_multiple`` elements and,
+    for outputs (``writable``), that its producer did not mark it read-only."""
     t = as_device_tensor(obj, name)
+    if writable and t.source == READ_ONLY:
+        raise ArgumentError(f"{name}: the tensor is read-only (its DLPack export says so); fa4aot writes it")
     if t.dtype not in dtypes:
         raise ArgumentError(f"{name}: dtype must be {' or '.join(dtypes)}, got {t.dtype}")
     if len(t.shape) != rank:
