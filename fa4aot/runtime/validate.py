@@ -24,14 +24,18 @@ READ_ONLY = "dlpack-readonly"
 
 
 def device_of(t: DeviceTensor, name: str, device: int, rt: Any) -> None:
-    """``t`` lives on ``device``. Sources that do not say (``__cuda_array_interface__``) are asked
-    through the driver's pointer attributes."""
+    """``t`` lives on ``device``. Sources that do not say (``__cuda_array_interface__``) or whose
+    device is only declared (:class:`fa4aot.RawTensor`) are asked through the driver's pointer
+    attributes, so a buffer of another GPU is refused whatever protocol it came through."""
     dev = t[4]
-    if dev is None:
-        dev = rt.driver.pointer_device(t[0]) if t[0] else device
-        if dev is None:
+    if (dev is None or t[5] == "raw") and t[0]:
+        actual = rt.driver.pointer_device(t[0])
+        if actual is None:
             raise ArgumentError(f"{name}: address 0x{t[0]:x} is not CUDA device memory")
-    if dev != device:
+        if dev is not None and actual != dev:
+            raise ArgumentError(f"{name}: is declared on cuda:{dev} but its memory is on cuda:{actual}")
+        dev = actual
+    if dev is not None and dev != device:
         raise ArgumentError(f"{name}: is on cuda:{dev}, the runtime's device is cuda:{device}")
 
 
@@ -41,7 +45,7 @@ def io(t: DeviceTensor, name: str, rank: int, device: int, rt: Any, writable: bo
     shape, strides = t[1], t[2]
     if len(shape) != rank:
         raise ArgumentError(f"{name}: expected {rank} dimensions, got shape {tuple(shape)}")
-    if t[4] != device:
+    if t[4] != device or t[5] == "raw":
         device_of(t, name, device, rt)
     if t[0] % IO_ALIGN_BYTES:
         raise ArgumentError(f"{name}: base address 0x{t[0]:x} is not {IO_ALIGN_BYTES}-byte aligned")
@@ -85,11 +89,10 @@ def tensor(
         raise ArgumentError(f"{name}: dtype must be {' or '.join(dtypes)}, got {t.dtype}")
     if len(t.shape) != rank:
         raise ArgumentError(f"{name}: expected {rank} dimensions, got shape {tuple(t.shape)}")
-    if t.device != device:
-        if t.device is None and rt is not None:
-            device_of(t, name, device, rt)
-        elif t.device is not None:
-            raise ArgumentError(f"{name}: is on cuda:{t.device}, the runtime's device is cuda:{device}")
+    if rt is not None and (t.device != device or t.source == "raw"):
+        device_of(t, name, device, rt)
+    elif t.device is not None and t.device != device:
+        raise ArgumentError(f"{name}: is on cuda:{t.device}, the runtime's device is cuda:{device}")
     if t.ptr % align:
         raise ArgumentError(f"{name}: base address 0x{t.ptr:x} is not {align}-byte aligned")
     d = -1 if contiguous_dim is None else contiguous_dim % rank
@@ -118,7 +121,7 @@ def int32_vector_any(obj: Any, name: str, device: int, rt: Any) -> DeviceTensor:
         raise ArgumentError(f"{name}: dtype must be int32, got {t[3]}")
     if len(t[1]) != 1:
         raise ArgumentError(f"{name}: expected 1 dimension, got shape {tuple(t[1])}")
-    if t[4] != device:
+    if t[4] != device or t[5] == "raw":
         device_of(t, name, device, rt)
     if t[0] % 4:
         raise ArgumentError(f"{name}: base address 0x{t[0]:x} is not 4-byte aligned")
