@@ -471,6 +471,18 @@ def test_corrupt_or_unreadable_index_is_a_one_line_error(tmp_path, monkeypatch, 
     with pytest.raises(CacheError, match="cannot read the cache index"):
         Runtime(root, driver=FakeDriver())
 
+    real_exists = Path.exists
+
+    def unreadable(self):  # index/ without read or search permission (root ignores chmod here)
+        if self.name == "cache.db":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_exists(self)
+
+    monkeypatch.setattr(Path, "exists", unreadable)
+    with pytest.raises(CacheError, match="Permission denied"):
+        Cache(root)
+    monkeypatch.undo()
+
     def denied(*a, **k):
         raise sqlite3.OperationalError("unable to open database file")
 
