@@ -63,11 +63,11 @@ def median_us(fn):
     return statistics.median(per)
 def varlen_changing():
     i = next(counter) % 4096
-    fa4aot.flash_attn_varlen_func(qv, kv, kv, cu, cu, 64 + i, 64 + (i * 7) % 4096, causal=True, out=ov)
+    fa4aot.flash_attn_varlen_func(qv, kv, kv, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=64 + i, max_seqlen_k=64 + (i * 7) % 4096, causal=True, out=ov)
 rows = {
     "batched forward, same shapes": median_us(lambda: fa4aot.flash_attn_func(q, q, q, causal=True, out=o)),
     "varlen forward, same shapes": median_us(
-        lambda: fa4aot.flash_attn_varlen_func(qv, kv, kv, cu, cu, 64, 64, causal=True, out=ov)),
+        lambda: fa4aot.flash_attn_varlen_func(qv, kv, kv, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=64, max_seqlen_k=64, causal=True, out=ov)),
     "varlen forward, max_seqlen changing": median_us(varlen_changing),
 }
 print(json.dumps(rows))
@@ -227,7 +227,9 @@ def main() -> None:
     gpu_us = {
         "batched forward kernel": gpu_time_us(lambda: fa4aot.flash_attn_func(q, q, q, causal=True, out=o)),
         "varlen forward kernel": gpu_time_us(
-            lambda: fa4aot.flash_attn_varlen_func(qv, kv, kv, cu, cu, 64, 64, causal=True, out=ov)
+            lambda: fa4aot.flash_attn_varlen_func(
+                qv, kv, kv, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=64, max_seqlen_k=64, causal=True, out=ov
+            )
         ),
     }
     parts = breakdown(rt, q, o, args.inner, args.repeats, sync, args.sleep_cycles)
@@ -269,7 +271,9 @@ def main() -> None:
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(2000):
-        fa4aot.flash_attn_varlen_func(qv, kv, kv, cu, cu, 64, 64, causal=True, out=ov)
+        fa4aot.flash_attn_varlen_func(
+            qv, kv, kv, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=64, max_seqlen_k=64, causal=True, out=ov
+        )
     prof.disable()
     sync()
     buf = io.StringIO()

@@ -123,9 +123,7 @@ def main() -> None:
     result["import cuda.bindings.driver (ms)"], _ = fresh(BINDINGS, [], ROOT, args.runs)
     result["torch process, fa4aot (ms)"], _ = fresh(TORCH_OPEN, [big], ROOT, args.runs)
     cupy, wall = fresh(CUPY_FIRST, [args.cache], ROOT, args.runs)
-    result["cupy-only process, fa4aot (ms)"] = {k: v * 1e3 for k, v in cupy.items()} | {
-        "spawn to first output": wall
-    }
+    result["cupy-only process, fa4aot (ms)"] = {k: v * 1e3 for k, v in cupy.items()} | {"spawn to first output": wall}
     _, interp = fresh("print('{}')", [], ROOT, args.runs)
     result["bare interpreter (ms)"] = {"spawn to exit": interp}
     if args.old_src and args.old_cache:

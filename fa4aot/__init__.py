@@ -26,6 +26,7 @@ _LAZY = {
     "RawTensor": ("fa4aot.runtime.tensors", "RawTensor"),
     "flash_attn_func": ("fa4aot.runtime.forward", "flash_attn_func"),
     "flash_attn_varlen_func": ("fa4aot.runtime.forward", "flash_attn_varlen_func"),
+    "flash_attn_fwd": ("fa4aot.runtime.interface", "_flash_attn_fwd"),
     "prepare_forward": ("fa4aot.runtime.prepared", "prepare_forward"),
     "prepare_combine": ("fa4aot.runtime.prepared", "prepare_combine"),
     "Prepared": ("fa4aot.runtime.prepared", "Prepared"),

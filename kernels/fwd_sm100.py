@@ -34,7 +34,8 @@ def constructor_kwargs(f: dict) -> dict:
         n_block_size=f["tile_n"],
         q_stage=f["q_stage"],
         is_static_persistent=sched == "static",
-        paged_kv_non_tma=False,
+        paged_kv_non_tma=f["paged_kv"] == "cpasync",
+        score_mod=softcap_score_mod(f["softcap"]),
         is_varlen_q=f["varlen_q"] or f["seqused_q"],
         use_2cta_instrs=f["two_cta"],
         use_clc_scheduler=sched == "clc",
@@ -77,8 +78,10 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
         cu_seqlens_k: Optional[cute.Tensor],
         seqused_q: Optional[cute.Tensor],
         seqused_k: Optional[cute.Tensor],
+        page_table: Optional[cute.Tensor],
         window_size_left: Optional[Int32],
         window_size_right: Optional[Int32],
+        learnable_sink: Optional[cute.Tensor],
         num_splits_dynamic: Optional[cute.Tensor],
         tile_count_semaphore: Optional[cute.Tensor],
         num_nheads_in_l2: Optional[cute.Tensor],
@@ -96,10 +99,10 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
             cu_seqlens_k,
             seqused_q,
             seqused_k,
-            None,  # page_table
+            page_table,
             window_size_left,
             window_size_right,
-            None,  # learnable_sink
+            learnable_sink,
             None,  # descale_tensors
             None,  # blocksparse_tensors
             AuxData(None, None),
@@ -118,14 +121,20 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
 
 
 def add_forward_tensors(sig: Signature, f: dict) -> None:
-    """q, k, v, out, lse, softmax_scale, cu_seqlens/seqused and the window scalars, in FA4's
-    argument order, with FA4's layouts. Shared with the SM90 forward."""
+    """q, k, v, out, lse, softmax_scale, cu_seqlens/seqused, page_table, the window scalars and
+    learnable_sink, in FA4's argument order, with FA4's layouts (``to_cute_tensor``: every mode
+    dynamic but the contiguous one; 16-byte alignment for q/k/v/o, 4 for the rest). Shared with
+    the SM90 forward."""
     dt = f["dtype"]
     split = f.get("split_kv", False)
+    paged = f["paged_kv"] != "none"
     if f["varlen_q"]:
         q_shape = (sym(), sym(), sym())
     else:
         q_shape = (sym(), sym(), sym(), sym())
+    # K/V: (batch, seqlen_k, h_kv, d), (total_k, h_kv, d) with cu_seqlens_k, or with a page
+    # table (num_pages, page_size, h_kv, d): the page size stays dynamic (FA4 divides by it at
+    # run time); whether it equals tile_n (TMA) or not (cp.async) is the variant's.
     kv_rank = 3 if f["varlen_k"] else 4
     sig.tensor("q", dt, q_shape)
     sig.tensor("k", dt, tuple(sym() for _ in range(kv_rank)))
@@ -149,9 +158,27 @@ def add_forward_tensors(sig: Signature, f: dict) -> None:
             sig.tensor(name, "int32", (sym(),), leading_dim=0, align=4)
         else:
             sig.absent()
+    if paged:  # (batch, max_pages_per_seq), pages contiguous
+        sig.tensor("page_table", "int32", (sym(), sym()), leading_dim=1, align=4)
+    else:
+        sig.absent()
     if f["local"]:
         sig.scalar("window_size_left", "i32")
         sig.scalar("window_size_right", "i32")
     else:
         sig.absent()
         sig.absent()
+    if f["learnable_sink"] != "none":  # (nheads,)
+        sig.tensor("learnable_sink", f["learnable_sink"], (sym(),), leading_dim=0, align=4)
+    else:
+        sig.absent()
+
+
+def softcap_score_mod(softcap: float):
+    """FA4's softcap: a score_mod with the value baked in (``utils.create_softcap_scoremod``), or
+    None for 0 (FA4 turns softcap 0.0 into None)."""
+    if not softcap:
+        return None
+    from flash_attn.cute.utils import create_softcap_scoremod
+
+    return create_softcap_scoremod(float(softcap))

@@ -9,7 +9,7 @@ import cuda.bindings.driver as cuda
 import cutlass.cute as cute
 from cutlass import Float32, Int32
 from fa4aot_kernels.common import CUTLASS_DTYPES, KernelEntry, Signature
-from fa4aot_kernels.fwd_sm100 import add_forward_tensors
+from fa4aot_kernels.fwd_sm100 import add_forward_tensors, softcap_score_mod
 from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90
 from flash_attn.cute.utils import AuxData
 
@@ -33,7 +33,8 @@ def constructor_kwargs(f: dict) -> dict:
         Q_in_regs=False,
         intra_wg_overlap=f["intra_wg_overlap"],
         mma_pv_is_rs=f["mma_pv_is_rs"],
-        paged_kv_non_tma=False,
+        paged_kv_non_tma=f["paged_kv"] == "cpasync",
+        score_mod=softcap_score_mod(f["softcap"]),
     )
 
 
@@ -56,8 +57,10 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
         cu_seqlens_k: Optional[cute.Tensor],
         seqused_q: Optional[cute.Tensor],
         seqused_k: Optional[cute.Tensor],
+        page_table: Optional[cute.Tensor],
         window_size_left: Optional[Int32],
         window_size_right: Optional[Int32],
+        learnable_sink: Optional[cute.Tensor],
         stream: cuda.CUstream,
     ):
         kernel(
@@ -71,10 +74,10 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
             cu_seqlens_k,
             seqused_q,
             seqused_k,
-            None,  # page_table
+            page_table,
             window_size_left,
             window_size_right,
-            None,  # learnable_sink
+            learnable_sink,
             None,  # blocksparse_tensors
             AuxData(None, None),
             None,

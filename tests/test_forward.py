@@ -69,7 +69,17 @@ def test_sm100_varlen_split_runs_prepare_forward_combine(sm100):
     # raw pointers cannot get split-KV scratch buffers allocated for them
     with pytest.raises(ArgumentError, match="pass out="):
         fa4aot.flash_attn_varlen_func(
-            q, k, v, cu_q, cu_k, max_seqlen_q=1, max_seqlen_k=4000, causal=False, num_splits=8, out=out, runtime=rt
+            q,
+            k,
+            v,
+            cu_seqlens_q=cu_q,
+            cu_seqlens_k=cu_k,
+            max_seqlen_q=1,
+            max_seqlen_k=4000,
+            causal=False,
+            num_splits=8,
+            out=out,
+            runtime=rt,
         )
     assert drv.launches == []
 
@@ -97,7 +107,17 @@ def test_sm100_varlen_split_sequence(sm100, framework_alloc):
     cu_q, cu_k = t(4, (b + 1,), "int32"), t(5, (b + 1,), "int32")
     out = t(3, (total_q, h, d))
     res, lse = fa4aot.flash_attn_varlen_func(
-        q, k, v, cu_q, cu_k, max_seqlen_q=1, max_seqlen_k=4000, num_splits=8, out=out, stream=9, runtime=rt
+        q,
+        k,
+        v,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=1,
+        max_seqlen_k=4000,
+        num_splits=8,
+        out=out,
+        stream=9,
+        runtime=rt,
     )
     assert res is out and lse is None
     prepare, fwd, comb = drv.launches
@@ -113,7 +133,17 @@ def test_sm100_varlen_split_sequence(sm100, framework_alloc):
     # metadata buffers are cached per (stream, configuration): a second call allocates nothing new
     n_allocs = len(drv.allocs)
     fa4aot.flash_attn_varlen_func(
-        q, k, v, cu_q, cu_k, max_seqlen_q=1, max_seqlen_k=4000, num_splits=8, out=out, stream=9, runtime=rt
+        q,
+        k,
+        v,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=1,
+        max_seqlen_k=4000,
+        num_splits=8,
+        out=out,
+        stream=9,
+        runtime=rt,
     )
     assert len(drv.allocs) == n_allocs and len(drv.launches) == 6 and drv.memsets == []
     # caller-provided metadata: no prepare launch, and the semaphore is reset after the forward
@@ -124,8 +154,8 @@ def test_sm100_varlen_split_sequence(sm100, framework_alloc):
         q,
         k,
         v,
-        cu_q,
-        cu_k,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
         max_seqlen_q=1,
         max_seqlen_k=4000,
         num_splits=8,

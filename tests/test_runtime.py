@@ -122,7 +122,10 @@ def test_combine_launch_path(runtime):
             ),
             "300 splits",
         ),
-        (lambda a: a.update(op=RawTensor(BASE, (5, 2, 100, 16, 128), "fp32", device=1)), "out_partial: is (declared )?on cuda:1"),
+        (
+            lambda a: a.update(op=RawTensor(BASE, (5, 2, 100, 16, 128), "fp32", device=1)),
+            "out_partial: is (declared )?on cuda:1",
+        ),
         (
             lambda a: a.update(ls=raw((2, 100, 8), strides=(800, 1, 100), index=3)),
             r"lse: expected shape \(2, 100, 16\)",

@@ -20,6 +20,7 @@ from fa4aot.core.rules import (
     COMBINE_MAX_SPLITS,
     PREPARE_WARPS,
     combine_tiling,
+    paged_kv_class,
     prepare_num_warps,
     sm90_head_dims_ok,
     sm90_tile,
@@ -31,6 +32,14 @@ DTYPES = ("bf16", "fp16")
 #: Out dtypes of the combine kernel (FA4: fp16, bf16 or fp32).
 COMBINE_DTYPES = ("bf16", "fp16", "fp32")
 SCHEDULERS = ("static", "single", "dynamic", "clc")
+#: How a forward reads K/V: no page table, pages by TMA (page size == tile_n), pages by cp.async.
+PAGED_KV = ("none", "tma", "cpasync")
+#: learnable_sink dtypes FA4 takes (``_LEARNABLE_SINK_DTYPES``).
+SINK_DTYPES = ("bf16", "fp16", "fp32")
+#: Bounds for the page-size and softcap axes (far above any engine's: vLLM pages are 16-128 tokens,
+#: Gemma-2's softcap is 50).
+MAX_PAGE_SIZE = 1 << 16
+MAX_SOFTCAP = 1e6
 
 # --------------------------------------------------------------------------------------------
 # Family rules. Each takes the full field dict and returns None (valid) or the reason it is not.
@@ -48,6 +57,12 @@ def _check_forward_common(f: dict[str, Any]) -> str | None:
         return "pack_gqa needs qhead_per_kvhead > 1"
     if f["causal"] and f["local"]:
         return "causal and local are exclusive (FA4 resolves a causal window to causal)"
+    if f["paged_kv"] != "none" and f["varlen_k"]:
+        return "FA4 does not take page_table with cu_seqlens_k (paged KV is indexed per batch entry)"
+    if f["paged_kv"] not in PAGED_KV:
+        return f"paged_kv must be one of {PAGED_KV}"
+    if f["learnable_sink"] not in ("none",) + SINK_DTYPES:
+        return f"learnable_sink must be one of {('none',) + SINK_DTYPES}"
     return None
 
 
@@ -88,6 +103,8 @@ def check_fwd_sm100(f: dict[str, Any]) -> str | None:
             return "2CTA with pack_gqa needs tile_m divisible by qhead_per_kvhead"
         if f["scheduler"] != "static":
             return "FA4's dense non-causal 2CTA forward runs the static persistent scheduler"
+        if f["paged_kv"] == "cpasync":
+            return "FA4 uses 2CTA only without a page table or with page size 128 (TMA)"
     sched = f["scheduler"]
     varlen_q = f["varlen_q"] or f["seqused_q"]
     dense_noncausal = not (f["causal"] or f["local"] or varlen_q)
@@ -115,20 +132,27 @@ def check_fwd_sm100(f: dict[str, Any]) -> str | None:
         return f"unknown scheduler {sched!r}"
     want_pp = sm100_s_ping_pong_possible(f)
     if f["s_ping_pong"] and not want_pp:
-        return "FA4 enables S ping-pong only for q_stage 1, head_dim in (64, 128, 256), hdim == hdim_v, 128x128 tiles"
+        return (
+            "FA4 enables S ping-pong only for q_stage 1, head_dim in (64, 128, 256), hdim == hdim_v, 128x128 "
+            "tiles, no cp.async page table, no softcap and no learnable sink"
+        )
     if not f["s_ping_pong"] and want_pp and not split:
         return "FA4 always enables S ping-pong for this shape without split-KV"
     return None
 
 
 def sm100_s_ping_pong_possible(f: dict[str, Any]) -> bool:
-    """FA4's S ping-pong condition, minus the split-KV block-count part (a run-time property)."""
+    """FA4's S ping-pong condition, minus the split-KV block-count part (a run-time property).
+    A softcap is a score_mod and a learnable sink changes the softmax epilogue: both turn it off."""
     return (
         f["q_stage"] == 1
         and f["head_dim"] in (64, 128, 256)
         and f["head_dim_v"] == f["head_dim"]
         and f["tile_m"] == 128
         and f["tile_n"] == 128
+        and f["paged_kv"] != "cpasync"
+        and not f["softcap"]
+        and f["learnable_sink"] == "none"
     )
 
 
@@ -277,6 +301,28 @@ def _max_batch(v: Any) -> dict[str, Any]:
     return {"_max_batch": v}
 
 
+def _paged_kv(v: Any) -> dict[str, Any]:
+    if v is False:
+        return {"_page_size": None}
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_PAGE_SIZE:
+        raise ValueError(f"expected false or a page size in 1..{MAX_PAGE_SIZE}, got {v!r}")
+    return {"_page_size": v}
+
+
+def _sink(v: Any) -> dict[str, Any]:
+    if v is False:
+        return {"learnable_sink": "none"}
+    if v not in SINK_DTYPES:
+        raise ValueError(f"expected false or one of {list(SINK_DTYPES)}, got {v!r}")
+    return {"learnable_sink": v}
+
+
+def _softcap(v: Any) -> dict[str, Any]:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= MAX_SOFTCAP:
+        raise ValueError(f"expected a softcap value in 0..{MAX_SOFTCAP} (0: off), got {v!r}")
+    return {"softcap": float(v)}
+
+
 _COMMON_FWD_AXES = (
     Axis("dtype", _choice("dtype", DTYPES), ("bf16",), "element type of q, k, v, out"),
     Axis("head_dims", _pair("head_dim", "head_dim_v"), ((128, 128),), "(head_dim, head_dim_v) pairs"),
@@ -294,6 +340,15 @@ _COMMON_FWD_AXES = (
     Axis("seqused_q", _bool("seqused_q"), (False,), "seqused_q (per-batch used query length)"),
     Axis("seqused_k", _bool("seqused_k"), (False,), "seqused_k (per-batch used key length, e.g. a KV cache)"),
     Axis("return_lse", _bool("has_lse"), (False,), "write the log-sum-exp"),
+    Axis(
+        "paged_kv",
+        _paged_kv,
+        (False,),
+        "page table with this page size (FA4 loads pages by TMA when the size equals tile_n, by cp.async "
+        "otherwise: two variants); false: no page table",
+    ),
+    Axis("learnable_sink", _sink, (False,), "learnable sink logits (nheads,) in this dtype; false: none"),
+    Axis("softcap", _softcap, (0,), "softcap value, baked into the kernel: one variant per value (0: off)"),
 )
 
 FWD_SM100_AXES = _COMMON_FWD_AXES + (
@@ -384,15 +439,18 @@ def resolve_fields(family: str, raw: dict[str, Any]) -> list[dict[str, Any]]:
     if family in ("fwd_sm100", "fwd_sm90"):
         if f["pack_gqa"] == "auto":
             f["pack_gqa"] = f["qhead_per_kvhead"] > 1
+        page_size = f.pop("_page_size")
         if family == "fwd_sm90":
             tm, tn, rs, ov = sm90_tile(f["head_dim"], f["head_dim_v"], f["causal"], f["local"])
             if f["tile_m"] == "auto":
                 f["tile_m"], f["tile_n"] = tm, tn
             f["mma_pv_is_rs"], f["intra_wg_overlap"] = rs, ov
+            f["paged_kv"] = paged_kv_class(page_size, f["tile_n"])
             return [f]
         if f["tile_m"] == "auto":
             f["tile_m"] = 128
             f["tile_n"] = 64 if (f["split_kv"] and f["head_dim"] != f["head_dim_v"]) else 128
+        f["paged_kv"] = paged_kv_class(page_size, f["tile_n"])
         if f["s_ping_pong"] == "auto":
             possible = sm100_s_ping_pong_possible(f)
             if f["split_kv"] and possible:
@@ -426,6 +484,11 @@ def product(axes: tuple[Axis, ...], values: dict[str, list[Any]]) -> Iterable[tu
         yield raw, picked
 
 
+#: A page size the manifest line for a cp.async variant names (any size other than tile_n builds
+#: the same kernel; 16 is vLLM's default block size).
+EXAMPLE_CPASYNC_PAGE_SIZE = 16
+
+
 def group_for(variant: Variant) -> dict[str, Any]:
     """The manifest group (axis -> [value]) that builds exactly ``variant``; for error messages."""
     f = variant.fields
@@ -435,6 +498,11 @@ def group_for(variant: Variant) -> dict[str, Any]:
             out[axis.name] = [1 << f["log_max_splits"]]
         elif axis.name == "max_batch":
             out[axis.name] = [31 * f["num_warps"]]
+        elif axis.name == "paged_kv":
+            pages = {"none": False, "tma": f["tile_n"], "cpasync": EXAMPLE_CPASYNC_PAGE_SIZE}
+            out[axis.name] = [pages[f["paged_kv"]]]
+        elif axis.name == "learnable_sink":
+            out[axis.name] = [False if f["learnable_sink"] == "none" else f["learnable_sink"]]
         else:
             try:
                 probe = axis.parse([11, 22])  # a pair axis: learn which field is first

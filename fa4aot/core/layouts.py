@@ -27,6 +27,9 @@ class Dims:
     num_splits: int = 1
     total_q: int | None = None
     total_k: int | None = None
+    #: paged K/V: tokens per page, and pages in the pool (default: enough for every sequence)
+    page_size: int | None = None
+    num_pages: int | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,10 @@ def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
         out.append(acc)
         acc *= max(s, 1)
     return tuple(reversed(out))
+
+
+#: Page size of sample calls of cp.async paged variants (any size other than tile_n).
+SAMPLE_CPASYNC_PAGE_SIZE = 16
 
 
 def _c(dtype: str, *shape: int) -> TensorLayout:
@@ -69,6 +76,11 @@ def forward_tensors(variant: Variant, d: Dims) -> dict[str, TensorLayout]:
     tk = d.total_k if d.total_k is not None else b * d.seqlen_k
     qrows = (tq,) if f["varlen_q"] else (b, d.seqlen_q)
     krows = (tk,) if f["varlen_k"] else (b, d.seqlen_k)
+    paged = f.get("paged_kv", "none") != "none"
+    if paged:
+        page = d.page_size or 1
+        max_pages = max(1, -(-d.seqlen_k // page))
+        krows = (d.num_pages or b * max_pages, page)
     out: dict[str, TensorLayout] = {
         "q": _c(dt, *qrows, h, d.head_dim),
         "k": _c(dt, *krows, hk, d.head_dim),
@@ -90,6 +102,10 @@ def forward_tensors(variant: Variant, d: Dims) -> dict[str, TensorLayout]:
         out["seqused_q"] = _c("int32", b)
     if f["seqused_k"]:
         out["seqused_k"] = _c("int32", b)
+    if paged:
+        out["page_table"] = _c("int32", b, max_pages)
+    if f.get("learnable_sink", "none") != "none":
+        out["learnable_sink"] = _c(f["learnable_sink"], h)
     if f.get("scheduler") == "dynamic":
         out["num_splits_dynamic"] = _c("int32", b)
         out["tile_count_semaphore"] = _c("int32", 1)
@@ -171,6 +187,10 @@ def dims_for(variant: Variant, **overrides: Any) -> Dims:
             base["num_splits"] = 4
         if f.get("q_stage") == 1:
             base["seqlen_q"] = 1 if qh == 1 else max(1, 128 // qh)
+        if f.get("paged_kv") == "tma":
+            base["page_size"] = f["tile_n"]
+        elif f.get("paged_kv") == "cpasync":
+            base["page_size"] = SAMPLE_CPASYNC_PAGE_SIZE
     elif variant.family == "combine":
         base = {"head_dim": f["head_dim"], "head_dim_v": f["head_dim"], "nheads": f["num_head"], "num_splits": 4}
     elif variant.family == "prepare":

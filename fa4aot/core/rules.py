@@ -103,3 +103,11 @@ def num_splits_heuristic(total_mblocks: int, num_sms: int, num_n_blocks: int, ma
     if num_n_blocks <= 4 or total_mblocks == 0:
         return 1
     return max(1, min(num_sms // total_mblocks, max_splits, num_n_blocks))
+
+
+def paged_kv_class(page_size: int | None, tile_n: int) -> str:
+    """FA4's K/V path for a page size (``paged_kv_non_tma = page_size not in [None, tile_n]``):
+    ``none`` (no page table), ``tma`` (page size == tile_n), ``cpasync`` (any other size)."""
+    if page_size is None:
+        return "none"
+    return "tma" if page_size == tile_n else "cpasync"

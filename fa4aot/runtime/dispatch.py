@@ -29,6 +29,7 @@ from fa4aot.core.errors import ArgumentError
 from fa4aot.core.rules import (
     S_PING_PONG_MIN_N_BLOCKS_PER_SPLIT,
     num_splits_heuristic,
+    paged_kv_class,
     resolve_window,
     sm90_head_dims_ok,
     sm90_tile,
@@ -45,6 +46,8 @@ SM100_SPLIT_TILE_N = 64
 MAX_HEURISTIC_SPLITS = 128
 #: FA4 uses tile_n 64 for mixed head dims with split-KV only from this many KV blocks on.
 SPLIT_TILE_N_MIN_BLOCKS = 64
+#: FA4 runs 2-CTA with a page table only at this page size (``page_size in [None, 128]``).
+PAGE_SIZE_2CTA = 128
 #: head_dim_v of FA4's MLA path, which keeps tile_n 128 and is never split (fa4aot does not build it).
 MLA_HEAD_DIM_V = 512
 
@@ -58,7 +61,9 @@ def clc_requested() -> bool:
 class StaticCall(NamedTuple):
     """The compile-time inputs of a forward call. ``causal``/``local`` are already resolved from
     the window (:func:`fa4aot.core.rules.resolve_window`); ``splits`` is how num_splits was asked
-    for: 1 (num_splits == 1), 2 (an explicit count > 1) or 0 (< 1: FA4's heuristic)."""
+    for: 1 (num_splits == 1), 2 (an explicit count > 1) or 0 (< 1: FA4's heuristic); ``paged``:
+    a page table is given (its page size is per call); ``learnable_sink``: its dtype or ``none``;
+    ``softcap``: the value (0: off), which FA4 compiles in."""
 
     arch: str
     num_sms: int
@@ -77,6 +82,9 @@ class StaticCall(NamedTuple):
     return_lse: bool = False
     has_scheduler_metadata: bool = False
     clc: bool = False
+    paged: bool = False
+    learnable_sink: str = "none"
+    softcap: float = 0.0
 
 
 def splits_mode(num_splits: int) -> int:
@@ -92,7 +100,7 @@ class ForwardRule:
     Its size is bounded by the handful of shape-dependent fields.
     """
 
-    __slots__ = ("s", "qh", "pack", "_base", "_sm90", "_static_two_cta", "_clc", "_hd256", "_vq", "loaded")
+    __slots__ = ("s", "qh", "pack", "_base", "_sm90", "_static_two_cta", "_clc", "_hd256", "_vq", "_pp_ok", "loaded")
 
     def __init__(self, s: StaticCall):
         self.s = s
@@ -102,6 +110,10 @@ class ForwardRule:
         self.pack = qh > 1 if s.pack_gqa is None else s.pack_gqa
         self.loaded: dict[tuple, Any] = {}
         self._vq = s.varlen_q or s.seqused_q
+        if s.paged and s.varlen_k:
+            raise ArgumentError("page_table cannot be used with cu_seqlens_k (FA4 indexes pages per batch entry)")
+        # S ping-pong needs FA4's plain softmax epilogue: no score_mod (softcap), no sink
+        self._pp_ok = not s.softcap and s.learnable_sink == "none"
         if s.arch == "sm_90a":
             if reason := sm90_head_dims_ok(s.head_dim, s.head_dim_v):
                 raise ArgumentError(reason)
@@ -146,6 +158,8 @@ class ForwardRule:
             has_lse=s.return_lse,
             tile_m=tile_m,
             tile_n=tile_n,
+            learnable_sink=s.learnable_sink,
+            softcap=float(s.softcap),
         )
 
     def decide(
@@ -157,10 +171,12 @@ class ForwardRule:
         num_splits: int,
         window_left: int | None,
         window_right: int | None,
+        page_size: int | None = None,
     ) -> tuple[tuple, int]:
-        """(key of the variant's shape-dependent fields, number of splits) for one call."""
+        """(key of the variant's shape-dependent fields, number of splits) for one call;
+        ``page_size`` is K/V's page size when a page table is given."""
         if self._sm90:
-            return (), 1
+            return (paged_kv_class(page_size, self._base["tile_n"]),), 1
         s = self.s
         qh = self.qh
         pack = self.pack
@@ -200,9 +216,11 @@ class ForwardRule:
         split = splits > 1
         leq_one = seqlen_q_pack <= m_eff
         hd256_decode_2cta = self._hd256 and 2 * batch * (nheads_kv if pack else nheads_kv * qh) <= s.num_sms
+        paged = paged_kv_class(page_size, tile_n)
         two_cta = (
             self._static_two_cta
             and not split
+            and (page_size is None or page_size == PAGE_SIZE_2CTA)
             and (not leq_one or hd256_decode_2cta)
             and (SM100_TILE_M % qh == 0 or not pack)
         )
@@ -219,7 +237,9 @@ class ForwardRule:
         else:
             scheduler = "single"
         s_ping_pong = (
-            q_stage == 1
+            self._pp_ok
+            and paged != "cpasync"
+            and q_stage == 1
             and s.head_dim in (64, 128, 256)
             and s.head_dim_v == s.head_dim
             and tile_n == SM100_TILE_N
@@ -229,13 +249,15 @@ class ForwardRule:
                 or -(-num_n_blocks // splits) >= S_PING_PONG_MIN_N_BLOCKS_PER_SPLIT.get(s.head_dim, math.inf)
             )
         )
-        return (pack, q_stage, tile_n, split, two_cta, scheduler, s_ping_pong), splits
+        return (pack, q_stage, tile_n, split, two_cta, scheduler, s_ping_pong, paged), splits
 
     def fields(self, key: tuple) -> dict[str, Any]:
         """The variant's fields for a :meth:`decide` key."""
         f = dict(self._base)
-        if not self._sm90:
-            pack, q_stage, tile_n, split, two_cta, scheduler, s_ping_pong = key
+        if self._sm90:
+            (f["paged_kv"],) = key
+        else:
+            pack, q_stage, tile_n, split, two_cta, scheduler, s_ping_pong, paged = key
             f.update(
                 pack_gqa=pack,
                 tile_n=tile_n,
@@ -244,6 +266,7 @@ class ForwardRule:
                 two_cta=two_cta,
                 scheduler=scheduler,
                 s_ping_pong=s_ping_pong,
+                paged_kv=paged,
             )
         return f
 
@@ -277,6 +300,9 @@ class Call(NamedTuple):
     return_lse: bool = False
     has_scheduler_metadata: bool = False
     clc: bool = False
+    page_size: int | None = None
+    learnable_sink: str = "none"
+    softcap: float = 0.0
 
 
 class Decision(NamedTuple):
@@ -313,6 +339,9 @@ def static_call(c: Call) -> tuple[StaticCall, int | None, int | None]:
         c.return_lse,
         c.has_scheduler_metadata,
         c.clc,
+        c.page_size is not None,
+        c.learnable_sink,
+        float(c.softcap or 0.0),
     )
     return s, wl, wr
 
@@ -321,5 +350,5 @@ def decide(c: Call) -> Decision:
     """The decision for call ``c`` (both halves, uncached: for tests and tools)."""
     s, wl, wr = static_call(c)
     rule = ForwardRule(s)
-    key, splits = rule.decide(c.batch, c.nheads_kv, c.max_seqlen_q, c.max_seqlen_k, c.num_splits, wl, wr)
+    key, splits = rule.decide(c.batch, c.nheads_kv, c.max_seqlen_q, c.max_seqlen_k, c.num_splits, wl, wr, c.page_size)
     return Decision(rule.fields(key), splits, s.causal, s.local, wl, wr)

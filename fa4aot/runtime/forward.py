@@ -37,29 +37,81 @@ from fa4aot.runtime.validate import INT32_MAX
 _FRAMEWORK_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 #: dtypes FA4's forward takes for q, k, v, out
 FORWARD_DTYPES = ("bf16", "fp16")
+#: dtypes FA4 takes for learnable_sink (``_LEARNABLE_SINK_DTYPES``)
+SINK_DTYPES = ("bf16", "fp16", "fp32")
 #: A forward rule caches at most this many loaded variants (its shape-dependent field
 #: combinations; in practice a handful).
 MAX_RULE_VARIANTS = 64
+
+
+def unsupported(**given: Any) -> None:
+    """Raise naming the first FA4 argument fa4aot does not build that was given a value other
+    than FA4's default (given as name=(value, default) pairs)."""
+    for name, (value, default) in given.items():
+        if value is default or (default is not None and type(value) is type(default) and value == default):
+            continue
+        raise ArgumentError(
+            f"{name}: fa4aot does not build FA4's {name} path (got {_short(value)}); "
+            f"call FA4 itself for it, or leave it at {default!r}"
+        )
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if not hasattr(value, "shape") else f"a tensor of shape {tuple(value.shape)}"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def flash_attn_func(
     q: Any,
     k: Any,
     v: Any,
+    qv: Any = None,
+    gather_kv_indices: Any = None,
     softmax_scale: float | None = None,
     causal: bool = False,
     window_size: tuple[int | None, int | None] = (None, None),
+    learnable_sink: Any = None,
+    softcap: float = 0.0,
     num_splits: int = 1,
     pack_gqa: bool | None = None,
+    deterministic: bool = False,
+    score_mod: Any = None,
+    score_mod_bwd: Any = None,
+    mask_mod: Any = None,
+    aux_tensors: Any = None,
+    aux_scalars: Any = None,
+    block_sparse_tensors: Any = None,
+    block_sparse_tensors_bwd: Any = None,
     return_lse: bool = False,
+    gather_bwd_recompute_p: bool = False,
+    gather_bwd_token_chunk: int | None = None,
+    *,
     out: Any = None,
     stream: Any = None,
-    *,
     runtime: Runtime | None = None,
 ) -> tuple[Any, Any]:
-    """Attention over ``q`` (batch, seqlen_q, nheads, head_dim), ``k`` (batch, seqlen_k,
+    """FA4's ``flash_attn_func``, argument for argument (positional calls mean what they mean to
+    FA4): attention over ``q`` (batch, seqlen_q, nheads, head_dim), ``k`` (batch, seqlen_k,
     nheads_kv, head_dim), ``v`` (batch, seqlen_k, nheads_kv, head_dim_v); returns ``(out, lse)``
-    with ``out`` (batch, seqlen_q, nheads, head_dim_v) and ``lse`` (batch, nheads, seqlen_q) fp32."""
+    with ``out`` (batch, seqlen_q, nheads, head_dim_v) and ``lse`` (batch, nheads, seqlen_q) fp32
+    or None. ``learnable_sink`` (nheads,) bf16/fp16/fp32; ``softcap`` >= 0 (0: off). FA4
+    arguments fa4aot does not build (qv, gather_kv_indices, score_mod, mask_mod, aux tensors,
+    block sparsity, ...) raise ArgumentError when given. ``deterministic`` concerns only the
+    backward. Keyword-only extras: ``out``, ``stream`` (default: the framework's current
+    stream), ``runtime``."""
+    unsupported(
+        qv=(qv, None),
+        gather_kv_indices=(gather_kv_indices, None),
+        score_mod=(score_mod, None),
+        score_mod_bwd=(score_mod_bwd, None),
+        mask_mod=(mask_mod, None),
+        aux_tensors=(aux_tensors, None),
+        aux_scalars=(aux_scalars, None),
+        block_sparse_tensors=(block_sparse_tensors, None),
+        block_sparse_tensors_bwd=(block_sparse_tensors_bwd, None),
+        gather_bwd_recompute_p=(gather_bwd_recompute_p, False),
+        gather_bwd_token_chunk=(gather_bwd_token_chunk, None),
+    )
     return forward(
         runtime,
         q,
@@ -80,6 +132,9 @@ def flash_attn_func(
         out,
         None,
         stream,
+        None,
+        learnable_sink,
+        softcap,
     )
 
 
@@ -87,31 +142,69 @@ def flash_attn_varlen_func(
     q: Any,
     k: Any,
     v: Any,
+    qv: Any = None,
     cu_seqlens_q: Any = None,
     cu_seqlens_k: Any = None,
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
+    min_seqlen_k: int | None = None,
     seqused_q: Any = None,
     seqused_k: Any = None,
+    gather_kv_indices: Any = None,
+    page_table: Any = None,
     softmax_scale: float | None = None,
     causal: bool = False,
     window_size: tuple[int | None, int | None] = (None, None),
+    learnable_sink: Any = None,
+    softcap: float = 0.0,
     num_splits: int = 1,
     pack_gqa: bool | None = None,
+    deterministic: bool = False,
+    score_mod: Any = None,
+    score_mod_bwd: Any = None,
+    mask_mod: Any = None,
+    block_sparse_tensors: Any = None,
+    aux_tensors: Any = None,
+    aux_scalars: Any = None,
     return_lse: bool = False,
-    out: Any = None,
     scheduler_metadata: SchedulerMetadata | None = None,
-    stream: Any = None,
+    seqlen_k_per_split: int | None = None,
+    disable_scheduler_metadata: bool = False,
+    gather_bwd_recompute_p: bool = False,
+    gather_bwd_token_chunk: int | None = None,
     *,
+    out: Any = None,
+    stream: Any = None,
     runtime: Runtime | None = None,
 ) -> tuple[Any, Any]:
-    """Variable-length attention. With ``cu_seqlens_q`` (batch+1,) int32, ``q`` is (total_q,
-    nheads, head_dim) and ``out`` (total_q, nheads, head_dim_v), ``lse`` (nheads, total_q); else
-    ``q`` is batched. Likewise ``cu_seqlens_k`` for ``k``/``v``. ``seqused_q``/``seqused_k`` (batch,)
-    limit the used length per batch entry. ``max_seqlen_q``/``max_seqlen_k`` are host ints (FA4's
-    tile and scheduler choices depend on them; they must bound every sequence).
+    """FA4's ``flash_attn_varlen_func``, argument for argument. With ``cu_seqlens_q`` (batch+1,)
+    int32, ``q`` is (total_q, nheads, head_dim) and ``out`` (total_q, nheads, head_dim_v), ``lse``
+    (nheads, total_q); else ``q`` is batched. Likewise ``cu_seqlens_k`` for ``k``/``v``.
+    ``seqused_q``/``seqused_k`` (batch,) limit the used length per batch entry.
+    ``page_table`` (batch, max_pages) int32 with ``k``/``v`` a page pool (num_pages, page_size,
+    nheads_kv, head_dim): FA4 loads pages by TMA when page_size equals the kernel's tile_n (128
+    on SM100), by cp.async otherwise; not with ``cu_seqlens_k``. ``max_seqlen_q``/``max_seqlen_k``
+    are host ints (FA4's tile and scheduler choices depend on them; they must bound every
+    sequence; with a page table max_seqlen_k defaults to max_pages * page_size).
     ``scheduler_metadata``: a :class:`fa4aot.SchedulerMetadata` computed for this batch (split-KV
-    varlen; reuse it across layers); without it fa4aot runs the prepare kernel itself."""
+    varlen; reuse it across layers); without it fa4aot runs the prepare kernel itself.
+    ``min_seqlen_k`` only matters to FA4's sparse (gather) path and is ignored. Arguments fa4aot
+    does not build raise ArgumentError when given; keyword-only extras: ``out``, ``stream``,
+    ``runtime``."""
+    unsupported(
+        qv=(qv, None),
+        gather_kv_indices=(gather_kv_indices, None),
+        score_mod=(score_mod, None),
+        score_mod_bwd=(score_mod_bwd, None),
+        mask_mod=(mask_mod, None),
+        block_sparse_tensors=(block_sparse_tensors, None),
+        aux_tensors=(aux_tensors, None),
+        aux_scalars=(aux_scalars, None),
+        seqlen_k_per_split=(seqlen_k_per_split, None),
+        disable_scheduler_metadata=(disable_scheduler_metadata, False),
+        gather_bwd_recompute_p=(gather_bwd_recompute_p, False),
+        gather_bwd_token_chunk=(gather_bwd_token_chunk, None),
+    )
     return forward(
         runtime,
         q,
@@ -132,6 +225,9 @@ def flash_attn_varlen_func(
         out,
         scheduler_metadata,
         stream,
+        page_table,
+        learnable_sink,
+        softcap,
     )
 
 
@@ -161,6 +257,8 @@ class ForwardCall(NamedTuple):
     scale: float
     wl: int | None  # window edges as the local variants take them (None: not local)
     wr: int | None
+    page_table: DeviceTensor | None
+    learnable_sink: DeviceTensor | None
 
     @property
     def dynamic(self) -> bool:
@@ -203,8 +301,14 @@ def analyse(
     pack_gqa: bool | None,
     return_lse: bool,
     has_metadata: bool,
+    page_table: Any = None,
+    learnable_sink: Any = None,
+    softcap: float | None = 0.0,
 ) -> ForwardCall:
-    """Validate a forward call's inputs and pick its variant (nothing is launched or allocated)."""
+    """Validate a forward call's inputs and pick its variant (nothing is launched or allocated).
+
+    Page indexes live on the device: they are not checked (that would need a synchronisation);
+    a page table pointing outside the K/V pool is undefined behaviour, as in FA4."""
     dev = rt.device
     varlen_q, varlen_k = cu_q is not None, cu_k is not None
     conv = converter(q, "q")  # one lookup for the three (they are almost always one class)
@@ -241,13 +345,37 @@ def analyse(
             raise ArgumentError(f"max_seqlen_q ({max_q}) must equal q's seqlen ({seqlen_q}) without cu_seqlens_q")
         max_q = seqlen_q
         rows = (batch, seqlen_q)
-    if varlen_k:
+    pt = page_size = None
+    if page_table is not None:
+        if varlen_k:
+            raise ArgumentError("page_table cannot be used with cu_seqlens_k (FA4 indexes pages per batch entry)")
+        pt = validate.tensor(page_table, "page_table", dtypes=("int32",), rank=2, device=dev, rt=rt, align=4)
+        if pt[1][0] != batch:
+            raise ArgumentError(f"page_table: expected shape (batch={batch}, max_pages), got {tuple(pt[1])}")
+        page_size = ks[1]  # k, v: (num_pages, page_size, nheads_kv, head_dim)
+        if page_size < 1 or ks[0] < 1:
+            raise ArgumentError(f"k: a paged KV pool (num_pages, page_size, nheads_kv, head_dim) cannot be {tuple(ks)}")
+        max_k = pt[1][1] * page_size if max_k is None else max_k
+    elif varlen_k:
         cuk = validate.int32_vector(cu_k, "cu_seqlens_k", batch + 1, dev, rt)
         max_k = ks[0] if max_k is None else max_k
     else:
         if ks[0] != batch:
             raise ArgumentError(f"k: batch {ks[0]} != q's batch {batch}")
         max_k = ks[1] if max_k is None else max_k
+    sink = None
+    sink_dtype = "none"
+    if learnable_sink is not None:
+        sink = validate.tensor(learnable_sink, "learnable_sink", dtypes=SINK_DTYPES, rank=1, device=dev, rt=rt, align=4)
+        if sink[1][0] != nheads:
+            raise ArgumentError(f"learnable_sink: expected shape (nheads={nheads},), got {tuple(sink[1])}")
+        sink_dtype = sink[3]
+    if softcap is None:
+        softcap = 0.0
+    elif softcap.__class__ is not float or softcap != 0.0:
+        softcap = validate.finite(softcap, "softcap")
+        if softcap < 0:
+            raise ArgumentError(f"softcap: must be >= 0 (0: off), got {softcap}")
     if su_q is not None:
         suq = validate.int32_vector(su_q, "seqused_q", batch, dev, rt)
     if su_k is not None:
@@ -283,13 +411,19 @@ def analyse(
         pack_gqa,
         bool(return_lse),
         has_metadata,
+        pt is not None,
+        sink_dtype,
+        softcap,
     )
     rule = rt.forward_rules.get(key)
     if rule is None:
         t = rt.target
-        rule = ForwardRule(StaticCall(t.arch, t.num_sms, *key, clc=rt.clc))
+        static = StaticCall(
+            t.arch, t.num_sms, *key[:14], clc=rt.clc, paged=key[14], learnable_sink=key[15], softcap=key[16]
+        )
+        rule = ForwardRule(static)
         rt.forward_rules[key] = rule
-    vkey, splits = rule.decide(batch, nheads_kv, max_q, max_k, num_splits, wl, wr)
+    vkey, splits = rule.decide(batch, nheads_kv, max_q, max_k, num_splits, wl, wr, page_size)
     lv = rule.loaded.get(vkey)
     if lv is None:
         lv = rt.load(rule.variant(vkey))
@@ -302,7 +436,7 @@ def analyse(
         wr = max_k + max_q if wr is None else wr
     return _new_call(
         ForwardCall,
-        (rt, lv, splits, splits > 1, qd, kd, vd, cuq, cuk, suq, suk, batch, rows, nheads, head_dim_v, dtype, max_q, max_k, scale, wl, wr),
+        (rt, lv, splits, splits > 1, qd, kd, vd, cuq, cuk, suq, suk, batch, rows, nheads, head_dim_v, dtype, max_q, max_k, scale, wl, wr, pt, sink),
     )  # fmt: skip
 
 
@@ -326,9 +460,21 @@ def forward(
     out: Any,
     metadata: SchedulerMetadata | None,
     stream: Any,
+    page_table: Any = None,
+    learnable_sink: Any = None,
+    softcap: float | None = 0.0,
+    lse: Any = None,
 ) -> tuple[Any, Any]:
-    """The forward call behind both API functions (positional: it is the hot path)."""
+    """The forward call behind the API functions (positional: it is the hot path). ``lse``: a
+    preallocated LSE (FA4's layout) to write, which implies return_lse."""
     rt = runtime or loader._DEFAULT or loader.default_runtime()
+    if metadata is not None and not isinstance(metadata, SchedulerMetadata):
+        raise ArgumentError(
+            "scheduler_metadata must be a fa4aot.SchedulerMetadata (FA4's metadata tensors come from FA4's own "
+            "prepare kernel; compute fa4aot's with SchedulerMetadata(...).compute(...))"
+        )
+    if lse is not None:
+        return_lse = True
     fc = analyse(
         rt,
         q,
@@ -347,6 +493,9 @@ def forward(
         pack_gqa,
         return_lse,
         metadata is not None,
+        page_table,
+        learnable_sink,
+        softcap,
     )
     if metadata is not None and cu_q is None and su_q is None:
         raise ArgumentError("scheduler_metadata is for varlen queries (cu_seqlens_q or seqused_q)")
@@ -360,8 +509,14 @@ def forward(
     validate.io(od, "out", len(out_shape), rt.device, rt, writable=True)
     if od[1] != out_shape:
         validate.shape(od, "out", out_shape, "q's shape with head_dim_v")
-    lse = alloc_like(q, fc.lse_shape, "fp32") if return_lse else None
-    ld = as_device_tensor(lse, "lse") if lse is not None else None
+    if lse is not None:
+        ld = validate.tensor(
+            lse, "lse", dtypes=("fp32",), rank=len(fc.lse_shape), device=rt.device, rt=rt, align=4, writable=True
+        )
+        validate.shape(ld, "lse", fc.lse_shape, "FA4's (batch, nheads, seqlen_q) or (nheads, total_q)")
+    else:
+        lse = alloc_like(q, fc.lse_shape, "fp32") if return_lse else None
+        ld = as_device_tensor(lse, "lse") if lse is not None else None
     if fc.split:
         # everything the combine needs is resolved before anything is launched
         out_partial = alloc_like(q, (fc.num_splits, *out_shape), "fp32")
@@ -399,12 +554,14 @@ def forward(
         fc.cu_k,
         fc.su_q,
         fc.su_k,
+        fc.page_table,
         nsd,
         sem,
         l2,
         fc.scale,
         fc.wl,
         fc.wr,
+        fc.learnable_sink,
         fc.max_q,
         s,
     )

@@ -230,6 +230,9 @@ def prepare_forward(
     max_seqlen_k: int | None = None,
     seqused_q: Any = None,
     seqused_k: Any = None,
+    page_table: Any = None,
+    learnable_sink: Any = None,
+    softcap: float = 0.0,
     lse: Any = None,
     softmax_scale: float | None = None,
     causal: bool = False,
@@ -241,8 +244,9 @@ def prepare_forward(
 ) -> Prepared:
     """Prepare FA4's forward for tensors shaped like these (arguments as in
     :func:`fa4aot.flash_attn_varlen_func`; ``lse`` given means return_lse). The prepared call
-    takes ``(q, k, v, out[, lse][, cu_seqlens_q][, cu_seqlens_k][, seqused_q][, seqused_k])``
-    (those given here, in this order; see ``arg_names``) and ``stream=``.
+    takes ``(q, k, v, out[, lse][, cu_seqlens_q][, cu_seqlens_k][, seqused_q][, seqused_k]
+    [, page_table][, learnable_sink])`` (those given here, in this order; see ``arg_names``) and
+    ``stream=``.
 
     Split-KV partials are allocated now and owned by the prepared call. Split-KV varlen calls use
     ``scheduler_metadata`` if given (recompute it per batch; the call zeroes its semaphore after
@@ -268,6 +272,9 @@ def prepare_forward(
         pack_gqa,
         lse is not None,
         scheduler_metadata is not None,
+        page_table,
+        learnable_sink,
+        softcap,
     )
     if scheduler_metadata is not None and cu_seqlens_q is None and seqused_q is None:
         raise ArgumentError("scheduler_metadata is for varlen queries (cu_seqlens_q or seqused_q)")
@@ -290,6 +297,8 @@ def prepare_forward(
         ("cu_seqlens_k", cu_seqlens_k, fc.cu_k),
         ("seqused_q", seqused_q, fc.su_q),
         ("seqused_k", seqused_k, fc.su_k),
+        ("page_table", page_table, fc.page_table),
+        ("learnable_sink", learnable_sink, fc.learnable_sink),
     ):
         if obj is not None:
             names.append(name), objs.append(obj), descs.append(d), aligns.append(4)

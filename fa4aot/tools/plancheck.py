@@ -80,11 +80,18 @@ def random_call(entry: Entry, rng: random.Random) -> tuple[dict[str, Any], dict[
     else:
         seqlen_k = rng.randint(1, 16384)
         total_k = batch * seqlen_k
+    paged = f.get("paged_kv", "none")
+    if paged != "none":  # a page pool and a table: FA4's TMA path at tile_n, cp.async otherwise
+        page = f["tile_n"] if paged == "tma" else rng.choice([s for s in (1, 8, 16, 32, 64, 256) if s != f["tile_n"]])
+        max_pages = -(-seqlen_k // page) + rng.randint(0, 3)
+        num_pages = batch * max_pages + rng.randint(0, 64)
     splits = rng.randint(2, 64) if f.get("split_kv") else 1
     pad = rng.random() < 0.5
     hd, hdv = f["head_dim"], f["head_dim_v"]
     qrows = (total_q,) if f["varlen_q"] else (batch, seqlen_q)
     krows = (total_k,) if f["varlen_k"] else (batch, seqlen_k)
+    if paged != "none":
+        krows = (num_pages, page)
     shapes = {
         "q": (*qrows, h, hd),
         "k": (*krows, hk, hd),
@@ -108,6 +115,10 @@ def random_call(entry: Entry, rng: random.Random) -> tuple[dict[str, Any], dict[
     for j, name in enumerate(("seqused_q", "seqused_k")):
         if f[name]:
             named[name] = TensorDesc(fake_pointer(7 + j), (batch,), (1,))
+    if paged != "none":
+        named["page_table"] = TensorDesc(fake_pointer(12), (batch, max_pages), (max_pages + rng.randint(0, 8), 1))
+    if f.get("learnable_sink", "none") != "none":
+        named["learnable_sink"] = TensorDesc(fake_pointer(13), (h,), (1,))
     if f.get("scheduler") == "dynamic":
         named["num_splits_dynamic"] = TensorDesc(fake_pointer(9), (batch,), (1,))
         named["tile_count_semaphore"] = TensorDesc(fake_pointer(10), (1,), (1,))
@@ -121,6 +132,8 @@ def random_call(entry: Entry, rng: random.Random) -> tuple[dict[str, Any], dict[
         named["max_seqlen_q"] = seqlen_q
     named["stream"] = 0
     sizes = dict(batch=batch, seqlen_q=seqlen_q, total_q=total_q, nheads=h, nheads_kv=hk, num_splits=splits)
+    if paged != "none":
+        sizes["page_size"] = page
     return named, sizes
 
 

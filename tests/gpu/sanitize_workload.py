@@ -77,7 +77,17 @@ def varlen(lens_q, lens_k, h, hk, d, causal):
         tensor((sum(lens_k), hk, d), "bf16"),
     )
     out = tensor((sum(lens_q), h, d), "bf16")
-    fa4aot.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, out=out)
+    fa4aot.flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=max(lens_q),
+        max_seqlen_k=max(lens_k),
+        causal=causal,
+        out=out,
+    )
     sync(f"varlen forward {lens_q}/{lens_k} h{h}/{hk} d{d} causal={causal}")
 
 

@@ -88,7 +88,15 @@ def test_varlen_forward_matches_reference(runtime, d, causal, heads):
     k = torch.randn(sum(lens_k), hk, d, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn(sum(lens_k), hk, d, device="cuda", dtype=torch.bfloat16, generator=g)
     out, _ = fa4aot.flash_attn_varlen_func(
-        q, k, v, cu_q, cu_k, max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k), causal=causal, runtime=runtime
+        q,
+        k,
+        v,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=max(lens_q),
+        max_seqlen_k=max(lens_k),
+        causal=causal,
+        runtime=runtime,
     )
     torch.cuda.synchronize()
     check(out, q, k, v, causal, cu_q=cu_q.cpu(), cu_k=cu_k.cpu())

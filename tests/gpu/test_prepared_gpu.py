@@ -43,7 +43,17 @@ def test_prepared_varlen_forward_and_combine_equal_plain_calls(runtime):
     cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     q, k, v = _rand(sum(lens_q), 16, 128), _rand(sum(lens_k), 4, 128, seed=1), _rand(sum(lens_k), 4, 128, seed=2)
-    want, _ = fa4aot.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=True, runtime=runtime)
+    want, _ = fa4aot.flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        max_seqlen_q=max(lens_q),
+        max_seqlen_k=max(lens_k),
+        causal=True,
+        runtime=runtime,
+    )
     out = torch.zeros_like(want)
     run = fa4aot.prepare_forward(
         q, k, v, out, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k),

@@ -1,0 +1,194 @@
+"""FA4's engine entry points, for engines that call FA4's private interface (vLLM's FA4 backend
+calls ``flash_attn.cute.interface._flash_attn_fwd``): switching is one import,
+``from fa4aot.interface import _flash_attn_fwd``.
+
+Same signatures, same results for what fa4aot builds; an argument of a path fa4aot does not build
+(qv, score_mod, mask_mod, block sparsity, fp8 descales, gather_kv_indices, tile overrides, ...)
+raises ArgumentError naming it when it is given a non-default value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fa4aot.core.errors import ArgumentError
+from fa4aot.runtime import loader
+from fa4aot.runtime.forward import forward, unsupported
+from fa4aot.runtime.metadata import SchedulerMetadata
+
+#: FA4's default thread count for its forward (the SM90 kernel's 3 warpgroups).
+FA4_NUM_THREADS = 384
+
+
+def _flash_attn_fwd(
+    q: Any,
+    k: Any,
+    v: Any,
+    qv: Any = None,
+    cu_seqlens_q: Any = None,
+    cu_seqlens_k: Any = None,
+    seqused_q: Any = None,
+    seqused_k: Any = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    min_seqlen_k: int | None = None,
+    page_table: Any = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    softcap: float | None = None,
+    window_size_left: int | None = None,
+    window_size_right: int | None = None,
+    learnable_sink: Any = None,
+    tile_mn: Any = None,
+    mma_pv_is_rs: bool | None = None,
+    intra_wg_overlap: bool | None = None,
+    num_threads: int = FA4_NUM_THREADS,
+    num_splits: int = 1,
+    pack_gqa: bool | None = None,
+    _arch: int | None = None,
+    score_mod: Any = None,
+    mask_mod: Any = None,
+    block_sparse_tensors: Any = None,
+    return_lse: bool = False,
+    out: Any = None,
+    lse: Any = None,
+    aux_tensors: Any = None,
+    aux_scalars: Any = None,
+    q_descale: Any = None,
+    k_descale: Any = None,
+    v_descale: Any = None,
+    gather_kv_indices: Any = None,
+    scheduler_metadata: SchedulerMetadata | None = None,
+    seqlen_k_per_split: int | None = None,
+    disable_scheduler_metadata: bool = False,
+    gather_bwd_recompute_p: bool = False,
+    *,
+    stream: Any = None,
+    runtime: Any = None,
+) -> tuple[Any, Any, None, None, None]:
+    """FA4's ``_flash_attn_fwd`` (4.0.0b36): returns ``(out, lse, None, None, None)`` like FA4
+    (its last three are MLA outputs). ``q``, ``k``, ``v`` batched, varlen (``cu_seqlens_*``) or
+    with a paged KV pool (``page_table``); ``lse``: a preallocated LSE to fill. ``stream`` and
+    ``runtime`` are fa4aot's keyword-only extras."""
+    rt = runtime or loader._DEFAULT or loader.default_runtime()
+    unsupported(
+        qv=(qv, None),
+        tile_mn=(tile_mn, None),
+        mma_pv_is_rs=(mma_pv_is_rs, None),
+        intra_wg_overlap=(intra_wg_overlap, None),
+        num_threads=(num_threads, FA4_NUM_THREADS),
+        score_mod=(score_mod, None),
+        mask_mod=(mask_mod, None),
+        block_sparse_tensors=(block_sparse_tensors, None),
+        aux_tensors=(aux_tensors, None),
+        aux_scalars=(aux_scalars, None),
+        q_descale=(q_descale, None),
+        k_descale=(k_descale, None),
+        v_descale=(v_descale, None),
+        gather_kv_indices=(gather_kv_indices, None),
+        seqlen_k_per_split=(seqlen_k_per_split, None),
+        disable_scheduler_metadata=(disable_scheduler_metadata, False),
+        gather_bwd_recompute_p=(gather_bwd_recompute_p, False),
+    )
+    if q is None or k is None:
+        raise ArgumentError("q and k are required (fa4aot does not build FA4's MLA forms without them)")
+    if _arch is not None:
+        cc = rt.info.compute_capability
+        if _arch != cc[0] * 10 + cc[1]:
+            raise ArgumentError(f"_arch: {_arch} is not this runtime's device (sm_{cc[0]}{cc[1]})")
+    out, lse = forward(
+        rt,
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        seqused_q,
+        seqused_k,
+        softmax_scale,
+        causal,
+        (window_size_left, window_size_right),
+        num_splits,
+        pack_gqa,
+        return_lse,
+        out,
+        scheduler_metadata,
+        stream,
+        page_table,
+        learnable_sink,
+        softcap,
+        lse,
+    )
+    return out, lse, None, None, None
+
+
+def _get_scheduler_metadata(
+    num_batch: int,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    nheads: int,
+    nheads_kv: int,
+    headdim: int,
+    num_splits: int,
+    tile_m: int,
+    tile_n: int,
+    headdim_v: int | None = None,
+    pack_gqa: bool | None = False,
+    q_stage: int = 1,
+    cluster_shape_m: int = 1,
+    causal: bool = False,
+    enable_pdl: bool = False,
+    sort: bool = False,
+    seqlen_k_new: int = 0,
+    cu_seqlens_q: Any = None,
+    cu_seqlens_k: Any = None,
+    cu_seqlens_k_new: Any = None,
+    seqused_q: Any = None,
+    seqused_k: Any = None,
+    leftpad_k: Any = None,
+    seqlen_k_per_split: int | None = None,
+    zfill_padded_output: bool = True,
+    total_q: int | None = None,
+    use_clc_scheduler: bool = False,
+    *,
+    stream: Any = None,
+    runtime: Any = None,
+) -> SchedulerMetadata:
+    """FA4's ``_get_scheduler_metadata``: the varlen scheduler metadata, computed on the device by
+    FA4's prepare kernel, as a :class:`fa4aot.SchedulerMetadata` to pass to the forward."""
+    unsupported(
+        q_stage=(q_stage, 1),
+        cluster_shape_m=(cluster_shape_m, 1),
+        enable_pdl=(enable_pdl, False),
+        sort=(sort, False),
+        seqlen_k_new=(seqlen_k_new, 0),
+        cu_seqlens_k_new=(cu_seqlens_k_new, None),
+        leftpad_k=(leftpad_k, None),
+        seqlen_k_per_split=(seqlen_k_per_split, None),
+        zfill_padded_output=(zfill_padded_output, True),
+        use_clc_scheduler=(use_clc_scheduler, False),
+    )
+    md = SchedulerMetadata(
+        num_batch,
+        nheads,
+        nheads_kv,
+        headdim,
+        headdim_v,
+        causal=causal,
+        pack_gqa=bool(pack_gqa),
+        tile_m=tile_m,
+        tile_n=tile_n,
+        runtime=runtime,
+    )
+    return md.compute(
+        max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k,
+        num_splits=num_splits,
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        seqused_q=seqused_q,
+        seqused_k=seqused_k,
+        stream=stream,
+    )
