@@ -1,16 +1,25 @@
-"""FA4's SM90 forward through fa4aot vs PyTorch SDPA (cuDNN and flash backends), on the GPU.
+"""FA4's SM90 forward through fa4aot vs PyTorch SDPA (cuDNN and flash backends), on the GPU, and
+the serving-engine calls through fa4aot vs FA4's own JIT, side by side on the same card.
 
-    python benchmarks/forward.py --cache cache [--json out.json] [--plot out.png]
+    python benchmarks/forward.py --cache cache [--json out.json] [--plot out.png] [--sections dense,serving]
 
-Prints three tables: TFLOP/s per (batch, seqlen, heads, head_dim) and causal flag (median of CUDA
-event timings); host microseconds per call on a tiny shape (median of batches of back-to-back
-calls, GPU not the bottleneck); and time from interpreter start to the first finished output in a
-fresh process (fa4aot with torch, fa4aot with CuPy and no torch, torch SDPA).
+``dense`` prints three tables: TFLOP/s per (batch, seqlen, heads, head_dim) and causal flag
+(median of CUDA event timings); host microseconds per call on a tiny shape (median of batches of
+back-to-back calls, GPU not the bottleneck); and time from interpreter start to the first finished
+output in a fresh process (fa4aot with torch, fa4aot with CuPy and no torch, torch SDPA).
+
+``serving`` (needs FA4 importable: flash_attn.cute) times the same ``_flash_attn_fwd`` call
+through fa4aot and through FA4: paged decode (batch 64, Llama-3-8B heads 32/8, head_dim 128,
+page 128, context 4k-32k, pages in random order) and gpt-oss-style sink + sliding-window-128
+prefill (heads 64/8, head_dim 64, paged, with and without the window). Device time is the median
+of CUDA-event timings; host time per call is measured on the tiny shape of each kind, next to
+fa4aot's dense path on the same tiny shape.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -81,13 +90,140 @@ def host_us(fn, inner: int = 100, repeats: int = 30) -> float:
     return statistics.median(per)
 
 
+def _paged(b, ctx, hk, d, page_size, gen):
+    """A paged KV pool holding ``b`` sequences of ``ctx`` tokens, pages in random order."""
+    import torch
+
+    per = -(-ctx // page_size)
+    k = torch.randn(b * per, page_size, hk, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn_like(k)
+    table = torch.randperm(b * per, device="cuda", generator=gen).to(torch.int32).view(b, per)
+    used = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
+    return k, v, table, used
+
+
+def serving(runtime) -> dict:
+    """fa4aot vs FA4 (same card, same inputs) on the serving calls; see the module docstring."""
+    import torch
+    from flash_attn.cute import interface as fa4
+
+    import fa4aot
+    import fa4aot.interface as fi
+
+    ours = functools.partial(fi._flash_attn_fwd, runtime=runtime)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+
+    def row(kind, call, out, flops, bytes_):
+        # warm-up (FA4 compiles) and a bitwise check, each writing its own output
+        a, b = call(ours, None), call(fa4._flash_attn_fwd, None)
+        torch.cuda.synchronize()
+        same = a[0] is not b[0] and torch.equal(a[0], b[0])
+        t_ours = gpu_ms(lambda: call(ours, out), reps=50)
+        t_fa4 = gpu_ms(lambda: call(fa4._flash_attn_fwd, out), reps=50)
+        rows.append(
+            dict(kind=kind, fa4aot_ms=t_ours, fa4_ms=t_fa4, ratio=t_ours / t_fa4, bitwise_equal=same,
+                 tflops=flops / t_ours / 1e9, gbps=bytes_ / t_ours / 1e6)
+        )  # fmt: skip
+
+    b, h, hk, d = 64, 32, 8, 128
+    for ctx in (4096, 8192, 16384, 32768):
+        k, v, table, used = _paged(b, ctx, hk, d, 128, g)
+        q = torch.randn(b, 1, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        out = torch.empty_like(q)
+
+        def call(fn, out, q=q, k=k, v=v, table=table, used=used):
+            return fn(q, k, v, seqused_k=used, page_table=table, causal=True, out=out)
+
+        row(f"paged decode b64 ctx{ctx // 1024}k p128", call, out, 4 * b * h * ctx * d, 2 * k.numel() * 2)
+        del k, v
+    b, s, h, hk, d = 4, 4096, 64, 8, 64
+    k, v, table, used = _paged(b, s, hk, d, 128, g)
+    q = torch.randn(b * s, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device="cuda")
+    sink = torch.randn(h, device="cuda", generator=g).to(torch.bfloat16)
+    out = torch.empty_like(q)
+    for wl in (127, None):
+
+        def call(fn, out, wl=wl):
+            return fn(q, k, v, cu_seqlens_q=cu, max_seqlen_q=s, seqused_k=used, page_table=table, causal=True,
+                      window_size_left=wl, window_size_right=0 if wl is not None else None, learnable_sink=sink,
+                      out=out)  # fmt: skip
+
+        keys = min(s, (wl or s) + 1)
+        label = f"sink prefill b4 s4k h64/8 d64 p128 {'window 128' if wl else 'full causal'}"
+        row(label, call, out, 4 * b * h * s * keys * d / (1 if wl else 2), 0)
+
+    # host time per call on tiny shapes (the GPU is not the bottleneck)
+    k, v, table, used = _paged(1, 128, 8, 128, 128, g)
+    q = torch.randn(1, 1, 32, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    out = torch.empty_like(q)
+    kd = torch.randn(1, 128, 8, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    host = {
+        "fa4aot flash_attn_func, dense decode (out given)": host_us(
+            lambda: fa4aot.flash_attn_func(q, kd, kd, causal=True, out=out, runtime=runtime)
+        ),
+        "fa4aot _flash_attn_fwd, paged decode (out given)": host_us(
+            lambda: ours(q, k, v, seqused_k=used, page_table=table, causal=True, out=out)
+        ),
+        "FA4 _flash_attn_fwd, paged decode (out given)": host_us(
+            lambda: fa4._flash_attn_fwd(q, k, v, seqused_k=used, page_table=table, causal=True, out=out)
+        ),
+    }
+    qs = torch.randn(16, 64, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    ks, vs, ts, us = _paged(1, 128, 8, 64, 128, g)
+    cu1 = torch.tensor([0, 16], dtype=torch.int32, device="cuda")
+    so = torch.empty_like(qs)
+    sink = sink[:64]
+    host["fa4aot _flash_attn_fwd, sink + window (out given)"] = host_us(
+        lambda: ours(qs, ks, vs, cu_seqlens_q=cu1, max_seqlen_q=16, seqused_k=us, page_table=ts, causal=True,
+                     window_size_left=127, window_size_right=0, learnable_sink=sink, out=so)
+    )  # fmt: skip
+    host["FA4 _flash_attn_fwd, sink + window (out given)"] = host_us(
+        lambda: fa4._flash_attn_fwd(qs, ks, vs, cu_seqlens_q=cu1, max_seqlen_q=16, seqused_k=us, page_table=ts,
+                                    causal=True, window_size_left=127, window_size_right=0, learnable_sink=sink,
+                                    out=so)
+    )  # fmt: skip
+    return {"rows": rows, "host_us": host}
+
+
+def print_serving(res: dict, name: str) -> None:
+    print(f"\nserving calls, fa4aot vs FA4's JIT, GPU: {name}; bf16; device time (median of 50 CUDA-event timings)")
+    print(f"{'kind':<52} {'fa4aot ms':>10} {'FA4 ms':>10} {'ratio':>7} {'bitwise':>8}")
+    for r in res["rows"]:
+        print(
+            f"{r['kind']:<52} {r['fa4aot_ms']:10.4f} {r['fa4_ms']:10.4f} {r['ratio']:7.3f} "
+            f"{'equal' if r['bitwise_equal'] else 'DIFFER':>8}"
+        )
+    print("\nhost microseconds per call, tiny shapes (median)")
+    for k, v in res["host_us"].items():
+        print(f"  {k:<56} {v:8.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--cache", default="cache")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--fresh", type=int, default=3)
+    ap.add_argument("--sections", default="dense,serving", help="comma-separated: dense, serving")
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
+    if sections - {"dense", "serving"}:
+        ap.error(f"--sections: unknown {sorted(sections - {'dense', 'serving'})}")
+    if "dense" not in sections:
+        import torch
+
+        import fa4aot
+
+        rt = fa4aot.open_runtime(args.cache)
+        name = torch.cuda.get_device_name()
+        res = serving(rt)
+        print_serving(res, name)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"gpu": name, "serving": res}, f, indent=1, default=str)
+        return
 
     import torch
     import torch.nn.functional as F
@@ -95,8 +231,9 @@ def main() -> None:
 
     import fa4aot
 
-    fa4aot.open_runtime(args.cache)
+    rt = fa4aot.open_runtime(args.cache)
     name = torch.cuda.get_device_name()
+    serving_res = serving(rt) if "serving" in sections else None
     rows = []
     for b, s, h, d in SHAPES:
         for causal in (False, True):
@@ -161,9 +298,16 @@ def main() -> None:
     print(f"\ninterpreter start to first output, fresh process (median of {args.fresh})")
     for k, v in first.items():
         print(f"  {k:<42} {v * 1e3 if v else float('nan'):8.0f} ms")
+    if serving_res is not None:
+        print_serving(serving_res, name)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"gpu": name, "tflops": rows, "host_us": host, "first_output_s": first}, f, indent=1, default=str)
+            json.dump(
+                {"gpu": name, "tflops": rows, "host_us": host, "first_output_s": first, "serving": serving_res},
+                f,
+                indent=1,
+                default=str,
+            )
     if args.plot:
         import matplotlib
 

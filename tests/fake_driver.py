@@ -51,7 +51,14 @@ class FakeDriver:
         return len(self.libraries)
 
     def get_kernel(self, library, name: str):
-        return 0x1000 * library + len(name)
+        handle = 0x1000 * library + len(name)
+        # the parameter sizes the cubin declares, so launches record the bytes they pass
+        from fa4aot.core import cubin
+
+        kernel = cubin.parse(self.libraries[library - 1]).kernels.get(name)
+        if kernel is not None and handle not in self.param_sizes:
+            self.param_sizes[handle] = tuple(p.size for p in sorted(kernel.params, key=lambda p: p.ordinal))
+        return handle
 
     def kernel_attribute(self, kernel, attr: int, device: int) -> int:
         return 0

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from helpers import CI_MANIFEST, needs_dsl, run_cli
+from helpers import CI_MANIFEST, HAS_DSL, needs_dsl, run_cli
 
 from fa4aot.build import manifest, toolchain
 from fa4aot.core.index import Cache
@@ -126,7 +126,7 @@ def test_build_reports_a_failing_variant_and_continues(tmp_path, monkeypatch):
 
 FA4_CUBIN = r"""
 import glob, json, os, sys
-arch, sms, causal, dump = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+arch, sms, cases, dump = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
 os.environ.update(FLASH_ATTENTION_ARCH=arch, CUTE_DSL_ARCH=arch, FLASH_ATTENTION_NUM_SMS=sms,
                   CUTE_DSL_KEEP="cubin", CUTE_DSL_DUMP_DIR=dump, CUTE_DSL_LOG_LEVEL="0")
 import torch
@@ -134,33 +134,76 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from fa4aot_kernels.common import install_target_hardware
 install_target_hardware(int(sms))
 from flash_attn.cute import interface as I
-with FakeTensorMode():
-    q = torch.empty(2, 1024, 16, 128, dtype=torch.bfloat16, device="cuda")
-    I._flash_attn_fwd(q, q, q, causal=causal)
-print(json.dumps(glob.glob(dump + "/*.cubin")))
+from fa4_cases import fa4_forward
+paths = []
+for i, case in enumerate(cases):
+    with FakeTensorMode():
+        fa4_forward(I, torch, case)
+    # move this call's cubin aside: the next call's file may have the same name
+    os.makedirs(f"{dump}/{i}")
+    paths.append([os.rename(p, f"{dump}/{i}/{os.path.basename(p)}") or f"{dump}/{i}/{os.path.basename(p)}"
+                  for p in glob.glob(dump + "/*.cubin")])
+print(json.dumps(paths))
 """
+
+#: One call per kind whose cubin is compared with FA4's (manifests/ci.yaml builds each on both arches).
+CUBIN_CASES = {
+    "dense": dict(batch=2, seqlen_q=1024, seqlen_k=1024, nheads=16, nheads_kv=16, head_dim=128, head_dim_v=128),
+    "dense-causal": dict(
+        batch=2, seqlen_q=1024, seqlen_k=1024, nheads=16, nheads_kv=16, head_dim=128, head_dim_v=128, causal=True
+    ),
+    "paged-tma": dict(batch=4, seqlen_q=1, seqlen_k=1000, nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128,
+                      causal=True, seqused_k=True, page_size=128),
+    "paged-cpasync": dict(batch=4, seqlen_q=1, seqlen_k=1000, nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128,
+                          causal=True, seqused_k=True, page_size=16),
+    "paged-chunked-prefill": dict(batch=4, seqlen_q=300, seqlen_k=1000, nheads=32, nheads_kv=8, head_dim=128,
+                                  head_dim_v=128, causal=True, varlen_q=True, total_q=900, seqused_k=True,
+                                  page_size=128, return_lse=True),
+    "sink-window": dict(batch=2, seqlen_q=1024, seqlen_k=1024, nheads=64, nheads_kv=8, head_dim=64, head_dim_v=64,
+                        causal=True, wl=128, wr=0, learnable_sink="bf16"),
+    "softcap": dict(batch=2, seqlen_q=1024, seqlen_k=1024, nheads=16, nheads_kv=8, head_dim=128, head_dim_v=128,
+                    causal=True, softcap=50.0),
+    "softcap-hd256": dict(batch=2, seqlen_q=1024, seqlen_k=1024, nheads=8, nheads_kv=4, head_dim=256,
+                          head_dim_v=256, causal=True, softcap=50.0),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fa4_cubins(tmp_path_factory):
+    """FA4's own JIT cubins for CUBIN_CASES on each arch (one FA4 process per arch)."""
+    import json
+
+    if not HAS_DSL:
+        pytest.skip("needs the build extra (CUTLASS DSL + flash-attn-4)")
+    out = {}
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
+    for arch, sms in (("sm_90a", 132), ("sm_100a", 148)):
+        dump = tmp_path_factory.mktemp(f"fa4-{arch}")
+        proc = subprocess.run(
+            [sys.executable, "-c", FA4_CUBIN, arch, str(sms), json.dumps(list(CUBIN_CASES.values())), str(dump)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=1200,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        paths = json.loads(proc.stdout.strip().splitlines()[-1])
+        out[arch] = dict(zip(CUBIN_CASES, paths))
+    return out
 
 
 @pytest.mark.parametrize("arch, sms", [("sm_90a", 132), ("sm_100a", 148)])
-@pytest.mark.parametrize("causal", [False, True])
-def test_cubins_are_the_ones_fa4_builds(built_cache, tmp_path, arch, sms, causal):
+@pytest.mark.parametrize("kind", list(CUBIN_CASES))
+def test_cubins_are_the_ones_fa4_builds(built_cache, fa4_cubins, arch, sms, kind):
     """The variant dispatch picks for a call has exactly the cubin FA4's own JIT builds for it."""
-    import json
+    from fa4_cases import fa4aot_call
 
-    from fa4aot.runtime.dispatch import Call, decide
+    from fa4aot.runtime.dispatch import decide
 
-    env = dict(os.environ)
-    proc = subprocess.run(
-        [sys.executable, "-c", FA4_CUBIN, arch, str(sms), json.dumps(causal), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (path,) = json.loads(proc.stdout.strip().splitlines()[-1])
+    (path,) = fa4_cubins[arch][kind]
     fa4 = open(path, "rb").read()
-    d = decide(Call(arch, sms, "bf16", 2, 1024, 1024, 16, 16, 128, 128, causal))
+    d = decide(fa4aot_call(arch, sms, CUBIN_CASES[kind]))
     v = Variant.make("fwd_sm90" if arch == "sm_90a" else "fwd_sm100", arch, sms, **d.fields)
     cache = Cache(built_cache)
     (entry,) = [e for e in cache.entries() if e.variant_id == v.variant_id][-1:]

@@ -11,11 +11,14 @@ import subprocess
 import sys
 
 import pytest
+from fa4_cases import fa4aot_call
 from helpers import needs_dsl
 
 import fa4aot
 from fa4aot.core.rules import resolve_window
-from fa4aot.runtime.dispatch import Call, decide
+from fa4aot.runtime.dispatch import decide
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 ORACLE = r"""
 import json, os, sys
@@ -24,6 +27,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from fa4aot_kernels.common import install_target_hardware
 install_target_hardware(int(os.environ["FLASH_ATTENTION_NUM_SMS"]))
 from flash_attn.cute import interface as I
+from fa4_cases import fa4_forward
 arch = os.environ["FLASH_ATTENTION_ARCH"]
 cls = I.FlashAttentionForwardSm100 if arch == "sm_100a" else I.FlashAttentionForwardSm90
 class Stop(Exception):
@@ -42,33 +46,20 @@ def spy(self, *args, **kw):
     raise Stop()
 orig = cls.__init__
 cls.__init__ = spy
+make_softcap = I.utils.create_softcap_scoremod
+def softcap_spy(value):
+    seen["softcap_value"] = value  # the value FA4 bakes into the score_mod it compiles
+    return make_softcap(value)
+I.utils.create_softcap_scoremod = softcap_spy
 out = []
 for case in json.loads(sys.stdin.read()):
     seen.clear()
-    dt = torch.bfloat16
     with FakeTensorMode():
-        b, sq, sk, h, hk, d, dv = (case[k] for k in ("batch", "seqlen_q", "seqlen_k", "nheads", "nheads_kv", "head_dim", "head_dim_v"))
-        kw = {}
-        if case.get("varlen"):
-            q = torch.empty(case["total_q"], h, d, dtype=dt, device="cuda")
-            k = torch.empty(case["total_k"], hk, d, dtype=dt, device="cuda")
-            v = torch.empty(case["total_k"], hk, dv, dtype=dt, device="cuda")
-            kw.update(cu_seqlens_q=torch.empty(b + 1, dtype=torch.int32, device="cuda"),
-                      cu_seqlens_k=torch.empty(b + 1, dtype=torch.int32, device="cuda"),
-                      max_seqlen_q=sq, max_seqlen_k=sk)
-        else:
-            q = torch.empty(b, sq, h, d, dtype=dt, device="cuda")
-            k = torch.empty(b, sk, hk, d, dtype=dt, device="cuda")
-            v = torch.empty(b, sk, hk, dv, dtype=dt, device="cuda")
-        if case.get("seqused_k"):
-            kw["seqused_k"] = torch.empty(b, dtype=torch.int32, device="cuda")
         try:
-            I._flash_attn_fwd(q, k, v, causal=case.get("causal", False), window_size_left=case.get("wl"),
-                              window_size_right=case.get("wr"), num_splits=case.get("num_splits", 1),
-                              pack_gqa=case.get("pack_gqa"), return_lse=case.get("return_lse", False), **kw)
+            fa4_forward(I, torch, case)
         except Stop:
             pass
-    out.append({k: (v if isinstance(v, (int, bool, type(None))) else str(v)) for k, v in seen.items()})
+    out.append({k: (v if isinstance(v, (int, float, bool, type(None))) else str(v)) for k, v in seen.items()})
 print(json.dumps(out))
 """
 
@@ -209,6 +200,39 @@ SM90_CASES = [
 ]
 
 
+#: Serving-engine calls: paged KV (TMA when the page size is tile_n, cp.async otherwise), vLLM's
+#: pattern (cu_seqlens_q + seqused_k + page_table), learnable sinks with and without a window,
+#: softcap (the SM100 and SM90 lists both get them).
+ENGINE_CASES = [
+    dict(batch=64, seqlen_q=1, seqlen_k=8192, nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128,
+         causal=True, seqused_k=True, page_size=128),
+    dict(batch=64, seqlen_q=1, seqlen_k=8192, nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128,
+         causal=True, seqused_k=True, page_size=16),
+    dict(batch=8, seqlen_q=1, seqlen_k=30000, nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128,
+         causal=True, seqused_k=True, page_size=128, num_splits=0),
+    dict(batch=8, seqlen_q=1, seqlen_k=30000, nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128,
+         causal=True, seqused_k=True, page_size=64, num_splits=0, num_pages=5000),
+    dict(batch=12, seqlen_q=700, seqlen_k=4000, nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128,
+         causal=True, varlen_q=True, total_q=3000, seqused_k=True, page_size=128),
+    dict(batch=12, seqlen_q=700, seqlen_k=4000, nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128,
+         causal=True, varlen_q=True, total_q=3000, seqused_k=True, page_size=16, return_lse=True),
+    dict(batch=4, seqlen_q=300, seqlen_k=1000, nheads=16, nheads_kv=16, head_dim=128, head_dim_v=128,
+         page_size=32),
+    dict(batch=2, seqlen_q=2048, seqlen_k=2048, nheads=64, nheads_kv=8, head_dim=64, head_dim_v=64,
+         causal=True, wl=128, wr=0, learnable_sink="bf16"),
+    dict(batch=2, seqlen_q=2048, seqlen_k=2048, nheads=64, nheads_kv=8, head_dim=64, head_dim_v=64,
+         causal=True, learnable_sink="fp32"),
+    dict(batch=3, seqlen_q=500, seqlen_k=1500, nheads=16, nheads_kv=2, head_dim=64, head_dim_v=64,
+         varlen=True, total_q=1200, total_k=3000, wl=128, wr=0, learnable_sink="fp16"),
+    dict(batch=2, seqlen_q=1024, seqlen_k=1024, nheads=16, nheads_kv=8, head_dim=128, head_dim_v=128,
+         causal=True, softcap=50.0),
+    dict(batch=2, seqlen_q=1, seqlen_k=4096, nheads=16, nheads_kv=8, head_dim=128, head_dim_v=128,
+         causal=True, softcap=30.0, seqused_k=True, page_size=16),
+    dict(batch=2, seqlen_q=1024, seqlen_k=1024, nheads=8, nheads_kv=8, head_dim=64, head_dim_v=64,
+         softcap=50.0, learnable_sink="bf16", wl=256, wr=256),
+]  # fmt: skip
+
+
 def _oracle(arch: str, num_sms: int, cases: list[dict]) -> list[dict]:
     env = dict(
         os.environ,
@@ -216,38 +240,13 @@ def _oracle(arch: str, num_sms: int, cases: list[dict]) -> list[dict]:
         CUTE_DSL_ARCH=arch,
         FLASH_ATTENTION_NUM_SMS=str(num_sms),
         CUTE_DSL_LOG_LEVEL="0",
+        PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]),
     )
     proc = subprocess.run(
         [sys.executable, "-c", ORACLE], input=json.dumps(cases), capture_output=True, text=True, env=env, timeout=1800
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _call(arch: str, num_sms: int, case: dict) -> Call:
-    return Call(
-        arch,
-        num_sms,
-        "bf16",
-        case["batch"],
-        case["seqlen_q"],
-        case["seqlen_k"],
-        case["nheads"],
-        case["nheads_kv"],
-        case["head_dim"],
-        case["head_dim_v"],
-        case.get("causal", False),
-        case.get("wl"),
-        case.get("wr"),
-        case.get("varlen", False),
-        case.get("varlen", False),
-        False,
-        case.get("seqused_k", False),
-        case.get("num_splits", 1),
-        case.get("pack_gqa"),
-        case.get("return_lse", False),
-        False,
-    )
 
 
 SM100_KEYS = (
@@ -266,6 +265,7 @@ SM100_KEYS = (
     "has_tile_count_semaphore",
     "use_s_ping_pong",
     "is_varlen_q",
+    "paged_kv_non_tma",
 )
 SM90_KEYS = (
     "head_dim",
@@ -280,6 +280,7 @@ SM90_KEYS = (
     "num_threads",
     "intra_wg_overlap",
     "mma_pv_is_rs",
+    "paged_kv_non_tma",
 )
 
 
@@ -293,28 +294,37 @@ def _mismatches(arch: str, fields: dict, fa4: dict) -> list[str]:
         # the dynamic scheduler overrides static persistence
         if not ours["has_tile_count_semaphore"] and ours["is_static_persistent"] != fa4["is_static_persistent"]:
             bad.append("is_static_persistent")
-        return [f"{k}: ours={ours[k]} FA4={fa4[k]}" for k in bad]
-    from fa4aot_kernels.fwd_sm90 import constructor_kwargs
+    else:
+        from fa4aot_kernels.fwd_sm90 import constructor_kwargs
 
-    ours = constructor_kwargs(fields)
-    bad = [k for k in SM90_KEYS if ours[k] != fa4[k]]
-    if str(ours["dtype"]) != fa4["dtype"]:
-        bad.append("dtype")
+        ours = constructor_kwargs(fields)
+        bad = [k for k in SM90_KEYS if ours[k] != fa4[k]]
+        if str(ours["dtype"]) != fa4["dtype"]:
+            bad.append("dtype")
+    # a softcap is a score_mod compiled with its value
+    if (ours["score_mod"] is None) != (fa4["score_mod"] is None):
+        bad.append("score_mod")
+    if fields["softcap"] != (fa4.get("softcap_value") or 0.0):
+        bad.append("softcap")
+    ours["softcap"] = fields["softcap"]
+    fa4 = dict(fa4, softcap=fa4.get("softcap_value"))
     return [f"{k}: ours={ours.get(k)} FA4={fa4.get(k)}" for k in bad]
 
 
 @needs_dsl
 def test_sm100_dispatch_matches_fa4():
-    got = _oracle("sm_100a", 148, SM100_CASES)
-    for case, fa4 in zip(SM100_CASES, got):
-        assert not _mismatches("sm_100a", decide(_call("sm_100a", 148, case)).fields, fa4), case
+    cases = SM100_CASES + ENGINE_CASES
+    got = _oracle("sm_100a", 148, cases)
+    for case, fa4 in zip(cases, got):
+        assert not _mismatches("sm_100a", decide(fa4aot_call("sm_100a", 148, case)).fields, fa4), case
 
 
 @needs_dsl
 def test_sm90_dispatch_matches_fa4():
-    got = _oracle("sm_90a", 132, SM90_CASES)
-    for case, fa4 in zip(SM90_CASES, got):
-        assert not _mismatches("sm_90a", decide(_call("sm_90a", 132, case)).fields, fa4), case
+    cases = SM90_CASES + [c for c in ENGINE_CASES if "num_splits" not in c]  # FA4 has no split-KV on SM90
+    got = _oracle("sm_90a", 132, cases)
+    for case, fa4 in zip(cases, got):
+        assert not _mismatches("sm_90a", decide(fa4aot_call("sm_90a", 132, case)).fields, fa4), case
 
 
 #: Static configurations the 10,000-call test mixes (per call: random batch and max_seqlen_q/k).
@@ -341,7 +351,22 @@ SCALE_CONFIGS = [
     ("sm_90a", 132, dict(nheads=16, nheads_kv=4, head_dim=128, head_dim_v=128, causal=True)),
     ("sm_90a", 132, dict(nheads=8, nheads_kv=8, head_dim=128, head_dim_v=128)),
     ("sm_100a", 148, dict(nheads=16, nheads_kv=4, head_dim=128, head_dim_v=128, causal=True)),
-]
+    # serving calls: a random page size per call (paged), vLLM's varlen-q pattern, sinks, softcap
+    ("sm_100a", 148, dict(nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128, causal=True, seqused_k=True,
+                          paged=True, num_splits=0)),
+    ("sm_100a", 148, dict(nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128, causal=True, seqused_k=True,
+                          paged=True, varlen_q=True)),
+    ("sm_100a", 148, dict(nheads=64, nheads_kv=8, head_dim=64, head_dim_v=64, causal=True, wl=128, wr=0,
+                          learnable_sink="bf16")),
+    ("sm_100a", 148, dict(nheads=16, nheads_kv=8, head_dim=128, head_dim_v=128, causal=True, softcap=50.0)),
+    ("sm_90a", 132, dict(nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128, causal=True, seqused_k=True,
+                         paged=True, varlen_q=True)),
+    ("sm_90a", 132, dict(nheads=64, nheads_kv=8, head_dim=64, head_dim_v=64, causal=True, wl=128, wr=0,
+                         learnable_sink="fp32", softcap=30.0)),
+]  # fmt: skip
+
+#: Page sizes the 10,000-call test draws for paged configurations (TMA at tile_n, cp.async else).
+PAGE_SIZES = (16, 32, 64, 128, 256)
 
 
 def _scale_cases(n: int, seed: int = 1234) -> list[tuple[str, int, dict]]:
@@ -352,7 +377,9 @@ def _scale_cases(n: int, seed: int = 1234) -> list[tuple[str, int, dict]]:
         batch = int(2 ** rng.uniform(0, 8))
         sq, sk = int(2 ** rng.uniform(0, 14)), int(2 ** rng.uniform(0, 15))
         case = dict(static, batch=batch, seqlen_q=sq, seqlen_k=sk)
-        if static.get("varlen"):
+        if case.pop("paged", False):
+            case["page_size"] = rng.choice(PAGE_SIZES)
+        if static.get("varlen") or static.get("varlen_q"):
             case.update(total_q=max(sq, batch), total_k=max(sk, batch))
         out.append((arch, sms, case))
     return out
@@ -367,22 +394,35 @@ def _fa4aot_call(rt, case, recorded):
         return RawTensor(0x7F40_0000_0000 + i * (1 << 40), shape, dtype)
 
     b, h, hk, d, dv = (case[k] for k in ("batch", "nheads", "nheads_kv", "head_dim", "head_dim_v"))
+    sq, sk = case["seqlen_q"], case["seqlen_k"]
     kw = dict(
         causal=case.get("causal", False),
         window_size=(case.get("wl"), case.get("wr")),
         num_splits=case.get("num_splits", 1),
+        softcap=case.get("softcap", 0.0),
         runtime=rt,
     )
-    if case.get("varlen"):
-        tq, tk = case["total_q"], case["total_k"]
-        q, k, v, o = raw(0, (tq, h, d)), raw(1, (tk, hk, d)), raw(2, (tk, hk, dv)), raw(3, (tq, h, dv))
-        kw.update(cu_seqlens_q=raw(4, (b + 1,), "int32"), cu_seqlens_k=raw(5, (b + 1,), "int32"))
-        kw.update(max_seqlen_q=case["seqlen_q"], max_seqlen_k=case["seqlen_k"])
+    if case.get("varlen") or case.get("varlen_q"):
+        tq = case["total_q"]
+        q, o = raw(0, (tq, h, d)), raw(3, (tq, h, dv))
+        kw.update(cu_seqlens_q=raw(4, (b + 1,), "int32"), max_seqlen_q=sq)
     else:
-        sq, sk = case["seqlen_q"], case["seqlen_k"]
-        q, k, v, o = raw(0, (b, sq, h, d)), raw(1, (b, sk, hk, d)), raw(2, (b, sk, hk, dv)), raw(3, (b, sq, h, dv))
+        q, o = raw(0, (b, sq, h, d)), raw(3, (b, sq, h, dv))
+    if case.get("page_size"):
+        ps = case["page_size"]
+        pages = -(-sk // ps)
+        k, v = raw(1, (b * pages, ps, hk, d)), raw(2, (b * pages, ps, hk, dv))
+        kw.update(page_table=raw(7, (b, pages), "int32"), max_seqlen_k=sk)
+    elif case.get("varlen"):
+        tk = case["total_k"]
+        k, v = raw(1, (tk, hk, d)), raw(2, (tk, hk, dv))
+        kw.update(cu_seqlens_k=raw(5, (b + 1,), "int32"), max_seqlen_k=sk)
+    else:
+        k, v = raw(1, (b, sk, hk, d)), raw(2, (b, sk, hk, dv))
     if case.get("seqused_k"):
         kw["seqused_k"] = raw(6, (b,), "int32")
+    if case.get("learnable_sink"):
+        kw["learnable_sink"] = raw(8, (h,), case["learnable_sink"])
     try:
         fa4aot.flash_attn_varlen_func(q, k, v, out=o, **kw)
     except VariantNotFoundError as e:
@@ -469,3 +509,23 @@ def test_ten_thousand_calls_decide_like_fa4_with_flat_memory(built_cache, monkey
 )
 def test_window_resolution(args, want):
     assert resolve_window(*args) == want
+
+
+def test_every_variant_dispatch_picks_is_one_a_manifest_can_build():
+    """Over the 10,000 random calls and the engine cases, the family rules accept every variant
+    dispatch picks: nothing FA4 runs is outside what a manifest can name."""
+    from fa4aot.core.errors import ArgumentError
+    from fa4aot.core.families import check_fwd_sm90, check_fwd_sm100
+
+    cases = _scale_cases(10_000) + [("sm_100a", 148, c) for c in SM100_CASES + ENGINE_CASES]
+    cases += [("sm_90a", 132, c) for c in SM90_CASES + ENGINE_CASES if "num_splits" not in c]
+    bad = []
+    for arch, sms, case in cases:
+        try:
+            fields = decide(fa4aot_call(arch, sms, case)).fields
+        except ArgumentError:
+            continue  # FA4 rejects it as well (e.g. split-KV on SM90)
+        check = check_fwd_sm100 if arch == "sm_100a" else check_fwd_sm90
+        if reason := check(fields):
+            bad.append((case, reason))
+    assert not bad, f"{len(bad)} picked variants fail the family rules, e.g. {bad[:3]}"

@@ -87,24 +87,29 @@ def check_fwd_sm100(f: dict[str, Any]) -> str | None:
             return "FA4 SplitKV is not supported for head_dim_v >= 192 except 256"
     two_cta = f["two_cta"]
     if two_cta:
-        if hd == 256 and hdv == 256:
-            return "fa4aot does not build the hd256 2CTA forward"
         if split:
             return "FA4 never uses 2CTA with split-KV"
-        if f["causal"] or f["local"]:
-            return "FA4 uses 2CTA only for non-causal, non-local attention"
-        if f["varlen_q"] or f["seqused_q"]:
-            return "FA4 uses 2CTA only without cu_seqlens_q / seqused_q"
-        if _pad16(hd) not in (128, 192) or _pad16(hdv) != 128:
-            return "FA4 uses 2CTA only for head_dim in (128, 192) with head_dim_v 128"
-        if f["q_stage"] != 2:
-            return "2CTA only runs with more than one M block, where FA4 picks q_stage 2"
+        if f["seqused_q"]:
+            return "FA4 uses 2CTA only without seqused_q"
         if f["pack_gqa"] and f["tile_m"] % qh != 0:
             return "2CTA with pack_gqa needs tile_m divisible by qhead_per_kvhead"
-        if f["scheduler"] != "static":
-            return "FA4's dense non-causal 2CTA forward runs the static persistent scheduler"
         if f["paged_kv"] == "cpasync":
             return "FA4 uses 2CTA only without a page table or with page size 128 (TMA)"
+        if f["scheduler"] not in ("static", "single"):
+            return "FA4 runs 2CTA with the static persistent or the single-tile scheduler"
+        if not (hd == 256 and hdv == 256):
+            # hd256 takes 2CTA in more cases (causal, local, varlen_q, one M block): FA4's
+            # use_2cta_instrs rule; the per-call half is in the runtime's dispatch
+            if f["causal"] or f["local"]:
+                return "FA4 uses 2CTA only for non-causal, non-local attention (or head_dim 256)"
+            if f["varlen_q"]:
+                return "FA4 uses 2CTA only without cu_seqlens_q (or head_dim 256)"
+            if _pad16(hd) not in (128, 192) or _pad16(hdv) != 128:
+                return "FA4 uses 2CTA only for head_dim in (128, 192) with head_dim_v 128, or (256, 256)"
+            if f["q_stage"] != 2:
+                return "2CTA only runs with more than one M block, where FA4 picks q_stage 2"
+            if f["scheduler"] != "static":
+                return "FA4's dense non-causal 2CTA forward runs the static persistent scheduler"
     sched = f["scheduler"]
     varlen_q = f["varlen_q"] or f["seqused_q"]
     dense_noncausal = not (f["causal"] or f["local"] or varlen_q)
@@ -116,7 +121,7 @@ def check_fwd_sm100(f: dict[str, Any]) -> str | None:
             return "FA4 runs dense non-causal attention with the static persistent scheduler, never single-tile"
         if split and varlen_q:
             return "FA4 runs varlen split-KV with prepared scheduler metadata (scheduler dynamic)"
-        if f["q_stage"] == 1 and not split:
+        if f["q_stage"] == 1 and not split and hdv != 256:  # hdv 256 always has q_stage 1
             return "with one M block (q_stage 1) FA4 uses the static persistent scheduler"
     elif sched == "dynamic":
         if not varlen_q:
@@ -516,7 +521,10 @@ def group_for(variant: Variant) -> dict[str, Any]:
 def describe_missing(variant: Variant) -> str:
     """One-line YAML the user can add under ``families:`` to build ``variant``."""
     items = ", ".join(f"{k}: {_yaml_scalar(v)}" for k, v in group_for(variant).items())
-    return f"families.{variant.family}: - {{{items}}}  (target arch {variant.arch}, num_sms {variant.num_sms})"
+    note = ""
+    if variant.fields.get("paged_kv") == "cpasync":
+        note = f"; any page size but {variant.fields['tile_n']} builds this cp.async variant"
+    return f"families.{variant.family}: - {{{items}}}  (target arch {variant.arch}, num_sms {variant.num_sms}{note})"
 
 
 def _yaml_scalar(v: Any) -> str:

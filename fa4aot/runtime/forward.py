@@ -320,6 +320,8 @@ def analyse(
         raise ArgumentError(f"q: dtype must be bf16 or fp16, got {dtype}")
     if kd[3] != dtype or vd[3] != dtype:
         raise ArgumentError(f"q, k and v must share one dtype, got {dtype}, {kd[3]}, {vd[3]}")
+    if page_table is not None and varlen_k:
+        raise ArgumentError("page_table cannot be used with cu_seqlens_k (FA4 indexes pages per batch entry)")
     validate.io(qd, "q", 3 if varlen_q else 4, dev, rt)
     validate.io(kd, "k", 3 if varlen_k else 4, dev, rt)
     validate.io(vd, "v", 3 if varlen_k else 4, dev, rt)
@@ -347,8 +349,6 @@ def analyse(
         rows = (batch, seqlen_q)
     pt = page_size = None
     if page_table is not None:
-        if varlen_k:
-            raise ArgumentError("page_table cannot be used with cu_seqlens_k (FA4 indexes pages per batch entry)")
         pt = validate.tensor(page_table, "page_table", dtypes=("int32",), rank=2, device=dev, rt=rt, align=4)
         if pt[1][0] != batch:
             raise ArgumentError(f"page_table: expected shape (batch={batch}, max_pages), got {tuple(pt[1])}")
