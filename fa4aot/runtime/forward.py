@@ -99,19 +99,33 @@ def flash_attn_func(
     block sparsity, ...) raise ArgumentError when given. ``deterministic`` concerns only the
     backward. Keyword-only extras: ``out``, ``stream`` (default: the framework's current
     stream), ``runtime``."""
-    unsupported(
-        qv=(qv, None),
-        gather_kv_indices=(gather_kv_indices, None),
-        score_mod=(score_mod, None),
-        score_mod_bwd=(score_mod_bwd, None),
-        mask_mod=(mask_mod, None),
-        aux_tensors=(aux_tensors, None),
-        aux_scalars=(aux_scalars, None),
-        block_sparse_tensors=(block_sparse_tensors, None),
-        block_sparse_tensors_bwd=(block_sparse_tensors_bwd, None),
-        gather_bwd_recompute_p=(gather_bwd_recompute_p, False),
-        gather_bwd_token_chunk=(gather_bwd_token_chunk, None),
-    )
+    # one cheap test for the usual call (every unsupported argument at FA4's default)
+    if not (
+        qv is None
+        and gather_kv_indices is None
+        and score_mod is None
+        and score_mod_bwd is None
+        and mask_mod is None
+        and aux_tensors is None
+        and aux_scalars is None
+        and block_sparse_tensors is None
+        and block_sparse_tensors_bwd is None
+        and gather_bwd_recompute_p is False
+        and gather_bwd_token_chunk is None
+    ):
+        unsupported(
+            qv=(qv, None),
+            gather_kv_indices=(gather_kv_indices, None),
+            score_mod=(score_mod, None),
+            score_mod_bwd=(score_mod_bwd, None),
+            mask_mod=(mask_mod, None),
+            aux_tensors=(aux_tensors, None),
+            aux_scalars=(aux_scalars, None),
+            block_sparse_tensors=(block_sparse_tensors, None),
+            block_sparse_tensors_bwd=(block_sparse_tensors_bwd, None),
+            gather_bwd_recompute_p=(gather_bwd_recompute_p, False),
+            gather_bwd_token_chunk=(gather_bwd_token_chunk, None),
+        )
     return forward(
         runtime,
         q,
@@ -191,20 +205,35 @@ def flash_attn_varlen_func(
     ``min_seqlen_k`` only matters to FA4's sparse (gather) path and is ignored. Arguments fa4aot
     does not build raise ArgumentError when given; keyword-only extras: ``out``, ``stream``,
     ``runtime``."""
-    unsupported(
-        qv=(qv, None),
-        gather_kv_indices=(gather_kv_indices, None),
-        score_mod=(score_mod, None),
-        score_mod_bwd=(score_mod_bwd, None),
-        mask_mod=(mask_mod, None),
-        block_sparse_tensors=(block_sparse_tensors, None),
-        aux_tensors=(aux_tensors, None),
-        aux_scalars=(aux_scalars, None),
-        seqlen_k_per_split=(seqlen_k_per_split, None),
-        disable_scheduler_metadata=(disable_scheduler_metadata, False),
-        gather_bwd_recompute_p=(gather_bwd_recompute_p, False),
-        gather_bwd_token_chunk=(gather_bwd_token_chunk, None),
-    )
+    # one cheap test for the usual call (every unsupported argument at FA4's default)
+    if not (
+        qv is None
+        and gather_kv_indices is None
+        and score_mod is None
+        and score_mod_bwd is None
+        and mask_mod is None
+        and block_sparse_tensors is None
+        and aux_tensors is None
+        and aux_scalars is None
+        and seqlen_k_per_split is None
+        and disable_scheduler_metadata is False
+        and gather_bwd_recompute_p is False
+        and gather_bwd_token_chunk is None
+    ):
+        unsupported(
+            qv=(qv, None),
+            gather_kv_indices=(gather_kv_indices, None),
+            score_mod=(score_mod, None),
+            score_mod_bwd=(score_mod_bwd, None),
+            mask_mod=(mask_mod, None),
+            block_sparse_tensors=(block_sparse_tensors, None),
+            aux_tensors=(aux_tensors, None),
+            aux_scalars=(aux_scalars, None),
+            seqlen_k_per_split=(seqlen_k_per_split, None),
+            disable_scheduler_metadata=(disable_scheduler_metadata, False),
+            gather_bwd_recompute_p=(gather_bwd_recompute_p, False),
+            gather_bwd_token_chunk=(gather_bwd_token_chunk, None),
+        )
     return forward(
         runtime,
         q,

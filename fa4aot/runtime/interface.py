@@ -71,25 +71,45 @@ def _flash_attn_fwd(
     with a paged KV pool (``page_table``); ``lse``: a preallocated LSE to fill. ``stream`` and
     ``runtime`` are fa4aot's keyword-only extras."""
     rt = runtime or loader._DEFAULT or loader.default_runtime()
-    unsupported(
-        qv=(qv, None),
-        tile_mn=(tile_mn, None),
-        mma_pv_is_rs=(mma_pv_is_rs, None),
-        intra_wg_overlap=(intra_wg_overlap, None),
-        num_threads=(num_threads, FA4_NUM_THREADS),
-        score_mod=(score_mod, None),
-        mask_mod=(mask_mod, None),
-        block_sparse_tensors=(block_sparse_tensors, None),
-        aux_tensors=(aux_tensors, None),
-        aux_scalars=(aux_scalars, None),
-        q_descale=(q_descale, None),
-        k_descale=(k_descale, None),
-        v_descale=(v_descale, None),
-        gather_kv_indices=(gather_kv_indices, None),
-        seqlen_k_per_split=(seqlen_k_per_split, None),
-        disable_scheduler_metadata=(disable_scheduler_metadata, False),
-        gather_bwd_recompute_p=(gather_bwd_recompute_p, False),
-    )
+    # one cheap test for the usual call (every unsupported argument at FA4's default)
+    if not (
+        qv is None
+        and tile_mn is None
+        and mma_pv_is_rs is None
+        and intra_wg_overlap is None
+        and num_threads is FA4_NUM_THREADS
+        and score_mod is None
+        and mask_mod is None
+        and block_sparse_tensors is None
+        and aux_tensors is None
+        and aux_scalars is None
+        and q_descale is None
+        and k_descale is None
+        and v_descale is None
+        and gather_kv_indices is None
+        and seqlen_k_per_split is None
+        and disable_scheduler_metadata is False
+        and gather_bwd_recompute_p is False
+    ):
+        unsupported(
+            qv=(qv, None),
+            tile_mn=(tile_mn, None),
+            mma_pv_is_rs=(mma_pv_is_rs, None),
+            intra_wg_overlap=(intra_wg_overlap, None),
+            num_threads=(num_threads, FA4_NUM_THREADS),
+            score_mod=(score_mod, None),
+            mask_mod=(mask_mod, None),
+            block_sparse_tensors=(block_sparse_tensors, None),
+            aux_tensors=(aux_tensors, None),
+            aux_scalars=(aux_scalars, None),
+            q_descale=(q_descale, None),
+            k_descale=(k_descale, None),
+            v_descale=(v_descale, None),
+            gather_kv_indices=(gather_kv_indices, None),
+            seqlen_k_per_split=(seqlen_k_per_split, None),
+            disable_scheduler_metadata=(disable_scheduler_metadata, False),
+            gather_bwd_recompute_p=(gather_bwd_recompute_p, False),
+        )
     if q is None or k is None:
         raise ArgumentError("q and k are required (fa4aot does not build FA4's MLA forms without them)")
     if _arch is not None:
