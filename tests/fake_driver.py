@@ -31,6 +31,8 @@ class FakeDriver:
     libraries: list = field(default_factory=list)
     set_attributes: list = field(default_factory=list)
     memsets: list = field(default_factory=list)
+    #: device address -> bytes, what ``read`` returns
+    memory: dict = field(default_factory=dict)
     allocs: dict = field(default_factory=dict)
     #: per kernel handle, parameter sizes (to read the bytes a launch passes)
     param_sizes: dict = field(default_factory=dict)
@@ -81,6 +83,13 @@ class FakeDriver:
 
     def memset_d32(self, ptr: int, value: int, count: int, stream: int) -> None:
         self.memsets.append((ptr, value, count, stream))
+
+    def memset_d2d32(self, ptr: int, pitch: int, value: int, width: int, height: int, stream: int) -> None:
+        self.memsets.append((ptr, pitch, value, width, height, stream))
+
+    def read(self, ptr: int, nbytes: int, stream: int) -> bytes:
+        """Bytes from ``memory`` (address -> bytes), zeros elsewhere."""
+        return self.memory.get(ptr, bytes(nbytes))[:nbytes]
 
     def launch_function(self) -> int:
         """A C-callable stand-in for cuLaunchKernelEx that records each launch (a ctypes callback,

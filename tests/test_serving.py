@@ -273,3 +273,62 @@ def test_fa4_defaults_of_unsupported_arguments_are_accepted(rt):
         out=a["out"], runtime=rt,
     )  # fmt: skip
     assert len(rt.driver.launches) == 1
+
+
+# --- calls without keys or queries (FA4 returns early; its host code would divide by zero) ----
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["batched-k0", "varlen-k0", "paged-pool0", "paged-page-size0", "paged-table-cols0"],
+)
+def test_a_call_without_keys_writes_fa4s_result_and_launches_nothing(rt, kind):
+    """out = 0 and lse = -inf, as FA4 returns (before this, FA4's exported host code divided by
+    the empty extent and killed the process with SIGFPE)."""
+    b, sq, h, hk, d = 2, 3, 16, 4, 128
+    q, out = t(0, (b, sq, h, d)), t(3, (b, sq, h, d))
+    kw = {}
+    if kind == "batched-k0":
+        k = v = t(1, (b, 0, hk, d))
+    elif kind == "varlen-k0":
+        q, out = t(0, (b * sq, h, d)), t(3, (b * sq, h, d))
+        k = v = t(1, (0, hk, d))
+        kw = dict(cu_seqlens_q=t(4, (b + 1,), "int32"), cu_seqlens_k=t(5, (b + 1,), "int32"), max_seqlen_q=sq)
+    else:
+        pool, page, cols = {
+            "paged-pool0": (0, 128, 2),
+            "paged-page-size0": (8, 0, 2),
+            "paged-table-cols0": (8, 128, 0),
+        }[kind]
+        k = v = t(1, (pool, page, hk, d))
+        kw = dict(page_table=t(6, (b, cols), "int32"), seqused_k=t(7, (b,), "int32"))
+    lse = t(8, (h, b * sq) if "cu_seqlens_q" in kw else (b, h, sq), "fp32")
+    res = fi._flash_attn_fwd(q, k, v, causal=True, out=out, lse=lse, runtime=rt, **kw)
+    assert res[0] is out and res[1] is lse
+    assert rt.driver.launches == []
+    n_out = b * sq * h * d * 2 // 4  # bf16 out in 32-bit words
+    assert rt.driver.memsets == [(out.ptr, 0, n_out, 0), (lse.ptr, 0xFF800000, b * sq * h, 0)]
+
+
+def test_a_call_without_keys_gives_each_head_its_sink_as_lse(rt):
+    """FA4: empty rows have lse == sink (per head), out == 0."""
+    import struct
+
+    b, sq, h, hk, d = 2, 3, 4, 2, 64
+    q, out, lse = t(0, (b, sq, h, d)), t(3, (b, sq, h, d)), t(8, (b, h, sq), "fp32")
+    sink = t(9, (h,), "bf16")
+    values = [1.5, -2.0, 0.25, 8.0]
+    rt.driver.memory[sink.ptr] = b"".join(struct.pack("<f", x)[2:] for x in values)  # bf16: top half of fp32
+    fi._flash_attn_fwd(q, t(1, (b, 0, hk, d)), t(2, (b, 0, hk, d)), learnable_sink=sink, out=out, lse=lse, runtime=rt)
+    assert rt.driver.launches == []
+    words = [struct.unpack("<I", struct.pack("<f", x))[0] for x in values]
+    # lse (b, h, sq): for head j, b rows of sq words, h * sq words apart
+    want = [(out.ptr, 0, b * sq * h * d // 2, 0)]
+    want += [(lse.ptr + j * sq * 4, h * sq * 4, w, sq, b, 0) for j, w in enumerate(words)]
+    assert rt.driver.memsets == want
+
+
+def test_a_call_without_queries_writes_nothing(rt):
+    q, k = t(0, (0, 5, 16, 128)), t(1, (0, 5, 16, 128))
+    fa4aot.flash_attn_func(q, k, k, out=t(3, (0, 5, 16, 128)), runtime=rt)
+    assert rt.driver.launches == [] and rt.driver.memsets == []

@@ -52,6 +52,9 @@ _PROTOS: dict[str, tuple[Any, ...]] = {
     "cuMemAlloc": (ctypes.POINTER(_c_u64), _c_size),
     "cuMemFree": (_c_u64,),
     "cuMemsetD32Async": (_c_u64, _c_uint, _c_size, _p),
+    "cuMemsetD2D32Async": (_c_u64, _c_size, _c_uint, _c_size, _c_size, _p),
+    "cuMemcpyDtoH": (_p, _c_u64, _c_size),
+    "cuStreamSynchronize": (_p,),
     "cuPointerGetAttribute": (_p, _c_int, _c_u64),
 }
 
@@ -208,6 +211,18 @@ class CudaDriver:
 
     def memset_d32(self, ptr: int, value: int, count: int, stream: int) -> None:
         self._check(self._fn("cuMemsetD32Async")(ptr, value, count, stream or None), "cuMemsetD32Async")
+
+    def memset_d2d32(self, ptr: int, pitch: int, value: int, width: int, height: int, stream: int) -> None:
+        """``height`` rows of ``width`` 32-bit words, ``pitch`` bytes apart, set to ``value``."""
+        fn = self._fn("cuMemsetD2D32Async")
+        self._check(fn(ptr, pitch, value, width, height, stream or None), "cuMemsetD2D32Async")
+
+    def read(self, ptr: int, nbytes: int, stream: int) -> bytes:
+        """``nbytes`` at device address ``ptr`` once ``stream``'s work is done (synchronises)."""
+        self._check(self._fn("cuStreamSynchronize")(stream or None), "cuStreamSynchronize")
+        buf = ctypes.create_string_buffer(nbytes)
+        self._check(self._fn("cuMemcpyDtoH")(buf, ptr, nbytes), "cuMemcpyDtoH")
+        return buf.raw
 
     # -- launches ------------------------------------------------------------------------------
 

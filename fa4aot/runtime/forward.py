@@ -18,7 +18,9 @@ which allocates everything at bind time.
 
 from __future__ import annotations
 
+import itertools
 import math
+import struct
 import sys
 from typing import Any, NamedTuple
 
@@ -31,7 +33,14 @@ from fa4aot.runtime.combine import pick as pick_combine
 from fa4aot.runtime.dispatch import ForwardRule, StaticCall
 from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.metadata import SchedulerMetadata
-from fa4aot.runtime.tensors import DeviceTensor, as_device_tensor, converter, stream_handle
+from fa4aot.runtime.tensors import (
+    ITEMSIZE,
+    DeviceTensor,
+    as_device_tensor,
+    contiguous_strides,
+    converter,
+    stream_handle,
+)
 from fa4aot.runtime.validate import INT32_MAX
 
 _FRAMEWORK_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -378,12 +387,17 @@ def analyse(
         rows = (batch, seqlen_q)
     pt = page_size = None
     if page_table is not None:
-        pt = validate.tensor(page_table, "page_table", dtypes=("int32",), rank=2, device=dev, rt=rt, align=4)
+        pt = as_device_tensor(page_table, "page_table")
+        ps_ = pt[2]
+        # the usual table in one test; anything else gets the full check (which names the problem)
+        if not (
+            pt[3] == "int32" and len(ps_) == 2 and pt[4] == dev and pt[5] != "raw" and not pt[0] % 4
+            and (ps_[1] == 1 or pt[1][1] == 1) and ps_[0] >= 0
+        ):  # fmt: skip
+            pt = validate.tensor(page_table, "page_table", dtypes=("int32",), rank=2, device=dev, rt=rt, align=4)
         if pt[1][0] != batch:
             raise ArgumentError(f"page_table: expected shape (batch={batch}, max_pages), got {tuple(pt[1])}")
         page_size = ks[1]  # k, v: (num_pages, page_size, nheads_kv, head_dim)
-        if page_size < 1 or ks[0] < 1:
-            raise ArgumentError(f"k: a paged KV pool (num_pages, page_size, nheads_kv, head_dim) cannot be {tuple(ks)}")
         max_k = pt[1][1] * page_size if max_k is None else max_k
     elif varlen_k:
         cuk = validate.int32_vector(cu_k, "cu_seqlens_k", batch + 1, dev, rt)
@@ -395,7 +409,14 @@ def analyse(
     sink = None
     sink_dtype = "none"
     if learnable_sink is not None:
-        sink = validate.tensor(learnable_sink, "learnable_sink", dtypes=SINK_DTYPES, rank=1, device=dev, rt=rt, align=4)
+        sink = as_device_tensor(learnable_sink, "learnable_sink")
+        if not (
+            sink[3] in SINK_DTYPES and len(sink[1]) == 1 and sink[4] == dev and sink[5] != "raw" and not sink[0] % 4
+            and (sink[2][0] == 1 or sink[1][0] == 1)
+        ):  # fmt: skip
+            sink = validate.tensor(
+                learnable_sink, "learnable_sink", dtypes=SINK_DTYPES, rank=1, device=dev, rt=rt, align=4
+            )
         if sink[1][0] != nheads:
             raise ArgumentError(f"learnable_sink: expected shape (nheads={nheads},), got {tuple(sink[1])}")
         sink_dtype = sink[3]
@@ -425,6 +446,15 @@ def analyse(
         wl, wr = window_size
         wl, wr = _check_window(wl, "left"), _check_window(wr, "right")
         causal_r, local, wl, wr = resolve_window(bool(causal), wl, wr)
+    # FA4 returns before compiling anything when there are no keys or no queries (out = 0, lse =
+    # -inf or the sink); FA4's host code would divide by the empty extent, so nothing launches
+    # (a page table without columns addresses no keys either)
+    seqlen_k = ks[0] * ks[1] * pt[1][1] if pt is not None else (ks[0] if varlen_k else ks[1])
+    if seqlen_k == 0 or (qs[0] if varlen_q else batch * qs[1]) == 0:
+        return _new_call(
+            ForwardCall,
+            (rt, None, 1, False, qd, kd, vd, cuq, cuk, suq, suk, batch, rows, nheads, head_dim_v, dtype, max_q, max_k, 0.0, None, None, pt, sink),
+        )  # fmt: skip
     key = (
         dtype,
         head_dim,
@@ -546,6 +576,9 @@ def forward(
     else:
         lse = alloc_like(q, fc.lse_shape, "fp32") if return_lse else None
         ld = as_device_tensor(lse, "lse") if lse is not None else None
+    if fc.lv is None:  # no keys or no queries: FA4's early return, nothing launches
+        fill_empty(rt, od, ld, fc.learnable_sink, s)
+        return out, lse
     if fc.split:
         # everything the combine needs is resolved before anything is launched
         out_partial = alloc_like(q, (fc.num_splits, *out_shape), "fp32")
@@ -609,6 +642,59 @@ def forward(
     if metadata is not None and md is metadata:
         md.reset_semaphore(s)  # the forward counted it up; zero it for the next use (FA4 does the same)
     return out, lse
+
+
+#: fp32 -inf: the LSE of a row with no keys and no sink (FA4: ``lse.fill_(-inf)``)
+NEG_INF_F32 = 0xFF800000
+
+
+def fill_empty(rt: Runtime, od: DeviceTensor, ld: DeviceTensor | None, sink: DeviceTensor | None, stream: int) -> None:
+    """FA4's result for a call without keys: ``out`` = 0 and ``lse`` = -inf, or the sink logit of
+    each head with a learnable sink (the sink is read back to the host: this synchronises)."""
+    drv = rt.driver
+    if 0 in od[1]:
+        return  # no queries: nothing to write
+    if (od[1][-1] * ITEMSIZE[od[3]]) % 4:
+        raise ArgumentError(f"out: rows of {od[1][-1]} {od[3]} elements are not whole 32-bit words")
+    _set_words(drv, od, 0, stream)
+    if ld is None:
+        return
+    if sink is None:
+        _set_words(drv, ld, NEG_INF_F32, stream)
+        return
+    raw = drv.read(sink[0], sink[1][0] * ITEMSIZE[sink[3]], stream)
+    if sink[3] == "fp32":
+        words = struct.unpack(f"<{sink[1][0]}I", raw)
+    elif sink[3] == "bf16":
+        words = tuple(w << 16 for w in struct.unpack(f"<{sink[1][0]}H", raw))
+    else:
+        halves = struct.unpack(f"<{sink[1][0]}e", raw)
+        words = struct.unpack(f"<{len(halves)}I", struct.pack(f"<{len(halves)}f", *halves))
+    shape, strides = ld[1], ld[2]
+    for h, word in enumerate(words):  # lse: (batch, nheads, seqlen_q) or (nheads, total_q)
+        if len(shape) == 3:
+            base = ld[0] + h * strides[1] * 4
+            drv.memset_d2d32(base, max(strides[0], shape[2]) * 4, word, shape[2], shape[0], stream)
+        else:
+            drv.memset_d2d32(ld[0] + h * strides[0] * 4, shape[1] * 4, word, shape[1], 1, stream)
+
+
+def _set_words(drv: Any, t: DeviceTensor, word: int, stream: int) -> None:
+    """Every 32-bit word of ``t`` (last dimension contiguous, rows of whole words) set to
+    ``word``: one memset when ``t`` is contiguous, else one 2D memset per slice of its leading
+    dimensions."""
+    shape, strides, item = t[1], t[2], ITEMSIZE[t[3]]
+    if 0 in shape:
+        return
+    if strides == contiguous_strides(shape):
+        drv.memset_d32(t[0], word, math.prod(shape) * item // 4, stream)
+        return
+    width = shape[-1] * item // 4
+    rows = shape[-2] if len(shape) > 1 else 1
+    pitch = max(strides[-2] * item if len(shape) > 1 else 0, width * 4)
+    for idx in itertools.product(*(range(n) for n in shape[:-2])):
+        base = t[0] + sum(i * st for i, st in zip(idx, strides[:-2])) * item
+        drv.memset_d2d32(base, pitch, word, width, rows, stream)
 
 
 def check_metadata(md: SchedulerMetadata, fc: ForwardCall) -> None:

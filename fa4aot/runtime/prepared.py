@@ -278,6 +278,11 @@ def prepare_forward(
     )
     if scheduler_metadata is not None and cu_seqlens_q is None and seqused_q is None:
         raise ArgumentError("scheduler_metadata is for varlen queries (cu_seqlens_q or seqused_q)")
+    if fc.lv is None:
+        raise ArgumentError(
+            "prepare_forward: the call has no keys or no queries (an empty q, k or page pool); "
+            "prepare it with the buffers it will run on, or call flash_attn_func, which returns FA4's result"
+        )
     out_shape = (*fc.rows, fc.nheads, fc.head_dim_v)
     od = as_device_tensor(out, "out")
     if od[3] != fc.dtype:

@@ -306,3 +306,18 @@ def test_bitwise_equal_to_fa4_jit(runtime, kind):
 
     ours, theirs = _both(call, runtime)
     _bitwise(ours, theirs)
+
+
+@pytest.mark.parametrize("with_sink", [False, True])
+def test_a_call_without_keys_returns_fa4s_result(runtime, with_sink):
+    """No keys: out = 0, lse = -inf (or the head's sink), nothing launched; out starts as NaN."""
+    b, sq, h, hk, d = 2, 5, 8, 2, 128
+    q = torch.randn(b, sq, h, d, device="cuda", dtype=BF16)
+    k = torch.empty(b, 0, hk, d, device="cuda", dtype=BF16)
+    sink = torch.randn(h, device="cuda").to(BF16) if with_sink else None
+    out = torch.full_like(q, float("nan"))
+    o, lse, *_ = fi._flash_attn_fwd(q, k, k, learnable_sink=sink, return_lse=True, out=out, runtime=runtime)
+    torch.cuda.synchronize()
+    assert o is out and torch.equal(out, torch.zeros_like(out))
+    want = sink.float()[None, :, None].expand(b, h, sq) if with_sink else torch.full((b, h, sq), float("-inf"))
+    assert torch.equal(lse, want.to(lse.device))
