@@ -235,6 +235,33 @@ def print_serving(res: dict, name: str) -> None:
         print(f"  {k:<56} {v:8.1f}")
 
 
+def plot_serving(res: dict, name: str, path: str) -> None:
+    """Device time per call, fa4aot and FA4, and host time per call (two panels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, hx) = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [3, 2]})
+    rows = res["rows"]
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["fa4aot_ms"] for r in rows], width=0.4, label="fa4aot")
+    ax.bar([i + 0.2 for i in x], [r["fa4_ms"] for r in rows], width=0.4, label="FA4 JIT")
+    for i, r in enumerate(rows):
+        ax.text(i, max(r["fa4aot_ms"], r["fa4_ms"]), f"{r['ratio']:.3f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(list(x), [r["kind"].replace(" p128", "") for r in rows], rotation=20, fontsize=7, ha="right")
+    ax.set_ylabel("device ms per call")
+    ax.set_title(f"serving calls, bf16, {name} (label: fa4aot / FA4)", fontsize=9)
+    ax.legend(fontsize=8)
+    host = res["host_us"]
+    hx.barh(list(range(len(host))), list(host.values()))
+    hx.set_yticks(list(range(len(host))), list(host), fontsize=6)
+    hx.set_xlabel("host us per call (median)")
+    hx.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--cache", default="cache")
@@ -242,7 +269,15 @@ def main() -> None:
     ap.add_argument("--plot", default=None)
     ap.add_argument("--fresh", type=int, default=3)
     ap.add_argument("--sections", default="dense,serving", help="comma-separated: dense, serving")
+    ap.add_argument("--from-json", default=None, help="print and plot the serving section of a saved run")
     args = ap.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        print_serving(saved["serving"], saved["gpu"])
+        if args.plot:
+            plot_serving(saved["serving"], saved["gpu"], args.plot)
+        return
     sections = set(args.sections.split(","))
     if sections - {"dense", "serving"}:
         ap.error(f"--sections: unknown {sorted(sections - {'dense', 'serving'})}")
@@ -255,6 +290,8 @@ def main() -> None:
         name = torch.cuda.get_device_name()
         res = serving(rt)
         print_serving(res, name)
+        if args.plot:
+            plot_serving(res, name, args.plot)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"gpu": name, "serving": res}, f, indent=1, default=str)
