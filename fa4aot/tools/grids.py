@@ -7,6 +7,11 @@ from __future__ import annotations
 from math import ceil
 
 
+def _packed(total: int | None, batch: int, seqlen: int) -> int:
+    """Packed varlen length; None means every sequence is full, as in ``core.layouts``."""
+    return batch * seqlen if total is None else total
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -37,7 +42,7 @@ def sm100_forward_grid(
     splits = num_splits if f["split_kv"] else 1
     persistent = sched in ("static", "dynamic", "clc")
     if varlen and sched in ("single", "dynamic", "clc"):
-        tq = (total_q if f["varlen_q"] else batch * seqlen_q) * pack
+        tq = (_packed(total_q, batch, seqlen_q) if f["varlen_q"] else batch * seqlen_q) * pack
         blocks_max = (tq + batch * (cm * tile - 1)) // tile // cm * cm
         if sched == "dynamic":
             return (min(num_sms, blocks_max * heads * splits), 1, 1)
@@ -62,7 +67,7 @@ def sm90_forward_grid(
     heads = nheads_kv if f["pack_gqa"] else nheads
     tile = f["tile_m"]
     if f["varlen_q"] or f["seqused_q"]:
-        tq = (total_q if f["varlen_q"] else batch * seqlen_q) * pack
+        tq = (_packed(total_q, batch, seqlen_q) if f["varlen_q"] else batch * seqlen_q) * pack
         return ((tq + batch * (tile - 1)) // tile * heads, 1, 1)
     num_block = _cdiv(seqlen_q * pack, tile)
     if f["causal"] and not f["local"]:
@@ -76,7 +81,7 @@ def combine_grid(f: dict, *, batch: int, seqlen: int, nheads: int, total_q: int 
     tile_m = 8 if k_block % 128 == 0 else 16
     kblocks = _cdiv(f["head_dim"], k_block)
     if f["varlen"]:
-        return (((total_q * nheads) + batch * (tile_m - 1)) // tile_m * kblocks, 1, 1)
+        return (((_packed(total_q, batch, seqlen) * nheads) + batch * (tile_m - 1)) // tile_m * kblocks, 1, 1)
     return (_cdiv(seqlen * nheads, tile_m), kblocks, batch)
 
 
