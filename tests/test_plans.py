@@ -19,7 +19,6 @@ from fa4aot.core.signature import TensorDesc
 from fa4aot.plan.library import open_plan, target_answers
 from fa4aot.tools.grids import combine_grid, sm90_forward_grid, sm100_forward_grid
 
-
 SM90_MAX_SMEM_PER_BLOCK = 232448  # H100 opt-in shared memory per block (CUDA programming guide, CC 9.0)
 
 

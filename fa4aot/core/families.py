@@ -22,11 +22,12 @@ from fa4aot.core.rules import (
     combine_tiling,
     paged_kv_class,
     prepare_num_warps,
+    sm90_candidate_tile_problem,
     sm90_head_dims_ok,
     sm90_tile,
     sm100_head_dims_ok,
 )
-from fa4aot.core.variant import Variant
+from fa4aot.core.variant import SMEM_OPTIN_227_KIB, Variant
 
 DTYPES = ("bf16", "fp16")
 #: Out dtypes of the combine kernel (FA4: fp16, bf16 or fp32).
@@ -166,11 +167,26 @@ def check_fwd_sm90(f: dict[str, Any]) -> str | None:
     if reason := sm90_head_dims_ok(hd, hdv) or _check_forward_common(f):
         return reason
     tile_m, tile_n, rs, overlap = sm90_tile(hd, hdv, f["causal"], f["local"])
-    if (f["tile_m"], f["tile_n"]) != (tile_m, tile_n):
-        return f"FA4's SM90 tile for this head dim is {tile_m}x{tile_n}"
-    if (f["mma_pv_is_rs"], f["intra_wg_overlap"]) != (rs, overlap):
-        return "mma_pv_is_rs / intra_wg_overlap must follow FA4's SM90 config"
+    if f["intra_wg_overlap"] != overlap:
+        return "intra_wg_overlap must follow FA4's SM90 config"
+    if (f["tile_m"], f["tile_n"], f["mma_pv_is_rs"]) != (tile_m, tile_n, rs):
+        # a tuning candidate: another tiling of FA4's kernel, for `fa4aot tune` to measure
+        if f["paged_kv"] != "none":
+            return f"a paged K/V cache needs FA4's SM90 config for this head dim ({tile_m}x{tile_n}, mma_pv_is_rs={rs})"
+        if reason := sm90_candidate_tile_problem(
+            f["tile_m"], f["tile_n"], hd, hdv, SMEM_OPTIN_227_KIB, f["mma_pv_is_rs"]
+        ):
+            return f"tiles {f['tile_m']}x{f['tile_n']} (FA4's is {tile_m}x{tile_n}): {reason}"
     return None
+
+
+def is_tuning_candidate(family: str, f: dict[str, Any]) -> bool:
+    """True for a variant FA4's own dispatch never picks, built only for `fa4aot tune` to
+    measure (its tiles or P operand source are not FA4's for the head dim)."""
+    if family != "fwd_sm90":
+        return False
+    tm, tn, rs, _ = sm90_tile(f["head_dim"], f["head_dim_v"], f["causal"], f["local"])
+    return (f["tile_m"], f["tile_n"], f["mma_pv_is_rs"]) != (tm, tn, rs)
 
 
 def check_combine(f: dict[str, Any]) -> str | None:
@@ -367,6 +383,12 @@ FWD_SM100_AXES = _COMMON_FWD_AXES + (
 
 FWD_SM90_AXES = _COMMON_FWD_AXES + (
     Axis("tiles", _pair_or_auto("tile_m", "tile_n"), ("auto",), "(tile_m, tile_n); auto: FA4's choice"),
+    Axis(
+        "mma_pv_is_rs",
+        _bool_or_auto("mma_pv_is_rs"),
+        ("auto",),
+        "P from registers (true) or shared memory (false) in the PV MMA; auto: FA4's choice for the head dim",
+    ),
 )
 
 COMBINE_AXES = (
@@ -449,7 +471,9 @@ def resolve_fields(family: str, raw: dict[str, Any]) -> list[dict[str, Any]]:
             tm, tn, rs, ov = sm90_tile(f["head_dim"], f["head_dim_v"], f["causal"], f["local"])
             if f["tile_m"] == "auto":
                 f["tile_m"], f["tile_n"] = tm, tn
-            f["mma_pv_is_rs"], f["intra_wg_overlap"] = rs, ov
+            if f["mma_pv_is_rs"] == "auto":
+                f["mma_pv_is_rs"] = rs
+            f["intra_wg_overlap"] = ov
             f["paged_kv"] = paged_kv_class(page_size, f["tile_n"])
             return [f]
         if f["tile_m"] == "auto":

@@ -54,6 +54,56 @@ def sm90_tile(head_dim: int, head_dim_v: int, causal: bool, local: bool) -> tupl
     return 128, (64 if local else 80), True, True
 
 
+#: FA4's SM90 forward double-buffers K and V (``num_stages`` 2) and reserves 1 KiB for its
+#: mbarriers; Q, K and V tiles are 2-byte elements. Checked against the smem FA4's host code
+#: records in every SM90 launch plan (tests/test_tuning.py).
+SM90_KV_STAGES = 2
+SM90_SMEM_RESERVED = 1024
+#: tile_m values FA4's SM90 forward uses (one MMA warp group per 64 rows, at most 3 of them),
+#: and the tile_n step of its warpgroup MMA.
+SM90_TILE_MS = (128, 192)
+SM90_TILE_N_STEP = 16
+SM90_TILE_N_RANGE = (64, 256)
+#: Registers FA4's SM90 forward gives each MMA thread by warp-group count (``setmaxregister``,
+#: flash_fwd_sm90.py), and what the rest of the kernel needs beyond the accumulators: ptxas
+#: rejects 192x256 at head_dim 64 (160 accumulator registers of 160).
+SM90_MMA_REGS = {1: 256, 2: 240, 3: 160}
+SM90_REG_HEADROOM = 32
+
+
+def sm90_smem_bytes(tile_m: int, tile_n: int, head_dim: int, head_dim_v: int, mma_pv_is_rs: bool = True) -> int:
+    """Dynamic shared memory FA4's SM90 forward asks for with these tiles (bf16/fp16); without
+    ``mma_pv_is_rs`` P goes through a (tile_m, tile_n) shared buffer."""
+    p = 0 if mma_pv_is_rs else tile_m * tile_n
+    return 2 * (tile_m * head_dim + SM90_KV_STAGES * tile_n * (head_dim + head_dim_v) + p) + SM90_SMEM_RESERVED
+
+
+def sm90_candidate_tile_problem(
+    tile_m: int, tile_n: int, head_dim: int, head_dim_v: int, smem_limit: int, mma_pv_is_rs: bool = True
+) -> str | None:
+    """Why (tile_m, tile_n) cannot be a tuning candidate of FA4's SM90 forward (None: it can).
+    tile_m 192 (three MMA warp groups) is what FA4 runs only up to head dim 96: above that the
+    accumulators do not fit the registers FA4 gives each warp group."""
+    if tile_m not in SM90_TILE_MS:
+        return f"tile_m must be one of {SM90_TILE_MS}"
+    if tile_m == 192 and head_dim > 96:
+        return "tile_m 192 is FA4's SM90 tile only up to head_dim 96"
+    lo, hi = SM90_TILE_N_RANGE
+    if tile_n % SM90_TILE_N_STEP or not lo <= tile_n <= hi:
+        return f"tile_n must be a multiple of {SM90_TILE_N_STEP} in {lo}..{hi}"
+    wgs = tile_m // 64
+    regs = tile_n // 2 + head_dim_v // 2  # fp32 S and O accumulators per MMA thread
+    if regs > SM90_MMA_REGS[wgs] - SM90_REG_HEADROOM:
+        return (
+            f"the S and O accumulators ({regs} registers a thread) leave too few of the "
+            f"{SM90_MMA_REGS[wgs]} FA4 gives each of {wgs} MMA warp groups"
+        )
+    smem = sm90_smem_bytes(tile_m, tile_n, head_dim, head_dim_v, mma_pv_is_rs)
+    if smem > smem_limit:
+        return f"needs {smem} bytes of shared memory, more than the {smem_limit} an SM90 block can have"
+    return None
+
+
 def _pad16(x: int) -> int:
     return int(math.ceil(x / 16) * 16)
 

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import ArgumentError
 from fa4aot.core.rules import resolve_window
+from fa4aot.core.tuning import bucket
 from fa4aot.runtime import loader, validate
 from fa4aot.runtime.combine import combine
 from fa4aot.runtime.combine import pick as pick_combine
@@ -489,6 +490,10 @@ def analyse(
         if len(rule.loaded) >= MAX_RULE_VARIANTS:
             rule.loaded.clear()
         rule.loaded[vkey] = lv
+    if lv.tuned is not None:  # the device's tuning table has entries for FA4's choice
+        choice = lv.tuned.get(bucket(rows[0] if varlen_q else batch, nheads, max_q, max_k))
+        if choice is not None:
+            lv = rt._load_id(choice)
     if local:
         # fa4aot's local variants take both window edges; an open edge is the whole sequence
         wl = max_k + max_q if wl is None else wl

@@ -28,7 +28,8 @@ from typing import Any
 
 from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import CacheError, DeviceMismatchError, Fa4aotError, VariantNotFoundError
-from fa4aot.core.index import Cache, Entry, PackedKey, cubin_of, default_cache_dir
+from fa4aot.core.index import Cache, Entry, PackedKey, cubin_of, default_cache_dir, read_regular
+from fa4aot.core.tuning import TuningEntry, TuningTable, TuningTableError, result_class_difference, table_filename
 from fa4aot.core.variant import Target, Variant
 from fa4aot.plan.abi import DEV_ATTR_MAX_SMEM_OPTIN, FUNC_ATTR_SHARED_SIZE_BYTES, SHIM_ABI
 from fa4aot.plan.library import Plan, open_plan
@@ -41,6 +42,10 @@ _DRIVER_FOR_TOOLKIT = {12: 12000, 13: 13000}
 MAX_FORWARD_RULES = 512
 MAX_COMBINE_PICKS = 256
 MAX_AUTO_METADATA = 16
+#: Directory of a cache holding tuning tables (one per target and device name).
+TUNING_DIR = "tuning"
+#: Largest tuning table read (a table is a few KB; a bigger file is not one).
+MAX_TUNING_BYTES = 16 * 1024 * 1024
 
 #: Argument order of the forward launchers (a superset of every forward plan's signature).
 FORWARD_ORDER = (
@@ -71,7 +76,7 @@ class LoadedVariant:
     dict, made once) and, for forward variants, the generated launcher taking
     :data:`FORWARD_ORDER` (SM90 plans take no max_seqlen_q)."""
 
-    __slots__ = ("entry", "plan", "kernels", "variant", "fields", "dynamic", "launch", "load_seconds")
+    __slots__ = ("entry", "plan", "kernels", "variant", "fields", "dynamic", "launch", "load_seconds", "tuned")
 
     def __init__(self, entry: Entry, plan: Plan, kernels: list[int]):
         self.entry = entry
@@ -82,6 +87,8 @@ class LoadedVariant:
         self.dynamic = self.fields.get("scheduler") == "dynamic"
         #: seconds each phase of loading took (benchmarks read it)
         self.load_seconds: dict[str, float] = {}
+        #: bucket -> variant id from the device's tuning table, when it has entries for this variant
+        self.tuned: dict[tuple, str] | None = None
         self.launch: Callable[..., None] | None = (
             # the forward checks every tensor's rank before launching
             plan.launcher(FORWARD_ORDER, optional=("max_seqlen_q",), ranks_checked=True)
@@ -95,7 +102,9 @@ class Runtime:
 
     ``allow_sm_mismatch``: use a cache built for another SM count of the same arch (warns; FA4's
     persistent grids then size for the wrong SKU - correct but not tuned). ``clc``: FA4's CLC
-    scheduler (default: FA_CLC=1 in the environment, read now). ``driver`` is for tests.
+    scheduler (default: FA_CLC=1 in the environment, read now). ``tuned``: apply the cache's
+    tuning table for this device when it has one (default: unless FA4AOT_TUNING=0). ``driver`` is
+    for tests.
     """
 
     def __init__(
@@ -104,6 +113,7 @@ class Runtime:
         *,
         allow_sm_mismatch: bool = False,
         clc: bool | None = None,
+        tuned: bool | None = None,
         driver: Any = None,
     ):
         t0 = time.perf_counter()
@@ -133,6 +143,67 @@ class Runtime:
         self.combine_picks: BoundedDict = BoundedDict(MAX_COMBINE_PICKS)
         #: split-KV varlen calls without caller metadata: (stream, configuration) -> SchedulerMetadata
         self.auto_metadata: BoundedDict = BoundedDict(MAX_AUTO_METADATA, on_evict=lambda k, md: md.close())
+        #: the device's tuning table (None: none, or not applied) and its lookup: default variant
+        #: id -> shape bucket -> chosen variant id (only entries this cache can honour)
+        self.tuning_table: TuningTable | None = None
+        self.tuning: dict[str, dict[tuple, str]] = {}
+        if tuned if tuned is not None else os.environ.get("FA4AOT_TUNING", "1") != "0":
+            self._open_tuning()
+
+    # -- tuning --------------------------------------------------------------------------
+
+    def tuning_path(self) -> Path:
+        """Where this cache keeps the tuning table for this target and device."""
+        t = self.target
+        return self.cache.root / TUNING_DIR / table_filename(t.arch, t.num_sms, self.info.name)
+
+    def _open_tuning(self) -> None:
+        """Read the device's tuning table if there is one. A corrupt, foreign or stale table (or
+        entry) never changes dispatch: it is skipped with a warning, and FA4's choice stands."""
+        path = self.tuning_path()
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            warnings.warn(f"tuning table {path} unreadable ({e}); using FA4's dispatch", stacklevel=3)
+            return
+        try:
+            if size > MAX_TUNING_BYTES:
+                raise TuningTableError(f"{size} bytes, more than {MAX_TUNING_BYTES}")
+            table = TuningTable.from_bytes(read_regular(self.cache.root, (TUNING_DIR, path.name), size))
+            t = self.target
+            if (table.arch, table.num_sms, table.device_name) != (t.arch, t.num_sms, self.info.name):
+                raise TuningTableError(
+                    f"made for {table.device_name} ({table.arch}, {table.num_sms} SMs), this is "
+                    f"{self.info.name} ({t.arch}, {t.num_sms} SMs)"
+                )
+        except (TuningTableError, OSError) as e:
+            warnings.warn(f"tuning table {path} ignored: {e}; using FA4's dispatch", stacklevel=3)
+            return
+        usable, stale = [], []
+        for e in table.entries:
+            why = self._tuning_entry_problem(e)
+            (stale if why else usable).append((e, why))
+        if stale:
+            e, why = stale[0]
+            warnings.warn(
+                f"tuning table {path}: {len(stale)} of {len(table.entries)} entries ignored (stale: "
+                f"e.g. {e.default} -> {e.choice}: {why}); rerun `fa4aot tune` after rebuilding",
+                stacklevel=3,
+            )
+        self.tuning_table = table
+        self.tuning = table.lookup_map(e for e, _ in usable)
+
+    def _tuning_entry_problem(self, e: TuningEntry) -> str | None:
+        """Why this runtime cannot honour a tuning entry (None: it can)."""
+        for vid in (e.default, e.choice):
+            if vid not in self.index:
+                return f"the cache has no variant {vid}"
+        d, c = self.index.entry(e.default).variant, self.index.entry(e.choice).variant
+        if d.family != c.family:
+            return "the two variants are of different families"
+        return result_class_difference(d.family, d.fields, c.fields)
 
     # -- device checks ---------------------------------------------------------------------
 
@@ -316,6 +387,7 @@ class Runtime:
             drv.set_kernel_attribute(by_name[name], attr, value, self.device)
         t.append(time.perf_counter())
         lv = LoadedVariant(entry, plan, kernels)
+        lv.tuned = self.tuning.get(entry.variant_id)
         t.append(time.perf_counter())
         phases = ("read_and_hash", "cubin_load", "plan_dlopen", "module_load", "launcher")
         lv.load_seconds = {p: b - a for p, a, b in zip(phases, t, t[1:])}

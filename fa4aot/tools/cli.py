@@ -132,6 +132,7 @@ def build(manifest: Path, cache_dir: Path | None, jobs: int | None, family: tupl
 def plan_cmd(manifest: Path, skipped: bool, as_json: bool) -> None:
     """Show the variants MANIFEST expands to, and what was skipped and why (no compiling)."""
     from fa4aot.build import manifest as manifest_mod
+    from fa4aot.core.families import is_tuning_candidate
 
     try:
         plan = manifest_mod.load(manifest)
@@ -143,7 +144,12 @@ def plan_cmd(manifest: Path, skipped: bool, as_json: bool) -> None:
                 {
                     "targets": [t.to_dict() for t in plan.targets],
                     "variants": [
-                        {"id": pv.variant.variant_id, "origin": pv.origin, **pv.variant.to_dict()}
+                        {
+                            "id": pv.variant.variant_id,
+                            "origin": pv.origin,
+                            "tuning_candidate": is_tuning_candidate(pv.variant.family, pv.variant.fields),
+                            **pv.variant.to_dict(),
+                        }
                         for pv in plan.variants
                     ],
                     "skipped": [{"origin": s.origin, "axes": s.axes, "reason": s.reason} for s in plan.skipped],
@@ -156,8 +162,13 @@ def plan_cmd(manifest: Path, skipped: bool, as_json: bool) -> None:
     for t in plan.targets:
         click.echo(f"target {t.name}: {t.arch}, {t.num_sms} SMs")
     click.echo(f"{len(plan.variants)} variants: " + ", ".join(f"{k} {v}" for k, v in sorted(plan.counts().items())))
+    candidates = 0
     for pv in plan.variants:
-        click.echo(f"  {pv.variant.variant_id[:12]} {pv.variant.label()}   <- {pv.origin}")
+        mark = "T" if is_tuning_candidate(pv.variant.family, pv.variant.fields) else " "
+        candidates += mark == "T"
+        click.echo(f" {mark}{pv.variant.variant_id[:12]} {pv.variant.label()}   <- {pv.origin}")
+    if candidates:
+        click.echo(f"{candidates} variants marked T exist only as tuning candidates (`fa4aot tune` measures them)")
     if skipped and plan.skipped:
         reasons: dict[str, int] = {}
         for s in plan.skipped:
@@ -165,6 +176,136 @@ def plan_cmd(manifest: Path, skipped: bool, as_json: bool) -> None:
         click.echo(f"{len(plan.skipped)} combinations skipped:")
         for reason, count in sorted(reasons.items(), key=lambda x: -x[1]):
             click.echo(f"  {count:>5}  {reason}")
+
+
+@main.command("tune")
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@CACHE_OPTION
+@click.option(
+    "--shapes",
+    default="sweep24",
+    show_default=True,
+    help="sweep24 (dense and varlen, d64/d128, causal or not, GQA 1/4/8, 512-16k), a file with one "
+    "shape per line, or shapes separated by ';' - each like b=16,s=2048,h=32,hk=8,d=128,causal=1,varlen=0.",
+)
+@click.option(
+    "-o", "output", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the table here."
+)
+@click.option("--rounds", type=click.IntRange(2, 1000), default=7, show_default=True, help="Interleaved timing rounds.")
+@click.option("--reps", type=click.IntRange(1, 1000), default=3, show_default=True, help="Timed calls per round.")
+@click.option("--dry-run", is_flag=True, help="List each shape's default and candidates; measure nothing.")
+def tune_cmd(
+    manifest: Path, cache_dir: Path | None, shapes: str, output: Path | None, rounds: int, reps: int, dry_run: bool
+) -> None:
+    """Measure, on this GPU, every candidate variant MANIFEST built into the cache against FA4's
+    own choice for each shape, and store the winners as the cache's tuning table for this
+    device (the runtime applies it from then on; FA4AOT_TUNING=0 turns it off).
+
+    A candidate wins only when its median time beats FA4's by more than the measured noise. Needs
+    torch and a CUDA GPU; the table lands in CACHE/tuning/.
+    """
+    from fa4aot.build import manifest as manifest_mod
+    from fa4aot.tools import tune as tune_mod
+
+    try:
+        shape_list = tune_mod.parse_shapes(shapes)
+        plan = manifest_mod.load(manifest)
+    except Fa4aotError as e:
+        raise click.ClickException(str(e)) from None
+    if dry_run:
+        for t in plan.targets:
+            pool = [pv.variant for pv in plan.variants if pv.target == t]
+            click.echo(f"target {t.name}: {t.arch}, {t.num_sms} SMs")
+            for shape in shape_list:
+                try:
+                    dv = tune_mod.default_variant(shape, t)
+                except Fa4aotError as e:
+                    click.echo(f"  {shape.label():<44} not served on this target: {e}")
+                    continue
+                cands = tune_mod.candidates(dv, pool)
+                built = "" if any(pv.variant == dv for pv in plan.variants) else " (not in the manifest!)"
+                click.echo(
+                    f"  {shape.label():<44} FA4: {dv.fields['tile_m']}x{dv.fields['tile_n']}{built}, {len(cands)} candidates"
+                )
+        return
+    try:
+        from fa4aot.runtime.loader import Runtime
+
+        rt = Runtime(_cache_dir(cache_dir), tuned=False)
+        pool = [
+            pv.variant
+            for pv in plan.variants
+            if (pv.target.arch, pv.target.num_sms) == (rt.target.arch, rt.target.num_sms)
+        ]
+        if not pool:
+            raise click.ClickException(
+                f"{manifest} has no target for this GPU ({rt.target.arch}, {rt.target.num_sms} SMs)"
+            )
+        flush = 2 * rt.target.l2_bytes if rt.target.l2_bytes else tune_mod.DEFAULT_FLUSH_BYTES
+        table = tune_mod.tune(rt, pool, shape_list, rounds=rounds, reps=reps, flush_bytes=flush, log=click.echo)
+        path = tune_mod.write_table(rt.cache.root, table, output)
+    except ImportError as e:
+        raise click.ClickException(f"tuning measures on the GPU with torch: {e}") from None
+    except Fa4aotError as e:
+        raise click.ClickException(str(e)) from None
+    sp = [m["speedup"] for m in table.measured]
+    click.echo(
+        f"{len(table.entries)} tuned entries over {len(table.measured)} shapes; geometric mean speedup over "
+        f"FA4's choice {tune_mod.geomean(sp):.3f}; table {path} (sha256 {table.sha256[:16]})"
+    )
+
+
+@main.command("show-tuning")
+@CACHE_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print the tables' JSON.")
+def show_tuning_cmd(cache_dir: Path | None, as_json: bool) -> None:
+    """Print the cache's tuning tables (one per target and device): each entry's shape bucket,
+    FA4's variant and the measured choice, and every measured shape. Needs no GPU."""
+    from fa4aot.core.tuning import BUCKET_AXES, TuningTable, TuningTableError, bucket_range
+
+    cache = _open(cache_dir)
+    d = cache.root / "tuning"
+    files = sorted(d.glob("*.json")) if d.is_dir() else []
+    if not files:
+        click.echo(f"no tuning tables in {cache.root} (run `fa4aot tune` on the GPU)")
+        return
+    labels: dict[str, str] = {}
+    try:
+        for e in cache.entries():
+            labels[e.variant_id] = e.variant.label()
+    except Fa4aotError:
+        pass
+    bad = 0
+    for f in files:
+        try:
+            table = TuningTable.from_bytes(f.read_bytes())
+        except (TuningTableError, OSError) as e:
+            click.echo(f"{f.name}: ignored by the runtime: {e}", err=True)
+            bad += 1
+            continue
+        if as_json:
+            click.echo(json.dumps(table.payload(), indent=1))
+            continue
+        click.echo(
+            f"{f.name}: {table.device_name} ({table.arch}, {table.num_sms} SMs), {table.created}, sha256 {table.sha256[:16]}"
+        )
+        click.echo(f"  {len(table.entries)} entries (bucket ranges: {', '.join(BUCKET_AXES)})")
+        for e in table.entries:
+            ranges = " ".join(f"{a}={lo}..{hi}" for a, (lo, hi) in zip(BUCKET_AXES, map(bucket_range, e.bucket)))
+            missing = "" if e.choice in labels else "  [choice not in this cache: ignored]"
+            click.echo(f"  {ranges}")
+            click.echo(f"    FA4    {e.default[:12]} {e.default_ms:8.4f} ms  {labels.get(e.default, '?')}")
+            click.echo(
+                f"    tuned  {e.choice[:12]} {e.choice_ms:8.4f} ms  {labels.get(e.choice, '?')}"
+                f"  ({e.default_ms / e.choice_ms:.3f}x, noise {e.spread:.1%}, from {e.shape}){missing}"
+            )
+        if table.measured:
+            click.echo(f"  measured shapes: {len(table.measured)}")
+            for m in table.measured:
+                tag = "tuned" if m["winner"] != m["default"] else "FA4  "
+                click.echo(f"    {tag} {m['speedup']:.3f}x {m['tflops']:6.1f} TFLOP/s  {m['shape']}")
+    if bad:
+        sys.exit(1)
 
 
 @main.command()
