@@ -394,3 +394,23 @@ def test_tune_dry_run_lists_defaults_and_candidates():
 def test_tune_arguments_are_checked(args, match):
     p = run_cli("tune", "manifests/ci.yaml", *args, cwd=Path(__file__).parent.parent, check=False)
     assert p.returncode != 0 and match in p.stderr and "Traceback" not in p.stderr
+
+
+def test_an_entry_measured_on_other_cubins_is_stale(cache):
+    """Variant ids do not change with the toolchain; the cubins measured do. An entry whose
+    kernels were rebuilt since `tune` measured them no longer applies."""
+    from fa4aot.core.index import Cache
+
+    sha = {e.variant_id: e.cubin.sha256 for e in Cache(cache).entries()}
+    now = (sha[DEFAULT.variant_id], sha[CANDIDATE.variant_id])
+    good = dataclasses.replace(entry(), cubins=now)
+    old = dataclasses.replace(entry(b=bucket(8, 4, 1024, 1024)), cubins=(now[0], "0" * 64))
+    tune.write_table(cache, table([good, old]))
+    with pytest.warns(UserWarning, match="was rebuilt"):
+        rt = _runtime(cache)
+    assert rt.tuning == {DEFAULT.variant_id: {BUCKET: CANDIDATE.variant_id}}
+    assert _call(rt) == _kernel(rt, CANDIDATE) and _call(rt, b=8) == _kernel(rt, DEFAULT)
+    doc = json.loads(table([good]).to_bytes())
+    doc["entries"][0]["cubins"] = ["x" * 64, ""]
+    with pytest.raises(TuningTableError, match="cubins"):
+        TuningTable.from_bytes(_resigned(doc))

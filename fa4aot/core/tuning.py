@@ -73,8 +73,9 @@ def device_slug(device_name: str) -> str:
 @dataclass(frozen=True)
 class TuningEntry:
     """One measured decision. Times are CUDA-event medians in milliseconds on the tuned device;
-    ``spread`` is the relative inter-quartile range of the default's samples (the noise the win
-    had to beat); ``shape`` says which measured call the entry came from."""
+    ``spread`` is the noise the win had to beat (relative inter-quartile range, at least 1%);
+    ``shape`` is the measured call (a ``fa4aot tune --shapes`` spec); ``cubins`` the sha256 of
+    the default's and the choice's cubins as measured (a rebuilt kernel makes the entry stale)."""
 
     default: str
     bucket: tuple[int, int, int, int]
@@ -83,10 +84,12 @@ class TuningEntry:
     choice_ms: float
     spread: float
     shape: str = ""
+    cubins: tuple[str, str] = ("", "")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["bucket"] = list(self.bucket)
+        d["cubins"] = list(self.cubins)
         return d
 
     @classmethod
@@ -97,6 +100,11 @@ class TuningEntry:
         for k in ("default", "choice"):
             if not (isinstance(d[k], str) and re.fullmatch(r"[0-9a-f]{20}", d[k])):
                 raise TuningTableError(f"entry {k} must be a 20-hex-digit variant id, got {d[k]!r}")
+        cubins = d.get("cubins", ["", ""])
+        if not (
+            isinstance(cubins, list) and len(cubins) == 2 and all(re.fullmatch(r"([0-9a-f]{64})?", c) for c in cubins)
+        ):
+            raise TuningTableError(f"entry cubins must be two sha256 hex digests, got {cubins!r}")
         times = [d["default_ms"], d["choice_ms"], d["spread"]]
         if not all(type(x) in (int, float) and 0 <= x < float("inf") for x in times):
             raise TuningTableError(f"entry times must be finite numbers >= 0, got {times!r}")
@@ -108,6 +116,7 @@ class TuningEntry:
             float(d["choice_ms"]),
             float(d["spread"]),
             str(d.get("shape", "")),
+            (cubins[0], cubins[1]),
         )
 
 

@@ -200,7 +200,11 @@ class Runtime:
         for vid in (e.default, e.choice):
             if vid not in self.index:
                 return f"the cache has no variant {vid}"
-        d, c = self.index.entry(e.default).variant, self.index.entry(e.choice).variant
+        de, ce = self.index.entry(e.default), self.index.entry(e.choice)
+        for want, entry in zip(e.cubins, (de, ce)):
+            if want and (entry.cubin is None or entry.cubin.sha256 != want):
+                return f"variant {entry.variant_id} was rebuilt (another cubin) since it was measured"
+        d, c = de.variant, ce.variant
         if d.family != c.family:
             return "the two variants are of different families"
         return result_class_difference(d.family, d.fields, c.fields)

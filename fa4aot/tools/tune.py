@@ -419,8 +419,9 @@ def tune(
             old = entries.get(key)
             # two measured shapes in one bucket keep the winner with the larger gain
             if old is None or old.default_ms / old.choice_ms < med[dv.variant_id] / med[win]:
+                cubins = tuple(rt.index.entry(v).cubin.sha256 for v in (dv.variant_id, win))
                 entries[key] = TuningEntry(
-                    dv.variant_id, run.bucket, win, med[dv.variant_id], med[win], noise, shape.spec()
+                    dv.variant_id, run.bucket, win, med[dv.variant_id], med[win], noise, shape.spec(), cubins
                 )
         else:
             line += f"  FA4's choice stands ({len(cands)} candidates, noise {noise:.1%})"
