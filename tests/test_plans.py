@@ -123,7 +123,7 @@ def test_sm90_and_combine_grids(built_cache):
         f = e.variant.fields
         # one producer warp group plus one MMA warp group per 64 rows of the tile
         assert launch.block == (128 * (f["tile_m"] // 64 + 1), 1, 1)
-        if (f["head_dim"], f["tile_m"], f["tile_n"]) == (128, 128, 128):
+        if (f["head_dim"], f["tile_m"], f["tile_n"], f["mma_pv_is_rs"]) == (128, 128, 128, True):
             assert launch.smem == 164864
         assert 0 < launch.smem <= SM90_MAX_SMEM_PER_BLOCK
         assert launch.grid == sm90_forward_grid(
