@@ -48,9 +48,39 @@ PACKED_DIR = "packed"
 PACKED_MAGIC = b"FA4AOT-PACKED 1\n"
 
 
+#: Entry-point group under which cache wheels (``fa4aot wheel``) register a function returning
+#: their cache directory.
+CACHE_ENTRY_POINT_GROUP = "fa4aot.caches"
+
+
 def default_cache_dir() -> Path:
-    """``$FA4AOT_CACHE``, else ``./cache``."""
+    """``$FA4AOT_CACHE``, else ``./cache`` (the CLI's default; the runtime also searches the
+    installed cache wheels, see :func:`cache_search_path`)."""
     return Path(os.environ.get(DEFAULT_CACHE_ENV, "cache"))
+
+
+def installed_cache_wheels() -> list[tuple[str, Path]]:
+    """(name, directory) of every cache wheel installed in this environment, sorted by name. A
+    wheel whose entry point fails to load is skipped (it cannot hold a usable cache)."""
+    from importlib.metadata import entry_points  # not imported when a cache path is given
+
+    out = []
+    for ep in sorted(entry_points(group=CACHE_ENTRY_POINT_GROUP), key=lambda ep: ep.name):
+        try:
+            out.append((f"wheel {ep.name} ({ep.value})", Path(ep.load()())))
+        except Exception:  # a broken third-party package must not stop the runtime
+            continue
+    return out
+
+
+def cache_search_path() -> list[tuple[str, Path]]:
+    """Where a runtime opened without a path looks, in order: ``$FA4AOT_CACHE`` (when set, the
+    only place), else the installed cache wheels (the first one holding kernels for this GPU and
+    host wins), else ``./cache``."""
+    env = os.environ.get(DEFAULT_CACHE_ENV)
+    if env:
+        return [(f"${DEFAULT_CACHE_ENV}", Path(env))]
+    return [*installed_cache_wheels(), ("./cache", Path("cache"))]
 
 
 class BlobRef(NamedTuple):

@@ -28,7 +28,7 @@ from typing import Any
 
 from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import CacheError, DeviceMismatchError, Fa4aotError, VariantNotFoundError
-from fa4aot.core.index import Cache, Entry, PackedKey, cubin_of, default_cache_dir, read_regular
+from fa4aot.core.index import Cache, Entry, PackedKey, cache_search_path, cubin_of, read_regular
 from fa4aot.core.tuning import TuningEntry, TuningTable, TuningTableError, result_class_difference, table_filename
 from fa4aot.core.variant import Target, Variant
 from fa4aot.plan.abi import DEV_ATTR_MAX_SMEM_OPTIN, FUNC_ATTR_SHARED_SIZE_BYTES, SHIM_ABI
@@ -126,9 +126,12 @@ class Runtime:
         self.device = driver.current_device()
         self.info = driver.device_info(self.device)
         t2 = time.perf_counter()
-        self.cache = Cache(cache_dir or default_cache_dir())
         self.host_arch = host_arch()
-        self.index = self._open_index(allow_sm_mismatch)
+        if cache_dir:
+            self.cache = Cache(cache_dir)
+            self.index = self._open_index(allow_sm_mismatch)
+        else:
+            self.cache, self.index = self._search(allow_sm_mismatch)
         #: seconds spent opening: driver set-up, device queries, cache and index (benchmarks read it)
         self.open_seconds = {"driver": t1 - t0, "device": t2 - t1, "index": time.perf_counter() - t2}
         self.target: Target = self.index.target
@@ -149,6 +152,24 @@ class Runtime:
         self.tuning: dict[str, dict[tuple, str]] = {}
         if tuned if tuned is not None else os.environ.get("FA4AOT_TUNING", "1") != "0":
             self._open_tuning()
+
+    def _search(self, allow_sm_mismatch: bool) -> tuple[Cache, Any]:
+        """The first cache of :func:`cache_search_path` that serves this device: a cache wheel
+        built for another GPU or host is passed over; the last place's errors are raised."""
+        places = cache_search_path()
+        for _, path in places[:-1]:
+            try:
+                self.cache = Cache(path)
+                return self.cache, self._open_index(allow_sm_mismatch)
+            except (CacheError, DeviceMismatchError):
+                continue
+        try:
+            self.cache = Cache(places[-1][1])
+        except CacheError as e:
+            if len(places) == 1:
+                raise
+            raise CacheError(f"{e} (searched: {', '.join(f'{n} {p}' for n, p in places)})") from None
+        return self.cache, self._open_index(allow_sm_mismatch)
 
     # -- tuning --------------------------------------------------------------------------
 

@@ -22,7 +22,8 @@ CACHE_OPTION = click.option(
     "cache_dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Cache directory [default: $FA4AOT_CACHE or ./cache].",
+    help="Cache directory [default: $FA4AOT_CACHE, else ./cache; commands that only read also look "
+    "in installed cache wheels first, as the runtime does].",
 )
 
 
@@ -31,7 +32,19 @@ def _cache_dir(cache_dir: Path | None) -> Path:
 
 
 def _open(cache_dir: Path | None) -> Cache:
-    return Cache(_cache_dir(cache_dir))
+    """The cache a read-only command inspects: --cache, else the runtime's search path
+    ($FA4AOT_CACHE, installed cache wheels, ./cache): the first place holding a cache."""
+    if cache_dir is not None:
+        return Cache(cache_dir)
+    from fa4aot.core.index import cache_search_path
+
+    places = cache_search_path()
+    for _, path in places[:-1]:
+        try:
+            return Cache(path)
+        except Fa4aotError:
+            continue
+    return Cache(places[-1][1])
 
 
 def _finite(value: float, name: str) -> float:
@@ -396,6 +409,243 @@ def _arg_text(a: dict[str, Any]) -> str:
     if a["kind"] == "scalar":
         return f"{a['name']}:{a['ctype']}"
     return a["name"]
+
+
+# -- delivery: archives, wheels, remote stores --------------------------------------------------
+
+MANIFEST_SELECT = click.option(
+    "--manifest",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Exactly the variants this manifest builds (fails, naming them, if any is missing).",
+)
+TARGET_SELECT = click.option(
+    "--target", "targets", multiple=True, help="Only entries of this target name (repeatable)."
+)
+HOST_SELECT = click.option(
+    "--host-arch", default=None, help="Entries whose launch plans are for this host CPU arch [default: this host]."
+)
+
+
+def _select(available, where: str, manifest: Path | None, targets: tuple[str, ...], host: str | None):
+    from fa4aot.build.archive import select_entries
+    from fa4aot.plan.abi import SHIM_ABI
+    from fa4aot.runtime.loader import host_arch
+
+    variants = None
+    if manifest is not None:
+        from fa4aot.build import manifest as manifest_mod
+
+        plan = manifest_mod.load(manifest)
+        variants = [pv.variant for pv in plan.variants if not targets or pv.target.name in targets]
+    host = host or host_arch()
+    return select_entries(available, where, host_arch=host, targets=targets, variants=variants, shim_abi=SHIM_ABI), host
+
+
+@main.command("pack")
+@CACHE_OPTION
+@TARGET_SELECT
+@MANIFEST_SELECT
+@HOST_SELECT
+@click.option("-o", "output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Archive to write.")
+def pack_cmd(
+    cache_dir: Path | None, targets: tuple[str, ...], manifest: Path | None, host_arch: str | None, output: Path
+) -> None:
+    """Write the selected cache entries into one verified archive (xz-compressed tar with a JSON
+    manifest of every blob's sha256). The same cache always packs to the same bytes."""
+    import time
+
+    from fa4aot.build.archive import cache_entries, pack_bytes
+
+    t0 = time.perf_counter()
+    try:
+        cache = _open(cache_dir)
+        entries, host = _select(cache_entries(cache), f"the cache {cache.root}", manifest, targets, host_arch)
+        data, res = pack_bytes(cache, entries, host)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = output.with_name(f".{output.name}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(output)
+    except Fa4aotError as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"cannot write {output}: {e.strerror or e}") from None
+    click.echo(
+        f"packed {res.entries} entries ({res.blobs} blobs, {_human(res.raw_bytes)}) into {output}: "
+        f"{_human(res.archive_bytes)}, sha256 {res.sha256}, {time.perf_counter() - t0:.1f} s"
+    )
+
+
+@main.command("install")
+@click.argument("source")
+@CACHE_OPTION
+@click.option("--dry-run", is_flag=True, help="Verify the archive and list what would be added; write nothing.")
+def install_cmd(source: str, cache_dir: Path | None, dry_run: bool) -> None:
+    """Verify the archive SOURCE (a file, an http(s) URL, or - for stdin) completely - every
+    sha256, every cubin, host arch, formats, member paths - and only then add its entries to the
+    cache (blobs first, index last). Entries already present are skipped."""
+    from fa4aot.build.archive import install, open_source, read_archive
+    from fa4aot.runtime.loader import host_arch
+
+    root = _cache_dir(cache_dir)
+    try:
+        stream, what = open_source(source)
+        with stream:
+            archive = read_archive(stream, host_arch=host_arch(), what=what)
+        res = install(root, archive, dry_run=dry_run)
+    except Fa4aotError as e:
+        raise click.ClickException(str(e)) from None
+    by_key = {e.key: e for e in archive.entries}
+    for key in res.added:
+        click.echo(f"{'would add' if dry_run else 'added'} {key[:12]} {by_key[key].variant.label()}")
+    click.echo(
+        f"{what}: {len(archive.entries)} entries verified; {len(res.added)} {'to add' if dry_run else 'added'}, "
+        f"{len(res.present)} already present in {root}"
+    )
+
+
+@main.command("wheel")
+@CACHE_OPTION
+@TARGET_SELECT
+@MANIFEST_SELECT
+@HOST_SELECT
+@click.option(
+    "-o", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("dist"), show_default=True
+)
+@click.option("--name", default=None, help="Distribution name [default: fa4aot-cache-<target names>].")
+@click.option("--version", "version", default="1.0.0", show_default=True, help="Wheel version.")
+def wheel_cmd(
+    cache_dir: Path | None,
+    targets: tuple[str, ...],
+    manifest: Path | None,
+    host_arch: str | None,
+    out_dir: Path,
+    name: str | None,
+    version: str,
+) -> None:
+    """Build a pip-installable wheel holding the selected entries as a verified, read-only cache.
+    Installed, it registers under the fa4aot.caches entry point; the runtime finds it when no
+    cache path and no $FA4AOT_CACHE is given."""
+    from fa4aot.build.archive import cache_entries
+    from fa4aot.build.wheel import build_wheel
+
+    try:
+        cache = _open(cache_dir)
+        entries, host = _select(cache_entries(cache), f"the cache {cache.root}", manifest, targets, host_arch)
+        name = name or "fa4aot-cache-" + "-".join(sorted({e.target.name.lower() for e in entries}))
+        path = build_wheel(cache, entries, out_dir, name=name, version=version, host_arch=host)
+    except Fa4aotError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"built {path} ({_human(path.stat().st_size)}): {len(entries)} entries; pip install {path}")
+
+
+STORE_ARG = click.argument("store", required=False)
+
+
+@main.command("push")
+@STORE_ARG
+@CACHE_OPTION
+@TARGET_SELECT
+@MANIFEST_SELECT
+@HOST_SELECT
+def push_cmd(
+    store: str | None, cache_dir: Path | None, targets: tuple[str, ...], manifest: Path | None, host_arch: str | None
+) -> None:
+    """Upload the selected entries to STORE (a directory, s3://, gs://, memory://... with the
+    remote extra; default $FA4AOT_STORE): only the blobs and records it lacks."""
+    from fa4aot.build.archive import cache_entries
+    from fa4aot.build.stores import open_store, push
+
+    try:
+        cache = _open(cache_dir)
+        st = open_store(store)
+        entries, _ = _select(cache_entries(cache), f"the cache {cache.root}", manifest, targets, host_arch)
+        written, n = push(cache, st, entries)
+    except Fa4aotError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"pushed {n} entries to {st.url}: {written} objects uploaded, the rest were there")
+
+
+@main.command("pull")
+@STORE_ARG
+@CACHE_OPTION
+@TARGET_SELECT
+@MANIFEST_SELECT
+@HOST_SELECT
+@click.option("--dry-run", is_flag=True, help="List what would be downloaded; write nothing.")
+def pull_cmd(
+    store: str | None,
+    cache_dir: Path | None,
+    targets: tuple[str, ...],
+    manifest: Path | None,
+    host_arch: str | None,
+    dry_run: bool,
+) -> None:
+    """Download from STORE (a directory, an http(s) URL, s3://...; default $FA4AOT_STORE) the
+    selected entries the cache lacks, verifying every byte (sha256, size, cubin) before adding
+    them (blobs first, index last)."""
+    from fa4aot.build.archive import install
+    from fa4aot.build.stores import fetch_entries, open_store, store_entries
+    from fa4aot.core.index import Cache as ReadCache
+
+    root = _cache_dir(cache_dir)
+    try:
+        st = open_store(store)
+        entries, host = _select(store_entries(st), st.url, manifest, targets, host_arch)
+        have = set()
+        if (root / "index" / "cache.db").exists():
+            have = {k for k, _ in ReadCache(root).records()}
+        todo = [e.key for e in entries if e.key not in have]
+        if dry_run:
+            for e in entries:
+                if e.key in todo:
+                    click.echo(f"would pull {e.key[:12]} {e.variant.label()}")
+            click.echo(f"{len(todo)} of {len(entries)} entries to pull from {st.url}")
+            return
+        archive = fetch_entries(st, todo, host_arch=host)
+        res = install(root, archive)
+    except Fa4aotError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"pulled {len(res.added)} entries from {st.url} into {root}; {len(entries) - len(todo)} were present")
+
+
+@main.command("show-config")
+def show_config_cmd() -> None:
+    """Versions, the runtime's cache search path and what each cache there holds, the remote
+    store configured, the host arch and the GPU (if one is present)."""
+    import importlib.metadata
+    import os
+    import platform
+
+    from fa4aot import __version__
+    from fa4aot.build.stores import STORE_ENV
+    from fa4aot.core.index import cache_search_path
+    from fa4aot.runtime.loader import host_arch
+
+    click.echo(f"fa4aot {__version__}, Python {platform.python_version()}, host {host_arch()}")
+    for dist in ("cuda-python", "cuda-bindings", "torch", "nvidia-cutlass-dsl", "flash-attn-4", "fsspec"):
+        try:
+            click.echo(f"  {dist:<22} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            click.echo(f"  {dist:<22} not installed")
+    click.echo("cache search path (the runtime opens the first that serves this GPU):")
+    for where, path in cache_search_path():
+        try:
+            keys = Cache(path).packed_targets()
+            have = ", ".join(k.describe() for k in keys) or "no packed index (run fa4aot reindex)"
+        except Fa4aotError as e:
+            have = f"unusable: {e}"
+        click.echo(f"  {where:<12} {path}: {have}")
+    click.echo(f"remote store (${STORE_ENV}): {os.environ.get(STORE_ENV) or 'none'}")
+    try:
+        from fa4aot.runtime.driver import CudaDriver
+
+        drv = CudaDriver()
+        info = drv.device_info(drv.current_device())
+        cc = info.compute_capability
+        click.echo(f"GPU: {info.name} (sm_{cc[0]}{cc[1]}, {info.num_sms} SMs), driver {info.driver_version}")
+    except Exception as e:  # no driver, no device: say so
+        click.echo(f"GPU: none ({str(e).splitlines()[0][:120]})")
 
 
 @main.command("verify")
