@@ -18,6 +18,7 @@ recorded launches), so launches may come from several threads.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -42,6 +43,10 @@ _DRIVER_FOR_TOOLKIT = {12: 12000, 13: 13000}
 MAX_FORWARD_RULES = 512
 MAX_COMBINE_PICKS = 256
 MAX_AUTO_METADATA = 16
+#: Environment variables of the miss log, the record log and strict mode (see :class:`Runtime`).
+MISS_LOG_ENV = "FA4AOT_MISS_LOG"
+RECORD_LOG_ENV = "FA4AOT_RECORD"
+REQUIRE_ENV = "FA4AOT_REQUIRE"
 #: Directory of a cache holding tuning tables (one per target and device name).
 TUNING_DIR = "tuning"
 #: Largest tuning table read (a table is a few KB; a bigger file is not one).
@@ -69,6 +74,33 @@ FORWARD_ORDER = (
     "max_seqlen_q",
     "stream",
 )
+
+
+class VariantLog:
+    """Appends one JSON line per distinct variant to a file: the miss log and the record log.
+    One ``write`` per line on an ``O_APPEND`` descriptor, so processes sharing the file do not
+    interleave lines; a failing write warns and never fails the call."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, variant: Variant, **extra: Any) -> None:
+        vid = variant.variant_id
+        with self._lock:
+            if vid in self._seen:
+                return
+            self._seen.add(vid)
+        line = json.dumps({"id": vid, "variant": variant.to_dict(), "time": time.time(), **extra}, sort_keys=True)
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, (line + "\n").encode())
+            finally:
+                os.close(fd)
+        except OSError as e:
+            warnings.warn(f"cannot append to {self.path}: {e.strerror or e}", stacklevel=3)
 
 
 class LoadedVariant:
@@ -103,8 +135,13 @@ class Runtime:
     ``allow_sm_mismatch``: use a cache built for another SM count of the same arch (warns; FA4's
     persistent grids then size for the wrong SKU - correct but not tuned). ``clc``: FA4's CLC
     scheduler (default: FA_CLC=1 in the environment, read now). ``tuned``: apply the cache's
-    tuning table for this device when it has one (default: unless FA4AOT_TUNING=0). ``driver`` is
-    for tests.
+    tuning table for this device when it has one (default: unless FA4AOT_TUNING=0).
+    ``miss_log`` (default ``$FA4AOT_MISS_LOG``): append a JSON line per distinct variant a call
+    needs and the cache lacks (with the manifest line that builds it). ``record_log`` (default
+    ``$FA4AOT_RECORD``, set by ``fa4aot record``): the same for every variant calls ask for.
+    ``require`` (default ``$FA4AOT_REQUIRE``): a requirements file (``fa4aot plan M --write-require``);
+    opening fails, naming what is missing, unless the cache holds every variant it lists for this
+    device - strict mode: a gap shows at start-up, not at the first request. ``driver`` is for tests.
     """
 
     def __init__(
@@ -114,6 +151,9 @@ class Runtime:
         allow_sm_mismatch: bool = False,
         clc: bool | None = None,
         tuned: bool | None = None,
+        miss_log: str | Path | None = None,
+        record_log: str | Path | None = None,
+        require: str | Path | None = None,
         driver: Any = None,
     ):
         t0 = time.perf_counter()
@@ -152,6 +192,13 @@ class Runtime:
         self.tuning: dict[str, dict[tuple, str]] = {}
         if tuned if tuned is not None else os.environ.get("FA4AOT_TUNING", "1") != "0":
             self._open_tuning()
+        miss_log = miss_log or os.environ.get(MISS_LOG_ENV)
+        record_log = record_log or os.environ.get(RECORD_LOG_ENV)
+        self.miss_log = VariantLog(miss_log) if miss_log else None
+        self.record_log = VariantLog(record_log) if record_log else None
+        require = require or os.environ.get(REQUIRE_ENV)
+        if require:
+            self._check_required(Path(require))
 
     def _search(self, allow_sm_mismatch: bool) -> tuple[Cache, Any]:
         """The first cache of :func:`cache_search_path` that serves this device: a cache wheel
@@ -170,6 +217,24 @@ class Runtime:
                 raise
             raise CacheError(f"{e} (searched: {', '.join(f'{n} {p}' for n, p in places)})") from None
         return self.cache, self._open_index(allow_sm_mismatch)
+
+    def _check_required(self, path: Path) -> None:
+        """Strict mode: every variant the requirements file lists for this device is in the cache."""
+        try:
+            doc = json.loads(path.read_bytes())
+            listed = [(r["id"], r["label"], r["arch"], int(r["num_sms"])) for r in doc["variants"]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CacheError(f"requirements file {path} unreadable: {e}") from None
+        t = self.target
+        mine = [(vid, label) for vid, label, arch, sms in listed if (arch, sms) == (t.arch, t.num_sms)]
+        missing = [label for vid, label in mine if vid not in self.index]
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise VariantNotFoundError(
+                f"strict mode: the cache {self.cache.root} lacks {len(missing)} of the {len(mine)} variants "
+                f"{doc.get('manifest', path)} declares for {t.name} ({t.arch}, {t.num_sms} SMs): "
+                f"{'; '.join(missing[:3])}{more}. Build that manifest into this cache."
+            )
 
     # -- tuning --------------------------------------------------------------------------
 
@@ -362,9 +427,15 @@ class Runtime:
         lv = self._loaded.get(vid)
         if lv is not None:
             return lv
+        if self.record_log is not None:
+            self.record_log.add(variant, present=vid in self.index)
         if vid not in self.index:
             from fa4aot.core.families import describe_missing
 
+            if self.miss_log is not None:
+                self.miss_log.add(
+                    variant, target=self.target._asdict(), host_arch=self.host_arch, manifest=describe_missing(variant)
+                )
             raise VariantNotFoundError(
                 f"the cache {self.cache.root} has no {variant.label()}; add it to the manifest and "
                 f"rebuild: {describe_missing(variant)}",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +143,19 @@ def build(manifest: Path, cache_dir: Path | None, jobs: int | None, family: tupl
 @click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--skipped/--no-skipped", default=True, help="List skipped combinations and why.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plan_cmd(manifest: Path, skipped: bool, as_json: bool) -> None:
+@click.option(
+    "--against",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Coverage: which of the variants this cache has and lacks (exit 1 if it lacks any).",
+)
+@click.option(
+    "--write-require",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the requirements file strict mode reads (Runtime(require=...) / $FA4AOT_REQUIRE).",
+)
+def plan_cmd(manifest: Path, skipped: bool, as_json: bool, against: Path | None, write_require: Path | None) -> None:
     """Show the variants MANIFEST expands to, and what was skipped and why (no compiling)."""
     from fa4aot.build import manifest as manifest_mod
     from fa4aot.core.families import is_tuning_candidate
@@ -151,6 +164,41 @@ def plan_cmd(manifest: Path, skipped: bool, as_json: bool) -> None:
         plan = manifest_mod.load(manifest)
     except Fa4aotError as e:
         raise click.ClickException(str(e)) from None
+    if write_require is not None:
+        doc = {
+            "format": "fa4aot-require/1",
+            "manifest": str(manifest),
+            "variants": [
+                {
+                    "id": pv.variant.variant_id,
+                    "label": pv.variant.label(),
+                    "arch": pv.target.arch,
+                    "num_sms": pv.target.num_sms,
+                }
+                for pv in plan.variants
+            ],
+        }
+        write_require.write_text(json.dumps(doc, indent=1) + "\n")
+        click.echo(f"wrote {write_require}: {len(plan.variants)} variants a strict runtime will require")
+        return
+    if against is not None:
+        from fa4aot.build.archive import cache_entries
+        from fa4aot.runtime.loader import host_arch
+
+        try:
+            have = {e.variant_id for e in cache_entries(Cache(against)) if e.host_arch == host_arch()}
+        except Fa4aotError as e:
+            raise click.ClickException(str(e)) from None
+        lacks = [pv for pv in plan.variants if pv.variant.variant_id not in have]
+        for t in plan.targets:
+            mine = [pv for pv in plan.variants if pv.target == t]
+            miss = [pv for pv in lacks if pv.target == t]
+            click.echo(f"target {t.name}: {against} has {len(mine) - len(miss)} of {len(mine)} variants")
+        for pv in lacks:
+            click.echo(f"  lacks {pv.variant.variant_id[:12]} {pv.variant.label()}   <- {pv.origin}")
+        if lacks:
+            sys.exit(1)
+        return
     if as_json:
         click.echo(
             json.dumps(
@@ -646,6 +694,82 @@ def show_config_cmd() -> None:
         click.echo(f"GPU: {info.name} (sm_{cc[0]}{cc[1]}, {info.num_sms} SMs), driver {info.driver_version}")
     except Exception as e:  # no driver, no device: say so
         click.echo(f"GPU: none ({str(e).splitlines()[0][:120]})")
+
+
+# -- learning manifests from workloads -------------------------------------------------------
+
+
+@main.command("record", context_settings={"ignore_unknown_options": True})
+@click.option("-o", "output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Manifest to write.")
+@click.option(
+    "--target", default=None, help="Target name for the manifest (b200, h100, ...) [default: from the recorded arch]."
+)
+@click.option("--merge", is_flag=True, help="Add to the manifest at -o instead of replacing it (no duplicate groups).")
+@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
+def record_cmd(output: Path, target: str | None, merge: bool, cmd: tuple[str, ...]) -> None:
+    """Run CMD (after --) and write a manifest covering every forward, combine and prepare
+    configuration it asked for, through FA4's own interface (flash_attn.cute) or fa4aot's API.
+    Configurations fa4aot cannot build are listed as comments saying why. The workload runs
+    unchanged; the command exits with its exit code.
+
+    Example: fa4aot record -o manifests/mine.yaml -- python serve_smoke_test.py
+    """
+    import shlex
+    import time
+
+    from fa4aot.build import manifest as manifest_mod
+    from fa4aot.tools.record import manifest_text, python_cmd, read_log, run_recorded
+
+    with tempfile.TemporaryDirectory(prefix="fa4aot-record-") as tmp:
+        log = Path(tmp) / "record.jsonl"
+        try:
+            rc = run_recorded(python_cmd(list(cmd)), log)
+            rec = read_log([log] if log.exists() else [], target)
+            existing = []
+            if merge and output.exists():
+                existing = [pv.variant for pv in manifest_mod.load(output).variants]
+            header = f"recorded by fa4aot record on {time.strftime('%Y-%m-%d')}: {shlex.join(cmd)}"
+            if merge and existing:
+                header += f"\nmerged into {output}"
+            new = set(rec.variants) - {v.variant_id for v in existing}
+            if merge and existing and not new and not rec.unsupported:
+                click.echo(f"{output}: nothing new ({len(rec.variants)} recorded variants already in it)")
+                sys.exit(rc)
+            text = manifest_text(rec, header, target, existing)
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(text)
+            manifest_mod.load(output)  # what we write, `fa4aot plan` accepts
+        except Fa4aotError as e:
+            raise click.ClickException(str(e)) from None
+    click.echo(
+        f"{output}: {len(rec.variants)} recorded variants ({len(new)} new), {len(rec.unsupported)} configurations "
+        f"fa4aot cannot build (listed as comments); the workload exited {rc}"
+    )
+    sys.exit(rc)
+
+
+@main.group("manifest")
+def manifest_group() -> None:
+    """Write manifests from what ran (see also `fa4aot record`)."""
+
+
+@manifest_group.command("from-misses")
+@click.argument("logs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Manifest to write.")
+def from_misses_cmd(logs: tuple[Path, ...], output: Path) -> None:
+    """Turn miss logs ($FA4AOT_MISS_LOG of any number of nodes) into one manifest building every
+    variant they name."""
+    from fa4aot.build import manifest as manifest_mod
+    from fa4aot.tools.record import manifest_text, read_log
+
+    try:
+        rec = read_log(logs)
+        text = manifest_text(rec, f"from the miss logs {', '.join(str(p) for p in logs)}")
+        output.write_text(text)
+        manifest_mod.load(output)
+    except Fa4aotError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{output}: {len(rec.variants)} variants from {len(logs)} log(s)")
 
 
 @main.command("verify")

@@ -1,0 +1,150 @@
+"""Writing manifests: the readable YAML that builds a given set of variants.
+
+Pure functions (no YAML library), shared by ``fa4aot record``, ``fa4aot manifest from-misses``
+and the runtime's miss log. Each variant starts as the group that builds exactly it
+(:func:`fa4aot.core.families.group_for`); axes whose single default builds the same are dropped;
+groups that differ in one axis are merged into a list when the merged group's expansion is
+exactly the union (checked by expanding it). The prepare kernel's ``max_batch`` axis builds every
+batch bucket up to it, so a prepare variant's group also builds the smaller buckets.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from fa4aot.core.families import FAMILIES, group_for, product, resolve_fields
+from fa4aot.core.variant import Variant
+
+#: Axes merged into lists, in this order (the rest stay one value per group).
+MERGE_AXES = ("qhead_per_kvhead", "causal", "head_dims", "dtype", "return_lse", "heads", "num_head")
+#: Names fa4aot gives known SKUs when it writes a target.
+KNOWN_TARGETS = {("sm_100a", 148): "b200", ("sm_90a", 132): "h100"}
+
+
+def expand(family: str, arch: str, num_sms: int, group: dict[str, list[Any]]) -> set[str]:
+    """Variant ids a manifest group builds (missing axes take their defaults)."""
+    fam = FAMILIES[family]
+    values = {a.name: list(group.get(a.name, a.default)) for a in fam.axes}
+    out = set()
+    for raw, _ in product(fam.axes, values):
+        for fields in resolve_fields(family, raw):
+            if fam.check(fields) is None:
+                out.add(Variant.make(family, arch, num_sms, **fields).variant_id)
+    return out
+
+
+def minimal_group(v: Variant) -> dict[str, list[Any]]:
+    """The group building ``v`` (and, for prepare, its smaller batch buckets), without the axes
+    whose single default builds the same."""
+    group = group_for(v)
+    want = expand(v.family, v.arch, v.num_sms, group)
+    for axis in FAMILIES[v.family].axes:
+        if len(axis.default) != 1 or axis.name not in group:
+            continue
+        trial = {k: x for k, x in group.items() if k != axis.name}
+        if expand(v.family, v.arch, v.num_sms, trial) == want:
+            group = trial
+    return group
+
+
+def _key(group: dict[str, list[Any]], skip: str) -> str:
+    return json.dumps({k: x for k, x in group.items() if k != skip}, sort_keys=True)
+
+
+def merge_groups(
+    family: str, arch: str, num_sms: int, groups: list[dict[str, list[Any]]]
+) -> list[dict[str, list[Any]]]:
+    """Merge groups that differ in one :data:`MERGE_AXES` axis, when the result builds exactly
+    what the parts build."""
+    fam = FAMILIES[family]
+    for axis in MERGE_AXES:
+        spec = fam.axis(axis)
+        if spec is None:
+            continue
+        default = list(spec.default) if len(spec.default) == 1 else None
+        buckets: dict[str, list[dict[str, list[Any]]]] = {}
+        for g in groups:
+            buckets.setdefault(_key(g, axis), []).append(g)
+        merged = []
+        for parts in buckets.values():
+            if len(parts) == 1 or any(axis not in p and default is None for p in parts):
+                merged.extend(parts)
+                continue
+            values: list[Any] = []
+            for p in parts:
+                values.extend(x for x in p.get(axis, default) if x not in values)
+            cand = dict(parts[0], **{axis: sorted(values, key=lambda x: (type(x).__name__, x))})
+            union: set[str] = set()
+            for p in parts:
+                union |= expand(family, arch, num_sms, p)
+            merged.extend([cand] if expand(family, arch, num_sms, cand) == union else parts)
+        groups = merged
+    return groups
+
+
+def yaml_value(v: Any) -> str:
+    """A flow-style YAML value for the scalars and lists manifests use."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(yaml_value(x) for x in v) + "]"
+    if isinstance(v, float):
+        return repr(v) if v != int(v) else str(int(v))
+    return str(v)
+
+
+def _pair_axis(family: str, axis: str) -> bool:
+    try:
+        return len(FAMILIES[family].axis(axis).parse([11, 22])) == 2
+    except (ValueError, AttributeError, TypeError):
+        return False
+
+
+def render_group(family: str, group: dict[str, list[Any]], name: str, indent: str) -> str:
+    """One group as YAML lines (``- name: ...`` then its axes); one-value lists become scalars,
+    except pair axes (``head_dims: [[128, 128]]``)."""
+    lines = [f"{indent}- name: {name}"]
+    order = [a.name for a in FAMILIES[family].axes]
+    for axis in sorted(group, key=order.index):
+        vals = group[axis]
+        text = yaml_value(vals) if len(vals) > 1 or _pair_axis(family, axis) else yaml_value(vals[0])
+        lines.append(f"{indent}  {axis}: {text}")
+    return "\n".join(lines)
+
+
+def target_name(arch: str, num_sms: int) -> str:
+    return KNOWN_TARGETS.get((arch, num_sms), f"{arch.replace('_', '')}-{num_sms}sms")
+
+
+def render_manifest(
+    variants: Iterable[Variant],
+    *,
+    header: str = "",
+    names: dict[tuple[str, int], str] | None = None,
+    notes: Iterable[str] = (),
+    group_prefix: str = "recorded",
+) -> str:
+    """A manifest (``targets:`` form) building ``variants``: one target per (arch, SM count),
+    grouped and merged; ``notes`` become trailing comments."""
+    by_target: dict[tuple[str, int], dict[str, list[Variant]]] = {}
+    for v in {v.variant_id: v for v in variants}.values():
+        by_target.setdefault((v.arch, v.num_sms), {}).setdefault(v.family, []).append(v)
+    out = [f"# {line}" if line else "#" for line in header.splitlines()]
+    out.append("targets:" if by_target else "targets: []")
+    for arch, sms in sorted(by_target):
+        tname = (names or {}).get((arch, sms)) or target_name(arch, sms)
+        out.append(f"  - target: {{name: {tname}, arch: {arch}, num_sms: {sms}}}")
+        out.append("    families:")
+        for family in sorted(by_target[(arch, sms)]):
+            vs = sorted(by_target[(arch, sms)][family], key=lambda v: v.label())
+            groups = [minimal_group(v) for v in vs]
+            unique = list({json.dumps(g, sort_keys=True): g for g in groups}.values())
+            merged = merge_groups(family, arch, sms, unique)
+            out.append(f"      {family}:")
+            for i, g in enumerate(sorted(merged, key=lambda g: json.dumps(g, sort_keys=True))):
+                out.append(render_group(family, g, f"{group_prefix}-{i + 1}", "        "))
+    for n in notes:
+        out.append(f"# {n}")
+    return "\n".join(out) + "\n"

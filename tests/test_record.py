@@ -1,0 +1,215 @@
+"""Learning manifests (CPU): `fa4aot record` over FA4's own interface in fake mode and over
+fa4aot's API, merge, the runtime miss log and `manifest from-misses`, coverage (`plan
+--against`) and strict mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from fake_driver import FakeDriver
+from helpers import ROOT, needs_dsl, run_cli
+from test_dispatch import _fa4aot_call
+
+from fa4aot.build import manifest
+from fa4aot.core.errors import VariantNotFoundError
+from fa4aot.core.rules import combine_log_max_splits
+from fa4aot.core.variant import Variant
+from fa4aot.runtime.combine import pick as pick_combine
+from fa4aot.runtime.dispatch import decide
+from fa4aot.runtime.loader import Runtime
+from fa4aot.tools.record import fwd_fields, read_log
+
+WORKLOAD = str(ROOT / "tests" / "record_workload.py")
+SM100 = dict(
+    FLASH_ATTENTION_ARCH="sm_100a", CUTE_DSL_ARCH="sm_100a", FLASH_ATTENTION_NUM_SMS="148", CUTE_DSL_LOG_LEVEL="0"
+)
+
+
+#: A model's attention calls at head dims 128 and 64: varlen GQA-8 prefill, then decode over a KV
+#: cache with seqused_k, split 8 ways (forward + combine). The README's record example uses it too.
+CASES = json.loads((ROOT / "tests" / "record_cases.json").read_text())
+
+
+def expected(cases: list[dict]) -> set[str]:
+    """The variants fa4aot's dispatch picks for ``cases``: each forward, and the combine kernel
+    of every split call (FA4's log_max_splits for its split count)."""
+    from fa4_cases import fa4aot_call
+
+    out = set()
+    for c in cases:
+        d = decide(fa4aot_call("sm_100a", 148, c))
+        out.add(Variant.make("fwd_sm100", "sm_100a", 148, **d.fields).variant_id)
+        if d.num_splits > 1:
+            fields = dict(
+                dtype="bf16", head_dim=c["head_dim_v"], num_head=c["nheads"], varlen=False, seqused=False,
+                has_lse=False, num_splits_dynamic=False,
+                log_max_splits=combine_log_max_splits(d.num_splits, c["head_dim_v"]),
+            )  # fmt: skip
+            out.add(Variant.make("combine", "sm_100a", 148, **fields).variant_id)
+    return out
+
+
+def ids(path: Path) -> set[str]:
+    return {pv.variant.variant_id for pv in manifest.load(path).variants}
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """`fa4aot record` over the scripted model run through FA4's interface in fake mode."""
+    pytest.importorskip("flash_attn")
+    tmp = tmp_path_factory.mktemp("rec")
+    (tmp / "cases.json").write_text(json.dumps(CASES))
+    out = tmp / "model.yaml"
+    proc = run_cli(
+        "record", "-o", str(out), "--", sys.executable, WORKLOAD, "fa4", str(tmp / "cases.json"),
+        env=dict(os.environ, **SM100), check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out, tmp
+
+
+@needs_dsl
+def test_record_of_fa4_writes_exactly_what_fa4aot_dispatch_picks(recorded):
+    out, _ = recorded
+    text = out.read_text()
+    assert ids(out) == expected(CASES)
+    # readable: grouped (four forwards and two combines in fewer groups), plan accepts it
+    assert text.count("- name:") < 6 and "head_dims: [[64, 64], [128, 128]]" in text
+    assert "variants:" in run_cli("plan", str(out)).stdout
+
+
+@needs_dsl
+def test_the_recorded_manifest_builds_and_the_replay_finds_every_variant(recorded):
+    out, tmp = recorded
+    cache = tmp / "cache"
+    run_cli("build", str(out), "--cache", str(cache), "-q")
+    rt = Runtime(cache, driver=FakeDriver(cc=(10, 0), num_sms=148), miss_log=tmp / "misses.jsonl")
+    missing: list = []
+    for c in CASES:
+        _fa4aot_call(rt, c, missing)
+        if c.get("num_splits", 1) > 1:
+            pick_combine(rt, "bf16", c["head_dim_v"], c["nheads"], c["num_splits"], False, False, False, False)
+    assert missing == [] and not (tmp / "misses.jsonl").exists()
+    assert {lv.variant.variant_id for lv in rt._loaded.values()} == expected(CASES)
+
+
+@needs_dsl
+def test_merge_adds_no_duplicate_groups(recorded, tmp_path):
+    out, tmp = recorded
+    first = [c for c in CASES if c["head_dim"] == 128]
+    (tmp_path / "a.json").write_text(json.dumps(first))
+    m = tmp_path / "m.yaml"
+    env = dict(os.environ, **SM100)
+    run_cli("record", "-o", str(m), "--", sys.executable, WORKLOAD, "fa4", str(tmp_path / "a.json"), env=env)
+    groups = m.read_text().count("- name:")
+    again = run_cli(
+        "record", "--merge", "-o", str(m), "--", sys.executable, WORKLOAD, "fa4", str(tmp_path / "a.json"), env=env
+    )
+    assert "nothing new" in again.stdout and m.read_text().count("- name:") == groups
+    (tmp_path / "b.json").write_text(json.dumps(CASES))
+    run_cli("record", "--merge", "-o", str(m), "--", sys.executable, WORKLOAD, "fa4", str(tmp_path / "b.json"), env=env)
+    assert ids(m) == expected(CASES) and m.read_text().count("- name:") <= out.read_text().count("- name:")
+
+
+def test_fa4_configurations_fa4aot_cannot_build_become_comments(tmp_path):
+    base = {
+        "arch": 100, "dtype": "BFloat16", "head_dim": 128, "head_dim_v": 128, "nheads_per_kv": 1, "causal": False,
+        "mask_mod_hash": False, "score_mod_hash": False, "use_block_sparsity": False, "lse is None": True,
+        "cu_seqlens_q is None": True, "cu_seqlens_k is None": True, "seqused_q is None": True,
+        "seqused_k is None": True, "page_table is not None": False, "pack_gqa": False, "tile_m": 128,
+        "tile_n": 128, "q_stage": 2, "is_split_kv": False, "use_2cta_instrs": True, "use_clc_scheduler": False,
+        "is_static_persistent": True, "use_s_ping_pong": False, "window_size_left is not None": False,
+        "window_size_right is not None": False, "qv is not None": False,
+    }  # fmt: skip
+    assert fwd_fields({"key": base})[0] == "fwd_sm100"
+    cases = {
+        "a mask_mod": dict(mask_mod_hash="abc"),
+        "a score_mod other than softcap": dict(score_mod_hash="abc"),
+        "MLA": {"qv is not None": True},
+        "arch 80": dict(arch=80),
+        "dtype Float8E4M3FN": dict(dtype="Float8E4M3FN"),
+    }
+    log = tmp_path / "log.jsonl"
+    with open(log, "w") as f:
+        for change in cases.values():
+            f.write(json.dumps({"fa4": "fwd", "key": dict(base, **change)}) + "\n")
+        f.write(json.dumps({"fa4": "fwd", "key": base}) + "\n")
+    rec = read_log([log])
+    assert len(rec.variants) == 1 and len(rec.unsupported) == len(cases)
+    for why in cases:
+        assert any(why in reason for _, reason in rec.unsupported), why
+    out = tmp_path / "m.yaml"
+    from fa4aot.tools.record import manifest_text
+
+    out.write_text(manifest_text(rec, "t"))
+    text = out.read_text()
+    assert text.count("# not buildable by fa4aot:") == len(cases) and len(ids(out)) == 1
+
+
+def test_record_of_fa4aot_api_calls_and_the_miss_log_round_trip(built_cache, tmp_path):
+    """fa4aot's API: record writes the variants calls asked for, present or not; the miss log
+    names the absent ones once each; from-misses -> build -> the same calls miss nothing."""
+    calls = [
+        dict(
+            batch=2, seqlen_q=1000, seqlen_k=1000, nheads=16, nheads_kv=16, head_dim=128, head_dim_v=128
+        ),  # in ci.yaml
+        dict(batch=2, seqlen_q=1000, seqlen_k=1000, nheads=16, nheads_kv=16, head_dim=64, head_dim_v=64, causal=True),
+        dict(batch=2, seqlen_q=500, seqlen_k=900, nheads=16, nheads_kv=2, head_dim=64, head_dim_v=64),
+    ]
+    (tmp_path / "calls.json").write_text(json.dumps(calls))
+    env = dict(
+        os.environ,
+        FLASH_ATTENTION_ARCH="sm_90a",
+        FLASH_ATTENTION_NUM_SMS="132",
+        FA4AOT_MISS_LOG=str(tmp_path / "miss.jsonl"),
+    )
+    out = tmp_path / "rec.yaml"
+    args = ("--", sys.executable, WORKLOAD, "fa4aot", str(tmp_path / "calls.json"))
+    p = run_cli("record", "-o", str(out), *args, str(built_cache), env=env)
+    assert "3 recorded variants" in p.stdout
+    lines = [json.loads(x) for x in (tmp_path / "miss.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all("families.fwd_sm90" in x["manifest"] for x in lines)
+    assert {x["target"]["name"] for x in lines} == {"h100"}
+    # the same misses from two nodes make one manifest
+    other = tmp_path / "node2.jsonl"
+    other.write_text((tmp_path / "miss.jsonl").read_text())
+    m = tmp_path / "misses.yaml"
+    run_cli("manifest", "from-misses", str(tmp_path / "miss.jsonl"), str(other), "-o", str(m))
+    assert ids(m) == {x["id"] for x in lines} and ids(m) < ids(out)
+    cache = tmp_path / "cache"
+    run_cli("install", str(_pack(built_cache, tmp_path)), "--cache", str(cache))
+    run_cli("build", str(m), "--cache", str(cache), "-q")
+    (tmp_path / "miss.jsonl").unlink()
+    run_cli("record", "-o", str(tmp_path / "again.yaml"), *args, str(cache), env=env)
+    assert not (tmp_path / "miss.jsonl").exists()  # no misses any more
+    assert ids(tmp_path / "again.yaml") == ids(out)
+
+
+def _pack(cache: Path, tmp: Path) -> Path:
+    p = tmp / "ci.fa4"
+    run_cli("pack", "--cache", str(cache), "-o", str(p))
+    return p
+
+
+def test_coverage_and_strict_mode(built_cache, tmp_path):
+    ci = str(ROOT / "manifests" / "ci.yaml")
+    out = run_cli("plan", ci, "--against", str(built_cache)).stdout
+    assert "target h100:" in out and "lacks" not in out
+    more = tmp_path / "more.yaml"
+    more.write_text(
+        "target: {name: h100, arch: sm_90a, num_sms: 132}\nfamilies:\n  fwd_sm90:\n    - head_dims: [[64, 64], [128, 128]]\n"
+    )
+    p = run_cli("plan", str(more), "--against", str(built_cache), check=False)
+    assert p.returncode == 1 and "has 1 of 2 variants" in p.stdout and "lacks" in p.stdout and "head_dim=64" in p.stdout
+    req = tmp_path / "req.json"
+    run_cli("plan", ci, "--write-require", str(req))
+    Runtime(built_cache, driver=FakeDriver(cc=(9, 0), num_sms=132), require=req)  # complete: opens
+    run_cli("plan", str(more), "--write-require", str(req))
+    with pytest.raises(VariantNotFoundError, match="strict mode: .* lacks 1 of the 2 variants .*head_dim=64"):
+        Runtime(built_cache, driver=FakeDriver(cc=(9, 0), num_sms=132), require=req)
+    # the requirement is per device: a B200 runtime is not held to the H100's list
+    Runtime(built_cache, driver=FakeDriver(cc=(10, 0), num_sms=148), require=req)
