@@ -132,7 +132,14 @@ def _flip_blob(members):
     return out
 
 
+def _bad_key(members):
+    doc = json.loads(members[0][1])
+    doc["entries"][0]["key"] = "../../evil"
+    return _doc_edit(members, entries=doc["entries"])
+
+
 HOSTILE = {
+    "entry key not a cache key": (_bad_key, "is not a cache key"),
     "traversal": (lambda m: m[:1] + [_extra("../evil")] + m[1:], "unsafe path"),
     "absolute": (lambda m: m[:1] + [_extra("/tmp/evil")] + m[1:], "unsafe path"),
     "symlink": (

@@ -213,3 +213,13 @@ def test_coverage_and_strict_mode(built_cache, tmp_path):
         Runtime(built_cache, driver=FakeDriver(cc=(9, 0), num_sms=132), require=req)
     # the requirement is per device: a B200 runtime is not held to the H100's list
     Runtime(built_cache, driver=FakeDriver(cc=(10, 0), num_sms=148), require=req)
+
+
+def test_a_workload_without_attention_calls_writes_nothing(tmp_path):
+    out = tmp_path / "m.yaml"
+    p = run_cli("record", "-o", str(out), "--", sys.executable, "-c", "print('no attention here')", check=False)
+    assert p.returncode == 1 and "no attention call" in p.stderr and not out.exists()
+    p = run_cli("record", "-o", str(out), "--", sys.executable, "-c", "raise SystemExit(3)", check=False)
+    assert p.returncode == 3 and not out.exists()
+    p = run_cli("record", "-o", str(out), "--", "no-such-command-fa4aot", check=False)
+    assert p.returncode == 1 and "not found" in p.stderr

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import lzma
+import re
 import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -39,8 +40,8 @@ MANIFEST_MEMBER = "fa4aot-archive.json"
 XZ_PRESET = 9
 #: Limits an installer applies before reading a member (a hostile archive cannot exhaust memory).
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
-MAX_BLOB_BYTES = 1 << 30
-MAX_TOTAL_BYTES = 16 << 30
+MAX_BLOB_BYTES = 256 << 20  # a launch plan is 0.1-1 MB
+MAX_TOTAL_BYTES = 4 << 30
 
 
 class ArchiveError(Fa4aotError):
@@ -258,6 +259,8 @@ def _read(stream: IO[bytes], host_arch: str, what: str) -> Archive:
     entries, records = [], {}
     for item in doc["entries"]:
         key, text = str(item["key"]), str(item["record"])
+        if not re.fullmatch(r"[0-9a-f]{16,64}", key):
+            raise ArchiveError(f"{what}: entry key {key[:80]!r} is not a cache key")
         try:
             e = Entry.from_json(key, text)
         except CacheError as err:

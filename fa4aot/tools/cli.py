@@ -735,10 +735,20 @@ def record_cmd(output: Path, target: str | None, merge: bool, cmd: tuple[str, ..
             if merge and existing and not new and not rec.unsupported:
                 click.echo(f"{output}: nothing new ({len(rec.variants)} recorded variants already in it)")
                 sys.exit(rc)
+            if not rec.variants and not existing:
+                notes = f" ({len(rec.unsupported)} configurations fa4aot cannot build)" if rec.unsupported else ""
+                click.echo(
+                    f"the workload made no attention call fa4aot can build{notes}; {output} not written "
+                    f"(the workload exited {rc})",
+                    err=True,
+                )
+                sys.exit(rc or 1)
             text = manifest_text(rec, header, target, existing)
             output.parent.mkdir(parents=True, exist_ok=True)
+            staged = Path(tmp) / "manifest.yaml"
+            staged.write_text(text)
+            manifest_mod.load(staged)  # what we write, `fa4aot plan` accepts
             output.write_text(text)
-            manifest_mod.load(output)  # what we write, `fa4aot plan` accepts
         except Fa4aotError as e:
             raise click.ClickException(str(e)) from None
     click.echo(
