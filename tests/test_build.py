@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -208,3 +209,42 @@ def test_cubins_are_the_ones_fa4_builds(built_cache, fa4_cubins, arch, sms, kind
     cache = Cache(built_cache)
     (entry,) = [e for e in cache.entries() if e.variant_id == v.variant_id][-1:]
     assert cache.read_cubin(entry) == fa4
+
+
+@needs_dsl
+def test_builds_are_byte_identical_across_directories_and_job_counts(tmp_path):
+    """Same manifest, toolchain and sources: the same blobs, whatever the directory, -j or time."""
+    m = tmp_path / "small.yaml"
+    m.write_text(
+        "target: {name: h100, arch: sm_90a, num_sms: 132}\nfamilies:\n  combine:\n    - head_dim: [64, 128]\n"
+        "      num_head: 8\n  prepare:\n    - heads: [8, 2]\n      max_batch: 31\n"
+    )
+    blobs = []
+    for d, j in (("a", "1"), ("deeper/b", "2")):
+        run_cli("build", str(m), "--cache", str(tmp_path / d), "-j", j, "-q")
+        blobs.append(
+            {k: sorted(b["sha256"] for b in json.loads(t)["blobs"].values()) for k, t in Cache(tmp_path / d).records()}
+        )
+    assert blobs[0] == blobs[1] and len(blobs[0]) == 3
+
+
+@needs_dsl
+def test_verify_rebuild_sample_catches_a_swapped_blob(tmp_path):
+    from fa4aot.build.store import CacheWriter
+
+    m = tmp_path / "small.yaml"
+    m.write_text(
+        "target: {name: h100, arch: sm_90a, num_sms: 132}\nfamilies:\n  combine:\n    - head_dim: [64, 128]\n      num_head: 8\n"
+    )
+    cache = tmp_path / "c"
+    run_cli("build", str(m), "--cache", str(cache), "-q")
+    out = run_cli("verify", "--cache", str(cache), "--rebuild-sample", "2").stdout
+    assert "rebuilt 2 sampled entries: 2 byte-identical" in out
+    # a blob built with another option (the other head dim) put in place of one entry's header
+    a, b = sorted(Cache(cache).entries(), key=lambda e: e.variant.fields["head_dim"])
+    w = CacheWriter(cache)
+    meta = {k: v for k, v in a.meta.items() if k != "blobs"}
+    w.put(a.key, meta, {"plan": Cache(cache).read_blob(a, "plan"), "header": Cache(cache).read_blob(b, "header")})
+    w.close()
+    p = run_cli("verify", "--cache", str(cache), "--no-plans", "--rebuild-sample", "2", check=False)
+    assert p.returncode == 1 and "REBUILD DIFFERENT" in p.stderr and "header" in p.stderr

@@ -424,11 +424,11 @@ class Runtime:
     def load(self, variant: Variant) -> LoadedVariant:
         """The loaded variant (loading and verifying it on first use)."""
         vid = variant.variant_id
+        if self.record_log is not None:  # before the loaded check: preloaded variants count too
+            self.record_log.add(variant, present=vid in self.index)
         lv = self._loaded.get(vid)
         if lv is not None:
             return lv
-        if self.record_log is not None:
-            self.record_log.add(variant, present=vid in self.index)
         if vid not in self.index:
             from fa4aot.core.families import describe_missing
 

@@ -785,7 +785,14 @@ def from_misses_cmd(logs: tuple[Path, ...], output: Path) -> None:
 @main.command("verify")
 @CACHE_OPTION
 @click.option("--plans/--no-plans", default=True, help="Also load and call every launch plan built for this CPU.")
-def verify_cmd(cache_dir: Path | None, plans: bool) -> None:
+@click.option(
+    "--rebuild-sample",
+    type=click.IntRange(0, 100000),
+    default=0,
+    help="Also recompile N random entries (built by this toolchain and host) and compare every blob byte for byte.",
+)
+@click.option("--seed", type=int, default=None, help="Seed of the rebuild sample.")
+def verify_cmd(cache_dir: Path | None, plans: bool, rebuild_sample: int, seed: int | None) -> None:
     """Re-hash every blob, re-parse every cubin, check arch and parameter tables against the
     metadata, and run every plan on sample shapes. Exits 1 on any mismatch."""
     from fa4aot.tools.verify import verify
@@ -801,7 +808,23 @@ def verify_cmd(cache_dir: Path | None, plans: bool) -> None:
     bad = len({p.key for p in problems if p not in packed})
     click.echo(f"verified {n} entries: {n - bad} ok, {bad} bad")
     click.echo(f"packed indexes: {len(packed)} problem{'s' * (len(packed) != 1)}")
-    if problems:
+    failed = bool(problems)
+    if rebuild_sample:
+        from fa4aot.build.rebuild import rebuild_sample as rebuild
+
+        try:
+            results = rebuild(cache, rebuild_sample, seed)
+        except Fa4aotError as e:
+            raise click.ClickException(str(e)) from None
+        for r in results:
+            if r.status != "identical":
+                click.echo(
+                    f"REBUILD {r.status.upper()} {r.entry.key[:12]} {r.entry.variant.label()}: {r.detail}", err=True
+                )
+        same = sum(r.status == "identical" for r in results)
+        click.echo(f"rebuilt {len(results)} sampled entries: {same} byte-identical")
+        failed = failed or same != len(results)
+    if failed:
         sys.exit(1)
 
 
