@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from helpers import CI_MANIFEST, HAS_DSL, needs_dsl, run_cli
@@ -248,3 +249,25 @@ def test_verify_rebuild_sample_catches_a_swapped_blob(tmp_path):
     w.close()
     p = run_cli("verify", "--cache", str(cache), "--no-plans", "--rebuild-sample", "2", check=False)
     assert p.returncode == 1 and "REBUILD DIFFERENT" in p.stderr and "header" in p.stderr
+
+
+@needs_dsl
+def test_verify_against_fa4_compares_sampled_entries_with_fa4s_own_jit(built_cache):
+    """Every sampled forward entry of the CI cache has exactly the cubin FA4's interface
+    compiles for a call that makes FA4 pick that configuration; tuning candidates are skipped."""
+    out = run_cli("verify", "--cache", str(built_cache), "--no-plans", "--against-fa4", "--sample", "4", "--seed", "7")
+    assert "against FA4's JIT: " in out.stdout
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("against FA4's JIT"))
+    same, of = line.split(": ")[1].split(" forward")[0].split(" of ")
+    assert same == of and int(of) >= 3, out.stdout + out.stderr
+
+
+@pytest.mark.nightly
+def test_every_b200_entry_is_byte_identical_to_fa4s_jit(tmp_path):
+    """On demand (python -m pytest -m nightly): all of manifests/b200.yaml against FA4's JIT."""
+    if not HAS_DSL:
+        pytest.skip("needs the build extra")
+    cache = Path(os.environ.get("FA4AOT_B200_CACHE") or tmp_path / "b200")
+    run_cli("build", str(Path(CI_MANIFEST).parent / "b200.yaml"), "--cache", str(cache), "-q")
+    out = run_cli("verify", "--cache", str(cache), "--no-plans", "--against-fa4", check=False)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -791,8 +791,19 @@ def from_misses_cmd(logs: tuple[Path, ...], output: Path) -> None:
     default=0,
     help="Also recompile N random entries (built by this toolchain and host) and compare every blob byte for byte.",
 )
-@click.option("--seed", type=int, default=None, help="Seed of the rebuild sample.")
-def verify_cmd(cache_dir: Path | None, plans: bool, rebuild_sample: int, seed: int | None) -> None:
+@click.option(
+    "--against-fa4",
+    is_flag=True,
+    help="Also compile each forward entry's configuration through FA4's own interface (fake tensors, CPU) "
+    "and compare cubin bytes (needs the build extra).",
+)
+@click.option(
+    "--sample", type=click.IntRange(1, 100000), default=None, help="With --against-fa4: only N random entries."
+)
+@click.option("--seed", type=int, default=None, help="Seed of the samples.")
+def verify_cmd(
+    cache_dir: Path | None, plans: bool, rebuild_sample: int, against_fa4: bool, sample: int | None, seed: int | None
+) -> None:
     """Re-hash every blob, re-parse every cubin, check arch and parameter tables against the
     metadata, and run every plan on sample shapes. Exits 1 on any mismatch."""
     from fa4aot.tools.verify import verify
@@ -824,6 +835,28 @@ def verify_cmd(cache_dir: Path | None, plans: bool, rebuild_sample: int, seed: i
         same = sum(r.status == "identical" for r in results)
         click.echo(f"rebuilt {len(results)} sampled entries: {same} byte-identical")
         failed = failed or same != len(results)
+    if against_fa4:
+        import random
+
+        from fa4aot.build.archive import cache_entries
+        from fa4aot.tools.against_fa4 import compare
+
+        fwd = [e for e in cache_entries(cache) if e.variant.family.startswith("fwd_")]
+        fwd = list({e.variant_id: e for e in fwd}.values())
+        if sample is not None:
+            fwd = random.Random(seed).sample(fwd, min(sample, len(fwd)))
+        res = compare(cache, fwd)
+        for r in res:
+            if r.status != "identical":
+                stream = r.status in ("different", "failed")
+                click.echo(
+                    f"FA4 {r.status.upper()} {r.entry.variant_id[:12]} {r.entry.variant.label()}: {r.detail}",
+                    err=stream,
+                )
+        same = sum(r.status == "identical" for r in res)
+        checked = sum(r.status in ("identical", "different", "failed") for r in res)
+        click.echo(f"against FA4's JIT: {same} of {checked} forward cubins identical ({len(res) - checked} skipped)")
+        failed = failed or same != checked
     if failed:
         sys.exit(1)
 

@@ -1,0 +1,160 @@
+"""``fa4aot verify --against-fa4``: for each forward entry, a call that makes FA4 itself pick that
+configuration, run through FA4's own interface (fake tensors, CPU, the target arch and SM count
+handed over as the build does), and its cubin compared byte for byte with the cache's.
+
+The call is found by searching a grid of shapes with fa4aot's dispatch (which restates FA4's
+decisions and is tested against FA4) for one whose decision is the entry's variant. Tuning
+candidates (tilings FA4 never picks) have no such call and are reported as such; so are combine
+and prepare entries, whose FA4 cubins come from the forward's own calls.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fa4aot.core.errors import ArgumentError, Fa4aotError
+from fa4aot.core.families import is_tuning_candidate
+from fa4aot.core.index import Cache, Entry
+from fa4aot.core.variant import Variant
+from fa4aot.runtime.dispatch import decide
+from fa4aot.tools.fa4_calls import fa4aot_call
+
+#: Shapes the search tries, smallest first (FA4's shape-dependent choices: q_stage, splits,
+#: 2-CTA, scheduler, S ping-pong, pack_gqa for head dim 256).
+BATCHES = (2, 1, 8, 64)
+SEQLENS_Q = (1024, 1, 64, 4096)
+SEQLENS_K = (1024, 8192, 65536)
+SPLITS = (1, 0, 8)
+KV_HEADS = (4, 1, 8)
+
+_FA4_SCRIPT = r"""
+import glob, json, os, sys
+arch, sms, cases, dump = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+os.environ.update(FLASH_ATTENTION_ARCH=arch, CUTE_DSL_ARCH=arch, FLASH_ATTENTION_NUM_SMS=sms,
+                  CUTE_DSL_KEEP="cubin", CUTE_DSL_DUMP_DIR=dump, CUTE_DSL_LOG_LEVEL="0")
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from fa4aot_kernels.common import install_target_hardware
+install_target_hardware(int(sms))
+from flash_attn.cute import interface as I
+from fa4aot.tools.fa4_calls import fa4_forward
+for i, case in enumerate(cases):
+    try:
+        with FakeTensorMode():
+            fa4_forward(I, torch, case)
+        err = None
+    except Exception as e:
+        err = f"{type(e).__name__}: {e}"[:300]
+    os.makedirs(f"{dump}/{i}")
+    for p in glob.glob(dump + "/*.cubin"):
+        os.rename(p, f"{dump}/{i}/{os.path.basename(p)}")
+    print(json.dumps({"i": i, "error": err}), flush=True)
+"""
+
+
+@dataclass(frozen=True)
+class Comparison:
+    entry: Entry
+    status: str  # identical, different, skipped, failed
+    detail: str = ""
+
+
+def find_case(v: Variant) -> dict[str, Any] | None:
+    """A call description for which fa4aot's dispatch (FA4's rules) picks ``v``, or None."""
+    f = v.fields
+    if v.family not in ("fwd_sm90", "fwd_sm100") or is_tuning_candidate(v.family, f):
+        return None
+    qh = f["qhead_per_kvhead"]
+    base: dict[str, Any] = dict(
+        head_dim=f["head_dim"], head_dim_v=f["head_dim_v"], causal=f["causal"], dtype=f["dtype"],
+        return_lse=f["has_lse"], seqused_k=f["seqused_k"],
+    )  # fmt: skip
+    if f["local"]:
+        base.update(wl=128, wr=0)
+    if f["learnable_sink"] != "none":
+        base["learnable_sink"] = f["learnable_sink"]
+    if f["softcap"]:
+        base["softcap"] = f["softcap"]
+    if f["seqused_q"]:
+        return None  # FA4's interface passes seqused_q only with cu_seqlens_q, which the calls here model as varlen
+    if f["pack_gqa"] != (qh > 1):
+        base["pack_gqa"] = f["pack_gqa"]
+    for b, sq, sk, splits, hk in itertools.product(BATCHES, SEQLENS_Q, SEQLENS_K, SPLITS, KV_HEADS):
+        case = dict(base, batch=b, seqlen_q=sq, seqlen_k=sk, nheads=hk * qh, nheads_kv=hk, num_splits=splits)
+        if f["paged_kv"] != "none":
+            case["page_size"] = f["tile_n"] if f["paged_kv"] == "tma" else 16
+        if f["varlen_q"] and f["varlen_k"]:
+            case.update(varlen=True, total_q=b * sq, total_k=b * sk)
+        elif f["varlen_q"]:
+            case.update(varlen_q=True, total_q=b * sq)
+        elif f["varlen_k"]:
+            continue  # varlen K without varlen Q is not a call the interface's cases model
+        try:
+            d = decide(fa4aot_call(v.arch, v.num_sms, case))
+        except (ArgumentError, Fa4aotError):
+            continue
+        if Variant.make(v.family, v.arch, v.num_sms, **d.fields) == v:
+            return case
+    return None
+
+
+def compare(cache: Cache, entries: list[Entry], timeout: float = 3600) -> list[Comparison]:
+    """Compile each forward entry's FA4 call (one FA4 process per target) and compare cubins."""
+    out: list[Comparison] = []
+    by_target: dict[tuple[str, int], list[tuple[Entry, dict[str, Any]]]] = {}
+    for e in entries:
+        case = find_case(e.variant)
+        if case is None:
+            why = (
+                "a tuning candidate: FA4 never picks it"
+                if is_tuning_candidate(e.variant.family, e.variant.fields)
+                else f"{e.variant.family}: no FA4 call found that picks exactly this variant"
+            )
+            out.append(Comparison(e, "skipped", why))
+            continue
+        by_target.setdefault((e.target.arch, e.target.num_sms), []).append((e, case))
+    for (arch, sms), items in by_target.items():
+        with tempfile.TemporaryDirectory(prefix="fa4aot-fa4-") as dump:
+            proc = subprocess.run(
+                [sys.executable, "-c", _FA4_SCRIPT, arch, str(sms), json.dumps([c for _, c in items]), dump],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=dict(os.environ),
+            )
+            results = {}
+            for line in proc.stdout.splitlines():
+                if line.startswith("{"):
+                    r = json.loads(line)
+                    results[r["i"]] = r["error"]
+            for i, (e, case) in enumerate(items):
+                if i not in results:
+                    out.append(Comparison(e, "failed", f"FA4 did not get to this call: {proc.stderr[-300:]}"))
+                    continue
+                # a split-KV call also compiles the combine kernel: keep the forward's cubin
+                cubins = [p for p in sorted(glob.glob(f"{dump}/{i}/*.cubin")) if _is_forward(Path(p).read_bytes())]
+                if results[i] is not None or len(cubins) != 1:
+                    out.append(Comparison(e, "failed", results[i] or f"FA4 compiled {len(cubins)} forward cubins"))
+                    continue
+                same = Path(cubins[0]).read_bytes() == cache.read_cubin(e)
+                detail = json.dumps({k: case[k] for k in ("batch", "seqlen_q", "seqlen_k", "nheads", "num_splits")})
+                out.append(Comparison(e, "identical" if same else "different", detail))
+    return out
+
+
+def _is_forward(data: bytes) -> bool:
+    from fa4aot.core import cubin
+
+    try:
+        return any("FlashAttentionForwardSm" in name for name in cubin.parse(data).kernels)
+    except Fa4aotError:
+        return False
