@@ -83,12 +83,30 @@ def main() -> None:
 )
 @click.option("--family", multiple=True, help="Build only these families (repeatable).")
 @click.option("--quiet", "-q", is_flag=True, help="No per-variant progress lines.")
-def build(manifest: Path, cache_dir: Path | None, jobs: int | None, family: tuple[str, ...], quiet: bool) -> None:
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="Where compiles run: a local process pool, or Ray tasks (fa4aot[ray]; -j = tasks in flight).",
+)
+@click.option("--ray-address", default=None, help="Ray cluster to join [default: start a local one].")
+def build(
+    manifest: Path,
+    cache_dir: Path | None,
+    jobs: int | None,
+    family: tuple[str, ...],
+    quiet: bool,
+    executor: str,
+    ray_address: str | None,
+) -> None:
     """Compile every variant MANIFEST asks for into the cache.
 
     Variants already in the cache (same variant, target, toolchain and sources) are skipped; one
     failing variant is reported and does not stop the others. Exits 1 if any variant failed.
+    Whatever the executor, this process alone writes the cache.
     """
+    from fa4aot.build.executors import executor_factory
     from fa4aot.build.orchestrate import build as run_build
 
     def progress(done: int, total: int, row: Any) -> None:
@@ -109,6 +127,7 @@ def build(manifest: Path, cache_dir: Path | None, jobs: int | None, family: tupl
             jobs,
             progress=progress,
             families=family,
+            pool_factory=executor_factory(executor, ray_address),
         )
     except Fa4aotError as e:
         raise click.ClickException(str(e)) from None
