@@ -31,7 +31,7 @@ from fa4aot.tools.fa4_calls import fa4aot_call
 #: Shapes the search tries, smallest first (FA4's shape-dependent choices: q_stage, splits,
 #: 2-CTA, scheduler, S ping-pong, pack_gqa for head dim 256).
 BATCHES = (2, 1, 8, 64)
-SEQLENS_Q = (1024, 1, 64, 4096)
+SEQLENS_Q = (1024, 1, 64, 4096, 200, 100, 24, 16)
 SEQLENS_K = (1024, 8192, 65536)
 SPLITS = (1, 0, 8)
 KV_HEADS = (4, 1, 8)
