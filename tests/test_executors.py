@@ -30,7 +30,7 @@ def test_a_ray_build_stores_exactly_the_blobs_of_a_local_build(tmp_path):
     m = tmp_path / "small.yaml"
     m.write_text(SMALL)
     run_cli("build", str(m), "--cache", str(tmp_path / "local"), "-j", "2", "-q")
-    out = run_cli("build", str(m), "--cache", str(tmp_path / "ray"), "--executor", "ray", "-j", "2")
+    out = run_cli("build", str(m), "--cache", str(tmp_path / "ray"), "--executor", "ray", "-j", "2", timeout=900)
     assert "total           3       0       0" in out.stdout  # the same final table
     assert "[3/3] built" in out.stderr  # and the same progress lines
     assert blobs(tmp_path / "ray") == blobs(tmp_path / "local") and len(blobs(tmp_path / "local")) == 3
