@@ -399,3 +399,13 @@ def test_pull_from_fsspec_memory(built_cache, tmp_path):
     arc = fetch_entries(store, [e.key for e in store_entries(store)], host_arch=host_arch())
     install(dst, arc)
     assert records(dst) == records(built_cache)
+
+
+@pytest.mark.parametrize(
+    "store, match",
+    [("does-not-exist", "has no INDEX"), ("s3x://bucket", "Protocol not known"), ("http://127.0.0.1:9", "GET")],
+)
+def test_pulling_from_a_missing_or_unknown_store_is_a_clear_error(tmp_path, store, match):
+    p = run_cli("pull", store if "://" in store else str(tmp_path / store), "--cache", str(tmp_path / "c"), check=False)
+    assert p.returncode == 1 and match in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "c").exists()

@@ -58,10 +58,13 @@ class Store(ABC):
     def has(self, name: str) -> bool:
         return self.get(name) is not None
 
-    def list_entries(self) -> list[str]:
-        """Entry keys the store holds (from its INDEX)."""
+    def list_entries(self, required: bool = False) -> list[str]:
+        """Entry keys the store holds (from its INDEX). ``required``: a store without an INDEX
+        (nothing was pushed there, or a wrong address) is an error, not an empty store."""
         data = self.get(INDEX_NAME)
         if data is None:
+            if required:
+                raise StoreError(f"{self.url} has no {INDEX_NAME}: nothing was pushed there (or the address is wrong)")
             return []
         keys = data.decode("ascii", "replace").split()
         if not all(re.fullmatch(r"[0-9a-f]{16,64}", k) for k in keys):
@@ -149,7 +152,10 @@ class FsspecStore(Store):
         except ImportError:
             raise StoreError(f"{url}: fsspec is not installed (pip install 'fa4aot[remote]')") from None
         self.url = url.rstrip("/")
-        self.fs, self.path = fsspec.core.url_to_fs(self.url)
+        try:
+            self.fs, self.path = fsspec.core.url_to_fs(self.url)
+        except Exception as e:  # unknown protocol, missing backend package, bad credentials
+            raise StoreError(f"{url}: {e}") from None
 
     def _p(self, name: str) -> str:
         return f"{self.path}/{self.check_name(name)}"
@@ -244,7 +250,7 @@ def fetch_entries(store: Store, keys: Iterable[str], *, host_arch: str) -> Archi
 def store_entries(store: Store) -> list[Entry]:
     """Every entry record a store lists (records only, no blobs)."""
     out = []
-    for key in store.list_entries():
+    for key in store.list_entries(required=True):
         data = store.get(f"entries/{key}.json")
         if data is None:
             raise StoreError(f"{store.url} lists entry {key} but does not have it")
