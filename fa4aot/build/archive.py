@@ -345,15 +345,20 @@ def install(root: str | Path, archive: Archive, *, dry_run: bool = False) -> Ins
     from fa4aot.build.store import CacheWriter
 
     root = Path(root)
-    existing: dict[str, str] = {}
-    if (root / "index" / "cache.db").exists():
-        existing = dict(Cache(root).records())
+    if dry_run:
+        existing: dict[str, str] = {}
+        if (root / "index" / "cache.db").exists():
+            existing = dict(Cache(root).records())
+        added = [e.key for e in archive.entries if existing.get(e.key) != archive.records[e.key]]
+        return InstallResult(added, [e.key for e in archive.entries if e.key not in added], archive)
+    writer = CacheWriter(root)
+    writer.check_writable()  # opens (or, racing other writers, creates) the index first
+    existing = dict(writer.records())
     added = [e.key for e in archive.entries if existing.get(e.key) != archive.records[e.key]]
     present = [e.key for e in archive.entries if e.key not in added]
-    if dry_run or not added:
+    if not added:
+        writer.close()
         return InstallResult(added, present, archive)
-    writer = CacheWriter(root)
-    writer.check_writable()
     try:
         for e in archive.entries:
             if e.key in added:

@@ -38,6 +38,8 @@ from fa4aot.core.variant import CACHE_FORMAT_VERSION, Target, sha256_hex
 
 #: Lock file under the cache root: writers share it, gc takes it exclusively.
 LOCK_FILE = "LOCK"
+#: How long a writer keeps retrying while concurrent writers create the index.
+INDEX_OPEN_SECONDS = 60.0
 
 
 class CacheWriter(Cache):
@@ -92,17 +94,25 @@ class CacheWriter(Cache):
 
             index = self.root / "index"
             index.mkdir(exist_ok=True)  # diskcache would make it 0755 whatever the umask
-            try:
-                # Small JSON records stay inline in SQLite (raw text, readable by plain sqlite3);
-                # a rollback journal (not WAL) lets read-only volumes open the file without -shm.
-                self._index = diskcache.Cache(
-                    str(index),
-                    disk_min_file_size=1 << 24,
-                    sqlite_journal_mode="delete",
-                    timeout=60,
-                )
-            except Exception as e:  # sqlite3 errors, PermissionError, a corrupt file
-                raise CacheError(f"cannot open the cache index {index}: {e}") from None
+            deadline = time.monotonic() + INDEX_OPEN_SECONDS
+            while True:
+                try:
+                    # Small JSON records stay inline in SQLite (raw text, readable by plain sqlite3);
+                    # a rollback journal (not WAL) lets read-only volumes open the file without -shm.
+                    self._index = diskcache.Cache(
+                        str(index),
+                        disk_min_file_size=1 << 24,
+                        sqlite_journal_mode="delete",
+                        timeout=60,
+                    )
+                    break
+                except Exception as e:  # sqlite3 errors, PermissionError, a corrupt file
+                    # writers creating a new index at once: SQLite's journal-mode and schema
+                    # set-up do not wait on the busy timeout, so wait here
+                    if "locked" in str(e) and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                        continue
+                    raise CacheError(f"cannot open the cache index {index}: {e}") from None
             _match_umask(index / "cache.db")
         return self._index
 
