@@ -15,6 +15,7 @@ import importlib
 FAMILY_MODULES = {
     "fwd_sm100": "fwd_sm100",
     "fwd_sm90": "fwd_sm90",
+    "fwd_sm120": "fwd_sm120",
     "combine": "combine",
     "prepare": "prepare",
 }

@@ -40,6 +40,8 @@ class FakeDriver:
     launch_result: int = 0
     #: address -> device ordinal (or None) reported by pointer_device
     pointer_devices: dict = field(default_factory=dict)
+    #: kernel handle -> kernel (symbol) name
+    kernel_names: dict = field(default_factory=dict)
     _next: int = 0x7E00_0000_0000
 
     def current_device(self) -> int:
@@ -54,6 +56,7 @@ class FakeDriver:
 
     def get_kernel(self, library, name: str):
         handle = 0x1000 * library + len(name)
+        self.kernel_names[handle] = name
         # the parameter sizes the cubin declares, so launches record the bytes they pass
         from fa4aot.core import cubin
 

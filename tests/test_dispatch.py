@@ -29,14 +29,15 @@ install_target_hardware(int(os.environ["FLASH_ATTENTION_NUM_SMS"]))
 from flash_attn.cute import interface as I
 from fa4_cases import fa4_forward
 arch = os.environ["FLASH_ATTENTION_ARCH"]
-cls = I.FlashAttentionForwardSm100 if arch == "sm_100a" else I.FlashAttentionForwardSm90
+sm100 = arch in ("sm_100a", "sm_103a")
+cls = {"sm_90a": I.FlashAttentionForwardSm90, "sm_120a": I.FlashAttentionForwardSm120}.get(arch, I.FlashAttentionForwardSm100)
 class Stop(Exception):
     pass
 seen = {}
 OWN = ("intra_wg_overlap", "mma_pv_is_rs", "paged_kv_non_tma")  # SM90's own; the rest go to its base
 def spy(self, *args, **kw):
     import inspect
-    if arch == "sm_100a":
+    if sm100:
         bound = inspect.signature(orig).bind(self, *args, **kw)
     else:
         seen.update({k: kw.pop(k) for k in OWN if k in kw})
@@ -284,9 +285,31 @@ SM90_KEYS = (
 )
 
 
+SM120_KEYS = (
+    "head_dim",
+    "head_dim_v",
+    "qhead_per_kvhead",
+    "is_causal",
+    "is_local",
+    "pack_gqa",
+    "tile_m",
+    "tile_n",
+    "num_stages",
+    "num_threads",
+    "Q_in_regs",
+)
+
+
 def _mismatches(arch: str, fields: dict, fa4: dict) -> list[str]:
     """Constructor arguments where fa4aot's variant fields and FA4's own choice differ."""
-    if arch == "sm_100a":
+    if arch == "sm_120a":
+        from fa4aot_kernels.fwd_sm120 import constructor_kwargs
+
+        ours = constructor_kwargs(fields)
+        bad = [k for k in SM120_KEYS if ours[k] != fa4[k]]
+        if str(ours["dtype"]) != fa4["dtype"]:
+            bad.append("dtype")
+    elif arch in ("sm_100a", "sm_103a"):
         from fa4aot_kernels.fwd_sm100 import constructor_kwargs
 
         ours = constructor_kwargs(fields)
@@ -325,6 +348,54 @@ def test_sm90_dispatch_matches_fa4():
     got = _oracle("sm_90a", 132, cases)
     for case, fa4 in zip(cases, got):
         assert not _mismatches("sm_90a", decide(fa4aot_call("sm_90a", 132, case)).fields, fa4), case
+
+
+@needs_dsl
+def test_sm103_dispatch_matches_fa4():
+    """B300 (sm_103a) takes FA4's SM100 path with its own SM count (148 on B300)."""
+    cases = SM100_CASES + ENGINE_CASES
+    got = _oracle("sm_103a", 148, cases)
+    for case, fa4 in zip(cases, got):
+        assert not _mismatches("sm_103a", decide(fa4aot_call("sm_103a", 148, case)).fields, fa4), case
+
+
+#: SM120 calls: FA4 runs them without a page table, split-KV or sinks; head dims across its two
+#: tilings (<= 64: 128x128, else 128x64) up to the 99 KiB shared-memory limit (192).
+SM120_CASES = [
+    c
+    for c in SM90_CASES + ENGINE_CASES
+    if not (c.get("page_size") or c.get("learnable_sink") or c.get("num_splits", 1) != 1 or c["head_dim"] > 192)
+] + [
+    dict(batch=3, seqlen_q=333, seqlen_k=777, nheads=8, nheads_kv=2, head_dim=32, head_dim_v=32, causal=True),
+    dict(batch=2, seqlen_q=100, seqlen_k=500, nheads=6, nheads_kv=6, head_dim=192, head_dim_v=192, wl=64, wr=0),
+    dict(batch=2, seqlen_q=1, seqlen_k=4096, nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128, num_splits=0,
+         seqused_k=True, causal=True),
+    dict(batch=2, seqlen_q=512, seqlen_k=512, nheads=16, nheads_kv=4, head_dim=80, head_dim_v=80, pack_gqa=False,
+         dtype="fp16", return_lse=True),
+]  # fmt: skip
+
+
+@needs_dsl
+def test_sm120_dispatch_matches_fa4():
+    got = _oracle("sm_120a", 188, SM120_CASES)
+    for case, fa4 in zip(SM120_CASES, got):
+        assert not _mismatches("sm_120a", decide(fa4aot_call("sm_120a", 188, case)).fields, fa4), case
+
+
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        (dict(page_size=16), "paged KV"),
+        (dict(learnable_sink="bf16"), "learnable_sink"),
+        (dict(num_splits=4), "num_splits=1"),
+        (dict(head_dim=256, head_dim_v=256), "shared memory"),
+        (dict(head_dim=100, head_dim_v=100), "multiples of 8"),
+    ],
+)
+def test_sm120_rejects_what_fa4_rejects_there(change, why):
+    case = {**dict(batch=2, seqlen_q=64, seqlen_k=64, nheads=8, nheads_kv=8, head_dim=128, head_dim_v=128), **change}
+    with pytest.raises(fa4aot.ArgumentError, match=why):
+        decide(fa4aot_call("sm_120a", 188, case))
 
 
 #: Static configurations the 10,000-call test mixes (per call: random batch and max_seqlen_q/k).

@@ -26,6 +26,8 @@ from fa4aot.core.rules import (
     sm90_head_dims_ok,
     sm90_tile,
     sm100_head_dims_ok,
+    sm120_head_dims_ok,
+    sm120_tile,
 )
 from fa4aot.core.variant import SMEM_OPTIN_227_KIB, Variant
 
@@ -177,6 +179,20 @@ def check_fwd_sm90(f: dict[str, Any]) -> str | None:
             f["tile_m"], f["tile_n"], hd, hdv, SMEM_OPTIN_227_KIB, f["mma_pv_is_rs"]
         ):
             return f"tiles {f['tile_m']}x{f['tile_n']} (FA4's is {tile_m}x{tile_n}): {reason}"
+    return None
+
+
+def check_fwd_sm120(f: dict[str, Any]) -> str | None:
+    hd, hdv = f["head_dim"], f["head_dim_v"]
+    if reason := sm120_head_dims_ok(hd, hdv) or _check_forward_common(f):
+        return reason
+    if f["paged_kv"] != "none":
+        return "FA4 4.0.0b36 has no paged KV on SM120 ('Paged KV not supported on SM 12.0')"
+    if f["learnable_sink"] != "none":
+        return "FA4's SM120 forward (its SM80 kernel) takes no learnable sink"
+    tile_m, tile_n = sm120_tile(hd)
+    if (f["tile_m"], f["tile_n"]) != (tile_m, tile_n):
+        return f"FA4's SM120 forward uses {tile_m}x{tile_n} tiles at head_dim {hd}"
     return None
 
 
@@ -391,6 +407,11 @@ FWD_SM90_AXES = _COMMON_FWD_AXES + (
     ),
 )
 
+#: SM120 has no split-KV, paged KV or sinks in FA4 (the rule rejects them with FA4's reason).
+FWD_SM120_AXES = _COMMON_FWD_AXES + (
+    Axis("tiles", _pair_or_auto("tile_m", "tile_n"), ("auto",), "(tile_m, tile_n); auto: FA4's choice"),
+)
+
 COMBINE_AXES = (
     Axis("dtype", _choice("dtype", COMBINE_DTYPES), ("bf16",), "output dtype (partials are fp32)"),
     Axis("head_dim", _posint("head_dim", 8, 512), (128,), "head dimension of the partials"),
@@ -435,19 +456,32 @@ FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family(
-            "fwd_sm100", ("sm_100a",), FWD_SM100_AXES, check_fwd_sm100, "FA4 SM100 forward (FlashAttentionForwardSm100)"
+            "fwd_sm100",
+            ("sm_100a", "sm_103a"),
+            FWD_SM100_AXES,
+            check_fwd_sm100,
+            "FA4 SM100 forward (FlashAttentionForwardSm100; sm_103a is its B300 build)",
         ),
         Family("fwd_sm90", ("sm_90a",), FWD_SM90_AXES, check_fwd_sm90, "FA4 SM90 forward (FlashAttentionForwardSm90)"),
         Family(
+            "fwd_sm120",
+            ("sm_120a",),
+            FWD_SM120_AXES,
+            check_fwd_sm120,
+            "FA4 SM120 forward (FlashAttentionForwardSm120: the SM80 kernel within SM120's 99 KiB)",
+        ),
+        Family(
             "combine",
-            ("sm_90a", "sm_100a"),
+            # arch-neutral (cp.async); on SM120 it serves FA4's standalone flash_attn_combine
+            ("sm_90a", "sm_100a", "sm_103a", "sm_120a"),
             COMBINE_AXES,
             check_combine,
             "FA4 split-KV combine (FlashAttentionForwardCombine)",
         ),
         Family(
             "prepare",
-            ("sm_90a", "sm_100a"),
+            # FA4's SM120 forward takes no scheduler metadata (and has no split-KV)
+            ("sm_90a", "sm_100a", "sm_103a"),
             PREPARE_AXES,
             check_prepare,
             "FA4 scheduler-metadata prepare (FlashPrepareScheduler)",
@@ -463,10 +497,15 @@ def resolve_fields(family: str, raw: dict[str, Any]) -> list[dict[str, Any]]:
     prepare kernel's batch buckets) returns one dict per variant.
     """
     f = dict(raw)
-    if family in ("fwd_sm100", "fwd_sm90"):
+    if family in ("fwd_sm100", "fwd_sm90", "fwd_sm120"):
         if f["pack_gqa"] == "auto":
             f["pack_gqa"] = f["qhead_per_kvhead"] > 1
         page_size = f.pop("_page_size")
+        if family == "fwd_sm120":
+            if f["tile_m"] == "auto":
+                f["tile_m"], f["tile_n"] = sm120_tile(f["head_dim"])
+            f["paged_kv"] = paged_kv_class(page_size, f["tile_n"])
+            return [f]
         if family == "fwd_sm90":
             tm, tn, rs, ov = sm90_tile(f["head_dim"], f["head_dim_v"], f["causal"], f["local"])
             if f["tile_m"] == "auto":

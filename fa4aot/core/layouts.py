@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fa4aot.core.variant import Variant
+from fa4aot.core.variant import FORWARD_FAMILIES, Variant
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ def prepare_tensors(variant: Variant, d: Dims) -> dict[str, TensorLayout]:
 
 def tensors_for(variant: Variant, d: Dims) -> dict[str, TensorLayout]:
     """Dispatch on the family."""
-    if variant.family in ("fwd_sm100", "fwd_sm90"):
+    if variant.family in FORWARD_FAMILIES:
         return forward_tensors(variant, d)
     if variant.family == "combine":
         return combine_tensors(variant, d)
@@ -180,7 +180,7 @@ def dims_for(variant: Variant, **overrides: Any) -> Dims:
     """Representative dims for a variant (its head dims and head counts), with overrides."""
     f = variant.fields
     base: dict[str, Any] = {}
-    if variant.family in ("fwd_sm100", "fwd_sm90"):
+    if variant.family in FORWARD_FAMILIES:
         qh = f["qhead_per_kvhead"]
         base = {"head_dim": f["head_dim"], "head_dim_v": f["head_dim_v"], "nheads_kv": 4, "nheads": 4 * qh}
         if f.get("split_kv"):

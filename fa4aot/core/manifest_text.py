@@ -20,7 +20,12 @@ from fa4aot.core.variant import Variant
 #: Axes merged into lists, in this order (the rest stay one value per group).
 MERGE_AXES = ("qhead_per_kvhead", "causal", "head_dims", "dtype", "return_lse", "heads", "num_head")
 #: Names fa4aot gives known SKUs when it writes a target.
-KNOWN_TARGETS = {("sm_100a", 148): "b200", ("sm_90a", 132): "h100"}
+KNOWN_TARGETS = {
+    ("sm_100a", 148): "b200",
+    ("sm_103a", 148): "b300",
+    ("sm_120a", 188): "rtx-pro-6000",
+    ("sm_90a", 132): "h100",
+}
 
 
 def expand(family: str, arch: str, num_sms: int, group: dict[str, list[Any]]) -> set[str]:

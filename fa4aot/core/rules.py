@@ -135,6 +135,37 @@ def sm90_head_dims_ok(head_dim: int, head_dim_v: int) -> str | None:
     return None
 
 
+#: SM120's shared memory per block, what FA4's ``FlashAttentionForwardSm120.can_implement`` checks
+#: against (``cutlass.utils.get_smem_capacity_in_bytes("sm_120")``: 99 KiB).
+SM120_SMEM_CAPACITY = 101376
+#: FA4 runs its SM120 forward (the SM80 kernel with SM120's smem) with 4 warps and one K/V stage.
+SM120_THREADS = 128
+SM120_STAGES = 1
+
+
+def sm120_tile(head_dim: int) -> tuple[int, int]:
+    """FA4's SM120 forward tiles (``_get_fwd_config``): 128x128 up to head_dim 64, else 128x64
+    (sized for SM120's 99 KiB of shared memory)."""
+    return (128, 64) if head_dim > 64 else (128, 128)
+
+
+def sm120_head_dims_ok(head_dim: int, head_dim_v: int) -> str | None:
+    """FA4's limits on SM120: its interface skips ``_validate_head_dims`` there, so the limit is
+    the kernel's ``can_implement`` (head dims multiples of 8, Q + K + V tiles within 99 KiB)."""
+    if head_dim < 8 or head_dim_v < 8:
+        return "head dims must be >= 8"
+    if head_dim % 8 or head_dim_v % 8:
+        return "head dims must be multiples of 8 (FlashAttentionForwardSm120.can_implement)"
+    tile_m, tile_n = sm120_tile(head_dim)
+    smem = 2 * (tile_m * head_dim + SM120_STAGES * tile_n * (head_dim + head_dim_v))
+    if smem > SM120_SMEM_CAPACITY:
+        return (
+            f"(head_dim, head_dim_v)=({head_dim}, {head_dim_v}) is not supported on SM120: FA4's "
+            f"{tile_m}x{tile_n} tiles need {smem} bytes of shared memory, more than SM120's {SM120_SMEM_CAPACITY}"
+        )
+    return None
+
+
 def resolve_window(causal: bool, left: int | None, right: int | None) -> tuple[bool, bool, int | None, int | None]:
     """FA4's ``_resolve_causal_local_window``: (causal, local, left, right)."""
     if left is not None and right is not None and left < 0 and right < 0:

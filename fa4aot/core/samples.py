@@ -11,7 +11,7 @@ from typing import Any
 
 from fa4aot.core.layouts import Dims, dims_for, tensors_for
 from fa4aot.core.signature import TensorDesc
-from fa4aot.core.variant import Variant
+from fa4aot.core.variant import FORWARD_FAMILIES, Variant
 
 FAKE_BASE = 0x7F00_0000_0000
 FAKE_STRIDE = 0x0100_0000_0000 // 64  # 1 TiB / 64: room for any sample tensor
@@ -29,7 +29,7 @@ def named_args(variant: Variant, dims: Dims | None = None, *, stream: int = 0) -
     for i, (name, t) in enumerate(sorted(tensors_for(variant, d).items())):
         out[name] = TensorDesc(fake_pointer(i), t.shape, t.strides)
     f = variant.fields
-    if variant.family in ("fwd_sm100", "fwd_sm90"):
+    if variant.family in FORWARD_FAMILIES:
         out["softmax_scale"] = 1.0 / math.sqrt(d.head_dim)
         if variant.family == "fwd_sm100":
             out["max_seqlen_q"] = d.seqlen_q

@@ -34,8 +34,10 @@ from fa4aot.core.rules import (
     sm90_head_dims_ok,
     sm90_tile,
     sm100_head_dims_ok,
+    sm120_head_dims_ok,
+    sm120_tile,
 )
-from fa4aot.core.variant import Variant
+from fa4aot.core.variant import FORWARD_FAMILY, Variant
 
 #: FA4's SM100 forward tiles (``_flash_attn_fwd``: m_block_size 128, n_block_size 128).
 SM100_TILE_M = 128
@@ -100,7 +102,20 @@ class ForwardRule:
     Its size is bounded by the handful of shape-dependent fields.
     """
 
-    __slots__ = ("s", "qh", "pack", "_base", "_sm90", "_static_two_cta", "_clc", "_hd256", "_vq", "_pp_ok", "loaded")
+    __slots__ = (
+        "s",
+        "qh",
+        "pack",
+        "family",
+        "_base",
+        "_one_key",
+        "_static_two_cta",
+        "_clc",
+        "_hd256",
+        "_vq",
+        "_pp_ok",
+        "loaded",
+    )
 
     def __init__(self, s: StaticCall):
         self.s = s
@@ -114,7 +129,12 @@ class ForwardRule:
             raise ArgumentError("page_table cannot be used with cu_seqlens_k (FA4 indexes pages per batch entry)")
         # S ping-pong needs FA4's plain softmax epilogue: no score_mod (softcap), no sink
         self._pp_ok = not s.softcap and s.learnable_sink == "none"
-        if s.arch == "sm_90a":
+        family = self.family = FORWARD_FAMILY.get(s.arch)
+        if family is None:
+            raise ArgumentError(f"fa4aot has no forward for {s.arch} (it builds {sorted(FORWARD_FAMILY)})")
+        # SM90 and SM120 decide nothing per call but the page-table path: one key per rule
+        self._one_key = family != "fwd_sm100"
+        if family == "fwd_sm90":
             if reason := sm90_head_dims_ok(s.head_dim, s.head_dim_v):
                 raise ArgumentError(reason)
             if s.splits == 2:
@@ -122,13 +142,22 @@ class ForwardRule:
             tile_m, tile_n, rs, overlap = sm90_tile(s.head_dim, s.head_dim_v, s.causal, s.local)
             self._base = self._common(tile_m, tile_n)
             self._base.update(pack_gqa=self.pack, mma_pv_is_rs=rs, intra_wg_overlap=overlap)
-            self._sm90 = True
             return
-        if s.arch != "sm_100a":
-            raise ArgumentError(f"fa4aot has no forward for {s.arch}")
+        if family == "fwd_sm120":
+            # FA4's SM120 branch of _flash_attn_fwd: asserts on each of these
+            if reason := sm120_head_dims_ok(s.head_dim, s.head_dim_v):
+                raise ArgumentError(reason)
+            if s.splits == 2:
+                raise ArgumentError("FA4's SM120 forward only supports num_splits=1")
+            if s.paged:
+                raise ArgumentError("FA4 has no paged KV on SM120 (page_table must be None)")
+            if s.learnable_sink != "none":
+                raise ArgumentError("FA4's SM120 forward takes no learnable_sink")
+            self._base = self._common(*sm120_tile(s.head_dim))
+            self._base.update(pack_gqa=self.pack)
+            return
         if reason := sm100_head_dims_ok(s.head_dim, s.head_dim_v, s.dtype):
             raise ArgumentError(reason)
-        self._sm90 = False
         self._base = self._common(SM100_TILE_M, None)
         hd_pad = math.ceil(s.head_dim / 16) * 16
         hdv_pad = math.ceil(s.head_dim_v / 16) * 16
@@ -175,7 +204,7 @@ class ForwardRule:
     ) -> tuple[tuple, int]:
         """(key of the variant's shape-dependent fields, number of splits) for one call;
         ``page_size`` is K/V's page size when a page table is given."""
-        if self._sm90:
+        if self._one_key:
             return (paged_kv_class(page_size, self._base["tile_n"]),), 1
         s = self.s
         qh = self.qh
@@ -254,7 +283,7 @@ class ForwardRule:
     def fields(self, key: tuple) -> dict[str, Any]:
         """The variant's fields for a :meth:`decide` key."""
         f = dict(self._base)
-        if self._sm90:
+        if self._one_key:
             (f["paged_kv"],) = key
         else:
             pack, q_stage, tile_n, split, two_cta, scheduler, s_ping_pong, paged = key
@@ -271,8 +300,7 @@ class ForwardRule:
         return f
 
     def variant(self, key: tuple) -> Variant:
-        family = "fwd_sm90" if self._sm90 else "fwd_sm100"
-        return Variant.make(family, self.s.arch, self.s.num_sms, **self.fields(key))
+        return Variant.make(self.family, self.s.arch, self.s.num_sms, **self.fields(key))
 
 
 class Call(NamedTuple):

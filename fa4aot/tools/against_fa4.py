@@ -3,9 +3,10 @@ configuration, run through FA4's own interface (fake tensors, CPU, the target ar
 handed over as the build does), and its cubin compared byte for byte with the cache's.
 
 The call is found by searching a grid of shapes with fa4aot's dispatch (which restates FA4's
-decisions and is tested against FA4) for one whose decision is the entry's variant. Tuning
-candidates (tilings FA4 never picks) have no such call and are reported as such; so are combine
-and prepare entries, whose FA4 cubins come from the forward's own calls.
+decisions and is tested against FA4) for one whose decision is the entry's variant; a combine
+entry is compiled through FA4's ``_flash_attn_fwd_combine`` (what FA4's split-KV forward calls).
+Tuning candidates (tilings FA4 never picks) have no such call and are reported as such; so are
+prepare entries (FA4 picks their tiles inside ``get_scheduler_metadata``; not compared yet).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 from fa4aot.core.errors import ArgumentError, Fa4aotError
 from fa4aot.core.families import is_tuning_candidate
 from fa4aot.core.index import Cache, Entry
-from fa4aot.core.variant import Variant
+from fa4aot.core.variant import FORWARD_FAMILIES, Variant
 from fa4aot.runtime.dispatch import decide
 from fa4aot.tools.fa4_calls import fa4aot_call
 
@@ -46,11 +47,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from fa4aot_kernels.common import install_target_hardware
 install_target_hardware(int(sms))
 from flash_attn.cute import interface as I
-from fa4aot.tools.fa4_calls import fa4_forward
+from fa4aot.tools.fa4_calls import fa4_combine, fa4_forward
 for i, case in enumerate(cases):
     try:
         with FakeTensorMode():
-            fa4_forward(I, torch, case)
+            (fa4_combine if case.get("kind") == "combine" else fa4_forward)(I, torch, case)
         err = None
     except Exception as e:
         err = f"{type(e).__name__}: {e}"[:300]
@@ -69,9 +70,14 @@ class Comparison:
 
 
 def find_case(v: Variant) -> dict[str, Any] | None:
-    """A call description for which fa4aot's dispatch (FA4's rules) picks ``v``, or None."""
+    """A call description for which FA4 compiles exactly ``v`` (for a forward: one fa4aot's
+    dispatch, which restates FA4's rules, maps to ``v``), or None."""
     f = v.fields
-    if v.family not in ("fwd_sm90", "fwd_sm100") or is_tuning_candidate(v.family, f):
+    if v.family == "combine":
+        # FA4's combine kernel depends only on what its compile key holds: these fields
+        keys = ("dtype", "head_dim", "num_head", "varlen", "seqused", "has_lse", "num_splits_dynamic")
+        return dict({k: f[k] for k in keys}, kind="combine", arch=v.arch, num_splits=1 << f["log_max_splits"])
+    if v.family not in FORWARD_FAMILIES or is_tuning_candidate(v.family, f):
         return None
     qh = f["qhead_per_kvhead"]
     base: dict[str, Any] = dict(
@@ -140,21 +146,25 @@ def compare(cache: Cache, entries: list[Entry], timeout: float = 3600) -> list[C
                 if i not in results:
                     out.append(Comparison(e, "failed", f"FA4 did not get to this call: {proc.stderr[-300:]}"))
                     continue
-                # a split-KV call also compiles the combine kernel: keep the forward's cubin
-                cubins = [p for p in sorted(glob.glob(f"{dump}/{i}/*.cubin")) if _is_forward(Path(p).read_bytes())]
+                # a split-KV call also compiles the combine kernel: keep the cubin of the entry's kind
+                kind = "FlashAttentionForwardCombine" if e.variant.family == "combine" else "FlashAttentionForwardSm"
+                cubins = [
+                    p for p in sorted(glob.glob(f"{dump}/{i}/*.cubin")) if _has_kernel(Path(p).read_bytes(), kind)
+                ]
                 if results[i] is not None or len(cubins) != 1:
-                    out.append(Comparison(e, "failed", results[i] or f"FA4 compiled {len(cubins)} forward cubins"))
+                    out.append(Comparison(e, "failed", results[i] or f"FA4 compiled {len(cubins)} {kind} cubins"))
                     continue
                 same = Path(cubins[0]).read_bytes() == cache.read_cubin(e)
-                detail = json.dumps({k: case[k] for k in ("batch", "seqlen_q", "seqlen_k", "nheads", "num_splits")})
+                shown = ("batch", "seqlen_q", "seqlen_k", "nheads", "num_splits")
+                detail = json.dumps({k: case[k] for k in shown if k in case})
                 out.append(Comparison(e, "identical" if same else "different", detail))
     return out
 
 
-def _is_forward(data: bytes) -> bool:
+def _has_kernel(data: bytes, kind: str) -> bool:
     from fa4aot.core import cubin
 
     try:
-        return any("FlashAttentionForwardSm" in name for name in cubin.parse(data).kernels)
+        return any(kind in name for name in cubin.parse(data).kernels)
     except Fa4aotError:
         return False

@@ -63,6 +63,30 @@ def fa4_forward(interface, torch, case: dict) -> None:
     )
 
 
+def fa4_combine(interface, torch, case: dict) -> None:
+    """Run FA4's ``_flash_attn_fwd_combine`` (what its split-KV forward calls) for a combine
+    case: keys dtype, head_dim, num_head, num_splits, varlen, seqused, has_lse,
+    num_splits_dynamic, arch (call it under FakeTensorMode)."""
+    dt = getattr(torch, TORCH_DTYPES[case["dtype"]])
+    b, s, h, d, n = 2, 64, case["num_head"], case["head_dim"], case["num_splits"]
+
+    def empty(*shape, dtype=torch.float32):
+        return torch.empty(*shape, dtype=dtype, device="cuda")
+
+    rows = (b * s,) if case["varlen"] else (b, s)
+    lse = empty(*rows[:-1], h, rows[-1]).transpose(-1, -2) if case["has_lse"] else None
+    interface._flash_attn_fwd_combine(
+        empty(n, *rows, h, d),
+        empty(n, *rows[:-1], h, rows[-1]).transpose(-1, -2),
+        empty(*rows, h, d, dtype=dt),
+        lse,
+        empty(b + 1, dtype=torch.int32) if case["varlen"] else None,
+        empty(b, dtype=torch.int32) if case["seqused"] else None,
+        num_splits_dynamic_ptr=empty(b, dtype=torch.int32) if case["num_splits_dynamic"] else None,
+        _arch=interface._parse_arch_str(case["arch"]),
+    )
+
+
 def fa4aot_call(arch: str, num_sms: int, case: dict):
     """fa4aot's dispatch input for ``case``."""
     from fa4aot.runtime.dispatch import Call

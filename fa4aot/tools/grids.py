@@ -75,6 +75,17 @@ def sm90_forward_grid(
     return (num_block, heads, batch)
 
 
+def sm120_forward_grid(
+    f: dict, *, batch: int, seqlen_q: int, nheads: int, nheads_kv: int, total_q: int | None = None
+) -> tuple[int, int, int]:
+    """Grid of FlashAttentionForwardSm120 (FA4's SM80 kernel): the single-tile scheduler, or its
+    varlen form; unlike SM90 no LPT order for causal attention."""
+    if f["varlen_q"] or f["seqused_q"]:
+        return sm90_forward_grid(f, batch=batch, seqlen_q=seqlen_q, nheads=nheads, nheads_kv=nheads_kv, total_q=total_q)
+    pack = f["qhead_per_kvhead"] if f["pack_gqa"] else 1
+    return (_cdiv(seqlen_q * pack, f["tile_m"]), nheads_kv if f["pack_gqa"] else nheads, batch)
+
+
 def combine_grid(f: dict, *, batch: int, seqlen: int, nheads: int, total_q: int | None = None) -> tuple[int, int, int]:
     """Grid of FlashAttentionForwardCombine: m blocks over seqlen*heads, head_dim blocks, batch."""
     k_block = 64 if f["head_dim"] <= 64 else 128

@@ -23,10 +23,11 @@ from typing import Any
 from fa4aot.core.index import Cache, Entry
 from fa4aot.core.samples import fake_pointer
 from fa4aot.core.signature import TensorDesc
+from fa4aot.core.variant import FORWARD_FAMILIES
 from fa4aot.plan.library import open_plan, target_answers
-from fa4aot.tools.grids import sm90_forward_grid, sm100_forward_grid
+from fa4aot.tools.grids import sm90_forward_grid, sm100_forward_grid, sm120_forward_grid
 
-FORWARD = ("fwd_sm100", "fwd_sm90")
+FORWARD = FORWARD_FAMILIES
 
 
 @dataclass
@@ -166,7 +167,8 @@ def check_entry(cache: Cache, entry: Entry, n: int = 30, seed: int = 0) -> Varia
                 num_splits=sz["num_splits"],
             )
         else:
-            want = sm90_forward_grid(
+            grid = sm120_forward_grid if entry.variant.family == "fwd_sm120" else sm90_forward_grid
+            want = grid(
                 f,
                 batch=sz["batch"],
                 seqlen_q=sz["seqlen_q"],

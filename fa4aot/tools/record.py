@@ -24,9 +24,15 @@ from fa4aot.core.manifest_text import render_manifest
 from fa4aot.core.variant import Variant
 
 #: SKUs ``--target`` knows: name -> (arch, SM count).
-TARGETS = {"b200": ("sm_100a", 148), "gb200": ("sm_100a", 148), "h100": ("sm_90a", 132), "h200": ("sm_90a", 132)}
+TARGETS = {
+    "b200": ("sm_100a", 148),
+    "gb200": ("sm_100a", 148),
+    "b300": ("sm_103a", 148),
+    "h100": ("sm_90a", 132),
+    "h200": ("sm_90a", 132),
+}
 #: The target a recorded arch maps to without ``--target``.
-DEFAULT_TARGET = {"sm_100a": "b200", "sm_90a": "h100"}
+DEFAULT_TARGET = {"sm_100a": "b200", "sm_103a": "b300", "sm_90a": "h100"}
 _DTYPES = {
     "BFloat16": "bf16",
     "Float16": "fp16",
@@ -46,7 +52,8 @@ def _arch(value: Any) -> str | None:
         major_minor = int(value)
     except (TypeError, ValueError):
         return None
-    return {90: "sm_90a", 100: "sm_100a"}.get(major_minor)
+    # SM120's compile keys are not read yet: its calls are reported as unsupported
+    return {90: "sm_90a", 100: "sm_100a", 103: "sm_103a"}.get(major_minor)
 
 
 def _dtype(value: Any) -> str | None:

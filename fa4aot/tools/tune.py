@@ -32,7 +32,7 @@ from fa4aot.core.tuning import (
     result_class_difference,
     table_filename,
 )
-from fa4aot.core.variant import Target, Variant
+from fa4aot.core.variant import FORWARD_FAMILY, Target, Variant
 from fa4aot.runtime.dispatch import Call, decide
 
 #: A win must beat FA4's default by at least this fraction, even when the measured spread is lower.
@@ -194,8 +194,7 @@ def parse_shapes(spec: str) -> tuple[TuneShape, ...]:
 def default_variant(shape: TuneShape, target: Target) -> Variant:
     """The forward variant FA4's dispatch runs for ``shape``."""
     d = decide(shape.call(target))
-    family = "fwd_sm90" if target.arch == "sm_90a" else "fwd_sm100"
-    return Variant.make(family, target.arch, target.num_sms, **d.fields)
+    return Variant.make(FORWARD_FAMILY[target.arch], target.arch, target.num_sms, **d.fields)
 
 
 def candidates(default: Variant, pool: Iterable[Variant]) -> list[Variant]:
@@ -367,7 +366,7 @@ def tune(
     """Measure every shape's candidates on the current GPU; a table of the winners (every
     measured shape is kept in ``measured``)."""
     target = rt.target
-    family = "fwd_sm90" if target.arch == "sm_90a" else "fwd_sm100"
+    family = FORWARD_FAMILY[target.arch]
     if family not in TUNABLE_FIELDS:
         raise Fa4aotError(f"{family} has no tunable fields in this fa4aot")
     entries: dict[tuple, TuningEntry] = {}
