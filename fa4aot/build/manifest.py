@@ -5,7 +5,7 @@ Schema (every key below ``families.<family>[i]`` is an axis; see ``fa4aot axes``
     target:                 # the GPU SKU the cache is for (or ``targets:``, a list of
                             # {target, families} mappings, for a cache serving several SKUs)
       name: b200
-      arch: sm_100a         # sm_100a or sm_90a
+      arch: sm_100a         # sm_90a, sm_100a, sm_103a or sm_120a
       num_sms: 148          # baked into FA4's grids; the runtime refuses another SM count
       l2_bytes: 132120576   # optional, informational
       smem_optin_bytes: 232448  # optional; default per arch
