@@ -11,14 +11,15 @@ from fa4aot.core.errors import ToolchainError
 SHIM_SOURCE = Path(__file__).resolve().parent.parent / "plan" / "shim.c"
 
 
-def link_plan(host_object: Path, out: Path) -> None:
-    """Compile the shim and link it with ``host_object`` into ``out`` (a .so).
+def link_plan(host_object: Path, out: Path, cc: str | None = None) -> None:
+    """Compile the shim and link it with ``host_object`` into ``out`` (a .so), with ``cc`` (a
+    cross compiler for another host arch) or the build host's C compiler.
 
     The shim's CUDA-shaped symbols are hidden, so the exported object binds to them at link
     time and never to a real CUDA runtime loaded in the same process; ``-z defs`` makes any other
     undefined symbol a link error instead of a load-time surprise.
     """
-    cc = c_compiler()
+    cc = cc or c_compiler()
     cmd = [
         cc,
         "-shared",

@@ -149,6 +149,39 @@ def _build(variant: Variant, target: Target) -> tuple[dict[str, bytes], dict[str
     return blobs, meta
 
 
+#: The CuTe DSL's host-target preset per host arch (``--host-target``; the DSL cross-compiles
+#: its host code for AArch64 only).
+DSL_HOST_TARGETS = {"aarch64": "linux-aarch64"}
+
+
+def build_cross_plan(variant: Variant, target: Target, host_arch: str) -> tuple[bytes, bytes]:
+    """(cubin, plan) of ``variant`` with FA4's host code compiled for ``host_arch`` hosts: the
+    DSL exports the host object for that triple (``--host-target``) and the cross C compiler links
+    it with the shim. The cubin is the one a native build makes. Runs in a configured worker."""
+    import cutlass.cute as cute
+    from fa4aot_kernels import module_for
+
+    from fa4aot.tools.emulate import c_compiler_for
+
+    if host_arch not in DSL_HOST_TARGETS:
+        raise RuntimeError(
+            f"the CuTe DSL cannot export host code for {host_arch} (it can for {sorted(DSL_HOST_TARGETS)})"
+        )
+    configure(target)
+    entry = module_for(variant.family).make_entry(variant, target)
+    with tempfile.TemporaryDirectory(prefix="fa4aot-build-") as tmp:
+        tmpd = Path(tmp)
+        dump = tmpd / "dump"
+        dump.mkdir()
+        options = f"--gpu-arch {target.arch} --keep-cubin --dump-dir {dump} --host-target {DSL_HOST_TARGETS[host_arch]}"
+        if entry.options:
+            options += " " + entry.options
+        compiled = cute.compile(entry.fn, *entry.compile_args, options=options)
+        compiled.export_to_c(str(tmpd), "plan", "fa4aot_" + variant.variant_id[:12])
+        link_plan(tmpd / "plan.o", tmpd / "plan.so", cc=c_compiler_for(host_arch))
+        return compiled.artifacts.CUBIN, (tmpd / "plan.so").read_bytes()
+
+
 def _self_test(plan_path: Path, meta: dict[str, Any], variant: Variant, target: Target) -> dict[str, Any]:
     """Call the new plan on sample shapes: proves it runs, and records what the launch is."""
     from fa4aot.core import samples

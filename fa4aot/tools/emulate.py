@@ -1,0 +1,216 @@
+"""Run a launch plan built for another host CPU under user-mode emulation.
+
+A plan is FA4's host code linked for one host arch. On an x86_64 build host an aarch64 plan (for
+Grace: GB200 / GB300) cannot be loaded, but it can run in a small C program (``plan/runner.c``)
+under ``qemu-aarch64``: the runner loads the plan, runs its module load and calls it on argument
+buffers packed here, exactly as the runtime packs them, and hands back the shim state after each
+call. The same runner built for this host runs the host's own plan on the same bytes, so the two
+recordings compare byte for byte.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import struct
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fa4aot.core.errors import ToolchainError
+from fa4aot.core.signature import arg_from_dict
+from fa4aot.plan.abi import State, struct_layout
+from fa4aot.plan.library import _make_packer, target_answers
+
+RUNNER_SOURCE = Path(__file__).resolve().parent.parent / "plan" / "runner.c"
+#: Cross C compilers (Debian's gcc-<triple> packages) and user-mode emulators per host arch.
+CROSS_CC = {"aarch64": "aarch64-linux-gnu-gcc", "x86_64": "x86_64-linux-gnu-gcc"}
+EMULATOR = {"aarch64": "qemu-aarch64", "x86_64": "qemu-x86_64"}
+#: Where Debian's cross packages put the target's libc (qemu -L).
+SYSROOT = {"aarch64": "/usr/aarch64-linux-gnu", "x86_64": "/usr/x86_64-linux-gnu"}
+
+
+def this_host() -> str:
+    return platform.machine()
+
+
+def c_compiler_for(host_arch: str) -> str:
+    """The C compiler that builds code for ``host_arch`` ($CC_<ARCH>, else the native cc or the
+    Debian cross compiler)."""
+    env = os.environ.get(f"CC_{host_arch.upper()}")
+    if env:
+        return env
+    if host_arch == this_host():
+        from fa4aot.build.toolchain import c_compiler
+
+        return c_compiler()
+    cc = CROSS_CC.get(host_arch)
+    if cc and shutil.which(cc):
+        return cc
+    raise ToolchainError(
+        f"no C compiler for {host_arch} hosts: install Debian's gcc-{host_arch.replace('_', '-')}-linux-gnu "
+        f"(apt-get install gcc-{host_arch.replace('_', '-')}-linux-gnu) or set $CC_{host_arch.upper()}"
+    )
+
+
+def emulation_available(host_arch: str) -> str | None:
+    """None when plans for ``host_arch`` can run here (natively or emulated), else why not."""
+    if host_arch == this_host():
+        return None
+    if not shutil.which(EMULATOR.get(host_arch, "")):
+        return f"no {EMULATOR.get(host_arch, 'emulator')} (apt-get install qemu-user)"
+    if not Path(SYSROOT[host_arch], "lib").is_dir():
+        return f"no {host_arch} C library at {SYSROOT[host_arch]} (apt-get install gcc-{host_arch}-linux-gnu)"
+    try:
+        c_compiler_for(host_arch)
+    except ToolchainError as e:
+        return str(e)
+    return None
+
+
+def runner(host_arch: str) -> list[str]:
+    """The command that runs ``plan/runner.c`` for ``host_arch`` plans (compiled once per source)."""
+    if why := emulation_available(host_arch):
+        raise ToolchainError(f"cannot run {host_arch} launch plans here: {why}")
+    src = RUNNER_SOURCE.read_bytes()
+    tag = hashlib.sha256(src + host_arch.encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fa4aot"
+    exe = cache / f"plan-runner-{host_arch}-{tag}"
+    if not exe.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = exe.with_suffix(f".tmp{os.getpid()}")
+        cmd = [
+            c_compiler_for(host_arch),
+            "-O2",
+            "-std=c11",
+            "-D_GNU_SOURCE",
+            "-o",
+            str(tmp),
+            str(RUNNER_SOURCE),
+            "-ldl",
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode:
+            raise ToolchainError(f"building the plan runner failed:\n{' '.join(cmd)}\n{proc.stderr.strip()}")
+        os.replace(tmp, exe)
+    if host_arch == this_host():
+        return [str(exe)]
+    return [EMULATOR[host_arch], "-L", SYSROOT[host_arch], str(exe)]
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What one plan call recorded: its return code, each launch as bytes, and per launch a mask
+    of the bytes the host code never wrote (they differ between two calls with the stack filled
+    with 0x00 and with 0xff: padding inside parameters and launch attributes)."""
+
+    rc: int
+    launches: tuple[bytes, ...]
+    undefined: tuple[bytes, ...]
+
+    def defined(self) -> tuple[bytes, ...]:
+        """The launches with their undefined bytes zeroed."""
+        return tuple(
+            bytes(0 if m else b for b, m in zip(raw, mask)) for raw, mask in zip(self.launches, self.undefined)
+        )
+
+
+def same_launches(a: Recorded, b: Recorded) -> bool:
+    """Equal return codes and launches, byte for byte, outside the bytes either side left undefined."""
+    if a.rc != b.rc or len(a.launches) != len(b.launches):
+        return False
+    for x, y, mx, my in zip(a.launches, b.launches, a.undefined, b.undefined):
+        if len(x) != len(y) or any(p != q for p, q, u, v in zip(x, y, mx, my) if not (u or v)):
+            return False
+    return True
+
+
+def launch_bytes(st: State) -> tuple[bytes, ...]:
+    """Every recorded launch as bytes: kernel, grid, block, smem, stream, the launch attributes
+    (cluster etc.) and every parameter byte; nothing the call did not write."""
+    out = []
+    for i in range(st.n_launches):
+        r = st.launches[i]
+        head = struct.pack("<Q3I3IQQII", r.kernel, *r.grid, *r.block, r.smem, r.stream, r.n_attrs, r.param_bytes)
+        attrs = b"".join(struct.pack("<I", r.attr_id[j]) + bytes(r.attr_val[j]) for j in range(r.n_attrs))
+        out.append(head + attrs + bytes(r.params[: r.param_bytes]))
+    return tuple(out)
+
+
+def run_plan(
+    plan_bytes: bytes, meta: Mapping[str, Any], smem_optin: int, calls: Sequence[Mapping[str, Any]], host_arch: str
+) -> tuple[int, list[Recorded]]:
+    """Run a plan of ``host_arch`` on named argument sets (``calls``), natively or emulated;
+    returns the module load's rc and what each call recorded."""
+    sig = [arg_from_dict(a) for a in meta["signature"]["args"]]
+    fmt, offsets = struct_layout(sig)
+    packer, layout = _make_packer(sig), struct.Struct(fmt)
+    size = layout.size + (-layout.size % 8)
+    st = State()
+    st.abi = meta["shim_abi"]
+    kernels = meta["kernels"]
+    st.n_kernels = len(kernels)
+    for i, k in enumerate(kernels):
+        ki = st.kernels[i]
+        ki.name = k["symbol"].encode()
+        ki.handle = 0x1000 * (i + 1)
+        ki.n_params = len(k["params"])
+        ki.param_bytes = k["cbank_param_size"]
+        for j, (_, off, sz) in enumerate(k["params"]):
+            ki.param_offset[j], ki.param_size[j] = off, sz
+    dev, ker = target_answers(smem_optin)
+    for table, count, answers in (
+        (st.device_answers, "n_device_answers", dev),
+        (st.kernel_answers, "n_kernel_answers", ker),
+    ):
+        for i, (attr, value) in enumerate(answers.items()):
+            table[i].attr, table[i].value = attr, value
+        setattr(st, count, len(answers))
+    st.library_handle = 0xF4A0_0000
+    order = [a.name for a in sig]
+    payload = [struct.pack("<3I", ctypes.sizeof(State), len(sig), size), bytes(st)]
+    payload.append(struct.pack(f"<{len(offsets)}I", *offsets))
+    payload.append(struct.pack("<I", len(calls)))
+    for named in calls:
+        buf = bytearray(size)
+        layout.pack_into(buf, 0, *packer({n: named.get(n) for n in order}))
+        payload.append(bytes(buf))
+    ss = ctypes.sizeof(State)
+    with tempfile.TemporaryDirectory(prefix="fa4aot-emu-") as tmp:
+        path = Path(tmp) / "plan.so"
+        path.write_bytes(plan_bytes)
+        s = meta["signature"]
+        proc = subprocess.run(
+            [*runner(host_arch), str(path), s["entry"], s["init"], s["load"]],
+            input=b"".join(payload),
+            capture_output=True,
+            timeout=600,
+        )
+    if proc.returncode:
+        raise ToolchainError(f"the {host_arch} plan runner failed: {proc.stderr.decode(errors='replace')[-500:]}")
+    out, pos = proc.stdout, 0
+
+    def take() -> tuple[int, State]:
+        nonlocal pos
+        (rc,) = struct.unpack_from("<i", out, pos)
+        state = State.from_buffer_copy(out, pos + 4)
+        pos += 4 + ss
+        return rc, state
+
+    load_rc, _ = take()
+    recorded = []
+    for _ in calls:
+        rc, state = take()
+        rc2, state2 = take()
+        one, two = launch_bytes(state), launch_bytes(state2)
+        if rc != rc2 or len(one) != len(two) or any(len(x) != len(y) for x, y in zip(one, two)):
+            raise ToolchainError(f"the {host_arch} plan recorded different launches on the same arguments")
+        undefined = tuple(bytes(int(p != q) for p, q in zip(x, y)) for x, y in zip(one, two))
+        recorded.append(Recorded(rc, one, undefined))
+    return load_rc, recorded
