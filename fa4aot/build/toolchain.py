@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import os
 import platform
 import shutil
 import subprocess
@@ -36,8 +37,6 @@ def _hash_files(paths: list[Path]) -> str:
 
 def c_compiler() -> str:
     """The C compiler used to link launch plans ($CC, else cc/gcc/clang on PATH)."""
-    import os
-
     for cand in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if cand and shutil.which(cand):
             return cand
@@ -45,6 +44,29 @@ def c_compiler() -> str:
 
     raise ToolchainError(
         "no C compiler found (set $CC or install gcc/clang): launch plans are linked with the system C toolchain"
+    )
+
+
+#: Cross C compilers per host arch (Debian's gcc-<triple>-linux-gnu packages).
+CROSS_CC = {"aarch64": "aarch64-linux-gnu-gcc", "x86_64": "x86_64-linux-gnu-gcc"}
+
+
+def c_compiler_for(host_arch: str) -> str:
+    """The C compiler that builds code for ``host_arch`` ($CC_<ARCH>, else the native cc or the
+    Debian cross compiler)."""
+    env = os.environ.get(f"CC_{host_arch.upper()}")
+    if env:
+        return env
+    if host_arch == host_arch_here():
+        return c_compiler()
+    cc = CROSS_CC.get(host_arch)
+    if cc and shutil.which(cc):
+        return cc
+    from fa4aot.core.errors import ToolchainError
+
+    raise ToolchainError(
+        f"no C compiler for {host_arch} hosts: install Debian's gcc-{host_arch.replace('_', '-')}-linux-gnu "
+        f"(apt-get install gcc-{host_arch.replace('_', '-')}-linux-gnu) or set $CC_{host_arch.upper()}"
     )
 
 
@@ -81,6 +103,11 @@ def _dsl_cuda_flavor() -> str:
         except importlib.metadata.PackageNotFoundError:
             continue
     return "none"
+
+
+def host_arch_here() -> str:
+    """This machine's CPU architecture."""
+    return platform.machine()
 
 
 def host_arch() -> str:

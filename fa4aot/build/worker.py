@@ -161,7 +161,7 @@ def build_cross_plan(variant: Variant, target: Target, host_arch: str) -> tuple[
     import cutlass.cute as cute
     from fa4aot_kernels import module_for
 
-    from fa4aot.tools.emulate import c_compiler_for
+    from fa4aot.build.toolchain import c_compiler_for
 
     if host_arch not in DSL_HOST_TARGETS:
         raise RuntimeError(

@@ -23,14 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fa4aot.build.toolchain import c_compiler_for
 from fa4aot.core.errors import ToolchainError
 from fa4aot.core.signature import arg_from_dict
 from fa4aot.plan.abi import State, struct_layout
 from fa4aot.plan.library import _make_packer, target_answers
 
 RUNNER_SOURCE = Path(__file__).resolve().parent.parent / "plan" / "runner.c"
-#: Cross C compilers (Debian's gcc-<triple> packages) and user-mode emulators per host arch.
-CROSS_CC = {"aarch64": "aarch64-linux-gnu-gcc", "x86_64": "x86_64-linux-gnu-gcc"}
+#: User-mode emulators per host arch (Debian's qemu-user).
 EMULATOR = {"aarch64": "qemu-aarch64", "x86_64": "qemu-x86_64"}
 #: Where Debian's cross packages put the target's libc (qemu -L).
 SYSROOT = {"aarch64": "/usr/aarch64-linux-gnu", "x86_64": "/usr/x86_64-linux-gnu"}
@@ -38,25 +38,6 @@ SYSROOT = {"aarch64": "/usr/aarch64-linux-gnu", "x86_64": "/usr/x86_64-linux-gnu
 
 def this_host() -> str:
     return platform.machine()
-
-
-def c_compiler_for(host_arch: str) -> str:
-    """The C compiler that builds code for ``host_arch`` ($CC_<ARCH>, else the native cc or the
-    Debian cross compiler)."""
-    env = os.environ.get(f"CC_{host_arch.upper()}")
-    if env:
-        return env
-    if host_arch == this_host():
-        from fa4aot.build.toolchain import c_compiler
-
-        return c_compiler()
-    cc = CROSS_CC.get(host_arch)
-    if cc and shutil.which(cc):
-        return cc
-    raise ToolchainError(
-        f"no C compiler for {host_arch} hosts: install Debian's gcc-{host_arch.replace('_', '-')}-linux-gnu "
-        f"(apt-get install gcc-{host_arch.replace('_', '-')}-linux-gnu) or set $CC_{host_arch.upper()}"
-    )
 
 
 def emulation_available(host_arch: str) -> str | None:
