@@ -4,15 +4,10 @@ compute capability 12.x (128 threads, one K/V stage, no page table, no split-KV,
 
 from __future__ import annotations
 
-from typing import Optional
-
-import cuda.bindings.driver as cuda
-import cutlass.cute as cute
-from cutlass import Float32, Int32
-from fa4aot_kernels.common import CUTLASS_DTYPES, KernelEntry, Signature
-from fa4aot_kernels.fwd_sm100 import add_forward_tensors, softcap_score_mod
+from fa4aot_kernels.common import CUTLASS_DTYPES, KernelEntry
+from fa4aot_kernels.fwd_sm90 import entry_for
+from fa4aot_kernels.fwd_sm100 import softcap_score_mod
 from flash_attn.cute.flash_fwd_sm120 import FlashAttentionForwardSm120
-from flash_attn.cute.utils import AuxData
 
 from fa4aot.core.rules import SM120_STAGES, SM120_THREADS
 from fa4aot.core.variant import Target, Variant
@@ -39,49 +34,5 @@ def constructor_kwargs(f: dict) -> dict:
 
 def make_entry(variant: Variant, target: Target) -> KernelEntry:
     f = variant.fields
-    kernel = FlashAttentionForwardSm120(**constructor_kwargs(f))
-    sig = Signature()
-    add_forward_tensors(sig, f)  # page_table and learnable_sink are absent (the family's rule)
-    sig.stream()
-
-    @cute.jit
-    def fwd_sm120_entry(
-        q: cute.Tensor,
-        k: cute.Tensor,
-        v: cute.Tensor,
-        out: cute.Tensor,
-        lse: Optional[cute.Tensor],
-        softmax_scale: Float32,
-        cu_seqlens_q: Optional[cute.Tensor],
-        cu_seqlens_k: Optional[cute.Tensor],
-        seqused_q: Optional[cute.Tensor],
-        seqused_k: Optional[cute.Tensor],
-        page_table: Optional[cute.Tensor],
-        window_size_left: Optional[Int32],
-        window_size_right: Optional[Int32],
-        learnable_sink: Optional[cute.Tensor],
-        stream: cuda.CUstream,
-    ):
-        kernel(
-            q,
-            k,
-            v,
-            out,
-            lse,
-            softmax_scale,
-            cu_seqlens_q,
-            cu_seqlens_k,
-            seqused_q,
-            seqused_k,
-            page_table,
-            window_size_left,
-            window_size_right,
-            learnable_sink,
-            None,  # blocksparse_tensors
-            AuxData(None, None),
-            None,
-            None,  # cu_total_m_blocks, cu_total_splits_m_blocks
-            stream,
-        )
-
-    return KernelEntry(fwd_sm120_entry, sig.compile_args, sig.args)
+    # page_table and learnable_sink are absent (the family's rule); the call is the SM90 forward's
+    return entry_for(FlashAttentionForwardSm120(**constructor_kwargs(f)), f)

@@ -40,13 +40,18 @@ def constructor_kwargs(f: dict) -> dict:
 
 def make_entry(variant: Variant, target: Target) -> KernelEntry:
     f = variant.fields
-    kernel = FlashAttentionForwardSm90(**constructor_kwargs(f))
+    return entry_for(FlashAttentionForwardSm90(**constructor_kwargs(f)), f)
+
+
+def entry_for(kernel, f: dict) -> KernelEntry:
+    """The entry of an FA4 forward that takes FA4's SM80 / SM90 / SM120 call arguments (no
+    scheduler metadata): the SM90 and the SM120 forward."""
     sig = Signature()
     add_forward_tensors(sig, f)
     sig.stream()
 
     @cute.jit
-    def fwd_sm90_entry(
+    def fwd_entry(
         q: cute.Tensor,
         k: cute.Tensor,
         v: cute.Tensor,
@@ -85,4 +90,4 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
             stream,
         )
 
-    return KernelEntry(fwd_sm90_entry, sig.compile_args, sig.args)
+    return KernelEntry(fwd_entry, sig.compile_args, sig.args)

@@ -23,7 +23,7 @@ SM90_MAX_SMEM_PER_BLOCK = 232448  # H100 opt-in shared memory per block (CUDA pr
 
 
 def load_plan(cache: Cache, entry, static_smem: int = 0):
-    plan = open_plan(cache.read_blob(entry, "plan"), entry.meta)
+    plan = open_plan(cache.read_plan(entry), entry.meta)
     dev, ker = target_answers(entry.target.optin_smem(), static_smem)
     plan.load(list(range(1, len(plan.kernels) + 1)), dev, ker)
     return plan
@@ -275,7 +275,7 @@ from fa4aot.plan.library import open_plan, target_answers
 cache = Cache(sys.argv[1])
 n = 0
 for e in cache.entries():
-    plan = open_plan(cache.read_blob(e, "plan"), e.meta)
+    plan = open_plan(cache.read_plan(e), e.meta)
     plan.load(list(range(1, len(plan.kernels) + 1)), *target_answers(e.target.optin_smem()))
     assert plan.plan(plan.order(samples.named_args(e.variant)))
     n += 1
@@ -317,7 +317,7 @@ def test_every_forward_plan_on_random_arguments(built_cache):
     from fa4aot.tools.plancheck import check_cache
 
     reports = check_cache(Cache(built_cache), n=30)
-    assert {r.entry.variant.family for r in reports} == {"fwd_sm100", "fwd_sm90"}
+    assert {r.entry.variant.family for r in reports} == {"fwd_sm100", "fwd_sm90", "fwd_sm120"}
     assert all(r.runs >= 30 for r in reports)
     problems = [(r.entry.variant.label(), p) for r in reports for p in r.problems]
     assert not problems, problems[:5]
