@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 
-def crash_once(variant, target):
+def crash_once(variant, target, host_arch):
     """Kill this worker process the first time a variant is compiled, then compile normally."""
     from fa4aot.build.worker import build_variant
 
@@ -14,4 +14,4 @@ def crash_once(variant, target):
     if not marker.exists():
         marker.write_text("killed once")
         os._exit(9)  # what the OOM killer or a segfaulting compiler does to a worker
-    return build_variant(variant, target)
+    return build_variant(variant, target, host_arch)

@@ -245,7 +245,8 @@ def test_verify_rebuild_sample_catches_a_swapped_blob(tmp_path):
     a, b = sorted(Cache(cache).entries(), key=lambda e: e.variant.fields["head_dim"])
     w = CacheWriter(cache)
     meta = {k: v for k, v in a.meta.items() if k != "blobs"}
-    w.put(a.key, meta, {"plan": Cache(cache).read_blob(a, "plan"), "header": Cache(cache).read_blob(b, "header")})
+    c = Cache(cache)
+    w.put(a.key, meta, {"cubin": c.read_cubin(a), "plan": c.read_blob(a, "plan"), "header": c.read_blob(b, "header")})
     w.close()
     p = run_cli("verify", "--cache", str(cache), "--no-plans", "--rebuild-sample", "2", check=False)
     assert p.returncode == 1 and "REBUILD DIFFERENT" in p.stderr and "header" in p.stderr

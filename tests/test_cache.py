@@ -214,10 +214,10 @@ def test_verify_catches_flipped_and_truncated_artifacts(built_cache, tmp_path):
     shutil.copytree(built_cache, copy)
     cache = Cache(copy)
     entries = cache.entries()
-    plan_path = cache.blob_path(entries[0].blobs["plan"])
-    data = bytearray(plan_path.read_bytes())
-    data[entries[0].cubin.offset + entries[0].cubin.size // 2] ^= 0xFF  # inside the embedded cubin
-    plan_path.write_bytes(bytes(data))
+    cubin_path = cache.blob_path(entries[0].blobs["cubin"])
+    data = bytearray(cubin_path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    cubin_path.write_bytes(bytes(data))
     header_path = cache.blob_path(entries[1].blobs["header"])
     header_path.write_bytes(header_path.read_bytes()[:-100])
     (packed,) = [p for p in (copy / "packed").iterdir() if p.name.startswith("sm_90a")]
@@ -227,7 +227,7 @@ def test_verify_catches_flipped_and_truncated_artifacts(built_cache, tmp_path):
     out = run_cli("verify", "--cache", str(copy), check=False)
     assert out.returncode == 1
     assert f"{len(entries) - 2} ok, 2 bad" in out.stdout
-    assert "plan of entry" in out.stderr and "header of entry" in out.stderr
+    assert "cubin of entry" in out.stderr and "header of entry" in out.stderr
     assert "packed indexes: 1 problem" in out.stdout and "record of" in out.stderr
     with pytest.raises(CorruptArtifactError):
         cache.read_cubin(entries[0])

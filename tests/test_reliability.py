@@ -394,7 +394,7 @@ def test_damage_matrix_is_refused_quickly_by_reader_runtime_and_verify(built_cac
     # a rebuild (the same put) repairs whatever was there
     good = Cache(built_cache)
     meta = {k: v for k, v in entry.meta.items() if k != "blobs"}
-    CacheWriter(copy).put(entry.key, meta, {r: good.read_blob(entry, r) for r in ("plan", "header")})
+    CacheWriter(copy).put(entry.key, meta, {r: good.read_blob(entry, r) for r in ("cubin", "plan", "header")})
     assert Cache(copy).read_blob(entry, "plan") == good.read_blob(entry, "plan")
 
 
@@ -409,7 +409,7 @@ families:
 """
 
 
-def _fake_compile(variant, target):
+def _fake_compile(variant, target, host_arch):
     from fa4aot.build.worker import BuildOutput
 
     return BuildOutput(
@@ -432,7 +432,7 @@ def test_build_checks_the_cache_is_writable_before_compiling(tmp_path):
     (root / "tmp").write_text("a file where the staging directory goes")  # nothing can be staged
     compiled = []
     with pytest.raises(CacheError, match="not writable|cannot write"):
-        build(m, root, 1, compile_fn=lambda v, t: compiled.append(v), pool_factory=_threads)
+        build(m, root, 1, compile_fn=lambda v, t, h: compiled.append(v), pool_factory=_threads)
     assert compiled == []
 
 

@@ -29,7 +29,7 @@ from typing import IO, Any
 from fa4aot import __version__
 from fa4aot.core import cubin as cubin_mod
 from fa4aot.core.errors import CacheError, Fa4aotError
-from fa4aot.core.index import BLOB_EXT, Cache, Entry, cubin_of
+from fa4aot.core.index import BLOB_EXT, Cache, Entry
 from fa4aot.core.variant import CACHE_FORMAT_VERSION, Variant, canonical_json, sha256_hex
 
 #: Version of the archive layout (the JSON member's "format").
@@ -321,11 +321,12 @@ def _check_entry(e: Entry, blobs: dict[str, bytes], host_arch: str, what: str) -
         data = blobs.get(b.sha256)
         if data is None or len(data) != b.size:
             raise ArchiveError(f"{what}: entry {e.key} needs blob {b.sha256[:12]} ({role}), which the archive lacks")
-    if "plan" not in e.blobs or e.cubin is None:
-        raise ArchiveError(f"{what}: entry {e.key} has no launch plan or cubin record")
+    if "plan" not in e.blobs or "cubin" not in e.blobs or e.cubin is None:
+        raise ArchiveError(f"{what}: entry {e.key} has no launch plan, cubin or cubin record")
+    if e.cubin.sha256 != e.blobs["cubin"].sha256:
+        raise ArchiveError(f"{what}: entry {e.key}: its cubin blob is not the cubin it records")
     try:
-        cub = cubin_of(e, blobs[e.blobs["plan"].sha256])
-        parsed = cubin_mod.parse(cub)
+        parsed = cubin_mod.parse(blobs[e.blobs["cubin"].sha256])
     except (Fa4aotError, ValueError) as err:
         raise ArchiveError(f"{what}: entry {e.key} ({e.variant.label()}): cubin invalid: {err}") from None
     if parsed.arch != e.target.arch:

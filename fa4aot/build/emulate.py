@@ -27,7 +27,7 @@ from fa4aot.build.toolchain import c_compiler_for
 from fa4aot.core.errors import ToolchainError
 from fa4aot.core.signature import arg_from_dict
 from fa4aot.plan.abi import State, struct_layout
-from fa4aot.plan.library import _make_packer, target_answers
+from fa4aot.plan.library import KernelTable, _make_packer, state_template, target_answers
 
 RUNNER_SOURCE = Path(__file__).resolve().parent.parent / "plan" / "runner.c"
 #: User-mode emulators per host arch (Debian's qemu-user).
@@ -124,36 +124,32 @@ def launch_bytes(st: State) -> tuple[bytes, ...]:
     return tuple(out)
 
 
-def run_plan(
+#: Kernel handles the emulated runs hand the plan (any distinct non-zero values do).
+def fake_handles(n: int) -> list[int]:
+    return [0x1000 * (i + 1) for i in range(n)]
+
+
+@dataclass
+class EmulatedRun:
+    """A plan run by the plan runner: the module load's rc and state, and per call the rc and the
+    state after it, once with the stack filled with 0x00 and once with 0xff."""
+
+    load_rc: int
+    load: State
+    calls: list[tuple[int, State, State]]
+
+
+def run_states(
     plan_bytes: bytes, meta: Mapping[str, Any], smem_optin: int, calls: Sequence[Mapping[str, Any]], host_arch: str
-) -> tuple[int, list[Recorded]]:
-    """Run a plan of ``host_arch`` on named argument sets (``calls``), natively or emulated;
-    returns the module load's rc and what each call recorded."""
+) -> EmulatedRun:
+    """Run a plan of ``host_arch`` (natively or emulated) on named argument sets, packed as the
+    runtime packs them."""
     sig = [arg_from_dict(a) for a in meta["signature"]["args"]]
     fmt, offsets = struct_layout(sig)
     packer, layout = _make_packer(sig), struct.Struct(fmt)
-    size = layout.size + (-layout.size % 8)
-    st = State()
-    st.abi = meta["shim_abi"]
-    kernels = meta["kernels"]
-    st.n_kernels = len(kernels)
-    for i, k in enumerate(kernels):
-        ki = st.kernels[i]
-        ki.name = k["symbol"].encode()
-        ki.handle = 0x1000 * (i + 1)
-        ki.n_params = len(k["params"])
-        ki.param_bytes = k["cbank_param_size"]
-        for j, (_, off, sz) in enumerate(k["params"]):
-            ki.param_offset[j], ki.param_size[j] = off, sz
-    dev, ker = target_answers(smem_optin)
-    for table, count, answers in (
-        (st.device_answers, "n_device_answers", dev),
-        (st.kernel_answers, "n_kernel_answers", ker),
-    ):
-        for i, (attr, value) in enumerate(answers.items()):
-            table[i].attr, table[i].value = attr, value
-        setattr(st, count, len(answers))
-    st.library_handle = 0xF4A0_0000
+    size = layout.size + (-layout.size % 8)  # the return slot follows, 8-byte aligned (as _Scratch)
+    kernels = [KernelTable.from_meta(k) for k in meta["kernels"]]
+    st = state_template(kernels, fake_handles(len(kernels)), *target_answers(smem_optin))
     order = [a.name for a in sig]
     payload = [struct.pack("<3I", ctypes.sizeof(State), len(sig), size), bytes(st)]
     payload.append(struct.pack(f"<{len(offsets)}I", *offsets))
@@ -162,7 +158,6 @@ def run_plan(
         buf = bytearray(size)
         layout.pack_into(buf, 0, *packer({n: named.get(n) for n in order}))
         payload.append(bytes(buf))
-    ss = ctypes.sizeof(State)
     with tempfile.TemporaryDirectory(prefix="fa4aot-emu-") as tmp:
         path = Path(tmp) / "plan.so"
         path.write_bytes(plan_bytes)
@@ -175,7 +170,9 @@ def run_plan(
         )
     if proc.returncode:
         raise ToolchainError(f"the {host_arch} plan runner failed: {proc.stderr.decode(errors='replace')[-500:]}")
-    out, pos = proc.stdout, 0
+    out, pos, ss = proc.stdout, 0, ctypes.sizeof(State)
+    if len(out) != (4 + ss) * (1 + 2 * len(calls)):
+        raise ToolchainError(f"the {host_arch} plan runner wrote {len(out)} bytes, not a run's worth")
 
     def take() -> tuple[int, State]:
         nonlocal pos
@@ -184,14 +181,27 @@ def run_plan(
         pos += 4 + ss
         return rc, state
 
-    load_rc, _ = take()
-    recorded = []
+    load_rc, load = take()
+    runs = []
     for _ in calls:
-        rc, state = take()
-        rc2, state2 = take()
-        one, two = launch_bytes(state), launch_bytes(state2)
-        if rc != rc2 or len(one) != len(two) or any(len(x) != len(y) for x, y in zip(one, two)):
+        rc, one = take()
+        rc2, two = take()
+        if rc != rc2:
+            raise ToolchainError(f"the {host_arch} plan returned {rc} and {rc2} on the same arguments")
+        runs.append((rc, one, two))
+    return EmulatedRun(load_rc, load, runs)
+
+
+def run_plan(
+    plan_bytes: bytes, meta: Mapping[str, Any], smem_optin: int, calls: Sequence[Mapping[str, Any]], host_arch: str
+) -> tuple[int, list[Recorded]]:
+    """Like :func:`run_states`; returns the module load's rc and what each call recorded."""
+    run = run_states(plan_bytes, meta, smem_optin, calls, host_arch)
+    recorded = []
+    for rc, one_state, two_state in run.calls:
+        one, two = launch_bytes(one_state), launch_bytes(two_state)
+        if len(one) != len(two) or any(len(x) != len(y) for x, y in zip(one, two)):
             raise ToolchainError(f"the {host_arch} plan recorded different launches on the same arguments")
         undefined = tuple(bytes(int(p != q) for p, q in zip(x, y)) for x, y in zip(one, two))
         recorded.append(Recorded(rc, one, undefined))
-    return load_rc, recorded
+    return run.load_rc, recorded

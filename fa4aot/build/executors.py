@@ -1,4 +1,4 @@
-"""Where compile jobs run. The orchestrator submits ``compile_fn(variant, target)`` jobs to an
+"""Where compile jobs run. The orchestrator submits ``compile_fn(variant, target, host_arch)`` jobs to an
 executor (a :class:`concurrent.futures.Executor`) and stays the only writer into the cache: it
 stores each returned :class:`~fa4aot.build.worker.BuildOutput` (blob bytes and metadata) itself.
 
@@ -32,12 +32,12 @@ TASK_RETRIES = 3
 EXECUTORS = ("local", "ray")
 
 
-def _run(fn: Callable[[Variant, Target], Any], variant: dict, target: dict) -> Any:
+def _run(fn: Callable[[Variant, Target, str], Any], variant: dict, target: dict, host_arch: str) -> Any:
     from fa4aot.build.worker import configure
 
     t = Target.from_dict(target)
     configure(t)
-    return fn(Variant.from_dict(variant), t)
+    return fn(Variant.from_dict(variant), t, host_arch)
 
 
 class RayExecutor(cf.Executor):
@@ -60,8 +60,8 @@ class RayExecutor(cf.Executor):
         )(_run).options(runtime_env={"env_vars": {"CUTE_DSL_ARCH": target.arch, "CUTE_DSL_LOG_LEVEL": "0"}})
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future:  # type: ignore[override]
-        variant, target = args
-        return self._remote.remote(fn, variant.to_dict(), target.to_dict()).future()
+        variant, target, host_arch = args
+        return self._remote.remote(fn, variant.to_dict(), target.to_dict(), host_arch).future()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """The cluster stays up for the next target (and for the caller's other work)."""

@@ -9,6 +9,7 @@ Schema (every key below ``families.<family>[i]`` is an axis; see ``fa4aot axes``
       num_sms: 148          # baked into FA4's grids; the runtime refuses another SM count
       l2_bytes: 132120576   # optional, informational
       smem_optin_bytes: 232448  # optional; default per arch
+      host_arch: [x86_64, aarch64]  # optional: CPUs of the hosts (default: the build machine's)
     families:
       fwd_sm100:            # a family: a list of groups
         - name: prefill     # optional label
@@ -36,7 +37,11 @@ from fa4aot.core.families import FAMILIES, Family, product, resolve_fields
 from fa4aot.core.variant import SMEM_OPTIN_BYTES, Target, Variant
 
 ARCHES = tuple(SMEM_OPTIN_BYTES)
-_TARGET_KEYS = {"name", "arch", "num_sms", "l2_bytes", "smem_optin_bytes"}
+_TARGET_KEYS = {"name", "arch", "num_sms", "l2_bytes", "smem_optin_bytes", "host_arch"}
+#: Host CPU archs launch plans can be built for: x86_64 natively on x86_64, aarch64 (Grace:
+#: GB200 / GB300) natively or, from x86_64, with the DSL's aarch64 host target, a cross linker and
+#: qemu to test them.
+HOST_ARCHES = ("x86_64", "aarch64")
 #: Target and group names end up in file names, logs and shell lines: a safe character set only.
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SAFE_NAME_RULE = "1-64 characters of A-Z a-z 0-9 . _ - (not starting with . _ -)"
@@ -76,6 +81,13 @@ class Plan:
     targets: list[Target]
     variants: list[PlannedVariant] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    #: per target (by :meth:`Target.identity` arch and SM count), the host CPU archs whose launch
+    #: plans to build; empty: the build machine's
+    host_arches: dict[tuple[str, int], tuple[str, ...]] = field(default_factory=dict)
+
+    def hosts(self, target: Target, default: str) -> tuple[str, ...]:
+        """The host archs to build ``target``'s plans for (``default``: the build machine's)."""
+        return self.host_arches.get((target.arch, target.num_sms)) or (default,)
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -196,6 +208,23 @@ def parse_target(doc: Any, path: str = "target") -> Target:
     return Target(name, arch, num_sms, doc.get("l2_bytes"), doc.get("smem_optin_bytes"))
 
 
+def parse_host_arches(doc: Any, path: str = "target") -> tuple[str, ...]:
+    """A target's ``host_arch``: one arch or a list of them (empty: the build machine's)."""
+    raw = doc.get("host_arch") if isinstance(doc, Mapping) else None
+    if raw is None:
+        return ()
+    items = raw if isinstance(raw, list) else [raw]
+    if not items:
+        raise ManifestError(f"{path}.host_arch", f"an empty list; give one or more of {list(HOST_ARCHES)}")
+    for i, item in enumerate(items):
+        if item not in HOST_ARCHES:
+            where = f"{path}.host_arch" + (f"[{i}]" if isinstance(raw, list) else "")
+            raise ManifestError(where, f"must be one of {list(HOST_ARCHES)}, got {item!r}")
+    if len(set(items)) != len(items):
+        raise ManifestError(f"{path}.host_arch", f"lists an arch twice: {items}")
+    return tuple(items)
+
+
 def _string_keys(doc: Mapping[Any, Any], path: str) -> None:
     for key in doc:
         if not isinstance(key, str):
@@ -230,6 +259,8 @@ def expand(doc: Any) -> Plan:
         if any(t.identity() == target.identity() for t in plan.targets):
             raise ManifestError(prefix + "target", f"{target.arch} with {target.num_sms} SMs is listed twice")
         plan.targets.append(target)
+        if hosts := parse_host_arches(section.get("target"), prefix + "target"):
+            plan.host_arches[(target.arch, target.num_sms)] = hosts
         _expand_families(section.get("families"), prefix, target, plan, seen)
     return plan
 

@@ -35,6 +35,8 @@ class Row:
     seconds: float = 0.0
     size: int = 0
     error: str | None = None
+    #: the host CPU arch of its launch plan
+    host: str = ""
 
 
 @dataclass
@@ -81,15 +83,16 @@ def build(
     *,
     progress: Callable[[int, int, Row], None] | None = None,
     families: tuple[str, ...] = (),
-    compile_fn: Callable[[Variant, Target], BuildOutput] = build_variant,
+    compile_fn: Callable[[Variant, Target, str], BuildOutput] = build_variant,
     pool_factory: Callable[[Target, int], cf.Executor] | None = None,
 ) -> BuildReport:
     """Build every variant the manifest asks for (of ``families``, if given) into ``cache_dir``.
 
     Checks before compiling anything that the families exist in the manifest and that the cache
     is writable. A full disk stops the build cleanly: what was stored stays, the report says what
-    was not (``report.stopped``). ``compile_fn`` and ``pool_factory`` (a process pool per target
-    by default) let tests run fake compiles.
+    was not (``report.stopped``). Each target's variants are built once per host arch its manifest
+    names (``compile_fn(variant, target, host_arch)``). ``compile_fn`` and ``pool_factory`` (a
+    process pool per target by default) let tests run fake compiles.
     """
     t0 = time.perf_counter()
     plan = manifest_mod.load(manifest_path)
@@ -102,25 +105,26 @@ def build(
             if fam not in known:
                 raise ManifestError("--family", f"{manifest_path} builds no {fam} variant")
         planned = [pv for pv in planned if pv.variant.family in families]
-    toolchain = fingerprint()
-    host = host_arch()
+    here = host_arch()
+    jobs_list = [(pv, host) for pv in planned for host in plan.hosts(pv.target, here)]
+    toolchains = {host: fingerprint(host) for host in {h for _, h in jobs_list}}
     cache = CacheWriter(cache_dir)
     cache.check_writable()
     report = BuildReport()
-    todo: dict[Target, list[tuple[manifest_mod.PlannedVariant, str]]] = {}
-    total = len(planned)
+    todo: dict[Target, list[tuple[manifest_mod.PlannedVariant, str, str]]] = {}
+    total = len(jobs_list)
     done = 0
-    for pv in planned:
-        key = cache_key(pv.variant, toolchain, host)
+    for pv, host in jobs_list:
+        key = cache_key(pv.variant, toolchains[host], host)
         size = _cached(cache, key)
         if size is not None:
-            row = Row(pv.variant, key, "cached", size=size)
+            row = Row(pv.variant, key, "cached", size=size, host=host)
             report.rows.append(row)
             done += 1
             if progress:
                 progress(done, total, row)
         else:
-            todo.setdefault(pv.target, []).append((pv, key))
+            todo.setdefault(pv.target, []).append((pv, key, host))
     jobs = max(1, jobs or default_jobs())
     for target, all_items in todo.items():
         # A fresh pool per chunk recycles workers (bounding memory growth across compiles); the
@@ -131,9 +135,11 @@ def build(
                 break
             items = all_items[start : start + chunk]
             with (pool_factory or _pool)(target, min(jobs, len(items))) as pool:
-                futures = {pool.submit(compile_fn, pv.variant, target): (pv, key) for pv, key in items}
+                futures = {
+                    pool.submit(compile_fn, pv.variant, target, host): (pv, key, host) for pv, key, host in items
+                }
                 for fut in cf.as_completed(futures):
-                    pv, key = futures[fut]
+                    pv, key, host = futures[fut]
                     if report.stopped:
                         fut.cancel()
                         continue
@@ -143,10 +149,10 @@ def build(
                         out = BuildOutput(pv.variant, False, error=f"build worker died: {e!r}")
                     report.peak_rss_mb = max(report.peak_rss_mb, out.peak_rss_mb)
                     try:
-                        row = _store(cache, pv, key, target, out, toolchain, host)
+                        row = _store(cache, pv, key, target, out, toolchains[host], host)
                     except CacheFullError as e:
                         report.stopped = str(e)
-                        row = Row(pv.variant, key, "failed", out.seconds, error=f"not stored: {e}")
+                        row = Row(pv.variant, key, "failed", out.seconds, error=f"not stored: {e}", host=host)
                     report.rows.append(row)
                     done += 1
                     if progress:
@@ -155,8 +161,8 @@ def build(
         done_keys = {r.key for r in report.rows}
         for items in todo.values():
             report.rows += [
-                Row(pv.variant, key, "failed", error="not built: the build stopped")
-                for pv, key in items
+                Row(pv.variant, key, "failed", error="not built: the build stopped", host=host)
+                for pv, key, host in items
                 if key not in done_keys
             ]
     try:
@@ -179,7 +185,7 @@ def _store(
 ) -> Row:
     """Put a successful build into the cache (blobs first, index record last)."""
     if not out.ok:
-        return Row(pv.variant, key, "failed", out.seconds, error=out.error)
+        return Row(pv.variant, key, "failed", out.seconds, error=out.error, host=host)
     meta = dict(out.meta)
     meta.update(
         variant=pv.variant.to_dict(),
@@ -190,7 +196,7 @@ def _store(
         build={"seconds": round(out.seconds, 3), "peak_rss_mb": round(out.peak_rss_mb, 1)},
     )
     entry = cache.put(key, meta, out.blobs)
-    return Row(pv.variant, key, "built", out.seconds, sum(r.size for r in entry.blobs.values()))
+    return Row(pv.variant, key, "built", out.seconds, sum(r.size for r in entry.blobs.values()), host=host)
 
 
 def _pool(target: Target, workers: int) -> cf.ProcessPoolExecutor:

@@ -23,18 +23,26 @@ class RebuildResult:
 
 
 def rebuild_sample(cache: Cache, n: int, seed: int | None = None) -> list[RebuildResult]:
-    """Rebuild ``n`` random entries this toolchain and host built (others cannot be reproduced
-    here and are not drawn) and compare their blobs."""
+    """Rebuild ``n`` random entries this toolchain built, for this host arch or one it can build
+    and test plans for (others cannot be reproduced here and are not drawn), and compare their
+    blobs."""
     from fa4aot.build.archive import cache_entries
+    from fa4aot.build.emulate import emulation_available
 
-    toolchain, host = fingerprint(), host_arch()
-    pool = [e for e in cache_entries(cache) if e.meta.get("toolchain") == toolchain and e.host_arch == host]
+    hosts = {e.host_arch for e in cache_entries(cache)}
+    buildable = {h for h in hosts if h == host_arch() or emulation_available(h) is None}
+    toolchains = {h: fingerprint(h) for h in buildable}
+    pool = [
+        e
+        for e in cache_entries(cache)
+        if e.host_arch in buildable and e.meta.get("toolchain") == toolchains[e.host_arch]
+    ]
     rng = random.Random(seed)
     picked = rng.sample(pool, min(n, len(pool)))
     out = []
     for e in picked:
         with _pool(e.target, 1) as ex:
-            res = ex.submit(build_variant, e.variant, e.target).result()
+            res = ex.submit(build_variant, e.variant, e.target, e.host_arch).result()
         if not res.ok:
             out.append(RebuildResult(e, "failed", res.error or "the rebuild failed"))
             continue

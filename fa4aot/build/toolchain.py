@@ -70,9 +70,10 @@ def c_compiler_for(host_arch: str) -> str:
     )
 
 
-@functools.lru_cache(maxsize=1)
-def fingerprint() -> dict[str, str]:
-    """Versions and source hashes that go into every cache key."""
+@functools.lru_cache(maxsize=4)
+def fingerprint(host: str | None = None) -> dict[str, str]:
+    """Versions and source hashes that go into every cache key of plans for ``host`` hosts
+    (default: this machine's): the C compiler is the one that links them."""
     from fa4aot.core.errors import ToolchainError
 
     out: dict[str, str] = {}
@@ -86,7 +87,7 @@ def fingerprint() -> dict[str, str]:
     out["cuda-libs"] = _dsl_cuda_flavor()
     out["kernels-src"] = _hash_files(list(kernels_dir().glob("*.py")))
     out["plan-shim"] = _hash_files([_PKG_ROOT / "plan" / "shim.c"])
-    cc = c_compiler()
+    cc = c_compiler() if host in (None, host_arch_here()) else c_compiler_for(host)
     try:
         ver = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except OSError as e:

@@ -19,7 +19,9 @@ from typing import Any
 
 from fa4aot.build.header import check_against, parse_header
 from fa4aot.build.link import link_plan
+from fa4aot.build.toolchain import c_compiler_for, host_arch_here
 from fa4aot.core import cubin as cubin_reader
+from fa4aot.core.errors import ToolchainError
 from fa4aot.core.variant import Target, Variant, sha256_hex
 from fa4aot.plan.library import SHIM_ABI
 
@@ -59,12 +61,13 @@ def configure(target: Target) -> None:
     _CONFIGURED = (target.arch, target.num_sms)
 
 
-def build_variant(variant: Variant, target: Target) -> BuildOutput:
-    """Compile ``variant`` for ``target``; never raises (errors are returned)."""
+def build_variant(variant: Variant, target: Target, host_arch: str | None = None) -> BuildOutput:
+    """Compile ``variant`` for ``target``, its launch plan for ``host_arch`` hosts (default: this
+    machine's); never raises (errors are returned)."""
     t0 = time.perf_counter()
     try:
         configure(target)
-        blobs, meta = _build(variant, target)
+        blobs, meta = _build(variant, target, host_arch or host_arch_here())
         out = BuildOutput(variant, True, blobs, meta)
     except Exception as e:  # one failing variant must not stop the build
         detail = "".join(traceback.format_exception_only(type(e), e)).strip()
@@ -75,10 +78,26 @@ def build_variant(variant: Variant, target: Target) -> BuildOutput:
     return out
 
 
-def _build(variant: Variant, target: Target) -> tuple[dict[str, bytes], dict[str, Any]]:
+#: The CuTe DSL's host-target preset per host arch (``--host-target``; the DSL cross-compiles
+#: its host code for AArch64 only).
+DSL_HOST_TARGETS = {"aarch64": "linux-aarch64"}
+
+
+def _build(variant: Variant, target: Target, host: str) -> tuple[dict[str, bytes], dict[str, Any]]:
     import cutlass.cute as cute
     from fa4aot_kernels import module_for
 
+    native = host == host_arch_here()
+    if not native:
+        if host not in DSL_HOST_TARGETS:
+            raise ToolchainError(
+                f"the CuTe DSL cannot export host code for {host} (it can for {sorted(DSL_HOST_TARGETS)})"
+            )
+        from fa4aot.build.emulate import emulation_available
+
+        if why := emulation_available(host):
+            # a plan is stored only after it ran: here, under emulation
+            raise ToolchainError(f"cannot test {host} launch plans on this machine: {why}")
     entry = module_for(variant.family).make_entry(variant, target)
     prefix = "fa4aot_" + variant.variant_id[:12]
     with tempfile.TemporaryDirectory(prefix="fa4aot-build-") as tmp:
@@ -89,6 +108,8 @@ def _build(variant: Variant, target: Target) -> tuple[dict[str, bytes], dict[str
         dump = tmpd / "dump"
         dump.mkdir()
         options = f"--gpu-arch {target.arch} --keep-cubin --dump-dir {dump}"
+        if not native:  # FA4's host code for the other CPU; the cubin does not change
+            options += f" --host-target {DSL_HOST_TARGETS[host]}"
         if entry.options:
             options += " " + entry.options
         t0 = time.perf_counter()
@@ -104,7 +125,7 @@ def _build(variant: Variant, target: Target) -> tuple[dict[str, bytes], dict[str
             raise RuntimeError("the cubin is not the one embedded in the exported host object")
         header = parse_header(header_text)
         check_against(header, entry.args)
-        link_plan(tmpd / "plan.o", tmpd / "plan.so")
+        link_plan(tmpd / "plan.o", tmpd / "plan.so", cc=c_compiler_for(host))
         plan_bytes = (tmpd / "plan.so").read_bytes()
         # The plan embeds the cubin verbatim: record where, and store the cubin only there.
         cubin_offset = plan_bytes.find(cubin_bytes)
@@ -144,61 +165,35 @@ def _build(variant: Variant, target: Target) -> tuple[dict[str, bytes], dict[str
             "compile_seconds": round(compile_s, 3),
             "shim_abi": SHIM_ABI,
         }
-        meta["launch"] = _self_test(tmpd / "plan.so", meta, variant, target)
-    blobs = {"plan": plan_bytes, "header": header_text.encode()}
+        meta["launch"] = _self_test(plan_bytes, meta, variant, target, host)
+    # the cubin is stored once, as its own blob; the plan without it (see core.index)
+    hollow = plan_bytes[:cubin_offset] + plan_bytes[cubin_offset + len(cubin_bytes) :]
+    blobs = {"cubin": cubin_bytes, "plan": hollow, "header": header_text.encode()}
     return blobs, meta
 
 
-#: The CuTe DSL's host-target preset per host arch (``--host-target``; the DSL cross-compiles
-#: its host code for AArch64 only).
-DSL_HOST_TARGETS = {"aarch64": "linux-aarch64"}
-
-
-def build_cross_plan(variant: Variant, target: Target, host_arch: str) -> tuple[bytes, bytes]:
-    """(cubin, plan) of ``variant`` with FA4's host code compiled for ``host_arch`` hosts: the
-    DSL exports the host object for that triple (``--host-target``) and the cross C compiler links
-    it with the shim. The cubin is the one a native build makes. Runs in a configured worker."""
-    import cutlass.cute as cute
-    from fa4aot_kernels import module_for
-
-    from fa4aot.build.toolchain import c_compiler_for
-
-    if host_arch not in DSL_HOST_TARGETS:
-        raise RuntimeError(
-            f"the CuTe DSL cannot export host code for {host_arch} (it can for {sorted(DSL_HOST_TARGETS)})"
-        )
-    configure(target)
-    entry = module_for(variant.family).make_entry(variant, target)
-    with tempfile.TemporaryDirectory(prefix="fa4aot-build-") as tmp:
-        tmpd = Path(tmp)
-        dump = tmpd / "dump"
-        dump.mkdir()
-        options = f"--gpu-arch {target.arch} --keep-cubin --dump-dir {dump} --host-target {DSL_HOST_TARGETS[host_arch]}"
-        if entry.options:
-            options += " " + entry.options
-        compiled = cute.compile(entry.fn, *entry.compile_args, options=options)
-        compiled.export_to_c(str(tmpd), "plan", "fa4aot_" + variant.variant_id[:12])
-        link_plan(tmpd / "plan.o", tmpd / "plan.so", cc=c_compiler_for(host_arch))
-        return compiled.artifacts.CUBIN, (tmpd / "plan.so").read_bytes()
-
-
-def _self_test(plan_path: Path, meta: dict[str, Any], variant: Variant, target: Target) -> dict[str, Any]:
-    """Call the new plan on sample shapes: proves it runs, and records what the launch is."""
+def _self_test(plan_bytes: bytes, meta: dict[str, Any], variant: Variant, target: Target, host: str) -> dict[str, Any]:
+    """Call the new plan on sample shapes (in this process, or under emulation for another host
+    CPU): proves it runs, and records what the launch is."""
     from fa4aot.core import samples
-    from fa4aot.plan.library import KernelTable, Plan, target_answers
+    from fa4aot.plan.library import module_load_of, open_plan, target_answers
 
-    plan = Plan(
-        str(plan_path),
-        meta["signature"]["args"],
-        [KernelTable.from_meta(k) for k in meta["kernels"]],
-        meta["signature"]["entry"],
-        meta["signature"]["init"],
-        meta["signature"]["load"],
-    )
-    dev, ker = target_answers(target.optin_smem())
-    load = plan.load(list(range(1, len(meta["kernels"]) + 1)), dev, ker)
     args = samples.named_args(variant)
-    launches = plan.plan(plan.order(args))
+    if host == host_arch_here():
+        plan = open_plan(plan_bytes, meta)
+        load = plan.load(list(range(1, len(meta["kernels"]) + 1)), *target_answers(target.optin_smem()))
+        launches = plan.plan(plan.order(args))
+    else:
+        from fa4aot.build.emulate import fake_handles, run_states
+        from fa4aot.plan.library import launch_of
+
+        run = run_states(plan_bytes, meta, target.optin_smem(), [args], host)
+        names = dict(zip(fake_handles(len(meta["kernels"])), (k["symbol"] for k in meta["kernels"])))
+        rc, state, _ = run.calls[0]
+        if run.load_rc or rc:
+            raise RuntimeError(f"the {host} plan failed under emulation (cuda error {run.load_rc or rc})")
+        load = module_load_of(run.load, names)
+        launches = [launch_of(state.launches[i], names) for i in range(state.n_launches)]
     if not launches:
         raise RuntimeError("the plan recorded no launch for the sample call")
     first = launches[0]

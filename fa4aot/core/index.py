@@ -8,13 +8,14 @@ Layout under the cache root::
     packed/<arch>-<sms>-<host>.idx
                                 one file per target and host arch, rewritten at the end of every
                                 build and gc: the entries the runtime may load, read in one go
-    blobs/<aa>/<sha256>.<ext>   raw, immutable artifact bytes (launch plan .so, header)
+    blobs/<aa>/<sha256>.<ext>   raw, immutable artifact bytes (cubin, launch plan .so, header)
     tmp/                        staging for atomic writes
 
-Each entry stores its launch plan (FA4's exported host code linked with the shim) and the header
-``export_to_c`` wrote. The plan embeds the cubin; the entry records where (``meta["cubin"]``:
-offset, size, sha256), so the cubin is stored once and the runtime reads and hashes one blob per
-variant. ``fa4aot show KEY --cubin-out FILE`` extracts it for cuobjdump and friends.
+Each entry stores its cubin, its launch plan (FA4's exported host code linked with the shim, for
+one host CPU arch) and the header ``export_to_c`` wrote. The linked plan embeds the cubin; it is
+stored with those bytes cut out and the entry records where they go back (``meta["cubin"]``:
+offset, size, sha256), so the same variant built for x86_64 and aarch64 hosts shares one cubin
+blob and only the plans differ. :meth:`Cache.read_plan` puts the plan back together.
 
 The packed index::
 
@@ -42,7 +43,7 @@ from fa4aot.core.variant import CACHE_FORMAT_VERSION, Target, Variant, sha256_he
 
 FORMAT_LINE = f"fa4aot-cache {CACHE_FORMAT_VERSION}"
 #: File extension of each blob role.
-BLOB_EXT = {"plan": "so", "header": "h"}
+BLOB_EXT = {"plan": "so", "header": "h", "cubin": "cubin"}
 DEFAULT_CACHE_ENV = "FA4AOT_CACHE"
 PACKED_DIR = "packed"
 PACKED_MAGIC = b"FA4AOT-PACKED 1\n"
@@ -426,24 +427,27 @@ class Cache:
             )
         return data
 
-    def read_cubin(self, entry: Entry, plan_bytes: bytes | None = None) -> bytes:
-        """The entry's cubin: a slice of its (verified) plan, checked against the cubin's own sha256."""
-        return cubin_of(entry, self.read_blob(entry, "plan") if plan_bytes is None else plan_bytes)
+    def read_cubin(self, entry: Entry) -> bytes:
+        """The entry's cubin (its blob, hash-checked)."""
+        return self.read_blob(entry, "cubin")
+
+    def read_plan(self, entry: Entry) -> bytes:
+        """The entry's loadable plan: its stored plan with the cubin put back (both blobs
+        hash-checked)."""
+        return splice_plan(entry, self.read_blob(entry, "plan"), self.read_cubin(entry))
 
 
-def cubin_of(entry: Entry, plan_bytes: bytes) -> bytes:
-    """Slice ``entry``'s cubin out of its verified plan bytes. The plan's sha256 already covers
-    these bytes; the cubin's own sha256 is checked too, since it names the cubin FA4 built."""
+def splice_plan(entry: Entry, hollow: bytes, cubin: bytes) -> bytes:
+    """The linked plan from its stored form (the cubin's bytes cut out) and the cubin."""
     ref = entry.cubin
     if ref is None:
         raise CacheError(f"entry {entry.key} records no cubin location (built by an older fa4aot?)")
-    data = plan_bytes[ref.offset : ref.offset + ref.size]
-    if len(data) != ref.size or sha256_hex(data) != ref.sha256:
+    if ref.size != len(cubin) or not 0 <= ref.offset <= len(hollow):
         raise CorruptArtifactError(
-            f"cubin of entry {entry.key} ({entry.variant.label()}) does not match its recorded sha256 at "
-            f"offset {ref.offset} of the plan; run `fa4aot verify` and rebuild."
+            f"entry {entry.key} ({entry.variant.label()}) records a cubin of {ref.size} bytes at offset "
+            f"{ref.offset} of a {len(hollow)}-byte plan, but its cubin has {len(cubin)}; run `fa4aot verify` and rebuild."
         )
-    return data
+    return hollow[: ref.offset] + cubin + hollow[ref.offset :]
 
 
 class SizeMismatch(OSError):

@@ -12,8 +12,11 @@ import json
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-#: Bumped whenever the cache entry layout or the meaning of a variant field changes.
-CACHE_FORMAT_VERSION = 2
+#: Bumped whenever the cache entry layout changes (3: the cubin is its own blob, shared by the
+#: plans of every host arch).
+CACHE_FORMAT_VERSION = 3
+#: Bumped whenever the meaning of a variant field changes (it is hashed into every variant id).
+VARIANT_SCHEMA_VERSION = 2
 
 #: cudaDevAttrMaxSharedMemoryPerBlockOptin of H100 and B200: 227 KiB (CUDA programming guide,
 #: compute capability 9.0 and 10.0 tables).
@@ -127,7 +130,7 @@ class Variant(NamedTuple):
     @property
     def variant_id(self) -> str:
         """Stable 20-hex-digit id of the variant alone (what the runtime looks up)."""
-        return sha256_hex(canonical_json({"v": CACHE_FORMAT_VERSION, **self.to_dict()}))[:20]
+        return sha256_hex(canonical_json({"v": VARIANT_SCHEMA_VERSION, **self.to_dict()}))[:20]
 
     def label(self) -> str:
         """Short human-readable description for tables."""

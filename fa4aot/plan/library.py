@@ -238,45 +238,12 @@ class Plan:
         with self._load_lock:
             if self.module_load is not None:
                 return self.module_load
-            if len(handles) != len(self.kernels) or len(set(handles)) != len(handles) or 0 in handles:
-                raise PlanError("need one distinct non-zero handle per kernel")
-            st = State()
-            st.abi = SHIM_ABI
-            st.device = device
-            st.library_handle = library_handle
-            st.n_kernels = len(self.kernels)
-            for i, (k, h) in enumerate(zip(self.kernels, handles)):
-                ki = st.kernels[i]
-                ki.name = k.name.encode()
-                ki.handle = h
-                ki.n_params = len(k.param_sizes)
-                ki.param_bytes = k.param_bytes
-                for j, (off, size) in enumerate(zip(k.param_offsets, k.param_sizes)):
-                    ki.param_offset[j] = off
-                    ki.param_size[j] = size
-                self._handle_names[h] = k.name
-            for table, count, answers in (
-                (st.device_answers, "n_device_answers", device_attrs),
-                (st.kernel_answers, "n_kernel_answers", kernel_attrs),
-            ):
-                if len(answers) > MAX_ANSWERS:
-                    raise PlanError("too many attribute answers")
-                for i, (attr, value) in enumerate(answers.items()):
-                    table[i].attr = attr
-                    table[i].value = value
-                setattr(st, count, len(answers))
+            st = state_template(self.kernels, handles, device_attrs, kernel_attrs, library_handle, device)
+            self._handle_names.update((h, k.name) for k, h in zip(self.kernels, handles))
             rc = self._load_fn(ctypes.byref(st), self._init, self._loadsym)
             if rc:
                 raise PlanError(f"plan module load failed (cuda error {rc}): {st.error_msg.decode()}")
-            sets = tuple(
-                (
-                    self._handle_names.get(st.setattrs[i].kernel, hex(st.setattrs[i].kernel)),
-                    st.setattrs[i].attr,
-                    st.setattrs[i].value,
-                )
-                for i in range(st.n_setattrs)
-            )
-            self.module_load = ModuleLoad(st.n_library_loads, st.n_kernel_lookups, sets)
+            self.module_load = module_load_of(st, self._handle_names)
             self._launch_fn = launch_fn
             self._template = st
             return self.module_load
@@ -363,14 +330,7 @@ class Plan:
         return [self._launch(st.launches[i]) for i in range(st.n_launches)]
 
     def _launch(self, rec: LaunchRecord) -> Launch:
-        return Launch(
-            kernel=self._handle_names.get(rec.kernel, hex(rec.kernel)),
-            grid=tuple(rec.grid),  # type: ignore[arg-type]
-            block=tuple(rec.block),  # type: ignore[arg-type]
-            smem=rec.smem,
-            attributes={rec.attr_id[i]: bytes(rec.attr_val[i]) for i in range(rec.n_attrs)},
-            param_bytes=bytes(rec.params[: rec.param_bytes]),
-        )
+        return launch_of(rec, self._handle_names)
 
     # -- the fast paths ----------------------------------------------------------------------
 
@@ -562,6 +522,66 @@ def _make_launcher(plan: Plan, order: list[str], optional: set[str], ranks_check
     }
     exec(src, scope)  # noqa: S102 - generated from the recorded signature only
     return scope["launch"]
+
+
+def state_template(
+    kernels: Sequence[KernelTable],
+    handles: Sequence[int],
+    device_attrs: Mapping[int, int],
+    kernel_attrs: Mapping[int, int],
+    library_handle: int = FAKE_LIBRARY_HANDLE,
+    device: int = 0,
+) -> State:
+    """A shim state holding a module load's inputs: the kernel tables with their handles and the
+    attribute answers (what :meth:`Plan.load` and the emulated plan runner start from)."""
+    if len(handles) != len(kernels) or len(set(handles)) != len(handles) or 0 in handles:
+        raise PlanError("need one distinct non-zero handle per kernel")
+    st = State()
+    st.abi = SHIM_ABI
+    st.device = device
+    st.library_handle = library_handle
+    st.n_kernels = len(kernels)
+    for i, (k, h) in enumerate(zip(kernels, handles)):
+        ki = st.kernels[i]
+        ki.name = k.name.encode()
+        ki.handle = h
+        ki.n_params = len(k.param_sizes)
+        ki.param_bytes = k.param_bytes
+        for j, (off, size) in enumerate(zip(k.param_offsets, k.param_sizes)):
+            ki.param_offset[j] = off
+            ki.param_size[j] = size
+    for table, count, answers in (
+        (st.device_answers, "n_device_answers", device_attrs),
+        (st.kernel_answers, "n_kernel_answers", kernel_attrs),
+    ):
+        if len(answers) > MAX_ANSWERS:
+            raise PlanError("too many attribute answers")
+        for i, (attr, value) in enumerate(answers.items()):
+            table[i].attr = attr
+            table[i].value = value
+        setattr(st, count, len(answers))
+    return st
+
+
+def module_load_of(st: State, names: Mapping[int, str]) -> ModuleLoad:
+    """What a module load recorded in ``st`` (kernel handles named by ``names``)."""
+    sets = tuple(
+        (names.get(st.setattrs[i].kernel, hex(st.setattrs[i].kernel)), st.setattrs[i].attr, st.setattrs[i].value)
+        for i in range(st.n_setattrs)
+    )
+    return ModuleLoad(st.n_library_loads, st.n_kernel_lookups, sets)
+
+
+def launch_of(rec: LaunchRecord, names: Mapping[int, str]) -> Launch:
+    """One recorded launch (kernel handles named by ``names``)."""
+    return Launch(
+        kernel=names.get(rec.kernel, hex(rec.kernel)),
+        grid=tuple(rec.grid),  # type: ignore[arg-type]
+        block=tuple(rec.block),  # type: ignore[arg-type]
+        smem=rec.smem,
+        attributes={rec.attr_id[i]: bytes(rec.attr_val[i]) for i in range(rec.n_attrs)},
+        param_bytes=bytes(rec.params[: rec.param_bytes]),
+    )
 
 
 def target_answers(smem_optin: int, static_smem: int = 0) -> tuple[dict[int, int], dict[int, int]]:

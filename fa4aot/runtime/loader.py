@@ -29,7 +29,7 @@ from typing import Any
 
 from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import CacheError, DeviceMismatchError, Fa4aotError, VariantNotFoundError
-from fa4aot.core.index import Cache, Entry, PackedKey, cache_search_path, cubin_of, read_regular
+from fa4aot.core.index import Cache, Entry, PackedKey, cache_search_path, read_regular, splice_plan
 from fa4aot.core.tuning import TuningEntry, TuningTable, TuningTableError, result_class_difference, table_filename
 from fa4aot.core.variant import Target, Variant
 from fa4aot.plan.abi import DEV_ATTR_MAX_SMEM_OPTIN, FUNC_ATTR_SHARED_SIZE_BYTES, SHIM_ABI
@@ -460,8 +460,9 @@ class Runtime:
         t = [time.perf_counter()]
         _require_fields(entry)
         self._check_entry(entry)
-        plan_bytes = self.cache.read_blob(entry, "plan")  # sha256 checked: a corrupt blob never loads
-        cubin = cubin_of(entry, plan_bytes)  # a checked slice of the verified plan
+        # both blobs sha256-checked: a corrupt one never loads
+        cubin = self.cache.read_cubin(entry)
+        plan_bytes = splice_plan(entry, self.cache.read_blob(entry, "plan"), cubin)
         t.append(time.perf_counter())
         drv = self.driver
         library = drv.load_library(cubin)
@@ -543,6 +544,7 @@ def _require_fields(entry: Entry) -> None:
             and isinstance(m["signature"]["args"], list)
             and entry.cubin is not None
             and "plan" in entry.blobs
+            and "cubin" in entry.blobs
         )
     except (KeyError, TypeError, ValueError):
         ok = False

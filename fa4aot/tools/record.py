@@ -26,7 +26,7 @@ from fa4aot.core.variant import Variant
 #: SKUs ``--target`` knows: name -> (arch, SM count).
 TARGETS = {
     "b200": ("sm_100a", 148),
-    "gb200": ("sm_100a", 148),
+    "gb200": ("sm_100a", 152),
     "b300": ("sm_103a", 148),
     "h100": ("sm_90a", 132),
     "h200": ("sm_90a", 132),

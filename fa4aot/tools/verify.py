@@ -1,10 +1,11 @@
 """``fa4aot verify``: re-check every cache entry against its recorded metadata.
 
 For each entry: the key recomputes from the recorded variant, toolchain and host arch; every blob
-has its recorded size and sha256; the cubin (inside the plan) has its own recorded sha256, parses, is for the entry's arch, and its kernels'
-parameter tables, parameter buffer sizes and block sizes equal the metadata; and (where the plan
-was built for this CPU) the launch plan loads and, called on sample shapes, launches the cubin's
-kernel with its block size and parameter table.
+has its recorded size and sha256; the cubin is the one the entry records, parses, is for the
+entry's arch, and its kernels' parameter tables, parameter buffer sizes and block sizes equal the
+metadata; and the launch plan loads and, called on sample shapes, launches the cubin's kernel with
+its block size and parameter table. A plan built for another host CPU runs under user-mode
+emulation (qemu) where it is available; where not, verify says it skipped those runs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 from fa4aot.core import cubin as cubin_reader
 from fa4aot.core.errors import Fa4aotError
-from fa4aot.core.index import Cache, Entry, cubin_of
+from fa4aot.core.index import Cache, Entry, splice_plan
 from fa4aot.core.variant import Variant, cache_key
 
 
@@ -25,8 +26,9 @@ class Problem:
     what: str
 
 
-def verify(cache: Cache, run_plans: bool = True) -> tuple[int, list[Problem]]:
-    """(entries checked, problems found)."""
+def verify(cache: Cache, run_plans: bool = True, skipped: dict[str, str] | None = None) -> tuple[int, list[Problem]]:
+    """(entries checked, problems found). Plans of a host arch that cannot run here are not run:
+    ``skipped`` (if given) gets each such host arch and why."""
     problems: list[Problem] = []
     n = 0
     for key, text in cache.records():
@@ -36,7 +38,7 @@ def verify(cache: Cache, run_plans: bool = True) -> tuple[int, list[Problem]]:
         except Fa4aotError as e:
             problems.append(Problem(key, "?", str(e)))
             continue
-        problems.extend(verify_entry(cache, entry, run_plans))
+        problems.extend(verify_entry(cache, entry, run_plans, skipped))
     problems.extend(verify_packed(cache))
     return n, problems
 
@@ -65,7 +67,9 @@ def verify_packed(cache: Cache) -> list[Problem]:
     return out
 
 
-def verify_entry(cache: Cache, entry: Entry, run_plans: bool = True) -> list[Problem]:
+def verify_entry(
+    cache: Cache, entry: Entry, run_plans: bool = True, skipped: dict[str, str] | None = None
+) -> list[Problem]:
     label = entry.variant.label()
     out: list[Problem] = []
 
@@ -81,15 +85,18 @@ def verify_entry(cache: Cache, entry: Entry, run_plans: bool = True) -> list[Pro
         bad(f"metadata lacks {e}")
         return out
     blobs: dict[str, bytes] = {}
-    for role in ("plan", "header"):
+    for role in ("cubin", "plan", "header"):
         try:
             blobs[role] = cache.read_blob(entry, role)
         except Fa4aotError as e:
             bad(str(e))
-    if "plan" in blobs:
+    ref = entry.cubin
+    if "cubin" in blobs and (ref is None or ref.sha256 != entry.blobs["cubin"].sha256):
+        bad("the cubin blob is not the cubin the entry records")
+        del blobs["cubin"]
+    if "cubin" in blobs:
         try:
-            cubin = cubin_of(entry, blobs["plan"])
-            parsed = cubin_reader.parse(cubin)
+            parsed = cubin_reader.parse(blobs["cubin"])
         except Fa4aotError as e:
             bad(f"cubin: {e}")
         else:
@@ -106,23 +113,36 @@ def verify_entry(cache: Cache, entry: Entry, run_plans: bool = True) -> list[Pro
                     bad(f"parameter buffer size {pk.cbank_param_size} != recorded {k['cbank_param_size']}")
                 if (list(pk.reqntid) if pk.reqntid else None) != k["reqntid"]:
                     bad(f"block size {pk.reqntid} != recorded {k['reqntid']}")
-    if run_plans and "plan" in blobs and meta.get("host_arch") == platform.machine():
-        out.extend(Problem(entry.key, label, w) for w in check_plan(entry, blobs["plan"]))
+    if run_plans and "plan" in blobs and "cubin" in blobs:
+        host = entry.host_arch
+        why = None if host == platform.machine() else _emulation_problem(host)
+        if why is None:
+            try:
+                plan_bytes = splice_plan(entry, blobs["plan"], blobs["cubin"])
+            except Fa4aotError as e:
+                bad(str(e))
+            else:
+                out.extend(Problem(entry.key, label, w) for w in check_plan(entry, plan_bytes))
+        elif skipped is not None:
+            skipped[host] = why
     return out
 
 
+def _emulation_problem(host: str) -> str | None:
+    from fa4aot.build.emulate import emulation_available
+
+    return emulation_available(host)
+
+
 def check_plan(entry: Entry, plan_bytes: bytes) -> list[str]:
-    """Load the plan and call it on sample shapes; returns what is wrong (empty if fine)."""
+    """Load the plan (under emulation if it is for another host CPU) and call it on sample
+    shapes; returns what is wrong (empty if fine)."""
     from fa4aot.core import samples
-    from fa4aot.plan.library import open_plan, target_answers
 
     meta = entry.meta
     problems = []
     try:
-        plan = open_plan(plan_bytes, meta)
-        dev, ker = target_answers(entry.target.optin_smem())
-        plan.load(list(range(1, len(plan.kernels) + 1)), dev, ker)
-        launches = plan.plan(plan.order(samples.named_args(entry.variant)))
+        launches = _sample_launches(entry, plan_bytes, samples.named_args(entry.variant))
     except Fa4aotError as e:
         return [f"launch plan fails: {e}"]
     symbols = {k["symbol"]: k for k in meta["kernels"]}
@@ -138,3 +158,26 @@ def check_plan(entry: Entry, plan_bytes: bytes) -> list[str]:
         if len(launch.param_bytes) != k["cbank_param_size"]:
             problems.append("plan's parameter buffer size differs from the cubin's")
     return problems
+
+
+def _sample_launches(entry: Entry, plan_bytes: bytes, named: dict) -> list:
+    """The launches the plan records for ``named``: in this process for this CPU's plans, in the
+    emulated plan runner for another host arch's."""
+    from fa4aot.core.errors import PlanError
+    from fa4aot.plan.library import launch_of, open_plan, target_answers
+
+    meta = entry.meta
+    if entry.host_arch == platform.machine():
+        plan = open_plan(plan_bytes, meta)
+        plan.load(list(range(1, len(plan.kernels) + 1)), *target_answers(entry.target.optin_smem()))
+        return plan.plan(plan.order(named))
+    from fa4aot.build.emulate import fake_handles, run_states
+
+    run = run_states(plan_bytes, meta, entry.target.optin_smem(), [named], entry.host_arch)
+    if run.load_rc:
+        raise PlanError(f"plan module load failed (cuda error {run.load_rc})")
+    rc, state, _ = run.calls[0]
+    if rc:
+        raise PlanError(f"plan call failed (cuda error {rc}): {state.error_msg.decode()}")
+    names = dict(zip(fake_handles(len(meta["kernels"])), (k["symbol"] for k in meta["kernels"])))
+    return [launch_of(state.launches[i], names) for i in range(state.n_launches)]
