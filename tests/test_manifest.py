@@ -43,6 +43,12 @@ def error_field(doc) -> str:
         (lambda d: d["families"]["combine"][0].update(head_dim=[64, "x"]), "families.combine[0].head_dim[1]"),
         (lambda d: d["families"]["combine"][0].update(max_splits=1000), "families.combine[0].max_splits"),
         (lambda d: d["families"].update(combine=[]), "families.combine"),
+        (lambda d: d["target"].update(host_arch="arm64"), "target.host_arch"),
+        (lambda d: d["target"].update(host_arch=["x86_64", "ppc64le"]), "target.host_arch[1]"),
+        (lambda d: d["target"].update(host_arch=[]), "target.host_arch"),
+        (lambda d: d["target"].update(host_arch=["aarch64", "aarch64"]), "target.host_arch"),
+        (lambda d: d["target"].update(host_arch=64), "target.host_arch"),
+        (lambda d: d["families"].update(fwd_sm120=[{}]), "families.fwd_sm120"),
     ],
 )
 def test_errors_name_the_field(mutate, field):
@@ -137,9 +143,28 @@ def test_multi_target_and_duplicates():
 def test_shipped_manifests_expand(tmp_path):
     from helpers import ROOT
 
-    for name in ("ci.yaml", "b200.yaml", "h100.yaml"):
+    for name in ("ci.yaml", "b200.yaml", "h100.yaml", "b300.yaml", "rtx-pro-6000.yaml", "gb200.yaml"):
         plan = manifest.load(ROOT / "manifests" / name)
         assert plan.variants, name
+
+
+def test_host_arch_picks_the_plans_hosts():
+    doc = copy.deepcopy(BASE)
+    assert expand(doc).hosts(manifest.parse_target(doc["target"]), "x86_64") == ("x86_64",)  # the build machine's
+    doc["target"]["host_arch"] = "aarch64"
+    plan = expand(doc)
+    assert plan.hosts(plan.targets[0], "x86_64") == ("aarch64",)
+    doc["target"]["host_arch"] = ["x86_64", "aarch64"]
+    plan = expand(doc)
+    assert plan.hosts(plan.targets[0], "x86_64") == ("x86_64", "aarch64")
+    gb200 = manifest.load(manifest_path("gb200.yaml"))
+    assert [(t.arch, t.num_sms, gb200.hosts(t, "x86_64")) for t in gb200.targets] == [("sm_100a", 152, ("aarch64",))]
+
+
+def manifest_path(name):
+    from helpers import ROOT
+
+    return ROOT / "manifests" / name
 
 
 def test_load_reports_yaml_errors(tmp_path):

@@ -224,7 +224,9 @@ def plan_cmd(manifest: Path, skipped: bool, as_json: bool, against: Path | None,
         click.echo(
             json.dumps(
                 {
-                    "targets": [t.to_dict() for t in plan.targets],
+                    "targets": [
+                        dict(t.to_dict(), host_arch=list(plan.hosts(t, platform.machine()))) for t in plan.targets
+                    ],
                     "variants": [
                         {
                             "id": pv.variant.variant_id,
@@ -242,7 +244,8 @@ def plan_cmd(manifest: Path, skipped: bool, as_json: bool, against: Path | None,
         )
         return
     for t in plan.targets:
-        click.echo(f"target {t.name}: {t.arch}, {t.num_sms} SMs")
+        hosts = ", ".join(plan.hosts(t, platform.machine()))
+        click.echo(f"target {t.name}: {t.arch}, {t.num_sms} SMs; launch plans for {hosts} hosts")
     click.echo(f"{len(plan.variants)} variants: " + ", ".join(f"{k} {v}" for k, v in sorted(plan.counts().items())))
     candidates = 0
     for pv in plan.variants:
