@@ -12,7 +12,7 @@ from helpers import run_cli
 from fa4aot.build.store import CacheWriter
 from fa4aot.core.errors import CacheError, CorruptArtifactError
 from fa4aot.core.index import PACKED_MAGIC, Cache, PackedIndex, PackedKey, pack_index
-from fa4aot.core.variant import Target, Variant
+from fa4aot.core.variant import CACHE_FORMAT_VERSION, Target, Variant
 from fa4aot.plan.abi import SHIM_ABI
 from fa4aot.runtime.loader import Runtime
 
@@ -98,7 +98,7 @@ def test_newest_entry_of_a_variant_wins_in_the_packed_index(tmp_path):
 def test_packed_index_rejects_another_format(tmp_path):
     target = Target("h100", "sm_90a", 132)
     raw = pack_index(target, "x86_64", [])
-    raw = raw.replace(b'"format":2', b'"format":9')
+    raw = raw.replace(f'"format":{CACHE_FORMAT_VERSION}'.encode(), b'"format":9')
     # the header hash covers the format: rehash so that only the format is wrong
     import hashlib
 

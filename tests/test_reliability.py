@@ -35,7 +35,7 @@ from fa4aot.core.errors import (
     VariantNotFoundError,
 )
 from fa4aot.core.index import Cache
-from fa4aot.core.variant import Target, Variant, cache_key
+from fa4aot.core.variant import CACHE_FORMAT_VERSION, Target, Variant, cache_key
 from fa4aot.plan.abi import SHIM_ABI
 from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.tensors import RawTensor, _DLTensor
@@ -498,7 +498,7 @@ def test_one_malformed_record_fails_only_itself(tmp_path, template):
     c._writer().set("broken", json.dumps({"variant": {}}))
     bad = _meta(7)
     bad["blobs"] = {"plan": {"sha256": "0" * 64, "size": 1}}
-    bad["format"] = 2  # what put() adds
+    bad["format"] = CACHE_FORMAT_VERSION  # what put() adds
     c._writer().set("no-kernels", json.dumps(bad))
     c.write_packed()
     c.close()
