@@ -135,3 +135,16 @@ def test_pack_for_aarch64_hosts_installs_on_one(both_hosts, tmp_path):
     assert all(node.read_plan(e)[18] == 0xB7 for e in node.entries())
     with open(out, "rb") as f, pytest.raises(ArchiveError, match="aarch64"):
         read_archive(f, host_arch="x86_64")
+
+
+@needs_dsl
+def test_a_build_for_aarch64_without_emulation_fails_before_writing_anything(tmp_path):
+    m = tmp_path / "m.yaml"
+    m.write_text(
+        "target: {name: gb200, arch: sm_100a, num_sms: 152, host_arch: aarch64}\n"
+        "families:\n  combine:\n    - {head_dim: 64, num_head: 4, max_splits: 32}\n"
+    )
+    no_qemu = dict(os.environ, PATH=str(Path(sys.executable).parent))
+    out = run_cli("build", str(m), "--cache", str(tmp_path / "c"), env=no_qemu, check=False)
+    assert out.returncode == 1 and "qemu-user" in out.stderr and "aarch64" in out.stderr
+    assert not (tmp_path / "c").exists()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import platform
 import shutil
 import struct
 import subprocess
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fa4aot.build.toolchain import c_compiler_for
+from fa4aot.build.toolchain import c_compiler_for, host_arch_here
 from fa4aot.core.errors import ToolchainError
 from fa4aot.core.signature import arg_from_dict
 from fa4aot.plan.abi import State, struct_layout
@@ -36,13 +35,9 @@ EMULATOR = {"aarch64": "qemu-aarch64", "x86_64": "qemu-x86_64"}
 SYSROOT = {"aarch64": "/usr/aarch64-linux-gnu", "x86_64": "/usr/x86_64-linux-gnu"}
 
 
-def this_host() -> str:
-    return platform.machine()
-
-
 def emulation_available(host_arch: str) -> str | None:
     """None when plans for ``host_arch`` can run here (natively or emulated), else why not."""
-    if host_arch == this_host():
+    if host_arch == host_arch_here():
         return None
     if not shutil.which(EMULATOR.get(host_arch, "")):
         return f"no {EMULATOR.get(host_arch, 'emulator')} (apt-get install qemu-user)"
@@ -80,7 +75,7 @@ def runner(host_arch: str) -> list[str]:
         if proc.returncode:
             raise ToolchainError(f"building the plan runner failed:\n{' '.join(cmd)}\n{proc.stderr.strip()}")
         os.replace(tmp, exe)
-    if host_arch == this_host():
+    if host_arch == host_arch_here():
         return [str(exe)]
     return [EMULATOR[host_arch], "-L", SYSROOT[host_arch], str(exe)]
 
@@ -94,12 +89,6 @@ class Recorded:
     rc: int
     launches: tuple[bytes, ...]
     undefined: tuple[bytes, ...]
-
-    def defined(self) -> tuple[bytes, ...]:
-        """The launches with their undefined bytes zeroed."""
-        return tuple(
-            bytes(0 if m else b for b, m in zip(raw, mask)) for raw, mask in zip(self.launches, self.undefined)
-        )
 
 
 def same_launches(a: Recorded, b: Recorded) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 from fa4aot.build import manifest as manifest_mod
 from fa4aot.build.store import CacheWriter, blob_ok
 from fa4aot.build.toolchain import fingerprint, host_arch
-from fa4aot.build.worker import BuildOutput, build_variant, configure
+from fa4aot.build.worker import BuildOutput, build_variant, check_cross_host, configure
 from fa4aot.core.errors import CacheError, CacheFullError, ManifestError
 from fa4aot.core.families import FAMILIES
 from fa4aot.core.variant import Target, Variant, cache_key
@@ -107,6 +107,8 @@ def build(
         planned = [pv for pv in planned if pv.variant.family in families]
     here = host_arch()
     jobs_list = [(pv, host) for pv in planned for host in plan.hosts(pv.target, here)]
+    for host in sorted({h for _, h in jobs_list} - {here}):
+        check_cross_host(host)  # before anything is compiled or written
     toolchains = {host: fingerprint(host) for host in {h for _, h in jobs_list}}
     cache = CacheWriter(cache_dir)
     cache.check_writable()

@@ -83,21 +83,28 @@ def build_variant(variant: Variant, target: Target, host_arch: str | None = None
 DSL_HOST_TARGETS = {"aarch64": "linux-aarch64"}
 
 
+def check_cross_host(host: str) -> None:
+    """Raise :class:`ToolchainError` unless this machine can build and test launch plans for
+    ``host`` hosts: the DSL must export host code for it, and a plan is stored only after it ran,
+    here under emulation."""
+    if host not in DSL_HOST_TARGETS:
+        raise ToolchainError(
+            f"launch plans for {host} hosts cannot be built on {host_arch_here()}: the CuTe DSL exports "
+            f"host code for {sorted(DSL_HOST_TARGETS)} only (build them on a {host} machine)"
+        )
+    from fa4aot.build.emulate import emulation_available
+
+    if why := emulation_available(host):
+        raise ToolchainError(f"cannot test {host} launch plans on this machine: {why}")
+
+
 def _build(variant: Variant, target: Target, host: str) -> tuple[dict[str, bytes], dict[str, Any]]:
     import cutlass.cute as cute
     from fa4aot_kernels import module_for
 
     native = host == host_arch_here()
     if not native:
-        if host not in DSL_HOST_TARGETS:
-            raise ToolchainError(
-                f"the CuTe DSL cannot export host code for {host} (it can for {sorted(DSL_HOST_TARGETS)})"
-            )
-        from fa4aot.build.emulate import emulation_available
-
-        if why := emulation_available(host):
-            # a plan is stored only after it ran: here, under emulation
-            raise ToolchainError(f"cannot test {host} launch plans on this machine: {why}")
+        check_cross_host(host)
     entry = module_for(variant.family).make_entry(variant, target)
     prefix = "fa4aot_" + variant.variant_id[:12]
     with tempfile.TemporaryDirectory(prefix="fa4aot-build-") as tmp:
