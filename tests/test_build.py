@@ -263,6 +263,28 @@ def test_verify_against_fa4_compares_sampled_entries_with_fa4s_own_jit(built_cac
     assert same == of and int(of) >= 3, out.stdout + out.stderr
 
 
+@needs_dsl
+def test_every_combine_and_prepare_entry_is_byte_identical_to_fa4s_jit(built_cache):
+    """Combine entries compiled through FA4's _flash_attn_fwd_combine, prepare entries through its
+    _get_scheduler_metadata, on every arch of the CI cache."""
+    from fa4aot.tools.against_fa4 import compare
+
+    cache = Cache(built_cache)
+    entries = [e for e in cache.entries() if e.variant.family in ("combine", "prepare")]
+    results = compare(cache, entries)
+    assert {r.status for r in results} == {"identical"}, [
+        (r.entry.variant.label(), r.status, r.detail) for r in results
+    ]
+    assert {(r.entry.variant.family, r.entry.target.arch) for r in results} >= {
+        ("prepare", "sm_100a"),
+        ("prepare", "sm_90a"),
+        ("combine", "sm_90a"),
+        ("combine", "sm_100a"),
+        ("combine", "sm_103a"),
+        ("combine", "sm_120a"),
+    }
+
+
 @pytest.mark.nightly
 def test_every_b200_entry_is_byte_identical_to_fa4s_jit(tmp_path):
     """On demand (python -m pytest -m nightly): all of manifests/b200.yaml against FA4's JIT."""

@@ -4,9 +4,9 @@ handed over as the build does), and its cubin compared byte for byte with the ca
 
 The call is found by searching a grid of shapes with fa4aot's dispatch (which restates FA4's
 decisions and is tested against FA4) for one whose decision is the entry's variant; a combine
-entry is compiled through FA4's ``_flash_attn_fwd_combine`` (what FA4's split-KV forward calls).
-Tuning candidates (tilings FA4 never picks) have no such call and are reported as such; so are
-prepare entries (FA4 picks their tiles inside ``get_scheduler_metadata``; not compared yet).
+entry is compiled through FA4's ``_flash_attn_fwd_combine`` and a prepare entry through its
+``_get_scheduler_metadata`` (what FA4's split-KV forward calls). Tuning candidates (tilings FA4
+never picks) have no such call and are reported as such.
 """
 
 from __future__ import annotations
@@ -47,11 +47,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from fa4aot_kernels.common import install_target_hardware
 install_target_hardware(int(sms))
 from flash_attn.cute import interface as I
-from fa4aot.tools.fa4_calls import fa4_combine, fa4_forward
+from fa4aot.tools.fa4_calls import fa4_combine, fa4_forward, fa4_prepare
 for i, case in enumerate(cases):
     try:
         with FakeTensorMode():
-            (fa4_combine if case.get("kind") == "combine" else fa4_forward)(I, torch, case)
+            {"combine": fa4_combine, "prepare": fa4_prepare}.get(case.get("kind"), fa4_forward)(I, torch, case)
         err = None
     except Exception as e:
         err = f"{type(e).__name__}: {e}"[:300]
@@ -60,6 +60,10 @@ for i, case in enumerate(cases):
         os.rename(p, f"{dump}/{i}/{os.path.basename(p)}")
     print(json.dumps({"i": i, "error": err}), flush=True)
 """
+
+
+#: What a family's kernel is called in a cubin (an FA4 call may compile several kernels).
+KERNEL_KINDS = {"combine": "FlashAttentionForwardCombine", "prepare": "FlashPrepareScheduler"}
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,10 @@ def find_case(v: Variant) -> dict[str, Any] | None:
         # FA4's combine kernel depends only on what its compile key holds: these fields
         keys = ("dtype", "head_dim", "num_head", "varlen", "seqused", "has_lse", "num_splits_dynamic")
         return dict({k: f[k] for k in keys}, kind="combine", arch=v.arch, num_splits=1 << f["log_max_splits"])
+    if v.family == "prepare":
+        # FA4's prepare kernel is compiled from these fields (its compile key), the batch size
+        # only through the warp count
+        return dict(f, kind="prepare")
     if v.family not in FORWARD_FAMILIES or is_tuning_candidate(v.family, f):
         return None
     qh = f["qhead_per_kvhead"]
@@ -147,7 +155,7 @@ def compare(cache: Cache, entries: list[Entry], timeout: float = 3600) -> list[C
                     out.append(Comparison(e, "failed", f"FA4 did not get to this call: {proc.stderr[-300:]}"))
                     continue
                 # a split-KV call also compiles the combine kernel: keep the cubin of the entry's kind
-                kind = "FlashAttentionForwardCombine" if e.variant.family == "combine" else "FlashAttentionForwardSm"
+                kind = KERNEL_KINDS.get(e.variant.family, "FlashAttentionForwardSm")
                 cubins = [
                     p for p in sorted(glob.glob(f"{dump}/{i}/*.cubin")) if _has_kernel(Path(p).read_bytes(), kind)
                 ]

@@ -87,6 +87,36 @@ def fa4_combine(interface, torch, case: dict) -> None:
     )
 
 
+def fa4_prepare(interface, torch, case: dict) -> None:
+    """Run FA4's ``_get_scheduler_metadata`` (what its varlen split-KV forward calls) for a
+    prepare case: keys num_warps, tile_m, tile_n, nheads, nheads_kv, headdim, headdim_v, causal,
+    pack_gqa, varlen_q, varlen_k, seqused_q, seqused_k, has_semaphore (call it under FakeTensorMode)."""
+    b = 31 * case["num_warps"]  # FA4 sizes the CTA at 31 batches a warp, rounded up to a power of two
+
+    def vec(on: bool, n: int):
+        return torch.empty(n, dtype=torch.int32, device="cuda") if on else None
+
+    interface._get_scheduler_metadata(
+        num_batch=b,
+        max_seqlen_q=1024,
+        max_seqlen_k=4096,
+        nheads=case["nheads"],
+        nheads_kv=case["nheads_kv"],
+        headdim=case["headdim"],
+        num_splits=4,  # > 1: FA4 runs the prepare kernel
+        tile_m=case["tile_m"],
+        tile_n=case["tile_n"],
+        headdim_v=case["headdim_v"],
+        pack_gqa=case["pack_gqa"],
+        causal=case["causal"],
+        cu_seqlens_q=vec(case["varlen_q"], b + 1),
+        cu_seqlens_k=vec(case["varlen_k"], b + 1),
+        seqused_q=vec(case["seqused_q"], b),
+        seqused_k=vec(case["seqused_k"], b),
+        use_clc_scheduler=not case["has_semaphore"],
+    )
+
+
 def fa4aot_call(arch: str, num_sms: int, case: dict):
     """fa4aot's dispatch input for ``case``."""
     from fa4aot.runtime.dispatch import Call
