@@ -48,7 +48,12 @@ from fa4aot_kernels.common import install_target_hardware
 install_target_hardware(int(sms))
 from flash_attn.cute import interface as I
 from fa4aot.tools.fa4_calls import fa4_combine, fa4_forward, fa4_prepare
+# every case compiles from scratch: a kernel FA4 already compiled for an earlier case in this
+# process (a split-KV forward compiles the combine and prepare kernels too) writes no cubin
+jit_caches = [f.compile_cache for f in vars(I).values() if hasattr(getattr(f, "compile_cache", None), "clear")]
 for i, case in enumerate(cases):
+    for c in jit_caches:
+        c.clear()
     try:
         with FakeTensorMode():
             {"combine": fa4_combine, "prepare": fa4_prepare}.get(case.get("kind"), fa4_forward)(I, torch, case)
