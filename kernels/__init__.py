@@ -18,6 +18,10 @@ FAMILY_MODULES = {
     "fwd_sm120": "fwd_sm120",
     "combine": "combine",
     "prepare": "prepare",
+    "bwd_sm90": "bwd_sm90",
+    "bwd_sm100": "bwd_sm100",
+    "bwd_pre": "bwd_pre",
+    "bwd_post": "bwd_post",
 }
 
 

@@ -342,12 +342,14 @@ def _expand_group(family: Family, path: str, group: Any, target: Target, plan: P
                 n_valid += 1
                 for k, j in idx.items():
                     used[(k, j)] = True
-                variant = Variant.make(family.name, target.arch, target.num_sms, **fields)
-                if variant.variant_id not in seen:
-                    seen.add(variant.variant_id)
-                    plan.variants.append(PlannedVariant(variant, target, origin))
-                    if len(plan.variants) > MAX_VARIANTS:
-                        raise ManifestError(path, f"the manifest expands to more than {MAX_VARIANTS} variants")
+                kernels = family.parts(fields) if family.parts else [(family.name, fields)]
+                for fam_name, kfields in kernels:
+                    variant = Variant.make(fam_name, target.arch, target.num_sms, **kfields)
+                    if variant.variant_id not in seen:
+                        seen.add(variant.variant_id)
+                        plan.variants.append(PlannedVariant(variant, target, origin))
+                        if len(plan.variants) > MAX_VARIANTS:
+                            raise ManifestError(path, f"the manifest expands to more than {MAX_VARIANTS} variants")
             else:
                 for k, j in idx.items():
                     first_reason.setdefault((k, j), reason)

@@ -438,15 +438,49 @@ PREPARE_AXES = (
 )
 
 
+BWD_AXES = (
+    Axis("dtype", _choice("dtype", DTYPES), ("bf16",), "element type of q, k, v, out, dout"),
+    Axis("head_dims", _pair("head_dim", "head_dim_v"), ((128, 128),), "(head_dim, head_dim_v) pairs"),
+    Axis("qhead_per_kvhead", _posint("qhead_per_kvhead", 1, 256), (1,), "query heads per KV head (GQA ratio)"),
+    Axis("causal", _bool("causal"), (False,), "causal mask"),
+    Axis("local", _bool("local"), (False,), "sliding-window (local) attention"),
+    Axis("varlen_q", _bool("varlen_q"), (False,), "cu_seqlens_q (packed variable-length queries)"),
+    Axis("varlen_k", _bool("varlen_k"), (False,), "cu_seqlens_k (packed variable-length keys)"),
+    Axis("seqused_q", _bool("seqused_q"), (False,), "seqused_q (with cu_seqlens_q)"),
+    Axis("seqused_k", _bool("seqused_k"), (False,), "seqused_k (with cu_seqlens_k)"),
+    Axis("deterministic", _bool("deterministic"), (False,), "FA4's deterministic backward (not built yet)"),
+    Axis("softcap", _softcap, (0,), "softcap value, baked into the kernels: one variant per value (0: off)"),
+    Axis("dlse", _bool("has_dlse"), (False,), "a gradient flows into the returned LSE (FA4: return_lse=True)"),
+    Axis("learnable_sink", _sink, (False,), "learnable sink logits (nheads,) in this dtype (dsink); false: none"),
+)
+
+
+def check_bwd(family: str) -> Callable[[dict[str, Any]], str | None]:
+    from fa4aot.core.backward import check_call
+
+    def check(f: dict[str, Any]) -> str | None:
+        return check_call(family, f)
+
+    return check
+
+
+def _helper_check(f: dict[str, Any]) -> str | None:
+    return "built as part of a bwd_sm90 / bwd_sm100 group, not listed on its own"
+
+
 @dataclass(frozen=True)
 class Family:
-    """A kernel family: name, the arches it builds for, its axes and its validity rule."""
+    """A kernel family: name, the arches it builds for, its axes and its validity rule.
+
+    ``parts`` (backward groups): the kernel variants one valid field set stands for; a family
+    without it is one kernel per field set."""
 
     name: str
     arches: tuple[str, ...]
     axes: tuple[Axis, ...]
     check: Callable[[dict[str, Any]], str | None]
     doc: str
+    parts: Callable[[dict[str, Any]], list[tuple[str, dict[str, Any]]]] | None = None
 
     def axis(self, name: str) -> Axis | None:
         return next((a for a in self.axes if a.name == name), None)
@@ -486,8 +520,44 @@ FAMILIES: dict[str, Family] = {
             check_prepare,
             "FA4 scheduler-metadata prepare (FlashPrepareScheduler)",
         ),
+        Family(
+            "bwd_sm90",
+            ("sm_90a",),
+            BWD_AXES,
+            check_bwd("bwd_sm90"),
+            "FA4 SM90 backward: preprocess, FlashAttentionBackwardSm90, dQ (and GQA dK/dV) postprocess",
+            parts=lambda f: _bwd_parts("bwd_sm90", f),
+        ),
+        Family(
+            "bwd_sm100",
+            ("sm_100a", "sm_103a"),
+            BWD_AXES,
+            check_bwd("bwd_sm100"),
+            "FA4 SM100 backward: preprocess, FlashAttentionBackwardSm100, dQ (and GQA dK/dV) postprocess",
+            parts=lambda f: _bwd_parts("bwd_sm100", f),
+        ),
+        Family(
+            "bwd_pre",
+            ("sm_90a", "sm_100a", "sm_103a"),
+            (),
+            _helper_check,
+            "FA4 backward preprocess (FlashAttentionBackwardPreprocess), built by bwd_sm90 / bwd_sm100 groups",
+        ),
+        Family(
+            "bwd_post",
+            ("sm_90a", "sm_100a", "sm_103a"),
+            (),
+            _helper_check,
+            "FA4 backward postprocess (FlashAttentionBackwardPostprocess), built by bwd_sm90 / bwd_sm100 groups",
+        ),
     )
 }
+
+
+def _bwd_parts(family: str, f: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    from fa4aot.core.backward import parts
+
+    return [(p.family, p.field_dict) for p in parts(family, f)]
 
 
 def resolve_fields(family: str, raw: dict[str, Any]) -> list[dict[str, Any]]:
@@ -529,6 +599,8 @@ def resolve_fields(family: str, raw: dict[str, Any]) -> list[dict[str, Any]]:
         _, _, min_log = combine_tiling(f["head_dim"])
         if f.pop("_min_log", False):
             f["log_max_splits"] = max(f["log_max_splits"], min_log)
+        return [f]
+    if family in ("bwd_sm90", "bwd_sm100"):
         return [f]
     if family == "prepare":
         if f["pack_gqa"] == "auto":

@@ -165,8 +165,100 @@ def prepare_tensors(variant: Variant, d: Dims) -> dict[str, TensorLayout]:
     return out
 
 
+def _bwd_rows(f: dict[str, Any], d: Dims, which: str) -> tuple[tuple[int, ...], int]:
+    """(row dims of q or k, the sequence extent of the per-head fp32 buffers before padding)."""
+    b = d.batch
+    if which == "q":
+        total = d.total_q if d.total_q is not None else b * d.seqlen_q
+        return ((total,) if f["varlen_q"] else (b, d.seqlen_q)), (total if f["varlen_q"] else d.seqlen_q)
+    total = d.total_k if d.total_k is not None else b * d.seqlen_k
+    return ((total,) if f["varlen_k"] else (b, d.seqlen_k)), (total if f["varlen_k"] else d.seqlen_k)
+
+
+def backward_tensors(variant: Variant, d: Dims) -> dict[str, TensorLayout]:
+    """Tensors of a backward kernel (FA4's ``_flash_attn_bwd`` layouts and padded buffers); a
+    ``bwd_post`` sample converts the dQ accumulator (the dK / dV ones have the same layout)."""
+    from fa4aot.core.backward import Part, round_up
+
+    f = variant.fields
+    b, h, hk = d.batch, d.nheads, d.nheads_kv
+    if variant.family == "bwd_post":
+        tile, mult, varlen = f["tile"], f["hdim_multiple_of"], f["varlen"]
+        total = d.total_q if d.total_q is not None else b * d.seqlen_q
+        rows = (total,) if varlen else (b, d.seqlen_q)
+        s_r = (total + (b + 1) * tile - 1) // tile * tile if varlen else round_up(d.seqlen_q, tile)
+        per_head = (lambda n: (h, n)) if varlen else (lambda n: (b, h, n))
+        out = {
+            "accum": _c("fp32", *per_head(s_r * round_up(f["head_dim"], mult))),
+            "out": _c(f["dtype"], *rows, h, f["head_dim"]),
+        }
+        if varlen:
+            out["cu_seqlens"] = _c("int32", b + 1)
+        if f["seqused"]:
+            out["seqused"] = _c("int32", b)
+        if f["learnable_sink"] != "none":
+            out["dpsum"] = _c("fp32", *per_head(s_r))
+            out["lse"] = _c("fp32", *per_head(total if varlen else d.seqlen_q))
+            out["learnable_sink"] = _c(f["learnable_sink"], h)
+            out["dsink"] = _c(f["learnable_sink"], h)
+        return out
+    qrows, sq = _bwd_rows(f, d, "q")
+    q_per_head = (lambda n: (h, n)) if f["varlen_q"] else (lambda n: (b, h, n))
+    dt = f["dtype"]
+    if variant.family == "bwd_pre":
+        tm, mult = f["tile_m"], f["hdim_multiple_of"]
+        sq_r = (sq + (b + 1) * tm - 1) // tm * tm if f["varlen_q"] else round_up(sq, tm)
+        out = {
+            "out": _c(dt, *qrows, h, d.head_dim_v),
+            "dout": _c(dt, *qrows, h, d.head_dim_v),
+            "dpsum": _c("fp32", *q_per_head(sq_r)),
+            "lse": _c("fp32", *q_per_head(sq)),
+            "lse_log2": _c("fp32", *q_per_head(sq_r)),
+            "dq_accum": _c("fp32", *q_per_head(sq_r * round_up(f["head_dim"], mult))),
+        }
+        if f["has_dlse"]:
+            out["dlse"] = _c("fp32", *q_per_head(sq))
+    else:  # the main kernel
+        from fa4aot.core.backward import scratch
+
+        krows, sk = _bwd_rows(f, d, "k")
+        k_per_head = (lambda n: (hk, n)) if f["varlen_k"] else (lambda n: (b, hk, n))
+        main = Part("main", variant.family, variant.params)
+        sc = scratch(main, b, d.seqlen_q, d.seqlen_k, sq if f["varlen_q"] else None, sk if f["varlen_k"] else None)
+        out = {
+            "q": _c(dt, *qrows, h, d.head_dim),
+            "k": _c(dt, *krows, hk, d.head_dim),
+            "v": _c(dt, *krows, hk, d.head_dim_v),
+            "dout": _c(dt, *qrows, h, d.head_dim_v),
+            "lse_log2": _c("fp32", *q_per_head(sc.seqlen_q_rounded)),
+            "dpsum": _c("fp32", *q_per_head(sc.seqlen_q_rounded)),
+            "dq_accum": _c("fp32", *q_per_head(sc.seqlen_q_rounded * sc.head_dim_rounded)),
+        }
+        if f["qhead_per_kvhead"] > 1:
+            # with GQA the kernel's dk / dv are FA4's fp32 accumulators (the postprocess converts them)
+            out["dk"] = _c("fp32", *k_per_head(sc.seqlen_k_rounded * sc.head_dim_rounded))
+            out["dv"] = _c("fp32", *k_per_head(sc.seqlen_k_rounded * sc.head_dim_v_rounded))
+        else:
+            out["dk"] = _c(dt, *krows, hk, d.head_dim)
+            out["dv"] = _c(dt, *krows, hk, d.head_dim_v)
+        if f["varlen_k"]:
+            out["cu_seqlens_k"] = _c("int32", b + 1)
+        if f["seqused_k"]:
+            out["seqused_k"] = _c("int32", b)
+    if f["varlen_q"]:
+        out["cu_seqlens_q"] = _c("int32", b + 1)
+    if f["seqused_q"]:
+        out["seqused_q"] = _c("int32", b)
+    return out
+
+
+BACKWARD_KERNEL_FAMILIES = ("bwd_sm90", "bwd_sm100", "bwd_pre", "bwd_post")
+
+
 def tensors_for(variant: Variant, d: Dims) -> dict[str, TensorLayout]:
     """Dispatch on the family."""
+    if variant.family in BACKWARD_KERNEL_FAMILIES:
+        return backward_tensors(variant, d)
     if variant.family in FORWARD_FAMILIES:
         return forward_tensors(variant, d)
     if variant.family == "combine":
@@ -193,6 +285,13 @@ def dims_for(variant: Variant, **overrides: Any) -> Dims:
             base["page_size"] = SAMPLE_CPASYNC_PAGE_SIZE
     elif variant.family == "combine":
         base = {"head_dim": f["head_dim"], "head_dim_v": f["head_dim"], "nheads": f["num_head"], "num_splits": 4}
+    elif variant.family in ("bwd_sm90", "bwd_sm100"):
+        qh = f["qhead_per_kvhead"]
+        base = {"head_dim": f["head_dim"], "head_dim_v": f["head_dim_v"], "nheads_kv": 4, "nheads": 4 * qh}
+    elif variant.family == "bwd_pre":
+        base = {"head_dim": f["head_dim"], "head_dim_v": f["head_dim_v"]}
+    elif variant.family == "bwd_post":
+        base = {"head_dim": f["head_dim"], "head_dim_v": f["head_dim"]}
     elif variant.family == "prepare":
         base = {
             "head_dim": f["headdim"],

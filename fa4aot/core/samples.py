@@ -36,6 +36,13 @@ def named_args(variant: Variant, dims: Dims | None = None, *, stream: int = 0) -
         if f["local"]:
             out["window_size_left"] = 128
             out["window_size_right"] = 0
+    elif variant.family in ("bwd_sm90", "bwd_sm100", "bwd_pre"):
+        out["softmax_scale"] = 1.0 / math.sqrt(d.head_dim)
+        if f.get("local"):
+            out["window_size_left"] = 128
+            out["window_size_right"] = 0
+    elif variant.family == "bwd_post":
+        out["scale"] = 1.0 / math.sqrt(d.head_dim)
     elif variant.family == "prepare":
         out.update(
             max_seqlen_q=d.seqlen_q,

@@ -47,7 +47,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from fa4aot_kernels.common import install_target_hardware
 install_target_hardware(int(sms))
 from flash_attn.cute import interface as I
-from fa4aot.tools.fa4_calls import fa4_combine, fa4_forward, fa4_prepare
+from fa4aot.tools.fa4_calls import fa4_backward, fa4_combine, fa4_forward, fa4_prepare
 # every case compiles from scratch: a kernel FA4 already compiled for an earlier case in this
 # process (a split-KV forward compiles the combine and prepare kernels too) writes no cubin
 jit_caches = [f.compile_cache for f in vars(I).values() if hasattr(getattr(f, "compile_cache", None), "clear")]
@@ -56,7 +56,8 @@ for i, case in enumerate(cases):
         c.clear()
     try:
         with FakeTensorMode():
-            {"combine": fa4_combine, "prepare": fa4_prepare}.get(case.get("kind"), fa4_forward)(I, torch, case)
+            calls = {"combine": fa4_combine, "prepare": fa4_prepare, "backward": fa4_backward}
+            calls.get(case.get("kind"), fa4_forward)(I, torch, case)
         err = None
     except Exception as e:
         err = f"{type(e).__name__}: {e}"[:300]
@@ -68,7 +69,14 @@ for i, case in enumerate(cases):
 
 
 #: What a family's kernel is called in a cubin (an FA4 call may compile several kernels).
-KERNEL_KINDS = {"combine": "FlashAttentionForwardCombine", "prepare": "FlashPrepareScheduler"}
+KERNEL_KINDS = {
+    "combine": "FlashAttentionForwardCombine",
+    "prepare": "FlashPrepareScheduler",
+    "bwd_pre": "FlashAttentionBackwardPreprocess",
+    "bwd_sm90": "FlashAttentionBackwardSm90",
+    "bwd_sm100": "FlashAttentionBackwardSm100",
+    "bwd_post": "FlashAttentionBackwardPostprocess",
+}
 
 
 @dataclass(frozen=True)
@@ -78,10 +86,44 @@ class Comparison:
     detail: str = ""
 
 
-def find_case(v: Variant) -> dict[str, Any] | None:
+def backward_case(v: Variant, mains: list[Variant]) -> dict[str, Any] | None:
+    """A backward call for which FA4 compiles ``v`` (a main backward kernel, or a preprocess /
+    postprocess one of the backward groups of ``mains``, the cache's main kernels), or None."""
+    from fa4aot.core.backward import BACKWARD_FAMILIES, CALL_FIELDS, parts
+    from fa4aot.core.families import SINK_DTYPES
+
+    want = (v.family, v.fields)
+    for m in [v] if v.family in BACKWARD_FAMILIES else mains:
+        if m.arch != v.arch or m.num_sms != v.num_sms:
+            continue
+        mf = m.fields
+        for dlse, sink in itertools.product((False, True), ("none",) + SINK_DTYPES):
+            g = {k: mf[k] for k in CALL_FIELDS if k in mf}
+            g.update(has_dlse=dlse, learnable_sink=sink)
+            if want not in [(p.family, p.field_dict) for p in parts(m.family, g)]:
+                continue
+            b, s, qh = 2, 1024, g["qhead_per_kvhead"]  # two sequences of several tiles each
+            case: dict[str, Any] = dict(
+                kind="backward", batch=b, seqlen_q=s, seqlen_k=s, nheads=4 * qh, nheads_kv=4,
+                head_dim=g["head_dim"], head_dim_v=g["head_dim_v"], causal=g["causal"], dtype=g["dtype"],
+                varlen_q=g["varlen_q"], varlen_k=g["varlen_k"], seqused_q=g["seqused_q"], seqused_k=g["seqused_k"],
+                total_q=b * s, total_k=b * s, dlse=dlse, softcap=g["softcap"],
+            )  # fmt: skip
+            if g["local"]:
+                case.update(wl=128, wr=0)
+            if sink != "none":
+                case["learnable_sink"] = sink
+            return case
+    return None
+
+
+def find_case(v: Variant, mains: list[Variant] = ()) -> dict[str, Any] | None:
     """A call description for which FA4 compiles exactly ``v`` (for a forward: one fa4aot's
-    dispatch, which restates FA4's rules, maps to ``v``), or None."""
+    dispatch, which restates FA4's rules, maps to ``v``), or None. ``mains``: the main backward
+    kernels of the cache (a backward helper kernel is found through the group it belongs to)."""
     f = v.fields
+    if v.family.startswith("bwd_"):
+        return backward_case(v, list(mains))
     if v.family == "combine":
         # FA4's combine kernel depends only on what its compile key holds: these fields
         keys = ("dtype", "head_dim", "num_head", "varlen", "seqused", "has_lse", "num_splits_dynamic")
@@ -130,8 +172,9 @@ def compare(cache: Cache, entries: list[Entry], timeout: float = 3600) -> list[C
     """Compile each forward entry's FA4 call (one FA4 process per target) and compare cubins."""
     out: list[Comparison] = []
     by_target: dict[tuple[str, int], list[tuple[Entry, dict[str, Any]]]] = {}
+    mains = [e.variant for e in cache.entries() if e.variant.family in ("bwd_sm90", "bwd_sm100")]
     for e in entries:
-        case = find_case(e.variant)
+        case = find_case(e.variant, mains)
         if case is None:
             why = (
                 "a tuning candidate: FA4 never picks it"
@@ -164,10 +207,13 @@ def compare(cache: Cache, entries: list[Entry], timeout: float = 3600) -> list[C
                 cubins = [
                     p for p in sorted(glob.glob(f"{dump}/{i}/*.cubin")) if _has_kernel(Path(p).read_bytes(), kind)
                 ]
-                if results[i] is not None or len(cubins) != 1:
+                # a GQA backward compiles up to three postprocess kernels (dQ, dK, dV): any may be this one
+                many = e.variant.family == "bwd_post"
+                if results[i] is not None or not cubins or (len(cubins) != 1 and not many):
                     out.append(Comparison(e, "failed", results[i] or f"FA4 compiled {len(cubins)} {kind} cubins"))
                     continue
-                same = Path(cubins[0]).read_bytes() == cache.read_cubin(e)
+                mine = cache.read_cubin(e)
+                same = any(Path(c).read_bytes() == mine for c in cubins)
                 shown = ("batch", "seqlen_q", "seqlen_k", "nheads", "num_splits")
                 detail = json.dumps({k: case[k] for k in shown if k in case})
                 out.append(Comparison(e, "identical" if same else "different", detail))

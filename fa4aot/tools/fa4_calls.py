@@ -148,3 +148,47 @@ def fa4aot_call(arch: str, num_sms: int, case: dict):
         learnable_sink=case.get("learnable_sink") or "none",
         softcap=float(case.get("softcap") or 0.0),
     )
+
+
+def fa4_backward(interface, torch, case: dict) -> None:
+    """Run FA4's ``_flash_attn_bwd`` (preprocess, main kernel, postprocess) for a backward case:
+    keys of a forward case (batch, seqlen_q, seqlen_k, nheads, nheads_kv, head_dim, head_dim_v,
+    causal, wl, wr, softcap, learnable_sink, dtype), varlen_q / varlen_k (with total_q /
+    total_k), seqused_q / seqused_k, and dlse (call it under FakeTensorMode)."""
+    dt = getattr(torch, TORCH_DTYPES[case.get("dtype", "bf16")])
+    b, sq, sk, h, hk, d, dv = (
+        case[k] for k in ("batch", "seqlen_q", "seqlen_k", "nheads", "nheads_kv", "head_dim", "head_dim_v")
+    )
+
+    def empty(*shape, dtype=dt):
+        return torch.empty(*shape, dtype=dtype, device="cuda")
+
+    kw: dict = {}
+    tq, tk = case.get("total_q"), case.get("total_k")
+    qrows = (tq,) if case.get("varlen_q") else (b, sq)
+    krows = (tk,) if case.get("varlen_k") else (b, sk)
+    q, k, v = empty(*qrows, h, d), empty(*krows, hk, d), empty(*krows, hk, dv)
+    out, dout = empty(*qrows, h, dv), empty(*qrows, h, dv)
+    lse = empty(h, tq, dtype=torch.float32) if case.get("varlen_q") else empty(b, h, sq, dtype=torch.float32)
+    for side, n in (("q", sq), ("k", sk)):
+        if case.get(f"varlen_{side}"):
+            kw.update({f"cu_seqlens_{side}": empty(b + 1, dtype=torch.int32), f"max_seqlen_{side}": n})
+        if case.get(f"seqused_{side}"):
+            kw[f"seqused_{side}"] = empty(b, dtype=torch.int32)
+    if case.get("dlse"):
+        kw["dlse"] = torch.empty_like(lse)
+    if case.get("learnable_sink"):
+        kw["learnable_sink"] = empty(h, dtype=getattr(torch, TORCH_DTYPES[case["learnable_sink"]]))
+    interface._flash_attn_bwd(
+        q,
+        k,
+        v,
+        out,
+        dout,
+        lse,
+        causal=case.get("causal", False),
+        softcap=case.get("softcap") or 0.0,
+        window_size_left=case.get("wl"),
+        window_size_right=case.get("wr"),
+        **kw,
+    )

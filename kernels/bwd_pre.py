@@ -1,0 +1,88 @@
+"""FA4's backward preprocess (``FlashAttentionBackwardPreprocess``): dot(O, dO) (minus dLSE), the
+LSE in log2 units, and the zeroed fp32 dQ accumulator. Built from fake tensors exactly as FA4's
+``_compile_bwd_preprocess`` builds it (same shared extents, divisibility and alignment)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import cuda.bindings.driver as cuda
+import cutlass.cute as cute
+from cutlass import Float32
+from fa4aot_kernels.common import CUTLASS_DTYPES, KernelEntry, Signature, sym
+from flash_attn.cute.flash_bwd_preprocess import FlashAttentionBackwardPreprocess
+
+from fa4aot.core.variant import Target, Variant
+
+#: quack's make_fake_tensor divisibility (elements) for 16-byte vectors of 16-bit and fp32 data
+DIV16 = 8
+DIV32 = 4
+
+
+def make_entry(variant: Variant, target: Target) -> KernelEntry:
+    f = variant.fields
+    dt = f["dtype"]
+    kernel = FlashAttentionBackwardPreprocess(
+        CUTLASS_DTYPES[dt],
+        f["head_dim"],
+        f["head_dim_v"],
+        f["tile_m"],
+        use_padded_offsets=True,
+        nheads_major=False,
+        pack_gqa=False,
+        qhead_per_kvhead=1,
+        nheads_kv=1,
+        hdim_multiple_of=f["hdim_multiple_of"],
+    )
+    sig = Signature()
+    # make_fake_bwd_tensors: extents shared between tensors are one symbol, as there
+    b, h, dv, sq, sq_r, sq_dr = sym(), sym(), sym(), sym(), sym(), sym()
+    rows = (sq,) if f["varlen_q"] else (b, sq)
+
+    def per_head(n):  # (batch, nheads, n) or, varlen, (nheads, n)
+        return (h, n) if f["varlen_q"] else (b, h, n)
+
+    sig.tensor("out", dt, (*rows, h, dv), align=16, stride_divisibility=DIV16)
+    sig.tensor("dout", dt, (*rows, h, dv), align=16, stride_divisibility=DIV16)
+    sig.tensor("dpsum", "fp32", per_head(sq_r), align=16, stride_divisibility=DIV32)
+    sig.tensor("lse", "fp32", per_head(sq), align=4)
+    sig.tensor("lse_log2", "fp32", per_head(sq_r), align=16, stride_divisibility=DIV32)
+    sig.tensor("dq_accum", "fp32", per_head(sq_dr), align=16, stride_divisibility=DIV32)
+    if f["varlen_q"]:
+        sig.tensor("cu_seqlens_q", "int32", (sym(),), align=4)
+        batch = sym()
+    else:
+        sig.absent()
+        batch = b
+    if f["seqused_q"]:
+        sig.tensor("seqused_q", "int32", (batch,), align=4)
+    else:
+        sig.absent()
+    if f["has_dlse"]:
+        sig.tensor("dlse", "fp32", per_head(sq), align=4)
+    else:
+        sig.absent()
+    sig.scalar("softmax_scale", "f32")
+    sig.stream()
+
+    @cute.jit
+    def bwd_pre_entry(
+        out: cute.Tensor,
+        dout: cute.Tensor,
+        dpsum: cute.Tensor,
+        lse: cute.Tensor,
+        lse_log2: cute.Tensor,
+        dq_accum: cute.Tensor,
+        cu_seqlens_q: Optional[cute.Tensor],
+        seqused_q: Optional[cute.Tensor],
+        dlse: Optional[cute.Tensor],
+        softmax_scale: Float32,
+        stream: cuda.CUstream,
+    ):
+        # row_max, scale_p (FA4's load-P mode), cu_total_m_blocks and o_lo are not used here
+        kernel(
+            out, dout, dpsum, lse, lse_log2, dq_accum, cu_seqlens_q, seqused_q, dlse,
+            None, None, softmax_scale, None, None, stream,
+        )  # fmt: skip
+
+    return KernelEntry(bwd_pre_entry, sig.compile_args, sig.args)
