@@ -27,6 +27,7 @@ _LAZY = {
     "flash_attn_func": ("fa4aot.runtime.forward", "flash_attn_func"),
     "flash_attn_varlen_func": ("fa4aot.runtime.forward", "flash_attn_varlen_func"),
     "flash_attn_fwd": ("fa4aot.runtime.interface", "_flash_attn_fwd"),
+    "flash_attn_backward": ("fa4aot.runtime.backward", "flash_attn_backward"),
     "prepare_forward": ("fa4aot.runtime.prepared", "prepare_forward"),
     "prepare_combine": ("fa4aot.runtime.prepared", "prepare_combine"),
     "Prepared": ("fa4aot.runtime.prepared", "Prepared"),

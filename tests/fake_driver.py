@@ -31,6 +31,7 @@ class FakeDriver:
     libraries: list = field(default_factory=list)
     set_attributes: list = field(default_factory=list)
     memsets: list = field(default_factory=list)
+    syncs: list = field(default_factory=list)
     #: device address -> bytes, what ``read`` returns
     memory: dict = field(default_factory=dict)
     allocs: dict = field(default_factory=dict)
@@ -89,6 +90,9 @@ class FakeDriver:
 
     def memset_d2d32(self, ptr: int, pitch: int, value: int, width: int, height: int, stream: int) -> None:
         self.memsets.append((ptr, pitch, value, width, height, stream))
+
+    def synchronize(self, stream: int) -> None:
+        self.syncs.append(stream)
 
     def read(self, ptr: int, nbytes: int, stream: int) -> bytes:
         """Bytes from ``memory`` (address -> bytes), zeros elsewhere."""

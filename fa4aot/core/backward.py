@@ -96,6 +96,8 @@ def check_call(family: str, f: dict[str, Any]) -> str | None:
     if f["seqused_q"] and not f["varlen_q"] or f["seqused_k"] and not f["varlen_k"]:
         return "fa4aot builds seqused_q/k only together with cu_seqlens_q/k (varlen)"
     if family == "bwd_sm90":
+        if qh > 1 and hd != hdv:
+            return "FA4's SM90 backward: GQA backward requires head_dim == head_dim_v"
         return sm90_head_dims_ok(hd, hdv)
     if family == "bwd_sm100":
         if reason := sm100_head_dims_ok(hd, hdv, f["dtype"]):

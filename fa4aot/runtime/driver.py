@@ -217,6 +217,10 @@ class CudaDriver:
         fn = self._fn("cuMemsetD2D32Async")
         self._check(fn(ptr, pitch, value, width, height, stream or None), "cuMemsetD2D32Async")
 
+    def synchronize(self, stream: int) -> None:
+        """Wait for ``stream``'s queued work."""
+        self._check(self._fn("cuStreamSynchronize")(stream or None), "cuStreamSynchronize")
+
     def read(self, ptr: int, nbytes: int, stream: int) -> bytes:
         """``nbytes`` at device address ``ptr`` once ``stream``'s work is done (synchronises)."""
         self._check(self._fn("cuStreamSynchronize")(stream or None), "cuStreamSynchronize")

@@ -42,6 +42,7 @@ _DRIVER_FOR_TOOLKIT = {12: 12000, 13: 13000}
 #: few per model; each automatic scheduler metadata holds device buffers, freed on eviction.
 MAX_FORWARD_RULES = 512
 MAX_COMBINE_PICKS = 256
+MAX_BACKWARD_PICKS = 256
 MAX_AUTO_METADATA = 16
 #: Environment variables of the miss log, the record log and strict mode (see :class:`Runtime`).
 MISS_LOG_ENV = "FA4AOT_MISS_LOG"
@@ -184,6 +185,12 @@ class Runtime:
         self.forward_rules: BoundedDict = BoundedDict(MAX_FORWARD_RULES)
         #: combine: call signature -> LoadedVariant
         self.combine_picks: BoundedDict = BoundedDict(MAX_COMBINE_PICKS)
+        #: backward: call fields -> BackwardKernels
+        self.backward_picks: BoundedDict = BoundedDict(MAX_BACKWARD_PICKS)
+        #: backward with raw-pointer inputs: stream -> (device pointer, bytes) of its scratch
+        self.backward_workspace: BoundedDict = BoundedDict(
+            MAX_AUTO_METADATA, on_evict=lambda stream, ws: self._free_workspace(stream, ws[0])
+        )
         #: split-KV varlen calls without caller metadata: (stream, configuration) -> SchedulerMetadata
         self.auto_metadata: BoundedDict = BoundedDict(MAX_AUTO_METADATA, on_evict=lambda k, md: md.close())
         #: the device's tuning table (None: none, or not applied) and its lookup: default variant
@@ -520,6 +527,10 @@ class Runtime:
                 list(pool.map(self._load_id, todo))
         return len(ids)
 
+    def _free_workspace(self, stream: int, ptr: int) -> None:
+        self.driver.synchronize(stream)  # the stream's queued kernels may still use it
+        self.driver.free(ptr)
+
     def cache_sizes(self) -> dict[str, int]:
         """Sizes of the runtime's caches (for monitoring; every one is bounded)."""
         return {
@@ -527,6 +538,8 @@ class Runtime:
             "forward_rules": len(self.forward_rules),
             "forward_rule_variants": sum(len(r.loaded) for r in self.forward_rules.values()),
             "combine_picks": len(self.combine_picks),
+            "backward_picks": len(self.backward_picks),
+            "backward_workspaces": len(self.backward_workspace),
             "auto_metadata": len(self.auto_metadata),
         }
 

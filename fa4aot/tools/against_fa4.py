@@ -51,6 +51,17 @@ from fa4aot.tools.fa4_calls import fa4_backward, fa4_combine, fa4_forward, fa4_p
 # every case compiles from scratch: a kernel FA4 already compiled for an earlier case in this
 # process (a split-KV forward compiles the combine and prepare kernels too) writes no cubin
 jit_caches = [f.compile_cache for f in vars(I).values() if hasattr(getattr(f, "compile_cache", None), "clear")]
+# one FA4 call may compile several kernels of one name (a backward's dQ, dK and dV postprocess):
+# set each compile's cubins aside before the next one overwrites them
+import cutlass.cute as cute
+_compile, _n = cute.compile, [0]
+def _compile_and_keep(*a, **k):
+    out = _compile(*a, **k)
+    for p in glob.glob(dump + "/*.cubin"):
+        _n[0] += 1
+        os.rename(p, f"{dump}/{_n[0]:04d}-{os.path.basename(p)}")
+    return out
+cute.compile = _compile_and_keep
 for i, case in enumerate(cases):
     for c in jit_caches:
         c.clear()

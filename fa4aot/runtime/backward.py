@@ -1,0 +1,349 @@
+"""``fa4aot.flash_attn_backward``: FA4's backward pass (``_flash_attn_bwd``) on the zero-JIT runtime.
+
+One call launches what FA4's does, on the caller's stream: the preprocess (dot(O, dO), the LSE in
+log2 units, the zeroed fp32 dQ accumulator), the main kernel (dK, dV; dQ accumulated in fp32),
+and the postprocess that converts the dQ accumulator (with GQA also the dK and dV accumulators,
+which are zeroed first) to the input dtype and, with a learnable sink, computes dsink. The
+scratch buffers FA4 allocates (dpsum, lse_log2, dq_accum, and for GQA dk_accum / dv_accum) are
+allocated the same way, with the caller's framework, and sized by FA4's rules
+(:func:`fa4aot.core.backward.scratch`).
+
+Tensors may come from PyTorch, CuPy or JAX (DLPack) or be :class:`fa4aot.RawTensor` (then every
+output, ``dq``/``dk``/``dv``, must be given and the scratch is allocated through the driver).
+Every argument is validated and every kernel loaded before anything is launched or written.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from fa4aot.core.backward import BACKWARD_FAMILY, Part, check_call, parts, scratch
+from fa4aot.core.bounded import BoundedDict
+from fa4aot.core.errors import ArgumentError, VariantNotFoundError
+from fa4aot.core.families import describe_missing
+from fa4aot.core.rules import resolve_window
+from fa4aot.core.variant import Variant
+from fa4aot.runtime import loader, validate
+from fa4aot.runtime.forward import (
+    FORWARD_DTYPES,
+    SINK_DTYPES,
+    _check_window,
+    _set_words,
+    alloc_like,
+    default_stream,
+    framework,
+)
+from fa4aot.runtime.loader import LoadedVariant, Runtime
+from fa4aot.runtime.tensors import DeviceTensor, RawTensor, as_device_tensor, contiguous_strides, stream_handle
+
+
+class BackwardKernels(NamedTuple):
+    """The loaded kernels of one backward configuration, in launch order."""
+
+    pre: LoadedVariant
+    main: LoadedVariant
+    post_dq: LoadedVariant
+    post_dk: LoadedVariant | None
+    post_dv: LoadedVariant | None
+    main_part: Part
+
+
+def pick(rt: Runtime, fields: dict[str, Any]) -> BackwardKernels:
+    """Load the kernels FA4's backward launches for a call with these call fields
+    (:data:`fa4aot.core.backward.CALL_FIELDS`); remembered per field set. Raises
+    VariantNotFoundError naming the manifest group to add when any of them is not cached."""
+    key = tuple(sorted(fields.items()))
+    got = rt.backward_picks.get(key)
+    if got is not None:
+        return got
+    family = BACKWARD_FAMILY.get(rt.target.arch)
+    if family is None:
+        raise ArgumentError(f"fa4aot builds no backward for {rt.target.arch} (FA4's SM120 backward is not built)")
+    if reason := check_call(family, fields):
+        raise ArgumentError(f"FA4's backward cannot run this call on {rt.target.arch}: {reason}")
+    ps = parts(family, fields)
+    variants = [rt.variant_for(p.family, **p.field_dict) for p in ps]
+    missing = [v for v in variants if not rt.has(v)]
+    if missing:
+        group = Variant.make(family, rt.target.arch, rt.target.num_sms, **fields)
+        raise VariantNotFoundError(
+            f"the cache {rt.cache.root} lacks {len(missing)} of the {len(ps)} backward kernels of this call "
+            f"({', '.join(v.label() for v in missing)}); add the group and rebuild: {describe_missing(group)}",
+            variant=missing[0],
+        )
+    loaded = {p.role: rt.load(v) for p, v in zip(ps, variants)}
+    main = next(p for p in ps if p.role == "main")
+    got = BackwardKernels(
+        loaded["pre"], loaded["main"], loaded["post_dq"], loaded.get("post_dk"), loaded.get("post_dv"), main
+    )
+    rt.backward_picks[key] = got
+    return got
+
+
+def flash_attn_backward(
+    dout: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    lse: Any,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int | None, int | None] = (None, None),
+    softcap: float = 0.0,
+    cu_seqlens_q: Any = None,
+    cu_seqlens_k: Any = None,
+    seqused_q: Any = None,
+    seqused_k: Any = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    deterministic: bool = False,
+    dq: Any = None,
+    dk: Any = None,
+    dv: Any = None,
+    dlse: Any = None,
+    learnable_sink: Any = None,
+    stream: Any = None,
+    *,
+    runtime: Runtime | None = None,
+) -> tuple[Any, ...]:
+    """Gradients of FA4's attention: ``(dq, dk, dv)``, or ``(dq, dk, dv, dsink)`` with a
+    ``learnable_sink``; FA4's ``_flash_attn_bwd`` semantics.
+
+    Layouts are FA4's: q/out/dout (batch, seqlen_q, nheads, d) or, with ``cu_seqlens_q``,
+    (total_q, nheads, d); k/v likewise with ``cu_seqlens_k``; ``lse`` (and ``dlse``, the
+    gradient of a returned LSE) (batch, nheads, seqlen_q) or (nheads, total_q) fp32, as the
+    forward returned it. ``dq``/``dk``/``dv``: preallocated outputs to write (else allocated
+    with the inputs' framework). ``stream`` defaults to the framework's current stream.
+    """
+    rt = runtime or loader._DEFAULT or loader.default_runtime()
+    dev = rt.device
+    varlen_q, varlen_k = cu_seqlens_q is not None, cu_seqlens_k is not None
+    if deterministic:
+        raise ArgumentError("deterministic: fa4aot does not build FA4's deterministic backward yet")
+    qd, kd, vd = as_device_tensor(q, "q"), as_device_tensor(k, "k"), as_device_tensor(v, "v")
+    od, dod = as_device_tensor(out, "out"), as_device_tensor(dout, "dout")
+    dtype = qd.dtype
+    if dtype not in FORWARD_DTYPES:
+        raise ArgumentError(f"q: dtype must be bf16 or fp16, got {dtype}")
+    for t, name in ((kd, "k"), (vd, "v"), (od, "out"), (dod, "dout")):
+        if t.dtype != dtype:
+            raise ArgumentError(f"{name}: dtype must be {dtype} (q's), got {t.dtype}")
+    q_rank, k_rank = (3 if varlen_q else 4), (3 if varlen_k else 4)
+    for t, name, rank in (
+        (qd, "q", q_rank),
+        (kd, "k", k_rank),
+        (vd, "v", k_rank),
+        (od, "out", q_rank),
+        (dod, "dout", q_rank),
+    ):
+        validate.io(t, name, rank, dev, rt)
+    nheads, head_dim = qd.shape[-2], qd.shape[-1]
+    nheads_kv, head_dim_v = vd.shape[-2], vd.shape[-1]
+    if kd.shape[:-1] != vd.shape[:-1] or kd.shape[-1] != head_dim:
+        raise ArgumentError(f"k {kd.shape} and v {vd.shape} must agree (and k's head_dim equal q's {head_dim})")
+    if nheads_kv < 1 or nheads % nheads_kv:
+        raise ArgumentError(f"q has {nheads} heads, k/v {nheads_kv}: nheads must be a multiple of nheads_kv")
+    qrows = qd.shape[:-2]
+    for t, name in ((od, "out"), (dod, "dout")):
+        validate.shape(t, name, (*qrows, nheads, head_dim_v), "q's rows and heads with v's head_dim")
+    cuq = cuk = suq = suk = None
+    if varlen_q:
+        cuq = validate.int32_vector_any(cu_seqlens_q, "cu_seqlens_q", dev, rt)
+        batch = cuq.shape[0] - 1
+        if batch < 1:
+            raise ArgumentError("cu_seqlens_q: needs batch + 1 >= 2 entries")
+        total_q: int | None = qrows[0]
+        max_q = total_q if max_seqlen_q is None else validate.seqlen(max_seqlen_q, "max_seqlen_q")
+    else:
+        batch, max_q, total_q = qrows[0], qrows[1], None
+    if varlen_k:
+        cuk = validate.int32_vector(cu_seqlens_k, "cu_seqlens_k", batch + 1, dev, rt)
+        total_k: int | None = kd.shape[0]
+        max_k = total_k if max_seqlen_k is None else validate.seqlen(max_seqlen_k, "max_seqlen_k")
+    else:
+        if kd.shape[0] != batch:
+            raise ArgumentError(f"k: batch {kd.shape[0]} != q's batch {batch}")
+        max_k, total_k = kd.shape[1], None
+    if seqused_q is not None:
+        if not varlen_q:
+            raise ArgumentError("seqused_q: fa4aot's backward takes seqused_q only with cu_seqlens_q")
+        suq = validate.int32_vector(seqused_q, "seqused_q", batch, dev, rt)
+    if seqused_k is not None:
+        if not varlen_k:
+            raise ArgumentError("seqused_k: fa4aot's backward takes seqused_k only with cu_seqlens_k")
+        suk = validate.int32_vector(seqused_k, "seqused_k", batch, dev, rt)
+    lse_shape = (nheads, qrows[0]) if varlen_q else (batch, nheads, qrows[1])
+    ld = validate.tensor(lse, "lse", dtypes=("fp32",), rank=len(lse_shape), device=dev, rt=rt, align=4)
+    validate.shape(ld, "lse", lse_shape, "FA4's (batch, nheads, seqlen_q) or (nheads, total_q)")
+    dld = None
+    if dlse is not None:
+        dld = validate.tensor(dlse, "dlse", dtypes=("fp32",), rank=len(lse_shape), device=dev, rt=rt, align=4)
+        validate.shape(dld, "dlse", lse_shape, "lse's shape")
+    sink = None
+    if learnable_sink is not None:
+        sink = validate.tensor(learnable_sink, "learnable_sink", dtypes=SINK_DTYPES, rank=1, device=dev, rt=rt, align=4)
+        validate.shape(sink, "learnable_sink", (nheads,), "one logit per query head")
+    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else validate.finite(softmax_scale, "softmax_scale")
+    softcap = 0.0 if softcap is None else validate.finite(softcap, "softcap")
+    if softcap < 0:
+        raise ArgumentError(f"softcap: must be >= 0 (0: off), got {softcap}")
+    if window_size is None or tuple(window_size) == (None, None):
+        causal_r, local, wl, wr = bool(causal), False, None, None
+    else:
+        wl, wr = window_size
+        causal_r, local, wl, wr = resolve_window(bool(causal), _check_window(wl, "left"), _check_window(wr, "right"))
+    if local:  # fa4aot's local variants take both window edges; an open edge is the whole sequence
+        wl = max_k + max_q if wl is None else wl
+        wr = max_k + max_q if wr is None else wr
+    fields = dict(
+        dtype=dtype,
+        head_dim=head_dim,
+        head_dim_v=head_dim_v,
+        qhead_per_kvhead=nheads // nheads_kv,
+        causal=causal_r,
+        local=local,
+        varlen_q=varlen_q,
+        varlen_k=varlen_k,
+        seqused_q=suq is not None,
+        seqused_k=suk is not None,
+        deterministic=False,
+        softcap=float(softcap),
+        has_dlse=dld is not None,
+        learnable_sink=sink.dtype if sink is not None else "none",
+    )
+    empty = 0 in qd.shape or 0 in kd.shape
+    kern = None if empty else pick(rt, fields)  # every kernel loaded before anything is written
+
+    # outputs: the caller's (checked) or new ones from the inputs' framework
+    raw = isinstance(q, (RawTensor, DeviceTensor))
+    outs = []
+    for given, ref, name in ((dq, qd, "dq"), (dk, kd, "dk"), (dv, vd, "dv")):
+        if given is None:
+            if raw:
+                raise ArgumentError(f"{name}: raw-pointer inputs need every output passed ({name}=...)")
+            given = alloc_like(q, ref.shape, dtype)
+        t = as_device_tensor(given, name)
+        if t.dtype != dtype:
+            raise ArgumentError(f"{name}: dtype must be {dtype}, got {t.dtype}")
+        validate.io(t, name, len(ref.shape), dev, rt, writable=True)
+        validate.shape(t, name, ref.shape, f"{name[1:]}'s shape")
+        outs.append((given, t))
+    (dq, dqd), (dk, dkd), (dv, dvd) = outs
+    dsink = dsd = None
+    if sink is not None:
+        if isinstance(learnable_sink, (RawTensor, DeviceTensor)):
+            raise ArgumentError(
+                "learnable_sink: fa4aot allocates dsink with the sink's framework; pass a framework tensor"
+            )
+        dsink = alloc_like(learnable_sink, (nheads,), sink.dtype)
+        dsd = as_device_tensor(dsink, "dsink")
+    s = default_stream(q) if stream is None else stream_handle(stream)
+    drv = rt.driver
+    if empty:  # FA4: zero gradients, dsink = sum of dlse over the rows (or zero)
+        for t in (dqd, dkd, dvd):
+            if 0 not in t.shape:
+                _zero(drv, t, s)
+        if dsd is not None:
+            if dld is not None and 0 not in dld.shape:
+                raise ArgumentError("learnable_sink with dlse and no keys: fa4aot does not reduce dlse on the host")
+            _zero(drv, dsd, s)
+        return (dq, dk, dv) if dsink is None else (dq, dk, dv, dsink)
+
+    assert kern is not None
+    sc = scratch(kern.main_part, batch, max_q if not varlen_q else 0, max_k if not varlen_k else 0, total_q, total_k)
+    per_q = (lambda n: (nheads, n)) if varlen_q else (lambda n: (batch, nheads, n))
+    per_k = (lambda n: (nheads_kv, n)) if varlen_k else (lambda n: (batch, nheads_kv, n))
+    gqa = fields["qhead_per_kvhead"] > 1
+    shapes = [per_q(sc.seqlen_q_rounded), per_q(sc.seqlen_q_rounded), per_q(sc.seqlen_q_rounded * sc.head_dim_rounded)]
+    if gqa:
+        shapes += [per_k(sc.seqlen_k_rounded * sc.head_dim_rounded), per_k(sc.seqlen_k_rounded * sc.head_dim_v_rounded)]
+    bufs: list[Any] = []
+    if raw:  # no framework to allocate with: the runtime's per-stream workspace
+        base = workspace(rt, s, sum(_padded_bytes(sh) for sh in shapes))
+        scratch_t = []
+        for sh in shapes:
+            scratch_t.append(DeviceTensor(base, sh, contiguous_strides(sh), "fp32", dev, "workspace"))
+            base += _padded_bytes(sh)
+    else:
+        bufs = [alloc_like(q, sh, "fp32") for sh in shapes]
+        scratch_t = [as_device_tensor(b, "scratch") for b in bufs]
+    dpsum, lse_log2, dq_accum = scratch_t[:3]
+    if gqa:
+        dk_accum, dv_accum = scratch_t[3:]
+        _zero(drv, dk_accum, s)
+        _zero(drv, dv_accum, s)
+    common_q = {"cu_seqlens_q": cuq, "seqused_q": suq}
+    _launch(
+        kern.pre,
+        dict(out=od, dout=dod, dpsum=dpsum, lse=ld, lse_log2=lse_log2, dq_accum=dq_accum, dlse=dld,
+             softmax_scale=scale, stream=s, **common_q),
+    )  # fmt: skip
+    main_args = dict(
+        q=qd, k=kd, v=vd, dout=dod, lse_log2=lse_log2, dpsum=dpsum, dq_accum=dq_accum,
+        dk=dk_accum if gqa else dkd, dv=dv_accum if gqa else dvd, softmax_scale=scale,
+        cu_seqlens_k=cuk, seqused_k=suk, stream=s, **common_q,
+    )  # fmt: skip
+    if local:
+        main_args.update(window_size_left=wl, window_size_right=wr)
+    _launch(kern.main, main_args)
+    post = dict(accum=dq_accum, out=dqd, scale=scale, cu_seqlens=cuq, seqused=suq, stream=s)
+    if sink is not None:
+        post.update(dpsum=dpsum, lse=ld, learnable_sink=sink, dsink=dsd)
+    _launch(kern.post_dq, post)
+    if gqa:
+        assert kern.post_dk is not None and kern.post_dv is not None
+        kv = dict(cu_seqlens=cuk, seqused=suk, stream=s)
+        _launch(kern.post_dk, dict(accum=dk_accum, out=dkd, scale=scale, **kv))
+        _launch(kern.post_dv, dict(accum=dv_accum, out=dvd, scale=1.0, **kv))
+    _keep_until_done(bufs, s, stream is None)
+    return (dq, dk, dv) if dsink is None else (dq, dk, dv, dsink)
+
+
+def _launch(lv: LoadedVariant, named: dict[str, Any]) -> None:
+    lv.plan.call_launch(lv.plan.pack({k: v for k, v in named.items() if v is not None}))
+
+
+#: Scratch buffers in a workspace start on 256-byte boundaries (the 16 bytes FA4's kernels assume, with room).
+WORKSPACE_ALIGN = 256
+
+
+def _padded_bytes(shape: tuple[int, ...]) -> int:
+    return (4 * math.prod(shape) + WORKSPACE_ALIGN - 1) // WORKSPACE_ALIGN * WORKSPACE_ALIGN
+
+
+def workspace(rt: Runtime, stream: int, nbytes: int) -> int:
+    """The runtime's scratch for backward calls with raw-pointer inputs on ``stream``: one device
+    allocation per stream, reused by later calls there (stream order keeps them apart) and
+    replaced by a larger one when needed (after the stream's queued work, which may use it)."""
+    have = rt.backward_workspace.get(stream)
+    if have is not None and have[1] >= nbytes:
+        return have[0]
+    if have is not None:
+        rt.driver.synchronize(stream)
+        rt.driver.free(have[0])
+        del rt.backward_workspace[stream]
+    ptr = rt.driver.alloc(nbytes)
+    rt.backward_workspace[stream] = (ptr, nbytes)
+    return ptr
+
+
+def _zero(drv: Any, t: DeviceTensor, stream: int) -> None:
+    """Zero a tensor of whole 32-bit words (fp32 accumulators; bf16/fp16 rows of even length)."""
+    if t.strides != contiguous_strides(t.shape) or (math.prod(t.shape) * t.itemsize) % 4:
+        raise ArgumentError(f"{t.shape}: fa4aot zeroes only contiguous tensors of whole 32-bit words")
+    _set_words(drv, t, 0, stream)
+
+
+def _keep_until_done(bufs: list[Any], stream: int, on_current: bool) -> None:
+    """PyTorch's and CuPy's caching allocators are ordered on the stream the scratch was
+    allocated on (the current one): freeing it now lets them reuse it only for later work on that
+    stream. Otherwise (JAX, or an explicit other stream) the scratch is kept until the next
+    backward on the same stream."""
+    if bufs and not (on_current and framework(bufs[0]) in ("torch", "cupy")):
+        _PINNED[stream] = bufs
+
+
+#: stream -> scratch of the last backward launched there that is not stream-ordered
+_PINNED: BoundedDict = BoundedDict(64)
