@@ -600,8 +600,8 @@ def resolve_fields(family: str, raw: dict[str, Any]) -> list[dict[str, Any]]:
         if f.pop("_min_log", False):
             f["log_max_splits"] = max(f["log_max_splits"], min_log)
         return [f]
-    if family in ("bwd_sm90", "bwd_sm100"):
-        return [f]
+    if family in ("bwd_sm90", "bwd_sm100", "bwd_pre", "bwd_post"):
+        return [f]  # the helpers' check refuses them in a manifest
     if family == "prepare":
         if f["pack_gqa"] == "auto":
             f["pack_gqa"] = f["nheads"] > f["nheads_kv"]

@@ -5,8 +5,11 @@ handed over as the build does), and its cubin compared byte for byte with the ca
 The call is found by searching a grid of shapes with fa4aot's dispatch (which restates FA4's
 decisions and is tested against FA4) for one whose decision is the entry's variant; a combine
 entry is compiled through FA4's ``_flash_attn_fwd_combine`` and a prepare entry through its
-``_get_scheduler_metadata`` (what FA4's split-KV forward calls). Tuning candidates (tilings FA4
-never picks) have no such call and are reported as such.
+``_get_scheduler_metadata`` (what FA4's split-KV forward calls). A backward entry (main kernel,
+preprocess or postprocess) is compiled through ``_flash_attn_bwd`` for a call of the backward
+group it belongs to; each of that call's kernels is set aside as it is compiled (the dQ, dK and
+dV postprocess kernels share one name). Tuning candidates (tilings FA4 never picks) have no such
+call and are reported as such.
 """
 
 from __future__ import annotations
@@ -180,7 +183,8 @@ def find_case(v: Variant, mains: list[Variant] = ()) -> dict[str, Any] | None:
 
 
 def compare(cache: Cache, entries: list[Entry], timeout: float = 3600) -> list[Comparison]:
-    """Compile each forward entry's FA4 call (one FA4 process per target) and compare cubins."""
+    """Compile each entry's FA4 call (one FA4 process per target, one call per distinct case) and
+    compare cubins."""
     out: list[Comparison] = []
     by_target: dict[tuple[str, int], list[tuple[Entry, dict[str, Any]]]] = {}
     mains = [e.variant for e in cache.entries() if e.variant.family in ("bwd_sm90", "bwd_sm100")]
@@ -196,9 +200,16 @@ def compare(cache: Cache, entries: list[Entry], timeout: float = 3600) -> list[C
             continue
         by_target.setdefault((e.target.arch, e.target.num_sms), []).append((e, case))
     for (arch, sms), items in by_target.items():
+        # one FA4 call per distinct case: a backward call compiles every kernel of its group
+        cases: list[dict[str, Any]] = []
+        at: list[int] = []
+        for _, case in items:
+            if case not in cases:
+                cases.append(case)
+            at.append(cases.index(case))
         with tempfile.TemporaryDirectory(prefix="fa4aot-fa4-") as dump:
             proc = subprocess.run(
-                [sys.executable, "-c", _FA4_SCRIPT, arch, str(sms), json.dumps([c for _, c in items]), dump],
+                [sys.executable, "-c", _FA4_SCRIPT, arch, str(sms), json.dumps(cases), dump],
                 capture_output=True,
                 text=True,
                 timeout=timeout,
@@ -209,7 +220,7 @@ def compare(cache: Cache, entries: list[Entry], timeout: float = 3600) -> list[C
                 if line.startswith("{"):
                     r = json.loads(line)
                     results[r["i"]] = r["error"]
-            for i, (e, case) in enumerate(items):
+            for (e, case), i in zip(items, at):
                 if i not in results:
                     out.append(Comparison(e, "failed", f"FA4 did not get to this call: {proc.stderr[-300:]}"))
                     continue

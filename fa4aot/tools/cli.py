@@ -825,7 +825,7 @@ def from_misses_cmd(logs: tuple[Path, ...], output: Path) -> None:
 @click.option(
     "--against-fa4",
     is_flag=True,
-    help="Also compile each entry (forward, combine, prepare) through FA4's own interface (fake tensors, CPU) "
+    help="Also compile each entry (forward, combine, prepare, backward) through FA4's own interface (fake tensors, CPU) "
     "and compare cubin bytes (needs the build extra).",
 )
 @click.option(

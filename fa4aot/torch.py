@@ -1,0 +1,277 @@
+"""PyTorch autograd for fa4aot: ``fa4aot.torch.flash_attn_func`` / ``flash_attn_varlen_func``,
+FA4's differentiable API on the zero-JIT runtime (the subset fa4aot builds).
+
+The one module of fa4aot that imports torch. The forward and backward are ``torch.library``
+custom ops (``fa4aot::fwd``, ``fa4aot::bwd``) with fake (meta) implementations and the backward
+registered as the forward's autograd formula, so ``torch.compile`` treats them as opaque ops
+(no graph break, no tracing into fa4aot), and everything they allocate comes from PyTorch's
+caching allocator on the current stream (CUDA-graph capturable, as FA4's are).
+
+Same signatures as ``flash_attn.cute.flash_attn_func`` / ``flash_attn_varlen_func`` for what
+fa4aot builds (FA4 paths fa4aot does not build raise ``ArgumentError``); returns ``(out, lse)``
+like FA4 (``lse`` None unless ``return_lse``). The forward always computes the LSE, which the
+backward needs (FA4 does the same when an input requires grad).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from fa4aot.runtime.backward import flash_attn_backward
+from fa4aot.runtime.forward import forward, unsupported
+
+_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _win(w: int) -> int | None:
+    return None if w == _NONE else w
+
+
+#: How an absent window edge travels through the custom ops (their schema takes plain ints).
+_NONE = -(2**62)
+
+
+@torch.library.custom_op("fa4aot::fwd", mutates_args=())
+def _fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    seqused_q: torch.Tensor | None,
+    seqused_k: torch.Tensor | None,
+    max_seqlen_q: int | None,
+    max_seqlen_k: int | None,
+    softmax_scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    learnable_sink: torch.Tensor | None,
+    softcap: float,
+    num_splits: int,
+    pack_gqa: bool | None,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # return_lse only tells the autograd formula whether a gradient of the LSE is meaningful
+    out, lse = forward(
+        None, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
+        softmax_scale, causal, (_win(window_left), _win(window_right)), num_splits, pack_gqa, True, None, None,
+        None, None, learnable_sink, softcap,
+    )  # fmt: skip
+    return out, lse
+
+
+@_fwd.register_fake
+def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, *rest):
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    if cu_seqlens_q is not None:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    else:
+        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("fa4aot::bwd", mutates_args=())
+def _bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dlse: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    seqused_q: torch.Tensor | None,
+    seqused_k: torch.Tensor | None,
+    max_seqlen_q: int | None,
+    max_seqlen_k: int | None,
+    softmax_scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    learnable_sink: torch.Tensor | None,
+    softcap: float,
+    deterministic: bool,
+) -> list[torch.Tensor]:
+    res = flash_attn_backward(
+        dout, q, k, v, out, lse, softmax_scale, causal, (_win(window_left), _win(window_right)), softcap,
+        cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, deterministic,
+        dlse=dlse, learnable_sink=learnable_sink,
+    )  # fmt: skip
+    return list(res)
+
+
+@_bwd.register_fake
+def _bwd_fake(dout, q, k, v, out, lse, dlse, *rest):
+    learnable_sink = rest[10]
+    grads = [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
+    if learnable_sink is not None:
+        grads.append(torch.empty_like(learnable_sink))
+    return grads
+
+
+# positions of the forward op's inputs, for the autograd formula
+_FWD_ARGS = (
+    "q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k", "max_seqlen_q", "max_seqlen_k",
+    "softmax_scale", "causal", "window_left", "window_right", "learnable_sink", "softcap", "num_splits", "pack_gqa",
+    "return_lse",
+)  # fmt: skip
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    a = dict(zip(_FWD_ARGS, inputs))
+    out, lse = output
+    ctx.save_for_backward(
+        a["q"], a["k"], a["v"], out, lse, a["cu_seqlens_q"], a["cu_seqlens_k"], a["seqused_q"], a["seqused_k"],
+        a["learnable_sink"],
+    )  # fmt: skip
+    ctx.args = {k: a[k] for k in ("max_seqlen_q", "max_seqlen_k", "softmax_scale", "causal", "window_left",
+                                 "window_right", "softcap")}  # fmt: skip
+    ctx.deterministic = False
+    ctx.return_lse = a["return_lse"]
+    ctx.set_materialize_grads(False)  # FA4: an unused output's gradient stays None
+
+
+def _backward(ctx: Any, dout: torch.Tensor | None, dlse: torch.Tensor | None) -> tuple:
+    q, k, v, out, lse, cu_q, cu_k, su_q, su_k, sink = ctx.saved_tensors
+    a = ctx.args
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dlse = _dense(dlse) if ctx.return_lse else None
+    grads = _bwd(
+        _dense(dout), q, k, v, out, lse, dlse, cu_q, cu_k, su_q, su_k,
+        a["max_seqlen_q"], a["max_seqlen_k"], a["softmax_scale"], a["causal"], a["window_left"], a["window_right"],
+        sink, a["softcap"], ctx.deterministic,
+    )  # fmt: skip
+    dq, dk, dv = grads[:3]
+    dsink = grads[3] if sink is not None else None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, dsink, None, None, None, None
+
+
+def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` with a contiguous last dimension and no broadcast (stride 0) dimension: gradients
+    often arrive expanded (``out.sum()`` gives a stride-0 tensor of ones)."""
+    if t is None or (t.stride(-1) == 1 and 0 not in t.stride()):
+        return t
+    return t.contiguous()
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _call(
+    q, k, v, cu_q, cu_k, su_q, su_k, max_q, max_k, softmax_scale, causal, window_size, learnable_sink, softcap,
+    num_splits, pack_gqa, return_lse,
+):  # fmt: skip
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    wl, wr = (None, None) if window_size is None else window_size
+    out, lse = _fwd(
+        q, k, v, cu_q, cu_k, su_q, su_k, max_q, max_k, scale, bool(causal), _NONE if wl is None else int(wl),
+        _NONE if wr is None else int(wr), learnable_sink, float(softcap or 0.0), int(num_splits), pack_gqa,
+        bool(return_lse),
+    )  # fmt: skip
+    return out, (lse if return_lse else None)
+
+
+def flash_attn_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    qv: Any = None,
+    gather_kv_indices: Any = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int | None, int | None] = (None, None),
+    learnable_sink: torch.Tensor | None = None,
+    softcap: float = 0.0,
+    num_splits: int = 1,
+    pack_gqa: bool | None = None,
+    deterministic: bool = False,
+    score_mod: Any = None,
+    score_mod_bwd: Any = None,
+    mask_mod: Any = None,
+    aux_tensors: Any = None,
+    aux_scalars: Any = None,
+    block_sparse_tensors: Any = None,
+    block_sparse_tensors_bwd: Any = None,
+    return_lse: bool = False,
+    gather_bwd_recompute_p: bool = False,
+    gather_bwd_token_chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """FA4's differentiable ``flash_attn_func``: ``(out, lse)`` for q (batch, seqlen_q, nheads,
+    d), k / v (batch, seqlen_k, nheads_kv, d / d_v); gradients flow to q, k, v (and a learnable
+    sink) through FA4's backward kernels."""
+    _refuse(
+        qv=(qv, None), gather_kv_indices=(gather_kv_indices, None), score_mod=(score_mod, None),
+        score_mod_bwd=(score_mod_bwd, None), mask_mod=(mask_mod, None), aux_tensors=(aux_tensors, None),
+        aux_scalars=(aux_scalars, None), block_sparse_tensors=(block_sparse_tensors, None),
+        block_sparse_tensors_bwd=(block_sparse_tensors_bwd, None), deterministic=(deterministic, False),
+        gather_bwd_recompute_p=(gather_bwd_recompute_p, False), gather_bwd_token_chunk=(gather_bwd_token_chunk, None),
+    )  # fmt: skip
+    return _call(
+        q, k, v, None, None, None, None, None, None, softmax_scale, causal, window_size, learnable_sink, softcap,
+        num_splits, pack_gqa, return_lse,
+    )  # fmt: skip
+
+
+def flash_attn_varlen_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    qv: Any = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    min_seqlen_k: int | None = None,
+    seqused_q: torch.Tensor | None = None,
+    seqused_k: torch.Tensor | None = None,
+    gather_kv_indices: Any = None,
+    page_table: Any = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int | None, int | None] = (None, None),
+    learnable_sink: torch.Tensor | None = None,
+    softcap: float = 0.0,
+    num_splits: int = 1,
+    pack_gqa: bool | None = None,
+    deterministic: bool = False,
+    score_mod: Any = None,
+    score_mod_bwd: Any = None,
+    mask_mod: Any = None,
+    block_sparse_tensors: Any = None,
+    aux_tensors: Any = None,
+    aux_scalars: Any = None,
+    return_lse: bool = False,
+    scheduler_metadata: Any = None,
+    seqlen_k_per_split: int | None = None,
+    disable_scheduler_metadata: bool = False,
+    gather_bwd_recompute_p: bool = False,
+    gather_bwd_token_chunk: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """FA4's differentiable ``flash_attn_varlen_func`` (packed sequences with ``cu_seqlens_q`` /
+    ``cu_seqlens_k``, optional ``seqused_q`` / ``seqused_k``); a paged KV cache has no backward."""
+    _refuse(
+        qv=(qv, None), gather_kv_indices=(gather_kv_indices, None), page_table=(page_table, None),
+        score_mod=(score_mod, None), score_mod_bwd=(score_mod_bwd, None), mask_mod=(mask_mod, None),
+        block_sparse_tensors=(block_sparse_tensors, None), aux_tensors=(aux_tensors, None),
+        aux_scalars=(aux_scalars, None), deterministic=(deterministic, False),
+        scheduler_metadata=(scheduler_metadata, None), seqlen_k_per_split=(seqlen_k_per_split, None),
+        gather_bwd_recompute_p=(gather_bwd_recompute_p, False), gather_bwd_token_chunk=(gather_bwd_token_chunk, None),
+    )  # fmt: skip
+    return _call(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+        window_size, learnable_sink, softcap, num_splits, pack_gqa, return_lse,
+    )  # fmt: skip
+
+
+def _refuse(**given: Any) -> None:
+    if any(not (v is d or (d is not None and type(v) is type(d) and v == d)) for v, d in given.values()):
+        unsupported(**given)
+
+
+__all__ = ["flash_attn_func", "flash_attn_varlen_func"]

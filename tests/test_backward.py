@@ -1,0 +1,400 @@
+"""The backward families without a GPU: FA4's configuration restated (checked against FA4's own
+functions), the kernels one call launches and how they are built (checked against what FA4's
+``_flash_attn_bwd`` constructs in fake mode), manifest expansion and errors, the runtime's
+launch sequence on the fake driver, and byte identity with FA4's JIT for the CI cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fake_driver import FakeDriver
+from helpers import needs_dsl
+
+import fa4aot
+from fa4aot.build.manifest import ManifestError, expand
+from fa4aot.core.backward import CALL_FIELDS, check_call, parts, scratch, sm90_bwd_config
+from fa4aot.core.errors import ArgumentError, VariantNotFoundError
+from fa4aot.core.index import Cache
+from fa4aot.runtime.loader import Runtime
+from fa4aot.runtime.tensors import RawTensor
+
+TESTS = str(Path(__file__).resolve().parent)
+B = 0x7F20_0000_0000
+
+
+def call(**kw):
+    f = dict(dtype="bf16", head_dim=128, head_dim_v=128, qhead_per_kvhead=1, causal=False, local=False,
+             varlen_q=False, varlen_k=False, seqused_q=False, seqused_k=False, deterministic=False, softcap=0.0,
+             has_dlse=False, learnable_sink="none")  # fmt: skip
+    f.update(kw)
+    assert set(f) == set(CALL_FIELDS)
+    return f
+
+
+# -- FA4's rules ---------------------------------------------------------------------------------
+
+
+@needs_dsl
+def test_sm90_config_is_fa4s():
+    from flash_attn.cute.interface import _tile_size_bwd_sm90
+
+    for hd in range(8, 257, 8):
+        for hdv in (hd, 128, 64):
+            for causal, local in ((False, False), (True, False), (False, True)):
+                mine = sm90_bwd_config(hd, hdv, causal, local)
+                theirs = _tile_size_bwd_sm90(hd, hdv, causal, local)
+                assert mine.__dict__ == theirs.__dict__, (hd, hdv, causal, local)
+
+
+def test_rules_name_fa4s_reasons():
+    assert "GQA backward requires head_dim == head_dim_v" in check_call(
+        "bwd_sm90", call(head_dim=192, qhead_per_kvhead=2)
+    )
+    assert check_call("bwd_sm90", call(head_dim=192, qhead_per_kvhead=1)) is None
+    assert "dedicated backward" in check_call("bwd_sm100", call(head_dim=256, head_dim_v=256))
+    assert "not supported on SM100" in check_call("bwd_sm100", call(head_dim=160, head_dim_v=160))
+    assert "deterministic" in check_call("bwd_sm90", call(deterministic=True))
+    assert "seqused_q" in check_call("bwd_sm90", call(seqused_q=True))
+
+
+def test_parts_follow_fa4s_launch_sequence():
+    ps = parts("bwd_sm90", call(causal=True))
+    assert [p.role for p in ps] == ["pre", "main", "post_dq"]
+    gqa = parts("bwd_sm90", call(qhead_per_kvhead=4, has_dlse=True, learnable_sink="bf16"))
+    assert [p.role for p in gqa] == ["pre", "main", "post_dq", "post_dk", "post_dv"]
+    f = {p.role: p.field_dict for p in gqa}
+    assert (
+        f["pre"]["has_dlse"] and f["post_dq"]["learnable_sink"] == "bf16" and f["post_dk"]["learnable_sink"] == "none"
+    )
+    # non-causal hd128: FA4's 80x128 tile with dQ_swapAB; the dQ postprocess follows it
+    assert (f["main"]["tile_m"], f["post_dq"]["tile"], f["post_dq"]["swap_ab"]) == (80, 80, True)
+    sm100 = {p.role: p.field_dict for p in parts("bwd_sm100", call(qhead_per_kvhead=2))}
+    assert sm100["main"]["two_cta"] and sm100["post_dk"]["cluster_size"] == 2
+    assert sm100["post_dq"]["accum_order"] == "TMEM_FRAG_2CTA"
+
+
+def test_scratch_sizes_are_fa4s():
+    main = parts("bwd_sm90", call(qhead_per_kvhead=4))[1]  # 80 x 128 tiles
+    sc = scratch(main, 2, 1000, 777, None, None)
+    assert (sc.seqlen_q_rounded, sc.seqlen_k_rounded, sc.head_dim_rounded) == (1040, 896, 128)
+    # varlen: total + (batch + 1) tiles, rounded down to the tile
+    sc = scratch(main, 3, 0, 0, 1000, 777)
+    assert (sc.seqlen_q_rounded, sc.seqlen_k_rounded) == (
+        (1000 + 4 * 80 - 1) // 80 * 80,
+        (777 + 4 * 128 - 1) // 128 * 128,
+    )
+    # SM100 2CTA: K padded to whole CTA pairs
+    main = parts("bwd_sm100", call(qhead_per_kvhead=4))[1]
+    assert scratch(main, 1, 128, 129, None, None).seqlen_k_rounded == 256
+    assert scratch(main, 1, 128, 100, None, None).seqlen_k_rounded == 256
+    # hd 192 on SM90 (dKV_swapAB): head dims padded to 64
+    main = parts("bwd_sm90", call(head_dim=160, head_dim_v=160))[1]
+    assert scratch(main, 1, 64, 64, None, None).head_dim_rounded == 192
+
+
+# -- FA4's own choices (fake mode, nothing compiled) ----------------------------------------------
+
+#: Runs FA4's _flash_attn_bwd in fake mode with cute.compile stubbed out, recording every FA4
+#: kernel object it constructs; then builds fa4aot's entries for the same call (make_entry) under
+#: the same recording and prints both.
+ORACLE = r"""
+import inspect, json, os, sys
+cases = json.loads(sys.stdin.read())
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+import cutlass.cute as cute
+from flash_attn.cute import interface as I
+from flash_attn.cute import flash_bwd_sm90, flash_bwd_sm100, flash_bwd_preprocess, flash_bwd_postprocess
+from fa4aot_kernels.common import install_target_hardware
+install_target_hardware(int(os.environ["FLASH_ATTENTION_NUM_SMS"]))
+log = []
+def norm(v):
+    if v is None or isinstance(v, (bool, int, float, str)): return v
+    if callable(v) and not isinstance(v, type): return "callable"
+    return getattr(v, "name", None) or getattr(v, "__name__", None) or repr(v)
+for mod, name in ((flash_bwd_sm90, "FlashAttentionBackwardSm90"), (flash_bwd_sm100, "FlashAttentionBackwardSm100"),
+                  (flash_bwd_preprocess, "FlashAttentionBackwardPreprocess"),
+                  (flash_bwd_postprocess, "FlashAttentionBackwardPostprocess")):
+    cls = getattr(mod, name)
+    orig = cls.__init__
+    sig = inspect.signature(orig)
+    def rec(self, *a, __orig=orig, __sig=sig, __name=name, **k):
+        b = __sig.bind(self, *a, **k); b.apply_defaults()
+        log.append([__name, {n: norm(v) for n, v in list(b.arguments.items())[1:]}])
+        __orig(self, *a, **k)
+    cls.__init__ = rec
+cute.compile = lambda *a, **k: (lambda *x, **y: None)
+from fa4aot.tools.fa4_calls import fa4_backward
+from fa4aot.core.backward import parts
+from fa4aot.core.variant import Target, Variant
+from fa4aot_kernels import module_for
+arch = os.environ["FLASH_ATTENTION_ARCH"]
+target = Target("t", arch, int(os.environ["FLASH_ATTENTION_NUM_SMS"]))
+out = []
+for case in cases:
+    fields, family = case.pop("fields"), case.pop("family")
+    for c in [f.compile_cache for f in vars(I).values() if hasattr(getattr(f, "compile_cache", None), "clear")]:
+        c.clear()
+    log.clear()
+    with FakeTensorMode():
+        fa4_backward(I, torch, case)
+    fa4 = [json.dumps(x, sort_keys=True) for x in log]
+    log.clear()
+    for p in parts(family, fields):
+        module_for(p.family).make_entry(Variant.make(p.family, arch, target.num_sms, **p.field_dict), target)
+    mine = [json.dumps(x, sort_keys=True) for x in log]
+    out.append({"fa4": sorted(set(fa4)), "mine": sorted(set(mine))})
+print(json.dumps(out))
+"""
+
+
+def _oracle(arch: str, sms: int, cases: list[dict]) -> list[dict]:
+    env = dict(os.environ, FLASH_ATTENTION_ARCH=arch, CUTE_DSL_ARCH=arch, FLASH_ATTENTION_NUM_SMS=str(sms),
+               CUTE_DSL_LOG_LEVEL="0", PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", ORACLE], input=json.dumps(cases), capture_output=True, text=True,
+                          env=env, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _case(family: str, b=2, sq=1000, sk=777, hk=4, wl=None, wr=None, **kw) -> dict:
+    f = call(**kw)
+    c = dict(family=family, fields=f, batch=b, seqlen_q=sq, seqlen_k=sk, nheads=hk * f["qhead_per_kvhead"],
+             nheads_kv=hk, head_dim=f["head_dim"], head_dim_v=f["head_dim_v"], causal=f["causal"], dtype=f["dtype"],
+             varlen_q=f["varlen_q"], varlen_k=f["varlen_k"], seqused_q=f["seqused_q"], seqused_k=f["seqused_k"],
+             total_q=b * sq, total_k=b * sk, dlse=f["has_dlse"], softcap=f["softcap"])  # fmt: skip
+    if f["local"]:
+        c.update(wl=wl if wl is not None else 100, wr=wr if wr is not None else 20)
+    if f["learnable_sink"] != "none":
+        c["learnable_sink"] = f["learnable_sink"]
+    return c
+
+
+SM90_CASES = [
+    dict(),
+    dict(causal=True),
+    dict(qhead_per_kvhead=4, causal=True),
+    dict(head_dim=64, head_dim_v=64, qhead_per_kvhead=8),
+    dict(head_dim=96, head_dim_v=96, causal=True, dtype="fp16"),
+    dict(head_dim=192, head_dim_v=128),
+    dict(head_dim=192, head_dim_v=192, qhead_per_kvhead=2, local=True),
+    dict(head_dim=256, head_dim_v=256, causal=True),
+    dict(head_dim=72, head_dim_v=72, qhead_per_kvhead=3),
+    dict(qhead_per_kvhead=2, varlen_q=True, varlen_k=True, causal=True, has_dlse=True),
+    dict(head_dim=64, head_dim_v=64, qhead_per_kvhead=8, varlen_q=True, varlen_k=True, seqused_q=True,
+         seqused_k=True, learnable_sink="fp32", has_dlse=True),
+    dict(softcap=30.0, causal=True),
+    dict(varlen_q=True, local=True),
+]  # fmt: skip
+
+SM100_CASES = [
+    dict(),
+    dict(causal=True, qhead_per_kvhead=4),
+    dict(head_dim=64, head_dim_v=64, qhead_per_kvhead=8, causal=True),
+    dict(head_dim=192, head_dim_v=128, qhead_per_kvhead=2),
+    dict(head_dim=96, head_dim_v=96, local=True, softcap=20.0),
+    dict(qhead_per_kvhead=4, varlen_q=True, varlen_k=True, causal=True, learnable_sink="bf16", has_dlse=True),
+    dict(head_dim=64, head_dim_v=64, varlen_q=True, varlen_k=True, seqused_q=True, seqused_k=True),
+]
+
+
+@needs_dsl
+@pytest.mark.parametrize(
+    "arch,sms,family,cases",
+    [
+        ("sm_90a", 132, "bwd_sm90", SM90_CASES),
+        ("sm_100a", 148, "bwd_sm100", SM100_CASES),
+        ("sm_103a", 148, "bwd_sm100", SM100_CASES[:3]),
+    ],  # fmt: skip
+)
+def test_kernels_are_constructed_as_fa4_constructs_them(arch, sms, family, cases):
+    """For each call, the FA4 kernel objects (class and every constructor argument) fa4aot's
+    kernel modules build for the call's parts are exactly those FA4's _flash_attn_bwd builds."""
+    got = _oracle(arch, sms, [_case(family, **c) for c in cases])
+    for c, r in zip(cases, got):
+        assert r["fa4"] and r["mine"] == r["fa4"], (c, r)
+
+
+# -- manifests -----------------------------------------------------------------------------------
+
+
+def test_manifest_group_expands_into_every_kernel_of_the_call():
+    doc = {"target": {"name": "h100", "arch": "sm_90a", "num_sms": 132},
+           "families": {"bwd_sm90": [{"head_dims": [[128, 128]], "qhead_per_kvhead": [1, 4], "causal": True}]}}  # fmt: skip
+    plan = expand(doc)
+    fams = sorted(pv.variant.family for pv in plan.variants)
+    # two mains, one shared preprocess, the dQ postprocess and (GQA) one dK/dV postprocess
+    assert fams == ["bwd_post", "bwd_post", "bwd_pre", "bwd_sm90", "bwd_sm90"]
+
+
+@pytest.mark.parametrize(
+    "group,where,what",
+    [
+        ({"head_dims": [[192, 128]], "qhead_per_kvhead": 2}, "bwd_sm90[0]", "GQA backward requires"),
+        ({"deterministic": True}, "bwd_sm90[0].deterministic", "deterministic"),
+        ({"dlse": "yes"}, "bwd_sm90[0].dlse", "true/false"),
+        ({"tiles": [64, 128]}, "bwd_sm90[0].tiles", "unknown axis"),
+    ],
+)
+def test_manifest_errors_name_the_field(group, where, what):
+    doc = {"target": {"name": "h100", "arch": "sm_90a", "num_sms": 132}, "families": {"bwd_sm90": [group]}}
+    with pytest.raises(ManifestError) as e:
+        expand(doc)
+    assert where in str(e.value) and what in str(e.value), str(e.value)
+
+
+def test_helper_families_are_not_listed_directly():
+    doc = {"target": {"name": "h100", "arch": "sm_90a", "num_sms": 132}, "families": {"bwd_pre": [{}]}}
+    with pytest.raises(ManifestError, match="bwd_sm90 / bwd_sm100 group"):
+        expand(doc)
+
+
+def test_sm100_manifest_refuses_hd256_and_sm90_family_on_blackwell():
+    doc = {"target": {"name": "b200", "arch": "sm_100a", "num_sms": 148},
+           "families": {"bwd_sm100": [{"head_dims": [[256, 256]]}]}}  # fmt: skip
+    with pytest.raises(ManifestError, match="dedicated backward"):
+        expand(doc)
+    doc["families"] = {"bwd_sm90": [{}]}
+    with pytest.raises(ManifestError, match="builds for"):
+        expand(doc)
+
+
+# -- the runtime on the fake driver ---------------------------------------------------------------
+
+
+def t(i, shape, dtype="bf16"):
+    return RawTensor(B + i * (1 << 36), tuple(shape), dtype)
+
+
+@pytest.fixture
+def sm90(built_cache):
+    drv = FakeDriver(cc=(9, 0), num_sms=132)
+    return Runtime(built_cache, driver=drv), drv
+
+
+def _args(b, s, h, hk, d, varlen=False):
+    rows = (b * s,) if varlen else (b, s)
+    krows = (b * s,) if varlen else (b, s)
+    lse = t(5, (h, b * s), "fp32") if varlen else t(5, (b, h, s), "fp32")
+    return dict(q=t(0, (*rows, h, d)), k=t(1, (*krows, hk, d)), v=t(2, (*krows, hk, d)), out=t(3, (*rows, h, d)),
+                dout=t(4, (*rows, h, d)), lse=lse, dq=t(6, (*rows, h, d)), dk=t(7, (*krows, hk, d)),
+                dv=t(8, (*krows, hk, d)))  # fmt: skip
+
+
+def _bwd(rt, a, **kw):
+    return fa4aot.flash_attn_backward(a["dout"], a["q"], a["k"], a["v"], a["out"], a["lse"], dq=a["dq"], dk=a["dk"],
+                                      dv=a["dv"], runtime=rt, **kw)  # fmt: skip
+
+
+def test_backward_launch_sequence_gqa(sm90):
+    rt, drv = sm90
+    a = _args(2, 1000, 16, 4, 128)
+    res = _bwd(rt, a, causal=True, stream=7)
+    assert res == (a["dq"], a["dk"], a["dv"])
+    names = [drv.kernel_names[launch.kernel] for launch in drv.launches]
+    kinds = ["Preprocess", "BackwardSm90", "Postprocess", "Postprocess", "Postprocess"]
+    assert all(k in n for k, n in zip(kinds, names)) and len(names) == 5, names
+    pre, main, post_dq, post_dk, post_dv = drv.launches
+    # FA4's grids: the main kernel over (KV blocks, heads, batch) of its 64 x 128 causal tile,
+    # the postprocess over (Q or KV blocks, heads, batch)
+    assert main.grid == (8, 16, 2) and main.block == (384, 1, 1)
+    assert post_dq.grid == (16, 16, 2) and post_dk.grid == (8, 4, 2)
+    assert {launch.stream for launch in drv.launches} == {7}
+    # the GQA dK / dV accumulators are zeroed (one memset each) on the stream before the kernels
+    assert [m[1:] for m in drv.memsets] == [(0, 2 * 4 * 1024 * 128, 7)] * 2
+    # the scratch is the runtime's workspace for this stream, reused by the next call
+    (ws,) = drv.allocs
+    _bwd(rt, a, causal=True, stream=7)
+    assert list(drv.allocs) == [ws]
+
+
+def test_backward_mha_writes_dk_dv_directly(sm90):
+    rt, drv = sm90
+    a = _args(2, 1000, 16, 16, 128)
+    _bwd(rt, a, causal=True)
+    assert len(drv.launches) == 3 and not drv.memsets
+    main = drv.launches[1]
+    assert main.grid == (8, 16, 2)
+
+
+def test_backward_errors_before_any_launch(sm90, tmp_path):
+    rt, drv = sm90
+    a = _args(2, 1000, 16, 16, 128)
+    bad = [
+        (dict(a, lse=t(5, (2, 16, 999), "fp32")), {}, "lse: expected shape"),
+        (dict(a, dout=t(4, (2, 1000, 16, 128), "fp16")), {}, "dout: dtype"),
+        (dict(a, dq=t(6, (2, 1000, 16, 64))), {}, "dq: expected shape"),
+        (a, dict(softmax_scale=float("inf")), "softmax_scale"),
+        (a, dict(softcap=-1.0), "softcap"),
+        (a, dict(deterministic=True), "deterministic"),
+        (a, dict(seqused_q=t(9, (2,), "int32")), "seqused_q"),
+        (dict(a, dq=None), {}, "raw-pointer inputs need every output"),
+    ]
+    for args, kw, what in bad:
+        with pytest.raises(ArgumentError, match=what):
+            _bwd(rt, args, **kw)
+    # a call whose kernels are not cached: the error names the manifest group to add
+    with pytest.raises(VariantNotFoundError, match=r"families\.bwd_sm90: - \{.*head_dims: \[\[96, 96\]\]"):
+        _bwd(rt, _args(2, 100, 4, 4, 96))
+    assert not drv.launches and not drv.memsets and not drv.allocs
+
+
+def test_backward_varlen_sinks_and_dlse_launch(sm90):
+    rt, drv = sm90
+    b, s, h, hk, d = 3, 200, 16, 2, 64
+    a = _args(b, s, h, hk, d, varlen=True)
+    cu = t(9, (b + 1,), "int32")
+    with pytest.raises(ArgumentError, match="learnable_sink: dsink is allocated"):
+        _bwd(rt, a, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, learnable_sink=t(10, (h,)))
+    assert not drv.launches
+    _bwd(rt, a, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, dlse=t(11, (h, b * s), "fp32"))
+    pre = drv.launches[0]
+    assert "Preprocess" in drv.kernel_names[pre.kernel] and len(drv.launches) == 5
+
+
+def test_empty_problem_zeroes_gradients(sm90):
+    rt, drv = sm90
+    a = _args(2, 0, 16, 16, 128)
+    _bwd(rt, a)
+    assert not drv.launches and len(drv.memsets) == 1  # dq is empty: dk and dv... also empty
+    a = dict(_args(2, 64, 16, 16, 128))
+    a.update(k=t(1, (2, 0, 16, 128)), v=t(2, (2, 0, 16, 128)), dk=t(7, (2, 0, 16, 128)), dv=t(8, (2, 0, 16, 128)))
+    drv.memsets.clear()
+    _bwd(rt, a)
+    assert not drv.launches and len(drv.memsets) == 1 and drv.memsets[0][0] == a["dq"].ptr
+
+
+# -- byte identity with FA4's JIT -----------------------------------------------------------------
+
+
+@needs_dsl
+def test_every_backward_entry_is_byte_identical_to_fa4s_jit(built_cache):
+    """Every backward kernel of the CI cache (SM90 and SM100 main kernels, preprocess and
+    postprocess) compiled through FA4's _flash_attn_bwd: byte-identical cubins."""
+    from fa4aot.tools.against_fa4 import compare
+
+    cache = Cache(built_cache)
+    entries = [e for e in cache.entries() if e.variant.family.startswith("bwd_")]
+    results = compare(cache, entries)
+    assert {r.status for r in results} == {"identical"}, [
+        (r.entry.variant.label(), r.status, r.detail) for r in results
+    ]
+    assert {(r.entry.variant.family, r.entry.target.arch) for r in results} >= {
+        ("bwd_sm90", "sm_90a"), ("bwd_pre", "sm_90a"), ("bwd_post", "sm_90a"),
+        ("bwd_sm100", "sm_100a"), ("bwd_pre", "sm_100a"), ("bwd_post", "sm_100a"),
+    }  # fmt: skip
+
+
+def test_runtime_never_imports_build_or_torch_for_backward():
+    code = (
+        "import sys, fa4aot; fa4aot.flash_attn_backward; import fa4aot.runtime.backward\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'cutlass', 'flash_attn', 'tvm_ffi')"
+        " or m.startswith(('fa4aot.build', 'fa4aot.tools'))]\n"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
