@@ -213,10 +213,9 @@ def flash_attn_backward(
         has_dlse=dld is not None,
         learnable_sink=sink.dtype if sink is not None else "none",
     )
-    empty = 0 in qd.shape or 0 in kd.shape
-    kern = None if empty else pick(rt, fields)  # every kernel loaded before anything is written
 
     # outputs: the caller's (checked) or new ones from the inputs' framework
+    empty = 0 in qd.shape or 0 in kd.shape
     raw = isinstance(q, (RawTensor, DeviceTensor))
     outs = []
     for given, ref, name in ((dq, qd, "dq"), (dk, kd, "dk"), (dv, vd, "dv")):
@@ -239,6 +238,7 @@ def flash_attn_backward(
             )
         dsink = alloc_like(learnable_sink, (nheads,), sink.dtype)
         dsd = as_device_tensor(dsink, "dsink")
+    kern = None if empty else pick(rt, fields)  # every kernel loaded before anything is written
     s = default_stream(q) if stream is None else stream_handle(stream)
     drv = rt.driver
     if empty:  # FA4: zero gradients, dsink = sum of dlse over the rows (or zero)
@@ -272,14 +272,11 @@ def flash_attn_backward(
     dpsum, lse_log2, dq_accum = scratch_t[:3]
     if gqa:
         dk_accum, dv_accum = scratch_t[3:]
-        _zero(drv, dk_accum, s)
-        _zero(drv, dv_accum, s)
     common_q = {"cu_seqlens_q": cuq, "seqused_q": suq}
-    _launch(
-        kern.pre,
-        dict(out=od, dout=dod, dpsum=dpsum, lse=ld, lse_log2=lse_log2, dq_accum=dq_accum, dlse=dld,
-             softmax_scale=scale, stream=s, **common_q),
-    )  # fmt: skip
+    calls = [
+        (kern.pre, dict(out=od, dout=dod, dpsum=dpsum, lse=ld, lse_log2=lse_log2, dq_accum=dq_accum, dlse=dld,
+                        softmax_scale=scale, stream=s, **common_q)),
+    ]  # fmt: skip
     main_args = dict(
         q=qd, k=kd, v=vd, dout=dod, lse_log2=lse_log2, dpsum=dpsum, dq_accum=dq_accum,
         dk=dk_accum if gqa else dkd, dv=dv_accum if gqa else dvd, softmax_scale=scale,
@@ -287,22 +284,26 @@ def flash_attn_backward(
     )  # fmt: skip
     if local:
         main_args.update(window_size_left=wl, window_size_right=wr)
-    _launch(kern.main, main_args)
+    calls.append((kern.main, main_args))
     post = dict(accum=dq_accum, out=dqd, scale=scale, cu_seqlens=cuq, seqused=suq, stream=s)
     if sink is not None:
         post.update(dpsum=dpsum, lse=ld, learnable_sink=sink, dsink=dsd)
-    _launch(kern.post_dq, post)
+    calls.append((kern.post_dq, post))
     if gqa:
         assert kern.post_dk is not None and kern.post_dv is not None
         kv = dict(cu_seqlens=cuk, seqused=suk, stream=s)
-        _launch(kern.post_dk, dict(accum=dk_accum, out=dkd, scale=scale, **kv))
-        _launch(kern.post_dv, dict(accum=dv_accum, out=dvd, scale=1.0, **kv))
+        calls.append((kern.post_dk, dict(accum=dk_accum, out=dkd, scale=scale, **kv)))
+        calls.append((kern.post_dv, dict(accum=dv_accum, out=dvd, scale=1.0, **kv)))
+    # every argument packed (and checked against the plans' signatures) before the first launch;
+    # then the kernels go out back to back
+    packed = [(lv.plan, lv.plan.pack({k: v for k, v in named.items() if v is not None})) for lv, named in calls]
+    if gqa:
+        _zero(drv, dk_accum, s)
+        _zero(drv, dv_accum, s)
+    for plan, flat in packed:
+        plan.call_launch(flat)
     _keep_until_done(bufs, s, stream is None)
     return (dq, dk, dv) if dsink is None else (dq, dk, dv, dsink)
-
-
-def _launch(lv: LoadedVariant, named: dict[str, Any]) -> None:
-    lv.plan.call_launch(lv.plan.pack({k: v for k, v in named.items() if v is not None}))
 
 
 #: Scratch buffers in a workspace start on 256-byte boundaries (the 16 bytes FA4's kernels assume, with room).
