@@ -2,7 +2,7 @@
 FA4's differentiable API on the zero-JIT runtime (the subset fa4aot builds).
 
 The one module of fa4aot that imports torch. The forward and backward are ``torch.library``
-custom ops (``fa4aot::fwd``, ``fa4aot::bwd``) with fake (meta) implementations and the backward
+ops (``fa4aot::fwd``, ``fa4aot::bwd``) with Meta (fake) implementations and the backward
 registered as the forward's autograd formula, so ``torch.compile`` treats them as opaque ops
 (no graph break, no tracing into fa4aot), and everything they allocate comes from PyTorch's
 caching allocator on the current stream (CUDA-graph capturable, as FA4's are).
@@ -23,8 +23,6 @@ import torch
 from fa4aot.runtime.backward import flash_attn_backward
 from fa4aot.runtime.forward import forward, unsupported
 
-_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-
 
 def _win(w: int) -> int | None:
     return None if w == _NONE else w
@@ -34,7 +32,6 @@ def _win(w: int) -> int | None:
 _NONE = -(2**62)
 
 
-@torch.library.custom_op("fa4aot::fwd", mutates_args=())
 def _fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -64,7 +61,6 @@ def _fwd(
     return out, lse
 
 
-@_fwd.register_fake
 def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, *rest):
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     if cu_seqlens_q is not None:
@@ -74,7 +70,6 @@ def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seq
     return out, lse
 
 
-@torch.library.custom_op("fa4aot::bwd", mutates_args=())
 def _bwd(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -105,7 +100,6 @@ def _bwd(
     return list(res)
 
 
-@_bwd.register_fake
 def _bwd_fake(dout, q, k, v, out, lse, dlse, *rest):
     learnable_sink = rest[10]
     grads = [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
@@ -142,7 +136,7 @@ def _backward(ctx: Any, dout: torch.Tensor | None, dlse: torch.Tensor | None) ->
     if dout is None:
         dout = torch.zeros_like(out)
     dlse = _dense(dlse) if ctx.return_lse else None
-    grads = _bwd(
+    grads = torch.ops.fa4aot.bwd(
         _dense(dout), q, k, v, out, lse, dlse, cu_q, cu_k, su_q, su_k,
         a["max_seqlen_q"], a["max_seqlen_k"], a["softmax_scale"], a["causal"], a["window_left"], a["window_right"],
         sink, a["softcap"], ctx.deterministic,
@@ -160,7 +154,27 @@ def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous()
 
 
-_fwd.register_autograd(_backward, setup_context=_setup_context)
+# The ops: defined with explicit schemas on a torch.library.Library (custom_op's schema inference
+# and source lookups cost ~10 ms of start-up), CUDA kernels, Meta kernels (what FakeTensor and
+# torch.compile trace with), and the backward as the forward's autograd formula.
+_LIB = torch.library.Library("fa4aot", "DEF")
+_LIB.define(
+    "fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_q, "
+    "Tensor? seqused_k, int? max_seqlen_q, int? max_seqlen_k, float softmax_scale, bool causal, int window_left, "
+    "int window_right, Tensor? learnable_sink, float softcap, int num_splits, bool? pack_gqa, bool return_lse) "
+    "-> (Tensor, Tensor)"
+)
+_LIB.define(
+    "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, Tensor? cu_seqlens_q, "
+    "Tensor? cu_seqlens_k, Tensor? seqused_q, Tensor? seqused_k, int? max_seqlen_q, int? max_seqlen_k, "
+    "float softmax_scale, bool causal, int window_left, int window_right, Tensor? learnable_sink, float softcap, "
+    "bool deterministic) -> Tensor[]"
+)
+_LIB.impl("fwd", _fwd, "CUDA")
+_LIB.impl("fwd", _fwd_fake, "Meta")
+_LIB.impl("bwd", _bwd, "CUDA")
+_LIB.impl("bwd", _bwd_fake, "Meta")
+torch.library.register_autograd("fa4aot::fwd", _backward, setup_context=_setup_context, lib=_LIB)
 
 
 def _call(
@@ -169,7 +183,7 @@ def _call(
 ):  # fmt: skip
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     wl, wr = (None, None) if window_size is None else window_size
-    out, lse = _fwd(
+    out, lse = torch.ops.fa4aot.fwd(
         q, k, v, cu_q, cu_k, su_q, su_k, max_q, max_k, scale, bool(causal), _NONE if wl is None else int(wl),
         _NONE if wr is None else int(wr), learnable_sink, float(softcap or 0.0), int(num_splits), pack_gqa,
         bool(return_lse),

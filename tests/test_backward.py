@@ -399,3 +399,52 @@ def test_runtime_never_imports_build_or_torch_for_backward():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- the PyTorch ops without a GPU (meta tensors: shapes and the autograd wiring) --------------------
+
+
+def test_torch_ops_wire_autograd_on_meta_tensors():
+    torch = pytest.importorskip("torch")
+    import fa4aot.torch as ft
+
+    def leaf(*shape, dtype=torch.bfloat16):
+        return torch.empty(*shape, device="meta", dtype=dtype, requires_grad=True)
+
+    q, k, v = leaf(2, 100, 8, 128), leaf(2, 120, 2, 128), leaf(2, 120, 2, 64)
+    out, lse = ft.flash_attn_func(q, k, v, causal=True, return_lse=True)
+    assert out.shape == (2, 100, 8, 64) and lse.shape == (2, 8, 100) and lse.dtype == torch.float32
+    (out.sum() + lse.sum()).backward()
+    assert (q.grad.shape, k.grad.shape, v.grad.shape) == (q.shape, k.shape, v.shape)
+    out, lse = ft.flash_attn_func(q, k, v)
+    assert lse is None
+    # varlen with a learnable sink: the sink gets a gradient too
+    sink = leaf(8, dtype=torch.float32)
+    cu = torch.empty(3, dtype=torch.int32, device="meta")
+    out, _ = ft.flash_attn_varlen_func(q[0], k[0], v[0], cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=60,
+                                       max_seqlen_k=60, learnable_sink=sink)  # fmt: skip
+    assert out.shape == (100, 8, 64)
+    out.sum().backward()
+    assert sink.grad.shape == (8,)
+
+
+def test_torch_api_refuses_what_fa4aot_does_not_build():
+    torch = pytest.importorskip("torch")
+    import fa4aot.torch as ft
+
+    q = torch.empty(1, 8, 2, 64, device="meta", dtype=torch.bfloat16)
+    for kw, name in ((dict(deterministic=True), "deterministic"), (dict(score_mod=abs), "score_mod")):
+        with pytest.raises(ArgumentError, match=name):
+            ft.flash_attn_func(q, q, q, **kw)
+    with pytest.raises(ArgumentError, match="page_table"):
+        ft.flash_attn_varlen_func(q[0], q[0], q[0], page_table=torch.empty(1, 1, dtype=torch.int32))
+
+
+def test_fa4aot_torch_imports_no_build_stack():
+    code = (
+        "import sys, fa4aot.torch\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('cutlass', 'flash_attn', 'tvm_ffi')"
+        " or m.startswith(('fa4aot.build', 'fa4aot.tools'))]\n"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -21,7 +21,6 @@ from typing import Any, NamedTuple
 from fa4aot.core.backward import BACKWARD_FAMILY, Part, check_call, parts, scratch
 from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import ArgumentError, VariantNotFoundError
-from fa4aot.core.families import describe_missing
 from fa4aot.core.rules import resolve_window
 from fa4aot.core.variant import Variant
 from fa4aot.runtime import loader, validate
@@ -66,12 +65,19 @@ def pick(rt: Runtime, fields: dict[str, Any]) -> BackwardKernels:
     variants = [rt.variant_for(p.family, **p.field_dict) for p in ps]
     missing = [v for v in variants if not rt.has(v)]
     if missing:
+        from fa4aot.core.families import describe_missing  # the error path only
+
         group = Variant.make(family, rt.target.arch, rt.target.num_sms, **fields)
         raise VariantNotFoundError(
             f"the cache {rt.cache.root} lacks {len(missing)} of the {len(ps)} backward kernels of this call "
             f"({', '.join(v.label() for v in missing)}); add the group and rebuild: {describe_missing(group)}",
             variant=missing[0],
         )
+    todo = [v for v in variants if v.variant_id not in rt._loaded]
+    if (
+        len(todo) > 1
+    ):  # first use: load the call's kernels side by side (hashing, dlopen and module loads release the GIL)
+        rt.preload(todo, threads=len(todo))
     loaded = {p.role: rt.load(v) for p, v in zip(ps, variants)}
     main = next(p for p in ps if p.role == "main")
     got = BackwardKernels(
