@@ -9,7 +9,8 @@ synchronised). Reported per process: ``total`` (spawn to the end of the step) an
 library's own share: for fa4aot its import and ``open_runtime`` plus the host time of its forward
 and backward calls in the step (validation, loading the kernels from the cache, launches); for
 FA4 the host time of its ``_flash_attn_fwd`` / ``_flash_attn_bwd`` calls (compiles included).
-Medians and maxima over the processes of a run. Needs FA4 importable for the FA4 rows.
+Medians and maxima over the processes of a run. fa4aot is byte-compiled first, as an installed
+package is. Needs FA4 importable for the FA4 rows.
 """
 
 from __future__ import annotations
@@ -132,6 +133,9 @@ def main() -> None:
     ap.add_argument("--md")
     a = ap.parse_args()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    # byte-compile fa4aot as installing it does (pip writes .pyc; torch's and FA4's installs have
+    # theirs), so a source checkout run under PYTHONDONTWRITEBYTECODE does not recompile per process
+    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(ROOT, "fa4aot")], check=True)
     rows = []
     for n in a.procs:
         rows.append(summarise("fa4aot", n, run_procs("fa4aot", n, a.cache, env)))

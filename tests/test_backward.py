@@ -48,7 +48,7 @@ def test_sm90_config_is_fa4s():
             for causal, local in ((False, False), (True, False), (False, True)):
                 mine = sm90_bwd_config(hd, hdv, causal, local)
                 theirs = _tile_size_bwd_sm90(hd, hdv, causal, local)
-                assert mine.__dict__ == theirs.__dict__, (hd, hdv, causal, local)
+                assert mine._asdict() == theirs.__dict__, (hd, hdv, causal, local)
 
 
 def test_rules_name_fa4s_reasons():

@@ -11,8 +11,7 @@ so the manifest expander, the runtime's dispatch and the tests share one definit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from fa4aot.core.rules import sm90_head_dims_ok, sm100_head_dims_ok
 
@@ -31,9 +30,9 @@ SM100_POST_THREADS = 128
 WARP_GROUP_THREADS = 128
 
 
-@dataclass(frozen=True)
-class Sm90BwdConfig:
-    """FA4's ``BwdConfig`` (``_tile_size_bwd_sm90``), field for field."""
+class Sm90BwdConfig(NamedTuple):
+    """FA4's ``BwdConfig`` (``_tile_size_bwd_sm90``), field for field (a NamedTuple: the runtime
+    imports this module at start-up, and dataclass creation costs milliseconds)."""
 
     m_block_size: int
     n_block_size: int
@@ -113,8 +112,7 @@ def sm100_two_cta(head_dim: int) -> bool:
     return head_dim >= 128
 
 
-@dataclass(frozen=True)
-class Part:
+class Part(NamedTuple):
     """One kernel of a backward call: its family, compile-time fields and role."""
 
     role: str  # main, pre, post_dq, post_dk, post_dv
@@ -236,8 +234,7 @@ def round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
 
-@dataclass(frozen=True)
-class Scratch:
+class Scratch(NamedTuple):
     """Sizes of the buffers FA4's ``_flash_attn_bwd`` allocates for one call (elements)."""
 
     seqlen_q_rounded: int  # batched: per sequence; varlen: total_q padded per sequence
