@@ -8,7 +8,8 @@ causal, bf16, batch 2 x 2048 tokens), and runs one step (forward, loss, backward
 synchronised). Reported per process: ``total`` (spawn to the end of the step) and the attention
 library's own share: for fa4aot its import and ``open_runtime`` plus the host time of its forward
 and backward calls in the step (validation, loading the kernels from the cache, launches); for
-FA4 the host time of its ``_flash_attn_fwd`` / ``_flash_attn_bwd`` calls (compiles included).
+FA4 its import and the host time of its ``_flash_attn_fwd`` / ``_flash_attn_bwd`` calls (compiles
+or disk-cache loads included). One unreported warm-up process runs first.
 Medians and maxima over the processes of a run. fa4aot is byte-compiled first, as an installed
 package is. Needs FA4 importable for the FA4 rows.
 """
@@ -51,7 +52,9 @@ if impl == "fa4aot":
     ft.forward, ft.flash_attn_backward = timed(ft.forward), timed(ft.flash_attn_backward)
     attn = ft.flash_attn_func
 else:
+    t = time.perf_counter()
     from flash_attn.cute import interface as I
+    share[0] += time.perf_counter() - t
     I._flash_attn_fwd, I._flash_attn_bwd = timed(I._flash_attn_fwd), timed(I._flash_attn_bwd)
     attn = I.flash_attn_func
 
@@ -136,6 +139,7 @@ def main() -> None:
     # byte-compile fa4aot as installing it does (pip writes .pyc; torch's and FA4's installs have
     # theirs), so a source checkout run under PYTHONDONTWRITEBYTECODE does not recompile per process
     subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(ROOT, "fa4aot")], check=True)
+    run_procs("fa4aot", 1, a.cache, env)  # warm-up (page cache of torch and CUDA): not reported
     rows = []
     for n in a.procs:
         rows.append(summarise("fa4aot", n, run_procs("fa4aot", n, a.cache, env)))

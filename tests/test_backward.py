@@ -448,3 +448,17 @@ def test_fa4aot_torch_imports_no_build_stack():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_check_plans_runs_every_backward_plan(built_cache):
+    """FA4's host code of every backward kernel in the CI cache on random calls: block, smem,
+    cluster and the grid against FA4's scheduler formulas (tools/grids.backward_grid)."""
+    from fa4aot.core.layouts import BACKWARD_KERNEL_FAMILIES
+    from fa4aot.tools.plancheck import check_cache
+
+    reports = check_cache(Cache(built_cache), 25, families=BACKWARD_KERNEL_FAMILIES)
+    assert {(r.entry.variant.family, r.entry.target.arch) for r in reports} >= {
+        ("bwd_sm90", "sm_90a"), ("bwd_pre", "sm_90a"), ("bwd_post", "sm_90a"), ("bwd_sm100", "sm_100a"),
+    }  # fmt: skip
+    assert all(r.runs == 25 for r in reports)
+    assert not [p for r in reports for p in r.problems]

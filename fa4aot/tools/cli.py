@@ -901,9 +901,9 @@ def verify_cmd(
     "-n", "runs", type=click.IntRange(1, 100000), default=30, show_default=True, help="Random calls per variant."
 )
 def check_plans_cmd(cache_dir: Path | None, runs: int) -> None:
-    """Run every forward variant's launch plan on random argument sets (CPU) and check block,
-    smem, grid (against FA4's scheduler formulas), cluster and where Q/K/V/O land. Exits 1 on
-    any mismatch."""
+    """Run every forward and backward variant's launch plan on random argument sets (CPU) and
+    check block, smem, grid (against FA4's scheduler formulas), cluster and where the tensors
+    land. Exits 1 on any mismatch."""
     from fa4aot.tools.plancheck import check_cache
 
     try:
@@ -917,7 +917,7 @@ def check_plans_cmd(cache_dir: Path | None, runs: int) -> None:
         for p in r.problems[:5]:
             click.echo(f"    {p}", err=True)
         bad += bool(r.problems)
-    click.echo(f"{len(reports)} forward variants, {sum(r.runs for r in reports)} plan calls, {bad} with problems")
+    click.echo(f"{len(reports)} variants, {sum(r.runs for r in reports)} plan calls, {bad} with problems")
     if bad:
         sys.exit(1)
 

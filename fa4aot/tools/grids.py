@@ -98,3 +98,33 @@ def combine_grid(f: dict, *, batch: int, seqlen: int, nheads: int, total_q: int 
 
 def prepare_grid(num_batch: int) -> tuple[int, int, int]:
     return (_cdiv(num_batch, 31 * 32), 1, 1)
+
+
+def _varlen_tiles(total: int, batch: int, tile: int, cluster: int = 1) -> int:
+    """SingleTileVarlenScheduler's block count: (total + batch * (cluster * tile - 1)) // tile,
+    rounded down to whole clusters."""
+    return (total + batch * (cluster * tile - 1)) // tile // cluster * cluster
+
+
+def backward_grid(
+    family: str, f: dict, *, batch: int, seqlen: int, nheads: int, total: int | None = None
+) -> tuple[int, int, int]:
+    """Grid of one of FA4's backward kernels (non-deterministic) for the variant fields ``f``.
+
+    ``seqlen``/``total`` are the rows the kernel tiles: the keys for the main kernel (it runs
+    one CTA per K block, query heads on y, batch on z: SingleTileScheduler, or
+    SingleTileVarlenScheduler over all heads with cu_seqlens_k), the queries (or, for a dK/dV
+    postprocess, the keys) for the preprocess and postprocess (tile_m rows per CTA). SM100's
+    2-CTA main kernel rounds its K blocks up to whole clusters (``use_cluster_idx`` off).
+    """
+    if family in ("bwd_sm90", "bwd_sm100"):
+        tile, varlen = f["tile_n"], f["varlen_k"]
+        cluster = 2 if f.get("two_cta") else 1
+    else:
+        tile = f["tile_m"] if family == "bwd_pre" else f["tile"]
+        varlen = f["varlen_q"] if family == "bwd_pre" else f["varlen"]
+        cluster = 1
+    if varlen:
+        return (_varlen_tiles(_packed(total, batch, seqlen), batch, tile, cluster) * nheads, 1, 1)
+    blocks = _cdiv(seqlen, tile)
+    return (_cdiv(blocks, cluster) * cluster, nheads, batch)

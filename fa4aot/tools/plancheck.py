@@ -1,4 +1,4 @@
-"""Exercise forward launch plans on random arguments, on the CPU.
+"""Exercise forward and backward launch plans on random arguments, on the CPU.
 
 For every forward variant in a cache: ``n`` random argument sets that fit the variant (batch
 1..64, seqlens 1..16k including non-multiples of the tile, its GQA ratio, varlen with empty
@@ -9,6 +9,10 @@ through FA4's exported host code, with checks that can fail:
 * the grid equals FA4's scheduler formula (:mod:`fa4aot.tools.grids`, derived independently);
 * cluster (2,1,1) exactly for 2CTA variants;
 * the Q, K, V, O base addresses each start a kernel parameter of the cubin's table.
+
+Backward kernels (main, preprocess, postprocess) get random calls of their own (FA4's padded
+scratch layouts, :func:`fa4aot.core.layouts.backward_tensors`) with the same block, smem, grid
+(:func:`fa4aot.tools.grids.backward_grid`) and cluster checks.
 
 ``fa4aot check-plans --cache DIR`` runs it; tests run it on manifests/ci.yaml.
 """
@@ -22,13 +26,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fa4aot.core.index import Cache, Entry
+from fa4aot.core.layouts import BACKWARD_KERNEL_FAMILIES, Dims, backward_tensors
 from fa4aot.core.samples import fake_pointer
 from fa4aot.core.signature import TensorDesc
 from fa4aot.core.variant import FORWARD_FAMILIES
 from fa4aot.plan.library import open_plan, target_answers
-from fa4aot.tools.grids import sm90_forward_grid, sm100_forward_grid, sm120_forward_grid
+from fa4aot.tools.grids import backward_grid, sm90_forward_grid, sm100_forward_grid, sm120_forward_grid
 
 FORWARD = FORWARD_FAMILIES
+#: what ``fa4aot check-plans`` exercises by default
+CHECKED = FORWARD_FAMILIES + BACKWARD_KERNEL_FAMILIES
 
 
 @dataclass
@@ -139,7 +146,40 @@ def random_call(entry: Entry, rng: random.Random) -> tuple[dict[str, Any], dict[
     return named, sizes
 
 
+def random_backward_call(entry: Entry, rng: random.Random) -> tuple[dict[str, Any], dict[str, int]]:
+    """Named plan arguments for one random call of a backward kernel, and the rows it tiles."""
+    v = entry.variant
+    f = v.fields
+    qh = f.get("qhead_per_kvhead", 1)
+    hk = rng.choice([1, 2, 4, 8])
+    batch = rng.randint(1, 64)
+    varlen_q = f.get("varlen_q", f.get("varlen", False))
+    varlen_k = f.get("varlen_k", False)
+    sq, sk = rng.randint(1, 8192), rng.randint(1, 8192)
+    tq = sum(_lens(rng, batch, 2048)) if varlen_q else None
+    tk = sum(_lens(rng, batch, 2048)) if varlen_k else None
+    hd = f["head_dim"]
+    d = Dims(batch=batch, seqlen_q=sq, seqlen_k=sk, nheads=hk * qh, nheads_kv=hk, head_dim=hd,
+             head_dim_v=f.get("head_dim_v", hd), total_q=tq, total_k=tk)  # fmt: skip
+    named: dict[str, Any] = {}
+    for i, (name, t) in enumerate(sorted(backward_tensors(v, d).items())):
+        named[name] = TensorDesc(fake_pointer(i), t.shape, t.strides)
+    if v.family == "bwd_post":
+        named["scale"] = rng.uniform(0.01, 1.0)
+    else:
+        named["softmax_scale"] = rng.uniform(0.01, 1.0)
+    if f.get("local"):
+        named["window_size_left"] = rng.randint(0, 4096)
+        named["window_size_right"] = rng.randint(0, 4096)
+    named["stream"] = 0
+    main = v.family in ("bwd_sm90", "bwd_sm100")
+    rows = dict(seqlen=sk, total=tk) if main else dict(seqlen=sq, total=tq)
+    return named, dict(batch=batch, nheads=hk * qh, **rows)
+
+
 def check_entry(cache: Cache, entry: Entry, n: int = 30, seed: int = 0) -> VariantReport:
+    if entry.variant.family in BACKWARD_KERNEL_FAMILIES:
+        return check_backward_entry(cache, entry, n, seed)
     report = VariantReport(entry)
     plan = open_plan(cache.read_plan(entry), entry.meta)
     plan.load(list(range(1, len(plan.kernels) + 1)), *target_answers(entry.target.optin_smem()))
@@ -194,7 +234,40 @@ def check_entry(cache: Cache, entry: Entry, n: int = 30, seed: int = 0) -> Varia
     return report
 
 
-def check_cache(cache: Cache, n: int = 30, families: tuple[str, ...] = FORWARD) -> list[VariantReport]:
+def check_backward_entry(cache: Cache, entry: Entry, n: int = 30, seed: int = 0) -> VariantReport:
+    """Random calls of a backward kernel's plan: block, smem, grid (FA4's scheduler formula),
+    cluster, and that every tensor's base address starts a kernel parameter."""
+    report = VariantReport(entry)
+    plan = open_plan(cache.read_plan(entry), entry.meta)
+    plan.load(list(range(1, len(plan.kernels) + 1)), *target_answers(entry.target.optin_smem()))
+    k = entry.meta["kernels"][0]
+    starts = {off for _, off, _ in k["params"]}
+    f = entry.variant.fields
+    rng = random.Random(f"{entry.variant_id}:{seed}")
+    for _ in range(n):
+        named, sz = random_backward_call(entry, rng)
+        (launch,) = plan.plan(plan.order(named))
+        report.runs += 1
+        where = f"sizes {sz}"
+        if list(launch.block) != k["reqntid"]:
+            report.problems.append(f"block {launch.block} != REQNTID {k['reqntid']} ({where})")
+        if launch.smem != entry.meta["launch"]["smem"] or launch.smem > entry.target.optin_smem():
+            report.problems.append(f"smem {launch.smem} != build's {entry.meta['launch']['smem']} ({where})")
+        want = backward_grid(entry.variant.family, f, **sz)
+        if launch.grid != want:
+            report.problems.append(f"grid {launch.grid} != FA4 formula {want} ({where})")
+        if (launch.cluster == (2, 1, 1)) != bool(f.get("two_cta") and entry.variant.family == "bwd_sm100"):
+            report.problems.append(f"cluster {launch.cluster} for two_cta={f.get('two_cta')}")
+        # the main kernel loads q/k/v/dout through TMA descriptors (their addresses live inside
+        # them); the preprocess and postprocess take plain pointers to every tensor
+        if entry.variant.family in ("bwd_pre", "bwd_post"):
+            for name in ("out", "dout") if entry.variant.family == "bwd_pre" else ("accum", "out"):
+                if not any(launch.param_bytes[s : s + 8] == struct.pack("<Q", named[name].ptr) for s in starts):
+                    report.problems.append(f"&{name} starts no kernel parameter ({where})")
+    return report
+
+
+def check_cache(cache: Cache, n: int = 30, families: tuple[str, ...] = CHECKED) -> list[VariantReport]:
     """Check the plans of ``families`` built for this host CPU (other hosts' plans run under
     ``fa4aot verify``)."""
     here = platform.machine()
