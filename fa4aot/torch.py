@@ -51,6 +51,7 @@ def _fwd(
     num_splits: int,
     pack_gqa: bool | None,
     return_lse: bool,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # return_lse only tells the autograd formula whether a gradient of the LSE is meaningful
     out, lse = forward(
@@ -112,7 +113,7 @@ def _bwd_fake(dout, q, k, v, out, lse, dlse, *rest):
 _FWD_ARGS = (
     "q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k", "max_seqlen_q", "max_seqlen_k",
     "softmax_scale", "causal", "window_left", "window_right", "learnable_sink", "softcap", "num_splits", "pack_gqa",
-    "return_lse",
+    "return_lse", "deterministic",
 )  # fmt: skip
 
 
@@ -125,7 +126,7 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     )  # fmt: skip
     ctx.args = {k: a[k] for k in ("max_seqlen_q", "max_seqlen_k", "softmax_scale", "causal", "window_left",
                                  "window_right", "softcap")}  # fmt: skip
-    ctx.deterministic = False
+    ctx.deterministic = a["deterministic"]
     ctx.return_lse = a["return_lse"]
     ctx.set_materialize_grads(False)  # FA4: an unused output's gradient stays None
 
@@ -143,7 +144,7 @@ def _backward(ctx: Any, dout: torch.Tensor | None, dlse: torch.Tensor | None) ->
     )  # fmt: skip
     dq, dk, dv = grads[:3]
     dsink = grads[3] if sink is not None else None
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, dsink, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, dsink, None, None, None, None, None
 
 
 def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -161,8 +162,8 @@ _LIB = torch.library.Library("fa4aot", "DEF")
 _LIB.define(
     "fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_q, "
     "Tensor? seqused_k, int? max_seqlen_q, int? max_seqlen_k, float softmax_scale, bool causal, int window_left, "
-    "int window_right, Tensor? learnable_sink, float softcap, int num_splits, bool? pack_gqa, bool return_lse) "
-    "-> (Tensor, Tensor)"
+    "int window_right, Tensor? learnable_sink, float softcap, int num_splits, bool? pack_gqa, bool return_lse, "
+    "bool deterministic) -> (Tensor, Tensor)"
 )
 _LIB.define(
     "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, Tensor? cu_seqlens_q, "
@@ -179,14 +180,14 @@ torch.library.register_autograd("fa4aot::fwd", _backward, setup_context=_setup_c
 
 def _call(
     q, k, v, cu_q, cu_k, su_q, su_k, max_q, max_k, softmax_scale, causal, window_size, learnable_sink, softcap,
-    num_splits, pack_gqa, return_lse,
+    num_splits, pack_gqa, return_lse, deterministic,
 ):  # fmt: skip
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     wl, wr = (None, None) if window_size is None else window_size
     out, lse = torch.ops.fa4aot.fwd(
         q, k, v, cu_q, cu_k, su_q, su_k, max_q, max_k, scale, bool(causal), _NONE if wl is None else int(wl),
         _NONE if wr is None else int(wr), learnable_sink, float(softcap or 0.0), int(num_splits), pack_gqa,
-        bool(return_lse),
+        bool(return_lse), bool(deterministic),
     )  # fmt: skip
     return out, (lse if return_lse else None)
 
@@ -223,12 +224,12 @@ def flash_attn_func(
         qv=(qv, None), gather_kv_indices=(gather_kv_indices, None), score_mod=(score_mod, None),
         score_mod_bwd=(score_mod_bwd, None), mask_mod=(mask_mod, None), aux_tensors=(aux_tensors, None),
         aux_scalars=(aux_scalars, None), block_sparse_tensors=(block_sparse_tensors, None),
-        block_sparse_tensors_bwd=(block_sparse_tensors_bwd, None), deterministic=(deterministic, False),
-        gather_bwd_recompute_p=(gather_bwd_recompute_p, False), gather_bwd_token_chunk=(gather_bwd_token_chunk, None),
+        block_sparse_tensors_bwd=(block_sparse_tensors_bwd, None), gather_bwd_recompute_p=(gather_bwd_recompute_p, False),
+        gather_bwd_token_chunk=(gather_bwd_token_chunk, None),
     )  # fmt: skip
     return _call(
         q, k, v, None, None, None, None, None, None, softmax_scale, causal, window_size, learnable_sink, softcap,
-        num_splits, pack_gqa, return_lse,
+        num_splits, pack_gqa, return_lse, deterministic,
     )  # fmt: skip
 
 
@@ -273,13 +274,13 @@ def flash_attn_varlen_func(
         qv=(qv, None), gather_kv_indices=(gather_kv_indices, None), page_table=(page_table, None),
         score_mod=(score_mod, None), score_mod_bwd=(score_mod_bwd, None), mask_mod=(mask_mod, None),
         block_sparse_tensors=(block_sparse_tensors, None), aux_tensors=(aux_tensors, None),
-        aux_scalars=(aux_scalars, None), deterministic=(deterministic, False),
+        aux_scalars=(aux_scalars, None),
         scheduler_metadata=(scheduler_metadata, None), seqlen_k_per_split=(seqlen_k_per_split, None),
         gather_bwd_recompute_p=(gather_bwd_recompute_p, False), gather_bwd_token_chunk=(gather_bwd_token_chunk, None),
     )  # fmt: skip
     return _call(
         q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-        window_size, learnable_sink, softcap, num_splits, pack_gqa, return_lse,
+        window_size, learnable_sink, softcap, num_splits, pack_gqa, return_lse, deterministic,
     )  # fmt: skip
 
 

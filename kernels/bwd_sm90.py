@@ -102,8 +102,20 @@ def add_backward_tensors(sig: Signature, f: dict) -> None:
     else:
         sig.absent()
         sig.absent()
-    for _ in range(3):  # dQ, dK, dV semaphores: deterministic only (not built)
-        sig.absent()
+    if f["deterministic"]:
+        # FA4's semaphores: int32 (batch, heads, blocks, n) row-major, n static (the dQ one's the
+        # cluster size, dK/dV's 2), the rest dynamic (convert_from_dlpack_leading_static)
+        cluster = 2 if f.get("two_cta") else 1
+        sig.compact_tensor("dq_semaphore", "int32", (sym(), sym(), sym(), cluster), align=4)
+        if gqa:
+            sig.compact_tensor("dk_semaphore", "int32", (sym(), sym(), sym(), 2), align=4)
+            sig.compact_tensor("dv_semaphore", "int32", (sym(), sym(), sym(), 2), align=4)
+        else:
+            sig.absent()
+            sig.absent()
+    else:
+        for _ in range(3):  # dQ, dK, dV semaphores: deterministic only
+            sig.absent()
 
 
 def entry_for(kernel, f: dict) -> KernelEntry:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import cutlass
 import cutlass.cute as cute
 
-from fa4aot.core.signature import Arg, ScalarArg, StreamArg, TensorArg
+from fa4aot.core.signature import COMPACT, Arg, ScalarArg, StreamArg, TensorArg
 
 CUTLASS_DTYPES = {
     "bf16": cutlass.BFloat16,
@@ -100,6 +101,23 @@ class Signature:
                 tuple(1 if i == leading_dim else None for i in range(rank)),
                 align,
             )
+        )
+        return fake
+
+    def compact_tensor(self, name: str, dtype: str, shape: tuple[Any, ...], align: int) -> Any:
+        """Add a row-major compact fake tensor: its strides follow from the (dynamic or static)
+        extents, as ``mark_compact_shape_dynamic`` makes them (FA4's semaphores)."""
+        rank = len(shape)
+        fake = cute.runtime.make_fake_compact_tensor(
+            CUTLASS_DTYPES[dtype], shape, stride_order=tuple(range(rank - 1, -1, -1)), assumed_align=align
+        )
+        self.compile_args.append(fake)
+        strides = []
+        for i in range(rank):  # static where every inner extent is, else a field checked compact
+            inner = shape[i + 1 :]
+            strides.append(math.prod(inner) if all(isinstance(x, int) for x in inner) else COMPACT)
+        self.args.append(
+            TensorArg(name, dtype, tuple(s if isinstance(s, int) else None for s in shape), tuple(strides), align)
         )
         return fake
 

@@ -58,7 +58,7 @@ def test_rules_name_fa4s_reasons():
     assert check_call("bwd_sm90", call(head_dim=192, qhead_per_kvhead=1)) is None
     assert "dedicated backward" in check_call("bwd_sm100", call(head_dim=256, head_dim_v=256))
     assert "not supported on SM100" in check_call("bwd_sm100", call(head_dim=160, head_dim_v=160))
-    assert "deterministic" in check_call("bwd_sm90", call(deterministic=True))
+    assert check_call("bwd_sm90", call(deterministic=True)) is None
     assert "seqused_q" in check_call("bwd_sm90", call(seqused_q=True))
 
 
@@ -129,6 +129,13 @@ for mod, name in ((flash_bwd_sm90, "FlashAttentionBackwardSm90"), (flash_bwd_sm1
         __orig(self, *a, **k)
     cls.__init__ = rec
 cute.compile = lambda *a, **k: (lambda *x, **y: None)
+from flash_attn.cute import utils as fa4_utils
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+leading_static = fa4_utils.convert_from_dlpack_leading_static
+def leading_static_cpu(x, *a, **k):  # the deterministic semaphores go through DLPack: a CPU twin
+    with unset_fake_temporarily():
+        return leading_static(torch.zeros(tuple(x.shape), dtype=x.dtype).as_strided(tuple(x.shape), tuple(x.stride())), *a, **k)
+fa4_utils.convert_from_dlpack_leading_static = leading_static_cpu
 from fa4aot.tools.fa4_calls import fa4_backward
 from fa4aot.core.backward import parts
 from fa4aot.core.variant import Target, Variant
@@ -167,7 +174,8 @@ def _case(family: str, b=2, sq=1000, sk=777, hk=4, wl=None, wr=None, **kw) -> di
     c = dict(family=family, fields=f, batch=b, seqlen_q=sq, seqlen_k=sk, nheads=hk * f["qhead_per_kvhead"],
              nheads_kv=hk, head_dim=f["head_dim"], head_dim_v=f["head_dim_v"], causal=f["causal"], dtype=f["dtype"],
              varlen_q=f["varlen_q"], varlen_k=f["varlen_k"], seqused_q=f["seqused_q"], seqused_k=f["seqused_k"],
-             total_q=b * sq, total_k=b * sk, dlse=f["has_dlse"], softcap=f["softcap"])  # fmt: skip
+             total_q=b * sq, total_k=b * sk, dlse=f["has_dlse"], softcap=f["softcap"],
+             deterministic=f["deterministic"])  # fmt: skip
     if f["local"]:
         c.update(wl=wl if wl is not None else 100, wr=wr if wr is not None else 20)
     if f["learnable_sink"] != "none":
@@ -190,6 +198,8 @@ SM90_CASES = [
          seqused_k=True, learnable_sink="fp32", has_dlse=True),
     dict(softcap=30.0, causal=True),
     dict(varlen_q=True, local=True),
+    dict(deterministic=True, causal=True),
+    dict(deterministic=True, qhead_per_kvhead=4, varlen_q=True, varlen_k=True),
 ]  # fmt: skip
 
 SM100_CASES = [
@@ -200,6 +210,7 @@ SM100_CASES = [
     dict(head_dim=96, head_dim_v=96, local=True, softcap=20.0),
     dict(qhead_per_kvhead=4, varlen_q=True, varlen_k=True, causal=True, learnable_sink="bf16", has_dlse=True),
     dict(head_dim=64, head_dim_v=64, varlen_q=True, varlen_k=True, seqused_q=True, seqused_k=True),
+    dict(deterministic=True, causal=True, qhead_per_kvhead=2),
 ]
 
 
@@ -236,7 +247,7 @@ def test_manifest_group_expands_into_every_kernel_of_the_call():
     "group,where,what",
     [
         ({"head_dims": [[192, 128]], "qhead_per_kvhead": 2}, "bwd_sm90[0]", "GQA backward requires"),
-        ({"deterministic": True}, "bwd_sm90[0].deterministic", "deterministic"),
+        ({"deterministic": "yes"}, "bwd_sm90[0].deterministic", "true/false"),
         ({"dlse": "yes"}, "bwd_sm90[0].dlse", "true/false"),
         ({"tiles": [64, 128]}, "bwd_sm90[0].tiles", "unknown axis"),
     ],
@@ -332,7 +343,7 @@ def test_backward_errors_before_any_launch(sm90, tmp_path):
         (dict(a, dq=t(6, (2, 1000, 16, 64))), {}, "dq: expected shape"),
         (a, dict(softmax_scale=float("inf")), "softmax_scale"),
         (a, dict(softcap=-1.0), "softcap"),
-        (a, dict(deterministic=True), "deterministic"),
+        (a, dict(deterministic=1), "deterministic"),
         (a, dict(seqused_q=t(9, (2,), "int32")), "seqused_q"),
         (dict(a, dq=None), {}, "raw-pointer inputs need every output"),
     ]
@@ -433,7 +444,7 @@ def test_torch_api_refuses_what_fa4aot_does_not_build():
     import fa4aot.torch as ft
 
     q = torch.empty(1, 8, 2, 64, device="meta", dtype=torch.bfloat16)
-    for kw, name in ((dict(deterministic=True), "deterministic"), (dict(score_mod=abs), "score_mod")):
+    for kw, name in ((dict(qv=q), "qv"), (dict(score_mod=abs), "score_mod")):
         with pytest.raises(ArgumentError, match=name):
             ft.flash_attn_func(q, q, q, **kw)
     with pytest.raises(ArgumentError, match="page_table"):
@@ -462,3 +473,17 @@ def test_check_plans_runs_every_backward_plan(built_cache):
     }  # fmt: skip
     assert all(r.runs == 25 for r in reports)
     assert not [p for r in reports for p in r.problems]
+
+
+def test_deterministic_backward_zeroes_its_semaphores(sm90):
+    rt, drv = sm90
+    a = _args(2, 1000, 16, 4, 128)
+    _bwd(rt, a, causal=True, deterministic=True, stream=3)
+    main = drv.launches[1]
+    # FA4's deterministic scheduler (SingleTileLPTBwdScheduler): one flat grid of blocks * heads * batch
+    assert main.grid == (8 * 16 * 2, 1, 1)
+    # zeroed before the kernels: the dK/dV accumulators, then the dQ semaphore (batch, heads,
+    # 64-row Q blocks, 1) and the dK/dV ones (batch, kv heads, K blocks, 2)
+    words = [m[2] for m in drv.memsets]
+    assert words == [2 * 4 * 1024 * 128] * 2 + [2 * 16 * 16 * 1, 2 * 4 * 8 * 2, 2 * 4 * 8 * 2]
+    assert all(m[3] == 3 for m in drv.memsets)

@@ -90,8 +90,6 @@ def check_call(family: str, f: dict[str, Any]) -> str | None:
         return "qhead_per_kvhead must be >= 1"
     if f["causal"] and f["local"]:
         return "causal and local are exclusive (FA4 resolves a causal window to causal)"
-    if f["deterministic"]:
-        return "fa4aot does not build FA4's deterministic backward (dQ/dK/dV semaphores) yet"
     if f["seqused_q"] and not f["varlen_q"] or f["seqused_k"] and not f["varlen_k"]:
         return "fa4aot builds seqused_q/k only together with cu_seqlens_q/k (varlen)"
     if family == "bwd_sm90":
@@ -241,6 +239,10 @@ class Scratch(NamedTuple):
     seqlen_k_rounded: int
     head_dim_rounded: int
     head_dim_v_rounded: int
+    #: blocks per sequence of the deterministic backward's semaphores: (batch, nheads, q_blocks,
+    #: cluster) for dQ, (batch, nheads_kv, k_blocks, 2) for dK / dV (from the longest sequence)
+    q_blocks: int = 0
+    k_blocks: int = 0
 
 
 def scratch(
@@ -254,23 +256,27 @@ def scratch(
     """FA4's padded extents of dpsum / lse_log2 / the dQ accumulator (per query row) and of the
     GQA dK / dV accumulators (per key row), for a call of the main kernel ``main``: batched
     lengths round up to the tile; varlen totals add one tile per sequence (``(total +
-    (batch + 1) * tile - 1) // tile * tile``); a 2-CTA SM100 call pads K to whole CTA pairs."""
+    (batch + 1) * tile - 1) // tile * tile``); a 2-CTA SM100 call pads K to whole CTA pairs.
+    ``seqlen_q``/``seqlen_k``: the (longest) sequence lengths."""
     f = main.field_dict
     tm, tn = f["tile_m"], f["tile_n"]
     cluster = 2 if f.get("two_cta") else 1
     mult = hdim_multiple_of(main)
+    # per-sequence rounding (FA4's seqlen_*_rounded, from max_seqlen with varlen)
+    q_r = round_up(seqlen_q, tm)
+    k_r = round_up(seqlen_k, tn)
+    if cluster == 2 and (k_r // tn) % 2:
+        k_r += tn
     if total_q is not None:
         sq_r = (total_q + (batch + 1) * tm - 1) // tm * tm
     else:
-        sq_r = round_up(seqlen_q, tm)
+        sq_r = q_r
     if total_k is not None:
         ct = cluster * tn
         sk_r = (total_k + (batch + 1) * ct - 1) // ct * ct
     else:
-        sk_r = round_up(seqlen_k, tn)
-        if cluster == 2 and (sk_r // tn) % 2:
-            sk_r += tn
-    return Scratch(sq_r, sk_r, round_up(f["head_dim"], mult), round_up(f["head_dim_v"], mult))
+        sk_r = k_r
+    return Scratch(sq_r, sk_r, round_up(f["head_dim"], mult), round_up(f["head_dim_v"], mult), q_r // tm, k_r // tn)
 
 
 def hdim_multiple_of(main: Part) -> int:

@@ -448,7 +448,12 @@ BWD_AXES = (
     Axis("varlen_k", _bool("varlen_k"), (False,), "cu_seqlens_k (packed variable-length keys)"),
     Axis("seqused_q", _bool("seqused_q"), (False,), "seqused_q (with cu_seqlens_q)"),
     Axis("seqused_k", _bool("seqused_k"), (False,), "seqused_k (with cu_seqlens_k)"),
-    Axis("deterministic", _bool("deterministic"), (False,), "FA4's deterministic backward (not built yet)"),
+    Axis(
+        "deterministic",
+        _bool("deterministic"),
+        (False,),
+        "FA4's deterministic backward (semaphore-ordered: bitwise reproducible gradients)",
+    ),
     Axis("softcap", _softcap, (0,), "softcap value, baked into the kernels: one variant per value (0: off)"),
     Axis("dlse", _bool("has_dlse"), (False,), "a gradient flows into the returned LSE (FA4: return_lse=True)"),
     Axis("learnable_sink", _sink, (False,), "learnable sink logits (nheads,) in this dtype (dsink); false: none"),

@@ -221,19 +221,27 @@ def backward_tensors(variant: Variant, d: Dims) -> dict[str, TensorLayout]:
     else:  # the main kernel
         from fa4aot.core.backward import scratch
 
+        out = {}
         krows, sk = _bwd_rows(f, d, "k")
         k_per_head = (lambda n: (hk, n)) if f["varlen_k"] else (lambda n: (b, hk, n))
         main = Part("main", variant.family, variant.params)
         sc = scratch(main, b, d.seqlen_q, d.seqlen_k, sq if f["varlen_q"] else None, sk if f["varlen_k"] else None)
-        out = {
-            "q": _c(dt, *qrows, h, d.head_dim),
-            "k": _c(dt, *krows, hk, d.head_dim),
-            "v": _c(dt, *krows, hk, d.head_dim_v),
-            "dout": _c(dt, *qrows, h, d.head_dim_v),
-            "lse_log2": _c("fp32", *q_per_head(sc.seqlen_q_rounded)),
-            "dpsum": _c("fp32", *q_per_head(sc.seqlen_q_rounded)),
-            "dq_accum": _c("fp32", *q_per_head(sc.seqlen_q_rounded * sc.head_dim_rounded)),
-        }
+        if f["deterministic"]:  # FA4's semaphores (zeroed before each call)
+            out["dq_semaphore"] = _c("int32", b, h, sc.q_blocks, 2 if f.get("two_cta") else 1)
+            if f["qhead_per_kvhead"] > 1:
+                out["dk_semaphore"] = _c("int32", b, hk, sc.k_blocks, 2)
+                out["dv_semaphore"] = _c("int32", b, hk, sc.k_blocks, 2)
+        out.update(
+            {
+                "q": _c(dt, *qrows, h, d.head_dim),
+                "k": _c(dt, *krows, hk, d.head_dim),
+                "v": _c(dt, *krows, hk, d.head_dim_v),
+                "dout": _c(dt, *qrows, h, d.head_dim_v),
+                "lse_log2": _c("fp32", *q_per_head(sc.seqlen_q_rounded)),
+                "dpsum": _c("fp32", *q_per_head(sc.seqlen_q_rounded)),
+                "dq_accum": _c("fp32", *q_per_head(sc.seqlen_q_rounded * sc.head_dim_rounded)),
+            }
+        )
         if f["qhead_per_kvhead"] > 1:
             # with GQA the kernel's dk / dv are FA4's fp32 accumulators (the postprocess converts them)
             out["dk"] = _c("fp32", *k_per_head(sc.seqlen_k_rounded * sc.head_dim_rounded))

@@ -13,6 +13,11 @@ from typing import Any, NamedTuple
 
 from fa4aot.core.errors import PlanError
 
+#: ``TensorArg.stride`` entry of a mode whose stride is a struct field that must equal the
+#: row-major product of the inner extents (a compact layout with dynamic extents: FA4's
+#: deterministic-backward semaphores).
+COMPACT = -1
+
 
 class TensorArg(NamedTuple):
     """A tensor argument: rank, which modes are dynamic, element type and assumed alignment.
@@ -41,7 +46,7 @@ class TensorArg(NamedTuple):
 
     @property
     def n_dyn_strides(self) -> int:
-        return sum(s is None for s in self.stride)
+        return sum(s is None or s == COMPACT for s in self.stride)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from fa4aot.core.errors import ArgumentError, LaunchError, PlanError
-from fa4aot.core.signature import Arg, ScalarArg, StreamArg, TensorArg, arg_from_dict
+from fa4aot.core.signature import COMPACT, Arg, ScalarArg, StreamArg, TensorArg, arg_from_dict
 from fa4aot.plan.abi import (
     ATTR_CLUSTER_DIMENSION,
     ATTR_NAMES,
@@ -428,7 +428,7 @@ def _make_packer(signature: Sequence[Arg]) -> Callable[[Mapping[str, Any]], list
             lines += [f"    t = a[{n!r}]", "    s = t.shape", "    st = t.strides"]
             lines += _tensor_checks(spec, "s", "st")
             fields = ["t.ptr"] + [f"s[{i}]" for i, v in enumerate(spec.shape) if v is None]
-            fields += [f"st[{i}]" for i, v in enumerate(spec.stride) if v is None]
+            fields += [f"st[{i}]" for i, v in enumerate(spec.stride) if v is None or v == COMPACT]
             lines.append(f"    out += ({', '.join(fields)},)")
         elif isinstance(spec, ScalarArg):
             lines.append(f"    v = a[{n!r}]")
@@ -463,7 +463,13 @@ def _tensor_checks(spec: TensorArg, s: str, st: str) -> list[str]:
                 f"    if {s}[{i}] != {v}: raise ArgumentError(f'{n}: mode {i} is compiled as {v}, got {{{s}[{i}]}}')"
             )
     for i, v in enumerate(spec.stride):
-        if v is not None:
+        if v == COMPACT:  # row-major compact: the stride is the product of the inner extents
+            inner = " * ".join(f"{s}[{j}]" for j in range(i + 1, spec.rank)) or "1"
+            lines.append(
+                f"    if {st}[{i}] != {inner} and {s}[{i}] != 1: "
+                f"raise ArgumentError(f'{n}: must be contiguous (row-major), got strides {{tuple({st})}}')"
+            )
+        elif v is not None:
             lines.append(
                 f"    if {st}[{i}] != {v} and {s}[{i}] != 1: "
                 f"raise ArgumentError(f'{n}: stride {i} must be {v}, got {{{st}[{i}]}}')"
@@ -494,7 +500,7 @@ def _make_launcher(plan: Plan, order: list[str], optional: set[str], ranks_check
             checks += _tensor_checks(spec, f"{n}_s", f"{n}_st")[1 if ranks_checked else 0 :]
             fields.append(f"{n}[0]")
             fields += [f"{n}_s[{i}]" for i, v in enumerate(spec.shape) if v is None]
-            fields += [f"{n}_st[{i}]" for i, v in enumerate(spec.stride) if v is None]
+            fields += [f"{n}_st[{i}]" for i, v in enumerate(spec.stride) if v is None or v == COMPACT]
         elif isinstance(spec, ScalarArg):
             fields.append(n)
         else:

@@ -126,8 +126,8 @@ def flash_attn_backward(
     rt = runtime or loader._DEFAULT or loader.default_runtime()
     dev = rt.device
     varlen_q, varlen_k = cu_seqlens_q is not None, cu_seqlens_k is not None
-    if deterministic:
-        raise ArgumentError("deterministic: fa4aot does not build FA4's deterministic backward yet")
+    if deterministic.__class__ is not bool:
+        raise ArgumentError(f"deterministic: expected True or False, got {deterministic!r}")
     qd, kd, vd = as_device_tensor(q, "q"), as_device_tensor(k, "k"), as_device_tensor(v, "v")
     od, dod = as_device_tensor(out, "out"), as_device_tensor(dout, "dout")
     dtype = qd.dtype
@@ -214,7 +214,7 @@ def flash_attn_backward(
         varlen_k=varlen_k,
         seqused_q=suq is not None,
         seqused_k=suk is not None,
-        deterministic=False,
+        deterministic=deterministic,
         softcap=float(softcap),
         has_dlse=dld is not None,
         learnable_sink=sink.dtype if sink is not None else "none",
@@ -258,26 +258,32 @@ def flash_attn_backward(
         return (dq, dk, dv) if dsink is None else (dq, dk, dv, dsink)
 
     assert kern is not None
-    sc = scratch(kern.main_part, batch, max_q if not varlen_q else 0, max_k if not varlen_k else 0, total_q, total_k)
+    sc = scratch(kern.main_part, batch, max_q, max_k, total_q, total_k)
     per_q = (lambda n: (nheads, n)) if varlen_q else (lambda n: (batch, nheads, n))
     per_k = (lambda n: (nheads_kv, n)) if varlen_k else (lambda n: (batch, nheads_kv, n))
     gqa = fields["qhead_per_kvhead"] > 1
     shapes = [per_q(sc.seqlen_q_rounded), per_q(sc.seqlen_q_rounded), per_q(sc.seqlen_q_rounded * sc.head_dim_rounded)]
     if gqa:
         shapes += [per_k(sc.seqlen_k_rounded * sc.head_dim_rounded), per_k(sc.seqlen_k_rounded * sc.head_dim_v_rounded)]
+    sems: list[tuple[int, ...]] = []
+    if deterministic:  # FA4's semaphores, zeroed for every call (torch.zeros in FA4)
+        sems.append((batch, nheads, sc.q_blocks, 2 if kern.main.fields.get("two_cta") else 1))
+        if gqa:
+            sems += [(batch, nheads_kv, sc.k_blocks, 2)] * 2
     bufs: list[Any] = []
     if raw:  # no framework to allocate with: the runtime's per-stream workspace
-        base = workspace(rt, s, sum(_padded_bytes(sh) for sh in shapes))
+        base = workspace(rt, s, sum(_padded_bytes(sh) for sh in shapes + sems))
         scratch_t = []
-        for sh in shapes:
-            scratch_t.append(DeviceTensor(base, sh, contiguous_strides(sh), "fp32", dev, "workspace"))
+        for sh, dt in [(sh, "fp32") for sh in shapes] + [(sh, "int32") for sh in sems]:
+            scratch_t.append(DeviceTensor(base, sh, contiguous_strides(sh), dt, dev, "workspace"))
             base += _padded_bytes(sh)
     else:
-        bufs = [alloc_like(q, sh, "fp32") for sh in shapes]
+        bufs = [alloc_like(q, sh, "fp32") for sh in shapes] + [alloc_like(q, sh, "int32") for sh in sems]
         scratch_t = [as_device_tensor(b, "scratch") for b in bufs]
     dpsum, lse_log2, dq_accum = scratch_t[:3]
     if gqa:
-        dk_accum, dv_accum = scratch_t[3:]
+        dk_accum, dv_accum = scratch_t[3:5]
+    sem_t = dict(zip(("dq_semaphore", "dk_semaphore", "dv_semaphore"), scratch_t[len(shapes) :]))
     common_q = {"cu_seqlens_q": cuq, "seqused_q": suq}
     calls = [
         (kern.pre, dict(out=od, dout=dod, dpsum=dpsum, lse=ld, lse_log2=lse_log2, dq_accum=dq_accum, dlse=dld,
@@ -286,7 +292,7 @@ def flash_attn_backward(
     main_args = dict(
         q=qd, k=kd, v=vd, dout=dod, lse_log2=lse_log2, dpsum=dpsum, dq_accum=dq_accum,
         dk=dk_accum if gqa else dkd, dv=dv_accum if gqa else dvd, softmax_scale=scale,
-        cu_seqlens_k=cuk, seqused_k=suk, stream=s, **common_q,
+        cu_seqlens_k=cuk, seqused_k=suk, stream=s, **common_q, **sem_t,
     )  # fmt: skip
     if local:
         main_args.update(window_size_left=wl, window_size_right=wr)
@@ -303,9 +309,8 @@ def flash_attn_backward(
     # every argument packed (and checked against the plans' signatures) before the first launch;
     # then the kernels go out back to back
     packed = [(lv.plan, lv.plan.pack({k: v for k, v in named.items() if v is not None})) for lv, named in calls]
-    if gqa:
-        _zero(drv, dk_accum, s)
-        _zero(drv, dv_accum, s)
+    for t in ([dk_accum, dv_accum] if gqa else []) + list(sem_t.values()):
+        _zero(drv, t, s)
     for plan, flat in packed:
         plan.call_launch(flat)
     _keep_until_done(bufs, s, stream is None)

@@ -65,6 +65,17 @@ def _compile_and_keep(*a, **k):
         os.rename(p, f"{dump}/{_n[0]:04d}-{os.path.basename(p)}")
     return out
 cute.compile = _compile_and_keep
+# FA4's deterministic backward describes its semaphores with DLPack (convert_from_dlpack_leading_static),
+# which a fake CUDA tensor cannot export: hand FA4's own function a CPU tensor of the same shape
+# and strides (the layout it marks, not the memory, is what the compile sees)
+from flash_attn.cute import utils as _fa4_utils
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+_leading_static = _fa4_utils.convert_from_dlpack_leading_static
+def _leading_static_cpu(x, *a, **k):
+    with unset_fake_temporarily():
+        real = torch.zeros(tuple(x.shape), dtype=x.dtype).as_strided(tuple(x.shape), tuple(x.stride()))
+        return _leading_static(real, *a, **k)
+_fa4_utils.convert_from_dlpack_leading_static = _leading_static_cpu
 for i, case in enumerate(cases):
     for c in jit_caches:
         c.clear()
@@ -121,7 +132,7 @@ def backward_case(v: Variant, mains: list[Variant]) -> dict[str, Any] | None:
                 kind="backward", batch=b, seqlen_q=s, seqlen_k=s, nheads=4 * qh, nheads_kv=4,
                 head_dim=g["head_dim"], head_dim_v=g["head_dim_v"], causal=g["causal"], dtype=g["dtype"],
                 varlen_q=g["varlen_q"], varlen_k=g["varlen_k"], seqused_q=g["seqused_q"], seqused_k=g["seqused_k"],
-                total_q=b * s, total_k=b * s, dlse=dlse, softcap=g["softcap"],
+                total_q=b * s, total_k=b * s, dlse=dlse, softcap=g["softcap"], deterministic=g["deterministic"],
             )  # fmt: skip
             if g["local"]:
                 case.update(wl=128, wr=0)

@@ -190,5 +190,6 @@ def fa4_backward(interface, torch, case: dict) -> None:
         softcap=case.get("softcap") or 0.0,
         window_size_left=case.get("wl"),
         window_size_right=case.get("wr"),
+        deterministic=case.get("deterministic", False),
         **kw,
     )

@@ -109,13 +109,15 @@ def _varlen_tiles(total: int, batch: int, tile: int, cluster: int = 1) -> int:
 def backward_grid(
     family: str, f: dict, *, batch: int, seqlen: int, nheads: int, total: int | None = None
 ) -> tuple[int, int, int]:
-    """Grid of one of FA4's backward kernels (non-deterministic) for the variant fields ``f``.
+    """Grid of one of FA4's backward kernels for the variant fields ``f``.
 
     ``seqlen``/``total`` are the rows the kernel tiles: the keys for the main kernel (it runs
     one CTA per K block, query heads on y, batch on z: SingleTileScheduler, or
     SingleTileVarlenScheduler over all heads with cu_seqlens_k), the queries (or, for a dK/dV
     postprocess, the keys) for the preprocess and postprocess (tile_m rows per CTA). SM100's
-    2-CTA main kernel rounds its K blocks up to whole clusters (``use_cluster_idx`` off).
+    2-CTA main kernel rounds its K blocks up to whole clusters (``use_cluster_idx`` off). The
+    deterministic main kernel without cu_seqlens_k runs SingleTileLPTBwdScheduler: one flat
+    x dimension of (K blocks rounded to clusters) * heads * batch.
     """
     if family in ("bwd_sm90", "bwd_sm100"):
         tile, varlen = f["tile_n"], f["varlen_k"]
@@ -126,5 +128,7 @@ def backward_grid(
         cluster = 1
     if varlen:
         return (_varlen_tiles(_packed(total, batch, seqlen), batch, tile, cluster) * nheads, 1, 1)
-    blocks = _cdiv(seqlen, tile)
-    return (_cdiv(blocks, cluster) * cluster, nheads, batch)
+    blocks = _cdiv(_cdiv(seqlen, tile), cluster) * cluster
+    if family in ("bwd_sm90", "bwd_sm100") and f["deterministic"]:
+        return (blocks * nheads * batch, 1, 1)
+    return (blocks, nheads, batch)
