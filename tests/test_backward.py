@@ -316,8 +316,9 @@ def test_backward_launch_sequence_gqa(sm90):
     assert main.grid == (8, 16, 2) and main.block == (384, 1, 1)
     assert post_dq.grid == (16, 16, 2) and post_dk.grid == (8, 4, 2)
     assert {launch.stream for launch in drv.launches} == {7}
-    # the GQA dK / dV accumulators are zeroed (one memset each) on the stream before the kernels
-    assert [m[1:] for m in drv.memsets] == [(0, 2 * 4 * 1024 * 128, 7)] * 2
+    # the GQA dK / dV accumulators (batch, kv heads, 1024 padded rows * 128) are zeroed, in one
+    # memset on the stream before the kernels
+    assert [m[1:] for m in drv.memsets] == [(0, 2 * (2 * 4 * 1024 * 128), 7)]
     # the scratch is the runtime's workspace for this stream, reused by the next call
     (ws,) = drv.allocs
     _bwd(rt, a, causal=True, stream=7)
@@ -482,8 +483,8 @@ def test_deterministic_backward_zeroes_its_semaphores(sm90):
     main = drv.launches[1]
     # FA4's deterministic scheduler (SingleTileLPTBwdScheduler): one flat grid of blocks * heads * batch
     assert main.grid == (8 * 16 * 2, 1, 1)
-    # zeroed before the kernels: the dK/dV accumulators, then the dQ semaphore (batch, heads,
-    # 64-row Q blocks, 1) and the dK/dV ones (batch, kv heads, K blocks, 2)
-    words = [m[2] for m in drv.memsets]
-    assert words == [2 * 4 * 1024 * 128] * 2 + [2 * 16 * 16 * 1, 2 * 4 * 8 * 2, 2 * 4 * 8 * 2]
-    assert all(m[3] == 3 for m in drv.memsets)
+    # zeroed before the kernels, in one memset: the dK/dV accumulators, then the dQ semaphore
+    # (batch, heads, 64-row Q blocks, 1) and the dK/dV ones (batch, kv heads, K blocks, 2)
+    ((_, value, words, stream),) = drv.memsets
+    assert (value, stream) == (0, 3)
+    assert words == 2 * (2 * 4 * 1024 * 128) + 2 * 16 * 16 * 1 + 2 * (2 * 4 * 8 * 2)

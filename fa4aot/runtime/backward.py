@@ -270,20 +270,26 @@ def flash_attn_backward(
         sems.append((batch, nheads, sc.q_blocks, 2 if kern.main.fields.get("two_cta") else 1))
         if gqa:
             sems += [(batch, nheads_kv, sc.k_blocks, 2)] * 2
+    # one allocation for all of it (a 256-byte aligned region each): the parts needing no
+    # initialisation first, then those zeroed for every call (FA4: torch.zeros) in one memset
+    regions = [(sh, "fp32") for sh in shapes] + [(sh, "int32") for sh in sems]
+    sizes = [_padded_bytes(sh) for sh, _ in regions]
     bufs: list[Any] = []
     if raw:  # no framework to allocate with: the runtime's per-stream workspace
-        base = workspace(rt, s, sum(_padded_bytes(sh) for sh in shapes + sems))
-        scratch_t = []
-        for sh, dt in [(sh, "fp32") for sh in shapes] + [(sh, "int32") for sh in sems]:
-            scratch_t.append(DeviceTensor(base, sh, contiguous_strides(sh), dt, dev, "workspace"))
-            base += _padded_bytes(sh)
+        base = workspace(rt, s, sum(sizes))
     else:
-        bufs = [alloc_like(q, sh, "fp32") for sh in shapes] + [alloc_like(q, sh, "int32") for sh in sems]
-        scratch_t = [as_device_tensor(b, "scratch") for b in bufs]
+        bufs = [alloc_like(q, (sum(sizes) // 4,), "fp32")]
+        base = as_device_tensor(bufs[0], "scratch").ptr
+    scratch_t = []
+    at = base
+    for (sh, dt), n in zip(regions, sizes):
+        scratch_t.append(DeviceTensor(at, sh, contiguous_strides(sh), dt, dev, "scratch"))
+        at += n
     dpsum, lse_log2, dq_accum = scratch_t[:3]
     if gqa:
         dk_accum, dv_accum = scratch_t[3:5]
     sem_t = dict(zip(("dq_semaphore", "dk_semaphore", "dv_semaphore"), scratch_t[len(shapes) :]))
+    zero_from = base + sum(sizes[:3])  # the GQA accumulators and the semaphores
     common_q = {"cu_seqlens_q": cuq, "seqused_q": suq}
     calls = [
         (kern.pre, dict(out=od, dout=dod, dpsum=dpsum, lse=ld, lse_log2=lse_log2, dq_accum=dq_accum, dlse=dld,
@@ -309,8 +315,8 @@ def flash_attn_backward(
     # every argument packed (and checked against the plans' signatures) before the first launch;
     # then the kernels go out back to back
     packed = [(lv.plan, lv.plan.pack({k: v for k, v in named.items() if v is not None})) for lv, named in calls]
-    for t in ([dk_accum, dv_accum] if gqa else []) + list(sem_t.values()):
-        _zero(drv, t, s)
+    if at > zero_from:
+        drv.memset_d32(zero_from, 0, (at - zero_from) // 4, s)
     for plan, flat in packed:
         plan.call_launch(flat)
     _keep_until_done(bufs, s, stream is None)

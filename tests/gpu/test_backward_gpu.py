@@ -41,6 +41,8 @@ CASES = [
         "varlen-sink-dlse",
         dict(seqs_q=[200, 77], seqs_k=[300, 77], h=16, hk=2, d=64, causal=True, sink=True, dlse=True),
     ),
+    ("deterministic-causal", dict(b=2, sq=1000, sk=1000, h=16, hk=16, d=128, causal=True, deterministic=True)),
+    ("deterministic-gqa4", dict(b=3, sq=333, sk=517, h=16, hk=4, d=128, deterministic=True)),
     (
         "varlen-seqused",
         dict(seqs_q=[200, 77], seqs_k=[300, 90], used_q=[150, 77], used_k=[250, 60], h=16, hk=2, d=64, causal=True),
