@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from fa4aot.core.backward import BACKWARD_FAMILY, Part, check_call, parts, scratch
+from fa4aot.core.backward import BACKWARD_FAMILY, CALL_FIELDS, Part, check_call, parts, scratch
 from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import ArgumentError, VariantNotFoundError
 from fa4aot.core.rules import resolve_window
@@ -48,14 +48,14 @@ class BackwardKernels(NamedTuple):
     main_part: Part
 
 
-def pick(rt: Runtime, fields: dict[str, Any]) -> BackwardKernels:
-    """Load the kernels FA4's backward launches for a call with these call fields
-    (:data:`fa4aot.core.backward.CALL_FIELDS`); remembered per field set. Raises
+def pick(rt: Runtime, key: tuple[Any, ...]) -> BackwardKernels:
+    """Load the kernels FA4's backward launches for a call whose field values, in
+    :data:`fa4aot.core.backward.CALL_FIELDS` order, are ``key``; remembered per key. Raises
     VariantNotFoundError naming the manifest group to add when any of them is not cached."""
-    key = tuple(sorted(fields.items()))
     got = rt.backward_picks.get(key)
     if got is not None:
         return got
+    fields = dict(zip(CALL_FIELDS, key))
     family = BACKWARD_FAMILY.get(rt.target.arch)
     if family is None:
         raise ArgumentError(f"fa4aot builds no backward for {rt.target.arch} (FA4's SM120 backward is not built)")
@@ -203,22 +203,11 @@ def flash_attn_backward(
     if local:  # fa4aot's local variants take both window edges; an open edge is the whole sequence
         wl = max_k + max_q if wl is None else wl
         wr = max_k + max_q if wr is None else wr
-    fields = dict(
-        dtype=dtype,
-        head_dim=head_dim,
-        head_dim_v=head_dim_v,
-        qhead_per_kvhead=nheads // nheads_kv,
-        causal=causal_r,
-        local=local,
-        varlen_q=varlen_q,
-        varlen_k=varlen_k,
-        seqused_q=suq is not None,
-        seqused_k=suk is not None,
-        deterministic=deterministic,
-        softcap=float(softcap),
-        has_dlse=dld is not None,
-        learnable_sink=sink.dtype if sink is not None else "none",
-    )
+    # the call's fields in CALL_FIELDS order (the dispatch key)
+    key = (
+        dtype, head_dim, head_dim_v, nheads // nheads_kv, causal_r, local, varlen_q, varlen_k, suq is not None,
+        suk is not None, deterministic, float(softcap), dld is not None, sink.dtype if sink is not None else "none",
+    )  # fmt: skip
 
     # outputs: the caller's (checked) or new ones from the inputs' framework
     empty = 0 in qd.shape or 0 in kd.shape
@@ -244,7 +233,7 @@ def flash_attn_backward(
             )
         dsink = alloc_like(learnable_sink, (nheads,), sink.dtype)
         dsd = as_device_tensor(dsink, "dsink")
-    kern = None if empty else pick(rt, fields)  # every kernel loaded before anything is written
+    kern = None if empty else pick(rt, key)  # every kernel loaded before anything is written
     s = default_stream(q) if stream is None else stream_handle(stream)
     drv = rt.driver
     if empty:  # FA4: zero gradients, dsink = sum of dlse over the rows (or zero)
@@ -261,7 +250,7 @@ def flash_attn_backward(
     sc = scratch(kern.main_part, batch, max_q, max_k, total_q, total_k)
     per_q = (lambda n: (nheads, n)) if varlen_q else (lambda n: (batch, nheads, n))
     per_k = (lambda n: (nheads_kv, n)) if varlen_k else (lambda n: (batch, nheads_kv, n))
-    gqa = fields["qhead_per_kvhead"] > 1
+    gqa = nheads > nheads_kv
     shapes = [per_q(sc.seqlen_q_rounded), per_q(sc.seqlen_q_rounded), per_q(sc.seqlen_q_rounded * sc.head_dim_rounded)]
     if gqa:
         shapes += [per_k(sc.seqlen_k_rounded * sc.head_dim_rounded), per_k(sc.seqlen_k_rounded * sc.head_dim_v_rounded)]
