@@ -34,10 +34,14 @@ CALLS = 30
 
 @pytest.fixture(scope="module")
 def both_hosts(built_cache, tmp_path_factory) -> Path:
-    """The CI cache plus every ci.yaml variant's plan for aarch64 hosts."""
+    """The CI cache plus the plans of every ci.yaml variant but the SM100 backward for aarch64 hosts."""
     root = tmp_path_factory.mktemp("both-hosts")
     manifest = root / "ci-both.yaml"
     text = CI_MANIFEST.read_text()
+    # the SM100 backward group is left out to keep the suite's time (the SM90 backward kernels
+    # stand for the backward families: their plans take the same kinds of arguments)
+    text = re.sub(r"\n      bwd_sm100:\n(        .*\n)+", "\n", text)
+    assert "bwd_sm100" not in text and "bwd_sm90" in text
     manifest.write_text(re.sub(r"num_sms: (\d+)\}", r"num_sms: \1, host_arch: [x86_64, aarch64]}", text))
     shutil.copytree(built_cache, root / "cache")
     run_cli("build", str(manifest), "--cache", str(root / "cache"), "-q", timeout=3600)  # exit 0: none failed

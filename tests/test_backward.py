@@ -488,3 +488,13 @@ def test_deterministic_backward_zeroes_its_semaphores(sm90):
     ((_, value, words, stream),) = drv.memsets
     assert (value, stream) == (0, 3)
     assert words == 2 * (2 * 4 * 1024 * 128) + 2 * 16 * 16 * 1 + 2 * (2 * 4 * 8 * 2)
+
+
+def test_backward_plan_check_catches_a_wrong_grid(built_cache, monkeypatch):
+    """The backward grid check can fail: with a wrong oracle it reports every call."""
+    from fa4aot.tools import plancheck
+
+    monkeypatch.setattr(plancheck, "backward_grid", lambda family, f, **kw: (1, 1, 1))
+    cache = Cache(built_cache)
+    e = next(e for e in cache.entries() if e.variant.family == "bwd_sm90")
+    assert len(plancheck.check_entry(cache, e, n=5).problems) == 5

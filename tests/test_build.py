@@ -24,7 +24,9 @@ def test_ci_manifest_builds_every_variant_for_every_arch(built_cache):
     plan = manifest.load(CI_MANIFEST)
     assert {e.variant_id for e in entries} >= {pv.variant.variant_id for pv in plan.variants}
     assert {e.meta["cubin_arch"] for e in entries} == {"sm_90a", "sm_100a", "sm_103a", "sm_120a"}
-    assert {e.variant.family for e in entries} == {"fwd_sm100", "fwd_sm90", "fwd_sm120", "combine", "prepare"}
+    assert {e.variant.family for e in entries} == {
+        "fwd_sm100", "fwd_sm90", "fwd_sm120", "combine", "prepare", "bwd_sm90", "bwd_sm100", "bwd_pre", "bwd_post",
+    }  # fmt: skip
     out = run_cli("verify", "--cache", str(built_cache))
     assert "0 bad" in out.stdout
 

@@ -4,9 +4,10 @@ One call launches what FA4's does, on the caller's stream: the preprocess (dot(O
 log2 units, the zeroed fp32 dQ accumulator), the main kernel (dK, dV; dQ accumulated in fp32),
 and the postprocess that converts the dQ accumulator (with GQA also the dK and dV accumulators,
 which are zeroed first) to the input dtype and, with a learnable sink, computes dsink. The
-scratch buffers FA4 allocates (dpsum, lse_log2, dq_accum, and for GQA dk_accum / dv_accum) are
-allocated the same way, with the caller's framework, and sized by FA4's rules
-(:func:`fa4aot.core.backward.scratch`).
+scratch FA4 allocates (dpsum, lse_log2, dq_accum; for GQA dk_accum / dv_accum; for the
+deterministic backward the dQ/dK/dV semaphores) is sized by FA4's rules
+(:func:`fa4aot.core.backward.scratch`) and taken as one allocation from the caller's framework;
+what FA4 zeroes is zeroed with one memset on the stream.
 
 Tensors may come from PyTorch, CuPy or JAX (DLPack) or be :class:`fa4aot.RawTensor` (then every
 output, ``dq``/``dk``/``dv``, must be given and the scratch is allocated through the driver).
