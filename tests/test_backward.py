@@ -498,3 +498,23 @@ def test_backward_plan_check_catches_a_wrong_grid(built_cache, monkeypatch):
     cache = Cache(built_cache)
     e = next(e for e in cache.entries() if e.variant.family == "bwd_sm90")
     assert len(plancheck.check_entry(cache, e, n=5).problems) == 5
+
+
+def test_a_backward_miss_is_logged_as_its_group_and_from_misses_asks_for_every_kernel(built_cache, tmp_path):
+    from helpers import run_cli
+
+    from fa4aot.build import manifest
+
+    log = tmp_path / "miss.jsonl"
+    rt = Runtime(built_cache, driver=FakeDriver(cc=(9, 0), num_sms=132), miss_log=log)
+    with pytest.raises(VariantNotFoundError):
+        _bwd(rt, _args(2, 100, 8, 2, 64), causal=True)
+    (line,) = [json.loads(x) for x in log.read_text().splitlines()]
+    assert "families.bwd_sm90" in line["manifest"]
+    out = tmp_path / "m.yaml"
+    run_cli("manifest", "from-misses", str(log), "-o", str(out))
+    want = {
+        rt.variant_for(p.family, **p.field_dict).variant_id
+        for p in parts("bwd_sm90", call(head_dim=64, head_dim_v=64, qhead_per_kvhead=4, causal=True))
+    }
+    assert {pv.variant.variant_id for pv in manifest.load(out).variants} == want

@@ -69,6 +69,8 @@ def pick(rt: Runtime, key: tuple[Any, ...]) -> BackwardKernels:
         from fa4aot.core.families import describe_missing  # the error path only
 
         group = Variant.make(family, rt.target.arch, rt.target.num_sms, **fields)
+        if rt.miss_log is not None:  # the group, so `fa4aot manifest from-misses` can ask for it
+            rt.miss_log.add(group, target=rt.target._asdict(), host_arch=rt.host_arch, manifest=describe_missing(group))
         raise VariantNotFoundError(
             f"the cache {rt.cache.root} lacks {len(missing)} of the {len(ps)} backward kernels of this call "
             f"({', '.join(v.label() for v in missing)}); add the group and rebuild: {describe_missing(group)}",
