@@ -250,38 +250,24 @@ def flash_attn_backward(
         return (dq, dk, dv) if dsink is None else (dq, dk, dv, dsink)
 
     assert kern is not None
-    sc = scratch(kern.main_part, batch, max_q, max_k, total_q, total_k)
-    per_q = (lambda n: (nheads, n)) if varlen_q else (lambda n: (batch, nheads, n))
-    per_k = (lambda n: (nheads_kv, n)) if varlen_k else (lambda n: (batch, nheads_kv, n))
+    lkey = (key, batch, nheads, nheads_kv, max_q, max_k, total_q, total_k)
+    layout = rt.backward_layouts.get(lkey)
+    if layout is None:
+        layout = scratch_layout(kern, batch, nheads, nheads_kv, max_q, max_k, total_q, total_k)
+        rt.backward_layouts[lkey] = layout
+    regions, total_bytes, zero_offset = layout
     gqa = nheads > nheads_kv
-    shapes = [per_q(sc.seqlen_q_rounded), per_q(sc.seqlen_q_rounded), per_q(sc.seqlen_q_rounded * sc.head_dim_rounded)]
-    if gqa:
-        shapes += [per_k(sc.seqlen_k_rounded * sc.head_dim_rounded), per_k(sc.seqlen_k_rounded * sc.head_dim_v_rounded)]
-    sems: list[tuple[int, ...]] = []
-    if deterministic:  # FA4's semaphores, zeroed for every call (torch.zeros in FA4)
-        sems.append((batch, nheads, sc.q_blocks, 2 if kern.main.fields.get("two_cta") else 1))
-        if gqa:
-            sems += [(batch, nheads_kv, sc.k_blocks, 2)] * 2
-    # one allocation for all of it (a 256-byte aligned region each): the parts needing no
-    # initialisation first, then those zeroed for every call (FA4: torch.zeros) in one memset
-    regions = [(sh, "fp32") for sh in shapes] + [(sh, "int32") for sh in sems]
-    sizes = [_padded_bytes(sh) for sh, _ in regions]
     bufs: list[Any] = []
     if raw:  # no framework to allocate with: the runtime's per-stream workspace
-        base = workspace(rt, s, sum(sizes))
+        base = workspace(rt, s, total_bytes)
     else:
-        bufs = [alloc_like(q, (sum(sizes) // 4,), "fp32")]
+        bufs = [alloc_like(q, (total_bytes // 4,), "fp32")]
         base = as_device_tensor(bufs[0], "scratch").ptr
-    scratch_t = []
-    at = base
-    for (sh, dt), n in zip(regions, sizes):
-        scratch_t.append(DeviceTensor(at, sh, contiguous_strides(sh), dt, dev, "scratch"))
-        at += n
+    scratch_t = [DeviceTensor(base + off, sh, st, dt, dev, "scratch") for off, sh, st, dt in regions]
     dpsum, lse_log2, dq_accum = scratch_t[:3]
     if gqa:
         dk_accum, dv_accum = scratch_t[3:5]
-    sem_t = dict(zip(("dq_semaphore", "dk_semaphore", "dv_semaphore"), scratch_t[len(shapes) :]))
-    zero_from = base + sum(sizes[:3])  # the GQA accumulators and the semaphores
+    sem_t = dict(zip(("dq_semaphore", "dk_semaphore", "dv_semaphore"), scratch_t[5 if gqa else 3 :]))
     common_q = {"cu_seqlens_q": cuq, "seqused_q": suq}
     calls = [
         (kern.pre, dict(out=od, dout=dod, dpsum=dpsum, lse=ld, lse_log2=lse_log2, dq_accum=dq_accum, dlse=dld,
@@ -307,12 +293,47 @@ def flash_attn_backward(
     # every argument packed (and checked against the plans' signatures) before the first launch;
     # then the kernels go out back to back
     packed = [(lv.plan, lv.plan.pack({k: v for k, v in named.items() if v is not None})) for lv, named in calls]
-    if at > zero_from:
-        drv.memset_d32(zero_from, 0, (at - zero_from) // 4, s)
+    if total_bytes > zero_offset:
+        drv.memset_d32(base + zero_offset, 0, (total_bytes - zero_offset) // 4, s)
     for plan, flat in packed:
         plan.call_launch(flat)
     _keep_until_done(bufs, s, stream is None)
     return (dq, dk, dv) if dsink is None else (dq, dk, dv, dsink)
+
+
+def scratch_layout(
+    kern: BackwardKernels,
+    batch: int,
+    nheads: int,
+    nheads_kv: int,
+    max_q: int,
+    max_k: int,
+    total_q: int | None,
+    total_k: int | None,
+) -> tuple[list[tuple[int, tuple[int, ...], tuple[int, ...], str]], int, int]:
+    """Where FA4's scratch lives in one allocation: (offset, shape, strides, dtype) per region -
+    dpsum, lse_log2, dq_accum, then the GQA dK/dV accumulators and the deterministic semaphores,
+    each 256-byte aligned - the total bytes, and the offset from which everything is zeroed per
+    call. Remembered per call shape (``rt.backward_layouts``)."""
+    sc = scratch(kern.main_part, batch, max_q, max_k, total_q, total_k)
+    varlen_q, varlen_k = total_q is not None, total_k is not None
+    per_q = (lambda n: (nheads, n)) if varlen_q else (lambda n: (batch, nheads, n))
+    per_k = (lambda n: (nheads_kv, n)) if varlen_k else (lambda n: (batch, nheads_kv, n))
+    gqa = nheads > nheads_kv
+    shapes = [per_q(sc.seqlen_q_rounded), per_q(sc.seqlen_q_rounded), per_q(sc.seqlen_q_rounded * sc.head_dim_rounded)]
+    if gqa:
+        shapes += [per_k(sc.seqlen_k_rounded * sc.head_dim_rounded), per_k(sc.seqlen_k_rounded * sc.head_dim_v_rounded)]
+    sems: list[tuple[int, ...]] = []
+    if kern.main.fields["deterministic"]:  # FA4's semaphores, zeroed for every call (torch.zeros in FA4)
+        sems.append((batch, nheads, sc.q_blocks, 2 if kern.main.fields.get("two_cta") else 1))
+        if gqa:
+            sems += [(batch, nheads_kv, sc.k_blocks, 2)] * 2
+    regions = []
+    at = 0
+    for sh, dt in [(sh, "fp32") for sh in shapes] + [(sh, "int32") for sh in sems]:
+        regions.append((at, sh, contiguous_strides(sh), dt))
+        at += _padded_bytes(sh)
+    return regions, at, regions[3][0] if len(regions) > 3 else at
 
 
 #: Scratch buffers in a workspace start on 256-byte boundaries (the 16 bytes FA4's kernels assume, with room).

@@ -43,6 +43,7 @@ _DRIVER_FOR_TOOLKIT = {12: 12000, 13: 13000}
 MAX_FORWARD_RULES = 512
 MAX_COMBINE_PICKS = 256
 MAX_BACKWARD_PICKS = 256
+MAX_BACKWARD_LAYOUTS = 1024
 MAX_AUTO_METADATA = 16
 #: Environment variables of the miss log, the record log and strict mode (see :class:`Runtime`).
 MISS_LOG_ENV = "FA4AOT_MISS_LOG"
@@ -187,6 +188,8 @@ class Runtime:
         self.combine_picks: BoundedDict = BoundedDict(MAX_COMBINE_PICKS)
         #: backward: call fields -> BackwardKernels
         self.backward_picks: BoundedDict = BoundedDict(MAX_BACKWARD_PICKS)
+        #: backward: call shape -> where its scratch regions lie (see runtime.backward.scratch_layout)
+        self.backward_layouts: BoundedDict = BoundedDict(MAX_BACKWARD_LAYOUTS)
         #: backward with raw-pointer inputs: stream -> (device pointer, bytes) of its scratch
         self.backward_workspace: BoundedDict = BoundedDict(
             MAX_AUTO_METADATA, on_evict=lambda stream, ws: self._free_workspace(stream, ws[0])
@@ -539,6 +542,7 @@ class Runtime:
             "forward_rule_variants": sum(len(r.loaded) for r in self.forward_rules.values()),
             "combine_picks": len(self.combine_picks),
             "backward_picks": len(self.backward_picks),
+            "backward_layouts": len(self.backward_layouts),
             "backward_workspaces": len(self.backward_workspace),
             "auto_metadata": len(self.auto_metadata),
         }
