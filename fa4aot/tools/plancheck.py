@@ -177,25 +177,36 @@ def random_backward_call(entry: Entry, rng: random.Random) -> tuple[dict[str, An
     return named, dict(batch=batch, nheads=hk * qh, **rows)
 
 
-def check_entry(cache: Cache, entry: Entry, n: int = 30, seed: int = 0) -> VariantReport:
-    if entry.variant.family in BACKWARD_KERNEL_FAMILIES:
-        return check_backward_entry(cache, entry, n, seed)
-    report = VariantReport(entry)
+def _start(cache: Cache, entry: Entry, seed: int) -> tuple[VariantReport, Any, dict, set[int], random.Random]:
+    """An empty report, the entry's plan loaded with the target's answers, its first kernel's
+    table, the offsets where that kernel's parameters start, and the entry's random source."""
     plan = open_plan(cache.read_plan(entry), entry.meta)
     plan.load(list(range(1, len(plan.kernels) + 1)), *target_answers(entry.target.optin_smem()))
     k = entry.meta["kernels"][0]
     starts = {off for _, off, _ in k["params"]}
+    return VariantReport(entry), plan, k, starts, random.Random(f"{entry.variant_id}:{seed}")
+
+
+def _check_block_and_smem(report: VariantReport, launch: Any, k: dict, where: str) -> None:
+    """Block equals the cubin's REQNTID; dynamic smem equals the build's record and fits the target."""
+    entry = report.entry
+    if list(launch.block) != k["reqntid"]:
+        report.problems.append(f"block {launch.block} != REQNTID {k['reqntid']} ({where})")
+    if launch.smem != entry.meta["launch"]["smem"] or launch.smem > entry.target.optin_smem():
+        report.problems.append(f"smem {launch.smem} != build's {entry.meta['launch']['smem']} ({where})")
+
+
+def check_entry(cache: Cache, entry: Entry, n: int = 30, seed: int = 0) -> VariantReport:
+    if entry.variant.family in BACKWARD_KERNEL_FAMILIES:
+        return check_backward_entry(cache, entry, n, seed)
+    report, plan, k, starts, rng = _start(cache, entry, seed)
     f = entry.variant.fields
-    rng = random.Random(f"{entry.variant_id}:{seed}")
     for _ in range(n):
         named, sz = random_call(entry, rng)
         (launch,) = plan.plan(plan.order(named))
         report.runs += 1
         where = f"sizes {sz}"
-        if list(launch.block) != k["reqntid"]:
-            report.problems.append(f"block {launch.block} != REQNTID {k['reqntid']} ({where})")
-        if launch.smem != entry.meta["launch"]["smem"] or launch.smem > entry.target.optin_smem():
-            report.problems.append(f"smem {launch.smem} != build's {entry.meta['launch']['smem']} ({where})")
+        _check_block_and_smem(report, launch, k, where)
         if entry.variant.family == "fwd_sm100":
             want = sm100_forward_grid(
                 f,
@@ -237,22 +248,14 @@ def check_entry(cache: Cache, entry: Entry, n: int = 30, seed: int = 0) -> Varia
 def check_backward_entry(cache: Cache, entry: Entry, n: int = 30, seed: int = 0) -> VariantReport:
     """Random calls of a backward kernel's plan: block, smem, grid (FA4's scheduler formula),
     cluster, and that every tensor's base address starts a kernel parameter."""
-    report = VariantReport(entry)
-    plan = open_plan(cache.read_plan(entry), entry.meta)
-    plan.load(list(range(1, len(plan.kernels) + 1)), *target_answers(entry.target.optin_smem()))
-    k = entry.meta["kernels"][0]
-    starts = {off for _, off, _ in k["params"]}
+    report, plan, k, starts, rng = _start(cache, entry, seed)
     f = entry.variant.fields
-    rng = random.Random(f"{entry.variant_id}:{seed}")
     for _ in range(n):
         named, sz = random_backward_call(entry, rng)
         (launch,) = plan.plan(plan.order(named))
         report.runs += 1
         where = f"sizes {sz}"
-        if list(launch.block) != k["reqntid"]:
-            report.problems.append(f"block {launch.block} != REQNTID {k['reqntid']} ({where})")
-        if launch.smem != entry.meta["launch"]["smem"] or launch.smem > entry.target.optin_smem():
-            report.problems.append(f"smem {launch.smem} != build's {entry.meta['launch']['smem']} ({where})")
+        _check_block_and_smem(report, launch, k, where)
         want = backward_grid(entry.variant.family, f, **sz)
         if launch.grid != want:
             report.problems.append(f"grid {launch.grid} != FA4 formula {want} ({where})")
