@@ -1,5 +1,7 @@
-"""Test helpers. ``build_ci_cache`` compiles manifests/ci.yaml once per session (about a minute
-on 2 cores); set FA4AOT_TEST_CACHE to reuse a cache built earlier from the same sources."""
+"""Test helpers. The session's caches: ``built_cache`` (tests/fast.yaml, the fast tier's: about 40
+seconds of compiling on 2 cores) and ``ci_cache`` (manifests/ci.yaml, for the full tier, built with
+``--reuse`` of the first). Set FA4AOT_TEST_CACHE_DIR to keep them between runs: a later run finds
+their entries cached (keys include the toolchain and the kernel sources, so edits rebuild)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CI_MANIFEST = ROOT / "manifests" / "ci.yaml"
+FAST_MANIFEST = ROOT / "tests" / "fast.yaml"
 HAS_DSL = importlib.util.find_spec("cutlass") is not None and importlib.util.find_spec("flash_attn") is not None
 
 needs_dsl = pytest.mark.skipif(not HAS_DSL, reason="needs the build extra (CUTLASS DSL + flash-attn-4)")
@@ -26,11 +29,14 @@ def run_cli(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess
     return proc
 
 
-def build_ci_cache(tmp_path_factory) -> Path:
-    """A cache holding every variant of manifests/ci.yaml."""
+def build_session_cache(tmp_path_factory, name: str, manifest: Path, reuse: tuple[Path, ...] = ()) -> Path:
+    """A cache holding every variant of ``manifest``, compiled by the CLI (entries another session
+    cache holds under the same key are copied with ``--reuse``)."""
     if not HAS_DSL:
         pytest.skip("needs the build extra (CUTLASS DSL + flash-attn-4) to compile kernels")
-    path = Path(os.environ.get("FA4AOT_TEST_CACHE") or tmp_path_factory.mktemp("ci-cache"))
-    proc = run_cli("build", str(CI_MANIFEST), "--cache", str(path), "-q", check=False)
+    keep = os.environ.get("FA4AOT_TEST_CACHE_DIR")
+    path = Path(keep) / name if keep else tmp_path_factory.mktemp(name)
+    args = [arg for r in reuse for arg in ("--reuse", str(r))]
+    proc = run_cli("build", str(manifest), "--cache", str(path), "-q", *args, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return path

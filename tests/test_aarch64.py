@@ -2,17 +2,17 @@
 under qemu-aarch64.
 
 The CuTe DSL exports FA4's host code for the aarch64 triple (``--host-target linux-aarch64``),
-Debian's cross gcc links it with the shim, and ``plan/runner.c`` runs it under emulation. Every
-ci.yaml variant is built for both host archs; for each, both plans run on the same argument bytes
-(30 sets) and must record the same launches: kernel, grid, block, cluster and the other launch
-attributes, smem and every parameter byte the host code writes. The cubin is shared."""
+Debian's cross gcc links it with the shim, and ``plan/runner.c`` runs it under emulation. A forward
+and a combine kernel (fast tier) and every ci.yaml variant but the SM100 backward (full tier) are
+built for both host archs; for each, both plans run on the same argument bytes (30 sets) and must
+record the same launches: kernel, grid, block, cluster and the other launch attributes, smem and
+every parameter byte the host code writes. The cubin is shared."""
 
 from __future__ import annotations
 
 import os
 import random
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -32,20 +32,38 @@ needs_emulation = pytest.mark.skipif(why is not None, reason=f"aarch64 emulation
 CALLS = 30
 
 
+def _build_both_hosts(manifest_text: str, reuse: Path, root: Path) -> Path:
+    """Build ``manifest_text`` for x86_64 and aarch64 hosts into ``root/cache`` (the x86_64 entries
+    are reused from ``reuse``; the aarch64 plans are compiled and self-tested under qemu)."""
+    manifest = root / "both.yaml"
+    manifest.write_text(re.sub(r"num_sms: (\d+)\}", r"num_sms: \1, host_arch: [x86_64, aarch64]}", manifest_text))
+    run_cli("build", str(manifest), "--cache", str(root / "cache"), "--reuse", str(reuse), "-q", timeout=3600)
+    return root / "cache"
+
+
+#: The fast tier's both-host build: an SM90 forward and a combine kernel of tests/fast.yaml.
+SMALL = (
+    "target: {name: h100, arch: sm_90a, num_sms: 132}\nfamilies:\n"
+    "  fwd_sm90:\n    - {head_dims: [[128, 128]], causal: true}\n"
+    "  combine:\n    - {head_dim: 128, num_head: 16, max_splits: 128}\n"
+)
+
+
 @pytest.fixture(scope="module")
 def both_hosts(built_cache, tmp_path_factory) -> Path:
-    """The CI cache plus the plans of every ci.yaml variant but the SM100 backward for aarch64 hosts."""
-    root = tmp_path_factory.mktemp("both-hosts")
-    manifest = root / "ci-both.yaml"
+    """SMALL for both host archs."""
+    return _build_both_hosts(SMALL, built_cache, tmp_path_factory.mktemp("small-both-hosts"))
+
+
+@pytest.fixture(scope="module")
+def ci_both_hosts(ci_cache, tmp_path_factory) -> Path:
+    """Every ci.yaml variant but the SM100 backward, for x86_64 and aarch64 hosts."""
     text = CI_MANIFEST.read_text()
     # the SM100 backward group is left out to keep the suite's time (the SM90 backward kernels
     # stand for the backward families: their plans take the same kinds of arguments)
     text = re.sub(r"\n      bwd_sm100:\n(        .*\n)+", "\n", text)
     assert "bwd_sm100" not in text and "bwd_sm90" in text
-    manifest.write_text(re.sub(r"num_sms: (\d+)\}", r"num_sms: \1, host_arch: [x86_64, aarch64]}", text))
-    shutil.copytree(built_cache, root / "cache")
-    run_cli("build", str(manifest), "--cache", str(root / "cache"), "-q", timeout=3600)  # exit 0: none failed
-    return root / "cache"
+    return _build_both_hosts(text, ci_cache, tmp_path_factory.mktemp("both-hosts"))
 
 
 def _pairs(cache: Cache) -> list:
@@ -55,12 +73,10 @@ def _pairs(cache: Cache) -> list:
     return [(by_host["x86_64"][vid], a) for vid, a in sorted(by_host["aarch64"].items()) if vid in by_host["x86_64"]]
 
 
-@needs_dsl
-@needs_emulation
-def test_every_ci_variant_records_the_same_launches_on_both_host_archs(both_hosts):
-    cache = Cache(both_hosts)
+def _same_launches_on_both_hosts(cache_dir: Path, min_pairs: int) -> None:
+    cache = Cache(cache_dir)
     pairs = _pairs(cache)
-    assert len(pairs) == len({e.variant_id for e in cache.entries() if e.host_arch == "aarch64"}) >= 40
+    assert len(pairs) == len({e.variant_id for e in cache.entries() if e.host_arch == "aarch64"}) >= min_pairs
     bad = []
     for x, a in pairs:
         assert a.meta["launch"] == x.meta["launch"], a.variant.label()  # the build's emulated self-test
@@ -76,6 +92,19 @@ def test_every_ci_variant_records_the_same_launches_on_both_host_archs(both_host
         if diff:
             bad.append((x.variant.label(), diff[:3]))
     assert not bad, bad
+
+
+@needs_dsl
+@needs_emulation
+def test_a_forward_and_a_combine_record_the_same_launches_on_both_host_archs(both_hosts):
+    _same_launches_on_both_hosts(both_hosts, 2)
+
+
+@pytest.mark.slow
+@needs_dsl
+@needs_emulation
+def test_every_ci_variant_records_the_same_launches_on_both_host_archs(ci_both_hosts):
+    _same_launches_on_both_hosts(ci_both_hosts, 40)
 
 
 @needs_dsl

@@ -1,4 +1,5 @@
-"""The manifest-driven build of manifests/ci.yaml, and what makes a key change."""
+"""The manifest-driven build (tests/fast.yaml in the fast tier, manifests/ci.yaml in the full one),
+what makes a key change, reuse of another cache's entries, and byte identity with FA4's JIT."""
 
 from __future__ import annotations
 
@@ -11,24 +12,33 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import CI_MANIFEST, HAS_DSL, needs_dsl, run_cli
+from helpers import CI_MANIFEST, FAST_MANIFEST, HAS_DSL, needs_dsl, run_cli
 
 from fa4aot.build import manifest, toolchain
 from fa4aot.core.index import Cache
 from fa4aot.core.variant import Variant, cache_key
 
 
-def test_ci_manifest_builds_every_variant_for_every_arch(built_cache):
-    cache = Cache(built_cache)
+def _builds_every_variant_for_every_arch(cache_dir: Path, manifest_path: Path) -> None:
+    cache = Cache(cache_dir)
     entries = cache.entries()
-    plan = manifest.load(CI_MANIFEST)
+    plan = manifest.load(manifest_path)
     assert {e.variant_id for e in entries} >= {pv.variant.variant_id for pv in plan.variants}
     assert {e.meta["cubin_arch"] for e in entries} == {"sm_90a", "sm_100a", "sm_103a", "sm_120a"}
     assert {e.variant.family for e in entries} == {
         "fwd_sm100", "fwd_sm90", "fwd_sm120", "combine", "prepare", "bwd_sm90", "bwd_sm100", "bwd_pre", "bwd_post",
     }  # fmt: skip
-    out = run_cli("verify", "--cache", str(built_cache))
-    assert "0 bad" in out.stdout
+    out = run_cli("verify", "--cache", str(cache_dir))
+    assert f"verified {len(entries)} entries: {len(entries)} ok, 0 bad" in out.stdout
+
+
+def test_fast_manifest_builds_every_family_for_every_arch(built_cache):
+    _builds_every_variant_for_every_arch(built_cache, FAST_MANIFEST)
+
+
+@pytest.mark.slow
+def test_ci_manifest_builds_every_variant_for_every_arch(ci_cache):
+    _builds_every_variant_for_every_arch(ci_cache, CI_MANIFEST)
 
 
 def test_sm100_forward_entry_shows_threads_and_parameter_table(built_cache):
@@ -47,14 +57,66 @@ def test_sm100_forward_entry_shows_threads_and_parameter_table(built_cache):
     assert "smem 232448 cluster [2, 1, 1]" in out
 
 
+def _build_totals(stdout: str) -> dict[str, int]:
+    """The counts on the build table's total line."""
+    head = next(ln for ln in stdout.splitlines() if ln.startswith("family")).split()[1:5]
+    total = next(ln for ln in stdout.splitlines() if ln.startswith("total")).split()[1:5]
+    assert head == ["built", "cached", "reused", "failed"], head
+    return dict(zip(head, map(int, total)))
+
+
 def test_second_build_compiles_nothing(built_cache):
     t0 = time.perf_counter()
-    out = run_cli("build", str(CI_MANIFEST), "--cache", str(built_cache), "-q")
+    out = run_cli("build", str(FAST_MANIFEST), "--cache", str(built_cache), "-q")
     elapsed = time.perf_counter() - t0
-    n = len(manifest.load(CI_MANIFEST).variants)
-    last = out.stdout.strip().splitlines()[-1]
-    assert last.split()[1:4] == ["0", str(n), "0"], last  # built, cached, failed
+    n = len(manifest.load(FAST_MANIFEST).variants)
+    assert _build_totals(out.stdout) == {"built": 0, "cached": n, "reused": 0, "failed": 0}
     assert elapsed < 60
+
+
+@needs_dsl
+def test_reuse_copies_entries_of_the_same_key_and_compiles_the_rest(built_cache, tmp_path):
+    """`build --reuse`: an entry another cache holds under the same key is copied (blobs
+    identical, record the same but for its origin and time), what it lacks is compiled, and a
+    damaged or mislabelled source entry is compiled instead of copied."""
+    from fa4aot.build.store import CacheWriter
+
+    src = Cache(built_cache)
+    m = tmp_path / "m.yaml"
+    m.write_text(
+        "target: {name: rtx-pro-6000, arch: sm_120a, num_sms: 188}\nfamilies:\n"
+        "  fwd_sm120:\n    - {head_dims: [[128, 128]], qhead_per_kvhead: 4, causal: true}\n"
+        "  combine:\n    - {head_dim: 128, num_head: [16, 8], max_splits: 128}\n"
+    )
+    wanted = {pv.variant.variant_id for pv in manifest.load(m).variants}
+    have = [e for e in src.entries() if e.variant_id in wanted]  # the session cache lacks the 8-head combine
+    assert len(wanted) == 3 and {e.variant.family for e in have} == {"fwd_sm120", "combine"} and len(have) == 2
+    out = run_cli("build", str(m), "--cache", str(tmp_path / "a"), "--reuse", str(built_cache), "-q")
+    assert _build_totals(out.stdout) == {"built": 1, "cached": 0, "reused": 2, "failed": 0}
+    a = Cache(tmp_path / "a")
+    for e in have:
+        copy = a.get(e.key)
+        assert copy is not None and copy.blobs == e.blobs
+        drop = ("created", "origin")
+        assert {k: v for k, v in copy.meta.items() if k not in drop} == {
+            k: v for k, v in e.meta.items() if k not in drop
+        }
+    assert "0 bad" in run_cli("verify", "--cache", str(tmp_path / "a")).stdout
+    # a source whose record for a key names another variant (its blobs: that variant's) is not copied
+    bad = tmp_path / "bad"
+    shutil.copytree(built_cache, bad)
+    fwd = next(e for e in have if e.variant.family == "fwd_sm120")
+    comb = next(e for e in have if e.variant.family == "combine")
+    w = CacheWriter(bad)
+    w.put(
+        fwd.key, {k: v for k, v in comb.meta.items() if k != "blobs"}, {r: src.read_blob(comb, r) for r in comb.blobs}
+    )
+    w.close()
+    out = run_cli("build", str(m), "--cache", str(tmp_path / "b"), "--reuse", str(bad), "-q")
+    assert _build_totals(out.stdout) == {"built": 2, "cached": 0, "reused": 1, "failed": 0}
+    assert Cache(tmp_path / "b").get(fwd.key).blobs == fwd.blobs  # compiled: FA4's bytes again
+    p = run_cli("build", str(m), "--cache", str(tmp_path / "c"), "--reuse", str(tmp_path / "nothing"), check=False)
+    assert p.returncode == 2 and "nothing" in p.stderr and not (tmp_path / "c").exists()
 
 
 def test_key_changes_with_versions_sources_and_host():
@@ -197,9 +259,10 @@ def fa4_cubins(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch, sms", [("sm_90a", 132), ("sm_100a", 148)])
 @pytest.mark.parametrize("kind", list(CUBIN_CASES))
-def test_cubins_are_the_ones_fa4_builds(built_cache, fa4_cubins, arch, sms, kind):
+def test_cubins_are_the_ones_fa4_builds(ci_cache, fa4_cubins, arch, sms, kind):
     """The variant dispatch picks for a call has exactly the cubin FA4's own JIT builds for it."""
     from fa4_cases import fa4aot_call
 
@@ -209,11 +272,12 @@ def test_cubins_are_the_ones_fa4_builds(built_cache, fa4_cubins, arch, sms, kind
     fa4 = open(path, "rb").read()
     d = decide(fa4aot_call(arch, sms, CUBIN_CASES[kind]))
     v = Variant.make("fwd_sm90" if arch == "sm_90a" else "fwd_sm100", arch, sms, **d.fields)
-    cache = Cache(built_cache)
+    cache = Cache(ci_cache)
     (entry,) = [e for e in cache.entries() if e.variant_id == v.variant_id][-1:]
     assert cache.read_cubin(entry) == fa4
 
 
+@pytest.mark.slow
 @needs_dsl
 def test_builds_are_byte_identical_across_directories_and_job_counts(tmp_path):
     """Same manifest, toolchain and sources: the same blobs, whatever the directory, -j or time."""
@@ -231,6 +295,7 @@ def test_builds_are_byte_identical_across_directories_and_job_counts(tmp_path):
     assert blobs[0] == blobs[1] and len(blobs[0]) == 3
 
 
+@pytest.mark.slow
 @needs_dsl
 def test_verify_rebuild_sample_catches_a_swapped_blob(tmp_path):
     from fa4aot.build.store import CacheWriter
@@ -254,24 +319,26 @@ def test_verify_rebuild_sample_catches_a_swapped_blob(tmp_path):
     assert p.returncode == 1 and "REBUILD DIFFERENT" in p.stderr and "header" in p.stderr
 
 
+@pytest.mark.slow
 @needs_dsl
-def test_verify_against_fa4_compares_sampled_entries_with_fa4s_own_jit(built_cache):
+def test_verify_against_fa4_compares_sampled_entries_with_fa4s_own_jit(ci_cache):
     """Every sampled forward entry of the CI cache has exactly the cubin FA4's interface
     compiles for a call that makes FA4 pick that configuration; tuning candidates are skipped."""
-    out = run_cli("verify", "--cache", str(built_cache), "--no-plans", "--against-fa4", "--sample", "4", "--seed", "7")
+    out = run_cli("verify", "--cache", str(ci_cache), "--no-plans", "--against-fa4", "--sample", "4", "--seed", "7")
     assert "against FA4's JIT: " in out.stdout
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("against FA4's JIT"))
     same, of = line.split(": ")[1].split(" cubins")[0].split(" of ")
     assert same == of and int(of) >= 3, out.stdout + out.stderr
 
 
+@pytest.mark.slow
 @needs_dsl
-def test_every_combine_and_prepare_entry_is_byte_identical_to_fa4s_jit(built_cache):
+def test_every_combine_and_prepare_entry_is_byte_identical_to_fa4s_jit(ci_cache):
     """Combine entries compiled through FA4's _flash_attn_fwd_combine, prepare entries through its
     _get_scheduler_metadata, on every arch of the CI cache."""
     from fa4aot.tools.against_fa4 import compare
 
-    cache = Cache(built_cache)
+    cache = Cache(ci_cache)
     entries = [e for e in cache.entries() if e.variant.family in ("combine", "prepare")]
     results = compare(cache, entries)
     assert {r.status for r in results} == {"identical"}, [

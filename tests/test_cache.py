@@ -204,7 +204,8 @@ def test_build_killed_midway_then_verify_and_resume(tmp_path):
     assert 1 <= n_before < 8
     assert "0 bad" in run_cli("verify", "--cache", str(cache)).stdout
     out = run_cli("build", str(m), "--cache", str(cache), "-q")
-    assert f"{8 - n_before}" in out.stdout.splitlines()[-1]
+    total = next(ln for ln in out.stdout.splitlines() if ln.startswith("total")).split()[1:5]
+    assert total == [str(8 - n_before), str(n_before), "0", "0"]  # built, cached, reused, failed
     assert len(Cache(cache).entries()) == 8
 
 

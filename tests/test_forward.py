@@ -59,7 +59,7 @@ def test_sm100_2cta_prefill_dispatch(sm100):
     assert launch.attrs[1] == (4, (2, 1, 1)) and launch.grid == (128, 1, 1)
 
 
-def test_sm100_varlen_split_runs_prepare_forward_combine(sm100):
+def test_sm100_varlen_split_on_raw_pointers_asks_for_out_and_launches_nothing(sm100):
     rt, drv = sm100
     b, h, hk, d = 16, 16, 4, 128
     total_q, total_k = 16, 40000

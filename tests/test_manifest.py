@@ -140,12 +140,39 @@ def test_multi_target_and_duplicates():
     assert error_field(doc) == "targets[1].target"
 
 
-def test_shipped_manifests_expand(tmp_path):
+def _group_paths(doc: dict) -> list[str]:
+    """The path of every group of a manifest document, as the expander names origins."""
+    targets = doc.get("targets") or [{"target": doc["target"], "families": doc["families"]}]
+    prefix = (lambda i: f"targets[{i}].") if "targets" in doc else (lambda i: "")
+    return [
+        f"{prefix(i)}families.{fam}[{j}]"
+        for i, t in enumerate(targets)
+        for fam, groups in t["families"].items()
+        for j in range(len(groups))
+    ]
+
+
+def test_every_group_of_every_shipped_manifest_builds_what_its_family_accepts():
+    """Each group of each manifest under manifests/ expands to at least one variant (a group whose
+    every combination is skipped is a mistake in the file), every forward, combine and prepare
+    variant passes its family's FA4 rules, and each target's arch serves its families."""
     from helpers import ROOT
 
-    for name in ("ci.yaml", "b200.yaml", "h100.yaml", "b300.yaml", "rtx-pro-6000.yaml", "gb200.yaml"):
-        plan = manifest.load(ROOT / "manifests" / name)
-        assert plan.variants, name
+    from fa4aot.core.families import FAMILIES
+
+    shipped = sorted((ROOT / "manifests").glob("*.yaml"))
+    assert {p.name for p in shipped} >= {"ci.yaml", "b200.yaml", "h100.yaml", "b300.yaml", "rtx-pro-6000.yaml",
+                                        "gb200.yaml", "h100-train.yaml", "b200-train.yaml"}  # fmt: skip
+    for path in shipped:
+        doc = manifest.parse_yaml(path.read_bytes(), str(path))
+        plan = manifest.expand(doc)
+        built = {pv.origin.split(" (")[0] for pv in plan.variants}
+        assert not [g for g in _group_paths(doc) if g not in built], path.name
+        for pv in plan.variants:
+            fam = FAMILIES[pv.variant.family]
+            assert pv.variant.arch in fam.arches and pv.target.arch == pv.variant.arch, (path.name, pv.origin)
+            if fam.parts is None and fam.axes:  # backward kernels are checked as the call they belong to
+                assert fam.check(pv.variant.fields) is None, (path.name, pv.variant.label())
 
 
 def test_host_arch_picks_the_plans_hosts():

@@ -170,10 +170,27 @@ def test_prepared_combine_matches_combine(sm90):
     out = t(2, (b, s, h, d))
     run = fa4aot.prepare_combine(op, lp, out, runtime=rt)
     assert run.arg_names == ("out_partial", "lse_partial", "out")
-    fa4aot.combine(op, lp, out, stream=4, runtime=rt)
-    run(op, lp, out, stream=4)
-    plain, prep = drv.launches
-    assert (plain.grid, plain.block, plain.smem, plain.stream) == (prep.grid, prep.block, prep.smem, prep.stream)
+    (lv,) = rt._loaded.values()
+    assert lv.variant.family == "combine"
+    _record_params(rt, drv)
+    op2, out2 = t(7, (splits, b, s, h, d), "fp32"), t(8, (b, s, h, d))
+    for oo_p, oo, stream in ((op, out, 4), (op2, out2, 5), (op, out, 6)):
+        fa4aot.combine(oo_p, lp, oo, stream=stream, runtime=rt)
+        run(oo_p, lp, oo, stream=stream)
+        plain, prep = drv.launches[-2:]
+        assert (prep.grid, prep.block, prep.smem, prep.attrs, prep.stream) == (
+            plain.grid,
+            plain.block,
+            plain.smem,
+            plain.attrs,
+            stream,
+        )
+        named = dict(out_partial=oo_p, lse_partial=lp, out=oo, stream=stream)  # FA4's host code run on these
+        named = {n: DeviceTensor(x.ptr, x.shape, x.strides, x.dtype, 0, "raw") if isinstance(x, RawTensor) else x
+                 for n, x in named.items()}  # fmt: skip
+        want, mask = _written(lv, named)
+        assert _same(_buffer(prep, lv), want, mask) and _same(_buffer(plain, lv), want, mask)
+        assert oo_p.ptr.to_bytes(8, "little") in _buffer(prep, lv)  # the new partials' address reached the kernel
 
 
 def test_prepared_call_from_threads(sm90):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from fake_driver import FakeDriver
-from helpers import ROOT, needs_dsl, run_cli
+from helpers import FAST_MANIFEST, ROOT, needs_dsl, run_cli
 from test_dispatch import _fa4aot_call
 
 from fa4aot.build import manifest
@@ -72,6 +72,7 @@ def recorded(tmp_path_factory):
     return out, tmp
 
 
+@pytest.mark.slow  # FA4's interface runs the scripted model (about 12 s a record)
 @needs_dsl
 def test_record_of_fa4_writes_exactly_what_fa4aot_dispatch_picks(recorded):
     out, _ = recorded
@@ -82,11 +83,12 @@ def test_record_of_fa4_writes_exactly_what_fa4aot_dispatch_picks(recorded):
     assert "variants:" in run_cli("plan", str(out)).stdout
 
 
+@pytest.mark.slow  # FA4's interface runs the scripted model (about 12 s a record)
 @needs_dsl
-def test_the_recorded_manifest_builds_and_the_replay_finds_every_variant(recorded):
+def test_the_recorded_manifest_builds_and_the_replay_finds_every_variant(recorded, built_cache):
     out, tmp = recorded
     cache = tmp / "cache"
-    run_cli("build", str(out), "--cache", str(cache), "-q")
+    run_cli("build", str(out), "--cache", str(cache), "--reuse", str(built_cache), "-q")
     rt = Runtime(cache, driver=FakeDriver(cc=(10, 0), num_sms=148), miss_log=tmp / "misses.jsonl")
     missing: list = []
     for c in CASES:
@@ -97,6 +99,7 @@ def test_the_recorded_manifest_builds_and_the_replay_finds_every_variant(recorde
     assert {lv.variant.variant_id for lv in rt._loaded.values()} == expected(CASES)
 
 
+@pytest.mark.slow  # FA4's interface runs the scripted model (about 12 s a record)
 @needs_dsl
 def test_merge_adds_no_duplicate_groups(recorded, tmp_path):
     out, tmp = recorded
@@ -156,7 +159,7 @@ def test_record_of_fa4aot_api_calls_and_the_miss_log_round_trip(built_cache, tmp
     calls = [
         dict(
             batch=2, seqlen_q=1000, seqlen_k=1000, nheads=16, nheads_kv=16, head_dim=128, head_dim_v=128
-        ),  # in ci.yaml
+        ),  # in tests/fast.yaml
         dict(batch=2, seqlen_q=1000, seqlen_k=1000, nheads=16, nheads_kv=16, head_dim=64, head_dim_v=64, causal=True),
         dict(batch=2, seqlen_q=500, seqlen_k=900, nheads=16, nheads_kv=2, head_dim=64, head_dim_v=64),
     ]
@@ -196,7 +199,7 @@ def _pack(cache: Path, tmp: Path) -> Path:
 
 
 def test_coverage_and_strict_mode(built_cache, tmp_path):
-    ci = str(ROOT / "manifests" / "ci.yaml")
+    ci = str(FAST_MANIFEST)
     out = run_cli("plan", ci, "--against", str(built_cache)).stdout
     assert "target h100:" in out and "lacks" not in out
     more = tmp_path / "more.yaml"

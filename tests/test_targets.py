@@ -59,6 +59,7 @@ def test_new_target_plans_agree_with_fa4s_grid_formulas(built_cache):
     assert all(r.runs == 40 and not r.problems for r in reports), [r.problems[:2] for r in reports]
 
 
+@pytest.mark.slow
 @needs_dsl
 def test_new_target_cubins_are_byte_identical_to_fa4s_jit(built_cache):
     """FA4 compiles each entry's configuration through its own interface, told the arch and SM
@@ -122,16 +123,20 @@ def test_a_device_of_another_compute_capability_is_refused(built_cache):
 
 
 @needs_dsl
-def test_sm103a_and_sm100a_caches_are_not_interchangeable(tmp_path):
+def test_sm103a_and_sm100a_caches_are_not_interchangeable(built_cache, tmp_path):
     """sm_XXXa cubins run only on that exact compute capability: a B300 cache on a B200 (10.0)
-    is refused, and so is the reverse."""
+    is refused, and so is the reverse. (Each cache's combine is reused from the session cache.)"""
+    groups = {
+        "sm_103a": "{head_dim: 128, num_head: 16, max_splits: 128}",
+        "sm_100a": "{head_dim: 128, num_head: 16, max_splits: 128, varlen: true, num_splits_dynamic: true}",
+    }
     for arch, other_cc in (("sm_103a", (10, 0)), ("sm_100a", (10, 3))):
         manifest = tmp_path / f"{arch}.yaml"
         manifest.write_text(
-            f"target: {{name: t, arch: {arch}, num_sms: 148}}\n"
-            "families:\n  combine:\n    - {head_dim: 64, num_head: 4, max_splits: 32}\n"
+            f"target: {{name: t, arch: {arch}, num_sms: 148}}\nfamilies:\n  combine:\n    - {groups[arch]}\n"
         )
-        run_cli("build", str(manifest), "--cache", str(tmp_path / arch), "-q")
+        out = run_cli("build", str(manifest), "--cache", str(tmp_path / arch), "--reuse", str(built_cache), "-q")
+        assert next(ln for ln in out.stdout.splitlines() if ln.startswith("total")).split()[1:5] == ["0", "0", "1", "0"]
         mine = (10, 3) if arch == "sm_103a" else (10, 0)
         assert Runtime(tmp_path / arch, driver=FakeDriver(cc=mine, num_sms=148)).target.arch == arch
         want = f"sm_{other_cc[0]}{other_cc[1]}a"

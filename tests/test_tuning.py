@@ -222,15 +222,25 @@ def test_a_win_must_beat_the_noise():
     assert tune.pick_winner({d: quiet, c: quiet}, d)[0] == d  # a tie keeps FA4's choice
 
 
-def test_sweep24_is_the_issues_sweep():
-    s = tune.SWEEP24
-    assert len(s) == 24 and len(set(s)) == 24
-    assert {x.head_dim for x in s} == {64, 128} and {x.causal for x in s} == {False, True}
-    assert {x.varlen for x in s} == {False, True}
-    assert {x.nheads // x.nheads_kv for x in s} == {1, 4, 8}
-    assert min(x.seqlen_q for x in s) == 512 and max(x.seqlen_q for x in s) == 16384
-    v = next(x for x in s if x.varlen)
-    assert max(v.seqlens()) == v.seqlen_q and len(set(v.seqlens())) > 1 and v.rows == sum(v.seqlens())
+def test_every_sweep24_shape_is_tunable_with_the_shipped_h100_manifest():
+    """`fa4aot tune manifests/h100.yaml` (the README's recipe) measures every shape of the sweep:
+    the manifest builds the variant FA4 runs for it and at least two other tilings to time
+    against it (the README's "2-4 candidates each"); varlen shapes have sequences of several
+    lengths, the longest the shape's max_seqlen."""
+    from helpers import ROOT
+
+    from fa4aot.build import manifest
+
+    pool = [pv.variant for pv in manifest.load(ROOT / "manifests" / "h100.yaml").variants]
+    ids = {v.variant_id for v in pool}
+    assert len(set(tune.SWEEP24)) == len(tune.SWEEP24) == len(tune.parse_shapes("sweep24")) == 24
+    for shape in tune.SWEEP24:
+        default = tune.default_variant(shape, H100)
+        assert default.variant_id in ids, shape
+        assert 2 <= len(tune.candidates(default, pool)) <= 4, shape
+        if shape.varlen:
+            lens = shape.seqlens()
+            assert max(lens) == shape.seqlen_q and len(set(lens)) > 1 and shape.rows == sum(lens), shape
 
 
 @pytest.mark.parametrize(

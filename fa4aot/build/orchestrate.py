@@ -15,8 +15,9 @@ from fa4aot.build import manifest as manifest_mod
 from fa4aot.build.store import CacheWriter, blob_ok
 from fa4aot.build.toolchain import fingerprint, host_arch
 from fa4aot.build.worker import BuildOutput, build_variant, check_cross_host, configure
-from fa4aot.core.errors import CacheError, CacheFullError, ManifestError
+from fa4aot.core.errors import CacheError, CacheFullError, Fa4aotError, ManifestError
 from fa4aot.core.families import FAMILIES
+from fa4aot.core.index import Cache
 from fa4aot.core.variant import Target, Variant, cache_key
 
 #: Compiles per worker process before it is replaced (bounds memory growth across compiles).
@@ -31,7 +32,7 @@ class Row:
 
     variant: Variant
     key: str
-    status: str  # built | cached | failed
+    status: str  # built | cached | reused | failed
     seconds: float = 0.0
     size: int = 0
     error: str | None = None
@@ -85,6 +86,7 @@ def build(
     families: tuple[str, ...] = (),
     compile_fn: Callable[[Variant, Target, str], BuildOutput] = build_variant,
     pool_factory: Callable[[Target, int], cf.Executor] | None = None,
+    reuse: tuple[str | Path, ...] = (),
 ) -> BuildReport:
     """Build every variant the manifest asks for (of ``families``, if given) into ``cache_dir``.
 
@@ -93,6 +95,12 @@ def build(
     was not (``report.stopped``). Each target's variants are built once per host arch its manifest
     names (``compile_fn(variant, target, host_arch)``). ``compile_fn`` and ``pool_factory`` (a
     process pool per target by default) let tests run fake compiles.
+
+    ``reuse``: read-only caches to copy an entry from instead of compiling it, when they hold one
+    under the same key (variant, target, toolchain fingerprint and host arch: builds are
+    reproducible, so its bytes are what a compile here would give). A copied entry is checked as
+    any read is (its key recomputes from its record, every blob's size and sha256) and is reported
+    as ``reused``.
     """
     t0 = time.perf_counter()
     plan = manifest_mod.load(manifest_path)
@@ -110,6 +118,7 @@ def build(
     for host in sorted({h for _, h in jobs_list} - {here}):
         check_cross_host(host)  # before anything is compiled or written
     toolchains = {host: fingerprint(host) for host in {h for _, h in jobs_list}}
+    sources = [_open_reuse(p) for p in reuse]
     cache = CacheWriter(cache_dir)
     cache.check_writable()
     report = BuildReport()
@@ -119,8 +128,13 @@ def build(
     for pv, host in jobs_list:
         key = cache_key(pv.variant, toolchains[host], host)
         size = _cached(cache, key)
-        if size is not None:
-            row = Row(pv.variant, key, "cached", size=size, host=host)
+        row = Row(pv.variant, key, "cached", size=size, host=host) if size is not None else None
+        if row is None and sources and not report.stopped:
+            try:
+                row = _reuse(cache, sources, pv, key, host)
+            except CacheFullError as e:
+                report.stopped = str(e)
+        if row is not None:
             report.rows.append(row)
             done += 1
             if progress:
@@ -174,6 +188,38 @@ def build(
     cache.close()
     report.wall_seconds = time.perf_counter() - t0
     return report
+
+
+def _open_reuse(path: str | Path) -> Cache:
+    """A cache to reuse entries from, opened read-only (an error before anything is compiled)."""
+    try:
+        return Cache(path)
+    except Fa4aotError as e:
+        raise CacheError(f"--reuse {path}: {e}") from None
+
+
+def _reuse(
+    cache: CacheWriter, sources: list[Cache], pv: manifest_mod.PlannedVariant, key: str, host: str
+) -> Row | None:
+    """Copy the entry stored under ``key`` from the first of ``sources`` that holds an intact one
+    into ``cache``; None if none does. The key must recompute from the source's record and name
+    this variant and host arch, and every blob must match its recorded size and sha256: a damaged
+    or mislabelled source entry is passed over (it is compiled instead), never copied."""
+    for src in sources:
+        try:
+            entry = src.get(key)
+            if entry is None or entry.variant != pv.variant or entry.host_arch != host:
+                continue
+            if cache_key(entry.variant, entry.meta.get("toolchain", {}), entry.host_arch) != key:
+                continue
+            blobs = {role: src.read_blob(entry, role) for role in entry.blobs}
+        except Fa4aotError:
+            continue
+        meta = {k: v for k, v in entry.meta.items() if k not in ("blobs", "created")}
+        meta["origin"] = pv.origin
+        stored = cache.put(key, meta, blobs)
+        return Row(pv.variant, key, "reused", size=sum(r.size for r in stored.blobs.values()), host=host)
+    return None
 
 
 def _store(

@@ -8,8 +8,9 @@ entry is compiled through FA4's ``_flash_attn_fwd_combine`` and a prepare entry 
 ``_get_scheduler_metadata`` (what FA4's split-KV forward calls). A backward entry (main kernel,
 preprocess or postprocess) is compiled through ``_flash_attn_bwd`` for a call of the backward
 group it belongs to; each of that call's kernels is set aside as it is compiled (the dQ, dK and
-dV postprocess kernels share one name). Tuning candidates (tilings FA4 never picks) have no such
-call and are reported as such.
+dV postprocess kernels share one name); the backward entries are grouped into as few calls as
+cover them all. Tuning candidates (tilings FA4 never picks) have no such call and are reported
+as such.
 """
 
 from __future__ import annotations
@@ -111,35 +112,71 @@ class Comparison:
     detail: str = ""
 
 
+def _backward_calls(m: Variant) -> list[tuple[dict[str, Any], set[tuple[str, str]]]]:
+    """The backward calls of main kernel ``m``'s groups (with and without a gradient on the LSE,
+    without a sink and with each sink dtype): each call's case and the (family, variant id) of
+    every kernel FA4 compiles for it."""
+    from fa4aot.core.backward import CALL_FIELDS, parts
+    from fa4aot.core.families import SINK_DTYPES
+
+    out = []
+    mf = m.fields
+    for dlse, sink in itertools.product((False, True), ("none",) + SINK_DTYPES):
+        g = {k: mf[k] for k in CALL_FIELDS if k in mf}
+        g.update(has_dlse=dlse, learnable_sink=sink)
+        kernels = {
+            (p.family, Variant.make(p.family, m.arch, m.num_sms, **p.field_dict).variant_id) for p in parts(m.family, g)
+        }
+        if (m.family, m.variant_id) not in kernels:
+            continue
+        b, s, qh = 2, 1024, g["qhead_per_kvhead"]  # two sequences of several tiles each
+        case: dict[str, Any] = dict(
+            kind="backward", batch=b, seqlen_q=s, seqlen_k=s, nheads=4 * qh, nheads_kv=4,
+            head_dim=g["head_dim"], head_dim_v=g["head_dim_v"], causal=g["causal"], dtype=g["dtype"],
+            varlen_q=g["varlen_q"], varlen_k=g["varlen_k"], seqused_q=g["seqused_q"], seqused_k=g["seqused_k"],
+            total_q=b * s, total_k=b * s, dlse=dlse, softcap=g["softcap"], deterministic=g["deterministic"],
+        )  # fmt: skip
+        if g["local"]:
+            case.update(wl=128, wr=0)
+        if sink != "none":
+            case["learnable_sink"] = sink
+        out.append((case, kernels))
+    return out
+
+
 def backward_case(v: Variant, mains: list[Variant]) -> dict[str, Any] | None:
     """A backward call for which FA4 compiles ``v`` (a main backward kernel, or a preprocess /
     postprocess one of the backward groups of ``mains``, the cache's main kernels), or None."""
-    from fa4aot.core.backward import BACKWARD_FAMILIES, CALL_FIELDS, parts
-    from fa4aot.core.families import SINK_DTYPES
+    from fa4aot.core.backward import BACKWARD_FAMILIES
 
-    want = (v.family, v.fields)
     for m in [v] if v.family in BACKWARD_FAMILIES else mains:
-        if m.arch != v.arch or m.num_sms != v.num_sms:
+        if (m.arch, m.num_sms) != (v.arch, v.num_sms):
             continue
-        mf = m.fields
-        for dlse, sink in itertools.product((False, True), ("none",) + SINK_DTYPES):
-            g = {k: mf[k] for k in CALL_FIELDS if k in mf}
-            g.update(has_dlse=dlse, learnable_sink=sink)
-            if want not in [(p.family, p.field_dict) for p in parts(m.family, g)]:
-                continue
-            b, s, qh = 2, 1024, g["qhead_per_kvhead"]  # two sequences of several tiles each
-            case: dict[str, Any] = dict(
-                kind="backward", batch=b, seqlen_q=s, seqlen_k=s, nheads=4 * qh, nheads_kv=4,
-                head_dim=g["head_dim"], head_dim_v=g["head_dim_v"], causal=g["causal"], dtype=g["dtype"],
-                varlen_q=g["varlen_q"], varlen_k=g["varlen_k"], seqused_q=g["seqused_q"], seqused_k=g["seqused_k"],
-                total_q=b * s, total_k=b * s, dlse=dlse, softcap=g["softcap"], deterministic=g["deterministic"],
-            )  # fmt: skip
-            if g["local"]:
-                case.update(wl=128, wr=0)
-            if sink != "none":
-                case["learnable_sink"] = sink
-            return case
+        for case, kernels in _backward_calls(m):
+            if (v.family, v.variant_id) in kernels:
+                return case
     return None
+
+
+def backward_cases(entries: list[Entry], mains: list[Variant]) -> tuple[list[tuple[dict, list[Entry]]], list[Entry]]:
+    """Few FA4 backward calls that together compile every one of ``entries`` (backward kernels):
+    greedily the call that compiles the most entries not yet covered. Returns (case, the entries
+    it covers) pairs and the entries no call of ``mains``' groups compiles."""
+    calls = [(case, kernels, (m.arch, m.num_sms)) for m in mains for case, kernels in _backward_calls(m)]
+    left = list(entries)
+    chosen: list[tuple[dict, list[Entry]]] = []
+    while left:
+        best, covered = None, []
+        for case, kernels, target in calls:
+            hit = [e for e in left if (e.target.arch, e.target.num_sms) == target
+                   and (e.variant.family, e.variant_id) in kernels]  # fmt: skip
+            if len(hit) > len(covered):
+                best, covered = case, hit
+        if best is None:
+            break
+        chosen.append((best, covered))
+        left = [e for e in left if e not in covered]
+    return chosen, left
 
 
 def find_case(v: Variant, mains: list[Variant] = ()) -> dict[str, Any] | None:
@@ -199,6 +236,14 @@ def compare(cache: Cache, entries: list[Entry], timeout: float = 3600) -> list[C
     out: list[Comparison] = []
     by_target: dict[tuple[str, int], list[tuple[Entry, dict[str, Any]]]] = {}
     mains = [e.variant for e in cache.entries() if e.variant.family in ("bwd_sm90", "bwd_sm100")]
+    # backward kernels: grouped into few calls, each of which compiles several of them
+    bwd_calls, uncovered = backward_cases([e for e in entries if e.variant.family.startswith("bwd_")], mains)
+    entries = [e for e in entries if not e.variant.family.startswith("bwd_")]
+    for case, covered in bwd_calls:
+        for e in covered:
+            by_target.setdefault((e.target.arch, e.target.num_sms), []).append((e, case))
+    for e in uncovered:
+        out.append(Comparison(e, "skipped", f"{e.variant.family}: no FA4 backward call found that compiles it"))
     for e in entries:
         case = find_case(e.variant, mains)
         if case is None:

@@ -92,6 +92,12 @@ def main() -> None:
     help="Where compiles run: a local process pool, or Ray tasks (fa4aot[ray]; -j = tasks in flight).",
 )
 @click.option("--ray-address", default=None, help="Ray cluster to join [default: start a local one].")
+@click.option(
+    "--reuse",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A cache (read-only) to copy entries of the same key from instead of compiling them (repeatable).",
+)
 def build(
     manifest: Path,
     cache_dir: Path | None,
@@ -100,12 +106,17 @@ def build(
     quiet: bool,
     executor: str,
     ray_address: str | None,
+    reuse: tuple[Path, ...],
 ) -> None:
     """Compile every variant MANIFEST asks for into the cache.
 
     Variants already in the cache (same variant, target, toolchain and sources) are skipped; one
     failing variant is reported and does not stop the others. Exits 1 if any variant failed.
     Whatever the executor, this process alone writes the cache.
+
+    With --reuse, an entry another cache holds under the same key (variant, target, toolchain
+    fingerprint, host arch) is copied from it, blobs hash-checked, instead of compiled: builds are
+    byte-reproducible, so it is what this build would produce.
     """
     from fa4aot.build.executors import executor_factory
     from fa4aot.build.orchestrate import build as run_build
@@ -113,7 +124,7 @@ def build(
     def progress(done: int, total: int, row: Any) -> None:
         if quiet:
             return
-        extra = f"{row.seconds:5.1f}s" if row.status != "cached" else "     "
+        extra = f"{row.seconds:5.1f}s" if row.status in ("built", "failed") else "     "
         host = f" ({row.host} host)" if row.host and row.host != platform.machine() else ""
         click.echo(
             f"[{done:>{len(str(total))}}/{total}] {row.status:<6} {extra} {row.key[:12]} {row.variant.label()}{host}",
@@ -130,21 +141,24 @@ def build(
             progress=progress,
             families=family,
             pool_factory=executor_factory(executor, ray_address),
+            reuse=reuse,
         )
     except Fa4aotError as e:
         raise click.ClickException(str(e)) from None
     rows = report.rows
     click.echo("")
-    click.echo(f"{'family':<10} {'built':>6} {'cached':>7} {'failed':>7} {'compile s':>10} {'size':>10}")
+    statuses = ("built", "cached", "reused", "failed")
+    click.echo(f"{'family':<10} {'built':>6} {'cached':>7} {'reused':>7} {'failed':>7} {'compile s':>10} {'size':>10}")
     for fam in sorted({r.variant.family for r in rows}):
         rs = [r for r in rows if r.variant.family == fam]
+        counts = [sum(r.status == st for r in rs) for st in statuses]
         click.echo(
-            f"{fam:<10} {sum(r.status == 'built' for r in rs):>6} {sum(r.status == 'cached' for r in rs):>7} "
-            f"{sum(r.status == 'failed' for r in rs):>7} {sum(r.seconds for r in rs):>10.1f} "
-            f"{_human(sum(r.size for r in rs)):>10}"
+            f"{fam:<10} {counts[0]:>6} {counts[1]:>7} {counts[2]:>7} {counts[3]:>7} "
+            f"{sum(r.seconds for r in rs):>10.1f} {_human(sum(r.size for r in rs)):>10}"
         )
+    counts = [report.count(st) for st in statuses]
     click.echo(
-        f"{'total':<10} {report.count('built'):>6} {report.count('cached'):>7} {report.count('failed'):>7} "
+        f"{'total':<10} {counts[0]:>6} {counts[1]:>7} {counts[2]:>7} {counts[3]:>7} "
         f"wall {report.wall_seconds:.1f}s, peak worker RSS {report.peak_rss_mb:.0f} MiB, "
         f"cache {_cache_dir(cache_dir)}"
     )
@@ -152,7 +166,7 @@ def build(
         if r.status == "failed":
             click.echo(f"FAILED {r.variant.label()}: {r.error}", err=True)
     if report.stopped:
-        stored = report.count("built")
+        stored = report.count("built") + report.count("reused")
         click.echo(
             f"build stopped: {report.stopped}; {stored} variants were stored before it, the rest were not", err=True
         )
