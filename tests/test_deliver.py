@@ -375,9 +375,7 @@ def http_store(built_cache, tmp_path):
 def test_pull_over_http(http_store, tmp_path):
     url, _ = http_store
     dst = tmp_path / "node"
-    out = run_cli(
-        "pull", url, "--cache", str(dst), "--manifest", str(FAST_MANIFEST), "--target", "h100"
-    ).stdout
+    out = run_cli("pull", url, "--cache", str(dst), "--manifest", str(FAST_MANIFEST), "--target", "h100").stdout
     assert "pulled" in out and "0 bad" in run_cli("verify", "--cache", str(dst)).stdout
     p = run_cli("push", url, "--cache", str(dst), check=False)
     assert p.returncode == 1 and "read-only" in p.stderr
