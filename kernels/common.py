@@ -17,6 +17,7 @@ CUTLASS_DTYPES = {
     "fp16": cutlass.Float16,
     "fp32": cutlass.Float32,
     "int32": cutlass.Int32,
+    "int64": cutlass.Int64,
 }
 
 

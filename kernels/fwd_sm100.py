@@ -16,55 +16,61 @@ from fa4aot_kernels.common import KernelEntry, Signature, sym
 from flash_attn.cute.flash_fwd_sm100 import FlashAttentionForwardSm100
 from flash_attn.cute.utils import AuxData
 
+from fa4aot.core.fa4_interface import config_from_fields
 from fa4aot.core.variant import Target, Variant
 
 
-def constructor_kwargs(f: dict) -> dict:
-    """The FlashAttentionForwardSm100 arguments FA4's interface passes for these variant fields."""
-    sched = f["scheduler"]
+def fa4_config(variant: Variant):
+    """The FA4 ``FwdConfig`` a forward variant's fields stand for (FA4's own class)."""
+    from flash_attn.cute import config as fa4_config_module
+
+    return config_from_fields(fa4_config_module, variant.fields, variant.arch)
+
+
+def constructor_kwargs(variant: Variant) -> dict:
+    """The FlashAttentionForwardSm100 (or SwapAB) arguments FA4's interface passes for this
+    variant (interface.py 1502-1520)."""
+    f = variant.fields
     return dict(
         head_dim=f["head_dim"],
         head_dim_v=f["head_dim_v"],
+        config=fa4_config(variant),
         qhead_per_kvhead=f["qhead_per_kvhead"],
         is_causal=f["causal"],
         is_local=f["local"],
-        is_split_kv=f["split_kv"],
-        pack_gqa=f["pack_gqa"],
-        m_block_size=f["tile_m"],
-        n_block_size=f["tile_n"],
-        q_stage=f["q_stage"],
-        is_static_persistent=sched == "static",
-        paged_kv_non_tma=f["paged_kv"] == "cpasync",
         score_mod=softcap_score_mod(f["softcap"]),
+        mask_mod=None,
+        has_aux_tensors=False,
+        paged_kv_non_tma=not f["use_swapab"] and f["paged_kv"] == "cpasync",
         is_varlen_q=f["varlen_q"] or f["seqused_q"],
-        use_2cta_instrs=f["two_cta"],
-        use_clc_scheduler=sched == "clc",
-        has_tile_count_semaphore=sched == "dynamic",
-        use_s_ping_pong=f["s_ping_pong"],
+        q_subtile_factor=1,
+        kv_subtile_factor=1,
+        seqlen_k_per_split=None,
+        has_tile_count_semaphore=f["tile_count_semaphore"],
     )
 
 
 def make_entry(variant: Variant, target: Target) -> KernelEntry:
     f = variant.fields
-    dynamic = f["scheduler"] == "dynamic"
-    kernel = FlashAttentionForwardSm100(**constructor_kwargs(f))
+    if f["use_swapab"]:
+        from flash_attn.cute.flash_fwd_decode_sm100 import FlashAttentionForwardSm100SwapAB as cls
+    else:
+        cls = FlashAttentionForwardSm100
+    kernel = cls(**constructor_kwargs(variant))
     sig = Signature()
     add_forward_tensors(sig, f)
-    # num_splits_dynamic, tile_count_semaphore, virtual_batch_idx, num_nheads_in_l2: what FA4's
-    # prepared scheduler metadata passes to the dynamic scheduler.
-    if dynamic:
-        sig.tensor("num_splits_dynamic", "int32", (sym(),), leading_dim=0, align=4)
-        sig.tensor("tile_count_semaphore", "int32", (sym(),), leading_dim=0, align=4)
-        if f["causal"]:
-            sig.tensor("num_nheads_in_l2", "int32", (sym(),), leading_dim=0, align=4)
+    # num_splits_dynamic, tile_count_semaphore, num_nheads_in_l2: the scheduler metadata FA4's
+    # forward passes (virtual_batch_idx and the varlen batch-lookup aids stay None).
+    for name in ("num_splits_dynamic", "tile_count_semaphore", "num_nheads_in_l2"):
+        if f[name]:
+            sig.tensor(name, "int32", (sym(),), leading_dim=0, align=4)
         else:
             sig.absent()
-    else:
-        sig.absent()
-        sig.absent()
-        sig.absent()
     sig.scalar("max_seqlen_q", "i32")
+    add_tensormap_workspace(sig, f)
     sig.stream()
+    # MXFP8 scale-factor operands follow the workspace for the standard kernel (always None here)
+    sf = () if f["use_swapab"] else (None, None, None)
 
     @cute.jit
     def fwd_sm100_entry(
@@ -86,6 +92,7 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
         tile_count_semaphore: Optional[cute.Tensor],
         num_nheads_in_l2: Optional[cute.Tensor],
         max_seqlen_q: Int32,
+        tensormap_workspace: Optional[cute.Tensor],
         stream: cuda.CUstream,
     ):
         kernel(
@@ -114,10 +121,22 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
             None,
             None,  # cu_total_m_blocks, cu_total_splits_m_blocks, blocks_to_batch_idx
             max_seqlen_q,
+            tensormap_workspace,
+            *sf,
             stream,
         )
 
     return KernelEntry(fwd_sm100_entry, sig.compile_args, sig.args)
+
+
+def add_tensormap_workspace(sig: Signature, f: dict) -> None:
+    """FA4's per-CTA V descriptor workspace (int64 (n_ctas, 16), 128-byte aligned, rows
+    contiguous: ``to_cute_tensor(..., assumed_align=128, leading_dim=1)``), passed to the SM90
+    and SM100 forwards of varlen-K or seqused_k calls without a page table."""
+    if f["paged_kv"] == "none" and (f["varlen_k"] or f["seqused_k"]):
+        sig.tensor("tensormap_workspace", "int64", (sym(), sym()), leading_dim=1, align=128)
+    else:
+        sig.absent()
 
 
 def add_forward_tensors(sig: Signature, f: dict) -> None:

@@ -13,8 +13,10 @@ from fa4aot.core.rules import SM120_STAGES, SM120_THREADS
 from fa4aot.core.variant import Target, Variant
 
 
-def constructor_kwargs(f: dict) -> dict:
-    """The FlashAttentionForwardSm120 arguments FA4's interface passes for these variant fields."""
+def constructor_kwargs(variant: Variant) -> dict:
+    """The FlashAttentionForwardSm120 arguments FA4's interface passes for this variant
+    (interface.py 1522-1539: 128 threads, one K/V stage, the config's tiles)."""
+    f = variant.fields
     return dict(
         dtype=CUTLASS_DTYPES[f["dtype"]],
         head_dim=f["head_dim"],
@@ -29,10 +31,11 @@ def constructor_kwargs(f: dict) -> dict:
         num_threads=SM120_THREADS,
         Q_in_regs=False,
         score_mod=softcap_score_mod(f["softcap"]),
+        mask_mod=None,
+        has_aux_tensors=False,
     )
 
 
 def make_entry(variant: Variant, target: Target) -> KernelEntry:
-    f = variant.fields
-    # page_table and learnable_sink are absent (the family's rule); the call is the SM90 forward's
-    return entry_for(FlashAttentionForwardSm120(**constructor_kwargs(f)), f)
+    # page_table and learnable_sink are absent (FA4 refuses them on SM120); no workspace
+    return entry_for(FlashAttentionForwardSm120(**constructor_kwargs(variant)), variant.fields, workspace=False)

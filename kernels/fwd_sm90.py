@@ -9,15 +9,18 @@ import cuda.bindings.driver as cuda
 import cutlass.cute as cute
 from cutlass import Float32, Int32
 from fa4aot_kernels.common import CUTLASS_DTYPES, KernelEntry, Signature
-from fa4aot_kernels.fwd_sm100 import add_forward_tensors, softcap_score_mod
+from fa4aot_kernels.fwd_sm100 import add_forward_tensors, add_tensormap_workspace, fa4_config, softcap_score_mod
 from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90
 from flash_attn.cute.utils import AuxData
 
 from fa4aot.core.variant import Target, Variant
 
 
-def constructor_kwargs(f: dict) -> dict:
-    """The FlashAttentionForwardSm90 arguments FA4's interface passes for these variant fields."""
+def constructor_kwargs(variant: Variant) -> dict:
+    """The FlashAttentionForwardSm90 arguments FA4's interface passes for this variant
+    (interface.py 1406-1426: 2 stages, the config's tiles, MMA flags and registers)."""
+    f = variant.fields
+    config = fa4_config(variant)
     return dict(
         dtype=CUTLASS_DTYPES[f["dtype"]],
         head_dim=f["head_dim"],
@@ -25,30 +28,38 @@ def constructor_kwargs(f: dict) -> dict:
         qhead_per_kvhead=f["qhead_per_kvhead"],
         is_causal=f["causal"],
         is_local=f["local"],
-        pack_gqa=f["pack_gqa"],
-        tile_m=f["tile_m"],
-        tile_n=f["tile_n"],
+        pack_gqa=config.pack_gqa,
+        tile_m=config.tile_m,
+        tile_n=config.tile_n,
         num_stages=2,
-        num_threads=384,
         Q_in_regs=False,
-        intra_wg_overlap=f["intra_wg_overlap"],
-        mma_pv_is_rs=f["mma_pv_is_rs"],
-        paged_kv_non_tma=f["paged_kv"] == "cpasync",
+        intra_wg_overlap=config.intra_wg_overlap,
+        mma_pv_is_rs=config.mma_pv_is_rs,
+        mask_mod=None,
         score_mod=softcap_score_mod(f["softcap"]),
+        has_aux_tensors=False,
+        q_subtile_factor=1,
+        paged_kv_non_tma=f["paged_kv"] == "cpasync",
+        registers=config.registers,
     )
 
 
 def make_entry(variant: Variant, target: Target) -> KernelEntry:
-    f = variant.fields
-    return entry_for(FlashAttentionForwardSm90(**constructor_kwargs(f)), f)
+    return entry_for(FlashAttentionForwardSm90(**constructor_kwargs(variant)), variant.fields, workspace=True)
 
 
-def entry_for(kernel, f: dict) -> KernelEntry:
+def entry_for(kernel, f: dict, workspace: bool) -> KernelEntry:
     """The entry of an FA4 forward that takes FA4's SM80 / SM90 / SM120 call arguments (no
-    scheduler metadata): the SM90 and the SM120 forward."""
+    scheduler metadata): the SM90 forward (which also takes the tensor-map workspace) and the
+    SM120 forward."""
     sig = Signature()
     add_forward_tensors(sig, f)
+    if workspace:
+        add_tensormap_workspace(sig, f)
+    else:
+        sig.absent()
     sig.stream()
+    tail = (True,) if workspace else ()
 
     @cute.jit
     def fwd_entry(
@@ -66,6 +77,7 @@ def entry_for(kernel, f: dict) -> KernelEntry:
         window_size_left: Optional[Int32],
         window_size_right: Optional[Int32],
         learnable_sink: Optional[cute.Tensor],
+        tensormap_workspace: Optional[cute.Tensor],
         stream: cuda.CUstream,
     ):
         kernel(
@@ -87,6 +99,7 @@ def entry_for(kernel, f: dict) -> KernelEntry:
             AuxData(None, None),
             None,
             None,  # cu_total_m_blocks, cu_total_splits_m_blocks
+            *((tensormap_workspace,) if tail else ()),
             stream,
         )
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fa4aot.core.errors import ManifestError
+from fa4aot.core.errors import Fa4aotError, ManifestError
 from fa4aot.core.families import FAMILIES, Family, product, resolve_fields
 from fa4aot.core.variant import SMEM_OPTIN_BYTES, Target, Variant
 
@@ -53,6 +53,11 @@ MAX_SMEM_OPTIN_BYTES = 1 << 20
 #: A group's axes may expand to at most this many combinations, a manifest to this many variants
 #: (a typo such as a 1000-long list must fail fast, not expand for minutes).
 MAX_COMBINATIONS_PER_GROUP = 100_000
+#: A forward group's shape axis may list at most this many values (the selector runs on their
+#: product).
+MAX_SHAPE_VALUES = 64
+#: ... and its shapes at most this many points (about 35 us of FA4's selector each).
+MAX_DOMAIN_POINTS = 100_000
 MAX_VARIANTS = 20_000
 
 
@@ -294,14 +299,19 @@ def _expand_group(family: Family, path: str, group: Any, target: Target, plan: P
     origin = f"{path} ({label})" if label else path
     values: dict[str, list[Any]] = {}
     explicit: dict[str, bool] = {}
+    shapes: dict[str, list[Any]] = {}
+    filters: dict[str, list[Any]] = {}
     for key, value in group.items():
         if key == "name":
             continue
         axis = family.axis(key)
+        side = family.domain_axis(key) or family.filter_axis(key)
+        if axis is None and side is not None:
+            (shapes if family.domain_axis(key) else filters)[key] = _side_values(side, path, key, value)
+            continue
         if axis is None:
-            raise ManifestError(
-                f"{path}.{key}", f"unknown axis for {family.name}; known: {[a.name for a in family.axes]}"
-            )
+            known = [a.name for a in family.axes + family.domain_axes + family.filter_axes]
+            raise ManifestError(f"{path}.{key}", f"unknown axis for {family.name}; known: {known}")
         items = value if isinstance(value, list) and not _is_pair_scalar(key, value) else [value]
         if not items:
             raise ManifestError(f"{path}.{key}", "empty list")
@@ -334,7 +344,12 @@ def _expand_group(family: Family, path: str, group: Any, target: Target, plan: P
     first_reason: dict[tuple[str, int], str] = {}
     n_valid = 0
     all_scalar = all(len(v) == 1 for k, v in values.items() if explicit[k]) and any(explicit.values())
-    for raw, picked in product(family.axes, values):
+    if family.selected:
+        n_valid = _expand_selected(family, path, origin, values, explicit, shapes, filters, target, plan, seen)
+        if n_valid:
+            return
+        all_scalar = all_scalar or not any(explicit.values())
+    for raw, picked in product(family.axes, values) if not family.selected else ():
         for fields in resolve_fields(family.name, raw):
             reason = family.check(fields)
             idx = {k: _index(values[k], picked[k]) for k in picked}
@@ -354,6 +369,9 @@ def _expand_group(family: Family, path: str, group: Any, target: Target, plan: P
                 for k, j in idx.items():
                     first_reason.setdefault((k, j), reason)
                 plan.skipped.append(Skipped(origin, dict(picked), reason))
+    if n_valid == 0 and family.selected:
+        reason = plan.skipped[-1].reason if plan.skipped else "expands to nothing"
+        raise ManifestError(path, f"FA4 selects nothing this group can build: {reason}")
     if n_valid == 0:
         reason = plan.skipped[-1].reason if plan.skipped else "expands to nothing"
         # Blame the axis whose explicit values make everything invalid: the one that, set back
@@ -378,6 +396,100 @@ def _expand_group(family: Family, path: str, group: Any, target: Target, plan: P
                     where,
                     f"no valid combination uses {items[j]!r}: {first_reason.get((key, j), 'invalid')}",
                 )
+
+
+def _side_values(axis: Any, path: str, key: str, value: Any) -> list[Any]:
+    """The parsed values of a domain or filter axis (a scalar is one value)."""
+    items = value if isinstance(value, list) and not (key == "window" and _is_window(value)) else [value]
+    if not items:
+        raise ManifestError(f"{path}.{key}", "empty list")
+    if len(items) > MAX_SHAPE_VALUES:
+        raise ManifestError(f"{path}.{key}", f"{len(items)} values (at most {MAX_SHAPE_VALUES})")
+    out: list[Any] = []
+    for j, item in enumerate(items):
+        where = f"{path}.{key}[{j}]" if len(items) > 1 or isinstance(value, list) else f"{path}.{key}"
+        try:
+            parsed = axis.parse(item)["value"]
+        except ValueError as e:
+            raise ManifestError(where, str(e)) from None
+        if parsed in out:
+            raise ManifestError(where, f"{item!r} is listed twice (also at [{out.index(parsed)}])")
+        out.append(parsed)
+    return out
+
+
+def _is_window(value: list[Any]) -> bool:
+    return len(value) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+
+
+def _expand_selected(
+    family: Family,
+    path: str,
+    origin: str,
+    values: dict[str, list[Any]],
+    explicit: dict[str, bool],
+    shapes: dict[str, list[Any]],
+    filters: dict[str, list[Any]],
+    target: Target,
+    plan: Plan,
+    seen: set[str],
+) -> int:
+    """Expand a forward group through FA4's selector (:func:`fa4aot.core.fwd.expand`) over the
+    group's shapes; returns how many product points gave variants. A product value that gives
+    none, or a filter value no selected config has, is an error naming the field."""
+    from fa4aot.core import fwd, selector
+
+    try:
+        sel = selector.installed()
+    except Fa4aotError as e:
+        raise ManifestError(path, f"expanding a {family.name} group runs FA4's selector: {e}") from None
+    domain = fwd.Domain(**{k: tuple(v) for k, v in shapes.items()})
+    points = len(domain.batch) * len(domain.seqlen_q) * len(domain.seqlen_k) * len(domain.nheads_kv)
+    if points * len(domain.window) > MAX_DOMAIN_POINTS:
+        raise ManifestError(path, f"its shapes form {points} points (at most {MAX_DOMAIN_POINTS}); list fewer")
+    used: dict[tuple[str, int], bool] = {}
+    first_reason: dict[tuple[str, int], str] = {}
+    matched: dict[str, set[Any]] = {k: set() for k in filters}
+    n_valid = 0
+    for raw, picked in product(family.axes, values):
+        idx = {k: _index(values[k], picked[k]) for k in picked}
+        raw = dict(raw, _filters={k: tuple(v) for k, v in filters.items()})
+        raw.setdefault("sm100_backend", None)
+        raw.setdefault("mma_pv_is_rs", None)
+        reason = family.check(raw)
+        found: list[dict[str, Any]] = []
+        if reason is None:
+            found, reason = fwd.expand(sel, target.arch, target.num_sms, raw, domain)
+        if not found:
+            for k, j in idx.items():
+                first_reason.setdefault((k, j), reason or "invalid")
+            plan.skipped.append(Skipped(origin, dict(picked), reason or "invalid"))
+            continue
+        n_valid += 1
+        for k, j in idx.items():
+            used[(k, j)] = True
+        for fields in found:
+            for k in filters:
+                matched[k].add(fwd.FILTERS[k](fields))
+            variant = Variant.make(family.name, target.arch, target.num_sms, **fields)
+            if variant.variant_id not in seen:
+                seen.add(variant.variant_id)
+                plan.variants.append(PlannedVariant(variant, target, origin))
+                if len(plan.variants) > MAX_VARIANTS:
+                    raise ManifestError(path, f"the manifest expands to more than {MAX_VARIANTS} variants")
+    if not n_valid:
+        return 0
+    for key, items in values.items():
+        for j, item in enumerate(items):
+            if explicit[key] and not used.get((key, j)):
+                where = f"{path}.{key}[{j}]" if len(items) > 1 else f"{path}.{key}"
+                raise ManifestError(where, f"no shape makes FA4 build {item!r}: {first_reason.get((key, j), 'invalid')}")
+    for key, wanted in filters.items():
+        for j, value in enumerate(wanted):
+            if value not in matched[key]:
+                where = f"{path}.{key}[{j}]" if len(wanted) > 1 else f"{path}.{key}"
+                raise ManifestError(where, f"FA4 selects no config with {key} {value!r} for this group's calls and shapes")
+    return n_valid
 
 
 def _any_valid(family: Family, values: dict[str, list[Any]]) -> bool:

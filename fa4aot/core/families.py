@@ -15,21 +15,18 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from fa4aot.core import fwd
 from fa4aot.core.rules import (
     COMBINE_MAX_LOG_SPLITS,
     COMBINE_MAX_SPLITS,
     PREPARE_WARPS,
     combine_tiling,
-    paged_kv_class,
     prepare_num_warps,
-    sm90_candidate_tile_problem,
     sm90_head_dims_ok,
-    sm90_tile,
     sm100_head_dims_ok,
     sm120_head_dims_ok,
-    sm120_tile,
 )
-from fa4aot.core.variant import SMEM_OPTIN_227_KIB, Variant
+from fa4aot.core.variant import Variant
 
 DTYPES = ("bf16", "fp16")
 #: Out dtypes of the combine kernel (FA4: fp16, bf16 or fp32).
@@ -60,149 +57,43 @@ def _check_forward_common(f: dict[str, Any]) -> str | None:
         return "pack_gqa needs qhead_per_kvhead > 1"
     if f["causal"] and f["local"]:
         return "causal and local are exclusive (FA4 resolves a causal window to causal)"
-    if f["paged_kv"] != "none" and f["varlen_k"]:
+    if f["_page_size"] is not None and f["varlen_k"]:
         return "FA4 does not take page_table with cu_seqlens_k (paged KV is indexed per batch entry)"
-    if f["paged_kv"] not in PAGED_KV:
-        return f"paged_kv must be one of {PAGED_KV}"
-    if f["learnable_sink"] not in ("none",) + SINK_DTYPES:
-        return f"learnable_sink must be one of {('none',) + SINK_DTYPES}"
+    if f["scheduler_metadata"] and not (f["varlen_q"] or f["seqused_q"]):
+        return "scheduler_metadata is for varlen queries (cu_seqlens_q or seqused_q)"
     return None
 
 
-def check_fwd_sm100(f: dict[str, Any]) -> str | None:
-    hd, hdv = f["head_dim"], f["head_dim_v"]
-    if reason := sm100_head_dims_ok(hd, hdv, f["dtype"]) or _check_forward_common(f):
-        return reason
-    qh = f["qhead_per_kvhead"]
-    if f["tile_m"] != 128:
-        return "FA4's SM100 forward uses tile_m 128"
-    if f["tile_n"] not in (64, 128):
-        return "FA4's SM100 forward uses tile_n 128 (64 for split-KV with head_dim != head_dim_v)"
-    split = f["split_kv"]
-    if split and hd != hdv and f["tile_n"] != 64:
-        return "split-KV with head_dim != head_dim_v uses tile_n 64 in FA4"
-    if not (split and hd != hdv) and f["tile_n"] != 128:
-        return "tile_n 64 is only used by FA4 for split-KV with head_dim != head_dim_v"
-    if f["q_stage"] == 2 and hdv == 256:
-        return "q_stage 2 exceeds TMEM at head_dim_v 256"
-    if split:
-        if _pad16(hdv) >= 192 and hdv != 256:
-            return "FA4 SplitKV is not supported for head_dim_v >= 192 except 256"
-    two_cta = f["two_cta"]
-    if two_cta:
-        if split:
-            return "FA4 never uses 2CTA with split-KV"
-        if f["seqused_q"]:
-            return "FA4 uses 2CTA only without seqused_q"
-        if f["pack_gqa"] and f["tile_m"] % qh != 0:
-            return "2CTA with pack_gqa needs tile_m divisible by qhead_per_kvhead"
-        if f["paged_kv"] == "cpasync":
-            return "FA4 uses 2CTA only without a page table or with page size 128 (TMA)"
-        if f["scheduler"] not in ("static", "single"):
-            return "FA4 runs 2CTA with the static persistent or the single-tile scheduler"
-        if not (hd == 256 and hdv == 256):
-            # hd256 takes 2CTA in more cases (causal, local, varlen_q, one M block): FA4's
-            # use_2cta_instrs rule; the per-call half is in the runtime's dispatch
-            if f["causal"] or f["local"]:
-                return "FA4 uses 2CTA only for non-causal, non-local attention (or head_dim 256)"
-            if f["varlen_q"]:
-                return "FA4 uses 2CTA only without cu_seqlens_q (or head_dim 256)"
-            if _pad16(hd) not in (128, 192) or _pad16(hdv) != 128:
-                return "FA4 uses 2CTA only for head_dim in (128, 192) with head_dim_v 128, or (256, 256)"
-            if f["q_stage"] != 2:
-                return "2CTA only runs with more than one M block, where FA4 picks q_stage 2"
-            if f["scheduler"] != "static":
-                return "FA4's dense non-causal 2CTA forward runs the static persistent scheduler"
-    sched = f["scheduler"]
-    varlen_q = f["varlen_q"] or f["seqused_q"]
-    dense_noncausal = not (f["causal"] or f["local"] or varlen_q)
-    if sched == "static":
-        if split:
-            return "FA4 never runs split-KV with the static persistent scheduler"
-    elif sched == "single":
-        if dense_noncausal and not split:
-            return "FA4 runs dense non-causal attention with the static persistent scheduler, never single-tile"
-        if split and varlen_q:
-            return "FA4 runs varlen split-KV with prepared scheduler metadata (scheduler dynamic)"
-        if f["q_stage"] == 1 and not split and hdv != 256:  # hdv 256 always has q_stage 1
-            return "with one M block (q_stage 1) FA4 uses the static persistent scheduler"
-    elif sched == "dynamic":
-        if not varlen_q:
-            return "the dynamic persistent scheduler is FA4's varlen scheduler (needs varlen_q)"
-    elif sched == "clc":
-        if varlen_q and qh == 1:
-            return "FA4 disables CLC for varlen MHA"
-        if dense_noncausal:
-            return "FA4 disables CLC for dense non-causal attention"
-        if two_cta:
-            return "CLC is not used with 2CTA"
-    else:
-        return f"unknown scheduler {sched!r}"
-    want_pp = sm100_s_ping_pong_possible(f)
-    if f["s_ping_pong"] and not want_pp:
-        return (
-            "FA4 enables S ping-pong only for q_stage 1, head_dim in (64, 128, 256), hdim == hdim_v, 128x128 "
-            "tiles, no cp.async page table, no softcap and no learnable sink"
-        )
-    if not f["s_ping_pong"] and want_pp and not split:
-        return "FA4 always enables S ping-pong for this shape without split-KV"
-    return None
+def check_fwd_call(arch_major: int) -> Callable[[dict[str, Any]], str | None]:
+    """The checks FA4's interface makes on a forward call before it selects a config: its
+    head-dim limits for the arch (``_validate_head_dims``; SM120: its kernel's ``can_implement``)
+    and the argument combinations it refuses."""
 
+    def check(f: dict[str, Any]) -> str | None:
+        hd, hdv = f["head_dim"], f["head_dim_v"]
+        if arch_major == 9:
+            reason = sm90_head_dims_ok(hd, hdv)
+        elif arch_major == 12:
+            reason = sm120_head_dims_ok(hd, hdv)
+            if reason is None and f["_page_size"] is not None:
+                reason = "FA4's SM120 forward takes no page table ('Paged KV not supported on SM 12.0')"
+            if reason is None and f["learnable_sink"] != "none":
+                reason = "FA4's SM120 forward (its SM80 kernel) takes no learnable sink"
+        else:
+            reason = sm100_head_dims_ok(hd, hdv, f["dtype"])
+        return reason or _check_forward_common(f)
 
-def sm100_s_ping_pong_possible(f: dict[str, Any]) -> bool:
-    """FA4's S ping-pong condition, minus the split-KV block-count part (a run-time property).
-    A softcap is a score_mod and a learnable sink changes the softmax epilogue: both turn it off."""
-    return (
-        f["q_stage"] == 1
-        and f["head_dim"] in (64, 128, 256)
-        and f["head_dim_v"] == f["head_dim"]
-        and f["tile_m"] == 128
-        and f["tile_n"] == 128
-        and f["paged_kv"] != "cpasync"
-        and not f["softcap"]
-        and f["learnable_sink"] == "none"
-    )
-
-
-def check_fwd_sm90(f: dict[str, Any]) -> str | None:
-    hd, hdv = f["head_dim"], f["head_dim_v"]
-    if reason := sm90_head_dims_ok(hd, hdv) or _check_forward_common(f):
-        return reason
-    tile_m, tile_n, rs, overlap = sm90_tile(hd, hdv, f["causal"], f["local"])
-    if f["intra_wg_overlap"] != overlap:
-        return "intra_wg_overlap must follow FA4's SM90 config"
-    if (f["tile_m"], f["tile_n"], f["mma_pv_is_rs"]) != (tile_m, tile_n, rs):
-        # a tuning candidate: another tiling of FA4's kernel, for `fa4aot tune` to measure
-        if f["paged_kv"] != "none":
-            return f"a paged K/V cache needs FA4's SM90 config for this head dim ({tile_m}x{tile_n}, mma_pv_is_rs={rs})"
-        if reason := sm90_candidate_tile_problem(
-            f["tile_m"], f["tile_n"], hd, hdv, SMEM_OPTIN_227_KIB, f["mma_pv_is_rs"]
-        ):
-            return f"tiles {f['tile_m']}x{f['tile_n']} (FA4's is {tile_m}x{tile_n}): {reason}"
-    return None
-
-
-def check_fwd_sm120(f: dict[str, Any]) -> str | None:
-    hd, hdv = f["head_dim"], f["head_dim_v"]
-    if reason := sm120_head_dims_ok(hd, hdv) or _check_forward_common(f):
-        return reason
-    if f["paged_kv"] != "none":
-        return "FA4 4.0.0b36 has no paged KV on SM120 ('Paged KV not supported on SM 12.0')"
-    if f["learnable_sink"] != "none":
-        return "FA4's SM120 forward (its SM80 kernel) takes no learnable sink"
-    tile_m, tile_n = sm120_tile(hd)
-    if (f["tile_m"], f["tile_n"]) != (tile_m, tile_n):
-        return f"FA4's SM120 forward uses {tile_m}x{tile_n} tiles at head_dim {hd}"
-    return None
+    return check
 
 
 def is_tuning_candidate(family: str, f: dict[str, Any]) -> bool:
-    """True for a variant FA4's own dispatch never picks, built only for `fa4aot tune` to
-    measure (its tiles or P operand source are not FA4's for the head dim)."""
+    """True for a variant FA4's own selection never picks (another tiling of its SM90 kernel),
+    built only for ``fa4aot tune`` to measure."""
     if family != "fwd_sm90":
         return False
-    tm, tn, rs, _ = sm90_tile(f["head_dim"], f["head_dim_v"], f["causal"], f["local"])
-    return (f["tile_m"], f["tile_n"], f["mma_pv_is_rs"]) != (tm, tn, rs)
+    from fa4aot.core import fwd, selector
+
+    return fwd.is_tuning_candidate(selector.installed(), "sm_90a", 0, f)
 
 
 def check_combine(f: dict[str, Any]) -> str | None:
@@ -360,18 +251,86 @@ def _softcap(v: Any) -> dict[str, Any]:
     return {"softcap": float(v)}
 
 
+def _num_splits(v: Any) -> dict[str, Any]:
+    if v == "auto":
+        return {"num_splits": 0}
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_SPLITS_REQUEST:
+        raise ValueError(f"expected auto (FA4's heuristic) or a split count in 1..{MAX_SPLITS_REQUEST}, got {v!r}")
+    return {"num_splits": v}
+
+
+def _backend(v: Any) -> dict[str, Any]:
+    choices = {"auto": None, "swapab": True, "standard": False}
+    if v not in choices:
+        raise ValueError(f"expected one of {list(choices)} (FLASH_ATTENTION_SM100_BACKEND), got {v!r}")
+    return {"sm100_backend": choices[v]}
+
+
+def _request_pair(field: str) -> Callable[[Any], dict[str, Any]]:
+    inner = _pair("tile_m", "tile_n", 1, 1024)
+
+    def parse(v: Any) -> dict[str, Any]:
+        if v == "auto":
+            return {field: None}
+        d = inner(v)
+        return {field: (d["tile_m"], d["tile_n"])}
+
+    return parse
+
+
+def _request_bool(field: str) -> Callable[[Any], dict[str, Any]]:
+    def parse(v: Any) -> dict[str, Any]:
+        if v == "auto":
+            return {field: None}
+        if not isinstance(v, bool):
+            raise ValueError(f"expected true, false or auto, got {v!r}")
+        return {field: v}
+
+    return parse
+
+
+def _ints(lo: int, hi: int) -> Callable[[Any], dict[str, Any]]:
+    def parse(v: Any) -> dict[str, Any]:
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ValueError(f"expected an integer in {lo}..{hi}, got {v!r}")
+        return {"value": v}
+
+    return parse
+
+
+def _window(v: Any) -> dict[str, Any]:
+    if (
+        not isinstance(v, (list, tuple))
+        or len(v) != 2
+        or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_SEQLEN for x in v)
+    ):
+        raise ValueError(f"expected a pair [left, right] of window sizes in 0..{MAX_SEQLEN}, got {v!r}")
+    return {"value": (v[0], v[1])}
+
+
+def _filter(choices: Iterable[Any]) -> Callable[[Any], dict[str, Any]]:
+    choices = tuple(choices)
+
+    def parse(v: Any) -> dict[str, Any]:
+        if v not in choices or isinstance(v, bool) != isinstance(choices[0], bool):
+            raise ValueError(f"expected one of {list(choices)}, got {v!r}")
+        return {"value": v}
+
+    return parse
+
+
+#: Largest split count a forward request may name (FA4's validate_fwd_config: 1..256).
+MAX_SPLITS_REQUEST = 256
+#: Largest sequence length a manifest's shape axes may name (FA4 counts positions in 32 bits).
+MAX_SEQLEN = 2**31 - 1
+
 _COMMON_FWD_AXES = (
     Axis("dtype", _choice("dtype", DTYPES), ("bf16",), "element type of q, k, v, out"),
     Axis("head_dims", _pair("head_dim", "head_dim_v"), ((128, 128),), "(head_dim, head_dim_v) pairs"),
     Axis("qhead_per_kvhead", _posint("qhead_per_kvhead", 1, 256), (1,), "query heads per KV head (GQA ratio)"),
-    Axis(
-        "pack_gqa",
-        _bool_or_auto("pack_gqa"),
-        ("auto",),
-        "pack query heads of one KV head into M (auto: qhead_per_kvhead > 1)",
-    ),
+    Axis("pack_gqa", _request_bool("pack_gqa"), ("auto",), "FA4's pack_gqa argument (auto: FA4 decides)"),
     Axis("causal", _bool("causal"), (False,), "causal mask"),
-    Axis("local", _bool("local"), (False,), "sliding-window (local) attention"),
+    Axis("local", _bool("local"), (False,), "sliding-window (local) attention (window sizes: the window axis)"),
     Axis("varlen_q", _bool("varlen_q"), (False,), "cu_seqlens_q (packed variable-length queries)"),
     Axis("varlen_k", _bool("varlen_k"), (False,), "cu_seqlens_k (packed variable-length keys)"),
     Axis("seqused_q", _bool("seqused_q"), (False,), "seqused_q (per-batch used query length)"),
@@ -382,34 +341,59 @@ _COMMON_FWD_AXES = (
         _paged_kv,
         (False,),
         "page table with this page size (FA4 loads pages by TMA when the size equals tile_n, by cp.async "
-        "otherwise: two variants); false: no page table",
+        "otherwise); false: no page table",
     ),
     Axis("learnable_sink", _sink, (False,), "learnable sink logits (nheads,) in this dtype; false: none"),
     Axis("softcap", _softcap, (0,), "softcap value, baked into the kernel: one variant per value (0: off)"),
+    Axis("num_splits", _num_splits, (1,), "FA4's num_splits argument: 1, a count, or auto (FA4's heuristic)"),
+    Axis(
+        "scheduler_metadata",
+        _bool("scheduler_metadata"),
+        (False,),
+        "the call passes scheduler metadata (fa4aot.SchedulerMetadata, varlen queries)",
+    ),
+    Axis("requires_grad", _bool("requires_grad"), (False,), "a training forward (FA4 selects for the backward)"),
+    Axis("tiles", _request_pair("tiles"), ("auto",), "FA4's tile_mn argument (auto: FA4's choice); others: tuning"),
 )
 
 FWD_SM100_AXES = _COMMON_FWD_AXES + (
-    Axis("split_kv", _bool("split_kv"), (False,), "split-KV (writes fp32 partials for combine)"),
-    Axis("tiles", _pair_or_auto("tile_m", "tile_n"), ("auto",), "(tile_m, tile_n); auto: FA4's choice"),
-    Axis("q_stage", _choice("q_stage", (1, 2)), (1, 2), "Q tiles per CTA (FA4: 2 when seqlen_q*pack > tile_m)"),
-    Axis("two_cta", _bool("two_cta"), (False, True), "2-CTA MMA (cluster 2x1)"),
-    Axis("scheduler", _choice("scheduler", SCHEDULERS), ("static", "single", "dynamic"), "tile scheduler"),
-    Axis("s_ping_pong", _bool_or_auto("s_ping_pong"), ("auto",), "S ping-pong (auto: FA4's rule)"),
-)
-
-FWD_SM90_AXES = _COMMON_FWD_AXES + (
-    Axis("tiles", _pair_or_auto("tile_m", "tile_n"), ("auto",), "(tile_m, tile_n); auto: FA4's choice"),
     Axis(
-        "mma_pv_is_rs",
-        _bool_or_auto("mma_pv_is_rs"),
+        "sm100_backend",
+        _backend,
         ("auto",),
-        "P from registers (true) or shared memory (false) in the PV MMA; auto: FA4's choice for the head dim",
+        "FLASH_ATTENTION_SM100_BACKEND: auto (FA4 picks SwapAB for decode where it measured it faster), "
+        "swapab (wherever it can run), standard (never)",
     ),
 )
 
-#: SM120 has no split-KV, paged KV or sinks in FA4 (the rule rejects them with FA4's reason).
-FWD_SM120_AXES = _COMMON_FWD_AXES + (
-    Axis("tiles", _pair_or_auto("tile_m", "tile_n"), ("auto",), "(tile_m, tile_n); auto: FA4's choice"),
+FWD_SM90_AXES = _COMMON_FWD_AXES + (
+    Axis(
+        "mma_pv_is_rs",
+        _request_bool("mma_pv_is_rs"),
+        ("auto",),
+        "FA4's mma_pv_is_rs argument: P from registers (true) or shared memory (false); auto: FA4's choice",
+    ),
+)
+
+FWD_SM120_AXES = _COMMON_FWD_AXES
+
+#: The shapes a forward group expects: the selector runs on every point of their product.
+FWD_DOMAIN_AXES = (
+    Axis("batch", _ints(1, 1 << 20), fwd.DEFAULT_BATCH, "batch sizes to expect"),
+    Axis("seqlen_q", _ints(1, MAX_SEQLEN), fwd.DEFAULT_SEQLEN_Q, "query lengths (max_seqlen_q) to expect"),
+    Axis("seqlen_k", _ints(1, MAX_SEQLEN), fwd.DEFAULT_SEQLEN_K, "key lengths (max_seqlen_k) to expect"),
+    Axis("nheads_kv", _ints(1, 1 << 16), fwd.DEFAULT_NHEADS_KV, "KV head counts to expect"),
+    Axis("window", _window, fwd.DEFAULT_WINDOWS, "[left, right] window sizes to expect (with local)"),
+)
+
+#: Filters on what FA4 selects: keep only configs with these values.
+FWD_FILTER_AXES = (
+    Axis("q_stage", _filter((1, 2)), (), "Q tiles per CTA"),
+    Axis("two_cta", _filter((False, True)), (), "2-CTA MMA (cluster 2x1)"),
+    Axis("scheduler", _filter(("static", "single", "dynamic", "clc")), (), "tile scheduler"),
+    Axis("s_ping_pong", _filter((False, True)), (), "S ping-pong"),
+    Axis("split_kv", _filter((False, True)), (), "split-KV (fp32 partials for the combine)"),
+    Axis("swapab", _filter((False, True)), (), "FA4's SM100 SwapAB decode kernel"),
 )
 
 COMBINE_AXES = (
@@ -486,9 +470,24 @@ class Family:
     check: Callable[[dict[str, Any]], str | None]
     doc: str
     parts: Callable[[dict[str, Any]], list[tuple[str, dict[str, Any]]]] | None = None
+    #: selector families: the shape axes (not a product: the domain FA4's selector runs over)
+    #: and the filter axes (keep what FA4 selects with these values)
+    domain_axes: tuple[Axis, ...] = ()
+    filter_axes: tuple[Axis, ...] = ()
 
     def axis(self, name: str) -> Axis | None:
         return next((a for a in self.axes if a.name == name), None)
+
+    def domain_axis(self, name: str) -> Axis | None:
+        return next((a for a in self.domain_axes if a.name == name), None)
+
+    def filter_axis(self, name: str) -> Axis | None:
+        return next((a for a in self.filter_axes if a.name == name), None)
+
+    @property
+    def selected(self) -> bool:
+        """Its variants come from FA4's selector (forward families)."""
+        return bool(self.domain_axes)
 
 
 FAMILIES: dict[str, Family] = {
@@ -498,16 +497,29 @@ FAMILIES: dict[str, Family] = {
             "fwd_sm100",
             ("sm_100a", "sm_103a"),
             FWD_SM100_AXES,
-            check_fwd_sm100,
-            "FA4 SM100 forward (FlashAttentionForwardSm100; sm_103a is its B300 build)",
+            check_fwd_call(10),
+            "FA4 SM100 forward (FlashAttentionForwardSm100, and FlashAttentionForwardSm100SwapAB for decode; "
+            "sm_103a is its B300 build)",
+            domain_axes=FWD_DOMAIN_AXES,
+            filter_axes=FWD_FILTER_AXES,
         ),
-        Family("fwd_sm90", ("sm_90a",), FWD_SM90_AXES, check_fwd_sm90, "FA4 SM90 forward (FlashAttentionForwardSm90)"),
+        Family(
+            "fwd_sm90",
+            ("sm_90a",),
+            FWD_SM90_AXES,
+            check_fwd_call(9),
+            "FA4 SM90 forward (FlashAttentionForwardSm90)",
+            domain_axes=FWD_DOMAIN_AXES,
+            filter_axes=FWD_FILTER_AXES,
+        ),
         Family(
             "fwd_sm120",
             ("sm_120a",),
             FWD_SM120_AXES,
-            check_fwd_sm120,
+            check_fwd_call(12),
             "FA4 SM120 forward (FlashAttentionForwardSm120: the SM80 kernel within SM120's 99 KiB)",
+            domain_axes=FWD_DOMAIN_AXES,
+            filter_axes=FWD_FILTER_AXES,
         ),
         Family(
             "combine",
@@ -572,34 +584,6 @@ def resolve_fields(family: str, raw: dict[str, Any]) -> list[dict[str, Any]]:
     prepare kernel's batch buckets) returns one dict per variant.
     """
     f = dict(raw)
-    if family in ("fwd_sm100", "fwd_sm90", "fwd_sm120"):
-        if f["pack_gqa"] == "auto":
-            f["pack_gqa"] = f["qhead_per_kvhead"] > 1
-        page_size = f.pop("_page_size")
-        if family == "fwd_sm120":
-            if f["tile_m"] == "auto":
-                f["tile_m"], f["tile_n"] = sm120_tile(f["head_dim"])
-            f["paged_kv"] = paged_kv_class(page_size, f["tile_n"])
-            return [f]
-        if family == "fwd_sm90":
-            tm, tn, rs, ov = sm90_tile(f["head_dim"], f["head_dim_v"], f["causal"], f["local"])
-            if f["tile_m"] == "auto":
-                f["tile_m"], f["tile_n"] = tm, tn
-            if f["mma_pv_is_rs"] == "auto":
-                f["mma_pv_is_rs"] = rs
-            f["intra_wg_overlap"] = ov
-            f["paged_kv"] = paged_kv_class(page_size, f["tile_n"])
-            return [f]
-        if f["tile_m"] == "auto":
-            f["tile_m"] = 128
-            f["tile_n"] = 64 if (f["split_kv"] and f["head_dim"] != f["head_dim_v"]) else 128
-        f["paged_kv"] = paged_kv_class(page_size, f["tile_n"])
-        if f["s_ping_pong"] == "auto":
-            possible = sm100_s_ping_pong_possible(f)
-            if f["split_kv"] and possible:
-                return [dict(f, s_ping_pong=False), dict(f, s_ping_pong=True)]
-            f["s_ping_pong"] = possible
-        return [f]
     if family == "combine":
         _, _, min_log = combine_tiling(f["head_dim"])
         if f.pop("_min_log", False):
@@ -634,11 +618,36 @@ def product(axes: tuple[Axis, ...], values: dict[str, list[Any]]) -> Iterable[tu
 EXAMPLE_CPASYNC_PAGE_SIZE = 16
 
 
-def group_for(variant: Variant) -> dict[str, Any]:
-    """The manifest group (axis -> [value]) that builds exactly ``variant``; for error messages."""
+#: A forward variant's field for each call axis whose parsed field name differs.
+_FWD_AXIS_FIELDS = {"return_lse": "has_lse"}
+
+
+def group_for(variant: Variant, shapes: dict[str, list[Any]] | None = None) -> dict[str, Any]:
+    """The manifest group (axis -> [value]) that builds ``variant``; for error messages. A forward
+    variant is what FA4 selects for a call's shapes: its group names the call's features, the
+    config's filter values and, given ``shapes`` (the domain axes of the call), the shapes."""
     f = variant.fields
-    out: dict[str, Any] = {}
-    for axis in FAMILIES[variant.family].axes:
+    fam = FAMILIES[variant.family]
+    if fam.selected:
+        out: dict[str, Any] = {}
+        for name in ("dtype", "head_dims", "qhead_per_kvhead", "causal", "local", "varlen_q", "varlen_k",
+                     "seqused_q", "seqused_k", "return_lse", "paged_kv", "learnable_sink", "softcap"):  # fmt: skip
+            if name == "head_dims":
+                out[name] = [[f["head_dim"], f["head_dim_v"]]]
+            elif name == "paged_kv":
+                pages = {"none": False, "tma": f["tile_n"], "cpasync": EXAMPLE_CPASYNC_PAGE_SIZE}
+                out[name] = [pages[f["paged_kv"]]]
+            elif name == "learnable_sink":
+                out[name] = [False if f["learnable_sink"] == "none" else f["learnable_sink"]]
+            else:
+                out[name] = [f[_FWD_AXIS_FIELDS.get(name, name)]]
+        if f["num_splits"] > 1:
+            out["num_splits"] = ["auto"]
+        out.update({name: [fwd.FILTERS[name](f)] for name in ("q_stage", "two_cta", "scheduler", "swapab")})
+        out.update(shapes or {})
+        return out
+    out = {}
+    for axis in fam.axes:
         if axis.name == "max_splits":
             out[axis.name] = [1 << f["log_max_splits"]]
         elif axis.name == "max_batch":
@@ -658,9 +667,10 @@ def group_for(variant: Variant) -> dict[str, Any]:
     return out
 
 
-def describe_missing(variant: Variant) -> str:
-    """One-line YAML the user can add under ``families:`` to build ``variant``."""
-    items = ", ".join(f"{k}: {_yaml_scalar(v)}" for k, v in group_for(variant).items())
+def describe_missing(variant: Variant, shapes: dict[str, list[Any]] | None = None) -> str:
+    """One-line YAML the user can add under ``families:`` to build ``variant`` (``shapes``: the
+    call's, for a forward variant)."""
+    items = ", ".join(f"{k}: {_yaml_scalar(v)}" for k, v in group_for(variant, shapes).items())
     note = ""
     if variant.fields.get("paged_kv") == "cpasync":
         note = f"; any page size but {variant.fields['tile_n']} builds this cp.async variant"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fa4aot.core.fa4_interface import TENSORMAP_WORDS, tensormap_workspace_ctas
 from fa4aot.core.variant import FORWARD_FAMILIES, Variant
 
 
@@ -66,11 +67,12 @@ def _swap_last(layout: TensorLayout) -> TensorLayout:
     return TensorLayout(layout.dtype, tuple(s), tuple(st))
 
 
-def forward_tensors(variant: Variant, d: Dims) -> dict[str, TensorLayout]:
-    """Tensors of an SM100/SM90 forward call (FA4's ``_flash_attn_fwd`` layouts)."""
+def forward_tensors(variant: Variant, d: Dims, num_sms: int | None = None) -> dict[str, TensorLayout]:
+    """Tensors of an SM90/SM100/SM120 forward call (FA4's ``_flash_attn_fwd`` layouts, with the
+    tensor-map workspace FA4 sizes for the grid's CTAs on ``num_sms`` SMs)."""
     f = variant.fields
     dt = f["dtype"]
-    split = f.get("split_kv", False)
+    split = f.get("num_splits", 1) > 1
     b, h, hk = d.batch, d.nheads, d.nheads_kv
     tq = d.total_q if d.total_q is not None else b * d.seqlen_q
     tk = d.total_k if d.total_k is not None else b * d.seqlen_k
@@ -106,12 +108,30 @@ def forward_tensors(variant: Variant, d: Dims) -> dict[str, TensorLayout]:
         out["page_table"] = _c("int32", b, max_pages)
     if f.get("learnable_sink", "none") != "none":
         out["learnable_sink"] = _c(f["learnable_sink"], h)
-    if f.get("scheduler") == "dynamic":
+    if f.get("num_splits_dynamic"):
         out["num_splits_dynamic"] = _c("int32", b)
+    if f.get("tile_count_semaphore"):
         out["tile_count_semaphore"] = _c("int32", 1)
-        if f["causal"]:
-            out["num_nheads_in_l2"] = _c("int32", b)
+    if f.get("num_nheads_in_l2"):
+        out["num_nheads_in_l2"] = _c("int32", b)
+    if needs_workspace(variant):
+        slots = tensormap_workspace_ctas(
+            f["pack_gqa"], f["tile_m"], h, hk, num_sms or variant.num_sms, qrows[0] if f["varlen_q"] else b * d.seqlen_q,
+            b, max(d.num_splits, 1),
+        )  # fmt: skip
+        out["tensormap_workspace"] = _c("int64", slots, TENSORMAP_WORDS)
     return out
+
+
+def needs_workspace(variant: Variant) -> bool:
+    """FA4 passes its tensor-map workspace to this forward (SM90 / SM100, varlen K or seqused_k,
+    no page table: interface.py 1258-1263)."""
+    f = variant.fields
+    return (
+        variant.family in ("fwd_sm90", "fwd_sm100")
+        and f.get("paged_kv", "none") == "none"
+        and (f["varlen_k"] or f["seqused_k"])
+    )
 
 
 def combine_tensors(variant: Variant, d: Dims) -> dict[str, TensorLayout]:
@@ -283,9 +303,11 @@ def dims_for(variant: Variant, **overrides: Any) -> Dims:
     if variant.family in FORWARD_FAMILIES:
         qh = f["qhead_per_kvhead"]
         base = {"head_dim": f["head_dim"], "head_dim_v": f["head_dim_v"], "nheads_kv": 4, "nheads": 4 * qh}
-        if f.get("split_kv"):
+        if f.get("num_splits", 1) > 1:
             base["num_splits"] = 4
-        if f.get("q_stage") == 1:
+        if f.get("use_swapab"):
+            base["seqlen_q"] = 1  # FA4's SwapAB decode kernel: one query per sequence
+        elif f.get("q_stage") == 1:
             base["seqlen_q"] = 1 if qh == 1 else max(1, 128 // qh)
         if f.get("paged_kv") == "tma":
             base["page_size"] = f["tile_n"]

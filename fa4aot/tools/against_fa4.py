@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fa4aot.core import fwd
 from fa4aot.core.errors import ArgumentError, Fa4aotError
 from fa4aot.core.families import is_tuning_candidate
 from fa4aot.core.index import Cache, Entry
 from fa4aot.core.variant import FORWARD_FAMILIES, Variant
-from fa4aot.runtime.dispatch import decide
-from fa4aot.tools.fa4_calls import fa4aot_call
+from fa4aot.tools.fa4_calls import decide
 
 #: Shapes the search tries, smallest first (FA4's shape-dependent choices: q_stage, splits,
 #: 2-CTA, scheduler, S ping-pong, pack_gqa for head dim 256).
@@ -103,6 +103,10 @@ KERNEL_KINDS = {
     "bwd_sm100": "FlashAttentionBackwardSm100",
     "bwd_post": "FlashAttentionBackwardPostprocess",
 }
+
+
+#: What FA4's SwapAB decode kernel is called in a cubin (``flash_fwd_decode_sm100._SwapABCore``).
+SWAPAB_KERNEL = "SwapABCore"
 
 
 @dataclass(frozen=True)
@@ -211,22 +215,39 @@ def find_case(v: Variant, mains: list[Variant] = ()) -> dict[str, Any] | None:
         return None  # FA4's interface passes seqused_q only with cu_seqlens_q, which the calls here model as varlen
     if f["pack_gqa"] != (qh > 1):
         base["pack_gqa"] = f["pack_gqa"]
-    for b, sq, sk, splits, hk in itertools.product(BATCHES, SEQLENS_Q, SEQLENS_K, SPLITS, KV_HEADS):
-        case = dict(base, batch=b, seqlen_q=sq, seqlen_k=sk, nheads=hk * qh, nheads_kv=hk, num_splits=splits)
-        if f["paged_kv"] != "none":
-            case["page_size"] = f["tile_n"] if f["paged_kv"] == "tma" else 16
-        if f["varlen_q"] and f["varlen_k"]:
-            case.update(varlen=True, total_q=b * sq, total_k=b * sk)
-        elif f["varlen_q"]:
-            case.update(varlen_q=True, total_q=b * sq)
-        elif f["varlen_k"]:
-            continue  # varlen K without varlen Q is not a call the interface's cases model
-        try:
-            d = decide(fa4aot_call(v.arch, v.num_sms, case))
-        except (ArgumentError, Fa4aotError):
-            continue
-        if Variant.make(v.family, v.arch, v.num_sms, **d.fields) == v:
-            return case
+    pages = [None]
+    if f["paged_kv"] == "tma":
+        pages = [f["tile_n"]]
+    elif f["paged_kv"] == "cpasync":
+        pages = [16, 64]
+    if f["varlen_k"] and not f["varlen_q"]:
+        return None  # varlen K without varlen Q is not a call the interface's cases model
+    splits = (0, 8, 2, 4, 16, 32) if f.get("num_splits", 1) > 1 else (1, 0)
+    windows = ((128, 0), (1024, 0), (4096, 4096)) if f["local"] else ((None, None),)
+    fills = (1.0, 0.125) if f["varlen_q"] else (1.0,)
+    # the hand-picked shapes first, then the grid a manifest group expands over
+    grids = [(BATCHES, SEQLENS_Q, SEQLENS_K, KV_HEADS)]
+    grids.append((fwd.DEFAULT_BATCH, fwd.DEFAULT_SEQLEN_Q, fwd.DEFAULT_SEQLEN_K, fwd.DEFAULT_NHEADS_KV))
+    for batches, seqlens_q, seqlens_k, kv_heads in grids:
+        for b, sq, sk, n, hk, page, (wl, wr), fill in itertools.product(
+            batches, seqlens_q, seqlens_k, splits, kv_heads, pages, windows, fills
+        ):
+            case = dict(base, batch=b, seqlen_q=sq, seqlen_k=sk, nheads=hk * qh, nheads_kv=hk, num_splits=n)
+            if f["local"]:
+                case.update(wl=wl, wr=wr)
+            if page is not None:
+                case["page_size"] = page
+            total_q = max(b, int(b * sq * fill))
+            if f["varlen_q"] and f["varlen_k"]:
+                case.update(varlen=True, total_q=total_q, total_k=b * sk)
+            elif f["varlen_q"]:
+                case.update(varlen_q=True, total_q=total_q)
+            try:
+                d = decide(v.arch, v.num_sms, case)
+            except (ArgumentError, Fa4aotError, ValueError, AssertionError):
+                continue
+            if Variant.make(v.family, v.arch, v.num_sms, **d.fields) == v:
+                return case
     return None
 
 
@@ -282,6 +303,8 @@ def compare(cache: Cache, entries: list[Entry], timeout: float = 3600) -> list[C
                     continue
                 # a split-KV call also compiles the combine kernel: keep the cubin of the entry's kind
                 kind = KERNEL_KINDS.get(e.variant.family, "FlashAttentionForwardSm")
+                if e.variant.fields.get("use_swapab"):
+                    kind = SWAPAB_KERNEL
                 cubins = [
                     p for p in sorted(glob.glob(f"{dump}/{i}/*.cubin")) if _has_kernel(Path(p).read_bytes(), kind)
                 ]

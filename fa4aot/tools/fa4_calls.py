@@ -117,39 +117,65 @@ def fa4_prepare(interface, torch, case: dict) -> None:
     )
 
 
-def fa4aot_call(arch: str, num_sms: int, case: dict):
-    """fa4aot's dispatch input for ``case``."""
-    from fa4aot.runtime.dispatch import Call
+def facts(arch: str, num_sms: int, case: dict):
+    """The host facts FA4's ``_flash_attn_fwd`` derives from :func:`fa4_forward`'s tensors for
+    ``case`` (what fa4aot's decision reads)."""
+    from fa4aot.core.fa4_interface import FwdFacts, arch_number
 
+    b, sq, sk, h, hk = (case[k] for k in ("batch", "seqlen_q", "seqlen_k", "nheads", "nheads_kv"))
     varlen = case.get("varlen", False)
-    return Call(
-        arch,
-        num_sms,
-        case.get("dtype", "bf16"),
-        case["batch"],
-        case["seqlen_q"],
-        case["seqlen_k"],
-        case["nheads"],
-        case["nheads_kv"],
-        case["head_dim"],
-        case["head_dim_v"],
-        case.get("causal", False),
-        case.get("wl"),
-        case.get("wr"),
-        varlen or case.get("varlen_q", False),
-        varlen,
-        False,
-        case.get("seqused_k", False),
-        case.get("num_splits", 1),
-        case.get("pack_gqa"),
-        case.get("return_lse", False),
-        False,
-        page_size=case.get("page_size"),
-        learnable_sink=case.get("learnable_sink") or "none",
-        softcap=float(case.get("softcap") or 0.0),
+    varlen_q = varlen or case.get("varlen_q", False)
+    page = case.get("page_size")
+    total_q = case["total_q"] if varlen_q else b * sq
+    if page:
+        pages = math.ceil(sk / page)
+        n = case.get("num_pages", b * pages)
+        k_capacity, total_k = pages * page, n * page
+    elif varlen:
+        k_capacity = total_k = case["total_k"]
+    else:
+        k_capacity, total_k = sk, b * sk
+    return FwdFacts(
+        arch=arch_number(arch),
+        num_sms=num_sms,
+        dtype=case.get("dtype", "bf16"),
+        head_dim=case["head_dim"],
+        head_dim_v=case["head_dim_v"],
+        num_heads=h,
+        num_heads_kv=hk,
+        batch=b,
+        total_q=total_q,
+        total_k=total_k,
+        q_capacity=total_q if varlen_q else sq,
+        k_capacity=k_capacity,
+        max_seqlen_q=sq if varlen_q else None,
+        max_seqlen_k=sk if (varlen or page) else None,
+        causal=case.get("causal", False),
+        window_left=case.get("wl"),
+        window_right=case.get("wr"),
+        varlen_q=varlen_q,
+        varlen_k=varlen,
+        seqused_k=case.get("seqused_k", False),
+        page_size=page,
+        softcap=bool(case.get("softcap")),
+        learnable_sink=bool(case.get("learnable_sink")),
+        has_lse=case.get("return_lse", False),
+        pack_gqa=case.get("pack_gqa"),
+        num_splits=case.get("num_splits", 1),
     )
 
 
+def decide(arch: str, num_sms: int, case: dict, sel=None, knobs=None):
+    """fa4aot's decision (:func:`fa4aot.core.fwd.decide`, FA4's selector) for ``case``."""
+    from fa4aot.core import fa4_interface, fwd, selector
+
+    return fwd.decide(
+        sel or selector.installed(),
+        facts(arch, num_sms, case),
+        knobs or fa4_interface.NO_KNOBS,
+        float(case.get("softcap") or 0.0),
+        case.get("learnable_sink") or "none",
+    )
 def fa4_backward(interface, torch, case: dict) -> None:
     """Run FA4's ``_flash_attn_bwd`` (preprocess, main kernel, postprocess) for a backward case:
     keys of a forward case (batch, seqlen_q, seqlen_k, nheads, nheads_kv, head_dim, head_dim_v,

@@ -1,0 +1,287 @@
+"""What fa4aot restates of FA4's ``flash_attn/cute/interface.py`` (4.0.0b40): the host glue around
+FA4's selector. Every decision FA4 states in ``config.py`` is taken from FA4 itself
+(:mod:`fa4aot.core.selector`); this module holds only what ``interface.py`` computes around it -
+the selector's inputs, the window handling, the scheduler-metadata route, the tensor-map
+workspace bound, the compile key - each function naming the lines it mirrors. The fake-mode parity
+tests (tests/test_dispatch.py) run FA4's interface and this module on the same calls.
+
+Pure Python: no FA4, torch or DSL import (the runtime uses it on every call's first sight).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+#: FA4 4.0.0b40 ``tile_scheduler.py`` 1508: the semaphore's low bits count claimed tiles.
+SEMAPHORE_CLAIM_BITS = 24
+#: FA4 4.0.0b40 ``interface.py`` 99: above this batch size FA4's single-tile varlen scheduler
+#: gets a batch-lookup aid (extra kernels); fa4aot runs the same scheduler without it.
+BIN_BATCH_SEARCH_THRESH = 256
+#: ``str(torch dtype)`` of each fa4aot dtype: what FA4 puts in ``FwdHeuristicInputs.dtype``.
+TORCH_DTYPE_NAMES = {
+    "bf16": "torch.bfloat16",
+    "fp16": "torch.float16",
+    "fp32": "torch.float32",
+    "e4m3": "torch.float8_e4m3fn",
+    "e5m2": "torch.float8_e5m2",
+}
+#: ``FwdConfig`` fields that never reach a forward kernel's code: the device family (the arch
+#: says it) and the dynamic-varlen route (only who allocates the semaphore; FA4 keys it out).
+NOT_CODEGEN = ("device_capacity", "use_dynamic_varlen")
+
+
+class DynamicPersistentVarlenScheduler:
+    """The host half of FA4's ``tile_scheduler.DynamicPersistentVarlenScheduler`` that
+    ``config.py`` imports (4.0.0b40 ``tile_scheduler.py`` 1524-1543)."""
+
+    MAX_TILES = 1 << SEMAPHORE_CLAIM_BITS
+
+    @staticmethod
+    def max_claimable_tiles(
+        total_q: int, batch_size: int, m_tile: int, num_head: int, num_head_kv: int, pack_gqa: bool, num_splits: int
+    ) -> int:
+        rows_per_token = num_head // num_head_kv if pack_gqa else 1
+        heads = num_head_kv if pack_gqa else num_head
+        requests = min(batch_size, total_q)
+        return (total_q * rows_per_token // m_tile + requests + 1) * heads * max(num_splits, 1)
+
+
+def resolve_window(
+    causal: bool, left: int | None, right: int | None
+) -> tuple[bool, bool, int | None, int | None]:
+    """``_resolve_causal_local_window`` (interface.py 279-300, without a mask_mod):
+    (causal, local, left, right)."""
+    if left is not None and right is not None and left < 0 and right < 0:
+        left = right = None
+    if causal:
+        right = 0
+    if left is not None or right is not None:
+        if left is None and right == 0:
+            return True, False, None, None
+        return False, True, left, right
+    return causal, False, left, right
+
+
+def clamp_window(local: bool, left: int | None, right: int | None, q_capacity: int, k_capacity: int):
+    """``_clamp_local_window`` (interface.py 303-318): each side at most the longest sequence it
+    can see (the kernels add the sides to positions in 32 bits)."""
+    if local:
+        if left is not None:
+            left = min(left, k_capacity)
+        if right is not None:
+            right = min(right, q_capacity)
+    return left, right
+
+
+class FwdFacts(NamedTuple):
+    """The host facts ``_flash_attn_fwd`` derives from a call's tensors and arguments (what its
+    config selection reads), for calls without qv, score_mod, mask_mod, block sparsity or aux
+    tensors. ``max_seqlen_q`` / ``max_seqlen_k``: the caller's host bounds, or None."""
+
+    arch: int  # e.g. 100 for sm_100a
+    num_sms: int
+    dtype: str  # fa4aot dtype name
+    head_dim: int
+    head_dim_v: int
+    num_heads: int
+    num_heads_kv: int
+    batch: int
+    total_q: int
+    total_k: int  # K/V tokens stored: math.prod(v.shape[:-2])
+    q_capacity: int  # seqlen_q, or total_q with cu_seqlens_q
+    k_capacity: int  # seqlen_k, total_k with cu_seqlens_k, max_pages * page_size with a page table
+    max_seqlen_q: int | None = None
+    max_seqlen_k: int | None = None
+    causal: bool = False
+    window_left: int | None = None
+    window_right: int | None = None
+    varlen_q: bool = False
+    varlen_k: bool = False
+    seqused_q: bool = False
+    seqused_k: bool = False
+    page_size: int | None = None
+    caller_metadata: bool = False
+    caller_semaphore: bool = False
+    softcap: bool = False
+    learnable_sink: bool = False
+    has_lse: bool = False
+    pack_gqa: bool | None = None
+    num_splits: int = 1
+    requires_grad: bool = False
+    fp8_descale: bool = False
+
+
+class Knobs(NamedTuple):
+    """FA4's environment knobs that steer selection (``utils._get_disable_2cta_default``,
+    ``_get_disable_s_ping_pong_default``, ``_get_sm100_backend_override``)."""
+
+    disable_2cta: bool = False
+    disable_s_ping_pong: bool = False
+    use_swapab: bool | None = None  # FLASH_ATTENTION_SM100_BACKEND: None auto, True swapab, False standard
+
+
+def knobs_from_env(environ: Any) -> Knobs:
+    """The knobs as FA4 reads them (``FA_DISABLE_2CTA``, ``FA_DISABLE_S_PING_PONG``,
+    ``FLASH_ATTENTION_SM100_BACKEND``); a bad backend value raises ValueError as FA4 does."""
+    backend = environ.get("FLASH_ATTENTION_SM100_BACKEND", "auto")
+    overrides = {"auto": None, "swapab": True, "standard": False}
+    if backend not in overrides:
+        raise ValueError("FLASH_ATTENTION_SM100_BACKEND must be auto, standard, or swapab")
+    return Knobs(
+        environ.get("FA_DISABLE_2CTA", "0") == "1",
+        environ.get("FA_DISABLE_S_PING_PONG", "0") == "1",
+        overrides[backend],
+    )
+
+
+NO_KNOBS = Knobs()
+
+
+def fwd_inputs(sel: Any, f: FwdFacts, knobs: Knobs = NO_KNOBS) -> Any:
+    """``FwdHeuristicInputs`` as ``_flash_attn_fwd`` builds them (interface.py 860-935 with
+    ``_get_fwd_config`` 200-263 and ``_get_fwd_inputs`` 176-197); ``sel``: FA4's selector module.
+    The window is the one given (FA4 selects on the unclamped sides)."""
+    causal, local, wl, wr = resolve_window(f.causal, f.window_left, f.window_right)
+    max_q = f.q_capacity if f.max_seqlen_q is None else f.max_seqlen_q
+    max_k = f.k_capacity if f.max_seqlen_k is None else f.max_seqlen_k
+    return sel.FwdHeuristicInputs(
+        device_arch=f.arch,
+        num_sms=f.num_sms,
+        dtype=TORCH_DTYPE_NAMES[f.dtype],
+        head_dim=f.head_dim,
+        head_dim_v=f.head_dim_v,
+        num_heads=f.num_heads,
+        num_heads_kv=f.num_heads_kv,
+        batch_size=f.batch,
+        total_q=f.total_q,
+        total_k=f.total_k,
+        max_seqlen_q=max_q,
+        max_seqlen_k=max_k,
+        has_max_seqlen_q_hint=f.max_seqlen_q is not None,
+        causal=causal,
+        local=local,
+        window_size_left=wl,
+        window_size_right=wr,
+        has_cu_seqlens_q=f.varlen_q,
+        has_cu_seqlens_k=f.varlen_k,
+        has_seqused_q=f.seqused_q,
+        has_seqused_k=f.seqused_k,
+        has_caller_scheduler_metadata=f.caller_metadata,
+        has_tile_count_semaphore=f.caller_metadata and f.caller_semaphore,
+        pack_gqa=f.pack_gqa,
+        page_size=f.page_size,
+        has_score_mod=f.softcap,
+        has_learnable_sink=f.learnable_sink,
+        has_lse=f.has_lse,
+        requested_num_splits=None if f.num_splits < 1 else f.num_splits,
+        disable_2cta=knobs.disable_2cta,
+        disable_s_ping_pong=knobs.disable_s_ping_pong,
+        requested_use_swapab=knobs.use_swapab,
+        seqlen_k_capacity=f.k_capacity,
+        requires_grad=f.requires_grad,
+    )
+
+
+class FwdPlan(NamedTuple):
+    """What ``_flash_attn_fwd`` does with a selected config beyond the kernel: the split count,
+    who provides the scheduler metadata, and which metadata tensors reach the kernel."""
+
+    num_splits: int
+    prepare: bool  # run the prepare kernel (``needs_split_metadata``)
+    dynamic_route: bool  # allocate a zeroed tile semaphore, no prepare (``use_dynamic_varlen``)
+    num_splits_dynamic: bool
+    tile_count_semaphore: bool
+    num_nheads_in_l2: bool
+    tensormap_workspace: bool
+
+
+def fwd_plan(sel: Any, config: Any, inputs: Any, f: FwdFacts) -> FwdPlan:
+    """interface.py 938-1102 for a non-MLA call: the prepare decision (``needs_split_metadata``),
+    the dynamic-varlen route, the metadata tensors the kernel gets (SwapAB keeps only the split
+    counts) and whether a tensor-map workspace is passed (SM90 / SM100 varlen-K or seqused_k calls
+    without a page table)."""
+    causal, _, _, _ = resolve_window(f.causal, f.window_left, f.window_right)
+    prepare = bool(sel.needs_split_metadata(config, inputs))
+    route = bool(config.use_dynamic_varlen) and not f.caller_metadata
+    if prepare:
+        nsd, sem, l2 = True, not config.use_clc_scheduler, causal and not config.use_swapab
+    elif route:
+        nsd, sem, l2 = False, True, False
+    elif f.caller_metadata:
+        nsd, sem, l2 = True, f.caller_semaphore, causal  # fa4aot's SchedulerMetadata: FA4's prepare outputs
+    else:
+        nsd = sem = l2 = False
+    if config.use_swapab:
+        sem = l2 = False
+    workspace = f.arch // 10 in (9, 10, 11) and f.page_size is None and (f.varlen_k or f.seqused_k)
+    return FwdPlan(config.num_splits, prepare, route, nsd, sem, l2, workspace)
+
+
+def tensormap_workspace_ctas(
+    pack_gqa: bool, tile_m: int, num_heads: int, num_heads_kv: int, num_sms: int, q_rows: int, q_batch: int, num_splits: int
+) -> int:
+    """The workspace's slot count FA4 allocates (interface.py 1255-1272): an upper bound on the
+    grid's CTAs. ``q_rows``: q.shape[0] for varlen Q, else batch * seqlen_q; ``q_batch``: the
+    batch (cu_seqlens_q's length - 1, or q.shape[0])."""
+    qhead_per_kvhead = num_heads // num_heads_kv
+    q_mult = qhead_per_kvhead if pack_gqa and qhead_per_kvhead > 1 else 1
+    m_blocks_bound = q_rows * q_mult // tile_m + 2 * q_batch + 1
+    heads = num_heads_kv if q_mult > 1 else num_heads
+    return max(m_blocks_bound * heads * num_splits, 2 * num_sms) + 8
+
+
+#: int64 words per slot of the workspace (one 128-byte TMA descriptor).
+TENSORMAP_WORDS = 16
+
+
+def codegen_fields(config: Any) -> dict[str, Any]:
+    """The variant fields of a selected ``FwdConfig``: what its compile key holds
+    (``fwd_codegen_config``, interface.py 270: the split count only as split or not; and
+    ``use_dynamic_varlen`` keyed out, 1237), every other field as FA4 names it. Registers become
+    ``regs_<role>`` ints (or nothing, for SwapAB and SM120)."""
+    out = {}
+    for field in dataclasses.fields(config):
+        name = field.name
+        if name in NOT_CODEGEN:
+            continue
+        value = getattr(config, name)
+        if name == "num_splits":
+            value = min(value, 2)
+        if name == "registers":
+            if value is not None:
+                out.update({f"regs_{k}": v for k, v in dataclasses.asdict(value).items()})
+            continue
+        out[name] = value
+    return out
+
+
+def config_from_fields(sel: Any, fields: dict[str, Any], arch: str) -> Any:
+    """The ``FwdConfig`` a variant's fields stand for (the inverse of :func:`codegen_fields`), for
+    the kernel constructor."""
+    names = {f.name for f in dataclasses.fields(sel.FwdConfig)}
+    kw = {k: v for k, v in fields.items() if k in names}
+    regs = {k[5:]: v for k, v in fields.items() if k.startswith("regs_")}
+    major = int(arch.removeprefix("sm_").rstrip("af")) // 10
+    if not regs:
+        registers = None
+    elif major == 9:
+        registers = sel.Sm90Registers(**regs)
+    else:
+        registers = sel.Sm100Registers(**regs)
+    return sel.FwdConfig(device_capacity=major, registers=registers, use_dynamic_varlen=False, **kw)
+
+
+def arch_number(arch: str) -> int:
+    """FA4's integer arch (``_parse_arch_str``): sm_100a -> 100."""
+    return int(arch.removeprefix("sm_").rstrip("af"))
+
+
+def combine_geometry(head_dim: int, num_splits: int) -> tuple[int, int, int]:
+    """``combine_kernel_geometry`` (interface.py 4129-4140): (tile_m, k_block_size, log_max_splits)."""
+    import math
+
+    k_block_size = 64 if head_dim <= 64 else 128
+    tile_m = 16 if k_block_size == 64 else 8
+    log_max_splits = max(math.ceil(math.log2(num_splits)), 5 if tile_m == 8 else 4)
+    return tile_m, k_block_size, log_max_splits

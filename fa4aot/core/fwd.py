@@ -1,0 +1,310 @@
+"""The forward families (``fwd_sm90``, ``fwd_sm100`` with its SwapAB decode kernel, ``fwd_sm120``):
+what a variant is, how a manifest group expands, and the decision for one call - all through FA4's
+own selector (:mod:`fa4aot.core.selector`) and the interface glue fa4aot restates
+(:mod:`fa4aot.core.fa4_interface`).
+
+A forward variant is FA4's compile key: the selected ``FwdConfig`` (field for field, FA4's names;
+the split count only as split or not) plus the call's compile-time features (dtype, head dims, GQA
+ratio, masks, varlen, paging, sink, softcap, which scheduler-metadata tensors the kernel reads).
+The call's shapes reach a variant only through the config FA4 selects for them.
+
+A manifest group names call features and, optionally, the shapes to expect (``batch``,
+``seqlen_q``, ``seqlen_k``, ``nheads_kv``, ``window``; default: a grid from decode to long
+prefill). Expanding it runs FA4's selector on every shape of that grid and keeps each distinct
+config FA4 picks, narrowed by the filter axes (``q_stage``, ``two_cta``, ``scheduler``,
+``s_ping_pong``, ``split_kv``, ``swapab``). Requests FA4's interface takes (``tiles``,
+``mma_pv_is_rs``, ``pack_gqa``, ``num_splits``, ``sm100_backend``) are passed to the selector,
+which validates them: a tiling FA4's default never picks is a *tuning candidate*.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, NamedTuple
+
+from fa4aot.core import fa4_interface as fi
+
+#: The call features of a forward variant (fa4aot's names).
+CALL_FIELDS = (
+    "dtype",
+    "head_dim",
+    "head_dim_v",
+    "qhead_per_kvhead",
+    "causal",
+    "local",
+    "varlen_q",
+    "varlen_k",
+    "seqused_q",
+    "seqused_k",
+    "has_lse",
+    "paged_kv",
+    "learnable_sink",
+    "softcap",
+)
+#: Which scheduler-metadata tensors the kernel reads (FA4's compile key: ``... is not None``).
+METADATA_FIELDS = ("num_splits_dynamic", "tile_count_semaphore", "num_nheads_in_l2")
+
+#: The default shape grid a group expands over (FA4's choices change at tile multiples, at
+#: one-wave grid sizes and at the SwapAB / split thresholds; powers of two cross each).
+DEFAULT_BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+DEFAULT_SEQLEN_Q = (1, 2, 4, 8, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+DEFAULT_SEQLEN_K = (64, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+DEFAULT_NHEADS_KV = (1, 2, 4, 8, 16, 32)
+DEFAULT_WINDOWS = ((128, 0), (1024, 0), (4096, 4096))
+#: Queries per sequence of a varlen grid point, as a fraction of max_seqlen_q: full batches and
+#: padded ones (CUDA-graph slots, where FA4 routes to its dynamic varlen scheduler).
+VARLEN_FILLS = (1.0, 0.125)
+
+
+def scheduler_of(f: dict[str, Any]) -> str:
+    """The tile scheduler a forward variant runs: ``clc``, ``dynamic`` (a tile semaphore:
+    FA4's dynamic persistent scheduler), ``static`` (persistent) or ``single`` (one tile per CTA)."""
+    if f.get("use_clc_scheduler"):
+        return "clc"
+    if f.get("tile_count_semaphore"):
+        return "dynamic"
+    if f.get("is_static_persistent"):
+        return "static"
+    return "single"
+
+
+def paged_kind(page_size: int | None, config: Any) -> str:
+    """``none``, ``tma`` (page size == tile_n, FA4's ``paged_kv_tma``) or ``cpasync``."""
+    if page_size is None:
+        return "none"
+    return "tma" if page_size == config.tile_n else "cpasync"
+
+
+def variant_fields(config: Any, f: fi.FwdFacts, plan: fi.FwdPlan, softcap: float, sink: str) -> dict[str, Any]:
+    """The fields of the variant FA4 compiles for a call (its compile key, interface.py 1275-1330)."""
+    causal, local, _, _ = fi.resolve_window(f.causal, f.window_left, f.window_right)
+    out = fi.codegen_fields(config)
+    out.update(
+        dtype=f.dtype,
+        head_dim=f.head_dim,
+        head_dim_v=f.head_dim_v,
+        qhead_per_kvhead=f.num_heads // f.num_heads_kv,
+        causal=causal,
+        local=local,
+        varlen_q=f.varlen_q,
+        varlen_k=f.varlen_k,
+        seqused_q=f.seqused_q,
+        seqused_k=f.seqused_k,
+        has_lse=f.has_lse,
+        paged_kv=paged_kind(f.page_size, config),
+        learnable_sink=sink,
+        softcap=float(softcap),
+        num_splits_dynamic=plan.num_splits_dynamic,
+        tile_count_semaphore=plan.tile_count_semaphore,
+        num_nheads_in_l2=plan.num_nheads_in_l2,
+    )
+    return out
+
+
+class Decision(NamedTuple):
+    """The selector's answer for one call: the variant's fields and what the call does around
+    the kernel."""
+
+    fields: dict[str, Any]
+    config: Any
+    inputs: Any
+    plan: fi.FwdPlan
+
+
+def decide(sel: Any, f: fi.FwdFacts, knobs: fi.Knobs, softcap: float, sink: str, config: Any = None) -> Decision:
+    """FA4's decision for a call: ``select_fwd_config`` on the call's inputs (or, for an explicit
+    ``config``, FA4's ``validate_fwd_config``), then the interface's plan. Raises ValueError
+    where FA4 rejects the call."""
+    inputs = fi.fwd_inputs(sel, f, knobs)
+    if config is None:
+        config = sel.select_fwd_config(inputs)
+    else:
+        if f.caller_metadata:
+            raise ValueError("An explicit config cannot reuse caller-built scheduler_metadata")
+        sel.validate_fwd_config(config, inputs)
+    plan = fi.fwd_plan(sel, config, inputs, f)
+    return Decision(variant_fields(config, f, plan, softcap, sink), config, inputs, plan)
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest expansion
+# --------------------------------------------------------------------------------------------
+
+
+class Domain(NamedTuple):
+    """The shapes a group expects (each a tuple of values)."""
+
+    batch: tuple[int, ...] = DEFAULT_BATCH
+    seqlen_q: tuple[int, ...] = DEFAULT_SEQLEN_Q
+    seqlen_k: tuple[int, ...] = DEFAULT_SEQLEN_K
+    nheads_kv: tuple[int, ...] = DEFAULT_NHEADS_KV
+    window: tuple[tuple[int, int], ...] = DEFAULT_WINDOWS
+
+
+#: The filter axes: fa4aot's name -> how a variant's fields answer it.
+FILTERS = {
+    "q_stage": lambda f: f["q_stage"],
+    "two_cta": lambda f: f["use_2cta_instrs"],
+    "scheduler": scheduler_of,
+    "s_ping_pong": lambda f: f["use_s_ping_pong"],
+    "split_kv": lambda f: f["num_splits"] > 1,
+    "swapab": lambda f: f["use_swapab"],
+}
+
+
+def _facts(arch: int, num_sms: int, p: dict[str, Any], b: int, sq: int, sk: int, hk: int, window, fill: float):
+    qh = p["qhead_per_kvhead"]
+    varlen_q, varlen_k = p["varlen_q"], p["varlen_k"]
+    page = p.get("_page_size")
+    total_q = max(b, int(b * sq * fill)) if varlen_q else b * sq
+    if page is not None:
+        pages = -(-sk // page)
+        k_capacity, total_k = pages * page, b * pages * page
+    else:
+        k_capacity = b * sk if varlen_k else sk
+        total_k = b * sk
+    wl, wr = window if p["local"] else (None, None)
+    splits = p["num_splits"]
+    return fi.FwdFacts(
+        arch=arch,
+        num_sms=num_sms,
+        dtype=p["dtype"],
+        head_dim=p["head_dim"],
+        head_dim_v=p["head_dim_v"],
+        num_heads=hk * qh,
+        num_heads_kv=hk,
+        batch=b,
+        total_q=total_q,
+        total_k=total_k,
+        q_capacity=total_q if varlen_q else sq,
+        k_capacity=k_capacity,
+        max_seqlen_q=sq if (varlen_q or p["seqused_q"]) else None,
+        max_seqlen_k=sk if (varlen_k or p["seqused_k"] or page is not None) else None,
+        causal=p["causal"],
+        window_left=wl,
+        window_right=wr,
+        varlen_q=varlen_q,
+        varlen_k=varlen_k,
+        seqused_q=p["seqused_q"],
+        seqused_k=p["seqused_k"],
+        page_size=page,
+        caller_metadata=p["scheduler_metadata"],
+        caller_semaphore=p["scheduler_metadata"],
+        softcap=bool(p["softcap"]),
+        learnable_sink=p["learnable_sink"] != "none",
+        has_lse=p["has_lse"],
+        pack_gqa=p["pack_gqa"],
+        num_splits=splits,
+        requires_grad=p["requires_grad"],
+    )
+
+
+def _requested(sel: Any, inputs: Any, p: dict[str, Any]) -> Any:
+    tiles = p.get("tiles")
+    rs = p.get("mma_pv_is_rs")
+    if tiles is None and rs is None:
+        return inputs
+    return inputs._replace(
+        requested_tile_m=None if tiles is None else tiles[0],
+        requested_tile_n=None if tiles is None else tiles[1],
+        requested_mma_pv_is_rs=rs,
+    )
+
+
+def expand(sel: Any, arch: str, num_sms: int, p: dict[str, Any], domain: Domain) -> tuple[list[dict], str | None]:
+    """Every variant FA4 selects for the call class ``p`` (parsed axis values) over ``domain``,
+    that passes ``p``'s filters; with none, the reason (FA4's rejection, or the filter that
+    leaves nothing). Results are memoised per process (expansion runs FA4's selector thousands
+    of times)."""
+    key = (id(sel), arch, num_sms, tuple(sorted((k, _hashable(v)) for k, v in p.items())), domain)
+    return _expand_cached(key, sel, arch, num_sms, p, domain)
+
+
+def _hashable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return tuple(sorted((k, _hashable(x)) for k, x in v.items()))
+    return tuple(v) if isinstance(v, list) else v
+
+
+_EXPANDED: dict[tuple, tuple[list[dict], str | None]] = {}
+#: Expansions kept per process (a manifest of 20,000 variants has far fewer group points).
+MAX_EXPANDED = 4096
+
+
+def _expand_cached(key, sel, arch, num_sms, p, domain):
+    hit = _EXPANDED.get(key)
+    if hit is not None:
+        return [dict(x) for x in hit[0]], hit[1]
+    result = _expand(sel, arch, num_sms, p, domain)
+    if len(_EXPANDED) >= MAX_EXPANDED:
+        _EXPANDED.pop(next(iter(_EXPANDED)))
+    _EXPANDED[key] = result
+    return [dict(x) for x in result[0]], result[1]
+
+
+def _expand(sel: Any, arch: str, num_sms: int, p: dict[str, Any], domain: Domain) -> tuple[list[dict], str | None]:
+    a = fi.arch_number(arch)
+    knobs = fi.Knobs(use_swapab=p["sm100_backend"])
+    found: dict[tuple, dict] = {}
+    rejected: str | None = None
+    filtered: str | None = None
+    fills = VARLEN_FILLS if p["varlen_q"] else (1.0,)
+    windows = domain.window if p["local"] else ((None, None),)
+    for b, sq, sk, hk, window, fill in itertools.product(
+        domain.batch, domain.seqlen_q, domain.seqlen_k, domain.nheads_kv, windows, fills
+    ):
+        if p["varlen_q"] is False and p["seqused_q"] is False and fill != 1.0:
+            continue
+        facts = _facts(a, num_sms, p, b, sq, sk, hk, window, fill)
+        try:
+            inputs = _requested(sel, fi.fwd_inputs(sel, facts, knobs), p)
+            config = sel.select_fwd_config(inputs)
+        except (ValueError, AssertionError, ZeroDivisionError) as e:
+            rejected = rejected or f"FA4 rejects it: {e}"
+            continue
+        plan = fi.fwd_plan(sel, config, inputs, facts)
+        fields = variant_fields(config, facts, plan, p["softcap"], p["learnable_sink"])
+        miss = next((n for n, want in p["_filters"].items() if FILTERS[n](fields) not in want), None)
+        if miss is not None:
+            filtered = filtered or miss
+            continue
+        found.setdefault(tuple(sorted(fields.items(), key=lambda kv: kv[0])), fields)
+    if found:
+        return list(found.values()), None
+    if filtered is not None:
+        wanted = {n: sorted(map(str, v)) for n, v in p["_filters"].items()}
+        return [], (
+            f"FA4 picks no config with {filtered} in {wanted[filtered]} for any shape of the group "
+            f"(filters {wanted})"
+        )
+    return [], rejected or "the group's shapes are empty"
+
+
+def is_tuning_candidate(sel: Any, arch: str, num_sms: int, fields: dict[str, Any]) -> bool:
+    """True for a variant FA4's own selection never picks: its tiles or P operand source differ
+    from what ``select_initial_fwd_tile`` gives its head dims and masks (fa4aot builds it only for
+    ``fa4aot tune``)."""
+    if fi.arch_number(arch) // 10 != 9:
+        return False
+    tm, tn, rs, _ = sel.select_sm90_tile(fields["head_dim"], fields["head_dim_v"], fields["causal"], fields["local"], None)
+    return (fields["tile_m"], fields["tile_n"], fields["mma_pv_is_rs"]) != (tm, tn, rs)
+
+
+def shape_group(f: fi.FwdFacts) -> dict[str, list[Any]]:
+    """The domain axes that pin one call's shapes (for the manifest line a miss names)."""
+    out: dict[str, list[Any]] = {
+        "batch": [f.batch],
+        "seqlen_q": [f.max_seqlen_q if f.max_seqlen_q is not None else f.q_capacity],
+        "seqlen_k": [f.max_seqlen_k if f.max_seqlen_k is not None else f.k_capacity],
+        "nheads_kv": [f.num_heads_kv],
+    }
+    if f.window_left is not None or f.window_right is not None:
+        big = max(f.q_capacity, f.k_capacity)
+        out["window"] = [[big if f.window_left is None else f.window_left, big if f.window_right is None else f.window_right]]
+    return out
+
+
+def round_pow2(x: int) -> int:
+    """The power of two at or above ``x`` (x >= 1)."""
+    return 1 << max(0, math.ceil(math.log2(max(1, x))))
