@@ -34,6 +34,7 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
         cluster_size=f["cluster_size"],
         hdim_multiple_of=f["hdim_multiple_of"],
         accum_order=order,
+        pack_factor=f["pack_factor"],
     )
     sig = Signature()
     varlen, sink = f["varlen"], f["learnable_sink"] != "none"
@@ -44,7 +45,11 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
     def per_head(n):
         return (h, n) if varlen else (b, h, n)
 
-    sig.tensor("accum", "fp32", per_head(sq_dr), align=16, stride_divisibility=DIV32)
+    if f["pack_factor"] > 1:  # the dQ accumulator per scratch head (its own head symbol)
+        accum = (sym(), sym()) if varlen else (b, sym(), sym())
+    else:
+        accum = per_head(sq_dr)
+    sig.tensor("accum", "fp32", accum, align=16, stride_divisibility=DIV32)
     sig.tensor("out", dt, (*rows, h, d), align=16, stride_divisibility=DIV16)
     sig.scalar("scale", "f32")
     if varlen:

@@ -10,7 +10,7 @@ import cuda.bindings.driver as cuda
 import cutlass.cute as cute
 from cutlass import Float32
 from fa4aot_kernels.common import CUTLASS_DTYPES, KernelEntry, Signature, sym
-from flash_attn.cute.flash_bwd_preprocess import FlashAttentionBackwardPreprocess
+from flash_attn.cute.flash_bwd_preprocess import FlashAttentionBackwardPreprocess, PackGQA
 
 from fa4aot.core.variant import Target, Variant
 
@@ -22,6 +22,7 @@ DIV32 = 4
 def make_entry(variant: Variant, target: Target) -> KernelEntry:
     f = variant.fields
     dt = f["dtype"]
+    packed = f["pack_factor"] > 1
     kernel = FlashAttentionBackwardPreprocess(
         CUTLASS_DTYPES[dt],
         f["head_dim"],
@@ -29,9 +30,11 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
         f["tile_m"],
         use_padded_offsets=True,
         nheads_major=False,
-        pack_gqa=False,
-        qhead_per_kvhead=1,
-        nheads_kv=1,
+        # NOTE [bwd pack_gqa]: FA4's query-head fold writes dPsum / LSElog2 / dQaccum per scratch
+        # head in packed row order (interface.py 2448-2452)
+        pack_gqa=PackGQA.PACKED_ROW_OUTPUTS if packed else PackGQA.OFF,
+        qhead_per_kvhead=f["pack_factor"],
+        nheads_kv=f["scratch_heads"],
         hdim_multiple_of=f["hdim_multiple_of"],
     )
     sig = Signature()
@@ -42,12 +45,17 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
     def per_head(n):  # (batch, nheads, n) or, varlen, (nheads, n)
         return (h, n) if f["varlen_q"] else (b, h, n)
 
+    def scratch(n):  # packed: per scratch head in packed row order, their own symbols
+        if not packed:
+            return per_head(n)
+        return (sym(), sym()) if f["varlen_q"] else (b, sym(), sym())
+
     sig.tensor("out", dt, (*rows, h, dv), align=16, stride_divisibility=DIV16)
     sig.tensor("dout", dt, (*rows, h, dv), align=16, stride_divisibility=DIV16)
-    sig.tensor("dpsum", "fp32", per_head(sq_r), align=16, stride_divisibility=DIV32)
+    sig.tensor("dpsum", "fp32", scratch(sq_r), align=16, stride_divisibility=DIV32)
     sig.tensor("lse", "fp32", per_head(sq), align=4)
-    sig.tensor("lse_log2", "fp32", per_head(sq_r), align=16, stride_divisibility=DIV32)
-    sig.tensor("dq_accum", "fp32", per_head(sq_dr), align=16, stride_divisibility=DIV32)
+    sig.tensor("lse_log2", "fp32", scratch(sq_r), align=16, stride_divisibility=DIV32)
+    sig.tensor("dq_accum", "fp32", scratch(sq_dr), align=16, stride_divisibility=DIV32)
     if f["varlen_q"]:
         sig.tensor("cu_seqlens_q", "int32", (sym(),), align=4)
         batch = sym()

@@ -15,7 +15,7 @@ from fa4aot_kernels.fwd_sm100 import softcap_score_mod
 from flash_attn.cute.flash_bwd_sm90 import FlashAttentionBackwardSm90
 from flash_attn.cute.utils import AuxData
 
-from fa4aot.core.backward import WARP_GROUP_THREADS, sm90_bwd_config
+from fa4aot.core.backward import config_from_fields, dkv_postprocess
 from fa4aot.core.variant import Target, Variant
 
 
@@ -28,9 +28,16 @@ def softcap_score_mod_bwd(softcap: float):
     return create_softcap_scoremod_bwd(float(softcap))
 
 
+def fa4_config(variant: Variant):
+    """FA4's ``BwdConfig`` a main backward variant's fields stand for (FA4's own class)."""
+    from flash_attn.cute import config as fa4_config_module
+
+    return config_from_fields(fa4_config_module, variant.fields, variant.arch)
+
+
 def make_entry(variant: Variant, target: Target) -> KernelEntry:
     f = variant.fields
-    c = sm90_bwd_config(f["head_dim"], f["head_dim_v"], f["causal"], f["local"])
+    c = fa4_config(variant)
     kernel = FlashAttentionBackwardSm90(
         CUTLASS_DTYPES[f["dtype"]],
         f["head_dim"],
@@ -39,8 +46,8 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
         f["causal"],
         is_local=f["local"],
         deterministic=f["deterministic"],
-        tile_m=c.m_block_size,
-        tile_n=c.n_block_size,
+        tile_m=c.tile_m,
+        tile_n=c.tile_n,
         Q_stage=c.num_stages_Q,
         dO_stage=c.num_stages_dO,
         PdS_stage=c.num_stages_PdS,
@@ -50,22 +57,29 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
         AtomLayoutMSdP=c.AtomLayoutMSdP,
         AtomLayoutNdKV=c.AtomLayoutNdKV,
         AtomLayoutMdQ=c.AtomLayoutMdQ,
-        num_threads=(c.num_wg + 1) * WARP_GROUP_THREADS,
-        V_in_regs=False,
+        num_threads=c.num_threads,
+        V_in_regs=c.V_in_regs,
         score_mod=softcap_score_mod(f["softcap"]),
         score_mod_bwd=softcap_score_mod_bwd(f["softcap"]),
         mask_mod=None,
         has_aux_tensors=False,
-        q_subtile_factor=2,  # FA4: sparse_q // m_block_size if block-sparse, else 2
+        q_subtile_factor=BWD_Q_SUBTILE_FACTOR,
         dQ_single_wg=c.dQ_single_wg,
+        spt=c.spt,
+        registers=c.registers,
     )
-    return entry_for(kernel, f)
+    return entry_for(kernel, variant)
+
+
+#: FA4's ``bwd_q_subtile_factor`` without block sparsity (config.py 2577-2580: "the legacy
+#: factor of 2").
+BWD_Q_SUBTILE_FACTOR = 2
 
 
 def add_backward_tensors(sig: Signature, f: dict) -> None:
     """The main backward kernel's tensors and scalars in FA4's argument order (shared with SM100)."""
     dt = f["dtype"]
-    gqa = f["qhead_per_kvhead"] > 1
+    gqa = dkv_postprocess(f)  # fp32 dK/dV accumulators (several query-head tiles share a KV head)
 
     def dims(n: int) -> tuple:
         return tuple(sym() for _ in range(n))
@@ -105,7 +119,7 @@ def add_backward_tensors(sig: Signature, f: dict) -> None:
     if f["deterministic"]:
         # FA4's semaphores: int32 (batch, heads, blocks, n) row-major, n static (the dQ one's the
         # cluster size, dK/dV's 2), the rest dynamic (convert_from_dlpack_leading_static)
-        cluster = 2 if f.get("two_cta") else 1
+        cluster = f["cluster_size"]
         sig.compact_tensor("dq_semaphore", "int32", (sym(), sym(), sym(), cluster), align=4)
         if gqa:
             sig.compact_tensor("dk_semaphore", "int32", (sym(), sym(), sym(), 2), align=4)
@@ -118,10 +132,17 @@ def add_backward_tensors(sig: Signature, f: dict) -> None:
             sig.absent()
 
 
-def entry_for(kernel, f: dict) -> KernelEntry:
+def entry_for(kernel, variant: Variant) -> KernelEntry:
     """The entry of an FA4 main backward kernel (SM90 and SM100 take the same arguments)."""
+    f = variant.fields
     sig = Signature()
     add_backward_tensors(sig, f)
+    if f["varlen_k"] or f["seqused_k"]:
+        # the per-CTA K / V (and SM100 2-CTA Kt) descriptors (to_cute_tensor(..., assumed_align=128,
+        # leading_dim=2)): FA4 passes it to varlen-K and seqused_k calls
+        sig.tensor("tensormap_workspace", "int64", (sym(), sym(), sym()), leading_dim=2, align=128)
+    else:
+        sig.absent()
     sig.stream()
 
     @cute.jit
@@ -145,6 +166,7 @@ def entry_for(kernel, f: dict) -> KernelEntry:
         dq_semaphore: Optional[cute.Tensor],
         dk_semaphore: Optional[cute.Tensor],
         dv_semaphore: Optional[cute.Tensor],
+        tensormap_workspace: Optional[cute.Tensor],
         stream: cuda.CUstream,
     ):
         kernel(
@@ -154,6 +176,7 @@ def entry_for(kernel, f: dict) -> KernelEntry:
             AuxData(None, None),
             None,  # blocksparse_tensors
             None,  # cu_total_m_blocks (FA4's batch-lookup aid above 256 varlen batches: not built)
+            tensormap_workspace,
             stream,
         )  # fmt: skip
 

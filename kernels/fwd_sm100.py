@@ -145,7 +145,7 @@ def add_forward_tensors(sig: Signature, f: dict) -> None:
     dynamic but the contiguous one; 16-byte alignment for q/k/v/o, 4 for the rest). Shared with
     the SM90 forward."""
     dt = f["dtype"]
-    split = f.get("split_kv", False)
+    split = f.get("num_splits", 1) > 1
     paged = f["paged_kv"] != "none"
     if f["varlen_q"]:
         q_shape = (sym(), sym(), sym())

@@ -28,6 +28,8 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
         packgqa=f["pack_gqa"],
         sort=False,
         zfill_padded_output=True,
+        ctas_per_sm=f["ctas_per_sm"],
+        min_blocks_floor=(f["floor_ctas"], f["floor_blocks"]) if f["floor_ctas"] else None,
     )
     sig = Signature()
     sig.scalar("max_seqlen_q", "i32")

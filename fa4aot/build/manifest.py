@@ -357,7 +357,14 @@ def _expand_group(family: Family, path: str, group: Any, target: Target, plan: P
                 n_valid += 1
                 for k, j in idx.items():
                     used[(k, j)] = True
-                kernels = family.parts(fields) if family.parts else [(family.name, fields)]
+                if family.parts:
+                    try:
+                        domain = {k: tuple(v) for k, v in shapes.items()}
+                        kernels = family.parts(dict(fields, _arch=target.arch, _num_sms=target.num_sms, _domain=domain))
+                    except ValueError as e:
+                        raise ManifestError(path, f"FA4 cannot build this call: {e}") from None
+                else:
+                    kernels = [(family.name, fields)]
                 for fam_name, kfields in kernels:
                     variant = Variant.make(fam_name, target.arch, target.num_sms, **kfields)
                     if variant.variant_id not in seen:

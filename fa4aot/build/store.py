@@ -171,6 +171,7 @@ class CacheWriter(Cache):
         with open(pdir / ".lock", "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # readers never take it; writers serialise here
             groups: dict[PackedKey, tuple[Target, dict[str, tuple[float, str, str]]]] = {}
+            selectors: dict[PackedKey, tuple[float, dict[str, Any]]] = {}
             for key, text in self.records():
                 try:
                     e = Entry.from_json(key, text)
@@ -185,11 +186,15 @@ class CacheWriter(Cache):
                 prev = best.get(e.variant_id)
                 if prev is None or created >= prev[0]:
                     best[e.variant_id] = (created, key, text)
+                sel = e.blobs.get("selector")
+                if sel is not None and created >= selectors.get(pk, (-1.0, None))[0]:
+                    selectors[pk] = (created, {"sha256": sel.sha256, "size": sel.size})
             written = []
             for pk, (target, best) in groups.items():
                 records = [(key, text) for _, key, text in sorted(best.values(), key=lambda r: r[1])]
                 path = pdir / pk.filename
-                _atomic_write(self.root / "tmp", path, pack_index(target, pk.host_arch, records, pk.shim_abi))
+                selector = selectors.get(pk, (0.0, None))[1]
+                _atomic_write(self.root / "tmp", path, pack_index(target, pk.host_arch, records, pk.shim_abi, selector))
                 written.append(path)
             for name in os.listdir(pdir):
                 if PackedKey.parse(name) is not None and (pdir / name) not in written:

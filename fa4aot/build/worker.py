@@ -176,6 +176,11 @@ def _build(variant: Variant, target: Target, host: str) -> tuple[dict[str, bytes
     # the cubin is stored once, as its own blob; the plan without it (see core.index)
     hollow = plan_bytes[:cubin_offset] + plan_bytes[cubin_offset + len(cubin_bytes) :]
     blobs = {"cubin": cubin_bytes, "plan": hollow, "header": header_text.encode()}
+    # FA4's selector (its host-only config.py), which the runtime evaluates to pick among these
+    # entries: FA4's host code, stored like the plans (one shared blob per FA4 version)
+    from fa4aot.core import selector
+
+    blobs["selector"] = selector.installed_source()[0]
     return blobs, meta
 
 

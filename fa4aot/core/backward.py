@@ -1,68 +1,37 @@
-"""FA4 4.0.0b36's backward pass, restated as pure functions: its per-arch configuration, validity
-rules and the kernels one backward call launches.
+"""FA4's backward pass (4.0.0b40) as fa4aot builds and runs it: FA4's own ``select_bwd_config``
+picks the configuration (:mod:`fa4aot.core.selector`); this module turns a call and that config
+into the kernels ``_flash_attn_bwd`` launches and the scratch it allocates, restating only what
+``interface.py`` computes around the selector (each function names the lines it mirrors).
 
 FA4's ``_flash_attn_bwd`` launches up to five kernels: the preprocess (dot(O, dO), LSE * log2(e),
 zeroing the fp32 dQ accumulator), the main kernel (dK, dV, and dQ accumulated in fp32), and the
-postprocess that converts the dQ accumulator (and, for GQA, the dK and dV accumulators) to
-bf16/fp16. A manifest group of ``bwd_sm90`` / ``bwd_sm100`` names the *call* (dtype, head dims,
-GQA ratio, masks, varlen, ...); :func:`parts` turns it into the kernel variants that call needs,
-so the manifest expander, the runtime's dispatch and the tests share one definition.
+postprocess that converts the dQ accumulator (and, where several query heads share a KV head's
+tile, the dK and dV accumulators) to bf16/fp16. A manifest group of ``bwd_sm90`` / ``bwd_sm100``
+names the *call*; its expansion runs FA4's selector over the group's shapes (SM100's query-head
+fold depends on them) and :func:`parts` turns each selected config into the kernel variants of the
+call.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from typing import Any, NamedTuple
 
+from fa4aot.core import fa4_interface as fi
 from fa4aot.core.rules import sm90_head_dims_ok, sm100_head_dims_ok
 
 #: The main-kernel family per arch (FA4: 9.x FlashAttentionBackwardSm90, 10.x
 #: FlashAttentionBackwardSm100). SM120's backward (the SM80 kernel) is not built.
 BACKWARD_FAMILY = {"sm_90a": "bwd_sm90", "sm_100a": "bwd_sm100", "sm_103a": "bwd_sm100"}
 BACKWARD_FAMILIES = ("bwd_sm90", "bwd_sm100")
-#: Families of the helper kernels a backward call also launches.
-BACKWARD_HELPERS = ("bwd_pre", "bwd_post")
-#: FA4's SM100 backward tiles (``_flash_attn_bwd``: m_block_size = n_block_size = 128).
-SM100_BWD_TILE = 128
-#: Threads of FA4's SM100 main backward kernel and of its postprocess.
-SM100_BWD_THREADS = 384
-SM100_POST_THREADS = 128
 #: Threads of one warp group (FA4's SM90 backward runs num_wg MMA warp groups plus one producer).
 WARP_GROUP_THREADS = 128
-
-
-class Sm90BwdConfig(NamedTuple):
-    """FA4's ``BwdConfig`` (``_tile_size_bwd_sm90``), field for field (a NamedTuple: the runtime
-    imports this module at start-up, and dataclass creation costs milliseconds)."""
-
-    m_block_size: int
-    n_block_size: int
-    num_stages_Q: int
-    num_stages_dO: int
-    num_stages_PdS: int
-    SdP_swapAB: bool
-    dKV_swapAB: bool
-    dQ_swapAB: bool
-    AtomLayoutMSdP: int
-    AtomLayoutNdKV: int
-    AtomLayoutMdQ: int
-    num_wg: int = 2
-    dQ_single_wg: bool = False
-
-
-def sm90_bwd_config(head_dim: int, head_dim_v: int, causal: bool, local: bool) -> Sm90BwdConfig:
-    """FA4's SM90 backward configuration (``_tile_size_bwd_sm90`` without block sparsity)."""
-    if head_dim <= 64:
-        return Sm90BwdConfig(128, 128, 2, 2, 2, True, False, False, 1, 2, 2)
-    if head_dim <= 96:
-        return Sm90BwdConfig(64, 128, 2, 2, 2, True, False, False, 1, 2, 1, dQ_single_wg=True)
-    if head_dim <= 128:
-        m = 64 if (causal or local) else 80
-        return Sm90BwdConfig(m, 128, 2, 2, 2, True, False, m % 64 != 0, 1, 2, 1)
-    if head_dim <= 192:
-        stages_do = 2 if head_dim_v <= 128 else 1
-        return Sm90BwdConfig(64, 96, 2, stages_do, 1, False, True, False, 1, 2, 1)
-    return Sm90BwdConfig(64, 48, 2, 1, 1, False, True, False, 1, 1, 1)
-
+#: Threads of FA4's SM100 postprocess (interface.py 2766-2768).
+SM100_POST_THREADS = 128
+#: Descriptors per CTA in the backward's tensor-map workspace (interface.py 2585: K, V, and on
+#: SM100 the 2-CTA Kt).
+BWD_WORKSPACE_DESCS = {"bwd_sm90": 2, "bwd_sm100": 3}
 
 #: The call fields of a backward group (what the runtime computes from a call).
 CALL_FIELDS = (
@@ -81,10 +50,19 @@ CALL_FIELDS = (
     "has_dlse",
     "learnable_sink",
 )
+#: ``BwdConfig`` fields that are no kernel's code (the arch says the family).
+NOT_CODEGEN = ("device_capacity",)
+
+#: The shape grid a backward group expands over (SM100's query-head fold reads batch, sequence
+#: lengths and the SM count).
+DEFAULT_BATCH = (1, 2, 4, 8, 16, 32)
+DEFAULT_SEQLEN = (128, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+DEFAULT_NHEADS_KV = (1, 2, 4, 8, 16, 32)
 
 
 def check_call(family: str, f: dict[str, Any]) -> str | None:
-    """Why FA4's backward on this arch family cannot run this call (None: it can)."""
+    """Why FA4's backward on this arch family cannot run this call (None: it can): the head-dim
+    limits its interface checks and the combinations fa4aot refuses."""
     hd, hdv, qh = f["head_dim"], f["head_dim_v"], f["qhead_per_kvhead"]
     if qh < 1:
         return "qhead_per_kvhead must be >= 1"
@@ -97,17 +75,134 @@ def check_call(family: str, f: dict[str, Any]) -> str | None:
             return "FA4's SM90 backward: GQA backward requires head_dim == head_dim_v"
         return sm90_head_dims_ok(hd, hdv)
     if family == "bwd_sm100":
-        if reason := sm100_head_dims_ok(hd, hdv, f["dtype"]):
-            return reason
-        if hd == 256:
-            return "FA4 runs head_dim 256 on SM100 with its dedicated backward kernel, which fa4aot does not build"
-        return None
+        return sm100_head_dims_ok(hd, hdv, f["dtype"])
     return f"unknown backward family {family!r}"
 
 
-def sm100_two_cta(head_dim: int) -> bool:
-    """FA4's SM100 backward uses 2-CTA MMA from head_dim 128 up (``use_2cta_instrs``)."""
-    return head_dim >= 128
+class BwdFacts(NamedTuple):
+    """The host facts ``_flash_attn_bwd`` reads from a call for its config selection."""
+
+    arch: int
+    num_sms: int
+    dtype: str
+    head_dim: int
+    head_dim_v: int
+    num_heads: int
+    num_heads_kv: int
+    batch: int
+    total_q: int
+    total_k: int
+    max_seqlen_q: int | None  # the caller's host bound (varlen), or None
+    max_seqlen_k: int | None
+    varlen_q: bool
+    varlen_k: bool
+    causal: bool  # resolved with the window
+    local: bool
+    deterministic: bool = False
+    softcap: bool = False
+    learnable_sink: bool = False
+
+
+class BwdKnobs(NamedTuple):
+    """FA4's backward environment knobs (``utils._get_bwd_tile_n_override``,
+    ``_get_bwd_pack_gqa_override``, ``_get_bwd_head_loop_override``, ``_get_disable_2cta_default``)."""
+
+    tile_n: int | None = None
+    pack_gqa: int | None = None
+    head_loop: bool | None = None
+    disable_2cta: bool = False
+
+
+NO_BWD_KNOBS = BwdKnobs()
+
+
+def bwd_knobs_from_env(environ: Any) -> BwdKnobs:
+    """The knobs as FA4 reads them (FLASH_ATTENTION_BWD_TILE_N, FLASH_ATTENTION_BWD_PACK_GQA,
+    FLASH_ATTENTION_BWD_HEAD_LOOP, FA_DISABLE_2CTA); a bad value raises ValueError as FA4 does."""
+
+    def choice(name: str, choices: tuple[int, ...]) -> int | None:
+        value = environ.get(name)
+        if value in (None, "", "auto"):
+            return None
+        if not value.isdigit() or int(value) not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(map(str, choices))} or auto, got {value}")
+        return int(value)
+
+    tile_n = environ.get("FLASH_ATTENTION_BWD_TILE_N")
+    if tile_n not in (None, "") and tile_n not in ("64", "128"):
+        raise ValueError(f"FLASH_ATTENTION_BWD_TILE_N must be 64 or 128, got {tile_n}")
+    loop = choice("FLASH_ATTENTION_BWD_HEAD_LOOP", (0, 1))
+    return BwdKnobs(
+        int(tile_n) if tile_n else None,
+        choice("FLASH_ATTENTION_BWD_PACK_GQA", (0, 1, 2, 4)),
+        None if loop is None else loop == 1,
+        environ.get("FA_DISABLE_2CTA", "0") == "1",
+    )
+
+
+def bwd_inputs(sel: Any, f: BwdFacts, knobs: BwdKnobs = NO_BWD_KNOBS) -> Any:
+    """``BwdHeuristicInputs`` as ``_flash_attn_bwd`` builds them (interface.py 2178-2196 with
+    ``_get_bwd_inputs`` 2036-2066): a varlen length without a host bound is the mean; the SM
+    count only where the fold chooser reads it."""
+
+    def heuristic_seqlen(seqlen: int | None, total: int) -> int:
+        if seqlen is None:
+            return max(1, -(-total // max(f.batch, 1)))
+        return seqlen
+
+    inputs = sel.BwdHeuristicInputs(
+        device_arch=f.arch,
+        head_dim=f.head_dim,
+        head_dim_v=f.head_dim_v,
+        num_heads=f.num_heads,
+        num_heads_kv=f.num_heads_kv,
+        dtype=fi.TORCH_DTYPE_NAMES[f.dtype],
+        batch_size=f.batch,
+        max_seqlen_q=heuristic_seqlen(f.max_seqlen_q, f.total_q) if f.varlen_q else f.total_q // max(f.batch, 1),
+        max_seqlen_k=heuristic_seqlen(f.max_seqlen_k, f.total_k) if f.varlen_k else f.total_k // max(f.batch, 1),
+        total_q=f.total_q,
+        total_k=f.total_k,
+        has_cu_seqlens=f.varlen_q or f.varlen_k,
+        causal=f.causal,
+        local=f.local,
+        deterministic=f.deterministic,
+        has_softcap=f.softcap,
+        has_learnable_sink=f.learnable_sink,
+        requested_tile_n=knobs.tile_n,
+        requested_pack_gqa=knobs.pack_gqa,
+        requested_head_loop=knobs.head_loop,
+        disable_2cta=knobs.disable_2cta,
+    )
+    if sel.bwd_selection_reads_num_sms(inputs):
+        inputs = inputs._replace(num_sms=f.num_sms)
+    return inputs
+
+
+def config_fields(config: Any) -> dict[str, Any]:
+    """The variant fields of a selected ``BwdConfig`` (every field, FA4's names; registers as
+    ``regs_<role>`` ints)."""
+    out: dict[str, Any] = {}
+    for field in dataclasses.fields(config):
+        name = field.name
+        if name in NOT_CODEGEN:
+            continue
+        value = getattr(config, name)
+        if name == "registers":
+            if value is not None:
+                out.update({f"regs_{k}": v for k, v in dataclasses.asdict(value).items()})
+            continue
+        out[name] = value
+    return out
+
+
+def config_from_fields(sel: Any, fields: dict[str, Any], arch: str) -> Any:
+    """The ``BwdConfig`` a main backward variant's fields stand for (for the kernel constructor)."""
+    names = {f.name for f in dataclasses.fields(sel.BwdConfig)}
+    kw = {k: v for k, v in fields.items() if k in names and k != "registers"}
+    regs = {k[5:]: v for k, v in fields.items() if k.startswith("regs_")}
+    major = fi.arch_number(arch) // 10
+    cls = sel.Sm90BwdRegisters if major == 9 else sel.Sm100BwdRegisters
+    return sel.BwdConfig(device_capacity=major, registers=cls(**regs) if regs else None, **kw)
 
 
 class Part(NamedTuple):
@@ -126,106 +221,142 @@ def _part(role: str, family: str, **fields: Any) -> Part:
     return Part(role, family, tuple(sorted(fields.items())))
 
 
-def parts(family: str, f: dict[str, Any]) -> tuple[Part, ...]:
-    """The kernels FA4's ``_flash_attn_bwd`` launches for a call with fields ``f``, in launch
-    order: preprocess, main, dQ postprocess, and for GQA the dK and dV postprocesses."""
-    hd, hdv, qh = f["head_dim"], f["head_dim_v"], f["qhead_per_kvhead"]
-    main_common = dict(
-        dtype=f["dtype"],
-        head_dim=hd,
-        head_dim_v=hdv,
-        qhead_per_kvhead=qh,
-        causal=f["causal"],
-        local=f["local"],
-        varlen_q=f["varlen_q"],
-        varlen_k=f["varlen_k"],
-        seqused_q=f["seqused_q"],
-        seqused_k=f["seqused_k"],
-        deterministic=f["deterministic"],
-        softcap=float(f["softcap"]),
-    )
+def accum_orders(family: str, use_2cta: bool, tile_n: int) -> tuple[str, str]:
+    """(dQ, dK/dV) accumulate tile orders (``FlashAttentionBackwardSm100.accum_tile_orders``,
+    flash_bwd_sm100.py 492-504; SM90: none)."""
+    if family != "bwd_sm100":
+        return "none", "none"
+    dq = "TMEM_FRAG_2CTA" if use_2cta else "TMEM_FRAG_1CTA"
+    return dq, "ROW_MAJOR" if use_2cta and tile_n == 64 else "TMEM_FRAG_1CTA"
+
+
+def hdim_multiple_of(main: dict[str, Any]) -> int:
+    """Accumulators padded to multiples of 64 of the head dim with SM90's dKV_swapAB, else 32
+    (interface.py 2357)."""
+    return 64 if main["dKV_swapAB"] else 32
+
+
+def dkv_postprocess(main: dict[str, Any]) -> bool:
+    """Several query heads accumulate into one dK/dV: fp32 accumulators and their postprocess
+    (interface.py 2385)."""
+    return main["qhead_per_kvhead"] // main["pack_factor"] > 1 and not main["head_loop"]
+
+
+def parts(family: str, call: dict[str, Any], config: dict[str, Any], num_heads: int) -> tuple[Part, ...]:
+    """The kernels FA4's ``_flash_attn_bwd`` launches for a call (fields ``call``, CALL_FIELDS) with
+    the selected config (``config``: :func:`config_fields`), in launch order: preprocess, main, dQ
+    postprocess and, with dK/dV accumulators, the dK and dV postprocesses. ``num_heads``: the
+    call's query heads (a query-head fold specializes the preprocess on its scratch heads)."""
+    hd, hdv = call["head_dim"], call["head_dim_v"]
+    main_fields = {k: call[k] for k in CALL_FIELDS if k not in ("has_dlse", "learnable_sink")}
+    main_fields["softcap"] = float(main_fields["softcap"])
+    main_fields.update(config)
+    mult = hdim_multiple_of(main_fields)
+    pack = config["pack_factor"]
+    dq_order, dkv_order = accum_orders(family, config["use_2cta_instrs"], config["tile_n"])
     if family == "bwd_sm90":
-        c = sm90_bwd_config(hd, hdv, f["causal"], f["local"])
-        tile_m, tile_n = c.m_block_size, c.n_block_size
-        multiple = 64 if c.dKV_swapAB else 32
-        main = _part("main", family, tile_m=tile_m, tile_n=tile_n, **main_common)
-        dq = dict(
-            num_threads=WARP_GROUP_THREADS if c.dQ_single_wg else c.num_wg * WARP_GROUP_THREADS,
-            atom_layout=c.AtomLayoutMdQ,
-            swap_ab=c.dQ_swapAB,
-            two_cta=False,
-            accum_order="none",
-        )
-        dkv = dict(
-            num_threads=c.num_wg * WARP_GROUP_THREADS,
-            atom_layout=c.AtomLayoutNdKV,
-            swap_ab=c.dKV_swapAB,
-            two_cta=False,
-            accum_order="none",
-        )
-        cluster_size = 1
-    elif family == "bwd_sm100":
-        tile_m = tile_n = SM100_BWD_TILE
-        two_cta = sm100_two_cta(hd)
-        cluster_size = 2 if two_cta else 1
-        multiple = 32
-        main = _part("main", family, tile_m=tile_m, tile_n=tile_n, two_cta=two_cta, **main_common)
-        # FlashAttentionBackwardSm100.accum_tile_orders (tile_n 128: no M=64 accumulator)
-        dq = dict(
-            num_threads=SM100_POST_THREADS,
-            atom_layout=1,
-            swap_ab=False,
-            two_cta=two_cta,
-            accum_order="TMEM_FRAG_2CTA" if two_cta else "TMEM_FRAG_1CTA",
-        )
-        dkv = dict(
-            num_threads=SM100_POST_THREADS, atom_layout=1, swap_ab=False, two_cta=False, accum_order="TMEM_FRAG_1CTA"
-        )
+        num_wg = config["num_threads"] // WARP_GROUP_THREADS - 1
+        dq_threads = WARP_GROUP_THREADS if config["dQ_single_wg"] else num_wg * WARP_GROUP_THREADS
+        dkv_threads = num_wg * WARP_GROUP_THREADS
     else:
-        raise KeyError(family)
-    pre = _part(
-        "pre",
-        "bwd_pre",
-        dtype=f["dtype"],
-        head_dim=hd,
-        head_dim_v=hdv,
-        tile_m=tile_m,
-        varlen_q=f["varlen_q"],
-        seqused_q=f["seqused_q"],
-        has_dlse=f["has_dlse"],
-        hdim_multiple_of=multiple,
-    )
-    post_q = dict(dtype=f["dtype"], varlen=f["varlen_q"], seqused=f["seqused_q"], hdim_multiple_of=multiple)
-    post_k = dict(dtype=f["dtype"], varlen=f["varlen_k"], seqused=f["seqused_k"], hdim_multiple_of=multiple)
+        dq_threads = dkv_threads = SM100_POST_THREADS
     out = [
-        pre,
-        main,
+        _part(
+            "pre",
+            "bwd_pre",
+            dtype=call["dtype"],
+            head_dim=hd,
+            head_dim_v=hdv,
+            tile_m=config["tile_m"],
+            varlen_q=call["varlen_q"],
+            seqused_q=call["seqused_q"],
+            has_dlse=call["has_dlse"],
+            hdim_multiple_of=mult,
+            pack_factor=pack,
+            scratch_heads=num_heads // pack if pack > 1 else 1,
+        ),
+        _part("main", family, **main_fields),
         _part(
             "post_dq",
             "bwd_post",
+            dtype=call["dtype"],
             head_dim=hd,
-            tile=tile_m,
+            tile=config["tile_m"],
+            num_threads=dq_threads,
+            atom_layout=config["AtomLayoutMdQ"],
+            swap_ab=config["dQ_swapAB"],
+            varlen=call["varlen_q"],
+            seqused=call["seqused_q"],
+            two_cta=config["use_2cta_instrs"],
             cluster_size=1,
-            learnable_sink=f["learnable_sink"],
-            **post_q,
-            **dq,
+            accum_order=dq_order,
+            learnable_sink=call["learnable_sink"],
+            hdim_multiple_of=mult,
+            pack_factor=pack,
         ),
     ]
-    if qh > 1:
+    if dkv_postprocess(main_fields):
         for role, dim in (("post_dk", hd), ("post_dv", hdv)):
             out.append(
                 _part(
                     role,
                     "bwd_post",
+                    dtype=call["dtype"],
                     head_dim=dim,
-                    tile=tile_n,
-                    cluster_size=cluster_size,
+                    tile=config["tile_n"],
+                    num_threads=dkv_threads,
+                    atom_layout=config["AtomLayoutNdKV"],
+                    swap_ab=config["dKV_swapAB"],
+                    varlen=call["varlen_k"],
+                    seqused=call["seqused_k"],
+                    two_cta=False,
+                    cluster_size=config["cluster_size"],
+                    accum_order=dkv_order,
                     learnable_sink="none",
-                    **post_k,
-                    **dkv,
+                    hdim_multiple_of=mult,
+                    pack_factor=1,
                 )
             )
     return tuple(out)
+
+
+def select(sel: Any, family: str, call: dict[str, Any], f: BwdFacts, knobs: BwdKnobs = NO_BWD_KNOBS):
+    """(config fields, parts) of FA4's backward for a call; FA4's rejection raises ValueError."""
+    config = sel.select_bwd_config(bwd_inputs(sel, f, knobs))
+    fields = config_fields(config)
+    return fields, parts(family, call, fields, f.num_heads)
+
+
+def expand(
+    sel: Any, family: str, arch: str, num_sms: int, call: dict[str, Any], domain: dict[str, tuple] | None = None
+):
+    """Every set of kernels FA4 selects for the call class ``call`` over ``domain`` (batch,
+    seqlen_q, seqlen_k, nheads_kv tuples; default: a grid): a list of parts tuples (distinct), or
+    ([], why)."""
+    d = domain or {}
+    grid = (
+        d.get("batch", DEFAULT_BATCH),
+        d.get("seqlen_q", DEFAULT_SEQLEN),
+        d.get("seqlen_k", DEFAULT_SEQLEN),
+        d.get("nheads_kv", DEFAULT_NHEADS_KV),
+    )
+    seen: dict[tuple, tuple[Part, ...]] = {}
+    why = None
+    qh = call["qhead_per_kvhead"]
+    for b, sq, sk, hk in itertools.product(*grid):
+        facts = BwdFacts(
+            fi.arch_number(arch), num_sms, call["dtype"], call["head_dim"], call["head_dim_v"], hk * qh, hk, b,
+            b * sq, b * sk, sq if call["varlen_q"] else None, sk if call["varlen_k"] else None,
+            call["varlen_q"], call["varlen_k"], call["causal"], call["local"], call["deterministic"],
+            bool(call["softcap"]), call["learnable_sink"] != "none",
+        )  # fmt: skip
+        try:
+            _, ps = select(sel, family, call, facts)
+        except (ValueError, AssertionError) as e:
+            why = why or f"FA4 rejects it: {e}"
+            continue
+        seen.setdefault(tuple(p.fields for p in ps), ps)
+    return list(seen.values()), why
 
 
 def round_up(x: int, m: int) -> int:
@@ -233,55 +364,63 @@ def round_up(x: int, m: int) -> int:
 
 
 class Scratch(NamedTuple):
-    """Sizes of the buffers FA4's ``_flash_attn_bwd`` allocates for one call (elements)."""
+    """Shapes of the buffers FA4's ``_flash_attn_bwd`` allocates for one call (interface.py
+    2357-2438): per scratch head (query heads / pack_factor) the dpsum / lse_log2 rows and the dQ
+    accumulator; the dK/dV accumulators; the deterministic semaphores."""
 
-    seqlen_q_rounded: int  # batched: per sequence; varlen: total_q padded per sequence
-    seqlen_k_rounded: int
-    head_dim_rounded: int
-    head_dim_v_rounded: int
-    #: blocks per sequence of the deterministic backward's semaphores: (batch, nheads, q_blocks,
-    #: cluster) for dQ, (batch, nheads_kv, k_blocks, 2) for dK / dV (from the longest sequence)
-    q_blocks: int = 0
-    k_blocks: int = 0
+    scratch: tuple[int, ...]  # dpsum and lse_log2
+    dq_accum: tuple[int, ...]
+    dk_accum: tuple[int, ...] | None
+    dv_accum: tuple[int, ...] | None
+    dq_semaphore: tuple[int, ...] | None
+    dk_semaphore: tuple[int, ...] | None  # dV's has the same shape
+    workspace: tuple[int, ...] | None  # the tensor-map workspace (int64)
 
 
 def scratch(
-    main: Part,
+    family: str,
+    main: dict[str, Any],
     batch: int,
+    num_heads: int,
+    num_heads_kv: int,
     seqlen_q: int,
     seqlen_k: int,
     total_q: int | None,
     total_k: int | None,
+    num_sms: int,
 ) -> Scratch:
-    """FA4's padded extents of dpsum / lse_log2 / the dQ accumulator (per query row) and of the
-    GQA dK / dV accumulators (per key row), for a call of the main kernel ``main``: batched
-    lengths round up to the tile; varlen totals add one tile per sequence (``(total +
-    (batch + 1) * tile - 1) // tile * tile``); a 2-CTA SM100 call pads K to whole CTA pairs.
-    ``seqlen_q``/``seqlen_k``: the (longest) sequence lengths."""
-    f = main.field_dict
-    tm, tn = f["tile_m"], f["tile_n"]
-    cluster = 2 if f.get("two_cta") else 1
+    """FA4's scratch for a call of the main kernel ``main`` (its fields): ``seqlen_q`` /
+    ``seqlen_k`` the (longest) sequence lengths, ``total_*`` the packed totals of varlen sides."""
+    tm, tn, cluster, pack = main["tile_m"], main["tile_n"], main["cluster_size"], main["pack_factor"]
     mult = hdim_multiple_of(main)
-    # per-sequence rounding (FA4's seqlen_*_rounded, from max_seqlen with varlen)
-    q_r = round_up(seqlen_q, tm)
+    hd_r, hdv_r = round_up(main["head_dim"], mult), round_up(main["head_dim_v"], mult)
+    q_rows_r = round_up(seqlen_q * pack, tm)
     k_r = round_up(seqlen_k, tn)
-    if cluster == 2 and (k_r // tn) % 2:
+    if cluster == 2 and (k_r // tn) % cluster:
         k_r += tn
+    heads = num_heads // pack
     if total_q is not None:
-        sq_r = (total_q + (batch + 1) * tm - 1) // tm * tm
+        rows = (total_q * pack + (batch + 1) * tm - 1) // tm * tm
+        sc: tuple[int, ...] = (heads, rows)
     else:
-        sq_r = q_r
-    if total_k is not None:
-        ct = cluster * tn
-        sk_r = (total_k + (batch + 1) * ct - 1) // ct * ct
-    else:
-        sk_r = k_r
-    return Scratch(sq_r, sk_r, round_up(f["head_dim"], mult), round_up(f["head_dim_v"], mult), q_r // tm, k_r // tn)
-
-
-def hdim_multiple_of(main: Part) -> int:
-    """FA4: accumulators are padded to multiples of 64 of the head dim with SM90's dKV_swapAB, else 32."""
-    f = main.field_dict
-    if main.family == "bwd_sm90":
-        return 64 if sm90_bwd_config(f["head_dim"], f["head_dim_v"], f["causal"], f["local"]).dKV_swapAB else 32
-    return 32
+        sc = (batch, heads, q_rows_r)
+    dq = (*sc[:-1], sc[-1] * hd_r)
+    dk = dv = None
+    if dkv_postprocess(main):
+        if total_k is None:
+            dk, dv = (batch, num_heads_kv, k_r * hd_r), (batch, num_heads_kv, k_r * hdv_r)
+        else:
+            ct = cluster * tn
+            k_rows = (total_k + (batch + 1) * ct - 1) // ct * ct
+            dk, dv = (num_heads_kv, k_rows * hd_r), (num_heads_kv, k_rows * hdv_r)
+    dq_sem = dk_sem = None
+    if main["deterministic"]:
+        dq_sem = (batch, heads, q_rows_r // tm, cluster)
+        if dk is not None:
+            dk_sem = (batch, num_heads_kv, k_r // tn, 2)
+    ws = None
+    if main["varlen_k"] or main["seqused_k"]:
+        tk = total_k if total_k is not None else batch * seqlen_k
+        n_blocks = tk // tn + 2 * batch + 1
+        ws = (max(n_blocks * num_heads * 2, 2 * num_sms) + 8, BWD_WORKSPACE_DESCS[family], fi.TENSORMAP_WORDS)
+    return Scratch(sc, dq, dk, dv, dq_sem, dk_sem, ws)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from fa4aot.core import backward as backward_core
 from fa4aot.core import fwd
 from fa4aot.core.rules import (
     COMBINE_MAX_LOG_SPLITS,
@@ -386,6 +387,14 @@ FWD_DOMAIN_AXES = (
     Axis("window", _window, fwd.DEFAULT_WINDOWS, "[left, right] window sizes to expect (with local)"),
 )
 
+#: The shapes a backward group expects (SM100's query-head fold depends on them).
+BWD_DOMAIN_AXES = (
+    Axis("batch", _ints(1, 1 << 20), backward_core.DEFAULT_BATCH, "batch sizes to expect"),
+    Axis("seqlen_q", _ints(1, MAX_SEQLEN), backward_core.DEFAULT_SEQLEN, "query lengths to expect"),
+    Axis("seqlen_k", _ints(1, MAX_SEQLEN), backward_core.DEFAULT_SEQLEN, "key lengths to expect"),
+    Axis("nheads_kv", _ints(1, 1 << 16), backward_core.DEFAULT_NHEADS_KV, "KV head counts to expect"),
+)
+
 #: Filters on what FA4 selects: keep only configs with these values.
 FWD_FILTER_AXES = (
     Axis("q_stage", _filter((1, 2)), (), "Q tiles per CTA"),
@@ -419,6 +428,12 @@ PREPARE_AXES = (
     Axis("seqused_k", _bool("seqused_k"), (False,), "seqused_k"),
     Axis("semaphore", _bool("has_semaphore"), (True,), "reset the tile_count_semaphore (FA4: unless CLC)"),
     Axis("max_batch", _max_batch, (992,), "largest batch to support (picks the warp-count buckets)"),
+    Axis(
+        "swapab",
+        _bool("_swapab"),
+        (False,),
+        "the split rule of FA4's SwapAB decode kernel (SWAPAB.split_policy for the head dim)",
+    ),
 )
 
 
@@ -444,7 +459,7 @@ BWD_AXES = (
 )
 
 
-def check_bwd(family: str) -> Callable[[dict[str, Any]], str | None]:
+def check_bwd(family: str, arch: str = "") -> Callable[[dict[str, Any]], str | None]:
     from fa4aot.core.backward import check_call
 
     def check(f: dict[str, Any]) -> str | None:
@@ -486,8 +501,9 @@ class Family:
 
     @property
     def selected(self) -> bool:
-        """Its variants come from FA4's selector (forward families)."""
-        return bool(self.domain_axes)
+        """Its variants come from FA4's selector one per config (forward families; the backward
+        ones select too, but a config stands for several kernels: ``parts``)."""
+        return bool(self.domain_axes) and self.parts is None
 
 
 FAMILIES: dict[str, Family] = {
@@ -544,6 +560,7 @@ FAMILIES: dict[str, Family] = {
             check_bwd("bwd_sm90"),
             "FA4 SM90 backward: preprocess, FlashAttentionBackwardSm90, dQ (and GQA dK/dV) postprocess",
             parts=lambda f: _bwd_parts("bwd_sm90", f),
+            domain_axes=BWD_DOMAIN_AXES,
         ),
         Family(
             "bwd_sm100",
@@ -552,6 +569,7 @@ FAMILIES: dict[str, Family] = {
             check_bwd("bwd_sm100"),
             "FA4 SM100 backward: preprocess, FlashAttentionBackwardSm100, dQ (and GQA dK/dV) postprocess",
             parts=lambda f: _bwd_parts("bwd_sm100", f),
+            domain_axes=BWD_DOMAIN_AXES,
         ),
         Family(
             "bwd_pre",
@@ -572,9 +590,18 @@ FAMILIES: dict[str, Family] = {
 
 
 def _bwd_parts(family: str, f: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    from fa4aot.core.backward import parts
+    """Every kernel FA4's backward launches for a call of this group, for each config FA4's
+    selector picks over the group's shapes (``_arch`` / ``_num_sms``: the target's)."""
+    from fa4aot.core import backward, selector
 
-    return [(p.family, p.field_dict) for p in parts(family, f)]
+    call = {k: f[k] for k in backward.CALL_FIELDS}
+    found, why = backward.expand(selector.installed(), family, f["_arch"], f["_num_sms"], call, f.get("_domain"))
+    if not found:
+        raise ValueError(why or "FA4 selects no backward configuration for this group")
+    out: list[tuple[str, dict[str, Any]]] = []
+    for ps in found:
+        out += [(p.family, p.field_dict) for p in ps]
+    return out
 
 
 def resolve_fields(family: str, raw: dict[str, Any]) -> list[dict[str, Any]]:
@@ -594,6 +621,13 @@ def resolve_fields(family: str, raw: dict[str, Any]) -> list[dict[str, Any]]:
     if family == "prepare":
         if f["pack_gqa"] == "auto":
             f["pack_gqa"] = f["nheads"] > f["nheads_kv"]
+        f["ctas_per_sm"], f["floor_ctas"], f["floor_blocks"] = (1, 0, 0)
+        if f.pop("_swapab"):
+            from fa4aot.core import selector
+
+            policy = selector.installed().SWAPAB.split_policy(f["headdim"])
+            f["ctas_per_sm"] = policy["ctas_per_sm"]
+            f["floor_ctas"], f["floor_blocks"] = policy["min_blocks_floor"] or (0, 0)
         max_batch = f.pop("_max_batch")
         top = prepare_num_warps(max_batch)
         return [dict(f, num_warps=w) for w in PREPARE_WARPS if w <= top]
@@ -657,6 +691,8 @@ def group_for(variant: Variant, shapes: dict[str, list[Any]] | None = None) -> d
             out[axis.name] = [pages[f["paged_kv"]]]
         elif axis.name == "learnable_sink":
             out[axis.name] = [False if f["learnable_sink"] == "none" else f["learnable_sink"]]
+        elif axis.name == "swapab" and variant.family == "prepare":
+            out[axis.name] = [bool(f.get("floor_ctas"))]
         else:
             try:
                 probe = axis.parse([11, 22])  # a pair axis: learn which field is first

@@ -265,6 +265,9 @@ def _expand(sel: Any, arch: str, num_sms: int, p: dict[str, Any], domain: Domain
             continue
         plan = fi.fwd_plan(sel, config, inputs, facts)
         fields = variant_fields(config, facts, plan, p["softcap"], p["learnable_sink"])
+        if (reason := candidate_problem(sel, arch, fields)) is not None:
+            rejected = rejected or reason
+            continue
         miss = next((n for n, want in p["_filters"].items() if FILTERS[n](fields) not in want), None)
         if miss is not None:
             filtered = filtered or miss
@@ -289,6 +292,22 @@ def is_tuning_candidate(sel: Any, arch: str, num_sms: int, fields: dict[str, Any
         return False
     tm, tn, rs, _ = sel.select_sm90_tile(fields["head_dim"], fields["head_dim_v"], fields["causal"], fields["local"], None)
     return (fields["tile_m"], fields["tile_n"], fields["mma_pv_is_rs"]) != (tm, tn, rs)
+
+
+def candidate_problem(sel: Any, arch: str, fields: dict[str, Any]) -> str | None:
+    """Why a requested SM90 tiling cannot be built (None: it can, or it is FA4's own). FA4
+    validates a requested tile only partly (``validate_fwd_config`` checks no shared memory on
+    SM90); fa4aot's own rule for the tilings it builds as tuning candidates checks the rest."""
+    if fi.arch_number(arch) // 10 != 9 or not is_tuning_candidate(sel, arch, 0, fields):
+        return None
+    from fa4aot.core.rules import sm90_candidate_tile_problem
+    from fa4aot.core.variant import SMEM_OPTIN_227_KIB
+
+    f = fields
+    why = sm90_candidate_tile_problem(
+        f["tile_m"], f["tile_n"], f["head_dim"], f["head_dim_v"], SMEM_OPTIN_227_KIB, f["mma_pv_is_rs"]
+    )
+    return None if why is None else f"tiles {f['tile_m']}x{f['tile_n']}: {why}"
 
 
 def shape_group(f: fi.FwdFacts) -> dict[str, list[Any]]:

@@ -43,7 +43,7 @@ from fa4aot.core.variant import CACHE_FORMAT_VERSION, Target, Variant, sha256_he
 
 FORMAT_LINE = f"fa4aot-cache {CACHE_FORMAT_VERSION}"
 #: File extension of each blob role.
-BLOB_EXT = {"plan": "so", "header": "h", "cubin": "cubin"}
+BLOB_EXT = {"plan": "so", "header": "h", "cubin": "cubin", "selector": "py"}
 DEFAULT_CACHE_ENV = "FA4AOT_CACHE"
 PACKED_DIR = "packed"
 PACKED_MAGIC = b"FA4AOT-PACKED 1\n"
@@ -165,9 +165,16 @@ class PackedKey(NamedTuple):
         return f"{self.arch} with {self.num_sms} SMs, {self.host_arch} host, shim ABI {self.shim_abi}"
 
 
-def pack_index(target: Target, host_arch: str, records: list[tuple[str, str]], shim_abi: int = 0) -> bytes:
+def pack_index(
+    target: Target,
+    host_arch: str,
+    records: list[tuple[str, str]],
+    shim_abi: int = 0,
+    selector: dict[str, Any] | None = None,
+) -> bytes:
     """The packed index bytes for ``records`` ((key, metadata JSON) pairs, one per variant, all of
-    plan-shim ABI ``shim_abi``)."""
+    plan-shim ABI ``shim_abi``); ``selector``: the blob reference (sha256, size) of FA4's selector
+    module the runtime evaluates for these entries."""
     table: dict[str, list[Any]] = {}
     body = bytearray()
     for key, text in records:
@@ -182,6 +189,7 @@ def pack_index(target: Target, host_arch: str, records: list[tuple[str, str]], s
             "host_arch": host_arch,
             "shim_abi": shim_abi,
             "records": table,
+            "selector": selector,
         },
         sort_keys=True,
         separators=(",", ":"),
@@ -227,6 +235,10 @@ class PackedIndex:
                 self.host_arch: str = doc["host_arch"]
                 self.shim_abi = int(doc["shim_abi"])
                 self.records: dict[str, list[Any]] = dict(doc["records"])
+                sel = doc.get("selector")
+                self.selector: BlobRef | None = (
+                    BlobRef(str(sel["sha256"]), int(sel["size"]), BLOB_EXT["selector"]) if sel else None
+                )
             except (KeyError, TypeError, ValueError) as e:
                 raise CorruptArtifactError(f"{path}: packed index header lacks {e}; run `fa4aot reindex`") from None
             self._body = start + length
@@ -275,6 +287,8 @@ class MemoryIndex:
             if prev is None or e.meta.get("created", 0) >= prev.meta.get("created", 0):
                 self._by_id[e.variant_id] = e
         self.records = {vid: e.key for vid, e in self._by_id.items()}
+        newest = max(entries, key=lambda e: e.meta.get("created", 0))
+        self.selector: BlobRef | None = newest.blobs.get("selector")
 
     def __contains__(self, variant_id: str) -> bool:
         return variant_id in self._by_id
@@ -425,6 +439,17 @@ class Cache:
                 f"{ref.size} bytes and {ref.sha256[:16]}.... Refusing to use it; run "
                 "`fa4aot verify` and rebuild."
             )
+        return data
+
+    def read_ref(self, ref: BlobRef, what: str) -> bytes:
+        """The bytes of the blob ``ref`` names (size and sha256 checked; regular files only)."""
+        path = self.blob_path(ref)
+        try:
+            data = read_regular(self.root, ("blobs", ref.sha256[:2], ref.filename), ref.size)
+        except OSError as e:
+            raise CorruptArtifactError(f"{what} is missing, damaged or not a plain file: {path}: {e.strerror or e}") from None
+        if sha256_hex(data) != ref.sha256:
+            raise CorruptArtifactError(f"{what} is corrupt: {path} does not match its sha256; rebuild the cache")
         return data
 
     def read_cubin(self, entry: Entry) -> bytes:

@@ -195,21 +195,26 @@ def _bwd_rows(f: dict[str, Any], d: Dims, which: str) -> tuple[tuple[int, ...], 
     return ((total,) if f["varlen_k"] else (b, d.seqlen_k)), (total if f["varlen_k"] else d.seqlen_k)
 
 
-def backward_tensors(variant: Variant, d: Dims) -> dict[str, TensorLayout]:
-    """Tensors of a backward kernel (FA4's ``_flash_attn_bwd`` layouts and padded buffers); a
-    ``bwd_post`` sample converts the dQ accumulator (the dK / dV ones have the same layout)."""
-    from fa4aot.core.backward import Part, round_up
+def backward_tensors(variant: Variant, d: Dims, num_sms: int | None = None) -> dict[str, TensorLayout]:
+    """Tensors of a backward kernel (FA4's ``_flash_attn_bwd`` layouts and padded buffers,
+    :func:`fa4aot.core.backward.scratch`); a ``bwd_post`` sample converts the dQ accumulator (the
+    dK / dV ones have the same layout)."""
+    from fa4aot.core.backward import round_up, scratch
 
     f = variant.fields
     b, h, hk = d.batch, d.nheads, d.nheads_kv
     if variant.family == "bwd_post":
-        tile, mult, varlen = f["tile"], f["hdim_multiple_of"], f["varlen"]
+        tile, mult, varlen, pack = f["tile"], f["hdim_multiple_of"], f["varlen"], f["pack_factor"]
         total = d.total_q if d.total_q is not None else b * d.seqlen_q
         rows = (total,) if varlen else (b, d.seqlen_q)
-        s_r = (total + (b + 1) * tile - 1) // tile * tile if varlen else round_up(d.seqlen_q, tile)
-        per_head = (lambda n: (h, n)) if varlen else (lambda n: (b, h, n))
+        heads = h // pack
+        if varlen:
+            s_r = (total * pack + (b + 1) * tile - 1) // tile * tile
+        else:
+            s_r = round_up(d.seqlen_q * pack, tile)
+        per_head = (lambda n, hh=h: (hh, n)) if varlen else (lambda n, hh=h: (b, hh, n))
         out = {
-            "accum": _c("fp32", *per_head(s_r * round_up(f["head_dim"], mult))),
+            "accum": _c("fp32", *per_head(s_r * round_up(f["head_dim"], mult), heads)),
             "out": _c(f["dtype"], *rows, h, f["head_dim"]),
         }
         if varlen:
@@ -217,55 +222,58 @@ def backward_tensors(variant: Variant, d: Dims) -> dict[str, TensorLayout]:
         if f["seqused"]:
             out["seqused"] = _c("int32", b)
         if f["learnable_sink"] != "none":
-            out["dpsum"] = _c("fp32", *per_head(s_r))
+            out["dpsum"] = _c("fp32", *per_head(s_r, heads))
             out["lse"] = _c("fp32", *per_head(total if varlen else d.seqlen_q))
             out["learnable_sink"] = _c(f["learnable_sink"], h)
             out["dsink"] = _c(f["learnable_sink"], h)
         return out
     qrows, sq = _bwd_rows(f, d, "q")
-    q_per_head = (lambda n: (h, n)) if f["varlen_q"] else (lambda n: (b, h, n))
+    q_per_head = (lambda n, hh=h: (hh, n)) if f["varlen_q"] else (lambda n, hh=h: (b, hh, n))
     dt = f["dtype"]
     if variant.family == "bwd_pre":
-        tm, mult = f["tile_m"], f["hdim_multiple_of"]
-        sq_r = (sq + (b + 1) * tm - 1) // tm * tm if f["varlen_q"] else round_up(sq, tm)
+        tm, mult, pack = f["tile_m"], f["hdim_multiple_of"], f["pack_factor"]
+        heads = h // pack
+        if f["varlen_q"]:
+            sq_r = (sq * pack + (b + 1) * tm - 1) // tm * tm
+        else:
+            sq_r = round_up(sq * pack, tm)
         out = {
             "out": _c(dt, *qrows, h, d.head_dim_v),
             "dout": _c(dt, *qrows, h, d.head_dim_v),
-            "dpsum": _c("fp32", *q_per_head(sq_r)),
+            "dpsum": _c("fp32", *q_per_head(sq_r, heads)),
             "lse": _c("fp32", *q_per_head(sq)),
-            "lse_log2": _c("fp32", *q_per_head(sq_r)),
-            "dq_accum": _c("fp32", *q_per_head(sq_r * round_up(f["head_dim"], mult))),
+            "lse_log2": _c("fp32", *q_per_head(sq_r, heads)),
+            "dq_accum": _c("fp32", *q_per_head(sq_r * round_up(f["head_dim"], mult), heads)),
         }
         if f["has_dlse"]:
             out["dlse"] = _c("fp32", *q_per_head(sq))
     else:  # the main kernel
-        from fa4aot.core.backward import scratch
-
-        out = {}
         krows, sk = _bwd_rows(f, d, "k")
-        k_per_head = (lambda n: (hk, n)) if f["varlen_k"] else (lambda n: (b, hk, n))
-        main = Part("main", variant.family, variant.params)
-        sc = scratch(main, b, d.seqlen_q, d.seqlen_k, sq if f["varlen_q"] else None, sk if f["varlen_k"] else None)
-        if f["deterministic"]:  # FA4's semaphores (zeroed before each call)
-            out["dq_semaphore"] = _c("int32", b, h, sc.q_blocks, 2 if f.get("two_cta") else 1)
-            if f["qhead_per_kvhead"] > 1:
-                out["dk_semaphore"] = _c("int32", b, hk, sc.k_blocks, 2)
-                out["dv_semaphore"] = _c("int32", b, hk, sc.k_blocks, 2)
+        sc = scratch(
+            variant.family, f, b, h, hk, d.seqlen_q, d.seqlen_k, sq if f["varlen_q"] else None,
+            sk if f["varlen_k"] else None, num_sms or variant.num_sms,
+        )  # fmt: skip
+        out = {}
+        if sc.dq_semaphore is not None:  # FA4's semaphores (zeroed before each call)
+            out["dq_semaphore"] = _c("int32", *sc.dq_semaphore)
+            if sc.dk_semaphore is not None:
+                out["dk_semaphore"] = _c("int32", *sc.dk_semaphore)
+                out["dv_semaphore"] = _c("int32", *sc.dk_semaphore)
         out.update(
             {
                 "q": _c(dt, *qrows, h, d.head_dim),
                 "k": _c(dt, *krows, hk, d.head_dim),
                 "v": _c(dt, *krows, hk, d.head_dim_v),
                 "dout": _c(dt, *qrows, h, d.head_dim_v),
-                "lse_log2": _c("fp32", *q_per_head(sc.seqlen_q_rounded)),
-                "dpsum": _c("fp32", *q_per_head(sc.seqlen_q_rounded)),
-                "dq_accum": _c("fp32", *q_per_head(sc.seqlen_q_rounded * sc.head_dim_rounded)),
+                "lse_log2": _c("fp32", *sc.scratch),
+                "dpsum": _c("fp32", *sc.scratch),
+                "dq_accum": _c("fp32", *sc.dq_accum),
             }
         )
-        if f["qhead_per_kvhead"] > 1:
-            # with GQA the kernel's dk / dv are FA4's fp32 accumulators (the postprocess converts them)
-            out["dk"] = _c("fp32", *k_per_head(sc.seqlen_k_rounded * sc.head_dim_rounded))
-            out["dv"] = _c("fp32", *k_per_head(sc.seqlen_k_rounded * sc.head_dim_v_rounded))
+        if sc.dk_accum is not None:
+            # the kernel's dk / dv are FA4's fp32 accumulators (the postprocess converts them)
+            out["dk"] = _c("fp32", *sc.dk_accum)
+            out["dv"] = _c("fp32", *sc.dv_accum)
         else:
             out["dk"] = _c(dt, *krows, hk, d.head_dim)
             out["dv"] = _c(dt, *krows, hk, d.head_dim_v)
@@ -273,6 +281,8 @@ def backward_tensors(variant: Variant, d: Dims) -> dict[str, TensorLayout]:
             out["cu_seqlens_k"] = _c("int32", b + 1)
         if f["seqused_k"]:
             out["seqused_k"] = _c("int32", b)
+        if sc.workspace is not None:
+            out["tensormap_workspace"] = _c("int64", *sc.workspace)
     if f["varlen_q"]:
         out["cu_seqlens_q"] = _c("int32", b + 1)
     if f["seqused_q"]:
@@ -320,8 +330,12 @@ def dims_for(variant: Variant, **overrides: Any) -> Dims:
         base = {"head_dim": f["head_dim"], "head_dim_v": f["head_dim_v"], "nheads_kv": 4, "nheads": 4 * qh}
     elif variant.family == "bwd_pre":
         base = {"head_dim": f["head_dim"], "head_dim_v": f["head_dim_v"]}
+        if f["pack_factor"] > 1:  # the preprocess of a fold is built for its scratch heads
+            base.update(nheads=f["scratch_heads"] * f["pack_factor"], nheads_kv=f["scratch_heads"])
     elif variant.family == "bwd_post":
         base = {"head_dim": f["head_dim"], "head_dim_v": f["head_dim"]}
+        if f["pack_factor"] > 1:
+            base.update(nheads=4 * f["pack_factor"], nheads_kv=4)
     elif variant.family == "prepare":
         base = {
             "head_dim": f["headdim"],

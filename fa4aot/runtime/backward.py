@@ -19,10 +19,10 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from fa4aot.core.backward import BACKWARD_FAMILY, CALL_FIELDS, Part, check_call, parts, scratch
+from fa4aot.core.backward import BACKWARD_FAMILY, CALL_FIELDS, BwdFacts, check_call, scratch, select
 from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import ArgumentError, VariantNotFoundError
-from fa4aot.core.rules import resolve_window
+from fa4aot.core.fa4_interface import arch_number, clamp_window, resolve_window
 from fa4aot.core.variant import Variant
 from fa4aot.runtime import loader, validate
 from fa4aot.runtime.forward import (
@@ -46,14 +46,14 @@ class BackwardKernels(NamedTuple):
     post_dq: LoadedVariant
     post_dk: LoadedVariant | None
     post_dv: LoadedVariant | None
-    main_part: Part
 
 
-def pick(rt: Runtime, key: tuple[Any, ...]) -> BackwardKernels:
+def pick(rt: Runtime, key: tuple[Any, ...], facts: BwdFacts) -> BackwardKernels:
     """Load the kernels FA4's backward launches for a call whose field values, in
-    :data:`fa4aot.core.backward.CALL_FIELDS` order, are ``key``; remembered per key. Raises
+    :data:`fa4aot.core.backward.CALL_FIELDS` order, are ``key``, and whose shapes FA4's
+    ``select_bwd_config`` reads are ``facts``; remembered per (key, facts). Raises
     VariantNotFoundError naming the manifest group to add when any of them is not cached."""
-    got = rt.backward_picks.get(key)
+    got = rt.backward_picks.get((key, facts))
     if got is not None:
         return got
     fields = dict(zip(CALL_FIELDS, key))
@@ -62,31 +62,31 @@ def pick(rt: Runtime, key: tuple[Any, ...]) -> BackwardKernels:
         raise ArgumentError(f"fa4aot builds no backward for {rt.target.arch} (FA4's SM120 backward is not built)")
     if reason := check_call(family, fields):
         raise ArgumentError(f"FA4's backward cannot run this call on {rt.target.arch}: {reason}")
-    ps = parts(family, fields)
+    try:
+        _, ps = select(rt.selector, family, fields, facts, rt.bwd_knobs)
+    except (ValueError, AssertionError) as e:
+        raise ArgumentError(f"FA4 rejects this backward call: {e}") from None
     variants = [rt.variant_for(p.family, **p.field_dict) for p in ps]
     missing = [v for v in variants if not rt.has(v)]
     if missing:
         from fa4aot.core.families import describe_missing  # the error path only
 
         group = Variant.make(family, rt.target.arch, rt.target.num_sms, **fields)
+        shapes = {"batch": [facts.batch], "nheads_kv": [facts.num_heads_kv]}
+        line = describe_missing(group, shapes)
         if rt.miss_log is not None:  # the group, so `fa4aot manifest from-misses` can ask for it
-            rt.miss_log.add(group, target=rt.target._asdict(), host_arch=rt.host_arch, manifest=describe_missing(group))
+            rt.miss_log.add(group, target=rt.target._asdict(), host_arch=rt.host_arch, manifest=line)
         raise VariantNotFoundError(
             f"the cache {rt.cache.root} lacks {len(missing)} of the {len(ps)} backward kernels of this call "
-            f"({', '.join(v.label() for v in missing)}); add the group and rebuild: {describe_missing(group)}",
+            f"({', '.join(v.label() for v in missing)}); add the group and rebuild: {line}",
             variant=missing[0],
         )
     todo = [v for v in variants if v.variant_id not in rt._loaded]
-    if (
-        len(todo) > 1
-    ):  # first use: load the call's kernels side by side (hashing, dlopen and module loads release the GIL)
+    if len(todo) > 1:  # first use: load the call's kernels side by side (hashing, dlopen release the GIL)
         rt.preload(todo, threads=len(todo))
     loaded = {p.role: rt.load(v) for p, v in zip(ps, variants)}
-    main = next(p for p in ps if p.role == "main")
-    got = BackwardKernels(
-        loaded["pre"], loaded["main"], loaded["post_dq"], loaded.get("post_dk"), loaded.get("post_dv"), main
-    )
-    rt.backward_picks[key] = got
+    got = BackwardKernels(loaded["pre"], loaded["main"], loaded["post_dq"], loaded.get("post_dk"), loaded.get("post_dv"))
+    rt.backward_picks[(key, facts)] = got
     return got
 
 
@@ -203,13 +203,20 @@ def flash_attn_backward(
     else:
         wl, wr = window_size
         causal_r, local, wl, wr = resolve_window(bool(causal), _check_window(wl, "left"), _check_window(wr, "right"))
-    if local:  # fa4aot's local variants take both window edges; an open edge is the whole sequence
+    if local:  # FA4 clamps the sides (interface.py 2158); fa4aot's local variants take both edges
+        wl, wr = clamp_window(True, wl, wr, qrows[0] if varlen_q else qrows[1], kd.shape[0] if varlen_k else kd.shape[1])
         wl = max_k + max_q if wl is None else wl
         wr = max_k + max_q if wr is None else wr
-    # the call's fields in CALL_FIELDS order (the dispatch key)
+    # the call's fields in CALL_FIELDS order (the dispatch key), and what FA4's selection reads
     key = (
         dtype, head_dim, head_dim_v, nheads // nheads_kv, causal_r, local, varlen_q, varlen_k, suq is not None,
         suk is not None, deterministic, float(softcap), dld is not None, sink.dtype if sink is not None else "none",
+    )  # fmt: skip
+    facts = BwdFacts(
+        arch_number(rt.target.arch), rt.target.num_sms, dtype, head_dim, head_dim_v, nheads, nheads_kv, batch,
+        qrows[0] if varlen_q else batch * qrows[1], kd.shape[0] if varlen_k else batch * kd.shape[1],
+        max_seqlen_q if varlen_q else None, max_seqlen_k if varlen_k else None, varlen_q, varlen_k, causal_r, local,
+        deterministic, softcap != 0.0, sink is not None,
     )  # fmt: skip
 
     # outputs: the caller's (checked) or new ones from the inputs' framework
@@ -236,7 +243,7 @@ def flash_attn_backward(
             )
         dsink = alloc_like(learnable_sink, (nheads,), sink.dtype)
         dsd = as_device_tensor(dsink, "dsink")
-    kern = None if empty else pick(rt, key)  # every kernel loaded before anything is written
+    kern = None if empty else pick(rt, key, facts)  # every kernel loaded before anything is written
     s = default_stream(q) if stream is None else stream_handle(stream)
     drv = rt.driver
     if empty:  # FA4: zero gradients, dsink = sum of dlse over the rows (or zero)
@@ -250,24 +257,22 @@ def flash_attn_backward(
         return (dq, dk, dv) if dsink is None else (dq, dk, dv, dsink)
 
     assert kern is not None
-    lkey = (key, batch, nheads, nheads_kv, max_q, max_k, total_q, total_k)
+    lkey = (key, facts, max_q, max_k, total_q, total_k)
     layout = rt.backward_layouts.get(lkey)
     if layout is None:
-        layout = scratch_layout(kern, batch, nheads, nheads_kv, max_q, max_k, total_q, total_k)
+        layout = scratch_layout(rt, kern, batch, nheads, nheads_kv, max_q, max_k, total_q, total_k)
         rt.backward_layouts[lkey] = layout
     regions, total_bytes, zero_offset = layout
-    gqa = nheads > nheads_kv
     bufs: list[Any] = []
     if raw:  # no framework to allocate with: the runtime's per-stream workspace
         base = workspace(rt, s, total_bytes)
     else:
         bufs = [alloc_like(q, (total_bytes // 4,), "fp32")]
         base = as_device_tensor(bufs[0], "scratch").ptr
-    scratch_t = [DeviceTensor(base + off, sh, st, dt, dev, "scratch") for off, sh, st, dt in regions]
-    dpsum, lse_log2, dq_accum = scratch_t[:3]
-    if gqa:
-        dk_accum, dv_accum = scratch_t[3:5]
-    sem_t = dict(zip(("dq_semaphore", "dk_semaphore", "dv_semaphore"), scratch_t[5 if gqa else 3 :]))
+    sc = {name: DeviceTensor(base + off, sh, st, dt, dev, "scratch") for name, off, sh, st, dt in regions}
+    dpsum, lse_log2, dq_accum = sc["dpsum"], sc["lse_log2"], sc["dq_accum"]
+    dk_accum, dv_accum = sc.get("dk_accum"), sc.get("dv_accum")
+    sem_t = {n: sc[n] for n in ("dq_semaphore", "dk_semaphore", "dv_semaphore") if n in sc}
     common_q = {"cu_seqlens_q": cuq, "seqused_q": suq}
     calls = [
         (kern.pre, dict(out=od, dout=dod, dpsum=dpsum, lse=ld, lse_log2=lse_log2, dq_accum=dq_accum, dlse=dld,
@@ -275,8 +280,9 @@ def flash_attn_backward(
     ]  # fmt: skip
     main_args = dict(
         q=qd, k=kd, v=vd, dout=dod, lse_log2=lse_log2, dpsum=dpsum, dq_accum=dq_accum,
-        dk=dk_accum if gqa else dkd, dv=dv_accum if gqa else dvd, softmax_scale=scale,
-        cu_seqlens_k=cuk, seqused_k=suk, stream=s, **common_q, **sem_t,
+        dk=dk_accum if dk_accum is not None else dkd, dv=dv_accum if dv_accum is not None else dvd,
+        softmax_scale=scale, cu_seqlens_k=cuk, seqused_k=suk, stream=s, tensormap_workspace=sc.get("workspace"),
+        **common_q, **sem_t,
     )  # fmt: skip
     if local:
         main_args.update(window_size_left=wl, window_size_right=wr)
@@ -285,7 +291,7 @@ def flash_attn_backward(
     if sink is not None:
         post.update(dpsum=dpsum, lse=ld, learnable_sink=sink, dsink=dsd)
     calls.append((kern.post_dq, post))
-    if gqa:
+    if dk_accum is not None:
         assert kern.post_dk is not None and kern.post_dv is not None
         kv = dict(cu_seqlens=cuk, seqused=suk, stream=s)
         calls.append((kern.post_dk, dict(accum=dk_accum, out=dkd, scale=scale, **kv)))
@@ -302,6 +308,7 @@ def flash_attn_backward(
 
 
 def scratch_layout(
+    rt: Runtime,
     kern: BackwardKernels,
     batch: int,
     nheads: int,
@@ -310,38 +317,45 @@ def scratch_layout(
     max_k: int,
     total_q: int | None,
     total_k: int | None,
-) -> tuple[list[tuple[int, tuple[int, ...], tuple[int, ...], str]], int, int]:
-    """Where FA4's scratch lives in one allocation: (offset, shape, strides, dtype) per region -
-    dpsum, lse_log2, dq_accum, then the GQA dK/dV accumulators and the deterministic semaphores,
-    each 256-byte aligned - the total bytes, and the offset from which everything is zeroed per
-    call. Remembered per call shape (``rt.backward_layouts``)."""
-    sc = scratch(kern.main_part, batch, max_q, max_k, total_q, total_k)
-    varlen_q, varlen_k = total_q is not None, total_k is not None
-    per_q = (lambda n: (nheads, n)) if varlen_q else (lambda n: (batch, nheads, n))
-    per_k = (lambda n: (nheads_kv, n)) if varlen_k else (lambda n: (batch, nheads_kv, n))
-    gqa = nheads > nheads_kv
-    shapes = [per_q(sc.seqlen_q_rounded), per_q(sc.seqlen_q_rounded), per_q(sc.seqlen_q_rounded * sc.head_dim_rounded)]
-    if gqa:
-        shapes += [per_k(sc.seqlen_k_rounded * sc.head_dim_rounded), per_k(sc.seqlen_k_rounded * sc.head_dim_v_rounded)]
-    sems: list[tuple[int, ...]] = []
-    if kern.main.fields["deterministic"]:  # FA4's semaphores, zeroed for every call (torch.zeros in FA4)
-        sems.append((batch, nheads, sc.q_blocks, 2 if kern.main.fields.get("two_cta") else 1))
-        if gqa:
-            sems += [(batch, nheads_kv, sc.k_blocks, 2)] * 2
+) -> tuple[list[tuple[str, int, tuple[int, ...], tuple[int, ...], str]], int, int]:
+    """Where FA4's scratch lives in one allocation: (name, offset, shape, strides, dtype) per
+    region - dpsum, lse_log2, dq_accum, the tensor-map workspace, then what FA4 zeroes (the dK/dV
+    accumulators and the deterministic semaphores), each 256-byte aligned - the total bytes, and
+    the offset from which everything is zeroed per call. Remembered per call shape."""
+    main = kern.main
+    sc = scratch(main.variant.family, main.fields, batch, nheads, nheads_kv, max_q, max_k, total_q, total_k,
+                 rt.target.num_sms)  # fmt: skip
+    plan: list[tuple[str, tuple[int, ...] | None, str]] = [
+        ("dpsum", sc.scratch, "fp32"),
+        ("lse_log2", sc.scratch, "fp32"),
+        ("dq_accum", sc.dq_accum, "fp32"),
+        ("workspace", sc.workspace, "int64"),
+        # zeroed per call from here on (torch.zeros in FA4)
+        ("dk_accum", sc.dk_accum, "fp32"),
+        ("dv_accum", sc.dv_accum, "fp32"),
+        ("dq_semaphore", sc.dq_semaphore, "int32"),
+        ("dk_semaphore", sc.dk_semaphore, "int32"),
+        ("dv_semaphore", sc.dk_semaphore, "int32"),
+    ]
     regions = []
     at = 0
-    for sh, dt in [(sh, "fp32") for sh in shapes] + [(sh, "int32") for sh in sems]:
-        regions.append((at, sh, contiguous_strides(sh), dt))
-        at += _padded_bytes(sh)
-    return regions, at, regions[3][0] if len(regions) > 3 else at
+    zero_at = None
+    for name, sh, dt in plan:
+        if name == "dk_accum":
+            zero_at = at
+        if sh is None:
+            continue
+        regions.append((name, at, sh, contiguous_strides(sh), dt))
+        at += _padded_bytes(sh, 8 if dt == "int64" else 4)
+    return regions, at, at if zero_at is None else zero_at
 
 
 #: Scratch buffers in a workspace start on 256-byte boundaries (the 16 bytes FA4's kernels assume, with room).
 WORKSPACE_ALIGN = 256
 
 
-def _padded_bytes(shape: tuple[int, ...]) -> int:
-    return (4 * math.prod(shape) + WORKSPACE_ALIGN - 1) // WORKSPACE_ALIGN * WORKSPACE_ALIGN
+def _padded_bytes(shape: tuple[int, ...], itemsize: int = 4) -> int:
+    return (itemsize * math.prod(shape) + WORKSPACE_ALIGN - 1) // WORKSPACE_ALIGN * WORKSPACE_ALIGN
 
 
 def workspace(rt: Runtime, stream: int, nbytes: int) -> int:

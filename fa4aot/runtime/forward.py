@@ -24,14 +24,15 @@ import struct
 import sys
 from typing import Any, NamedTuple
 
+from fa4aot.core import fwd
 from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import ArgumentError
-from fa4aot.core.rules import resolve_window
+from fa4aot.core.fa4_interface import TENSORMAP_WORDS, clamp_window, resolve_window, tensormap_workspace_ctas
 from fa4aot.core.tuning import bucket
 from fa4aot.runtime import loader, validate
 from fa4aot.runtime.combine import combine
 from fa4aot.runtime.combine import pick as pick_combine
-from fa4aot.runtime.dispatch import ForwardRule, StaticCall
+from fa4aot.runtime.dispatch import ForwardRule, Pick, Shape, StaticCall
 from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.metadata import SchedulerMetadata
 from fa4aot.runtime.tensors import (
@@ -279,6 +280,8 @@ class ForwardCall(NamedTuple):
     lv: Any  # LoadedVariant
     num_splits: int
     split: bool
+    plan: Any  # fa4_interface.FwdPlan: scheduler metadata and the tensor-map workspace
+    config: Any  # FA4's FwdConfig for the call
     q: DeviceTensor
     k: DeviceTensor
     v: DeviceTensor
@@ -301,8 +304,9 @@ class ForwardCall(NamedTuple):
 
     @property
     def dynamic(self) -> bool:
-        """The variant runs FA4's dynamic persistent scheduler (reads scheduler metadata)."""
-        return self.lv.dynamic
+        """The variant reads scheduler metadata (split counts or a tile semaphore)."""
+        p = self.plan
+        return p is not None and (p.num_splits_dynamic or p.tile_count_semaphore or p.num_nheads_in_l2)
 
     @property
     def lse_shape(self) -> tuple[int, ...]:
@@ -343,6 +347,7 @@ def analyse(
     page_table: Any = None,
     learnable_sink: Any = None,
     softcap: float | None = 0.0,
+    requires_grad: bool = False,
 ) -> ForwardCall:
     """Validate a forward call's inputs and pick its variant (nothing is launched or allocated).
 
@@ -372,6 +377,7 @@ def analyse(
     if nheads_kv < 1 or nheads % nheads_kv:
         raise ArgumentError(f"q has {nheads} heads, k/v {nheads_kv}: nheads must be a multiple of nheads_kv")
     cuq = cuk = suq = suk = None
+    given_q, given_k = max_q, max_k  # the caller's host bounds (FA4 selects differently without them)
     if varlen_q:
         cu = validate.int32_vector_any(cu_q, "cu_seqlens_q", dev, rt)
         batch = cu[1][0] - 1
@@ -442,66 +448,97 @@ def analyse(
     if num_splits.__class__ is not int:
         raise ArgumentError(f"num_splits: expected an int, got {num_splits!r}")
     if window_size is None or window_size == (None, None):
-        causal_r, local, wl, wr = bool(causal), False, None, None
+        wl = wr = None
     else:
         wl, wr = window_size
         wl, wr = _check_window(wl, "left"), _check_window(wr, "right")
-        causal_r, local, wl, wr = resolve_window(bool(causal), wl, wr)
     # FA4 returns before compiling anything when there are no keys or no queries (out = 0, lse =
     # -inf or the sink); FA4's host code would divide by the empty extent, so nothing launches
     # (a page table without columns addresses no keys either)
-    seqlen_k = ks[0] * ks[1] * pt[1][1] if pt is not None else (ks[0] if varlen_k else ks[1])
-    if seqlen_k == 0 or (qs[0] if varlen_q else batch * qs[1]) == 0:
+    k_capacity = pt[1][1] * page_size if pt is not None else (ks[0] if varlen_k else ks[1])
+    total_q = qs[0] if varlen_q else batch * qs[1]
+    seqlen_k = ks[0] * ks[1] if pt is not None else (ks[0] if varlen_k else ks[1])
+    if seqlen_k == 0 or k_capacity == 0 or total_q == 0:
         return _new_call(
             ForwardCall,
-            (rt, None, 1, False, qd, kd, vd, cuq, cuk, suq, suk, batch, rows, nheads, head_dim_v, dtype, max_q, max_k, 0.0, None, None, pt, sink),
+            (rt, None, 1, False, None, None, qd, kd, vd, cuq, cuk, suq, suk, batch, rows, nheads, head_dim_v, dtype, max_q, max_k, 0.0, None, None, pt, sink),
         )  # fmt: skip
     key = (
         dtype,
         head_dim,
         head_dim_v,
-        nheads // nheads_kv,
-        causal_r,
-        local,
+        nheads,
+        nheads_kv,
+        bool(causal),
         varlen_q,
         varlen_k,
         su_q is not None,
         su_k is not None,
-        1 if num_splits == 1 else (2 if num_splits > 1 else 0),  # dispatch.splits_mode
         pack_gqa,
         bool(return_lse),
         has_metadata,
         pt is not None,
         sink_dtype,
         softcap,
+        requires_grad,
     )
     rule = rt.forward_rules.get(key)
     if rule is None:
         t = rt.target
-        static = StaticCall(
-            t.arch, t.num_sms, *key[:14], clc=rt.clc, paged=key[14], learnable_sink=key[15], softcap=key[16]
-        )
-        rule = ForwardRule(static)
+        rule = ForwardRule(StaticCall(t.arch, t.num_sms, *key), rt.selector, rt.knobs)
         rt.forward_rules[key] = rule
-    vkey, splits = rule.decide(batch, nheads_kv, max_q, max_k, num_splits, wl, wr, page_size)
-    lv = rule.loaded.get(vkey)
-    if lv is None:
-        lv = rt.load(rule.variant(vkey))
-        if len(rule.loaded) >= MAX_RULE_VARIANTS:
-            rule.loaded.clear()
-        rule.loaded[vkey] = lv
+    total_k = ks[0] if varlen_k else ks[0] * ks[1]  # FA4: math.prod(v.shape[:-2])
+    shape = Shape(
+        batch,
+        total_q,
+        total_k,
+        qs[0] if varlen_q else qs[1],
+        k_capacity,
+        given_q,
+        given_k,
+        wl,
+        wr,
+        page_size,
+        num_splits,
+    )
+    pick = rule.memo.get(shape)
+    if pick is None:
+        pick = _pick(rt, rule, shape)
+    lv = pick.lv
     if lv.tuned is not None:  # the device's tuning table has entries for FA4's choice
         choice = lv.tuned.get(bucket(rows[0] if varlen_q else batch, nheads, max_q, max_k))
         if choice is not None:
             lv = rt._load_id(choice)
+    _, local, wl, wr = resolve_window(bool(causal), wl, wr)
     if local:
-        # fa4aot's local variants take both window edges; an open edge is the whole sequence
+        # the kernels get FA4's clamped sides (interface.py 898); fa4aot's local variants take
+        # both edges: an open edge is the whole sequence
+        q_cap = qs[0] if varlen_q else qs[1]
+        wl, wr = clamp_window(True, wl, wr, q_cap, k_capacity)
         wl = max_k + max_q if wl is None else wl
         wr = max_k + max_q if wr is None else wr
+    splits = pick.plan.num_splits
     return _new_call(
         ForwardCall,
-        (rt, lv, splits, splits > 1, qd, kd, vd, cuq, cuk, suq, suk, batch, rows, nheads, head_dim_v, dtype, max_q, max_k, scale, wl, wr, pt, sink),
+        (rt, lv, splits, splits > 1, pick.plan, pick.config, qd, kd, vd, cuq, cuk, suq, suk, batch, rows, nheads, head_dim_v, dtype, max_q, max_k, scale, wl if local else None, wr if local else None, pt, sink),
     )  # fmt: skip
+
+
+def _pick(rt: Runtime, rule: ForwardRule, shape: Shape) -> Pick:
+    """FA4's decision for a shape the rule has not seen: FA4's selection, then the variant (loaded
+    on first use, or the manifest line that builds it when the cache lacks it)."""
+    d = rule.decision(shape)
+    key = tuple(sorted(d.fields.items()))
+    lv = rule.loaded.get(key)
+    if lv is None:
+        variant = rule.variant(d.fields)
+        if not rt.has(variant):
+            rt.miss(variant, fwd.shape_group(rule.facts(shape)))
+        lv = rt.load(variant)
+        rule.loaded[key] = lv
+    pick = Pick(lv, d.plan, d.config)
+    rule.memo[shape] = pick
+    return pick
 
 
 def forward(
@@ -528,9 +565,11 @@ def forward(
     learnable_sink: Any = None,
     softcap: float | None = 0.0,
     lse: Any = None,
+    requires_grad: bool = False,
 ) -> tuple[Any, Any]:
     """The forward call behind the API functions (positional: it is the hot path). ``lse``: a
-    preallocated LSE (FA4's layout) to write, which implies return_lse."""
+    preallocated LSE (FA4's layout) to write, which implies return_lse; ``requires_grad``: a
+    training forward (FA4 selects for the backward that follows)."""
     rt = runtime or loader._DEFAULT or loader.default_runtime()
     if metadata is not None and not isinstance(metadata, SchedulerMetadata):
         raise ArgumentError(
@@ -560,6 +599,7 @@ def forward(
         page_table,
         learnable_sink,
         softcap,
+        requires_grad,
     )
     if metadata is not None and cu_q is None and su_q is None:
         raise ArgumentError("scheduler_metadata is for varlen queries (cu_seqlens_q or seqused_q)")
@@ -584,6 +624,7 @@ def forward(
     if fc.lv is None:  # no keys or no queries: FA4's early return, nothing launches
         fill_empty(rt, od, ld, fc.learnable_sink, s)
         return out, lse
+    plan = fc.plan
     if fc.split:
         # everything the combine needs is resolved before anything is launched
         out_partial = alloc_like(q, (fc.num_splits, *out_shape), "fp32")
@@ -598,19 +639,23 @@ def forward(
             cu_q is not None,
             su_q is not None and cu_q is not None,
             lse is not None,
-            fc.dynamic,
+            plan.num_splits_dynamic,
         )
     else:
         o_arg, l_arg = od, ld
+    nsd = sem = l2 = None
     md = None
-    if fc.dynamic:
+    if metadata is not None or plan.prepare:
+        # FA4's scheduler metadata: the caller's, or the prepare kernel's for a split varlen call
         md = metadata if metadata is not None else _auto_metadata(fc, s)  # may launch prepare
         check_metadata(md, fc)
-        nsd, sem, l2 = md.buffers
-        if not fc.lv.fields["causal"]:
-            l2 = None
-    else:
-        nsd = sem = l2 = None
+        b_nsd, b_sem, b_l2 = md.buffers
+        nsd = b_nsd if plan.num_splits_dynamic else None
+        sem = b_sem if plan.tile_count_semaphore else None
+        l2 = b_l2 if plan.num_nheads_in_l2 else None
+    elif plan.dynamic_route:
+        sem = route_semaphore(rt, s)
+    ws = workspace(rt, fc, s) if plan.tensormap_workspace else None
     fc.lv.launch(
         fc.q,
         fc.k,
@@ -630,6 +675,7 @@ def forward(
         fc.wr,
         fc.learnable_sink,
         fc.max_q,
+        ws,
         s,
     )
     if fc.split:
@@ -640,13 +686,48 @@ def forward(
             transposed(lse) if lse is not None else None,
             cu_seqlens=cu_q,
             seqused=su_q if cu_q is not None else None,
-            num_splits_dynamic=md.num_splits_dynamic if md is not None else None,
+            num_splits_dynamic=md.num_splits_dynamic if nsd is not None else None,
             stream=s,
             runtime=rt,
         )
-    if metadata is not None and md is metadata:
-        md.reset_semaphore(s)  # the forward counted it up; zero it for the next use (FA4 does the same)
+    if metadata is not None and sem is not None:
+        md.reset_semaphore(s)  # the forward counted it up; zero it for the next use
     return out, lse
+
+
+#: Bytes of one tensor-map workspace slot (FA4: int64 (n_ctas, 16), a 128-byte TMA descriptor per CTA).
+WORKSPACE_SLOT_BYTES = TENSORMAP_WORDS * 8
+
+
+def workspace(rt: Runtime, fc: ForwardCall, stream: int) -> DeviceTensor:
+    """FA4's tensor-map workspace for this call: at least the slots FA4 sizes for the grid
+    (interface.py 1255-1272), one buffer per stream that only grows, so repeated calls allocate
+    nothing and keep its address (CUDA graphs: warm up with the largest shape before capturing)."""
+    c = fc.config
+    q_rows = fc.rows[0]
+    slots = tensormap_workspace_ctas(
+        c.pack_gqa, c.tile_m, fc.nheads, fc.k[1][-2], rt.target.num_sms, q_rows, fc.batch, fc.num_splits
+    )
+    have = rt.stream_workspaces.get(stream)
+    if have is None or have[1] < slots:
+        if have is not None:
+            del rt.stream_workspaces[stream]  # frees it after the stream's queued work
+        # a little headroom, so a growing batch does not reallocate at every step
+        slots = slots + slots // 4
+        rt.stream_workspaces[stream] = have = (rt.driver.alloc(slots * WORKSPACE_SLOT_BYTES), slots)
+    return DeviceTensor(have[0], (have[1], TENSORMAP_WORDS), (TENSORMAP_WORDS, 1), "int64", rt.device, "raw")
+
+
+def route_semaphore(rt: Runtime, stream: int) -> DeviceTensor:
+    """The zeroed tile semaphore FA4 allocates for its dynamic varlen route (interface.py 1061):
+    one per stream, zeroed once; the kernel resets it at exit, so launches ordered on the stream
+    reuse it."""
+    ptr = rt.route_semaphores.get(stream)
+    if ptr is None:
+        ptr = rt.driver.alloc(4)
+        rt.driver.memset_d32(ptr, 0, 1, stream)
+        rt.route_semaphores[stream] = ptr
+    return DeviceTensor(ptr, (1,), (1,), "int32", rt.device, "raw")
 
 
 #: fp32 -inf: the LSE of a row with no keys and no sink (FA4: ``lse.fill_(-inf)``)
@@ -710,27 +791,19 @@ def check_metadata(md: SchedulerMetadata, fc: ForwardCall) -> None:
         raise ArgumentError(f"scheduler_metadata was made for batch {md.batch_size}, this call has {fc.batch}")
     if md.num_splits is None:
         raise ArgumentError("scheduler_metadata has not been computed (call .compute(...))")
-    if fc.lv.fields["causal"] and md.num_nheads_in_l2 is None:
+    if fc.plan.num_nheads_in_l2 and md.num_nheads_in_l2 is None:
         raise ArgumentError("scheduler_metadata was made with causal=False for a causal call")
 
 
 def _auto_metadata(fc: ForwardCall, stream: int) -> SchedulerMetadata:
-    """Prepare-kernel metadata for a split-KV varlen call, like FA4's automatic path. The buffers
-    are kept per (stream, configuration) in a bounded cache, so repeated calls allocate nothing."""
-    rt, f = fc.rt, fc.lv.fields
+    """Prepare-kernel metadata for a split-KV varlen call, as FA4's forward prepares it
+    (interface.py 1064-1090). The buffers are kept per (stream, configuration) in a bounded
+    cache, so repeated calls allocate nothing."""
+    rt, f, c, plan = fc.rt, fc.lv.fields, fc.config, fc.plan
     nheads_kv = fc.nheads // f["qhead_per_kvhead"]
-    key = (
-        stream,
-        fc.batch,
-        fc.nheads,
-        nheads_kv,
-        f["head_dim"],
-        f["head_dim_v"],
-        f["causal"],
-        f["pack_gqa"],
-        f["tile_m"],
-        f["tile_n"],
-    )
+    policy = split_policy(rt.selector, f["head_dim"]) if c.use_swapab else (1, 0, 0)
+    key = (stream, fc.batch, fc.nheads, nheads_kv, f["head_dim"], f["head_dim_v"], plan.num_nheads_in_l2,
+           c.pack_gqa, c.tile_m, c.tile_n, plan.tile_count_semaphore, policy)  # fmt: skip
     md = rt.auto_metadata.get(key)
     if md is None:
         md = SchedulerMetadata(
@@ -739,10 +812,12 @@ def _auto_metadata(fc: ForwardCall, stream: int) -> SchedulerMetadata:
             nheads_kv,
             f["head_dim"],
             f["head_dim_v"],
-            causal=f["causal"],
-            pack_gqa=f["pack_gqa"],
-            tile_m=f["tile_m"],
-            tile_n=f["tile_n"],
+            causal=plan.num_nheads_in_l2,
+            pack_gqa=c.pack_gqa,
+            tile_m=c.tile_m,
+            tile_n=c.tile_n,
+            semaphore=plan.tile_count_semaphore,
+            split_policy=policy,
             runtime=rt,
         )
         rt.auto_metadata[key] = md
@@ -757,6 +832,14 @@ def _auto_metadata(fc: ForwardCall, stream: int) -> SchedulerMetadata:
         stream=stream,
     )
     return md
+
+
+def split_policy(sel: Any, head_dim: int) -> tuple[int, int, int]:
+    """(ctas_per_sm, floor CTAs, floor blocks) of FA4's prepare kernel for its SwapAB decode
+    kernel (``SWAPAB.split_policy``); (1, 0, 0) is the kernel's default rule."""
+    p = sel.SWAPAB.split_policy(head_dim)
+    low, blocks = p["min_blocks_floor"] or (0, 0)
+    return p["ctas_per_sm"], low, blocks
 
 
 #: Python class -> framework name ("torch", "cupy", "jax", "raw")

@@ -27,14 +27,15 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from fa4aot.core.backward import bwd_knobs_from_env
 from fa4aot.core.bounded import BoundedDict
-from fa4aot.core.errors import CacheError, DeviceMismatchError, Fa4aotError, VariantNotFoundError
+from fa4aot.core.errors import ArgumentError, CacheError, DeviceMismatchError, Fa4aotError, VariantNotFoundError
+from fa4aot.core.fa4_interface import Knobs, knobs_from_env
 from fa4aot.core.index import Cache, Entry, PackedKey, cache_search_path, read_regular, splice_plan
 from fa4aot.core.tuning import TuningEntry, TuningTable, TuningTableError, result_class_difference, table_filename
 from fa4aot.core.variant import Target, Variant
 from fa4aot.plan.abi import DEV_ATTR_MAX_SMEM_OPTIN, FUNC_ATTR_SHARED_SIZE_BYTES, SHIM_ABI
 from fa4aot.plan.library import Plan, open_plan
-from fa4aot.runtime.dispatch import clc_requested
 
 #: CUDA driver version each cubin toolkit major needs.
 _DRIVER_FOR_TOOLKIT = {12: 12000, 13: 13000}
@@ -74,6 +75,7 @@ FORWARD_ORDER = (
     "window_size_right",
     "learnable_sink",
     "max_seqlen_q",
+    "tensormap_workspace",
     "stream",
 )
 
@@ -110,7 +112,7 @@ class LoadedVariant:
     dict, made once) and, for forward variants, the generated launcher taking
     :data:`FORWARD_ORDER` (SM90 plans take no max_seqlen_q)."""
 
-    __slots__ = ("entry", "plan", "kernels", "variant", "fields", "dynamic", "launch", "load_seconds", "tuned")
+    __slots__ = ("entry", "plan", "kernels", "variant", "fields", "launch", "load_seconds", "tuned")
 
     def __init__(self, entry: Entry, plan: Plan, kernels: list[int]):
         self.entry = entry
@@ -118,14 +120,13 @@ class LoadedVariant:
         self.kernels = kernels
         self.variant: Variant = entry.variant
         self.fields: dict[str, Any] = self.variant.fields
-        self.dynamic = self.fields.get("scheduler") == "dynamic"
         #: seconds each phase of loading took (benchmarks read it)
         self.load_seconds: dict[str, float] = {}
         #: bucket -> variant id from the device's tuning table, when it has entries for this variant
         self.tuned: dict[tuple, str] | None = None
         self.launch: Callable[..., None] | None = (
             # the forward checks every tensor's rank before launching
-            plan.launcher(FORWARD_ORDER, optional=("max_seqlen_q",), ranks_checked=True)
+            plan.launcher(FORWARD_ORDER, optional=("max_seqlen_q", "tensormap_workspace"), ranks_checked=True)
             if self.variant.family.startswith("fwd_")
             else None
         )
@@ -135,8 +136,9 @@ class Runtime:
     """A read-only fa4aot cache bound to the current CUDA device.
 
     ``allow_sm_mismatch``: use a cache built for another SM count of the same arch (warns; FA4's
-    persistent grids then size for the wrong SKU - correct but not tuned). ``clc``: FA4's CLC
-    scheduler (default: FA_CLC=1 in the environment, read now). ``tuned``: apply the cache's
+    persistent grids then size for the wrong SKU - correct but not tuned). ``knobs``: FA4's
+    selection knobs (default: FA_DISABLE_2CTA, FA_DISABLE_S_PING_PONG and
+    FLASH_ATTENTION_SM100_BACKEND from the environment, read now). ``tuned``: apply the cache's
     tuning table for this device when it has one (default: unless FA4AOT_TUNING=0).
     ``miss_log`` (default ``$FA4AOT_MISS_LOG``): append a JSON line per distinct variant a call
     needs and the cache lacks (with the manifest line that builds it). ``record_log`` (default
@@ -151,7 +153,7 @@ class Runtime:
         cache_dir: str | Path | None = None,
         *,
         allow_sm_mismatch: bool = False,
-        clc: bool | None = None,
+        knobs: Knobs | None = None,
         tuned: bool | None = None,
         miss_log: str | Path | None = None,
         record_log: str | Path | None = None,
@@ -177,7 +179,12 @@ class Runtime:
         #: seconds spent opening: driver set-up, device queries, cache and index (benchmarks read it)
         self.open_seconds = {"driver": t1 - t0, "device": t2 - t1, "index": time.perf_counter() - t2}
         self.target: Target = self.index.target
-        self.clc = clc_requested() if clc is None else clc
+        try:
+            self.knobs = knobs_from_env(os.environ) if knobs is None else knobs
+            self.bwd_knobs = bwd_knobs_from_env(os.environ)
+        except ValueError as e:
+            raise ArgumentError(str(e)) from None
+        self._selector: Any = None
         self._launch_fn = driver.launch_function()
         self._loaded: dict[str, LoadedVariant] = {}
         self._loading: dict[str, threading.Lock] = {}
@@ -196,6 +203,14 @@ class Runtime:
         )
         #: split-KV varlen calls without caller metadata: (stream, configuration) -> SchedulerMetadata
         self.auto_metadata: BoundedDict = BoundedDict(MAX_AUTO_METADATA, on_evict=lambda k, md: md.close())
+        #: FA4's tensor-map workspace per stream: stream -> (device pointer, slots)
+        self.stream_workspaces: BoundedDict = BoundedDict(
+            MAX_AUTO_METADATA, on_evict=lambda stream, ws: self._free_workspace(stream, ws[0])
+        )
+        #: the zeroed tile semaphore of FA4's dynamic varlen route, per stream
+        self.route_semaphores: BoundedDict = BoundedDict(
+            MAX_AUTO_METADATA, on_evict=lambda stream, ptr: self._free_workspace(stream, ptr)
+        )
         #: the device's tuning table (None: none, or not applied) and its lookup: default variant
         #: id -> shape bucket -> chosen variant id (only entries this cache can honour)
         self.tuning_table: TuningTable | None = None
@@ -418,6 +433,29 @@ class Runtime:
                 f"{self.info.driver_version // 1000}.{self.info.driver_version % 1000 // 10}."
             )
 
+    # -- FA4's selector -------------------------------------------------------------------
+
+    @property
+    def selector(self) -> Any:
+        """FA4's config-selection module (its config.py) that the cache's entries were built with,
+        read from the cache (size and sha256 checked) and loaded on first use."""
+        sel = self._selector
+        if sel is None:
+            from fa4aot.core import selector as selector_mod
+
+            ref = getattr(self.index, "selector", None)
+            if ref is None:
+                raise CacheError(
+                    f"the cache {self.cache.root} holds no FA4 selector (its entries were built by an fa4aot "
+                    "before the FA4 4.0.0b40 port, or its packed index is old: run `fa4aot reindex`); rebuild it"
+                )
+            source = self.cache.read_ref(ref, "FA4's selector (config.py)")
+            with self._lock:
+                if self._selector is None:
+                    self._selector = selector_mod.load(source, str(self.cache.blob_path(ref)))
+                sel = self._selector
+        return sel
+
     # -- lookup and load -------------------------------------------------------------------
 
     def variant_for(self, family: str, **fields: Any) -> Variant:
@@ -431,6 +469,21 @@ class Runtime:
         """Ids of every variant this runtime can load."""
         return list(self.index.records)
 
+    def miss(self, variant: Variant, shapes: dict[str, list[Any]] | None = None) -> None:
+        """Raise VariantNotFoundError for a variant the cache lacks, naming the manifest line that
+        builds it (with the call's ``shapes`` for a forward variant), after logging it."""
+        from fa4aot.core.families import describe_missing
+
+        line = describe_missing(variant, shapes)
+        if self.record_log is not None:
+            self.record_log.add(variant, present=False)
+        if self.miss_log is not None:
+            self.miss_log.add(variant, target=self.target._asdict(), host_arch=self.host_arch, manifest=line)
+        raise VariantNotFoundError(
+            f"the cache {self.cache.root} has no {variant.label()}; add it to the manifest and rebuild: {line}",
+            variant=variant,
+        )
+
     def load(self, variant: Variant) -> LoadedVariant:
         """The loaded variant (loading and verifying it on first use)."""
         vid = variant.variant_id
@@ -440,17 +493,7 @@ class Runtime:
         if lv is not None:
             return lv
         if vid not in self.index:
-            from fa4aot.core.families import describe_missing
-
-            if self.miss_log is not None:
-                self.miss_log.add(
-                    variant, target=self.target._asdict(), host_arch=self.host_arch, manifest=describe_missing(variant)
-                )
-            raise VariantNotFoundError(
-                f"the cache {self.cache.root} has no {variant.label()}; add it to the manifest and "
-                f"rebuild: {describe_missing(variant)}",
-                variant=variant,
-            )
+            self.miss(variant)
         return self._load_id(vid)
 
     def _load_id(self, vid: str) -> LoadedVariant:
@@ -545,6 +588,8 @@ class Runtime:
             "backward_layouts": len(self.backward_layouts),
             "backward_workspaces": len(self.backward_workspace),
             "auto_metadata": len(self.auto_metadata),
+            "stream_workspaces": len(self.stream_workspaces),
+            "route_semaphores": len(self.route_semaphores),
         }
 
 

@@ -33,7 +33,10 @@ class SchedulerMetadata:
 
     The buffers are allocated once (one ``cuMemAlloc``) and owned by this object; ``close()`` (or
     garbage collection) frees them. ``tile_m``/``tile_n`` are those of the forward kernel the
-    metadata serves (FA4: 128 x 128 on SM100). Buffers are exposed as :class:`RawTensor`.
+    metadata serves (FA4: 128 x 128 on SM100). ``semaphore``: allocate the tile semaphore (FA4:
+    unless the forward runs its CLC scheduler); ``split_policy``: the prepare kernel's split rule
+    (ctas_per_sm, floor CTAs, floor blocks) - FA4's ``SWAPAB.split_policy`` for its SwapAB decode
+    kernel, (1, 0, 0) otherwise. Buffers are exposed as :class:`RawTensor`.
     """
 
     def __init__(
@@ -48,6 +51,8 @@ class SchedulerMetadata:
         pack_gqa: bool | None = None,
         tile_m: int = 128,
         tile_n: int = 128,
+        semaphore: bool = True,
+        split_policy: tuple[int, int, int] = (1, 0, 0),
         runtime: Runtime | None = None,
     ):
         if batch_size < 1:
@@ -66,7 +71,10 @@ class SchedulerMetadata:
             causal=causal,
             pack_gqa=(nheads > nheads_kv) if pack_gqa is None else pack_gqa,
             num_warps=prepare_num_warps(batch_size),
-            has_semaphore=True,
+            has_semaphore=semaphore,
+            ctas_per_sm=split_policy[0],
+            floor_ctas=split_policy[1],
+            floor_blocks=split_policy[2],
         )
         b = batch_size
         n_vec = 3 if causal else 2

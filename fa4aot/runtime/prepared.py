@@ -31,11 +31,20 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from fa4aot.core.errors import ArgumentError
+from fa4aot.core.fa4_interface import TENSORMAP_WORDS, tensormap_workspace_ctas
 from fa4aot.plan.abi import CALL_PTRS_OFFSET
 from fa4aot.plan.library import BoundCall, Plan
 from fa4aot.runtime import combine as combine_mod
 from fa4aot.runtime import loader, validate
-from fa4aot.runtime.forward import analyse, check_metadata, default_stream, framework, transposed
+from fa4aot.runtime.forward import (
+    WORKSPACE_SLOT_BYTES,
+    analyse,
+    check_metadata,
+    default_stream,
+    framework,
+    split_policy,
+    transposed,
+)
 from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.metadata import SchedulerMetadata
 from fa4aot.runtime.tensors import DeviceTensor, as_device_tensor, contiguous_strides, stream_handle
@@ -315,7 +324,8 @@ def prepare_forward(
     variants = [fc.lv.variant]
     try:
         md = None
-        if fc.dynamic:
+        plan, c = fc.plan, fc.config
+        if scheduler_metadata is not None or plan.prepare:
             if scheduler_metadata is not None:
                 md = scheduler_metadata
             else:
@@ -326,10 +336,12 @@ def prepare_forward(
                     fc.nheads // f["qhead_per_kvhead"],
                     f["head_dim"],
                     f["head_dim_v"],
-                    causal=f["causal"],
-                    pack_gqa=f["pack_gqa"],
-                    tile_m=f["tile_m"],
-                    tile_n=f["tile_n"],
+                    causal=plan.num_nheads_in_l2,
+                    pack_gqa=c.pack_gqa,
+                    tile_m=c.tile_m,
+                    tile_n=c.tile_n,
+                    semaphore=plan.tile_count_semaphore,
+                    split_policy=split_policy(rt.selector, f["head_dim"]) if c.use_swapab else (1, 0, 0),
                     runtime=rt,
                 )
                 owned.append(md)
@@ -337,11 +349,32 @@ def prepare_forward(
                 md.num_splits = fc.num_splits  # compute() sets it on every call; check_metadata wants it
             check_metadata(md, fc)
             nsd, sem, l2 = md.buffers
-            fwd_args.update(num_splits_dynamic=nsd, tile_count_semaphore=sem)
-            src_fwd.update(num_splits_dynamic=nsd.ptr, tile_count_semaphore=sem.ptr)
-            if fc.lv.fields["causal"]:
-                fwd_args["num_nheads_in_l2"] = l2
-                src_fwd["num_nheads_in_l2"] = l2.ptr
+            for name, buf, on in (
+                ("num_splits_dynamic", nsd, plan.num_splits_dynamic),
+                ("tile_count_semaphore", sem, plan.tile_count_semaphore),
+                ("num_nheads_in_l2", l2, plan.num_nheads_in_l2),
+            ):
+                if on:
+                    fwd_args[name] = buf
+                    src_fwd[name] = buf.ptr
+        elif plan.dynamic_route:
+            # FA4 allocates a zeroed semaphore per call; the kernel resets it at exit, so one zeroed
+            # at bind time serves every call
+            sem_ptr = rt.driver.alloc(4)
+            owned.append(sem_ptr)
+            rt.driver.memset_d32(sem_ptr, 0, 1, 0)
+            rt.driver.synchronize(0)
+            fwd_args["tile_count_semaphore"] = DeviceTensor(sem_ptr, (1,), (1,), "int32", dev, "raw")
+            src_fwd["tile_count_semaphore"] = sem_ptr
+        if plan.tensormap_workspace:
+            slots = tensormap_workspace_ctas(
+                c.pack_gqa, c.tile_m, fc.nheads, fc.k[1][-2], rt.target.num_sms, fc.rows[0], fc.batch, fc.num_splits
+            )
+            ws_ptr = rt.driver.alloc(slots * WORKSPACE_SLOT_BYTES)
+            owned.append(ws_ptr)
+            ws = DeviceTensor(ws_ptr, (slots, TENSORMAP_WORDS), (TENSORMAP_WORDS, 1), "int64", dev, "raw")
+            fwd_args["tensormap_workspace"] = ws
+            src_fwd["tensormap_workspace"] = ws_ptr
         if fc.split:
             op_shape = (fc.num_splits, *out_shape)
             lp_shape = (fc.num_splits, *fc.lse_shape)
@@ -360,7 +393,7 @@ def prepare_forward(
                 transposed(ld) if ld is not None else None,
                 fc.cu_q,
                 fc.su_q if fc.cu_q is not None else None,
-                md.buffers[0] if md is not None else None,
+                md.buffers[0] if (md is not None and plan.num_splits_dynamic) else None,
             )
         fwd_args.update(softmax_scale=fc.scale, stream=0)
         if fc.wl is not None:
@@ -376,11 +409,11 @@ def prepare_forward(
                 "lse": src.get("lse"),
                 "cu_seqlens": src.get("cu_seqlens_q"),
                 "seqused": src.get("seqused_q"),
-                "num_splits_dynamic": md.buffers[0].ptr if md is not None else None,
+                "num_splits_dynamic": md.buffers[0].ptr if (md is not None and plan.num_splits_dynamic) else None,
             }
             steps.bound(comb_lv.plan.bind(dict(comb_named, stream=0)), src_comb)
             variants.append(comb_lv.variant)
-        if scheduler_metadata is not None and md is scheduler_metadata:
+        if scheduler_metadata is not None and md is scheduler_metadata and plan.tile_count_semaphore:
             sem_ptr = md.tile_count_semaphore.ptr
             memset = rt.driver.memset_d32
             steps.python(lambda st: memset(sem_ptr, 0, 1, st), "st")  # zero the semaphore for the next use

@@ -117,35 +117,50 @@ class Comparison:
 
 
 def _backward_calls(m: Variant) -> list[tuple[dict[str, Any], set[tuple[str, str]]]]:
-    """The backward calls of main kernel ``m``'s groups (with and without a gradient on the LSE,
-    without a sink and with each sink dtype): each call's case and the (family, variant id) of
-    every kernel FA4 compiles for it."""
-    from fa4aot.core.backward import CALL_FIELDS, parts
+    """Backward calls for which FA4 selects main kernel ``m`` (with and without a gradient on the
+    LSE, without a sink and with each sink dtype, over the shape grid a group expands over): for
+    each distinct set of kernels such a call compiles, one call's case and the (family, variant
+    id) of its kernels."""
+    from fa4aot.core import backward as bw
+    from fa4aot.core import selector
+    from fa4aot.core.fa4_interface import arch_number
     from fa4aot.core.families import SINK_DTYPES
 
-    out = []
+    sel = selector.installed()
     mf = m.fields
+    found: dict[frozenset, dict[str, Any]] = {}
+    grid = list(itertools.product(bw.DEFAULT_BATCH, bw.DEFAULT_SEQLEN, bw.DEFAULT_SEQLEN, bw.DEFAULT_NHEADS_KV))
     for dlse, sink in itertools.product((False, True), ("none",) + SINK_DTYPES):
-        g = {k: mf[k] for k in CALL_FIELDS if k in mf}
-        g.update(has_dlse=dlse, learnable_sink=sink)
-        kernels = {
-            (p.family, Variant.make(p.family, m.arch, m.num_sms, **p.field_dict).variant_id) for p in parts(m.family, g)
-        }
-        if (m.family, m.variant_id) not in kernels:
-            continue
-        b, s, qh = 2, 1024, g["qhead_per_kvhead"]  # two sequences of several tiles each
-        case: dict[str, Any] = dict(
-            kind="backward", batch=b, seqlen_q=s, seqlen_k=s, nheads=4 * qh, nheads_kv=4,
-            head_dim=g["head_dim"], head_dim_v=g["head_dim_v"], causal=g["causal"], dtype=g["dtype"],
-            varlen_q=g["varlen_q"], varlen_k=g["varlen_k"], seqused_q=g["seqused_q"], seqused_k=g["seqused_k"],
-            total_q=b * s, total_k=b * s, dlse=dlse, softcap=g["softcap"], deterministic=g["deterministic"],
-        )  # fmt: skip
-        if g["local"]:
-            case.update(wl=128, wr=0)
-        if sink != "none":
-            case["learnable_sink"] = sink
-        out.append((case, kernels))
-    return out
+        call = {k: mf[k] for k in bw.CALL_FIELDS if k in mf}
+        call.update(has_dlse=dlse, learnable_sink=sink)
+        qh = call["qhead_per_kvhead"]
+        for b, sq, sk, hk in grid:
+            facts = bw.BwdFacts(
+                arch_number(m.arch), m.num_sms, call["dtype"], call["head_dim"], call["head_dim_v"], hk * qh, hk, b,
+                b * sq, b * sk, sq if call["varlen_q"] else None, sk if call["varlen_k"] else None, call["varlen_q"],
+                call["varlen_k"], call["causal"], call["local"], call["deterministic"], bool(call["softcap"]),
+                sink != "none",
+            )  # fmt: skip
+            try:
+                _, ps = bw.select(sel, m.family, call, facts)
+            except (ValueError, AssertionError):
+                continue
+            kernels = frozenset((p.family, Variant.make(p.family, m.arch, m.num_sms, **p.field_dict).variant_id) for p in ps)
+            if (m.family, m.variant_id) not in kernels or kernels in found:
+                continue
+            case: dict[str, Any] = dict(
+                kind="backward", batch=b, seqlen_q=sq, seqlen_k=sk, nheads=hk * qh, nheads_kv=hk,
+                head_dim=call["head_dim"], head_dim_v=call["head_dim_v"], causal=call["causal"], dtype=call["dtype"],
+                varlen_q=call["varlen_q"], varlen_k=call["varlen_k"], seqused_q=call["seqused_q"],
+                seqused_k=call["seqused_k"], total_q=b * sq, total_k=b * sk, dlse=dlse, softcap=call["softcap"],
+                deterministic=call["deterministic"],
+            )  # fmt: skip
+            if call["local"]:
+                case.update(wl=128, wr=0)
+            if sink != "none":
+                case["learnable_sink"] = sink
+            found[kernels] = case
+    return [(case, set(kernels)) for kernels, case in found.items()]
 
 
 def backward_case(v: Variant, mains: list[Variant]) -> dict[str, Any] | None:
@@ -219,7 +234,7 @@ def find_case(v: Variant, mains: list[Variant] = ()) -> dict[str, Any] | None:
     if f["paged_kv"] == "tma":
         pages = [f["tile_n"]]
     elif f["paged_kv"] == "cpasync":
-        pages = [16, 64]
+        pages = [p for p in (16, 64, 128, 256) if p != f["tile_n"]]
     if f["varlen_k"] and not f["varlen_q"]:
         return None  # varlen K without varlen Q is not a call the interface's cases model
     splits = (0, 8, 2, 4, 16, 32) if f.get("num_splits", 1) > 1 else (1, 0)

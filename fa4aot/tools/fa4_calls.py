@@ -114,6 +114,8 @@ def fa4_prepare(interface, torch, case: dict) -> None:
         seqused_q=vec(case["seqused_q"], b),
         seqused_k=vec(case["seqused_k"], b),
         use_clc_scheduler=not case["has_semaphore"],
+        ctas_per_sm=case.get("ctas_per_sm", 1),
+        min_blocks_floor=(case["floor_ctas"], case["floor_blocks"]) if case.get("floor_ctas") else None,
     )
 
 

@@ -85,9 +85,18 @@ def verify_entry(
         bad(f"metadata lacks {e}")
         return out
     blobs: dict[str, bytes] = {}
-    for role in ("cubin", "plan", "header"):
+    for role in ("cubin", "plan", "header", "selector"):
+        if role == "selector" and role not in entry.blobs:
+            continue  # entries of FA4 versions before 4.0.0b40 carry no selector
         try:
             blobs[role] = cache.read_blob(entry, role)
+        except Fa4aotError as e:
+            bad(str(e))
+    if "selector" in blobs:
+        from fa4aot.core import selector
+
+        try:
+            selector.load(blobs["selector"], f"entry {entry.key}")
         except Fa4aotError as e:
             bad(str(e))
     ref = entry.cubin
