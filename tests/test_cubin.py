@@ -41,7 +41,7 @@ def test_reader_on_built_cubins(built_cache):
 def test_sm100_forward_kernel_facts(built_cache):
     for entry, data in _cubins(built_cache):
         f = entry.variant.fields
-        if entry.variant.family == "fwd_sm100" and f["two_cta"] and not f["has_lse"]:
+        if entry.variant.family == "fwd_sm100" and f["use_2cta_instrs"] and not f["has_lse"]:
             (k,) = cubin.parse(data).kernels.values()
             assert k.reqntid == (512, 1, 1)
             # four 128-byte TMA descriptors (q, k, v, o)

@@ -8,6 +8,7 @@ from fake_driver import FakeDriver
 
 import fa4aot
 from fa4aot.core.errors import ArgumentError, VariantNotFoundError
+from fa4aot.core.fwd import scheduler_of
 from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.tensors import RawTensor
 
@@ -55,7 +56,7 @@ def test_sm100_2cta_prefill_dispatch(sm100):
     )
     (launch,) = drv.launches
     (lv,) = rt._loaded.values()
-    assert lv.variant.fields["two_cta"] and lv.variant.fields["scheduler"] == "static"
+    assert lv.variant.fields["use_2cta_instrs"] and scheduler_of(lv.variant.fields) == "static"
     assert launch.attrs[1] == (4, (2, 1, 1)) and launch.grid == (128, 1, 1)
 
 
@@ -125,7 +126,7 @@ def test_sm100_varlen_split_sequence(sm100, framework_alloc):
     families = {lv.kernels[0]: lv.variant for lv in rt._loaded.values()}
     assert [families[x.kernel].family for x in drv.launches] == ["prepare", "fwd_sm100", "combine"]
     fv = families[fwd.kernel].fields
-    assert fv["split_kv"] and fv["scheduler"] == "dynamic" and fv["q_stage"] == 1
+    assert fv["num_splits"] > 1 and scheduler_of(fv) == "dynamic" and fv["q_stage"] == 1
     assert families[comb.kernel].fields["num_splits_dynamic"] and families[comb.kernel].fields["varlen"]
     out_partial, lse_partial = framework_alloc
     assert out_partial.shape == (8, total_q, h, d) and out_partial.dtype == "fp32"
@@ -213,5 +214,5 @@ def test_forward_rejects_bad_arguments(sm90, kw, match):
 def test_sm90_rejects_split_kv(sm90):
     rt, _ = sm90
     x = t(0, (2, 100, 16, 128))
-    with pytest.raises(ArgumentError, match="no split-KV forward on SM90"):
+    with pytest.raises(ArgumentError, match="num_splits"):
         fa4aot.flash_attn_func(x, x, x, num_splits=4, out=t(3, (2, 100, 16, 128)), runtime=rt)

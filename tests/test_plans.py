@@ -73,7 +73,7 @@ def test_every_plan_matches_its_cubin(built_cache):
 
 
 def _fwd_2cta(built_cache):
-    cache, es = entries(built_cache, "fwd_sm100", two_cta=True, qhead_per_kvhead=1, has_lse=False, causal=False)
+    cache, es = entries(built_cache, "fwd_sm100", use_2cta_instrs=True, qhead_per_kvhead=1, has_lse=False, causal=False)
     assert es, "ci.yaml must hold the d=128 bf16 non-causal 2CTA SM100 forward"
     return cache, es[0]
 
@@ -105,7 +105,7 @@ def test_sm100_decode_and_varlen_shapes_are_recorded(built_cache):
     assert launch.grid == sm100_forward_grid(
         dec[0].variant.fields, batch=64, seqlen_q=1, nheads=32, nheads_kv=4, num_sms=148
     )
-    cache, var = entries(built_cache, "fwd_sm100", varlen_q=True, split_kv=False)
+    cache, var = entries(built_cache, "fwd_sm100", varlen_q=True, num_splits=1, paged_kv="none")
     plan = load_plan(cache, var[0])
     d = Dims(batch=5, seqlen_q=3000, seqlen_k=3000, nheads=16, nheads_kv=16, total_q=5000, total_k=6000)
     (launch,) = plan.plan(plan.order(samples.named_args(var[0].variant, d)))

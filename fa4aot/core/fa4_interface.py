@@ -109,7 +109,10 @@ class FwdFacts(NamedTuple):
     pack_gqa: bool | None = None
     num_splits: int = 1
     requires_grad: bool = False
-    fp8_descale: bool = False
+    #: FA4's tile_mn / mma_pv_is_rs / intra_wg_overlap arguments (requests its selector honours)
+    requested_tile: tuple[int, int] | None = None
+    requested_mma_pv_is_rs: bool | None = None
+    requested_intra_wg_overlap: bool | None = None
 
 
 class Knobs(NamedTuple):
@@ -180,6 +183,10 @@ def fwd_inputs(sel: Any, f: FwdFacts, knobs: Knobs = NO_KNOBS) -> Any:
         requested_use_swapab=knobs.use_swapab,
         seqlen_k_capacity=f.k_capacity,
         requires_grad=f.requires_grad,
+        requested_tile_m=None if f.requested_tile is None else f.requested_tile[0],
+        requested_tile_n=None if f.requested_tile is None else f.requested_tile[1],
+        requested_mma_pv_is_rs=f.requested_mma_pv_is_rs,
+        requested_intra_wg_overlap=f.requested_intra_wg_overlap,
     )
 
 
@@ -189,6 +196,7 @@ class FwdPlan(NamedTuple):
 
     num_splits: int
     prepare: bool  # run the prepare kernel (``needs_split_metadata``)
+    prepare_semaphore: bool  # the prepare kernel zeroes a tile semaphore (FA4: unless CLC)
     dynamic_route: bool  # allocate a zeroed tile semaphore, no prepare (``use_dynamic_varlen``)
     num_splits_dynamic: bool
     tile_count_semaphore: bool
@@ -204,6 +212,9 @@ def fwd_plan(sel: Any, config: Any, inputs: Any, f: FwdFacts) -> FwdPlan:
     causal, _, _, _ = resolve_window(f.causal, f.window_left, f.window_right)
     prepare = bool(sel.needs_split_metadata(config, inputs))
     route = bool(config.use_dynamic_varlen) and not f.caller_metadata
+    # _get_scheduler_metadata allocates the semaphore unless CLC (interface.py 4395-4399); SwapAB drops it
+    # from the forward's arguments afterwards (1138-1140), not from the prepare kernel's.
+    prepare_semaphore = prepare and not config.use_clc_scheduler
     if prepare:
         nsd, sem, l2 = True, not config.use_clc_scheduler, causal and not config.use_swapab
     elif route:
@@ -215,7 +226,7 @@ def fwd_plan(sel: Any, config: Any, inputs: Any, f: FwdFacts) -> FwdPlan:
     if config.use_swapab:
         sem = l2 = False
     workspace = f.arch // 10 in (9, 10, 11) and f.page_size is None and (f.varlen_k or f.seqused_k)
-    return FwdPlan(config.num_splits, prepare, route, nsd, sem, l2, workspace)
+    return FwdPlan(config.num_splits, prepare, prepare_semaphore, route, nsd, sem, l2, workspace)
 
 
 def tensormap_workspace_ctas(
@@ -285,3 +296,27 @@ def combine_geometry(head_dim: int, num_splits: int) -> tuple[int, int, int]:
     tile_m = 16 if k_block_size == 64 else 8
     log_max_splits = max(math.ceil(math.log2(num_splits)), 5 if tile_m == 8 else 4)
     return tile_m, k_block_size, log_max_splits
+
+
+def as_fwd_config(sel: Any, config: Any) -> Any:
+    """An explicit forward config (FA4's ``config=`` argument) as the selector module's
+    ``FwdConfig``: FA4's own ``FwdConfig`` (or any dataclass with its fields) or a mapping of its
+    fields (``registers`` a mapping of the register roles, or None)."""
+    if isinstance(config, sel.FwdConfig):
+        return config
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    elif isinstance(config, dict):
+        fields = dict(config)
+    else:
+        raise TypeError(f"config must be a FwdConfig (or a mapping of its fields), got {type(config).__name__}")
+    regs = fields.get("registers")
+    if regs is not None and not isinstance(regs, (sel.Sm90Registers, sel.Sm100Registers)):
+        regs = dataclasses.asdict(regs) if dataclasses.is_dataclass(regs) else dict(regs)
+        cls = sel.Sm90Registers if set(regs) == {"mma", "producer"} else sel.Sm100Registers
+        fields["registers"] = cls(**regs)
+    names = {f.name for f in dataclasses.fields(sel.FwdConfig)}
+    unknown = set(fields) - names
+    if unknown:
+        raise TypeError(f"config: unknown FwdConfig fields {sorted(unknown)}")
+    return sel.FwdConfig(**fields)

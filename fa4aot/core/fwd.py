@@ -197,18 +197,8 @@ def _facts(arch: int, num_sms: int, p: dict[str, Any], b: int, sq: int, sk: int,
         pack_gqa=p["pack_gqa"],
         num_splits=splits,
         requires_grad=p["requires_grad"],
-    )
-
-
-def _requested(sel: Any, inputs: Any, p: dict[str, Any]) -> Any:
-    tiles = p.get("tiles")
-    rs = p.get("mma_pv_is_rs")
-    if tiles is None and rs is None:
-        return inputs
-    return inputs._replace(
-        requested_tile_m=None if tiles is None else tiles[0],
-        requested_tile_n=None if tiles is None else tiles[1],
-        requested_mma_pv_is_rs=rs,
+        requested_tile=p.get("tiles"),
+        requested_mma_pv_is_rs=p.get("mma_pv_is_rs"),
     )
 
 
@@ -258,7 +248,7 @@ def _expand(sel: Any, arch: str, num_sms: int, p: dict[str, Any], domain: Domain
             continue
         facts = _facts(a, num_sms, p, b, sq, sk, hk, window, fill)
         try:
-            inputs = _requested(sel, fi.fwd_inputs(sel, facts, knobs), p)
+            inputs = fi.fwd_inputs(sel, facts, knobs)
             config = sel.select_fwd_config(inputs)
         except (ValueError, AssertionError, ZeroDivisionError) as e:
             rejected = rejected or f"FA4 rejects it: {e}"

@@ -27,8 +27,15 @@ TUNING_FORMAT = "fa4aot-tuning/1"
 
 #: Fields a tuned choice may change, per family: how the work is tiled, packed and scheduled.
 TUNABLE_FIELDS: dict[str, frozenset[str]] = {
-    "fwd_sm90": frozenset({"tile_m", "tile_n", "pack_gqa"}),
-    "fwd_sm100": frozenset({"tile_n", "q_stage", "two_cta", "scheduler", "s_ping_pong", "pack_gqa"}),
+    # another tiling of FA4's SM90 kernel: its MMA flags and FA4's register split follow the tile
+    "fwd_sm90": frozenset(
+        {"tile_m", "tile_n", "pack_gqa", "mma_pv_is_rs", "intra_wg_overlap", "regs_mma", "regs_producer"}
+    ),
+    "fwd_sm100": frozenset(
+        {"tile_n", "q_stage", "use_2cta_instrs", "use_clc_scheduler", "is_static_persistent", "use_tma_o",
+         "use_s_ping_pong", "pack_gqa", "kv_stage", "overlap_sO_sQ", "sm_stats_cross_stage", "lpt_global",
+         "regs_softmax", "regs_correction", "regs_other"}
+    ),  # fmt: skip
 }
 
 #: Bucket edges are powers of two: a bucket value b covers [2**(b-1), 2**b - 1] (b = bit_length).

@@ -51,6 +51,10 @@ class StaticCall(NamedTuple):
     learnable_sink: str = "none"
     softcap: float = 0.0
     requires_grad: bool = False
+    #: FA4's tile_mn, mma_pv_is_rs, intra_wg_overlap requests (None: FA4 decides)
+    requests: tuple[Any, Any, Any] = (None, None, None)
+    #: an explicit FwdConfig (FA4's ``config=``), validated by FA4 instead of selected
+    config: Any = None
 
 
 class Shape(NamedTuple):
@@ -132,12 +136,16 @@ class ForwardRule:
             pack_gqa=s.pack_gqa,
             num_splits=shape.num_splits,
             requires_grad=s.requires_grad,
+            requested_tile=s.requests[0],
+            requested_mma_pv_is_rs=s.requests[1],
+            requested_intra_wg_overlap=s.requests[2],
         )
 
-    def decision(self, shape: Shape, config: Any = None) -> fwd.Decision:
+    def decision(self, shape: Shape) -> fwd.Decision:
         """FA4's decision for ``shape`` (uncached); FA4's rejections become ArgumentError."""
+        s = self.s
         try:
-            return fwd.decide(self.sel, self.facts(shape), self.knobs, self.s.softcap, self.s.learnable_sink, config)
+            return fwd.decide(self.sel, self.facts(shape), self.knobs, s.softcap, s.learnable_sink, s.config)
         except (ValueError, AssertionError) as e:
             raise ArgumentError(f"FA4 rejects this call: {e}") from None
 

@@ -27,7 +27,13 @@ from typing import Any, NamedTuple
 from fa4aot.core import fwd
 from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import ArgumentError
-from fa4aot.core.fa4_interface import TENSORMAP_WORDS, clamp_window, resolve_window, tensormap_workspace_ctas
+from fa4aot.core.fa4_interface import (
+    TENSORMAP_WORDS,
+    as_fwd_config,
+    clamp_window,
+    resolve_window,
+    tensormap_workspace_ctas,
+)
 from fa4aot.core.tuning import bucket
 from fa4aot.runtime import loader, validate
 from fa4aot.runtime.combine import combine
@@ -96,6 +102,8 @@ def flash_attn_func(
     return_lse: bool = False,
     gather_bwd_recompute_p: bool = False,
     gather_bwd_token_chunk: int | None = None,
+    config: Any = None,
+    scales: Any = None,
     *,
     out: Any = None,
     stream: Any = None,
@@ -123,6 +131,7 @@ def flash_attn_func(
         and block_sparse_tensors_bwd is None
         and gather_bwd_recompute_p is False
         and gather_bwd_token_chunk is None
+        and scales is None
     ):
         unsupported(
             qv=(qv, None),
@@ -136,6 +145,7 @@ def flash_attn_func(
             block_sparse_tensors_bwd=(block_sparse_tensors_bwd, None),
             gather_bwd_recompute_p=(gather_bwd_recompute_p, False),
             gather_bwd_token_chunk=(gather_bwd_token_chunk, None),
+            scales=(scales, None),
         )
     return forward(
         runtime,
@@ -160,6 +170,7 @@ def flash_attn_func(
         None,
         learnable_sink,
         softcap,
+        config=config,
     )
 
 
@@ -197,6 +208,8 @@ def flash_attn_varlen_func(
     disable_scheduler_metadata: bool = False,
     gather_bwd_recompute_p: bool = False,
     gather_bwd_token_chunk: int | None = None,
+    config: Any = None,
+    scales: Any = None,
     *,
     out: Any = None,
     stream: Any = None,
@@ -230,6 +243,7 @@ def flash_attn_varlen_func(
         and disable_scheduler_metadata is False
         and gather_bwd_recompute_p is False
         and gather_bwd_token_chunk is None
+        and scales is None
     ):
         unsupported(
             qv=(qv, None),
@@ -237,6 +251,7 @@ def flash_attn_varlen_func(
             score_mod=(score_mod, None),
             score_mod_bwd=(score_mod_bwd, None),
             mask_mod=(mask_mod, None),
+            scales=(scales, None),
             block_sparse_tensors=(block_sparse_tensors, None),
             aux_tensors=(aux_tensors, None),
             aux_scalars=(aux_scalars, None),
@@ -268,6 +283,7 @@ def flash_attn_varlen_func(
         page_table,
         learnable_sink,
         softcap,
+        config=config,
     )
 
 
@@ -348,8 +364,12 @@ def analyse(
     learnable_sink: Any = None,
     softcap: float | None = 0.0,
     requires_grad: bool = False,
+    config: Any = None,
+    requests: tuple[Any, Any, Any] = (None, None, None),
 ) -> ForwardCall:
     """Validate a forward call's inputs and pick its variant (nothing is launched or allocated).
+    ``config``: an explicit FwdConfig (FA4 validates it instead of selecting); ``requests``:
+    FA4's tile_mn, mma_pv_is_rs and intra_wg_overlap arguments.
 
     Page indexes live on the device: they are not checked (that would need a synchronisation);
     a page table pointing outside the K/V pool is undefined behaviour, as in FA4."""
@@ -481,9 +501,17 @@ def analyse(
         sink_dtype,
         softcap,
         requires_grad,
+        requests,
+        config,
     )
     rule = rt.forward_rules.get(key)
     if rule is None:
+        if config is not None:
+            try:
+                cfg = as_fwd_config(rt.selector, config)
+            except TypeError as e:
+                raise ArgumentError(str(e)) from None
+            key = (*key[:-1], cfg)
         t = rt.target
         rule = ForwardRule(StaticCall(t.arch, t.num_sms, *key), rt.selector, rt.knobs)
         rt.forward_rules[key] = rule
@@ -566,6 +594,8 @@ def forward(
     softcap: float | None = 0.0,
     lse: Any = None,
     requires_grad: bool = False,
+    config: Any = None,
+    requests: tuple[Any, Any, Any] = (None, None, None),
 ) -> tuple[Any, Any]:
     """The forward call behind the API functions (positional: it is the hot path). ``lse``: a
     preallocated LSE (FA4's layout) to write, which implies return_lse; ``requires_grad``: a
@@ -600,6 +630,8 @@ def forward(
         learnable_sink,
         softcap,
         requires_grad,
+        config,
+        requests,
     )
     if metadata is not None and cu_q is None and su_q is None:
         raise ArgumentError("scheduler_metadata is for varlen queries (cu_seqlens_q or seqused_q)")
@@ -803,7 +835,7 @@ def _auto_metadata(fc: ForwardCall, stream: int) -> SchedulerMetadata:
     nheads_kv = fc.nheads // f["qhead_per_kvhead"]
     policy = split_policy(rt.selector, f["head_dim"]) if c.use_swapab else (1, 0, 0)
     key = (stream, fc.batch, fc.nheads, nheads_kv, f["head_dim"], f["head_dim_v"], plan.num_nheads_in_l2,
-           c.pack_gqa, c.tile_m, c.tile_n, plan.tile_count_semaphore, policy)  # fmt: skip
+           c.pack_gqa, c.tile_m, c.tile_n, plan.prepare_semaphore, policy)  # fmt: skip
     md = rt.auto_metadata.get(key)
     if md is None:
         md = SchedulerMetadata(
@@ -816,7 +848,7 @@ def _auto_metadata(fc: ForwardCall, stream: int) -> SchedulerMetadata:
             pack_gqa=c.pack_gqa,
             tile_m=c.tile_m,
             tile_n=c.tile_n,
-            semaphore=plan.tile_count_semaphore,
+            semaphore=plan.prepare_semaphore,
             split_policy=policy,
             runtime=rt,
         )

@@ -16,9 +16,6 @@ from fa4aot.runtime import loader
 from fa4aot.runtime.forward import forward, unsupported
 from fa4aot.runtime.metadata import SchedulerMetadata
 
-#: FA4's default thread count for its forward (the SM90 kernel's 3 warpgroups).
-FA4_NUM_THREADS = 384
-
 
 def _flash_attn_fwd(
     q: Any,
@@ -42,7 +39,6 @@ def _flash_attn_fwd(
     tile_mn: Any = None,
     mma_pv_is_rs: bool | None = None,
     intra_wg_overlap: bool | None = None,
-    num_threads: int = FA4_NUM_THREADS,
     num_splits: int = 1,
     pack_gqa: bool | None = None,
     _arch: int | None = None,
@@ -54,38 +50,33 @@ def _flash_attn_fwd(
     lse: Any = None,
     aux_tensors: Any = None,
     aux_scalars: Any = None,
-    q_descale: Any = None,
-    k_descale: Any = None,
-    v_descale: Any = None,
+    scales: Any = None,
     gather_kv_indices: Any = None,
     scheduler_metadata: SchedulerMetadata | None = None,
     seqlen_k_per_split: int | None = None,
     disable_scheduler_metadata: bool = False,
     gather_bwd_recompute_p: bool = False,
     *,
+    config: Any = None,
     stream: Any = None,
     runtime: Any = None,
 ) -> tuple[Any, Any, None, None, None]:
-    """FA4's ``_flash_attn_fwd`` (4.0.0b36): returns ``(out, lse, None, None, None)`` like FA4
+    """FA4's ``_flash_attn_fwd`` (4.0.0b40): returns ``(out, lse, None, None, None)`` like FA4
     (its last three are MLA outputs). ``q``, ``k``, ``v`` batched, varlen (``cu_seqlens_*``) or
-    with a paged KV pool (``page_table``); ``lse``: a preallocated LSE to fill. ``stream`` and
-    ``runtime`` are fa4aot's keyword-only extras."""
+    with a paged KV pool (``page_table``); ``lse``: a preallocated LSE to fill. ``tile_mn``,
+    ``mma_pv_is_rs``, ``intra_wg_overlap`` are FA4's requests to its selector and ``config`` an
+    explicit FwdConfig (FA4 validates it): served when the cache holds the variant. ``stream``
+    and ``runtime`` are fa4aot's keyword-only extras."""
     rt = runtime or loader._DEFAULT or loader.default_runtime()
     # one cheap test for the usual call (every unsupported argument at FA4's default)
     if not (
         qv is None
-        and tile_mn is None
-        and mma_pv_is_rs is None
-        and intra_wg_overlap is None
-        and num_threads is FA4_NUM_THREADS
         and score_mod is None
         and mask_mod is None
         and block_sparse_tensors is None
         and aux_tensors is None
         and aux_scalars is None
-        and q_descale is None
-        and k_descale is None
-        and v_descale is None
+        and scales is None
         and gather_kv_indices is None
         and seqlen_k_per_split is None
         and disable_scheduler_metadata is False
@@ -93,18 +84,12 @@ def _flash_attn_fwd(
     ):
         unsupported(
             qv=(qv, None),
-            tile_mn=(tile_mn, None),
-            mma_pv_is_rs=(mma_pv_is_rs, None),
-            intra_wg_overlap=(intra_wg_overlap, None),
-            num_threads=(num_threads, FA4_NUM_THREADS),
             score_mod=(score_mod, None),
             mask_mod=(mask_mod, None),
             block_sparse_tensors=(block_sparse_tensors, None),
             aux_tensors=(aux_tensors, None),
             aux_scalars=(aux_scalars, None),
-            q_descale=(q_descale, None),
-            k_descale=(k_descale, None),
-            v_descale=(v_descale, None),
+            scales=(scales, None),
             gather_kv_indices=(gather_kv_indices, None),
             seqlen_k_per_split=(seqlen_k_per_split, None),
             disable_scheduler_metadata=(disable_scheduler_metadata, False),
@@ -140,8 +125,23 @@ def _flash_attn_fwd(
         learnable_sink,
         softcap,
         lse,
+        config=config,
+        requests=(_tile_request(tile_mn), mma_pv_is_rs, intra_wg_overlap),
     )
     return out, lse, None, None, None
+
+
+def _tile_request(tile_mn: Any) -> tuple[int, int] | None:
+    """FA4's ``tile_mn`` argument as a hashable pair (checked: two positive ints)."""
+    if tile_mn is None:
+        return None
+    try:
+        m, n = tile_mn
+    except (TypeError, ValueError):
+        raise ArgumentError(f"tile_mn: expected (tile_m, tile_n), got {tile_mn!r}") from None
+    if not all(x.__class__ is int and x > 0 for x in (m, n)):
+        raise ArgumentError(f"tile_mn: expected two positive ints, got {tile_mn!r}")
+    return m, n
 
 
 def _get_scheduler_metadata(
@@ -172,6 +172,8 @@ def _get_scheduler_metadata(
     zfill_padded_output: bool = True,
     total_q: int | None = None,
     use_clc_scheduler: bool = False,
+    ctas_per_sm: int = 1,
+    min_blocks_floor: tuple[int, int] | None = None,
     *,
     stream: Any = None,
     runtime: Any = None,
@@ -188,8 +190,15 @@ def _get_scheduler_metadata(
         leftpad_k=(leftpad_k, None),
         seqlen_k_per_split=(seqlen_k_per_split, None),
         zfill_padded_output=(zfill_padded_output, True),
-        use_clc_scheduler=(use_clc_scheduler, False),
     )
+    if ctas_per_sm.__class__ is not int or ctas_per_sm < 1:
+        raise ArgumentError(f"ctas_per_sm: expected an int >= 1, got {ctas_per_sm!r}")
+    floor = (0, 0)
+    if min_blocks_floor is not None:
+        if not (isinstance(min_blocks_floor, tuple) and len(min_blocks_floor) == 2
+                and all(x.__class__ is int and x > 0 for x in min_blocks_floor)):  # fmt: skip
+            raise ArgumentError(f"min_blocks_floor: expected (low_ctas, min_blocks), got {min_blocks_floor!r}")
+        floor = min_blocks_floor
     md = SchedulerMetadata(
         num_batch,
         nheads,
@@ -200,6 +209,8 @@ def _get_scheduler_metadata(
         pack_gqa=bool(pack_gqa),
         tile_m=tile_m,
         tile_n=tile_n,
+        semaphore=not use_clc_scheduler,  # FA4 allocates no semaphore for its CLC scheduler
+        split_policy=(ctas_per_sm, *floor),
         runtime=runtime,
     )
     return md.compute(

@@ -340,7 +340,7 @@ def prepare_forward(
                     pack_gqa=c.pack_gqa,
                     tile_m=c.tile_m,
                     tile_n=c.tile_n,
-                    semaphore=plan.tile_count_semaphore,
+                    semaphore=plan.prepare_semaphore,
                     split_policy=split_policy(rt.selector, f["head_dim"]) if c.use_swapab else (1, 0, 0),
                     runtime=rt,
                 )

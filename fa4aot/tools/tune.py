@@ -33,7 +33,7 @@ from fa4aot.core.tuning import (
     table_filename,
 )
 from fa4aot.core.variant import FORWARD_FAMILY, Target, Variant
-from fa4aot.runtime.dispatch import Call, decide
+from fa4aot.tools.fa4_calls import decide
 
 #: A win must beat FA4's default by at least this fraction, even when the measured spread is lower.
 MIN_GAIN = 0.01
@@ -100,22 +100,16 @@ class TuneShape:
         f = 4.0 * total * self.nheads * self.head_dim
         return f / 2 if self.causal else f
 
-    def call(self, target: Target) -> Call:
-        return Call(
-            target.arch,
-            target.num_sms,
-            self.dtype,
-            self.batch,
-            self.seqlen_q,
-            self.seqlen_k,
-            self.nheads,
-            self.nheads_kv,
-            self.head_dim,
-            self.head_dim,
-            causal=self.causal,
-            varlen_q=self.varlen,
-            varlen_k=self.varlen,
-        )
+    def case(self) -> dict[str, Any]:
+        """The call as a case of :mod:`fa4aot.tools.fa4_calls` (what FA4's selection reads)."""
+        c: dict[str, Any] = dict(
+            batch=self.batch, seqlen_q=self.seqlen_q, seqlen_k=self.seqlen_k, nheads=self.nheads,
+            nheads_kv=self.nheads_kv, head_dim=self.head_dim, head_dim_v=self.head_dim, causal=self.causal,
+            dtype=self.dtype,
+        )  # fmt: skip
+        if self.varlen:
+            c.update(varlen=True, total_q=sum(self.seqlens()), total_k=sum(self.seqlens()))
+        return c
 
     def bucket(self) -> tuple[int, int, int, int]:
         return bucket(self.rows, self.nheads, self.seqlen_q, self.seqlen_k)
@@ -193,7 +187,7 @@ def parse_shapes(spec: str) -> tuple[TuneShape, ...]:
 
 def default_variant(shape: TuneShape, target: Target) -> Variant:
     """The forward variant FA4's dispatch runs for ``shape``."""
-    d = decide(shape.call(target))
+    d = decide(target.arch, target.num_sms, shape.case())
     return Variant.make(FORWARD_FAMILY[target.arch], target.arch, target.num_sms, **d.fields)
 
 
