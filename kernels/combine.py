@@ -11,14 +11,14 @@ from cutlass import Float32
 from fa4aot_kernels.common import CUTLASS_DTYPES, KernelEntry, Signature, sym
 from flash_attn.cute.flash_fwd_combine import FlashAttentionForwardCombine
 
-from fa4aot.core.rules import combine_tiling
+from fa4aot.core.fa4_interface import combine_geometry
 from fa4aot.core.variant import Target, Variant
 
 
 def make_entry(variant: Variant, target: Target) -> KernelEntry:
     f = variant.fields
     head_dim = f["head_dim"]
-    k_block_size, tile_m, _ = combine_tiling(head_dim)
+    tile_m, k_block_size, _ = combine_geometry(head_dim, 1)
     kernel = FlashAttentionForwardCombine(
         dtype=CUTLASS_DTYPES[f["dtype"]],
         dtype_partial=Float32,

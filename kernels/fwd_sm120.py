@@ -9,7 +9,7 @@ from fa4aot_kernels.fwd_sm90 import entry_for
 from fa4aot_kernels.fwd_sm100 import softcap_score_mod
 from flash_attn.cute.flash_fwd_sm120 import FlashAttentionForwardSm120
 
-from fa4aot.core.rules import SM120_STAGES, SM120_THREADS
+from fa4aot.core.fa4_interface import SM120_STAGES, SM120_THREADS
 from fa4aot.core.variant import Target, Variant
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -17,10 +18,12 @@ import pytest
 from helpers import needs_dsl
 
 import fa4aot
+from fa4aot.core import selector
 from fa4aot.core.fa4_interface import resolve_window
+from fa4aot.core.fwd import companions
 from fa4aot.core.variant import FORWARD_FAMILY, Variant
 from fa4aot.tools import fa4_keys
-from fa4aot.tools.fa4_calls import decide
+from fa4aot.tools.fa4_calls import decide, facts
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -269,39 +272,15 @@ def _oracle(arch: str, num_sms: int, cases: list[dict]) -> list[dict]:
 def predicted(arch: str, num_sms: int, case: dict) -> dict[str, list[dict]] | str:
     """The compile keys of the kernels fa4aot runs for ``case`` (forward, and the combine and
     prepare kernels its plan adds), as FA4 names them; or why fa4aot refuses the call."""
-    from fa4aot.core.rules import prepare_num_warps
-    from fa4aot.runtime.forward import split_policy
-
     try:
         d = decide(arch, num_sms, case)
     except (fa4aot.ArgumentError, ValueError, AssertionError) as e:
         return f"{type(e).__name__}: {e}"
     v = Variant.make(FORWARD_FAMILY[arch], arch, num_sms, **d.fields)
     keys = {"fwd": [fa4_keys.fwd_key(v)]}
-    f, c, plan = d.fields, d.config, d.plan
-    varlen_q = case.get("varlen") or case.get("varlen_q")
-    if plan.num_splits > 1:
-        from fa4aot.core.fa4_interface import combine_geometry
-
-        comb = Variant.make(
-            "combine", arch, num_sms, dtype=f["dtype"], head_dim=f["head_dim_v"], num_head=case["nheads"],
-            log_max_splits=combine_geometry(f["head_dim_v"], plan.num_splits)[2], varlen=bool(varlen_q),
-            seqused=False, has_lse=f["has_lse"], num_splits_dynamic=plan.num_splits_dynamic,
-        )  # fmt: skip
-        keys["combine"] = [fa4_keys.combine_key(comb)]
-    if plan.prepare:
-        from fa4aot.core import selector
-
-        policy = split_policy(selector.installed(), f["head_dim"]) if c.use_swapab else (1, 0, 0)
-        prep = Variant.make(
-            "prepare", arch, num_sms, num_warps=prepare_num_warps(case["batch"]), tile_m=c.tile_m, tile_n=c.tile_n,
-            nheads=case["nheads"], nheads_kv=case["nheads_kv"], headdim=f["head_dim"], headdim_v=f["head_dim_v"],
-            causal=plan.num_nheads_in_l2, pack_gqa=c.pack_gqa, varlen_q=bool(varlen_q), seqused_q=False,
-            varlen_k=bool(case.get("varlen")), seqused_k=bool(case.get("seqused_k")),
-            has_semaphore=plan.prepare_semaphore, ctas_per_sm=policy[0], floor_ctas=policy[1],
-            floor_blocks=policy[2],
-        )  # fmt: skip
-        keys["prepare"] = [fa4_keys.prepare_key(prep)]
+    predict = {"combine": fa4_keys.combine_key, "prepare": fa4_keys.prepare_key}
+    for family, fields in companions(selector.installed(), facts(arch, num_sms, case), d):
+        keys.setdefault(family, []).append(predict[family](Variant.make(family, arch, num_sms, **fields)))
     return keys
 
 
@@ -336,6 +315,8 @@ def _mismatches(arch: str, num_sms: int, case: dict, fa4: dict) -> list[str]:
     """Where fa4aot's kernels for ``case`` differ from the ones FA4 compiles (FA4's answer
     ``fa4``: its error, or its named keys per kind)."""
     ours = predicted(arch, num_sms, case)
+    if fa4["error"] is None and isinstance(ours, str) and arch == "sm_120a" and SM120_KERNEL_REFUSALS.search(ours):
+        return []  # FA4 accepts it in fake mode but its SM120 kernel cannot compile it (see below)
     if fa4["error"] is not None or isinstance(ours, str):
         if fa4["error"] is not None and isinstance(ours, str):
             return []  # both refuse it
@@ -390,9 +371,68 @@ SM120_CASES = SM90_CASES + ENGINE_CASES + [
 ]  # fmt: skip
 
 
+#: Refusals of calls FA4's interface accepts on SM120 that its kernel cannot run (FA4 does not
+#: check ``can_implement`` there): proven against FA4 itself below.
+SM120_KERNEL_REFUSALS = re.compile(
+    r"SM120 forward \(its SM80 kernel\) takes no learnable sink|is not supported on SM120|FlashAttentionForwardSm120"
+)
+
+
 @needs_dsl
 def test_sm120_dispatch_matches_fa4():
     _parity("sm_120a", 188, SM120_CASES)
+
+
+COMPILE = r"""
+import json, os, sys
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from fa4aot_kernels.common import install_target_hardware
+install_target_hardware(int(os.environ["FLASH_ATTENTION_NUM_SMS"]))
+from flash_attn.cute import interface as I
+from fa4aot.tools.fa4_calls import fa4_forward
+out = []
+for case in json.loads(sys.stdin.read()):
+    try:
+        with FakeTensorMode():
+            fa4_forward(I, torch, case)  # compiles (fake tensors launch nothing)
+        out.append(None)
+    except Exception as e:
+        out.append(f"{type(e).__name__}: {e}"[:300])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@needs_dsl
+def test_what_fa4aot_refuses_on_sm120_fa4s_kernel_cannot_run():
+    """The SM120 calls fa4aot refuses although FA4's interface accepts them: a sink fails FA4's
+    own compile; the others fail its kernel's ``can_implement`` (head dims, shared memory)."""
+    import cutlass
+    from flash_attn.cute.flash_fwd_sm120 import FlashAttentionForwardSm120
+
+    from fa4aot.core.fa4_interface import SM120_STAGES, SM120_THREADS
+
+    refused = [
+        c for c in SM120_CASES if isinstance(p := predicted("sm_120a", 188, c), str) and SM120_KERNEL_REFUSALS.search(p)
+    ]
+    sinks = [c for c in refused if c.get("learnable_sink")]
+    others = [c for c in refused if not c.get("learnable_sink")]
+    assert sinks and len(others) >= 2, refused
+    for c in others:
+        tile_m, tile_n = (128, 128) if c["head_dim"] <= 64 else (128, 64)  # FA4's SM120 tiles (config.py 687)
+        ok = FlashAttentionForwardSm120.can_implement(cutlass.BFloat16, c["head_dim"], c["head_dim_v"], tile_m, tile_n,
+                                                      SM120_STAGES, SM120_THREADS, c.get("causal", False))  # fmt: skip
+        assert not ok, c
+    env = dict(os.environ, FLASH_ATTENTION_ARCH="sm_120a", CUTE_DSL_ARCH="sm_120a", FLASH_ATTENTION_NUM_SMS="188",
+               CUTE_DSL_LOG_LEVEL="0", PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))  # fmt: skip
+    served = dict(batch=2, seqlen_q=64, seqlen_k=64, nheads=8, nheads_kv=8, head_dim=64, head_dim_v=64)
+    proc = subprocess.run([sys.executable, "-c", COMPILE], input=json.dumps([sinks[0], served]), capture_output=True,
+                          text=True, env=env, timeout=1200)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sink_error, ok = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sink_error and "sink" in sink_error, sink_error
+    assert ok is None, ok
 
 
 @pytest.mark.parametrize("page_size, num_splits, why", [(16, 1, "paged KV"), (None, 4, "num_splits=1")])
@@ -457,7 +497,9 @@ ARCHES = {"sm_100a": 148, "sm_103a": 148, "sm_90a": 132, "sm_120a": 188}
 
 def _configs(arch: str) -> list[dict]:
     if arch == "sm_120a":
-        return [dict(c) for a, _, c in SCALE_CONFIGS if a == "sm_90a" and not (c.get("paged") or c.get("learnable_sink"))]
+        return [
+            dict(c) for a, _, c in SCALE_CONFIGS if a == "sm_90a" and not (c.get("paged") or c.get("learnable_sink"))
+        ]
     src = "sm_90a" if arch == "sm_90a" else "sm_100a"
     return [dict(c) for a, _, c in SCALE_CONFIGS if a == src]
 
@@ -572,7 +614,13 @@ def _calls_decide_like_fa4(cache, cases, on_call=None) -> int:
         want = next(fa4[arch])
         if isinstance(got, str) or want["error"] is not None:
             if not (isinstance(got, str) and want["error"] is not None):
-                bad.append((arch, case, f"FA4: {want['error'] or 'runs it'}; fa4aot: {got if isinstance(got, str) else 'runs it'}"))
+                bad.append(
+                    (
+                        arch,
+                        case,
+                        f"FA4: {want['error'] or 'runs it'}; fa4aot: {got if isinstance(got, str) else 'runs it'}",
+                    )
+                )
             continue
         problems = fa4_keys.differences(want["keys"]["fwd"][0], fa4_keys.fwd_key(got), fa4_keys.FWD_UNMODELED)
         if problems:
@@ -656,7 +704,9 @@ def test_a_miss_names_a_manifest_line_that_builds_the_variant():
 
         line = describe_missing(v, fwd.shape_group(facts(arch, sms, case)))
         group = line.split(": - ", 1)[1].rsplit("  (target", 1)[0]
-        doc = f"target: {{name: t, arch: {arch}, num_sms: {sms}}}\nfamilies:\n  {FORWARD_FAMILY[arch]}:\n    - {group}\n"
+        doc = (
+            f"target: {{name: t, arch: {arch}, num_sms: {sms}}}\nfamilies:\n  {FORWARD_FAMILY[arch]}:\n    - {group}\n"
+        )
         ids = {pv.variant.variant_id for pv in manifest.expand(manifest.parse_yaml(doc.encode())).variants}
         assert v.variant_id in ids, (case, line)
         checked += 1

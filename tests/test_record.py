@@ -16,7 +16,7 @@ from test_dispatch import _fa4aot_call
 
 from fa4aot.build import manifest
 from fa4aot.core.errors import VariantNotFoundError
-from fa4aot.core.rules import combine_log_max_splits
+from fa4aot.core.fa4_interface import combine_geometry
 from fa4aot.core.variant import Variant
 from fa4aot.runtime.combine import pick as pick_combine
 from fa4aot.runtime.dispatch import decide
@@ -47,7 +47,7 @@ def expected(cases: list[dict]) -> set[str]:
             fields = dict(
                 dtype="bf16", head_dim=c["head_dim_v"], num_head=c["nheads"], varlen=False, seqused=False,
                 has_lse=False, num_splits_dynamic=False,
-                log_max_splits=combine_log_max_splits(d.num_splits, c["head_dim_v"]),
+                log_max_splits=combine_geometry(c["head_dim_v"], d.num_splits)[2],
             )  # fmt: skip
             out.add(Variant.make("combine", "sm_100a", 148, **fields).variant_id)
     return out

@@ -20,8 +20,8 @@ import fa4aot
 from fa4aot.core import samples
 from fa4aot.core.errors import Fa4aotError
 from fa4aot.core.families import FAMILIES, is_tuning_candidate
+from fa4aot.core.fwd import sm90_smem_bytes
 from fa4aot.core.layouts import dims_for
-from fa4aot.core.rules import sm90_smem_bytes
 from fa4aot.core.tuning import (
     TuningEntry,
     TuningTable,

@@ -26,6 +26,7 @@ build, is an error naming the field. :func:`expand` is pure and does no compilat
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -58,6 +59,9 @@ MAX_COMBINATIONS_PER_GROUP = 100_000
 MAX_SHAPE_VALUES = 64
 #: ... and its shapes at most this many points (about 35 us of FA4's selector each).
 MAX_DOMAIN_POINTS = 100_000
+#: FA4 selections one forward group may ask for (its call classes times its shapes): about 40 us
+#: each, so a group expands in at most ~20 s.
+MAX_SELECTIONS = 500_000
 MAX_VARIANTS = 20_000
 
 
@@ -378,7 +382,17 @@ def _expand_group(family: Family, path: str, group: Any, target: Target, plan: P
                 plan.skipped.append(Skipped(origin, dict(picked), reason))
     if n_valid == 0 and family.selected:
         reason = plan.skipped[-1].reason if plan.skipped else "expands to nothing"
-        raise ManifestError(path, f"FA4 selects nothing this group can build: {reason}")
+        # Blame the explicit axis that, set back to its default, lets FA4 select something.
+        culprit = None
+        for key in (k for k, e in explicit.items() if e):
+            trial = dict(values, **{key: list(family.axis(key).default)})
+            scratch = Plan(targets=[], variants=[], skipped=[])
+            if _expand_selected(family, path, origin, trial, dict(explicit, **{key: False}), shapes, filters,
+                                target, scratch, set()):  # fmt: skip
+                culprit = key
+                break
+        where = f"{path}.{culprit}" if culprit else path
+        raise ManifestError(where, f"FA4 selects nothing this group can build: {reason}")
     if n_valid == 0:
         reason = plan.skipped[-1].reason if plan.skipped else "expands to nothing"
         # Blame the axis whose explicit values make everything invalid: the one that, set back
@@ -454,6 +468,11 @@ def _expand_selected(
     points = len(domain.batch) * len(domain.seqlen_q) * len(domain.seqlen_k) * len(domain.nheads_kv)
     if points * len(domain.window) > MAX_DOMAIN_POINTS:
         raise ManifestError(path, f"its shapes form {points} points (at most {MAX_DOMAIN_POINTS}); list fewer")
+    calls = points * len(domain.window) * math.prod(len(v) for v in values.values())
+    if calls > MAX_SELECTIONS:
+        raise ManifestError(
+            path, f"it asks FA4's selector about {calls} calls (at most {MAX_SELECTIONS}): list fewer values or shapes"
+        )
     used: dict[tuple[str, int], bool] = {}
     first_reason: dict[tuple[str, int], str] = {}
     matched: dict[str, set[Any]] = {k: set() for k in filters}
@@ -465,8 +484,9 @@ def _expand_selected(
         raw.setdefault("mma_pv_is_rs", None)
         reason = family.check(raw)
         found: list[dict[str, Any]] = []
+        around: list[tuple[str, dict[str, Any]]] = []
         if reason is None:
-            found, reason = fwd.expand(sel, target.arch, target.num_sms, raw, domain)
+            found, around, reason = fwd.expand(sel, target.arch, target.num_sms, raw, domain)
         if not found:
             for k, j in idx.items():
                 first_reason.setdefault((k, j), reason or "invalid")
@@ -478,7 +498,8 @@ def _expand_selected(
         for fields in found:
             for k in filters:
                 matched[k].add(fwd.FILTERS[k](fields))
-            variant = Variant.make(family.name, target.arch, target.num_sms, **fields)
+        for name, fields in [(family.name, f) for f in found] + around:
+            variant = Variant.make(name, target.arch, target.num_sms, **fields)
             if variant.variant_id not in seen:
                 seen.add(variant.variant_id)
                 plan.variants.append(PlannedVariant(variant, target, origin))

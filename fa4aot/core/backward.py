@@ -19,7 +19,6 @@ import itertools
 from typing import Any, NamedTuple
 
 from fa4aot.core import fa4_interface as fi
-from fa4aot.core.rules import sm90_head_dims_ok, sm100_head_dims_ok
 
 #: The main-kernel family per arch (FA4: 9.x FlashAttentionBackwardSm90, 10.x
 #: FlashAttentionBackwardSm100). SM120's backward (the SM80 kernel) is not built.
@@ -55,9 +54,9 @@ NOT_CODEGEN = ("device_capacity",)
 
 #: The shape grid a backward group expands over (SM100's query-head fold reads batch, sequence
 #: lengths and the SM count).
-DEFAULT_BATCH = (1, 2, 4, 8, 16, 32)
-DEFAULT_SEQLEN = (128, 512, 1024, 2048, 4096, 8192, 16384, 32768)
-DEFAULT_NHEADS_KV = (1, 2, 4, 8, 16, 32)
+DEFAULT_BATCH = (1, 4, 16, 64)
+DEFAULT_SEQLEN = (128, 1024, 4096, 16384)
+DEFAULT_NHEADS_KV = (1, 4, 8, 32)
 
 
 def check_call(family: str, f: dict[str, Any]) -> str | None:
@@ -73,9 +72,9 @@ def check_call(family: str, f: dict[str, Any]) -> str | None:
     if family == "bwd_sm90":
         if qh > 1 and hd != hdv:
             return "FA4's SM90 backward: GQA backward requires head_dim == head_dim_v"
-        return sm90_head_dims_ok(hd, hdv)
+        return fi.head_dims_problem(9, hd, hdv, f["dtype"])
     if family == "bwd_sm100":
-        return sm100_head_dims_ok(hd, hdv, f["dtype"])
+        return fi.head_dims_problem(10, hd, hdv, f["dtype"])
     return f"unknown backward family {family!r}"
 
 
@@ -332,7 +331,23 @@ def expand(
 ):
     """Every set of kernels FA4 selects for the call class ``call`` over ``domain`` (batch,
     seqlen_q, seqlen_k, nheads_kv tuples; default: a grid): a list of parts tuples (distinct), or
-    ([], why)."""
+    ([], why). Memoised per process, like the forward's expansion."""
+    key = (id(sel), family, arch, num_sms, tuple(sorted(call.items())), tuple(sorted((domain or {}).items())))
+    hit = _EXPANDED.get(key)
+    if hit is None:
+        hit = _expand(sel, family, arch, num_sms, call, domain)
+        if len(_EXPANDED) >= MAX_EXPANDED:
+            _EXPANDED.pop(next(iter(_EXPANDED)))
+        _EXPANDED[key] = hit
+    return list(hit[0]), hit[1]
+
+
+#: Expansions kept per process (parts tuples are immutable, so hits are shared).
+MAX_EXPANDED = 1024
+_EXPANDED: dict[tuple, tuple[list[tuple[Part, ...]], str | None]] = {}
+
+
+def _expand(sel: Any, family: str, arch: str, num_sms: int, call: dict[str, Any], domain: dict[str, tuple] | None):
     d = domain or {}
     grid = (
         d.get("batch", DEFAULT_BATCH),

@@ -229,6 +229,17 @@ def fwd_plan(sel: Any, config: Any, inputs: Any, f: FwdFacts) -> FwdPlan:
     return FwdPlan(config.num_splits, prepare, prepare_semaphore, route, nsd, sem, l2, workspace)
 
 
+def split_policy(sel: Any, config: Any, head_dim: int) -> tuple[int, int, int]:
+    """(ctas_per_sm, floor CTAs, floor blocks) of the prepare kernel FA4 runs for ``config``
+    (interface.py 1096: ``SWAPAB.split_policy`` for its SwapAB kernel); (1, 0, 0), the prepare
+    kernel's default rule, otherwise."""
+    if not config.use_swapab:
+        return 1, 0, 0
+    p = sel.SWAPAB.split_policy(head_dim)
+    low, blocks = p["min_blocks_floor"] or (0, 0)
+    return p["ctas_per_sm"], low, blocks
+
+
 def tensormap_workspace_ctas(
     pack_gqa: bool, tile_m: int, num_heads: int, num_heads_kv: int, num_sms: int, q_rows: int, q_batch: int, num_splits: int
 ) -> int:
@@ -294,8 +305,77 @@ def combine_geometry(head_dim: int, num_splits: int) -> tuple[int, int, int]:
 
     k_block_size = 64 if head_dim <= 64 else 128
     tile_m = 16 if k_block_size == 64 else 8
-    log_max_splits = max(math.ceil(math.log2(num_splits)), 5 if tile_m == 8 else 4)
+    log_max_splits = max(math.ceil(math.log2(max(num_splits, 1))), 5 if tile_m == 8 else 4)
     return tile_m, k_block_size, log_max_splits
+
+
+#: The combine kernel's largest split count: its LSE buffer in shared memory holds 2**8 splits
+#: (fa4aot's bound on ``log_max_splits``; FA4's combine ``can_implement``, interface.py 4088).
+COMBINE_MAX_LOG_SPLITS = 8
+COMBINE_MAX_SPLITS = 1 << COMBINE_MAX_LOG_SPLITS
+#: The prepare kernel's warp counts (interface.py 4399-4400: 31 batches a warp, a power of two).
+PREPARE_WARPS = (1, 2, 4, 8, 16, 32)
+
+
+def prepare_num_warps(num_batch: int) -> int:
+    """The prepare kernel's warp count for a batch (interface.py 4399-4400)."""
+    num_warps = min((num_batch + 30) // 31, 32)
+    return 1 << max(num_warps - 1, 0).bit_length()
+
+
+#: Bytes per element of fa4aot's dtypes (FA4's alignment is 16 bytes of them, interface.py 790).
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "e4m3": 1, "e5m2": 1}
+
+
+def head_dims_problem(arch_major: int, head_dim: int, head_dim_v: int, dtype: str) -> str | None:
+    """``_validate_head_dims`` (interface.py 134-151, called at 791-792 and 2317: not on SM80 or
+    SM120), plus the one shape fa4aot refuses on its own: head_dim_v 512, FA4's MLA path (qv)."""
+    if head_dim_v == 512:
+        return "head_dim_v 512 is FA4's MLA path (qv), which fa4aot does not build"
+    alignment = 16 // DTYPE_BYTES[dtype]
+    aligned = head_dim % alignment == 0 and head_dim_v % alignment == 0
+    if arch_major == 9:
+        if not (8 <= head_dim <= 256 and 8 <= head_dim_v <= 256 and aligned):
+            return (
+                f"(head_dim, head_dim_v)=({head_dim}, {head_dim_v}) is not supported on SM90: FA4 takes "
+                f"8..256, multiples of {alignment}"
+            )
+    elif arch_major in (10, 11):
+        standard = 8 <= head_dim <= 128 and 8 <= head_dim_v <= 128
+        if not ((standard or (head_dim, head_dim_v) in ((192, 128), (256, 256))) and aligned):
+            return (
+                f"(head_dim, head_dim_v)=({head_dim}, {head_dim_v}) is not supported on SM100: FA4 "
+                f"takes 8..128 (multiples of {alignment}), (192, 128) or (256, 256)"
+            )
+    return None
+
+
+#: SM120's shared memory per block (``get_smem_capacity_in_bytes("sm_120")``, 99 KiB).
+SM120_SMEM_CAPACITY = 101376
+#: FA4 builds its SM120 forward with one K/V stage and 128 threads (interface.py 1531-1532).
+SM120_STAGES = 1
+SM120_THREADS = 128
+
+
+def sm120_problem(f: dict[str, Any]) -> str | None:
+    """Why FA4's SM120 forward cannot compile a selected config (None: it can):
+    ``FlashAttentionForwardSm120.can_implement`` (flash_fwd_sm120.py 22-62) and the SM80 kernel's
+    refusal of a learnable sink (flash_fwd.py 651). FA4's interface checks neither before it
+    compiles (interface.py 1543), so fa4aot refuses these calls up front."""
+    if f["dtype"] not in ("bf16", "fp16"):
+        return f"FA4's SM120 forward takes bf16 or fp16, not {f['dtype']}"
+    if f["learnable_sink"] != "none":
+        return "FA4's SM120 forward (its SM80 kernel) takes no learnable sink"
+    hd, hdv, tile_m, tile_n = f["head_dim"], f["head_dim_v"], f["tile_m"], f["tile_n"]
+    if hd % 8 or hdv % 8:
+        return "head dims must be multiples of 8 (FlashAttentionForwardSm120.can_implement)"
+    smem = 2 * (tile_m * hd + SM120_STAGES * tile_n * (hd + hdv))
+    if smem > SM120_SMEM_CAPACITY:
+        return (
+            f"(head_dim, head_dim_v)=({hd}, {hdv}) is not supported on SM120: FA4's {tile_m}x{tile_n} "
+            f"tiles need {smem} bytes of shared memory, more than SM120's {SM120_SMEM_CAPACITY}"
+        )
+    return None
 
 
 def as_fwd_config(sel: Any, config: Any) -> Any:

@@ -17,15 +17,13 @@ from typing import Any
 
 from fa4aot.core import backward as backward_core
 from fa4aot.core import fwd
-from fa4aot.core.rules import (
+from fa4aot.core.fa4_interface import (
     COMBINE_MAX_LOG_SPLITS,
     COMBINE_MAX_SPLITS,
     PREPARE_WARPS,
-    combine_tiling,
+    combine_geometry,
+    head_dims_problem,
     prepare_num_warps,
-    sm90_head_dims_ok,
-    sm100_head_dims_ok,
-    sm120_head_dims_ok,
 )
 from fa4aot.core.variant import Variant
 
@@ -47,15 +45,9 @@ MAX_SOFTCAP = 1e6
 # --------------------------------------------------------------------------------------------
 
 
-def _pad16(x: int) -> int:
-    return int(math.ceil(x / 16) * 16)
-
-
 def _check_forward_common(f: dict[str, Any]) -> str | None:
     if f["qhead_per_kvhead"] < 1:
         return "qhead_per_kvhead must be >= 1"
-    if f["pack_gqa"] and f["qhead_per_kvhead"] == 1:
-        return "pack_gqa needs qhead_per_kvhead > 1"
     if f["causal"] and f["local"]:
         return "causal and local are exclusive (FA4 resolves a causal window to causal)"
     if f["_page_size"] is not None and f["varlen_k"]:
@@ -66,23 +58,12 @@ def _check_forward_common(f: dict[str, Any]) -> str | None:
 
 
 def check_fwd_call(arch_major: int) -> Callable[[dict[str, Any]], str | None]:
-    """The checks FA4's interface makes on a forward call before it selects a config: its
-    head-dim limits for the arch (``_validate_head_dims``; SM120: its kernel's ``can_implement``)
-    and the argument combinations it refuses."""
+    """The checks FA4's interface makes on a forward call before it selects a config (its
+    head-dim limits, ``_validate_head_dims``) and the argument combinations it refuses; the
+    rest is FA4's selector's to say."""
 
     def check(f: dict[str, Any]) -> str | None:
-        hd, hdv = f["head_dim"], f["head_dim_v"]
-        if arch_major == 9:
-            reason = sm90_head_dims_ok(hd, hdv)
-        elif arch_major == 12:
-            reason = sm120_head_dims_ok(hd, hdv)
-            if reason is None and f["_page_size"] is not None:
-                reason = "FA4's SM120 forward takes no page table ('Paged KV not supported on SM 12.0')"
-            if reason is None and f["learnable_sink"] != "none":
-                reason = "FA4's SM120 forward (its SM80 kernel) takes no learnable sink"
-        else:
-            reason = sm100_head_dims_ok(hd, hdv, f["dtype"])
-        return reason or _check_forward_common(f)
+        return head_dims_problem(arch_major, f["head_dim"], f["head_dim_v"], f["dtype"]) or _check_forward_common(f)
 
     return check
 
@@ -101,14 +82,12 @@ def check_combine(f: dict[str, Any]) -> str | None:
     hd = f["head_dim"]
     if hd % 8 or not 8 <= hd <= 512:
         return "combine needs head_dim a multiple of 8 in 8..512"
-    _, tile_m, min_log = combine_tiling(hd)
+    tile_m, _, min_log = combine_geometry(hd, 1)
     log = f["log_max_splits"]
     if log < min_log or log > COMBINE_MAX_LOG_SPLITS:
         return f"log_max_splits must be in {min_log}..{COMBINE_MAX_LOG_SPLITS} at head_dim {hd} (FA4 tile_m {tile_m})"
     if f["num_head"] < 1:
         return "num_head must be >= 1"
-    if f["seqused"] and not f["varlen"]:
-        return "fa4aot builds seqused only together with cu_seqlens (varlen)"
     return None
 
 
@@ -612,7 +591,7 @@ def resolve_fields(family: str, raw: dict[str, Any]) -> list[dict[str, Any]]:
     """
     f = dict(raw)
     if family == "combine":
-        _, _, min_log = combine_tiling(f["head_dim"])
+        min_log = combine_geometry(f["head_dim"], 1)[2]
         if f.pop("_min_log", False):
             f["log_max_splits"] = max(f["log_max_splits"], min_log)
         return [f]

@@ -47,10 +47,10 @@ METADATA_FIELDS = ("num_splits_dynamic", "tile_count_semaphore", "num_nheads_in_
 
 #: The default shape grid a group expands over (FA4's choices change at tile multiples, at
 #: one-wave grid sizes and at the SwapAB / split thresholds; powers of two cross each).
-DEFAULT_BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-DEFAULT_SEQLEN_Q = (1, 2, 4, 8, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
-DEFAULT_SEQLEN_K = (64, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
-DEFAULT_NHEADS_KV = (1, 2, 4, 8, 16, 32)
+DEFAULT_BATCH = (1, 4, 16, 64, 256)
+DEFAULT_SEQLEN_Q = (1, 2, 4, 8, 16, 128, 1024, 4096, 16384)
+DEFAULT_SEQLEN_K = (128, 1024, 4096, 16384, 65536, 131072)
+DEFAULT_NHEADS_KV = (1, 4, 8, 32)
 DEFAULT_WINDOWS = ((128, 0), (1024, 0), (4096, 4096))
 #: Queries per sequence of a varlen grid point, as a fraction of max_seqlen_q: full batches and
 #: padded ones (CUDA-graph slots, where FA4 routes to its dynamic varlen scheduler).
@@ -102,6 +102,49 @@ def variant_fields(config: Any, f: fi.FwdFacts, plan: fi.FwdPlan, softcap: float
     return out
 
 
+def companions(sel: Any, f: fi.FwdFacts, d: Decision) -> list[tuple[str, dict[str, Any]]]:
+    """The kernels FA4 runs around a call's forward, as (family, fields): the prepare kernel
+    when it prepares the scheduler metadata (interface.py 1073-1097, its compile key 4410-4436)
+    and the split-KV combine (1717-1737, key 4200-4215)."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    plan, c = d.plan, d.config
+    if plan.num_splits > 1:
+        combine = dict(
+            dtype=f.dtype,
+            head_dim=f.head_dim_v,
+            num_head=f.num_heads,
+            log_max_splits=fi.combine_geometry(f.head_dim_v, plan.num_splits)[2],
+            varlen=f.varlen_q,
+            seqused=f.seqused_q,
+            has_lse=f.has_lse,
+            num_splits_dynamic=plan.num_splits_dynamic,
+        )
+        out.append(("combine", combine))
+    if plan.prepare:
+        ctas_per_sm, floor_ctas, floor_blocks = fi.split_policy(sel, c, f.head_dim)
+        prepare = dict(
+            num_warps=fi.prepare_num_warps(f.batch),
+            tile_m=c.tile_m,
+            tile_n=c.tile_n,
+            nheads=f.num_heads,
+            nheads_kv=f.num_heads_kv,
+            headdim=f.head_dim,
+            headdim_v=f.head_dim_v,
+            causal=plan.num_nheads_in_l2,
+            pack_gqa=c.pack_gqa,
+            varlen_q=f.varlen_q,
+            seqused_q=f.seqused_q,
+            varlen_k=f.varlen_k,
+            seqused_k=f.seqused_k,
+            has_semaphore=plan.prepare_semaphore,
+            ctas_per_sm=ctas_per_sm,
+            floor_ctas=floor_ctas,
+            floor_blocks=floor_blocks,
+        )
+        out.append(("prepare", prepare))
+    return out
+
+
 class Decision(NamedTuple):
     """The selector's answer for one call: the variant's fields and what the call does around
     the kernel."""
@@ -116,6 +159,8 @@ def decide(sel: Any, f: fi.FwdFacts, knobs: fi.Knobs, softcap: float, sink: str,
     """FA4's decision for a call: ``select_fwd_config`` on the call's inputs (or, for an explicit
     ``config``, FA4's ``validate_fwd_config``), then the interface's plan. Raises ValueError
     where FA4 rejects the call."""
+    if (why := fi.head_dims_problem(f.arch // 10, f.head_dim, f.head_dim_v, f.dtype)) is not None:
+        raise ValueError(why)
     inputs = fi.fwd_inputs(sel, f, knobs)
     if config is None:
         config = sel.select_fwd_config(inputs)
@@ -124,7 +169,10 @@ def decide(sel: Any, f: fi.FwdFacts, knobs: fi.Knobs, softcap: float, sink: str,
             raise ValueError("An explicit config cannot reuse caller-built scheduler_metadata")
         sel.validate_fwd_config(config, inputs)
     plan = fi.fwd_plan(sel, config, inputs, f)
-    return Decision(variant_fields(config, f, plan, softcap, sink), config, inputs, plan)
+    fields = variant_fields(config, f, plan, softcap, sink)
+    if f.arch // 10 == 12 and (why := fi.sm120_problem(fields)) is not None:
+        raise ValueError(why)
+    return Decision(fields, config, inputs, plan)
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,11 +250,20 @@ def _facts(arch: int, num_sms: int, p: dict[str, Any], b: int, sq: int, sk: int,
     )
 
 
-def expand(sel: Any, arch: str, num_sms: int, p: dict[str, Any], domain: Domain) -> tuple[list[dict], str | None]:
-    """Every variant FA4 selects for the call class ``p`` (parsed axis values) over ``domain``,
-    that passes ``p``'s filters; with none, the reason (FA4's rejection, or the filter that
-    leaves nothing). Results are memoised per process (expansion runs FA4's selector thousands
-    of times)."""
+class Expansion(NamedTuple):
+    """What a forward group builds: the forward variants FA4 selects over its shapes, the
+    kernels FA4 runs around them (combine, prepare: :func:`companions`), or why nothing."""
+
+    forward: list[dict[str, Any]]
+    around: list[tuple[str, dict[str, Any]]]
+    reason: str | None
+
+
+def expand(sel: Any, arch: str, num_sms: int, p: dict[str, Any], domain: Domain) -> Expansion:
+    """Every variant FA4 selects for the call class ``p`` (parsed axis values) over ``domain``
+    that passes ``p``'s filters, and the kernels it runs around them; with none, the reason
+    (FA4's rejection, or the filter that leaves nothing). Memoised per process (expansion runs
+    FA4's selector thousands of times)."""
     key = (id(sel), arch, num_sms, tuple(sorted((k, _hashable(v)) for k, v in p.items())), domain)
     return _expand_cached(key, sel, arch, num_sms, p, domain)
 
@@ -217,26 +274,27 @@ def _hashable(v: Any) -> Any:
     return tuple(v) if isinstance(v, list) else v
 
 
-_EXPANDED: dict[tuple, tuple[list[dict], str | None]] = {}
+_EXPANDED: dict[tuple, Expansion] = {}
 #: Expansions kept per process (a manifest of 20,000 variants has far fewer group points).
 MAX_EXPANDED = 4096
 
 
-def _expand_cached(key, sel, arch, num_sms, p, domain):
+def _expand_cached(key, sel, arch, num_sms, p, domain) -> Expansion:
     hit = _EXPANDED.get(key)
-    if hit is not None:
-        return [dict(x) for x in hit[0]], hit[1]
-    result = _expand(sel, arch, num_sms, p, domain)
-    if len(_EXPANDED) >= MAX_EXPANDED:
-        _EXPANDED.pop(next(iter(_EXPANDED)))
-    _EXPANDED[key] = result
-    return [dict(x) for x in result[0]], result[1]
+    if hit is None:
+        hit = _expand(sel, arch, num_sms, p, domain)
+        if len(_EXPANDED) >= MAX_EXPANDED:
+            _EXPANDED.pop(next(iter(_EXPANDED)))
+        _EXPANDED[key] = hit
+    return Expansion([dict(x) for x in hit.forward], [(n, dict(x)) for n, x in hit.around], hit.reason)
 
 
-def _expand(sel: Any, arch: str, num_sms: int, p: dict[str, Any], domain: Domain) -> tuple[list[dict], str | None]:
+def _expand(sel: Any, arch: str, num_sms: int, p: dict[str, Any], domain: Domain) -> Expansion:
     a = fi.arch_number(arch)
     knobs = fi.Knobs(use_swapab=p["sm100_backend"])
     found: dict[tuple, dict] = {}
+    around: dict[tuple, tuple[str, dict]] = {}
+    seen: set[tuple] = set()
     rejected: str | None = None
     filtered: str | None = None
     fills = VARLEN_FILLS if p["varlen_q"] else (1.0,)
@@ -254,6 +312,12 @@ def _expand(sel: Any, arch: str, num_sms: int, p: dict[str, Any], domain: Domain
             rejected = rejected or f"FA4 rejects it: {e}"
             continue
         plan = fi.fwd_plan(sel, config, inputs, facts)
+        # most points repeat a config: only a new (config, plan, mask, kernels around) is new
+        mask = fi.resolve_window(facts.causal, facts.window_left, facts.window_right)[:2]
+        seen_key = (config, plan, mask, hk, fi.prepare_num_warps(b) if plan.prepare else 0)
+        if seen_key in seen:
+            continue
+        seen.add(seen_key)
         fields = variant_fields(config, facts, plan, p["softcap"], p["learnable_sink"])
         if (reason := candidate_problem(sel, arch, fields)) is not None:
             rejected = rejected or reason
@@ -262,16 +326,29 @@ def _expand(sel: Any, arch: str, num_sms: int, p: dict[str, Any], domain: Domain
         if miss is not None:
             filtered = filtered or miss
             continue
-        found.setdefault(tuple(sorted(fields.items(), key=lambda kv: kv[0])), fields)
+        found.setdefault(_key(fields), fields)
+        for family, kfields in companions(sel, facts, Decision(fields, config, inputs, plan)):
+            for extra in _covering(family, kfields):
+                around.setdefault((family, _key(extra)), (family, extra))
     if found:
-        return list(found.values()), None
+        return Expansion(list(found.values()), list(around.values()), None)
     if filtered is not None:
         wanted = {n: sorted(map(str, v)) for n, v in p["_filters"].items()}
-        return [], (
-            f"FA4 picks no config with {filtered} in {wanted[filtered]} for any shape of the group "
-            f"(filters {wanted})"
-        )
-    return [], rejected or "the group's shapes are empty"
+        why = f"FA4 picks no config with {filtered} in {wanted[filtered]} for any shape of the group (filters {wanted})"
+        return Expansion([], [], why)
+    return Expansion([], [], rejected or "the group's shapes are empty")
+
+
+def _key(fields: dict[str, Any]) -> tuple:
+    return tuple(sorted(fields.items(), key=lambda kv: kv[0]))
+
+
+def _covering(family: str, fields: dict[str, Any]) -> list[dict[str, Any]]:
+    """A prepare kernel for every warp count up to the point's, so that every batch up to the
+    domain's serves (the runtime picks the count by batch: ``prepare_num_warps``)."""
+    if family != "prepare":
+        return [fields]
+    return [dict(fields, num_warps=w) for w in fi.PREPARE_WARPS if w <= fields["num_warps"]]
 
 
 def is_tuning_candidate(sel: Any, arch: str, num_sms: int, fields: dict[str, Any]) -> bool:
@@ -284,20 +361,67 @@ def is_tuning_candidate(sel: Any, arch: str, num_sms: int, fields: dict[str, Any
     return (fields["tile_m"], fields["tile_n"], fields["mma_pv_is_rs"]) != (tm, tn, rs)
 
 
+#: FA4's SM90 forward double-buffers K and V and reserves 1 KiB for its mbarriers (checked against
+#: the smem FA4's host code records in SM90 launch plans, tests/test_tuning.py).
+SM90_KV_STAGES = 2
+SM90_SMEM_RESERVED = 1024
+#: tile_m values of FA4's SM90 forward (one MMA warp group per 64 rows, at most 3 of them), and
+#: the tile_n step and range of its warpgroup MMA.
+SM90_TILE_MS = (128, 192)
+SM90_TILE_N_STEP = 16
+SM90_TILE_N_RANGE = (64, 256)
+#: Registers FA4's SM90 forward gives each MMA thread by warp-group count (``setmaxregister``,
+#: flash_fwd_sm90.py), and what the rest of the kernel needs beyond the accumulators (ptxas
+#: rejects 192x256 at head_dim 64: 160 accumulator registers of 160).
+SM90_MMA_REGS = {1: 256, 2: 240, 3: 160}
+SM90_REG_HEADROOM = 32
+
+
+def sm90_smem_bytes(tile_m: int, tile_n: int, head_dim: int, head_dim_v: int, mma_pv_is_rs: bool = True) -> int:
+    """Dynamic shared memory FA4's SM90 forward asks for with these tiles (2-byte elements);
+    without ``mma_pv_is_rs`` P goes through a (tile_m, tile_n) shared buffer."""
+    p = 0 if mma_pv_is_rs else tile_m * tile_n
+    return 2 * (tile_m * head_dim + SM90_KV_STAGES * tile_n * (head_dim + head_dim_v) + p) + SM90_SMEM_RESERVED
+
+
+def sm90_tile_problem(f: dict[str, Any], smem_limit: int) -> str | None:
+    """Why a tiling cannot be a tuning candidate of FA4's SM90 forward (None: it can). tile_m 192
+    (three MMA warp groups) is FA4's only up to head dim 96: above, the accumulators do not fit."""
+    tile_m, tile_n, hd, hdv = f["tile_m"], f["tile_n"], f["head_dim"], f["head_dim_v"]
+    if tile_m not in SM90_TILE_MS:
+        return f"tile_m must be one of {SM90_TILE_MS}"
+    if tile_m == 192 and hd > 96:
+        return "tile_m 192 is FA4's SM90 tile only up to head_dim 96"
+    lo, hi = SM90_TILE_N_RANGE
+    if tile_n % SM90_TILE_N_STEP or not lo <= tile_n <= hi:
+        return f"tile_n must be a multiple of {SM90_TILE_N_STEP} in {lo}..{hi}"
+    wgs = tile_m // 64
+    regs = tile_n // 2 + hdv // 2  # fp32 S and O accumulators per MMA thread
+    if regs > SM90_MMA_REGS[wgs] - SM90_REG_HEADROOM:
+        return (
+            f"the S and O accumulators ({regs} registers a thread) leave too few of the "
+            f"{SM90_MMA_REGS[wgs]} FA4 gives each of {wgs} MMA warp groups"
+        )
+    smem = sm90_smem_bytes(tile_m, tile_n, hd, hdv, f["mma_pv_is_rs"])
+    if smem > smem_limit:
+        return f"needs {smem} bytes of shared memory, more than the {smem_limit} an SM90 block can have"
+    return None
+
+
 def candidate_problem(sel: Any, arch: str, fields: dict[str, Any]) -> str | None:
-    """Why a requested SM90 tiling cannot be built (None: it can, or it is FA4's own). FA4
-    validates a requested tile only partly (``validate_fwd_config`` checks no shared memory on
-    SM90); fa4aot's own rule for the tilings it builds as tuning candidates checks the rest."""
-    if fi.arch_number(arch) // 10 != 9 or not is_tuning_candidate(sel, arch, 0, fields):
+    """Why a selected config cannot be built (None: it can): on SM120 what its kernel cannot
+    compile (:func:`fa4aot.core.fa4_interface.sm120_problem`); on SM90 a requested tiling FA4
+    never picks itself (a tuning candidate) that its kernel cannot run - ``validate_fwd_config``
+    checks no shared memory or registers on SM90, so fa4aot's own rule checks them."""
+    major = fi.arch_number(arch) // 10
+    if major == 12:
+        return fi.sm120_problem(fields)
+    if major != 9 or not is_tuning_candidate(sel, arch, 0, fields):
         return None
-    from fa4aot.core.rules import sm90_candidate_tile_problem
     from fa4aot.core.variant import SMEM_OPTIN_227_KIB
 
-    f = fields
-    why = sm90_candidate_tile_problem(
-        f["tile_m"], f["tile_n"], f["head_dim"], f["head_dim_v"], SMEM_OPTIN_227_KIB, f["mma_pv_is_rs"]
-    )
-    return None if why is None else f"tiles {f['tile_m']}x{f['tile_n']}: {why}"
+    why = sm90_tile_problem(fields, SMEM_OPTIN_227_KIB)
+    return None if why is None else f"tiles {fields['tile_m']}x{fields['tile_n']}: {why}"
 
 
 def shape_group(f: fi.FwdFacts) -> dict[str, list[Any]]:

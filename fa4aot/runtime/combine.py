@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fa4aot.core.errors import ArgumentError
-from fa4aot.core.rules import COMBINE_MAX_LOG_SPLITS, COMBINE_MAX_SPLITS, combine_log_max_splits
+from fa4aot.core.fa4_interface import COMBINE_MAX_LOG_SPLITS, COMBINE_MAX_SPLITS, combine_geometry
 from fa4aot.runtime import loader, validate
 from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.tensors import stream_handle
@@ -161,7 +161,7 @@ def pick(
         has_lse=has_lse,
         num_splits_dynamic=num_splits_dynamic,
     )
-    first = combine_log_max_splits(splits, head_dim)
+    first = combine_geometry(head_dim, splits)[2]
     for log in range(first, COMBINE_MAX_LOG_SPLITS + 1):
         v = rt.variant_for("combine", log_max_splits=log, **fields)
         if rt.has(v):

@@ -32,6 +32,7 @@ from fa4aot.core.fa4_interface import (
     as_fwd_config,
     clamp_window,
     resolve_window,
+    split_policy,
     tensormap_workspace_ctas,
 )
 from fa4aot.core.tuning import bucket
@@ -717,7 +718,7 @@ def forward(
             out,
             transposed(lse) if lse is not None else None,
             cu_seqlens=cu_q,
-            seqused=su_q if cu_q is not None else None,
+            seqused=su_q,  # FA4 passes seqused_q to the combine (interface.py 1733)
             num_splits_dynamic=md.num_splits_dynamic if nsd is not None else None,
             stream=s,
             runtime=rt,
@@ -833,7 +834,7 @@ def _auto_metadata(fc: ForwardCall, stream: int) -> SchedulerMetadata:
     cache, so repeated calls allocate nothing."""
     rt, f, c, plan = fc.rt, fc.lv.fields, fc.config, fc.plan
     nheads_kv = fc.nheads // f["qhead_per_kvhead"]
-    policy = split_policy(rt.selector, f["head_dim"]) if c.use_swapab else (1, 0, 0)
+    policy = split_policy(rt.selector, c, f["head_dim"])
     key = (stream, fc.batch, fc.nheads, nheads_kv, f["head_dim"], f["head_dim_v"], plan.num_nheads_in_l2,
            c.pack_gqa, c.tile_m, c.tile_n, plan.prepare_semaphore, policy)  # fmt: skip
     md = rt.auto_metadata.get(key)
@@ -864,14 +865,6 @@ def _auto_metadata(fc: ForwardCall, stream: int) -> SchedulerMetadata:
         stream=stream,
     )
     return md
-
-
-def split_policy(sel: Any, head_dim: int) -> tuple[int, int, int]:
-    """(ctas_per_sm, floor CTAs, floor blocks) of FA4's prepare kernel for its SwapAB decode
-    kernel (``SWAPAB.split_policy``); (1, 0, 0) is the kernel's default rule."""
-    p = sel.SWAPAB.split_policy(head_dim)
-    low, blocks = p["min_blocks_floor"] or (0, 0)
-    return p["ctas_per_sm"], low, blocks
 
 
 #: Python class -> framework name ("torch", "cupy", "jax", "raw")

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from fa4aot.core.errors import ArgumentError
-from fa4aot.core.rules import prepare_num_warps
+from fa4aot.core.fa4_interface import prepare_num_warps
 from fa4aot.core.signature import TensorDesc
 from fa4aot.runtime import loader, validate
 from fa4aot.runtime.loader import Runtime

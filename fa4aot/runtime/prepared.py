@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from fa4aot.core.errors import ArgumentError
-from fa4aot.core.fa4_interface import TENSORMAP_WORDS, tensormap_workspace_ctas
+from fa4aot.core.fa4_interface import TENSORMAP_WORDS, split_policy, tensormap_workspace_ctas
 from fa4aot.plan.abi import CALL_PTRS_OFFSET
 from fa4aot.plan.library import BoundCall, Plan
 from fa4aot.runtime import combine as combine_mod
@@ -42,7 +42,6 @@ from fa4aot.runtime.forward import (
     check_metadata,
     default_stream,
     framework,
-    split_policy,
     transposed,
 )
 from fa4aot.runtime.loader import Runtime
@@ -341,7 +340,7 @@ def prepare_forward(
                     tile_m=c.tile_m,
                     tile_n=c.tile_n,
                     semaphore=plan.prepare_semaphore,
-                    split_policy=split_policy(rt.selector, f["head_dim"]) if c.use_swapab else (1, 0, 0),
+                    split_policy=split_policy(rt.selector, c, f["head_dim"]),
                     runtime=rt,
                 )
                 owned.append(md)
