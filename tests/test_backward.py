@@ -17,7 +17,8 @@ from helpers import needs_dsl
 
 import fa4aot
 from fa4aot.build.manifest import ManifestError, expand
-from fa4aot.core.backward import CALL_FIELDS, check_call, parts, scratch, sm90_bwd_config
+from fa4aot.core import selector
+from fa4aot.core.backward import CALL_FIELDS, check_call, dkv_postprocess, facts_for, scratch, select
 from fa4aot.core.errors import ArgumentError, VariantNotFoundError
 from fa4aot.core.index import Cache
 from fa4aot.runtime.loader import Runtime
@@ -39,24 +40,21 @@ def call(**kw):
 # -- FA4's rules ---------------------------------------------------------------------------------
 
 
-@needs_dsl
-def test_sm90_config_is_fa4s():
-    from flash_attn.cute.interface import _tile_size_bwd_sm90
-
-    for hd in range(8, 257, 8):
-        for hdv in (hd, 128, 64):
-            for causal, local in ((False, False), (True, False), (False, True)):
-                mine = sm90_bwd_config(hd, hdv, causal, local)
-                theirs = _tile_size_bwd_sm90(hd, hdv, causal, local)
-                assert mine._asdict() == theirs.__dict__, (hd, hdv, causal, local)
+def parts(family: str, f: dict, b: int = 2, sq: int = 1000, sk: int = 777, hk: int = 4):
+    """The kernels of a call of class ``f`` with these shapes, FA4's selector choosing the config."""
+    arch, sms = ("sm_90a", 132) if family == "bwd_sm90" else ("sm_100a", 148)
+    return select(selector.installed(), family, f, facts_for(arch, sms, f, b, sq, sk, hk))[1]
 
 
 def test_rules_name_fa4s_reasons():
-    assert "GQA backward requires head_dim == head_dim_v" in check_call(
-        "bwd_sm90", call(head_dim=192, qhead_per_kvhead=2)
-    )
+    from fa4aot.core import selector
+
+    sel = selector.installed()
+    gqa = call(head_dim=192, qhead_per_kvhead=2)
+    with pytest.raises(ValueError, match="GQA backward requires head_dim == head_dim_v"):
+        select(sel, "bwd_sm90", gqa, facts_for("sm_90a", 132, gqa, 2, 512, 512, 4))
     assert check_call("bwd_sm90", call(head_dim=192, qhead_per_kvhead=1)) is None
-    assert "dedicated backward" in check_call("bwd_sm100", call(head_dim=256, head_dim_v=256))
+    assert check_call("bwd_sm100", call(head_dim=256, head_dim_v=256)) is None  # b40: the generic kernel
     assert "not supported on SM100" in check_call("bwd_sm100", call(head_dim=160, head_dim_v=160))
     assert check_call("bwd_sm90", call(deterministic=True)) is None
     assert "seqused_q" in check_call("bwd_sm90", call(seqused_q=True))
@@ -66,35 +64,38 @@ def test_parts_follow_fa4s_launch_sequence():
     ps = parts("bwd_sm90", call(causal=True))
     assert [p.role for p in ps] == ["pre", "main", "post_dq"]
     gqa = parts("bwd_sm90", call(qhead_per_kvhead=4, has_dlse=True, learnable_sink="bf16"))
-    assert [p.role for p in gqa] == ["pre", "main", "post_dq", "post_dk", "post_dv"]
     f = {p.role: p.field_dict for p in gqa}
-    assert (
-        f["pre"]["has_dlse"] and f["post_dq"]["learnable_sink"] == "bf16" and f["post_dk"]["learnable_sink"] == "none"
-    )
-    # non-causal hd128: FA4's 80x128 tile with dQ_swapAB; the dQ postprocess follows it
-    assert (f["main"]["tile_m"], f["post_dq"]["tile"], f["post_dq"]["swap_ab"]) == (80, 80, True)
+    assert f["pre"]["has_dlse"] and f["post_dq"]["learnable_sink"] == "bf16"
+    if "post_dk" in f:  # FA4 accumulates dK/dV in fp32 (no query-head fold): postprocessed per side
+        assert [p.role for p in gqa] == ["pre", "main", "post_dq", "post_dk", "post_dv"]
+        assert f["post_dk"]["learnable_sink"] == "none"
+    # the dQ postprocess follows the main kernel's tile and dQ layout
+    assert (f["post_dq"]["tile"], f["post_dq"]["swap_ab"]) == (f["main"]["tile_m"], f["main"]["dQ_swapAB"])
     sm100 = {p.role: p.field_dict for p in parts("bwd_sm100", call(qhead_per_kvhead=2))}
-    assert sm100["main"]["two_cta"] and sm100["post_dk"]["cluster_size"] == 2
-    assert sm100["post_dq"]["accum_order"] == "TMEM_FRAG_2CTA"
+    assert sm100["post_dq"]["two_cta"] == sm100["main"]["use_2cta_instrs"]
 
 
 def test_scratch_sizes_are_fa4s():
-    main = parts("bwd_sm90", call(qhead_per_kvhead=4))[1]  # 80 x 128 tiles
-    sc = scratch(main, 2, 1000, 777, None, None)
-    assert (sc.seqlen_q_rounded, sc.seqlen_k_rounded, sc.head_dim_rounded) == (1040, 896, 128)
+    main = parts("bwd_sm90", call(qhead_per_kvhead=4))[1].field_dict
+    tm, pack = main["tile_m"], main["pack_factor"]
+    sc = scratch("bwd_sm90", main, 2, 16, 4, 1000, 777, None, None, 132)
+    assert sc.scratch == (2, 16 // pack, -(-1000 * pack // tm) * tm)
     # varlen: total + (batch + 1) tiles, rounded down to the tile
-    sc = scratch(main, 3, 0, 0, 1000, 777)
-    assert (sc.seqlen_q_rounded, sc.seqlen_k_rounded) == (
-        (1000 + 4 * 80 - 1) // 80 * 80,
-        (777 + 4 * 128 - 1) // 128 * 128,
-    )
-    # SM100 2CTA: K padded to whole CTA pairs
-    main = parts("bwd_sm100", call(qhead_per_kvhead=4))[1]
-    assert scratch(main, 1, 128, 129, None, None).seqlen_k_rounded == 256
-    assert scratch(main, 1, 128, 100, None, None).seqlen_k_rounded == 256
-    # hd 192 on SM90 (dKV_swapAB): head dims padded to 64
-    main = parts("bwd_sm90", call(head_dim=160, head_dim_v=160))[1]
-    assert scratch(main, 1, 64, 64, None, None).head_dim_rounded == 192
+    sc = scratch("bwd_sm90", main, 3, 16, 4, 0, 0, 1000, 777, 132)
+    assert sc.scratch == (16 // pack, (1000 * pack + 4 * tm - 1) // tm * tm)
+    # varlen K: the tensor-map workspace FA4 sizes for the grid (2 descriptors on SM90)
+    vk = parts("bwd_sm90", call(varlen_q=True, varlen_k=True))[1].field_dict
+    ws = scratch("bwd_sm90", vk, 3, 8, 8, 0, 0, 1000, 777, 132).workspace
+    assert ws == (max((777 // vk["tile_n"] + 7) * 8 * 2, 264) + 8, 2, 16)
+    # SM100 with a 2-CTA cluster and dK/dV accumulators: K padded to whole CTA pairs
+    for f in (call(qhead_per_kvhead=4), call(qhead_per_kvhead=4, causal=True), call(qhead_per_kvhead=8)):
+        main = parts("bwd_sm100", f)[1].field_dict
+        if main["cluster_size"] == 2 and dkv_postprocess(main):
+            dk = scratch("bwd_sm100", main, 1, 16, 4, 128, 1, None, None, 148).dk_accum
+            assert dk == (1, 4, 2 * main["tile_n"] * 128), (f, dk)
+            break
+    else:
+        pytest.fail("no SM100 GQA call selects a 2-CTA cluster with dK/dV accumulators")
 
 
 # -- FA4's own choices (fake mode, nothing compiled) ----------------------------------------------
@@ -137,7 +138,8 @@ def leading_static_cpu(x, *a, **k):  # the deterministic semaphores go through D
         return leading_static(torch.zeros(tuple(x.shape), dtype=x.dtype).as_strided(tuple(x.shape), tuple(x.stride())), *a, **k)
 fa4_utils.convert_from_dlpack_leading_static = leading_static_cpu
 from fa4aot.tools.fa4_calls import fa4_backward
-from fa4aot.core.backward import parts
+from fa4aot.core import selector
+from fa4aot.core.backward import facts_for, select
 from fa4aot.core.variant import Target, Variant
 from fa4aot_kernels import module_for
 arch = os.environ["FLASH_ATTENTION_ARCH"]
@@ -152,7 +154,8 @@ for case in cases:
         fa4_backward(I, torch, case)
     fa4 = [json.dumps(x, sort_keys=True) for x in log]
     log.clear()
-    for p in parts(family, fields):
+    facts = facts_for(arch, target.num_sms, fields, case["batch"], case["seqlen_q"], case["seqlen_k"], case["nheads_kv"])
+    for p in select(selector.installed(), family, fields, facts)[1]:
         module_for(p.family).make_entry(Variant.make(p.family, arch, target.num_sms, **p.field_dict), target)
     mine = [json.dumps(x, sort_keys=True) for x in log]
     out.append({"fa4": sorted(set(fa4)), "mine": sorted(set(mine))})
@@ -211,6 +214,8 @@ SM100_CASES = [
     dict(qhead_per_kvhead=4, varlen_q=True, varlen_k=True, causal=True, learnable_sink="bf16", has_dlse=True),
     dict(head_dim=64, head_dim_v=64, varlen_q=True, varlen_k=True, seqused_q=True, seqused_k=True),
     dict(deterministic=True, causal=True, qhead_per_kvhead=2),
+    dict(head_dim=256, head_dim_v=256, causal=True),
+    dict(head_dim=256, head_dim_v=256, qhead_per_kvhead=2),
 ]
 
 
@@ -265,11 +270,11 @@ def test_helper_families_are_not_listed_directly():
         expand(doc)
 
 
-def test_sm100_manifest_refuses_hd256_and_sm90_family_on_blackwell():
+def test_sm100_builds_fa4s_hd256_backward_and_refuses_the_sm90_family_on_blackwell():
     doc = {"target": {"name": "b200", "arch": "sm_100a", "num_sms": 148},
-           "families": {"bwd_sm100": [{"head_dims": [[256, 256]]}]}}  # fmt: skip
-    with pytest.raises(ManifestError, match="dedicated backward"):
-        expand(doc)
+           "families": {"bwd_sm100": [{"head_dims": [[256, 256]], "causal": [False, True]}]}}  # fmt: skip
+    mains = [pv.variant.fields for pv in expand(doc).variants if pv.variant.family == "bwd_sm100"]
+    assert mains and all(f["head_dim"] == 256 for f in mains)
     doc["families"] = {"bwd_sm90": [{}]}
     with pytest.raises(ManifestError, match="builds for"):
         expand(doc)

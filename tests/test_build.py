@@ -46,7 +46,9 @@ def test_sm100_forward_entry_shows_threads_and_parameter_table(built_cache):
     (entry,) = [
         e
         for e in cache.entries()
-        if e.variant.family == "fwd_sm100" and e.variant.fields["use_2cta_instrs"] and e.variant.fields["qhead_per_kvhead"] == 1
+        if e.variant.family == "fwd_sm100"
+        and e.variant.fields["use_2cta_instrs"]
+        and e.variant.fields["qhead_per_kvhead"] == 1
     ]
     out = run_cli("show", entry.key[:10], "--cache", str(built_cache)).stdout
     k = entry.meta["kernels"][0]

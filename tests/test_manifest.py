@@ -168,7 +168,7 @@ def _only(doc: dict, group: str) -> dict:
     head, _, fam = group.rpartition("families.")
     fam, _, idx = fam.partition("[")
     i = int(idx.rstrip("]"))
-    t = doc["targets"][int(head[len("targets["):].split("]")[0])] if head else doc
+    t = doc["targets"][int(head[len("targets[") :].split("]")[0])] if head else doc
     return {"target": t["target"], "families": {fam: [t["families"][fam][i]]}}
 
 
@@ -177,7 +177,6 @@ def test_every_group_of_every_shipped_manifest_builds_what_its_family_accepts():
     every combination is skipped is a mistake in the file), every forward, combine and prepare
     variant passes its family's FA4 rules, and each target's arch serves its families."""
     from helpers import ROOT
-
 
     shipped = sorted((ROOT / "manifests").glob("*.yaml"))
     assert {p.name for p in shipped} >= {"ci.yaml", "b200.yaml", "h100.yaml", "b300.yaml", "rtx-pro-6000.yaml",

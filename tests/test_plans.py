@@ -97,14 +97,18 @@ def test_sm100_forward_2cta_launch(built_cache, b, s, h):
 
 
 def test_sm100_decode_and_varlen_shapes_are_recorded(built_cache):
-    cache, dec = entries(built_cache, "fwd_sm100", q_stage=1, seqused_k=True, qhead_per_kvhead=8)
-    plan = load_plan(cache, dec[0])
-    d = Dims(batch=64, seqlen_q=1, seqlen_k=8192, nheads=32, nheads_kv=4)
-    (launch,) = plan.plan(plan.order(samples.named_args(dec[0].variant, d)))
-    assert launch.cluster is None and launch.block == (512, 1, 1)
-    assert launch.grid == sm100_forward_grid(
-        dec[0].variant.fields, batch=64, seqlen_q=1, nheads=32, nheads_kv=4, num_sms=148
-    )
+    cache, dec = entries(built_cache, "fwd_sm100", seqused_k=True, qhead_per_kvhead=8, paged_kv="none")
+    assert {e.variant.fields["use_swapab"] for e in dec} == {False, True}  # FA4's SwapAB kernel and its standard one
+    for e in dec:
+        plan = load_plan(cache, e)
+        d = Dims(batch=64, seqlen_q=1, seqlen_k=8192, nheads=32, nheads_kv=4)
+        (launch,) = plan.plan(plan.order(samples.named_args(e.variant, d)))
+        assert launch.cluster in (None, (1, 1, 1)), launch.cluster
+        assert launch.grid == sm100_forward_grid(
+            e.variant.fields, batch=64, seqlen_q=1, nheads=32, nheads_kv=4, num_sms=148
+        )
+        if e.variant.fields["use_swapab"]:  # one CTA per (KV head, sequence)
+            assert launch.grid == (1, 4, 64)
     cache, var = entries(built_cache, "fwd_sm100", varlen_q=True, num_splits=1, paged_kv="none")
     plan = load_plan(cache, var[0])
     d = Dims(batch=5, seqlen_q=3000, seqlen_k=3000, nheads=16, nheads_kv=16, total_q=5000, total_k=6000)

@@ -511,12 +511,16 @@ def _expand_selected(
         for j, item in enumerate(items):
             if explicit[key] and not used.get((key, j)):
                 where = f"{path}.{key}[{j}]" if len(items) > 1 else f"{path}.{key}"
-                raise ManifestError(where, f"no shape makes FA4 build {item!r}: {first_reason.get((key, j), 'invalid')}")
+                raise ManifestError(
+                    where, f"no shape makes FA4 build {item!r}: {first_reason.get((key, j), 'invalid')}"
+                )
     for key, wanted in filters.items():
         for j, value in enumerate(wanted):
             if value not in matched[key]:
                 where = f"{path}.{key}[{j}]" if len(wanted) > 1 else f"{path}.{key}"
-                raise ManifestError(where, f"FA4 selects no config with {key} {value!r} for this group's calls and shapes")
+                raise ManifestError(
+                    where, f"FA4 selects no config with {key} {value!r} for this group's calls and shapes"
+                )
     return n_valid
 
 

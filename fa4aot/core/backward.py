@@ -70,8 +70,6 @@ def check_call(family: str, f: dict[str, Any]) -> str | None:
     if f["seqused_q"] and not f["varlen_q"] or f["seqused_k"] and not f["varlen_k"]:
         return "fa4aot builds seqused_q/k only together with cu_seqlens_q/k (varlen)"
     if family == "bwd_sm90":
-        if qh > 1 and hd != hdv:
-            return "FA4's SM90 backward: GQA backward requires head_dim == head_dim_v"
         return fi.head_dims_problem(9, hd, hdv, f["dtype"])
     if family == "bwd_sm100":
         return fi.head_dims_problem(10, hd, hdv, f["dtype"])
@@ -319,6 +317,20 @@ def parts(family: str, call: dict[str, Any], config: dict[str, Any], num_heads: 
     return tuple(out)
 
 
+def facts_for(
+    arch: str, num_sms: int, call: dict[str, Any], batch: int, seqlen_q: int, seqlen_k: int, nheads_kv: int
+) -> BwdFacts:
+    """The facts of a call of class ``call`` (CALL_FIELDS) with full sequences of these lengths
+    (varlen sides give them as host bounds)."""
+    qh = call["qhead_per_kvhead"]
+    return BwdFacts(
+        fi.arch_number(arch), num_sms, call["dtype"], call["head_dim"], call["head_dim_v"], nheads_kv * qh, nheads_kv,
+        batch, batch * seqlen_q, batch * seqlen_k, seqlen_q if call["varlen_q"] else None,
+        seqlen_k if call["varlen_k"] else None, call["varlen_q"], call["varlen_k"], call["causal"], call["local"],
+        call["deterministic"], bool(call["softcap"]), call["learnable_sink"] != "none",
+    )  # fmt: skip
+
+
 def select(sel: Any, family: str, call: dict[str, Any], f: BwdFacts, knobs: BwdKnobs = NO_BWD_KNOBS):
     """(config fields, parts) of FA4's backward for a call; FA4's rejection raises ValueError."""
     config = sel.select_bwd_config(bwd_inputs(sel, f, knobs))
@@ -357,16 +369,9 @@ def _expand(sel: Any, family: str, arch: str, num_sms: int, call: dict[str, Any]
     )
     seen: dict[tuple, tuple[Part, ...]] = {}
     why = None
-    qh = call["qhead_per_kvhead"]
     for b, sq, sk, hk in itertools.product(*grid):
-        facts = BwdFacts(
-            fi.arch_number(arch), num_sms, call["dtype"], call["head_dim"], call["head_dim_v"], hk * qh, hk, b,
-            b * sq, b * sk, sq if call["varlen_q"] else None, sk if call["varlen_k"] else None,
-            call["varlen_q"], call["varlen_k"], call["causal"], call["local"], call["deterministic"],
-            bool(call["softcap"]), call["learnable_sink"] != "none",
-        )  # fmt: skip
         try:
-            _, ps = select(sel, family, call, facts)
+            _, ps = select(sel, family, call, facts_for(arch, num_sms, call, b, sq, sk, hk))
         except (ValueError, AssertionError) as e:
             why = why or f"FA4 rejects it: {e}"
             continue

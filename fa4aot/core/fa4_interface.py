@@ -47,9 +47,7 @@ class DynamicPersistentVarlenScheduler:
         return (total_q * rows_per_token // m_tile + requests + 1) * heads * max(num_splits, 1)
 
 
-def resolve_window(
-    causal: bool, left: int | None, right: int | None
-) -> tuple[bool, bool, int | None, int | None]:
+def resolve_window(causal: bool, left: int | None, right: int | None) -> tuple[bool, bool, int | None, int | None]:
     """``_resolve_causal_local_window`` (interface.py 279-300, without a mask_mod):
     (causal, local, left, right)."""
     if left is not None and right is not None and left < 0 and right < 0:
@@ -241,7 +239,14 @@ def split_policy(sel: Any, config: Any, head_dim: int) -> tuple[int, int, int]:
 
 
 def tensormap_workspace_ctas(
-    pack_gqa: bool, tile_m: int, num_heads: int, num_heads_kv: int, num_sms: int, q_rows: int, q_batch: int, num_splits: int
+    pack_gqa: bool,
+    tile_m: int,
+    num_heads: int,
+    num_heads_kv: int,
+    num_sms: int,
+    q_rows: int,
+    q_batch: int,
+    num_splits: int,
 ) -> int:
     """The workspace's slot count FA4 allocates (interface.py 1255-1272): an upper bound on the
     grid's CTAs. ``q_rows``: q.shape[0] for varlen Q, else batch * seqlen_q; ``q_batch``: the

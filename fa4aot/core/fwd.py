@@ -357,7 +357,9 @@ def is_tuning_candidate(sel: Any, arch: str, num_sms: int, fields: dict[str, Any
     ``fa4aot tune``)."""
     if fi.arch_number(arch) // 10 != 9:
         return False
-    tm, tn, rs, _ = sel.select_sm90_tile(fields["head_dim"], fields["head_dim_v"], fields["causal"], fields["local"], None)
+    tm, tn, rs, _ = sel.select_sm90_tile(
+        fields["head_dim"], fields["head_dim_v"], fields["causal"], fields["local"], None
+    )
     return (fields["tile_m"], fields["tile_n"], fields["mma_pv_is_rs"]) != (tm, tn, rs)
 
 
@@ -434,7 +436,9 @@ def shape_group(f: fi.FwdFacts) -> dict[str, list[Any]]:
     }
     if f.window_left is not None or f.window_right is not None:
         big = max(f.q_capacity, f.k_capacity)
-        out["window"] = [[big if f.window_left is None else f.window_left, big if f.window_right is None else f.window_right]]
+        out["window"] = [
+            [big if f.window_left is None else f.window_left, big if f.window_right is None else f.window_right]
+        ]
     return out
 
 

@@ -447,7 +447,9 @@ class Cache:
         try:
             data = read_regular(self.root, ("blobs", ref.sha256[:2], ref.filename), ref.size)
         except OSError as e:
-            raise CorruptArtifactError(f"{what} is missing, damaged or not a plain file: {path}: {e.strerror or e}") from None
+            raise CorruptArtifactError(
+                f"{what} is missing, damaged or not a plain file: {path}: {e.strerror or e}"
+            ) from None
         if sha256_hex(data) != ref.sha256:
             raise CorruptArtifactError(f"{what} is corrupt: {path} does not match its sha256; rebuild the cache")
         return data

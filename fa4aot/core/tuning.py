@@ -32,9 +32,23 @@ TUNABLE_FIELDS: dict[str, frozenset[str]] = {
         {"tile_m", "tile_n", "pack_gqa", "mma_pv_is_rs", "intra_wg_overlap", "regs_mma", "regs_producer"}
     ),
     "fwd_sm100": frozenset(
-        {"tile_n", "q_stage", "use_2cta_instrs", "use_clc_scheduler", "is_static_persistent", "use_tma_o",
-         "use_s_ping_pong", "pack_gqa", "kv_stage", "overlap_sO_sQ", "sm_stats_cross_stage", "lpt_global",
-         "regs_softmax", "regs_correction", "regs_other"}
+        {
+            "tile_n",
+            "q_stage",
+            "use_2cta_instrs",
+            "use_clc_scheduler",
+            "is_static_persistent",
+            "use_tma_o",
+            "use_s_ping_pong",
+            "pack_gqa",
+            "kv_stage",
+            "overlap_sO_sQ",
+            "sm_stats_cross_stage",
+            "lpt_global",
+            "regs_softmax",
+            "regs_correction",
+            "regs_other",
+        }
     ),  # fmt: skip
 }
 

@@ -85,7 +85,9 @@ def pick(rt: Runtime, key: tuple[Any, ...], facts: BwdFacts) -> BackwardKernels:
     if len(todo) > 1:  # first use: load the call's kernels side by side (hashing, dlopen release the GIL)
         rt.preload(todo, threads=len(todo))
     loaded = {p.role: rt.load(v) for p, v in zip(ps, variants)}
-    got = BackwardKernels(loaded["pre"], loaded["main"], loaded["post_dq"], loaded.get("post_dk"), loaded.get("post_dv"))
+    got = BackwardKernels(
+        loaded["pre"], loaded["main"], loaded["post_dq"], loaded.get("post_dk"), loaded.get("post_dv")
+    )
     rt.backward_picks[(key, facts)] = got
     return got
 
@@ -204,7 +206,9 @@ def flash_attn_backward(
         wl, wr = window_size
         causal_r, local, wl, wr = resolve_window(bool(causal), _check_window(wl, "left"), _check_window(wr, "right"))
     if local:  # FA4 clamps the sides (interface.py 2158); fa4aot's local variants take both edges
-        wl, wr = clamp_window(True, wl, wr, qrows[0] if varlen_q else qrows[1], kd.shape[0] if varlen_k else kd.shape[1])
+        wl, wr = clamp_window(
+            True, wl, wr, qrows[0] if varlen_q else qrows[1], kd.shape[0] if varlen_k else kd.shape[1]
+        )
         wl = max_k + max_q if wl is None else wl
         wr = max_k + max_q if wr is None else wr
     # the call's fields in CALL_FIELDS order (the dispatch key), and what FA4's selection reads

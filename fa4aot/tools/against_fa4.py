@@ -123,7 +123,6 @@ def _backward_calls(m: Variant) -> list[tuple[dict[str, Any], set[tuple[str, str
     id) of its kernels."""
     from fa4aot.core import backward as bw
     from fa4aot.core import selector
-    from fa4aot.core.fa4_interface import arch_number
     from fa4aot.core.families import SINK_DTYPES
 
     sel = selector.installed()
@@ -135,17 +134,13 @@ def _backward_calls(m: Variant) -> list[tuple[dict[str, Any], set[tuple[str, str
         call.update(has_dlse=dlse, learnable_sink=sink)
         qh = call["qhead_per_kvhead"]
         for b, sq, sk, hk in grid:
-            facts = bw.BwdFacts(
-                arch_number(m.arch), m.num_sms, call["dtype"], call["head_dim"], call["head_dim_v"], hk * qh, hk, b,
-                b * sq, b * sk, sq if call["varlen_q"] else None, sk if call["varlen_k"] else None, call["varlen_q"],
-                call["varlen_k"], call["causal"], call["local"], call["deterministic"], bool(call["softcap"]),
-                sink != "none",
-            )  # fmt: skip
             try:
-                _, ps = bw.select(sel, m.family, call, facts)
+                _, ps = bw.select(sel, m.family, call, bw.facts_for(m.arch, m.num_sms, call, b, sq, sk, hk))
             except (ValueError, AssertionError):
                 continue
-            kernels = frozenset((p.family, Variant.make(p.family, m.arch, m.num_sms, **p.field_dict).variant_id) for p in ps)
+            kernels = frozenset(
+                (p.family, Variant.make(p.family, m.arch, m.num_sms, **p.field_dict).variant_id) for p in ps
+            )
             if (m.family, m.variant_id) not in kernels or kernels in found:
                 continue
             case: dict[str, Any] = dict(

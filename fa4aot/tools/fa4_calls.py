@@ -178,6 +178,8 @@ def decide(arch: str, num_sms: int, case: dict, sel=None, knobs=None):
         float(case.get("softcap") or 0.0),
         case.get("learnable_sink") or "none",
     )
+
+
 def fa4_backward(interface, torch, case: dict) -> None:
     """Run FA4's ``_flash_attn_bwd`` (preprocess, main kernel, postprocess) for a backward case:
     keys of a forward case (batch, seqlen_q, seqlen_k, nheads, nheads_kv, head_dim, head_dim_v,

@@ -2,7 +2,7 @@
 
 For every forward variant in a cache: ``n`` random argument sets that fit the variant (batch
 1..64, seqlens 1..16k including non-multiples of the tile, its GQA ratio, varlen with empty
-sequences, padded (non-contiguous) batch/seq/head strides, decode shapes for q_stage 1), each run
+sequences, padded (non-contiguous) batch/seq/head strides, decode shapes for SwapAB and q_stage 1), each run
 through FA4's exported host code, with checks that can fail:
 
 * block equals the cubin's REQNTID; dynamic smem equals the build's record and fits the target;
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fa4aot.core.index import Cache, Entry
-from fa4aot.core.layouts import BACKWARD_KERNEL_FAMILIES, Dims, backward_tensors
+from fa4aot.core.layouts import BACKWARD_KERNEL_FAMILIES, Dims, backward_tensors, forward_tensors
 from fa4aot.core.samples import fake_pointer
 from fa4aot.core.signature import TensorDesc
 from fa4aot.core.variant import FORWARD_FAMILIES
@@ -67,16 +67,18 @@ def _padded(rng: random.Random, shape: tuple[int, ...], pad: bool) -> tuple[int,
 
 
 def random_call(entry: Entry, rng: random.Random) -> tuple[dict[str, Any], dict[str, int]]:
-    """Named plan arguments for one random call that fits ``entry``'s variant, and its sizes."""
-    f = entry.variant.fields
+    """Named plan arguments for one random call that fits ``entry``'s variant (FA4's layouts,
+    :func:`fa4aot.core.layouts.forward_tensors`, with padded strides), and its sizes."""
+    v = entry.variant
+    f = v.fields
     qh = f["qhead_per_kvhead"]
     hk = rng.choice([1, 2, 4, 8])
-    h = hk * qh
     batch = rng.randint(1, 64)
-    small = entry.variant.family == "fwd_sm100" and f["q_stage"] == 1
+    # SwapAB takes decode calls (one query a sequence); a 1-stage SM100 variant often serves them
+    small = v.family == "fwd_sm100" and (f["use_swapab"] or f["q_stage"] == 1)
     cap_q = max(1, 128 // (qh if f["pack_gqa"] else 1)) if small else 16384
-    if small and rng.random() < 0.5:
-        cap_q = 1  # decode
+    if f.get("use_swapab") or (small and rng.random() < 0.5):
+        cap_q = 1
     if f["varlen_q"]:
         lens_q = _lens(rng, batch, min(cap_q, 4096))
         total_q, seqlen_q = sum(lens_q), max(lens_q)
@@ -90,58 +92,33 @@ def random_call(entry: Entry, rng: random.Random) -> tuple[dict[str, Any], dict[
         seqlen_k = rng.randint(1, 16384)
         total_k = batch * seqlen_k
     paged = f.get("paged_kv", "none")
+    page = num_pages = None
     if paged != "none":  # a page pool and a table: FA4's TMA path at tile_n, cp.async otherwise
         page = f["tile_n"] if paged == "tma" else rng.choice([s for s in (1, 8, 16, 32, 64, 256) if s != f["tile_n"]])
-        max_pages = -(-seqlen_k // page) + rng.randint(0, 3)
-        num_pages = batch * max_pages + rng.randint(0, 64)
-    splits = rng.randint(2, 64) if f.get("split_kv") else 1
+        num_pages = batch * (-(-seqlen_k // page) + rng.randint(0, 3)) + rng.randint(0, 64)
+    split = f.get("num_splits", 1) > 1
+    splits = rng.randint(2, 64) if split else 1
+    d = Dims(batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, nheads=hk * qh, nheads_kv=hk,
+             head_dim=f["head_dim"], head_dim_v=f["head_dim_v"], num_splits=splits,
+             total_q=total_q if f["varlen_q"] else None, total_k=total_k if f["varlen_k"] else None,
+             page_size=page, num_pages=num_pages)  # fmt: skip
     pad = rng.random() < 0.5
-    hd, hdv = f["head_dim"], f["head_dim_v"]
-    qrows = (total_q,) if f["varlen_q"] else (batch, seqlen_q)
-    krows = (total_k,) if f["varlen_k"] else (batch, seqlen_k)
-    if paged != "none":
-        krows = (num_pages, page)
-    shapes = {
-        "q": (*qrows, h, hd),
-        "k": (*krows, hk, hd),
-        "v": (*krows, hk, hdv),
-    }
     named: dict[str, Any] = {}
-    for i, (name, shape) in enumerate(shapes.items()):
-        named[name] = TensorDesc(fake_pointer(i), shape, _padded(rng, shape, pad))
-    if f.get("split_kv"):
-        oshape = (splits, *qrows, h, hdv)
-        lshape = (splits, h, total_q) if f["varlen_q"] else (splits, batch, h, seqlen_q)
-    else:
-        oshape = (*qrows, h, hdv)
-        lshape = (h, total_q) if f["varlen_q"] else (batch, h, seqlen_q)
-    named["out"] = TensorDesc(fake_pointer(3), oshape, _padded(rng, oshape, pad and not f.get("split_kv")))
-    if f["has_lse"] or f.get("split_kv"):
-        named["lse"] = TensorDesc(fake_pointer(4), lshape, _padded(rng, lshape, False))
-    for j, name in enumerate(("cu_seqlens_q", "cu_seqlens_k")):
-        if f["varlen_" + name[-1]]:
-            named[name] = TensorDesc(fake_pointer(5 + j), (batch + 1,), (1,))
-    for j, name in enumerate(("seqused_q", "seqused_k")):
-        if f[name]:
-            named[name] = TensorDesc(fake_pointer(7 + j), (batch,), (1,))
-    if paged != "none":
-        named["page_table"] = TensorDesc(fake_pointer(12), (batch, max_pages), (max_pages + rng.randint(0, 8), 1))
-    if f.get("learnable_sink", "none") != "none":
-        named["learnable_sink"] = TensorDesc(fake_pointer(13), (h,), (1,))
-    if f.get("scheduler") == "dynamic":
-        named["num_splits_dynamic"] = TensorDesc(fake_pointer(9), (batch,), (1,))
-        named["tile_count_semaphore"] = TensorDesc(fake_pointer(10), (1,), (1,))
-        if f["causal"]:
-            named["num_nheads_in_l2"] = TensorDesc(fake_pointer(11), (batch,), (1,))
+    for i, (name, t) in enumerate(forward_tensors(v, d, entry.target.num_sms).items()):
+        padded = pad and (name in ("q", "k", "v") or (name == "out" and not split))
+        strides = _padded(rng, t.shape, True) if padded else t.strides
+        if name == "page_table":
+            strides = (t.shape[1] + rng.randint(0, 8), 1)
+        named[name] = TensorDesc(fake_pointer(i), t.shape, strides)
     named["softmax_scale"] = rng.uniform(0.01, 1.0)
     if f["local"]:
         named["window_size_left"] = rng.randint(0, 4096)
         named["window_size_right"] = rng.randint(0, 4096)
-    if entry.variant.family == "fwd_sm100":
+    if v.family == "fwd_sm100":
         named["max_seqlen_q"] = seqlen_q
     named["stream"] = 0
-    sizes = dict(batch=batch, seqlen_q=seqlen_q, total_q=total_q, nheads=h, nheads_kv=hk, num_splits=splits)
-    if paged != "none":
+    sizes = dict(batch=batch, seqlen_q=seqlen_q, total_q=total_q, nheads=hk * qh, nheads_kv=hk, num_splits=splits)
+    if page is not None:
         sizes["page_size"] = page
     return named, sizes
 
@@ -152,6 +129,8 @@ def random_backward_call(entry: Entry, rng: random.Random) -> tuple[dict[str, An
     f = v.fields
     qh = f.get("qhead_per_kvhead", 1)
     hk = rng.choice([1, 2, 4, 8])
+    if v.family == "bwd_pre" and f["pack_factor"] > 1:  # specialized on its scratch heads
+        qh, hk = f["scratch_heads"] * f["pack_factor"], 1
     batch = rng.randint(1, 64)
     varlen_q = f.get("varlen_q", f.get("varlen", False))
     varlen_k = f.get("varlen_k", False)
@@ -230,8 +209,8 @@ def check_entry(cache: Cache, entry: Entry, n: int = 30, seed: int = 0) -> Varia
             )
         if launch.grid != want:
             report.problems.append(f"grid {launch.grid} != FA4 formula {want} ({where})")
-        if (launch.cluster == (2, 1, 1)) != bool(f.get("two_cta")):
-            report.problems.append(f"cluster {launch.cluster} for two_cta={f.get('two_cta')}")
+        if (launch.cluster == (2, 1, 1)) != bool(f.get("use_2cta_instrs")):
+            report.problems.append(f"cluster {launch.cluster} for use_2cta_instrs={f.get('use_2cta_instrs')}")
         buf = launch.param_bytes
         for name in ("q", "k", "v", "out"):
             base = named[name].ptr
@@ -259,8 +238,8 @@ def check_backward_entry(cache: Cache, entry: Entry, n: int = 30, seed: int = 0)
         want = backward_grid(entry.variant.family, f, **sz)
         if launch.grid != want:
             report.problems.append(f"grid {launch.grid} != FA4 formula {want} ({where})")
-        if (launch.cluster == (2, 1, 1)) != bool(f.get("two_cta") and entry.variant.family == "bwd_sm100"):
-            report.problems.append(f"cluster {launch.cluster} for two_cta={f.get('two_cta')}")
+        if (launch.cluster == (2, 1, 1)) != bool(f.get("use_2cta_instrs") and entry.variant.family == "bwd_sm100"):
+            report.problems.append(f"cluster {launch.cluster} for use_2cta_instrs={f.get('use_2cta_instrs')}")
         # the main kernel loads q/k/v/dout through TMA descriptors (their addresses live inside
         # them); the preprocess and postprocess take plain pointers to every tensor
         if entry.variant.family in ("bwd_pre", "bwd_post"):
