@@ -702,7 +702,7 @@ def test_a_miss_names_a_manifest_line_that_builds_the_variant():
         v = Variant.make(FORWARD_FAMILY[arch], arch, sms, **d.fields)
         from fa4aot.core import fwd
 
-        line = describe_missing(v, fwd.shape_group(facts(arch, sms, case)))
+        line = describe_missing(v, fwd.call_group(facts(arch, sms, case)))
         group = line.split(": - ", 1)[1].rsplit("  (target", 1)[0]
         doc = (
             f"target: {{name: t, arch: {arch}, num_sms: {sms}}}\nfamilies:\n  {FORWARD_FAMILY[arch]}:\n    - {group}\n"

@@ -39,15 +39,16 @@ def _passed(launch, ptr: int) -> bool:
 # --- FA4's signatures --------------------------------------------------------------------------
 
 
-def _fa4_signatures() -> dict[str, list[str]]:
-    """Positional parameter names of FA4's interface functions, read from its source (no import)."""
+def _fa4_signatures() -> dict[str, tuple[list[str], list[str]]]:
+    """Positional and keyword-only parameter names of FA4's interface functions, read from its
+    source (no import)."""
     spec = importlib.util.find_spec("flash_attn")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("flash-attn-4 is not installed (the build extra)")
     src = Path(next(iter(spec.submodule_search_locations))) / "cute" / "interface.py"
     tree = ast.parse(src.read_text())
     return {
-        node.name: [a.arg for a in node.args.posonlyargs + node.args.args]
+        node.name: ([a.arg for a in node.args.posonlyargs + node.args.args], [a.arg for a in node.args.kwonlyargs])
         for node in tree.body
         if isinstance(node, ast.FunctionDef)
     }
@@ -65,12 +66,14 @@ def _fa4_signatures() -> dict[str, list[str]]:
 def test_positional_parameters_are_fa4s_in_fa4s_order(name, ours):
     import inspect
 
-    fa4 = _fa4_signatures()[name]
+    fa4, fa4_kw = _fa4_signatures()[name]
     params = inspect.signature(ours).parameters.values()
     positional = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
     assert positional == fa4
-    # fa4aot's extras are keyword-only, so no positional call can reach them
-    assert {p.name for p in params if p.kind is p.KEYWORD_ONLY} <= {"out", "stream", "runtime"}
+    # FA4's keyword-only parameters stay keyword-only; fa4aot's extras are keyword-only too, so
+    # no positional call can reach them
+    kw = {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+    assert set(fa4_kw) <= kw <= set(fa4_kw) | {"out", "stream", "runtime"}
 
 
 def test_the_engine_entry_has_a_public_alias():
@@ -129,15 +132,17 @@ def test_varlen_positional_page_table(rt):
         (lv,) = rt._loaded.values()
         f = lv.variant.fields
         assert _passed(launch, table.ptr)
-    assert f["paged_kv"] == "tma" and f["varlen_q"] and f["seqused_k"] and f["causal"]
+    # FA4 pages K/V by TMA when the page size is the config's tile_n (interface.py 1204-1208)
+    assert f["paged_kv"] == ("tma" if ps == f["tile_n"] else "cpasync")
+    assert f["varlen_q"] and f["seqused_k"] and f["causal"]
 
 
 # --- vLLM's call pattern through the engine entry point --------------------------------------
 
 
-@pytest.mark.parametrize("page_size, kind", [(128, "tma"), (16, "cpasync")])
+@pytest.mark.parametrize("page_size", [128, 16])
 @pytest.mark.parametrize("phase", ["decode", "chunked-prefill"])
-def test_vllm_call_pattern_through_the_engine_entry(rt, page_size, kind, phase):
+def test_vllm_call_pattern_through_the_engine_entry(rt, page_size, phase):
     """vLLM's FA4 backend: _flash_attn_fwd(q, k_cache, v_cache, cu_seqlens_q, max_seqlen_q,
     max_seqlen_k, seqused_k, page_table=block_table, softmax_scale, causal, window_size_left/right,
     num_splits, return_lse, out) on a Llama-3-style GQA-4 paged cache."""
@@ -173,7 +178,8 @@ def test_vllm_call_pattern_through_the_engine_entry(rt, page_size, kind, phase):
     (launch,) = rt.driver.launches
     (lv,) = rt._loaded.values()
     f = lv.variant.fields
-    assert f["paged_kv"] == kind and f["varlen_q"] and f["seqused_k"] and f["causal"]
+    assert f["paged_kv"] == ("tma" if page_size == f["tile_n"] else "cpasync")
+    assert f["varlen_q"] and f["seqused_k"] and f["causal"]
     for ptr in (table.ptr, seqused.ptr, cu_q.ptr):
         assert _passed(launch, ptr)
 
@@ -230,7 +236,7 @@ def test_a_page_size_the_cache_lacks_names_the_manifest_entry(rt):
     from fa4aot.core.errors import VariantNotFoundError
 
     a = _paged_args(d=64, ps=64)
-    with pytest.raises(VariantNotFoundError, match=r"paged_kv: \[16\].*any page size but 128 builds"):
+    with pytest.raises(VariantNotFoundError, match=r"paged_kv: \[64\].*any page size but 128 builds"):
         fa4aot.flash_attn_varlen_func(
             a["q"], a["k"], a["v"], page_table=a["page_table"], seqused_k=a["seqused_k"], causal=True,
             out=t(3, (2, 1, 16, 64)), runtime=rt,
@@ -245,10 +251,8 @@ def test_a_page_size_the_cache_lacks_names_the_manifest_entry(rt):
         dict(score_mod=lambda *a: a[0]),
         dict(mask_mod=lambda *a: True),
         dict(block_sparse_tensors=(1, 2)),
-        dict(q_descale=t(9, (2, 4), "fp32")),
+        dict(scales=object()),
         dict(gather_kv_indices=t(9, (2, 8), "int32")),
-        dict(tile_mn=(128, 128)),
-        dict(num_threads=256),
         dict(aux_tensors=[t(9, (4,), "fp32")]),
         dict(seqlen_k_per_split=512),
     ],
@@ -265,10 +269,10 @@ def test_fa4_arguments_fa4aot_does_not_build_are_named(rt, kw):
 
 
 def test_fa4_defaults_of_unsupported_arguments_are_accepted(rt):
-    """Engines pass FA4's defaults explicitly (score_mod=None, num_threads=384, ...): that is fine."""
+    """Engines pass FA4's defaults explicitly (score_mod=None, scales=None, ...): that is fine."""
     a = _paged_args()
     fi._flash_attn_fwd(
-        a["q"], a["k"], a["v"], qv=None, score_mod=None, mask_mod=None, num_threads=384,
+        a["q"], a["k"], a["v"], qv=None, score_mod=None, mask_mod=None, scales=None, config=None,
         disable_scheduler_metadata=False, page_table=a["page_table"], seqused_k=a["seqused_k"], causal=True,
         out=a["out"], runtime=rt,
     )  # fmt: skip

@@ -637,8 +637,9 @@ _FWD_AXIS_FIELDS = {"return_lse": "has_lse"}
 
 def group_for(variant: Variant, shapes: dict[str, list[Any]] | None = None) -> dict[str, Any]:
     """The manifest group (axis -> [value]) that builds ``variant``; for error messages. A forward
-    variant is what FA4 selects for a call's shapes: its group names the call's features, the
-    config's filter values and, given ``shapes`` (the domain axes of the call), the shapes."""
+    variant is what FA4 selects for a call: its group names the call's features and, given
+    ``shapes`` (:func:`fa4aot.core.fwd.call_group`: the call's requests and shapes), those;
+    without them the config's filter values."""
     f = variant.fields
     fam = FAMILIES[variant.family]
     if fam.selected:
@@ -656,7 +657,8 @@ def group_for(variant: Variant, shapes: dict[str, list[Any]] | None = None) -> d
                 out[name] = [f[_FWD_AXIS_FIELDS.get(name, name)]]
         if f["num_splits"] > 1:
             out["num_splits"] = ["auto"]
-        out.update({name: [fwd.FILTERS[name](f)] for name in ("q_stage", "two_cta", "scheduler", "swapab")})
+        if shapes is None:  # no call to pin the shapes: name the config by its filter axes
+            out.update({name: [fwd.FILTERS[name](f)] for name in ("q_stage", "two_cta", "scheduler", "swapab")})
         out.update(shapes or {})
         return out
     out = {}

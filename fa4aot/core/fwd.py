@@ -426,14 +426,28 @@ def candidate_problem(sel: Any, arch: str, fields: dict[str, Any]) -> str | None
     return None if why is None else f"tiles {fields['tile_m']}x{fields['tile_n']}: {why}"
 
 
-def shape_group(f: fi.FwdFacts) -> dict[str, list[Any]]:
-    """The domain axes that pin one call's shapes (for the manifest line a miss names)."""
+def call_group(f: fi.FwdFacts, knobs: fi.Knobs = fi.NO_KNOBS) -> dict[str, list[Any]]:
+    """The manifest axes that pin one call beyond its variant's fields: its requests to FA4's
+    selector (split count, pack_gqa, page size, training, tiles, the SM100 backend knob) and its
+    shapes - so that the manifest line a miss names selects this call's config again."""
+    auto = "auto"
     out: dict[str, list[Any]] = {
+        "num_splits": [auto if f.num_splits < 1 else f.num_splits],
+        "pack_gqa": [auto if f.pack_gqa is None else f.pack_gqa],
+        "requires_grad": [f.requires_grad],
         "batch": [f.batch],
         "seqlen_q": [f.max_seqlen_q if f.max_seqlen_q is not None else f.q_capacity],
         "seqlen_k": [f.max_seqlen_k if f.max_seqlen_k is not None else f.k_capacity],
         "nheads_kv": [f.num_heads_kv],
     }
+    if f.page_size is not None:
+        out["paged_kv"] = [f.page_size]
+    if f.requested_tile is not None:
+        out["tiles"] = [list(f.requested_tile)]
+    if f.requested_mma_pv_is_rs is not None:
+        out["mma_pv_is_rs"] = [f.requested_mma_pv_is_rs]
+    if knobs.use_swapab is not None:
+        out["sm100_backend"] = ["swapab" if knobs.use_swapab else "standard"]
     if f.window_left is not None or f.window_right is not None:
         big = max(f.q_capacity, f.k_capacity)
         out["window"] = [
