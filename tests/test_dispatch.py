@@ -527,9 +527,9 @@ def _scale_cases(n: int, seed: int = 1234, arches: tuple[str, ...] = tuple(ARCHE
     return out
 
 
-def _fa4aot_call(rt, case) -> Variant | str:
+def _fa4aot_call(rt, case, missing: list | None = None) -> Variant | str:
     """Run the case through the real API (fake driver): the forward variant the runtime picked, or
-    why it refused the call."""
+    why it refused the call; a variant the cache lacks is also appended to ``missing``."""
     from fa4aot.core.errors import Fa4aotError, VariantNotFoundError
     from fa4aot.runtime import forward as fwd_mod
     from fa4aot.runtime.tensors import RawTensor
@@ -579,6 +579,8 @@ def _fa4aot_call(rt, case) -> Variant | str:
     try:
         fa4aot.flash_attn_varlen_func(q, k, v, out=o, **kw)
     except VariantNotFoundError as e:
+        if missing is not None:
+            missing.append(e.variant)
         return e.variant
     except Fa4aotError as e:
         if not picked:

@@ -15,12 +15,13 @@ from helpers import FAST_MANIFEST, ROOT, needs_dsl, run_cli
 from test_dispatch import _fa4aot_call
 
 from fa4aot.build import manifest
+from fa4aot.core import selector
 from fa4aot.core.errors import VariantNotFoundError
-from fa4aot.core.fa4_interface import combine_geometry
+from fa4aot.core.fwd import companions
 from fa4aot.core.variant import Variant
-from fa4aot.runtime.combine import pick as pick_combine
-from fa4aot.runtime.dispatch import decide
 from fa4aot.runtime.loader import Runtime
+from fa4aot.tools import fa4_keys
+from fa4aot.tools.fa4_calls import decide, facts
 from fa4aot.tools.record import fwd_fields, read_log
 
 WORKLOAD = str(ROOT / "tests" / "record_workload.py")
@@ -35,21 +36,14 @@ CASES = json.loads((ROOT / "tests" / "record_cases.json").read_text())
 
 
 def expected(cases: list[dict]) -> set[str]:
-    """The variants fa4aot's dispatch picks for ``cases``: each forward, and the combine kernel
-    of every split call (FA4's log_max_splits for its split count)."""
-    from fa4_cases import fa4aot_call
-
+    """The variants fa4aot's dispatch picks for ``cases``: each forward, and the combine and
+    prepare kernels FA4 runs around it."""
     out = set()
     for c in cases:
-        d = decide(fa4aot_call("sm_100a", 148, c))
+        d = decide("sm_100a", 148, c)
         out.add(Variant.make("fwd_sm100", "sm_100a", 148, **d.fields).variant_id)
-        if d.num_splits > 1:
-            fields = dict(
-                dtype="bf16", head_dim=c["head_dim_v"], num_head=c["nheads"], varlen=False, seqused=False,
-                has_lse=False, num_splits_dynamic=False,
-                log_max_splits=combine_geometry(c["head_dim_v"], d.num_splits)[2],
-            )  # fmt: skip
-            out.add(Variant.make("combine", "sm_100a", 148, **fields).variant_id)
+        for family, fields in companions(selector.installed(), facts("sm_100a", 148, c), d):
+            out.add(Variant.make(family, "sm_100a", 148, **fields).variant_id)
     return out
 
 
@@ -59,27 +53,27 @@ def ids(path: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
-    """`fa4aot record` over the scripted model run through FA4's interface in fake mode."""
+    """`fa4aot record --no-compile` over the scripted model run through FA4's interface in fake
+    mode (FA4's _compile_misses probe: nothing compiles)."""
     pytest.importorskip("flash_attn")
     tmp = tmp_path_factory.mktemp("rec")
     (tmp / "cases.json").write_text(json.dumps(CASES))
     out = tmp / "model.yaml"
     proc = run_cli(
-        "record", "-o", str(out), "--", sys.executable, WORKLOAD, "fa4", str(tmp / "cases.json"),
+        "record", "--no-compile", "-o", str(out), "--", sys.executable, WORKLOAD, "fa4", str(tmp / "cases.json"),
         env=dict(os.environ, **SM100), check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out, tmp
 
 
-@pytest.mark.slow  # FA4's interface runs the scripted model (about 12 s a record)
 @needs_dsl
 def test_record_of_fa4_writes_exactly_what_fa4aot_dispatch_picks(recorded):
     out, _ = recorded
     text = out.read_text()
     assert ids(out) == expected(CASES)
-    # readable: grouped (four forwards and two combines in fewer groups), plan accepts it
-    assert text.count("- name:") < 6 and "head_dims: [[64, 64], [128, 128]]" in text
+    # readable: a group per forward config (FA4's config and the calls' shapes) and combine
+    assert text.count("- name:") <= 6 and text.count("config: {") == 4 and "seqlen_k: 8192" in text
     assert "variants:" in run_cli("plan", str(out)).stdout
 
 
@@ -92,9 +86,13 @@ def test_the_recorded_manifest_builds_and_the_replay_finds_every_variant(recorde
     rt = Runtime(cache, driver=FakeDriver(cc=(10, 0), num_sms=148), miss_log=tmp / "misses.jsonl")
     missing: list = []
     for c in CASES:
-        _fa4aot_call(rt, c, missing)
-        if c.get("num_splits", 1) > 1:
-            pick_combine(rt, "bf16", c["head_dim_v"], c["nheads"], c["num_splits"], False, False, False, False)
+        _fa4aot_call(rt, c, missing)  # raw pointers: a split call stops at its partials, so
+        for family, fields in companions(selector.installed(), facts("sm_100a", 148, c), decide("sm_100a", 148, c)):
+            v = Variant.make(family, "sm_100a", 148, **fields)  # its prepare / combine load here
+            if rt.has(v):
+                rt.load(v)
+            else:
+                missing.append(v)
     assert missing == [] and not (tmp / "misses.jsonl").exists()
     assert {lv.variant.variant_id for lv in rt._loaded.values()} == expected(CASES)
 
@@ -119,22 +117,17 @@ def test_merge_adds_no_duplicate_groups(recorded, tmp_path):
 
 
 def test_fa4_configurations_fa4aot_cannot_build_become_comments(tmp_path):
-    base = {
-        "arch": 100, "dtype": "BFloat16", "head_dim": 128, "head_dim_v": 128, "nheads_per_kv": 1, "causal": False,
-        "mask_mod_hash": False, "score_mod_hash": False, "use_block_sparsity": False, "lse is None": True,
-        "cu_seqlens_q is None": True, "cu_seqlens_k is None": True, "seqused_q is None": True,
-        "seqused_k is None": True, "page_table is not None": False, "pack_gqa": False, "tile_m": 128,
-        "tile_n": 128, "q_stage": 2, "is_split_kv": False, "use_2cta_instrs": True, "use_clc_scheduler": False,
-        "is_static_persistent": True, "use_s_ping_pong": False, "window_size_left is not None": False,
-        "window_size_right is not None": False, "qv is not None": False,
-    }  # fmt: skip
-    assert fwd_fields({"key": base})[0] == "fwd_sm100"
+    case = dict(batch=2, seqlen_q=1024, seqlen_k=1024, nheads=16, nheads_kv=16, head_dim=128, head_dim_v=128)
+    v = Variant.make("fwd_sm100", "sm_100a", 148, **decide("sm_100a", 148, case).fields)
+    base = fa4_keys.plain(fa4_keys.fwd_key(v))  # the key FA4 compiles for it (checked by the parity tests)
+    assert fwd_fields({"key": base}) == ("fwd_sm100", v.fields)
     cases = {
         "a mask_mod": dict(mask_mod_hash="abc"),
         "a score_mod other than softcap": dict(score_mod_hash="abc"),
         "MLA": {"qv is not None": True},
         "arch 80": dict(arch=80),
         "dtype Float8E4M3FN": dict(dtype="Float8E4M3FN"),
+        "FP8 scales": {"*(t is not None for t in descales)[0]": True},
     }
     log = tmp_path / "log.jsonl"
     with open(log, "w") as f:

@@ -364,7 +364,11 @@ def test_damage_matrix_is_refused_quickly_by_reader_runtime_and_verify(built_cac
     shutil.copytree(built_cache, copy)
     cache = Cache(copy)
     entry = min(
-        (e for e in cache.entries() if e.variant.family == "combine" and e.target.arch == "sm_90a" and e.variant.fields["has_lse"]),
+        (
+            e
+            for e in cache.entries()
+            if e.variant.family == "combine" and e.target.arch == "sm_90a" and e.variant.fields["has_lse"]
+        ),
         key=lambda e: e.variant_id,
     )
     _damage(kind, cache.blob_path(entry.blobs["plan"]), tmp_path / "outside.so")

@@ -482,6 +482,7 @@ def _expand_selected(
         raw = dict(raw, _filters={k: tuple(v) for k, v in filters.items()})
         raw.setdefault("sm100_backend", None)
         raw.setdefault("mma_pv_is_rs", None)
+        raw.setdefault("config", None)
         reason = family.check(raw)
         found: list[dict[str, Any]] = []
         around: list[tuple[str, dict[str, Any]]] = []

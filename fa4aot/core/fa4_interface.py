@@ -266,18 +266,18 @@ def codegen_fields(config: Any) -> dict[str, Any]:
     """The variant fields of a selected ``FwdConfig``: what its compile key holds
     (``fwd_codegen_config``, interface.py 270: the split count only as split or not; and
     ``use_dynamic_varlen`` keyed out, 1237), every other field as FA4 names it. Registers become
-    ``regs_<role>`` ints (or nothing, for SwapAB and SM120)."""
+    ``regs_<role>`` ints (or nothing, for SwapAB and SM120). ``config``: a FwdConfig, or its
+    fields as a dict (a recorded key's)."""
     out = {}
-    for field in dataclasses.fields(config):
-        name = field.name
+    items = config.items() if isinstance(config, dict) else config_fields(config).items()
+    for name, value in items:
         if name in NOT_CODEGEN:
             continue
-        value = getattr(config, name)
         if name == "num_splits":
             value = min(value, 2)
         if name == "registers":
             if value is not None:
-                out.update({f"regs_{k}": v for k, v in dataclasses.asdict(value).items()})
+                out.update({f"regs_{k}": v for k, v in value.items()})
             continue
         out[name] = value
     return out
@@ -381,6 +381,14 @@ def sm120_problem(f: dict[str, Any]) -> str | None:
             f"tiles need {smem} bytes of shared memory, more than SM120's {SM120_SMEM_CAPACITY}"
         )
     return None
+
+
+def config_fields(config: Any) -> dict[str, Any]:
+    """A FwdConfig's fields (``registers`` a mapping, or None)."""
+    return {
+        f.name: (dataclasses.asdict(v) if dataclasses.is_dataclass(v := getattr(config, f.name)) else v)
+        for f in dataclasses.fields(config)
+    }
 
 
 def as_fwd_config(sel: Any, config: Any) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -258,6 +258,24 @@ def _request_pair(field: str) -> Callable[[Any], dict[str, Any]]:
     return parse
 
 
+def _config(v: Any) -> dict[str, Any]:
+    """An explicit FwdConfig (FA4's ``config=``): a mapping of its fields (``registers`` a mapping
+    of the register roles or null; ``device_capacity`` may be left out), kept as sorted pairs.
+    FA4's ``validate_fwd_config`` checks it when the group expands."""
+    if v == "auto":
+        return {"config": None}
+    if not isinstance(v, Mapping) or not v or not all(isinstance(k, str) for k in v):
+        raise ValueError(f"expected auto or a mapping of FwdConfig fields, got {v!r}")
+    items = []
+    for k, x in v.items():
+        if k == "registers" and isinstance(x, Mapping):
+            x = tuple(sorted(x.items()))
+        elif not isinstance(x, (bool, int)) and not (k == "registers" and x is None):
+            raise ValueError(f"config.{k}: expected an integer or true/false, got {x!r}")
+        items.append((k, x))
+    return {"config": tuple(sorted(items))}
+
+
 def _request_bool(field: str) -> Callable[[Any], dict[str, Any]]:
     def parse(v: Any) -> dict[str, Any]:
         if v == "auto":
@@ -334,6 +352,12 @@ _COMMON_FWD_AXES = (
     ),
     Axis("requires_grad", _bool("requires_grad"), (False,), "a training forward (FA4 selects for the backward)"),
     Axis("tiles", _request_pair("tiles"), ("auto",), "FA4's tile_mn argument (auto: FA4's choice); others: tuning"),
+    Axis(
+        "config",
+        _config,
+        ("auto",),
+        "an explicit FwdConfig (FA4's config= argument), a mapping of its fields; auto: FA4 selects",
+    ),
 )
 
 FWD_SM100_AXES = _COMMON_FWD_AXES + (
@@ -635,11 +659,23 @@ EXAMPLE_CPASYNC_PAGE_SIZE = 16
 _FWD_AXIS_FIELDS = {"return_lse": "has_lse"}
 
 
+def _example_page(f: dict[str, Any]) -> int | bool:
+    """A page size that takes this forward variant's K/V path: tile_n for TMA; for cp.async
+    another size the kernel takes (FA4's SwapAB kernel pages in multiples of 128)."""
+    if f["paged_kv"] == "none":
+        return False
+    if f["paged_kv"] == "tma":
+        return f["tile_n"]
+    if f.get("use_swapab"):
+        return 128 if f["tile_n"] != 128 else 256
+    return EXAMPLE_CPASYNC_PAGE_SIZE
+
+
 def group_for(variant: Variant, shapes: dict[str, list[Any]] | None = None) -> dict[str, Any]:
     """The manifest group (axis -> [value]) that builds ``variant``; for error messages. A forward
     variant is what FA4 selects for a call: its group names the call's features and, given
     ``shapes`` (:func:`fa4aot.core.fwd.call_group`: the call's requests and shapes), those;
-    without them the config's filter values."""
+    without them, the config itself (the ``config`` axis)."""
     f = variant.fields
     fam = FAMILIES[variant.family]
     if fam.selected:
@@ -649,16 +685,15 @@ def group_for(variant: Variant, shapes: dict[str, list[Any]] | None = None) -> d
             if name == "head_dims":
                 out[name] = [[f["head_dim"], f["head_dim_v"]]]
             elif name == "paged_kv":
-                pages = {"none": False, "tma": f["tile_n"], "cpasync": EXAMPLE_CPASYNC_PAGE_SIZE}
-                out[name] = [pages[f["paged_kv"]]]
+                out[name] = [_example_page(f)]
             elif name == "learnable_sink":
                 out[name] = [False if f["learnable_sink"] == "none" else f["learnable_sink"]]
             else:
                 out[name] = [f[_FWD_AXIS_FIELDS.get(name, name)]]
-        if f["num_splits"] > 1:
+        if shapes is None:  # no call to select it again: pin FA4's config itself
+            out["config"] = [fwd.config_of(f)]
+        elif f["num_splits"] > 1:
             out["num_splits"] = ["auto"]
-        if shapes is None:  # no call to pin the shapes: name the config by its filter axes
-            out.update({name: [fwd.FILTERS[name](f)] for name in ("q_stage", "two_cta", "scheduler", "swapab")})
         out.update(shapes or {})
         return out
     out = {}
@@ -687,16 +722,10 @@ def group_for(variant: Variant, shapes: dict[str, list[Any]] | None = None) -> d
 def describe_missing(variant: Variant, shapes: dict[str, list[Any]] | None = None) -> str:
     """One-line YAML the user can add under ``families:`` to build ``variant`` (``shapes``: the
     call's, for a forward variant)."""
-    items = ", ".join(f"{k}: {_yaml_scalar(v)}" for k, v in group_for(variant, shapes).items())
+    from fa4aot.core.manifest_text import yaml_value
+
+    items = ", ".join(f"{k}: {yaml_value(v)}" for k, v in group_for(variant, shapes).items())
     note = ""
     if variant.fields.get("paged_kv") == "cpasync":
         note = f"; any page size but {variant.fields['tile_n']} builds this cp.async variant"
     return f"families.{variant.family}: - {{{items}}}  (target arch {variant.arch}, num_sms {variant.num_sms}{note})"
-
-
-def _yaml_scalar(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, list):
-        return "[" + ", ".join(_yaml_scalar(x) for x in v) + "]"
-    return str(v)

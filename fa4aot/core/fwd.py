@@ -292,6 +292,12 @@ def _expand_cached(key, sel, arch, num_sms, p, domain) -> Expansion:
 def _expand(sel: Any, arch: str, num_sms: int, p: dict[str, Any], domain: Domain) -> Expansion:
     a = fi.arch_number(arch)
     knobs = fi.Knobs(use_swapab=p["sm100_backend"])
+    explicit = None
+    if p.get("config") is not None:
+        try:
+            explicit = fi.as_fwd_config(sel, explicit_config(p["config"], a))
+        except (TypeError, ValueError) as e:
+            return Expansion([], [], f"config: {e}")
     found: dict[tuple, dict] = {}
     around: dict[tuple, tuple[str, dict]] = {}
     seen: set[tuple] = set()
@@ -307,7 +313,11 @@ def _expand(sel: Any, arch: str, num_sms: int, p: dict[str, Any], domain: Domain
         facts = _facts(a, num_sms, p, b, sq, sk, hk, window, fill)
         try:
             inputs = fi.fwd_inputs(sel, facts, knobs)
-            config = sel.select_fwd_config(inputs)
+            if explicit is None:
+                config = sel.select_fwd_config(inputs)
+            else:
+                config = explicit
+                sel.validate_fwd_config(config, inputs)
         except (ValueError, AssertionError, ZeroDivisionError) as e:
             rejected = rejected or f"FA4 rejects it: {e}"
             continue
@@ -337,6 +347,33 @@ def _expand(sel: Any, arch: str, num_sms: int, p: dict[str, Any], domain: Domain
         why = f"FA4 picks no config with {filtered} in {wanted[filtered]} for any shape of the group (filters {wanted})"
         return Expansion([], [], why)
     return Expansion([], [], rejected or "the group's shapes are empty")
+
+
+def explicit_config(pairs: tuple[tuple[str, Any], ...], arch_number: int) -> dict[str, Any]:
+    """The FwdConfig fields of a manifest's ``config`` axis value (sorted pairs, registers as
+    pairs too), ``device_capacity`` defaulting to the target's."""
+    fields = {k: (dict(v) if isinstance(v, tuple) else v) for k, v in pairs}
+    fields.setdefault("device_capacity", arch_number // 10)
+    return fields
+
+
+def config_of(fields: dict[str, Any]) -> dict[str, Any]:
+    """The FwdConfig fields a forward variant was compiled with, as a manifest's ``config`` axis
+    value (``registers`` a mapping; ``device_capacity`` is the target's): every field that is
+    neither a call feature nor a metadata flag."""
+    out: dict[str, Any] = {}
+    regs = {}
+    for k, v in fields.items():
+        if k.startswith("regs_"):
+            regs[k[5:]] = v
+        elif k not in CALL_FIELDS and k not in METADATA_FIELDS:
+            out[k] = v
+    out["registers"] = regs or None
+    # FA4 keys its dynamic-varlen route out; the variant shows it as a semaphore without prepared
+    # split counts (fa4_interface.fwd_plan)
+    if fields.get("tile_count_semaphore") and not fields.get("num_splits_dynamic"):
+        out["use_dynamic_varlen"] = True
+    return out
 
 
 def _key(fields: dict[str, Any]) -> tuple:
@@ -426,10 +463,11 @@ def candidate_problem(sel: Any, arch: str, fields: dict[str, Any]) -> str | None
     return None if why is None else f"tiles {fields['tile_m']}x{fields['tile_n']}: {why}"
 
 
-def call_group(f: fi.FwdFacts, knobs: fi.Knobs = fi.NO_KNOBS) -> dict[str, list[Any]]:
+def call_group(f: fi.FwdFacts, knobs: fi.Knobs = fi.NO_KNOBS, config: Any = None) -> dict[str, list[Any]]:
     """The manifest axes that pin one call beyond its variant's fields: its requests to FA4's
-    selector (split count, pack_gqa, page size, training, tiles, the SM100 backend knob) and its
-    shapes - so that the manifest line a miss names selects this call's config again."""
+    selector (split count, pack_gqa, page size, training, tiles, the SM100 backend knob, an
+    explicit ``config``) and its shapes - so that the manifest line a miss names builds this
+    call's kernel again."""
     auto = "auto"
     out: dict[str, list[Any]] = {
         "num_splits": [auto if f.num_splits < 1 else f.num_splits],
@@ -448,6 +486,8 @@ def call_group(f: fi.FwdFacts, knobs: fi.Knobs = fi.NO_KNOBS) -> dict[str, list[
         out["mma_pv_is_rs"] = [f.requested_mma_pv_is_rs]
     if knobs.use_swapab is not None:
         out["sm100_backend"] = ["swapab" if knobs.use_swapab else "standard"]
+    if config is not None:
+        out["config"] = [{k: v for k, v in fi.config_fields(config).items() if k not in fi.NOT_CODEGEN}]
     if f.window_left is not None or f.window_right is not None:
         big = max(f.q_capacity, f.k_capacity)
         out["window"] = [

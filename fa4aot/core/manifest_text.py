@@ -40,9 +40,14 @@ def expand(family: str, arch: str, num_sms: int, group: dict[str, list[Any]]) ->
     return out
 
 
-def minimal_group(v: Variant) -> dict[str, list[Any]]:
+def minimal_group(v: Variant, shapes: dict[str, list[Any]] | None = None) -> dict[str, list[Any]]:
     """The group building ``v`` (and, for prepare, its smaller batch buckets), without the axes
-    whose single default builds the same."""
+    whose single default builds the same. A forward variant's group pins FA4's config, and the
+    ``shapes`` of the calls it served (when known)."""
+    fam = FAMILIES[v.family]
+    if fam.selected:  # a forward variant: its call's axes, FA4's config, shapes; defaults dropped
+        group = dict(group_for(v), **(shapes or {}))
+        return {k: x for k, x in group.items() if not ((a := fam.axis(k)) and list(a.default) == x)}
     group = group_for(v)
     want = expand(v.family, v.arch, v.num_sms, group)
     for axis in FAMILIES[v.family].axes:
@@ -64,6 +69,8 @@ def merge_groups(
     """Merge groups that differ in one :data:`MERGE_AXES` axis, when the result builds exactly
     what the parts build."""
     fam = FAMILIES[family]
+    if fam.selected:  # FA4 selects per shape: merged call classes could select other configs
+        return groups
     for axis in MERGE_AXES:
         spec = fam.axis(axis)
         if spec is None:
@@ -93,6 +100,10 @@ def yaml_value(v: Any) -> str:
     """A flow-style YAML value for the scalars and lists manifests use."""
     if isinstance(v, bool):
         return "true" if v else "false"
+    if v is None:
+        return "null"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {yaml_value(x)}" for k, x in v.items()) + "}"
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(yaml_value(x) for x in v) + "]"
     if isinstance(v, float):
@@ -111,7 +122,8 @@ def render_group(family: str, group: dict[str, list[Any]], name: str, indent: st
     """One group as YAML lines (``- name: ...`` then its axes); one-value lists become scalars,
     except pair axes (``head_dims: [[128, 128]]``)."""
     lines = [f"{indent}- name: {name}"]
-    order = [a.name for a in FAMILIES[family].axes]
+    fam = FAMILIES[family]
+    order = [a.name for a in fam.axes + tuple(fam.domain_axes or ()) + tuple(fam.filter_axes or ())]
     for axis in sorted(group, key=order.index):
         vals = group[axis]
         text = yaml_value(vals) if len(vals) > 1 or _pair_axis(family, axis) else yaml_value(vals[0])
@@ -130,9 +142,11 @@ def render_manifest(
     names: dict[tuple[str, int], str] | None = None,
     notes: Iterable[str] = (),
     group_prefix: str = "recorded",
+    shapes: dict[str, dict[str, list[Any]]] | None = None,
 ) -> str:
     """A manifest (``targets:`` form) building ``variants``: one target per (arch, SM count),
-    grouped and merged; ``notes`` become trailing comments."""
+    grouped and merged; ``notes`` become trailing comments; ``shapes``: per forward variant id,
+    the shapes (and requests) of the calls it served, pinned in its group with its config."""
     by_target: dict[tuple[str, int], dict[str, list[Variant]]] = {}
     for v in {v.variant_id: v for v in variants}.values():
         by_target.setdefault((v.arch, v.num_sms), {}).setdefault(v.family, []).append(v)
@@ -144,7 +158,7 @@ def render_manifest(
         out.append("    families:")
         for family in sorted(by_target[(arch, sms)]):
             vs = sorted(by_target[(arch, sms)][family], key=lambda v: v.label())
-            groups = [minimal_group(v) for v in vs]
+            groups = [minimal_group(v, (shapes or {}).get(v.variant_id)) for v in vs]
             unique = list({json.dumps(g, sort_keys=True): g for g in groups}.values())
             merged = merge_groups(family, arch, sms, unique)
             out.append(f"      {family}:")

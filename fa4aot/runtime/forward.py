@@ -562,7 +562,7 @@ def _pick(rt: Runtime, rule: ForwardRule, shape: Shape) -> Pick:
     if lv is None:
         variant = rule.variant(d.fields)
         if not rt.has(variant):
-            rt.miss(variant, fwd.call_group(rule.facts(shape), rule.knobs))
+            rt.miss(variant, fwd.call_group(rule.facts(shape), rule.knobs, rule.s.config))
         lv = rt.load(variant)
         rule.loaded[key] = lv
     pick = Pick(lv, d.plan, d.config)

@@ -745,8 +745,14 @@ def show_config_cmd() -> None:
     "--target", default=None, help="Target name for the manifest (b200, h100, ...) [default: from the recorded arch]."
 )
 @click.option("--merge", is_flag=True, help="Add to the manifest at -o instead of replacing it (no duplicate groups).")
+@click.option(
+    "--no-compile",
+    is_flag=True,
+    help="The workload calls FA4 on fake tensors (torch FakeTensorMode): record what it would compile through "
+    "FA4's _compile_misses probe, compiling nothing (no GPU, seconds instead of minutes).",
+)
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
-def record_cmd(output: Path, target: str | None, merge: bool, cmd: tuple[str, ...]) -> None:
+def record_cmd(output: Path, target: str | None, merge: bool, no_compile: bool, cmd: tuple[str, ...]) -> None:
     """Run CMD (after --) and write a manifest covering every forward, combine and prepare
     configuration it asked for, through FA4's own interface (flash_attn.cute) or fa4aot's API.
     Configurations fa4aot cannot build are listed as comments saying why. The workload runs
@@ -763,7 +769,7 @@ def record_cmd(output: Path, target: str | None, merge: bool, cmd: tuple[str, ..
     with tempfile.TemporaryDirectory(prefix="fa4aot-record-") as tmp:
         log = Path(tmp) / "record.jsonl"
         try:
-            rc = run_recorded(python_cmd(list(cmd)), log)
+            rc = run_recorded(python_cmd(list(cmd)), log, no_compile=no_compile)
             rec = read_log([log] if log.exists() else [], target)
             existing = []
             if merge and output.exists():

@@ -98,6 +98,8 @@ def plain(v: Any) -> Any:
         return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
+    if isinstance(v, dict):
+        return {k: plain(x) for k, x in v.items()}
     if isinstance(v, (tuple, list)):
         return [plain(x) for x in v]
     if hasattr(v, "name") and hasattr(v, "value") and not isinstance(v, type):  # an Enum

@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from fa4aot.core.errors import Fa4aotError
+from fa4aot.core.fa4_interface import codegen_fields
 from fa4aot.core.families import FAMILIES
 from fa4aot.core.manifest_text import render_manifest
-from fa4aot.core.variant import Variant
+from fa4aot.core.variant import FORWARD_FAMILY, Variant
+from fa4aot.tools import fa4_keys, record_hook
 
 #: SKUs ``--target`` knows: name -> (arch, SM count).
 TARGETS = {
@@ -30,9 +32,10 @@ TARGETS = {
     "b300": ("sm_103a", 148),
     "h100": ("sm_90a", 132),
     "h200": ("sm_90a", 132),
+    "rtx-pro-6000": ("sm_120a", 188),
 }
 #: The target a recorded arch maps to without ``--target``.
-DEFAULT_TARGET = {"sm_100a": "b200", "sm_103a": "b300", "sm_90a": "h100"}
+DEFAULT_TARGET = {"sm_100a": "b200", "sm_103a": "b300", "sm_90a": "h100", "sm_120a": "rtx-pro-6000"}
 _DTYPES = {
     "BFloat16": "bf16",
     "Float16": "fp16",
@@ -52,8 +55,7 @@ def _arch(value: Any) -> str | None:
         major_minor = int(value)
     except (TypeError, ValueError):
         return None
-    # SM120's compile keys are not read yet: its calls are reported as unsupported
-    return {90: "sm_90a", 100: "sm_100a", 103: "sm_103a"}.get(major_minor)
+    return {90: "sm_90a", 100: "sm_100a", 103: "sm_103a", 120: "sm_120a"}.get(major_minor)
 
 
 def _dtype(value: Any) -> str | None:
@@ -69,17 +71,21 @@ def _first(key: dict[str, Any], *names: str) -> Any:
 
 def _unsupported_fwd(k: dict[str, Any], softcap: float | None) -> str | None:
     checks = [
-        (k.get("mla_1cta") or _first(k, "qv is not None"), "FA4's MLA path (qv)"),
+        (
+            k.get("qv is not None") or k.get("num_head_kv if qv is not None else None") is not None,
+            "FA4's MLA path (qv)",
+        ),
         (k.get("mask_mod_hash"), "a mask_mod"),  # False when there is none
         (k.get("score_mod_hash") and softcap is None, "a score_mod other than softcap"),
         (k.get("use_block_sparsity"), "block sparsity"),
-        (any(k.get(f"{t}_descale is not None") for t in "qkv"), "fp8 descales"),
+        (any(v for n, v in k.items() if n.startswith("*(t is not None for t in descales)")), "FP8 scales"),
         (
             k.get("o_lo is not None") or k.get("virtual_batch_idx is not None"),
             "FA4's internal MLA/virtual-batch buffers",
         ),
         (k.get("gather_kv_length") is not None or k.get("sparse_kv"), "sparse / gathered K/V"),
         (k.get("p is not None") or k.get("row_max is not None"), "FA4's P/row-max outputs"),
+        (k.get("seqlen_k_per_split") is not None, "a fixed seqlen_k_per_split"),
     ]
     for hit, why in checks:
         if hit:
@@ -88,60 +94,44 @@ def _unsupported_fwd(k: dict[str, Any], softcap: float | None) -> str | None:
 
 
 def fwd_fields(rec: dict[str, Any]) -> tuple[str, dict[str, Any]] | str:
-    """(family, fa4aot fields) for a recorded FA4 forward key, or why fa4aot cannot build it."""
+    """(family, fa4aot fields) for a recorded FA4 forward key (4.0.0b40: its FwdConfig first, then
+    the call's features; :func:`fa4aot.tools.fa4_keys.fwd_key` is the inverse), or why fa4aot
+    cannot build it."""
     k, softcap = rec["key"], rec.get("softcap")
     arch = _arch(k.get("arch"))
     if arch is None:
-        return f"arch {k.get('arch')}: fa4aot builds FA4's SM90 and SM100 forwards only"
+        return f"arch {k.get('arch')}: fa4aot builds FA4's SM90, SM100/SM103 and SM120 forwards"
     if why := _unsupported_fwd(k, softcap):
         return why
+    config = k.get(fa4_keys.FWD_CONFIG)
+    if not isinstance(config, dict):
+        return "a forward key without FA4's FwdConfig (recorded from another FA4 than 4.0.0b40)"
     dtype = _dtype(k.get("dtype"))
     if dtype not in ("bf16", "fp16"):
         return f"dtype {k.get('dtype')}: fa4aot builds bf16 and fp16"
-    causal = bool(k["causal"])
-    windowed = bool(k.get("window_size_left is not None") or k.get("window_size_right is not None"))
     sink = _first(k, *[n for n in k if n.startswith("torch2cute_dtype_map[learnable_sink.dtype]")])
-    f: dict[str, Any] = dict(
+    paged = bool(k["page_table is not None"])
+    f = codegen_fields(config)
+    f.update(
         dtype=dtype,
         head_dim=int(k["head_dim"]),
         head_dim_v=int(k["head_dim_v"]),
-        qhead_per_kvhead=int(k["nheads_per_kv"]),
-        causal=causal,
-        local=windowed and not causal,
+        qhead_per_kvhead=int(k["qhead_per_kvhead"]),
+        causal=bool(k["causal"]),
+        local=bool(k.get("window_size_left is not None") or k.get("window_size_right is not None")),
         varlen_q=not k["cu_seqlens_q is None"],
         varlen_k=not k["cu_seqlens_k is None"],
         seqused_q=not k["seqused_q is None"],
         seqused_k=not k["seqused_k is None"],
         has_lse=not k["lse is None"],
+        paged_kv=("tma" if k.get("paged_kv_tma") else "cpasync") if paged else "none",
         learnable_sink=_dtype(sink) if sink is not None else "none",
         softcap=float(softcap or 0.0),
-        pack_gqa=bool(k["pack_gqa"]),
-        tile_m=int(k["tile_m"]),
-        tile_n=int(k["tile_n"]),
+        num_splits_dynamic=bool(k["num_splits_dynamic is not None"]),
+        tile_count_semaphore=bool(k["tile_count_semaphore is not None"]),
+        num_nheads_in_l2=bool(k["num_nheads_in_l2 is not None"]),
     )
-    paged = bool(k["page_table is not None"])
-    f["paged_kv"] = ("tma" if k.get("paged_kv_tma") else "cpasync") if paged else "none"
-    if arch == "sm_90a":
-        family = "fwd_sm90"
-        f.update(mma_pv_is_rs=bool(k["mma_pv_is_rs"]), intra_wg_overlap=bool(k["intra_wg_overlap"]))
-    else:
-        family = "fwd_sm100"
-        if k.get("use_clc_scheduler"):
-            scheduler = "clc"
-        elif k.get("tile_count_semaphore is not None"):
-            scheduler = "dynamic"
-        elif k.get("is_static_persistent"):
-            scheduler = "static"
-        else:
-            scheduler = "single"
-        f.update(
-            split_kv=bool(k["is_split_kv"]),
-            q_stage=int(k["q_stage"]),
-            two_cta=bool(k["use_2cta_instrs"]),
-            scheduler=scheduler,
-            s_ping_pong=bool(k["use_s_ping_pong"]),
-        )
-    return family, f
+    return FORWARD_FAMILY[arch], f
 
 
 def combine_fields(rec: dict[str, Any]) -> tuple[str, dict[str, Any]] | str:
@@ -197,6 +187,9 @@ def prepare_fields(rec: dict[str, Any]) -> tuple[str, dict[str, Any]] | str:
         seqused_q=bool(k["seqused_q is not None"]),
         seqused_k=bool(k["seqused_k is not None"]),
         has_semaphore=bool(k["tile_count_semaphore is not None"]),
+        ctas_per_sm=int(k.get("ctas_per_sm", 1)),
+        floor_ctas=int((k.get("min_blocks_floor") or (0, 0))[0]),
+        floor_blocks=int((k.get("min_blocks_floor") or (0, 0))[1]),
         _arch=_arch(rec.get("device_arch")),
     )
 
@@ -212,17 +205,37 @@ class Recording:
     #: (configuration, why fa4aot cannot build it) -> how many distinct keys
     unsupported: dict[tuple[str, str], int] = field(default_factory=dict)
     fa4_keys: int = 0
+    #: forward variant id -> the shapes and requests of the calls that compiled it (axis -> values)
+    shapes: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
 
-    def add(self, v: Variant) -> None:
+    def add(self, v: Variant, call: dict[str, Any] | None = None) -> None:
         self.variants.setdefault(v.variant_id, v)
+        if call:
+            group = self.shapes.setdefault(v.variant_id, {})
+            for axis, value in _call_axes(call).items():
+                if value not in group.setdefault(axis, []):
+                    group[axis].append(value)
 
     def refuse(self, what: str, why: str) -> None:
         self.unsupported[(what, why)] = self.unsupported.get((what, why), 0) + 1
 
 
+def _call_axes(call: dict[str, Any]) -> dict[str, Any]:
+    """A recorded call's shapes and requests as forward manifest axes (one value each)."""
+    out: dict[str, Any] = {k: call[k] for k in ("batch", "seqlen_q", "seqlen_k", "nheads_kv")}
+    out["num_splits"] = "auto" if call.get("num_splits", 1) < 1 else call.get("num_splits", 1)
+    out["pack_gqa"] = "auto" if call.get("pack_gqa") is None else bool(call["pack_gqa"])
+    if call.get("page_size"):
+        out["paged_kv"] = call["page_size"]
+    if call.get("window"):  # an open side reaches past every sequence
+        big = max(call["seqlen_q"], call["seqlen_k"])
+        out["window"] = [x if x is not None else big for x in call["window"]]
+    return out
+
+
 def _summary(rec: dict[str, Any]) -> str:
     k = rec["key"]
-    parts = [f"{n}={k[n]}" for n in ("head_dim", "head_dim_v", "nheads_per_kv", "causal", "dtype") if n in k]
+    parts = [f"{n}={k[n]}" for n in ("head_dim", "head_dim_v", "qhead_per_kvhead", "causal", "dtype") if n in k]
     return f"FA4 {rec['fa4']} " + " ".join(parts)
 
 
@@ -263,10 +276,10 @@ def read_log(paths: Iterable[Path], target: str | None = None) -> Recording:
                 continue
             sms = want[1] if want is not None else TARGETS[DEFAULT_TARGET[arch]][1]
             fam = FAMILIES[family]
-            if reason := fam.check(fields):
+            if not fam.selected and (reason := fam.check(fields)):
                 out.refuse(_summary(rec), reason)
                 continue
-            out.add(Variant.make(family, arch, sms, **fields))
+            out.add(Variant.make(family, arch, sms, **fields), rec.get("call"))
     return out
 
 
@@ -278,11 +291,12 @@ def manifest_text(rec: Recording, header: str, target: str | None = None, existi
         names[TARGETS[target]] = target
     notes = [f"not buildable by fa4aot: {what}: {why}" for what, why in sorted(rec.unsupported)]
     variants = list(existing) + list(rec.variants.values())
-    return render_manifest(variants, header=header, names=names, notes=notes)
+    return render_manifest(variants, header=header, names=names, notes=notes, shapes=rec.shapes)
 
 
-def run_recorded(cmd: list[str], log: Path) -> int:
-    """Run ``cmd`` with both recorders on; its exit code."""
+def run_recorded(cmd: list[str], log: Path, no_compile: bool = False) -> int:
+    """Run ``cmd`` with both recorders on; its exit code. ``no_compile``: the workload runs FA4 on
+    fake tensors, and FA4's ``_compile_misses`` probe records instead of compiling."""
     import fa4aot
 
     hook_dir = Path(tempfile.mkdtemp(prefix="fa4aot-record-"))
@@ -290,6 +304,8 @@ def run_recorded(cmd: list[str], log: Path) -> int:
     pkg_root = str(Path(fa4aot.__file__).resolve().parent.parent)
     env = dict(os.environ)
     env["FA4AOT_RECORD"] = str(log)
+    if no_compile:
+        env[record_hook.NO_COMPILE_ENV] = "1"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(hook_dir), pkg_root, env.get("PYTHONPATH", "")) if p)
     try:
         return subprocess.run(cmd, env=env).returncode

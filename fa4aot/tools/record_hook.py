@@ -4,24 +4,26 @@ scheduler-metadata JIT caches are wrapped so that every compile key FA4 looks up
 JSON, to ``$FA4AOT_RECORD``. Lookups and results are unchanged: the wrapper only reads the key.
 
 The key's element names come from FA4's own source (the ``compile_key = (...)`` tuple of each
-function), so the record says ``{"causal": true, "cu_seqlens_q is None": false, ...}`` and the
+function, :mod:`fa4aot.tools.fa4_keys`; FA4's FwdConfig becomes a dict of its fields), so the
+record says ``{"causal": true, "cu_seqlens_q is None": false, ...}`` and the
 mapping to fa4aot's variant fields (:mod:`fa4aot.tools.record`) does not depend on positions.
 """
 
 from __future__ import annotations
 
-import ast
 import importlib.abc
 import importlib.machinery
 import inspect
 import json
 import os
 import sys
-import textwrap
 import threading
 from typing import Any
 
 RECORD_ENV = "FA4AOT_RECORD"
+#: Set (to 1) by ``fa4aot record --no-compile``: the workload calls FA4 on fake tensors, and FA4's
+#: own probe (``interface._compile_misses``, 4.0.0b40) makes it record misses instead of compiling.
+NO_COMPILE_ENV = "FA4AOT_RECORD_NO_COMPILE"
 TARGET_MODULE = "flash_attn.cute.interface"
 #: FA4 function -> the kind of kernel its cache compiles.
 HOOKED = {"_flash_attn_fwd": "fwd", "_flash_attn_fwd_combine": "combine", "_get_scheduler_metadata": "prepare"}
@@ -31,27 +33,12 @@ _lock = threading.Lock()
 _seen: set[str] = set()
 
 
-def key_names(fn: Any) -> list[str]:
-    """Source text of each element of the first ``compile_key``/``cache_key`` tuple in ``fn``."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-    for node in ast.walk(tree):
-        if (
-            isinstance(node, ast.Assign)
-            and len(node.targets) == 1
-            and isinstance(node.targets[0], ast.Name)
-            and node.targets[0].id in ("compile_key", "cache_key")
-            and isinstance(node.value, ast.Tuple)
-        ):
-            return [ast.unparse(e) for e in node.value.elts]
-    raise LookupError(f"no compile key tuple in {fn.__name__}")
+def key_names(mod: Any) -> dict[str, list[str]]:
+    """Per hooked function, the source text of each element of its compile key (read from the
+    module's source: :func:`fa4aot.tools.fa4_keys.key_names`)."""
+    from fa4aot.tools import fa4_keys
 
-
-def _plain(v: Any) -> Any:
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return v
-    if isinstance(v, (tuple, list)):
-        return [_plain(x) for x in v]
-    return str(v)
+    return fa4_keys.key_names(inspect.getsource(mod))
 
 
 class RecordingCache:
@@ -61,14 +48,17 @@ class RecordingCache:
         self._inner, self._kind, self._names, self._arch = inner, kind, names, arch
 
     def _record(self, key: Any) -> None:
-        if not isinstance(key, tuple) or len(key) != len(self._names):
+        from fa4aot.tools.fa4_keys import name_key, plain
+
+        if not isinstance(key, tuple):
             return
-        rec = {"fa4": self._kind, "key": dict(zip(self._names, map(_plain, key)))}
+        rec = {"fa4": self._kind, "key": {n: plain(v) for n, v in name_key(self._names, key).items()}}
         if self._kind == "fwd":
             rec["softcap"] = getattr(_state, "softcap", None)
             _state.softcap = None
+            rec["call"] = getattr(_state, "call", None)
         if self._kind == "prepare":
-            rec["device_arch"] = _plain(self._arch())
+            rec["device_arch"] = plain(self._arch())
         line = json.dumps(rec, sort_keys=True)
         with _lock:
             if line in _seen:
@@ -99,14 +89,73 @@ class RecordingCache:
         return getattr(self._inner, name)
 
 
+def call_shapes(args: dict[str, Any]) -> dict[str, Any]:
+    """The shapes and requests of one ``_flash_attn_fwd`` call (its bound arguments): what a
+    manifest group needs to make FA4 select the call's kernel again."""
+    q, k = args["q"], args["k"]
+    cu_q, cu_k, page_table = args.get("cu_seqlens_q"), args.get("cu_seqlens_k"), args.get("page_table")
+    seqused_k = args.get("seqused_k")
+    batch = (cu_q.shape[0] - 1) if cu_q is not None else q.shape[0]
+    if page_table is not None:
+        batch = page_table.shape[0]
+    elif cu_k is not None and cu_q is None:
+        batch = cu_k.shape[0] - 1
+    elif seqused_k is not None and cu_q is None:
+        batch = seqused_k.shape[0]
+    seqlen_q = args.get("max_seqlen_q") or (q.shape[0] if cu_q is not None else q.shape[1])
+    if page_table is not None:
+        seqlen_k = args.get("max_seqlen_k") or page_table.shape[1] * k.shape[1]
+    else:
+        seqlen_k = args.get("max_seqlen_k") or (k.shape[0] if cu_k is not None else k.shape[1])
+    out = {
+        "batch": int(batch),
+        "seqlen_q": int(seqlen_q),
+        "seqlen_k": int(seqlen_k),
+        "nheads_kv": int(k.shape[-2]),
+        "num_splits": int(args.get("num_splits", 1)),
+        "pack_gqa": args.get("pack_gqa"),
+    }
+    if page_table is not None:
+        out["page_size"] = int(k.shape[1])
+    wl, wr = args.get("window_size_left"), args.get("window_size_right")
+    if wl is not None or wr is not None:
+        out["window"] = [wl, wr]
+    return out
+
+
+def _wrap_forward(fn: Any) -> Any:
+    """``_flash_attn_fwd`` that notes its call's shapes for the key it records."""
+    sig = inspect.signature(fn)
+
+    def fwd(*a: Any, **kw: Any) -> Any:
+        try:
+            _state.call = call_shapes(sig.bind_partial(*a, **kw).arguments)
+        except Exception:  # recording must never change the workload
+            _state.call = None
+        return fn(*a, **kw)
+
+    fwd.__wrapped__ = fn  # type: ignore[attr-defined]
+    fwd.compile_cache = fn.compile_cache  # type: ignore[attr-defined]
+    fwd._fa4aot_record = True  # type: ignore[attr-defined]
+    return fwd
+
+
 def patch(mod: Any) -> None:
-    """Wrap the JIT caches of FA4's interface module ``mod``."""
+    """Wrap the JIT caches of FA4's interface module ``mod`` (and its forward, for call shapes)."""
+    if os.environ.get(NO_COMPILE_ENV) == "1" and hasattr(mod, "_compile_misses"):
+        # for this interpreter's main context: FA4 adds (cache, key) here and skips the compile;
+        # the wrapped caches below still see (and record) every key it looks up
+        mod._compile_misses.set(set())
     arch = getattr(mod, "_get_device_arch", lambda: None)
+    names = key_names(mod)
     for fname, kind in HOOKED.items():
         fn = getattr(mod, fname, None)
         if fn is None or not hasattr(fn, "compile_cache") or isinstance(fn.compile_cache, RecordingCache):
             continue
-        fn.compile_cache = RecordingCache(fn.compile_cache, kind, key_names(fn), arch)
+        fn.compile_cache = RecordingCache(fn.compile_cache, kind, names[fname], arch)
+    fwd = getattr(mod, "_flash_attn_fwd", None)
+    if fwd is not None and not getattr(fwd, "_fa4aot_record", False):
+        mod._flash_attn_fwd = _wrap_forward(fwd)
     utils = getattr(mod, "utils", None)
     make = getattr(utils, "create_softcap_scoremod", None)
     if make is not None and not getattr(make, "_fa4aot_record", False):
