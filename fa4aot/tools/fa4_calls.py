@@ -164,6 +164,8 @@ def facts(arch: str, num_sms: int, case: dict):
         has_lse=case.get("return_lse", False),
         pack_gqa=case.get("pack_gqa"),
         num_splits=case.get("num_splits", 1),
+        requested_tile=tuple(case["tile_mn"]) if case.get("tile_mn") else None,
+        requested_mma_pv_is_rs=case.get("mma_pv_is_rs"),
     )
 
 
