@@ -241,7 +241,7 @@ def _num_splits(v: Any) -> dict[str, Any]:
 
 def _backend(v: Any) -> dict[str, Any]:
     choices = {"auto": None, "swapab": True, "standard": False}
-    if v not in choices:
+    if not isinstance(v, str) or v not in choices:
         raise ValueError(f"expected one of {list(choices)} (FLASH_ATTENTION_SM100_BACKEND), got {v!r}")
     return {"sm100_backend": choices[v]}
 
