@@ -1,10 +1,11 @@
 """Kernel families: their compile-time fields, manifest axes and FA4's validity rules.
 
 Pure Python (no DSL, no torch), so the manifest expander, the build, the runtime dispatcher and the
-tests all share one definition of what a variant of each family is. The rules mirror what
-``flash_attn.cute`` 4.0.0b36 itself enforces or decides (``interface._flash_attn_fwd``,
-``_validate_head_dims``, the kernel constructors); each rejection carries a reason that names the
-rule, so ``fa4aot plan`` can say why a combination was skipped.
+tests all share one definition of what a variant of each family is. A forward family's variants
+are what FA4 4.0.0b40's own selector picks for a group's calls over its shapes
+(:mod:`fa4aot.core.fwd`); the checks here are the call combinations FA4's interface refuses
+before it selects (:mod:`fa4aot.core.fa4_interface` restates them, naming FA4's lines); each
+rejection carries a reason, so ``fa4aot plan`` can say why a combination was skipped.
 """
 
 from __future__ import annotations

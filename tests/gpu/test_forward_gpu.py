@@ -154,6 +154,44 @@ def test_cuda_graph_capture_and_replay(runtime):
         check(out, q, k, v, True)
 
 
+def test_cuda_graph_of_a_varlen_call_replays_with_new_cu_seqlens(runtime):
+    """A captured varlen call (cu_seqlens_k: FA4's tensor-map workspace, at a stable address)
+    replays correctly after the sequence lengths in its cu_seqlens change."""
+    h, hk, d, total_q, total_k = 16, 4, 128, 600, 2400
+    g = torch.Generator(device="cuda").manual_seed(11)
+    q = torch.randn(total_q, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(total_k, hk, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(total_k, hk, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    cu_q = torch.zeros(4, dtype=torch.int32, device="cuda")
+    cu_k = torch.zeros(4, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+    layouts = [([200, 200, 200], [800, 800, 800]), ([1, 99, 500], [10, 1390, 1000]), ([600, 0, 0], [2400, 0, 0])]
+
+    def set_lens(lq, lk):
+        cu_q.copy_(torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=torch.int32))
+        cu_k.copy_(torch.tensor([0, *torch.tensor(lk).cumsum(0).tolist()], dtype=torch.int32))
+
+    def run():
+        fa4aot.flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=total_q,
+                                      max_seqlen_k=total_k, causal=True, out=out, runtime=runtime)  # fmt: skip
+
+    set_lens(*layouts[0])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()  # warm-up: loads the kernel, sizes the workspace for these bounds
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    for lq, lk in layouts:
+        set_lens(lq, lk)
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        check(out, q, k, v, True, cu_q=cu_q.cpu(), cu_k=cu_k.cpu())
+
+
 CUPY_ONLY = r"""
 import sys, math
 import cupy as cp

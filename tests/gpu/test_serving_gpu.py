@@ -259,6 +259,8 @@ def _bitwise(ours, theirs):
 
 
 BITWISE_KINDS = [
+    "dense",
+    "varlen-workspace",
     "paged-tma-decode",
     "paged-cpasync-decode",
     "paged-tma-chunked-prefill",
@@ -273,7 +275,23 @@ BITWISE_KINDS = [
 
 @pytest.mark.parametrize("kind", BITWISE_KINDS)
 def test_bitwise_equal_to_fa4_jit(runtime, kind):
-    if kind.startswith("paged"):
+    if kind == "dense":
+        g = torch.Generator(device="cuda").manual_seed(7)
+        q, k, v = (torch.randn(2, 1000, 16, 128, device="cuda", dtype=BF16, generator=g) for _ in range(3))
+
+        def call(fn):
+            return fn(q, k, v, causal=True, return_lse=True)
+    elif kind == "varlen-workspace":  # cu_seqlens_k, no page table: FA4's tensor-map workspace
+        lens_q, lens_k = [5, 0, 300, 1, 129], [40, 7, 300, 1000, 129]
+        g = torch.Generator(device="cuda").manual_seed(8)
+        q = torch.randn(sum(lens_q), 16, 128, device="cuda", dtype=BF16, generator=g)
+        k = torch.randn(sum(lens_k), 4, 128, device="cuda", dtype=BF16, generator=g)
+        v = torch.randn(sum(lens_k), 4, 128, device="cuda", dtype=BF16, generator=g)
+
+        def call(fn):
+            return fn(q, k, v, cu_seqlens_q=_cu(lens_q), cu_seqlens_k=_cu(lens_k), max_seqlen_q=max(lens_q),
+                      max_seqlen_k=max(lens_k), causal=True, return_lse=True)  # fmt: skip
+    elif kind.startswith("paged"):
         page_size = 128 if "tma" in kind else 16
         phase = "decode" if kind.endswith("decode") else "chunked-prefill"
         lens_q, lens_k, pg, q = _paged_case(phase, page_size, seed=21)
