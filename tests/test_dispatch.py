@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import subprocess
 import sys
 
@@ -20,48 +19,11 @@ from helpers import needs_dsl
 import fa4aot
 from fa4aot.core import selector
 from fa4aot.core.fa4_interface import resolve_window
-from fa4aot.core.fwd import companions
 from fa4aot.core.variant import FORWARD_FAMILY, Variant
-from fa4aot.tools import fa4_keys
+from fa4aot.tools import fa4_keys, fa4_parity
 from fa4aot.tools.fa4_calls import decide, facts
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-
-ORACLE = r"""
-import json, os, sys
-import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
-from fa4aot_kernels.common import install_target_hardware
-install_target_hardware(int(os.environ["FLASH_ATTENTION_NUM_SMS"]))
-from flash_attn.cute import interface as I
-from fa4aot.tools.fa4_calls import fa4_forward
-from fa4aot.tools.fa4_keys import KEYED, key_names, name_key, plain
-names = key_names(open(I.__file__).read())
-caches = {id(getattr(I, fn).compile_cache): (kind, names[fn]) for fn, kind in KEYED.items() if fn in names}
-others = {id(f.compile_cache): n for n, f in vars(I).items() if hasattr(getattr(f, "compile_cache", None), "get")}
-out = []
-for case in json.loads(sys.stdin.read()):
-    misses = set()
-    token = I._compile_misses.set(misses)
-    try:
-        with FakeTensorMode():
-            fa4_forward(I, torch, case)
-        err = None
-    except Exception as e:
-        err = f"{type(e).__name__}: {e}"[:300]
-    finally:
-        I._compile_misses.reset(token)
-    keys = {}
-    for cache_id, key in misses:
-        if cache_id not in caches:  # a kernel fa4aot does not model: listed by its function's name
-            keys.setdefault(others.get(cache_id, "unknown"), []).append({"key": plain(key)})
-            continue
-        kind, kn = caches[cache_id]
-        keys.setdefault(kind, []).append({k: plain(v) for k, v in name_key(kn, key).items()})
-    out.append({"error": err, "keys": keys})
-print(json.dumps(out))
-"""
-
 
 SM100_CASES = [
     dict(batch=2, seqlen_q=1024, seqlen_k=1024, nheads=16, nheads_kv=16, head_dim=128, head_dim_v=128),
@@ -253,90 +215,8 @@ DECODE_CASES = [
 ]  # fmt: skip
 
 
-def _oracle(arch: str, num_sms: int, cases: list[dict]) -> list[dict]:
-    env = dict(
-        os.environ,
-        FLASH_ATTENTION_ARCH=arch,
-        CUTE_DSL_ARCH=arch,
-        FLASH_ATTENTION_NUM_SMS=str(num_sms),
-        CUTE_DSL_LOG_LEVEL="0",
-        PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]),
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", ORACLE], input=json.dumps(cases), capture_output=True, text=True, env=env, timeout=3000
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def predicted(arch: str, num_sms: int, case: dict) -> dict[str, list[dict]] | str:
-    """The compile keys of the kernels fa4aot runs for ``case`` (forward, and the combine and
-    prepare kernels its plan adds), as FA4 names them; or why fa4aot refuses the call."""
-    try:
-        d = decide(arch, num_sms, case)
-    except (fa4aot.ArgumentError, ValueError, AssertionError) as e:
-        return f"{type(e).__name__}: {e}"
-    v = Variant.make(FORWARD_FAMILY[arch], arch, num_sms, **d.fields)
-    keys = {"fwd": [fa4_keys.fwd_key(v)]}
-    predict = {"combine": fa4_keys.combine_key, "prepare": fa4_keys.prepare_key}
-    for family, fields in companions(selector.installed(), facts(arch, num_sms, case), d):
-        keys.setdefault(family, []).append(predict[family](Variant.make(family, arch, num_sms, **fields)))
-    return keys
-
-
-#: FA4's batch-lookup aid (interface.py 1145-1185): above BIN_BATCH_SEARCH_THRESH varlen-Q batches
-#: FA4 runs two small kernels (_compute_tile_cumsum, _compute_blocks_to_batch) and passes their
-#: output to the forward; fa4aot runs the same forward kernel family without them (FA4's kernel
-#: for smaller batches). The test pins exactly when FA4 adds it, so the deviation cannot grow.
-AID = ("_compute_tile_cumsum", "_compute_blocks_to_batch")
-
-
-def _without_batch_lookup_aid(case: dict, fa4: dict, bad: list[str]) -> dict:
-    from fa4aot.core.fa4_interface import BIN_BATCH_SEARCH_THRESH
-
-    keys = fa4["keys"]
-    has_aid = any(k in keys for k in AID)
-    fwd = keys.get("fwd", [{}])[0]
-    expected = (
-        bool(case.get("varlen") or case.get("varlen_q"))
-        and case["batch"] > BIN_BATCH_SEARCH_THRESH
-        and not fwd.get("tile_count_semaphore is not None", True)
-        and not (fwd.get(fa4_keys.FWD_CONFIG) or {}).get("use_swapab")
-    )
-    if has_aid != expected:
-        bad.append(f"batch-lookup aid: FA4 {has_aid}, expected {expected}")
-    if not has_aid:
-        return fa4
-    fwd = dict(fwd, **{"cu_total_m_blocks is not None": False, "blocks_to_batch_idx is not None": False})
-    return dict(fa4, keys={**{k: v for k, v in keys.items() if k not in AID}, "fwd": [fwd]})
-
-
-def _mismatches(arch: str, num_sms: int, case: dict, fa4: dict) -> list[str]:
-    """Where fa4aot's kernels for ``case`` differ from the ones FA4 compiles (FA4's answer
-    ``fa4``: its error, or its named keys per kind)."""
-    ours = predicted(arch, num_sms, case)
-    if fa4["error"] is None and isinstance(ours, str) and arch == "sm_120a" and SM120_KERNEL_REFUSALS.search(ours):
-        return []  # FA4 accepts it in fake mode but its SM120 kernel cannot compile it (see below)
-    if fa4["error"] is not None or isinstance(ours, str):
-        if fa4["error"] is not None and isinstance(ours, str):
-            return []  # both refuse it
-        return [f"FA4: {fa4['error'] or 'runs it'}; fa4aot: {ours if isinstance(ours, str) else 'runs it'}"]
-    bad = []
-    fa4 = _without_batch_lookup_aid(case, fa4, bad)
-    for kind in sorted(set(fa4["keys"]) | set(ours)):
-        got, want = fa4["keys"].get(kind, []), ours.get(kind, [])
-        if len(got) != len(want):
-            bad.append(f"{kind}: FA4 compiles {len(got)} kernel(s), fa4aot {len(want)}")
-            continue
-        unmodeled = fa4_keys.FWD_UNMODELED if kind == "fwd" else ()
-        for g, w in zip(got, want):
-            bad += [f"{kind} {x}" for x in fa4_keys.differences(g, w, unmodeled)]
-    return bad
-
-
 def _parity(arch: str, num_sms: int, cases: list[dict]) -> None:
-    got = _oracle(arch, num_sms, cases)
-    bad = [(case, m) for case, fa4 in zip(cases, got) if (m := _mismatches(arch, num_sms, case, fa4))]
+    bad = fa4_parity.parity(arch, num_sms, cases, pythonpath=TESTS)
     assert not bad, f"{len(bad)} of {len(cases)} calls differ from FA4, e.g. {bad[:2]}"
 
 
@@ -369,13 +249,6 @@ SM120_CASES = SM90_CASES + ENGINE_CASES + [
     dict(batch=2, seqlen_q=64, seqlen_k=64, nheads=8, nheads_kv=8, head_dim=256, head_dim_v=256),
     dict(batch=2, seqlen_q=64, seqlen_k=64, nheads=8, nheads_kv=8, head_dim=100, head_dim_v=100),
 ]  # fmt: skip
-
-
-#: Refusals of calls FA4's interface accepts on SM120 that its kernel cannot run (FA4 does not
-#: check ``can_implement`` there): proven against FA4 itself below.
-SM120_KERNEL_REFUSALS = re.compile(
-    r"SM120 forward \(its SM80 kernel\) takes no learnable sink|is not supported on SM120|FlashAttentionForwardSm120"
-)
 
 
 @needs_dsl
@@ -414,7 +287,9 @@ def test_what_fa4aot_refuses_on_sm120_fa4s_kernel_cannot_run():
     from fa4aot.core.fa4_interface import SM120_STAGES, SM120_THREADS
 
     refused = [
-        c for c in SM120_CASES if isinstance(p := predicted("sm_120a", 188, c), str) and SM120_KERNEL_REFUSALS.search(p)
+        c
+        for c in SM120_CASES
+        if isinstance(p := fa4_parity.predicted("sm_120a", 188, c), str) and fa4_parity.SM120_KERNEL_REFUSALS.search(p)
     ]
     sinks = [c for c in refused if c.get("learnable_sink")]
     others = [c for c in refused if not c.get("learnable_sink")]
@@ -439,92 +314,12 @@ def test_what_fa4aot_refuses_on_sm120_fa4s_kernel_cannot_run():
 def test_sm120_refusals_are_typed_errors(page_size, num_splits, why):
     """What FA4 refuses on SM120 (the parity test checks FA4 refuses these too) reaches the
     caller as fa4aot's ArgumentError with FA4's reason."""
-    from fa4aot.core import selector
     from fa4aot.runtime.dispatch import ForwardRule, Shape, StaticCall
 
     s = StaticCall("sm_120a", 188, "bf16", 128, 128, 8, 8, False, paged=page_size is not None)
     shape = Shape(2, 128, 128, 128, 128, 64, 64, None, None, page_size, num_splits)
     with pytest.raises(fa4aot.ArgumentError, match=why):
         ForwardRule(s, selector.installed(), fa4aot.core.fa4_interface.NO_KNOBS).decision(shape)
-
-
-#: Static configurations the 10,000-call test mixes (per call: random batch and max_seqlen_q/k).
-SCALE_CONFIGS = [
-    ("sm_100a", 148, dict(nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128, causal=True, varlen=True)),
-    ("sm_100a", 148, dict(nheads=16, nheads_kv=16, head_dim=128, head_dim_v=128)),
-    ("sm_100a", 148, dict(nheads=32, nheads_kv=4, head_dim=64, head_dim_v=64, causal=True, num_splits=0)),
-    ("sm_100a", 148, dict(nheads=16, nheads_kv=16, head_dim=192, head_dim_v=128, num_splits=0)),
-    ("sm_100a", 148, dict(nheads=12, nheads_kv=4, head_dim=256, head_dim_v=256)),
-    ("sm_100a", 148, dict(nheads=8, nheads_kv=8, head_dim=128, head_dim_v=128, wl=256, wr=0)),
-    (
-        "sm_100a",
-        148,
-        dict(nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128, causal=True, seqused_k=True, num_splits=0),
-    ),
-    (
-        "sm_100a",
-        148,
-        dict(nheads=16, nheads_kv=2, head_dim=128, head_dim_v=128, causal=True, varlen=True, num_splits=0),
-    ),
-    ("sm_90a", 132, dict(nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128, causal=True, varlen=True)),
-    ("sm_90a", 132, dict(nheads=16, nheads_kv=16, head_dim=64, head_dim_v=64)),
-    # configurations manifests/ci.yaml builds, so that many calls launch for real (fake driver)
-    ("sm_90a", 132, dict(nheads=16, nheads_kv=4, head_dim=128, head_dim_v=128, causal=True)),
-    ("sm_90a", 132, dict(nheads=8, nheads_kv=8, head_dim=128, head_dim_v=128)),
-    ("sm_100a", 148, dict(nheads=16, nheads_kv=4, head_dim=128, head_dim_v=128, causal=True)),
-    # serving calls: a random page size per call (paged), vLLM's varlen-q pattern, sinks, softcap
-    ("sm_100a", 148, dict(nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128, causal=True, seqused_k=True,
-                          paged=True, num_splits=0)),
-    ("sm_100a", 148, dict(nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128, causal=True, seqused_k=True,
-                          paged=True, varlen_q=True)),
-    ("sm_100a", 148, dict(nheads=64, nheads_kv=8, head_dim=64, head_dim_v=64, causal=True, wl=128, wr=0,
-                          learnable_sink="bf16")),
-    ("sm_100a", 148, dict(nheads=16, nheads_kv=8, head_dim=128, head_dim_v=128, causal=True, softcap=50.0)),
-    ("sm_90a", 132, dict(nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128, causal=True, seqused_k=True,
-                         paged=True, varlen_q=True)),
-    ("sm_90a", 132, dict(nheads=64, nheads_kv=8, head_dim=64, head_dim_v=64, causal=True, wl=128, wr=0,
-                         learnable_sink="fp32", softcap=30.0)),
-]  # fmt: skip
-
-#: Page sizes the 10,000-call test draws for paged configurations (TMA at tile_n, cp.async else).
-PAGE_SIZES = (16, 32, 64, 128, 256)
-
-
-#: Per arch, the SM count and the static configurations the random calls mix (SM120 has no
-#: page table, sink or split-KV in FA4).
-ARCHES = {"sm_100a": 148, "sm_103a": 148, "sm_90a": 132, "sm_120a": 188}
-
-
-def _configs(arch: str) -> list[dict]:
-    if arch == "sm_120a":
-        return [
-            dict(c) for a, _, c in SCALE_CONFIGS if a == "sm_90a" and not (c.get("paged") or c.get("learnable_sink"))
-        ]
-    src = "sm_90a" if arch == "sm_90a" else "sm_100a"
-    return [dict(c) for a, _, c in SCALE_CONFIGS if a == src]
-
-
-def _scale_cases(n: int, seed: int = 1234, arches: tuple[str, ...] = tuple(ARCHES)) -> list[tuple[str, int, dict]]:
-    """``n`` random calls per arch: random batch and max_seqlen_q/k, a third of them decode shapes
-    (one query per sequence)."""
-    rng = random.Random(seed)
-    out = []
-    for arch in arches:
-        configs = _configs(arch)
-        for _ in range(n):
-            static = rng.choice(configs)
-            batch = int(2 ** rng.uniform(0, 8))
-            sq = 1 if rng.random() < 0.33 else int(2 ** rng.uniform(0, 14))
-            sk = int(2 ** rng.uniform(0, 15))
-            case = dict(static, batch=batch, seqlen_q=sq, seqlen_k=sk)
-            if case.pop("paged", False):
-                case["page_size"] = rng.choice(PAGE_SIZES)
-            if static.get("varlen") or static.get("varlen_q"):
-                case.update(total_q=max(sq, batch), total_k=max(sk, batch))
-            if arch == "sm_90a" or arch == "sm_120a":
-                case.pop("num_splits", None)  # FA4 has no split-KV there
-            out.append((arch, ARCHES[arch], case))
-    return out
 
 
 def _fa4aot_call(rt, case, missing: list | None = None) -> Variant | str:
@@ -567,6 +362,8 @@ def _fa4aot_call(rt, case, missing: list | None = None) -> Variant | str:
         kw["seqused_k"] = raw(6, (b,), "int32")
     if case.get("learnable_sink"):
         kw["learnable_sink"] = raw(8, (h,), case["learnable_sink"])
+    if case.get("config"):
+        kw["config"] = case["config"]  # FA4's FwdConfig fields (fa4aot takes them as a mapping)
     picked: list = []
     real = fwd_mod.analyse
 
@@ -601,9 +398,11 @@ def _calls_decide_like_fa4(cache, cases, on_call=None) -> int:
 
     fa4 = {}
     for arch, sms in {(a, s) for a, s, _ in cases}:
-        fa4[arch] = iter(_oracle(arch, sms, [c for a, _, c in cases if a == arch]))
+        fa4[arch] = iter(fa4_parity.fa4_answers(arch, sms, [c for a, _, c in cases if a == arch], TESTS))
     cc = {"sm_100a": (10, 0), "sm_103a": (10, 3), "sm_90a": (9, 0), "sm_120a": (12, 0)}
-    runtimes = {a: Runtime(cache, driver=FakeDriver(cc=cc[a], num_sms=ARCHES[a])) for a in {a for a, _, _ in cases}}
+    runtimes = {
+        a: Runtime(cache, driver=FakeDriver(cc=cc[a], num_sms=fa4_parity.ARCHES[a])) for a in {a for a, _, _ in cases}
+    }
     bad = []
     launched = 0
     for i, (arch, _, case) in enumerate(cases):
@@ -614,6 +413,8 @@ def _calls_decide_like_fa4(cache, cases, on_call=None) -> int:
         launched += bool(rt.driver.launches)
         rt.driver.launches.clear()
         want = next(fa4[arch])
+        if want["error"] is None and isinstance(got, str) and fa4_parity.SM120_KERNEL_REFUSALS.search(got):
+            continue  # FA4's SM120 kernel cannot run it (test_what_fa4aot_refuses_on_sm120_...)
         if isinstance(got, str) or want["error"] is not None:
             if not (isinstance(got, str) and want["error"] is not None):
                 bad.append(
@@ -636,7 +437,7 @@ def test_a_fixed_sample_of_calls_decides_like_fa4(built_cache):
     """100 calls per arch with random batch and max_seqlen (a fixed seed) through the API: every
     forward kernel the runtime picks is the one FA4 compiles; the fast tier's cache holds the
     variants of the calls that launch."""
-    launched = _calls_decide_like_fa4(built_cache, _scale_cases(100, seed=2026))
+    launched = _calls_decide_like_fa4(built_cache, fa4_parity.sample_cases(100, seed=2026))
     assert launched >= 1, launched
 
 
@@ -658,7 +459,7 @@ def test_ten_thousand_calls_per_arch_decide_like_fa4_with_flat_memory(ci_cache):
             gc.collect()  # failed calls leave exception/frame cycles for the collector
             snap["before"] = tracemalloc.take_snapshot()
 
-    cases = _scale_cases(10_000)
+    cases = fa4_parity.sample_cases(10_000)
     cases.sort(key=lambda c: c[0] != "sm_90a")  # the memory window covers SM90 calls (those launch here)
     launched = _calls_decide_like_fa4(ci_cache, cases, on_call=at)
     gc.collect()
@@ -692,11 +493,10 @@ def test_a_miss_names_a_manifest_line_that_builds_the_variant():
     through FA4's selector to a plan holding exactly the variant the call needs."""
     from fa4aot.build import manifest
     from fa4aot.core.families import describe_missing
-    from fa4aot.tools.fa4_calls import facts
 
     rng = random.Random(7)
     checked = 0
-    for arch, sms, case in rng.sample(_scale_cases(60, seed=11), 40):
+    for arch, sms, case in rng.sample(fa4_parity.sample_cases(60, seed=11), 40):
         try:
             d = decide(arch, sms, case)
         except (fa4aot.ArgumentError, ValueError, AssertionError):

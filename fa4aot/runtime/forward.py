@@ -505,14 +505,13 @@ def analyse(
         requests,
         config,
     )
+    if config is not None:  # as the cache's selector's FwdConfig: hashable, and equal across calls
+        try:
+            key = (*key[:-1], as_fwd_config(rt.selector, config))
+        except (TypeError, ValueError) as e:
+            raise ArgumentError(f"config: {e}") from None
     rule = rt.forward_rules.get(key)
     if rule is None:
-        if config is not None:
-            try:
-                cfg = as_fwd_config(rt.selector, config)
-            except TypeError as e:
-                raise ArgumentError(str(e)) from None
-            key = (*key[:-1], cfg)
         t = rt.target
         rule = ForwardRule(StaticCall(t.arch, t.num_sms, *key), rt.selector, rt.knobs)
         rt.forward_rules[key] = rule

@@ -48,6 +48,14 @@ def fa4_forward(interface, torch, case: dict) -> None:
         kw["seqused_k"] = empty(b, dtype=torch.int32)
     if case.get("learnable_sink"):
         kw["learnable_sink"] = empty(h, dtype=getattr(torch, TORCH_DTYPES[case["learnable_sink"]]))
+    if case.get("config"):  # an explicit FwdConfig (FA4's config=), given as its fields
+        from flash_attn.cute import config as fa4_config
+
+        from fa4aot.core.fa4_interface import as_fwd_config
+
+        kw["config"] = as_fwd_config(fa4_config, case["config"])
+    if case.get("tile_mn"):
+        kw["tile_mn"] = tuple(case["tile_mn"])
     interface._flash_attn_fwd(
         q,
         k,
@@ -173,12 +181,15 @@ def decide(arch: str, num_sms: int, case: dict, sel=None, knobs=None):
     """fa4aot's decision (:func:`fa4aot.core.fwd.decide`, FA4's selector) for ``case``."""
     from fa4aot.core import fa4_interface, fwd, selector
 
+    sel = sel or selector.installed()
+    config = fa4_interface.as_fwd_config(sel, case["config"]) if case.get("config") else None
     return fwd.decide(
-        sel or selector.installed(),
+        sel,
         facts(arch, num_sms, case),
         knobs or fa4_interface.NO_KNOBS,
         float(case.get("softcap") or 0.0),
         case.get("learnable_sink") or "none",
+        config,
     )
 
 

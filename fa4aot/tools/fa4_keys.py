@@ -116,21 +116,22 @@ def softcap_hash(value: float) -> str:
     return utils.hash_callable(utils.create_softcap_scoremod(value))
 
 
-def fwd_config(fields: dict[str, Any], arch: str) -> dict[str, Any]:
-    """The forward key's config element (FA4's ``FwdConfig`` as a dict) a variant stands for."""
+def fwd_config(fields: dict[str, Any], arch: str, sel: Any = None) -> dict[str, Any]:
+    """The forward key's config element (FA4's ``FwdConfig`` as a dict) a variant stands for
+    (``sel``: FA4's selector module, default the installed FA4's)."""
     from fa4aot.core import fa4_interface, selector
 
-    return plain(fa4_interface.config_from_fields(selector.installed(), fields, arch))
+    return plain(fa4_interface.config_from_fields(sel or selector.installed(), fields, arch))
 
 
-def fwd_key(v: Variant, descales: int = 3) -> dict[str, Any]:
+def fwd_key(v: Variant, descales: int = 3, sel: Any = None) -> dict[str, Any]:
     """The key FA4's ``_flash_attn_fwd`` compiles the kernel of forward variant ``v`` under
     (fa4aot calls: no qv, score_mod other than softcap, mask_mod, block sparsity, aux tensors,
     fp8 descales; window sides both given or neither)."""
     f = v.fields
     paged = f["paged_kv"] != "none"
     key: dict[str, Any] = {
-        FWD_CONFIG: fwd_config(f, v.arch),
+        FWD_CONFIG: fwd_config(f, v.arch, sel),
         "dtype": CUTE_DTYPES[f["dtype"]],
         "head_dim": f["head_dim"],
         "head_dim_v": f["head_dim_v"],
