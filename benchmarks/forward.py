@@ -187,6 +187,27 @@ def serving(runtime) -> dict:
                  tflops=flops / t_ours / 1e9, gbps=bytes_ / t_ours / 1e6)
         )  # fmt: skip
 
+    b, s, h, d = 8, 4096, 16, 128  # dense prefill
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    out = torch.empty_like(q)
+    for causal in (False, True):
+
+        def call(fn, out, causal=causal):
+            return fn(q, k, v, causal=causal, out=out)
+
+        row(f"dense b8 s4k h16 d128 {'causal' if causal else 'non-causal'}", call, out,
+            4 * b * h * s * s * d / (2 if causal else 1), 0)  # fmt: skip
+    b, s, h, hk, d = 8, 2048, 32, 8, 128  # packed varlen: cu_seqlens_k, FA4's tensor-map workspace
+    q = torch.randn(b * s, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(b * s, hk, d, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(q)
+
+    def call(fn, out):
+        return fn(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=s, max_seqlen_k=s, causal=True, out=out)
+
+    row("varlen b8 s2k h32/8 d128 causal (workspace)", call, out, 4 * b * h * s * s * d / 2, 0)
+    del q, k, v
     b, h, hk, d = 64, 32, 8, 128
     for ctx in (4096, 8192, 16384, 32768):
         k, v, table, used = _paged(b, ctx, hk, d, 128, g)
