@@ -1,4 +1,4 @@
-"""A scripted "model" for the record tests: the calls of ``CASES`` (a JSON file of fa4_cases
+"""A scripted "model" for the record tests: the calls of ``CASES`` (a JSON file of fa4aot.tools.fa4_calls
 dicts) made through FA4's own interface on fake tensors (``fa4``), or through fa4aot's API on
 raw pointers with the fake driver (``fa4aot CACHE``).
 
@@ -20,9 +20,10 @@ def main() -> None:
     api, cases = sys.argv[1], json.load(open(sys.argv[2]))
     if api == "fa4":
         import torch
-        from fa4_cases import fa4_forward
         from fa4aot_kernels.common import install_target_hardware
         from torch._subclasses.fake_tensor import FakeTensorMode
+
+        from fa4aot.tools.fa4_calls import fa4_forward
 
         install_target_hardware(int(os.environ["FLASH_ATTENTION_NUM_SMS"]))
         from flash_attn.cute import interface

@@ -39,7 +39,9 @@ def test_a_changed_fa4_is_reported_section_by_section(tmp_path):
     text = iface.read_text()
     # a new positional parameter of flash_attn_func, a new forward key element
     text = text.replace(
-        "def flash_attn_func(\n    q: torch.Tensor,", "def flash_attn_func(\n    q: torch.Tensor,\n    q_rope: torch.Tensor,", 1
+        "def flash_attn_func(\n    q: torch.Tensor,",
+        "def flash_attn_func(\n    q: torch.Tensor,\n    q_rope: torch.Tensor,",
+        1,
     )
     assert "q_rope" in text
     text = text.replace(
