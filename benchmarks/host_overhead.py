@@ -151,7 +151,9 @@ def breakdown(rt, q, o, inner: int, repeats: int, sync, sleep: int) -> dict[str,
     stream = default_stream(q)
 
     def run_launcher():
-        launch(fc.q, fc.k, fc.v, od, None, None, None, None, None, None, None, None, fc.scale, None, None, 128, stream)
+        # FA4's launch order (loader.FORWARD_ORDER); a dense call has no scheduler buffers or workspace
+        launch(fc.q, fc.k, fc.v, od, None, fc.cu_q, fc.cu_k, fc.su_q, fc.su_k, fc.page_table, None, None, None,
+               fc.scale, fc.wl, fc.wr, fc.learnable_sink, fc.max_q, None, stream)  # fmt: skip
 
     return {
         "describe one torch tensor": median_us(lambda: as_device_tensor(q, "q"), inner, repeats, sync, sleep),

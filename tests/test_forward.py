@@ -216,3 +216,36 @@ def test_sm90_rejects_split_kv(sm90):
     x = t(0, (2, 100, 16, 128))
     with pytest.raises(ArgumentError, match="num_splits"):
         fa4aot.flash_attn_func(x, x, x, num_splits=4, out=t(3, (2, 100, 16, 128)), runtime=rt)
+
+
+def test_varlen_workspace_per_stream_and_capture(sm100):
+    """Raw-pointer varlen-K calls get FA4's tensor-map workspace from one grow-only buffer per
+    stream; a capturing stream that would need a new one is refused with a specific error and
+    nothing is launched (torch callers get torch's graph-safe allocator instead)."""
+    from fa4aot.runtime.driver import CudaError
+
+    rt, drv = sm100
+    b, h, d, seqlen = 5, 16, 128, 3000
+
+    def call(batch, stream):
+        q, k, v = (t(i, (batch * seqlen, h, d)) for i in range(3))
+        fa4aot.flash_attn_varlen_func(
+            q, k, v, cu_seqlens_q=t(4, (batch + 1,), "int32"), cu_seqlens_k=t(5, (batch + 1,), "int32"),
+            max_seqlen_q=seqlen, max_seqlen_k=seqlen, causal=True, out=t(3, (batch * seqlen, h, d)),
+            stream=stream, runtime=rt,
+        )  # fmt: skip
+
+    call(b, 7)
+    (ptr, slots), n = rt.stream_workspaces[7], len(drv.allocs)
+    call(b, 7)  # same bounds: the same buffer, nothing allocated
+    assert rt.stream_workspaces[7] == (ptr, slots) and len(drv.allocs) == n and len(drv.launches) == 2
+    call(b, 8)  # another stream: its own buffer
+    assert rt.stream_workspaces[8][0] != ptr
+
+    def capturing(nbytes):
+        raise CudaError("cuMemAlloc failed: CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED", 900)
+
+    drv.alloc = capturing
+    with pytest.raises(ArgumentError, match="captured into a CUDA graph"):
+        call(4 * b, 7)  # more rows than the stream's buffer holds
+    assert len(drv.launches) == 3 and rt.stream_workspaces[7] == (ptr, slots)

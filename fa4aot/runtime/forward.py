@@ -40,6 +40,7 @@ from fa4aot.runtime import loader, validate
 from fa4aot.runtime.combine import combine
 from fa4aot.runtime.combine import pick as pick_combine
 from fa4aot.runtime.dispatch import ForwardRule, Pick, Shape, StaticCall
+from fa4aot.runtime.driver import CudaError
 from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.metadata import SchedulerMetadata
 from fa4aot.runtime.tensors import (
@@ -677,6 +678,7 @@ def forward(
         o_arg, l_arg = od, ld
     nsd = sem = l2 = None
     md = None
+    scratch: list[Any] = []  # torch scratch, referenced until its launch is queued
     if metadata is not None or plan.prepare:
         # FA4's scheduler metadata: the caller's, or the prepare kernel's for a split varlen call
         md = metadata if metadata is not None else _auto_metadata(fc, s)  # may launch prepare
@@ -686,8 +688,8 @@ def forward(
         sem = b_sem if plan.tile_count_semaphore else None
         l2 = b_l2 if plan.num_nheads_in_l2 else None
     elif plan.dynamic_route:
-        sem = route_semaphore(rt, s)
-    ws = workspace(rt, fc, s) if plan.tensormap_workspace else None
+        sem = _described(route_semaphore(rt, q, s), scratch)
+    ws = _described(workspace(rt, fc, q, s), scratch) if plan.tensormap_workspace else None
     fc.lv.launch(
         fc.q,
         fc.k,
@@ -731,35 +733,62 @@ def forward(
 WORKSPACE_SLOT_BYTES = TENSORMAP_WORDS * 8
 
 
-def workspace(rt: Runtime, fc: ForwardCall, stream: int) -> DeviceTensor:
-    """FA4's tensor-map workspace for this call: at least the slots FA4 sizes for the grid
-    (interface.py 1255-1272), one buffer per stream that only grows, so repeated calls allocate
-    nothing and keep its address (CUDA graphs: warm up with the largest shape before capturing)."""
+def workspace(rt: Runtime, fc: ForwardCall, ref: Any, stream: int) -> DeviceTensor | Any:
+    """FA4's tensor-map workspace for this call, at least the slots FA4 sizes for the grid
+    (interface.py 1255-1272). Torch callers get FA4's own: a fresh ``torch.empty`` from the caching
+    allocator (stream-ordered, and safe inside CUDA-graph capture). Others get one buffer per
+    stream that only grows, so repeated calls allocate nothing and keep its address."""
     c = fc.config
-    q_rows = fc.rows[0]
     slots = tensormap_workspace_ctas(
-        c.pack_gqa, c.tile_m, fc.nheads, fc.k[1][-2], rt.target.num_sms, q_rows, fc.batch, fc.num_splits
+        c.pack_gqa, c.tile_m, fc.nheads, fc.k[1][-2], rt.target.num_sms, fc.rows[0], fc.batch, fc.num_splits
     )
+    if framework(ref) == "torch":
+        return alloc_like(ref, (slots, TENSORMAP_WORDS), "int64")
     have = rt.stream_workspaces.get(stream)
     if have is None or have[1] < slots:
+        # a little headroom, so a growing batch does not reallocate at every step
+        ptr = _stream_alloc(rt, (slots + slots // 4) * WORKSPACE_SLOT_BYTES, stream, "tensor-map workspace")
         if have is not None:
             del rt.stream_workspaces[stream]  # frees it after the stream's queued work
-        # a little headroom, so a growing batch does not reallocate at every step
-        slots = slots + slots // 4
-        rt.stream_workspaces[stream] = have = (rt.driver.alloc(slots * WORKSPACE_SLOT_BYTES), slots)
+        rt.stream_workspaces[stream] = have = (ptr, slots + slots // 4)
     return DeviceTensor(have[0], (have[1], TENSORMAP_WORDS), (TENSORMAP_WORDS, 1), "int64", rt.device, "raw")
 
 
-def route_semaphore(rt: Runtime, stream: int) -> DeviceTensor:
+def route_semaphore(rt: Runtime, ref: Any, stream: int) -> DeviceTensor | Any:
     """The zeroed tile semaphore FA4 allocates for its dynamic varlen route (interface.py 1061):
-    one per stream, zeroed once; the kernel resets it at exit, so launches ordered on the stream
-    reuse it."""
+    torch callers get FA4's own (``torch.zeros(1)``, capture-safe); others one per stream, zeroed
+    once (the kernel resets it at exit, so launches ordered on the stream reuse it)."""
+    if framework(ref) == "torch":
+        return alloc_like(ref, (1,), "int32").zero_()
     ptr = rt.route_semaphores.get(stream)
     if ptr is None:
-        ptr = rt.driver.alloc(4)
+        ptr = _stream_alloc(rt, 4, stream, "tile semaphore")
         rt.driver.memset_d32(ptr, 0, 1, stream)
         rt.route_semaphores[stream] = ptr
     return DeviceTensor(ptr, (1,), (1,), "int32", rt.device, "raw")
+
+
+def _described(t: Any, keep: list[Any]) -> DeviceTensor:
+    """A scratch buffer as the launcher takes it; a framework tensor is kept in ``keep``."""
+    if isinstance(t, DeviceTensor):
+        return t
+    keep.append(t)
+    return as_device_tensor(t, "scratch")
+
+
+def _stream_alloc(rt: Runtime, nbytes: int, stream: int, what: str) -> int:
+    """``cuMemAlloc`` for a per-stream scratch buffer, with a specific error where the stream is
+    being captured into a CUDA graph (the driver refuses allocations there)."""
+    try:
+        return rt.driver.alloc(nbytes)
+    except CudaError as e:
+        if "STREAM_CAPTURE" not in str(e):
+            raise
+        raise ArgumentError(
+            f"this call needs a new {what} ({nbytes} bytes) and its stream is being captured into a CUDA graph, "
+            "where memory cannot be allocated: make the same call (with the largest bounds) once on the capturing "
+            "stream before capture, or pass torch tensors (their scratch comes from torch's graph-safe allocator)"
+        ) from e
 
 
 #: fp32 -inf: the LSE of a row with no keys and no sink (FA4: ``lse.fill_(-inf)``)
