@@ -53,7 +53,7 @@ from fa4aot.runtime.tensors import (
 )
 from fa4aot.runtime.validate import INT32_MAX
 
-_FRAMEWORK_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+_FRAMEWORK_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "int32": "int32", "int64": "int64"}
 #: dtypes FA4's forward takes for q, k, v, out
 FORWARD_DTYPES = ("bf16", "fp16")
 #: dtypes FA4 takes for learnable_sink (``_LEARNABLE_SINK_DTYPES``)
