@@ -738,10 +738,7 @@ def workspace(rt: Runtime, fc: ForwardCall, ref: Any, stream: int) -> DeviceTens
     (interface.py 1255-1272). Torch callers get FA4's own: a fresh ``torch.empty`` from the caching
     allocator (stream-ordered, and safe inside CUDA-graph capture). Others get one buffer per
     stream that only grows, so repeated calls allocate nothing and keep its address."""
-    c = fc.config
-    slots = tensormap_workspace_ctas(
-        c.pack_gqa, c.tile_m, fc.nheads, fc.k[1][-2], rt.target.num_sms, fc.rows[0], fc.batch, fc.num_splits
-    )
+    slots = workspace_slots(rt, fc)
     if framework(ref) == "torch":
         return alloc_like(ref, (slots, TENSORMAP_WORDS), "int64")
     have = rt.stream_workspaces.get(stream)
@@ -752,6 +749,16 @@ def workspace(rt: Runtime, fc: ForwardCall, ref: Any, stream: int) -> DeviceTens
             del rt.stream_workspaces[stream]  # frees it after the stream's queued work
         rt.stream_workspaces[stream] = have = (ptr, slots + slots // 4)
     return DeviceTensor(have[0], (have[1], TENSORMAP_WORDS), (TENSORMAP_WORDS, 1), "int64", rt.device, "raw")
+
+
+def workspace_slots(rt: Runtime, fc: ForwardCall) -> int:
+    """The workspace slots for the kernel this call launches: sized by its own tile and GQA
+    packing, which a tuned choice may change from FA4's config (a smaller tile_m has more CTAs)."""
+    f = fc.lv.fields
+    return tensormap_workspace_ctas(
+        bool(f.get("pack_gqa")), f["tile_m"], fc.nheads, fc.k[1][-2], rt.target.num_sms, fc.rows[0], fc.batch,
+        fc.num_splits,
+    )  # fmt: skip
 
 
 def route_semaphore(rt: Runtime, ref: Any, stream: int) -> DeviceTensor | Any:

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from fa4aot.core.errors import ArgumentError
-from fa4aot.core.fa4_interface import TENSORMAP_WORDS, split_policy, tensormap_workspace_ctas
+from fa4aot.core.fa4_interface import TENSORMAP_WORDS, split_policy
 from fa4aot.plan.abi import CALL_PTRS_OFFSET
 from fa4aot.plan.library import BoundCall, Plan
 from fa4aot.runtime import combine as combine_mod
@@ -43,6 +43,7 @@ from fa4aot.runtime.forward import (
     default_stream,
     framework,
     transposed,
+    workspace_slots,
 )
 from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.metadata import SchedulerMetadata
@@ -366,9 +367,7 @@ def prepare_forward(
             fwd_args["tile_count_semaphore"] = DeviceTensor(sem_ptr, (1,), (1,), "int32", dev, "raw")
             src_fwd["tile_count_semaphore"] = sem_ptr
         if plan.tensormap_workspace:
-            slots = tensormap_workspace_ctas(
-                c.pack_gqa, c.tile_m, fc.nheads, fc.k[1][-2], rt.target.num_sms, fc.rows[0], fc.batch, fc.num_splits
-            )
+            slots = workspace_slots(rt, fc)
             ws_ptr = rt.driver.alloc(slots * WORKSPACE_SLOT_BYTES)
             owned.append(ws_ptr)
             ws = DeviceTensor(ws_ptr, (slots, TENSORMAP_WORDS), (TENSORMAP_WORDS, 1), "int64", dev, "raw")
