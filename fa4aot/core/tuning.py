@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from fa4aot.core import safejson
 from fa4aot.core.errors import Fa4aotError
 from fa4aot.core.variant import canonical_json, sha256_hex
 
@@ -51,6 +52,13 @@ TUNABLE_FIELDS: dict[str, frozenset[str]] = {
         }
     ),  # fmt: skip
 }
+
+#: Largest table parsed (a table is a few KB; the runtime reads at most this much).
+MAX_TABLE_BYTES = 16 * 1024 * 1024
+#: Largest SM count a table may name (no GPU comes close; bounds what a damaged table can say).
+MAX_NUM_SMS = 1 << 16
+#: Longest error reason kept (a hostile value's repr can be megabytes).
+MAX_REASON = 400
 
 #: Bucket edges are powers of two: a bucket value b covers [2**(b-1), 2**b - 1] (b = bit_length).
 BUCKET_AXES = ("rows", "nheads", "seqlen_q", "seqlen_k")
@@ -179,10 +187,10 @@ class TuningTable:
     @classmethod
     def from_bytes(cls, data: bytes) -> TuningTable:
         """Parse and verify a table file; any damage is a :class:`TuningTableError` saying what."""
-        try:
-            doc = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise TuningTableError(f"not a JSON tuning table ({e})") from None
+        # bounded: deep nesting, NaN/Infinity and oversized documents are typed errors
+        doc = safejson.loads(
+            data, "not a JSON tuning table of finite numbers", max_bytes=MAX_TABLE_BYTES, error=TuningTableError
+        )
         if not isinstance(doc, dict):
             raise TuningTableError("not a JSON object")
         if doc.get("format") != TUNING_FORMAT:
@@ -191,19 +199,26 @@ class TuningTable:
         if want != sha256_hex(canonical_json(doc)):
             raise TuningTableError("sha256 does not match the contents (edited or damaged)")
         try:
+            if not isinstance(doc["entries"], list):
+                raise TypeError("entries is not a list")
             entries = tuple(TuningEntry.from_json(e) for e in doc["entries"])
-            measured = tuple(doc.get("measured", ()))
+            measured = doc.get("measured", [])
+            if not (isinstance(measured, list) and all(isinstance(m, dict) for m in measured)):
+                raise TypeError("measured is not a list of objects")
+            num_sms = doc["num_sms"]
+            if type(num_sms) is not int or not 0 < num_sms <= MAX_NUM_SMS:  # 1e400 parses as inf
+                raise ValueError(f"num_sms must be an integer in 1..{MAX_NUM_SMS}, got {num_sms!r}")
             table = cls(
                 str(doc["arch"]),
-                int(doc["num_sms"]),
+                num_sms,
                 str(doc["device_name"]),
                 entries,
-                measured,
+                tuple(measured),
                 str(doc.get("created", "")),
                 str(doc.get("tool", "")),
             )
-        except (KeyError, TypeError, ValueError) as e:
-            raise TuningTableError(f"malformed table: {e!r}") from None
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise TuningTableError(f"malformed table: {e!r}"[:MAX_REASON]) from None
         seen = set()
         for e in entries:
             if (e.default, e.bucket) in seen:

@@ -21,6 +21,7 @@ argument buffer and call block, so one plan may be called from several threads a
 
 from __future__ import annotations
 
+import _ctypes
 import ctypes
 import fcntl
 import os
@@ -145,6 +146,27 @@ def _open_library(path: str) -> ctypes.CDLL:
         raise PlanError(f"cannot load launch plan {path}: {e}") from None
 
 
+def _close_library(lib: ctypes.CDLL) -> None:
+    """dlclose a library that failed fa4aot's checks after dlopen. Without it the library stays
+    mapped under its path, and the next dlopen of that path (a later plan's reused
+    ``/proc/self/fd/N``) would return it instead of loading the new file."""
+    try:
+        _ctypes.dlclose(lib._handle)
+    except OSError:  # nothing more to undo; the caller keeps the path from being reused
+        pass
+
+
+def _still_loaded(path: str) -> bool:
+    """Whether the dynamic linker still holds a library under ``path`` (a library marked
+    nodelete, or one another library depends on, survives dlclose)."""
+    try:
+        lib = ctypes.CDLL(path, mode=os.RTLD_NOW | os.RTLD_LOCAL | os.RTLD_NOLOAD)
+    except OSError:
+        return False
+    _ctypes.dlclose(lib._handle)  # drop the reference RTLD_NOLOAD just took
+    return True
+
+
 class Plan:
     """A loaded launch-plan library for one variant.
 
@@ -175,7 +197,29 @@ class Plan:
                 raise PlanError(f"kernel {k.name[:60]}...: name or parameter table too large for the shim")
         if sum(isinstance(a, TensorArg) for a in self.signature) > MAX_PTRS:
             raise PlanError(f"a plan takes at most {MAX_PTRS} tensors")
+        # everything that can fail without the library is done before dlopen
+        self._packer = _make_packer(self.signature)
+        fmt, offsets = struct_layout(self.signature)
+        self._struct = struct.Struct(fmt)
+        self._offsets = offsets
         lib = self._lib = _open_library(library_path)
+        try:
+            self._bind_shim(lib, entry_symbol, init_symbol, load_symbol)
+        except BaseException:
+            _close_library(lib)  # a rejected library must not stay mapped under its path
+            raise
+        self._template: State | None = None
+        self._launch_fn = 0
+        self._local = threading.local()
+        self._load_lock = threading.Lock()
+        self.module_load: ModuleLoad | None = None
+        self._handle_names: dict[int, str] = {}
+        self.fd = -1
+
+    def _bind_shim(self, lib: ctypes.CDLL, entry_symbol: str, init_symbol: str, load_symbol: str) -> None:
+        """Find the shim's and the entry's symbols in ``lib`` and check the shim ABI (PlanError if
+        the library was not linked with this fa4aot's shim)."""
+        library_path = self.path
         try:
             abi, state_size, launches_off, call_size = (
                 lib.fa4aot_shim_abi,
@@ -206,17 +250,6 @@ class Plan:
         self._load_fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         self._call_fn.restype = ctypes.c_int32
         self._call_fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]
-        self._packer = _make_packer(self.signature)
-        fmt, offsets = struct_layout(self.signature)
-        self._struct = struct.Struct(fmt)
-        self._offsets = offsets
-        self._template: State | None = None
-        self._launch_fn = 0
-        self._local = threading.local()
-        self._load_lock = threading.Lock()
-        self.module_load: ModuleLoad | None = None
-        self._handle_names: dict[int, str] = {}
-        self.fd = -1
 
     # -- module load ---------------------------------------------------------------------
 
@@ -605,6 +638,7 @@ def open_plan(library_bytes: bytes, meta: Mapping[str, Any]) -> Plan:
     sig = meta["signature"]
     kernels = [KernelTable.from_meta(k) for k in meta["kernels"]]
     fd = os.memfd_create("fa4aot-plan", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    path = f"/proc/self/fd/{fd}"
     try:
         view = memoryview(library_bytes)
         while view:
@@ -614,9 +648,12 @@ def open_plan(library_bytes: bytes, meta: Mapping[str, Any]) -> Plan:
         )
         # The fd stays open for the life of the process: dlopen matches libraries by path, and a
         # closed fd's /proc/self/fd/N name would be reused by the next plan.
-        plan = Plan(f"/proc/self/fd/{fd}", sig["args"], kernels, sig["entry"], sig["init"], sig["load"])
+        plan = Plan(path, sig["args"], kernels, sig["entry"], sig["init"], sig["load"])
     except BaseException:
-        os.close(fd)
+        # A library that failed after dlopen was dlclosed; if the linker still holds it (nodelete),
+        # the fd stays open too, so no later plan is ever handed this stale library by path.
+        if not _still_loaded(path):
+            os.close(fd)
         raise
     plan.fd = fd
     return plan

@@ -18,24 +18,46 @@ recorded launches), so launches may come from several threads.
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import os
+import stat
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fa4aot.core.backward import bwd_knobs_from_env
 from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import ArgumentError, CacheError, DeviceMismatchError, Fa4aotError, VariantNotFoundError
 from fa4aot.core.fa4_interface import Knobs, knobs_from_env
-from fa4aot.core.index import Cache, Entry, PackedKey, cache_search_path, read_regular, splice_plan
-from fa4aot.core.tuning import TuningEntry, TuningTable, TuningTableError, result_class_difference, table_filename
+from fa4aot.core.index import (
+    DEFAULT_CACHE_ENV,
+    PACKED_DIR,
+    Cache,
+    Entry,
+    PackedKey,
+    cache_search_path,
+    read_regular,
+    splice_plan,
+)
+from fa4aot.core.tuning import (
+    MAX_TABLE_BYTES,
+    TuningEntry,
+    TuningTable,
+    TuningTableError,
+    result_class_difference,
+    table_filename,
+)
 from fa4aot.core.variant import Target, Variant
 from fa4aot.plan.abi import DEV_ATTR_MAX_SMEM_OPTIN, FUNC_ATTR_SHARED_SIZE_BYTES, SHIM_ABI
 from fa4aot.plan.library import Plan, open_plan
+
+if TYPE_CHECKING:
+    from fa4aot.runtime.driver import DeviceInfo
 
 #: CUDA driver version each cubin toolkit major needs.
 _DRIVER_FOR_TOOLKIT = {12: 12000, 13: 13000}
@@ -50,10 +72,13 @@ MAX_AUTO_METADATA = 16
 MISS_LOG_ENV = "FA4AOT_MISS_LOG"
 RECORD_LOG_ENV = "FA4AOT_RECORD"
 REQUIRE_ENV = "FA4AOT_REQUIRE"
+#: How the miss and record logs are opened: append-only, created if absent, never blocking (a
+#: FIFO without a reader fails with ENXIO instead of hanging the call), never through a symlink.
+LOG_OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW
 #: Directory of a cache holding tuning tables (one per target and device name).
 TUNING_DIR = "tuning"
 #: Largest tuning table read (a table is a few KB; a bigger file is not one).
-MAX_TUNING_BYTES = 16 * 1024 * 1024
+MAX_TUNING_BYTES = MAX_TABLE_BYTES
 
 #: Argument order of the forward launchers (a superset of every forward plan's signature).
 FORWARD_ORDER = (
@@ -83,28 +108,74 @@ FORWARD_ORDER = (
 class VariantLog:
     """Appends one JSON line per distinct variant to a file: the miss log and the record log.
     One ``write`` per line on an ``O_APPEND`` descriptor, so processes sharing the file do not
-    interleave lines; a failing write warns and never fails the call."""
+    interleave lines; a failing write warns and never fails the call.
+
+    The log never blocks or follows a link: it is opened non-blocking without following a final
+    symlink, and anything but a regular file (a FIFO, a device, a link) stops the log with one
+    warning - a call must not wait for a FIFO's reader or write where a link points."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._seen: set[str] = set()
         self._lock = threading.Lock()
+        #: why logging stopped (None: logging)
+        self.stopped: str | None = None
 
     def add(self, variant: Variant, **extra: Any) -> None:
+        """Append ``variant`` (and ``extra``) once; later calls for it do nothing."""
         vid = variant.variant_id
         with self._lock:
-            if vid in self._seen:
+            if vid in self._seen or self.stopped is not None:
                 return
             self._seen.add(vid)
         line = json.dumps({"id": vid, "variant": variant.to_dict(), "time": time.time(), **extra}, sort_keys=True)
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                os.write(fd, (line + "\n").encode())
-            finally:
-                os.close(fd)
+            fd = os.open(self.path, LOG_OPEN_FLAGS, 0o644)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENXIO):  # a symlink; a FIFO without a reader
+                self._stop("a symlink" if e.errno == errno.ELOOP else "a FIFO (or device) without a reader")
+            else:
+                warnings.warn(f"cannot append to {self.path}: {e.strerror or e}", stacklevel=3)
+            return
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                self._stop("not a regular file")
+                return
+            os.write(fd, (line + "\n").encode())
         except OSError as e:
             warnings.warn(f"cannot append to {self.path}: {e.strerror or e}", stacklevel=3)
+        finally:
+            os.close(fd)
+
+    def _stop(self, what: str) -> None:
+        with self._lock:
+            if self.stopped is not None:
+                return
+            self.stopped = what
+        warnings.warn(f"fa4aot: {self.path} is {what}; not logging variants there", RuntimeWarning, stacklevel=4)
+
+
+class TunedChoices(dict):
+    """One default variant's tuned choices (shape bucket -> chosen variant id), as the forward
+    dispatch reads them (``lv.tuned.get(bucket)``). A choice is loaded on its first use here, so a
+    choice that cannot load (a damaged blob or record) is dropped with one warning and the call
+    gets FA4's choice, instead of every call of its bucket failing."""
+
+    __slots__ = ("_runtime",)
+
+    def __init__(self, runtime: Runtime, choices: dict[tuple, str]):
+        super().__init__(choices)
+        self._runtime = runtime
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """The chosen variant id for ``key`` (loaded), or ``default``."""
+        vid = dict.get(self, key)
+        if vid is None:
+            return default
+        if vid in self._runtime._loaded:  # the per-call path: already loaded
+            return vid
+        return self._runtime._tuned_choice(vid) or default
 
 
 class LoadedVariant:
@@ -175,7 +246,8 @@ class Runtime:
             self.cache = Cache(cache_dir)
             self.index = self._open_index(allow_sm_mismatch)
         else:
-            self.cache, self.index = self._search(allow_sm_mismatch)
+            where, self.cache, self.index = choose_cache(self.info, self.host_arch, allow_sm_mismatch)
+        warn_if_untrusted(self.cache, "" if cache_dir else f"{where} at {self.cache.root}")
         #: seconds spent opening: driver set-up, device queries, cache and index (benchmarks read it)
         self.open_seconds = {"driver": t1 - t0, "device": t2 - t1, "index": time.perf_counter() - t2}
         self.target: Target = self.index.target
@@ -225,24 +297,6 @@ class Runtime:
         if require:
             self._check_required(Path(require))
 
-    def _search(self, allow_sm_mismatch: bool) -> tuple[Cache, Any]:
-        """The first cache of :func:`cache_search_path` that serves this device: a cache wheel
-        built for another GPU or host is passed over; the last place's errors are raised."""
-        places = cache_search_path()
-        for _, path in places[:-1]:
-            try:
-                self.cache = Cache(path)
-                return self.cache, self._open_index(allow_sm_mismatch)
-            except (CacheError, DeviceMismatchError):
-                continue
-        try:
-            self.cache = Cache(places[-1][1])
-        except CacheError as e:
-            if len(places) == 1:
-                raise
-            raise CacheError(f"{e} (searched: {', '.join(f'{n} {p}' for n, p in places)})") from None
-        return self.cache, self._open_index(allow_sm_mismatch)
-
     def _check_required(self, path: Path) -> None:
         """Strict mode: every variant the requirements file lists for this device is in the cache."""
         try:
@@ -270,32 +324,19 @@ class Runtime:
 
     def _open_tuning(self) -> None:
         """Read the device's tuning table if there is one. A corrupt, foreign or stale table (or
-        entry) never changes dispatch: it is skipped with a warning, and FA4's choice stands."""
+        entry) never changes dispatch: it is skipped with one warning, and FA4's choice stands."""
         path = self.tuning_path()
         try:
-            size = os.stat(path).st_size
-        except FileNotFoundError:
-            return
-        except OSError as e:
-            warnings.warn(f"tuning table {path} unreadable ({e}); using FA4's dispatch", stacklevel=3)
-            return
-        try:
-            if size > MAX_TUNING_BYTES:
-                raise TuningTableError(f"{size} bytes, more than {MAX_TUNING_BYTES}")
-            table = TuningTable.from_bytes(read_regular(self.cache.root, (TUNING_DIR, path.name), size))
-            t = self.target
-            if (table.arch, table.num_sms, table.device_name) != (t.arch, t.num_sms, self.info.name):
-                raise TuningTableError(
-                    f"made for {table.device_name} ({table.arch}, {table.num_sms} SMs), this is "
-                    f"{self.info.name} ({t.arch}, {t.num_sms} SMs)"
-                )
-        except (TuningTableError, OSError) as e:
+            table = self._read_tuning(path)
+            if table is None:
+                return
+            usable, stale = [], []
+            for e in table.entries:
+                why = self._tuning_entry_problem(e)
+                (stale if why else usable).append((e, why))
+        except (Fa4aotError, OSError) as e:
             warnings.warn(f"tuning table {path} ignored: {e}; using FA4's dispatch", stacklevel=3)
             return
-        usable, stale = [], []
-        for e in table.entries:
-            why = self._tuning_entry_problem(e)
-            (stale if why else usable).append((e, why))
         if stale:
             e, why = stale[0]
             warnings.warn(
@@ -304,121 +345,76 @@ class Runtime:
                 stacklevel=3,
             )
         self.tuning_table = table
-        self.tuning = table.lookup_map(e for e, _ in usable)
+        self.tuning = {
+            vid: TunedChoices(self, buckets) for vid, buckets in table.lookup_map(e for e, _ in usable).items()
+        }
+
+    def _read_tuning(self, path: Path) -> TuningTable | None:
+        """The device's table (None: there is none); TuningTableError or OSError when it is damaged,
+        foreign or unreadable."""
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            return None
+        if size > MAX_TUNING_BYTES:
+            raise TuningTableError(f"{size} bytes, more than {MAX_TUNING_BYTES}")
+        table = TuningTable.from_bytes(read_regular(self.cache.root, (TUNING_DIR, path.name), size))
+        t = self.target
+        if (table.arch, table.num_sms, table.device_name) != (t.arch, t.num_sms, self.info.name):
+            raise TuningTableError(
+                f"made for {table.device_name} ({table.arch}, {table.num_sms} SMs), this is "
+                f"{self.info.name} ({t.arch}, {t.num_sms} SMs)"
+            )
+        return table
 
     def _tuning_entry_problem(self, e: TuningEntry) -> str | None:
         """Why this runtime cannot honour a tuning entry (None: it can)."""
         for vid in (e.default, e.choice):
             if vid not in self.index:
                 return f"the cache has no variant {vid}"
-        de, ce = self.index.entry(e.default), self.index.entry(e.choice)
-        for want, entry in zip(e.cubins, (de, ce)):
-            if want and (entry.cubin is None or entry.cubin.sha256 != want):
-                return f"variant {entry.variant_id} was rebuilt (another cubin) since it was measured"
+        try:
+            de, ce = self.index.entry(e.default), self.index.entry(e.choice)
+            for want, entry in zip(e.cubins, (de, ce)):
+                if want and (entry.cubin is None or entry.cubin.sha256 != want):
+                    return f"variant {entry.variant_id} was rebuilt (another cubin) since it was measured"
+        except (Fa4aotError, KeyError, TypeError, ValueError) as err:
+            # a damaged record of one variant disables only the entries naming it
+            return f"an index record it names is damaged ({err})"
         d, c = de.variant, ce.variant
         if d.family != c.family:
             return "the two variants are of different families"
         return result_class_difference(d.family, d.fields, c.fields)
 
+    def _tuned_choice(self, vid: str) -> str | None:
+        """Load a tuned choice on its first use; ``vid`` when it loads, else None after dropping it
+        from every tuned lookup with one warning (the call and later ones get FA4's choice)."""
+        try:
+            self._load_id(vid)
+            return vid
+        except (Fa4aotError, OSError) as e:
+            with self._lock:
+                dropped = not any(vid in m.values() for m in self.tuning.values())
+                for m in self.tuning.values():
+                    for b in [b for b, c in m.items() if c == vid]:
+                        del m[b]
+            if not dropped:  # another thread may have failed on it at the same time
+                warnings.warn(
+                    f"tuning table {self.tuning_path()}: the tuned choice {vid} cannot be loaded ({e}); "
+                    "using FA4's choice for its buckets",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            return None
+
     # -- device checks ---------------------------------------------------------------------
 
     def _open_index(self, allow_sm_mismatch: bool) -> Any:
-        info = self.info
-        cc = info.compute_capability
-        arch = f"sm_{cc[0]}{cc[1]}a"
-        keys = self.cache.packed_targets()
-        if not keys:
-            return self._fallback_index(arch, allow_sm_mismatch)
-        here = [k for k in keys if k.host_arch == self.host_arch and k.arch == arch]
-        mine = [k for k in here if k.shim_abi == SHIM_ABI]
-        if not mine:
-            have = self._describe(keys)
-            if here:
-                raise DeviceMismatchError(
-                    f"the cache {self.cache.root} holds launch plans for {have}, built by another fa4aot "
-                    f"version; this one reads shim ABI {SHIM_ABI}. Rebuild the cache with this fa4aot."
-                )
-            if any(k.host_arch == self.host_arch for k in keys):
-                raise DeviceMismatchError(
-                    f"the cache {self.cache.root} holds kernels for {have}; this device is {info.name} "
-                    f"({arch}, {info.num_sms} SMs), which cannot run them. Build a manifest whose target.arch is {arch}."
-                )
-            raise DeviceMismatchError(
-                f"the cache {self.cache.root} holds launch plans for {have}; this host is {self.host_arch}. "
-                "Build the cache on (or for) this CPU arch."
-            )
-        exact = [k for k in mine if k.num_sms == info.num_sms]
-        pick = exact[0] if exact else mine[0]
-        if not exact:
-            self._sm_mismatch(pick.num_sms, self._describe(keys), allow_sm_mismatch)
-        return self.cache.open_packed(pick)
-
-    def _describe(self, keys: list[PackedKey]) -> str:
-        """'b200 (sm_100a, 148 SMs, x86_64 host, shim ABI 3), ...' for error messages."""
-        out = []
-        for k in keys:
-            try:
-                idx = self.cache.open_packed(k)
-                name = idx.target.name
-                idx.close()
-            except Fa4aotError:
-                name = "?"
-            out.append(f"{name} ({k.arch}, {k.num_sms} SMs, {k.host_arch} host, shim ABI {k.shim_abi})")
-        return ", ".join(out)
-
-    def _sm_mismatch(self, built_sms: int, have: str, allowed: bool) -> None:
-        info = self.info
-        if not allowed:
-            raise DeviceMismatchError(
-                f"the cache holds {have}; this device ({info.name}) has {info.num_sms} SMs. FA4 sizes "
-                f"persistent grids by SM count at build time, so fa4aot refuses to launch a grid built "
-                f"for another SKU. Build for target.num_sms: {info.num_sms}, or pass allow_sm_mismatch=True."
-            )
-        warnings.warn(
-            f"fa4aot: using kernels built for {built_sms} SMs on {info.name} with {info.num_sms} SMs: "
-            "FA4's persistent grids are sized for the other SKU.",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-
-    def _fallback_index(self, arch: str, allow_sm_mismatch: bool) -> Any:
-        """A cache without packed indexes (filled by copying index records): read the full
-        index instead. Slower to open; `fa4aot reindex` writes the packed ones."""
-        from fa4aot.core.index import MemoryIndex
-
-        entries, skipped = [], 0
-        for key, text in self.cache.records():
-            try:
-                e = Entry.from_json(key, text)
-            except CacheError:
-                skipped += 1
-                continue
-            if e.meta.get("shim_abi") == SHIM_ABI:  # other fa4aot versions' plans are never loaded
-                entries.append(e)
-        if skipped:
-            warnings.warn(
-                f"fa4aot: skipped {skipped} malformed index record(s) of {self.cache.root}; `fa4aot verify` lists them",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-        if not entries:
-            raise VariantNotFoundError(f"the cache {self.cache.root} is empty; build it with `fa4aot build MANIFEST`")
-        mine = [e for e in entries if e.host_arch == self.host_arch and e.target.arch == arch]
-        have = ", ".join(
-            sorted({f"{e.target.arch} with {e.target.num_sms} SMs for {e.host_arch} hosts" for e in entries})
-        )
-        if not mine:
-            raise DeviceMismatchError(
-                f"the cache {self.cache.root} holds {have}; this device is {self.info.name} ({arch}, "
-                f"{self.info.num_sms} SMs) on a {self.host_arch} host. Build a manifest for it."
-            )
-        exact = [e for e in mine if e.target.num_sms == self.info.num_sms]
-        if not exact:
-            self._sm_mismatch(mine[0].target.num_sms, have, allow_sm_mismatch)
-        sms = exact[0].target.num_sms if exact else mine[0].target.num_sms
-        return MemoryIndex([e for e in mine if e.target.num_sms == sms])
+        return open_index(self.cache, self.info, self.host_arch, allow_sm_mismatch)
 
     def _check_entry(self, entry: Entry) -> None:
+        foreign = foreign_toolchain(entry)
+        if foreign:
+            self.miss(entry.variant, why=foreign)
         if entry.host_arch != self.host_arch:
             raise DeviceMismatchError(
                 f"{entry.variant.label()}: its launch plan was built for a {entry.host_arch} host; this is "
@@ -469,9 +465,10 @@ class Runtime:
         """Ids of every variant this runtime can load."""
         return list(self.index.records)
 
-    def miss(self, variant: Variant, shapes: dict[str, list[Any]] | None = None) -> None:
+    def miss(self, variant: Variant, shapes: dict[str, list[Any]] | None = None, *, why: str = "") -> None:
         """Raise VariantNotFoundError for a variant the cache lacks, naming the manifest line that
-        builds it (with the call's ``shapes`` for a forward variant), after logging it."""
+        builds it (with the call's ``shapes`` for a forward variant), after logging it. ``why``:
+        the cache holds the variant but this runtime cannot use that entry (it says why)."""
         from fa4aot.core.families import describe_missing
 
         line = describe_missing(variant, shapes)
@@ -479,6 +476,11 @@ class Runtime:
             self.record_log.add(variant, present=False)
         if self.miss_log is not None:
             self.miss_log.add(variant, target=self.target._asdict(), host_arch=self.host_arch, manifest=line)
+        if why:
+            raise VariantNotFoundError(
+                f"the cache {self.cache.root} holds {variant.label()} only {why}; rebuild it with this fa4aot: {line}",
+                variant=variant,
+            )
         raise VariantNotFoundError(
             f"the cache {self.cache.root} has no {variant.label()}; add it to the manifest and rebuild: {line}",
             variant=variant,
@@ -593,6 +595,276 @@ class Runtime:
         }
 
 
+def choose_cache(
+    info: DeviceInfo | None,
+    host: str,
+    allow_sm_mismatch: bool = False,
+    places: list[tuple[str, Path]] | None = None,
+) -> tuple[str, Cache, Any]:
+    """(where, cache, index) of the cache a runtime opened without a path reads on this machine:
+    the first place of :func:`cache_search_path` serving the device (``info``; None: no GPU
+    visible, the first serving this host) - ``Runtime()`` and the CLI's read-only commands both
+    choose with this function, so they read the same cache.
+
+    A cache wheel built for another GPU or host is passed over silently; one that is damaged or
+    not a cache is passed over with a warning naming it; when a later wheel holds kernels for the
+    same target, a warning names both (only the first is read). The last place's errors are raised.
+    ``places``: the search path, if the caller has it already.
+    """
+    places = cache_search_path() if places is None else places
+    for i, (where, path) in enumerate(places[:-1]):
+        try:
+            cache = Cache(path)
+            index = open_index(cache, info, host, allow_sm_mismatch)
+        except DeviceMismatchError:
+            continue  # built for another GPU or host: passing over it is what the search is for
+        except (Fa4aotError, OSError) as e:
+            warnings.warn(f"fa4aot: skipping the cache {where} at {path}: {e}", RuntimeWarning, stacklevel=3)
+            continue
+        _warn_shadowed(where, index, places[i + 1 : -1])
+        return where, cache, index
+    where, path = places[-1]
+    try:
+        cache = Cache(path)
+    except CacheError as e:
+        if len(places) == 1:
+            raise
+        raise CacheError(f"{e} (searched: {', '.join(f'{n} {p}' for n, p in places)})") from None
+    return where, cache, open_index(cache, info, host, allow_sm_mismatch)
+
+
+def _served_key(index: Any) -> PackedKey:
+    """The (target, host, shim ABI) an opened index serves."""
+    t = index.target
+    return PackedKey(t.arch, t.num_sms, index.host_arch, getattr(index, "shim_abi", SHIM_ABI))
+
+
+def _warn_shadowed(where: str, index: Any, later: list[tuple[str, Path]]) -> None:
+    """Warn, naming both, for each later cache wheel holding kernels for the target ``index``
+    serves: the first wheel hides the other completely, whatever either holds."""
+    key = _served_key(index)
+    for other, path in later:
+        try:
+            cache = Cache(path)
+            if key not in cache.packed_targets():
+                continue
+            idx = cache.open_packed(key)
+            size = f"{len(idx)} entries"
+            idx.close()
+        except Fa4aotError:
+            continue  # unusable anyway; it is reported when it is the one chosen
+        warnings.warn(
+            f"fa4aot: the cache {where} ({len(index)} entries) shadows the cache {other} ({size}) for "
+            f"{key.describe()}: only the first is read. Uninstall one, or set ${DEFAULT_CACHE_ENV} to choose.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def untrusted(root: Path) -> str | None:
+    """Why other users can change the cache at ``root`` (None: they cannot): the directory, its
+    FORMAT or its index is writable by any user, or owned by a user other than root and this one.
+    Whoever can write a cache's index chooses the native code (launch plans) a process runs."""
+    me = os.geteuid()
+    paths = [root, root / "FORMAT", root / "index", root / "index" / "cache.db", root / PACKED_DIR]
+    try:
+        paths += sorted((root / PACKED_DIR).iterdir())
+    except OSError:
+        pass  # no packed directory: nothing more to check
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        if st.st_mode & stat.S_IWOTH:
+            return f"{p} is writable by every user (mode {stat.S_IMODE(st.st_mode):o})"
+        if st.st_uid not in (0, me):
+            return f"{p} is owned by another user (uid {st.st_uid})"
+    return None
+
+
+def warn_if_untrusted(cache: Cache, where: str = "") -> None:
+    """One warning when other users can change ``cache`` (see :func:`untrusted`)."""
+    why = untrusted(cache.root)
+    if why:
+        warnings.warn(
+            f"fa4aot: the cache {where or cache.root} can be changed by other users: {why}. Its launch plans "
+            "are native code this process runs; make it writable only by its owner (chmod -R o-w).",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def visible_device() -> DeviceInfo | None:
+    """The device a runtime would open (ordinal 0; no context is created), or None when there is
+    no CUDA driver or device (a build machine)."""
+    try:
+        from fa4aot.runtime.driver import CudaDriver
+
+        return CudaDriver().device_info(0)
+    except Exception:  # no driver, no device, a driver too old: the CLI then works by host only
+        return None
+
+
+def device_arch(info: DeviceInfo) -> str:
+    """The cubin arch a device runs (``sm_90a`` for compute capability 9.0)."""
+    cc = info.compute_capability
+    return f"sm_{cc[0]}{cc[1]}a"
+
+
+def open_index(cache: Cache, info: DeviceInfo | None, host: str, allow_sm_mismatch: bool = False) -> Any:
+    """The index of ``cache`` serving this device and host with this fa4aot's shim ABI: the packed
+    index of the device's arch and SM count (another SM count of the arch only with
+    ``allow_sm_mismatch``, warning). ``info`` None (no GPU visible: the CLI on a build machine):
+    the first index for this host. DeviceMismatchError when the cache serves neither."""
+    arch = None if info is None else device_arch(info)
+    keys = cache.packed_targets()
+    if not keys:
+        return _fallback_index(cache, info, host, allow_sm_mismatch)
+    here = [k for k in keys if k.host_arch == host and arch in (None, k.arch)]
+    mine = [k for k in here if k.shim_abi == SHIM_ABI]
+    if not mine:
+        have = _describe(cache, keys)
+        if here:
+            raise DeviceMismatchError(
+                f"the cache {cache.root} holds launch plans for {have}, built by another fa4aot "
+                f"version; this one reads shim ABI {SHIM_ABI}. Rebuild the cache with this fa4aot."
+            )
+        if info is not None and any(k.host_arch == host for k in keys):
+            raise DeviceMismatchError(
+                f"the cache {cache.root} holds kernels for {have}; this device is {info.name} "
+                f"({arch}, {info.num_sms} SMs), which cannot run them. Build a manifest whose target.arch is {arch}."
+            )
+        raise DeviceMismatchError(
+            f"the cache {cache.root} holds launch plans for {have}; this host is {host}. "
+            "Build the cache on (or for) this CPU arch."
+        )
+    exact = [k for k in mine if info is None or k.num_sms == info.num_sms]
+    pick = exact[0] if exact else mine[0]
+    if not exact:
+        _sm_mismatch(info, pick.num_sms, _describe(cache, keys), allow_sm_mismatch)
+    return cache.open_packed(pick)
+
+
+def _describe(cache: Cache, keys: list[PackedKey]) -> str:
+    """'b200 (sm_100a, 148 SMs, x86_64 host, shim ABI 3), ...' for error messages."""
+    out = []
+    for k in keys:
+        try:
+            idx = cache.open_packed(k)
+            name = idx.target.name
+            idx.close()
+        except Fa4aotError:
+            name = "?"
+        out.append(f"{name} ({k.arch}, {k.num_sms} SMs, {k.host_arch} host, shim ABI {k.shim_abi})")
+    return ", ".join(out)
+
+
+def _sm_mismatch(info: DeviceInfo, built_sms: int, have: str, allowed: bool) -> None:
+    if not allowed:
+        raise DeviceMismatchError(
+            f"the cache holds {have}; this device ({info.name}) has {info.num_sms} SMs. FA4 sizes "
+            f"persistent grids by SM count at build time, so fa4aot refuses to launch a grid built "
+            f"for another SKU. Build for target.num_sms: {info.num_sms}, or pass allow_sm_mismatch=True."
+        )
+    warnings.warn(
+        f"fa4aot: using kernels built for {built_sms} SMs on {info.name} with {info.num_sms} SMs: "
+        "FA4's persistent grids are sized for the other SKU.",
+        RuntimeWarning,
+        stacklevel=5,
+    )
+
+
+def _fallback_index(cache: Cache, info: DeviceInfo | None, host: str, allow_sm_mismatch: bool) -> Any:
+    """A cache without packed indexes (filled by copying index records): read the full
+    index instead. Slower to open; `fa4aot reindex` writes the packed ones."""
+    from fa4aot.core.index import MemoryIndex
+
+    entries, skipped = [], 0
+    for key, text in cache.records():
+        try:
+            e = Entry.from_json(key, text)
+        except CacheError:
+            skipped += 1
+            continue
+        if e.meta.get("shim_abi") == SHIM_ABI:  # other fa4aot versions' plans are never loaded
+            entries.append(e)
+    if skipped:
+        warnings.warn(
+            f"fa4aot: skipped {skipped} malformed index record(s) of {cache.root}; `fa4aot verify` lists them",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+    if not entries:
+        raise VariantNotFoundError(f"the cache {cache.root} is empty; build it with `fa4aot build MANIFEST`")
+    arch = None if info is None else device_arch(info)
+    mine = [e for e in entries if e.host_arch == host and arch in (None, e.target.arch)]
+    have = ", ".join(sorted({f"{e.target.arch} with {e.target.num_sms} SMs for {e.host_arch} hosts" for e in entries}))
+    if not mine:
+        device = "this is " if info is None else f"this device is {info.name} ({arch}, {info.num_sms} SMs) on "
+        raise DeviceMismatchError(
+            f"the cache {cache.root} holds {have}; {device}a {host} host. Build a manifest for it."
+        )
+    exact = [e for e in mine if info is None or e.target.num_sms == info.num_sms]
+    if not exact:
+        _sm_mismatch(info, mine[0].target.num_sms, have, allow_sm_mismatch)
+    first = (exact or mine)[0].target
+    return MemoryIndex([e for e in mine if (e.target.arch, e.target.num_sms) == (first.arch, first.num_sms)])
+
+
+#: Parts of a build's toolchain fingerprint that are this fa4aot's own code: the kernel wrappers
+#: (``fa4aot_kernels``) and the plan shim. Two fa4aot versions with one shim ABI share a packed
+#: index (newest entry per variant); these tell their entries apart. The rest of the fingerprint
+#: (FA4, DSL, C compiler) describes the build machine, which a runtime cannot see.
+OWN_TOOLCHAIN_PARTS = ("kernels-src", "plan-shim")
+
+
+def _hash_sources(paths: list[Path]) -> str:
+    """``fa4aot.build.toolchain``'s source hash (the same bytes hashed the same way)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def own_toolchain() -> dict[str, str]:
+    """This installation's :data:`OWN_TOOLCHAIN_PARTS`, hashed from its installed sources without
+    importing them (the kernel wrappers import the DSL); a part whose sources are absent is left
+    out, and then not checked."""
+    import importlib.util
+
+    out: dict[str, str] = {}
+    try:
+        spec = importlib.util.find_spec("fa4aot_kernels")
+        if spec is not None and spec.origin:
+            out["kernels-src"] = _hash_sources(list(Path(spec.origin).resolve().parent.glob("*.py")))
+    except (ImportError, ValueError, OSError):
+        pass
+    try:
+        out["plan-shim"] = _hash_sources([Path(__file__).resolve().parent.parent / "plan" / "shim.c"])
+    except OSError:
+        pass
+    return out
+
+
+def foreign_toolchain(entry: Entry) -> str | None:
+    """Why ``entry`` was built by another fa4aot than this runtime (None: by this one, or its
+    record does not say): its kernel wrappers or plan shim differ from this installation's."""
+    theirs = entry.meta.get("toolchain")
+    if not isinstance(theirs, dict):
+        return None
+    mine = own_toolchain()
+    diff = [
+        f"{k} {theirs[k]}, this fa4aot's {mine[k]}"
+        for k in OWN_TOOLCHAIN_PARTS
+        if k in mine and k in theirs and theirs[k] != mine[k]
+    ]
+    return f"as built by another fa4aot ({'; '.join(diff)})" if diff else None
+
+
 def _require_fields(entry: Entry) -> None:
     """An index record has every field loading reads (a malformed record fails its own variant,
     with a typed error, never the runtime)."""
@@ -625,7 +897,8 @@ _DEFAULT_LOCK = threading.Lock()
 
 
 def default_runtime() -> Runtime:
-    """The process-wide runtime over ``$FA4AOT_CACHE`` (or ./cache), created on first use."""
+    """The process-wide runtime, created on first use, over the cache :func:`choose_cache` picks
+    (``$FA4AOT_CACHE``, else the installed cache wheel serving this GPU, else ./cache)."""
     global _DEFAULT
     rt = _DEFAULT
     if rt is None:

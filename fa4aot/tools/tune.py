@@ -25,10 +25,12 @@ from typing import Any
 
 from fa4aot.core.errors import Fa4aotError
 from fa4aot.core.tuning import (
+    BUCKET_AXES,
     TUNABLE_FIELDS,
     TuningEntry,
     TuningTable,
     bucket,
+    bucket_range,
     result_class_difference,
     table_filename,
 )
@@ -44,6 +46,9 @@ DEFAULT_FLUSH_BYTES = 2 * 50 * 1024 * 1024
 #: Cycles of the busy kernel timed calls queue behind (about 2 ms at an H100's 1.7 GHz: longer than
 #: the host needs to enqueue a round's calls and flushes).
 QUEUE_SLEEP_CYCLES = 3_500_000
+
+#: Longest shape label ``show-tuning`` prints from a table (a damaged one may hold anything).
+MAX_SHAPE_CHARS = 200
 
 _KEYS = {"b": "batch", "sq": "seqlen_q", "sk": "seqlen_k", "h": "nheads", "hk": "nheads_kv", "d": "head_dim"}
 
@@ -429,6 +434,38 @@ def tune(
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         tool="fa4aot tune",
     )
+
+
+def table_lines(table: TuningTable, labels: dict[str, str]) -> list[str]:
+    """``show-tuning``'s lines for one table (after its header line): each entry's bucket, FA4's
+    variant and the measured choice (named by ``labels``, variant id -> label), then every
+    measured shape. Only entries are checked when a table is read; a measured row lacking a field
+    (a hand-edited table) is shown as malformed, never a KeyError."""
+    out = [f"  {len(table.entries)} entries (bucket ranges: {', '.join(BUCKET_AXES)})"]
+    for e in table.entries:
+        ranges = " ".join(f"{a}={lo}..{hi}" for a, (lo, hi) in zip(BUCKET_AXES, map(bucket_range, e.bucket)))
+        missing = "" if e.choice in labels else "  [choice not in this cache: ignored]"
+        gain = f"{e.default_ms / e.choice_ms:.3f}x" if e.choice_ms > 0 else "?x"
+        out += [
+            f"  {ranges}",
+            f"    FA4    {e.default[:12]} {e.default_ms:8.4f} ms  {labels.get(e.default, '?')}",
+            f"    tuned  {e.choice[:12]} {e.choice_ms:8.4f} ms  {labels.get(e.choice, '?')}"
+            f"  ({gain}, noise {e.spread:.1%}, from {e.shape}){missing}",
+        ]
+    if table.measured:
+        out.append(f"  measured shapes: {len(table.measured)}")
+        out += [_measured_line(m) for m in table.measured]
+    return out
+
+
+def _measured_line(m: dict[str, Any]) -> str:
+    """One measured shape of ``show-tuning`` (a row lacking or mistyping a field says so)."""
+    try:
+        speedup, tflops = float(m["speedup"]), float(m["tflops"])
+        tag = "tuned" if m["winner"] != m["default"] else "FA4  "
+        return f"    {tag} {speedup:.3f}x {tflops:6.1f} TFLOP/s  {str(m['shape'])[:MAX_SHAPE_CHARS]}"
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        return f"    malformed measured row ({type(e).__name__}: {str(e)[:MAX_SHAPE_CHARS]})"
 
 
 def geomean(xs: Iterable[float]) -> float:
