@@ -40,6 +40,12 @@ from fa4aot.core.variant import CACHE_FORMAT_VERSION, Target, sha256_hex
 LOCK_FILE = "LOCK"
 #: How long a writer keeps retrying while concurrent writers create the index.
 INDEX_OPEN_SECONDS = 60.0
+#: diskcache settings of the index: small JSON records stay inline in SQLite (raw text, readable
+#: by plain sqlite3); a rollback journal (not WAL) lets read-only volumes open it without -shm.
+INDEX_SETTINGS: dict[str, Any] = {"disk_min_file_size": 1 << 24, "sqlite_journal_mode": "delete", "timeout": 60}
+#: Under ``index/``: the lock creators of a new index take, and the prefix of their staging dirs.
+INDEX_CREATE_LOCK = ".create.lock"
+INDEX_STAGING_PREFIX = ".create-"
 
 
 class CacheWriter(Cache):
@@ -97,14 +103,9 @@ class CacheWriter(Cache):
             deadline = time.monotonic() + INDEX_OPEN_SECONDS
             while True:
                 try:
-                    # Small JSON records stay inline in SQLite (raw text, readable by plain sqlite3);
-                    # a rollback journal (not WAL) lets read-only volumes open the file without -shm.
-                    self._index = diskcache.Cache(
-                        str(index),
-                        disk_min_file_size=1 << 24,
-                        sqlite_journal_mode="delete",
-                        timeout=60,
-                    )
+                    if not (index / "cache.db").exists():
+                        self._create_index(index)
+                    self._index = diskcache.Cache(str(index), **INDEX_SETTINGS)
                     break
                 except Exception as e:  # sqlite3 errors, PermissionError, a corrupt file
                     # writers creating a new index at once: SQLite's journal-mode and schema
@@ -115,6 +116,55 @@ class CacheWriter(Cache):
                     raise CacheError(f"cannot open the cache index {index}: {e}") from None
             _match_umask(index / "cache.db")
         return self._index
+
+    @staticmethod
+    def _create_index(index: Path) -> None:
+        """Create ``index/cache.db`` so that it appears complete or not at all.
+
+        diskcache creates its tables one autocommitted statement at a time, so a writer killed
+        while creating the index in place left a database without the Cache table, which every
+        reader (and the next pull) then failed on. The index is built in a staging directory
+        beside it and hard-linked into place; creators serialise on a lock, and a link never
+        replaces an index someone else (another fa4aot version, without the lock) made meanwhile.
+        """
+        import shutil
+        import tempfile
+
+        import diskcache
+
+        target = index / "cache.db"
+        # O_RDONLY: flock needs no write access, so a user who may only read the lock still waits
+        lock = os.open(index / INDEX_CREATE_LOCK, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if target.exists():
+                return  # another writer created it while this one waited
+            for old in index.glob(f"{INDEX_STAGING_PREFIX}*"):
+                shutil.rmtree(old, ignore_errors=True)  # a killed creator's: it held the lock until it died
+            stage = Path(tempfile.mkdtemp(prefix=INDEX_STAGING_PREFIX, dir=index))
+            try:
+                diskcache.Cache(str(stage), **INDEX_SETTINGS).close()
+                staged = stage / "cache.db"
+                _match_umask(staged)
+                with open(staged, "rb") as f:
+                    os.fsync(f.fileno())  # the tables are on disk before the name is
+                try:
+                    os.link(staged, target)
+                except FileExistsError:
+                    return  # made without the lock meanwhile: theirs may hold records already
+                except OSError as e:
+                    if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV):
+                        raise
+                    os.replace(staged, target)  # no hard links here: the lock still serialises creators
+                dfd = os.open(index, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+        finally:
+            os.close(lock)
 
     def put(self, key: str, meta: Mapping[str, Any], blobs: Mapping[str, bytes]) -> Entry:
         """Store blobs, then the index record; returns the entry. Safe to race with other writers
@@ -165,7 +215,20 @@ class CacheWriter(Cache):
         One file per (target, host arch, plan-shim ABI); per variant the newest entry of this cache
         format wins; records without a shim ABI or malformed ones are left out (``fa4aot verify``
         reports the latter). Packed files no entry needs any more are removed.
+
+        Runs under the cache lock held shared (as :meth:`put` does), so a concurrent :meth:`gc`,
+        which holds it exclusively, never deletes a staging file of a packed index being written.
+        A cache this user cannot write raises :class:`CacheNotWritableError`; a full disk
+        :class:`CacheFullError`.
         """
+        try:
+            with self._gc_lock(exclusive=False):
+                return self._write_packed_locked()
+        except OSError as e:
+            raise _write_error(self.root, "rewrite the packed indexes of", e) from None
+
+    def _write_packed_locked(self) -> list[Path]:
+        """:meth:`write_packed`, for a caller holding the cache lock (shared or exclusive)."""
         pdir = self.root / PACKED_DIR
         pdir.mkdir(exist_ok=True)
         with open(pdir / ".lock", "a+b") as lock:
@@ -210,37 +273,116 @@ class CacheWriter(Cache):
         owned: Callable[[Entry], bool] | None = None,
     ) -> dict[str, int]:
         """Drop index records not in ``keep`` (if given) among those ``owned`` accepts (default:
-        all), then blobs no record references and staging files older than ``grace_seconds``.
-        Runs under the exclusive gc lock, so a concurrent writer's blobs are either referenced by
-        its committed record or untouched."""
-        with self._gc_lock(exclusive=True):
-            removed_entries = 0
-            if keep is not None:
-                for e in self.entries():
-                    if e.key not in keep and (owned is None or owned(e)) and self.delete(e.key):
-                        removed_entries += 1
-            referenced = {str(self.blob_path(ref)) for e in self.entries() for ref in e.blobs.values()}
-            now = time.time()
-            removed_blobs = freed = 0
-            for sub in ("blobs", "tmp"):
-                base = self.root / sub
-                if not base.is_dir() or base.is_symlink():
+        all), then blobs nothing references and staging files older than ``grace_seconds``.
+
+        All under the exclusive cache lock, in an order a kill at any point survives: the records
+        go first, then the packed indexes are rewritten without them, and only then are blobs
+        deleted that neither the index nor any packed index references. So every blob a reader
+        (the runtime reads the packed indexes) can reach stays on disk, and a rerun finishes the
+        job. Writers stage blobs and packed indexes in ``tmp/`` holding the lock shared, so no
+        staging file gc sees is being written. A cache this user cannot write raises
+        :class:`CacheNotWritableError`.
+        """
+        import sqlite3
+
+        try:
+            with self._gc_lock(exclusive=True):
+                removed_entries = self._drop_records(keep, owned)
+                referenced = self._referenced_blobs(rewrite_packed=removed_entries > 0)
+                removed_files, freed = self._remove_unreferenced(referenced, grace_seconds)
+        except OSError as e:
+            raise _write_error(self.root, "collect garbage in", e) from None
+        except sqlite3.Error as e:  # diskcache's deletes: "attempt to write a readonly database"
+            if "readonly" in str(e):
+                raise CacheNotWritableError(f"cannot collect garbage in {self.root}: its index is read-only") from None
+            raise CacheError(f"cannot collect garbage in {self.root}: {e}") from None
+        return {"entries_removed": removed_entries, "files_removed": removed_files, "bytes_freed": freed}
+
+    def _drop_records(self, keep: set[str] | None, owned: Callable[[Entry], bool] | None) -> int:
+        """Delete the index records :meth:`gc` drops; how many."""
+        removed = 0
+        if keep is not None:
+            for e in self.entries():
+                if e.key not in keep and (owned is None or owned(e)) and self.delete(e.key):
+                    removed += 1
+        return removed
+
+    def _packed_references(self) -> tuple[set[str], set[str]] | None:
+        """(keys, blob paths) the packed indexes refer to; None if one of them cannot be read."""
+        keys: set[str] = set()
+        paths: set[str] = set()
+        try:
+            for pk in self.packed_targets():
+                packed = self.open_packed(pk)
+                try:
+                    for vid in packed.records:
+                        e = packed.entry(vid)
+                        keys.add(e.key)
+                        paths.update(str(self.blob_path(ref)) for ref in e.blobs.values())
+                    if packed.selector is not None:
+                        paths.add(str(self.blob_path(packed.selector)))
+                finally:
+                    packed.close()
+        except CacheError:
+            return None
+        return keys, paths
+
+    def _referenced_blobs(self, rewrite_packed: bool) -> set[str]:
+        """Paths of every blob the index or a packed index references, after rewriting the packed
+        indexes if asked to or if they are stale (they name a key the index lacks: an earlier gc
+        was killed before it rewrote them) or unreadable."""
+        entries = self.entries()
+        packed = self._packed_references()
+        if rewrite_packed or packed is None or not packed[0] <= {e.key for e in entries}:
+            self._write_packed_locked()
+            packed = self._packed_references()
+        referenced = {str(self.blob_path(ref)) for e in entries for ref in e.blobs.values()}
+        return referenced | (packed[1] if packed is not None else set())
+
+    def _remove_unreferenced(self, referenced: set[str], grace_seconds: float) -> tuple[int, int]:
+        """Delete the files under ``blobs/`` and ``tmp/`` not in ``referenced`` and older than
+        ``grace_seconds``; (files removed, bytes freed)."""
+        now = time.time()
+        removed = freed = 0
+        for sub in ("blobs", "tmp"):
+            base = self.root / sub
+            if not base.is_dir() or base.is_symlink():
+                continue
+            for path in base.rglob("*"):
+                if str(path) in referenced or path.is_dir() and not path.is_symlink():
                     continue
-                for path in base.rglob("*"):
-                    if str(path) in referenced or path.is_dir() and not path.is_symlink():
+                try:
+                    st = path.lstat()
+                    if now - st.st_mtime < grace_seconds:
                         continue
-                    try:
-                        st = path.lstat()
-                        if now - st.st_mtime < grace_seconds:
-                            continue
-                        path.unlink()
-                    except FileNotFoundError:
-                        continue
-                    removed_blobs += 1
-                    freed += st.st_size
-        if removed_entries:
-            self.write_packed()
-        return {"entries_removed": removed_entries, "files_removed": removed_blobs, "bytes_freed": freed}
+                    path.unlink()
+                except FileNotFoundError:
+                    continue
+                removed += 1
+                freed += st.st_size
+        return removed, freed
+
+
+class CacheNotWritableError(CacheError):
+    """The cache is on a read-only volume, or this user may not write it (gc, reindex)."""
+
+
+#: errnos of a cache this user cannot write: permissions, a read-only volume.
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+#: errnos of a full disk or quota.
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _write_error(root: Path, doing: str, e: OSError) -> CacheError:
+    """The typed error for ``e``, raised while trying to ``doing`` the cache at ``root``."""
+    if e.errno in _NOT_WRITABLE:
+        return CacheNotWritableError(
+            f"cannot {doing} {root}: the cache is read-only for this user ({e.strerror}); "
+            "run this as a user who can write it"
+        )
+    if e.errno in _FULL:
+        return CacheFullError(f"cannot {doing} {root}: the disk is full ({e.strerror})")
+    return CacheError(f"cannot {doing} {root}: {e.strerror or e}")
 
 
 def blob_ok(root: Path, ref: BlobRef) -> bool:

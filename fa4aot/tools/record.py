@@ -8,12 +8,17 @@ reason fa4aot cannot build them - and writes the manifest (:mod:`fa4aot.core.man
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -294,32 +299,131 @@ def manifest_text(rec: Recording, header: str, target: str | None = None, existi
     return render_manifest(variants, header=header, names=names, notes=notes, shapes=rec.shapes)
 
 
-def run_recorded(cmd: list[str], log: Path, no_compile: bool = False) -> int:
-    """Run ``cmd`` with both recorders on; its exit code. ``no_compile``: the workload runs FA4 on
-    fake tensors, and FA4's ``_compile_misses`` probe records instead of compiling."""
-    import fa4aot
+#: Signals ``fa4aot record`` passes on to the workload's process group. The workload runs in a
+#: session of its own, so a terminal's Ctrl-C reaches only record, which forwards it once.
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: What the workload gets if ``fa4aot record`` dies without forwarding (SIGKILL): it is not left
+#: running, orphaned.
+PARENT_DEATH_SIGNAL = signal.SIGTERM
+#: A process killed by signal N exits with status 128 + N, as shells report it.
+SIGNAL_EXIT_BASE = 128
+#: prctl(2) option: the signal the calling process gets when its parent dies (Linux).
+_PR_SET_PDEATHSIG = 1
 
-    hook_dir = Path(tempfile.mkdtemp(prefix="fa4aot-record-"))
-    (hook_dir / "sitecustomize.py").write_text("from fa4aot.tools import record_hook\n\nrecord_hook.install()\n")
-    pkg_root = str(Path(fa4aot.__file__).resolve().parent.parent)
+
+def exit_status(returncode: int) -> int:
+    """A subprocess return code as an exit status: 128 + N for a process killed by signal N
+    (``subprocess`` reports -N; ``sys.exit(-9)`` would exit 247)."""
+    return SIGNAL_EXIT_BASE - returncode if returncode < 0 else returncode
+
+
+def recorded_env(hook_dir: Path, log: Path, no_compile: bool) -> dict[str, str]:
+    """The workload's environment: the record log, the session's marks and the generated
+    ``sitecustomize`` first on ``PYTHONPATH`` (which processes it records:
+    :mod:`fa4aot.tools.record_hook`)."""
     env = dict(os.environ)
-    env["FA4AOT_RECORD"] = str(log)
+    env[record_hook.RECORD_ENV] = str(log)
+    env[record_hook.HOOK_ENV] = str(hook_dir)
+    env[record_hook.PREFIX_ENV] = sys.prefix
     if no_compile:
         env[record_hook.NO_COMPILE_ENV] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(hook_dir), pkg_root, env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(hook_dir), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def run_recorded(cmd: list[str], log: Path, no_compile: bool = False) -> int:
+    """Run ``cmd`` with both recorders on; its exit status (128 + N if signal N killed it).
+    ``no_compile``: the workload runs FA4 on fake tensors, and FA4's ``_compile_misses`` probe
+    records instead of compiling.
+
+    SIGINT, SIGTERM and SIGHUP sent to record go to the workload's whole process group, and
+    record waits for it (a server stopped this way still has its record written); if record
+    itself is killed, the workload gets SIGTERM. The generated ``sitecustomize`` is removed on
+    every exit path."""
+    hook_dir = Path(tempfile.mkdtemp(prefix="fa4aot-record-"))
     try:
-        return subprocess.run(cmd, env=env).returncode
-    except FileNotFoundError:
-        raise RecordError(f"cannot run {cmd[0]!r}: not found") from None
+        record_hook.write_sitecustomize(hook_dir)
+        return exit_status(_run_forwarding(cmd, recorded_env(hook_dir, log, no_compile)))
     finally:
-        (hook_dir / "sitecustomize.py").unlink(missing_ok=True)
-        for p in hook_dir.glob("__pycache__/*"):
-            p.unlink()
-        for p in (hook_dir / "__pycache__", hook_dir):
-            if p.exists():
-                p.rmdir()
+        shutil.rmtree(hook_dir, ignore_errors=True)
+
+
+def _run_forwarding(cmd: list[str], env: dict[str, str]) -> int:
+    """Run ``cmd`` in a new session and wait for it, forwarding :data:`FORWARDED_SIGNALS` to its
+    process group; its return code."""
+    started: list[subprocess.Popen[bytes]] = []
+    pending: list[int] = []
+
+    def forward(signum: int, _frame: Any) -> None:
+        if not started:
+            pending.append(signum)  # before the workload exists: passed on once it does
+            return
+        if started[0].returncode is not None:
+            return  # reaped: its pid (the group's id) may belong to another process by now
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone
+            os.killpg(started[0].pid, signum)
+
+    main = threading.current_thread() is threading.main_thread()  # handlers: main thread only
+    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS} if main else {}
+    try:
+        try:
+            proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
+        except FileNotFoundError:
+            raise RecordError(f"cannot run {cmd[0]!r}: not found") from None
+        started.append(proc)
+        for signum in pending:
+            forward(signum, None)
+        return proc.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _die_with_parent(parent: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux to send the workload :data:`PARENT_DEATH_SIGNAL` when
+    record (``parent``) dies, or None where prctl is not available."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def preexec() -> None:
+        prctl(
+            _PR_SET_PDEATHSIG,
+            ctypes.c_ulong(PARENT_DEATH_SIGNAL),
+            ctypes.c_ulong(0),
+            ctypes.c_ulong(0),
+            ctypes.c_ulong(0),
+        )
+        if os.getppid() != parent:  # record died before the request took effect
+            os._exit(SIGNAL_EXIT_BASE + PARENT_DEATH_SIGNAL)
+
+    return preexec
+
+
+@contextlib.contextmanager
+def exit_on_signals() -> Iterator[None]:
+    """While active (in the main thread), SIGTERM and SIGHUP end ``fa4aot record`` as Ctrl-C
+    does: by an exception that unwinds, so temporary directories are removed, and with exit
+    status 128 + N. :func:`run_recorded` forwards them instead while the workload runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise SystemExit(SIGNAL_EXIT_BASE + signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def python_cmd(cmd: list[str]) -> list[str]:
-    """``python`` in a recorded command means this interpreter (so the hook's imports resolve)."""
+    """``python`` in a recorded command means this interpreter (so the hook's imports resolve;
+    Python processes of other environments are not recorded: :mod:`fa4aot.tools.record_hook`)."""
     return [sys.executable, *cmd[1:]] if cmd and cmd[0] in ("python", "python3") else cmd
