@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from fa4aot.core import safejson
 from fa4aot.core.errors import CacheError, CorruptArtifactError
 from fa4aot.core.variant import CACHE_FORMAT_VERSION, Target, Variant, sha256_hex
 
@@ -62,22 +64,29 @@ def default_cache_dir() -> Path:
 
 def installed_cache_wheels() -> list[tuple[str, Path]]:
     """(name, directory) of every cache wheel installed in this environment, sorted by name. A
-    wheel whose entry point fails to load is skipped (it cannot hold a usable cache)."""
+    wheel whose entry point fails to load is skipped with a warning naming it (it cannot hold a
+    usable cache, but its owner should hear that it is broken)."""
+    import warnings
     from importlib.metadata import entry_points  # not imported when a cache path is given
 
     out = []
     for ep in sorted(entry_points(group=CACHE_ENTRY_POINT_GROUP), key=lambda ep: ep.name):
         try:
             out.append((f"wheel {ep.name} ({ep.value})", Path(ep.load()())))
-        except Exception:  # a broken third-party package must not stop the runtime
-            continue
+        except Exception as e:  # a broken third-party package must not stop the runtime
+            warnings.warn(
+                f"fa4aot: skipping the cache wheel {ep.name} ({ep.value}): its entry point fails: {e!r}"[:1000],
+                RuntimeWarning,
+                stacklevel=2,
+            )
     return out
 
 
 def cache_search_path() -> list[tuple[str, Path]]:
     """Where a runtime opened without a path looks, in order: ``$FA4AOT_CACHE`` (when set, the
     only place), else the installed cache wheels (the first one holding kernels for this GPU and
-    host wins), else ``./cache``."""
+    host wins), else ``./cache``. ``fa4aot.runtime.loader.choose_cache`` picks from this list for
+    both the runtime and the CLI."""
     env = os.environ.get(DEFAULT_CACHE_ENV)
     if env:
         return [(f"${DEFAULT_CACHE_ENV}", Path(env))]
@@ -113,15 +122,23 @@ class Entry(NamedTuple):
 
     @classmethod
     def from_json(cls, key: str, text: str | bytes) -> Entry:
+        """Parse an index record (bounded: :func:`fa4aot.core.safejson.loads`). A record that is not
+        JSON, lacks its variant, target or blobs, or whose ``created`` is not a finite number raises
+        :class:`CacheError` naming the key: every reader treats it as one damaged entry."""
+        meta = safejson.loads(text, f"index record {key} is malformed", error=CacheError)
         try:
-            meta = json.loads(text)
             blobs = {
                 role: BlobRef(b["sha256"], int(b["size"]), BLOB_EXT.get(role, "bin"))
                 for role, b in meta["blobs"].items()
             }
-            return cls(key, Variant.from_dict(meta["variant"]), Target.from_dict(meta["target"]), meta, blobs)
+            entry = cls(key, Variant.from_dict(meta["variant"]), Target.from_dict(meta["target"]), meta, blobs)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CacheError(f"index record {key} is malformed: {e!r}") from None
+        if "created" in meta and not is_timestamp(meta["created"]):
+            # readers compare ``created`` to pick the newest entry of a variant: a string would
+            # raise there, and NaN or an overflowing 1e999 (JSON allows it) would pin one forever
+            raise CacheError(f"index record {key} is malformed: created {str(meta['created'])[:40]!r} is not a time")
+        return entry
 
     @property
     def variant_id(self) -> str:
@@ -135,6 +152,16 @@ class Entry(NamedTuple):
     @property
     def host_arch(self) -> str:
         return str(self.meta.get("host_arch"))
+
+
+def is_timestamp(value: Any) -> bool:
+    """True for what an entry's ``created`` must be: a finite number of seconds (not a bool)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))  # a huge JSON integer overflows float(): readers call it
+    except OverflowError:
+        return False
 
 
 class PackedKey(NamedTuple):

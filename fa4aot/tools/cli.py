@@ -4,6 +4,7 @@ show the launches its plans make - all without a GPU."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import struct
 import sys
@@ -29,24 +30,65 @@ CACHE_OPTION = click.option(
 )
 
 
+#: Caches already named on stderr by this process (a command resolving its cache twice says it once).
+_ANNOUNCED: set[str] = set()
+
+
+def _announce(what: str) -> None:
+    """Say on stderr which cache a command uses when --cache was not given (once per cache)."""
+    if what not in _ANNOUNCED:
+        _ANNOUNCED.add(what)
+        click.echo(f"fa4aot: using the cache {what} (--cache to choose another)", err=True)
+
+
 def _cache_dir(cache_dir: Path | None) -> Path:
-    return cache_dir or default_cache_dir()
+    """The cache a writing command uses: --cache, else $FA4AOT_CACHE, else ./cache (named on stderr)."""
+    if cache_dir is not None:
+        return cache_dir
+    from fa4aot.core.index import DEFAULT_CACHE_ENV
+
+    path = default_cache_dir()
+    _announce(f"{path} (from ${DEFAULT_CACHE_ENV})" if os.environ.get(DEFAULT_CACHE_ENV) else f"{path} (the default)")
+    return path
 
 
 def _open(cache_dir: Path | None) -> Cache:
-    """The cache a read-only command inspects: --cache, else the runtime's search path
-    ($FA4AOT_CACHE, installed cache wheels, ./cache): the first place holding a cache."""
+    """The cache a read-only command inspects: --cache, else the one the runtime would read on
+    this machine (the same function chooses: ``choose_cache``, by this GPU when one is visible,
+    else by this host), named on stderr with whatever the choice warned about."""
     if cache_dir is not None:
         return Cache(cache_dir)
-    from fa4aot.core.index import cache_search_path
+    import warnings
 
-    places = cache_search_path()
-    for _, path in places[:-1]:
+    from fa4aot.core.index import cache_search_path
+    from fa4aot.runtime.loader import choose_cache, host_arch, visible_device, warn_if_untrusted
+
+    cache: Cache | None = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        places = cache_search_path()
         try:
-            return Cache(path)
+            where, cache, index = choose_cache(visible_device(), host_arch(), places=places)
+            index.close()
+            warn_if_untrusted(cache, f"{where} at {cache.root}")
+        except Fa4aotError:
+            cache = None
+    for w in caught:
+        click.echo(f"fa4aot: warning: {w.message}", err=True)
+    if cache is None:  # nothing serves this machine: inspect the first cache there is, as before
+        where, cache = _first_cache(places)
+    _announce(f"{cache.root} ({where})")
+    return cache
+
+
+def _first_cache(places: list[tuple[str, Path]]) -> tuple[str, Cache]:
+    """The first place holding a cache at all (the last place's error is raised)."""
+    for where, path in places[:-1]:
+        try:
+            return where, Cache(path)
         except Fa4aotError:
             continue
-    return Cache(places[-1][1])
+    return places[-1][0], Cache(places[-1][1])
 
 
 def _finite(value: float, name: str) -> float:
@@ -360,7 +402,9 @@ def tune_cmd(
 def show_tuning_cmd(cache_dir: Path | None, as_json: bool) -> None:
     """Print the cache's tuning tables (one per target and device): each entry's shape bucket,
     FA4's variant and the measured choice, and every measured shape. Needs no GPU."""
-    from fa4aot.core.tuning import BUCKET_AXES, TuningTable, TuningTableError, bucket_range
+    from fa4aot.core.index import read_regular
+    from fa4aot.core.tuning import MAX_TABLE_BYTES, TuningTable, TuningTableError
+    from fa4aot.tools.tune import table_lines
 
     cache = _open(cache_dir)
     d = cache.root / "tuning"
@@ -377,7 +421,11 @@ def show_tuning_cmd(cache_dir: Path | None, as_json: bool) -> None:
     bad = 0
     for f in files:
         try:
-            table = TuningTable.from_bytes(f.read_bytes())
+            size = f.stat().st_size
+            if size > MAX_TABLE_BYTES:
+                raise TuningTableError(f"{size} bytes, more than {MAX_TABLE_BYTES}")
+            # as the runtime reads it: a FIFO, device or link is refused, never read
+            table = TuningTable.from_bytes(read_regular(cache.root, ("tuning", f.name), size))
         except (TuningTableError, OSError) as e:
             click.echo(f"{f.name}: ignored by the runtime: {e}", err=True)
             bad += 1
@@ -388,21 +436,8 @@ def show_tuning_cmd(cache_dir: Path | None, as_json: bool) -> None:
         click.echo(
             f"{f.name}: {table.device_name} ({table.arch}, {table.num_sms} SMs), {table.created}, sha256 {table.sha256[:16]}"
         )
-        click.echo(f"  {len(table.entries)} entries (bucket ranges: {', '.join(BUCKET_AXES)})")
-        for e in table.entries:
-            ranges = " ".join(f"{a}={lo}..{hi}" for a, (lo, hi) in zip(BUCKET_AXES, map(bucket_range, e.bucket)))
-            missing = "" if e.choice in labels else "  [choice not in this cache: ignored]"
-            click.echo(f"  {ranges}")
-            click.echo(f"    FA4    {e.default[:12]} {e.default_ms:8.4f} ms  {labels.get(e.default, '?')}")
-            click.echo(
-                f"    tuned  {e.choice[:12]} {e.choice_ms:8.4f} ms  {labels.get(e.choice, '?')}"
-                f"  ({e.default_ms / e.choice_ms:.3f}x, noise {e.spread:.1%}, from {e.shape}){missing}"
-            )
-        if table.measured:
-            click.echo(f"  measured shapes: {len(table.measured)}")
-            for m in table.measured:
-                tag = "tuned" if m["winner"] != m["default"] else "FA4  "
-                click.echo(f"    {tag} {m['speedup']:.3f}x {m['tflops']:6.1f} TFLOP/s  {m['shape']}")
+        for line in table_lines(table, labels):
+            click.echo(line)
     if bad:
         sys.exit(1)
 
@@ -564,14 +599,25 @@ def pack_cmd(
     )
 
 
+REPLACE_OPTION = click.option(
+    "--replace",
+    is_flag=True,
+    help="Replace entries whose record differs from the one the cache holds under the same key "
+    "(refused otherwise); each replacement is listed.",
+)
+
+
 @main.command("install")
 @click.argument("source")
 @CACHE_OPTION
 @click.option("--dry-run", is_flag=True, help="Verify the archive and list what would be added; write nothing.")
-def install_cmd(source: str, cache_dir: Path | None, dry_run: bool) -> None:
+@REPLACE_OPTION
+def install_cmd(source: str, cache_dir: Path | None, dry_run: bool, replace: bool) -> None:
     """Verify the archive SOURCE (a file, an http(s) URL, or - for stdin) completely - every
-    sha256, every cubin, host arch, formats, member paths - and only then add its entries to the
-    cache (blobs first, index last). Entries already present are skipped."""
+    sha256, every cubin, every key recomputed from its record, host arch, formats, member paths,
+    sizes - and only then add its entries to the cache (blobs first, index last). Entries already
+    present with the same record are skipped; a different record under a key the cache holds is
+    refused unless --replace."""
     from fa4aot.build.archive import install, open_source, read_archive
     from fa4aot.runtime.loader import host_arch
 
@@ -580,15 +626,18 @@ def install_cmd(source: str, cache_dir: Path | None, dry_run: bool) -> None:
         stream, what = open_source(source)
         with stream:
             archive = read_archive(stream, host_arch=host_arch(), what=what)
-        res = install(root, archive, dry_run=dry_run)
+        res = install(root, archive, dry_run=dry_run, replace=replace)
     except Fa4aotError as e:
         raise click.ClickException(str(e)) from None
     by_key = {e.key: e for e in archive.entries}
     for key in res.added:
         click.echo(f"{'would add' if dry_run else 'added'} {key[:12]} {by_key[key].variant.label()}")
+    for key in res.replaced:
+        click.echo(f"{'would replace' if dry_run else 'replaced'} {key} {by_key[key].variant.label()} (--replace)")
     click.echo(
         f"{what}: {len(archive.entries)} entries verified; {len(res.added)} {'to add' if dry_run else 'added'}, "
         f"{len(res.present)} already present in {root}"
+        + (f"; {len(res.replaced)} {'to replace' if dry_run else 'replaced'}" if res.replaced else "")
     )
 
 
@@ -661,6 +710,7 @@ def push_cmd(
 @MANIFEST_SELECT
 @HOST_SELECT
 @click.option("--dry-run", is_flag=True, help="List what would be downloaded; write nothing.")
+@REPLACE_OPTION
 def pull_cmd(
     store: str | None,
     cache_dir: Path | None,
@@ -668,33 +718,41 @@ def pull_cmd(
     manifest: Path | None,
     host_arch: str | None,
     dry_run: bool,
+    replace: bool,
 ) -> None:
     """Download from STORE (a directory, an http(s) URL, s3://...; default $FA4AOT_STORE) the
-    selected entries the cache lacks, verifying every byte (sha256, size, cubin) before adding
-    them (blobs first, index last)."""
-    from fa4aot.build.archive import install
+    selected entries the cache lacks, verifying every byte (sha256, size, cubin, each key
+    recomputed from its record) before adding them (blobs first, index last). A store record that
+    differs from the one the cache holds under the same key is refused unless --replace."""
+    from fa4aot.build.archive import conflict_error, install, present_records, record_differs
     from fa4aot.build.stores import fetch_entries, open_store, store_entries
-    from fa4aot.core.index import Cache as ReadCache
 
     root = _cache_dir(cache_dir)
     try:
         st = open_store(store)
         entries, host = _select(store_entries(st), st.url, manifest, targets, host_arch)
-        have = set()
-        if (root / "index" / "cache.db").exists():
-            have = {k for k, _ in ReadCache(root).records()}
-        todo = [e.key for e in entries if e.key not in have]
+        have = present_records(root)
+        differ = [e for e in entries if e.key in have and record_differs(have[e.key], e)]
+        if differ and not replace:
+            raise conflict_error(differ, root, st.url)  # before anything is downloaded
+        todo = [e.key for e in entries if e.key not in have] + [e.key for e in differ]
         if dry_run:
             for e in entries:
                 if e.key in todo:
-                    click.echo(f"would pull {e.key[:12]} {e.variant.label()}")
+                    click.echo(f"would {'pull' if e.key not in have else 'replace'} {e.key[:12]} {e.variant.label()}")
             click.echo(f"{len(todo)} of {len(entries)} entries to pull from {st.url}")
             return
         archive = fetch_entries(st, todo, host_arch=host)
-        res = install(root, archive)
+        res = install(root, archive, replace=replace)
     except Fa4aotError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"pulled {len(res.added)} entries from {st.url} into {root}; {len(entries) - len(todo)} were present")
+    labels = {e.key: e.variant.label() for e in entries}
+    for key in res.replaced:
+        click.echo(f"replaced {key} {labels.get(key, '')} (--replace)")
+    click.echo(
+        f"pulled {len(res.added)} entries from {st.url} into {root}; {len(entries) - len(todo)} were present"
+        + (f"; {len(res.replaced)} replaced" if res.replaced else "")
+    )
 
 
 @main.command("show-config")
@@ -756,7 +814,8 @@ def record_cmd(output: Path, target: str | None, merge: bool, no_compile: bool, 
     """Run CMD (after --) and write a manifest covering every forward, combine and prepare
     configuration it asked for, through FA4's own interface (flash_attn.cute) or fa4aot's API.
     Configurations fa4aot cannot build are listed as comments saying why. The workload runs
-    unchanged; the command exits with its exit code.
+    unchanged; the command exits with its exit code (128+N if signal N killed it). SIGINT, SIGTERM
+    and SIGHUP go to the workload's process group, and what it recorded until then is written.
 
     Example: fa4aot record -o manifests/mine.yaml -- python serve_smoke_test.py
     """
@@ -764,9 +823,10 @@ def record_cmd(output: Path, target: str | None, merge: bool, no_compile: bool, 
     import time
 
     from fa4aot.build import manifest as manifest_mod
-    from fa4aot.tools.record import manifest_text, python_cmd, read_log, run_recorded
+    from fa4aot.tools.record import exit_on_signals, manifest_text, python_cmd, read_log, run_recorded
 
-    with tempfile.TemporaryDirectory(prefix="fa4aot-record-") as tmp:
+    # SIGTERM/SIGHUP unwind (the temporary directory goes) instead of killing record outright
+    with exit_on_signals(), tempfile.TemporaryDirectory(prefix="fa4aot-record-") as tmp:
         log = Path(tmp) / "record.jsonl"
         try:
             rc = run_recorded(python_cmd(list(cmd)), log, no_compile=no_compile)
@@ -785,7 +845,8 @@ def record_cmd(output: Path, target: str | None, merge: bool, no_compile: bool, 
                 notes = f" ({len(rec.unsupported)} configurations fa4aot cannot build)" if rec.unsupported else ""
                 click.echo(
                     f"the workload made no attention call fa4aot can build{notes}; {output} not written "
-                    f"(the workload exited {rc})",
+                    f"(the workload exited {rc}; Python processes of environments other than {sys.prefix} "
+                    "are not recorded)",
                     err=True,
                 )
                 sys.exit(rc or 1)

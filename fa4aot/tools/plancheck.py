@@ -25,13 +25,15 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from fa4aot.core.errors import CacheError
 from fa4aot.core.index import Cache, Entry
 from fa4aot.core.layouts import BACKWARD_KERNEL_FAMILIES, Dims, backward_tensors, forward_tensors
 from fa4aot.core.samples import fake_pointer
 from fa4aot.core.signature import TensorDesc
-from fa4aot.core.variant import FORWARD_FAMILIES
+from fa4aot.core.variant import FORWARD_FAMILIES, Target, Variant
 from fa4aot.plan.library import open_plan, target_answers
 from fa4aot.tools.grids import backward_grid, sm90_forward_grid, sm100_forward_grid, sm120_forward_grid
+from fa4aot.tools.verify import record_problems
 
 FORWARD = FORWARD_FAMILIES
 #: what ``fa4aot check-plans`` exercises by default
@@ -251,6 +253,19 @@ def check_backward_entry(cache: Cache, entry: Entry, n: int = 30, seed: int = 0)
 
 def check_cache(cache: Cache, n: int = 30, families: tuple[str, ...] = CHECKED) -> list[VariantReport]:
     """Check the plans of ``families`` built for this host CPU (other hosts' plans run under
-    ``fa4aot verify``)."""
+    ``fa4aot verify``). An entry whose record lacks what a plan needs (its signature, kernels,
+    launch) or does not parse is reported with those problems and no calls, not loaded."""
     here = platform.machine()
-    return [check_entry(cache, e, n) for e in cache.entries() if e.variant.family in families and e.host_arch == here]
+    reports = []
+    for key, text in cache.records():
+        try:
+            e = Entry.from_json(key, text)
+        except CacheError as err:  # not even a variant to filter on: reported, never loaded
+            unknown = Entry(key, Variant("?", "?", 0), Target("?", "?", 0), {}, {})
+            reports.append(VariantReport(unknown, problems=[str(err)]))
+            continue
+        if e.variant.family not in families or e.host_arch != here:
+            continue
+        damaged = record_problems(e.meta)
+        reports.append(VariantReport(e, problems=damaged) if damaged else check_entry(cache, e, n))
+    return reports
