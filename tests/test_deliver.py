@@ -48,13 +48,13 @@ def small_archive(built_cache, tmp_path_factory) -> Path:
 
 def test_pack_install_round_trip_equals_the_source(built_cache, archive, tmp_path):
     dst = tmp_path / "node"
-    out = run_cli("install", str(archive), "--cache", str(dst)).stdout
+    out = run_cli("install", "--insecure", str(archive), "--cache", str(dst)).stdout
     src = records(built_cache)
     assert records(dst) == src and f"{len(src)} added, 0 already present" in out
     assert "0 bad" in run_cli("verify", "--cache", str(dst)).stdout
     # idempotent: a second install changes nothing
     before = {p: p.stat().st_mtime_ns for p in (dst / "blobs").rglob("*") if p.is_file()}
-    assert f"0 added, {len(src)} already present" in run_cli("install", str(archive), "--cache", str(dst)).stdout
+    assert f"0 added, {len(src)} already present" in run_cli("install", "--insecure", str(archive), "--cache", str(dst)).stdout
     assert before == {p: p.stat().st_mtime_ns for p in (dst / "blobs").rglob("*") if p.is_file()}
     # the runtime opens it and loads what it holds
     rt = Runtime(dst, driver=FakeDriver(cc=(9, 0), num_sms=132))
@@ -63,9 +63,9 @@ def test_pack_install_round_trip_equals_the_source(built_cache, archive, tmp_pat
 
 def test_stdin_install_and_dry_run(archive, tmp_path):
     dst = tmp_path / "node"
-    p = run_cli("install", "-", "--cache", str(dst), "--dry-run", stdin=open(archive, "rb"))
+    p = run_cli("install", "--insecure", "-", "--cache", str(dst), "--dry-run", stdin=open(archive, "rb"))
     assert "would add" in p.stdout and not dst.exists()
-    run_cli("install", "-", "--cache", str(dst), stdin=open(archive, "rb"))
+    run_cli("install", "--insecure", "-", "--cache", str(dst), stdin=open(archive, "rb"))
     assert (dst / "index" / "cache.db").exists()
 
 
@@ -176,13 +176,13 @@ def test_hostile_archives_are_refused_and_nothing_is_written(small_archive, tmp_
     make, match = HOSTILE[kind]
     bad = _write(make(_members(archive)), tmp_path / "bad.fa4")
     dst = tmp_path / "node"
-    p = run_cli("install", str(bad), "--cache", str(dst), check=False)
+    p = run_cli("install", "--insecure", str(bad), "--cache", str(dst), check=False)
     assert p.returncode == 1 and match in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not dst.exists()
     # into an existing cache: nothing changes either
-    run_cli("install", str(archive), "--cache", str(dst))
+    run_cli("install", "--insecure", str(archive), "--cache", str(dst))
     before = sorted(str(x.relative_to(dst)) for x in dst.rglob("*"))
-    assert run_cli("install", str(bad), "--cache", str(dst), check=False).returncode == 1
+    assert run_cli("install", "--insecure", str(bad), "--cache", str(dst), check=False).returncode == 1
     assert sorted(str(x.relative_to(dst)) for x in dst.rglob("*")) == before
     assert not (tmp_path / "evil").exists()
 
@@ -192,7 +192,7 @@ def test_truncated_archives_are_refused(archive, tmp_path, cut):
     data = archive.read_bytes()
     bad = tmp_path / "cut.fa4"
     bad.write_bytes(data[: int(len(data) * cut)])
-    p = run_cli("install", str(bad), "--cache", str(tmp_path / "node"), check=False)
+    p = run_cli("install", "--insecure", str(bad), "--cache", str(tmp_path / "node"), check=False)
     assert p.returncode == 1 and ("truncated" in p.stderr or "damaged" in p.stderr)
     assert not (tmp_path / "node").exists()
 
@@ -239,7 +239,7 @@ def test_concurrent_installs_and_a_build_end_consistent(built_cache, tmp_path):
         "target: {name: h100, arch: sm_90a, num_sms: 132}\nfamilies:\n  combine:\n    - head_dim: 64\n      num_head: 8\n"
     )
     dst = tmp_path / "shared"
-    jobs = [("install", str(p), "--cache", str(dst)) for p in parts * 2] + [
+    jobs = [("install", "--insecure", str(p), "--cache", str(dst)) for p in parts * 2] + [
         ("build", str(m), "--cache", str(dst), "-q")
     ]
     with ThreadPoolExecutor(len(jobs)) as pool:
@@ -352,12 +352,12 @@ def test_push_and_pull_through_a_directory_move_only_what_is_missing(built_cache
     assert f"pushed {n} entries" in out
     assert "0 objects uploaded" in run_cli("push", str(store), "--cache", str(built_cache)).stdout
     dst = tmp_path / "node"
-    run_cli("pull", str(store), "--cache", str(dst), "--target", "h100")
+    run_cli("pull", "--insecure", str(store), "--cache", str(dst), "--target", "h100")
     h100 = {k for k, t in records(built_cache).items() if '"name": "h100"' in t}
     assert set(records(dst)) == h100
-    assert f"pulled {n - len(h100)} entries" in run_cli("pull", str(store), "--cache", str(dst)).stdout
+    assert f"pulled {n - len(h100)} entries" in run_cli("pull", "--insecure", str(store), "--cache", str(dst)).stdout
     assert records(dst) == records(built_cache)
-    assert "pulled 0 entries" in run_cli("pull", str(store), "--cache", str(dst)).stdout
+    assert "pulled 0 entries" in run_cli("pull", "--insecure", str(store), "--cache", str(dst)).stdout
 
 
 @pytest.fixture
@@ -375,7 +375,7 @@ def http_store(built_cache, tmp_path):
 def test_pull_over_http(http_store, tmp_path):
     url, _ = http_store
     dst = tmp_path / "node"
-    out = run_cli("pull", url, "--cache", str(dst), "--manifest", str(FAST_MANIFEST), "--target", "h100").stdout
+    out = run_cli("pull", "--insecure", url, "--cache", str(dst), "--manifest", str(FAST_MANIFEST), "--target", "h100").stdout
     assert "pulled" in out and "0 bad" in run_cli("verify", "--cache", str(dst)).stdout
     p = run_cli("push", url, "--cache", str(dst), check=False)
     assert p.returncode == 1 and "read-only" in p.stderr
@@ -387,7 +387,7 @@ def test_a_tampered_blob_on_the_server_is_refused(http_store, tmp_path):
     data = blob.read_bytes()
     blob.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     dst = tmp_path / "node"
-    p = run_cli("pull", url, "--cache", str(dst), check=False)
+    p = run_cli("pull", "--insecure", url, "--cache", str(dst), check=False)
     assert p.returncode == 1 and "fails its sha256" in p.stderr and not dst.exists()
 
 
@@ -414,6 +414,6 @@ def test_pull_from_fsspec_memory(built_cache, tmp_path):
 def test_pulling_from_a_missing_or_unknown_store_is_a_clear_error(tmp_path, store, match):
     if store.startswith("s3x"):
         pytest.importorskip("fsspec", reason="an fsspec URL needs fsspec (the remote extra)")
-    p = run_cli("pull", store if "://" in store else str(tmp_path / store), "--cache", str(tmp_path / "c"), check=False)
+    p = run_cli("pull", "--insecure", store if "://" in store else str(tmp_path / store), "--cache", str(tmp_path / "c"), check=False)
     assert p.returncode == 1 and match in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "c").exists()

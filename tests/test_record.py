@@ -177,7 +177,7 @@ def test_record_of_fa4aot_api_calls_and_the_miss_log_round_trip(built_cache, tmp
     run_cli("manifest", "from-misses", str(tmp_path / "miss.jsonl"), str(other), "-o", str(m))
     assert ids(m) == {x["id"] for x in lines} and ids(m) < ids(out)
     cache = tmp_path / "cache"
-    run_cli("install", str(_pack(built_cache, tmp_path)), "--cache", str(cache))
+    run_cli("install", "--insecure", str(_pack(built_cache, tmp_path)), "--cache", str(cache))
     run_cli("build", str(m), "--cache", str(cache), "-q")
     (tmp_path / "miss.jsonl").unlink()
     run_cli("record", "-o", str(tmp_path / "again.yaml"), *args, str(cache), env=env)

@@ -55,7 +55,13 @@ def test_a_signature_by_a_key_the_cache_does_not_trust_is_refused(tmp_path, sign
 
 @pytest.mark.parametrize(
     "sig",
-    [b"", b"[" * 10000, b'{"format": "other"}', b'{"format": "fa4aot-signature/1", "key": "ed25519:AAAA"}', b"x" * 5000],
+    [
+        b"",
+        b"[" * 10000,
+        b'{"format": "other"}',
+        b'{"format": "fa4aot-signature/1", "key": "ed25519:AAAA"}',
+        b"x" * 5000,
+    ],
 )
 def test_damaged_signature_documents_get_a_typed_error(signer, sig):
     with pytest.raises(TrustError):

@@ -158,7 +158,7 @@ print(json.dumps({"rc": rc, "stdout": out[-3000:], "stderr": err[-3000:], "s": t
 def _bounded_install(archive: Path, dst: Path, timeout: float = 60) -> dict:
     """``fa4aot install`` in a child capped at RUN_AS_BYTES of address space: its exit status,
     output, seconds and peak RSS (MB)."""
-    cmd = [sys.executable, "-m", "fa4aot.tools.cli", "install", str(archive), "--cache", str(dst)]
+    cmd = [sys.executable, "-m", "fa4aot.tools.cli", "install", "--insecure", str(archive), "--cache", str(dst)]
     out = subprocess.run(
         [sys.executable, "-c", BOUNDED, str(RUN_AS_BYTES), str(timeout), *cmd], capture_output=True, text=True
     )
@@ -178,7 +178,7 @@ def test_install_refuses_a_record_moved_under_another_variants_key(src, tmp_path
     with open(bad, "rb") as f, pytest.raises(EntryKeyError, match=v.key):
         read_archive(f, host_arch=host_arch())
     dst = tmp_path / "node"
-    _refused(run_cli("install", str(bad), "--cache", str(dst), check=False), v.key, "recomputes to")
+    _refused(run_cli("install", "--insecure", str(bad), "--cache", str(dst), check=False), v.key, "recomputes to")
     assert not dst.exists()
 
 
@@ -194,7 +194,7 @@ def test_pull_refuses_a_record_moved_under_another_variants_key(src, store, tmp_
     v, w = src["V"], src["W"]
     (store / "entries" / f"{v.key}.json").write_text(src["records"][w.key])
     dst = tmp_path / "node"
-    _refused(run_cli("pull", str(store), "--cache", str(dst), check=False), v.key, "recomputes to")
+    _refused(run_cli("pull", "--insecure", str(store), "--cache", str(dst), check=False), v.key, "recomputes to")
     assert not dst.exists()
     st = LocalStore(store)  # the shared install path raises the typed error for pulls too
     with pytest.raises(EntryKeyError, match=v.key):
@@ -208,7 +208,7 @@ def test_a_different_record_under_an_installed_key_is_refused_unless_replace(src
     v, w = src["V"], src["W"]
     good = _write(tmp_path / "good.fa4", _archive(src["records"], src["blobs"]))
     dst = tmp_path / "node"
-    run_cli("install", str(good), "--cache", str(dst))
+    run_cli("install", "--insecure", str(good), "--cache", str(dst))
     before = _state(dst)
     wmeta = json.loads(src["records"][w.key])
     records = dict(src["records"])
@@ -219,24 +219,24 @@ def test_a_different_record_under_an_installed_key_is_refused_unless_replace(src
     with pytest.raises(RecordConflictError, match=v.key):
         install(dst, arc)
     for extra in ((), ("--dry-run",)):
-        _refused(run_cli("install", str(swapped), "--cache", str(dst), *extra, check=False), v.key, "--replace")
+        _refused(run_cli("install", "--insecure", str(swapped), "--cache", str(dst), *extra, check=False), v.key, "--replace")
         assert _state(dst) == before
-    out = run_cli("install", str(swapped), "--cache", str(dst), "--replace").stdout
+    out = run_cli("install", "--insecure", str(swapped), "--cache", str(dst), "--replace").stdout
     assert f"replaced {v.key}" in out and "1 replaced" in out
     assert json.loads(dict(Cache(dst).records())[v.key])["cubin"] == wmeta["cubin"]
-    assert "0 added, 4 already present" in run_cli("install", str(swapped), "--cache", str(dst)).stdout
+    assert "0 added, 4 already present" in run_cli("install", "--insecure", str(swapped), "--cache", str(dst)).stdout
 
 
 def test_pull_refuses_a_different_record_under_a_present_key_unless_replace(src, store, tmp_path):
     v = src["V"]
     dst = tmp_path / "node"
-    run_cli("pull", str(store), "--cache", str(dst))
+    run_cli("pull", "--insecure", str(store), "--cache", str(dst))
     before = _state(dst)
     changed = _edit(src["records"][v.key], origin="rebuilt elsewhere")
     (store / "entries" / f"{v.key}.json").write_text(changed)
-    _refused(run_cli("pull", str(store), "--cache", str(dst), check=False), v.key, "--replace")
+    _refused(run_cli("pull", "--insecure", str(store), "--cache", str(dst), check=False), v.key, "--replace")
     assert _state(dst) == before
-    out = run_cli("pull", str(store), "--cache", str(dst), "--replace").stdout
+    out = run_cli("pull", "--insecure", str(store), "--cache", str(dst), "--replace").stdout
     assert f"replaced {v.key}" in out and "1 replaced" in out
     assert json.loads(dict(Cache(dst).records())[v.key])["origin"] == "rebuilt elsewhere"
 
@@ -256,7 +256,7 @@ def test_install_refuses_a_created_that_is_not_a_finite_number(src, tmp_path, ki
     with open(bad, "rb") as f, pytest.raises(RecordError, match=v.key):
         read_archive(f, host_arch=host_arch())
     dst = tmp_path / "node"
-    _refused(run_cli("install", str(bad), "--cache", str(dst), check=False), v.key)
+    _refused(run_cli("install", "--insecure", str(bad), "--cache", str(dst), check=False), v.key)
     assert not dst.exists()
 
 
@@ -298,15 +298,15 @@ def test_an_installed_record_with_a_bad_created_is_a_damaged_entry_not_a_traceba
     other = next(e for e in cache.entries() if e.target.name == "h100" and e.host_arch == host_arch())
     blobs = {b.sha256: cache.read_blob(other, r) for r, b in other.blobs.items()}
     arc = _write(tmp_path / "other.fa4", _archive({other.key: next(iter(cache.records(other.key)))[1]}, blobs))
-    p = run_cli("install", str(arc), "--cache", str(small_cache), check=False)
+    p = run_cli("install", "--insecure", str(arc), "--cache", str(small_cache), check=False)
     assert p.returncode == 0 and "1 added" in p.stdout and "Traceback" not in p.stderr, p.stderr
     _refused(run_cli("verify", "--cache", str(small_cache), "--no-plans", check=False), v.key, "created")
     p = run_cli("check-plans", "--cache", str(small_cache), "-n", "2", check=False)
     assert p.returncode == 1 and v.key[:12] in p.stdout and "created" in p.stderr and "Traceback" not in p.stderr
     # the archive's good record replaces the damaged one on request
     good = _write(tmp_path / "good.fa4", _archive(src["records"], src["blobs"]))
-    _refused(run_cli("install", str(good), "--cache", str(small_cache), check=False), v.key, "--replace")
-    assert f"replaced {v.key}" in run_cli("install", str(good), "--cache", str(small_cache), "--replace").stdout
+    _refused(run_cli("install", "--insecure", str(good), "--cache", str(small_cache), check=False), v.key, "--replace")
+    assert f"replaced {v.key}" in run_cli("install", "--insecure", str(good), "--cache", str(small_cache), "--replace").stdout
     assert "0 bad" in run_cli("verify", "--cache", str(small_cache), "--no-plans").stdout
 
 
@@ -333,7 +333,7 @@ def test_install_refuses_a_record_missing_a_required_field(src, tmp_path, field)
     records[v.key] = json.dumps(meta, sort_keys=True)
     bad = _write(tmp_path / "bad.fa4", _archive(records, src["blobs"]))
     dst = tmp_path / "node"
-    _refused(run_cli("install", str(bad), "--cache", str(dst), check=False), v.key, f"'{field}'")
+    _refused(run_cli("install", "--insecure", str(bad), "--cache", str(dst), check=False), v.key, f"'{field}'")
     assert not dst.exists()
 
 
@@ -396,7 +396,7 @@ def test_gzip_plain_and_pax_archives_within_bounds_install(src, tmp_path, compre
     """Bounded reading still takes what other tar and compression tools write: pax headers (with
     a fractional mtime) before every member, gzip or no compression."""
     arc = _write(tmp_path / f"a.{compress}", _archive(src["records"], src["blobs"], compress=compress, pax=True))
-    out = run_cli("install", str(arc), "--cache", str(tmp_path / "node")).stdout
+    out = run_cli("install", "--insecure", str(arc), "--cache", str(tmp_path / "node")).stdout
     assert "4 added" in out
     assert "0 bad" in run_cli("verify", "--cache", str(tmp_path / "node"), "--no-plans").stdout
 
@@ -487,7 +487,7 @@ def test_an_xz_bomb_in_a_used_blob_is_refused_by_its_expansion_ratio(src, tmp_pa
 def test_deeply_nested_json_is_a_typed_error_not_a_recursion_error(src, tmp_path):
     deep = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
     bad = _write(tmp_path / "deep.fa4", lzma.compress(_tar([(MANIFEST_MEMBER, deep)]), format=lzma.FORMAT_XZ))
-    _refused(run_cli("install", str(bad), "--cache", str(tmp_path / "node"), check=False), MANIFEST_MEMBER)
+    _refused(run_cli("install", "--insecure", str(bad), "--cache", str(tmp_path / "node"), check=False), MANIFEST_MEMBER)
     v = src["V"]
     records = dict(src["records"])
     records[v.key] = _edit(records[v.key], origin="@").replace('"@"', "[" * 100 + "]" * 100)
@@ -500,7 +500,7 @@ def test_installing_from_a_fifo_is_refused_without_blocking(tmp_path):
     fifo = tmp_path / "archive.fa4"
     os.mkfifo(fifo)
     t0 = time.monotonic()
-    _refused(run_cli("install", str(fifo), "--cache", str(tmp_path / "node"), check=False, timeout=20), "regular file")
+    _refused(run_cli("install", "--insecure", str(fifo), "--cache", str(tmp_path / "node"), check=False, timeout=20), "regular file")
     assert time.monotonic() - t0 < 30 and not (tmp_path / "node").exists()
 
 

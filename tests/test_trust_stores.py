@@ -295,7 +295,7 @@ def test_pull_from_a_hostile_server_ends_with_a_clear_error(serve, tmp_path, cas
     env = {**os.environ, DEADLINE_ENV: "1"}
     t0 = time.monotonic()
     try:
-        p = run_cli("pull", url, "--cache", str(tmp_path / "c"), check=False, env=env, timeout=30)
+        p = run_cli("pull", "--insecure", url, "--cache", str(tmp_path / "c"), check=False, env=env, timeout=30)
     except subprocess.TimeoutExpired:
         pytest.fail("pull still running after 30 s")
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
@@ -466,7 +466,7 @@ KILL_POINTS = [
 @pytest.mark.parametrize("point", KILL_POINTS)
 def test_a_pull_killed_while_creating_the_index_leaves_a_readable_cache(pushed, built_cache, tmp_path, point):
     dst = tmp_path / "node"
-    pull = ["pull", str(pushed), "--cache", str(dst)]
+    pull = ["pull", "--insecure", str(pushed), "--cache", str(dst)]
     p = subprocess.run([sys.executable, "-c", _KILL_AT, point, *pull], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr
     # the killed pull left no cache, or one every reader opens (nothing half-made in its place)

@@ -20,6 +20,7 @@ refused unless the caller asks to replace it.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import lzma
@@ -39,12 +40,15 @@ from fa4aot.core import cubin as cubin_mod
 from fa4aot.core import safejson
 from fa4aot.core.errors import CacheError, Fa4aotError
 from fa4aot.core.index import BLOB_EXT, Cache, Entry
+from fa4aot.core.signing import MAX_SIGNATURE_BYTES, Policy, Signer
 from fa4aot.core.variant import CACHE_FORMAT_VERSION, Variant, canonical_json, sha256_hex
 from fa4aot.tools.verify import key_problem, record_problems
 
 #: Version of the archive layout (the JSON member's "format").
 ARCHIVE_FORMAT = "fa4aot-archive/1"
 MANIFEST_MEMBER = "fa4aot-archive.json"
+#: The optional second member: an ed25519 signature over the first member's exact bytes.
+SIGNATURE_MEMBER = "fa4aot-archive.sig"
 #: xz preset used by pack: 9 gives the smallest archives of the presets measured
 #: (benchmarks/pack.py) at a cost of seconds, paid once in CI; decompression speed barely varies.
 XZ_PRESET = 9
@@ -211,8 +215,11 @@ def _blob_refs(e: Entry) -> list[tuple[str, int, str]]:
     return [(b.sha256, b.size, b.ext) for b in e.blobs.values()]
 
 
-def pack_bytes(cache: Cache, entries: list[Entry], host_arch: str) -> tuple[bytes, PackResult]:
-    """The archive of ``entries`` (every blob re-read and hash-checked) and what it holds."""
+def pack_bytes(
+    cache: Cache, entries: list[Entry], host_arch: str, signer: Signer | None = None
+) -> tuple[bytes, PackResult]:
+    """The archive of ``entries`` (every blob re-read and hash-checked) and what it holds;
+    ``signer`` adds its signature over the manifest member (which names every byte)."""
     if not entries:
         raise ArchiveError("nothing to pack: no entry matches the selection")
     blobs: dict[str, tuple[int, str, Entry, str]] = {}
@@ -233,7 +240,10 @@ def pack_bytes(cache: Cache, entries: list[Entry], host_arch: str) -> tuple[byte
     }
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        _add(tar, MANIFEST_MEMBER, json.dumps(doc, sort_keys=True, indent=0).encode())
+        doc_bytes = json.dumps(doc, sort_keys=True, indent=0).encode()
+        _add(tar, MANIFEST_MEMBER, doc_bytes)
+        if signer is not None:
+            _add(tar, SIGNATURE_MEMBER, signer.sign(doc_bytes))
         for sha in sorted(blobs):
             size, ext, e, role = blobs[sha]
             data = cache.read_blob(e, role)  # sha256 and size checked
@@ -468,18 +478,26 @@ class Archive:
         return {role: self.blobs[b.sha256] for role, b in e.blobs.items()}
 
 
-def read_archive(stream: IO[bytes], *, host_arch: str, what: str = "archive") -> Archive:
-    """Read and verify an archive from ``stream`` (nothing is written). Raises
-    :class:`ArchiveError` (or one of its subclasses) saying what is wrong."""
+def read_archive(stream: IO[bytes], *, host_arch: str, what: str = "archive", policy: Policy | None = None) -> Archive:
+    """Read and verify an archive from ``stream`` (nothing is written). ``policy``: who must
+    vouch for it (a trusted signature, checked before any blob is read, or a pinned sha256 of
+    the whole stream, checked at its end); None checks contents only. Raises
+    :class:`ArchiveError` (or a subclass) or :class:`TrustError` saying what is wrong."""
+    hashed = _Hashing(stream) if policy is not None and policy.pinned else None
     try:
-        return _read(stream, host_arch, what)
+        archive = _read(hashed or stream, host_arch, what, policy)
+        if hashed is not None:
+            assert policy is not None
+            hashed.drain(what)
+            policy.check_pinned(hashed.hexdigest(), what)
+        return archive
     except ArchiveError:
         raise
     except (tarfile.TarError, lzma.LZMAError, zlib.error, EOFError, OSError, ValueError, KeyError, TypeError) as e:
         raise ArchiveError(f"{what} is damaged or truncated ({type(e).__name__}: {e})") from None
 
 
-def _read(stream: IO[bytes], host_arch: str, what: str) -> Archive:
+def _read(stream: IO[bytes], host_arch: str, what: str, policy: Policy | None) -> Archive:
     src = _Unpacked(stream, what, PRE_DOC_BYTES)
     tar = _TarReader(src, what)
     m = _next_file(tar, what)
@@ -498,7 +516,16 @@ def _read(stream: IO[bytes], host_arch: str, what: str) -> Archive:
     # and some slack: a listed blob no entry uses cannot make the installer hold gigabytes.
     src.limit = src.produced + ARCHIVE_SLACK_BYTES
     src.limit += sum(TAR_BLOCK + (size + -size % TAR_BLOCK if sha in used else 0) for size, sha in listed.values())
-    blobs = _read_blobs(tar, listed, what)
+    src.limit += TAR_BLOCK + MAX_SIGNATURE_BYTES
+    first = _next_file(tar, what)
+    signature = None
+    if first is not None and first.name == SIGNATURE_MEMBER:
+        if first.size > MAX_SIGNATURE_BYTES:
+            raise ArchiveLimitError(f"{what}: {SIGNATURE_MEMBER} is {first.size} bytes (limit {MAX_SIGNATURE_BYTES})")
+        signature, first = tar.data(first.size), _next_file(tar, what)
+    if policy is not None:
+        policy.check_signature(raw, signature, what)  # before any blob is read
+    blobs = _read_blobs(tar, listed, what, first)
     missing = sorted(n for n, (_, sha) in listed.items() if sha not in blobs)
     if missing:
         raise ArchiveError(f"{what} is truncated: {len(missing)} listed blob(s) missing, e.g. {missing[0]}")
@@ -524,11 +551,13 @@ def _next_file(tar: _TarReader, what: str) -> tarfile.TarInfo | None:
     return m
 
 
-def _read_blobs(tar: _TarReader, listed: dict[str, tuple[int, str]], what: str) -> dict[str, bytes]:
-    """sha256 -> bytes of every member after the document: each listed, of its listed size, read
-    once, and matching its sha256."""
+def _read_blobs(
+    tar: _TarReader, listed: dict[str, tuple[int, str]], what: str, m: tarfile.TarInfo | None
+) -> dict[str, bytes]:
+    """sha256 -> bytes of every member from ``m`` (the first after the document and signature)
+    on: each listed, of its listed size, read once, and matching its sha256."""
     blobs: dict[str, bytes] = {}
-    while (m := _next_file(tar, what)) is not None:
+    while m is not None:
         if m.name not in listed:
             raise ArchiveError(f"{what}: member {m.name!r} is not listed in {MANIFEST_MEMBER}")
         size, sha = listed[m.name]
@@ -540,6 +569,7 @@ def _read_blobs(tar: _TarReader, listed: dict[str, tuple[int, str]], what: str) 
         if sha256_hex(data) != sha:
             raise ArchiveError(f"{what}: {m.name} does not match its sha256 (tampered or damaged)")
         blobs[sha] = data
+        m = _next_file(tar, what)
     return blobs
 
 
@@ -771,6 +801,36 @@ def open_source(source: str) -> tuple[IO[bytes], str]:
         raise ArchiveError(f"cannot read {source}: not a regular file (an archive is a file, a URL or -)")
     os.set_blocking(fd, True)
     return os.fdopen(fd, "rb"), source
+
+
+class _Hashing(io.RawIOBase):
+    """A stream that hashes what is read through it (an archive's pinned sha256 covers every byte
+    of the file, so the bytes after the tar's end are read too, boundedly)."""
+
+    def __init__(self, inner: IO[bytes]):
+        super().__init__()
+        self._inner, self._sha, self.size = inner, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._inner.read(len(buffer))
+        buffer[: len(data)] = data
+        self._sha.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def drain(self, what: str) -> None:
+        """Read to the end: at most :data:`ARCHIVE_SLACK_BYTES` more (an xz index, tar padding)."""
+        left = ARCHIVE_SLACK_BYTES
+        while data := self.read(min(READ_CHUNK, left + 1)):
+            left -= len(data)
+            if left < 0:
+                raise ArchiveLimitError(f"{what}: more than {ARCHIVE_SLACK_BYTES} bytes after its end; refused")
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
 
 
 class _Deadline(io.RawIOBase):

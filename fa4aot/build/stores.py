@@ -8,6 +8,12 @@ Layout in a store (every name is content-derived)::
     blobs/<sha256>              artifact bytes, named by their hash
     entries/<key>.json          an entry's index record (the key hashes variant, toolchain, host)
     INDEX                       the entry keys, one per line (what ``list`` reads over HTTP)
+    INDEX.json                  each entry key -> the sha256 of its record (what a signature covers)
+    INDEX.json.sig              the pusher's ed25519 signature over INDEX.json (``push --sign``)
+
+A pull that requires authenticity (the CLI's default) checks ``INDEX.json`` against a key the
+cache trusts or a sha256 pinned out of band, then every record it downloads against its hash
+there, and every blob against its record.
 
 :func:`push` uploads what a store lacks; :func:`pull` downloads what a cache lacks, checks
 every blob's sha256 and size and parses every cubin on arrival (the archive installer's checks),
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import errno
 import http.client
+import json
 import os
 import re
 import socket
@@ -51,6 +58,7 @@ from fa4aot.build.archive import Archive, ArchiveError, _check_entry
 from fa4aot.core import safejson
 from fa4aot.core.errors import CacheError, Fa4aotError
 from fa4aot.core.index import Cache, Entry
+from fa4aot.core.signing import MAX_SIGNATURE_BYTES, Policy, Signer, TrustError
 from fa4aot.core.variant import sha256_hex
 
 #: Environment variable naming the default store of push / pull.
@@ -60,7 +68,10 @@ DEADLINE_ENV = "FA4AOT_STORE_DEADLINE"
 #: Environment variable: ``1`` lets HTTP stores follow redirects to another origin.
 CROSS_ORIGIN_ENV = "FA4AOT_STORE_CROSS_ORIGIN"
 INDEX_NAME = "INDEX"
-_NAME = re.compile(r"(blobs/[0-9a-f]{64}|entries/[0-9a-f]{16,64}\.json|INDEX)")
+SIGNED_INDEX = "INDEX.json"
+SIGNED_INDEX_SIG = "INDEX.json.sig"
+SIGNED_INDEX_FORMAT = "fa4aot-store-index/1"
+_NAME = re.compile(r"(blobs/[0-9a-f]{64}|entries/[0-9a-f]{16,64}\.json|INDEX|INDEX\.json|INDEX\.json\.sig)")
 _KEY = re.compile(r"[0-9a-f]{16,64}")
 
 #: Largest object a store read accepts (a blob is a few MB; a record's size caps it further).
@@ -105,6 +116,10 @@ def object_cap(name: str, max_bytes: int | None = None) -> int:
     ``max_bytes`` where the caller knows the size (a blob's record gives it exactly)."""
     if name == INDEX_NAME:
         cap = max_index_bytes()
+    elif name == SIGNED_INDEX:
+        cap = 2 * max_index_bytes() + MAX_INDEX_KEYS * 72  # key and sha256, quoted, per entry
+    elif name == SIGNED_INDEX_SIG:
+        cap = MAX_SIGNATURE_BYTES
     elif name.startswith("entries/"):
         cap = MAX_RECORD_BYTES
     else:
@@ -555,12 +570,14 @@ def open_store(url: str | None) -> Store:
     return LocalStore(urllib.parse.urlparse(url).path if url.startswith("file://") else url)
 
 
-def push(cache: Cache, store: Store, entries: Iterable[Entry]) -> tuple[int, int]:
-    """Upload the blobs and records ``store`` lacks, then its INDEX; (objects written, entries)."""
+def push(cache: Cache, store: Store, entries: Iterable[Entry], signer: Signer | None = None) -> tuple[int, int]:
+    """Upload the blobs and records ``store`` lacks, then its INDEX and INDEX.json (the sha256 of
+    each record; signed by ``signer`` when given); (objects written, entries)."""
     if store.read_only:
         raise StoreError(f"{store.url} is read-only")
     written = 0
     keys = set(store.list_entries())
+    hashes = _previous_hashes(store, keys)
     n = 0
     for e in entries:
         n += 1
@@ -571,22 +588,67 @@ def push(cache: Cache, store: Store, entries: Iterable[Entry]) -> tuple[int, int
                 written += 1
         (_, text), *_ = cache.records(e.key)
         name = f"entries/{e.key}.json"
-        if e.key not in keys or not store.has(name):
-            store.put(name, text.encode())
+        if e.key not in keys or store.get(name) != text.encode():
+            store.put(name, text.encode())  # a differing record is replaced: the index vouches for ours
             written += 1
         keys.add(e.key)
+        hashes[e.key] = sha256_hex(text.encode())
     if len(keys) > MAX_INDEX_KEYS:  # pull would refuse the INDEX: say so now, not at every pull
         raise StoreLimitError(f"{store.url}: {len(keys)} entries, more than the {MAX_INDEX_KEYS} a store may hold")
+    doc = json.dumps({"format": SIGNED_INDEX_FORMAT, "records": hashes}, sort_keys=True).encode()
+    store.put(SIGNED_INDEX, doc)
+    if signer is not None:
+        store.put(SIGNED_INDEX_SIG, signer.sign(doc))
     store.put(INDEX_NAME, ("\n".join(sorted(keys)) + "\n").encode())
     return written, n
 
 
-def _record(store: Store, key: str) -> tuple[Entry, str]:
-    """The entry record ``key`` of ``store``, parsed with safejson's bounds, and its text."""
+def _previous_hashes(store: Store, keys: set[str]) -> dict[str, str]:
+    """The record hashes of the store's INDEX.json for keys its INDEX still lists (a push adds to
+    them; entries pushed before INDEX.json existed are not vouched for until pushed again)."""
+    data = store.get(SIGNED_INDEX)
+    if data is None:
+        return {}
+    doc = safejson.loads(data, f"{store.url}/{SIGNED_INDEX}", max_bytes=object_cap(SIGNED_INDEX), error=StoreError)
+    records = doc.get("records") if isinstance(doc, dict) else None
+    if not isinstance(records, dict):
+        raise StoreError(f"{store.url}/{SIGNED_INDEX} is malformed")
+    return {k: v for k, v in records.items() if k in keys and isinstance(v, str)}
+
+
+def authenticated_hashes(store: Store, policy: Policy) -> dict[str, str] | None:
+    """Key -> record sha256 from the store's INDEX.json, once ``policy`` accepts it (a signature
+    by a trusted key, or its pinned sha256); None where the policy lets an unauthenticated store
+    through (``insecure``). :class:`TrustError` otherwise."""
+    what = f"{store.url}/{SIGNED_INDEX}"
+    data = store.get(SIGNED_INDEX)
+    if data is None:
+        policy.check_unsigned(f"{store.url} (it has no {SIGNED_INDEX}: pushed by an older fa4aot)")
+        if policy.pinned is not None:
+            raise TrustError(f"{store.url} has no {SIGNED_INDEX}, so a pinned sha256 cannot vouch for its records")
+        return None
+    signer = policy.check_signature(data, store.get(SIGNED_INDEX_SIG), what)
+    policy.check_pinned(sha256_hex(data), what)
+    if signer is None and policy.pinned is None:
+        return None  # insecure: contents are still checked, authorship is not
+    doc = safejson.loads(data, what, max_bytes=object_cap(SIGNED_INDEX), error=StoreError)
+    records = doc.get("records") if isinstance(doc, dict) else None
+    if doc.get("format") != SIGNED_INDEX_FORMAT or not isinstance(records, dict):
+        raise StoreError(f"{what} is not a {SIGNED_INDEX_FORMAT} document")
+    return {str(k): str(v) for k, v in records.items()}
+
+
+def _record(store: Store, key: str, hashes: dict[str, str] | None = None) -> tuple[Entry, str]:
+    """The entry record ``key`` of ``store``, parsed with safejson's bounds, and its text;
+    ``hashes``: the authenticated record hashes it must match."""
     name = f"entries/{key}.json"
+    if hashes is not None and key not in hashes:
+        raise TrustError(f"{store.url}: entry {key} is not in its authenticated {SIGNED_INDEX}: refused")
     data = store.get(name)
     if data is None:
         raise StoreError(f"{store.url} lists entry {key} but does not have it")
+    if hashes is not None and sha256_hex(data) != hashes[key]:
+        raise TrustError(f"{store.url}/{name} does not match its hash in {SIGNED_INDEX} (tampered): refused")
     safejson.loads(data, f"{store.url}/{name}", max_bytes=MAX_RECORD_BYTES, error=StoreError)
     text = data.decode("utf-8")  # safejson decoded it already: valid UTF-8
     try:
@@ -595,14 +657,17 @@ def _record(store: Store, key: str) -> tuple[Entry, str]:
         raise StoreError(f"{store.url}: {err}") from None
 
 
-def fetch_entries(store: Store, keys: Iterable[str], *, host_arch: str) -> Archive:
+def fetch_entries(
+    store: Store, keys: Iterable[str], *, host_arch: str, hashes: dict[str, str] | None = None
+) -> Archive:
     """Download entries and their blobs and verify them exactly as an archive install does. Each
-    blob is read up to the size its record gives, never more."""
+    blob is read up to the size its record gives, never more; ``hashes``: the authenticated
+    record hashes (:func:`authenticated_hashes`) every record must match."""
     records: dict[str, str] = {}
     entries: list[Entry] = []
     blobs: dict[str, bytes] = {}
     for key in keys:
-        e, text = _record(store, key)
+        e, text = _record(store, key, hashes)
         for role, b in e.blobs.items():
             if b.sha256 in blobs:
                 continue
@@ -621,6 +686,10 @@ def fetch_entries(store: Store, keys: Iterable[str], *, host_arch: str) -> Archi
     return Archive({"source": store.url}, entries, records, blobs)
 
 
-def store_entries(store: Store) -> list[Entry]:
-    """Every entry record a store lists (records only, no blobs)."""
-    return [_record(store, key)[0] for key in store.list_entries(required=True)]
+def store_entries(store: Store, hashes: dict[str, str] | None = None) -> list[Entry]:
+    """Every entry record a store lists (records only, no blobs); with ``hashes``, the entries
+    its authenticated index vouches for, each record checked against its hash."""
+    keys = store.list_entries(required=True)
+    if hashes is not None:
+        keys = [k for k in keys if k in hashes]
+    return [_record(store, key, hashes)[0] for key in keys]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import struct
 import sys
 import tempfile
@@ -565,17 +566,58 @@ def _select(available, where: str, manifest: Path | None, targets: tuple[str, ..
     return select_entries(available, where, host_arch=host, targets=targets, variants=variants, shim_abi=SHIM_ABI), host
 
 
+SIGN_OPTION = click.option(
+    "--sign",
+    "sign_key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    envvar="FA4AOT_SIGNING_KEY",
+    help="Sign with this ed25519 private key (fa4aot keygen) [default: $FA4AOT_SIGNING_KEY].",
+)
+SHA256_OPTION = click.option(
+    "--sha256", "pinned", default=None, help="Accept the source unsigned if its sha256 is this (given out of band)."
+)
+INSECURE_OPTION = click.option(
+    "--insecure",
+    is_flag=True,
+    help="Accept a source no trusted key signed and no --sha256 pins (contents still checked).",
+)
+
+
+def _signer(path: Path | None):
+    from fa4aot.core.signing import Signer
+
+    return None if path is None else Signer.load(path)
+
+
+def _policy(root: Path, pinned: str | None, insecure: bool):
+    """What an install or pull into ``root`` requires: a signature by a key it trusts, the
+    pinned sha256, or --insecure."""
+    from fa4aot.core.signing import Policy, trusted_keys
+
+    if pinned is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", pinned):
+        raise click.BadParameter("--sha256 takes 64 hex digits")
+    return Policy(tuple(trusted_keys(root)), pinned, insecure)
+
+
 @main.command("pack")
 @CACHE_OPTION
 @TARGET_SELECT
 @MANIFEST_SELECT
 @HOST_SELECT
 @click.option("-o", "output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Archive to write.")
+@SIGN_OPTION
 def pack_cmd(
-    cache_dir: Path | None, targets: tuple[str, ...], manifest: Path | None, host_arch: str | None, output: Path
+    cache_dir: Path | None,
+    targets: tuple[str, ...],
+    manifest: Path | None,
+    host_arch: str | None,
+    output: Path,
+    sign_key: Path | None,
 ) -> None:
     """Write the selected cache entries into one verified archive (xz-compressed tar with a JSON
-    manifest of every blob's sha256). The same cache always packs to the same bytes."""
+    manifest of every blob's sha256), signed with --sign. The same cache always packs to the
+    same bytes."""
     import time
 
     from fa4aot.build.archive import cache_entries, pack_bytes
@@ -584,7 +626,7 @@ def pack_cmd(
     try:
         cache = _open(cache_dir)
         entries, host = _select(cache_entries(cache), f"the cache {cache.root}", manifest, targets, host_arch)
-        data, res = pack_bytes(cache, entries, host)
+        data, res = pack_bytes(cache, entries, host, _signer(sign_key))
         output.parent.mkdir(parents=True, exist_ok=True)
         tmp = output.with_name(f".{output.name}.tmp")
         tmp.write_bytes(data)
@@ -596,6 +638,7 @@ def pack_cmd(
     click.echo(
         f"packed {res.entries} entries ({res.blobs} blobs, {_human(res.raw_bytes)}) into {output}: "
         f"{_human(res.archive_bytes)}, sha256 {res.sha256}, {time.perf_counter() - t0:.1f} s"
+        + ("" if sign_key is None else f", signed by {_signer(sign_key).public}")
     )
 
 
@@ -612,20 +655,26 @@ REPLACE_OPTION = click.option(
 @CACHE_OPTION
 @click.option("--dry-run", is_flag=True, help="Verify the archive and list what would be added; write nothing.")
 @REPLACE_OPTION
-def install_cmd(source: str, cache_dir: Path | None, dry_run: bool, replace: bool) -> None:
+@SHA256_OPTION
+@INSECURE_OPTION
+def install_cmd(
+    source: str, cache_dir: Path | None, dry_run: bool, replace: bool, pinned: str | None, insecure: bool
+) -> None:
     """Verify the archive SOURCE (a file, an http(s) URL, or - for stdin) completely - every
     sha256, every cubin, every key recomputed from its record, host arch, formats, member paths,
     sizes - and only then add its entries to the cache (blobs first, index last). Entries already
     present with the same record are skipped; a different record under a key the cache holds is
-    refused unless --replace."""
+    refused unless --replace. The archive must be signed by a key the cache trusts (fa4aot trust
+    add), or match --sha256, or --insecure must be given."""
     from fa4aot.build.archive import install, open_source, read_archive
     from fa4aot.runtime.loader import host_arch
 
     root = _cache_dir(cache_dir)
     try:
+        policy = _policy(root, pinned, insecure)
         stream, what = open_source(source)
         with stream:
-            archive = read_archive(stream, host_arch=host_arch(), what=what)
+            archive = read_archive(stream, host_arch=host_arch(), what=what, policy=policy)
         res = install(root, archive, dry_run=dry_run, replace=replace)
     except Fa4aotError as e:
         raise click.ClickException(str(e)) from None
@@ -685,11 +734,18 @@ STORE_ARG = click.argument("store", required=False)
 @TARGET_SELECT
 @MANIFEST_SELECT
 @HOST_SELECT
+@SIGN_OPTION
 def push_cmd(
-    store: str | None, cache_dir: Path | None, targets: tuple[str, ...], manifest: Path | None, host_arch: str | None
+    store: str | None,
+    cache_dir: Path | None,
+    targets: tuple[str, ...],
+    manifest: Path | None,
+    host_arch: str | None,
+    sign_key: Path | None,
 ) -> None:
     """Upload the selected entries to STORE (a directory, s3://, gs://, memory://... with the
-    remote extra; default $FA4AOT_STORE): only the blobs and records it lacks."""
+    remote extra; default $FA4AOT_STORE): only the blobs and records it lacks, then its index of
+    record hashes (INDEX.json), signed with --sign."""
     from fa4aot.build.archive import cache_entries
     from fa4aot.build.stores import open_store, push
 
@@ -697,7 +753,7 @@ def push_cmd(
         cache = _open(cache_dir)
         st = open_store(store)
         entries, _ = _select(cache_entries(cache), f"the cache {cache.root}", manifest, targets, host_arch)
-        written, n = push(cache, st, entries)
+        written, n = push(cache, st, entries, _signer(sign_key))
     except Fa4aotError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"pushed {n} entries to {st.url}: {written} objects uploaded, the rest were there")
@@ -711,6 +767,8 @@ def push_cmd(
 @HOST_SELECT
 @click.option("--dry-run", is_flag=True, help="List what would be downloaded; write nothing.")
 @REPLACE_OPTION
+@SHA256_OPTION
+@INSECURE_OPTION
 def pull_cmd(
     store: str | None,
     cache_dir: Path | None,
@@ -719,18 +777,24 @@ def pull_cmd(
     host_arch: str | None,
     dry_run: bool,
     replace: bool,
+    pinned: str | None,
+    insecure: bool,
 ) -> None:
     """Download from STORE (a directory, an http(s) URL, s3://...; default $FA4AOT_STORE) the
     selected entries the cache lacks, verifying every byte (sha256, size, cubin, each key
     recomputed from its record) before adding them (blobs first, index last). A store record that
-    differs from the one the cache holds under the same key is refused unless --replace."""
+    differs from the one the cache holds under the same key is refused unless --replace. The
+    store's INDEX.json (each record's sha256) must be signed by a key the cache trusts, or match
+    --sha256, or --insecure must be given."""
     from fa4aot.build.archive import conflict_error, install, present_records, record_differs
-    from fa4aot.build.stores import fetch_entries, open_store, store_entries
+    from fa4aot.build.stores import authenticated_hashes, fetch_entries, open_store, store_entries
 
     root = _cache_dir(cache_dir)
     try:
+        policy = _policy(root, pinned, insecure)
         st = open_store(store)
-        entries, host = _select(store_entries(st), st.url, manifest, targets, host_arch)
+        hashes = authenticated_hashes(st, policy)
+        entries, host = _select(store_entries(st, hashes), st.url, manifest, targets, host_arch)
         have = present_records(root)
         differ = [e for e in entries if e.key in have and record_differs(have[e.key], e)]
         if differ and not replace:
@@ -742,7 +806,7 @@ def pull_cmd(
                     click.echo(f"would {'pull' if e.key not in have else 'replace'} {e.key[:12]} {e.variant.label()}")
             click.echo(f"{len(todo)} of {len(entries)} entries to pull from {st.url}")
             return
-        archive = fetch_entries(st, todo, host_arch=host)
+        archive = fetch_entries(st, todo, host_arch=host, hashes=hashes)
         res = install(root, archive, replace=replace)
     except Fa4aotError as e:
         raise click.ClickException(str(e)) from None
@@ -753,6 +817,78 @@ def pull_cmd(
         f"pulled {len(res.added)} entries from {st.url} into {root}; {len(entries) - len(todo)} were present"
         + (f"; {len(res.replaced)} replaced" if res.replaced else "")
     )
+
+
+@main.command("keygen")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+def keygen_cmd(path: Path) -> None:
+    """Make an ed25519 signing key: the private key in PATH (mode 0600, never overwritten), the
+    public key in PATH.pub and on stdout. Sign with `pack --sign PATH` / `push --sign PATH`;
+    nodes trust it with `fa4aot trust add KEY`."""
+    from fa4aot.core.signing import generate
+
+    try:
+        click.echo(generate(path))
+    except Fa4aotError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@main.group("trust")
+def trust_group() -> None:
+    """The public keys a cache accepts signed archives and stores from (<cache>/trust/keys)."""
+
+
+@trust_group.command("add")
+@click.argument("key")
+@CACHE_OPTION
+@click.option("--comment", default="", help="Who the key belongs to (kept next to it).")
+def trust_add_cmd(key: str, cache_dir: Path | None, comment: str) -> None:
+    """Trust KEY (ed25519:<base64>, as keygen prints it; check it out of band) for installs and
+    pulls into the cache."""
+    from fa4aot.core.signing import parse_key, trust_lines, write_trusted
+
+    root = _cache_dir(cache_dir)
+    try:
+        parse_key(key)
+        lines = trust_lines(root)
+        if key in (k for k, _ in lines):
+            click.echo(f"{root} already trusts {key}")
+            return
+        path = write_trusted(root, [*lines, (key, comment.replace("\n", " "))])
+    except Fa4aotError as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"cannot write the trust file of {root}: {e.strerror or e}") from None
+    click.echo(f"{path}: trusts {key}")
+
+
+@trust_group.command("list")
+@CACHE_OPTION
+def trust_list_cmd(cache_dir: Path | None) -> None:
+    """The keys the cache trusts."""
+    from fa4aot.core.signing import trust_lines
+
+    root = _cache_dir(cache_dir)
+    lines = trust_lines(root)
+    for key, comment in lines:
+        click.echo(f"{key}  {comment}".rstrip())
+    if not lines:
+        click.echo(f"{root} trusts no key: installs and pulls need --sha256 or --insecure")
+
+
+@trust_group.command("remove")
+@click.argument("key")
+@CACHE_OPTION
+def trust_remove_cmd(key: str, cache_dir: Path | None) -> None:
+    """Stop trusting KEY."""
+    from fa4aot.core.signing import trust_lines, write_trusted
+
+    root = _cache_dir(cache_dir)
+    lines = trust_lines(root)
+    if key not in (k for k, _ in lines):
+        raise click.ClickException(f"{root} does not trust {key}")
+    write_trusted(root, [(k, c) for k, c in lines if k != key])
+    click.echo(f"{root} no longer trusts {key}")
 
 
 @main.command("show-config")
