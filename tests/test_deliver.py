@@ -54,7 +54,10 @@ def test_pack_install_round_trip_equals_the_source(built_cache, archive, tmp_pat
     assert "0 bad" in run_cli("verify", "--cache", str(dst)).stdout
     # idempotent: a second install changes nothing
     before = {p: p.stat().st_mtime_ns for p in (dst / "blobs").rglob("*") if p.is_file()}
-    assert f"0 added, {len(src)} already present" in run_cli("install", "--insecure", str(archive), "--cache", str(dst)).stdout
+    assert (
+        f"0 added, {len(src)} already present"
+        in run_cli("install", "--insecure", str(archive), "--cache", str(dst)).stdout
+    )
     assert before == {p: p.stat().st_mtime_ns for p in (dst / "blobs").rglob("*") if p.is_file()}
     # the runtime opens it and loads what it holds
     rt = Runtime(dst, driver=FakeDriver(cc=(9, 0), num_sms=132))
@@ -375,7 +378,9 @@ def http_store(built_cache, tmp_path):
 def test_pull_over_http(http_store, tmp_path):
     url, _ = http_store
     dst = tmp_path / "node"
-    out = run_cli("pull", "--insecure", url, "--cache", str(dst), "--manifest", str(FAST_MANIFEST), "--target", "h100").stdout
+    out = run_cli(
+        "pull", "--insecure", url, "--cache", str(dst), "--manifest", str(FAST_MANIFEST), "--target", "h100"
+    ).stdout
     assert "pulled" in out and "0 bad" in run_cli("verify", "--cache", str(dst)).stdout
     p = run_cli("push", url, "--cache", str(dst), check=False)
     assert p.returncode == 1 and "read-only" in p.stderr
@@ -414,6 +419,13 @@ def test_pull_from_fsspec_memory(built_cache, tmp_path):
 def test_pulling_from_a_missing_or_unknown_store_is_a_clear_error(tmp_path, store, match):
     if store.startswith("s3x"):
         pytest.importorskip("fsspec", reason="an fsspec URL needs fsspec (the remote extra)")
-    p = run_cli("pull", "--insecure", store if "://" in store else str(tmp_path / store), "--cache", str(tmp_path / "c"), check=False)
+    p = run_cli(
+        "pull",
+        "--insecure",
+        store if "://" in store else str(tmp_path / store),
+        "--cache",
+        str(tmp_path / "c"),
+        check=False,
+    )
     assert p.returncode == 1 and match in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "c").exists()

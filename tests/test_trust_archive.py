@@ -219,7 +219,9 @@ def test_a_different_record_under_an_installed_key_is_refused_unless_replace(src
     with pytest.raises(RecordConflictError, match=v.key):
         install(dst, arc)
     for extra in ((), ("--dry-run",)):
-        _refused(run_cli("install", "--insecure", str(swapped), "--cache", str(dst), *extra, check=False), v.key, "--replace")
+        _refused(
+            run_cli("install", "--insecure", str(swapped), "--cache", str(dst), *extra, check=False), v.key, "--replace"
+        )
         assert _state(dst) == before
     out = run_cli("install", "--insecure", str(swapped), "--cache", str(dst), "--replace").stdout
     assert f"replaced {v.key}" in out and "1 replaced" in out
@@ -306,7 +308,10 @@ def test_an_installed_record_with_a_bad_created_is_a_damaged_entry_not_a_traceba
     # the archive's good record replaces the damaged one on request
     good = _write(tmp_path / "good.fa4", _archive(src["records"], src["blobs"]))
     _refused(run_cli("install", "--insecure", str(good), "--cache", str(small_cache), check=False), v.key, "--replace")
-    assert f"replaced {v.key}" in run_cli("install", "--insecure", str(good), "--cache", str(small_cache), "--replace").stdout
+    assert (
+        f"replaced {v.key}"
+        in run_cli("install", "--insecure", str(good), "--cache", str(small_cache), "--replace").stdout
+    )
     assert "0 bad" in run_cli("verify", "--cache", str(small_cache), "--no-plans").stdout
 
 
@@ -487,7 +492,9 @@ def test_an_xz_bomb_in_a_used_blob_is_refused_by_its_expansion_ratio(src, tmp_pa
 def test_deeply_nested_json_is_a_typed_error_not_a_recursion_error(src, tmp_path):
     deep = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
     bad = _write(tmp_path / "deep.fa4", lzma.compress(_tar([(MANIFEST_MEMBER, deep)]), format=lzma.FORMAT_XZ))
-    _refused(run_cli("install", "--insecure", str(bad), "--cache", str(tmp_path / "node"), check=False), MANIFEST_MEMBER)
+    _refused(
+        run_cli("install", "--insecure", str(bad), "--cache", str(tmp_path / "node"), check=False), MANIFEST_MEMBER
+    )
     v = src["V"]
     records = dict(src["records"])
     records[v.key] = _edit(records[v.key], origin="@").replace('"@"', "[" * 100 + "]" * 100)
@@ -500,7 +507,10 @@ def test_installing_from_a_fifo_is_refused_without_blocking(tmp_path):
     fifo = tmp_path / "archive.fa4"
     os.mkfifo(fifo)
     t0 = time.monotonic()
-    _refused(run_cli("install", "--insecure", str(fifo), "--cache", str(tmp_path / "node"), check=False, timeout=20), "regular file")
+    _refused(
+        run_cli("install", "--insecure", str(fifo), "--cache", str(tmp_path / "node"), check=False, timeout=20),
+        "regular file",
+    )
     assert time.monotonic() - t0 < 30 and not (tmp_path / "node").exists()
 
 
