@@ -477,3 +477,20 @@ def test_a_pull_killed_while_creating_the_index_leaves_a_readable_cache(pushed, 
     want = {k for k, t in Cache(built_cache).records() if '"name": "h100"' in t}
     assert {k for k, _ in Cache(dst).records()} == want
     assert not list((dst / "index").glob(".create-*"))
+
+
+def test_a_pull_repairs_an_index_an_older_fa4aot_left_without_its_table(pushed, built_cache, tmp_path):
+    """Caches damaged before index creation was atomic (a Settings table, no Cache table) read as
+    empty, and the next pull completes them."""
+    import sqlite3
+
+    dst = tmp_path / "node"
+    (dst / "index").mkdir(parents=True)
+    shutil.copy(built_cache / "FORMAT", dst / "FORMAT")
+    con = sqlite3.connect(dst / "index" / "cache.db")
+    con.execute("CREATE TABLE Settings (key TEXT NOT NULL UNIQUE, value)")
+    con.commit()
+    con.close()
+    assert list(Cache(dst).records()) == []
+    run_cli("pull", "--insecure", str(pushed), "--cache", str(dst))
+    assert {k for k, _ in Cache(dst).records()} == {k for k, t in Cache(built_cache).records() if '"name": "h100"' in t}

@@ -372,7 +372,11 @@ class Cache:
         try:
             try:
                 rows = self._select(f"file:{db}?mode=ro", query, params)
-            except sqlite3.OperationalError:
+            except sqlite3.OperationalError as e:
+                if "no such table" in str(e) and not Path(f"{db}-journal").exists():
+                    # an index whose creation an older fa4aot was killed in: no entries yet (the next
+                    # writer completes it; creation is atomic now)
+                    return iter(())
                 if not Path(f"{db}-journal").exists():
                     raise
                 if not (os.access(db, os.W_OK) and os.access(db.parent, os.W_OK)):
