@@ -157,6 +157,7 @@ families:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_DSL, reason="needs the build extra to compile kernels")
 def test_concurrent_builds_end_consistent(tmp_path):
     m = tmp_path / "m.yaml"

@@ -230,6 +230,7 @@ def _members_bytes(data: bytes):
 # --- concurrency ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_DSL, reason="the concurrent build needs the build extra")
 def test_concurrent_installs_and_a_build_end_consistent(built_cache, tmp_path):
     parts = []

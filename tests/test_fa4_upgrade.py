@@ -59,6 +59,7 @@ def test_a_changed_fa4_is_reported_section_by_section(tmp_path):
     assert rep["parity"] == ["not run: NEW's selector does not load"]
 
 
+@pytest.mark.slow
 @needs_dsl
 def test_the_pinned_fa4_against_itself_has_no_differences():
     rep = fa4_upgrade.report(str(_pinned_package().parent), calls=4)

@@ -172,6 +172,7 @@ def _only(doc: dict, group: str) -> dict:
     return {"target": t["target"], "families": {fam: [t["families"][fam][i]]}}
 
 
+@pytest.mark.slow
 def test_every_group_of_every_shipped_manifest_builds_what_its_family_accepts():
     """Each group of each manifest under manifests/ expands to at least one variant (a group whose
     every combination is skipped is a mistake in the file), every forward, combine and prepare

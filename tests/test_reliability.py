@@ -273,6 +273,7 @@ while time.time() < end:
 """
 
 
+@pytest.mark.slow
 def test_four_writers_and_gc_grace_0_never_leave_a_broken_entry(tmp_path, template):
     root = tmp_path / "c"
     base = set(_fill(root, 2, template))

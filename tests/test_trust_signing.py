@@ -134,3 +134,49 @@ def test_a_store_without_a_signed_index_needs_insecure(release, built_cache, tmp
     (store / "INDEX.json").unlink()  # as an older fa4aot pushed it
     _refused(run_cli("pull", str(store), "--cache", str(tmp_path / "a"), check=False), "INDEX.json", "--insecure")
     assert "pulled" in run_cli("pull", str(store), "--cache", str(tmp_path / "b"), "--insecure").stdout
+
+
+@pytest.fixture
+def wheel_cache(release, tmp_path):
+    """A cache as a signed cache wheel installs it (entries, then its files signed)."""
+    from fa4aot.core.signing import Signer, sign_cache_files
+
+    d, public = release
+    root = tmp_path / "site" / "fa4aot_cache_x" / "cache"
+    run_cli("install", str(d / "unsigned.fa4"), "--cache", str(root), "--insecure")
+    sign_cache_files(root, Signer.load(d / "release.key"))
+    return root, public
+
+
+def _choose(root: Path, tmp_path: Path):
+    from fa4aot.runtime.loader import choose_cache, host_arch
+
+    places = [("wheel x (fa4aot_cache_x:cache_dir)", root), ("./cache", tmp_path / "none")]
+    return choose_cache(None, host_arch(), places=places)[0]
+
+
+def test_a_runtime_with_trusted_keys_loads_only_cache_wheels_they_signed(wheel_cache, tmp_path, monkeypatch):
+    from fa4aot.core.errors import CacheError
+
+    root, public = wheel_cache
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.delenv("FA4AOT_TRUSTED_KEYS", raising=False)
+    assert _choose(root, tmp_path).startswith("wheel")  # no keys configured: signatures not required
+    monkeypatch.setenv("FA4AOT_TRUSTED_KEYS", public)
+    assert _choose(root, tmp_path).startswith("wheel")
+    other = run_cli("keygen", str(tmp_path / "other.key")).stdout.strip()
+    monkeypatch.setenv("FA4AOT_TRUSTED_KEYS", other)
+    with pytest.warns(RuntimeWarning, match="does not trust"), pytest.raises(CacheError):
+        _choose(root, tmp_path)  # passed over, and ./cache does not exist
+    monkeypatch.delenv("FA4AOT_TRUSTED_KEYS")
+    (tmp_path / "config" / "fa4aot").mkdir(parents=True)
+    (tmp_path / "config" / "fa4aot" / "trusted_keys").write_text(public + "  # release CI\n")
+    assert _choose(root, tmp_path).startswith("wheel")
+    packed = next(p for p in sorted((root / "packed").iterdir()) if not p.name.startswith("."))
+    packed.write_bytes(packed.read_bytes() + b"\0")  # changed after signing
+    with pytest.warns(RuntimeWarning, match="differ from the ones"), pytest.raises(CacheError):
+        _choose(root, tmp_path)
+    for f in root.glob("signed-files.json*"):
+        f.unlink()
+    with pytest.warns(RuntimeWarning, match="not signed"), pytest.raises(CacheError):
+        _choose(root, tmp_path)

@@ -21,15 +21,26 @@ from pathlib import Path
 
 from fa4aot.build.archive import Archive, ArchiveError, install
 from fa4aot.core.index import CACHE_ENTRY_POINT_GROUP, Cache, Entry
+from fa4aot.core.signing import CACHE_FILES_DOC, Signer, sign_cache_files
 
 _NAME = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
 #: Suffix of the wheel's staging copy in the output directory (renamed to the wheel when complete).
 STAGING_SUFFIX = "part"
 
 
-def build_wheel(cache: Cache, entries: list[Entry], out_dir: Path, *, name: str, version: str, host_arch: str) -> Path:
+def build_wheel(
+    cache: Cache,
+    entries: list[Entry],
+    out_dir: Path,
+    *,
+    name: str,
+    version: str,
+    host_arch: str,
+    signer: Signer | None = None,
+) -> Path:
     """Build the wheel of ``entries`` into ``out_dir``; returns its path. ``name`` is the
-    distribution name (``fa4aot-cache-b200``).
+    distribution name (``fa4aot-cache-b200``); ``signer`` signs its cache's files (a runtime
+    with ``$FA4AOT_TRUSTED_KEYS`` loads only wheels signed by one of those keys).
 
     A write error (a full disk, a read-only ``out_dir``) raises :class:`ArchiveError` and leaves
     no wheel, not even a partial one, in ``out_dir``: the wheel appears there by a rename only
@@ -49,7 +60,7 @@ def build_wheel(cache: Cache, entries: list[Entry], out_dir: Path, *, name: str,
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="fa4aot-wheel-") as tmp:
             proj = Path(tmp)
-            _write_project(proj, name, version, Archive({}, entries, records, blobs), host_arch)
+            _write_project(proj, name, version, Archive({}, entries, records, blobs), host_arch, signer)
             return _publish(_run_setuptools(proj), out_dir)
     except OSError as e:
         why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
@@ -57,7 +68,9 @@ def build_wheel(cache: Cache, entries: list[Entry], out_dir: Path, *, name: str,
         raise ArchiveError(f"cannot build the wheel: {why}{where}; no wheel written to {out_dir}") from None
 
 
-def _write_project(proj: Path, name: str, version: str, archive: Archive, host_arch: str) -> None:
+def _write_project(
+    proj: Path, name: str, version: str, archive: Archive, host_arch: str, signer: Signer | None
+) -> None:
     """The setuptools project of the wheel, under ``proj``: the package with its cache (installed
     through the archive verifier) and ``pyproject.toml``."""
     module = name.replace("-", "_")
@@ -70,6 +83,8 @@ def _write_project(proj: Path, name: str, version: str, archive: Archive, host_a
             shutil.rmtree(p)
         else:
             p.unlink(missing_ok=True)
+    if signer is not None:
+        sign_cache_files(pkg / "cache", signer)
     entries = archive.entries
     targets = sorted({f"{e.target.name} ({e.target.arch}, {e.target.num_sms} SMs)" for e in entries})
     (pkg / "__init__.py").write_text(
@@ -94,7 +109,7 @@ def _write_project(proj: Path, name: str, version: str, archive: Archive, host_a
         f'packages = ["{module}"]\n'
         "include-package-data = false\n\n"
         "[tool.setuptools.package-data]\n"
-        f'{module} = ["cache/FORMAT", "cache/index/*", "cache/packed/*", "cache/blobs/*/*"]\n'
+        f'{module} = ["cache/FORMAT", "cache/{CACHE_FILES_DOC}*", "cache/index/*", "cache/packed/*", "cache/blobs/*/*"]\n'
     )
 
 

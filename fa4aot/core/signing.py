@@ -147,7 +147,11 @@ def verify(document: bytes, signature: bytes, trusted: list[str], what: str) -> 
 
 def trusted_keys(root: str | Path) -> list[str]:
     """The public keys ``<root>/trust/keys`` lists (none when the file does not exist)."""
-    path = Path(root) / TRUST_FILE
+    return trusted_keys_file(Path(root) / TRUST_FILE)
+
+
+def trusted_keys_file(path: Path) -> list[str]:
+    """The public keys a trust file lists (``KEY [# comment]`` lines; none when it does not exist)."""
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_TRUST_FILE_BYTES + 1)
@@ -226,3 +230,60 @@ class Policy:
         """Raise when a pinned hash is given and ``digest`` is not it."""
         if self.pinned is not None and digest != self.pinned.lower():
             raise TrustError(f"{what} has sha256 {digest}, not the pinned {self.pinned}: refused")
+
+
+# -- cache wheels: a signature over the files a runtime reads -------------------------------------
+
+#: In a signed cache directory (a cache wheel's): the sha256 of every file the runtime and the CLI
+#: read other than blobs (blobs are checked against the records those files hold), and its signature.
+CACHE_FILES_DOC = "signed-files.json"
+CACHE_FILES_FORMAT = "fa4aot-cache-files/1"
+_SIGNED_DIRS = ("index", "packed")
+#: Environment variable listing the keys a runtime requires cache wheels to be signed by.
+RUNTIME_KEYS_ENV = "FA4AOT_TRUSTED_KEYS"
+
+
+def _cache_files(root: Path) -> dict[str, str]:
+    files = {"FORMAT": hashlib.sha256((root / "FORMAT").read_bytes()).hexdigest()}
+    for d in _SIGNED_DIRS:
+        for p in sorted((root / d).iterdir()) if (root / d).is_dir() else []:
+            if p.is_file() and not p.name.startswith("."):
+                files[f"{d}/{p.name}"] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return files
+
+
+def sign_cache_files(root: str | Path, signer: Signer) -> None:
+    """Write ``root/signed-files.json`` (and its ``.sig``): the hashes of the cache's format,
+    index and packed index files, for a cache that will not change (a wheel's)."""
+    root = Path(root)
+    doc = json.dumps({"format": CACHE_FILES_FORMAT, "files": _cache_files(root)}, sort_keys=True).encode()
+    (root / CACHE_FILES_DOC).write_bytes(doc)
+    (root / f"{CACHE_FILES_DOC}.sig").write_bytes(signer.sign(doc))
+
+
+def runtime_trusted_keys() -> list[str]:
+    """The keys cache wheels must be signed by: ``$FA4AOT_TRUSTED_KEYS`` (space or comma
+    separated) and ``$XDG_CONFIG_HOME/fa4aot/trusted_keys`` (``~/.config``); none: wheels are
+    not required to be signed."""
+    keys = os.environ.get(RUNTIME_KEYS_ENV, "").replace(",", " ").split()
+    for k in keys:
+        parse_key(k)
+    config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "fa4aot"
+    keys += [k for k in trusted_keys_file(config / "trusted_keys") if k not in keys]
+    return keys
+
+
+def check_cache_files(root: str | Path, trusted: list[str], what: str) -> str:
+    """Check a signed cache directory against ``trusted``: the signature, then that its format,
+    index and packed files are exactly the ones signed; returns the signing key."""
+    root = Path(root)
+    try:
+        doc = (root / CACHE_FILES_DOC).read_bytes()
+        sig = (root / f"{CACHE_FILES_DOC}.sig").read_bytes()
+    except FileNotFoundError:
+        raise TrustError(f"{what} is not signed, and {RUNTIME_KEYS_ENV} requires signed cache wheels") from None
+    key = verify(doc, sig, trusted, what)
+    files = safejson.loads(doc, f"{what}: {CACHE_FILES_DOC}", error=TrustError).get("files")
+    if files != _cache_files(root):
+        raise TrustError(f"{what}: its files differ from the ones {key} signed (changed after signing): refused")
+    return key

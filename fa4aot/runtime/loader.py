@@ -44,6 +44,7 @@ from fa4aot.core.index import (
     read_regular,
     splice_plan,
 )
+from fa4aot.core.signing import check_cache_files, runtime_trusted_keys
 from fa4aot.core.tuning import (
     MAX_TABLE_BYTES,
     TuningEntry,
@@ -606,14 +607,21 @@ def choose_cache(
     visible, the first serving this host) - ``Runtime()`` and the CLI's read-only commands both
     choose with this function, so they read the same cache.
 
-    A cache wheel built for another GPU or host is passed over silently; one that is damaged or
+    With ``$FA4AOT_TRUSTED_KEYS`` (or ``~/.config/fa4aot/trusted_keys``) set, a cache wheel not
+    signed by one of those keys, or changed since, is passed over with a warning. A cache wheel
+    built for another GPU or host is passed over silently; one that is damaged or
     not a cache is passed over with a warning naming it; when a later wheel holds kernels for the
     same target, a warning names both (only the first is read). The last place's errors are raised.
     ``places``: the search path, if the caller has it already.
     """
     places = cache_search_path() if places is None else places
+    keys = None
     for i, (where, path) in enumerate(places[:-1]):
         try:
+            if where.startswith("wheel "):
+                keys = runtime_trusted_keys() if keys is None else keys
+                if keys:  # cache wheels must be signed by one of them (docs/security.md)
+                    check_cache_files(path, keys, f"the cache {where}")
             cache = Cache(path)
             index = open_index(cache, info, host, allow_sm_mismatch)
         except DeviceMismatchError:

@@ -700,6 +700,7 @@ def install_cmd(
 )
 @click.option("--name", default=None, help="Distribution name [default: fa4aot-cache-<target names>].")
 @click.option("--version", "version", default="1.0.0", show_default=True, help="Wheel version.")
+@SIGN_OPTION
 def wheel_cmd(
     cache_dir: Path | None,
     targets: tuple[str, ...],
@@ -708,10 +709,12 @@ def wheel_cmd(
     out_dir: Path,
     name: str | None,
     version: str,
+    sign_key: Path | None,
 ) -> None:
     """Build a pip-installable wheel holding the selected entries as a verified, read-only cache.
     Installed, it registers under the fa4aot.caches entry point; the runtime finds it when no
-    cache path and no $FA4AOT_CACHE is given."""
+    cache path and no $FA4AOT_CACHE is given. With --sign its cache files are signed: a runtime
+    with $FA4AOT_TRUSTED_KEYS loads only wheels one of those keys signed."""
     from fa4aot.build.archive import cache_entries
     from fa4aot.build.wheel import build_wheel
 
@@ -719,7 +722,9 @@ def wheel_cmd(
         cache = _open(cache_dir)
         entries, host = _select(cache_entries(cache), f"the cache {cache.root}", manifest, targets, host_arch)
         name = name or "fa4aot-cache-" + "-".join(sorted({e.target.name.lower() for e in entries}))
-        path = build_wheel(cache, entries, out_dir, name=name, version=version, host_arch=host)
+        path = build_wheel(
+            cache, entries, out_dir, name=name, version=version, host_arch=host, signer=_signer(sign_key)
+        )
     except Fa4aotError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"built {path} ({_human(path.stat().st_size)}): {len(entries)} entries; pip install {path}")
