@@ -181,6 +181,7 @@ def test_concurrent_builds_end_consistent(tmp_path):
     assert "4 ok, 0 bad" in out.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_DSL, reason="needs the build extra to compile kernels")
 def test_build_killed_midway_then_verify_and_resume(tmp_path):
     m = tmp_path / "m.yaml"

@@ -146,6 +146,7 @@ def test_fa4_configurations_fa4aot_cannot_build_become_comments(tmp_path):
     assert text.count("# not buildable by fa4aot:") == len(cases) and len(ids(out)) == 1
 
 
+@pytest.mark.slow
 def test_record_of_fa4aot_api_calls_and_the_miss_log_round_trip(built_cache, tmp_path):
     """fa4aot's API: record writes the variants calls asked for, present or not; the miss log
     names the absent ones once each; from-misses -> build -> the same calls miss nothing."""

@@ -168,6 +168,7 @@ STAGED_WRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_gc_grace_0_never_deletes_a_packed_index_being_staged(tmp_path):
     """gc --grace 0 used to delete a writer's packed-index staging file (FileNotFoundError)."""
     root = tmp_path / "c"
