@@ -142,3 +142,28 @@ def test_sm103a_and_sm100a_caches_are_not_interchangeable(built_cache, tmp_path)
         want = f"sm_{other_cc[0]}{other_cc[1]}a"
         with pytest.raises(DeviceMismatchError, match=f"{arch}.*cannot run them.*target.arch is {want}"):
             Runtime(tmp_path / arch, driver=FakeDriver(cc=other_cc, num_sms=148))
+
+
+def test_one_table_of_arches_and_models_feeds_every_reader():
+    """Manifests, record, written manifests and the parity oracle read core/targets.py, so
+    they agree: every model's arch is an arch, each arch's default model is of that arch, and
+    each reader's view is derived from the table (the gb200 / rtx-pro-6000 disagreement between
+    record and manifest_text cannot recur)."""
+    from fa4aot.compile.manifest import ARCHES as MANIFEST_ARCHES
+    from fa4aot.core.families import FAMILIES
+    from fa4aot.core.manifest_text import target_name
+    from fa4aot.core.targets import ARCHES, MODELS, arch_of_compute_capability
+    from fa4aot.tools import fa4_parity, record
+
+    assert set(MANIFEST_ARCHES) == set(ARCHES) == set(fa4_parity.ARCHES)
+    for m in MODELS.values():
+        assert m.arch in ARCHES and record.TARGETS[m.name] == (m.arch, m.num_sms)
+    for a in ARCHES.values():
+        assert MODELS[a.default_model].arch == a.name
+        assert arch_of_compute_capability(a.compute_capability) == a.name
+        assert record._arch(10 * a.compute_capability[0] + a.compute_capability[1]) == a.name
+        assert a.name in FAMILIES[a.forward].arches and a.name in FAMILIES["combine"].arches
+        assert (a.name in FAMILIES["prepare"].arches) == a.split_kv
+        default = MODELS[a.default_model]
+        assert target_name(a.name, default.num_sms) == a.default_model
+    assert target_name("sm_100a", 152) == "gb200" and target_name("sm_100a", 150) == "sm100a-150sms"

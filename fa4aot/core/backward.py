@@ -19,10 +19,11 @@ import itertools
 from typing import Any, NamedTuple
 
 from fa4aot.core import fa4_interface as fi
+from fa4aot.core.targets import ARCHES
 
 #: The main-kernel family per arch (FA4: 9.x FlashAttentionBackwardSm90, 10.x
 #: FlashAttentionBackwardSm100). SM120's backward (the SM80 kernel) is not built.
-BACKWARD_FAMILY = {"sm_90a": "bwd_sm90", "sm_100a": "bwd_sm100", "sm_103a": "bwd_sm100"}
+BACKWARD_FAMILY = {a.name: a.backward for a in ARCHES.values() if a.backward}
 BACKWARD_FAMILIES = ("bwd_sm90", "bwd_sm100")
 #: Threads of one warp group (FA4's SM90 backward runs num_wg MMA warp groups plus one producer).
 WARP_GROUP_THREADS = 128

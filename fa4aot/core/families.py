@@ -26,6 +26,7 @@ from fa4aot.core.fa4_interface import (
     head_dims_problem,
     prepare_num_warps,
 )
+from fa4aot.core.targets import ARCHES, arches_running
 from fa4aot.core.variant import Variant
 
 DTYPES = ("bf16", "fp16")
@@ -510,12 +511,15 @@ class Family:
         return bool(self.domain_axes) and self.parts is None
 
 
+#: The arches fa4aot builds a backward for (their helper kernels with it).
+BACKWARD_ARCHES = tuple(a.name for a in ARCHES.values() if a.backward)
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family(
             "fwd_sm100",
-            ("sm_100a", "sm_103a"),
+            arches_running("fwd_sm100"),
             FWD_SM100_AXES,
             check_fwd_call(10),
             "FA4 SM100 forward (FlashAttentionForwardSm100, and FlashAttentionForwardSm100SwapAB for decode; "
@@ -525,7 +529,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             "fwd_sm90",
-            ("sm_90a",),
+            arches_running("fwd_sm90"),
             FWD_SM90_AXES,
             check_fwd_call(9),
             "FA4 SM90 forward (FlashAttentionForwardSm90)",
@@ -534,7 +538,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             "fwd_sm120",
-            ("sm_120a",),
+            arches_running("fwd_sm120"),
             FWD_SM120_AXES,
             check_fwd_call(12),
             "FA4 SM120 forward (FlashAttentionForwardSm120: the SM80 kernel within SM120's 99 KiB)",
@@ -544,22 +548,21 @@ FAMILIES: dict[str, Family] = {
         Family(
             "combine",
             # arch-neutral (cp.async); on SM120 it serves FA4's standalone flash_attn_combine
-            ("sm_90a", "sm_100a", "sm_103a", "sm_120a"),
+            tuple(ARCHES),
             COMBINE_AXES,
             check_combine,
             "FA4 split-KV combine (FlashAttentionForwardCombine)",
         ),
         Family(
             "prepare",
-            # FA4's SM120 forward takes no scheduler metadata (and has no split-KV)
-            ("sm_90a", "sm_100a", "sm_103a"),
+            tuple(a.name for a in ARCHES.values() if a.split_kv),
             PREPARE_AXES,
             check_prepare,
             "FA4 scheduler-metadata prepare (FlashPrepareScheduler)",
         ),
         Family(
             "bwd_sm90",
-            ("sm_90a",),
+            arches_running("bwd_sm90"),
             BWD_AXES,
             check_bwd("bwd_sm90"),
             "FA4 SM90 backward: preprocess, FlashAttentionBackwardSm90, dQ (and GQA dK/dV) postprocess",
@@ -568,7 +571,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             "bwd_sm100",
-            ("sm_100a", "sm_103a"),
+            arches_running("bwd_sm100"),
             BWD_AXES,
             check_bwd("bwd_sm100"),
             "FA4 SM100 backward: preprocess, FlashAttentionBackwardSm100, dQ (and GQA dK/dV) postprocess",
@@ -577,14 +580,14 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             "bwd_pre",
-            ("sm_90a", "sm_100a", "sm_103a"),
+            BACKWARD_ARCHES,
             (),
             _helper_check,
             "FA4 backward preprocess (FlashAttentionBackwardPreprocess), built by bwd_sm90 / bwd_sm100 groups",
         ),
         Family(
             "bwd_post",
-            ("sm_90a", "sm_100a", "sm_103a"),
+            BACKWARD_ARCHES,
             (),
             _helper_check,
             "FA4 backward postprocess (FlashAttentionBackwardPostprocess), built by bwd_sm90 / bwd_sm100 groups",

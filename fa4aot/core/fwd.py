@@ -457,7 +457,7 @@ def candidate_problem(sel: Any, arch: str, fields: dict[str, Any]) -> str | None
         return fi.sm120_problem(fields)
     if major != 9 or not is_tuning_candidate(sel, arch, 0, fields):
         return None
-    from fa4aot.core.variant import SMEM_OPTIN_227_KIB
+    from fa4aot.core.targets import SMEM_OPTIN_227_KIB
 
     why = sm90_tile_problem(fields, SMEM_OPTIN_227_KIB)
     return None if why is None else f"tiles {fields['tile_m']}x{fields['tile_n']}: {why}"

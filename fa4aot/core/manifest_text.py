@@ -15,17 +15,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from fa4aot.core.families import FAMILIES, group_for, product, resolve_fields
+from fa4aot.core.targets import model_name
 from fa4aot.core.variant import Variant
 
 #: Axes merged into lists, in this order (the rest stay one value per group).
 MERGE_AXES = ("qhead_per_kvhead", "causal", "head_dims", "dtype", "return_lse", "heads", "num_head")
-#: Names fa4aot gives known SKUs when it writes a target.
-KNOWN_TARGETS = {
-    ("sm_100a", 148): "b200",
-    ("sm_103a", 148): "b300",
-    ("sm_120a", 188): "rtx-pro-6000",
-    ("sm_90a", 132): "h100",
-}
 
 
 def expand(family: str, arch: str, num_sms: int, group: dict[str, list[Any]]) -> set[str]:
@@ -132,7 +126,7 @@ def render_group(family: str, group: dict[str, list[Any]], name: str, indent: st
 
 
 def target_name(arch: str, num_sms: int) -> str:
-    return KNOWN_TARGETS.get((arch, num_sms), f"{arch.replace('_', '')}-{num_sms}sms")
+    return model_name(arch, num_sms)
 
 
 def render_manifest(

@@ -12,30 +12,21 @@ import json
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+from fa4aot.core.targets import ARCHES, SMEM_OPTIN_227_KIB
+
 #: Bumped whenever the cache entry layout changes (3: the cubin is its own blob, shared by the
 #: plans of every host arch).
 CACHE_FORMAT_VERSION = 3
 #: Bumped whenever the meaning of a variant field changes (it is hashed into every variant id).
 VARIANT_SCHEMA_VERSION = 2
 
-#: cudaDevAttrMaxSharedMemoryPerBlockOptin of H100 and B200: 227 KiB (CUDA programming guide,
-#: compute capability 9.0 and 10.0 tables).
-SMEM_OPTIN_227_KIB = 227 * 1024
-#: ... of compute capability 12.0 (RTX PRO 6000, RTX 50): 99 KiB (same guide, 12.0 table).
-SMEM_OPTIN_99_KIB = 99 * 1024
 #: Default opt-in shared memory per block (bytes) for each architecture fa4aot builds for; the
-#: keys are the arches a manifest target may name. sm_103a (B300 / GB300, compute capability
-#: 10.3) has B200's 227 KiB.
-SMEM_OPTIN_BYTES = {
-    "sm_90a": SMEM_OPTIN_227_KIB,
-    "sm_100a": SMEM_OPTIN_227_KIB,
-    "sm_103a": SMEM_OPTIN_227_KIB,
-    "sm_120a": SMEM_OPTIN_99_KIB,
-}
+#: keys are the arches a manifest target may name (fa4aot.core.targets.ARCHES).
+SMEM_OPTIN_BYTES = {a.name: a.smem_optin for a in ARCHES.values()}
 #: The FA4 forward family each arch runs (FA4 ``_flash_attn_fwd``: compute capability 9.x takes
 #: FlashAttentionForwardSm90, 10.x FlashAttentionForwardSm100, 12.x FlashAttentionForwardSm120).
-FORWARD_FAMILY = {"sm_90a": "fwd_sm90", "sm_100a": "fwd_sm100", "sm_103a": "fwd_sm100", "sm_120a": "fwd_sm120"}
-FORWARD_FAMILIES = ("fwd_sm100", "fwd_sm90", "fwd_sm120")
+FORWARD_FAMILY = {a.name: a.forward for a in ARCHES.values()}
+FORWARD_FAMILIES = tuple(dict.fromkeys(FORWARD_FAMILY.values()))
 
 
 def canonical_json(obj: Any) -> str:

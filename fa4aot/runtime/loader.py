@@ -45,6 +45,7 @@ from fa4aot.core.index import (
     splice_plan,
 )
 from fa4aot.core.signing import check_cache_files, runtime_trusted_keys
+from fa4aot.core.targets import arch_of_compute_capability
 from fa4aot.core.tuning import (
     MAX_TABLE_BYTES,
     TuningEntry,
@@ -717,7 +718,7 @@ def visible_device() -> DeviceInfo | None:
 def device_arch(info: DeviceInfo) -> str:
     """The cubin arch a device runs (``sm_90a`` for compute capability 9.0)."""
     cc = info.compute_capability
-    return f"sm_{cc[0]}{cc[1]}a"
+    return arch_of_compute_capability(cc) or f"sm_{cc[0]}{cc[1]}a"  # the latter: named in errors
 
 
 def open_index(cache: Cache, info: DeviceInfo | None, host: str, allow_sm_mismatch: bool = False) -> Any:
@@ -828,7 +829,7 @@ OWN_TOOLCHAIN_PARTS = ("kernels-src", "plan-shim")
 
 
 def _hash_sources(paths: list[Path]) -> str:
-    """``fa4aot.build.toolchain``'s source hash (the same bytes hashed the same way)."""
+    """``fa4aot.compile.toolchain``'s source hash (the same bytes hashed the same way)."""
     import hashlib
 
     h = hashlib.sha256()

@@ -21,6 +21,8 @@ import sys
 from typing import Any
 
 from fa4aot.core.errors import Fa4aotError
+from fa4aot.core.targets import ARCHES as TARGET_ARCHES
+from fa4aot.core.targets import MODELS
 from fa4aot.core.variant import FORWARD_FAMILY, Variant
 from fa4aot.tools import fa4_keys
 
@@ -198,7 +200,7 @@ SCALE_CONFIGS = [
 #: Page sizes the random calls draw for paged configurations (TMA at tile_n, cp.async else).
 PAGE_SIZES = (16, 32, 64, 128, 256)
 #: Per arch, the SM count of its reference target.
-ARCHES = {"sm_100a": 148, "sm_103a": 148, "sm_90a": 132, "sm_120a": 188}
+ARCHES = {a.name: MODELS[a.default_model].num_sms for a in TARGET_ARCHES.values()}
 #: The share of random calls that pass an explicit config= (FA4's selection for another shape of
 #: the same call class, which FA4 then validates for this one).
 EXPLICIT_CONFIG_SHARE = 0.1

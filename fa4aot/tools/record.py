@@ -27,20 +27,14 @@ from fa4aot.core.errors import Fa4aotError
 from fa4aot.core.fa4_interface import codegen_fields
 from fa4aot.core.families import FAMILIES
 from fa4aot.core.manifest_text import render_manifest
+from fa4aot.core.targets import ARCHES, MODELS, arch_of_compute_capability
 from fa4aot.core.variant import FORWARD_FAMILY, Variant
 from fa4aot.tools import fa4_keys, record_hook
 
 #: SKUs ``--target`` knows: name -> (arch, SM count).
-TARGETS = {
-    "b200": ("sm_100a", 148),
-    "gb200": ("sm_100a", 152),
-    "b300": ("sm_103a", 148),
-    "h100": ("sm_90a", 132),
-    "h200": ("sm_90a", 132),
-    "rtx-pro-6000": ("sm_120a", 188),
-}
+TARGETS = {m.name: (m.arch, m.num_sms) for m in MODELS.values()}
 #: The target a recorded arch maps to without ``--target``.
-DEFAULT_TARGET = {"sm_100a": "b200", "sm_103a": "b300", "sm_90a": "h100", "sm_120a": "rtx-pro-6000"}
+DEFAULT_TARGET = {a.name: a.default_model for a in ARCHES.values()}
 _DTYPES = {
     "BFloat16": "bf16",
     "Float16": "fp16",
@@ -57,10 +51,10 @@ class RecordError(Fa4aotError):
 
 def _arch(value: Any) -> str | None:
     try:
-        major_minor = int(value)
+        major_minor = int(value)  # FA4 keys its compiles on the arch as 10 * major + minor
     except (TypeError, ValueError):
         return None
-    return {90: "sm_90a", 100: "sm_100a", 103: "sm_103a", 120: "sm_120a"}.get(major_minor)
+    return arch_of_compute_capability(divmod(major_minor, 10))
 
 
 def _dtype(value: Any) -> str | None:
