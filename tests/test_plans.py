@@ -334,3 +334,22 @@ def test_plan_check_catches_a_wrong_grid(built_cache, monkeypatch):
     monkeypatch.setattr(plancheck, "sm100_forward_grid", lambda f, **kw: (1, 1, 1))
     cache, (e, *_) = entries(built_cache, "fwd_sm100")
     assert len(plancheck.check_entry(cache, e, n=5).problems) == 5
+
+
+def test_generated_launchers_show_their_source_in_tracebacks():
+    """Generated code is registered with linecache under a named file: a traceback through it
+    shows the generated line, not <string>."""
+    import linecache
+    import traceback
+
+    from fa4aot.core import gencode
+
+    scope: dict = {}
+    gencode.run("def launch(x):\n    return 1 // x  # the generated line\n", scope, "launcher")
+    try:
+        scope["launch"](0)
+    except ZeroDivisionError:
+        text = traceback.format_exc()
+    assert "<fa4aot launcher " in text and "return 1 // x  # the generated line" in text
+    names = [n for n in linecache.cache if n.startswith("<fa4aot ")]
+    assert len(names) <= gencode.MAX_SOURCES

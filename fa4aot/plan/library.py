@@ -30,6 +30,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+from fa4aot.core import gencode
 from fa4aot.core.errors import ArgumentError, LaunchError, PlanError
 from fa4aot.core.signature import COMPACT, Arg, ScalarArg, StreamArg, TensorArg, arg_from_dict
 from fa4aot.plan.abi import (
@@ -479,7 +480,7 @@ def _make_packer(signature: Sequence[Arg]) -> Callable[[Mapping[str, Any]], list
             lines.append(f"    out.append(a.get({n!r}) or 0)")
     lines.append("    return out")
     scope: dict[str, Any] = {"ArgumentError": ArgumentError}
-    exec("\n".join(lines), scope)  # noqa: S102 - generated from the recorded signature only
+    gencode.run("\n".join(lines), scope, "packer")
     return scope["pack"]
 
 
@@ -559,7 +560,7 @@ def _make_launcher(plan: Plan, order: list[str], optional: set[str], ranks_check
         "_check": Plan._check,
         "_extra": lambda n: ArgumentError(f"this variant takes no {n} (a different variant does)"),
     }
-    exec(src, scope)  # noqa: S102 - generated from the recorded signature only
+    gencode.run(src, scope, "launcher")
     return scope["launch"]
 
 

@@ -30,6 +30,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from fa4aot.core import gencode
 from fa4aot.core.errors import ArgumentError
 from fa4aot.core.fa4_interface import TENSORMAP_WORDS, split_policy
 from fa4aot.plan.abi import CALL_PTRS_OFFSET
@@ -167,7 +168,7 @@ class Prepared:
         else:
             lines.append("    st = _default(a0) if stream is None else _stream(stream)")
         lines += steps.lines
-        exec("\n".join(lines), scope)  # noqa: S102 - generated from the bound arguments only
+        gencode.run("\n".join(lines), scope, "prepared call")
         return scope["run"]
 
     def _mismatch(self, i: int, obj: Any) -> None:
