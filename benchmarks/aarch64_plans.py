@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def build_per_variant(manifest: str, families: tuple[str, ...], host: str) -> dict:
-    from fa4aot.build.orchestrate import build
+    from fa4aot.compile.orchestrate import build
 
     text = Path(manifest).read_text()
     with tempfile.TemporaryDirectory(prefix="fa4aot-a64-") as tmp:

@@ -17,8 +17,8 @@ import time
 
 
 def run(manifest: str, families: tuple[str, ...], jobs: int, executor: str) -> dict:
-    from fa4aot.build.executors import executor_factory
-    from fa4aot.build.orchestrate import build
+    from fa4aot.compile.executors import executor_factory
+    from fa4aot.compile.orchestrate import build
 
     with tempfile.TemporaryDirectory(prefix="fa4aot-scaling-") as cache:
         t0 = time.perf_counter()

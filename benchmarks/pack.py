@@ -55,8 +55,8 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
 
-    from fa4aot.build import manifest
-    from fa4aot.build.archive import cache_entries, select_entries
+    from fa4aot.compile import manifest
+    from fa4aot.compile.archive import cache_entries, select_entries
     from fa4aot.core.index import Cache
     from fa4aot.plan.abi import SHIM_ABI
     from fa4aot.runtime.loader import host_arch

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fa4aot.build.store import CacheWriter  # noqa: E402
+from fa4aot.compile.store import CacheWriter  # noqa: E402
 from fa4aot.core.variant import Variant, cache_key  # noqa: E402
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 def crash_once(variant, target, host_arch):
     """Kill this worker process the first time a variant is compiled, then compile normally."""
-    from fa4aot.build.worker import build_variant
+    from fa4aot.compile.worker import build_variant
 
     marker = Path(os.environ["FA4AOT_TEST_CRASH_DIR"]) / variant.variant_id
     if not marker.exists():

@@ -20,7 +20,7 @@ import pytest
 from fake_driver import FakeDriver
 from helpers import CI_MANIFEST, needs_dsl, run_cli
 
-from fa4aot.build.emulate import emulation_available, run_plan, same_launches
+from fa4aot.compile.emulate import emulation_available, run_plan, same_launches
 from fa4aot.core import samples
 from fa4aot.core.errors import DeviceMismatchError
 from fa4aot.core.index import Cache
@@ -155,7 +155,7 @@ def test_an_aarch64_host_gets_the_aarch64_entries_and_an_x86_only_cache_is_refus
 def test_pack_for_aarch64_hosts_installs_on_one(both_hosts, tmp_path):
     """`pack --host-arch aarch64` on the x86_64 build box gives the archive a Grace node installs
     (read here as an aarch64 host would); an x86_64 host refuses it."""
-    from fa4aot.build.archive import ArchiveError, install, read_archive
+    from fa4aot.compile.archive import ArchiveError, install, read_archive
 
     out = tmp_path / "gb.fa4"
     run_cli("pack", "--cache", str(both_hosts), "--host-arch", "aarch64", "-o", str(out))

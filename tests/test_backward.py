@@ -16,7 +16,7 @@ from fake_driver import FakeDriver
 from helpers import needs_dsl
 
 import fa4aot
-from fa4aot.build.manifest import ManifestError, expand
+from fa4aot.compile.manifest import ManifestError, expand
 from fa4aot.core import selector
 from fa4aot.core.backward import CALL_FIELDS, check_call, dkv_postprocess, facts_for, scratch, select
 from fa4aot.core.errors import ArgumentError, VariantNotFoundError
@@ -413,7 +413,7 @@ def test_runtime_never_imports_build_or_torch_for_backward():
     code = (
         "import sys, fa4aot; fa4aot.flash_attn_backward; import fa4aot.runtime.backward\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'cutlass', 'flash_attn', 'tvm_ffi')"
-        " or m.startswith(('fa4aot.build', 'fa4aot.tools'))]\n"
+        " or m.startswith(('fa4aot.compile', 'fa4aot.tools'))]\n"
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -463,7 +463,7 @@ def test_fa4aot_torch_imports_no_build_stack():
     code = (
         "import sys, fa4aot.torch\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('cutlass', 'flash_attn', 'tvm_ffi')"
-        " or m.startswith(('fa4aot.build', 'fa4aot.tools'))]\n"
+        " or m.startswith(('fa4aot.compile', 'fa4aot.tools'))]\n"
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -510,7 +510,7 @@ def test_backward_plan_check_catches_a_wrong_grid(built_cache, monkeypatch):
 def test_a_backward_miss_is_logged_as_its_group_and_from_misses_asks_for_every_kernel(built_cache, tmp_path):
     from helpers import run_cli
 
-    from fa4aot.build import manifest
+    from fa4aot.compile import manifest
 
     log = tmp_path / "miss.jsonl"
     rt = Runtime(built_cache, driver=FakeDriver(cc=(9, 0), num_sms=132), miss_log=log)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import CI_MANIFEST, FAST_MANIFEST, HAS_DSL, needs_dsl, run_cli
 
-from fa4aot.build import manifest, toolchain
+from fa4aot.compile import manifest, toolchain
 from fa4aot.core.index import Cache
 from fa4aot.core.variant import Variant, cache_key
 
@@ -81,7 +81,7 @@ def test_reuse_copies_entries_of_the_same_key_and_compiles_the_rest(built_cache,
     """`build --reuse`: an entry another cache holds under the same key is copied (blobs
     identical, record the same but for its origin and time), what it lacks is compiled, and a
     damaged or mislabelled source entry is compiled instead of copied."""
-    from fa4aot.build.store import CacheWriter
+    from fa4aot.compile.store import CacheWriter
 
     src = Cache(built_cache)
     m = tmp_path / "m.yaml"
@@ -179,7 +179,7 @@ def test_build_reports_a_failing_variant_and_continues(tmp_path, monkeypatch):
         "    if v.fields['num_warps'] == 2: raise ValueError('injected failure')\n"
         "    return orig(v, t)\n"
         "p.make_entry = bad\n"
-        "from fa4aot.build import orchestrate, worker\n"
+        "from fa4aot.compile import orchestrate, worker\n"
         "import concurrent.futures as cf\n"
         "class P(cf.ThreadPoolExecutor):\n"
         "    def __init__(self, max_workers, **kw): super().__init__(max_workers)\n"
@@ -308,7 +308,7 @@ def test_builds_are_byte_identical_across_directories_and_job_counts(tmp_path):
 @pytest.mark.slow
 @needs_dsl
 def test_verify_rebuild_sample_catches_a_swapped_blob(tmp_path):
-    from fa4aot.build.store import CacheWriter
+    from fa4aot.compile.store import CacheWriter
 
     m = tmp_path / "small.yaml"
     m.write_text(

@@ -14,7 +14,7 @@ import time
 import pytest
 from helpers import HAS_DSL, run_cli
 
-from fa4aot.build.store import CacheWriter
+from fa4aot.compile.store import CacheWriter
 from fa4aot.core.errors import CacheError, CorruptArtifactError
 from fa4aot.core.index import Cache
 from fa4aot.core.variant import Target, Variant, cache_key
@@ -113,7 +113,7 @@ def test_gc_removes_orphans_but_not_fresh_files(tmp_path):
 KILL_SCRIPT = textwrap.dedent(
     """
     import sys, time
-    import fa4aot.build.store as c
+    import fa4aot.compile.store as c
     orig = c._atomic_write
     n = {"i": 0}
     def slow(tmp_dir, path, data):

@@ -22,7 +22,7 @@ import pytest
 from fake_driver import FakeDriver
 from helpers import FAST_MANIFEST, HAS_DSL, ROOT, run_cli
 
-from fa4aot.build.archive import ArchiveError, cache_entries, pack_bytes, read_archive
+from fa4aot.compile.archive import ArchiveError, cache_entries, pack_bytes, read_archive
 from fa4aot.core.index import Cache
 from fa4aot.runtime.loader import Runtime, host_arch
 
@@ -86,7 +86,7 @@ def test_pack_is_deterministic(built_cache, tmp_path):
 def test_pack_manifest_is_exact_and_names_what_is_missing(built_cache, tmp_path):
     out = tmp_path / "m.fa4"
     run_cli("pack", "--cache", str(built_cache), "--manifest", str(FAST_MANIFEST), "-o", str(out))
-    from fa4aot.build import manifest
+    from fa4aot.compile import manifest
 
     want = {pv.variant.variant_id for pv in manifest.load(FAST_MANIFEST).variants}
     with open(out, "rb") as f:
@@ -399,8 +399,8 @@ def test_a_tampered_blob_on_the_server_is_refused(http_store, tmp_path):
 
 def test_pull_from_fsspec_memory(built_cache, tmp_path):
     pytest.importorskip("fsspec")
-    from fa4aot.build.archive import install
-    from fa4aot.build.stores import fetch_entries, open_store, push, store_entries
+    from fa4aot.compile.archive import install
+    from fa4aot.compile.stores import fetch_entries, open_store, push, store_entries
 
     store = open_store("memory://fa4aot-test-store")
     cache = Cache(built_cache)

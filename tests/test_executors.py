@@ -47,8 +47,8 @@ def test_a_ray_task_whose_worker_is_killed_is_retried(tmp_path):
     crash.mkdir()
     code = (
         "import sys\n"
-        "from fa4aot.build.executors import executor_factory\n"
-        "from fa4aot.build.orchestrate import build\n"
+        "from fa4aot.compile.executors import executor_factory\n"
+        "from fa4aot.compile.orchestrate import build\n"
         "from ray_jobs import crash_once\n"
         "r = build(sys.argv[1], sys.argv[2], 2, compile_fn=crash_once, pool_factory=executor_factory('ray'))\n"
         "print([row.status for row in r.rows]); sys.exit(0 if r.ok else 1)\n"

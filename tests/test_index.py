@@ -9,7 +9,7 @@ import pytest
 from fake_driver import FakeDriver
 from helpers import run_cli
 
-from fa4aot.build.store import CacheWriter
+from fa4aot.compile.store import CacheWriter
 from fa4aot.core.errors import CacheError, CorruptArtifactError
 from fa4aot.core.index import PACKED_MAGIC, Cache, PackedIndex, PackedKey, pack_index
 from fa4aot.core.variant import CACHE_FORMAT_VERSION, Target, Variant

@@ -7,7 +7,7 @@ import copy
 import pytest
 import yaml
 
-from fa4aot.build import manifest
+from fa4aot.compile import manifest
 from fa4aot.core.errors import ManifestError
 from fa4aot.core.families import FAMILIES
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from helpers import run_cli
 
-from fa4aot.build import manifest
+from fa4aot.compile import manifest
 from fa4aot.core.errors import ManifestError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ from fake_driver import FakeDriver
 from helpers import FAST_MANIFEST, ROOT, needs_dsl, run_cli
 from test_dispatch import _fa4aot_call
 
-from fa4aot.build import manifest
+from fa4aot.compile import manifest
 from fa4aot.core import selector
 from fa4aot.core.errors import VariantNotFoundError
 from fa4aot.core.fwd import companions

@@ -25,8 +25,8 @@ from fake_driver import FakeDriver
 from helpers import HAS_DSL, run_cli
 
 import fa4aot
-from fa4aot.build import store
-from fa4aot.build.store import CacheWriter
+from fa4aot.compile import store
+from fa4aot.compile.store import CacheWriter
 from fa4aot.core.errors import (
     ArgumentError,
     CacheError,
@@ -145,7 +145,7 @@ def test_a_hot_journal_without_write_access_is_a_typed_error(tmp_path, monkeypat
 
 CRASH = r"""
 import os, signal, sys
-import fa4aot.build.store as store
+import fa4aot.compile.store as store
 from fa4aot.core.variant import Target, Variant, cache_key
 point, root = sys.argv[1], sys.argv[2]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
@@ -191,7 +191,7 @@ def test_kill_at_fixed_crash_points_leaves_only_committed_entries(tmp_path, poin
 
 RANDOM_WRITER = r"""
 import os, random, sys
-import fa4aot.build.store as store
+import fa4aot.compile.store as store
 from fa4aot.core.variant import Target, Variant, cache_key
 root, seed, abi = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 rng = random.Random(seed)
@@ -232,7 +232,7 @@ def test_100_random_kills_never_leave_a_broken_committed_entry(tmp_path, templat
 
 WRITER = r"""
 import sys
-import fa4aot.build.store as store
+import fa4aot.compile.store as store
 from fa4aot.core.variant import Target, Variant, cache_key
 root, wid, rounds, abi = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 c = store.CacheWriter(root)
@@ -265,7 +265,7 @@ while time.time() < end:
 
 GC_LOOP = r"""
 import sys, time
-import fa4aot.build.store as store
+import fa4aot.compile.store as store
 c = store.CacheWriter(sys.argv[1], create=False)
 end = time.time() + float(sys.argv[2])
 while time.time() < end:
@@ -414,7 +414,7 @@ families:
 
 
 def _fake_compile(variant, target, host_arch):
-    from fa4aot.build.worker import BuildOutput
+    from fa4aot.compile.worker import BuildOutput
 
     return BuildOutput(
         variant, True, {"plan": b"fake plan %s" % variant.variant_id.encode(), "header": b"h"}, {"shim_abi": SHIM_ABI}
@@ -427,7 +427,7 @@ def _threads(target, n):
 
 @pytest.mark.skipif(not HAS_DSL, reason="the build computes the toolchain fingerprint from the build extra")
 def test_build_checks_the_cache_is_writable_before_compiling(tmp_path):
-    from fa4aot.build.orchestrate import build
+    from fa4aot.compile.orchestrate import build
 
     m = tmp_path / "m.yaml"
     m.write_text(SMALL)
@@ -442,7 +442,7 @@ def test_build_checks_the_cache_is_writable_before_compiling(tmp_path):
 
 @pytest.mark.skipif(not HAS_DSL, reason="the build computes the toolchain fingerprint from the build extra")
 def test_a_full_disk_stops_the_build_cleanly_and_says_what_was_stored(tmp_path, monkeypatch):
-    from fa4aot.build.orchestrate import build
+    from fa4aot.compile.orchestrate import build
 
     m = tmp_path / "m.yaml"
     m.write_text(SMALL)
@@ -563,7 +563,7 @@ def test_mixed_versions_never_load_each_others_plans_and_gc_keeps_the_other(buil
 UMASK = r"""
 import os, sys
 os.umask(0o002)
-import fa4aot.build.store as store
+import fa4aot.compile.store as store
 from fa4aot.core.variant import Target, Variant, cache_key
 c = store.CacheWriter(sys.argv[1])
 t = Target("h100", "sm_90a", 132)

@@ -12,7 +12,7 @@ import pytest
 from fake_driver import FakeDriver
 
 import fa4aot
-from fa4aot.build.store import CacheWriter
+from fa4aot.compile.store import CacheWriter
 from fa4aot.core import samples
 from fa4aot.core.errors import (
     ArgumentError,
@@ -275,7 +275,7 @@ try:
     fa4aot.flash_attn_func(q, k, v, window_size=(64, 64), out=o, runtime=rt)
 except fa4aot.VariantNotFoundError as e:
     assert "families.fwd_sm90" in str(e)  # the manifest line, without the manifest module
-halves = sorted(m for m in sys.modules if m.startswith(("fa4aot.build", "fa4aot.tools")))
+halves = sorted(m for m in sys.modules if m.startswith(("fa4aot.compile", "fa4aot.tools")))
 print(len(drv.launches), sorted(m for m in sys.modules if m.split(".")[0] in MISSING), halves)
 """
 

@@ -25,8 +25,8 @@ import pytest
 from helpers import run_cli
 
 from fa4aot import __version__
-from fa4aot.build import archive as archive_mod
-from fa4aot.build.archive import (
+from fa4aot.compile import archive as archive_mod
+from fa4aot.compile.archive import (
     ARCHIVE_FORMAT,
     MANIFEST_MEMBER,
     ArchiveLimitError,
@@ -37,8 +37,8 @@ from fa4aot.build.archive import (
     open_source,
     read_archive,
 )
-from fa4aot.build.store import CacheWriter
-from fa4aot.build.stores import LocalStore, fetch_entries, push, store_entries
+from fa4aot.compile.store import CacheWriter
+from fa4aot.compile.stores import LocalStore, fetch_entries, push, store_entries
 from fa4aot.core.errors import CacheError
 from fa4aot.core.index import BLOB_EXT, Cache, Entry
 from fa4aot.core.variant import CACHE_FORMAT_VERSION

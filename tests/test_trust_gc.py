@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from helpers import run_cli
 
-from fa4aot.build import store
-from fa4aot.build.store import CacheWriter
+from fa4aot.compile import store
+from fa4aot.compile.store import CacheWriter
 from fa4aot.core.index import BlobRef, Cache
 from fa4aot.core.variant import Target, Variant, cache_key
 from fa4aot.plan.abi import SHIM_ABI
@@ -100,7 +100,7 @@ def _packed_keys(root: Path) -> set[str]:
 KILLED_GC = textwrap.dedent(
     """
     import os, signal, sys
-    import fa4aot.build.store as store
+    import fa4aot.compile.store as store
     root, kill_at, keep = sys.argv[1], int(sys.argv[2]), set(sys.argv[3].split(","))
     steps = [0]
     def counted(fn):
@@ -154,7 +154,7 @@ def test_gc_killed_at_any_step_leaves_every_reachable_blob_on_disk(tmp_path):
 STAGED_WRITER = textwrap.dedent(
     """
     import os, sys, time
-    import fa4aot.build.store as store
+    import fa4aot.compile.store as store
     real_replace = os.replace
     def paused_replace(src, dst, *a, **k):
         if str(dst).endswith(".idx"):

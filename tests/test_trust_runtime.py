@@ -337,7 +337,7 @@ def test_a_cache_others_can_write_gets_a_warning(built_cache, tmp_path, wheels, 
 
 
 def test_an_entry_built_by_another_fa4aot_with_the_same_shim_abi_is_a_miss(cache, tmp_path):
-    from fa4aot.build.store import CacheWriter
+    from fa4aot.compile.store import CacheWriter
 
     w = CacheWriter(cache)
     mine = next(e for e in w.entries() if e.variant_id == DEFAULT.variant_id)
@@ -358,7 +358,7 @@ def test_an_entry_built_by_another_fa4aot_with_the_same_shim_abi_is_a_miss(cache
 
 @pytest.mark.skipif(not HAS_DSL, reason="the build fingerprint needs the build extra")
 def test_the_runtime_knows_its_own_toolchain_as_the_build_computes_it():
-    from fa4aot.build.toolchain import fingerprint
+    from fa4aot.compile.toolchain import fingerprint
 
     built = fingerprint()
     assert loader.own_toolchain() == {k: built[k] for k in loader.OWN_TOOLCHAIN_PARTS}

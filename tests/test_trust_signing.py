@@ -17,7 +17,7 @@ from helpers import run_cli
 
 pytest.importorskip("cryptography", reason="signatures need the cryptography package (the cli extra)")
 
-from fa4aot.build.archive import MANIFEST_MEMBER  # noqa: E402
+from fa4aot.compile.archive import MANIFEST_MEMBER  # noqa: E402
 
 
 @pytest.fixture(scope="module")

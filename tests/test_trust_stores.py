@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 from helpers import ROOT, run_cli
 
-from fa4aot.build import stores
-from fa4aot.build.stores import FsspecStore, HTTPStore, LocalStore, StoreError, fetch_entries, store_entries
+from fa4aot.compile import stores
+from fa4aot.compile.stores import FsspecStore, HTTPStore, LocalStore, StoreError, fetch_entries, store_entries
 from fa4aot.core.index import Cache
 from fa4aot.runtime.loader import host_arch
 
@@ -387,7 +387,7 @@ def test_an_object_over_its_cap_in_a_directory_store_is_refused_unread(tmp_path,
 _FSSPEC_PROBE = """
 import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
-from fa4aot.build.stores import FsspecStore, StoreError
+from fa4aot.compile.stores import FsspecStore, StoreError
 try:
     FsspecStore(sys.argv[1]).get(sys.argv[2])
 except StoreError as e:

@@ -240,7 +240,7 @@ def test_every_sweep24_shape_is_tunable_with_the_shipped_h100_manifest():
     lengths, the longest the shape's max_seqlen."""
     from helpers import ROOT
 
-    from fa4aot.build import manifest
+    from fa4aot.compile import manifest
 
     pool = [pv.variant for pv in manifest.load(ROOT / "manifests" / "h100.yaml").variants]
     ids = {v.variant_id for v in pool}

@@ -12,7 +12,7 @@ derived from the sizes its document lists; a member that is not a regular file w
 is refused (absolute paths, ``..``, links, devices), every blob's size and sha256 is checked,
 every record must have the fields a served entry needs and recompute to its key, and every cubin
 is parsed before anything is written; only then are the entries published through
-:class:`fa4aot.build.store.CacheWriter` (blobs first, index record last), which is safe against
+:class:`fa4aot.compile.store.CacheWriter` (blobs first, index record last), which is safe against
 concurrent installs, builds and gc. Entries the cache already holds under the same record are
 skipped, so installing twice changes nothing; a different record under a key the cache holds is
 refused unless the caller asks to replace it.
@@ -209,10 +209,6 @@ class PackResult:
     raw_bytes: int
     archive_bytes: int
     sha256: str
-
-
-def _blob_refs(e: Entry) -> list[tuple[str, int, str]]:
-    return [(b.sha256, b.size, b.ext) for b in e.blobs.values()]
 
 
 def pack_bytes(
@@ -705,7 +701,7 @@ def install(root: str | Path, archive: Archive, *, dry_run: bool = False, replac
     under the same record are skipped; a different record under a key the cache holds raises
     :class:`RecordConflictError` unless ``replace`` (then it is replaced and listed in
     ``replaced``)."""
-    from fa4aot.build.store import CacheWriter
+    from fa4aot.compile.store import CacheWriter
 
     what = str(archive.doc.get("source") or archive.what)
     checked: list[Entry] = []  # parsed from the very record text that is written

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fa4aot.build.toolchain import c_compiler_for, host_arch_here
+from fa4aot.compile.toolchain import c_compiler_for, host_arch_here
 from fa4aot.core.errors import ToolchainError
 from fa4aot.core.signature import arg_from_dict
 from fa4aot.plan.abi import State, struct_layout

@@ -1,8 +1,8 @@
 """Where compile jobs run. The orchestrator submits ``compile_fn(variant, target, host_arch)`` jobs to an
 executor (a :class:`concurrent.futures.Executor`) and stays the only writer into the cache: it
-stores each returned :class:`~fa4aot.build.worker.BuildOutput` (blob bytes and metadata) itself.
+stores each returned :class:`~fa4aot.compile.worker.BuildOutput` (blob bytes and metadata) itself.
 
-* ``local`` (default): a spawn process pool per target (:func:`fa4aot.build.orchestrate._pool`).
+* ``local`` (default): a spawn process pool per target (:func:`fa4aot.compile.orchestrate._pool`).
 * ``ray`` (``pip install 'fa4aot[ray]'``): Ray tasks. Each asks for one CPU and the memory a
   compile measurably peaks at (:data:`COMPILE_MEMORY_BYTES`), is retried when its worker dies,
   and its worker is recycled after :data:`MAX_CALLS_PER_WORKER` compiles (MLIR compiles leak).
@@ -33,7 +33,7 @@ EXECUTORS = ("local", "ray")
 
 
 def _run(fn: Callable[[Variant, Target, str], Any], variant: dict, target: dict, host_arch: str) -> Any:
-    from fa4aot.build.worker import configure
+    from fa4aot.compile.worker import configure
 
     t = Target.from_dict(target)
     configure(t)

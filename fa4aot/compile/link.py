@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from fa4aot.build.toolchain import c_compiler
+from fa4aot.compile.toolchain import c_compiler
 from fa4aot.core.errors import ToolchainError
 
 SHIM_SOURCE = Path(__file__).resolve().parent.parent / "plan" / "shim.c"

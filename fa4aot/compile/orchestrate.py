@@ -11,10 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fa4aot.build import manifest as manifest_mod
-from fa4aot.build.store import CacheWriter, blob_ok
-from fa4aot.build.toolchain import fingerprint, host_arch
-from fa4aot.build.worker import BuildOutput, build_variant, check_cross_host, configure
+from fa4aot.compile import manifest as manifest_mod
+from fa4aot.compile.store import CacheWriter, blob_ok
+from fa4aot.compile.toolchain import fingerprint, host_arch
+from fa4aot.compile.worker import BuildOutput, build_variant, check_cross_host, configure
 from fa4aot.core.errors import CacheError, CacheFullError, Fa4aotError, ManifestError
 from fa4aot.core.families import FAMILIES
 from fa4aot.core.index import Cache

@@ -9,9 +9,9 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-from fa4aot.build.orchestrate import _pool
-from fa4aot.build.toolchain import fingerprint, host_arch
-from fa4aot.build.worker import build_variant
+from fa4aot.compile.orchestrate import _pool
+from fa4aot.compile.toolchain import fingerprint, host_arch
+from fa4aot.compile.worker import build_variant
 from fa4aot.core.index import Cache, Entry
 
 
@@ -26,8 +26,8 @@ def rebuild_sample(cache: Cache, n: int, seed: int | None = None) -> list[Rebuil
     """Rebuild ``n`` random entries this toolchain built, for this host arch or one it can build
     and test plans for (others cannot be reproduced here and are not drawn), and compare their
     blobs."""
-    from fa4aot.build.archive import cache_entries
-    from fa4aot.build.emulate import emulation_available
+    from fa4aot.compile.archive import cache_entries
+    from fa4aot.compile.emulate import emulation_available
 
     hosts = {e.host_arch for e in cache_entries(cache)}
     buildable = {h for h in hosts if h == host_arch() or emulation_available(h) is None}

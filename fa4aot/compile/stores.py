@@ -54,7 +54,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from fa4aot.build.archive import Archive, ArchiveError, _check_entry
+from fa4aot.compile.archive import Archive, ArchiveError, _check_entry
 from fa4aot.core import safejson
 from fa4aot.core.errors import CacheError, Fa4aotError
 from fa4aot.core.index import Cache, Entry

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fa4aot.build.archive import Archive, ArchiveError, install
+from fa4aot.compile.archive import Archive, ArchiveError, install
 from fa4aot.core.index import CACHE_ENTRY_POINT_GROUP, Cache, Entry
 from fa4aot.core.signing import CACHE_FILES_DOC, Signer, sign_cache_files
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fa4aot.build.header import check_against, parse_header
-from fa4aot.build.link import link_plan
-from fa4aot.build.toolchain import c_compiler_for, host_arch_here
+from fa4aot.compile.header import check_against, parse_header
+from fa4aot.compile.link import link_plan
+from fa4aot.compile.toolchain import c_compiler_for, host_arch_here
 from fa4aot.core import cubin as cubin_reader
 from fa4aot.core.errors import ToolchainError
 from fa4aot.core.variant import Target, Variant, sha256_hex
@@ -92,7 +92,7 @@ def check_cross_host(host: str) -> None:
             f"launch plans for {host} hosts cannot be built on {host_arch_here()}: the CuTe DSL exports "
             f"host code for {sorted(DSL_HOST_TARGETS)} only (build them on a {host} machine)"
         )
-    from fa4aot.build.emulate import emulation_available
+    from fa4aot.compile.emulate import emulation_available
 
     if why := emulation_available(host):
         raise ToolchainError(f"cannot test {host} launch plans on this machine: {why}")
@@ -196,7 +196,7 @@ def _self_test(plan_bytes: bytes, meta: dict[str, Any], variant: Variant, target
         load = plan.load(list(range(1, len(meta["kernels"]) + 1)), *target_answers(target.optin_smem()))
         launches = plan.plan(plan.order(args))
     else:
-        from fa4aot.build.emulate import fake_handles, run_states
+        from fa4aot.compile.emulate import fake_handles, run_states
         from fa4aot.plan.library import launch_of
 
         run = run_states(plan_bytes, meta, target.optin_smem(), [args], host)

@@ -1,5 +1,5 @@
 """Reading a cache: the full index (for the CLI), the packed per-target index (for the runtime)
-and blobs, every byte hash-checked. Writing lives in :mod:`fa4aot.build.store`.
+and blobs, every byte hash-checked. Writing lives in :mod:`fa4aot.compile.store`.
 
 Layout under the cache root::
 

@@ -3,7 +3,7 @@
 The CuTe DSL's ``export_to_c`` writes a host entry that takes, in order, one struct per tensor
 argument ``{void *data; int32_t dynamic_shapes[n]; int64_t dynamic_strides[m];}`` (static modes
 dropped), one value per scalar (``float``, ``int32_t``) and the stream. The build records that
-list (:mod:`fa4aot.build.header` cross-checks it with the header) as JSON, so the runtime never
+list (:mod:`fa4aot.compile.header` cross-checks it with the header) as JSON, so the runtime never
 parses C; :class:`TensorDesc` is how a tensor is handed to a plan.
 """
 

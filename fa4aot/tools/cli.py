@@ -161,8 +161,8 @@ def build(
     fingerprint, host arch) is copied from it, blobs hash-checked, instead of compiled: builds are
     byte-reproducible, so it is what this build would produce.
     """
-    from fa4aot.build.executors import executor_factory
-    from fa4aot.build.orchestrate import build as run_build
+    from fa4aot.compile.executors import executor_factory
+    from fa4aot.compile.orchestrate import build as run_build
 
     def progress(done: int, total: int, row: Any) -> None:
         if quiet:
@@ -235,7 +235,7 @@ def build(
 )
 def plan_cmd(manifest: Path, skipped: bool, as_json: bool, against: Path | None, write_require: Path | None) -> None:
     """Show the variants MANIFEST expands to, and what was skipped and why (no compiling)."""
-    from fa4aot.build import manifest as manifest_mod
+    from fa4aot.compile import manifest as manifest_mod
     from fa4aot.core.families import is_tuning_candidate
 
     try:
@@ -260,7 +260,7 @@ def plan_cmd(manifest: Path, skipped: bool, as_json: bool, against: Path | None,
         click.echo(f"wrote {write_require}: {len(plan.variants)} variants a strict runtime will require")
         return
     if against is not None:
-        from fa4aot.build.archive import cache_entries
+        from fa4aot.compile.archive import cache_entries
         from fa4aot.runtime.loader import host_arch
 
         try:
@@ -346,7 +346,7 @@ def tune_cmd(
     A candidate wins only when its median time beats FA4's by more than the measured noise. Needs
     torch and a CUDA GPU; the table lands in CACHE/tuning/.
     """
-    from fa4aot.build import manifest as manifest_mod
+    from fa4aot.compile import manifest as manifest_mod
     from fa4aot.tools import tune as tune_mod
 
     try:
@@ -552,13 +552,13 @@ HOST_SELECT = click.option(
 
 
 def _select(available, where: str, manifest: Path | None, targets: tuple[str, ...], host: str | None):
-    from fa4aot.build.archive import select_entries
+    from fa4aot.compile.archive import select_entries
     from fa4aot.plan.abi import SHIM_ABI
     from fa4aot.runtime.loader import host_arch
 
     variants = None
     if manifest is not None:
-        from fa4aot.build import manifest as manifest_mod
+        from fa4aot.compile import manifest as manifest_mod
 
         plan = manifest_mod.load(manifest)
         variants = [pv.variant for pv in plan.variants if not targets or pv.target.name in targets]
@@ -620,7 +620,7 @@ def pack_cmd(
     same bytes."""
     import time
 
-    from fa4aot.build.archive import cache_entries, pack_bytes
+    from fa4aot.compile.archive import cache_entries, pack_bytes
 
     t0 = time.perf_counter()
     try:
@@ -666,7 +666,7 @@ def install_cmd(
     present with the same record are skipped; a different record under a key the cache holds is
     refused unless --replace. The archive must be signed by a key the cache trusts (fa4aot trust
     add), or match --sha256, or --insecure must be given."""
-    from fa4aot.build.archive import install, open_source, read_archive
+    from fa4aot.compile.archive import install, open_source, read_archive
     from fa4aot.runtime.loader import host_arch
 
     root = _cache_dir(cache_dir)
@@ -715,8 +715,8 @@ def wheel_cmd(
     Installed, it registers under the fa4aot.caches entry point; the runtime finds it when no
     cache path and no $FA4AOT_CACHE is given. With --sign its cache files are signed: a runtime
     with $FA4AOT_TRUSTED_KEYS loads only wheels one of those keys signed."""
-    from fa4aot.build.archive import cache_entries
-    from fa4aot.build.wheel import build_wheel
+    from fa4aot.compile.archive import cache_entries
+    from fa4aot.compile.wheel import build_wheel
 
     try:
         cache = _open(cache_dir)
@@ -751,8 +751,8 @@ def push_cmd(
     """Upload the selected entries to STORE (a directory, s3://, gs://, memory://... with the
     remote extra; default $FA4AOT_STORE): only the blobs and records it lacks, then its index of
     record hashes (INDEX.json), signed with --sign."""
-    from fa4aot.build.archive import cache_entries
-    from fa4aot.build.stores import open_store, push
+    from fa4aot.compile.archive import cache_entries
+    from fa4aot.compile.stores import open_store, push
 
     try:
         cache = _open(cache_dir)
@@ -791,8 +791,8 @@ def pull_cmd(
     differs from the one the cache holds under the same key is refused unless --replace. The
     store's INDEX.json (each record's sha256) must be signed by a key the cache trusts, or match
     --sha256, or --insecure must be given."""
-    from fa4aot.build.archive import conflict_error, install, present_records, record_differs
-    from fa4aot.build.stores import authenticated_hashes, fetch_entries, open_store, store_entries
+    from fa4aot.compile.archive import conflict_error, install, present_records, record_differs
+    from fa4aot.compile.stores import authenticated_hashes, fetch_entries, open_store, store_entries
 
     root = _cache_dir(cache_dir)
     try:
@@ -905,7 +905,7 @@ def show_config_cmd() -> None:
     import platform
 
     from fa4aot import __version__
-    from fa4aot.build.stores import STORE_ENV
+    from fa4aot.compile.stores import STORE_ENV
     from fa4aot.core.index import cache_search_path
     from fa4aot.runtime.loader import host_arch
 
@@ -963,7 +963,7 @@ def record_cmd(output: Path, target: str | None, merge: bool, no_compile: bool, 
     import shlex
     import time
 
-    from fa4aot.build import manifest as manifest_mod
+    from fa4aot.compile import manifest as manifest_mod
     from fa4aot.tools.record import exit_on_signals, manifest_text, python_cmd, read_log, run_recorded
 
     # SIGTERM/SIGHUP unwind (the temporary directory goes) instead of killing record outright
@@ -1017,7 +1017,7 @@ def manifest_group() -> None:
 def from_misses_cmd(logs: tuple[Path, ...], output: Path) -> None:
     """Turn miss logs ($FA4AOT_MISS_LOG of any number of nodes) into one manifest building every
     variant they name."""
-    from fa4aot.build import manifest as manifest_mod
+    from fa4aot.compile import manifest as manifest_mod
     from fa4aot.tools.record import manifest_text, read_log
 
     try:
@@ -1077,7 +1077,7 @@ def verify_cmd(
     click.echo(f"packed indexes: {len(packed)} problem{'s' * (len(packed) != 1)}")
     failed = bool(problems)
     if rebuild_sample:
-        from fa4aot.build.rebuild import rebuild_sample as rebuild
+        from fa4aot.compile.rebuild import rebuild_sample as rebuild
 
         try:
             results = rebuild(cache, rebuild_sample, seed)
@@ -1094,7 +1094,7 @@ def verify_cmd(
     if against_fa4:
         import random
 
-        from fa4aot.build.archive import cache_entries
+        from fa4aot.compile.archive import cache_entries
         from fa4aot.tools.against_fa4 import compare
 
         # one entry per variant (a variant built for two host archs shares its cubin)
@@ -1175,8 +1175,8 @@ def gc(cache_dir: Path | None, manifest: Path | None, grace: float, other_toolch
     keep = owned = None
     try:
         if manifest is not None:
-            from fa4aot.build import manifest as manifest_mod
-            from fa4aot.build.toolchain import fingerprint, host_arch
+            from fa4aot.compile import manifest as manifest_mod
+            from fa4aot.compile.toolchain import fingerprint, host_arch
             from fa4aot.core.variant import cache_key
 
             plan = manifest_mod.load(manifest)
@@ -1184,7 +1184,7 @@ def gc(cache_dir: Path | None, manifest: Path | None, grace: float, other_toolch
             keep = {cache_key(pv.variant, tc, host) for pv in plan.variants}
             if not other_toolchains:
                 owned = lambda e: e.meta.get("toolchain") == tc  # noqa: E731
-        from fa4aot.build.store import CacheWriter
+        from fa4aot.compile.store import CacheWriter
 
         cache = CacheWriter(_cache_dir(cache_dir), create=False)
         stats = cache.gc(keep, grace, owned)
@@ -1205,7 +1205,7 @@ def reindex(cache_dir: Path | None) -> None:
     `fa4aot build` and `fa4aot gc` do this themselves; run it after copying entries into a cache
     by other means.
     """
-    from fa4aot.build.store import CacheWriter
+    from fa4aot.compile.store import CacheWriter
 
     try:
         cache = CacheWriter(_cache_dir(cache_dir), create=False)

@@ -103,10 +103,6 @@ def combine_grid(f: dict, *, batch: int, seqlen: int, nheads: int, total_q: int 
     return (_cdiv(seqlen * nheads, tile_m), kblocks, batch)
 
 
-def prepare_grid(num_batch: int) -> tuple[int, int, int]:
-    return (_cdiv(num_batch, 31 * 32), 1, 1)
-
-
 def _varlen_tiles(total: int, batch: int, tile: int, cluster: int = 1) -> int:
     """SingleTileVarlenScheduler's block count: (total + batch * (cluster * tile - 1)) // tile,
     rounded down to whole clusters."""

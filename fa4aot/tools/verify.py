@@ -20,7 +20,7 @@ from fa4aot.core.index import Cache, Entry, is_timestamp, splice_plan
 from fa4aot.core.variant import Variant, cache_key
 
 #: The fields of an index record, and their JSON types, that installing, verifying, checking and
-#: serving an entry read (what :mod:`fa4aot.build.worker` writes for every entry). A record that
+#: serving an entry read (what :mod:`fa4aot.compile.worker` writes for every entry). A record that
 #: lacks one is damaged: pack and install refuse it, verify and check-plans report it.
 REQUIRED_FIELDS: dict[str, type | tuple[type, ...]] = {
     "format": int,
@@ -203,7 +203,7 @@ def key_problem(entry: Entry) -> str | None:
 
 
 def _emulation_problem(host: str) -> str | None:
-    from fa4aot.build.emulate import emulation_available
+    from fa4aot.compile.emulate import emulation_available
 
     return emulation_available(host)
 
@@ -245,7 +245,7 @@ def _sample_launches(entry: Entry, plan_bytes: bytes, named: dict) -> list:
         plan = open_plan(plan_bytes, meta)
         plan.load(list(range(1, len(plan.kernels) + 1)), *target_answers(entry.target.optin_smem()))
         return plan.plan(plan.order(named))
-    from fa4aot.build.emulate import fake_handles, run_states
+    from fa4aot.compile.emulate import fake_handles, run_states
 
     run = run_states(plan_bytes, meta, entry.target.optin_smem(), [named], entry.host_arch)
     if run.load_rc:
