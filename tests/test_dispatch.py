@@ -19,6 +19,7 @@ from helpers import needs_dsl
 import fa4aot
 from fa4aot.core import selector
 from fa4aot.core.fa4_interface import resolve_window
+from fa4aot.core.targets import ARCHES as TARGET_ARCHES
 from fa4aot.core.variant import FORWARD_FAMILY, Variant
 from fa4aot.tools import fa4_keys, fa4_parity
 from fa4aot.tools.fa4_calls import decide, facts
@@ -399,7 +400,7 @@ def _calls_decide_like_fa4(cache, cases, on_call=None) -> int:
     fa4 = {}
     for arch, sms in {(a, s) for a, s, _ in cases}:
         fa4[arch] = iter(fa4_parity.fa4_answers(arch, sms, [c for a, _, c in cases if a == arch], TESTS))
-    cc = {"sm_100a": (10, 0), "sm_103a": (10, 3), "sm_90a": (9, 0), "sm_120a": (12, 0)}
+    cc = {a.name: a.compute_capability for a in TARGET_ARCHES.values()}
     runtimes = {
         a: Runtime(cache, driver=FakeDriver(cc=cc[a], num_sms=fa4_parity.ARCHES[a])) for a in {a for a, _, _ in cases}
     }

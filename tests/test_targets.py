@@ -163,7 +163,7 @@ def test_one_table_of_arches_and_models_feeds_every_reader():
         assert arch_of_compute_capability(a.compute_capability) == a.name
         assert record._arch(10 * a.compute_capability[0] + a.compute_capability[1]) == a.name
         assert a.name in FAMILIES[a.forward].arches and a.name in FAMILIES["combine"].arches
-        assert (a.name in FAMILIES["prepare"].arches) == a.split_kv
+        assert (a.name in FAMILIES["prepare"].arches) == a.scheduler_metadata
         default = MODELS[a.default_model]
         assert target_name(a.name, default.num_sms) == a.default_model
     assert target_name("sm_100a", 152) == "gb200" and target_name("sm_100a", 150) == "sm100a-150sms"

@@ -555,7 +555,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             "prepare",
-            tuple(a.name for a in ARCHES.values() if a.split_kv),
+            tuple(a.name for a in ARCHES.values() if a.scheduler_metadata),
             PREPARE_AXES,
             check_prepare,
             "FA4 scheduler-metadata prepare (FlashPrepareScheduler)",

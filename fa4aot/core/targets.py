@@ -22,7 +22,7 @@ class Arch(NamedTuple):
     smem_optin: int  # default opt-in shared memory per block, bytes
     forward: str  # the forward family FA4 runs there
     backward: str | None  # the backward family, None where fa4aot builds none
-    split_kv: bool  # FA4's forward takes scheduler metadata there (the prepare kernel)
+    scheduler_metadata: bool  # FA4's forward takes scheduler metadata there (the prepare kernel)
     default_model: str  # the MODELS name a recorded call of this arch maps to without --target
 
 

@@ -207,8 +207,9 @@ EXPLICIT_CONFIG_SHARE = 0.1
 
 
 def configs(arch: str) -> list[dict]:
-    """The static configurations of ``arch``'s random calls (SM120 takes SM90's)."""
-    src = "sm_90a" if arch in ("sm_90a", "sm_120a") else "sm_100a"
+    """The static configurations of ``arch``'s random calls: SM100's for an arch running FA4's
+    SM100 forward, SM90's otherwise (SM120 takes SM90's)."""
+    src = "sm_100a" if TARGET_ARCHES[arch].forward == "fwd_sm100" else "sm_90a"
     return [dict(c) for a, c in SCALE_CONFIGS if a == src]
 
 
@@ -221,7 +222,7 @@ def _shape(rng: random.Random, static: dict, arch: str) -> dict:
         case["page_size"] = rng.choice(PAGE_SIZES)
     if static.get("varlen") or static.get("varlen_q"):
         case.update(total_q=max(sq, batch), total_k=max(sk, batch))
-    if arch in ("sm_90a", "sm_120a"):
+    if TARGET_ARCHES[arch].forward != "fwd_sm100":
         case.pop("num_splits", None)  # FA4 has no split-KV there
     return case
 
