@@ -338,18 +338,20 @@ def test_a_cache_others_can_write_gets_a_warning(built_cache, tmp_path, wheels, 
 
 def test_an_entry_built_by_another_fa4aot_with_the_same_shim_abi_is_a_miss(cache, tmp_path):
     from fa4aot.compile.store import CacheWriter
+    from fa4aot.core.variant import cache_key
 
     w = CacheWriter(cache)
     mine = next(e for e in w.entries() if e.variant_id == DEFAULT.variant_id)
     other = dict(mine.meta, created=mine.meta["created"] + 10)
     other["toolchain"] = dict(mine.meta["toolchain"], **{"kernels-src": "0" * 16})
     other.pop("blobs")
-    w.put("another-fa4aot", other, {role: w.read_blob(mine, role) for role in mine.blobs})
+    key = cache_key(mine.variant, other["toolchain"], mine.host_arch)  # its own key, as its build made it
+    w.put(key, other, {role: w.read_blob(mine, role) for role in mine.blobs})
     w.write_packed()
     w.close()
     log = tmp_path / "misses.jsonl"
     rt = Runtime(cache, driver=_h100(), miss_log=log)
-    assert rt.index.entry(DEFAULT.variant_id).key == "another-fa4aot"  # the newest, as packed
+    assert rt.index.entry(DEFAULT.variant_id).key == key  # the newest, as packed
     with pytest.raises(VariantNotFoundError, match="only as built by another fa4aot .*kernels-src 0000"):
         rt.load(DEFAULT)
     assert json.loads(log.read_text())["id"] == DEFAULT.variant_id
@@ -362,3 +364,22 @@ def test_the_runtime_knows_its_own_toolchain_as_the_build_computes_it():
 
     built = fingerprint()
     assert loader.own_toolchain() == {k: built[k] for k in loader.OWN_TOOLCHAIN_PARTS}
+
+
+def test_a_record_moved_under_another_key_never_loads(built_cache, tmp_path):
+    """The runtime recomputes an entry's key from its record at load, as install and pull do: a
+    record stored under a key it does not hash to is refused, and nothing is loaded."""
+    from fa4aot.compile.store import CacheWriter
+    from fa4aot.core.errors import CorruptArtifactError
+
+    src = Cache(built_cache)
+    e = next(x for x in src.entries() if x.variant.family == "fwd_sm90")
+    blobs = {role: src.read_blob(e, role) for role in e.blobs}
+    dst = CacheWriter(tmp_path / "moved")
+    dst.put("f" * 32, {k: v for k, v in e.meta.items() if k != "blobs"}, blobs)
+    dst.write_packed()
+    drv = FakeDriver(cc=(9, 0), num_sms=132)
+    rt = Runtime(tmp_path / "moved", driver=drv)
+    with pytest.raises(CorruptArtifactError, match="not the key its record hashes to"):
+        rt.load(e.variant)
+    assert drv.libraries == []

@@ -32,7 +32,14 @@ from typing import TYPE_CHECKING, Any
 
 from fa4aot.core.backward import bwd_knobs_from_env
 from fa4aot.core.bounded import BoundedDict
-from fa4aot.core.errors import ArgumentError, CacheError, DeviceMismatchError, Fa4aotError, VariantNotFoundError
+from fa4aot.core.errors import (
+    ArgumentError,
+    CacheError,
+    CorruptArtifactError,
+    DeviceMismatchError,
+    Fa4aotError,
+    VariantNotFoundError,
+)
 from fa4aot.core.fa4_interface import Knobs, knobs_from_env
 from fa4aot.core.index import (
     DEFAULT_CACHE_ENV,
@@ -54,7 +61,7 @@ from fa4aot.core.tuning import (
     result_class_difference,
     table_filename,
 )
-from fa4aot.core.variant import Target, Variant
+from fa4aot.core.variant import Target, Variant, cache_key
 from fa4aot.plan.abi import DEV_ATTR_MAX_SMEM_OPTIN, FUNC_ATTR_SHARED_SIZE_BYTES, SHIM_ABI
 from fa4aot.plan.library import Plan, open_plan
 
@@ -414,6 +421,13 @@ class Runtime:
         return open_index(self.cache, self.info, self.host_arch, allow_sm_mismatch)
 
     def _check_entry(self, entry: Entry) -> None:
+        # the key is recomputed from the record, as install and pull do: a record moved under
+        # another key (a variant it was not built for) never loads
+        if cache_key(entry.variant, entry.meta.get("toolchain", {}), entry.host_arch) != entry.key:
+            raise CorruptArtifactError(
+                f"{entry.variant.label()}: entry {entry.key} is not the key its record hashes to (a record moved "
+                "under another key): run `fa4aot verify`"
+            )
         foreign = foreign_toolchain(entry)
         if foreign:
             self.miss(entry.variant, why=foreign)
@@ -509,7 +523,13 @@ class Runtime:
         with lock:  # one loader per variant; different variants load in parallel
             lv = self._loaded.get(vid)
             if lv is None:
-                lv = self._load_entry(self.index.entry(vid))
+                entry = self.index.entry(vid)
+                if entry.variant.variant_id != vid:  # a packed index pointing at another variant's record
+                    raise CorruptArtifactError(
+                        f"the cache's index serves {entry.variant.label()} (entry {entry.key}) for variant {vid}: "
+                        "run `fa4aot verify` and `fa4aot reindex`"
+                    )
+                lv = self._load_entry(entry)
                 self._loaded[vid] = lv
         return lv
 
