@@ -76,6 +76,7 @@ def test_second_build_compiles_nothing(built_cache):
     assert elapsed < 60
 
 
+@pytest.mark.slow
 @needs_dsl
 def test_reuse_copies_entries_of_the_same_key_and_compiles_the_rest(built_cache, tmp_path):
     """`build --reuse`: an entry another cache holds under the same key is copied (blobs
