@@ -138,7 +138,8 @@ def floors(rt, q, o, inner: int, repeats: int, sync, sleep: int) -> dict[str, fl
 def breakdown(rt, q, o, inner: int, repeats: int, sync, sleep: int) -> dict[str, float]:
     """Where the batched plain call's host time goes: each step timed on its own."""
     from fa4aot.runtime import validate
-    from fa4aot.runtime.forward import analyse, default_stream
+    from fa4aot.runtime.forward import analyse
+    from fa4aot.runtime.frameworks import default_stream
     from fa4aot.runtime.tensors import as_device_tensor
 
     def args():

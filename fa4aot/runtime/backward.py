@@ -25,17 +25,17 @@ from fa4aot.core.errors import ArgumentError, VariantNotFoundError
 from fa4aot.core.fa4_interface import arch_number, clamp_window, resolve_window
 from fa4aot.core.variant import Variant
 from fa4aot.runtime import loader, validate
-from fa4aot.runtime.forward import (
-    FORWARD_DTYPES,
-    SINK_DTYPES,
-    _check_window,
-    _set_words,
-    alloc_like,
-    default_stream,
-    framework,
-)
+from fa4aot.runtime.frameworks import alloc_like, default_stream, framework
 from fa4aot.runtime.loader import LoadedVariant, Runtime
-from fa4aot.runtime.tensors import DeviceTensor, RawTensor, as_device_tensor, contiguous_strides, stream_handle
+from fa4aot.runtime.tensors import (
+    DeviceTensor,
+    RawTensor,
+    as_device_tensor,
+    contiguous_strides,
+    set_words,
+    stream_handle,
+)
+from fa4aot.runtime.validate import FORWARD_DTYPES, SINK_DTYPES, check_window
 
 
 class BackwardKernels(NamedTuple):
@@ -204,7 +204,7 @@ def flash_attn_backward(
         causal_r, local, wl, wr = bool(causal), False, None, None
     else:
         wl, wr = window_size
-        causal_r, local, wl, wr = resolve_window(bool(causal), _check_window(wl, "left"), _check_window(wr, "right"))
+        causal_r, local, wl, wr = resolve_window(bool(causal), check_window(wl, "left"), check_window(wr, "right"))
     if local:  # FA4 clamps the sides (interface.py 2158); fa4aot's local variants take both edges
         wl, wr = clamp_window(
             True, wl, wr, qrows[0] if varlen_q else qrows[1], kd.shape[0] if varlen_k else kd.shape[1]
@@ -382,7 +382,7 @@ def _zero(drv: Any, t: DeviceTensor, stream: int) -> None:
     """Zero a tensor of whole 32-bit words (fp32 accumulators; bf16/fp16 rows of even length)."""
     if t.strides != contiguous_strides(t.shape) or (math.prod(t.shape) * t.itemsize) % 4:
         raise ArgumentError(f"{t.shape}: fa4aot zeroes only contiguous tensors of whole 32-bit words")
-    _set_words(drv, t, 0, stream)
+    set_words(drv, t, 0, stream)
 
 
 def _keep_until_done(bufs: list[Any], stream: int, on_current: bool) -> None:

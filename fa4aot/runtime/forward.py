@@ -18,14 +18,11 @@ which allocates everything at bind time.
 
 from __future__ import annotations
 
-import itertools
 import math
 import struct
-import sys
 from typing import Any, NamedTuple
 
 from fa4aot.core import fwd
-from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import ArgumentError
 from fa4aot.core.fa4_interface import (
     TENSORMAP_WORDS,
@@ -41,23 +38,19 @@ from fa4aot.runtime.combine import combine
 from fa4aot.runtime.combine import pick as pick_combine
 from fa4aot.runtime.dispatch import ForwardRule, Pick, Shape, StaticCall
 from fa4aot.runtime.driver import CudaError
+from fa4aot.runtime.frameworks import alloc_like, default_stream, framework, transposed
 from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.metadata import SchedulerMetadata
 from fa4aot.runtime.tensors import (
     ITEMSIZE,
     DeviceTensor,
     as_device_tensor,
-    contiguous_strides,
     converter,
+    set_words,
     stream_handle,
 )
-from fa4aot.runtime.validate import INT32_MAX
+from fa4aot.runtime.validate import FORWARD_DTYPES, INT32_MAX, SINK_DTYPES, check_window
 
-_FRAMEWORK_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "int32": "int32", "int64": "int64"}
-#: dtypes FA4's forward takes for q, k, v, out
-FORWARD_DTYPES = ("bf16", "fp16")
-#: dtypes FA4 takes for learnable_sink (``_LEARNABLE_SINK_DTYPES``)
-SINK_DTYPES = ("bf16", "fp16", "fp32")
 #: A forward rule caches at most this many loaded variants (its shape-dependent field
 #: combinations; in practice a handful).
 MAX_RULE_VARIANTS = 64
@@ -336,14 +329,6 @@ class ForwardCall(NamedTuple):
 _new_call = tuple.__new__
 
 
-def _check_window(value: Any, name: str) -> int | None:
-    if value is None:
-        return None
-    if value.__class__ is not int:
-        raise ArgumentError(f"window_size {name}: expected an int or None, got {value!r}")
-    return validate.fits_int32(value, f"window_size {name}")
-
-
 def analyse(
     rt: Runtime,
     q: Any,
@@ -473,7 +458,7 @@ def analyse(
         wl = wr = None
     else:
         wl, wr = window_size
-        wl, wr = _check_window(wl, "left"), _check_window(wr, "right")
+        wl, wr = check_window(wl, "left"), check_window(wr, "right")
     # FA4 returns before compiling anything when there are no keys or no queries (out = 0, lse =
     # -inf or the sink); FA4's host code would divide by the empty extent, so nothing launches
     # (a page table without columns addresses no keys either)
@@ -810,11 +795,11 @@ def fill_empty(rt: Runtime, od: DeviceTensor, ld: DeviceTensor | None, sink: Dev
         return  # no queries: nothing to write
     if (od[1][-1] * ITEMSIZE[od[3]]) % 4:
         raise ArgumentError(f"out: rows of {od[1][-1]} {od[3]} elements are not whole 32-bit words")
-    _set_words(drv, od, 0, stream)
+    set_words(drv, od, 0, stream)
     if ld is None:
         return
     if sink is None:
-        _set_words(drv, ld, NEG_INF_F32, stream)
+        set_words(drv, ld, NEG_INF_F32, stream)
         return
     raw = drv.read(sink[0], sink[1][0] * ITEMSIZE[sink[3]], stream)
     if sink[3] == "fp32":
@@ -831,24 +816,6 @@ def fill_empty(rt: Runtime, od: DeviceTensor, ld: DeviceTensor | None, sink: Dev
             drv.memset_d2d32(base, max(strides[0], shape[2]) * 4, word, shape[2], shape[0], stream)
         else:
             drv.memset_d2d32(ld[0] + h * strides[0] * 4, shape[1] * 4, word, shape[1], 1, stream)
-
-
-def _set_words(drv: Any, t: DeviceTensor, word: int, stream: int) -> None:
-    """Every 32-bit word of ``t`` (last dimension contiguous, rows of whole words) set to
-    ``word``: one memset when ``t`` is contiguous, else one 2D memset per slice of its leading
-    dimensions."""
-    shape, strides, item = t[1], t[2], ITEMSIZE[t[3]]
-    if 0 in shape:
-        return
-    if strides == contiguous_strides(shape):
-        drv.memset_d32(t[0], word, math.prod(shape) * item // 4, stream)
-        return
-    width = shape[-1] * item // 4
-    rows = shape[-2] if len(shape) > 1 else 1
-    pitch = max(strides[-2] * item if len(shape) > 1 else 0, width * 4)
-    for idx in itertools.product(*(range(n) for n in shape[:-2])):
-        base = t[0] + sum(i * st for i, st in zip(idx, strides[:-2])) * item
-        drv.memset_d2d32(base, pitch, word, width, rows, stream)
 
 
 def check_metadata(md: SchedulerMetadata, fc: ForwardCall) -> None:
@@ -900,71 +867,3 @@ def _auto_metadata(fc: ForwardCall, stream: int) -> SchedulerMetadata:
         stream=stream,
     )
     return md
-
-
-#: Python class -> framework name ("torch", "cupy", "jax", "raw")
-_FRAMEWORKS: BoundedDict = BoundedDict(64)
-
-
-def framework(obj: Any) -> str:
-    """The framework a tensor comes from (remembered per Python class)."""
-    cls = obj.__class__
-    fw = _FRAMEWORKS.get(cls)
-    if fw is None:
-        mod = cls.__module__.split(".")[0]
-        fw = mod if mod in ("torch", "cupy") else ("jax" if mod in ("jax", "jaxlib") else "raw")
-        _FRAMEWORKS[cls] = fw
-    return fw
-
-
-def alloc_like(ref: Any, shape: tuple[int, ...], dtype: str) -> Any:
-    """An empty tensor on ``ref``'s device, made by ``ref``'s own framework (already imported by
-    the caller, so nothing new is imported here)."""
-    fw = framework(ref)
-    if fw == "torch":
-        torch = sys.modules["torch"]
-        return ref.new_empty(shape, dtype=getattr(torch, _FRAMEWORK_DTYPES[dtype]))
-    if fw == "cupy":
-        cp = sys.modules["cupy"]
-        if dtype == "bf16":
-            raise ArgumentError("CuPy has no bfloat16 arrays: pass out= (or use fp16)")
-        with ref.device:
-            return cp.empty(shape, dtype=getattr(cp, _FRAMEWORK_DTYPES[dtype]))
-    if fw == "jax":
-        jnp = sys.modules["jax.numpy"]
-        return jnp.empty(shape, dtype=getattr(jnp, _FRAMEWORK_DTYPES[dtype]), device=next(iter(ref.devices())))
-    raise ArgumentError(
-        f"cannot allocate a {dtype}{list(shape)} output for raw pointers: pass out= (and use num_splits=1 and "
-        "return_lse=False, or call the kernels through a framework, or use fa4aot.prepare_forward)"
-    )
-
-
-def transposed(t: Any) -> Any:
-    """The last two dimensions swapped, as a view in the tensor's framework (or a descriptor)."""
-    if isinstance(t, DeviceTensor):
-        s, st = list(t.shape), list(t.strides)
-        s[-1], s[-2], st[-1], st[-2] = s[-2], s[-1], st[-2], st[-1]
-        return t._replace(shape=tuple(s), strides=tuple(st))
-    fw = framework(t)
-    if fw == "torch":
-        return t.transpose(-1, -2)
-    if fw == "cupy":
-        return t.swapaxes(-1, -2)
-    return transposed(as_device_tensor(t, "lse"))
-
-
-_TORCH_STREAM: list[Any] = []
-
-
-def default_stream(ref: Any) -> int:
-    """The caller's framework's current stream (FA4 launches on torch's current stream)."""
-    fw = framework(ref)
-    if fw == "torch":
-        if not _TORCH_STREAM:
-            torch = sys.modules["torch"]
-            raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # the fast accessor, if present
-            _TORCH_STREAM.append(raw or (lambda d: torch.cuda.current_stream(d).cuda_stream))
-        return _TORCH_STREAM[0](ref.get_device())
-    if fw == "cupy":
-        return sys.modules["cupy"].cuda.get_current_stream().ptr
-    return 0

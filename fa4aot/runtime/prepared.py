@@ -37,15 +37,8 @@ from fa4aot.plan.abi import CALL_PTRS_OFFSET
 from fa4aot.plan.library import BoundCall, Plan
 from fa4aot.runtime import combine as combine_mod
 from fa4aot.runtime import loader, validate
-from fa4aot.runtime.forward import (
-    WORKSPACE_SLOT_BYTES,
-    analyse,
-    check_metadata,
-    default_stream,
-    framework,
-    transposed,
-    workspace_slots,
-)
+from fa4aot.runtime.forward import WORKSPACE_SLOT_BYTES, analyse, check_metadata, workspace_slots
+from fa4aot.runtime.frameworks import default_stream, framework, transposed
 from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.metadata import SchedulerMetadata
 from fa4aot.runtime.tensors import DeviceTensor, as_device_tensor, contiguous_strides, stream_handle

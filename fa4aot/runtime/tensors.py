@@ -10,6 +10,8 @@ pointers. Accepted streams: None (the legacy default stream), an int handle, an 
 from __future__ import annotations
 
 import ctypes
+import itertools
+import math
 import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -294,3 +296,21 @@ def stream_handle(stream: Any) -> int:
         return int(stream)  # cuda.bindings CUstream supports int()
     except (TypeError, ValueError):
         raise ArgumentError(f"stream: cannot get a CUDA stream handle from {type(stream).__name__}") from None
+
+
+def set_words(drv: Any, t: DeviceTensor, word: int, stream: int) -> None:
+    """Every 32-bit word of ``t`` (last dimension contiguous, rows of whole words) set to
+    ``word``: one memset when ``t`` is contiguous, else one 2D memset per slice of its leading
+    dimensions."""
+    shape, strides, item = t[1], t[2], ITEMSIZE[t[3]]
+    if 0 in shape:
+        return
+    if strides == contiguous_strides(shape):
+        drv.memset_d32(t[0], word, math.prod(shape) * item // 4, stream)
+        return
+    width = shape[-1] * item // 4
+    rows = shape[-2] if len(shape) > 1 else 1
+    pitch = max(strides[-2] * item if len(shape) > 1 else 0, width * 4)
+    for idx in itertools.product(*(range(n) for n in shape[:-2])):
+        base = t[0] + sum(i * st for i, st in zip(idx, strides[:-2])) * item
+        drv.memset_d2d32(base, pitch, word, width, rows, stream)

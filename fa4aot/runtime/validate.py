@@ -166,3 +166,18 @@ def finite(value: Any, name: str) -> float:
     if not math.isfinite(value):
         raise ArgumentError(f"{name}: must be finite, got {value}")
     return value
+
+
+#: dtypes FA4's forward takes for q, k, v, out
+FORWARD_DTYPES = ("bf16", "fp16")
+#: dtypes FA4 takes for learnable_sink (``_LEARNABLE_SINK_DTYPES``)
+SINK_DTYPES = ("bf16", "fp16", "fp32")
+
+
+def check_window(value: Any, name: str) -> int | None:
+    """A window side: None, or an int that fits FA4's int32."""
+    if value is None:
+        return None
+    if value.__class__ is not int:
+        raise ArgumentError(f"window_size {name}: expected an int or None, got {value!r}")
+    return fits_int32(value, f"window_size {name}")
