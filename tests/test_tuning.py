@@ -436,3 +436,23 @@ def test_an_entry_measured_on_other_cubins_is_stale(cache):
     doc["entries"][0]["cubins"] = ["x" * 64, ""]
     with pytest.raises(TuningTableError, match="cubins"):
         TuningTable.from_bytes(_resigned(doc))
+
+
+def test_tune_decides_with_the_caches_selector_where_flash_attn_is_not_installed(monkeypatch):
+    """`fa4aot tune` runs on GPU machines with the runtime and cli extras only: FA4's choice comes
+    from the selector the cache holds (selector.using), not from an installed flash-attn-4."""
+    from fa4aot.core import selector
+
+    sel = selector.installed()  # stands in for a cache's copy (the same config.py)
+    shape = tune.TuneShape(2, 1000, 1100, 16, 16, 128, False, False, "bf16")
+    want = tune.default_variant(shape, H100)
+
+    def not_installed():
+        raise selector.SelectorError("flash-attn-4 is not installed")
+
+    monkeypatch.setattr(selector, "_INSTALLED", [])
+    monkeypatch.setattr(selector, "installed_source", not_installed)
+    with pytest.raises(selector.SelectorError):
+        tune.default_variant(shape, H100)
+    with selector.using(sel):
+        assert tune.default_variant(shape, H100) == want

@@ -16,10 +16,12 @@ fails to load with an error naming the import: the upgrade report lists it.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import importlib.util
 import linecache
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,11 +117,26 @@ def installed_source() -> tuple[bytes, str]:
 
 
 _INSTALLED: list[types.ModuleType] = []
+_USING: list[types.ModuleType] = []
 
 
 def installed() -> types.ModuleType:
-    """The installed FA4's selector module (build side; loaded once per process)."""
+    """The installed FA4's selector module (build side; loaded once per process), or, inside
+    :func:`using`, the module given there."""
+    if _USING:
+        return _USING[-1]
     if not _INSTALLED:
         source, path = installed_source()
         _INSTALLED.append(load(source, path))
     return _INSTALLED[0]
+
+
+@contextlib.contextmanager
+def using(sel: types.ModuleType) -> Iterator[None]:
+    """Within the block, :func:`installed` answers ``sel``: a cache's selector, for a tool that
+    decides as the runtime does (``fa4aot tune`` on a GPU machine without flash-attn-4)."""
+    _USING.append(sel)
+    try:
+        yield
+    finally:
+        _USING.pop()

@@ -344,47 +344,35 @@ def tune_cmd(
     device (the runtime applies it from then on; FA4AOT_TUNING=0 turns it off).
 
     A candidate wins only when its median time beats FA4's by more than the measured noise. Needs
-    torch and a CUDA GPU; the table lands in CACHE/tuning/.
+    torch and a CUDA GPU; the table lands in CACHE/tuning/. FA4's choices come from the selector
+    the cache was built with, as the runtime's do (flash-attn-4 need not be installed here;
+    --dry-run reads the installed one).
     """
     from fa4aot.compile import manifest as manifest_mod
+    from fa4aot.core import selector
     from fa4aot.tools import tune as tune_mod
 
     try:
         shape_list = tune_mod.parse_shapes(shapes)
-        plan = manifest_mod.load(manifest)
-    except Fa4aotError as e:
-        raise click.ClickException(str(e)) from None
-    if dry_run:
-        for t in plan.targets:
-            pool = [pv.variant for pv in plan.variants if pv.target == t]
-            click.echo(f"target {t.name}: {t.arch}, {t.num_sms} SMs")
-            for shape in shape_list:
-                try:
-                    dv = tune_mod.default_variant(shape, t)
-                except Fa4aotError as e:
-                    click.echo(f"  {shape.label():<44} not served on this target: {e}")
-                    continue
-                cands = tune_mod.candidates(dv, pool)
-                built = "" if any(pv.variant == dv for pv in plan.variants) else " (not in the manifest!)"
-                click.echo(
-                    f"  {shape.label():<44} FA4: {dv.fields['tile_m']}x{dv.fields['tile_n']}{built}, {len(cands)} candidates"
-                )
-        return
-    try:
+        if dry_run:
+            _tune_dry_run(manifest_mod.load(manifest), shape_list)
+            return
         from fa4aot.runtime.loader import Runtime
 
         rt = Runtime(_cache_dir(cache_dir), tuned=False)
-        pool = [
-            pv.variant
-            for pv in plan.variants
-            if (pv.target.arch, pv.target.num_sms) == (rt.target.arch, rt.target.num_sms)
-        ]
-        if not pool:
-            raise click.ClickException(
-                f"{manifest} has no target for this GPU ({rt.target.arch}, {rt.target.num_sms} SMs)"
-            )
-        flush = 2 * rt.target.l2_bytes if rt.target.l2_bytes else tune_mod.DEFAULT_FLUSH_BYTES
-        table = tune_mod.tune(rt, pool, shape_list, rounds=rounds, reps=reps, flush_bytes=flush, log=click.echo)
+        with selector.using(rt.selector):
+            plan = manifest_mod.load(manifest)
+            pool = [
+                pv.variant
+                for pv in plan.variants
+                if (pv.target.arch, pv.target.num_sms) == (rt.target.arch, rt.target.num_sms)
+            ]
+            if not pool:
+                raise click.ClickException(
+                    f"{manifest} has no target for this GPU ({rt.target.arch}, {rt.target.num_sms} SMs)"
+                )
+            flush = 2 * rt.target.l2_bytes if rt.target.l2_bytes else tune_mod.DEFAULT_FLUSH_BYTES
+            table = tune_mod.tune(rt, pool, shape_list, rounds=rounds, reps=reps, flush_bytes=flush, log=click.echo)
         path = tune_mod.write_table(rt.cache.root, table, output)
     except ImportError as e:
         raise click.ClickException(f"tuning measures on the GPU with torch: {e}") from None
@@ -395,6 +383,26 @@ def tune_cmd(
         f"{len(table.entries)} tuned entries over {len(table.measured)} shapes; geometric mean speedup over "
         f"FA4's choice {tune_mod.geomean(sp):.3f}; table {path} (sha256 {table.sha256[:16]})"
     )
+
+
+def _tune_dry_run(plan, shape_list) -> None:
+    """Each shape's default variant (the installed FA4's choice) and its candidates, per target."""
+    from fa4aot.tools import tune as tune_mod
+
+    for t in plan.targets:
+        pool = [pv.variant for pv in plan.variants if pv.target == t]
+        click.echo(f"target {t.name}: {t.arch}, {t.num_sms} SMs")
+        for shape in shape_list:
+            try:
+                dv = tune_mod.default_variant(shape, t)
+            except Fa4aotError as e:
+                click.echo(f"  {shape.label():<44} not served on this target: {e}")
+                continue
+            cands = tune_mod.candidates(dv, pool)
+            built = "" if any(pv.variant == dv for pv in plan.variants) else " (not in the manifest!)"
+            click.echo(
+                f"  {shape.label():<44} FA4: {dv.fields['tile_m']}x{dv.fields['tile_n']}{built}, {len(cands)} candidates"
+            )
 
 
 @main.command("show-tuning")
