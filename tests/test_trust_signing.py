@@ -180,3 +180,21 @@ def test_a_runtime_with_trusted_keys_loads_only_cache_wheels_they_signed(wheel_c
         f.unlink()
     with pytest.warns(RuntimeWarning, match="not signed"), pytest.raises(CacheError):
         _choose(root, tmp_path)
+
+
+def test_a_signing_push_never_vouches_for_hashes_it_did_not_sign(release, built_cache, tmp_path):
+    """An INDEX.json someone else changed in the store is not carried into the next signed push:
+    entries that push did not upload are then not vouched for, and pull refuses them."""
+    d, public = release
+    store = tmp_path / "store"
+    key = str(d / "release.key")
+    run_cli("push", str(store), "--cache", str(built_cache), "--target", "h100", "--sign", key)
+    doc = json.loads((store / "INDEX.json").read_text())
+    victim = sorted(doc["records"])[0]
+    doc["records"][victim] = "0" * 64  # a forged hash (its signature no longer matches)
+    (store / "INDEX.json").write_text(json.dumps(doc, sort_keys=True))
+    run_cli("push", str(store), "--cache", str(built_cache), "--target", "b200", "--sign", key)
+    signed = json.loads((store / "INDEX.json").read_text())["records"]
+    assert victim not in signed and signed  # dropped, not re-signed; b200's entries are there
+    node = _trusting(tmp_path / "node", public)
+    assert "pulled" in run_cli("pull", str(store), "--cache", str(node), "--target", "b200").stdout

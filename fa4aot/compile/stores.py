@@ -58,7 +58,7 @@ from fa4aot.compile.archive import Archive, ArchiveError, _check_entry
 from fa4aot.core import safejson
 from fa4aot.core.errors import CacheError, Fa4aotError
 from fa4aot.core.index import Cache, Entry
-from fa4aot.core.signing import MAX_SIGNATURE_BYTES, Policy, Signer, TrustError
+from fa4aot.core.signing import MAX_SIGNATURE_BYTES, Policy, Signer, TrustError, verify
 from fa4aot.core.variant import sha256_hex
 
 #: Environment variable naming the default store of push / pull.
@@ -577,7 +577,7 @@ def push(cache: Cache, store: Store, entries: Iterable[Entry], signer: Signer | 
         raise StoreError(f"{store.url} is read-only")
     written = 0
     keys = set(store.list_entries())
-    hashes = _previous_hashes(store, keys)
+    hashes = _previous_hashes(store, keys, signer)
     n = 0
     for e in entries:
         n += 1
@@ -603,12 +603,19 @@ def push(cache: Cache, store: Store, entries: Iterable[Entry], signer: Signer | 
     return written, n
 
 
-def _previous_hashes(store: Store, keys: set[str]) -> dict[str, str]:
+def _previous_hashes(store: Store, keys: set[str], signer: Signer | None) -> dict[str, str]:
     """The record hashes of the store's INDEX.json for keys its INDEX still lists (a push adds to
-    them; entries pushed before INDEX.json existed are not vouched for until pushed again)."""
+    them; entries pushed before INDEX.json existed are not vouched for until pushed again). A
+    signing push keeps them only when ``signer`` signed that INDEX.json: it never vouches for
+    hashes it cannot tell were its own (a store others can write)."""
     data = store.get(SIGNED_INDEX)
     if data is None:
         return {}
+    if signer is not None:
+        try:
+            verify(data, store.get(SIGNED_INDEX_SIG) or b"", [signer.public], f"{store.url}/{SIGNED_INDEX}")
+        except TrustError:
+            return {}
     doc = safejson.loads(data, f"{store.url}/{SIGNED_INDEX}", max_bytes=object_cap(SIGNED_INDEX), error=StoreError)
     records = doc.get("records") if isinstance(doc, dict) else None
     if not isinstance(records, dict):
