@@ -716,9 +716,14 @@ def warn_if_untrusted(cache: Cache, where: str = "") -> None:
     """One warning when other users can change ``cache`` (see :func:`untrusted`)."""
     why = untrusted(cache.root)
     if why:
+        fix = (
+            "make it writable only by its owner (chmod -R o-w)"
+            if "every user" in why
+            else "if that user is trusted, filter this warning (python -W 'ignore:fa4aot: the cache')"
+        )
         warnings.warn(
             f"fa4aot: the cache {where or cache.root} can be changed by other users: {why}. Its launch plans "
-            "are native code this process runs; make it writable only by its owner (chmod -R o-w).",
+            f"are native code this process runs; {fix}.",
             RuntimeWarning,
             stacklevel=4,
         )
