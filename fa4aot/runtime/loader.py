@@ -719,7 +719,7 @@ def warn_if_untrusted(cache: Cache, where: str = "") -> None:
         fix = (
             "make it writable only by its owner (chmod -R o-w)"
             if "every user" in why
-            else "if that user is trusted, filter this warning (python -W 'ignore:fa4aot: the cache')"
+            else 'if that user is trusted, filter this warning: warnings.filterwarnings("ignore", "fa4aot: the cache")'
         )
         warnings.warn(
             f"fa4aot: the cache {where or cache.root} can be changed by other users: {why}. Its launch plans "
