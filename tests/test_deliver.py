@@ -304,6 +304,7 @@ def test_an_installed_wheel_is_found_by_the_runtime_and_the_cli(wheel_env, tmp_p
         [py, "-m", "fa4aot.tools.cli", "show-config"], env=env, cwd=tmp_path, capture_output=True, text=True
     )
     assert "wheel fa4aot_cache_b200" in cfg.stdout and "wheel fa4aot_cache_h100" in cfg.stdout
+    assert "gb200 (NVIDIA GB200: sm_100a, 152 SMs)" in cfg.stdout  # the model table, core/targets.py
 
 
 def test_search_order_env_then_wheels_then_local(wheel_env, built_cache, tmp_path):

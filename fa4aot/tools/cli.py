@@ -904,6 +904,19 @@ def trust_remove_cmd(key: str, cache_dir: Path | None) -> None:
     click.echo(f"{root} no longer trusts {key}")
 
 
+def _targets_line(info) -> str:
+    """The known GPU models (core/targets.py), the visible GPU's marked: what a manifest's
+    ``target`` names and the SM count it must carry."""
+    from fa4aot.core.targets import ARCHES, MODELS, arch_of_compute_capability
+
+    arch = arch_of_compute_capability(info.compute_capability) if info is not None else None
+    models = ", ".join(
+        f"{m.name} ({m.product}: {m.arch}, {m.num_sms} SMs){' <- this GPU' if (m.arch, m.num_sms) == (arch, getattr(info, 'num_sms', None)) else ''}"
+        for m in MODELS.values()
+    )
+    return f"targets fa4aot knows (arches {', '.join(ARCHES)}): {models}"
+
+
 @main.command("show-config")
 def show_config_cmd() -> None:
     """Versions, the runtime's cache search path and what each cache there holds, the remote
@@ -941,6 +954,8 @@ def show_config_cmd() -> None:
         click.echo(f"GPU: {info.name} (sm_{cc[0]}{cc[1]}, {info.num_sms} SMs), driver {info.driver_version}")
     except Exception as e:  # no driver, no device: say so
         click.echo(f"GPU: none ({str(e).splitlines()[0][:120]})")
+        info = None
+    click.echo(_targets_line(info))
 
 
 # -- learning manifests from workloads -------------------------------------------------------
