@@ -294,6 +294,39 @@ def _expand_families(fams: Any, prefix: str, target: Target, plan: Plan, seen: s
 
 
 def _expand_group(family: Family, path: str, group: Any, target: Target, plan: Plan, seen: set[str]) -> None:
+    """Add the variants one manifest group builds to ``plan`` (``seen``: the variant ids already
+    there); ManifestError naming the field when the group is malformed or builds nothing."""
+    origin, values, explicit, shapes, filters = _parse_group(family, path, group)
+    combinations = 1
+    for items in values.values():
+        combinations *= len(items)
+    if combinations > MAX_COMBINATIONS_PER_GROUP:
+        raise ManifestError(
+            path, f"expands to {combinations} combinations (at most {MAX_COMBINATIONS_PER_GROUP}); split it"
+        )
+    all_scalar = all(len(v) == 1 for k, v in values.items() if explicit[k]) and any(explicit.values())
+    if family.selected:
+        if _expand_selected(family, path, origin, values, explicit, shapes, filters, target, plan, seen):
+            return
+        _nothing_selected(family, path, origin, values, explicit, shapes, filters, target, plan)
+    n_valid, used, first_reason = _expand_combinations(family, path, origin, values, shapes, target, plan, seen)
+    if n_valid == 0:
+        _nothing_valid(family, path, values, explicit, plan, all_scalar)
+    for key, items in values.items():
+        if not explicit[key]:
+            continue
+        for j, _ in enumerate(items):
+            if not used.get((key, j)):
+                where = f"{path}.{key}[{j}]" if len(items) > 1 else f"{path}.{key}"
+                raise ManifestError(
+                    where,
+                    f"no valid combination uses {items[j]!r}: {first_reason.get((key, j), 'invalid')}",
+                )
+
+
+def _parse_group(family: Family, path: str, group: Any) -> tuple[str, dict, dict, dict, dict]:
+    """(origin, values, explicit, shapes, filters) of a group: each axis's listed values (its
+    default where absent) and whether the group set it, and the domain and filter axes' values."""
     if not isinstance(group, Mapping):
         raise ManifestError(path, "a group must be a mapping of axis name to value(s)")
     _string_keys(group, path)
@@ -316,107 +349,112 @@ def _expand_group(family: Family, path: str, group: Any, target: Target, plan: P
         if axis is None:
             known = [a.name for a in family.axes + family.domain_axes + family.filter_axes]
             raise ManifestError(f"{path}.{key}", f"unknown axis for {family.name}; known: {known}")
-        items = value if isinstance(value, list) and not _is_pair_scalar(key, value) else [value]
-        if not items:
-            raise ManifestError(f"{path}.{key}", "empty list")
-        listed = isinstance(value, list) and not _is_pair_scalar(key, value)
-        parsed: list[dict[str, Any]] = []
-        for j, item in enumerate(items):
-            where = f"{path}.{key}[{j}]" if listed else f"{path}.{key}"
-            try:
-                fields = axis.parse(item)
-            except ValueError as e:
-                raise ManifestError(where, str(e)) from None
-            if fields in parsed:
-                raise ManifestError(where, f"{item!r} is listed twice (also at [{parsed.index(fields)}])")
-            parsed.append(fields)
-        values[key] = items
+        values[key] = _axis_values(axis, path, key, value)
         explicit[key] = True
     for axis in family.axes:
         if axis.name not in values:
             values[axis.name] = list(axis.default)
             explicit[axis.name] = False
+    return origin, values, explicit, shapes, filters
 
-    combinations = 1
-    for items in values.values():
-        combinations *= len(items)
-    if combinations > MAX_COMBINATIONS_PER_GROUP:
-        raise ManifestError(
-            path, f"expands to {combinations} combinations (at most {MAX_COMBINATIONS_PER_GROUP}); split it"
-        )
+
+def _axis_values(axis: Any, path: str, key: str, value: Any) -> list[Any]:
+    """The listed values of one axis, each parsed (a ManifestError names the bad or repeated one)."""
+    listed = isinstance(value, list) and not _is_pair_scalar(key, value)
+    items = value if listed else [value]
+    if not items:
+        raise ManifestError(f"{path}.{key}", "empty list")
+    parsed: list[dict[str, Any]] = []
+    for j, item in enumerate(items):
+        where = f"{path}.{key}[{j}]" if listed else f"{path}.{key}"
+        try:
+            fields = axis.parse(item)
+        except ValueError as e:
+            raise ManifestError(where, str(e)) from None
+        if fields in parsed:
+            raise ManifestError(where, f"{item!r} is listed twice (also at [{parsed.index(fields)}])")
+        parsed.append(fields)
+    return items
+
+
+def _add_variant(plan: Plan, seen: set[str], variant: Variant, target: Target, origin: str, path: str) -> None:
+    """Plan ``variant`` once, within :data:`MAX_VARIANTS`."""
+    if variant.variant_id in seen:
+        return
+    seen.add(variant.variant_id)
+    plan.variants.append(PlannedVariant(variant, target, origin))
+    if len(plan.variants) > MAX_VARIANTS:
+        raise ManifestError(path, f"the manifest expands to more than {MAX_VARIANTS} variants")
+
+
+def _expand_combinations(
+    family: Family, path: str, origin: str, values: dict, shapes: dict, target: Target, plan: Plan, seen: set[str]
+) -> tuple[int, dict[tuple[str, int], bool], dict[tuple[str, int], str]]:
+    """Every combination of an unselected family's axes: the valid ones planned (with the kernels
+    a backward call runs), the others skipped with their reason. (valid count, which listed
+    values a valid combination used, the first reason each value was refused)."""
     used: dict[tuple[str, int], bool] = {}
     first_reason: dict[tuple[str, int], str] = {}
     n_valid = 0
-    all_scalar = all(len(v) == 1 for k, v in values.items() if explicit[k]) and any(explicit.values())
-    if family.selected:
-        n_valid = _expand_selected(family, path, origin, values, explicit, shapes, filters, target, plan, seen)
-        if n_valid:
-            return
-        all_scalar = all_scalar or not any(explicit.values())
-    for raw, picked in product(family.axes, values) if not family.selected else ():
+    for raw, picked in product(family.axes, values):
         for fields in resolve_fields(family.name, raw):
             reason = family.check(fields)
             idx = {k: _index(values[k], picked[k]) for k in picked}
-            if reason is None:
-                n_valid += 1
-                for k, j in idx.items():
-                    used[(k, j)] = True
-                if family.parts:
-                    try:
-                        domain = {k: tuple(v) for k, v in shapes.items()}
-                        kernels = family.parts(dict(fields, _arch=target.arch, _num_sms=target.num_sms, _domain=domain))
-                    except ValueError as e:
-                        raise ManifestError(path, f"FA4 cannot build this call: {e}") from None
-                else:
-                    kernels = [(family.name, fields)]
-                for fam_name, kfields in kernels:
-                    variant = Variant.make(fam_name, target.arch, target.num_sms, **kfields)
-                    if variant.variant_id not in seen:
-                        seen.add(variant.variant_id)
-                        plan.variants.append(PlannedVariant(variant, target, origin))
-                        if len(plan.variants) > MAX_VARIANTS:
-                            raise ManifestError(path, f"the manifest expands to more than {MAX_VARIANTS} variants")
-            else:
+            if reason is not None:
                 for k, j in idx.items():
                     first_reason.setdefault((k, j), reason)
                 plan.skipped.append(Skipped(origin, dict(picked), reason))
-    if n_valid == 0 and family.selected:
-        reason = plan.skipped[-1].reason if plan.skipped else "expands to nothing"
-        # Blame the explicit axis that, set back to its default, lets FA4 select something.
-        culprit = None
-        for key in (k for k, e in explicit.items() if e):
-            trial = dict(values, **{key: list(family.axis(key).default)})
-            scratch = Plan(targets=[], variants=[], skipped=[])
-            if _expand_selected(family, path, origin, trial, dict(explicit, **{key: False}), shapes, filters,
-                                target, scratch, set()):  # fmt: skip
-                culprit = key
-                break
-        where = f"{path}.{culprit}" if culprit else path
-        raise ManifestError(where, f"FA4 selects nothing this group can build: {reason}")
-    if n_valid == 0:
-        reason = plan.skipped[-1].reason if plan.skipped else "expands to nothing"
-        # Blame the axis whose explicit values make everything invalid: the one that, set back
-        # to its default, admits a valid combination.
-        culprit = None
-        for key in (k for k, e in explicit.items() if e):
-            trial = dict(values, **{key: list(family.axis(key).default)})
-            if _any_valid(family, trial):
-                culprit = key
-                break
-        where = f"{path}.{culprit}" if culprit else path
-        if all_scalar:
-            raise ManifestError(where, f"FA4 cannot build this combination: {reason}")
-        raise ManifestError(where, f"no combination of this group is valid: {reason}")
-    for key, items in values.items():
-        if not explicit[key]:
-            continue
-        for j, _ in enumerate(items):
-            if not used.get((key, j)):
-                where = f"{path}.{key}[{j}]" if len(items) > 1 else f"{path}.{key}"
-                raise ManifestError(
-                    where,
-                    f"no valid combination uses {items[j]!r}: {first_reason.get((key, j), 'invalid')}",
+                continue
+            n_valid += 1
+            for k, j in idx.items():
+                used[(k, j)] = True
+            if family.parts:
+                try:
+                    domain = {k: tuple(v) for k, v in shapes.items()}
+                    kernels = family.parts(dict(fields, _arch=target.arch, _num_sms=target.num_sms, _domain=domain))
+                except ValueError as e:
+                    raise ManifestError(path, f"FA4 cannot build this call: {e}") from None
+            else:
+                kernels = [(family.name, fields)]
+            for fam_name, kfields in kernels:
+                _add_variant(
+                    plan, seen, Variant.make(fam_name, target.arch, target.num_sms, **kfields), target, origin, path
                 )
+    return n_valid, used, first_reason
+
+
+def _nothing_selected(
+    family: Family, path: str, origin: str, values: dict, explicit: dict, shapes: dict, filters: dict,
+    target: Target, plan: Plan,
+) -> None:  # fmt: skip
+    """Raise for a selected group FA4 selects nothing in, blaming the explicit axis that, set back
+    to its default, lets FA4 select something."""
+    reason = plan.skipped[-1].reason if plan.skipped else "expands to nothing"
+    culprit = None
+    for key in (k for k, e in explicit.items() if e):
+        trial = dict(values, **{key: list(family.axis(key).default)})
+        scratch = Plan(targets=[], variants=[], skipped=[])
+        if _expand_selected(family, path, origin, trial, dict(explicit, **{key: False}), shapes, filters,
+                            target, scratch, set()):  # fmt: skip
+            culprit = key
+            break
+    where = f"{path}.{culprit}" if culprit else path
+    raise ManifestError(where, f"FA4 selects nothing this group can build: {reason}")
+
+
+def _nothing_valid(family: Family, path: str, values: dict, explicit: dict, plan: Plan, all_scalar: bool) -> None:
+    """Raise for a group with no valid combination, blaming the axis whose explicit values make
+    everything invalid: the one that, set back to its default, admits a valid combination."""
+    reason = plan.skipped[-1].reason if plan.skipped else "expands to nothing"
+    culprit = None
+    for key in (k for k, e in explicit.items() if e):
+        if _any_valid(family, dict(values, **{key: list(family.axis(key).default)})):
+            culprit = key
+            break
+    where = f"{path}.{culprit}" if culprit else path
+    if all_scalar:
+        raise ManifestError(where, f"FA4 cannot build this combination: {reason}")
+    raise ManifestError(where, f"no combination of this group is valid: {reason}")
 
 
 def _side_values(axis: Any, path: str, key: str, value: Any) -> list[Any]:
@@ -500,12 +538,7 @@ def _expand_selected(
             for k in filters:
                 matched[k].add(fwd.FILTERS[k](fields))
         for name, fields in [(family.name, f) for f in found] + around:
-            variant = Variant.make(name, target.arch, target.num_sms, **fields)
-            if variant.variant_id not in seen:
-                seen.add(variant.variant_id)
-                plan.variants.append(PlannedVariant(variant, target, origin))
-                if len(plan.variants) > MAX_VARIANTS:
-                    raise ManifestError(path, f"the manifest expands to more than {MAX_VARIANTS} variants")
+            _add_variant(plan, seen, Variant.make(name, target.arch, target.num_sms, **fields), target, origin, path)
     if not n_valid:
         return 0
     for key, items in values.items():
