@@ -399,41 +399,9 @@ def analyse(
             raise ArgumentError(f"max_seqlen_q ({max_q}) must equal q's seqlen ({seqlen_q}) without cu_seqlens_q")
         max_q = seqlen_q
         rows = (batch, seqlen_q)
-    pt = page_size = None
-    if page_table is not None:
-        pt = as_device_tensor(page_table, "page_table")
-        ps_ = pt[2]
-        # the usual table in one test; anything else gets the full check (which names the problem)
-        if not (
-            pt[3] == "int32" and len(ps_) == 2 and pt[4] == dev and pt[5] != "raw" and not pt[0] % 4
-            and (ps_[1] == 1 or pt[1][1] == 1) and ps_[0] >= 0
-        ):  # fmt: skip
-            pt = validate.tensor(page_table, "page_table", dtypes=("int32",), rank=2, device=dev, rt=rt, align=4)
-        if pt[1][0] != batch:
-            raise ArgumentError(f"page_table: expected shape (batch={batch}, max_pages), got {tuple(pt[1])}")
-        page_size = ks[1]  # k, v: (num_pages, page_size, nheads_kv, head_dim)
-        max_k = pt[1][1] * page_size if max_k is None else max_k
-    elif varlen_k:
-        cuk = validate.int32_vector(cu_k, "cu_seqlens_k", batch + 1, dev, rt)
-        max_k = ks[0] if max_k is None else max_k
-    else:
-        if ks[0] != batch:
-            raise ArgumentError(f"k: batch {ks[0]} != q's batch {batch}")
-        max_k = ks[1] if max_k is None else max_k
-    sink = None
-    sink_dtype = "none"
-    if learnable_sink is not None:
-        sink = as_device_tensor(learnable_sink, "learnable_sink")
-        if not (
-            sink[3] in SINK_DTYPES and len(sink[1]) == 1 and sink[4] == dev and sink[5] != "raw" and not sink[0] % 4
-            and (sink[2][0] == 1 or sink[1][0] == 1)
-        ):  # fmt: skip
-            sink = validate.tensor(
-                learnable_sink, "learnable_sink", dtypes=SINK_DTYPES, rank=1, device=dev, rt=rt, align=4
-            )
-        if sink[1][0] != nheads:
-            raise ArgumentError(f"learnable_sink: expected shape (nheads={nheads},), got {tuple(sink[1])}")
-        sink_dtype = sink[3]
+    pt, page_size, cuk, max_k = _keys(rt, dev, page_table, cu_k, varlen_k, ks, batch, max_k)
+    sink = _sink(rt, dev, learnable_sink, nheads) if learnable_sink is not None else None
+    sink_dtype = sink[3] if sink is not None else "none"
     if softcap is None:
         softcap = 0.0
     elif softcap.__class__ is not float or softcap != 0.0:
@@ -538,6 +506,55 @@ def analyse(
     )  # fmt: skip
 
 
+def _keys(
+    rt: Runtime,
+    dev: int,
+    page_table: Any,
+    cu_k: Any,
+    varlen_k: bool,
+    ks: tuple[int, ...],
+    batch: int,
+    max_k: int | None,
+) -> tuple[DeviceTensor | None, int | None, DeviceTensor | None, int]:
+    """(page table, page size, cu_seqlens_k, max_seqlen_k) of where a call's keys come from: pages,
+    packed sequences or a batch, each checked against q's batch."""
+    pt = page_size = cuk = None
+    if page_table is not None:
+        pt = as_device_tensor(page_table, "page_table")
+        ps_ = pt[2]
+        # the usual table in one test; anything else gets the full check (which names the problem)
+        if not (
+            pt[3] == "int32" and len(ps_) == 2 and pt[4] == dev and pt[5] != "raw" and not pt[0] % 4
+            and (ps_[1] == 1 or pt[1][1] == 1) and ps_[0] >= 0
+        ):  # fmt: skip
+            pt = validate.tensor(page_table, "page_table", dtypes=("int32",), rank=2, device=dev, rt=rt, align=4)
+        if pt[1][0] != batch:
+            raise ArgumentError(f"page_table: expected shape (batch={batch}, max_pages), got {tuple(pt[1])}")
+        page_size = ks[1]  # k, v: (num_pages, page_size, nheads_kv, head_dim)
+        max_k = pt[1][1] * page_size if max_k is None else max_k
+    elif varlen_k:
+        cuk = validate.int32_vector(cu_k, "cu_seqlens_k", batch + 1, dev, rt)
+        max_k = ks[0] if max_k is None else max_k
+    else:
+        if ks[0] != batch:
+            raise ArgumentError(f"k: batch {ks[0]} != q's batch {batch}")
+        max_k = ks[1] if max_k is None else max_k
+    return pt, page_size, cuk, max_k
+
+
+def _sink(rt: Runtime, dev: int, learnable_sink: Any, nheads: int) -> DeviceTensor:
+    """The learnable sink, checked: one value per query head, in a dtype FA4 takes."""
+    sink = as_device_tensor(learnable_sink, "learnable_sink")
+    if not (
+        sink[3] in SINK_DTYPES and len(sink[1]) == 1 and sink[4] == dev and sink[5] != "raw" and not sink[0] % 4
+        and (sink[2][0] == 1 or sink[1][0] == 1)
+    ):  # fmt: skip
+        sink = validate.tensor(learnable_sink, "learnable_sink", dtypes=SINK_DTYPES, rank=1, device=dev, rt=rt, align=4)
+    if sink[1][0] != nheads:
+        raise ArgumentError(f"learnable_sink: expected shape (nheads={nheads},), got {tuple(sink[1])}")
+    return sink
+
+
 def _pick(rt: Runtime, rule: ForwardRule, shape: Shape) -> Pick:
     """FA4's decision for a shape the rule has not seen: FA4's selection, then the variant (loaded
     on first use, or the manifest line that builds it when the cache lacks it)."""
@@ -623,22 +640,7 @@ def forward(
         raise ArgumentError("scheduler_metadata is for varlen queries (cu_seqlens_q or seqused_q)")
     s = default_stream(q) if stream is None else stream_handle(stream)
     out_shape = (*fc.rows, fc.nheads, fc.head_dim_v)
-    if out is None:
-        out = alloc_like(q, out_shape, fc.dtype)
-    od = as_device_tensor(out, "out")
-    if od[3] != fc.dtype:
-        raise ArgumentError(f"out: dtype must be {fc.dtype} (q's), got {od[3]}")
-    validate.io(od, "out", len(out_shape), rt.device, rt, writable=True)
-    if od[1] != out_shape:
-        validate.shape(od, "out", out_shape, "q's shape with head_dim_v")
-    if lse is not None:
-        ld = validate.tensor(
-            lse, "lse", dtypes=("fp32",), rank=len(fc.lse_shape), device=rt.device, rt=rt, align=4, writable=True
-        )
-        validate.shape(ld, "lse", fc.lse_shape, "FA4's (batch, nheads, seqlen_q) or (nheads, total_q)")
-    else:
-        lse = alloc_like(q, fc.lse_shape, "fp32") if return_lse else None
-        ld = as_device_tensor(lse, "lse") if lse is not None else None
+    out, od, lse, ld = _outputs(rt, fc, q, out, lse, return_lse, out_shape)
     if fc.lv is None:  # no keys or no queries: FA4's early return, nothing launches
         fill_empty(rt, od, ld, fc.learnable_sink, s)
         return out, lse
@@ -661,20 +663,8 @@ def forward(
         )
     else:
         o_arg, l_arg = od, ld
-    nsd = sem = l2 = None
-    md = None
     scratch: list[Any] = []  # torch scratch, referenced until its launch is queued
-    if metadata is not None or plan.prepare:
-        # FA4's scheduler metadata: the caller's, or the prepare kernel's for a split varlen call
-        md = metadata if metadata is not None else _auto_metadata(fc, s)  # may launch prepare
-        check_metadata(md, fc)
-        b_nsd, b_sem, b_l2 = md.buffers
-        nsd = b_nsd if plan.num_splits_dynamic else None
-        sem = b_sem if plan.tile_count_semaphore else None
-        l2 = b_l2 if plan.num_nheads_in_l2 else None
-    elif plan.dynamic_route:
-        sem = _described(route_semaphore(rt, q, s), scratch)
-    ws = _described(workspace(rt, fc, q, s), scratch) if plan.tensormap_workspace else None
+    md, nsd, sem, l2, ws = _scheduler_args(rt, fc, metadata, q, s, scratch)
     fc.lv.launch(
         fc.q,
         fc.k,
@@ -712,6 +702,50 @@ def forward(
     if metadata is not None and sem is not None:
         md.reset_semaphore(s)  # the forward counted it up; zero it for the next use
     return out, lse
+
+
+def _outputs(
+    rt: Runtime, fc: ForwardCall, q: Any, out: Any, lse: Any, return_lse: bool, out_shape: tuple[int, ...]
+) -> tuple[Any, DeviceTensor, Any, DeviceTensor | None]:
+    """(out, its descriptor, lse, its descriptor): the caller's, checked, or allocated like ``q``."""
+    if out is None:
+        out = alloc_like(q, out_shape, fc.dtype)
+    od = as_device_tensor(out, "out")
+    if od[3] != fc.dtype:
+        raise ArgumentError(f"out: dtype must be {fc.dtype} (q's), got {od[3]}")
+    validate.io(od, "out", len(out_shape), rt.device, rt, writable=True)
+    if od[1] != out_shape:
+        validate.shape(od, "out", out_shape, "q's shape with head_dim_v")
+    if lse is not None:
+        ld = validate.tensor(
+            lse, "lse", dtypes=("fp32",), rank=len(fc.lse_shape), device=rt.device, rt=rt, align=4, writable=True
+        )
+        validate.shape(ld, "lse", fc.lse_shape, "FA4's (batch, nheads, seqlen_q) or (nheads, total_q)")
+    else:
+        lse = alloc_like(q, fc.lse_shape, "fp32") if return_lse else None
+        ld = as_device_tensor(lse, "lse") if lse is not None else None
+    return out, od, lse, ld
+
+
+def _scheduler_args(
+    rt: Runtime, fc: ForwardCall, metadata: SchedulerMetadata | None, q: Any, s: int, scratch: list[Any]
+) -> tuple[SchedulerMetadata | None, Any, Any, Any, Any]:
+    """(metadata, num_splits_dynamic, tile semaphore, nheads-in-L2, tensor-map workspace) the
+    forward kernel takes, as FA4's plan for the call says; torch scratch is kept in ``scratch``."""
+    plan = fc.plan
+    nsd = sem = l2 = md = None
+    if metadata is not None or plan.prepare:
+        # FA4's scheduler metadata: the caller's, or the prepare kernel's for a split varlen call
+        md = metadata if metadata is not None else _auto_metadata(fc, s)  # may launch prepare
+        check_metadata(md, fc)
+        b_nsd, b_sem, b_l2 = md.buffers
+        nsd = b_nsd if plan.num_splits_dynamic else None
+        sem = b_sem if plan.tile_count_semaphore else None
+        l2 = b_l2 if plan.num_nheads_in_l2 else None
+    elif plan.dynamic_route:
+        sem = _described(route_semaphore(rt, q, s), scratch)
+    ws = _described(workspace(rt, fc, q, s), scratch) if plan.tensormap_workspace else None
+    return md, nsd, sem, l2, ws
 
 
 #: Bytes of one tensor-map workspace slot (FA4: int64 (n_ctas, 16), a 128-byte TMA descriptor per CTA).
