@@ -30,7 +30,7 @@ import stat
 import tarfile
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -212,10 +212,15 @@ class PackResult:
 
 
 def pack_bytes(
-    cache: Cache, entries: list[Entry], host_arch: str, signer: Signer | None = None
+    cache: Cache,
+    entries: list[Entry],
+    host_arch: str,
+    signer: Signer | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[bytes, PackResult]:
     """The archive of ``entries`` (every blob re-read and hash-checked) and what it holds;
-    ``signer`` adds its signature over the manifest member (which names every byte)."""
+    ``signer`` adds its signature over the manifest member (which names every byte).
+    ``progress(done, total)``: after each blob read, and after the compression (the last step)."""
     if not entries:
         raise ArchiveError("nothing to pack: no entry matches the selection")
     blobs: dict[str, tuple[int, str, Entry, str]] = {}
@@ -240,12 +245,16 @@ def pack_bytes(
         _add(tar, MANIFEST_MEMBER, doc_bytes)
         if signer is not None:
             _add(tar, SIGNATURE_MEMBER, signer.sign(doc_bytes))
-        for sha in sorted(blobs):
+        for i, sha in enumerate(sorted(blobs), 1):
             size, ext, e, role = blobs[sha]
             data = cache.read_blob(e, role)  # sha256 and size checked
             _add(tar, f"blobs/{sha}.{ext}", data)
+            if progress is not None:
+                progress(i, len(blobs) + 1)
     payload = raw.getvalue()
     data = lzma.compress(payload, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=XZ_PRESET)
+    if progress is not None:
+        progress(len(blobs) + 1, len(blobs) + 1)
     return data, PackResult(len(entries), len(blobs), len(payload), len(data), sha256_hex(data))
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fa4aot.compile.toolchain import c_compiler_for, host_arch_here
+from fa4aot.core import env
 from fa4aot.core.errors import ToolchainError
 from fa4aot.core.signature import arg_from_dict
 from fa4aot.plan.abi import State, struct_layout
@@ -56,7 +57,7 @@ def runner(host_arch: str) -> list[str]:
         raise ToolchainError(f"cannot run {host_arch} launch plans here: {why}")
     src = RUNNER_SOURCE.read_bytes()
     tag = hashlib.sha256(src + host_arch.encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fa4aot"
+    cache = Path(env.get(env.XDG_CACHE_HOME, str(Path.home() / ".cache"))) / "fa4aot"
     exe = cache / f"plan-runner-{host_arch}-{tag}"
     if not exe.exists():
         cache.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@ executor (a :class:`concurrent.futures.Executor`) and stays the only writer into
 stores each returned :class:`~fa4aot.compile.worker.BuildOutput` (blob bytes and metadata) itself.
 
 * ``local`` (default): a spawn process pool per target (:func:`fa4aot.compile.orchestrate._pool`).
-* ``ray`` (``pip install 'fa4aot[ray]'``): Ray tasks. Each asks for one CPU and the memory a
+* ``ray`` (fa4aot's ``ray`` extra): Ray tasks. Each asks for one CPU and the memory a
   compile measurably peaks at (:data:`COMPILE_MEMORY_BYTES`), is retried when its worker dies,
   and its worker is recycled after :data:`MAX_CALLS_PER_WORKER` compiles (MLIR compiles leak).
   Workers get the target arch in their environment (``runtime_env``), never from a device query;
@@ -47,7 +47,9 @@ class RayExecutor(cf.Executor):
         try:
             import ray
         except ImportError:
-            raise ToolchainError("the ray executor needs Ray: pip install 'fa4aot[ray]'") from None
+            raise ToolchainError(
+                "the ray executor needs Ray: install fa4aot's ray extra (pip install '.[ray]' in its checkout)"
+            ) from None
         self._ray = ray
         if not ray.is_initialized():
             kw: dict[str, Any] = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)

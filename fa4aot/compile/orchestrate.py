@@ -4,10 +4,13 @@ bounded process pool, store each result as it arrives, and report."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import multiprocessing
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,7 +95,8 @@ def build(
 
     Checks before compiling anything that the families exist in the manifest and that the cache
     is writable. A full disk stops the build cleanly: what was stored stays, the report says what
-    was not (``report.stopped``). Each target's variants are built once per host arch its manifest
+    was not (``report.stopped``). Ctrl-C (KeyboardInterrupt) terminates the workers at once (they
+    ignore SIGINT themselves, so they print nothing) and propagates; what was stored stays. Each target's variants are built once per host arch its manifest
     names (``compile_fn(variant, target, host_arch)``). ``compile_fn`` and ``pool_factory`` (a
     process pool per target by default) let tests run fake compiles.
 
@@ -150,29 +154,17 @@ def build(
             if report.stopped:
                 break
             items = all_items[start : start + chunk]
-            with (pool_factory or _pool)(target, min(jobs, len(items))) as pool:
-                futures = {
-                    pool.submit(compile_fn, pv.variant, target, host): (pv, key, host) for pv, key, host in items
-                }
-                for fut in cf.as_completed(futures):
-                    pv, key, host = futures[fut]
-                    if report.stopped:
-                        fut.cancel()
-                        continue
-                    try:
-                        out: BuildOutput = fut.result()
-                    except Exception as e:  # a worker died (e.g. killed by the OOM killer)
-                        out = BuildOutput(pv.variant, False, error=f"build worker died: {e!r}")
-                    report.peak_rss_mb = max(report.peak_rss_mb, out.peak_rss_mb)
-                    try:
-                        row = _store(cache, pv, key, target, out, toolchains[host], host)
-                    except CacheFullError as e:
-                        report.stopped = str(e)
-                        row = Row(pv.variant, key, "failed", out.seconds, error=f"not stored: {e}", host=host)
+            pool = (pool_factory or _pool)(target, min(jobs, len(items)))
+            try:
+                for row in _compile_chunk(pool, compile_fn, cache, target, items, toolchains, report):
                     report.rows.append(row)
                     done += 1
                     if progress:
                         progress(done, total, row)
+            except BaseException:  # Ctrl-C (KeyboardInterrupt): stop now, not after the running compiles
+                _stop(pool)
+                raise
+            pool.shutdown(wait=True)
     if report.stopped:
         done_keys = {r.key for r in report.rows}
         for items in todo.values():
@@ -188,6 +180,68 @@ def build(
     cache.close()
     report.wall_seconds = time.perf_counter() - t0
     return report
+
+
+def _compile_chunk(
+    pool: cf.Executor,
+    compile_fn: Callable[[Variant, Target, str], BuildOutput],
+    cache: CacheWriter,
+    target: Target,
+    items: list[tuple[manifest_mod.PlannedVariant, str, str]],
+    toolchains: dict[str, dict[str, str]],
+    report: BuildReport,
+) -> Iterator[Row]:
+    """Compile ``items`` in ``pool`` and store each result as it arrives; yields its row. After a
+    full disk (``report.stopped``) the rest are cancelled."""
+    with _sigint_blocked():  # the workers this starts inherit the mask: Ctrl-C is the parent's to handle
+        futures = {pool.submit(compile_fn, pv.variant, target, host): (pv, key, host) for pv, key, host in items}
+    for fut in cf.as_completed(futures):
+        pv, key, host = futures[fut]
+        if report.stopped:
+            fut.cancel()
+            continue
+        try:
+            out: BuildOutput = fut.result()
+        except Exception as e:  # a worker died (e.g. killed by the OOM killer)
+            out = BuildOutput(pv.variant, False, error=f"build worker died: {e!r}")
+        report.peak_rss_mb = max(report.peak_rss_mb, out.peak_rss_mb)
+        try:
+            row = _store(cache, pv, key, target, out, toolchains[host], host)
+        except CacheFullError as e:
+            report.stopped = str(e)
+            row = Row(pv.variant, key, "failed", out.seconds, error=f"not stored: {e}", host=host)
+        yield row
+
+
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """SIGINT held back in this thread while it starts worker processes: they inherit the signal
+    mask, so a Ctrl-C at the terminal (sent to the whole process group) never reaches a worker,
+    which would print a traceback of its own. A Ctrl-C meanwhile arrives when the mask is lifted.
+    Elsewhere than in the main thread of a POSIX process, nothing is blocked."""
+    blocked = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    if blocked:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _stop(pool: cf.Executor) -> None:
+    """Stop a pool at once: pending compiles cancelled, running ones' worker processes terminated
+    (a compile takes up to a minute; Ctrl-C should not wait for it)."""
+    terminate = getattr(pool, "terminate_workers", None)  # Python 3.14+
+    if terminate is not None:
+        terminate()
+        return
+    # before shutdown, which forgets them (ProcessPoolExecutor._processes: no public way before 3.14)
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        with contextlib.suppress(Exception):  # already gone
+            proc.terminate()
 
 
 def _open_reuse(path: str | Path) -> Cache:
@@ -251,4 +305,11 @@ def _pool(target: Target, workers: int) -> cf.ProcessPoolExecutor:
     # spawn: workers must import the DSL after configure() has set the arch; fork would inherit
     # a parent's DSL state.
     ctx = multiprocessing.get_context("spawn")
-    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=configure, initargs=(target,))
+    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(target,))
+
+
+def _init_worker(target: Target) -> None:
+    """A local build worker: Ctrl-C is the parent's to handle (it terminates the workers), so a
+    worker ignores SIGINT instead of printing a traceback; then the target's set-up."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure(target)

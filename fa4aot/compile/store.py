@@ -19,6 +19,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -271,9 +272,21 @@ class CacheWriter(Cache):
         keep: set[str] | None = None,
         grace_seconds: float = 3600.0,
         owned: Callable[[Entry], bool] | None = None,
+        *,
+        dry_run: bool = False,
+        listing: GcListing | None = None,
     ) -> dict[str, int]:
         """Drop index records not in ``keep`` (if given) among those ``owned`` accepts (default:
-        all), then blobs nothing references and staging files older than ``grace_seconds``.
+        all), then blobs nothing references and staging files older than ``grace_seconds``. The
+        blobs of the dropped records go whatever their age: no writer can be about to reference
+        them (writers hold the lock shared from their first blob to their record, and gc holds it
+        exclusively), so the grace period, which protects a concurrent build's new files, does not
+        apply to them. Counts in the returned dict: ``entries_removed``, ``files_removed``,
+        ``bytes_freed``.
+
+        ``dry_run``: decide exactly as above but change nothing (the packed indexes are not
+        rewritten either). ``listing``: if given, gets every record dropped and every file
+        removed (or, dry, to be) with its size.
 
         All under the exclusive cache lock, in an order a kill at any point survives: the records
         go first, then the packed indexes are rewritten without them, and only then are blobs
@@ -287,25 +300,45 @@ class CacheWriter(Cache):
 
         try:
             with self._gc_lock(exclusive=True):
-                removed_entries = self._drop_records(keep, owned)
-                referenced = self._referenced_blobs(rewrite_packed=removed_entries > 0)
-                removed_files, freed = self._remove_unreferenced(referenced, grace_seconds)
+                dropped = self._drop_records(keep, owned, dry_run)
+                if listing is not None:
+                    listing.entries += dropped
+                orphaned = {str(self.blob_path(ref)) for e in dropped for ref in e.blobs.values()}
+                if dry_run:
+                    kept = [e for e in self.entries() if e.key not in {d.key for d in dropped}]
+                    referenced = self._referenced_dry(kept, rewrite=bool(dropped))
+                else:
+                    referenced = self._referenced_blobs(rewrite_packed=bool(dropped))
+                removed_files, freed = self._remove_unreferenced(
+                    referenced,
+                    grace_seconds,
+                    orphaned - referenced,
+                    dry_run,
+                    None if listing is None else listing.files,
+                )
         except OSError as e:
             raise _write_error(self.root, "collect garbage in", e) from None
         except sqlite3.Error as e:  # diskcache's deletes: "attempt to write a readonly database"
             if "readonly" in str(e):
                 raise CacheNotWritableError(f"cannot collect garbage in {self.root}: its index is read-only") from None
             raise CacheError(f"cannot collect garbage in {self.root}: {e}") from None
-        return {"entries_removed": removed_entries, "files_removed": removed_files, "bytes_freed": freed}
+        return {"entries_removed": len(dropped), "files_removed": removed_files, "bytes_freed": freed}
 
-    def _drop_records(self, keep: set[str] | None, owned: Callable[[Entry], bool] | None) -> int:
-        """Delete the index records :meth:`gc` drops; how many."""
-        removed = 0
-        if keep is not None:
-            for e in self.entries():
-                if e.key not in keep and (owned is None or owned(e)) and self.delete(e.key):
-                    removed += 1
-        return removed
+    def _drop_records(self, keep: set[str] | None, owned: Callable[[Entry], bool] | None, dry_run: bool) -> list[Entry]:
+        """Delete the index records :meth:`gc` drops (``dry_run``: only find them); the entries."""
+        if keep is None:
+            return []
+        drop = [e for e in self.entries() if e.key not in keep and (owned is None or owned(e))]
+        return drop if dry_run else [e for e in drop if self.delete(e.key)]
+
+    def _referenced_dry(self, kept: list[Entry], rewrite: bool) -> set[str]:
+        """What :meth:`_referenced_blobs` would find, changing nothing: a rewritten packed index
+        references only blobs of ``kept`` entries; one left as it is, what it references."""
+        referenced = {str(self.blob_path(ref)) for e in kept for ref in e.blobs.values()}
+        packed = self._packed_references()
+        if not rewrite and packed is not None and packed[0] <= {e.key for e in kept}:
+            referenced |= packed[1]
+        return referenced
 
     def _packed_references(self) -> tuple[set[str], set[str]] | None:
         """(keys, blob paths) the packed indexes refer to; None if one of them cannot be read."""
@@ -339,9 +372,17 @@ class CacheWriter(Cache):
         referenced = {str(self.blob_path(ref)) for e in entries for ref in e.blobs.values()}
         return referenced | (packed[1] if packed is not None else set())
 
-    def _remove_unreferenced(self, referenced: set[str], grace_seconds: float) -> tuple[int, int]:
+    def _remove_unreferenced(
+        self,
+        referenced: set[str],
+        grace_seconds: float,
+        orphaned: set[str] = frozenset(),  # type: ignore[assignment]
+        dry_run: bool = False,
+        removed_files: list[tuple[str, int]] | None = None,
+    ) -> tuple[int, int]:
         """Delete the files under ``blobs/`` and ``tmp/`` not in ``referenced`` and older than
-        ``grace_seconds``; (files removed, bytes freed)."""
+        ``grace_seconds`` (those in ``orphaned`` whatever their age); (files removed, bytes
+        freed). ``dry_run``: delete nothing, count the same; ``removed_files`` gets (path, size)."""
         now = time.time()
         removed = freed = 0
         for sub in ("blobs", "tmp"):
@@ -353,14 +394,27 @@ class CacheWriter(Cache):
                     continue
                 try:
                     st = path.lstat()
-                    if now - st.st_mtime < grace_seconds:
+                    if now - st.st_mtime < grace_seconds and str(path) not in orphaned:
                         continue
-                    path.unlink()
+                    if not dry_run:
+                        path.unlink()
                 except FileNotFoundError:
                     continue
                 removed += 1
                 freed += st.st_size
+                if removed_files is not None:
+                    removed_files.append((str(path), st.st_size))
         return removed, freed
+
+
+@dataclass
+class GcListing:
+    """What a :meth:`CacheWriter.gc` removed (or, dry, would remove)."""
+
+    #: the index records dropped
+    entries: list[Entry] = field(default_factory=list)
+    #: (path, size in bytes) of each file deleted
+    files: list[tuple[str, int]] = field(default_factory=list)
 
 
 class CacheNotWritableError(CacheError):

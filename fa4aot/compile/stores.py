@@ -50,23 +50,23 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from fa4aot.compile.archive import Archive, ArchiveError, _check_entry
-from fa4aot.core import safejson
+from fa4aot.core import env, safejson
 from fa4aot.core.errors import CacheError, Fa4aotError
 from fa4aot.core.index import Cache, Entry
 from fa4aot.core.signing import MAX_SIGNATURE_BYTES, Policy, Signer, TrustError, verify
 from fa4aot.core.variant import sha256_hex
 
 #: Environment variable naming the default store of push / pull.
-STORE_ENV = "FA4AOT_STORE"
+STORE_ENV = env.STORE
 #: Environment variable: seconds all HTTP transfers of one store object (one pull) may take.
-DEADLINE_ENV = "FA4AOT_STORE_DEADLINE"
+DEADLINE_ENV = env.STORE_DEADLINE
 #: Environment variable: ``1`` lets HTTP stores follow redirects to another origin.
-CROSS_ORIGIN_ENV = "FA4AOT_STORE_CROSS_ORIGIN"
+CROSS_ORIGIN_ENV = env.STORE_CROSS_ORIGIN
 INDEX_NAME = "INDEX"
 SIGNED_INDEX = "INDEX.json"
 SIGNED_INDEX_SIG = "INDEX.json.sig"
@@ -377,7 +377,7 @@ class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
 
 
 def _env_seconds(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
+    raw = (env.get(name) or "").strip()
     if not raw:
         return default
     try:
@@ -416,7 +416,7 @@ class HTTPStore(Store):
         self.object_deadline = object_deadline
         self.total_deadline = _env_seconds(DEADLINE_ENV, TOTAL_DEADLINE_S) if total_deadline is None else total_deadline
         if allow_cross_origin is None:
-            allow_cross_origin = os.environ.get(CROSS_ORIGIN_ENV, "").strip() == "1"
+            allow_cross_origin = env.flag(CROSS_ORIGIN_ENV)
         self.allow_cross_origin = allow_cross_origin
         #: Seconds spent in transfers so far (what ``total_deadline`` bounds).
         self.spent = 0.0
@@ -511,7 +511,9 @@ class FsspecStore(Store):
             import fsspec
             from fsspec.implementations.local import LocalFileSystem
         except ImportError:
-            raise StoreError(f"{url}: fsspec is not installed (pip install 'fa4aot[remote]')") from None
+            raise StoreError(
+                f"{url}: fsspec is not installed (fa4aot's remote extra: pip install '.[remote]' in its checkout)"
+            ) from None
         self.url = url.rstrip("/")
         try:
             self.fs, self.path = fsspec.core.url_to_fs(self.url)
@@ -560,7 +562,7 @@ class FsspecStore(Store):
 def open_store(url: str | None) -> Store:
     """The store ``url`` names: http(s):// -> HTTPStore, another ``scheme://`` -> fsspec, a path
     -> LocalStore. None: ``$FA4AOT_STORE``."""
-    url = url or os.environ.get(STORE_ENV)
+    url = url or env.get(STORE_ENV)
     if not url:
         raise StoreError(f"no store given (pass one or set ${STORE_ENV})")
     if url.startswith(("http://", "https://")):
@@ -570,29 +572,52 @@ def open_store(url: str | None) -> Store:
     return LocalStore(urllib.parse.urlparse(url).path if url.startswith("file://") else url)
 
 
-def push(cache: Cache, store: Store, entries: Iterable[Entry], signer: Signer | None = None) -> tuple[int, int]:
+def push(
+    cache: Cache,
+    store: Store,
+    entries: Iterable[Entry],
+    signer: Signer | None = None,
+    *,
+    dry_run: bool = False,
+    uploads: list[tuple[str, int]] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[int, int]:
     """Upload the blobs and records ``store`` lacks, then its INDEX and INDEX.json (the sha256 of
-    each record; signed by ``signer`` when given); (objects written, entries)."""
+    each record; signed by ``signer`` when given); (objects written, entries).
+
+    ``dry_run``: decide the same, upload nothing. ``uploads``: gets (object name, size) of each
+    blob and record uploaded (or, dry, to be). ``progress(done, total)``: after each entry."""
     if store.read_only:
         raise StoreError(f"{store.url} is read-only")
     written = 0
     keys = set(store.list_entries())
     hashes = _previous_hashes(store, keys, signer)
-    n = 0
-    for e in entries:
-        n += 1
+    entries = list(entries)
+    planned: set[str] = set()  # a blob two entries share goes once, in a dry run too
+    for n, e in enumerate(entries, 1):
         for role, b in e.blobs.items():
             name = f"blobs/{b.sha256}"
-            if not store.has(name):
-                store.put(name, cache.read_blob(e, role))  # hash-checked on the way out
+            if name not in planned and not store.has(name):
+                planned.add(name)
+                if not dry_run:
+                    store.put(name, cache.read_blob(e, role))  # hash-checked on the way out
                 written += 1
+                if uploads is not None:
+                    uploads.append((name, b.size))
         (_, text), *_ = cache.records(e.key)
         name = f"entries/{e.key}.json"
         if e.key not in keys or store.get(name) != text.encode():
-            store.put(name, text.encode())  # a differing record is replaced: the index vouches for ours
+            if not dry_run:
+                store.put(name, text.encode())  # a differing record is replaced: the index vouches for ours
             written += 1
+            if uploads is not None:
+                uploads.append((name, len(text.encode())))
         keys.add(e.key)
         hashes[e.key] = sha256_hex(text.encode())
+        if progress is not None:
+            progress(n, len(entries))
+    if dry_run:
+        return written, len(entries)
     if len(keys) > MAX_INDEX_KEYS:  # pull would refuse the INDEX: say so now, not at every pull
         raise StoreLimitError(f"{store.url}: {len(keys)} entries, more than the {MAX_INDEX_KEYS} a store may hold")
     doc = json.dumps({"format": SIGNED_INDEX_FORMAT, "records": hashes}, sort_keys=True).encode()
@@ -600,7 +625,7 @@ def push(cache: Cache, store: Store, entries: Iterable[Entry], signer: Signer | 
     if signer is not None:
         store.put(SIGNED_INDEX_SIG, signer.sign(doc))
     store.put(INDEX_NAME, ("\n".join(sorted(keys)) + "\n").encode())
-    return written, n
+    return written, len(entries)
 
 
 def _previous_hashes(store: Store, keys: set[str], signer: Signer | None) -> dict[str, str]:
@@ -665,14 +690,21 @@ def _record(store: Store, key: str, hashes: dict[str, str] | None = None) -> tup
 
 
 def fetch_entries(
-    store: Store, keys: Iterable[str], *, host_arch: str, hashes: dict[str, str] | None = None
+    store: Store,
+    keys: Iterable[str],
+    *,
+    host_arch: str,
+    hashes: dict[str, str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Archive:
     """Download entries and their blobs and verify them exactly as an archive install does. Each
     blob is read up to the size its record gives, never more; ``hashes``: the authenticated
-    record hashes (:func:`authenticated_hashes`) every record must match."""
+    record hashes (:func:`authenticated_hashes`) every record must match. ``progress(done,
+    total)``: after each entry."""
     records: dict[str, str] = {}
     entries: list[Entry] = []
     blobs: dict[str, bytes] = {}
+    keys = list(keys)
     for key in keys:
         e, text = _record(store, key, hashes)
         for role, b in e.blobs.items():
@@ -690,6 +722,8 @@ def fetch_entries(
             raise StoreError(str(err)) from None
         entries.append(e)
         records[key] = text
+        if progress is not None:
+            progress(len(entries), len(keys))
     return Archive({"source": store.url}, entries, records, blobs)
 
 

@@ -9,14 +9,18 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
-import os
 import platform
 import shutil
 import subprocess
 from pathlib import Path
 
+from fa4aot.core import env
+
 #: Distributions whose versions change generated code.
 PACKAGES = ("nvidia-cutlass-dsl", "nvidia-cutlass-dsl-libs-base", "flash-attn-4", "quack-kernels")
+#: The versions of FA4 and the CUTLASS DSL this fa4aot builds with: the build extra's pins in
+#: pyproject.toml (tests/test_cli.py checks they agree), which `fa4aot --version` prints.
+PINNED = {"flash-attn-4": "4.0.0b40", "nvidia-cutlass-dsl": "4.8.1"}
 
 _PKG_ROOT = Path(__file__).resolve().parent.parent  # fa4aot/
 
@@ -37,7 +41,7 @@ def _hash_files(paths: list[Path]) -> str:
 
 def c_compiler() -> str:
     """The C compiler used to link launch plans ($CC, else cc/gcc/clang on PATH)."""
-    for cand in (os.environ.get("CC"), "cc", "gcc", "clang"):
+    for cand in (env.get(env.CC), "cc", "gcc", "clang"):
         if cand and shutil.which(cand):
             return cand
     from fa4aot.core.errors import ToolchainError
@@ -54,9 +58,9 @@ CROSS_CC = {"aarch64": "aarch64-linux-gnu-gcc", "x86_64": "x86_64-linux-gnu-gcc"
 def c_compiler_for(host_arch: str) -> str:
     """The C compiler that builds code for ``host_arch`` ($CC_<ARCH>, else the native cc or the
     Debian cross compiler)."""
-    env = os.environ.get(f"CC_{host_arch.upper()}")
-    if env:
-        return env
+    chosen = env.cc_for(host_arch)
+    if chosen:
+        return chosen
     if host_arch == host_arch_here():
         return c_compiler()
     cc = CROSS_CC.get(host_arch)
@@ -82,7 +86,7 @@ def fingerprint(host: str | None = None) -> dict[str, str]:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
             raise ToolchainError(
-                f"{pkg} is not installed: install the build extra (pip install 'fa4aot[build]')"
+                f"{pkg} is not installed: install fa4aot's build extra (pip install -e '.[build]' in its checkout)"
             ) from None
     out["cuda-libs"] = _dsl_cuda_flavor()
     out["kernels-src"] = _hash_files(list(kernels_dir().glob("*.py")))

@@ -39,14 +39,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from fa4aot.core import safejson
+from fa4aot.core import env, safejson
 from fa4aot.core.errors import CacheError, CorruptArtifactError
 from fa4aot.core.variant import CACHE_FORMAT_VERSION, Target, Variant, sha256_hex
 
 FORMAT_LINE = f"fa4aot-cache {CACHE_FORMAT_VERSION}"
 #: File extension of each blob role.
 BLOB_EXT = {"plan": "so", "header": "h", "cubin": "cubin", "selector": "py"}
-DEFAULT_CACHE_ENV = "FA4AOT_CACHE"
+DEFAULT_CACHE_ENV = env.CACHE
 PACKED_DIR = "packed"
 PACKED_MAGIC = b"FA4AOT-PACKED 1\n"
 
@@ -59,7 +59,7 @@ CACHE_ENTRY_POINT_GROUP = "fa4aot.caches"
 def default_cache_dir() -> Path:
     """``$FA4AOT_CACHE``, else ``./cache`` (the CLI's default; the runtime also searches the
     installed cache wheels, see :func:`cache_search_path`)."""
-    return Path(os.environ.get(DEFAULT_CACHE_ENV, "cache"))
+    return Path(env.get(DEFAULT_CACHE_ENV, "cache"))
 
 
 def installed_cache_wheels() -> list[tuple[str, Path]]:
@@ -87,9 +87,9 @@ def cache_search_path() -> list[tuple[str, Path]]:
     only place), else the installed cache wheels (the first one holding kernels for this GPU and
     host wins), else ``./cache``. ``fa4aot.runtime.loader.choose_cache`` picks from this list for
     both the runtime and the CLI."""
-    env = os.environ.get(DEFAULT_CACHE_ENV)
-    if env:
-        return [(f"${DEFAULT_CACHE_ENV}", Path(env))]
+    chosen = env.get(DEFAULT_CACHE_ENV)
+    if chosen:
+        return [(f"${DEFAULT_CACHE_ENV}", Path(chosen))]
     return [*installed_cache_wheels(), ("./cache", Path("cache"))]
 
 

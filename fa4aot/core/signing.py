@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fa4aot.core import safejson
+from fa4aot.core import env, safejson
 from fa4aot.core.errors import Fa4aotError
 
 KEY_PREFIX = "ed25519:"
@@ -27,7 +27,7 @@ SIGNATURE_FORMAT = "fa4aot-signature/1"
 #: The file of a cache that lists its trusted keys, one per line (``KEY [comment]``).
 TRUST_FILE = Path("trust") / "keys"
 #: Environment variable naming a private key file for ``pack`` / ``push`` (``--sign`` overrides).
-SIGNING_KEY_ENV = "FA4AOT_SIGNING_KEY"
+SIGNING_KEY_ENV = env.SIGNING_KEY
 #: A signature document is ~200 bytes; a trust file a few lines.
 MAX_SIGNATURE_BYTES = 4096
 MAX_TRUST_FILE_BYTES = 1 << 20
@@ -46,7 +46,7 @@ def _crypto() -> Any:
         from cryptography.hazmat.primitives.asymmetric import ed25519
     except ImportError:
         raise TrustError(
-            "signatures need the 'cryptography' package: pip install 'fa4aot[cli]' (or pass --insecure to "
+            "signatures need the 'cryptography' package: install fa4aot's cli extra (pip install '.[cli]' in its checkout) (or pass --insecure to "
             "install without checking who made the archive)"
         ) from None
     return ed25519, serialization, InvalidSignature
@@ -240,7 +240,7 @@ CACHE_FILES_DOC = "signed-files.json"
 CACHE_FILES_FORMAT = "fa4aot-cache-files/1"
 _SIGNED_DIRS = ("index", "packed")
 #: Environment variable listing the keys a runtime requires cache wheels to be signed by.
-RUNTIME_KEYS_ENV = "FA4AOT_TRUSTED_KEYS"
+RUNTIME_KEYS_ENV = env.TRUSTED_KEYS
 
 
 def _cache_files(root: Path) -> dict[str, str]:
@@ -265,10 +265,10 @@ def runtime_trusted_keys() -> list[str]:
     """The keys cache wheels must be signed by: ``$FA4AOT_TRUSTED_KEYS`` (space or comma
     separated) and ``$XDG_CONFIG_HOME/fa4aot/trusted_keys`` (``~/.config``); none: wheels are
     not required to be signed."""
-    keys = os.environ.get(RUNTIME_KEYS_ENV, "").replace(",", " ").split()
+    keys = (env.get(RUNTIME_KEYS_ENV) or "").replace(",", " ").split()
     for k in keys:
         parse_key(k)
-    config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "fa4aot"
+    config = Path(env.get(env.XDG_CONFIG_HOME) or Path.home() / ".config") / "fa4aot"
     keys += [k for k in trusted_keys_file(config / "trusted_keys") if k not in keys]
     return keys
 

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fa4aot.core import env, logs
 from fa4aot.core.backward import bwd_knobs_from_env
 from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import (
@@ -78,9 +79,11 @@ MAX_BACKWARD_PICKS = 256
 MAX_BACKWARD_LAYOUTS = 1024
 MAX_AUTO_METADATA = 16
 #: Environment variables of the miss log, the record log and strict mode (see :class:`Runtime`).
-MISS_LOG_ENV = "FA4AOT_MISS_LOG"
-RECORD_LOG_ENV = "FA4AOT_RECORD"
-REQUIRE_ENV = "FA4AOT_REQUIRE"
+MISS_LOG_ENV = env.MISS_LOG
+RECORD_LOG_ENV = env.RECORD
+REQUIRE_ENV = env.REQUIRE
+
+_log = logs.get(__name__)
 #: How the miss and record logs are opened: append-only, created if absent, never blocking (a
 #: FIFO without a reader fails with ENXIO instead of hanging the call), never through a symlink.
 LOG_OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW
@@ -110,6 +113,13 @@ FORWARD_ORDER = (
     "learnable_sink",
     "max_seqlen_q",
     "tensormap_workspace",
+    # FA4's scales= (fa4aot.runtime.scales.NAMES): FP8 descales, MXFP8 scale buffers
+    "q_descale",
+    "k_descale",
+    "v_descale",
+    "sf_q",
+    "sf_k",
+    "sf_v",
     "stream",
 )
 
@@ -216,7 +226,8 @@ class Runtime:
     """A read-only fa4aot cache bound to the current CUDA device.
 
     ``allow_sm_mismatch``: use a cache built for another SM count of the same arch (warns; FA4's
-    persistent grids then size for the wrong SKU - correct but not tuned). ``knobs``: FA4's
+    persistent grids then size for the wrong SKU - correct but not tuned); default: whether
+    ``$FA4AOT_ALLOW_SM_MISMATCH`` is 1. ``knobs``: FA4's
     selection knobs (default: FA_DISABLE_2CTA, FA_DISABLE_S_PING_PONG and
     FLASH_ATTENTION_SM100_BACKEND from the environment, read now). ``tuned``: apply the cache's
     tuning table for this device when it has one (default: unless FA4AOT_TUNING=0).
@@ -232,7 +243,7 @@ class Runtime:
         self,
         cache_dir: str | Path | None = None,
         *,
-        allow_sm_mismatch: bool = False,
+        allow_sm_mismatch: bool | None = None,
         knobs: Knobs | None = None,
         tuned: bool | None = None,
         miss_log: str | Path | None = None,
@@ -241,10 +252,13 @@ class Runtime:
         driver: Any = None,
     ):
         t0 = time.perf_counter()
+        logs.configure_from_env()
+        if allow_sm_mismatch is None:
+            allow_sm_mismatch = env.allow_sm_mismatch()
         if driver is None:
-            from fa4aot.runtime.driver import CudaDriver
+            from fa4aot.runtime.driver import make_driver
 
-            driver = CudaDriver()
+            driver = make_driver()
         self.driver = driver
         t1 = time.perf_counter()
         self.device = driver.current_device()
@@ -260,9 +274,13 @@ class Runtime:
         #: seconds spent opening: driver set-up, device queries, cache and index (benchmarks read it)
         self.open_seconds = {"driver": t1 - t0, "device": t2 - t1, "index": time.perf_counter() - t2}
         self.target: Target = self.index.target
+        _log.info(
+            "opened the cache %s for %s (%s, %d SMs, %s host)",
+            self.cache.root, self.info.name, self.target.arch, self.target.num_sms, self.host_arch,
+        )  # fmt: skip
         try:
-            self.knobs = knobs_from_env(os.environ) if knobs is None else knobs
-            self.bwd_knobs = bwd_knobs_from_env(os.environ)
+            self.knobs = knobs_from_env(env.fa4_knobs()) if knobs is None else knobs
+            self.bwd_knobs = bwd_knobs_from_env(env.fa4_knobs())
         except ValueError as e:
             raise ArgumentError(str(e)) from None
         self._selector: Any = None
@@ -270,6 +288,8 @@ class Runtime:
         self._loaded: dict[str, LoadedVariant] = {}
         self._loading: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
+        #: event counters behind stats() (fa4aot.runtime.stats): plain ints, one add where each event happens
+        self._stat_hits = self._stat_misses = self._stat_loads = self._stat_invalid = self._stat_refused = 0
         #: forward dispatch: static configuration -> ForwardRule (which caches its loaded variants)
         self.forward_rules: BoundedDict = BoundedDict(MAX_FORWARD_RULES)
         #: combine: call signature -> LoadedVariant
@@ -296,13 +316,13 @@ class Runtime:
         #: id -> shape bucket -> chosen variant id (only entries this cache can honour)
         self.tuning_table: TuningTable | None = None
         self.tuning: dict[str, dict[tuple, str]] = {}
-        if tuned if tuned is not None else os.environ.get("FA4AOT_TUNING", "1") != "0":
+        if tuned if tuned is not None else env.tuning():
             self._open_tuning()
-        miss_log = miss_log or os.environ.get(MISS_LOG_ENV)
-        record_log = record_log or os.environ.get(RECORD_LOG_ENV)
+        miss_log = miss_log or env.get(MISS_LOG_ENV)
+        record_log = record_log or env.get(RECORD_LOG_ENV)
         self.miss_log = VariantLog(miss_log) if miss_log else None
         self.record_log = VariantLog(record_log) if record_log else None
-        require = require or os.environ.get(REQUIRE_ENV)
+        require = require or env.get(REQUIRE_ENV)
         if require:
             self._check_required(Path(require))
 
@@ -488,6 +508,10 @@ class Runtime:
         from fa4aot.core.families import describe_missing
 
         line = describe_missing(variant, shapes)
+        if why:
+            self._stat_refused += 1
+        else:
+            self._stat_misses += 1
         if self.record_log is not None:
             self.record_log.add(variant, present=False)
         if self.miss_log is not None:
@@ -509,10 +533,13 @@ class Runtime:
             self.record_log.add(variant, present=vid in self.index)
         lv = self._loaded.get(vid)
         if lv is not None:
+            self._stat_hits += 1
             return lv
         if vid not in self.index:
             self.miss(variant)
-        return self._load_id(vid)
+        lv = self._load_id(vid)
+        self._stat_hits += 1
+        return lv
 
     def _load_id(self, vid: str) -> LoadedVariant:
         lv = self._loaded.get(vid)
@@ -523,14 +550,24 @@ class Runtime:
         with lock:  # one loader per variant; different variants load in parallel
             lv = self._loaded.get(vid)
             if lv is None:
-                entry = self.index.entry(vid)
-                if entry.variant.variant_id != vid:  # a packed index pointing at another variant's record
-                    raise CorruptArtifactError(
-                        f"the cache's index serves {entry.variant.label()} (entry {entry.key}) for variant {vid}: "
-                        "run `fa4aot verify` and `fa4aot reindex`"
-                    )
-                lv = self._load_entry(entry)
+                try:
+                    entry = self.index.entry(vid)
+                    if entry.variant.variant_id != vid:  # a packed index pointing at another variant's record
+                        raise CorruptArtifactError(
+                            f"the cache's index serves {entry.variant.label()} (entry {entry.key}) for variant "
+                            f"{vid}: run `fa4aot verify` and `fa4aot reindex`"
+                        )
+                    lv = self._load_entry(entry)
+                except VariantNotFoundError:
+                    raise  # another fa4aot's entry: miss() counted it
+                except DeviceMismatchError:
+                    self._stat_refused += 1  # built for another host CPU or a newer driver
+                    raise
+                except Exception:
+                    self._stat_invalid += 1  # damaged: a bad hash, record or plan
+                    raise
                 self._loaded[vid] = lv
+                self._stat_loads += 1
         return lv
 
     def _load_entry(self, entry: Entry) -> LoadedVariant:
@@ -565,6 +602,7 @@ class Runtime:
         t.append(time.perf_counter())
         phases = ("read_and_hash", "cubin_load", "plan_dlopen", "module_load", "launcher")
         lv.load_seconds = {p: b - a for p, a, b in zip(phases, t, t[1:])}
+        _log.debug("loaded %s %s in %.1f ms", entry.key[:12], entry.variant.label(), 1000 * (t[-1] - t[0]))
         return lv
 
     def preload(self, variants: Iterable[Variant | str] | str = "all", threads: int = 4) -> int:
@@ -615,6 +653,13 @@ class Runtime:
             "stream_workspaces": len(self.stream_workspaces),
             "route_semaphores": len(self.route_semaphores),
         }
+
+    def stats(self) -> Any:
+        """This runtime's counters (loads, hits, misses, refused and invalid entries, launches per
+        family, patch fallbacks) as a :class:`fa4aot.runtime.stats.RuntimeStats`."""
+        from fa4aot.runtime.stats import collect
+
+        return collect(self)
 
 
 def choose_cache(
@@ -733,9 +778,9 @@ def visible_device() -> DeviceInfo | None:
     """The device a runtime would open (ordinal 0; no context is created), or None when there is
     no CUDA driver or device (a build machine)."""
     try:
-        from fa4aot.runtime.driver import CudaDriver
+        from fa4aot.runtime.driver import make_driver
 
-        return CudaDriver().device_info(0)
+        return make_driver().device_info(0)
     except Exception:  # no driver, no device, a driver too old: the CLI then works by host only
         return None
 
@@ -799,7 +844,8 @@ def _sm_mismatch(info: DeviceInfo, built_sms: int, have: str, allowed: bool) -> 
         raise DeviceMismatchError(
             f"the cache holds {have}; this device ({info.name}) has {info.num_sms} SMs. FA4 sizes "
             f"persistent grids by SM count at build time, so fa4aot refuses to launch a grid built "
-            f"for another SKU. Build for target.num_sms: {info.num_sms}, or pass allow_sm_mismatch=True."
+            f"for another SKU. Build for target.num_sms: {info.num_sms}, or pass allow_sm_mismatch=True "
+            f"(or set ${env.ALLOW_SM_MISMATCH}=1)."
         )
     warnings.warn(
         f"fa4aot: using kernels built for {built_sms} SMs on {info.name} with {info.num_sms} SMs: "

@@ -4,22 +4,197 @@ show the launches its plans make - all without a GPU."""
 from __future__ import annotations
 
 import json
-import os
+import logging
 import platform
 import re
 import struct
 import sys
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 try:
     import click
 except ImportError:  # the runtime-only install has no CLI stack
     sys.exit("fa4aot's command line needs the cli extra: pip install 'fa4aot[cli]' ('fa4aot[build]' to compile)")
 
+from fa4aot.core import env, logs
 from fa4aot.core.errors import Fa4aotError
 from fa4aot.core.index import Cache, default_cache_dir
+
+_log = logs.get("fa4aot.cli")
+
+#: Exit status of a command stopped by Ctrl-C: 128 + SIGINT, as a shell reports a process it killed.
+INTERRUPTED_EXIT = 130
+#: ``ctx.meta`` keys: whether the command line asks for --json, and the command it names.
+_JSON_META = "fa4aot.json"
+_COMMAND_META = "fa4aot.command"
+
+
+class _Cli(click.Group):
+    """The fa4aot group. Ctrl-C anywhere in a command ends it with one line on stderr and exit
+    status 130 (no traceback). With --json on the command line, an error (a usage error included)
+    is a JSON document on stdout too (docs/cli-json.md)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        words = args[: args.index("--")] if "--" in args else args  # what follows -- is a workload's
+        ctx.meta[_JSON_META] = "--json" in words
+        ctx.meta[_COMMAND_META] = next((w for w in words if w in self.commands), None)
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            _interrupted()
+        except click.ClickException as e:
+            if not ctx.meta.get(_JSON_META):
+                raise
+            _json_error(ctx.meta.get(_COMMAND_META), e)
+
+
+def _interrupted() -> NoReturn:
+    """Ctrl-C: one line, exit 130 (the build's workers ignore SIGINT; the build stops them)."""
+    click.echo("fa4aot: interrupted", err=True)
+    sys.exit(INTERRUPTED_EXIT)
+
+
+def _json_error(command: str | None, e: click.ClickException) -> NoReturn:
+    """An error under --json: ``{"command", "error": {"type", "message"}}`` on stdout, the usual
+    line on stderr, the usual exit status (1; 2 for a usage error). ``type`` is the fa4aot error
+    class behind it (commands raise ClickException ``from None``; the context keeps the cause)."""
+    cause = e.__context__
+    kind = type(cause).__name__ if isinstance(cause, Fa4aotError) else type(e).__name__
+    doc = {
+        "command": command,
+        "error": {"type": "Error" if kind == "ClickException" else kind, "message": e.format_message()},
+    }
+    click.echo(json.dumps(doc, indent=1))
+    click.echo(f"Error: {e.format_message()}", err=True)
+    sys.exit(e.exit_code)
+
+
+def _emit(
+    command: str, cache: Path | str | None, records: list[dict[str, Any]], summary: dict[str, Any], **extra: Any
+) -> None:
+    """A command's --json document (docs/cli-json.md): the command, the cache it read or wrote
+    (an absolute path; None when it used none), its records and a summary, then anything the
+    command adds."""
+    doc: dict[str, Any] = {
+        "command": command,
+        "cache": None if cache is None else str(Path(cache).absolute()),
+        "records": records,
+        "summary": summary,
+        **extra,
+    }
+    click.echo(json.dumps(doc, indent=1, default=str))
+
+
+JSON_OPTION = click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead (docs/cli-json.md)."
+)
+
+
+def _progress(total: int, what: str, *, quiet: bool = False, lines: bool = True) -> Any:
+    """A progress display on stderr (fa4aot.tools.progress), off under -q (the command's or the
+    group's: the fa4aot logger then skips INFO)."""
+    from fa4aot.tools.progress import Progress
+
+    return Progress(total, what, enabled=not quiet and _log.isEnabledFor(logging.INFO), lines=lines)
+
+
+def _table(rows: Sequence[Sequence[str]], right: Iterable[int] = ()) -> list[str]:
+    """Rows as lines of aligned columns (widths from the widest cell; columns in ``right``
+    right-aligned; the last column left unpadded)."""
+    if not rows:
+        return []
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    right = set(right)
+    out = []
+    for r in rows:
+        cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        cells[-1] = r[-1].rjust(widths[-1]) if len(r) - 1 in right else r[-1]
+        out.append("  ".join(cells).rstrip())
+    return out
+
+
+def _text(value: Any) -> str:
+    """A value as a person reads it: None as 'none' (at any depth), a sequence as '[a, b, c]' or
+    '(a, b, c)' (grid, block, cluster: as Python writes numbers), a mapping as 'k=v, k=v', else
+    str()."""
+    if value is None:
+        return "none"
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(_text(v) for v in value)
+        return f"[{inner}]" if isinstance(value, list) else f"({inner})"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_text(v)}" for k, v in value.items()) if value else "none"
+    return str(value)
+
+
+#: --host-arch's values: the arch names fa4aot builds plans for, and the aliases other tools use.
+HOST_ARCHES = ("x86_64", "aarch64")
+HOST_ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
+
+
+def _host_arch_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--host-arch: x86_64 or aarch64 (amd64 / arm64 accepted and normalised); else a usage error."""
+    if value is None:
+        return None
+    arch = HOST_ARCH_ALIASES.get(value.lower(), value.lower())
+    if arch not in HOST_ARCHES:
+        known = ", ".join(HOST_ARCHES) + f" (or {', '.join(HOST_ARCH_ALIASES)})"
+        raise click.BadParameter(f"unknown host arch {value!r}; one of {known}")
+    return arch
+
+
+def _family_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A --family of a reading command: a family fa4aot knows, else a usage error listing them."""
+    if value is None:
+        return None
+    from fa4aot.core.families import FAMILIES
+
+    if value not in FAMILIES:
+        raise click.BadParameter(f"unknown family {value!r}; known: {', '.join(sorted(FAMILIES))}")
+    return value
+
+
+def _version_text() -> str:
+    """fa4aot's version, the FA4 and CUTLASS DSL versions it builds with (the build extra's
+    pins) and those installed here."""
+    import importlib.metadata
+
+    from fa4aot import __version__
+    from fa4aot.compile.toolchain import PINNED
+
+    def installed(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    pins = ", ".join(f"{d} {v}" for d, v in PINNED.items())
+    here = ", ".join(f"{d} {installed(d)}" for d in PINNED)
+    return f"fa4aot {__version__}\nbuilds kernels with {pins} (the build extra's pins)\ninstalled here: {here}"
+
+
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    """--version (eager: before any command is looked at)."""
+    if value and not ctx.resilient_parsing:
+        click.echo(_version_text())
+        ctx.exit()
+
+
+def _log_level(verbose: int, quiet: int) -> int:
+    """The CLI's level: $FA4AOT_LOG (default INFO), each -v one level down, each -q one up."""
+    try:
+        base = env.log_level()
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    level = (logging.INFO if base is None else base) + 10 * (quiet - verbose)
+    return min(max(level, logging.DEBUG), logging.CRITICAL)
+
 
 CACHE_OPTION = click.option(
     "--cache",
@@ -36,10 +211,11 @@ _ANNOUNCED: set[str] = set()
 
 
 def _announce(what: str) -> None:
-    """Say on stderr which cache a command uses when --cache was not given (once per cache)."""
+    """Say on stderr (an INFO record: -q hides it) which cache a command uses when --cache was not
+    given (once per cache); its summary line and --json document name it in any case."""
     if what not in _ANNOUNCED:
         _ANNOUNCED.add(what)
-        click.echo(f"fa4aot: using the cache {what} (--cache to choose another)", err=True)
+        _log.info("using the cache %s (--cache to choose another)", what)
 
 
 def _cache_dir(cache_dir: Path | None) -> Path:
@@ -49,7 +225,7 @@ def _cache_dir(cache_dir: Path | None) -> Path:
     from fa4aot.core.index import DEFAULT_CACHE_ENV
 
     path = default_cache_dir()
-    _announce(f"{path} (from ${DEFAULT_CACHE_ENV})" if os.environ.get(DEFAULT_CACHE_ENV) else f"{path} (the default)")
+    _announce(f"{path} (from ${DEFAULT_CACHE_ENV})" if env.get(DEFAULT_CACHE_ENV) else f"{path} (the default)")
     return path
 
 
@@ -75,7 +251,7 @@ def _open(cache_dir: Path | None) -> Cache:
         except Fa4aotError:
             cache = None
     for w in caught:
-        click.echo(f"fa4aot: warning: {w.message}", err=True)
+        _log.warning("%s", str(w.message).removeprefix("fa4aot: "))
     if cache is None:  # nothing serves this machine: inspect the first cache there is, as before
         where, cache = _first_cache(places)
     _announce(f"{cache.root} ({where})")
@@ -106,13 +282,29 @@ def _human(n: float) -> str:
     return str(n)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Print fa4aot's version and the FA4 / CUTLASS DSL versions it builds with, and exit.",
+)
+@click.option(
+    "-v", "--verbose", count=True, help="More messages on stderr (-v: debug) [default: $FA4AOT_LOG, else INFO]."
+)
+@click.option("-q", "--quiet", count=True, help="Fewer messages on stderr (-q: warnings, no progress; -qq: errors).")
+def main(verbose: int, quiet: int) -> None:
     """Ahead-of-time FlashAttention-4 kernel cache.
 
     Build every kernel a deployment needs from a YAML manifest (no GPU needed), ship the cache,
-    and launch the kernels with the zero-JIT runtime (`import fa4aot`).
+    and launch the kernels with the zero-JIT runtime (`import fa4aot`). Ctrl-C stops any command
+    (exit status 130).
     """
+    logs.configure(_log_level(verbose, quiet))
+    click.get_current_context().call_on_close(logs.unconfigure)
+    _ANNOUNCED.clear()  # once per command run (a test runs many in one process)
 
 
 @main.command()
@@ -126,7 +318,8 @@ def main() -> None:
     help="Parallel compiles [default: bounded by CPUs and memory].",
 )
 @click.option("--family", multiple=True, help="Build only these families (repeatable).")
-@click.option("--quiet", "-q", is_flag=True, help="No per-variant progress lines.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines or bar.")
+@JSON_OPTION
 @click.option(
     "--executor",
     type=click.Choice(["local", "ray"]),
@@ -147,6 +340,7 @@ def build(
     jobs: int | None,
     family: tuple[str, ...],
     quiet: bool,
+    as_json: bool,
     executor: str,
     ray_address: str | None,
     reuse: tuple[Path, ...],
@@ -164,22 +358,22 @@ def build(
     from fa4aot.compile.executors import executor_factory
     from fa4aot.compile.orchestrate import build as run_build
 
+    bar: list[Any] = []  # made at the first step, when the total is known
+
     def progress(done: int, total: int, row: Any) -> None:
-        if quiet:
-            return
+        if not bar:
+            bar.append(_progress(total, "build", quiet=quiet))
         extra = f"{row.seconds:5.1f}s" if row.status in ("built", "failed") else "     "
         host = f" ({row.host} host)" if row.host and row.host != platform.machine() else ""
-        click.echo(
-            f"[{done:>{len(str(total))}}/{total}] {row.status:<6} {extra} {row.key[:12]} {row.variant.label()}{host}",
-            err=True,
-        )
+        bar[0].step(f"{row.status:<6} {extra} {row.key[:12]} {row.variant.label()}{host}")
         if row.error:
-            click.echo(f"    error: {row.error}", err=True)
+            bar[0].note(f"    error: {row.error}")
 
+    root = _cache_dir(cache_dir)
     try:
         report = run_build(
             manifest,
-            _cache_dir(cache_dir),
+            root,
             jobs,
             progress=progress,
             families=family,
@@ -188,23 +382,35 @@ def build(
         )
     except Fa4aotError as e:
         raise click.ClickException(str(e)) from None
+    finally:
+        for b in bar:
+            b.close()
+    if as_json:
+        _build_json(report, root)
+    else:
+        _build_summary(report, root)
+    if not report.ok:
+        sys.exit(1)
+
+
+#: The statuses of a build's rows, in the order its summary counts them.
+BUILD_STATUSES = ("built", "cached", "reused", "failed")
+
+
+def _build_summary(report: Any, root: Path) -> None:
+    """The table of a build per family (stdout), its failures and why it stopped (stderr)."""
     rows = report.rows
-    click.echo("")
-    statuses = ("built", "cached", "reused", "failed")
-    click.echo(f"{'family':<10} {'built':>6} {'cached':>7} {'reused':>7} {'failed':>7} {'compile s':>10} {'size':>10}")
+    table = [["family", *BUILD_STATUSES, "compile s", "size"]]
     for fam in sorted({r.variant.family for r in rows}):
         rs = [r for r in rows if r.variant.family == fam]
-        counts = [sum(r.status == st for r in rs) for st in statuses]
-        click.echo(
-            f"{fam:<10} {counts[0]:>6} {counts[1]:>7} {counts[2]:>7} {counts[3]:>7} "
-            f"{sum(r.seconds for r in rs):>10.1f} {_human(sum(r.size for r in rs)):>10}"
-        )
-    counts = [report.count(st) for st in statuses]
-    click.echo(
-        f"{'total':<10} {counts[0]:>6} {counts[1]:>7} {counts[2]:>7} {counts[3]:>7} "
-        f"wall {report.wall_seconds:.1f}s, peak worker RSS {report.peak_rss_mb:.0f} MiB, "
-        f"cache {_cache_dir(cache_dir)}"
-    )
+        counts = [str(sum(r.status == st for r in rs)) for st in BUILD_STATUSES]
+        table.append([fam, *counts, f"{sum(r.seconds for r in rs):.1f}", _human(sum(r.size for r in rs))])
+    counts = [str(report.count(st)) for st in BUILD_STATUSES]
+    table.append(["total", *counts, f"{sum(r.seconds for r in rows):.1f}", _human(sum(r.size for r in rows))])
+    click.echo("")
+    for line in _table(table, right=range(1, 7)):
+        click.echo(line)
+    click.echo(f"wall {report.wall_seconds:.1f} s, peak worker RSS {report.peak_rss_mb:.0f} MiB, cache {root}")
     for r in rows:
         if r.status == "failed":
             click.echo(f"FAILED {r.variant.label()}: {r.error}", err=True)
@@ -213,8 +419,32 @@ def build(
         click.echo(
             f"build stopped: {report.stopped}; {stored} variants were stored before it, the rest were not", err=True
         )
-    if not report.ok:
-        sys.exit(1)
+
+
+def _build_json(report: Any, root: Path) -> None:
+    """``build --json``: a record per variant and host arch, counts in the summary."""
+    records = [
+        {
+            "key": r.key,
+            "variant_id": r.variant.variant_id,
+            "family": r.variant.family,
+            "label": r.variant.label(),
+            "host_arch": r.host,
+            "status": r.status,
+            "seconds": round(r.seconds, 3),
+            "size": r.size,
+            "error": r.error,
+        }
+        for r in report.rows
+    ]
+    summary = {st: report.count(st) for st in BUILD_STATUSES}
+    summary.update(
+        wall_seconds=round(report.wall_seconds, 3),
+        peak_worker_rss_mb=round(report.peak_rss_mb, 1),
+        stopped=report.stopped,
+        ok=report.ok,
+    )
+    _emit("build", root, records, summary)
 
 
 @main.command("plan")
@@ -268,37 +498,20 @@ def plan_cmd(manifest: Path, skipped: bool, as_json: bool, against: Path | None,
         except Fa4aotError as e:
             raise click.ClickException(str(e)) from None
         lacks = [pv for pv in plan.variants if pv.variant.variant_id not in have]
-        for t in plan.targets:
-            mine = [pv for pv in plan.variants if pv.target == t]
-            miss = [pv for pv in lacks if pv.target == t]
-            click.echo(f"target {t.name}: {against} has {len(mine) - len(miss)} of {len(mine)} variants")
-        for pv in lacks:
-            click.echo(f"  lacks {pv.variant.variant_id[:12]} {pv.variant.label()}   <- {pv.origin}")
+        if as_json:
+            _coverage_json(plan, lacks, against)
+        else:
+            for t in plan.targets:
+                mine = [pv for pv in plan.variants if pv.target == t]
+                miss = [pv for pv in lacks if pv.target == t]
+                click.echo(f"target {t.name}: {against} has {len(mine) - len(miss)} of {len(mine)} variants")
+            for pv in lacks:
+                click.echo(f"  lacks {pv.variant.variant_id[:12]} {pv.variant.label()}   <- {pv.origin}")
         if lacks:
             sys.exit(1)
         return
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "targets": [
-                        dict(t.to_dict(), host_arch=list(plan.hosts(t, platform.machine()))) for t in plan.targets
-                    ],
-                    "variants": [
-                        {
-                            "id": pv.variant.variant_id,
-                            "origin": pv.origin,
-                            "tuning_candidate": is_tuning_candidate(pv.variant.family, pv.variant.fields),
-                            **pv.variant.to_dict(),
-                        }
-                        for pv in plan.variants
-                    ],
-                    "skipped": [{"origin": s.origin, "axes": s.axes, "reason": s.reason} for s in plan.skipped],
-                },
-                indent=1,
-                default=str,
-            )
-        )
+        _plan_json(plan)
         return
     for t in plan.targets:
         hosts = ", ".join(plan.hosts(t, platform.machine()))
@@ -385,6 +598,57 @@ def tune_cmd(
     )
 
 
+def _plan_json(plan: Any) -> None:
+    """``plan --json``: a record per variant (also under ``variants``, the name earlier readers
+    use), the targets with their host archs, and what was skipped and why."""
+    from fa4aot.core.families import is_tuning_candidate
+
+    variants = [
+        {
+            "id": pv.variant.variant_id,
+            "origin": pv.origin,
+            "tuning_candidate": is_tuning_candidate(pv.variant.family, pv.variant.fields),
+            **pv.variant.to_dict(),
+        }
+        for pv in plan.variants
+    ]
+    summary = {"variants": len(plan.variants), "skipped": len(plan.skipped), "families": plan.counts()}
+    _emit(
+        "plan",
+        None,
+        variants,
+        summary,
+        targets=[dict(t.to_dict(), host_arch=list(plan.hosts(t, platform.machine()))) for t in plan.targets],
+        variants=variants,
+        skipped=[{"origin": s.origin, "axes": s.axes, "reason": s.reason} for s in plan.skipped],
+    )
+
+
+def _coverage_json(plan: Any, lacks: list[Any], against: Path) -> None:
+    """``plan --against --json``: one record per variant the manifest builds, whether the cache
+    has it; per target, how many it has."""
+    missing = {id(pv) for pv in lacks}
+    records = [
+        {
+            "id": pv.variant.variant_id,
+            "label": pv.variant.label(),
+            "target": pv.target.name,
+            "origin": pv.origin,
+            "present": id(pv) not in missing,
+        }
+        for pv in plan.variants
+    ]
+    targets = {
+        t.name: {
+            "has": sum(r["present"] for r in records if r["target"] == t.name),
+            "of": sum(r["target"] == t.name for r in records),
+        }
+        for t in plan.targets
+    }
+    summary = {"variants": len(records), "lacks": len(lacks), "targets": targets, "ok": not lacks}
+    _emit("plan", against, records, summary)
+
+
 def _tune_dry_run(plan, shape_list) -> None:
     """Each shape's default variant (the installed FA4's choice) and its candidates, per target."""
     from fa4aot.tools import tune as tune_mod
@@ -465,24 +729,42 @@ def axes() -> None:
 
 @main.command("ls")
 @CACHE_OPTION
-@click.option("--family", default=None, help="Only this family.")
-def ls_cmd(cache_dir: Path | None, family: str | None) -> None:
-    """List cache entries: key, variant id, target, host CPU arch of the plan, size, label."""
+@click.option("--family", default=None, callback=_family_option, help="Only this family (one fa4aot knows).")
+@JSON_OPTION
+def ls_cmd(cache_dir: Path | None, family: str | None, as_json: bool) -> None:
+    """List cache entries: key, variant id, target, host CPU arch of the plan, size, label; then,
+    on stderr, how many and the cache they are in."""
     try:
         cache = _open(cache_dir)
-        entries = cache.entries()
+        entries = [e for e in cache.entries() if not family or e.variant.family == family]
     except Fa4aotError as e:
         raise click.ClickException(str(e)) from None
-    total = 0
-    for e in entries:
-        if family and e.variant.family != family:
-            continue
-        size = sum(b.size for b in e.blobs.values())
-        total += size
-        click.echo(
-            f"{e.key[:12]}  {e.variant_id[:12]}  {e.target.name:<6} {e.host_arch:<7} {_human(size):>10}  {e.variant.label()}"
-        )
-    click.echo(f"{len(entries)} entries, {_human(total)}", err=True)
+    sizes = [sum(b.size for b in e.blobs.values()) for e in entries]
+    if as_json:
+        records = [
+            {
+                "key": e.key,
+                "variant_id": e.variant_id,
+                "family": e.variant.family,
+                "label": e.variant.label(),
+                "target": e.target.name,
+                "arch": e.target.arch,
+                "num_sms": e.target.num_sms,
+                "host_arch": e.host_arch,
+                "size": size,
+            }
+            for e, size in zip(entries, sizes)
+        ]
+        _emit("ls", cache.root, records, {"entries": len(entries), "bytes": sum(sizes), "family": family})
+        return
+    rows = [
+        [e.key[:12], e.variant_id[:12], e.target.name, e.host_arch, _human(size), e.variant.label()]
+        for e, size in zip(entries, sizes)
+    ]
+    for line in _table(rows, right=(4,)):
+        click.echo(line)
+    of = f" {family}" if family else ""
+    click.echo(f"{len(entries)}{of} entries, {_human(sum(sizes))}, in the cache {cache.root}", err=True)
 
 
 @main.command()
@@ -513,25 +795,42 @@ def show(key: str, cache_dir: Path | None, as_json: bool, cubin_out: Path | None
     click.echo(f"key         {e.key}")
     click.echo(f"variant id  {e.variant_id}")
     click.echo(f"variant     {e.variant.label()}")
-    click.echo(f"target      {e.target.name} {e.target.arch} {e.target.num_sms} SMs; host {m.get('host_arch')}")
+    click.echo(f"target      {e.target.name} {e.target.arch} {e.target.num_sms} SMs; host {_text(m.get('host_arch'))}")
     cref = e.cubin
     where = f"inside the plan at offset {cref.offset}, {cref.size} B, sha256 {cref.sha256[:16]}..." if cref else "?"
-    click.echo(f"cubin       {m.get('cubin_arch')} (toolkit {m.get('cubin_toolkit')}), {where}")
+    click.echo(f"cubin       {_text(m.get('cubin_arch'))} (toolkit {_text(m.get('cubin_toolkit'))}), {where}")
     launch = m.get("launch", {})
-    click.echo(f"launch      block {launch.get('block')} smem {launch.get('smem')} cluster {launch.get('cluster')}")
-    click.echo(f"            sample {launch.get('sample')}: grid {launch.get('sample_grid')}")
+    click.echo(
+        f"launch      block {_text(launch.get('block'))} smem {_text(launch.get('smem'))} "
+        f"cluster {_text(launch.get('cluster'))}"
+    )
+    click.echo(f"            sample {_text(launch.get('sample'))}: grid {_text(launch.get('sample_grid'))}")
     for k in m.get("kernels", []):
         click.echo(f"kernel      {k['symbol']}")
         click.echo(
-            f"            {len(k['params'])} params, {k['cbank_param_size']} bytes, block {k['reqntid']}, {k['registers']} registers"
+            f"            {len(k['params'])} params, {k['cbank_param_size']} bytes, block {_text(k['reqntid'])}, "
+            f"{k['registers']} registers"
         )
         for o, off, size in k["params"]:
             click.echo(f"              param {o:>2}  offset 0x{off:03x}  size {size}")
     click.echo("arguments   " + ", ".join(_arg_text(a) for a in m["signature"]["args"]))
     for role, ref in e.blobs.items():
         click.echo(f"blob        {role:<12} {ref.size:>8} B  {cache.blob_path(ref)}")
-    click.echo(f"toolchain   {json.dumps(m.get('toolchain'))}")
-    click.echo(f"built       {m.get('build')} from {m.get('origin')}")
+    click.echo(f"toolchain   {_text(m.get('toolchain'))}")
+    click.echo(f"built       {_built_text(m.get('build'))} from {_text(m.get('origin'))}")
+
+
+def _built_text(build: Any) -> str:
+    """An entry's build record as text: 'in 0.7 s, peak RSS 687 MiB' ('reused' entries have none)."""
+    if not isinstance(build, dict):
+        return _text(build)
+    parts = []
+    if isinstance(build.get("seconds"), (int, float)):
+        parts.append(f"in {build['seconds']:.1f} s")
+    if isinstance(build.get("peak_rss_mb"), (int, float)):
+        parts.append(f"peak RSS {build['peak_rss_mb']:.0f} MiB")
+    rest = {k: v for k, v in build.items() if k not in ("seconds", "peak_rss_mb")}
+    return ", ".join(parts + ([_text(rest)] if rest else [])) or "none"
 
 
 def _arg_text(a: dict[str, Any]) -> str:
@@ -555,7 +854,11 @@ TARGET_SELECT = click.option(
     "--target", "targets", multiple=True, help="Only entries of this target name (repeatable)."
 )
 HOST_SELECT = click.option(
-    "--host-arch", default=None, help="Entries whose launch plans are for this host CPU arch [default: this host]."
+    "--host-arch",
+    default=None,
+    callback=_host_arch_option,
+    help="Entries whose launch plans are for this host CPU arch: x86_64 or aarch64 (amd64, arm64 accepted) "
+    "[default: this host].",
 )
 
 
@@ -634,7 +937,8 @@ def pack_cmd(
     try:
         cache = _open(cache_dir)
         entries, host = _select(cache_entries(cache), f"the cache {cache.root}", manifest, targets, host_arch)
-        data, res = pack_bytes(cache, entries, host, _signer(sign_key))
+        with _progress(len(entries), "pack", lines=False) as bar:
+            data, res = pack_bytes(cache, entries, host, _signer(sign_key), progress=bar.callback())
         output.parent.mkdir(parents=True, exist_ok=True)
         tmp = output.with_name(f".{output.name}.tmp")
         tmp.write_bytes(data)
@@ -644,7 +948,7 @@ def pack_cmd(
     except OSError as e:
         raise click.ClickException(f"cannot write {output}: {e.strerror or e}") from None
     click.echo(
-        f"packed {res.entries} entries ({res.blobs} blobs, {_human(res.raw_bytes)}) into {output}: "
+        f"packed {res.entries} entries ({res.blobs} blobs, {_human(res.raw_bytes)}) of {cache.root} into {output}: "
         f"{_human(res.archive_bytes)}, sha256 {res.sha256}, {time.perf_counter() - t0:.1f} s"
         + ("" if sign_key is None else f", signed by {_signer(sign_key).public}")
     )
@@ -665,8 +969,15 @@ REPLACE_OPTION = click.option(
 @REPLACE_OPTION
 @SHA256_OPTION
 @INSECURE_OPTION
+@JSON_OPTION
 def install_cmd(
-    source: str, cache_dir: Path | None, dry_run: bool, replace: bool, pinned: str | None, insecure: bool
+    source: str,
+    cache_dir: Path | None,
+    dry_run: bool,
+    replace: bool,
+    pinned: str | None,
+    insecure: bool,
+    as_json: bool,
 ) -> None:
     """Verify the archive SOURCE (a file, an http(s) URL, or - for stdin) completely - every
     sha256, every cubin, every key recomputed from its record, host arch, formats, member paths,
@@ -687,6 +998,16 @@ def install_cmd(
     except Fa4aotError as e:
         raise click.ClickException(str(e)) from None
     by_key = {e.key: e for e in archive.entries}
+    if as_json:
+        actions = [("added", res.added), ("replaced", res.replaced), ("present", res.present)]
+        records = [
+            {"key": key, "label": by_key[key].variant.label(), "action": action, "dry_run": dry_run}
+            for action, keys in actions
+            for key in keys
+        ]
+        summary = {"verified": len(archive.entries), **{action: len(keys) for action, keys in actions}}
+        _emit("install", root, records, {**summary, "dry_run": dry_run}, source=what)
+        return
     for key in res.added:
         click.echo(f"{'would add' if dry_run else 'added'} {key[:12]} {by_key[key].variant.label()}")
     for key in res.replaced:
@@ -706,8 +1027,28 @@ def install_cmd(
 @click.option(
     "-o", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("dist"), show_default=True
 )
-@click.option("--name", default=None, help="Distribution name [default: fa4aot-cache-<target names>].")
-@click.option("--version", "version", default="1.0.0", show_default=True, help="Wheel version.")
+@click.option(
+    "--name",
+    default=None,
+    help="Distribution name [default: fa4aot-cache-<target names>; with --max-size, fa4aot-cache, each wheel "
+    "adding its target names].",
+)
+@click.option(
+    "--version",
+    "version",
+    default=None,
+    help="Wheel version [default: from the content, 1.0.<UTC time of the newest entry>+<hash of the entries>: "
+    "a rebuilt cache gets a new version, so pip installs it over the old one]. PyPI refuses +local versions: "
+    "give one there.",
+)
+@click.option(
+    "--max-size",
+    default=None,
+    metavar="SIZE",
+    help="Split: one wheel per GPU target, each at most SIZE (100MB, 1.5GiB; PyPI takes 100 MiB a file), and "
+    "an index <name>-<version>.wheels.json of which wheel serves which target; a target larger than SIZE is "
+    "an error.",
+)
 @SIGN_OPTION
 def wheel_cmd(
     cache_dir: Path | None,
@@ -716,26 +1057,46 @@ def wheel_cmd(
     host_arch: str | None,
     out_dir: Path,
     name: str | None,
-    version: str,
+    version: str | None,
+    max_size: str | None,
     sign_key: Path | None,
 ) -> None:
-    """Build a pip-installable wheel holding the selected entries as a verified, read-only cache.
+    """Build a pip-installable wheel holding the selected entries as a verified, read-only cache
+    (tagged for the host arch of its launch plans, requiring this fa4aot's major version).
     Installed, it registers under the fa4aot.caches entry point; the runtime finds it when no
     cache path and no $FA4AOT_CACHE is given. With --sign its cache files are signed: a runtime
-    with $FA4AOT_TRUSTED_KEYS loads only wheels one of those keys signed."""
+    with $FA4AOT_TRUSTED_KEYS loads only wheels one of those keys signed. With --max-size, one
+    wheel per GPU target."""
     from fa4aot.compile.archive import cache_entries
-    from fa4aot.compile.wheel import build_wheel
+    from fa4aot.compile.wheel import build_wheels, parse_size
 
+    try:
+        limit = None if max_size is None else parse_size(max_size)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--max-size") from None
     try:
         cache = _open(cache_dir)
         entries, host = _select(cache_entries(cache), f"the cache {cache.root}", manifest, targets, host_arch)
-        name = name or "fa4aot-cache-" + "-".join(sorted({e.target.name.lower() for e in entries}))
-        path = build_wheel(
-            cache, entries, out_dir, name=name, version=version, host_arch=host, signer=_signer(sign_key)
+        if name is None:  # split wheels add their target names to it
+            by_target = "-".join(sorted({e.target.name.lower() for e in entries}))
+            name = "fa4aot-cache" if limit is not None else f"fa4aot-cache-{by_target}"
+        built = build_wheels(
+            cache,
+            entries,
+            out_dir,
+            name=name,
+            version=version,
+            host_arch=host,
+            signer=_signer(sign_key),
+            max_size=limit,
         )
     except Fa4aotError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"built {path} ({_human(path.stat().st_size)}): {len(entries)} entries; pip install {path}")
+    for w in built.wheels:
+        click.echo(f"built {w.path} ({_human(w.path.stat().st_size)}): {len(w.entries)} entries")
+    if built.index is not None:
+        click.echo(f"index of the {len(built.wheels)} wheels (which serves which target): {built.index}")
+    click.echo(f"version {built.version}; pip install {' '.join(str(w.path) for w in built.wheels)}")
 
 
 STORE_ARG = click.argument("store", required=False)
@@ -748,6 +1109,7 @@ STORE_ARG = click.argument("store", required=False)
 @MANIFEST_SELECT
 @HOST_SELECT
 @SIGN_OPTION
+@click.option("--dry-run", is_flag=True, help="List the objects it would upload, with sizes; upload nothing.")
 def push_cmd(
     store: str | None,
     cache_dir: Path | None,
@@ -755,6 +1117,7 @@ def push_cmd(
     manifest: Path | None,
     host_arch: str | None,
     sign_key: Path | None,
+    dry_run: bool,
 ) -> None:
     """Upload the selected entries to STORE (a directory, s3://, gs://, memory://... with the
     remote extra; default $FA4AOT_STORE): only the blobs and records it lacks, then its index of
@@ -762,14 +1125,24 @@ def push_cmd(
     from fa4aot.compile.archive import cache_entries
     from fa4aot.compile.stores import open_store, push
 
+    uploads: list[tuple[str, int]] = []
     try:
         cache = _open(cache_dir)
         st = open_store(store)
         entries, _ = _select(cache_entries(cache), f"the cache {cache.root}", manifest, targets, host_arch)
-        written, n = push(cache, st, entries, _signer(sign_key))
+        with _progress(len(entries), "push", quiet=dry_run, lines=False) as bar:
+            written, n = push(
+                cache, st, entries, _signer(sign_key), dry_run=dry_run, uploads=uploads, progress=bar.callback()
+            )
     except Fa4aotError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"pushed {n} entries to {st.url}: {written} objects uploaded, the rest were there")
+    if dry_run:
+        for line in _table([[_human(size), name] for name, size in uploads], right=(0,)):
+            click.echo(f"would upload {line}")
+        total = _human(sum(size for _, size in uploads))
+        click.echo(f"would push {n} entries from {cache.root} to {st.url}: {written} objects ({total}) to upload")
+        return
+    click.echo(f"pushed {n} entries from {cache.root} to {st.url}: {written} objects uploaded, the rest were there")
 
 
 @main.command("pull")
@@ -782,6 +1155,7 @@ def push_cmd(
 @REPLACE_OPTION
 @SHA256_OPTION
 @INSECURE_OPTION
+@JSON_OPTION
 def pull_cmd(
     store: str | None,
     cache_dir: Path | None,
@@ -792,6 +1166,7 @@ def pull_cmd(
     replace: bool,
     pinned: str | None,
     insecure: bool,
+    as_json: bool,
 ) -> None:
     """Download from STORE (a directory, an http(s) URL, s3://...; default $FA4AOT_STORE) the
     selected entries the cache lacks, verifying every byte (sha256, size, cubin, each key
@@ -814,22 +1189,55 @@ def pull_cmd(
             raise conflict_error(differ, root, st.url)  # before anything is downloaded
         todo = [e.key for e in entries if e.key not in have] + [e.key for e in differ]
         if dry_run:
-            for e in entries:
-                if e.key in todo:
-                    click.echo(f"would {'pull' if e.key not in have else 'replace'} {e.key[:12]} {e.variant.label()}")
-            click.echo(f"{len(todo)} of {len(entries)} entries to pull from {st.url}")
+            _pull_listing(entries, todo, have, st.url, root, as_json)
             return
-        archive = fetch_entries(st, todo, host_arch=host, hashes=hashes)
+        with _progress(len(todo), "pull", lines=False) as bar:
+            archive = fetch_entries(st, todo, host_arch=host, hashes=hashes, progress=bar.callback())
         res = install(root, archive, replace=replace)
     except Fa4aotError as e:
         raise click.ClickException(str(e)) from None
     labels = {e.key: e.variant.label() for e in entries}
+    if as_json:
+        pulled = set(res.added) | set(res.replaced)
+        records = [
+            {
+                "key": e.key,
+                "label": e.variant.label(),
+                "action": "replaced" if e.key in res.replaced else "pulled" if e.key in pulled else "present",
+            }
+            for e in entries
+        ]
+        summary = {
+            "selected": len(entries),
+            "pulled": len(res.added),
+            "replaced": len(res.replaced),
+            "present": len(entries) - len(todo),
+            "dry_run": False,
+        }
+        _emit("pull", root, records, summary, store=st.url)
+        return
     for key in res.replaced:
         click.echo(f"replaced {key} {labels.get(key, '')} (--replace)")
     click.echo(
         f"pulled {len(res.added)} entries from {st.url} into {root}; {len(entries) - len(todo)} were present"
         + (f"; {len(res.replaced)} replaced" if res.replaced else "")
     )
+
+
+def _pull_listing(
+    entries: list[Any], todo: list[str], have: dict[str, str], url: str, root: Path, as_json: bool
+) -> None:
+    """pull --dry-run: what would be pulled or replaced."""
+    action = {key: "pull" if key not in have else "replace" for key in todo}
+    if as_json:
+        records = [{"key": e.key, "label": e.variant.label(), "action": action.get(e.key, "present")} for e in entries]
+        summary = {"selected": len(entries), "to_pull": len(todo), "present": len(entries) - len(todo), "dry_run": True}
+        _emit("pull", root, records, summary, store=url)
+        return
+    for e in entries:
+        if e.key in action:
+            click.echo(f"would {action[e.key]} {e.key[:12]} {e.variant.label()}")
+    click.echo(f"{len(todo)} of {len(entries)} entries to pull from {url} into {root}")
 
 
 @main.command("keygen")
@@ -918,44 +1326,97 @@ def _targets_line(info) -> str:
 
 
 @main.command("show-config")
-def show_config_cmd() -> None:
+@JSON_OPTION
+def show_config_cmd(as_json: bool) -> None:
     """Versions, the runtime's cache search path and what each cache there holds, the remote
-    store configured, the host arch and the GPU (if one is present)."""
+    store configured, the host arch, the GPU (if one is present), and every environment variable
+    fa4aot reads with its value here (docs/environment.md)."""
+    config = _config()
+    info = config.pop("_info")
+    if as_json:
+        records = [
+            {"name": v.name, "value": value, "type": v.kind, "default": v.default, "read_by": v.scope, "doc": v.doc}
+            for v, value in env.current()
+        ]
+        _emit(
+            "show-config",
+            None,
+            records,
+            {"variables": len(records), "set": sum(r["value"] is not None for r in records)},
+            **config,
+        )
+        return
+    click.echo(f"fa4aot {config['fa4aot']}, Python {config['python']}, host {config['host_arch']}")
+    for line in _table([[f"  {d}", v or "not installed"] for d, v in config["versions"].items()]):
+        click.echo(line)
+    click.echo("cache search path (the runtime opens the first that serves this GPU):")
+    for line in _table([[f"  {p['where']}", f"{p['path']}:", p["holds"]] for p in config["search_path"]]):
+        click.echo(line)
+    click.echo(f"remote store (${env.STORE}): {config['store'] or 'none'}")
+    gpu = config["gpu"]
+    if "name" in gpu:
+        click.echo(f"GPU: {gpu['name']} ({gpu['arch']}, {gpu['num_sms']} SMs), driver {gpu['driver']}")
+    else:
+        click.echo(f"GPU: none ({gpu['error']})")
+    click.echo(_targets_line(info))
+    click.echo("environment (fa4aot show-config --json, docs/environment.md):")
+    rows = [
+        [f"  {v.name}", "(unset)" if value is None else repr(value), f"default {v.default}"]
+        for v, value in env.current()
+    ]
+    for line in _table(rows):
+        click.echo(line)
+
+
+def _config() -> dict[str, Any]:
+    """What show-config reports (JSON-ready, but for ``_info``: the GPU's DeviceInfo or None)."""
     import importlib.metadata
-    import os
-    import platform
 
     from fa4aot import __version__
-    from fa4aot.compile.stores import STORE_ENV
     from fa4aot.core.index import cache_search_path
+    from fa4aot.core.targets import MODELS
     from fa4aot.runtime.loader import host_arch
 
-    click.echo(f"fa4aot {__version__}, Python {platform.python_version()}, host {host_arch()}")
-    for dist in ("cuda-python", "cuda-bindings", "torch", "nvidia-cutlass-dsl", "flash-attn-4", "fsspec"):
+    versions: dict[str, str | None] = {}
+    for dist in ("cuda-python", "cuda-bindings", "torch", "nvidia-cutlass-dsl", "flash-attn-4", "fsspec", "tqdm"):
         try:
-            click.echo(f"  {dist:<22} {importlib.metadata.version(dist)}")
+            versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
-            click.echo(f"  {dist:<22} not installed")
-    click.echo("cache search path (the runtime opens the first that serves this GPU):")
+            versions[dist] = None
+    places = []
     for where, path in cache_search_path():
         try:
             keys = Cache(path).packed_targets()
             have = ", ".join(k.describe() for k in keys) or "no packed index (run fa4aot reindex)"
         except Fa4aotError as e:
             have = f"unusable: {e}"
-        click.echo(f"  {where:<12} {path}: {have}")
-    click.echo(f"remote store (${STORE_ENV}): {os.environ.get(STORE_ENV) or 'none'}")
+        places.append({"where": where, "path": str(path), "holds": have})
+    info = None
     try:
-        from fa4aot.runtime.driver import CudaDriver
+        from fa4aot.runtime.driver import make_driver
 
-        drv = CudaDriver()
+        drv = make_driver()
         info = drv.device_info(drv.current_device())
         cc = info.compute_capability
-        click.echo(f"GPU: {info.name} (sm_{cc[0]}{cc[1]}, {info.num_sms} SMs), driver {info.driver_version}")
+        gpu: dict[str, Any] = {
+            "name": info.name,
+            "arch": f"sm_{cc[0]}{cc[1]}",
+            "num_sms": info.num_sms,
+            "driver": info.driver_version,
+        }
     except Exception as e:  # no driver, no device: say so
-        click.echo(f"GPU: none ({str(e).splitlines()[0][:120]})")
-        info = None
-    click.echo(_targets_line(info))
+        gpu = {"error": str(e).splitlines()[0][:120] if str(e) else type(e).__name__}
+    return {
+        "fa4aot": __version__,
+        "python": platform.python_version(),
+        "host_arch": host_arch(),
+        "versions": versions,
+        "search_path": places,
+        "store": env.get(env.STORE),
+        "gpu": gpu,
+        "targets": [m._asdict() for m in MODELS.values()],
+        "_info": info,
+    }
 
 
 # -- learning manifests from workloads -------------------------------------------------------
@@ -1045,9 +1506,17 @@ def from_misses_cmd(logs: tuple[Path, ...], output: Path) -> None:
 
     try:
         rec = read_log(logs)
+        if not rec.variants:  # a manifest with no group is one `plan` and `build` refuse: write none
+            notes = f" ({len(rec.unsupported)} configurations fa4aot cannot build)" if rec.unsupported else ""
+            raise click.ClickException(
+                f"the miss log(s) {', '.join(str(p) for p in logs)} name no variant to build{notes}; {output} not written"
+            )
         text = manifest_text(rec, f"from the miss logs {', '.join(str(p) for p in logs)}")
+        with tempfile.TemporaryDirectory(prefix="fa4aot-misses-") as tmp:
+            staged = Path(tmp) / "manifest.yaml"
+            staged.write_text(text)
+            manifest_mod.load(staged)  # what we write, `fa4aot plan` accepts
         output.write_text(text)
-        manifest_mod.load(output)
     except Fa4aotError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"{output}: {len(rec.variants)} variants from {len(logs)} log(s)")
@@ -1077,67 +1546,143 @@ def from_misses_cmd(logs: tuple[Path, ...], output: Path) -> None:
     "--sample", type=click.IntRange(1, 100000), default=None, help="With --against-fa4: only N random entries."
 )
 @click.option("--seed", type=int, default=None, help="Seed of the samples.")
+@JSON_OPTION
 def verify_cmd(
-    cache_dir: Path | None, plans: bool, rebuild_sample: int, against_fa4: bool, sample: int | None, seed: int | None
+    cache_dir: Path | None,
+    plans: bool,
+    rebuild_sample: int,
+    against_fa4: bool,
+    sample: int | None,
+    seed: int | None,
+    as_json: bool,
 ) -> None:
     """Re-hash every blob, re-parse every cubin, check arch and parameter tables against the
     metadata, and run every plan on sample shapes. Exits 1 on any mismatch."""
     from fa4aot.tools.verify import verify
 
+    if against_fa4 and (missing := _missing_modules(BUILD_EXTRA_MODULES)):
+        raise click.ClickException(
+            f"--against-fa4 compiles through FA4 itself, which needs the build extra ({', '.join(missing)} "
+            "missing): pip install '.[build]' (or 'fa4aot[build]')"
+        )
     try:
         cache = _open(cache_dir)
         skipped: dict[str, str] = {}
         n, problems = verify(cache, plans, skipped)
     except Fa4aotError as e:
         raise click.ClickException(str(e)) from None
-    for host, why in sorted(skipped.items()):
-        click.echo(f"SKIPPED running the {host} launch plans (this host cannot run them: {why})", err=True)
-    for p in problems:
-        click.echo(f"BAD {p.key[:12]} {p.label}: {p.what}", err=True)
     packed = [p for p in problems if p.key.startswith("packed/")]
     bad = len({p.key for p in problems if p not in packed})
-    click.echo(f"verified {n} entries: {n - bad} ok, {bad} bad")
-    click.echo(f"packed indexes: {len(packed)} problem{'s' * (len(packed) != 1)}")
+    summary: dict[str, Any] = {"entries": n, "ok": n - bad, "bad": bad, "packed_problems": len(packed)}
+    summary["skipped_plans"] = dict(sorted(skipped.items()))
+    records = [{"check": "verify", "key": p.key, "label": p.label, "status": "bad", "detail": p.what} for p in problems]
+    if not as_json:
+        for host, why in sorted(skipped.items()):
+            click.echo(f"SKIPPED running the {host} launch plans (this host cannot run them: {why})", err=True)
+        for p in problems:
+            click.echo(f"BAD {p.key[:12]} {p.label}: {p.what}", err=True)
+        click.echo(f"verified {n} entries: {n - bad} ok, {bad} bad (cache {cache.root})")
+        click.echo(f"packed indexes: {len(packed)} problem{'s' * (len(packed) != 1)}")
     failed = bool(problems)
     if rebuild_sample:
-        from fa4aot.compile.rebuild import rebuild_sample as rebuild
-
-        try:
-            results = rebuild(cache, rebuild_sample, seed)
-        except Fa4aotError as e:
-            raise click.ClickException(str(e)) from None
-        for r in results:
-            if r.status != "identical":
-                click.echo(
-                    f"REBUILD {r.status.upper()} {r.entry.key[:12]} {r.entry.variant.label()}: {r.detail}", err=True
-                )
-        same = sum(r.status == "identical" for r in results)
-        click.echo(f"rebuilt {len(results)} sampled entries: {same} byte-identical")
-        failed = failed or same != len(results)
+        failed = _verify_rebuild(cache, rebuild_sample, seed, records, summary, as_json) or failed
     if against_fa4:
-        import random
-
-        from fa4aot.compile.archive import cache_entries
-        from fa4aot.tools.against_fa4 import compare
-
-        # one entry per variant (a variant built for two host archs shares its cubin)
-        picked = list({e.variant_id: e for e in cache_entries(cache)}.values())
-        if sample is not None:
-            picked = random.Random(seed).sample(picked, min(sample, len(picked)))
-        res = compare(cache, picked)
-        for r in res:
-            if r.status != "identical":
-                stream = r.status in ("different", "failed")
-                click.echo(
-                    f"FA4 {r.status.upper()} {r.entry.variant_id[:12]} {r.entry.variant.label()}: {r.detail}",
-                    err=stream,
-                )
-        same = sum(r.status == "identical" for r in res)
-        checked = sum(r.status in ("identical", "different", "failed") for r in res)
-        click.echo(f"against FA4's JIT: {same} of {checked} cubins identical ({len(res) - checked} skipped)")
-        failed = failed or same != checked
+        failed = _verify_against_fa4(cache, sample, seed, records, summary, as_json) or failed
+    if as_json:
+        _emit("verify", cache.root, records, {**summary, "passed": not failed})
     if failed:
         sys.exit(1)
+
+
+#: What --against-fa4 imports (in the FA4 process it starts): the build extra's stack.
+BUILD_EXTRA_MODULES = ("torch", "flash_attn", "cutlass")
+
+
+def _missing_modules(names: Iterable[str]) -> list[str]:
+    """Those of ``names`` this interpreter cannot import (looked up, not imported)."""
+    import importlib.util
+
+    out = []
+    for name in names:
+        try:
+            if sys.modules.get(name, ...) is None or importlib.util.find_spec(name) is None:
+                out.append(name)  # None in sys.modules: imports of it fail
+        except (ImportError, ValueError):
+            out.append(name)
+    return out
+
+
+def _verify_rebuild(
+    cache: Cache, count: int, seed: int | None, records: list[dict[str, Any]], summary: dict[str, Any], as_json: bool
+) -> bool:
+    """verify --rebuild-sample: recompile ``count`` entries and compare; True if any differs."""
+    from fa4aot.compile.rebuild import rebuild_sample as rebuild
+
+    try:
+        results = rebuild(cache, count, seed)
+    except Fa4aotError as e:
+        raise click.ClickException(str(e)) from None
+    for r in results:
+        records.append(
+            {
+                "check": "rebuild",
+                "key": r.entry.key,
+                "label": r.entry.variant.label(),
+                "status": r.status,
+                "detail": r.detail,
+            }
+        )
+        if r.status != "identical" and not as_json:
+            click.echo(f"REBUILD {r.status.upper()} {r.entry.key[:12]} {r.entry.variant.label()}: {r.detail}", err=True)
+    same = sum(r.status == "identical" for r in results)
+    summary["rebuild"] = {"sampled": len(results), "identical": same}
+    if not as_json:
+        click.echo(f"rebuilt {len(results)} sampled entries: {same} byte-identical")
+    return same != len(results)
+
+
+def _verify_against_fa4(
+    cache: Cache,
+    sample: int | None,
+    seed: int | None,
+    records: list[dict[str, Any]],
+    summary: dict[str, Any],
+    as_json: bool,
+) -> bool:
+    """verify --against-fa4: compile each (sampled) entry through FA4 and compare cubins; True if
+    any differs or failed."""
+    import random
+
+    from fa4aot.compile.archive import cache_entries
+    from fa4aot.tools.against_fa4 import compare
+
+    # one entry per variant (a variant built for two host archs shares its cubin)
+    picked = list({e.variant_id: e for e in cache_entries(cache)}.values())
+    if sample is not None:
+        picked = random.Random(seed).sample(picked, min(sample, len(picked)))
+    with _progress(len(picked), "against FA4") as bar:
+        res = compare(cache, picked, progress=bar.callback())
+    for r in res:
+        records.append(
+            {
+                "check": "against_fa4",
+                "key": r.entry.key,
+                "label": r.entry.variant.label(),
+                "status": r.status,
+                "detail": r.detail,
+            }
+        )
+        if r.status != "identical" and not as_json:
+            stream = r.status in ("different", "failed")
+            click.echo(
+                f"FA4 {r.status.upper()} {r.entry.variant_id[:12]} {r.entry.variant.label()}: {r.detail}", err=stream
+            )
+    same = sum(r.status == "identical" for r in res)
+    checked = sum(r.status in ("identical", "different", "failed") for r in res)
+    summary["against_fa4"] = {"checked": checked, "identical": same, "skipped": len(res) - checked}
+    if not as_json:
+        click.echo(f"against FA4's JIT: {same} of {checked} cubins identical ({len(res) - checked} skipped)")
+    return same != checked
 
 
 @main.command("check-plans")
@@ -1145,24 +1690,38 @@ def verify_cmd(
 @click.option(
     "-n", "runs", type=click.IntRange(1, 100000), default=30, show_default=True, help="Random calls per variant."
 )
-def check_plans_cmd(cache_dir: Path | None, runs: int) -> None:
+@JSON_OPTION
+def check_plans_cmd(cache_dir: Path | None, runs: int, as_json: bool) -> None:
     """Run every forward and backward variant's launch plan on random argument sets (CPU) and
     check block, smem, grid (against FA4's scheduler formulas), cluster and where the tensors
     land. Exits 1 on any mismatch."""
     from fa4aot.tools.plancheck import check_cache
 
     try:
-        reports = check_cache(_open(cache_dir), runs)
+        cache = _open(cache_dir)
+        reports = check_cache(cache, runs)
     except Fa4aotError as e:
         raise click.ClickException(str(e)) from None
-    bad = 0
-    for r in reports:
-        status = "ok" if not r.problems else f"{len(r.problems)} problems"
-        click.echo(f"{r.entry.key[:12]} {r.runs:>4} calls {status:<12} {r.entry.variant.label()}")
-        for p in r.problems[:5]:
-            click.echo(f"    {p}", err=True)
-        bad += bool(r.problems)
-    click.echo(f"{len(reports)} variants, {sum(r.runs for r in reports)} plan calls, {bad} with problems")
+    bad = sum(bool(r.problems) for r in reports)
+    calls = sum(r.runs for r in reports)
+    if as_json:
+        records = [
+            {
+                "key": r.entry.key,
+                "label": r.entry.variant.label(),
+                "calls": r.runs,
+                "problems": [str(p) for p in r.problems],
+            }
+            for r in reports
+        ]
+        _emit("check-plans", cache.root, records, {"variants": len(reports), "calls": calls, "with_problems": bad})
+    else:
+        for r in reports:  # fixed widths: a key prefix, up to 4 digits of calls, the status
+            status = "ok" if not r.problems else f"{len(r.problems)} problems"
+            click.echo(f"{r.entry.key[:12]} {r.runs:>4} calls {status:<12} {r.entry.variant.label()}")
+            for p in r.problems[:5]:
+                click.echo(f"    {p}", err=True)
+        click.echo(f"{len(reports)} variants, {calls} plan calls, {bad} with problems (cache {cache.root})")
     if bad:
         sys.exit(1)
 
@@ -1188,11 +1747,13 @@ def check_plans_cmd(cache_dir: Path | None, runs: int) -> None:
     is_flag=True,
     help="With --manifest, also drop entries built by other toolchains (other fa4aot or FA4 versions).",
 )
-def gc(cache_dir: Path | None, manifest: Path | None, grace: float, other_toolchains: bool) -> None:
+@click.option("--dry-run", is_flag=True, help="List the entries and files it would remove, with sizes; change nothing.")
+def gc(cache_dir: Path | None, manifest: Path | None, grace: float, other_toolchains: bool, dry_run: bool) -> None:
     """Remove unreferenced blobs and stale staging files (and, with --manifest, stale entries).
 
     With --manifest, only entries this installation's toolchain built are candidates: a cache
     shared by several fa4aot versions keeps the others' entries unless --other-toolchains is given.
+    The blobs of the entries it drops go at once (--grace protects only files nothing referenced).
     Refuses a directory that is not an fa4aot cache and creates nothing.
     """
     keep = owned = None
@@ -1207,16 +1768,26 @@ def gc(cache_dir: Path | None, manifest: Path | None, grace: float, other_toolch
             keep = {cache_key(pv.variant, tc, host) for pv in plan.variants}
             if not other_toolchains:
                 owned = lambda e: e.meta.get("toolchain") == tc  # noqa: E731
-        from fa4aot.compile.store import CacheWriter
+        from fa4aot.compile.store import CacheWriter, GcListing
 
         cache = CacheWriter(_cache_dir(cache_dir), create=False)
-        stats = cache.gc(keep, grace, owned)
+        listing = GcListing()
+        stats = cache.gc(keep, grace, owned, dry_run=dry_run, listing=listing)
         cache.close()
     except Fa4aotError as e:
         raise click.ClickException(str(e)) from None
+    if dry_run:
+        rows = [
+            ["entry", e.key[:12], _human(sum(b.size for b in e.blobs.values())), e.variant.label()]
+            for e in listing.entries
+        ]
+        rows += [["file", "", _human(size), path] for path, size in sorted(listing.files)]
+        for line in _table(rows, right=(2,)):
+            click.echo(f"would remove {line}")
     click.echo(
-        f"removed {stats['entries_removed']} entries and {stats['files_removed']} files, "
-        f"freed {_human(stats['bytes_freed'])}"
+        f"{'would remove' if dry_run else 'removed'} {stats['entries_removed']} entries and "
+        f"{stats['files_removed']} files, {'would free' if dry_run else 'freed'} {_human(stats['bytes_freed'])} "
+        f"(cache {cache.root})"
     )
 
 
@@ -1282,8 +1853,11 @@ def launch_plan_cmd(key: str, cache_dir: Path | None, shape: str, params: bool) 
     click.echo(f"shape: {samples.describe(e.variant, dims)}")
     kernels = {k["symbol"]: k for k in e.meta["kernels"]}
     for i, launch in enumerate(launches):
-        click.echo(f"launch {i}: grid {launch.grid} block {launch.block} smem {launch.smem} cluster {launch.cluster}")
-        click.echo(f"  attributes {launch.attribute_values()}")
+        click.echo(
+            f"launch {i}: grid {_text(launch.grid)} block {_text(launch.block)} smem {launch.smem} "
+            f"cluster {_text(launch.cluster)}"
+        )
+        click.echo(f"  attributes {_text(launch.attribute_values())}")
         click.echo(f"  kernel {launch.kernel}")
         if not params:
             continue

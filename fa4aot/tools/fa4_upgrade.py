@@ -31,7 +31,6 @@ import collections
 import importlib.util
 import inspect
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -39,14 +38,17 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from fa4aot.core.env import child_environ, with_path_first
+
 #: FA4 functions whose parameters fa4aot's API mirrors (name -> fa4aot's mirror, or None).
 MIRRORED = {
     "flash_attn_func": "fa4aot.flash_attn_func",
     "flash_attn_varlen_func": "fa4aot.flash_attn_varlen_func",
     "_flash_attn_fwd": "fa4aot.interface._flash_attn_fwd",
     "_get_scheduler_metadata": "fa4aot.interface._get_scheduler_metadata",
-    "_flash_attn_bwd": None,
-    "_flash_attn_fwd_combine": None,
+    "_flash_attn_bwd": "fa4aot.interface._flash_attn_bwd",
+    "_flash_attn_fwd_combine": "fa4aot.interface._flash_attn_fwd_combine",
+    "get_scheduler_metadata": "fa4aot.interface.get_scheduler_metadata",
 }
 #: The selector types whose fields fa4aot reads or builds.
 SELECTOR_TYPES = ("FwdConfig", "FwdHeuristicInputs", "BwdConfig", "BwdHeuristicInputs")
@@ -269,7 +271,7 @@ def parity_report(new_root: Path, sel: Any, calls: int, seed: int) -> list[str]:
 def cubin_report(new_root: Path, tmp: Path) -> list[str]:
     """Build manifests/ci.yaml against NEW and run verify --against-fa4 on it."""
     manifest = Path(__file__).resolve().parents[2] / "manifests" / "ci.yaml"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(new_root), os.environ.get("PYTHONPATH")) if p))
+    env = child_environ(PYTHONPATH=with_path_first(str(new_root)))
     cache = tmp / "cache"
     cli = [sys.executable, "-m", "fa4aot.tools.cli"]
     build = subprocess.run([*cli, "build", str(manifest), "--cache", str(cache), "-q"], env=env, capture_output=True,

@@ -212,7 +212,7 @@ def check_entry(cache: Cache, entry: Entry, n: int = 30, seed: int = 0) -> Varia
         if launch.grid != want:
             report.problems.append(f"grid {launch.grid} != FA4 formula {want} ({where})")
         if (launch.cluster == (2, 1, 1)) != bool(f.get("use_2cta_instrs")):
-            report.problems.append(f"cluster {launch.cluster} for use_2cta_instrs={f.get('use_2cta_instrs')}")
+            report.problems.append(f"cluster {launch.cluster or 'none'} for use_2cta_instrs={f.get('use_2cta_instrs')}")
         buf = launch.param_bytes
         for name in ("q", "k", "v", "out"):
             base = named[name].ptr
@@ -241,7 +241,7 @@ def check_backward_entry(cache: Cache, entry: Entry, n: int = 30, seed: int = 0)
         if launch.grid != want:
             report.problems.append(f"grid {launch.grid} != FA4 formula {want} ({where})")
         if (launch.cluster == (2, 1, 1)) != bool(f.get("use_2cta_instrs") and entry.variant.family == "bwd_sm100"):
-            report.problems.append(f"cluster {launch.cluster} for use_2cta_instrs={f.get('use_2cta_instrs')}")
+            report.problems.append(f"cluster {launch.cluster or 'none'} for use_2cta_instrs={f.get('use_2cta_instrs')}")
         # the main kernel loads q/k/v/dout through TMA descriptors (their addresses live inside
         # them); the preprocess and postprocess take plain pointers to every tensor
         if entry.variant.family in ("bwd_pre", "bwd_post"):

@@ -48,6 +48,8 @@ HOOK_ENV = "FA4AOT_RECORD_HOOK"
 #: hook uses; Python processes of other interpreters are not recorded.
 PREFIX_ENV = "FA4AOT_RECORD_PREFIX"
 #: What ``fa4aot record`` sets for the workload; a process left out of the recording drops it all.
+#: (The names are spelled here, not imported from fa4aot.core.env: :func:`site_main` runs before
+#: fa4aot is importable, and reads them directly; tests/test_cli.py checks they match the table.)
 SESSION_ENV = (RECORD_ENV, NO_COMPILE_ENV, HOOK_ENV, PREFIX_ENV)
 SITE_MODULE = "sitecustomize"
 #: Name this file is loaded under by the generated ``sitecustomize`` (by path: a process that is not
@@ -94,7 +96,9 @@ class RecordingCache:
             if line in _seen:
                 return
             _seen.add(line)
-        path = os.environ.get(RECORD_ENV)
+        from fa4aot.core import env  # not at the top: the sitecustomize bootstrap loads this file first
+
+        path = env.get(RECORD_ENV)
         if path:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
@@ -172,7 +176,9 @@ def _wrap_forward(fn: Any) -> Any:
 
 def patch(mod: Any) -> None:
     """Wrap the JIT caches of FA4's interface module ``mod`` (and its forward, for call shapes)."""
-    if os.environ.get(NO_COMPILE_ENV) == "1" and hasattr(mod, "_compile_misses"):
+    from fa4aot.core import env
+
+    if env.get(NO_COMPILE_ENV) == "1" and hasattr(mod, "_compile_misses"):
         # for this interpreter's main context: FA4 adds (cache, key) here and skips the compile;
         # the wrapped caches below still see (and record) every key it looks up
         mod._compile_misses.set(set())

@@ -1,0 +1,98 @@
+"""``fa4aot.stats()`` / ``Runtime.stats()``: what a runtime has done, from counters it keeps anyway.
+
+The counters are plain integers the runtime adds to where each event happens (loading a variant,
+a lookup the cache answers or cannot, a launch): reading them costs nothing on the launch path.
+
+- ``loads``: variants loaded (read, hash-checked, cubin and plan loaded) by this runtime.
+- ``hits``: variant lookups the cache answered (a dispatch decision for a new shape, a combine,
+  backward or prepare pick); a repeated shape is served from the dispatch memo without a lookup.
+- ``misses``: lookups of a variant the cache lacks (each raised VariantNotFoundError naming the
+  manifest line that builds it).
+- ``refused``: entries the cache holds that this runtime will not load: built by another fa4aot,
+  for another host CPU, or for a newer CUDA driver.
+- ``invalid``: entries that failed verification while loading (a hash mismatch, a malformed
+  record, a plan that does not load).
+- ``launches``: successful launches (one foreign call each: FA4's host code, then its kernel),
+  per variant family (``fwd_sm90``, ``combine``, ``prepare``, ``bwd_sm100``, ...).
+- ``patch_fallbacks``: calls :func:`fa4aot.patch` handed to FA4's own (JIT) function under the
+  ``warn`` or ``fallback`` policy, per FA4 function; process-wide.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fa4aot.runtime import loader
+
+
+@dataclass(frozen=True)
+class RuntimeStats:
+    """A snapshot of a runtime's counters (see the module docstring for each field's meaning)."""
+
+    loads: int = 0
+    hits: int = 0
+    misses: int = 0
+    refused: int = 0
+    invalid: int = 0
+    launches: Mapping[str, int] = field(default_factory=dict)
+    patch_fallbacks: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def total_launches(self) -> int:
+        """Launches of every family."""
+        return sum(self.launches.values())
+
+    @property
+    def total_fallbacks(self) -> int:
+        """Calls handed to FA4's JIT functions by the drop-in patch."""
+        return sum(self.patch_fallbacks.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        """The snapshot as plain JSON-able values."""
+        return {
+            "loads": self.loads,
+            "hits": self.hits,
+            "misses": self.misses,
+            "refused": self.refused,
+            "invalid": self.invalid,
+            "launches": dict(self.launches),
+            "patch_fallbacks": dict(self.patch_fallbacks),
+        }
+
+
+def patch_fallbacks() -> dict[str, int]:
+    """The drop-in patch's fallback counts, when it was ever imported (it is never imported here:
+    the runtime must not pay for it)."""
+    mod = sys.modules.get("fa4aot.dropin")
+    return mod.fallback_counts() if mod is not None else {}
+
+
+def collect(rt: loader.Runtime) -> RuntimeStats:
+    """The counters of ``rt`` now."""
+    launches: dict[str, int] = {}
+    for lv in list(rt._loaded.values()):  # list(): a snapshot, other threads may be loading
+        n = lv.plan.launches
+        if n:
+            family = lv.variant.family
+            launches[family] = launches.get(family, 0) + n
+    return RuntimeStats(
+        loads=rt._stat_loads,
+        hits=rt._stat_hits,
+        misses=rt._stat_misses,
+        refused=rt._stat_refused,
+        invalid=rt._stat_invalid,
+        launches=dict(sorted(launches.items())),
+        patch_fallbacks=patch_fallbacks(),
+    )
+
+
+def stats(runtime: loader.Runtime | None = None) -> RuntimeStats:
+    """``runtime``'s counters, or the default runtime's (``fa4aot.stats()``). Opens nothing: with no
+    default runtime yet the runtime counters are zero (the patch's fallbacks are still reported)."""
+    rt = runtime or loader._DEFAULT
+    if rt is None:
+        return RuntimeStats(patch_fallbacks=patch_fallbacks())
+    return collect(rt)
