@@ -216,6 +216,10 @@ class Plan:
         self.module_load: ModuleLoad | None = None
         self._handle_names: dict[int, str] = {}
         self.fd = -1
+        #: successful foreign calls that launched (Runtime.stats() sums them per family): a plain int
+        #: add per call, no lock on the launch path (threads launching one variant at the same
+        #: instant can, rarely, lose an increment)
+        self.launches = 0
 
     def _bind_shim(self, lib: ctypes.CDLL, entry_symbol: str, init_symbol: str, load_symbol: str) -> None:
         """Find the shim's and the entry's symbols in ``lib`` and check the shim ABI (PlanError if
@@ -349,6 +353,7 @@ class Plan:
         s = self._scratch()
         self._packed(s, flat)
         self._check(self._run(s.addr), s.state)
+        self.launches += 1
         return s.state.n_launches
 
     @staticmethod
@@ -451,6 +456,7 @@ class BoundCall:
         except struct.error as e:
             raise ArgumentError(f"a tensor address or the stream is not a valid pointer: {e}") from None
         Plan._check(self.run(s.addr), s.state)
+        self.plan.launches += 1
 
 
 def _make_packer(signature: Sequence[Arg]) -> Callable[[Mapping[str, Any]], list[Any]]:
@@ -548,6 +554,7 @@ def _make_launcher(plan: Plan, order: list[str], optional: set[str], ranks_check
         f"        raise _plan._explain({names_dict}, e) from None",
         "    rc = _run(s.addr)",
         "    if rc: _check(rc, s.state)",
+        "    _plan.launches += 1",
     ]
     src = f"def launch({params}):\n" + "\n".join(body)
     scope: dict[str, Any] = {

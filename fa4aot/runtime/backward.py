@@ -74,6 +74,7 @@ def pick(rt: Runtime, key: tuple[Any, ...], facts: BwdFacts) -> BackwardKernels:
         group = Variant.make(family, rt.target.arch, rt.target.num_sms, **fields)
         shapes = {"batch": [facts.batch], "nheads_kv": [facts.num_heads_kv]}
         line = describe_missing(group, shapes)
+        rt._stat_misses += 1
         if rt.miss_log is not None:  # the group, so `fa4aot manifest from-misses` can ask for it
             rt.miss_log.add(group, target=rt.target._asdict(), host_arch=rt.host_arch, manifest=line)
         raise VariantNotFoundError(

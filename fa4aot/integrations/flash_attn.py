@@ -1,0 +1,178 @@
+"""FA4's public entry points (``flash_attn.cute`` 4.0.0b40) served by fa4aot: what
+:func:`fa4aot.patch` routes FA4's functions (and those of the copies vLLM and SGLang vendor) to.
+
+``flash_attn_func`` / ``flash_attn_varlen_func`` are differentiable in FA4. Here a call that needs
+autograd (grad mode on and an input that requires grad) or runs under ``torch.compile`` goes
+through :mod:`fa4aot.torch` (``torch.library`` ops with a backward); any other call goes straight
+to the runtime's forward, which also serves what the autograd ops do not (a paged KV cache,
+``scheduler_metadata``, ``config``). The private entry points (``_flash_attn_fwd``,
+``_flash_attn_bwd``, ``_flash_attn_fwd_combine``, ``get_scheduler_metadata``,
+``_get_scheduler_metadata``) are the runtime's mirrors. Arguments fa4aot does not build raise
+ArgumentError naming them (the drop-in's policy then decides what happens).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fa4aot.runtime import fa4_entries, forward
+from fa4aot.runtime import interface as rt_interface
+from fa4aot.runtime.forward import unsupported
+from fa4aot.runtime.metadata import SchedulerMetadata
+
+_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+
+
+def needs_autograd(*tensors: Any) -> bool:
+    """Whether a call must run through the autograd ops: grad mode is on and an input requires
+    grad, or torch.compile is tracing (the ops are what it can trace)."""
+    if _compiling():
+        return True
+    return torch.is_grad_enabled() and any(t is not None and getattr(t, "requires_grad", False) for t in tensors)
+
+
+def _plain(t: Any) -> Any:
+    """``t`` detached when it is a tensor that requires grad but the call runs without autograd
+    (grad mode off: a ``torch.nn.Parameter`` sink under ``torch.no_grad()``): the runtime reads
+    tensors through DLPack, which torch refuses for tensors that require grad."""
+    return t.detach() if getattr(t, "requires_grad", False) else t
+
+
+def _fa4aot_torch() -> Any:
+    """fa4aot.torch, imported on first differentiable call (it registers the fa4aot:: ops)."""
+    import fa4aot.torch as ft
+
+    return ft
+
+
+def flash_attn_func(
+    q: Any,
+    k: Any,
+    v: Any,
+    qv: Any = None,
+    gather_kv_indices: Any = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int | None, int | None] = (None, None),
+    learnable_sink: Any = None,
+    softcap: float = 0.0,
+    num_splits: int = 1,
+    pack_gqa: bool | None = None,
+    deterministic: bool = False,
+    score_mod: Any = None,
+    score_mod_bwd: Any = None,
+    mask_mod: Any = None,
+    aux_tensors: Any = None,
+    aux_scalars: Any = None,
+    block_sparse_tensors: Any = None,
+    block_sparse_tensors_bwd: Any = None,
+    return_lse: bool = False,
+    gather_bwd_recompute_p: bool = False,
+    gather_bwd_token_chunk: int | None = None,
+    config: Any = None,
+    scales: Any = None,
+) -> tuple[Any, Any]:
+    """FA4's ``flash_attn_func``: ``(out, lse)``, differentiable when an input requires grad."""
+    if needs_autograd(q, k, v, learnable_sink):
+        unsupported(config=(config, None), scales=(scales, None))  # forward-only FA4 paths
+        return _fa4aot_torch().flash_attn_func(
+            q, k, v, qv, gather_kv_indices, softmax_scale, causal, window_size, learnable_sink, softcap, num_splits,
+            pack_gqa, deterministic, score_mod, score_mod_bwd, mask_mod, aux_tensors, aux_scalars,
+            block_sparse_tensors, block_sparse_tensors_bwd, return_lse, gather_bwd_recompute_p, gather_bwd_token_chunk,
+        )  # fmt: skip
+    q, k, v, learnable_sink = _plain(q), _plain(k), _plain(v), _plain(learnable_sink)
+    return forward.flash_attn_func(
+        q, k, v, qv, gather_kv_indices, softmax_scale, causal, window_size, learnable_sink, softcap, num_splits,
+        pack_gqa, deterministic, score_mod, score_mod_bwd, mask_mod, aux_tensors, aux_scalars, block_sparse_tensors,
+        block_sparse_tensors_bwd, return_lse, gather_bwd_recompute_p, gather_bwd_token_chunk, config, scales,
+    )  # fmt: skip
+
+
+def flash_attn_varlen_func(
+    q: Any,
+    k: Any,
+    v: Any,
+    qv: Any = None,
+    cu_seqlens_q: Any = None,
+    cu_seqlens_k: Any = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    min_seqlen_k: int | None = None,
+    seqused_q: Any = None,
+    seqused_k: Any = None,
+    gather_kv_indices: Any = None,
+    page_table: Any = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int | None, int | None] = (None, None),
+    learnable_sink: Any = None,
+    softcap: float = 0.0,
+    num_splits: int = 1,
+    pack_gqa: bool | None = None,
+    deterministic: bool = False,
+    score_mod: Any = None,
+    score_mod_bwd: Any = None,
+    mask_mod: Any = None,
+    block_sparse_tensors: Any = None,
+    aux_tensors: Any = None,
+    aux_scalars: Any = None,
+    return_lse: bool = False,
+    scheduler_metadata: Any = None,
+    seqlen_k_per_split: int | None = None,
+    disable_scheduler_metadata: bool = False,
+    gather_bwd_recompute_p: bool = False,
+    gather_bwd_token_chunk: int | None = None,
+    config: Any = None,
+    scales: Any = None,
+) -> tuple[Any, Any]:
+    """FA4's ``flash_attn_varlen_func``: ``(out, lse)``, differentiable when an input requires grad
+    (a paged KV cache and scheduler metadata are inference paths, as in FA4)."""
+    if needs_autograd(q, k, v, learnable_sink):
+        # forward-only FA4 paths, and FA4's switch off its own metadata (the autograd ops take none)
+        unsupported(
+            config=(config, None), scales=(scales, None), disable_scheduler_metadata=(disable_scheduler_metadata, False)
+        )
+        return _fa4aot_torch().flash_attn_varlen_func(
+            q, k, v, qv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, min_seqlen_k, seqused_q, seqused_k,
+            gather_kv_indices, page_table, softmax_scale, causal, window_size, learnable_sink, softcap, num_splits,
+            pack_gqa, deterministic, score_mod, score_mod_bwd, mask_mod, block_sparse_tensors, aux_tensors,
+            aux_scalars, return_lse, scheduler_metadata, seqlen_k_per_split, disable_scheduler_metadata,
+            gather_bwd_recompute_p, gather_bwd_token_chunk,
+        )  # fmt: skip
+    q, k, v, learnable_sink = _plain(q), _plain(k), _plain(v), _plain(learnable_sink)
+    return forward.flash_attn_varlen_func(
+        q, k, v, qv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, min_seqlen_k, seqused_q, seqused_k,
+        gather_kv_indices, page_table, softmax_scale, causal, window_size, learnable_sink, softcap, num_splits,
+        pack_gqa, deterministic, score_mod, score_mod_bwd, mask_mod, block_sparse_tensors, aux_tensors, aux_scalars,
+        return_lse, scheduler_metadata, seqlen_k_per_split, disable_scheduler_metadata, gather_bwd_recompute_p,
+        gather_bwd_token_chunk, config, scales,
+    )  # fmt: skip
+
+
+#: The runtime's mirrors of FA4's private entry points (torch-free; torch tensors go in by DLPack).
+_flash_attn_fwd = rt_interface._flash_attn_fwd
+_get_scheduler_metadata = rt_interface._get_scheduler_metadata
+_flash_attn_bwd = fa4_entries._flash_attn_bwd
+_flash_attn_fwd_combine = fa4_entries._flash_attn_fwd_combine
+get_scheduler_metadata = fa4_entries.get_scheduler_metadata
+
+#: The functions the drop-in routes, by FA4's name.
+ENTRY_POINTS = {
+    "flash_attn_func": flash_attn_func,
+    "flash_attn_varlen_func": flash_attn_varlen_func,
+    "_flash_attn_fwd": _flash_attn_fwd,
+    "_flash_attn_bwd": _flash_attn_bwd,
+    "_flash_attn_fwd_combine": _flash_attn_fwd_combine,
+    "get_scheduler_metadata": get_scheduler_metadata,
+    "_get_scheduler_metadata": _get_scheduler_metadata,
+}
+
+
+def drop_fa4aot_metadata(args: dict[str, Any]) -> dict[str, Any]:
+    """A call's arguments made fit for FA4's own function: a fa4aot.SchedulerMetadata (from a
+    routed get_scheduler_metadata) means nothing to FA4, which computes its own without one."""
+    if isinstance(args.get("scheduler_metadata"), SchedulerMetadata):
+        args = {**args, "scheduler_metadata": None}
+    return args

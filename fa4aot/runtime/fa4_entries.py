@@ -1,0 +1,239 @@
+"""FA4's remaining engine entry points on the zero-JIT runtime: ``_flash_attn_bwd``,
+``_flash_attn_fwd_combine`` and the public ``get_scheduler_metadata`` (4.0.0b40), with FA4's
+signatures (plus fa4aot's keyword-only ``stream`` and ``runtime``), for engines that call them
+and for :func:`fa4aot.patch`. Like :mod:`fa4aot.runtime.interface`, an argument of a path fa4aot
+does not build raises ArgumentError naming it when it has a value other than FA4's default;
+arguments FA4 itself ignores are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fa4aot.core.errors import ArgumentError
+from fa4aot.core.fa4_interface import resolve_window, split_policy
+from fa4aot.runtime import loader, validate
+from fa4aot.runtime.backward import flash_attn_backward
+from fa4aot.runtime.combine import combine
+from fa4aot.runtime.forward import unsupported
+from fa4aot.runtime.loader import Runtime
+from fa4aot.runtime.metadata import SchedulerMetadata
+
+#: ``_flash_attn_bwd``'s legacy tile arguments, which FA4 4.0.0b40 ignores (its BwdConfig owns
+#: them; interface.py 2114-2118): accepted and ignored here too.
+BWD_IGNORED = (
+    "m_block_size", "n_block_size", "num_threads", "pack_gqa", "num_stages_Q", "num_stages_dO", "SdP_swapAB",
+    "dKV_swapAB", "dQ_swapAB", "AtomLayoutMSdP", "AtomLayoutNdKV", "AtomLayoutMdQ",
+)  # fmt: skip
+
+
+def _check_arch(rt: Runtime, arch: int | None) -> None:
+    """FA4's ``_arch`` (e.g. 90) must name this runtime's device: fa4aot runs what it has."""
+    if arch is not None:
+        cc = rt.info.compute_capability
+        if arch != cc[0] * 10 + cc[1]:
+            raise ArgumentError(f"_arch: {arch} is not this runtime's device (sm_{cc[0]}{cc[1]})")
+
+
+def _flash_attn_bwd(
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    dout: Any,
+    lse: Any,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    softcap: float = 0.0,
+    window_size_left: int | None = None,
+    window_size_right: int | None = None,
+    m_block_size: int = 64,
+    n_block_size: int = 128,
+    num_threads: int = 256,
+    pack_gqa: bool = False,
+    num_stages_Q: int = 2,
+    num_stages_dO: int = 2,
+    SdP_swapAB: bool = False,
+    dKV_swapAB: bool = False,
+    dQ_swapAB: bool = False,
+    AtomLayoutMSdP: int = 2,
+    AtomLayoutNdKV: int = 2,
+    AtomLayoutMdQ: int = 2,
+    V_in_regs: bool = False,
+    cu_seqlens_q: Any = None,
+    cu_seqlens_k: Any = None,
+    seqused_q: Any = None,
+    seqused_k: Any = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    deterministic: bool = False,
+    dq: Any = None,
+    dk: Any = None,
+    dv: Any = None,
+    score_mod: Any = None,
+    score_mod_bwd: Any = None,
+    mask_mod: Any = None,
+    aux_tensors: Any = None,
+    aux_scalars: Any = None,
+    block_sparse_tensors: Any = None,
+    dlse: Any = None,
+    learnable_sink: Any = None,
+    *,
+    config: Any = None,
+    stream: Any = None,
+    runtime: Runtime | None = None,
+) -> tuple[Any, ...]:
+    """FA4's ``_flash_attn_bwd``: ``(dq, dk, dv)``, or ``(dq, dk, dv, dsink)`` with a learnable
+    sink (note FA4's argument order: ``out`` before ``dout``). The legacy tile arguments
+    (:data:`BWD_IGNORED`) are ignored as FA4 ignores them; ``V_in_regs``, ``config``, score/mask
+    mods, aux tensors and block sparsity are FA4 paths fa4aot does not build."""
+    unsupported(
+        V_in_regs=(V_in_regs, False),
+        config=(config, None),
+        score_mod=(score_mod, None),
+        score_mod_bwd=(score_mod_bwd, None),
+        mask_mod=(mask_mod, None),
+        aux_tensors=(aux_tensors, None),
+        aux_scalars=(aux_scalars, None),
+        block_sparse_tensors=(block_sparse_tensors, None),
+    )
+    return flash_attn_backward(
+        dout, q, k, v, out, lse, softmax_scale, causal, (window_size_left, window_size_right), softcap,
+        cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, deterministic,
+        dq, dk, dv, dlse, learnable_sink, stream, runtime=runtime,
+    )  # fmt: skip
+
+
+def _flash_attn_fwd_combine(
+    out_partial: Any,
+    lse_partial: Any,
+    out: Any,
+    lse: Any = None,
+    cu_seqlens: Any = None,
+    seqused: Any = None,
+    num_splits_dynamic_ptr: Any = None,
+    virtual_batch_idx: Any = None,
+    semaphore_to_reset: Any = None,
+    *,
+    _arch: int | None = None,
+    stream: Any = None,
+    runtime: Runtime | None = None,
+) -> None:
+    """FA4's ``_flash_attn_fwd_combine``: reduce split-KV partials into ``out`` (and ``lse``), FA4's
+    layouts (see :func:`fa4aot.combine`). ``virtual_batch_idx`` (FA4's LPT batch sort, which FA4
+    itself does not enable yet) and ``semaphore_to_reset`` are not built."""
+    unsupported(virtual_batch_idx=(virtual_batch_idx, None), semaphore_to_reset=(semaphore_to_reset, None))
+    rt = runtime or loader._DEFAULT or loader.default_runtime()
+    _check_arch(rt, _arch)
+    combine(out_partial, lse_partial, out, lse, cu_seqlens, seqused, num_splits_dynamic_ptr, stream, runtime=rt)
+
+
+def dtype_name(dtype: Any) -> str:
+    """fa4aot's name of a forward dtype given as FA4 takes it (``torch.bfloat16``) or by name."""
+    text = str(dtype).removeprefix("torch.")
+    names = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "bf16": "bf16", "fp16": "fp16"}
+    if text not in names:
+        raise ArgumentError(f"dtype: expected torch.bfloat16 or torch.float16 (or 'bf16' / 'fp16'), got {dtype!r}")
+    return names[text]
+
+
+def _batch_of(tensors: dict[str, Any], dev: int, rt: Runtime) -> int:
+    """The batch size the sequence tensors agree on (FA4 asserts they agree)."""
+    sizes = {}
+    for name, obj in tensors.items():
+        if obj is not None:
+            t = validate.int32_vector_any(obj, name, dev, rt)
+            sizes[name] = t[1][0] - 1 if name.startswith("cu_") else t[1][0]
+    if not sizes:
+        raise ArgumentError("get_scheduler_metadata needs one of cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k")
+    if len(set(sizes.values())) != 1:
+        raise ArgumentError(f"inconsistent batch size across inputs: {sizes}")
+    batch = next(iter(sizes.values()))
+    if batch < 1:
+        raise ArgumentError(f"get_scheduler_metadata: batch must be >= 1, got {sizes}")
+    return batch
+
+
+def get_scheduler_metadata(
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    nheads: int,
+    nheads_kv: int,
+    headdim: int,
+    num_splits: int,
+    headdim_v: int | None = None,
+    pack_gqa: bool | None = None,
+    causal: bool = False,
+    window_size_left: int | None = None,
+    window_size_right: int | None = None,
+    seqlen_k_new: int = 0,
+    cu_seqlens_q: Any = None,
+    cu_seqlens_k: Any = None,
+    cu_seqlens_k_new: Any = None,
+    seqused_q: Any = None,
+    seqused_k: Any = None,
+    leftpad_k: Any = None,
+    seqlen_k_per_split: int | None = None,
+    _arch: int | None = None,
+    *,
+    dtype: Any = "bf16",
+    stream: Any = None,
+    runtime: Runtime | None = None,
+) -> SchedulerMetadata:
+    """FA4's public ``get_scheduler_metadata``: FA4's selector picks the forward config a call with
+    caller metadata would run (SwapAB excluded, as FA4 does), and the prepare kernel computes that
+    config's metadata on ``stream``. Returns a :class:`fa4aot.SchedulerMetadata`, which fa4aot's
+    forward takes as ``scheduler_metadata`` (FA4's own forward does not: it takes FA4's tensors).
+    ``dtype``: the attention inputs' dtype (``torch.bfloat16`` or ``torch.float16``, or a name)."""
+    unsupported(
+        seqlen_k_new=(seqlen_k_new, 0),
+        cu_seqlens_k_new=(cu_seqlens_k_new, None),
+        leftpad_k=(leftpad_k, None),
+        seqlen_k_per_split=(seqlen_k_per_split, None),
+    )
+    rt = runtime or loader._DEFAULT or loader.default_runtime()
+    _check_arch(rt, _arch)
+    name = dtype_name(dtype)
+    headdim_v = headdim if headdim_v is None else headdim_v
+    seqs = {"cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k, "seqused_q": seqused_q, "seqused_k": seqused_k}
+    batch = _batch_of(seqs, rt.device, rt)
+    max_q, max_k = validate.seqlen(max_seqlen_q, "max_seqlen_q"), validate.seqlen(max_seqlen_k, "max_seqlen_k")
+    if not isinstance(num_splits, int) or isinstance(num_splits, bool):
+        raise ArgumentError(f"num_splits: expected an int, got {num_splits!r}")
+    is_causal, local, wl, wr = resolve_window(bool(causal), window_size_left, window_size_right)
+    sel = rt.selector
+    arch = rt.info.compute_capability[0] * 10 + rt.info.compute_capability[1]
+    # FA4's get_scheduler_metadata (interface.py 4622-4643): _get_fwd_inputs with these fields
+    inputs = sel.FwdHeuristicInputs(
+        device_arch=arch, num_sms=rt.target.num_sms, dtype=f"torch.{'bfloat16' if name == 'bf16' else 'float16'}",
+        head_dim=headdim, head_dim_v=headdim_v, num_heads=nheads, num_heads_kv=nheads_kv, batch_size=batch,
+        total_q=batch * max_q, total_k=batch * max_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
+        seqlen_k_per_split=None, causal=is_causal, local=local, window_size_left=wl, window_size_right=wr,
+        has_cu_seqlens_q=cu_seqlens_q is not None, has_cu_seqlens_k=cu_seqlens_k is not None,
+        has_seqused_q=seqused_q is not None, has_seqused_k=seqused_k is not None,
+        has_caller_scheduler_metadata=True, pack_gqa=pack_gqa,
+        requested_num_splits=None if num_splits < 1 else num_splits,
+        disable_2cta=rt.knobs.disable_2cta, disable_s_ping_pong=rt.knobs.disable_s_ping_pong,
+        requested_use_swapab=False,
+    )  # fmt: skip
+    try:
+        config = sel.select_fwd_config(inputs)
+    except (ValueError, AssertionError) as e:
+        raise ArgumentError(f"FA4 rejects this call: {e}") from None
+    # the kernel's split rule for this config (FA4's SwapAB rule only for SwapAB, excluded here)
+    policy = split_policy(sel, config, headdim)
+    md = SchedulerMetadata(
+        batch, nheads, nheads_kv, headdim, headdim_v, causal=is_causal, pack_gqa=bool(config.pack_gqa),
+        tile_m=config.tile_m, tile_n=config.tile_n, semaphore=not config.use_clc_scheduler, split_policy=policy,
+        runtime=rt,
+    )  # fmt: skip
+    return md.compute(
+        max_seqlen_q=max_q,
+        max_seqlen_k=max_k,
+        num_splits=config.num_splits,
+        stream=stream,
+        **{n: t for n, t in seqs.items() if t is not None},
+    )
+
+
+__all__ = ["_flash_attn_bwd", "_flash_attn_fwd_combine", "get_scheduler_metadata"]
