@@ -24,6 +24,8 @@ _LAZY = {
     "open_runtime": ("fa4aot.runtime.loader", "open_runtime"),
     "default_runtime": ("fa4aot.runtime.loader", "default_runtime"),
     "RawTensor": ("fa4aot.runtime.tensors", "RawTensor"),
+    "TensorwiseScales": ("fa4aot.runtime.scales", "TensorwiseScales"),
+    "BlockScales": ("fa4aot.runtime.scales", "BlockScales"),
     "flash_attn_func": ("fa4aot.runtime.forward", "flash_attn_func"),
     "flash_attn_varlen_func": ("fa4aot.runtime.forward", "flash_attn_varlen_func"),
     "flash_attn_fwd": ("fa4aot.runtime.interface", "_flash_attn_fwd"),
@@ -36,6 +38,11 @@ _LAZY = {
     "VariantNotFoundError": ("fa4aot.core.errors", "VariantNotFoundError"),
     "DeviceMismatchError": ("fa4aot.core.errors", "DeviceMismatchError"),
     "CorruptArtifactError": ("fa4aot.core.errors", "CorruptArtifactError"),
+    "stats": ("fa4aot.runtime.stats", "stats"),
+    "RuntimeStats": ("fa4aot.runtime.stats", "RuntimeStats"),
+    # the drop-in (docs/drop-in.md): FA4's entry points routed to fa4aot
+    "patch": ("fa4aot.dropin", "patch"),
+    "unpatch": ("fa4aot.dropin", "unpatch"),
 }
 
 __all__ = sorted(_LAZY)

@@ -18,6 +18,9 @@ CUTLASS_DTYPES = {
     "fp32": cutlass.Float32,
     "int32": cutlass.Int32,
     "int64": cutlass.Int64,
+    "e4m3": cutlass.Float8E4M3FN,
+    "e5m2": cutlass.Float8E5M2,
+    "e8m0": cutlass.Float8E8M0FNU,
 }
 
 
@@ -85,13 +88,18 @@ class Signature:
         leading_dim: int | None = -1,
         align: int = 16,
         stride_divisibility: int = 1,
+        zero_strides: tuple[int, ...] = (),
     ) -> Any:
         """Add a fake tensor. ``shape`` items are ints (static) or SymInts (dynamic); every
-        stride is dynamic except ``leading_dim``'s, which is 1 (FA4's ``mark_layout_dynamic``)."""
+        stride is dynamic except ``leading_dim``'s, which is 1 (FA4's ``mark_layout_dynamic``),
+        and the broadcast modes ``zero_strides``, which CuTe keeps static at 0."""
         rank = len(shape)
         if leading_dim is not None and leading_dim < 0:
             leading_dim += rank
-        stride = tuple(1 if i == leading_dim else cute.sym_int64(divisibility=stride_divisibility) for i in range(rank))
+        stride = tuple(
+            1 if i == leading_dim else 0 if i in zero_strides else cute.sym_int64(divisibility=stride_divisibility)
+            for i in range(rank)
+        )
         fake = cute.runtime.make_fake_tensor(CUTLASS_DTYPES[dtype], shape, stride=stride, assumed_align=align)
         self.compile_args.append(fake)
         self.args.append(
@@ -99,7 +107,7 @@ class Signature:
                 name,
                 dtype,
                 tuple(s if isinstance(s, int) else None for s in shape),
-                tuple(1 if i == leading_dim else None for i in range(rank)),
+                tuple(1 if i == leading_dim else 0 if i in zero_strides else None for i in range(rank)),
                 align,
             )
         )

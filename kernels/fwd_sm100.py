@@ -13,10 +13,10 @@ import cuda.bindings.driver as cuda
 import cutlass.cute as cute
 from cutlass import Float32, Int32
 from fa4aot_kernels.common import KernelEntry, Signature, sym
-from flash_attn.cute.flash_fwd_sm100 import FlashAttentionForwardSm100
+from flash_attn.cute.flash_fwd_sm100 import DescaleTensors, FlashAttentionForwardSm100
 from flash_attn.cute.utils import AuxData
 
-from fa4aot.core.fa4_interface import config_from_fields
+from fa4aot.core.fa4_interface import config_from_fields, out_dtype
 from fa4aot.core.variant import Target, Variant
 
 
@@ -47,6 +47,8 @@ def constructor_kwargs(variant: Variant) -> dict:
         kv_subtile_factor=1,
         seqlen_k_per_split=None,
         has_tile_count_semaphore=f["tile_count_semaphore"],
+        # interface.py 1496-1498: only MXFP8 calls pass the block-scale flags
+        **(dict(qk_blockscaled=True, pv_blockscaled=f["mxfp8"] == "pv") if f.get("mxfp8") else {}),
     )
 
 
@@ -68,9 +70,8 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
             sig.absent()
     sig.scalar("max_seqlen_q", "i32")
     add_tensormap_workspace(sig, f)
+    add_scales(sig, f)
     sig.stream()
-    # MXFP8 scale-factor operands follow the workspace for the standard kernel (always None here)
-    sf = () if f["use_swapab"] else (None, None, None)
 
     @cute.jit
     def fwd_sm100_entry(
@@ -93,8 +94,19 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
         num_nheads_in_l2: Optional[cute.Tensor],
         max_seqlen_q: Int32,
         tensormap_workspace: Optional[cute.Tensor],
+        q_descale: Optional[cute.Tensor],
+        k_descale: Optional[cute.Tensor],
+        v_descale: Optional[cute.Tensor],
+        sf_q: Optional[cute.Tensor],
+        sf_k: Optional[cute.Tensor],
+        sf_v: Optional[cute.Tensor],
         stream: cuda.CUstream,
     ):
+        # FA4 passes DescaleTensors only when a descale is given (interface.py 1338-1342), and
+        # the block-scale operands only to the standard kernel (1606-1613)
+        descales = (q_descale, k_descale, v_descale)
+        descale_tensors = DescaleTensors(*descales) if any(t is not None for t in descales) else None
+        sf = () if f["use_swapab"] else (sf_q, sf_k, sf_v)
         kernel(
             q,
             k,
@@ -110,7 +122,7 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
             window_size_left,
             window_size_right,
             learnable_sink,
-            None,  # descale_tensors
+            descale_tensors,
             None,  # blocksparse_tensors
             AuxData(None, None),
             num_splits_dynamic,
@@ -139,6 +151,30 @@ def add_tensormap_workspace(sig: Signature, f: dict) -> None:
         sig.absent()
 
 
+#: Strides CuTe keeps static (0) for each descale layout of a (batch, kv_head) descale
+#: (fa4aot.core.fa4_interface.DESCALE_LAYOUTS).
+DESCALE_ZERO_STRIDES = {"full": (), "per_head": (0,)}
+
+
+def add_scales(sig: Signature, f: dict) -> None:
+    """FP8 descales (fp32 (batch, kv_head), heads contiguous, 4-byte aligned:
+    ``to_cute_tensor(t, assumed_align=4, leading_dim=1)``) and MXFP8 scale buffers (flat UE8M0,
+    16-byte aligned: ``to_cute_tensor(t.view(torch.uint8))`` retyped), each absent unless the
+    variant takes it."""
+    layouts = (f.get("descales") or "none,none,none").split(",")
+    for name, layout in zip(("q_descale", "k_descale", "v_descale"), layouts):
+        if layout == "none":
+            sig.absent()
+        else:
+            sig.tensor(name, "fp32", (sym(), sym()), leading_dim=1, align=4, zero_strides=DESCALE_ZERO_STRIDES[layout])
+    mx = f.get("mxfp8")
+    for name, on in (("sf_q", mx), ("sf_k", mx), ("sf_v", mx == "pv")):
+        if on:
+            sig.tensor(name, "e8m0", (sym(),), leading_dim=0, align=16)
+        else:
+            sig.absent()
+
+
 def add_forward_tensors(sig: Signature, f: dict) -> None:
     """q, k, v, out, lse, softmax_scale, cu_seqlens/seqused, page_table, the window scalars and
     learnable_sink, in FA4's argument order, with FA4's layouts (``to_cute_tensor``: every mode
@@ -157,10 +193,11 @@ def add_forward_tensors(sig: Signature, f: dict) -> None:
     kv_rank = 3 if f["varlen_k"] else 4
     sig.tensor("q", dt, q_shape)
     sig.tensor("k", dt, tuple(sym() for _ in range(kv_rank)))
-    sig.tensor("v", dt, tuple(sym() for _ in range(kv_rank)))
+    sig.tensor("v", "bf16" if f.get("mxfp8") == "qk" else dt, tuple(sym() for _ in range(kv_rank)))
     o_rank = len(q_shape) + (1 if split else 0)
-    # With split-KV, out and lse are FA4's fp32 partials (a leading num_splits mode).
-    sig.tensor("out", "fp32" if split else dt, tuple(sym() for _ in range(o_rank)))
+    # With split-KV, out and lse are FA4's fp32 partials (a leading num_splits mode); FP8 and
+    # MXFP8 calls write bf16 (interface.py 808).
+    sig.tensor("out", "fp32" if split else out_dtype(dt, f.get("mxfp8")), tuple(sym() for _ in range(o_rank)))
     if f["has_lse"] or split:
         lse_rank = (2 if f["varlen_q"] else 3) + (1 if split else 0)
         sig.tensor("lse", "fp32", tuple(sym() for _ in range(lse_rank)), align=4)

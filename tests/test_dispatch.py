@@ -216,6 +216,30 @@ DECODE_CASES = [
 ]  # fmt: skip
 
 
+#: FA4's FP8 forward (TensorwiseScales in every layout fa4aot builds, SwapAB-shaped decode, split
+#: KV) and MXFP8 (QK and native PV, and the shapes it refuses); SM90 and SM120 refuse them all.
+FP8_CASES = [
+    dict(batch=2, seqlen_q=1024, seqlen_k=1024, nheads=16, nheads_kv=4, head_dim=128, head_dim_v=128, causal=True,
+         dtype="e4m3", descales="full,full,full"),
+    dict(batch=3, seqlen_q=700, seqlen_k=3000, nheads=8, nheads_kv=2, head_dim=64, head_dim_v=64, dtype="e5m2",
+         descales="per_head,full,none", varlen=True, total_q=1500, total_k=7000),
+    dict(batch=8, seqlen_q=1, seqlen_k=8192, nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128, seqused_k=True,
+         dtype="e4m3", descales="full,full,full", num_splits=0),
+    dict(batch=2, seqlen_q=512, seqlen_k=2048, nheads=16, nheads_kv=16, head_dim=192, head_dim_v=128,
+         dtype="e4m3"),
+    dict(batch=2, seqlen_q=1, seqlen_k=4096, nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128, page_size=128,
+         seqused_k=True, dtype="e4m3", descales="none,none,per_head"),
+    dict(batch=2, seqlen_q=1024, seqlen_k=1024, nheads=8, nheads_kv=8, head_dim=128, head_dim_v=128, causal=True,
+         dtype="e4m3", mxfp8="qk"),
+    dict(batch=2, seqlen_q=1024, seqlen_k=2048, nheads=16, nheads_kv=4, head_dim=64, head_dim_v=64, dtype="e4m3",
+         mxfp8="pv"),
+    dict(batch=2, seqlen_q=1024, seqlen_k=2048, nheads=16, nheads_kv=4, head_dim=64, head_dim_v=64, dtype="e4m3",
+         mxfp8="pv", causal=True),
+    dict(batch=2, seqlen_q=256, seqlen_k=256, nheads=8, nheads_kv=8, head_dim=96, head_dim_v=96, dtype="e4m3",
+         mxfp8="qk"),
+]  # fmt: skip
+
+
 def _parity(arch: str, num_sms: int, cases: list[dict]) -> None:
     bad = fa4_parity.parity(arch, num_sms, cases, pythonpath=TESTS)
     assert not bad, f"{len(bad)} of {len(cases)} calls differ from FA4, e.g. {bad[:2]}"
@@ -223,23 +247,23 @@ def _parity(arch: str, num_sms: int, cases: list[dict]) -> None:
 
 @needs_dsl
 def test_sm100_dispatch_matches_fa4():
-    _parity("sm_100a", 148, SM100_CASES + ENGINE_CASES + DECODE_CASES)
+    _parity("sm_100a", 148, SM100_CASES + ENGINE_CASES + DECODE_CASES + FP8_CASES)
 
 
 @needs_dsl
 def test_sm90_dispatch_matches_fa4():
-    _parity("sm_90a", 132, SM90_CASES + [c for c in ENGINE_CASES if "num_splits" not in c])
+    _parity("sm_90a", 132, SM90_CASES + [c for c in ENGINE_CASES if "num_splits" not in c] + FP8_CASES[:2])
 
 
 @needs_dsl
 def test_sm103_dispatch_matches_fa4():
     """B300 (sm_103a) takes FA4's SM100 path with its own SM count (148 on B300)."""
-    _parity("sm_103a", 148, SM100_CASES + ENGINE_CASES + DECODE_CASES)
+    _parity("sm_103a", 148, SM100_CASES + ENGINE_CASES + DECODE_CASES + FP8_CASES)
 
 
 #: SM120 calls: the SM90 and serving lists (FA4 refuses page tables and split-KV there: both must
 #: refuse them), head dims across its two tilings and the edges of what it takes.
-SM120_CASES = SM90_CASES + ENGINE_CASES + [
+SM120_CASES = SM90_CASES + ENGINE_CASES + FP8_CASES[:2] + [
     dict(batch=3, seqlen_q=333, seqlen_k=777, nheads=8, nheads_kv=2, head_dim=32, head_dim_v=32, causal=True),
     dict(batch=2, seqlen_q=100, seqlen_k=500, nheads=6, nheads_kv=6, head_dim=192, head_dim_v=192, wl=64, wr=0),
     dict(batch=2, seqlen_q=1, seqlen_k=4096, nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128, num_splits=0,
@@ -327,11 +351,16 @@ def _fa4aot_call(rt, case, missing: list | None = None) -> Variant | str:
     """Run the case through the real API (fake driver): the forward variant the runtime picked, or
     why it refused the call; a variant the cache lacks is also appended to ``missing``."""
     from fa4aot.core.errors import Fa4aotError, VariantNotFoundError
+    from fa4aot.core.fa4_interface import mxfp8_scale_count, out_dtype
     from fa4aot.runtime import forward as fwd_mod
     from fa4aot.runtime.tensors import RawTensor
 
-    def raw(i, shape, dtype="bf16"):
-        return RawTensor(0x7F40_0000_0000 + i * (1 << 40), shape, dtype)
+    dt = case.get("dtype", "bf16")
+    vdt = "bf16" if case.get("mxfp8") == "qk" else dt
+    odt = out_dtype(dt, case.get("mxfp8"))
+
+    def raw(i, shape, dtype=dt, strides=None):
+        return RawTensor(0x7F40_0000_0000 + i * (1 << 40), shape, dtype, strides)
 
     b, h, hk, d, dv = (case[k] for k in ("batch", "nheads", "nheads_kv", "head_dim", "head_dim_v"))
     sq, sk = case["seqlen_q"], case["seqlen_k"]
@@ -344,21 +373,31 @@ def _fa4aot_call(rt, case, missing: list | None = None) -> Variant | str:
     )
     if case.get("varlen") or case.get("varlen_q"):
         tq = case["total_q"]
-        q, o = raw(0, (tq, h, d)), raw(3, (tq, h, dv))
+        q, o = raw(0, (tq, h, d)), raw(3, (tq, h, dv), odt)
         kw.update(cu_seqlens_q=raw(4, (b + 1,), "int32"), max_seqlen_q=sq)
     else:
-        q, o = raw(0, (b, sq, h, d)), raw(3, (b, sq, h, dv))
+        q, o = raw(0, (b, sq, h, d)), raw(3, (b, sq, h, dv), odt)
     if case.get("page_size"):
         ps = case["page_size"]
         pages = -(-sk // ps)
-        k, v = raw(1, (b * pages, ps, hk, d)), raw(2, (b * pages, ps, hk, dv))
+        k, v = raw(1, (b * pages, ps, hk, d)), raw(2, (b * pages, ps, hk, dv), vdt)
         kw.update(page_table=raw(7, (b, pages), "int32"), max_seqlen_k=sk)
     elif case.get("varlen"):
         tk = case["total_k"]
-        k, v = raw(1, (tk, hk, d)), raw(2, (tk, hk, dv))
+        k, v = raw(1, (tk, hk, d)), raw(2, (tk, hk, dv), vdt)
         kw.update(cu_seqlens_k=raw(5, (b + 1,), "int32"), max_seqlen_k=sk)
     else:
-        k, v = raw(1, (b, sk, hk, d)), raw(2, (b, sk, hk, dv))
+        k, v = raw(1, (b, sk, hk, d)), raw(2, (b, sk, hk, dv), vdt)
+    if case.get("descales"):  # FA4's TensorwiseScales: a per_head descale broadcast over the batch
+        made = []
+        for i, layout in enumerate(case["descales"].split(",")):
+            strides = (0, 1) if layout == "per_head" else None
+            made.append(None if layout == "none" else raw(10 + i, (b, hk), "fp32", strides))
+        kw["scales"] = fa4aot.TensorwiseScales(*made)
+    if case.get("mxfp8"):  # FA4's BlockScales: interleave_sf buffers
+        sf_v = raw(15, (mxfp8_scale_count(b, hk, dv, sk),), "e8m0") if case["mxfp8"] == "pv" else None
+        sf_q = raw(13, (mxfp8_scale_count(b, h, sq, d),), "e8m0")
+        kw["scales"] = fa4aot.BlockScales(sf_q, raw(14, (mxfp8_scale_count(b, hk, sk, d),), "e8m0"), sf_v)
     if case.get("seqused_k"):
         kw["seqused_k"] = raw(6, (b,), "int32")
     if case.get("learnable_sink"):
@@ -505,7 +544,10 @@ def test_a_miss_names_a_manifest_line_that_builds_the_variant():
         v = Variant.make(FORWARD_FAMILY[arch], arch, sms, **d.fields)
         from fa4aot.core import fwd
 
-        line = describe_missing(v, fwd.call_group(facts(arch, sms, case)))
+        # as the runtime does (dispatch._pick): an explicit config= is part of the line
+        line = describe_missing(
+            v, fwd.call_group(facts(arch, sms, case), config=d.config if "config" in case else None)
+        )
         group = line.split(": - ", 1)[1].rsplit("  (target", 1)[0]
         doc = (
             f"target: {{name: t, arch: {arch}, num_sms: {sms}}}\nfamilies:\n  {FORWARD_FAMILY[arch]}:\n    - {group}\n"

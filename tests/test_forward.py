@@ -185,7 +185,7 @@ def test_missing_forward_variant_names_manifest_entry(sm90):
 @pytest.mark.parametrize(
     "kw, match",
     [
-        (dict(q=t(0, (2, 100, 16, 128), "fp32")), "q: dtype must be bf16 or fp16"),
+        (dict(q=t(0, (2, 100, 16, 128), "fp32")), "q: dtype must be bf16, fp16, e4m3 or e5m2"),
         (dict(k=t(1, (2, 100, 16, 128), "fp16")), "q, k and v must share one dtype"),
         (dict(q=t(0, (2, 100, 16, 128), offset=8)), "q: base address .* not 16-byte aligned"),
         (dict(q=t(0, (2, 100, 16, 128), strides=(100 * 16 * 132, 16 * 132, 132, 1))), "q: stride 2 is 132 elements"),

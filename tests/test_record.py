@@ -126,8 +126,7 @@ def test_fa4_configurations_fa4aot_cannot_build_become_comments(tmp_path):
         "a score_mod other than softcap": dict(score_mod_hash="abc"),
         "MLA": {"qv is not None": True},
         "arch 80": dict(arch=80),
-        "dtype Float8E4M3FN": dict(dtype="Float8E4M3FN"),
-        "FP8 scales": {"*(t is not None for t in descales)[0]": True},
+        "dtype Float8E4M3B11FNUZ": dict(dtype="Float8E4M3B11FNUZ"),
     }
     log = tmp_path / "log.jsonl"
     with open(log, "w") as f:
@@ -144,6 +143,25 @@ def test_fa4_configurations_fa4aot_cannot_build_become_comments(tmp_path):
     out.write_text(manifest_text(rec, "t"))
     text = out.read_text()
     assert text.count("# not buildable by fa4aot:") == len(cases) and len(ids(out)) == 1
+
+
+@pytest.mark.parametrize(
+    "case, patterns",
+    [
+        (dict(dtype="e4m3", descales="full,per_head,none", causal=True), [[False, False], [True, False], None]),
+        (dict(dtype="e5m2", descales="none,none,none"), [None, None, None]),
+        (dict(dtype="e4m3", mxfp8="pv"), [None, None, None]),
+        (dict(dtype="e4m3", mxfp8="qk", causal=True), [None, None, None]),
+    ],
+)
+def test_fp8_and_mxfp8_keys_map_back_to_their_variants(case, patterns):
+    """A recorded FP8 key (descale presence, and the broadcast pattern FA4 keys for each) or MXFP8
+    key (its appended mxfp8 elements) maps back to the variant it was predicted from."""
+    call = dict(batch=2, seqlen_q=1024, seqlen_k=1024, nheads=16, nheads_kv=4, head_dim=64, head_dim_v=64, **case)
+    v = Variant.make("fwd_sm100", "sm_100a", 148, **decide("sm_100a", 148, call).fields)
+    key = fa4_keys.plain(fa4_keys.fwd_key(v))
+    key["tensor_broadcast_patterns"] = [[False] * 4, [False] * 4, [False] * 4, None, None, *patterns, None]
+    assert fwd_fields({"key": key}) == ("fwd_sm100", v.fields)
 
 
 @pytest.mark.slow

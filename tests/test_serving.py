@@ -251,7 +251,6 @@ def test_a_page_size_the_cache_lacks_names_the_manifest_entry(rt):
         dict(score_mod=lambda *a: a[0]),
         dict(mask_mod=lambda *a: True),
         dict(block_sparse_tensors=(1, 2)),
-        dict(scales=object()),
         dict(gather_kv_indices=t(9, (2, 8), "int32")),
         dict(aux_tensors=[t(9, (4,), "fp32")]),
         dict(seqlen_k_per_split=512),

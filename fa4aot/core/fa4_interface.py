@@ -26,6 +26,22 @@ TORCH_DTYPE_NAMES = {
     "e4m3": "torch.float8_e4m3fn",
     "e5m2": "torch.float8_e5m2",
 }
+#: FA4's FP8 element types (interface.py 746: q, k, v in one of them, or bf16 / fp16).
+FP8_DTYPES = ("e4m3", "e5m2")
+#: The per-tensor layouts of a ``TensorwiseScales`` descale as the kernel takes it: one fp32 per
+#: (batch, kv_head) with the heads contiguous (``full``), or one per KV head broadcast over the
+#: batch (``per_head``: strides (0, 1), which CuTe keeps static - FA4's compile key holds
+#: ``get_broadcast_dims``). FA4 copies any other layout to a contiguous tensor per call
+#: (``maybe_contiguous``); fa4aot allocates nothing per call, so it refuses them.
+DESCALE_LAYOUTS = ("none", "full", "per_head")
+#: MXFP8 ``BlockScales`` paths (FwdHeuristicInputs.mxfp8_path): ``qk`` scales e4m3 Q and K (V
+#: bf16), ``pv`` also e4m3 V.
+MXFP8_PATHS = ("qk", "pv")
+#: Head dims MXFP8 takes (interface.py 567-568).
+MXFP8_HEAD_DIMS = (64, 128)
+#: UE8M0 scales per (batch, head, 128 MN x 128 K tile) of an interleave_sf buffer (interface.py 580).
+MXFP8_SCALES_PER_TILE = 512
+MXFP8_TILE = 128
 #: ``FwdConfig`` fields that never reach a forward kernel's code: the device family (the arch
 #: says it) and the dynamic-varlen route (only who allocates the semaphore; FA4 keys it out).
 NOT_CODEGEN = ("device_capacity", "use_dynamic_varlen")
@@ -72,6 +88,68 @@ def clamp_window(local: bool, left: int | None, right: int | None, q_capacity: i
     return left, right
 
 
+def out_dtype(dtype: str, mxfp8: str | None = None) -> str:
+    """The output dtype of a forward (interface.py 808): bf16 for FP8 or MXFP8 inputs, else q's."""
+    return "bf16" if dtype in FP8_DTYPES or mxfp8 else dtype
+
+
+def fp8_problem(
+    arch_major: int, dtype: str, requires_grad: bool, descales: str | None, mxfp8: str | None
+) -> str | None:
+    """Why FA4 refuses a forward with FP8 inputs, descales or MXFP8 block scales (None: it takes
+    it): interface.py 801-803 (MXFP8 needs SM100-family hardware), 805-807 (no FP8 backward),
+    502-504 (descales only for FP8 inputs), 858-859 (FP8 only on SM100-family), and the
+    :data:`DESCALE_LAYOUTS` fa4aot builds."""
+    if mxfp8 is not None:
+        if mxfp8 not in MXFP8_PATHS:
+            return f"mxfp8 must be one of {MXFP8_PATHS}, got {mxfp8!r}"
+        if arch_major != 10:
+            return "QK MXFP8 requires SM100-family hardware"
+        if dtype != "e4m3":
+            return "Native MXFP8 PV requires e4m3 Q/K/V" if mxfp8 == "pv" else "QK MXFP8 requires e4m3 Q/K and bf16 V"
+        if requires_grad:
+            return f"{'Native MXFP8 PV' if mxfp8 == 'pv' else 'QK MXFP8'} is forward-only"
+        if descales is not None:
+            return "scales are TensorwiseScales or BlockScales, not both"
+        return None
+    if descales is not None:
+        layouts = descales.split(",")
+        if len(layouts) != 3 or any(x not in DESCALE_LAYOUTS for x in layouts):
+            return f"descales must be three of {DESCALE_LAYOUTS} (q, k, v), got {descales!r}"
+        if dtype not in FP8_DTYPES and any(x != "none" for x in layouts):
+            return "TensorwiseScales are only supported for FP8 inputs"
+    if dtype in FP8_DTYPES:
+        if requires_grad:
+            return "FA4 CuTe FP8 backward is not supported yet (forward-only)."
+        if arch_major != 10:
+            return "FP8 is only supported on SM100 (compute capability 10.x) for FA4 CuTe."
+    return None
+
+
+def mxfp8_problem(f: FwdFacts) -> str | None:
+    """The call shapes MXFP8 takes (``_validate_block_scales``, interface.py 548-569): dense
+    (no varlen, seqused or page table), unsplit, head dims 64 / 128; the PV path also non-causal,
+    non-local, without sink or softcap."""
+    mode = "Native MXFP8 PV" if f.mxfp8 == "pv" else "QK MXFP8"
+    if f.mxfp8 == "pv":
+        causal, local, _, _ = resolve_window(f.causal, f.window_left, f.window_right)
+        if causal or local:
+            return "Native MXFP8 PV supports only noncausal, nonlocal attention"
+    if f.varlen_q or f.varlen_k or f.seqused_q or f.seqused_k or f.page_size is not None or f.num_splits != 1:
+        return f"{mode} supports only dense, unsplit attention"
+    if f.mxfp8 == "pv" and (f.learnable_sink or f.softcap):
+        return "Native MXFP8 PV does not support sinks, softcap, modifiers, or auxiliary data"
+    if f.head_dim not in MXFP8_HEAD_DIMS or f.head_dim_v not in MXFP8_HEAD_DIMS:
+        return f"{mode} supports head dimensions 64 and 128"
+    return None
+
+
+def mxfp8_scale_count(batch: int, heads: int, mn: int, k_extent: int) -> int:
+    """Elements of an interleave_sf scale buffer for an operand (interface.py 579-582)."""
+    tiles = -(-mn // MXFP8_TILE) * -(-k_extent // MXFP8_TILE)
+    return batch * heads * tiles * MXFP8_SCALES_PER_TILE
+
+
 class FwdFacts(NamedTuple):
     """The host facts ``_flash_attn_fwd`` derives from a call's tensors and arguments (what its
     config selection reads), for calls without qv, score_mod, mask_mod, block sparsity or aux
@@ -111,6 +189,10 @@ class FwdFacts(NamedTuple):
     requested_tile: tuple[int, int] | None = None
     requested_mma_pv_is_rs: bool | None = None
     requested_intra_wg_overlap: bool | None = None
+    #: FP8 descale layouts "q,k,v" (each of DESCALE_LAYOUTS; None: no TensorwiseScales given)
+    descales: str | None = None
+    #: MXFP8 BlockScales path (MXFP8_PATHS; None: none)
+    mxfp8: str | None = None
 
 
 class Knobs(NamedTuple):
@@ -185,6 +267,7 @@ def fwd_inputs(sel: Any, f: FwdFacts, knobs: Knobs = NO_KNOBS) -> Any:
         requested_tile_n=None if f.requested_tile is None else f.requested_tile[1],
         requested_mma_pv_is_rs=f.requested_mma_pv_is_rs,
         requested_intra_wg_overlap=f.requested_intra_wg_overlap,
+        mxfp8_path=f.mxfp8,
     )
 
 

@@ -21,8 +21,11 @@ from fa4aot.core import fwd
 from fa4aot.core.fa4_interface import (
     COMBINE_MAX_LOG_SPLITS,
     COMBINE_MAX_SPLITS,
+    DESCALE_LAYOUTS,
+    FP8_DTYPES,
     PREPARE_WARPS,
     combine_geometry,
+    fp8_problem,
     head_dims_problem,
     prepare_num_warps,
 )
@@ -30,6 +33,17 @@ from fa4aot.core.targets import ARCHES, arches_running
 from fa4aot.core.variant import Variant
 
 DTYPES = ("bf16", "fp16")
+#: The SM100-family forward also takes FP8 q, k, v (FA4 interface.py 746, 858).
+SM100_FWD_DTYPES = DTYPES + FP8_DTYPES
+#: The ``scales`` axis's shorthands: FA4's TensorwiseScales with every descale in one layout, or
+#: its MXFP8 BlockScales (``mxfp8_qk``: Q and K; ``mxfp8_pv``: Q, K and V).
+SCALES_SHORTHANDS = {
+    "none": {},
+    "tensorwise": {"descales": "full,full,full"},
+    "per_head": {"descales": "per_head,per_head,per_head"},
+    "mxfp8_qk": {"mxfp8": "qk"},
+    "mxfp8_pv": {"mxfp8": "pv"},
+}
 #: Out dtypes of the combine kernel (FA4: fp16, bf16 or fp32).
 COMBINE_DTYPES = ("bf16", "fp16", "fp32")
 SCHEDULERS = ("static", "single", "dynamic", "clc")
@@ -65,7 +79,13 @@ def check_fwd_call(arch_major: int) -> Callable[[dict[str, Any]], str | None]:
     rest is FA4's selector's to say."""
 
     def check(f: dict[str, Any]) -> str | None:
-        return head_dims_problem(arch_major, f["head_dim"], f["head_dim_v"], f["dtype"]) or _check_forward_common(f)
+        descales, mxfp8 = f.get("descales"), f.get("mxfp8")
+        v_dtype = "bf16" if mxfp8 == "qk" else f["dtype"]
+        return (
+            fp8_problem(arch_major, f["dtype"], f["requires_grad"], descales, mxfp8)
+            or head_dims_problem(arch_major, f["head_dim"], f["head_dim_v"], v_dtype)
+            or _check_forward_common(f)
+        )
 
     return check
 
@@ -248,6 +268,34 @@ def _backend(v: Any) -> dict[str, Any]:
     return {"sm100_backend": choices[v]}
 
 
+def _scales(v: Any) -> dict[str, Any]:
+    """FA4's ``scales=``: a shorthand of :data:`SCALES_SHORTHANDS`, or a mapping {q, k, v} of
+    descale layouts (:data:`fa4aot.core.fa4_interface.DESCALE_LAYOUTS`; a missing one: none)."""
+    if isinstance(v, str) and v in SCALES_SHORTHANDS:
+        return {"descales": None, "mxfp8": None, **SCALES_SHORTHANDS[v]}
+    if isinstance(v, Mapping) and v and set(v) <= {"q", "k", "v"}:
+        layouts = [v.get(n, "none") for n in "qkv"]
+        if all(x in DESCALE_LAYOUTS for x in layouts):
+            return {"descales": ",".join(layouts), "mxfp8": None}
+    raise ValueError(
+        f"expected one of {list(SCALES_SHORTHANDS)} or a mapping {{q, k, v}} of descale layouts "
+        f"{list(DESCALE_LAYOUTS)}, got {v!r}"
+    )
+
+
+def scales_value(f: dict[str, Any]) -> Any:
+    """The ``scales`` axis value that builds a forward variant's scales (the inverse of :func:`_scales`)."""
+    if f.get("mxfp8"):
+        return f"mxfp8_{f['mxfp8']}"
+    layouts = f.get("descales")
+    if not layouts or layouts == "none,none,none":
+        return "none"
+    same = {x for x in layouts.split(",")}
+    if len(same) == 1:
+        return {"full": "tensorwise", "per_head": "per_head"}[same.pop()]
+    return dict(zip("qkv", layouts.split(",")))
+
+
 def _request_pair(field: str) -> Callable[[Any], dict[str, Any]]:
     inner = _pair("tile_m", "tile_n", 1, 1024)
 
@@ -362,7 +410,19 @@ _COMMON_FWD_AXES = (
     ),
 )
 
-FWD_SM100_AXES = _COMMON_FWD_AXES + (
+FWD_SM100_AXES = tuple(
+    Axis("dtype", _choice("dtype", SM100_FWD_DTYPES), ("bf16",), "element type of q, k, v (FP8: out is bf16)")
+    if a.name == "dtype"
+    else a
+    for a in _COMMON_FWD_AXES
+) + (
+    Axis(
+        "scales",
+        _scales,
+        ("none",),
+        "FA4's scales=: none; tensorwise or per_head (FP8 descales, one fp32 per (batch, kv head) or per kv "
+        "head), or a mapping {q, k, v} of those layouts; mxfp8_qk / mxfp8_pv (MXFP8 block scales)",
+    ),
     Axis(
         "sm100_backend",
         _backend,
@@ -390,6 +450,12 @@ FWD_DOMAIN_AXES = (
     Axis("seqlen_k", _ints(1, MAX_SEQLEN), fwd.DEFAULT_SEQLEN_K, "key lengths (max_seqlen_k) to expect"),
     Axis("nheads_kv", _ints(1, 1 << 16), fwd.DEFAULT_NHEADS_KV, "KV head counts to expect"),
     Axis("window", _window, fwd.DEFAULT_WINDOWS, "[left, right] window sizes to expect (with local)"),
+    Axis(
+        "total_q",
+        _ints(1, MAX_SEQLEN),
+        (),
+        "packed query tokens to expect (varlen_q; default: full batches and an eighth of them)",
+    ),
 )
 
 #: The shapes a backward group expects (SM100's query-head fold depends on them).
@@ -694,6 +760,8 @@ def group_for(variant: Variant, shapes: dict[str, list[Any]] | None = None) -> d
                 out[name] = [False if f["learnable_sink"] == "none" else f["learnable_sink"]]
             else:
                 out[name] = [f[_FWD_AXIS_FIELDS.get(name, name)]]
+        if "descales" in f or "mxfp8" in f:
+            out["scales"] = [scales_value(f)]
         if shapes is None:  # no call to select it again: pin FA4's config itself
             out["config"] = [fwd.config_of(f)]
         elif f["num_splits"] > 1:

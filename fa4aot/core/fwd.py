@@ -41,6 +41,8 @@ CALL_FIELDS = (
     "paged_kv",
     "learnable_sink",
     "softcap",
+    "descales",
+    "mxfp8",
 )
 #: Which scheduler-metadata tensors the kernel reads (FA4's compile key: ``... is not None``).
 METADATA_FIELDS = ("num_splits_dynamic", "tile_count_semaphore", "num_nheads_in_l2")
@@ -99,6 +101,12 @@ def variant_fields(config: Any, f: fi.FwdFacts, plan: fi.FwdPlan, softcap: float
         tile_count_semaphore=plan.tile_count_semaphore,
         num_nheads_in_l2=plan.num_nheads_in_l2,
     )
+    # FP8's descale layouts and MXFP8's path exist only on those calls, so every other variant
+    # keeps its id (interface.py 1267 and 1295-1296: both are part of FA4's compile key)
+    if f.dtype in fi.FP8_DTYPES and f.mxfp8 is None:
+        out["descales"] = f.descales or "none,none,none"
+    if f.mxfp8 is not None:
+        out["mxfp8"] = f.mxfp8
     return out
 
 
@@ -110,7 +118,7 @@ def companions(sel: Any, f: fi.FwdFacts, d: Decision) -> list[tuple[str, dict[st
     plan, c = d.plan, d.config
     if plan.num_splits > 1:
         combine = dict(
-            dtype=f.dtype,
+            dtype=fi.out_dtype(f.dtype, f.mxfp8),
             head_dim=f.head_dim_v,
             num_head=f.num_heads,
             log_max_splits=fi.combine_geometry(f.head_dim_v, plan.num_splits)[2],
@@ -145,6 +153,16 @@ def companions(sel: Any, f: fi.FwdFacts, d: Decision) -> list[tuple[str, dict[st
     return out
 
 
+def call_problem(f: fi.FwdFacts) -> str | None:
+    """Why FA4's interface refuses a call before it selects (None: it selects): its head-dim limits
+    (alignment by V's element size, interface.py 790), FP8 and MXFP8 rules."""
+    v_dtype = "bf16" if f.mxfp8 == "qk" else f.dtype
+    why = fi.fp8_problem(f.arch // 10, f.dtype, f.requires_grad, f.descales, f.mxfp8)
+    if why is None and f.mxfp8 is not None:
+        why = fi.mxfp8_problem(f)
+    return why or fi.head_dims_problem(f.arch // 10, f.head_dim, f.head_dim_v, v_dtype)
+
+
 class Decision(NamedTuple):
     """The selector's answer for one call: the variant's fields and what the call does around
     the kernel."""
@@ -159,7 +177,7 @@ def decide(sel: Any, f: fi.FwdFacts, knobs: fi.Knobs, softcap: float, sink: str,
     """FA4's decision for a call: ``select_fwd_config`` on the call's inputs (or, for an explicit
     ``config``, FA4's ``validate_fwd_config``), then the interface's plan. Raises ValueError
     where FA4 rejects the call."""
-    if (why := fi.head_dims_problem(f.arch // 10, f.head_dim, f.head_dim_v, f.dtype)) is not None:
+    if (why := call_problem(f)) is not None:
         raise ValueError(why)
     inputs = fi.fwd_inputs(sel, f, knobs)
     if config is None:
@@ -188,6 +206,8 @@ class Domain(NamedTuple):
     seqlen_k: tuple[int, ...] = DEFAULT_SEQLEN_K
     nheads_kv: tuple[int, ...] = DEFAULT_NHEADS_KV
     window: tuple[tuple[int, int], ...] = DEFAULT_WINDOWS
+    #: packed query tokens of varlen-Q calls (empty: full and padded batches, VARLEN_FILLS)
+    total_q: tuple[int, ...] = ()
 
 
 #: The filter axes: fa4aot's name -> how a variant's fields answer it.
@@ -201,11 +221,18 @@ FILTERS = {
 }
 
 
-def _facts(arch: int, num_sms: int, p: dict[str, Any], b: int, sq: int, sk: int, hk: int, window, fill: float):
+def _facts(arch: int, num_sms: int, p: dict[str, Any], b: int, sq: int, sk: int, hk: int, window, fill: float | int):
+    """The facts of one grid point; ``fill``: the share of ``b * sq`` query tokens a varlen-Q call
+    packs (a float), or their number (an int, the ``total_q`` axis)."""
     qh = p["qhead_per_kvhead"]
     varlen_q, varlen_k = p["varlen_q"], p["varlen_k"]
     page = p.get("_page_size")
-    total_q = max(b, int(b * sq * fill)) if varlen_q else b * sq
+    if not varlen_q:
+        total_q = b * sq
+    elif isinstance(fill, int):
+        total_q = fill
+    else:
+        total_q = max(b, int(b * sq * fill))
     if page is not None:
         pages = -(-sk // page)
         k_capacity, total_k = pages * page, b * pages * page
@@ -247,6 +274,8 @@ def _facts(arch: int, num_sms: int, p: dict[str, Any], b: int, sq: int, sk: int,
         requires_grad=p["requires_grad"],
         requested_tile=p.get("tiles"),
         requested_mma_pv_is_rs=p.get("mma_pv_is_rs"),
+        descales=p.get("descales"),
+        mxfp8=p.get("mxfp8"),
     )
 
 
@@ -303,7 +332,7 @@ def _expand(sel: Any, arch: str, num_sms: int, p: dict[str, Any], domain: Domain
     seen: set[tuple] = set()
     rejected: str | None = None
     filtered: str | None = None
-    fills = VARLEN_FILLS if p["varlen_q"] else (1.0,)
+    fills = (domain.total_q or VARLEN_FILLS) if p["varlen_q"] else (1.0,)
     windows = domain.window if p["local"] else ((None, None),)
     for b, sq, sk, hk, window, fill in itertools.product(
         domain.batch, domain.seqlen_q, domain.seqlen_k, domain.nheads_kv, windows, fills
@@ -311,6 +340,9 @@ def _expand(sel: Any, arch: str, num_sms: int, p: dict[str, Any], domain: Domain
         if p["varlen_q"] is False and p["seqused_q"] is False and fill != 1.0:
             continue
         facts = _facts(a, num_sms, p, b, sq, sk, hk, window, fill)
+        if (why := call_problem(facts)) is not None:
+            rejected = rejected or f"FA4 rejects it: {why}"
+            continue
         try:
             inputs = fi.fwd_inputs(sel, facts, knobs)
             if explicit is None:
@@ -478,6 +510,8 @@ def call_group(f: fi.FwdFacts, knobs: fi.Knobs = fi.NO_KNOBS, config: Any = None
         "seqlen_k": [f.max_seqlen_k if f.max_seqlen_k is not None else f.k_capacity],
         "nheads_kv": [f.num_heads_kv],
     }
+    if f.varlen_q:  # FA4 routes padded varlen batches differently (its dynamic varlen scheduler)
+        out["total_q"] = [f.total_q]
     if f.page_size is not None:
         out["paged_kv"] = [f.page_size]
     if f.requested_tile is not None:

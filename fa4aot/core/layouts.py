@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fa4aot.core.fa4_interface import TENSORMAP_WORDS, tensormap_workspace_ctas
+from fa4aot.core.fa4_interface import TENSORMAP_WORDS, mxfp8_scale_count, out_dtype, tensormap_workspace_ctas
 from fa4aot.core.variant import FORWARD_FAMILIES, Variant
 
 
@@ -83,17 +83,19 @@ def forward_tensors(variant: Variant, d: Dims, num_sms: int | None = None) -> di
         page = d.page_size or 1
         max_pages = max(1, -(-d.seqlen_k // page))
         krows = (d.num_pages or b * max_pages, page)
+    mx = f.get("mxfp8")
     out: dict[str, TensorLayout] = {
         "q": _c(dt, *qrows, h, d.head_dim),
         "k": _c(dt, *krows, hk, d.head_dim),
-        "v": _c(dt, *krows, hk, d.head_dim_v),
+        "v": _c("bf16" if mx == "qk" else dt, *krows, hk, d.head_dim_v),
     }
+    out.update(scale_tensors(f, d))
     lse_shape = (h, tq) if f["varlen_q"] else (b, h, d.seqlen_q)
     if split:  # the kernel writes FA4's fp32 partials; combine reduces them into the real out
         out["out"] = _c("fp32", d.num_splits, *qrows, h, d.head_dim_v)
         out["lse"] = _c("fp32", d.num_splits, *lse_shape)
     else:
-        out["out"] = _c(dt, *qrows, h, d.head_dim_v)
+        out["out"] = _c(out_dtype(dt, mx), *qrows, h, d.head_dim_v)
         if f["has_lse"]:
             out["lse"] = _c("fp32", *lse_shape)
     if f["varlen_q"]:
@@ -120,6 +122,27 @@ def forward_tensors(variant: Variant, d: Dims, num_sms: int | None = None) -> di
             b, max(d.num_splits, 1),
         )  # fmt: skip
         out["tensormap_workspace"] = _c("int64", slots, TENSORMAP_WORDS)
+    return out
+
+
+def scale_tensors(f: dict, d: Dims) -> dict[str, TensorLayout]:
+    """FA4's ``scales=`` tensors of a forward: FP8 descales (fp32 (batch, nheads_kv); ``per_head``
+    broadcast over the batch) and MXFP8 interleave_sf buffers (flat UE8M0, interface.py 572-590)."""
+    out: dict[str, TensorLayout] = {}
+    b, h, hk = d.batch, d.nheads, d.nheads_kv
+    for name, layout in zip(
+        ("q_descale", "k_descale", "v_descale"), (f.get("descales") or "none,none,none").split(",")
+    ):
+        if layout == "full":
+            out[name] = _c("fp32", b, hk)
+        elif layout == "per_head":
+            out[name] = TensorLayout("fp32", (b, hk), (0, 1))
+    mx = f.get("mxfp8")
+    if mx:
+        out["sf_q"] = _c("e8m0", mxfp8_scale_count(b, h, d.seqlen_q, d.head_dim))
+        out["sf_k"] = _c("e8m0", mxfp8_scale_count(b, hk, d.seqlen_k, d.head_dim))
+        if mx == "pv":  # V is scaled along the keys
+            out["sf_v"] = _c("e8m0", mxfp8_scale_count(b, hk, d.head_dim_v, d.seqlen_k))
     return out
 
 

@@ -55,6 +55,9 @@ class StaticCall(NamedTuple):
     requests: tuple[Any, Any, Any] = (None, None, None)
     #: an explicit FwdConfig (FA4's ``config=``), validated by FA4 instead of selected
     config: Any = None
+    #: FP8 descale layouts "q,k,v" and the MXFP8 path (FA4's ``scales=``; None: not given)
+    descales: str | None = None
+    mxfp8: str | None = None
 
 
 class Shape(NamedTuple):
@@ -139,6 +142,8 @@ class ForwardRule:
             requested_tile=s.requests[0],
             requested_mma_pv_is_rs=s.requests[1],
             requested_intra_wg_overlap=s.requests[2],
+            descales=s.descales,
+            mxfp8=s.mxfp8,
         )
 
     def decision(self, shape: Shape) -> fwd.Decision:

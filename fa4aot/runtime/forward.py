@@ -28,6 +28,7 @@ from fa4aot.core.fa4_interface import (
     TENSORMAP_WORDS,
     as_fwd_config,
     clamp_window,
+    out_dtype,
     resolve_window,
     split_policy,
     tensormap_workspace_ctas,
@@ -41,6 +42,8 @@ from fa4aot.runtime.driver import CudaError
 from fa4aot.runtime.frameworks import alloc_like, default_stream, framework, transposed
 from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.metadata import SchedulerMetadata
+from fa4aot.runtime.scales import NO_SCALES
+from fa4aot.runtime.scales import check as check_scales
 from fa4aot.runtime.tensors import (
     ITEMSIZE,
     DeviceTensor,
@@ -49,7 +52,7 @@ from fa4aot.runtime.tensors import (
     set_words,
     stream_handle,
 )
-from fa4aot.runtime.validate import FORWARD_DTYPES, INT32_MAX, SINK_DTYPES, check_window
+from fa4aot.runtime.validate import FORWARD_DTYPES, FP8_DTYPES, INT32_MAX, SINK_DTYPES, check_window
 
 #: A forward rule caches at most this many loaded variants (its shape-dependent field
 #: combinations; in practice a handful).
@@ -126,7 +129,6 @@ def flash_attn_func(
         and block_sparse_tensors_bwd is None
         and gather_bwd_recompute_p is False
         and gather_bwd_token_chunk is None
-        and scales is None
     ):
         unsupported(
             qv=(qv, None),
@@ -140,7 +142,6 @@ def flash_attn_func(
             block_sparse_tensors_bwd=(block_sparse_tensors_bwd, None),
             gather_bwd_recompute_p=(gather_bwd_recompute_p, False),
             gather_bwd_token_chunk=(gather_bwd_token_chunk, None),
-            scales=(scales, None),
         )
     return forward(
         runtime,
@@ -166,6 +167,7 @@ def flash_attn_func(
         learnable_sink,
         softcap,
         config=config,
+        scales=scales,
     )
 
 
@@ -238,7 +240,6 @@ def flash_attn_varlen_func(
         and disable_scheduler_metadata is False
         and gather_bwd_recompute_p is False
         and gather_bwd_token_chunk is None
-        and scales is None
     ):
         unsupported(
             qv=(qv, None),
@@ -246,7 +247,6 @@ def flash_attn_varlen_func(
             score_mod=(score_mod, None),
             score_mod_bwd=(score_mod_bwd, None),
             mask_mod=(mask_mod, None),
-            scales=(scales, None),
             block_sparse_tensors=(block_sparse_tensors, None),
             aux_tensors=(aux_tensors, None),
             aux_scalars=(aux_scalars, None),
@@ -279,6 +279,7 @@ def flash_attn_varlen_func(
         learnable_sink,
         softcap,
         config=config,
+        scales=scales,
     )
 
 
@@ -312,6 +313,8 @@ class ForwardCall(NamedTuple):
     wr: int | None
     page_table: DeviceTensor | None
     learnable_sink: DeviceTensor | None
+    scales: tuple[DeviceTensor | None, ...]  # FA4's scales= as launch arguments (fa4aot.runtime.scales.NAMES)
+    out_dtype: str  # q's, or bf16 for FP8 / MXFP8 inputs
 
     @property
     def dynamic(self) -> bool:
@@ -353,10 +356,12 @@ def analyse(
     requires_grad: bool = False,
     config: Any = None,
     requests: tuple[Any, Any, Any] = (None, None, None),
+    scales: Any = None,
 ) -> ForwardCall:
     """Validate a forward call's inputs and pick its variant (nothing is launched or allocated).
     ``config``: an explicit FwdConfig (FA4 validates it instead of selecting); ``requests``:
-    FA4's tile_mn, mma_pv_is_rs and intra_wg_overlap arguments.
+    FA4's tile_mn, mma_pv_is_rs and intra_wg_overlap arguments; ``scales``: FA4's
+    TensorwiseScales (FP8 descales) or BlockScales (MXFP8).
 
     Page indexes live on the device: they are not checked (that would need a synchronisation);
     a page table pointing outside the K/V pool is undefined behaviour, as in FA4."""
@@ -367,9 +372,9 @@ def analyse(
     kd = conv(k, "k") if k.__class__ is q.__class__ else as_device_tensor(k, "k")
     vd = conv(v, "v") if v.__class__ is q.__class__ else as_device_tensor(v, "v")
     dtype = qd[3]
-    if dtype not in FORWARD_DTYPES:
-        raise ArgumentError(f"q: dtype must be bf16 or fp16, got {dtype}")
-    if kd[3] != dtype or vd[3] != dtype:
+    if dtype not in FORWARD_DTYPES and dtype not in FP8_DTYPES:
+        raise ArgumentError(f"q: dtype must be bf16, fp16, e4m3 or e5m2 (FP8: SM100-family only), got {dtype}")
+    if kd[3] != dtype or (vd[3] != dtype and scales is None):  # MXFP8's QK path takes a bf16 v
         raise ArgumentError(f"q, k and v must share one dtype, got {dtype}, {kd[3]}, {vd[3]}")
     if page_table is not None and varlen_k:
         raise ArgumentError("page_table cannot be used with cu_seqlens_k (FA4 indexes pages per batch entry)")
@@ -400,6 +405,10 @@ def analyse(
         max_q = seqlen_q
         rows = (batch, seqlen_q)
     pt, page_size, cuk, max_k = _keys(rt, dev, page_table, cu_k, varlen_k, ks, batch, max_k)
+    sc = NO_SCALES if scales is None else check_scales(scales, qd, kd, vd, batch, dev, rt)
+    if sc.mxfp8 is None and vd[3] != dtype:
+        raise ArgumentError(f"q, k and v must share one dtype, got {dtype}, {kd[3]}, {vd[3]}")
+    odtype = out_dtype(dtype, sc.mxfp8)
     sink = _sink(rt, dev, learnable_sink, nheads) if learnable_sink is not None else None
     sink_dtype = sink[3] if sink is not None else "none"
     if softcap is None:
@@ -436,7 +445,7 @@ def analyse(
     if seqlen_k == 0 or k_capacity == 0 or total_q == 0:
         return _new_call(
             ForwardCall,
-            (rt, None, 1, False, None, None, qd, kd, vd, cuq, cuk, suq, suk, batch, rows, nheads, head_dim_v, dtype, max_q, max_k, 0.0, None, None, pt, sink),
+            (rt, None, 1, False, None, None, qd, kd, vd, cuq, cuk, suq, suk, batch, rows, nheads, head_dim_v, dtype, max_q, max_k, 0.0, None, None, pt, sink, sc.tensors, odtype),
         )  # fmt: skip
     key = (
         dtype,
@@ -458,10 +467,12 @@ def analyse(
         requires_grad,
         requests,
         config,
+        sc.descales,
+        sc.mxfp8,
     )
     if config is not None:  # as the cache's selector's FwdConfig: hashable, and equal across calls
         try:
-            key = (*key[:-1], as_fwd_config(rt.selector, config))
+            key = (*key[:-3], as_fwd_config(rt.selector, config), *key[-2:])
         except (TypeError, ValueError) as e:
             raise ArgumentError(f"config: {e}") from None
     rule = rt.forward_rules.get(key)
@@ -502,7 +513,7 @@ def analyse(
     splits = pick.plan.num_splits
     return _new_call(
         ForwardCall,
-        (rt, lv, splits, splits > 1, pick.plan, pick.config, qd, kd, vd, cuq, cuk, suq, suk, batch, rows, nheads, head_dim_v, dtype, max_q, max_k, scale, wl if local else None, wr if local else None, pt, sink),
+        (rt, lv, splits, splits > 1, pick.plan, pick.config, qd, kd, vd, cuq, cuk, suq, suk, batch, rows, nheads, head_dim_v, dtype, max_q, max_k, scale, wl if local else None, wr if local else None, pt, sink, sc.tensors, odtype),
     )  # fmt: skip
 
 
@@ -599,6 +610,7 @@ def forward(
     requires_grad: bool = False,
     config: Any = None,
     requests: tuple[Any, Any, Any] = (None, None, None),
+    scales: Any = None,
 ) -> tuple[Any, Any]:
     """The forward call behind the API functions (positional: it is the hot path). ``lse``: a
     preallocated LSE (FA4's layout) to write, which implies return_lse; ``requires_grad``: a
@@ -635,6 +647,7 @@ def forward(
         requires_grad,
         config,
         requests,
+        scales,
     )
     if metadata is not None and cu_q is None and su_q is None:
         raise ArgumentError("scheduler_metadata is for varlen queries (cu_seqlens_q or seqused_q)")
@@ -652,7 +665,7 @@ def forward(
         o_arg, l_arg = as_device_tensor(out_partial, "out_partial"), as_device_tensor(lse_partial, "lse_partial")
         pick_combine(
             rt,
-            fc.dtype,
+            fc.out_dtype,
             fc.head_dim_v,
             fc.nheads,
             fc.num_splits,
@@ -685,6 +698,7 @@ def forward(
         fc.learnable_sink,
         fc.max_q,
         ws,
+        *fc.scales,
         s,
     )
     if fc.split:
@@ -709,10 +723,11 @@ def _outputs(
 ) -> tuple[Any, DeviceTensor, Any, DeviceTensor | None]:
     """(out, its descriptor, lse, its descriptor): the caller's, checked, or allocated like ``q``."""
     if out is None:
-        out = alloc_like(q, out_shape, fc.dtype)
+        out = alloc_like(q, out_shape, fc.out_dtype)
     od = as_device_tensor(out, "out")
-    if od[3] != fc.dtype:
-        raise ArgumentError(f"out: dtype must be {fc.dtype} (q's), got {od[3]}")
+    if od[3] != fc.out_dtype:
+        what = "q's" if fc.out_dtype == fc.dtype else "FA4 writes bf16 for FP8 inputs"
+        raise ArgumentError(f"out: dtype must be {fc.out_dtype} ({what}), got {od[3]}")
     validate.io(od, "out", len(out_shape), rt.device, rt, writable=True)
     if od[1] != out_shape:
         validate.shape(od, "out", out_shape, "q's shape with head_dim_v")

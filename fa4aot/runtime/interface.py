@@ -3,7 +3,7 @@ calls ``flash_attn.cute.interface._flash_attn_fwd``): switching is one import,
 ``from fa4aot.interface import _flash_attn_fwd``.
 
 Same signatures, same results for what fa4aot builds; an argument of a path fa4aot does not build
-(qv, score_mod, mask_mod, block sparsity, fp8 descales, gather_kv_indices, tile overrides, ...)
+(qv, score_mod, mask_mod, block sparsity, gather_kv_indices, tile overrides, ...)
 raises ArgumentError naming it when it is given a non-default value.
 """
 
@@ -65,7 +65,8 @@ def _flash_attn_fwd(
     (its last three are MLA outputs). ``q``, ``k``, ``v`` batched, varlen (``cu_seqlens_*``) or
     with a paged KV pool (``page_table``); ``lse``: a preallocated LSE to fill. ``tile_mn``,
     ``mma_pv_is_rs``, ``intra_wg_overlap`` are FA4's requests to its selector and ``config`` an
-    explicit FwdConfig (FA4 validates it): served when the cache holds the variant. ``stream``
+    explicit FwdConfig (FA4 validates it): served when the cache holds the variant. ``scales``:
+    FA4's TensorwiseScales (FP8 descales) or BlockScales (MXFP8), SM100-family only. ``stream``
     and ``runtime`` are fa4aot's keyword-only extras."""
     rt = runtime or loader._DEFAULT or loader.default_runtime()
     # one cheap test for the usual call (every unsupported argument at FA4's default)
@@ -76,7 +77,6 @@ def _flash_attn_fwd(
         and block_sparse_tensors is None
         and aux_tensors is None
         and aux_scalars is None
-        and scales is None
         and gather_kv_indices is None
         and seqlen_k_per_split is None
         and disable_scheduler_metadata is False
@@ -89,7 +89,6 @@ def _flash_attn_fwd(
             block_sparse_tensors=(block_sparse_tensors, None),
             aux_tensors=(aux_tensors, None),
             aux_scalars=(aux_scalars, None),
-            scales=(scales, None),
             gather_kv_indices=(gather_kv_indices, None),
             seqlen_k_per_split=(seqlen_k_per_split, None),
             disable_scheduler_metadata=(disable_scheduler_metadata, False),
@@ -127,6 +126,7 @@ def _flash_attn_fwd(
         lse,
         config=config,
         requests=(_tile_request(tile_mn), mma_pv_is_rs, intra_wg_overlap),
+        scales=scales,
     )
     return out, lse, None, None, None
 

@@ -41,6 +41,7 @@ from fa4aot.runtime.forward import WORKSPACE_SLOT_BYTES, analyse, check_metadata
 from fa4aot.runtime.frameworks import default_stream, framework, transposed
 from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.metadata import SchedulerMetadata
+from fa4aot.runtime.scales import NAMES as SCALE_NAMES
 from fa4aot.runtime.tensors import DeviceTensor, as_device_tensor, contiguous_strides, stream_handle
 
 #: Alignment of the buffers a prepared call owns (cuMemAlloc gives 256 B; keep sub-buffers so).
@@ -58,6 +59,7 @@ class _Steps:
     def bound(self, call: BoundCall, sources: dict[str, int | str]) -> None:
         i = len(self.scope)
         self.scope.update({f"_b{i}": call, f"_l{i}": call._local, f"_pk{i}": call.pack_into, f"_r{i}": call.run})
+        self.scope[f"_p{i}"] = call.plan  # its launch counter (Runtime.stats())
         ptrs = ", ".join(str(sources[n]) for n in call.tensor_names)
         self.lines += [
             f"    s_ = _l{i}.__dict__.get('s')",
@@ -65,6 +67,7 @@ class _Steps:
             f"    _pk{i}(s_.block, {CALL_PTRS_OFFSET}, {ptrs}, st)",
             f"    rc = _r{i}(s_.addr)",
             "    if rc: _check(rc, s_.state)",
+            f"    _p{i}.launches += 1",
         ]
 
     def python(self, fn: Callable[..., None], args: str) -> None:
@@ -243,6 +246,7 @@ def prepare_forward(
     num_splits: int = 1,
     pack_gqa: bool | None = None,
     scheduler_metadata: SchedulerMetadata | None = None,
+    scales: Any = None,
     runtime: Runtime | None = None,
 ) -> Prepared:
     """Prepare FA4's forward for tensors shaped like these (arguments as in
@@ -254,6 +258,8 @@ def prepare_forward(
     Split-KV partials are allocated now and owned by the prepared call. Split-KV varlen calls use
     ``scheduler_metadata`` if given (recompute it per batch; the call zeroes its semaphore after
     each use), else own metadata recomputed on every call (the prepare kernel runs first).
+    ``scales`` (FA4's TensorwiseScales or BlockScales) are bound: every call reads the tensors
+    given here (write new scale values into them in place).
     """
     rt = runtime or loader._DEFAULT or loader.default_runtime()
     dev = rt.device
@@ -278,6 +284,7 @@ def prepare_forward(
         page_table,
         learnable_sink,
         softcap,
+        scales=scales,
     )
     if scheduler_metadata is not None and cu_seqlens_q is None and seqused_q is None:
         raise ArgumentError("scheduler_metadata is for varlen queries (cu_seqlens_q or seqused_q)")
@@ -288,8 +295,8 @@ def prepare_forward(
         )
     out_shape = (*fc.rows, fc.nheads, fc.head_dim_v)
     od = as_device_tensor(out, "out")
-    if od[3] != fc.dtype:
-        raise ArgumentError(f"out: dtype must be {fc.dtype} (q's), got {od[3]}")
+    if od[3] != fc.out_dtype:
+        raise ArgumentError(f"out: dtype must be {fc.out_dtype} (q's; bf16 for FP8 inputs), got {od[3]}")
     validate.io(od, "out", len(out_shape), dev, rt, writable=True)
     validate.shape(od, "out", out_shape, "q's shape with head_dim_v")
     names, objs, descs, aligns = ["q", "k", "v", "out"], [q, k, v, out], [fc.q, fc.k, fc.v, od], [16, 16, 16, 16]
@@ -315,6 +322,10 @@ def prepare_forward(
     owned: list[Any] = []
     steps = _Steps()
     fwd_args: dict[str, Any] = dict(zip(names, descs))
+    for name, d in zip(SCALE_NAMES, fc.scales):
+        if d is not None:  # bound: the same tensors on every call
+            fwd_args[name] = d
+            src_fwd[name] = d[0]
     variants = [fc.lv.variant]
     try:
         md = None

@@ -20,11 +20,22 @@ from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import ArgumentError
 
 #: bytes per element of the dtypes fa4aot handles
-ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4, "int32": 4, "int64": 8, "uint8": 1}
+ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4, "int32": 4, "int64": 8, "uint8": 1, "e4m3": 1, "e5m2": 1, "e8m0": 1}
 
 _CAI_TYPES = {"<f2": "fp16", "<f4": "fp32", "<i4": "int32", "<i8": "int64", "|u1": "uint8", "<u1": "uint8"}
-# DLPack (code, bits) -> dtype; code 0 int, 1 uint, 2 float, 4 bfloat
-_DL_TYPES = {(2, 16): "fp16", (2, 32): "fp32", (4, 16): "bf16", (0, 32): "int32", (0, 64): "int64", (1, 8): "uint8"}
+# DLPack (code, bits) -> dtype; code 0 int, 1 uint, 2 float, 4 bfloat; DLPack 1.1's float8 codes
+# 10 (kDLFloat8_e4m3fn), 12 (kDLFloat8_e5m2), 14 (kDLFloat8_e8m0fnu)
+_DL_TYPES = {
+    (2, 16): "fp16",
+    (2, 32): "fp32",
+    (4, 16): "bf16",
+    (0, 32): "int32",
+    (0, 64): "int64",
+    (1, 8): "uint8",
+    (10, 8): "e4m3",
+    (12, 8): "e5m2",
+    (14, 8): "e8m0",
+}
 _KDLCUDA, _KDLCUDA_MANAGED = 2, 13
 #: DLPack 1.x: the version fa4aot reads, the read-only flag, and where DLManagedTensorVersioned
 #: ({DLPackVersion version; void *manager_ctx; deleter; uint64_t flags; DLTensor dl_tensor})
@@ -142,6 +153,9 @@ _TORCH_DTYPES = {
     "int32": "int32",
     "int64": "int64",
     "uint8": "uint8",
+    "float8_e4m3fn": "e4m3",
+    "float8_e5m2": "e5m2",
+    "float8_e8m0fnu": "e8m0",
 }
 #: DeviceTensor's constructor without its Python-level __new__ (the torch path is per call)
 _new = tuple.__new__
@@ -157,7 +171,7 @@ def _from_torch(t: Any, name: str) -> DeviceTensor:
     if dtype is None:
         if not _TORCH_DT:
             torch = sys.modules["torch"]
-            _TORCH_DT.update({getattr(torch, k): v for k, v in _TORCH_DTYPES.items()})
+            _TORCH_DT.update({getattr(torch, k): v for k, v in _TORCH_DTYPES.items() if hasattr(torch, k)})
         dtype = _TORCH_DT.get(t.dtype)
         if dtype is None:
             raise ArgumentError(f"{name}: unsupported dtype {t.dtype}")

@@ -13,11 +13,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from fa4aot.core.errors import ArgumentError
-from fa4aot.runtime.tensors import DeviceTensor, as_device_tensor
+from fa4aot.runtime.tensors import ITEMSIZE, DeviceTensor, as_device_tensor
 
 #: FA4's q/k/v/o need 16-byte aligned bases and 16-byte multiples for every non-unit stride (TMA).
 IO_ALIGN_BYTES = 16
 IO_STRIDE_ELEMS = 8  # 16 bytes of a 2-byte dtype
+TWO_BYTE = ("bf16", "fp16")
 INT32_MAX = 2**31 - 1
 #: DeviceTensor.source of a tensor its DLPack producer marked read-only
 READ_ONLY = "dlpack-readonly"
@@ -52,15 +53,15 @@ def io(t: DeviceTensor, name: str, rank: int, device: int, rt: Any, writable: bo
     if strides[-1] != 1 and shape[-1] != 1:
         raise ArgumentError(f"{name}: the last dimension must be contiguous (stride 1), got strides {tuple(strides)}")
     x = strides[0] | strides[1] | strides[2] if rank == 4 else strides[0] | strides[1]  # q/k/v/out: rank 3 or 4
-    if x < 0 or x % IO_STRIDE_ELEMS:  # one test for all (exact when no unit dimensions)
+    step = IO_STRIDE_ELEMS if t[3] in TWO_BYTE else IO_ALIGN_BYTES // ITEMSIZE[t[3]]
+    if x < 0 or x % step:  # one test for all (exact when no unit dimensions)
         for i in range(rank - 1):
             s = strides[i]
             if s < 0:
                 raise ArgumentError(f"{name}: negative strides are not supported, got {tuple(strides)}")
-            if s % IO_STRIDE_ELEMS and shape[i] > 1:
+            if s % step and shape[i] > 1:
                 raise ArgumentError(
-                    f"{name}: stride {i} is {s} elements; the kernel needs multiples of {IO_STRIDE_ELEMS} "
-                    f"({IO_STRIDE_ELEMS * 2} bytes)"
+                    f"{name}: stride {i} is {s} elements; the kernel needs multiples of {step} ({IO_ALIGN_BYTES} bytes)"
                 )
     if writable and t[5] == READ_ONLY:
         raise ArgumentError(f"{name}: the tensor is read-only (its DLPack export says so); fa4aot writes it")
@@ -168,8 +169,10 @@ def finite(value: Any, name: str) -> float:
     return value
 
 
-#: dtypes FA4's forward takes for q, k, v, out
+#: dtypes FA4's backward takes for q, k, v, out (and its forward on every arch)
 FORWARD_DTYPES = ("bf16", "fp16")
+#: dtypes FA4's SM100-family forward also takes for q, k, v (out is bf16 then)
+FP8_DTYPES = ("e4m3", "e5m2")
 #: dtypes FA4 takes for learnable_sink (``_LEARNABLE_SINK_DTYPES``)
 SINK_DTYPES = ("bf16", "fp16", "fp32")
 

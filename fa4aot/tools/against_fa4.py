@@ -18,15 +18,16 @@ from __future__ import annotations
 import glob
 import itertools
 import json
-import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fa4aot.core import fwd
+from fa4aot.core.env import child_environ
 from fa4aot.core.errors import ArgumentError, Fa4aotError
 from fa4aot.core.families import is_tuning_candidate
 from fa4aot.core.index import Cache, Entry
@@ -217,6 +218,9 @@ def find_case(v: Variant, mains: list[Variant] = ()) -> dict[str, Any] | None:
     )  # fmt: skip
     if f["local"]:
         base.update(wl=128, wr=0)
+    for name in ("descales", "mxfp8"):  # FA4's scales= (FP8 descales, MXFP8 block scales)
+        if f.get(name):
+            base[name] = f[name]
     if f["learnable_sink"] != "none":
         base["learnable_sink"] = f["learnable_sink"]
     if f["softcap"]:
@@ -261,9 +265,16 @@ def find_case(v: Variant, mains: list[Variant] = ()) -> dict[str, Any] | None:
     return None
 
 
-def compare(cache: Cache, entries: list[Entry], timeout: float = 3600) -> list[Comparison]:
+def compare(
+    cache: Cache,
+    entries: list[Entry],
+    timeout: float = 3600,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Comparison]:
     """Compile each entry's FA4 call (one FA4 process per target, one call per distinct case) and
-    compare cubins."""
+    compare cubins. ``progress(done, total)``: entries compared (or skipped) so far, after each
+    target's FA4 process."""
+    total = len(entries)
     out: list[Comparison] = []
     by_target: dict[tuple[str, int], list[tuple[Entry, dict[str, Any]]]] = {}
     mains = [e.variant for e in cache.entries() if e.variant.family in ("bwd_sm90", "bwd_sm100")]
@@ -287,6 +298,8 @@ def compare(cache: Cache, entries: list[Entry], timeout: float = 3600) -> list[C
             continue
         by_target.setdefault((e.target.arch, e.target.num_sms), []).append((e, case))
     for (arch, sms), items in by_target.items():
+        if progress is not None:
+            progress(len(out), total)
         # one FA4 call per distinct case: a backward call compiles every kernel of its group
         cases: list[dict[str, Any]] = []
         at: list[int] = []
@@ -300,7 +313,7 @@ def compare(cache: Cache, entries: list[Entry], timeout: float = 3600) -> list[C
                 capture_output=True,
                 text=True,
                 timeout=timeout,
-                env=dict(os.environ),
+                env=child_environ(),
             )
             results = {}
             for line in proc.stdout.splitlines():
@@ -328,6 +341,8 @@ def compare(cache: Cache, entries: list[Entry], timeout: float = 3600) -> list[C
                 shown = ("batch", "seqlen_q", "seqlen_k", "nheads", "num_splits")
                 detail = json.dumps({k: case[k] for k in shown if k in case})
                 out.append(Comparison(e, "identical" if same else "different", detail))
+    if progress is not None:
+        progress(len(out), total)
     return out
 
 

@@ -7,14 +7,22 @@ wr, num_splits, pack_gqa, return_lse; varlen (cu_seqlens_q and cu_seqlens_k, wit
 total_k), varlen_q (cu_seqlens_q only, with total_q), seqused_k; page_size (K/V as a page pool
 (num_pages, page_size, h_kv, d) with a (batch, ceil(seqlen_k / page_size)) page table; num_pages
 defaults to batch * pages per sequence); learnable_sink (its dtype name); softcap (a float); dtype
-(bf16 or fp16, default bf16).
+(bf16, fp16, e4m3 or e5m2, default bf16); descales ("q,k,v" layouts of FP8 TensorwiseScales: none,
+full or per_head); mxfp8 (qk or pv: MXFP8 BlockScales).
 """
 
 from __future__ import annotations
 
 import math
 
-TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+TORCH_DTYPES = {
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "fp32": "float32",
+    "e4m3": "float8_e4m3fn",
+    "e5m2": "float8_e5m2",
+    "e8m0": "float8_e8m0fnu",
+}
 
 
 def fa4_forward(interface, torch, case: dict) -> None:
@@ -44,6 +52,9 @@ def fa4_forward(interface, torch, case: dict) -> None:
         kw.update(cu_seqlens_k=empty(b + 1, dtype=torch.int32), max_seqlen_k=sk)
     else:
         k, v = empty(b, sk, hk, d), empty(b, sk, hk, dv)
+    if case.get("mxfp8") == "qk":  # V stays bf16 (interface.py 564)
+        v = torch.empty(v.shape, dtype=torch.bfloat16, device="cuda")
+    kw.update(_scales(interface, torch, case, q, k, v))
     if case.get("seqused_k"):
         kw["seqused_k"] = empty(b, dtype=torch.int32)
     if case.get("learnable_sink"):
@@ -69,6 +80,34 @@ def fa4_forward(interface, torch, case: dict) -> None:
         softcap=case.get("softcap"),
         **kw,
     )
+
+
+def _scales(interface, torch, case: dict, q, k, v) -> dict:
+    """FA4's ``scales=`` for ``case``: TensorwiseScales of fp32 (batch, nheads_kv) descales (a
+    ``per_head`` one broadcast over the batch) or MXFP8 BlockScales of interleave_sf buffers."""
+    from fa4aot.core.fa4_interface import mxfp8_scale_count
+
+    b, hk = case["batch"], case["nheads_kv"]
+    if case.get("mxfp8"):
+        e8m0 = torch.float8_e8m0fnu
+        sq, sk, h = case["seqlen_q"], case["seqlen_k"], case["nheads"]
+        sf_q = torch.empty(mxfp8_scale_count(b, h, sq, case["head_dim"]), dtype=e8m0, device="cuda")
+        sf_k = torch.empty(mxfp8_scale_count(b, hk, sk, case["head_dim"]), dtype=e8m0, device="cuda")
+        sf_v = None
+        if case["mxfp8"] == "pv":
+            sf_v = torch.empty(mxfp8_scale_count(b, hk, case["head_dim_v"], sk), dtype=e8m0, device="cuda")
+        return {"scales": interface.BlockScales(sf_q, sf_k, sf_v)}
+    if not case.get("descales"):
+        return {}
+    made = []
+    for layout in case["descales"].split(","):
+        if layout == "full":
+            made.append(torch.empty(b, hk, dtype=torch.float32, device="cuda"))
+        elif layout == "per_head":
+            made.append(torch.empty(1, hk, dtype=torch.float32, device="cuda").expand(b, hk))
+        else:
+            made.append(None)
+    return {"scales": interface.TensorwiseScales(*made)}
 
 
 def fa4_combine(interface, torch, case: dict) -> None:
@@ -174,6 +213,8 @@ def facts(arch: str, num_sms: int, case: dict):
         num_splits=case.get("num_splits", 1),
         requested_tile=tuple(case["tile_mn"]) if case.get("tile_mn") else None,
         requested_mma_pv_is_rs=case.get("mma_pv_is_rs"),
+        descales=case.get("descales"),
+        mxfp8=case.get("mxfp8"),
     )
 
 

@@ -35,7 +35,10 @@ FWD_CONFIG = "replace(fwd_codegen_config(config), use_dynamic_varlen=False) if i
 #: no stride-0 inputs) and FA4's logging level.
 FWD_UNMODELED = ("tensor_broadcast_patterns", "fa_logging.get_fa_log_level()")
 #: cutlass dtype names of fa4aot's dtypes (``torch2cute_dtype_map``).
-CUTE_DTYPES = {"bf16": "BFloat16", "fp16": "Float16", "fp32": "Float32"}
+CUTE_DTYPES = {"bf16": "BFloat16", "fp16": "Float16", "fp32": "Float32", "e4m3": "Float8E4M3FN", "e5m2": "Float8E5M2"}
+#: Starred key elements of a known width: FA4's forward key spreads one presence flag per
+#: TensorwiseScales member (q, k, v); elements appended after the tuple (MXFP8's) are ``+i``.
+STAR_WIDTHS = {"*(t is not None for t in descales)": 3}
 
 
 def interface_source(path: str | Path | None = None) -> str:
@@ -83,10 +86,12 @@ def name_key(names: list[str], key: tuple) -> dict[str, Any]:
         named.update({f"+{i}": v for i, v in enumerate(key[len(names) :])})
         return named
     s = star[0]
-    width = len(key) - (len(names) - 1)
+    width = STAR_WIDTHS.get(names[s], len(key) - (len(names) - 1))
     out = dict(zip(names[:s], key[:s]))
     out.update({f"{names[s]}[{i}]": key[s + i] for i in range(width)})
-    out.update(zip(names[s + 1 :], key[s + width :]))
+    rest = key[s + width :]
+    out.update(zip(names[s + 1 :], rest))
+    out.update({f"+{i}": v for i, v in enumerate(rest[len(names) - s - 1 :])})
     return out
 
 
@@ -180,8 +185,12 @@ def fwd_key(v: Variant, descales: int = 3, sel: Any = None) -> dict[str, Any]:
         "disable_sparse_kv_bitmask": None,
         "tensormap_workspace is not None": needs_workspace(v),
     }
+    layouts = (f.get("descales") or "none,none,none").split(",")
     for i in range(descales):
-        key[f"*(t is not None for t in descales)[{i}]"] = False
+        key[f"*(t is not None for t in descales)[{i}]"] = layouts[i] != "none"
+    if f.get("mxfp8"):  # interface.py 1295-1296
+        pv = f["mxfp8"] == "pv"
+        key.update({"+0": "mxfp8_qk", "+1": "torch.float8_e4m3fn" if pv else "torch.bfloat16", "+2": pv})
     return key
 
 

@@ -13,13 +13,13 @@ interface accepts that its kernel cannot run (fa4aot refuses them up front).
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import subprocess
 import sys
 from typing import Any
 
+from fa4aot.core.env import child_environ, with_path_first
 from fa4aot.core.errors import Fa4aotError
 from fa4aot.core.targets import ARCHES as TARGET_ARCHES
 from fa4aot.core.targets import MODELS
@@ -77,9 +77,8 @@ SM120_KERNEL_REFUSALS = re.compile(
 def fa4_answers(arch: str, num_sms: int, cases: list[dict], pythonpath: str | None = None) -> list[dict]:
     """FA4's answer for each case (its error, or its named keys per kind), from a subprocess
     with ``pythonpath`` (another FA4's package root) first on its path."""
-    path = [p for p in (pythonpath, os.environ.get("PYTHONPATH")) if p]
-    env = dict(os.environ, FLASH_ATTENTION_ARCH=arch, CUTE_DSL_ARCH=arch, FLASH_ATTENTION_NUM_SMS=str(num_sms),
-               CUTE_DSL_LOG_LEVEL="0", PYTHONPATH=os.pathsep.join(path))  # fmt: skip
+    env = child_environ(FLASH_ATTENTION_ARCH=arch, CUTE_DSL_ARCH=arch, FLASH_ATTENTION_NUM_SMS=str(num_sms),
+                        CUTE_DSL_LOG_LEVEL="0", PYTHONPATH=with_path_first(pythonpath or ""))  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", ORACLE], input=json.dumps(cases), capture_output=True, text=True,
                           env=env, timeout=3600)  # fmt: skip
     if proc.returncode != 0:
@@ -167,8 +166,8 @@ def parity(
 
 #: Static configurations the random calls mix (per call: random batch and max_seqlen_q/k): FA4's
 #: SM100 and SM90 forwards over head dims, masks, varlen, split-KV requests, paged KV (a random
-#: page size per call), vLLM's varlen-q pattern, sinks, softcap; decode calls (a third) reach
-#: FA4's SwapAB kernel on SM100.
+#: page size per call), vLLM's varlen-q pattern, sinks, softcap, FP8 with descales and MXFP8
+#: (SM100; refused on the others); decode calls (a third) reach FA4's SwapAB kernel on SM100.
 SCALE_CONFIGS = [
     ("sm_100a", dict(nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128, causal=True, varlen=True)),
     ("sm_100a", dict(nheads=16, nheads_kv=16, head_dim=128, head_dim_v=128)),
@@ -187,6 +186,14 @@ SCALE_CONFIGS = [
     ("sm_100a", dict(nheads=64, nheads_kv=8, head_dim=64, head_dim_v=64, causal=True, wl=128, wr=0,
                      learnable_sink="bf16")),
     ("sm_100a", dict(nheads=16, nheads_kv=8, head_dim=128, head_dim_v=128, causal=True, softcap=50.0)),
+    ("sm_100a", dict(nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128, causal=True, dtype="e4m3",
+                     descales="full,full,full")),
+    ("sm_100a", dict(nheads=16, nheads_kv=4, head_dim=64, head_dim_v=64, varlen=True, dtype="e5m2",
+                     descales="per_head,per_head,none", num_splits=0)),
+    ("sm_100a", dict(nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128, causal=True, seqused_k=True,
+                     dtype="e4m3", descales="full,full,full", num_splits=0)),
+    ("sm_100a", dict(nheads=8, nheads_kv=8, head_dim=128, head_dim_v=128, causal=True, dtype="e4m3", mxfp8="qk")),
+    ("sm_100a", dict(nheads=16, nheads_kv=4, head_dim=64, head_dim_v=64, dtype="e4m3", mxfp8="pv")),
     ("sm_90a", dict(nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128, causal=True, varlen=True)),
     ("sm_90a", dict(nheads=16, nheads_kv=16, head_dim=64, head_dim_v=64)),
     ("sm_90a", dict(nheads=16, nheads_kv=4, head_dim=128, head_dim_v=128, causal=True)),
@@ -195,6 +202,8 @@ SCALE_CONFIGS = [
                     varlen_q=True)),
     ("sm_90a", dict(nheads=64, nheads_kv=8, head_dim=64, head_dim_v=64, causal=True, wl=128, wr=0,
                     learnable_sink="fp32", softcap=30.0)),
+    ("sm_90a", dict(nheads=16, nheads_kv=4, head_dim=128, head_dim_v=128, causal=True, dtype="e4m3",
+                    descales="full,full,full")),  # FA4 and fa4aot both refuse FP8 here
 ]  # fmt: skip
 
 #: Page sizes the random calls draw for paged configurations (TMA at tile_n, cp.async else).

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fa4aot.core.env import child_environ
 from fa4aot.core.errors import Fa4aotError
 from fa4aot.core.fa4_interface import codegen_fields
 from fa4aot.core.families import FAMILIES
@@ -42,6 +43,10 @@ _DTYPES = {
     "bfloat16": "bf16",
     "float16": "fp16",
     "float32": "fp32",
+    "Float8E4M3FN": "e4m3",
+    "Float8E5M2": "e5m2",
+    "float8_e4m3fn": "e4m3",
+    "float8_e5m2": "e5m2",
 }
 
 
@@ -77,7 +82,6 @@ def _unsupported_fwd(k: dict[str, Any], softcap: float | None) -> str | None:
         (k.get("mask_mod_hash"), "a mask_mod"),  # False when there is none
         (k.get("score_mod_hash") and softcap is None, "a score_mod other than softcap"),
         (k.get("use_block_sparsity"), "block sparsity"),
-        (any(v for n, v in k.items() if n.startswith("*(t is not None for t in descales)")), "FP8 scales"),
         (
             k.get("o_lo is not None") or k.get("virtual_batch_idx is not None"),
             "FA4's internal MLA/virtual-batch buffers",
@@ -106,8 +110,8 @@ def fwd_fields(rec: dict[str, Any]) -> tuple[str, dict[str, Any]] | str:
     if not isinstance(config, dict):
         return "a forward key without FA4's FwdConfig (recorded from another FA4 than 4.0.0b40)"
     dtype = _dtype(k.get("dtype"))
-    if dtype not in ("bf16", "fp16"):
-        return f"dtype {k.get('dtype')}: fa4aot builds bf16 and fp16"
+    if dtype not in ("bf16", "fp16", "e4m3", "e5m2"):
+        return f"dtype {k.get('dtype')}: fa4aot builds bf16, fp16, e4m3 and e5m2"
     sink = _first(k, *[n for n in k if n.startswith("torch2cute_dtype_map[learnable_sink.dtype]")])
     paged = bool(k["page_table is not None"])
     f = codegen_fields(config)
@@ -130,7 +134,31 @@ def fwd_fields(rec: dict[str, Any]) -> tuple[str, dict[str, Any]] | str:
         tile_count_semaphore=bool(k["tile_count_semaphore is not None"]),
         num_nheads_in_l2=bool(k["num_nheads_in_l2 is not None"]),
     )
+    f.update(_scales_fields(k, dtype))
     return FORWARD_FAMILY[arch], f
+
+
+#: Where FA4's forward key's ``tensor_broadcast_patterns`` holds the descales' patterns (after
+#: q, k, v, qv and page_table: interface.py 1186-1197).
+DESCALE_PATTERN_AT = 5
+
+
+def _scales_fields(k: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """The ``descales`` / ``mxfp8`` fields of an FP8 or MXFP8 forward key (fa4_keys.fwd_key)."""
+    if k.get("+0") == "mxfp8_qk":
+        return {"mxfp8": "pv" if k.get("+2") else "qk"}
+    if dtype not in ("e4m3", "e5m2"):
+        return {}
+    patterns = k.get("tensor_broadcast_patterns") or []
+    layouts = []
+    for i in range(3):
+        if not k.get(f"*(t is not None for t in descales)[{i}]"):
+            layouts.append("none")
+            continue
+        at = DESCALE_PATTERN_AT + i
+        pattern = patterns[at] if at < len(patterns) else None
+        layouts.append("per_head" if pattern and pattern[0] else "full")
+    return {"descales": ",".join(layouts)}
 
 
 def combine_fields(rec: dict[str, Any]) -> tuple[str, dict[str, Any]] | str:
@@ -315,7 +343,7 @@ def recorded_env(hook_dir: Path, log: Path, no_compile: bool) -> dict[str, str]:
     """The workload's environment: the record log, the session's marks and the generated
     ``sitecustomize`` first on ``PYTHONPATH`` (which processes it records:
     :mod:`fa4aot.tools.record_hook`)."""
-    env = dict(os.environ)
+    env = child_environ()
     env[record_hook.RECORD_ENV] = str(log)
     env[record_hook.HOOK_ENV] = str(hook_dir)
     env[record_hook.PREFIX_ENV] = sys.prefix
