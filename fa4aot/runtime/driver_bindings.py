@@ -24,7 +24,7 @@ from fa4aot.runtime.driver import (
     DeviceInfo,
 )
 
-#: cuLibraryLoadData's device-name buffer (cuDeviceGetName)
+#: Bytes of the buffer cuDeviceGetName writes the device name into.
 NAME_BYTES = 256
 
 
@@ -37,7 +37,11 @@ class BindingsDriver:
         except ImportError as e:
             raise CudaError(f"FA4AOT_DRIVER=cuda-bindings needs cuda-python (pip install cuda-python): {e}") from None
         self._cu = cu
-        self._check(cu.cuInit(0), "cuInit")
+        try:
+            result = cu.cuInit(0)
+        except Exception as e:  # cuda-python raises its own errors when libcuda is absent
+            raise CudaError(f"cuInit failed: the CUDA driver is not available ({type(e).__name__}: {e})") from None
+        self._check(result, "cuInit")
 
     def _check(self, result: Any, what: str) -> Any:
         """The values of a cuda.bindings call (its first item is the CUresult)."""

@@ -1,0 +1,37 @@
+"""The runtime's driver binding switch (FA4AOT_DRIVER): the default, the cuda.bindings one, and a
+typed error for anything else - checked without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+
+from fa4aot.runtime.driver import CudaDriver, CudaError, make_driver
+
+
+def test_an_unknown_driver_is_a_typed_error_naming_the_choices(monkeypatch):
+    monkeypatch.setenv("FA4AOT_DRIVER", "pycuda")
+    with pytest.raises(CudaError, match="ctypes, cuda-bindings"):
+        make_driver()
+
+
+def test_the_default_is_the_ctypes_binding(monkeypatch):
+    monkeypatch.delenv("FA4AOT_DRIVER", raising=False)
+    try:
+        drv = make_driver()
+    except CudaError as e:  # no NVIDIA driver on this machine: the ctypes binding says so
+        assert "driver" in str(e)
+        return
+    assert isinstance(drv, CudaDriver)
+
+
+def test_cuda_bindings_is_chosen_by_name(monkeypatch):
+    pytest.importorskip("cuda.bindings.driver", reason="cuda-python is not installed")
+    from fa4aot.runtime.driver_bindings import BindingsDriver
+
+    monkeypatch.setenv("FA4AOT_DRIVER", "cuda-bindings")
+    try:
+        drv = make_driver()
+    except CudaError as e:  # cuInit fails without a GPU: a typed error, not cuda-python's
+        assert "cuInit" in str(e)
+        return
+    assert isinstance(drv, BindingsDriver)
