@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
+from fa4aot.core.fa4_args import refuse
 from fa4aot.runtime.backward import flash_attn_backward
-from fa4aot.runtime.forward import forward, unsupported
+from fa4aot.runtime.forward import forward
 
 
 def _win(w: int) -> int | None:
@@ -216,17 +217,13 @@ def flash_attn_func(
     return_lse: bool = False,
     gather_bwd_recompute_p: bool = False,
     gather_bwd_token_chunk: int | None = None,
+    config: Any = None,
+    scales: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """FA4's differentiable ``flash_attn_func``: ``(out, lse)`` for q (batch, seqlen_q, nheads,
     d), k / v (batch, seqlen_k, nheads_kv, d / d_v); gradients flow to q, k, v (and a learnable
     sink) through FA4's backward kernels."""
-    _refuse(
-        qv=(qv, None), gather_kv_indices=(gather_kv_indices, None), score_mod=(score_mod, None),
-        score_mod_bwd=(score_mod_bwd, None), mask_mod=(mask_mod, None), aux_tensors=(aux_tensors, None),
-        aux_scalars=(aux_scalars, None), block_sparse_tensors=(block_sparse_tensors, None),
-        block_sparse_tensors_bwd=(block_sparse_tensors_bwd, None), gather_bwd_recompute_p=(gather_bwd_recompute_p, False),
-        gather_bwd_token_chunk=(gather_bwd_token_chunk, None),
-    )  # fmt: skip
+    refuse("flash_attn_func", locals(), autograd=True)
     return _call(
         q, k, v, None, None, None, None, None, None, softmax_scale, causal, window_size, learnable_sink, softcap,
         num_splits, pack_gqa, return_lse, deterministic,
@@ -267,26 +264,16 @@ def flash_attn_varlen_func(
     disable_scheduler_metadata: bool = False,
     gather_bwd_recompute_p: bool = False,
     gather_bwd_token_chunk: int | None = None,
+    config: Any = None,
+    scales: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """FA4's differentiable ``flash_attn_varlen_func`` (packed sequences with ``cu_seqlens_q`` /
     ``cu_seqlens_k``, optional ``seqused_q`` / ``seqused_k``); a paged KV cache has no backward."""
-    _refuse(
-        qv=(qv, None), gather_kv_indices=(gather_kv_indices, None), page_table=(page_table, None),
-        score_mod=(score_mod, None), score_mod_bwd=(score_mod_bwd, None), mask_mod=(mask_mod, None),
-        block_sparse_tensors=(block_sparse_tensors, None), aux_tensors=(aux_tensors, None),
-        aux_scalars=(aux_scalars, None),
-        scheduler_metadata=(scheduler_metadata, None), seqlen_k_per_split=(seqlen_k_per_split, None),
-        gather_bwd_recompute_p=(gather_bwd_recompute_p, False), gather_bwd_token_chunk=(gather_bwd_token_chunk, None),
-    )  # fmt: skip
+    refuse("flash_attn_varlen_func", locals(), autograd=True)
     return _call(
         q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
         window_size, learnable_sink, softcap, num_splits, pack_gqa, return_lse, deterministic,
     )  # fmt: skip
-
-
-def _refuse(**given: Any) -> None:
-    if any(not (v is d or (d is not None and type(v) is type(d) and v == d)) for v, d in given.values()):
-        unsupported(**given)
 
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func"]

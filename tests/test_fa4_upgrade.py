@@ -52,7 +52,7 @@ def test_a_changed_fa4_is_reported_section_by_section(tmp_path):
     cfg.write_text(cfg.read_text().replace("def select_bwd_config(", "def choose_bwd_config(", 1))
     rep = fa4_upgrade.report(str(root), calls=0)
     assert "flash_attn_func: adds q_rope (positional 2)" in rep["entry points"]
-    assert any(x.startswith("fa4aot.flash_attn_func: positional parameter 2 is k") for x in rep["entry points"])
+    assert any(x.startswith("fa4_args.flash_attn_func: positional parameter 2 is k") for x in rep["entry points"])
     assert "_flash_attn_fwd key: adds fp4_scales is not None" in rep["compile keys"]
     assert "_flash_attn_fwd key: fp4_scales is not None is not modeled by fa4aot" in rep["compile keys"]
     assert any("lacks ['select_bwd_config'" in x for x in rep["selector"])

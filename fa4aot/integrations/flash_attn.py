@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
+from fa4aot.core.fa4_args import refuse
 from fa4aot.runtime import fa4_entries, forward
 from fa4aot.runtime import interface as rt_interface
-from fa4aot.runtime.forward import unsupported
 from fa4aot.runtime.metadata import SchedulerMetadata
 
 _compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
@@ -76,7 +76,7 @@ def flash_attn_func(
 ) -> tuple[Any, Any]:
     """FA4's ``flash_attn_func``: ``(out, lse)``, differentiable when an input requires grad."""
     if needs_autograd(q, k, v, learnable_sink):
-        unsupported(config=(config, None), scales=(scales, None))  # forward-only FA4 paths
+        refuse("flash_attn_func", locals(), autograd=True)  # inference-only FA4 paths
         return _fa4aot_torch().flash_attn_func(
             q, k, v, qv, gather_kv_indices, softmax_scale, causal, window_size, learnable_sink, softcap, num_splits,
             pack_gqa, deterministic, score_mod, score_mod_bwd, mask_mod, aux_tensors, aux_scalars,
@@ -130,10 +130,7 @@ def flash_attn_varlen_func(
     """FA4's ``flash_attn_varlen_func``: ``(out, lse)``, differentiable when an input requires grad
     (a paged KV cache and scheduler metadata are inference paths, as in FA4)."""
     if needs_autograd(q, k, v, learnable_sink):
-        # forward-only FA4 paths, and FA4's switch off its own metadata (the autograd ops take none)
-        unsupported(
-            config=(config, None), scales=(scales, None), disable_scheduler_metadata=(disable_scheduler_metadata, False)
-        )
+        refuse("flash_attn_varlen_func", locals(), autograd=True)  # inference-only FA4 paths
         return _fa4aot_torch().flash_attn_varlen_func(
             q, k, v, qv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, min_seqlen_k, seqused_q, seqused_k,
             gather_kv_indices, page_table, softmax_scale, causal, window_size, learnable_sink, softcap, num_splits,

@@ -11,20 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 from fa4aot.core.errors import ArgumentError
+from fa4aot.core.fa4_args import refuse
 from fa4aot.core.fa4_interface import resolve_window, split_policy
 from fa4aot.runtime import loader, validate
 from fa4aot.runtime.backward import flash_attn_backward
 from fa4aot.runtime.combine import combine
-from fa4aot.runtime.forward import unsupported
 from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.metadata import SchedulerMetadata
-
-#: ``_flash_attn_bwd``'s legacy tile arguments, which FA4 4.0.0b40 ignores (its BwdConfig owns
-#: them; interface.py 2114-2118): accepted and ignored here too.
-BWD_IGNORED = (
-    "m_block_size", "n_block_size", "num_threads", "pack_gqa", "num_stages_Q", "num_stages_dO", "SdP_swapAB",
-    "dKV_swapAB", "dQ_swapAB", "AtomLayoutMSdP", "AtomLayoutNdKV", "AtomLayoutMdQ",
-)  # fmt: skip
 
 
 def _check_arch(rt: Runtime, arch: int | None) -> None:
@@ -85,18 +78,9 @@ def _flash_attn_bwd(
 ) -> tuple[Any, ...]:
     """FA4's ``_flash_attn_bwd``: ``(dq, dk, dv)``, or ``(dq, dk, dv, dsink)`` with a learnable
     sink (note FA4's argument order: ``out`` before ``dout``). The legacy tile arguments
-    (:data:`BWD_IGNORED`) are ignored as FA4 ignores them; ``V_in_regs``, ``config``, score/mask
+    (``IGNORED`` in :data:`fa4aot.core.fa4_args.FLASH_ATTN_BWD`) are ignored as FA4 ignores them; ``V_in_regs``, ``config``, score/mask
     mods, aux tensors and block sparsity are FA4 paths fa4aot does not build."""
-    unsupported(
-        V_in_regs=(V_in_regs, False),
-        config=(config, None),
-        score_mod=(score_mod, None),
-        score_mod_bwd=(score_mod_bwd, None),
-        mask_mod=(mask_mod, None),
-        aux_tensors=(aux_tensors, None),
-        aux_scalars=(aux_scalars, None),
-        block_sparse_tensors=(block_sparse_tensors, None),
-    )
+    refuse("_flash_attn_bwd", locals())
     return flash_attn_backward(
         dout, q, k, v, out, lse, softmax_scale, causal, (window_size_left, window_size_right), softcap,
         cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, deterministic,
@@ -122,7 +106,7 @@ def _flash_attn_fwd_combine(
     """FA4's ``_flash_attn_fwd_combine``: reduce split-KV partials into ``out`` (and ``lse``), FA4's
     layouts (see :func:`fa4aot.combine`). ``virtual_batch_idx`` (FA4's LPT batch sort, which FA4
     itself does not enable yet) and ``semaphore_to_reset`` are not built."""
-    unsupported(virtual_batch_idx=(virtual_batch_idx, None), semaphore_to_reset=(semaphore_to_reset, None))
+    refuse("_flash_attn_fwd_combine", locals())
     rt = runtime or loader._DEFAULT or loader.default_runtime()
     _check_arch(rt, _arch)
     combine(out_partial, lse_partial, out, lse, cu_seqlens, seqused, num_splits_dynamic_ptr, stream, runtime=rt)
@@ -185,12 +169,7 @@ def get_scheduler_metadata(
     config's metadata on ``stream``. Returns a :class:`fa4aot.SchedulerMetadata`, which fa4aot's
     forward takes as ``scheduler_metadata`` (FA4's own forward does not: it takes FA4's tensors).
     ``dtype``: the attention inputs' dtype (``torch.bfloat16`` or ``torch.float16``, or a name)."""
-    unsupported(
-        seqlen_k_new=(seqlen_k_new, 0),
-        cu_seqlens_k_new=(cu_seqlens_k_new, None),
-        leftpad_k=(leftpad_k, None),
-        seqlen_k_per_split=(seqlen_k_per_split, None),
-    )
+    refuse("get_scheduler_metadata", locals())
     rt = runtime or loader._DEFAULT or loader.default_runtime()
     _check_arch(rt, _arch)
     name = dtype_name(dtype)

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 from fa4aot.core import fwd
 from fa4aot.core.errors import ArgumentError
+from fa4aot.core.fa4_args import refuse
 from fa4aot.core.fa4_interface import (
     TENSORMAP_WORDS,
     as_fwd_config,
@@ -57,23 +58,6 @@ from fa4aot.runtime.validate import FORWARD_DTYPES, FP8_DTYPES, INT32_MAX, SINK_
 #: A forward rule caches at most this many loaded variants (its shape-dependent field
 #: combinations; in practice a handful).
 MAX_RULE_VARIANTS = 64
-
-
-def unsupported(**given: Any) -> None:
-    """Raise naming the first FA4 argument fa4aot does not build that was given a value other
-    than FA4's default (given as name=(value, default) pairs)."""
-    for name, (value, default) in given.items():
-        if value is default or (default is not None and type(value) is type(default) and value == default):
-            continue
-        raise ArgumentError(
-            f"{name}: fa4aot does not build FA4's {name} path (got {_short(value)}); "
-            f"call FA4 itself for it, or leave it at {default!r}"
-        )
-
-
-def _short(value: Any) -> str:
-    text = repr(value) if not hasattr(value, "shape") else f"a tensor of shape {tuple(value.shape)}"
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def flash_attn_func(
@@ -116,7 +100,7 @@ def flash_attn_func(
     block sparsity, ...) raise ArgumentError when given. ``deterministic`` concerns only the
     backward. Keyword-only extras: ``out``, ``stream`` (default: the framework's current
     stream), ``runtime``."""
-    # one cheap test for the usual call (every unsupported argument at FA4's default)
+    # one cheap test for the usual call (every refused argument at FA4's default)
     if not (
         qv is None
         and gather_kv_indices is None
@@ -130,19 +114,7 @@ def flash_attn_func(
         and gather_bwd_recompute_p is False
         and gather_bwd_token_chunk is None
     ):
-        unsupported(
-            qv=(qv, None),
-            gather_kv_indices=(gather_kv_indices, None),
-            score_mod=(score_mod, None),
-            score_mod_bwd=(score_mod_bwd, None),
-            mask_mod=(mask_mod, None),
-            aux_tensors=(aux_tensors, None),
-            aux_scalars=(aux_scalars, None),
-            block_sparse_tensors=(block_sparse_tensors, None),
-            block_sparse_tensors_bwd=(block_sparse_tensors_bwd, None),
-            gather_bwd_recompute_p=(gather_bwd_recompute_p, False),
-            gather_bwd_token_chunk=(gather_bwd_token_chunk, None),
-        )
+        refuse("flash_attn_func", locals())
     return forward(
         runtime,
         q,
@@ -226,7 +198,7 @@ def flash_attn_varlen_func(
     ``min_seqlen_k`` only matters to FA4's sparse (gather) path and is ignored. Arguments fa4aot
     does not build raise ArgumentError when given; keyword-only extras: ``out``, ``stream``,
     ``runtime``."""
-    # one cheap test for the usual call (every unsupported argument at FA4's default)
+    # one cheap test for the usual call (every refused argument at FA4's default)
     if not (
         qv is None
         and gather_kv_indices is None
@@ -241,20 +213,7 @@ def flash_attn_varlen_func(
         and gather_bwd_recompute_p is False
         and gather_bwd_token_chunk is None
     ):
-        unsupported(
-            qv=(qv, None),
-            gather_kv_indices=(gather_kv_indices, None),
-            score_mod=(score_mod, None),
-            score_mod_bwd=(score_mod_bwd, None),
-            mask_mod=(mask_mod, None),
-            block_sparse_tensors=(block_sparse_tensors, None),
-            aux_tensors=(aux_tensors, None),
-            aux_scalars=(aux_scalars, None),
-            seqlen_k_per_split=(seqlen_k_per_split, None),
-            disable_scheduler_metadata=(disable_scheduler_metadata, False),
-            gather_bwd_recompute_p=(gather_bwd_recompute_p, False),
-            gather_bwd_token_chunk=(gather_bwd_token_chunk, None),
-        )
+        refuse("flash_attn_varlen_func", locals())
     return forward(
         runtime,
         q,

@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from fa4aot.core.errors import ArgumentError
+from fa4aot.core.fa4_args import refuse
 from fa4aot.runtime import loader
-from fa4aot.runtime.forward import forward, unsupported
+from fa4aot.runtime.forward import forward
 from fa4aot.runtime.metadata import SchedulerMetadata
 
 
@@ -68,8 +69,7 @@ def _flash_attn_fwd(
     explicit FwdConfig (FA4 validates it): served when the cache holds the variant. ``scales``:
     FA4's TensorwiseScales (FP8 descales) or BlockScales (MXFP8), SM100-family only. ``stream``
     and ``runtime`` are fa4aot's keyword-only extras."""
-    rt = runtime or loader._DEFAULT or loader.default_runtime()
-    # one cheap test for the usual call (every unsupported argument at FA4's default)
+    # one cheap test for the usual call (every refused argument at FA4's default)
     if not (
         qv is None
         and score_mod is None
@@ -82,18 +82,8 @@ def _flash_attn_fwd(
         and disable_scheduler_metadata is False
         and gather_bwd_recompute_p is False
     ):
-        unsupported(
-            qv=(qv, None),
-            score_mod=(score_mod, None),
-            mask_mod=(mask_mod, None),
-            block_sparse_tensors=(block_sparse_tensors, None),
-            aux_tensors=(aux_tensors, None),
-            aux_scalars=(aux_scalars, None),
-            gather_kv_indices=(gather_kv_indices, None),
-            seqlen_k_per_split=(seqlen_k_per_split, None),
-            disable_scheduler_metadata=(disable_scheduler_metadata, False),
-            gather_bwd_recompute_p=(gather_bwd_recompute_p, False),
-        )
+        refuse("_flash_attn_fwd", locals())
+    rt = runtime or loader._DEFAULT or loader.default_runtime()
     if q is None or k is None:
         raise ArgumentError("q and k are required (fa4aot does not build FA4's MLA forms without them)")
     if _arch is not None:
@@ -180,17 +170,7 @@ def _get_scheduler_metadata(
 ) -> SchedulerMetadata:
     """FA4's ``_get_scheduler_metadata``: the varlen scheduler metadata, computed on the device by
     FA4's prepare kernel, as a :class:`fa4aot.SchedulerMetadata` to pass to the forward."""
-    unsupported(
-        q_stage=(q_stage, 1),
-        cluster_shape_m=(cluster_shape_m, 1),
-        enable_pdl=(enable_pdl, False),
-        sort=(sort, False),
-        seqlen_k_new=(seqlen_k_new, 0),
-        cu_seqlens_k_new=(cu_seqlens_k_new, None),
-        leftpad_k=(leftpad_k, None),
-        seqlen_k_per_split=(seqlen_k_per_split, None),
-        zfill_padded_output=(zfill_padded_output, True),
-    )
+    refuse("_get_scheduler_metadata", locals())
     if ctas_per_sm.__class__ is not int or ctas_per_sm < 1:
         raise ArgumentError(f"ctas_per_sm: expected an int >= 1, got {ctas_per_sm!r}")
     floor = (0, 0)

@@ -29,7 +29,6 @@ import argparse
 import ast
 import collections
 import importlib.util
-import inspect
 import json
 import subprocess
 import sys
@@ -38,18 +37,9 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from fa4aot.core import fa4_args
 from fa4aot.core.env import child_environ, with_path_first
 
-#: FA4 functions whose parameters fa4aot's API mirrors (name -> fa4aot's mirror, or None).
-MIRRORED = {
-    "flash_attn_func": "fa4aot.flash_attn_func",
-    "flash_attn_varlen_func": "fa4aot.flash_attn_varlen_func",
-    "_flash_attn_fwd": "fa4aot.interface._flash_attn_fwd",
-    "_get_scheduler_metadata": "fa4aot.interface._get_scheduler_metadata",
-    "_flash_attn_bwd": "fa4aot.interface._flash_attn_bwd",
-    "_flash_attn_fwd_combine": "fa4aot.interface._flash_attn_fwd_combine",
-    "get_scheduler_metadata": "fa4aot.interface.get_scheduler_metadata",
-}
 #: The selector types whose fields fa4aot reads or builds.
 SELECTOR_TYPES = ("FwdConfig", "FwdHeuristicInputs", "BwdConfig", "BwdHeuristicInputs")
 #: Report lines per section before "... and N more".
@@ -137,29 +127,30 @@ def _signature_changes(name: str, old: dict | None, new: dict | None) -> list[st
     return out
 
 
-def _mirror_mismatch(fn: str, mirror: str, new: dict) -> list[str]:
-    module, _, attr = mirror.rpartition(".")
-    try:
-        ours = inspect.signature(getattr(importlib.import_module(module), attr))
-    except (ImportError, AttributeError) as e:
-        return [f"{mirror}: cannot inspect ({e})"]
-    pos = [p.name for p in ours.parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+def _table_mismatch(fn: str, new: dict) -> list[str]:
+    """Where NEW's ``fn`` departs from fa4aot's table of FA4's arguments (fa4aot.core.fa4_args),
+    which every mirror and refusal is checked against: the parameters to add or move there."""
+    table = fa4_args.ENTRY_POINTS[fn]
+    mine = [p.name for p in table if not p.keyword_only]
     theirs = new["positional"]
-    if pos == theirs:
-        return []
-    i = next((i for i, (a, b) in enumerate(zip(pos, theirs)) if a != b), min(len(pos), len(theirs)))
-    mine = pos[i] if i < len(pos) else "nothing"
-    other = theirs[i] if i < len(theirs) else "nothing"
-    return [f"{mirror}: positional parameter {i + 1} is {mine}, NEW's {fn} has {other} there"]
+    out = []
+    if mine != theirs:
+        i = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+        here = mine[i] if i < len(mine) else "nothing"
+        there = theirs[i] if i < len(theirs) else "nothing"
+        out.append(f"fa4_args.{fn}: positional parameter {i + 1} is {here}, NEW's has {there} there")
+    missing = set(new["keyword_only"]) - {p.name for p in table if p.keyword_only}
+    out += [f"fa4_args.{fn}: lacks NEW's keyword-only {n}" for n in sorted(missing)]
+    return out
 
 
 def entry_points(old_src: str, new_src: str) -> list[str]:
     old, new = signatures(old_src), signatures(new_src)
     out = []
-    for fn, mirror in MIRRORED.items():
+    for fn in fa4_args.ENTRY_POINTS:
         out += _signature_changes(fn, old.get(fn), new.get(fn))
-        if mirror and fn in new:
-            out += _mirror_mismatch(fn, mirror, new[fn])
+        if fn in new:
+            out += _table_mismatch(fn, new[fn])
     return out
 
 
