@@ -33,6 +33,9 @@ ARCHES: dict[str, Arch] = {
         # B300 / GB300 (compute capability 10.3): B200's kernels built for sm_103a, B200's 227 KiB
         Arch("sm_103a", (10, 3), SMEM_OPTIN_227_KIB, "fwd_sm100", "bwd_sm100", True, "b300"),
         Arch("sm_90a", (9, 0), SMEM_OPTIN_227_KIB, "fwd_sm90", "bwd_sm90", True, "h100"),
+        # Jetson Thor (compute capability 11.0): FA4 runs its SM100 classes there (arch // 10 in
+        # [10, 11]); 228 KiB of shared memory per SM as on B200, so 227 KiB a block
+        Arch("sm_110a", (11, 0), SMEM_OPTIN_227_KIB, "fwd_sm100", "bwd_sm100", True, "thor"),
         # FA4's SM120 forward takes no scheduler metadata (no split-KV) and has no backward here
         Arch("sm_120a", (12, 0), SMEM_OPTIN_99_KIB, "fwd_sm120", None, False, "rtx-pro-6000"),
     )
@@ -57,6 +60,8 @@ MODELS: dict[str, Model] = {
         Model("gb200", "sm_100a", 152, "NVIDIA GB200"),
         Model("b300", "sm_103a", 148, "NVIDIA B300"),
         Model("rtx-pro-6000", "sm_120a", 188, "NVIDIA RTX PRO 6000 Blackwell"),
+        # Jetson AGX Thor (T5000): the driver reports 20 SMs and the name "NVIDIA Thor"
+        Model("thor", "sm_110a", 20, "NVIDIA Thor"),
     )
 }
 
