@@ -130,88 +130,25 @@ def flash_attn_backward(
     with the inputs' framework). ``stream`` defaults to the framework's current stream.
     """
     rt = runtime or loader._DEFAULT or loader.default_runtime()
-    dev = rt.device
     varlen_q, varlen_k = cu_seqlens_q is not None, cu_seqlens_k is not None
     if deterministic.__class__ is not bool:
         raise ArgumentError(f"deterministic: expected True or False, got {deterministic!r}")
-    qd, kd, vd = as_device_tensor(q, "q"), as_device_tensor(k, "k"), as_device_tensor(v, "v")
-    od, dod = as_device_tensor(out, "out"), as_device_tensor(dout, "dout")
-    dtype = qd.dtype
-    if dtype not in FORWARD_DTYPES:
-        raise ArgumentError(f"q: dtype must be bf16 or fp16, got {dtype}")
-    for t, name in ((kd, "k"), (vd, "v"), (od, "out"), (dod, "dout")):
-        if t.dtype != dtype:
-            raise ArgumentError(f"{name}: dtype must be {dtype} (q's), got {t.dtype}")
-    q_rank, k_rank = (3 if varlen_q else 4), (3 if varlen_k else 4)
-    for t, name, rank in (
-        (qd, "q", q_rank),
-        (kd, "k", k_rank),
-        (vd, "v", k_rank),
-        (od, "out", q_rank),
-        (dod, "dout", q_rank),
-    ):
-        validate.io(t, name, rank, dev, rt)
+    qd, kd, vd, od, dod = _bwd_inputs(rt, q, k, v, out, dout, varlen_q, varlen_k)
+    dtype, qrows = qd.dtype, qd.shape[:-2]
     nheads, head_dim = qd.shape[-2], qd.shape[-1]
     nheads_kv, head_dim_v = vd.shape[-2], vd.shape[-1]
-    if kd.shape[:-1] != vd.shape[:-1] or kd.shape[-1] != head_dim:
-        raise ArgumentError(f"k {kd.shape} and v {vd.shape} must agree (and k's head_dim equal q's {head_dim})")
-    if nheads_kv < 1 or nheads % nheads_kv:
-        raise ArgumentError(f"q has {nheads} heads, k/v {nheads_kv}: nheads must be a multiple of nheads_kv")
-    qrows = qd.shape[:-2]
-    for t, name in ((od, "out"), (dod, "dout")):
-        validate.shape(t, name, (*qrows, nheads, head_dim_v), "q's rows and heads with v's head_dim")
-    cuq = cuk = suq = suk = None
-    if varlen_q:
-        cuq = validate.int32_vector_any(cu_seqlens_q, "cu_seqlens_q", dev, rt)
-        batch = cuq.shape[0] - 1
-        if batch < 1:
-            raise ArgumentError("cu_seqlens_q: needs batch + 1 >= 2 entries")
-        total_q: int | None = qrows[0]
-        max_q = total_q if max_seqlen_q is None else validate.seqlen(max_seqlen_q, "max_seqlen_q")
-    else:
-        batch, max_q, total_q = qrows[0], qrows[1], None
-    if varlen_k:
-        cuk = validate.int32_vector(cu_seqlens_k, "cu_seqlens_k", batch + 1, dev, rt)
-        total_k: int | None = kd.shape[0]
-        max_k = total_k if max_seqlen_k is None else validate.seqlen(max_seqlen_k, "max_seqlen_k")
-    else:
-        if kd.shape[0] != batch:
-            raise ArgumentError(f"k: batch {kd.shape[0]} != q's batch {batch}")
-        max_k, total_k = kd.shape[1], None
-    if seqused_q is not None:
-        if not varlen_q:
-            raise ArgumentError("seqused_q: fa4aot's backward takes seqused_q only with cu_seqlens_q")
-        suq = validate.int32_vector(seqused_q, "seqused_q", batch, dev, rt)
-    if seqused_k is not None:
-        if not varlen_k:
-            raise ArgumentError("seqused_k: fa4aot's backward takes seqused_k only with cu_seqlens_k")
-        suk = validate.int32_vector(seqused_k, "seqused_k", batch, dev, rt)
+    cuq, cuk, suq, suk, batch, max_q, total_q, max_k, total_k = _bwd_lengths(
+        rt, qrows, kd, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k
+    )
     lse_shape = (nheads, qrows[0]) if varlen_q else (batch, nheads, qrows[1])
-    ld = validate.tensor(lse, "lse", dtypes=("fp32",), rank=len(lse_shape), device=dev, rt=rt, align=4)
-    validate.shape(ld, "lse", lse_shape, "FA4's (batch, nheads, seqlen_q) or (nheads, total_q)")
-    dld = None
-    if dlse is not None:
-        dld = validate.tensor(dlse, "dlse", dtypes=("fp32",), rank=len(lse_shape), device=dev, rt=rt, align=4)
-        validate.shape(dld, "dlse", lse_shape, "lse's shape")
-    sink = None
-    if learnable_sink is not None:
-        sink = validate.tensor(learnable_sink, "learnable_sink", dtypes=SINK_DTYPES, rank=1, device=dev, rt=rt, align=4)
-        validate.shape(sink, "learnable_sink", (nheads,), "one logit per query head")
+    ld, dld, sink = _bwd_stats(rt, lse, dlse, learnable_sink, lse_shape, nheads)
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else validate.finite(softmax_scale, "softmax_scale")
     softcap = 0.0 if softcap is None else validate.finite(softcap, "softcap")
     if softcap < 0:
         raise ArgumentError(f"softcap: must be >= 0 (0: off), got {softcap}")
-    if window_size is None or tuple(window_size) == (None, None):
-        causal_r, local, wl, wr = bool(causal), False, None, None
-    else:
-        wl, wr = window_size
-        causal_r, local, wl, wr = resolve_window(bool(causal), check_window(wl, "left"), check_window(wr, "right"))
-    if local:  # FA4 clamps the sides (interface.py 2158); fa4aot's local variants take both edges
-        wl, wr = clamp_window(
-            True, wl, wr, qrows[0] if varlen_q else qrows[1], kd.shape[0] if varlen_k else kd.shape[1]
-        )
-        wl = max_k + max_q if wl is None else wl
-        wr = max_k + max_q if wr is None else wr
+    causal_r, local, wl, wr = _bwd_window(
+        causal, window_size, qrows[0] if varlen_q else qrows[1], kd.shape[0] if varlen_k else kd.shape[1], max_q, max_k
+    )
     # the call's fields in CALL_FIELDS order (the dispatch key), and what FA4's selection reads
     key = (
         dtype, head_dim, head_dim_v, nheads // nheads_kv, causal_r, local, varlen_q, varlen_k, suq is not None,
@@ -227,27 +164,9 @@ def flash_attn_backward(
     # outputs: the caller's (checked) or new ones from the inputs' framework
     empty = 0 in qd.shape or 0 in kd.shape
     raw = isinstance(q, (RawTensor, DeviceTensor))
-    outs = []
-    for given, ref, name in ((dq, qd, "dq"), (dk, kd, "dk"), (dv, vd, "dv")):
-        if given is None:
-            if raw:
-                raise ArgumentError(f"{name}: raw-pointer inputs need every output passed ({name}=...)")
-            given = alloc_like(q, ref.shape, dtype)
-        t = as_device_tensor(given, name)
-        if t.dtype != dtype:
-            raise ArgumentError(f"{name}: dtype must be {dtype}, got {t.dtype}")
-        validate.io(t, name, len(ref.shape), dev, rt, writable=True)
-        validate.shape(t, name, ref.shape, f"{name[1:]}'s shape")
-        outs.append((given, t))
-    (dq, dqd), (dk, dkd), (dv, dvd) = outs
-    dsink = dsd = None
-    if sink is not None:
-        if isinstance(learnable_sink, (RawTensor, DeviceTensor)):
-            raise ArgumentError(
-                "learnable_sink: fa4aot allocates dsink with the sink's framework; pass a framework tensor"
-            )
-        dsink = alloc_like(learnable_sink, (nheads,), sink.dtype)
-        dsd = as_device_tensor(dsink, "dsink")
+    (dq, dqd), (dk, dkd), (dv, dvd), (dsink, dsd) = _bwd_outputs(
+        rt, q, (dq, dk, dv), (qd, kd, vd), dtype, raw, learnable_sink, sink, nheads
+    )
     kern = None if empty else pick(rt, key, facts)  # every kernel loaded before anything is written
     s = default_stream(q) if stream is None else stream_handle(stream)
     drv = rt.driver
@@ -262,6 +181,170 @@ def flash_attn_backward(
         return (dq, dk, dv) if dsink is None else (dq, dk, dv, dsink)
 
     assert kern is not None
+    bufs = _bwd_launch(
+        rt, kern, q, raw, s, (key, facts, batch, nheads, nheads_kv, max_q, max_k, total_q, total_k),
+        (qd, kd, vd, od, dod, ld, dld, cuq, cuk, suq, suk, sink, dqd, dkd, dvd, dsd), scale, local, wl, wr,
+    )  # fmt: skip
+    _keep_until_done(bufs, s, stream is None)
+    return (dq, dk, dv) if dsink is None else (dq, dk, dv, dsink)
+
+
+def _bwd_stats(
+    rt: Runtime, lse: Any, dlse: Any, learnable_sink: Any, lse_shape: tuple[int, ...], nheads: int
+) -> tuple[DeviceTensor, DeviceTensor | None, DeviceTensor | None]:
+    """The forward's LSE, the gradient of a returned LSE and the learnable sink, checked."""
+    dev = rt.device
+    ld = validate.tensor(lse, "lse", dtypes=("fp32",), rank=len(lse_shape), device=dev, rt=rt, align=4)
+    validate.shape(ld, "lse", lse_shape, "FA4's (batch, nheads, seqlen_q) or (nheads, total_q)")
+    dld = sink = None
+    if dlse is not None:
+        dld = validate.tensor(dlse, "dlse", dtypes=("fp32",), rank=len(lse_shape), device=dev, rt=rt, align=4)
+        validate.shape(dld, "dlse", lse_shape, "lse's shape")
+    if learnable_sink is not None:
+        sink = validate.tensor(learnable_sink, "learnable_sink", dtypes=SINK_DTYPES, rank=1, device=dev, rt=rt, align=4)
+        validate.shape(sink, "learnable_sink", (nheads,), "one logit per query head")
+    return ld, dld, sink
+
+
+def _bwd_window(
+    causal: bool, window_size: Any, q_cap: int, k_cap: int, max_q: int, max_k: int
+) -> tuple[bool, bool, int | None, int | None]:
+    """(causal, local, left, right) as FA4 resolves the mask; a local call's sides clamped as FA4
+    clamps them (interface.py 2158), an open edge as the whole sequence (the variants take both)."""
+    if window_size is None or tuple(window_size) == (None, None):
+        return bool(causal), False, None, None
+    wl, wr = window_size
+    causal_r, local, wl, wr = resolve_window(bool(causal), check_window(wl, "left"), check_window(wr, "right"))
+    if local:
+        wl, wr = clamp_window(True, wl, wr, q_cap, k_cap)
+        wl = max_k + max_q if wl is None else wl
+        wr = max_k + max_q if wr is None else wr
+    return causal_r, local, wl, wr
+
+
+def _bwd_inputs(
+    rt: Runtime, q: Any, k: Any, v: Any, out: Any, dout: Any, varlen_q: bool, varlen_k: bool
+) -> tuple[DeviceTensor, ...]:
+    """q, k, v, out, dout described and checked: one dtype, layouts, shapes that agree."""
+    dev = rt.device
+    qd, kd, vd = as_device_tensor(q, "q"), as_device_tensor(k, "k"), as_device_tensor(v, "v")
+    od, dod = as_device_tensor(out, "out"), as_device_tensor(dout, "dout")
+    dtype = qd.dtype
+    if dtype not in FORWARD_DTYPES:
+        raise ArgumentError(f"q: dtype must be bf16 or fp16, got {dtype}")
+    for t, name in ((kd, "k"), (vd, "v"), (od, "out"), (dod, "dout")):
+        if t.dtype != dtype:
+            raise ArgumentError(f"{name}: dtype must be {dtype} (q's), got {t.dtype}")
+    q_rank, k_rank = (3 if varlen_q else 4), (3 if varlen_k else 4)
+    for t, name, rank in ((qd, "q", q_rank), (kd, "k", k_rank), (vd, "v", k_rank), (od, "out", q_rank),
+                          (dod, "dout", q_rank)):  # fmt: skip
+        validate.io(t, name, rank, dev, rt)
+    nheads, head_dim = qd.shape[-2], qd.shape[-1]
+    nheads_kv, head_dim_v = vd.shape[-2], vd.shape[-1]
+    if kd.shape[:-1] != vd.shape[:-1] or kd.shape[-1] != head_dim:
+        raise ArgumentError(f"k {kd.shape} and v {vd.shape} must agree (and k's head_dim equal q's {head_dim})")
+    if nheads_kv < 1 or nheads % nheads_kv:
+        raise ArgumentError(f"q has {nheads} heads, k/v {nheads_kv}: nheads must be a multiple of nheads_kv")
+    for t, name in ((od, "out"), (dod, "dout")):
+        validate.shape(t, name, (*qd.shape[:-2], nheads, head_dim_v), "q's rows and heads with v's head_dim")
+    return qd, kd, vd, od, dod
+
+
+def _bwd_lengths(
+    rt: Runtime,
+    qrows: tuple[int, ...],
+    kd: DeviceTensor,
+    cu_seqlens_q: Any,
+    cu_seqlens_k: Any,
+    max_seqlen_q: int | None,
+    max_seqlen_k: int | None,
+    seqused_q: Any,
+    seqused_k: Any,
+) -> tuple[Any, ...]:
+    """(cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, batch, max_q, total_q, max_k, total_k):
+    the sequences of packed or batched queries and keys, checked against each other."""  # fmt: skip
+    dev = rt.device
+    cuq = cuk = suq = suk = None
+    if cu_seqlens_q is not None:
+        cuq = validate.int32_vector_any(cu_seqlens_q, "cu_seqlens_q", dev, rt)
+        batch = cuq.shape[0] - 1
+        if batch < 1:
+            raise ArgumentError("cu_seqlens_q: needs batch + 1 >= 2 entries")
+        total_q: int | None = qrows[0]
+        max_q = total_q if max_seqlen_q is None else validate.seqlen(max_seqlen_q, "max_seqlen_q")
+    else:
+        batch, max_q, total_q = qrows[0], qrows[1], None
+    if cu_seqlens_k is not None:
+        cuk = validate.int32_vector(cu_seqlens_k, "cu_seqlens_k", batch + 1, dev, rt)
+        total_k: int | None = kd.shape[0]
+        max_k = total_k if max_seqlen_k is None else validate.seqlen(max_seqlen_k, "max_seqlen_k")
+    else:
+        if kd.shape[0] != batch:
+            raise ArgumentError(f"k: batch {kd.shape[0]} != q's batch {batch}")
+        max_k, total_k = kd.shape[1], None
+    if seqused_q is not None:
+        if cuq is None:
+            raise ArgumentError("seqused_q: fa4aot's backward takes seqused_q only with cu_seqlens_q")
+        suq = validate.int32_vector(seqused_q, "seqused_q", batch, dev, rt)
+    if seqused_k is not None:
+        if cuk is None:
+            raise ArgumentError("seqused_k: fa4aot's backward takes seqused_k only with cu_seqlens_k")
+        suk = validate.int32_vector(seqused_k, "seqused_k", batch, dev, rt)
+    return cuq, cuk, suq, suk, batch, max_q, total_q, max_k, total_k
+
+
+def _bwd_outputs(
+    rt: Runtime,
+    q: Any,
+    given: tuple[Any, Any, Any],
+    refs: tuple[DeviceTensor, ...],
+    dtype: str,
+    raw: bool,
+    learnable_sink: Any,
+    sink: DeviceTensor | None,
+    nheads: int,
+) -> list[tuple[Any, Any]]:
+    """[(dq, its descriptor), (dk, ...), (dv, ...), (dsink or None, ...)]: the caller's, checked,
+    or new ones from the inputs' framework."""  # fmt: skip
+    outs: list[tuple[Any, Any]] = []
+    for g, ref, name in zip(given, refs, ("dq", "dk", "dv")):
+        if g is None:
+            if raw:
+                raise ArgumentError(f"{name}: raw-pointer inputs need every output passed ({name}=...)")
+            g = alloc_like(q, ref.shape, dtype)
+        t = as_device_tensor(g, name)
+        if t.dtype != dtype:
+            raise ArgumentError(f"{name}: dtype must be {dtype}, got {t.dtype}")
+        validate.io(t, name, len(ref.shape), rt.device, rt, writable=True)
+        validate.shape(t, name, ref.shape, f"{name[1:]}'s shape")
+        outs.append((g, t))
+    if sink is None:
+        return [*outs, (None, None)]
+    if isinstance(learnable_sink, (RawTensor, DeviceTensor)):
+        raise ArgumentError("learnable_sink: fa4aot allocates dsink with the sink's framework; pass a framework tensor")
+    dsink = alloc_like(learnable_sink, (nheads,), sink.dtype)
+    return [*outs, (dsink, as_device_tensor(dsink, "dsink"))]
+
+
+def _bwd_launch(
+    rt: Runtime,
+    kern: Any,
+    q: Any,
+    raw: bool,
+    s: int,
+    dims: tuple,
+    t: tuple,
+    scale: float,
+    local: bool,
+    wl: int | None,
+    wr: int | None,
+) -> list[Any]:
+    """Lay out the scratch, pack every kernel's arguments (checked against the plans' signatures
+    before the first launch), zero what must start at zero, launch preprocess -> main ->
+    postprocess back to back; the framework buffers to keep alive until the stream is done."""  # fmt: skip
+    key, facts, batch, nheads, nheads_kv, max_q, max_k, total_q, total_k = dims
+    qd, kd, vd, od, dod, ld, dld, cuq, cuk, suq, suk, sink, dqd, dkd, dvd, dsd = t
+    dev, drv = rt.device, rt.driver
     lkey = (key, facts, max_q, max_k, total_q, total_k)
     layout = rt.backward_layouts.get(lkey)
     if layout is None:
@@ -301,15 +384,12 @@ def flash_attn_backward(
         kv = dict(cu_seqlens=cuk, seqused=suk, stream=s)
         calls.append((kern.post_dk, dict(accum=dk_accum, out=dkd, scale=scale, **kv)))
         calls.append((kern.post_dv, dict(accum=dv_accum, out=dvd, scale=1.0, **kv)))
-    # every argument packed (and checked against the plans' signatures) before the first launch;
-    # then the kernels go out back to back
     packed = [(lv.plan, lv.plan.pack({k: v for k, v in named.items() if v is not None})) for lv, named in calls]
     if total_bytes > zero_offset:
         drv.memset_d32(base + zero_offset, 0, (total_bytes - zero_offset) // 4, s)
     for plan, flat in packed:
         plan.call_launch(flat)
-    _keep_until_done(bufs, s, stream is None)
-    return (dq, dk, dv) if dsink is None else (dq, dk, dv, dsink)
+    return bufs
 
 
 def scratch_layout(

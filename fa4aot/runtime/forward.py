@@ -326,43 +326,15 @@ def analyse(
     a page table pointing outside the K/V pool is undefined behaviour, as in FA4."""
     dev = rt.device
     varlen_q, varlen_k = cu_q is not None, cu_k is not None
-    conv = converter(q, "q")  # one lookup for the three (they are almost always one class)
-    qd = conv(q, "q")
-    kd = conv(k, "k") if k.__class__ is q.__class__ else as_device_tensor(k, "k")
-    vd = conv(v, "v") if v.__class__ is q.__class__ else as_device_tensor(v, "v")
-    dtype = qd[3]
-    if dtype not in FORWARD_DTYPES and dtype not in FP8_DTYPES:
-        raise ArgumentError(f"q: dtype must be bf16, fp16, e4m3 or e5m2 (FP8: SM100-family only), got {dtype}")
-    if kd[3] != dtype or (vd[3] != dtype and scales is None):  # MXFP8's QK path takes a bf16 v
-        raise ArgumentError(f"q, k and v must share one dtype, got {dtype}, {kd[3]}, {vd[3]}")
     if page_table is not None and varlen_k:
         raise ArgumentError("page_table cannot be used with cu_seqlens_k (FA4 indexes pages per batch entry)")
-    validate.io(qd, "q", 3 if varlen_q else 4, dev, rt)
-    validate.io(kd, "k", 3 if varlen_k else 4, dev, rt)
-    validate.io(vd, "v", 3 if varlen_k else 4, dev, rt)
-    qs, ks, vs = qd[1], kd[1], vd[1]
+    qd, kd, vd = _qkv(rt, q, k, v, varlen_q, varlen_k, scales is not None)
+    dtype, qs, ks = qd[3], qd[1], kd[1]
     nheads, head_dim = qs[-2], qs[-1]
-    nheads_kv, head_dim_v = vs[-2], vs[-1]
-    if ks[:-1] != vs[:-1] or ks[-1] != head_dim:
-        raise ArgumentError(f"k {tuple(ks)} and v {tuple(vs)} must agree (and k's head_dim equal q's {head_dim})")
-    if nheads_kv < 1 or nheads % nheads_kv:
-        raise ArgumentError(f"q has {nheads} heads, k/v {nheads_kv}: nheads must be a multiple of nheads_kv")
-    cuq = cuk = suq = suk = None
+    nheads_kv, head_dim_v = vd[1][-2], vd[1][-1]
+    suq = suk = None
     given_q, given_k = max_q, max_k  # the caller's host bounds (FA4 selects differently without them)
-    if varlen_q:
-        cu = validate.int32_vector_any(cu_q, "cu_seqlens_q", dev, rt)
-        batch = cu[1][0] - 1
-        if batch < 1:
-            raise ArgumentError("cu_seqlens_q: needs batch + 1 >= 2 entries")
-        cuq = cu
-        max_q = qs[0] if max_q is None else max_q
-        rows = (qs[0],)
-    else:
-        batch, seqlen_q = qs[0], qs[1]
-        if max_q is not None and max_q != seqlen_q:
-            raise ArgumentError(f"max_seqlen_q ({max_q}) must equal q's seqlen ({seqlen_q}) without cu_seqlens_q")
-        max_q = seqlen_q
-        rows = (batch, seqlen_q)
+    cuq, batch, max_q, rows = _queries(rt, cu_q, max_q, qs)
     pt, page_size, cuk, max_k = _keys(rt, dev, page_table, cu_k, varlen_k, ks, batch, max_k)
     sc = NO_SCALES if scales is None else check_scales(scales, qd, kd, vd, batch, dev, rt)
     if sc.mxfp8 is None and vd[3] != dtype:
@@ -370,12 +342,7 @@ def analyse(
     odtype = out_dtype(dtype, sc.mxfp8)
     sink = _sink(rt, dev, learnable_sink, nheads) if learnable_sink is not None else None
     sink_dtype = sink[3] if sink is not None else "none"
-    if softcap is None:
-        softcap = 0.0
-    elif softcap.__class__ is not float or softcap != 0.0:
-        softcap = validate.finite(softcap, "softcap")
-        if softcap < 0:
-            raise ArgumentError(f"softcap: must be >= 0 (0: off), got {softcap}")
+    softcap = _softcap(softcap)
     if su_q is not None:
         suq = validate.int32_vector(su_q, "seqused_q", batch, dev, rt)
     if su_k is not None:
@@ -384,17 +351,10 @@ def analyse(
         validate.seqlen(max_q, "max_seqlen_q")  # raises, saying why
     if max_k.__class__ is not int or not 0 <= max_k <= INT32_MAX:
         validate.seqlen(max_k, "max_seqlen_k")
-    if softmax_scale is None:
-        scale = 1.0 / math.sqrt(head_dim)
-    else:
-        scale = validate.finite(softmax_scale, "softmax_scale")
+    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else validate.finite(softmax_scale, "softmax_scale")
     if num_splits.__class__ is not int:
         raise ArgumentError(f"num_splits: expected an int, got {num_splits!r}")
-    if window_size is None or window_size == (None, None):
-        wl = wr = None
-    else:
-        wl, wr = window_size
-        wl, wr = check_window(wl, "left"), check_window(wr, "right")
+    wl, wr = _window(window_size)
     # FA4 returns before compiling anything when there are no keys or no queries (out = 0, lse =
     # -inf or the sink); FA4's host code would divide by the empty extent, so nothing launches
     # (a page table without columns addresses no keys either)
@@ -406,74 +366,122 @@ def analyse(
             ForwardCall,
             (rt, None, 1, False, None, None, qd, kd, vd, cuq, cuk, suq, suk, batch, rows, nheads, head_dim_v, dtype, max_q, max_k, 0.0, None, None, pt, sink, sc.tensors, odtype),
         )  # fmt: skip
+    # the static call: StaticCall's fields after arch and num_sms
     key = (
-        dtype,
-        head_dim,
-        head_dim_v,
-        nheads,
-        nheads_kv,
-        bool(causal),
-        varlen_q,
-        varlen_k,
-        su_q is not None,
-        su_k is not None,
-        pack_gqa,
-        bool(return_lse),
-        has_metadata,
-        pt is not None,
-        sink_dtype,
-        softcap,
-        requires_grad,
-        requests,
-        config,
-        sc.descales,
-        sc.mxfp8,
-    )
-    if config is not None:  # as the cache's selector's FwdConfig: hashable, and equal across calls
+        dtype, head_dim, head_dim_v, nheads, nheads_kv, bool(causal), varlen_q, varlen_k, su_q is not None,
+        su_k is not None, pack_gqa, bool(return_lse), has_metadata, pt is not None, sink_dtype, softcap, requires_grad,
+        requests, config, sc.descales, sc.mxfp8,
+    )  # fmt: skip
+    rule = rt.forward_rules.get(key) if config is None else None
+    if rule is None:
+        rule = _rule(rt, key, config)
+    total_k = ks[0] if varlen_k else ks[0] * ks[1]  # FA4: math.prod(v.shape[:-2])
+    shape = Shape(
+        batch, total_q, total_k, qs[0] if varlen_q else qs[1], k_capacity, given_q, given_k, wl, wr, page_size, num_splits
+    )  # fmt: skip
+    pick = rule.memo.get(shape)
+    if pick is None:
+        pick = _pick(rt, rule, shape)
+    lv = pick.lv if pick.lv.tuned is None else _tuned(rt, pick.lv, rows[0] if varlen_q else batch, nheads, max_q, max_k)
+    wl, wr = _kernel_window(bool(causal), wl, wr, qs[0] if varlen_q else qs[1], k_capacity, max_q, max_k)
+    splits = pick.plan.num_splits
+    return _new_call(
+        ForwardCall,
+        (rt, lv, splits, splits > 1, pick.plan, pick.config, qd, kd, vd, cuq, cuk, suq, suk, batch, rows, nheads, head_dim_v, dtype, max_q, max_k, scale, wl, wr, pt, sink, sc.tensors, odtype),
+    )  # fmt: skip
+
+
+def _tuned(rt: Runtime, lv: Any, rows: int, nheads: int, max_q: int, max_k: int) -> Any:
+    """The variant the device's tuning table picks over FA4's choice ``lv`` for this shape bucket."""
+    choice = lv.tuned.get(bucket(rows, nheads, max_q, max_k))
+    return lv if choice is None else rt._load_id(choice)
+
+
+def _qkv(
+    rt: Runtime, q: Any, k: Any, v: Any, varlen_q: bool, varlen_k: bool, scaled: bool
+) -> tuple[DeviceTensor, DeviceTensor, DeviceTensor]:
+    """q, k, v described and checked: dtypes (one for the three, but MXFP8's QK path, ``scaled``,
+    may take a bf16 v: its scales check it), layouts, and shapes that agree."""
+    dev = rt.device
+    conv = converter(q, "q")  # one lookup for the three (they are almost always one class)
+    qd = conv(q, "q")
+    kd = conv(k, "k") if k.__class__ is q.__class__ else as_device_tensor(k, "k")
+    vd = conv(v, "v") if v.__class__ is q.__class__ else as_device_tensor(v, "v")
+    dtype = qd[3]
+    if dtype not in FORWARD_DTYPES and dtype not in FP8_DTYPES:
+        raise ArgumentError(f"q: dtype must be bf16, fp16, e4m3 or e5m2 (FP8: SM100-family only), got {dtype}")
+    if kd[3] != dtype or (vd[3] != dtype and not scaled):
+        raise ArgumentError(f"q, k and v must share one dtype, got {dtype}, {kd[3]}, {vd[3]}")
+    validate.io(qd, "q", 3 if varlen_q else 4, dev, rt)
+    validate.io(kd, "k", 3 if varlen_k else 4, dev, rt)
+    validate.io(vd, "v", 3 if varlen_k else 4, dev, rt)
+    qs, ks, vs = qd[1], kd[1], vd[1]
+    if ks[:-1] != vs[:-1] or ks[-1] != qs[-1]:
+        raise ArgumentError(f"k {tuple(ks)} and v {tuple(vs)} must agree (and k's head_dim equal q's {qs[-1]})")
+    nheads, nheads_kv = qs[-2], vs[-2]
+    if nheads_kv < 1 or nheads % nheads_kv:
+        raise ArgumentError(f"q has {nheads} heads, k/v {nheads_kv}: nheads must be a multiple of nheads_kv")
+    return qd, kd, vd
+
+
+def _queries(rt: Runtime, cu_q: Any, max_q: int | None, qs: tuple[int, ...]):
+    """(cu_seqlens_q, batch, max_seqlen_q, out rows) of packed (``cu_q`` given) or batched queries."""
+    if cu_q is not None:
+        cu = validate.int32_vector_any(cu_q, "cu_seqlens_q", rt.device, rt)
+        batch = cu[1][0] - 1
+        if batch < 1:
+            raise ArgumentError("cu_seqlens_q: needs batch + 1 >= 2 entries")
+        return cu, batch, qs[0] if max_q is None else max_q, (qs[0],)
+    batch, seqlen_q = qs[0], qs[1]
+    if max_q is not None and max_q != seqlen_q:
+        raise ArgumentError(f"max_seqlen_q ({max_q}) must equal q's seqlen ({seqlen_q}) without cu_seqlens_q")
+    return None, batch, seqlen_q, (batch, seqlen_q)
+
+
+def _softcap(softcap: Any) -> float:
+    if softcap is None:
+        return 0.0
+    if softcap.__class__ is not float or softcap != 0.0:
+        softcap = validate.finite(softcap, "softcap")
+        if softcap < 0:
+            raise ArgumentError(f"softcap: must be >= 0 (0: off), got {softcap}")
+    return softcap
+
+
+def _window(window_size: Any) -> tuple[int | None, int | None]:
+    if window_size is None or window_size == (None, None):
+        return None, None
+    wl, wr = window_size
+    return check_window(wl, "left"), check_window(wr, "right")
+
+
+def _rule(rt: Runtime, key: tuple, config: Any) -> ForwardRule:
+    """The forward rule of a static call (made on its first sight); an explicit ``config`` joins
+    the key as the cache's selector's FwdConfig (hashable, and equal across calls)."""
+    if config is not None:
         try:
             key = (*key[:-3], as_fwd_config(rt.selector, config), *key[-2:])
         except (TypeError, ValueError) as e:
             raise ArgumentError(f"config: {e}") from None
-    rule = rt.forward_rules.get(key)
-    if rule is None:
-        t = rt.target
-        rule = ForwardRule(StaticCall(t.arch, t.num_sms, *key), rt.selector, rt.knobs)
-        rt.forward_rules[key] = rule
-    total_k = ks[0] if varlen_k else ks[0] * ks[1]  # FA4: math.prod(v.shape[:-2])
-    shape = Shape(
-        batch,
-        total_q,
-        total_k,
-        qs[0] if varlen_q else qs[1],
-        k_capacity,
-        given_q,
-        given_k,
-        wl,
-        wr,
-        page_size,
-        num_splits,
-    )
-    pick = rule.memo.get(shape)
-    if pick is None:
-        pick = _pick(rt, rule, shape)
-    lv = pick.lv
-    if lv.tuned is not None:  # the device's tuning table has entries for FA4's choice
-        choice = lv.tuned.get(bucket(rows[0] if varlen_q else batch, nheads, max_q, max_k))
-        if choice is not None:
-            lv = rt._load_id(choice)
-    _, local, wl, wr = resolve_window(bool(causal), wl, wr)
-    if local:
-        # the kernels get FA4's clamped sides (interface.py 898); fa4aot's local variants take
-        # both edges: an open edge is the whole sequence
-        q_cap = qs[0] if varlen_q else qs[1]
-        wl, wr = clamp_window(True, wl, wr, q_cap, k_capacity)
-        wl = max_k + max_q if wl is None else wl
-        wr = max_k + max_q if wr is None else wr
-    splits = pick.plan.num_splits
-    return _new_call(
-        ForwardCall,
-        (rt, lv, splits, splits > 1, pick.plan, pick.config, qd, kd, vd, cuq, cuk, suq, suk, batch, rows, nheads, head_dim_v, dtype, max_q, max_k, scale, wl if local else None, wr if local else None, pt, sink, sc.tensors, odtype),
-    )  # fmt: skip
+        if (rule := rt.forward_rules.get(key)) is not None:
+            return rule
+    t = rt.target
+    rule = ForwardRule(StaticCall(t.arch, t.num_sms, *key), rt.selector, rt.knobs)
+    rt.forward_rules[key] = rule
+    return rule
+
+
+def _kernel_window(
+    causal: bool, wl: int | None, wr: int | None, q_cap: int, k_capacity: int, max_q: int, max_k: int
+) -> tuple[int | None, int | None]:
+    """The window edges the kernel takes: FA4's clamped sides (interface.py 898) for a local
+    call, an open edge as the whole sequence (fa4aot's local variants take both); None, None
+    otherwise."""
+    _, local, wl, wr = resolve_window(causal, wl, wr)
+    if not local:
+        return None, None
+    wl, wr = clamp_window(True, wl, wr, q_cap, k_capacity)
+    return (max_k + max_q if wl is None else wl), (max_k + max_q if wr is None else wr)
 
 
 def _keys(
@@ -583,31 +591,9 @@ def forward(
     if lse is not None:
         return_lse = True
     fc = analyse(
-        rt,
-        q,
-        k,
-        v,
-        cu_q,
-        cu_k,
-        max_q,
-        max_k,
-        su_q,
-        su_k,
-        softmax_scale,
-        causal,
-        window_size,
-        num_splits,
-        pack_gqa,
-        return_lse,
-        metadata is not None,
-        page_table,
-        learnable_sink,
-        softcap,
-        requires_grad,
-        config,
-        requests,
-        scales,
-    )
+        rt, q, k, v, cu_q, cu_k, max_q, max_k, su_q, su_k, softmax_scale, causal, window_size, num_splits, pack_gqa,
+        return_lse, metadata is not None, page_table, learnable_sink, softcap, requires_grad, config, requests, scales,
+    )  # fmt: skip
     if metadata is not None and cu_q is None and su_q is None:
         raise ArgumentError("scheduler_metadata is for varlen queries (cu_seqlens_q or seqused_q)")
     s = default_stream(q) if stream is None else stream_handle(stream)
@@ -623,43 +609,17 @@ def forward(
         lse_partial = alloc_like(q, (fc.num_splits, *fc.lse_shape), "fp32")
         o_arg, l_arg = as_device_tensor(out_partial, "out_partial"), as_device_tensor(lse_partial, "lse_partial")
         pick_combine(
-            rt,
-            fc.out_dtype,
-            fc.head_dim_v,
-            fc.nheads,
-            fc.num_splits,
-            cu_q is not None,
-            su_q is not None and cu_q is not None,
-            lse is not None,
-            plan.num_splits_dynamic,
-        )
+            rt, fc.out_dtype, fc.head_dim_v, fc.nheads, fc.num_splits, cu_q is not None,
+            su_q is not None and cu_q is not None, lse is not None, plan.num_splits_dynamic,
+        )  # fmt: skip
     else:
         o_arg, l_arg = od, ld
     scratch: list[Any] = []  # torch scratch, referenced until its launch is queued
     md, nsd, sem, l2, ws = _scheduler_args(rt, fc, metadata, q, s, scratch)
     fc.lv.launch(
-        fc.q,
-        fc.k,
-        fc.v,
-        o_arg,
-        l_arg,
-        fc.cu_q,
-        fc.cu_k,
-        fc.su_q,
-        fc.su_k,
-        fc.page_table,
-        nsd,
-        sem,
-        l2,
-        fc.scale,
-        fc.wl,
-        fc.wr,
-        fc.learnable_sink,
-        fc.max_q,
-        ws,
-        *fc.scales,
-        s,
-    )
+        fc.q, fc.k, fc.v, o_arg, l_arg, fc.cu_q, fc.cu_k, fc.su_q, fc.su_k, fc.page_table, nsd, sem, l2, fc.scale,
+        fc.wl, fc.wr, fc.learnable_sink, fc.max_q, ws, *fc.scales, s,
+    )  # fmt: skip
     if fc.split:
         combine(
             out_partial,

@@ -91,33 +91,11 @@ def _flash_attn_fwd(
         if _arch != cc[0] * 10 + cc[1]:
             raise ArgumentError(f"_arch: {_arch} is not this runtime's device (sm_{cc[0]}{cc[1]})")
     out, lse = forward(
-        rt,
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        seqused_q,
-        seqused_k,
-        softmax_scale,
-        causal,
-        (window_size_left, window_size_right),
-        num_splits,
-        pack_gqa,
-        return_lse,
-        out,
-        scheduler_metadata,
-        stream,
-        page_table,
-        learnable_sink,
-        softcap,
-        lse,
-        config=config,
-        requests=(_tile_request(tile_mn), mma_pv_is_rs, intra_wg_overlap),
-        scales=scales,
-    )
+        rt, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, softmax_scale, causal,
+        (window_size_left, window_size_right), num_splits, pack_gqa, return_lse, out, scheduler_metadata, stream,
+        page_table, learnable_sink, softcap, lse, config=config,
+        requests=(_tile_request(tile_mn), mma_pv_is_rs, intra_wg_overlap), scales=scales,
+    )  # fmt: skip
     return out, lse, None, None, None
 
 

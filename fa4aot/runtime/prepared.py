@@ -264,28 +264,10 @@ def prepare_forward(
     rt = runtime or loader._DEFAULT or loader.default_runtime()
     dev = rt.device
     fc = analyse(
-        rt,
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        seqused_q,
-        seqused_k,
-        softmax_scale,
-        causal,
-        window_size,
-        num_splits,
-        pack_gqa,
-        lse is not None,
-        scheduler_metadata is not None,
-        page_table,
-        learnable_sink,
-        softcap,
-        scales=scales,
-    )
+        rt, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, softmax_scale, causal,
+        window_size, num_splits, pack_gqa, lse is not None, scheduler_metadata is not None, page_table, learnable_sink,
+        softcap, scales=scales,
+    )  # fmt: skip
     if scheduler_metadata is not None and cu_seqlens_q is None and seqused_q is None:
         raise ArgumentError("scheduler_metadata is for varlen queries (cu_seqlens_q or seqused_q)")
     if fc.lv is None:
@@ -299,24 +281,9 @@ def prepare_forward(
         raise ArgumentError(f"out: dtype must be {fc.out_dtype} (q's; bf16 for FP8 inputs), got {od[3]}")
     validate.io(od, "out", len(out_shape), dev, rt, writable=True)
     validate.shape(od, "out", out_shape, "q's shape with head_dim_v")
-    names, objs, descs, aligns = ["q", "k", "v", "out"], [q, k, v, out], [fc.q, fc.k, fc.v, od], [16, 16, 16, 16]
-    ld = None
-    if lse is not None:
-        ld = validate.tensor(
-            lse, "lse", dtypes=("fp32",), rank=len(fc.lse_shape), device=dev, rt=rt, align=4, writable=True
-        )
-        validate.shape(ld, "lse", fc.lse_shape, "FA4's (batch, nheads, seqlen_q) or (nheads, total_q)")
-        names.append("lse"), objs.append(lse), descs.append(ld), aligns.append(4)
-    for name, obj, d in (
-        ("cu_seqlens_q", cu_seqlens_q, fc.cu_q),
-        ("cu_seqlens_k", cu_seqlens_k, fc.cu_k),
-        ("seqused_q", seqused_q, fc.su_q),
-        ("seqused_k", seqused_k, fc.su_k),
-        ("page_table", page_table, fc.page_table),
-        ("learnable_sink", learnable_sink, fc.learnable_sink),
-    ):
-        if obj is not None:
-            names.append(name), objs.append(obj), descs.append(d), aligns.append(4)
+    given = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q, seqused_k=seqused_k,
+                 page_table=page_table, learnable_sink=learnable_sink)  # fmt: skip
+    names, objs, descs, aligns, ld = _call_tensors(rt, fc, (q, k, v, out), od, lse, given)
     src = {n: f"p{i}" for i, n in enumerate(names)}
     src_fwd: dict[str, Any] = dict(src)
     owned: list[Any] = []
@@ -328,76 +295,10 @@ def prepare_forward(
             src_fwd[name] = d[0]
     variants = [fc.lv.variant]
     try:
-        md = None
-        plan, c = fc.plan, fc.config
-        if scheduler_metadata is not None or plan.prepare:
-            if scheduler_metadata is not None:
-                md = scheduler_metadata
-            else:
-                f = fc.lv.fields
-                md = SchedulerMetadata(
-                    fc.batch,
-                    fc.nheads,
-                    fc.nheads // f["qhead_per_kvhead"],
-                    f["head_dim"],
-                    f["head_dim_v"],
-                    causal=plan.num_nheads_in_l2,
-                    pack_gqa=c.pack_gqa,
-                    tile_m=c.tile_m,
-                    tile_n=c.tile_n,
-                    semaphore=plan.prepare_semaphore,
-                    split_policy=split_policy(rt.selector, c, f["head_dim"]),
-                    runtime=rt,
-                )
-                owned.append(md)
-                steps.python(_metadata_step(md, fc, names), ", ".join(["st"] + [src[n] for n in names]))
-                md.num_splits = fc.num_splits  # compute() sets it on every call; check_metadata wants it
-            check_metadata(md, fc)
-            nsd, sem, l2 = md.buffers
-            for name, buf, on in (
-                ("num_splits_dynamic", nsd, plan.num_splits_dynamic),
-                ("tile_count_semaphore", sem, plan.tile_count_semaphore),
-                ("num_nheads_in_l2", l2, plan.num_nheads_in_l2),
-            ):
-                if on:
-                    fwd_args[name] = buf
-                    src_fwd[name] = buf.ptr
-        elif plan.dynamic_route:
-            # FA4 allocates a zeroed semaphore per call; the kernel resets it at exit, so one zeroed
-            # at bind time serves every call
-            sem_ptr = rt.driver.alloc(4)
-            owned.append(sem_ptr)
-            rt.driver.memset_d32(sem_ptr, 0, 1, 0)
-            rt.driver.synchronize(0)
-            fwd_args["tile_count_semaphore"] = DeviceTensor(sem_ptr, (1,), (1,), "int32", dev, "raw")
-            src_fwd["tile_count_semaphore"] = sem_ptr
-        if plan.tensormap_workspace:
-            slots = workspace_slots(rt, fc)
-            ws_ptr = rt.driver.alloc(slots * WORKSPACE_SLOT_BYTES)
-            owned.append(ws_ptr)
-            ws = DeviceTensor(ws_ptr, (slots, TENSORMAP_WORDS), (TENSORMAP_WORDS, 1), "int64", dev, "raw")
-            fwd_args["tensormap_workspace"] = ws
-            src_fwd["tensormap_workspace"] = ws_ptr
+        plan = fc.plan
+        md = _bind_scheduler(rt, fc, scheduler_metadata, names, src, steps, owned, fwd_args, src_fwd)
         if fc.split:
-            op_shape = (fc.num_splits, *out_shape)
-            lp_shape = (fc.num_splits, *fc.lse_shape)
-            op_bytes = 4 * _numel(op_shape) + (-4 * _numel(op_shape) % OWNED_ALIGN)
-            base = rt.driver.alloc(op_bytes + 4 * _numel(lp_shape))
-            owned.append(base)
-            op = _owned_tensor(base, op_shape, dev)
-            lp = _owned_tensor(base + op_bytes, lp_shape, dev)
-            fwd_args["out"], fwd_args["lse"] = op, lp
-            src_fwd.update(out=op.ptr, lse=lp.ptr)
-            comb_lv, comb_named, _ = combine_mod.analyse(
-                rt,
-                op,
-                transposed(lp),
-                od,
-                transposed(ld) if ld is not None else None,
-                fc.cu_q,
-                fc.su_q if fc.cu_q is not None else None,
-                md.buffers[0] if (md is not None and plan.num_splits_dynamic) else None,
-            )
+            op, lp, comb_lv, comb_named = _bind_split(rt, fc, out_shape, od, ld, md, owned, fwd_args, src_fwd)
         fwd_args.update(softmax_scale=fc.scale, stream=0)
         if fc.wl is not None:
             fwd_args.update(window_size_left=fc.wl, window_size_right=fc.wr)
@@ -405,15 +306,10 @@ def prepare_forward(
             fwd_args["max_seqlen_q"] = fc.max_q
         steps.bound(fc.lv.plan.bind(fwd_args), src_fwd)
         if fc.split:
-            src_comb = {
-                "out_partial": op.ptr,
-                "lse_partial": lp.ptr,
-                "out": src["out"],
-                "lse": src.get("lse"),
-                "cu_seqlens": src.get("cu_seqlens_q"),
-                "seqused": src.get("seqused_q"),
-                "num_splits_dynamic": md.buffers[0].ptr if (md is not None and plan.num_splits_dynamic) else None,
-            }
+            nsd_ptr = md.buffers[0].ptr if (md is not None and plan.num_splits_dynamic) else None
+            src_comb = {"out_partial": op.ptr, "lse_partial": lp.ptr, "out": src["out"], "lse": src.get("lse"),
+                        "cu_seqlens": src.get("cu_seqlens_q"), "seqused": src.get("seqused_q"),
+                        "num_splits_dynamic": nsd_ptr}  # fmt: skip
             steps.bound(comb_lv.plan.bind(dict(comb_named, stream=0)), src_comb)
             variants.append(comb_lv.variant)
         if scheduler_metadata is not None and md is scheduler_metadata and plan.tile_count_semaphore:
@@ -427,6 +323,131 @@ def prepare_forward(
     prepared = Prepared(rt, names, descs, aligns, _torch_keys(objs, descs), steps, owned)
     prepared.variants = tuple(variants)
     return prepared
+
+
+def _call_tensors(
+    rt: Runtime, fc: Any, qkvo: tuple[Any, ...], od: DeviceTensor, lse: Any, given: dict[str, Any]
+) -> tuple[list[str], list[Any], list[DeviceTensor], list[int], DeviceTensor | None]:
+    """(names, objects, descriptors, alignments, lse's descriptor) of the tensors each prepared
+    call takes, in their order: q, k, v, out, then lse and the optional ones given at bind time."""
+    dev = rt.device
+    names, objs, descs, aligns = ["q", "k", "v", "out"], list(qkvo), [fc.q, fc.k, fc.v, od], [16, 16, 16, 16]
+    ld = None
+    if lse is not None:
+        ld = validate.tensor(
+            lse, "lse", dtypes=("fp32",), rank=len(fc.lse_shape), device=dev, rt=rt, align=4, writable=True
+        )
+        validate.shape(ld, "lse", fc.lse_shape, "FA4's (batch, nheads, seqlen_q) or (nheads, total_q)")
+        names.append("lse"), objs.append(lse), descs.append(ld), aligns.append(4)
+    bound = dict(cu_seqlens_q=fc.cu_q, cu_seqlens_k=fc.cu_k, seqused_q=fc.su_q, seqused_k=fc.su_k,
+                 page_table=fc.page_table, learnable_sink=fc.learnable_sink)  # fmt: skip
+    for name, obj in given.items():
+        if obj is not None:
+            names.append(name), objs.append(obj), descs.append(bound[name]), aligns.append(4)
+    return names, objs, descs, aligns, ld
+
+
+def _bind_scheduler(
+    rt: Runtime,
+    fc: Any,
+    scheduler_metadata: SchedulerMetadata | None,
+    names: list[str],
+    src: dict[str, str],
+    steps: _Steps,
+    owned: list[Any],
+    fwd_args: dict[str, Any],
+    src_fwd: dict[str, Any],
+) -> SchedulerMetadata | None:
+    """The scheduler-side arguments a prepared forward binds: the caller's metadata, or its own
+    recomputed before each call (FA4's prepare kernel); a zeroed semaphore for FA4's dynamic
+    varlen route; the tensor-map workspace. Returns the metadata in use (None: none)."""
+    dev = rt.device
+    md = None
+    plan, c = fc.plan, fc.config
+    if scheduler_metadata is not None or plan.prepare:
+        if scheduler_metadata is not None:
+            md = scheduler_metadata
+        else:
+            f = fc.lv.fields
+            md = SchedulerMetadata(
+                fc.batch,
+                fc.nheads,
+                fc.nheads // f["qhead_per_kvhead"],
+                f["head_dim"],
+                f["head_dim_v"],
+                causal=plan.num_nheads_in_l2,
+                pack_gqa=c.pack_gqa,
+                tile_m=c.tile_m,
+                tile_n=c.tile_n,
+                semaphore=plan.prepare_semaphore,
+                split_policy=split_policy(rt.selector, c, f["head_dim"]),
+                runtime=rt,
+            )
+            owned.append(md)
+            steps.python(_metadata_step(md, fc, names), ", ".join(["st"] + [src[n] for n in names]))
+            md.num_splits = fc.num_splits  # compute() sets it on every call; check_metadata wants it
+        check_metadata(md, fc)
+        nsd, sem, l2 = md.buffers
+        for name, buf, on in (
+            ("num_splits_dynamic", nsd, plan.num_splits_dynamic),
+            ("tile_count_semaphore", sem, plan.tile_count_semaphore),
+            ("num_nheads_in_l2", l2, plan.num_nheads_in_l2),
+        ):
+            if on:
+                fwd_args[name] = buf
+                src_fwd[name] = buf.ptr
+    elif plan.dynamic_route:
+        # FA4 allocates a zeroed semaphore per call; the kernel resets it at exit, so one zeroed
+        # at bind time serves every call
+        sem_ptr = rt.driver.alloc(4)
+        owned.append(sem_ptr)
+        rt.driver.memset_d32(sem_ptr, 0, 1, 0)
+        rt.driver.synchronize(0)
+        fwd_args["tile_count_semaphore"] = DeviceTensor(sem_ptr, (1,), (1,), "int32", dev, "raw")
+        src_fwd["tile_count_semaphore"] = sem_ptr
+    if plan.tensormap_workspace:
+        slots = workspace_slots(rt, fc)
+        ws_ptr = rt.driver.alloc(slots * WORKSPACE_SLOT_BYTES)
+        owned.append(ws_ptr)
+        ws = DeviceTensor(ws_ptr, (slots, TENSORMAP_WORDS), (TENSORMAP_WORDS, 1), "int64", dev, "raw")
+        fwd_args["tensormap_workspace"] = ws
+        src_fwd["tensormap_workspace"] = ws_ptr
+    return md
+
+
+def _bind_split(
+    rt: Runtime,
+    fc: Any,
+    out_shape: tuple[int, ...],
+    od: DeviceTensor,
+    ld: DeviceTensor | None,
+    md: SchedulerMetadata | None,
+    owned: list[Any],
+    fwd_args: dict[str, Any],
+    src_fwd: dict[str, Any],
+) -> tuple[DeviceTensor, DeviceTensor, Any, dict[str, Any]]:
+    """A split-KV prepared forward's fp32 partials (owned, allocated now) and its combine."""
+    dev, plan = rt.device, fc.plan
+    op_shape = (fc.num_splits, *out_shape)
+    lp_shape = (fc.num_splits, *fc.lse_shape)
+    op_bytes = 4 * _numel(op_shape) + (-4 * _numel(op_shape) % OWNED_ALIGN)
+    base = rt.driver.alloc(op_bytes + 4 * _numel(lp_shape))
+    owned.append(base)
+    op = _owned_tensor(base, op_shape, dev)
+    lp = _owned_tensor(base + op_bytes, lp_shape, dev)
+    fwd_args["out"], fwd_args["lse"] = op, lp
+    src_fwd.update(out=op.ptr, lse=lp.ptr)
+    comb_lv, comb_named, _ = combine_mod.analyse(
+        rt,
+        op,
+        transposed(lp),
+        od,
+        transposed(ld) if ld is not None else None,
+        fc.cu_q,
+        fc.su_q if fc.cu_q is not None else None,
+        md.buffers[0] if (md is not None and plan.num_splits_dynamic) else None,
+    )
+    return op, lp, comb_lv, comb_named
 
 
 def _metadata_step(md: SchedulerMetadata, fc: Any, names: Sequence[str]) -> Callable[..., None]:
