@@ -263,6 +263,7 @@ families:
 """
 
 
+@pytest.mark.slow
 @needs_dsl
 def test_sigint_to_a_build_ends_it_at_once_with_exit_130_and_no_traceback(tmp_path):
     """A build used to print 117 lines of tracebacks (its workers' too). SIGINT goes to the whole

@@ -149,6 +149,7 @@ def dists(tmp_path_factory) -> tuple[Path, Path]:
     return sdists[0], wheels[0]
 
 
+@pytest.mark.slow
 def test_the_wheel_holds_every_package_data_and_license_file(dists):
     _, wheel = dists
     version = _pyproject()["project"]["version"]
@@ -179,6 +180,7 @@ def test_the_sdist_holds_the_sources_and_licenses(dists):
     assert sdist.name == f"fa4aot-{version}.tar.gz"
 
 
+@pytest.mark.slow
 def test_the_wheel_installs_into_a_fresh_venv_and_imports(dists, tmp_path):
     _, wheel = dists
     venv = tmp_path / "venv"

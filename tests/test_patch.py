@@ -404,6 +404,7 @@ def test_vendored_copies_map_by_name_and_keep_their_return_shape(rec, root, sour
 # -- thread safety --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_concurrent_patch_unpatch_and_calls(fake, rec):
     root, pkg, iface = fake
     originals = {n: iface.__dict__[n] for n in NAMES}

@@ -202,6 +202,7 @@ def test_a_version_pip_would_rename_is_refused(built_cache, tmp_path, version):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_rebuilt_cache_wheel_is_installed_over_the_old_one(built_cache, tmp_path):
     """pip installs a wheel file over an installed distribution only when the versions differ:
     with the former fixed 1.0.0 the rebuilt cache's wheel was "already installed" and the old
@@ -303,6 +304,7 @@ def test_a_malformed_max_size_is_a_usage_error(built_cache, tmp_path):
     assert p.returncode == 2 and "--max-size" in p.stderr and "is not a size" in p.stderr
 
 
+@pytest.mark.slow
 def test_a_failure_publishing_a_later_wheel_removes_the_earlier_ones(built_cache, tmp_path, monkeypatch):
     """No incomplete set is left: the disk fills while the second wheel is copied into -o."""
     real_copy = shutil.copyfile
@@ -322,6 +324,7 @@ def test_a_failure_publishing_a_later_wheel_removes_the_earlier_ones(built_cache
     assert len(copied) == 2 and list(out.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_split_wheels_are_each_signed(built_cache, split, tmp_path):
     pytest.importorskip("cryptography", reason="signatures need the cryptography package (the cli extra)")
     from fa4aot.core.signing import check_cache_files
@@ -351,6 +354,7 @@ def test_split_wheels_are_each_signed(built_cache, split, tmp_path):
         assert check_cache_files(root / dist / "cache", [public], w.name) == public
 
 
+@pytest.mark.slow
 def test_installed_split_wheels_serve_each_gpu(split, tmp_path):
     py = _venv(tmp_path / "venv")
     _pip_install(py, *_wheels(split))
