@@ -205,3 +205,15 @@ def test_the_wheel_installs_into_a_fresh_venv_and_imports(dists, tmp_path):
     assert Path(got["file"]).is_relative_to(venv) and Path(got["kernels"]).is_relative_to(venv), got
     assert got["version"] == _pyproject()["project"]["version"] and got["shim"] and got["notice"]
     assert (venv / "bin" / "fa4aot").is_file()  # the console script
+    # the CLI's own dependencies (click, ...) from this environment, fa4aot from the venv
+    import click
+
+    deps = str(Path(click.__file__).resolve().parent.parent)
+    ver = subprocess.run(
+        [venv / "bin" / "fa4aot", "--version"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=dict(env, PYTHONPATH=deps),
+    )
+    assert ver.returncode == 0 and _pyproject()["project"]["version"] in ver.stdout, (ver.stdout, ver.stderr)
