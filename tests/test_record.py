@@ -238,3 +238,12 @@ def test_a_workload_without_attention_calls_writes_nothing(tmp_path):
     assert p.returncode == 3 and not out.exists()
     p = run_cli("record", "-o", str(out), "--", "no-such-command-fa4aot", check=False)
     assert p.returncode == 1 and "not found" in p.stderr
+
+
+def test_a_negative_window_side_records_a_manifest_that_parses():
+    """FA4 takes a window side below zero (a window short of the diagonal); the recorded manifest
+    line names 0 there, which its window axis accepts (the kernel is the same local one)."""
+    from fa4aot.tools.record import _call_axes
+
+    call = dict(batch=2, seqlen_q=512, seqlen_k=1024, nheads_kv=4, window=[None, -215])
+    assert _call_axes(call)["window"] == [1024, 0]

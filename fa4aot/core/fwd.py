@@ -524,8 +524,13 @@ def call_group(f: fi.FwdFacts, knobs: fi.Knobs = fi.NO_KNOBS, config: Any = None
         out["config"] = [{k: v for k, v in fi.config_fields(config).items() if k not in fi.NOT_CODEGEN}]
     if f.window_left is not None or f.window_right is not None:
         big = max(f.q_capacity, f.k_capacity)
+        # FA4 takes a negative side (a window short of the diagonal); the window axis (sizes for
+        # FA4's selection, the kernel being the local one either way) takes 0 for it
         out["window"] = [
-            [big if f.window_left is None else f.window_left, big if f.window_right is None else f.window_right]
+            [
+                big if f.window_left is None else max(0, f.window_left),
+                big if f.window_right is None else max(0, f.window_right),
+            ]
         ]
     return out
 

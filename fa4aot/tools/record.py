@@ -256,7 +256,9 @@ def _call_axes(call: dict[str, Any]) -> dict[str, Any]:
         out["paged_kv"] = call["page_size"]
     if call.get("window"):  # an open side reaches past every sequence
         big = max(call["seqlen_q"], call["seqlen_k"])
-        out["window"] = [x if x is not None else big for x in call["window"]]
+        # FA4 takes a negative side (a window that stops short of the diagonal); the manifest's
+        # window axis (sizes for FA4's selection; the kernel is the local one) takes 0 for it
+        out["window"] = [max(0, x) if x is not None else big for x in call["window"]]
     return out
 
 
