@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from fa4aot.core.fa4_args import refuse
+from fa4aot.runtime import loader
 from fa4aot.runtime.backward import flash_attn_backward
 from fa4aot.runtime.forward import forward
 
@@ -94,6 +95,10 @@ def _bwd(
     softcap: float,
     deterministic: bool,
 ) -> list[torch.Tensor]:
+    # PyTorch runs the backward on its autograd thread, where the driver may have no current
+    # context (the runtime API binds one lazily): bind q's device's primary context
+    rt = loader._DEFAULT or loader.default_runtime()
+    rt.driver.ensure_context(q.get_device())
     res = flash_attn_backward(
         dout, q, k, v, out, lse, softmax_scale, causal, (_win(window_left), _win(window_right)), softcap,
         cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, deterministic,

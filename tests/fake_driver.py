@@ -45,6 +45,9 @@ class FakeDriver:
     kernel_names: dict = field(default_factory=dict)
     _next: int = 0x7E00_0000_0000
 
+    def ensure_context(self, ordinal: int) -> None:
+        self.contexts_bound = getattr(self, "contexts_bound", 0) + 1
+
     def current_device(self) -> int:
         return self.device
 

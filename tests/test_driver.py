@@ -35,3 +35,23 @@ def test_cuda_bindings_is_chosen_by_name(monkeypatch):
         assert "cuInit" in str(e)
         return
     assert isinstance(drv, BindingsDriver)
+
+
+def test_the_autograd_backward_binds_a_context_on_its_thread(monkeypatch):
+    """PyTorch runs a backward on its autograd thread, where the driver may have no current
+    context (an H100 run failed with CUDA_ERROR_INVALID_CONTEXT there): fa4aot.torch's backward
+    binds q's device's primary context before the runtime touches the driver."""
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    import fa4aot.torch as ft
+    from fa4aot.runtime import loader
+
+    bound = []
+    monkeypatch.setattr(loader, "_DEFAULT", SimpleNamespace(driver=SimpleNamespace(ensure_context=bound.append)))
+    monkeypatch.setattr(ft, "flash_attn_backward", lambda *a, **k: (a[1], a[2], a[3]))
+    q = torch.zeros(1, 1, 1, 8)
+    ft._bwd(
+        q, q, q, q, q, q, None, None, None, None, None, None, None, 1.0, False, ft._NONE, ft._NONE, None, 0.0, False
+    )
+    assert bound == [q.get_device()]

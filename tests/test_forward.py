@@ -249,3 +249,22 @@ def test_varlen_workspace_per_stream_and_capture(sm100):
     with pytest.raises(ArgumentError, match="captured into a CUDA graph"):
         call(4 * b, 7)  # more rows than the stream's buffer holds
     assert len(drv.launches) == 3 and rt.stream_workspaces[7] == (ptr, slots)
+
+
+def test_the_workspace_of_a_batched_call_counts_every_query_row():
+    """FA4 sizes the tensor-map workspace by q.shape[0] * q.shape[1] rows for batched queries
+    (interface.py 1262-1272). b=7, seqlen_q=1023, 6 heads, tile_m 128, H100: 7161 // 128 + 2 * 7 + 1
+    = 70 m-blocks, 70 * 6 = 420 CTAs, max(420, 2 * 132) + 8 = 428 slots (the kernel traps with fewer
+    slots than CTAs: the grid has 8 * 7 * 6 = 336)."""
+    from types import SimpleNamespace
+
+    from fa4aot.runtime.forward import workspace_slots
+
+    rt = SimpleNamespace(target=SimpleNamespace(num_sms=132))
+    fc = SimpleNamespace(
+        lv=SimpleNamespace(fields={"pack_gqa": False, "tile_m": 128}),
+        nheads=6, k=(0, (7, 1023, 6, 128)), rows=(7, 1023), batch=7, num_splits=1,
+    )  # fmt: skip
+    assert workspace_slots(rt, fc) == 428
+    packed = SimpleNamespace(**{**vars(fc), "rows": (7161,)})  # varlen queries: q.shape[0] rows
+    assert workspace_slots(rt, packed) == 428

@@ -141,6 +141,18 @@ class CudaDriver:
         self._check(self._fn("cuCtxGetDevice")(ctypes.byref(dev)), "cuCtxGetDevice")
         return dev.value
 
+    def ensure_context(self, ordinal: int) -> None:
+        """Make device ``ordinal``'s primary context current on this thread if none is (a thread
+        of the caller's framework, e.g. PyTorch's autograd engine, may have none for the driver)."""
+        ctx = _p()
+        self._check(self._fn("cuCtxGetCurrent")(ctypes.byref(ctx)), "cuCtxGetCurrent")
+        if ctx.value:
+            return
+        dev = _c_int()
+        self._check(self._fn("cuDeviceGet")(ctypes.byref(dev), ordinal), "cuDeviceGet")
+        self._check(self._fn("cuDevicePrimaryCtxRetain")(ctypes.byref(ctx), dev.value), "cuDevicePrimaryCtxRetain")
+        self._check(self._fn("cuCtxSetCurrent")(ctx), "cuCtxSetCurrent")
+
     def device_info(self, ordinal: int) -> DeviceInfo:
         dev = _c_int()
         self._check(self._fn("cuDeviceGet")(ctypes.byref(dev), ordinal), "cuDeviceGet")

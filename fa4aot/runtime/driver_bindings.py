@@ -75,6 +75,17 @@ class BindingsDriver:
             self._check(cu.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
         return int(self._check(cu.cuCtxGetDevice(), "cuCtxGetDevice"))
 
+    def ensure_context(self, ordinal: int) -> None:
+        """Make device ``ordinal``'s primary context current on this thread if none is."""
+        cu = self._cu
+        if int(self._check(cu.cuCtxGetCurrent(), "cuCtxGetCurrent")):
+            return
+        dev = self._check(cu.cuDeviceGet(ordinal), "cuDeviceGet")
+        self._check(
+            cu.cuCtxSetCurrent(self._check(cu.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")),
+            "cuCtxSetCurrent",
+        )
+
     def device_info(self, ordinal: int) -> DeviceInfo:
         cu = self._cu
         dev = self._check(cu.cuDeviceGet(ordinal), "cuDeviceGet")

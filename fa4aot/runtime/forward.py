@@ -708,9 +708,10 @@ def workspace_slots(rt: Runtime, fc: ForwardCall) -> int:
     """The workspace slots for the kernel this call launches: sized by its own tile and GQA
     packing, which a tuned choice may change from FA4's config (a smaller tile_m has more CTAs)."""
     f = fc.lv.fields
+    # FA4 counts query rows as q.shape[0] for packed queries, batch * seqlen_q for batched ones
+    rows = fc.rows[0] if len(fc.rows) == 1 else fc.rows[0] * fc.rows[1]
     return tensormap_workspace_ctas(
-        bool(f.get("pack_gqa")), f["tile_m"], fc.nheads, fc.k[1][-2], rt.target.num_sms, fc.rows[0], fc.batch,
-        fc.num_splits,
+        bool(f.get("pack_gqa")), f["tile_m"], fc.nheads, fc.k[1][-2], rt.target.num_sms, rows, fc.batch, fc.num_splits
     )  # fmt: skip
 
 
