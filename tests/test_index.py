@@ -28,6 +28,7 @@ def test_build_writes_one_packed_index_per_target(built_cache):
     assert [(k.arch, k.num_sms, k.shim_abi) for k in cache.packed_targets()] == [
         ("sm_100a", 148, SHIM_ABI),
         ("sm_103a", 148, SHIM_ABI),
+        ("sm_110a", 20, SHIM_ABI),
         ("sm_120a", 188, SHIM_ABI),
         ("sm_90a", 132, SHIM_ABI),
     ]
