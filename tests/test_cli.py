@@ -341,6 +341,7 @@ def test_json_of_ls_names_the_cache_and_errors_are_json_too(tmp_path):
     }
 
 
+@pytest.mark.slow
 @needs_dsl
 def test_json_of_the_checking_commands(built_cache, tmp_path):
     n = len(Cache(built_cache).entries())

@@ -254,6 +254,7 @@ def _by_target(entries: list[Entry]) -> dict[tuple[str, int], list[Entry]]:
     return groups
 
 
+@pytest.mark.slow
 def test_max_size_splits_one_wheel_per_target_with_an_index(built_cache, split, tmp_path):
     groups = _by_target(_selection(built_cache))
     wheels = _wheels(split)
