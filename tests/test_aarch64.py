@@ -94,6 +94,7 @@ def _same_launches_on_both_hosts(cache_dir: Path, min_pairs: int) -> None:
     assert not bad, bad
 
 
+@pytest.mark.slow
 @needs_dsl
 @needs_emulation
 def test_a_forward_and_a_combine_record_the_same_launches_on_both_host_archs(both_hosts):

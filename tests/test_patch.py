@@ -651,6 +651,7 @@ def site_dir(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_env_switch_routes_flash_attn_cute_in_an_unchanged_program(site_dir):
     code = "import flash_attn.cute as m; print(m.flash_attn_func.__module__, m.interface._flash_attn_fwd.__module__)"
     on = _python(site_dir, code, "1")
