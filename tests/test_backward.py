@@ -225,7 +225,7 @@ SM100_CASES = [
     [
         ("sm_90a", 132, "bwd_sm90", SM90_CASES),
         ("sm_100a", 148, "bwd_sm100", SM100_CASES),
-        ("sm_103a", 148, "bwd_sm100", SM100_CASES[:3]),
+        pytest.param("sm_103a", 148, "bwd_sm100", SM100_CASES[:3], marks=pytest.mark.slow),
     ],  # fmt: skip
 )
 def test_kernels_are_constructed_as_fa4_constructs_them(arch, sms, family, cases):

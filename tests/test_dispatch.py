@@ -255,6 +255,7 @@ def test_sm90_dispatch_matches_fa4():
     _parity("sm_90a", 132, SM90_CASES + [c for c in ENGINE_CASES if "num_splits" not in c] + FP8_CASES[:2])
 
 
+@pytest.mark.slow  # the fast tier's fixed sample covers sm_103a too
 @needs_dsl
 def test_sm103_dispatch_matches_fa4():
     """B300 (sm_103a) takes FA4's SM100 path with its own SM count (148 on B300)."""

@@ -162,6 +162,7 @@ def test_non_utf8_and_nul_input_are_typed_errors(tmp_path):
     assert out.returncode == 1 and "NUL" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_hostile_manifests_through_the_cli_write_nothing(tmp_path):
     rng = random.Random(7)
     docs = [yaml.safe_load(p.read_text()) for p in SHIPPED]
