@@ -6,7 +6,7 @@
 The RESULTS_DIRs (one, or the $OUT of each of the two device calls) hold what
 .devcarry/fa4suite_run.sh writes: ``fa4-junit.xml`` (FA4's JIT),
 ``fa4aot-junit.xml`` (FA4AOT_PATCH=1 with the suite's cache) and the per-process compile counts
-``fa4-counts-*.json`` / ``fa4aot-counts-*.json``. Prints the pass / skip / xfail / fail counts of
+``fa4-counts-*.json`` / ``fa4aot-counts-*.json`` (or ``fa4-counts.json``, a list of them). Prints the pass / skip / xfail / fail counts of
 both runs, every test whose outcome differs (with each side's message), the tests only one run
 reached, and the zero-JIT check: the FA4 compiles counted in the patched run (must be 0).
 """
@@ -46,13 +46,17 @@ def read_junit(path: Path) -> dict[str, tuple[str, str]]:
 
 def read_counts(directories: list[Path], mode: str) -> dict | None:
     """The compile counts of a run, summed over its pytest processes (None: none written)."""
-    files = sorted(f for d in directories for f in d.glob(f"{mode}-counts-*.json"))
-    if not files:
+    per_process: list[dict] = []
+    for d in directories:  # one file per process, or the device script's one list of them
+        for f in sorted(d.glob(f"{mode}-counts-*.json")):
+            per_process.append(json.loads(f.read_text()))
+        if (merged := d / f"{mode}-counts.json").exists():
+            per_process += json.loads(merged.read_text())
+    if not per_process:
         return None
     total: Counter[str] = Counter()
     stats: list[dict] = []
-    for f in files:
-        d = json.loads(f.read_text())
+    for d in per_process:
         total.update(d.get("compiles", {}))
         if "fa4aot_stats" in d:
             stats.append(d["fa4aot_stats"])
@@ -65,7 +69,7 @@ def read_counts(directories: list[Path], mode: str) -> dict | None:
     for s in stats:
         launches.update(s.get("launches") or {})
     return {
-        "processes": len(files),
+        "processes": len(per_process),
         "fa4_jit_compiles": jit,
         "cute_compile_calls": total.get("cute.compile", 0),
         "by_function": {k.removeprefix("setitem:"): n for k, n in sorted(total.items()) if k.startswith("setitem:")},

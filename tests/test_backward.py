@@ -57,7 +57,8 @@ def test_rules_name_fa4s_reasons():
     assert check_call("bwd_sm100", call(head_dim=256, head_dim_v=256)) is None  # b40: the generic kernel
     assert "not supported on SM100" in check_call("bwd_sm100", call(head_dim=160, head_dim_v=160))
     assert check_call("bwd_sm90", call(deterministic=True)) is None
-    assert "seqused_q" in check_call("bwd_sm90", call(seqused_q=True))
+    # FA4's backward takes seqused_q/k on batched tensors too (no cu_seqlens): so does fa4aot
+    assert check_call("bwd_sm90", call(seqused_q=True, seqused_k=True)) is None
 
 
 def test_parts_follow_fa4s_launch_sequence():
@@ -350,7 +351,7 @@ def test_backward_errors_before_any_launch(sm90, tmp_path):
         (a, dict(softmax_scale=float("inf")), "softmax_scale"),
         (a, dict(softcap=-1.0), "softcap"),
         (a, dict(deterministic=1), "deterministic"),
-        (a, dict(seqused_q=t(9, (2,), "int32")), "seqused_q"),
+        (a, dict(seqused_q=t(9, (3,), "int32")), "seqused_q"),  # one length per batch entry
         (dict(a, dq=None), {}, "raw-pointer inputs need every output"),
     ]
     for args, kw, what in bad:

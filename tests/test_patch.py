@@ -11,6 +11,7 @@ argument mapping is checked parameter by parameter against FA4's own signature l
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import os
 import subprocess
@@ -702,6 +703,89 @@ def test_get_scheduler_metadata_computes_fa4s_choice_on_the_fake_driver(built_ca
     assert f["has_semaphore"] is (not want.use_clc_scheduler)
     ((lv,),) = [[lv for lv in rt._loaded.values() if lv.variant.family == "prepare"]]
     assert [launch.kernel for launch in drv.launches] == lv.kernels[:1]
+
+
+#: Runs FA4's own get_scheduler_metadata on fake tensors (its _compile_misses probe: nothing
+#: compiles) and prints, per (num_splits, causal), the config's split count and whether FA4 ran
+#: its prepare kernel (FA4's metadata then holds num_m_blocks).
+_FA4_METADATA = r"""
+import json, os, torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from fa4aot_kernels.common import install_target_hardware
+install_target_hardware(int(os.environ["FLASH_ATTENTION_NUM_SMS"]))
+from flash_attn.cute import interface as I
+out = []
+for num_splits, causal, batch in json.loads(os.environ["CASES"]):
+    token = I._compile_misses.set(set())
+    try:
+        with FakeTensorMode():
+            cu = torch.zeros(batch + 1, dtype=torch.int32, device="cuda")
+            md = I.get_scheduler_metadata(512, 4096, 16, 4, 128, num_splits, causal=causal, cu_seqlens_q=cu,
+                                          cu_seqlens_k=cu)
+    finally:
+        I._compile_misses.reset(token)
+    out.append(md.num_m_blocks_ptr is not None)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("arch,num_sms", [("sm_90a", 132), ("sm_100a", 148)])
+def test_get_scheduler_metadata_runs_the_prepare_kernel_when_fa4_does(built_cache, arch, num_sms):
+    """FA4's get_scheduler_metadata skips its prepare kernel for calls that are neither split nor
+    causal (its metadata holds no buffers): fa4aot's does the same (nothing launched, FA4's field
+    names None), and the forward then dispatches as FA4's does for such metadata."""
+    from fake_driver import FakeDriver
+
+    from fa4aot.core.fa4_interface import UNPREPARED
+    from fa4aot.runtime.loader import Runtime
+    from fa4aot.runtime.metadata import metadata_kind
+    from fa4aot.runtime.tensors import RawTensor
+
+    cases = [(1, False, 8), (1, True, 8), (1, False, 300)]
+    if arch != "sm_90a":  # FA4 splits KV on SM100 only
+        cases += [(3, False, 8), (3, True, 8)]
+    env = dict(os.environ, FLASH_ATTENTION_ARCH=arch, CUTE_DSL_ARCH=arch, FLASH_ATTENTION_NUM_SMS=str(num_sms),
+               CASES=json.dumps(cases), CUTE_DSL_LOG_LEVEL="0")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", _FA4_METADATA], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fa4_prepared = json.loads(proc.stdout.strip().splitlines()[-1])
+    cc = {"sm_90a": (9, 0), "sm_100a": (10, 0)}[arch]
+    for (num_splits, causal, batch), prepared in zip(cases, fa4_prepared):
+        drv = FakeDriver(cc=cc, num_sms=num_sms)
+        rt = Runtime(built_cache, driver=drv)
+        cu = RawTensor(0x7F40_0000_0000, (batch + 1,), "int32")
+        try:
+            md = adapters.get_scheduler_metadata(
+                512, 4096, 16, 4, 128, num_splits, causal=causal, cu_seqlens_q=cu, cu_seqlens_k=cu, runtime=rt
+            )
+        except VariantNotFoundError:  # fa4aot asked for a prepare kernel fast.yaml does not build
+            assert prepared, f"{arch} {num_splits=} {causal=}: FA4 runs no prepare kernel, fa4aot asked for one"
+            continue
+        assert (md.kind is True) is prepared, f"{arch} {num_splits=} {causal=}: FA4 prepared={prepared}"
+        assert metadata_kind(md) == (True if prepared else UNPREPARED)
+        if not prepared:
+            assert drv.launches == [] and md.buffers == (None, None, None)
+            assert md.num_m_blocks_ptr is None and md.tile_count_semaphore is None and md.cu_total_m_blocks is None
+            md.reset_semaphore()  # nothing to reset: no driver call
+            assert drv.launches == []
+
+
+def test_unprepared_metadata_selects_fa4s_kernel_without_metadata_buffers():
+    """A forward given metadata without buffers runs the kernel FA4 compiles for it: no split
+    counts, no tile semaphore, no nheads-in-L2 (FA4's compile key flags all false)."""
+    from fa4aot.core import fa4_interface as rules
+    from fa4aot.core import selector
+
+    sel = selector.installed()
+    base = dict(arch=90, num_sms=132, dtype="bf16", head_dim=128, head_dim_v=128, num_heads=16, num_heads_kv=4,
+                batch=8, total_q=4096, total_k=4096, q_capacity=4096, k_capacity=4096, max_seqlen_q=512,
+                max_seqlen_k=512, causal=False, varlen_q=True, varlen_k=True)  # fmt: skip
+    for prepared in (True, False):
+        f = rules.FwdFacts(**base, caller_metadata=True, caller_semaphore=prepared, caller_prepared=prepared)
+        inputs = rules.fwd_inputs(sel, f)
+        plan = rules.fwd_plan(sel, sel.select_fwd_config(inputs), inputs, f)
+        got = (plan.num_splits_dynamic, plan.tile_count_semaphore, plan.num_nheads_in_l2)
+        assert got == ((True, True, False) if prepared else (False, False, False)), (prepared, got)
 
 
 def test_inference_calls_detach_tensors_that_require_grad(monkeypatch):

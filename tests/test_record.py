@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from fake_driver import FakeDriver
 from helpers import FAST_MANIFEST, ROOT, needs_dsl, run_cli
 from test_dispatch import _fa4aot_call
@@ -247,3 +248,46 @@ def test_a_negative_window_side_records_a_manifest_that_parses():
 
     call = dict(batch=2, seqlen_q=512, seqlen_k=1024, nheads_kv=4, window=[None, -215])
     assert _call_axes(call)["window"] == [1024, 0]
+
+
+#: FA4's backward called on fake tensors: a batched GQA-4 causal call with seqused_q, and one with
+#: a score_mod (which fa4aot does not build).
+_BWD_WORKLOAD = r"""
+import os, torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from fa4aot_kernels.common import install_target_hardware
+install_target_hardware(int(os.environ["FLASH_ATTENTION_NUM_SMS"]))
+from flash_attn.cute import interface as I
+with FakeTensorMode():
+    q = torch.empty(2, 300, 16, 64, dtype=torch.bfloat16, device="cuda")
+    k = torch.empty(2, 300, 4, 64, dtype=torch.bfloat16, device="cuda")
+    lse = torch.empty(2, 16, 300, dtype=torch.float32, device="cuda")
+    used = torch.empty(2, dtype=torch.int32, device="cuda")
+    dq, dk, dv = I._flash_attn_bwd(q, k, k, q, q, lse, causal=True, seqused_q=used)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == k.shape
+    I._flash_attn_bwd(q, k, k, q, q, lse, score_mod=lambda *a: a[0])
+"""
+
+
+def test_record_learns_fa4s_backward_calls(tmp_path):
+    """`fa4aot record` learns each FA4 backward call as the bwd group fa4aot's runtime asks for
+    (with the call's shapes, which FA4's SM100 selection reads); under --no-compile FA4's
+    backward, which has no compile probe, is not run; what fa4aot does not build is a comment."""
+    pytest.importorskip("flash_attn")
+    script = tmp_path / "bwd.py"
+    script.write_text(_BWD_WORKLOAD)
+    out = tmp_path / "bwd.yaml"
+    proc = run_cli("record", "--no-compile", "-o", str(out), "--", sys.executable, str(script),
+                   env=dict(os.environ, **SM100), check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = out.read_text()
+    assert "bwd_sm100:" in text and "not buildable by fa4aot: FA4 bwd" in text and "score_mod" in text
+    (target,) = yaml.safe_load(text)["targets"]
+    (group,) = target["families"]["bwd_sm100"]
+    group = {k: v if isinstance(v, list) else [v] for k, v in group.items()}
+    want = {"head_dims": [[64, 64]], "qhead_per_kvhead": [4], "causal": [True], "seqused_q": [True],
+            "batch": [2], "seqlen_q": [300], "seqlen_k": [300], "nheads_kv": [4]}  # fmt: skip
+    assert {k: group.get(k) for k in want} == want, group
+    variants = manifest.load(out).variants
+    mains = [pv.variant for pv in variants if pv.variant.family == "bwd_sm100"]
+    assert mains and all(v.fields["seqused_q"] and not v.fields["varlen_q"] for v in mains)

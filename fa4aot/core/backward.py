@@ -68,13 +68,41 @@ def check_call(family: str, f: dict[str, Any]) -> str | None:
         return "qhead_per_kvhead must be >= 1"
     if f["causal"] and f["local"]:
         return "causal and local are exclusive (FA4 resolves a causal window to causal)"
-    if f["seqused_q"] and not f["varlen_q"] or f["seqused_k"] and not f["varlen_k"]:
-        return "fa4aot builds seqused_q/k only together with cu_seqlens_q/k (varlen)"
     if family == "bwd_sm90":
         return fi.head_dims_problem(9, hd, hdv, f["dtype"])
     if family == "bwd_sm100":
         return fi.head_dims_problem(10, hd, hdv, f["dtype"])
     return f"unknown backward family {family!r}"
+
+
+#: torch dtype names (``str(t.dtype)`` without ``torch.``) -> fa4aot's
+_TORCH_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def fa4_call_fields(a: dict[str, Any]) -> dict[str, Any]:
+    """The call fields (:data:`CALL_FIELDS`) of a call of FA4's ``_flash_attn_bwd``, from its
+    bound arguments (tensors with ``dtype`` and ``shape``, as torch's): the group fa4aot's
+    runtime asks for to serve that call (fa4aot/runtime/backward.py: ``flash_attn_backward``'s
+    dispatch key). ``fa4aot record`` learns backward groups with it."""
+    q, v = a["q"], a["v"]
+    wl, wr = a.get("window_size_left"), a.get("window_size_right")
+    if wl is None and wr is None:
+        causal, local = bool(a.get("causal")), False
+    else:
+        causal, local, _, _ = fi.resolve_window(bool(a.get("causal")), wl, wr)
+    sink = a.get("learnable_sink")
+
+    def dtype(t: Any) -> str:
+        name = str(t.dtype).removeprefix("torch.")
+        return _TORCH_DTYPES.get(name, name)
+
+    key = (
+        dtype(q), int(q.shape[-1]), int(v.shape[-1]), int(q.shape[-2]) // int(v.shape[-2]), causal, local,
+        a.get("cu_seqlens_q") is not None, a.get("cu_seqlens_k") is not None, a.get("seqused_q") is not None,
+        a.get("seqused_k") is not None, bool(a.get("deterministic")), float(a.get("softcap") or 0.0),
+        a.get("dlse") is not None, dtype(sink) if sink is not None else "none",
+    )  # fmt: skip
+    return dict(zip(CALL_FIELDS, key))
 
 
 class BwdFacts(NamedTuple):

@@ -18,6 +18,18 @@ SEMAPHORE_CLAIM_BITS = 24
 #: FA4 4.0.0b40 ``interface.py`` 99: above this batch size FA4's single-tile varlen scheduler
 #: gets a batch-lookup aid (extra kernels); fa4aot runs the same scheduler without it.
 BIN_BATCH_SEARCH_THRESH = 256
+#: ``SchedulerMetadata.kind`` of metadata from FA4's ``_get_scheduler_metadata`` that skipped its
+#: prepare kernel: no buffers at all (the forward runs its kernel without them).
+UNPREPARED = "unprepared"
+
+
+def needs_prepare_kernel(num_splits: int, causal: bool) -> bool:
+    """FA4 4.0.0b40 ``interface.py`` 4381-4382 (``_get_scheduler_metadata``): the prepare kernel
+    runs for split-KV or causal calls (or LPT sort, which FA4 does not implement); otherwise the
+    metadata holds no buffers (``needs_prepare_kernel = is_split_kv or causal or sort``)."""
+    return num_splits > 1 or causal
+
+
 #: ``str(torch dtype)`` of each fa4aot dtype: what FA4 puts in ``FwdHeuristicInputs.dtype``.
 TORCH_DTYPE_NAMES = {
     "bf16": "torch.bfloat16",
@@ -179,6 +191,8 @@ class FwdFacts(NamedTuple):
     page_size: int | None = None
     caller_metadata: bool = False
     caller_semaphore: bool = False
+    #: the caller's metadata came from a prepare kernel (False: FA4's get_scheduler_metadata skipped it)
+    caller_prepared: bool = True
     softcap: bool = False
     learnable_sink: bool = False
     has_lse: bool = False
@@ -300,7 +314,7 @@ def fwd_plan(sel: Any, config: Any, inputs: Any, f: FwdFacts) -> FwdPlan:
         nsd, sem, l2 = True, not config.use_clc_scheduler, causal and not config.use_swapab
     elif route:
         nsd, sem, l2 = False, True, False
-    elif f.caller_metadata:
+    elif f.caller_metadata and f.caller_prepared:
         nsd, sem, l2 = True, f.caller_semaphore, causal  # fa4aot's SchedulerMetadata: FA4's prepare outputs
     else:
         nsd = sem = l2 = False

@@ -24,6 +24,7 @@ from fa4aot.core.fa4_interface import (
     DESCALE_LAYOUTS,
     FP8_DTYPES,
     PREPARE_WARPS,
+    UNPREPARED,
     combine_geometry,
     fp8_problem,
     head_dims_problem,
@@ -164,6 +165,15 @@ def _bool_or_auto(field: str) -> Callable[[Any], dict[str, Any]]:
             return {field: "auto"}
         if not isinstance(v, bool):
             raise ValueError(f"expected true, false or auto, got {v!r}")
+        return {field: v}
+
+    return parse
+
+
+def _bool_or(field: str, other: str) -> Callable[[Any], dict[str, Any]]:
+    def parse(v: Any) -> dict[str, Any]:
+        if v != other and not isinstance(v, bool):
+            raise ValueError(f"expected true, false or {other}, got {v!r}")
         return {field: v}
 
     return parse
@@ -396,9 +406,10 @@ _COMMON_FWD_AXES = (
     Axis("num_splits", _num_splits, (1,), "FA4's num_splits argument: 1, a count, or auto (FA4's heuristic)"),
     Axis(
         "scheduler_metadata",
-        _bool("scheduler_metadata"),
+        _bool_or("scheduler_metadata", UNPREPARED),
         (False,),
-        "the call passes scheduler metadata (fa4aot.SchedulerMetadata, varlen queries)",
+        "the call passes scheduler metadata (fa4aot.SchedulerMetadata, varlen queries); unprepared: from "
+        "get_scheduler_metadata where FA4 runs no prepare kernel (no split, not causal)",
     ),
     Axis("requires_grad", _bool("requires_grad"), (False,), "a training forward (FA4 selects for the backward)"),
     Axis("tiles", _request_pair("tiles"), ("auto",), "FA4's tile_mn argument (auto: FA4's choice); others: tuning"),
@@ -516,8 +527,8 @@ BWD_AXES = (
     Axis("local", _bool("local"), (False,), "sliding-window (local) attention"),
     Axis("varlen_q", _bool("varlen_q"), (False,), "cu_seqlens_q (packed variable-length queries)"),
     Axis("varlen_k", _bool("varlen_k"), (False,), "cu_seqlens_k (packed variable-length keys)"),
-    Axis("seqused_q", _bool("seqused_q"), (False,), "seqused_q (with cu_seqlens_q)"),
-    Axis("seqused_k", _bool("seqused_k"), (False,), "seqused_k (with cu_seqlens_k)"),
+    Axis("seqused_q", _bool("seqused_q"), (False,), "seqused_q (per-batch used query length)"),
+    Axis("seqused_k", _bool("seqused_k"), (False,), "seqused_k (per-batch used key length)"),
     Axis(
         "deterministic",
         _bool("deterministic"),

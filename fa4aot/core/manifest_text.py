@@ -36,13 +36,15 @@ def expand(family: str, arch: str, num_sms: int, group: dict[str, list[Any]]) ->
 
 def minimal_group(v: Variant, shapes: dict[str, list[Any]] | None = None) -> dict[str, list[Any]]:
     """The group building ``v`` (and, for prepare, its smaller batch buckets), without the axes
-    whose single default builds the same. A forward variant's group pins FA4's config, and the
-    ``shapes`` of the calls it served (when known)."""
+    whose single default builds the same. A forward variant's group pins FA4's config; forward
+    and backward groups pin the ``shapes`` of the calls they served (when known)."""
     fam = FAMILIES[v.family]
     if fam.selected:  # a forward variant: its call's axes, FA4's config, shapes; defaults dropped
         group = dict(group_for(v), **(shapes or {}))
         return {k: x for k, x in group.items() if not ((a := fam.axis(k)) and list(a.default) == x)}
     group = group_for(v)
+    if shapes and fam.parts is not None:  # a backward call: FA4 selects its configs by the shapes it served
+        group = dict(group, **shapes)
     want = expand(v.family, v.arch, v.num_sms, group)
     for axis in FAMILIES[v.family].axes:
         if len(axis.default) != 1 or axis.name not in group:
@@ -139,8 +141,8 @@ def render_manifest(
     shapes: dict[str, dict[str, list[Any]]] | None = None,
 ) -> str:
     """A manifest (``targets:`` form) building ``variants``: one target per (arch, SM count),
-    grouped and merged; ``notes`` become trailing comments; ``shapes``: per forward variant id,
-    the shapes (and requests) of the calls it served, pinned in its group with its config."""
+    grouped and merged; ``notes`` become trailing comments; ``shapes``: per forward or backward
+    variant id, the shapes (and requests) of the calls it served, pinned in its group."""
     by_target: dict[tuple[str, int], dict[str, list[Variant]]] = {}
     for v in {v.variant_id: v for v in variants}.values():
         by_target.setdefault((v.arch, v.num_sms), {}).setdefault(v.family, []).append(v)

@@ -283,12 +283,8 @@ def _bwd_lengths(
             raise ArgumentError(f"k: batch {kd.shape[0]} != q's batch {batch}")
         max_k, total_k = kd.shape[1], None
     if seqused_q is not None:
-        if cuq is None:
-            raise ArgumentError("seqused_q: fa4aot's backward takes seqused_q only with cu_seqlens_q")
         suq = validate.int32_vector(seqused_q, "seqused_q", batch, dev, rt)
     if seqused_k is not None:
-        if cuk is None:
-            raise ArgumentError("seqused_k: fa4aot's backward takes seqused_k only with cu_seqlens_k")
         suk = validate.int32_vector(seqused_k, "seqused_k", batch, dev, rt)
     return cuq, cuk, suq, suk, batch, max_q, total_q, max_k, total_k
 

@@ -46,7 +46,8 @@ class StaticCall(NamedTuple):
     seqused_k: bool = False
     pack_gqa: bool | None = None
     has_lse: bool = False
-    caller_metadata: bool = False
+    #: scheduler metadata passed: False, True (a prepare kernel's) or fa4_interface.UNPREPARED
+    caller_metadata: bool | str = False
     paged: bool = False
     learnable_sink: str = "none"
     softcap: float = 0.0
@@ -131,8 +132,9 @@ class ForwardRule:
             seqused_q=s.seqused_q,
             seqused_k=s.seqused_k,
             page_size=shape.page_size,
-            caller_metadata=s.caller_metadata,
-            caller_semaphore=s.caller_metadata,
+            caller_metadata=bool(s.caller_metadata),
+            caller_semaphore=s.caller_metadata is True,
+            caller_prepared=s.caller_metadata is True,
             softcap=bool(s.softcap),
             learnable_sink=s.learnable_sink != "none",
             has_lse=s.has_lse,

@@ -12,7 +12,7 @@ from typing import Any
 
 from fa4aot.core.errors import ArgumentError
 from fa4aot.core.fa4_args import refuse
-from fa4aot.core.fa4_interface import resolve_window, split_policy
+from fa4aot.core.fa4_interface import needs_prepare_kernel, resolve_window, split_policy
 from fa4aot.runtime import loader, validate
 from fa4aot.runtime.backward import flash_attn_backward
 from fa4aot.runtime.combine import combine
@@ -204,7 +204,7 @@ def get_scheduler_metadata(
     md = SchedulerMetadata(
         batch, nheads, nheads_kv, headdim, headdim_v, causal=is_causal, pack_gqa=bool(config.pack_gqa),
         tile_m=config.tile_m, tile_n=config.tile_n, semaphore=not config.use_clc_scheduler, split_policy=policy,
-        runtime=rt,
+        prepare=needs_prepare_kernel(config.num_splits, is_causal), runtime=rt,
     )  # fmt: skip
     return md.compute(
         max_seqlen_q=max_q,

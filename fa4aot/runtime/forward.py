@@ -42,7 +42,7 @@ from fa4aot.runtime.dispatch import ForwardRule, Pick, Shape, StaticCall
 from fa4aot.runtime.driver import CudaError
 from fa4aot.runtime.frameworks import alloc_like, default_stream, framework, transposed
 from fa4aot.runtime.loader import Runtime
-from fa4aot.runtime.metadata import SchedulerMetadata
+from fa4aot.runtime.metadata import SchedulerMetadata, metadata_kind
 from fa4aot.runtime.scales import NO_SCALES
 from fa4aot.runtime.scales import check as check_scales
 from fa4aot.runtime.tensors import (
@@ -308,7 +308,7 @@ def analyse(
     num_splits: int,
     pack_gqa: bool | None,
     return_lse: bool,
-    has_metadata: bool,
+    has_metadata: bool | str,
     page_table: Any = None,
     learnable_sink: Any = None,
     softcap: float | None = 0.0,
@@ -592,7 +592,7 @@ def forward(
         return_lse = True
     fc = analyse(
         rt, q, k, v, cu_q, cu_k, max_q, max_k, su_q, su_k, softmax_scale, causal, window_size, num_splits, pack_gqa,
-        return_lse, metadata is not None, page_table, learnable_sink, softcap, requires_grad, config, requests, scales,
+        return_lse, metadata_kind(metadata), page_table, learnable_sink, softcap, requires_grad, config, requests, scales,
     )  # fmt: skip
     if metadata is not None and cu_q is None and su_q is None:
         raise ArgumentError("scheduler_metadata is for varlen queries (cu_seqlens_q or seqused_q)")

@@ -13,6 +13,7 @@ from typing import Any
 
 from fa4aot.core.errors import ArgumentError
 from fa4aot.core.fa4_args import refuse
+from fa4aot.core.fa4_interface import needs_prepare_kernel
 from fa4aot.runtime import loader
 from fa4aot.runtime.forward import forward
 from fa4aot.runtime.metadata import SchedulerMetadata
@@ -169,6 +170,7 @@ def _get_scheduler_metadata(
         tile_n=tile_n,
         semaphore=not use_clc_scheduler,  # FA4 allocates no semaphore for its CLC scheduler
         split_policy=(ctas_per_sm, *floor),
+        prepare=needs_prepare_kernel(num_splits, causal),
         runtime=runtime,
     )
     return md.compute(

@@ -5,6 +5,10 @@ its varlen schedulers read: ``num_m_blocks`` and ``num_splits_dynamic`` (per bat
 ``num_nheads_in_l2`` (per batch entry, causal only: the head swizzle that keeps K/V in L2) and the
 ``tile_count_semaphore`` the dynamic persistent scheduler's CTAs take work from.
 
+Without a prepare kernel (``prepare=False``: what FA4's ``get_scheduler_metadata`` returns for a
+call that is neither split nor causal) the object holds no buffers; the forward then runs the
+kernel FA4 runs for such metadata, which reads none.
+
 When to recompute: whenever anything the kernel read changes - the batch size, the sequence
 lengths (``cu_seqlens_*`` / ``seqused_*`` contents), ``max_seqlen_*`` or ``num_splits``. It does not
 depend on the layer, so one object serves every layer of a forward pass (the upstream PR's "compute
@@ -21,7 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from fa4aot.core.errors import ArgumentError
-from fa4aot.core.fa4_interface import prepare_num_warps
+from fa4aot.core.fa4_interface import UNPREPARED, prepare_num_warps
 from fa4aot.core.signature import TensorDesc
 from fa4aot.runtime import loader, validate
 from fa4aot.runtime.loader import Runtime
@@ -36,8 +40,18 @@ class SchedulerMetadata:
     metadata serves (FA4: 128 x 128 on SM100). ``semaphore``: allocate the tile semaphore (FA4:
     unless the forward runs its CLC scheduler); ``split_policy``: the prepare kernel's split rule
     (ctas_per_sm, floor CTAs, floor blocks) - FA4's ``SWAPAB.split_policy`` for its SwapAB decode
-    kernel, (1, 0, 0) otherwise. Buffers are exposed as :class:`RawTensor`.
+    kernel, (1, 0, 0) otherwise. ``prepare=False``: no buffers and no prepare kernel (FA4's
+    ``get_scheduler_metadata`` for calls that need none). Buffers are exposed as :class:`RawTensor`,
+    also under FA4's names (``num_m_blocks_ptr``, ...); fa4aot never computes FA4's batch-lookup
+    aid, so ``cu_total_m_blocks``, ``cu_total_splits_m_blocks`` and ``blocks_to_batch_idx`` are None.
     """
+
+    #: FA4's ``SchedulerMetadataTensorsTorch`` fields fa4aot never fills (its batch-lookup aid for
+    #: batches above BIN_BATCH_SEARCH_THRESH, and LPT sorting)
+    virtual_batch_idx_ptr = None
+    cu_total_m_blocks = None
+    cu_total_splits_m_blocks = None
+    blocks_to_batch_idx = None
 
     def __init__(
         self,
@@ -53,6 +67,7 @@ class SchedulerMetadata:
         tile_n: int = 128,
         semaphore: bool = True,
         split_policy: tuple[int, int, int] = (1, 0, 0),
+        prepare: bool = True,
         runtime: Runtime | None = None,
     ):
         if batch_size < 1:
@@ -76,6 +91,17 @@ class SchedulerMetadata:
             floor_ctas=split_policy[1],
             floor_blocks=split_policy[2],
         )
+        #: what the forward's dispatch key says of this metadata (fa4_interface.FwdFacts.caller_prepared)
+        self.kind: bool | str = True if prepare else UNPREPARED
+        self.num_splits: int | None = None
+        self._prepare: dict[tuple[bool, ...], Any] = {}
+        self.max_seqlen_q: int | None = None
+        self.max_seqlen_k: int | None = None
+        self._ptr = 0
+        if not prepare:
+            self.tile_count_semaphore = self.num_m_blocks = self.num_splits_dynamic = self.num_nheads_in_l2 = None
+            self.buffers: tuple[DeviceTensor | None, ...] = (None, None, None)
+            return
         b = batch_size
         n_vec = 3 if causal else 2
         drv = self.runtime.driver
@@ -94,10 +120,21 @@ class SchedulerMetadata:
             None if t is None else DeviceTensor(t.ptr, t.shape, t.strides, "int32", dev, "raw")
             for t in (self.num_splits_dynamic, self.tile_count_semaphore, self.num_nheads_in_l2)
         )
-        self.num_splits: int | None = None
-        self._prepare: dict[tuple[bool, ...], Any] = {}
-        self.max_seqlen_q: int | None = None
-        self.max_seqlen_k: int | None = None
+
+    @property
+    def num_m_blocks_ptr(self) -> RawTensor | None:
+        """FA4's name for :attr:`num_m_blocks`."""
+        return self.num_m_blocks
+
+    @property
+    def num_splits_dynamic_ptr(self) -> RawTensor | None:
+        """FA4's name for :attr:`num_splits_dynamic`."""
+        return self.num_splits_dynamic
+
+    @property
+    def num_nheads_in_l2_ptr(self) -> RawTensor | None:
+        """FA4's name for :attr:`num_nheads_in_l2`."""
+        return self.num_nheads_in_l2
 
     def compute(
         self,
@@ -111,7 +148,8 @@ class SchedulerMetadata:
         seqused_k: Any = None,
         stream: Any = None,
     ) -> SchedulerMetadata:
-        """Launch the prepare kernel to fill the buffers (and zero the semaphore) on ``stream``."""
+        """Launch the prepare kernel to fill the buffers (and zero the semaphore) on ``stream``
+        (without buffers: check the arguments and note them, launching nothing)."""
         rt = self.runtime
         dev, b = rt.device, self.batch_size
         named: dict[str, Any] = {}
@@ -127,6 +165,9 @@ class SchedulerMetadata:
             raise ArgumentError("give at least one of cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k")
         if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
             raise ArgumentError(f"num_splits must be an int >= 1, got {num_splits!r}")
+        if self.kind is not True:
+            self.num_splits, self.max_seqlen_q, self.max_seqlen_k = num_splits, max_seqlen_q, max_seqlen_k
+            return self
         for name in ("num_m_blocks", "num_splits_dynamic", "num_nheads_in_l2", "tile_count_semaphore"):
             t = getattr(self, name)
             if t is not None:
@@ -157,6 +198,8 @@ class SchedulerMetadata:
 
     def reset_semaphore(self, stream: Any = None) -> None:
         """Zero ``tile_count_semaphore`` on ``stream`` (stream-ordered, graph-capturable)."""
+        if self.tile_count_semaphore is None:
+            return
         self.runtime.driver.memset_d32(self.tile_count_semaphore.ptr, 0, 1, stream_handle(stream))
 
     def close(self) -> None:
@@ -170,3 +213,9 @@ class SchedulerMetadata:
             self.close()
         except Exception:
             pass
+
+
+def metadata_kind(md: Any) -> bool | str:
+    """What a forward's dispatch key records of its ``scheduler_metadata`` argument: False (none),
+    True (a prepare kernel's buffers) or :data:`fa4aot.core.fa4_interface.UNPREPARED`."""
+    return False if md is None else getattr(md, "kind", True)

@@ -40,7 +40,7 @@ from fa4aot.runtime import loader, validate
 from fa4aot.runtime.forward import WORKSPACE_SLOT_BYTES, analyse, check_metadata, workspace_slots
 from fa4aot.runtime.frameworks import default_stream, framework, transposed
 from fa4aot.runtime.loader import Runtime
-from fa4aot.runtime.metadata import SchedulerMetadata
+from fa4aot.runtime.metadata import SchedulerMetadata, metadata_kind
 from fa4aot.runtime.scales import NAMES as SCALE_NAMES
 from fa4aot.runtime.tensors import DeviceTensor, as_device_tensor, contiguous_strides, stream_handle
 
@@ -265,7 +265,7 @@ def prepare_forward(
     dev = rt.device
     fc = analyse(
         rt, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, softmax_scale, causal,
-        window_size, num_splits, pack_gqa, lse is not None, scheduler_metadata is not None, page_table, learnable_sink,
+        window_size, num_splits, pack_gqa, lse is not None, metadata_kind(scheduler_metadata), page_table, learnable_sink,
         softcap, scales=scales,
     )  # fmt: skip
     if scheduler_metadata is not None and cu_seqlens_q is None and seqused_q is None:

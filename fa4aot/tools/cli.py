@@ -1432,12 +1432,14 @@ def _config() -> dict[str, Any]:
     "--no-compile",
     is_flag=True,
     help="The workload calls FA4 on fake tensors (torch FakeTensorMode): record what it would compile through "
-    "FA4's _compile_misses probe, compiling nothing (no GPU, seconds instead of minutes).",
+    "FA4's _compile_misses probe, compiling nothing (no GPU, seconds instead of minutes); FA4's backward, which "
+    "has no such probe, is recorded and not called.",
 )
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 def record_cmd(output: Path, target: str | None, merge: bool, no_compile: bool, cmd: tuple[str, ...]) -> None:
-    """Run CMD (after --) and write a manifest covering every forward, combine and prepare
-    configuration it asked for, through FA4's own interface (flash_attn.cute) or fa4aot's API.
+    """Run CMD (after --) and write a manifest covering every forward, combine, prepare and
+    backward configuration it asked for, through FA4's own interface (flash_attn.cute) or
+    fa4aot's API.
     Configurations fa4aot cannot build are listed as comments saying why. The workload runs
     unchanged; the command exits with its exit code (128+N if signal N killed it). SIGINT, SIGTERM
     and SIGHUP go to the workload's process group, and what it recorded until then is written.

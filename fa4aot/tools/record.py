@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fa4aot.core.backward import BACKWARD_FAMILY, CALL_FIELDS, check_call
 from fa4aot.core.env import child_environ
 from fa4aot.core.errors import Fa4aotError
 from fa4aot.core.fa4_interface import codegen_fields
@@ -221,7 +222,24 @@ def prepare_fields(rec: dict[str, Any]) -> tuple[str, dict[str, Any]] | str:
     )
 
 
-MAPPERS = {"fwd": fwd_fields, "combine": combine_fields, "prepare": prepare_fields}
+def bwd_fields(rec: dict[str, Any]) -> tuple[str, dict[str, Any]] | str:
+    """(family, fields) of a recorded FA4 backward call (:func:`fa4aot.tools.record_hook.backward_record`:
+    fa4aot's call fields already), or why fa4aot cannot build it."""
+    if rec.get("refused"):
+        return "FA4's backward with " + ", ".join(rec["refused"])
+    arch = _arch(rec.get("device_arch"))
+    family = BACKWARD_FAMILY.get(arch or "")
+    if family is None:
+        return f"FA4's backward on arch {rec.get('device_arch')}: fa4aot builds the SM90 and SM100 backwards"
+    fields = dict(rec["key"])
+    if sorted(fields) != sorted(CALL_FIELDS):
+        return "a backward record of another fa4aot version"
+    if why := check_call(family, fields):
+        return why
+    return family, dict(fields, _arch=arch)
+
+
+MAPPERS = {"fwd": fwd_fields, "combine": combine_fields, "prepare": prepare_fields, "bwd": bwd_fields}
 
 
 @dataclass
@@ -239,7 +257,9 @@ class Recording:
         self.variants.setdefault(v.variant_id, v)
         if call:
             group = self.shapes.setdefault(v.variant_id, {})
-            for axis, value in _call_axes(call).items():
+            # a backward call's record holds its shapes only (record_hook.backward_shapes)
+            axes = call if FAMILIES[v.family].parts is not None else _call_axes(call)
+            for axis, value in axes.items():
                 if value not in group.setdefault(axis, []):
                     group[axis].append(value)
 
@@ -254,6 +274,8 @@ def _call_axes(call: dict[str, Any]) -> dict[str, Any]:
     out["pack_gqa"] = "auto" if call.get("pack_gqa") is None else bool(call["pack_gqa"])
     if call.get("page_size"):
         out["paged_kv"] = call["page_size"]
+    if call.get("scheduler_metadata"):
+        out["scheduler_metadata"] = call["scheduler_metadata"]
     if call.get("window"):  # an open side reaches past every sequence
         big = max(call["seqlen_q"], call["seqlen_k"])
         # FA4 takes a negative side (a window that stops short of the diagonal); the manifest's

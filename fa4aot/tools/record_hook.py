@@ -1,7 +1,8 @@
 """Installed by ``fa4aot record`` into the workload's interpreter (through a generated
 ``sitecustomize``): when ``flash_attn.cute.interface`` is imported, its forward, combine and
 scheduler-metadata JIT caches are wrapped so that every compile key FA4 looks up is appended, as
-JSON, to ``$FA4AOT_RECORD``. Lookups and results are unchanged: the wrapper only reads the key.
+JSON, to ``$FA4AOT_RECORD``, and so is each backward call (as fa4aot's backward call fields).
+Lookups and results are unchanged: the wrappers only read.
 
 The key's element names come from FA4's own source (the ``compile_key = (...)`` tuple of each
 function, :mod:`fa4aot.tools.fa4_keys`; FA4's FwdConfig becomes a dict of its fields), so the
@@ -73,6 +74,24 @@ def key_names(mod: Any) -> dict[str, list[str]]:
     return fa4_keys.key_names(inspect.getsource(mod))
 
 
+def _write(rec: dict[str, Any]) -> None:
+    """Append ``rec`` to the record file, once per distinct record in this process."""
+    line = json.dumps(rec, sort_keys=True)
+    with _lock:
+        if line in _seen:
+            return
+        _seen.add(line)
+    from fa4aot.core import env  # not at the top: the sitecustomize bootstrap loads this file first
+
+    path = env.get(RECORD_ENV)
+    if path:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
+
+
 class RecordingCache:
     """A JIT cache that appends each distinct key it is asked about to the record file."""
 
@@ -91,20 +110,7 @@ class RecordingCache:
             rec["call"] = getattr(_state, "call", None)
         if self._kind == "prepare":
             rec["device_arch"] = plain(self._arch())
-        line = json.dumps(rec, sort_keys=True)
-        with _lock:
-            if line in _seen:
-                return
-            _seen.add(line)
-        from fa4aot.core import env  # not at the top: the sitecustomize bootstrap loads this file first
-
-        path = env.get(RECORD_ENV)
-        if path:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                os.write(fd, (line + "\n").encode())
-            finally:
-                os.close(fd)
+        _write(rec)
 
     def __contains__(self, key: Any) -> bool:
         try:
@@ -154,6 +160,11 @@ def call_shapes(args: dict[str, Any]) -> dict[str, Any]:
     wl, wr = args.get("window_size_left"), args.get("window_size_right")
     if wl is not None or wr is not None:
         out["window"] = [wl, wr]
+    md = args.get("scheduler_metadata")
+    if md is not None and not args.get("disable_scheduler_metadata"):
+        # FA4's get_scheduler_metadata ran its prepare kernel, or (no split, not causal) returned no buffers
+        prepared = any(getattr(md, n, None) is not None for n in ("num_m_blocks_ptr", "tile_count_semaphore"))
+        out["scheduler_metadata"] = True if prepared else "unprepared"
     return out
 
 
@@ -174,6 +185,70 @@ def _wrap_forward(fn: Any) -> Any:
     return fwd
 
 
+#: What FA4's backward returns besides its gradients' inputs: (gradient argument, the input whose
+#: shape and dtype it has).
+_GRADS = (("dq", "q"), ("dk", "k"), ("dv", "v"))
+
+
+def _wrap_backward(fn: Any, arch: Any) -> Any:
+    """``_flash_attn_bwd`` that records its call: FA4 4.0.0b40 looks up its backward kernels in
+    several caches under keys of its own, so the record holds fa4aot's call fields instead
+    (:func:`fa4aot.core.backward.fa4_call_fields`) and the FA4 arguments fa4aot refuses. Under
+    ``--no-compile`` (fake tensors; FA4's backward has no ``_compile_misses`` probe and would
+    compile) FA4 is not called: the gradients are empty tensors of the right shapes."""
+    sig = inspect.signature(fn)
+
+    def bwd(*a: Any, **kw: Any) -> Any:
+        args: dict[str, Any] = {}
+        try:
+            bound = sig.bind(*a, **kw)
+            bound.apply_defaults()
+            args = bound.arguments
+            _write(backward_record(args, arch()))
+        except Exception as e:  # recording must never change the workload
+            print(f"fa4aot record: could not record a backward call: {e}", file=sys.stderr)
+        from fa4aot.core import env
+
+        if env.get(NO_COMPILE_ENV) != "1" or not args:
+            return fn(*a, **kw)
+        import torch
+
+        grads = [args[g] if args.get(g) is not None else torch.empty_like(args[t]) for g, t in _GRADS]
+        sink = args.get("learnable_sink")
+        return tuple(grads) if sink is None else (*grads, torch.empty_like(sink))
+
+    bwd.__wrapped__ = fn  # type: ignore[attr-defined]
+    bwd.compile_cache = getattr(fn, "compile_cache", None)  # type: ignore[attr-defined]
+    bwd._fa4aot_record = True  # type: ignore[attr-defined]
+    return bwd
+
+
+def backward_record(args: dict[str, Any], arch: Any) -> dict[str, Any]:
+    """The record line of one ``_flash_attn_bwd`` call (its bound arguments) on ``arch``."""
+    from fa4aot.core.backward import fa4_call_fields
+    from fa4aot.core.fa4_args import ENTRY_POINTS, REFUSED, is_default
+    from fa4aot.tools.fa4_keys import plain
+
+    refused = [
+        p.name
+        for p in ENTRY_POINTS["_flash_attn_bwd"]
+        if p.use == REFUSED and not is_default(args.get(p.name, p.default), p.default)
+    ]
+    rec = {"fa4": "bwd", "key": fa4_call_fields(args), "refused": refused, "device_arch": plain(arch)}
+    return dict(rec, call=backward_shapes(args))
+
+
+def backward_shapes(args: dict[str, Any]) -> dict[str, int]:
+    """The shapes of one ``_flash_attn_bwd`` call that FA4's backward selection reads (a group's
+    domain axes: SM100 folds query heads by them)."""
+    q, k = args["q"], args["k"]
+    cu_q, cu_k = args.get("cu_seqlens_q"), args.get("cu_seqlens_k")
+    batch = cu_q.shape[0] - 1 if cu_q is not None else q.shape[0]
+    seqlen_q = args.get("max_seqlen_q") or (q.shape[0] if cu_q is not None else q.shape[1])
+    seqlen_k = args.get("max_seqlen_k") or (k.shape[0] if cu_k is not None else k.shape[1])
+    return {"batch": int(batch), "seqlen_q": int(seqlen_q), "seqlen_k": int(seqlen_k), "nheads_kv": int(k.shape[-2])}
+
+
 def patch(mod: Any) -> None:
     """Wrap the JIT caches of FA4's interface module ``mod`` (and its forward, for call shapes)."""
     from fa4aot.core import env
@@ -192,6 +267,9 @@ def patch(mod: Any) -> None:
     fwd = getattr(mod, "_flash_attn_fwd", None)
     if fwd is not None and not getattr(fwd, "_fa4aot_record", False):
         mod._flash_attn_fwd = _wrap_forward(fwd)
+    bwd = getattr(mod, "_flash_attn_bwd", None)
+    if bwd is not None and not getattr(bwd, "_fa4aot_record", False):
+        mod._flash_attn_bwd = _wrap_backward(bwd, arch)
     utils = getattr(mod, "utils", None)
     make = getattr(utils, "create_softcap_scoremod", None)
     if make is not None and not getattr(make, "_fa4aot_record", False):

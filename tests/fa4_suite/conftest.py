@@ -18,7 +18,7 @@ With ``FA4AOT_FA4_SUITE=1``:
   ``FLASH_ATTENTION_ARCH`` (default sm_90a), ``torch.cuda.empty_cache`` / ``synchronize`` do
   nothing, and FA4 sees ``FLASH_ATTENTION_NUM_SMS`` SMs, so the module collects and, in FA4's
   fake-tensor mode (``FLASH_ATTENTION_FAKE_TENSOR=1``), its tests call FA4 on fake tensors: what
-  record.sh records. ``FA4SUITE_RECORD=1`` also replaces FA4's backward (see ``_fake_backward``).
+  record.sh records (FA4's backward is then recorded, not run, by ``fa4aot record --no-compile``).
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # learn_backward
 ENABLED = os.environ.get("FA4AOT_FA4_SUITE") == "1"
 
 if ENABLED:
@@ -117,45 +115,10 @@ def _count_compiles() -> None:
         cute.compile = CountingCompile()
 
 
-def _fake_backward() -> None:
-    """For the CPU record (FA4SUITE_RECORD=1, fake tensors): FA4's probe skips the forward's,
-    combine's and prepare's compiles, but its backward converts its fake tensors through DLPack and
-    compiles (minutes per kernel on a CPU), and ``fa4aot record`` does not learn it. So
-    ``_flash_attn_bwd`` is replaced by one that hands its call to learn_backward.py (the group
-    fa4aot's runtime will ask for, into the record log) and returns gradients of the right shapes."""
-    import inspect
-
-    import torch
-    from flash_attn.cute import interface as fa4
-
-    import learn_backward
-
-    bwd = fa4._flash_attn_bwd
-    sig = inspect.signature(bwd)
-
-    def flash_attn_bwd(*a, **kw):
-        bound = sig.bind(*a, **kw)
-        bound.apply_defaults()
-        args = bound.arguments
-        learn_backward.log_call(args)
-        grads = [args[n] if args.get(n) is not None else torch.empty_like(args[t]) for n, t in _GRADS]
-        sink = args.get("learnable_sink")
-        return tuple(grads) if sink is None else (*grads, torch.empty_like(sink))
-
-    flash_attn_bwd.__wrapped__ = bwd
-    flash_attn_bwd.compile_cache = bwd.compile_cache
-    fa4._flash_attn_bwd = flash_attn_bwd
-
-
-_GRADS = (("dq", "q"), ("dk", "k"), ("dv", "v"))
-
-
 def pytest_configure(config):
     if not ENABLED:
         return
     _count_compiles()
-    if os.environ.get("FA4SUITE_RECORD") == "1":
-        _fake_backward()
 
 
 class _Gated(pytest.File):

@@ -47,6 +47,11 @@ CASES = [
         "varlen-seqused",
         dict(seqs_q=[200, 77], seqs_k=[300, 90], used_q=[150, 77], used_k=[250, 60], h=16, hk=2, d=64, causal=True),
     ),  # fmt: skip
+    # batched q/k/v with seqused_q/k and no cu_seqlens (FA4's test_flash_attn_varlen_output does this)
+    (
+        "batched-seqused",
+        dict(b=3, sq=300, sk=410, used_q=[300, 1, 177], used_k=[410, 129, 3], h=8, hk=4, d=64, causal=True),
+    ),
 ]
 
 
@@ -99,10 +104,11 @@ def fa4aot_grads(c: dict, x: dict, runtime):
     """fa4aot's forward then fa4aot.flash_attn_backward."""
     kw = dict(causal=c.get("causal", False), window_size=c.get("window", (None, None)), softcap=c.get("softcap", 0.0),
               learnable_sink=x["sink"], return_lse=True, runtime=runtime)  # fmt: skip
-    if "seqs_q" in c:
+    if "seqs_q" in c or "used_q" in c:  # batched tensors with seqused go through the varlen entry, as in FA4
         out, lse = fa4aot.flash_attn_varlen_func(
-            x["q"], x["k"], x["v"], cu_seqlens_q=x["cu_q"], cu_seqlens_k=x["cu_k"], max_seqlen_q=max(c["seqs_q"]),
-            max_seqlen_k=max(c["seqs_k"]), seqused_q=x["su_q"], seqused_k=x["su_k"], **kw,
+            x["q"], x["k"], x["v"], cu_seqlens_q=x.get("cu_q"), cu_seqlens_k=x.get("cu_k"),
+            max_seqlen_q=max(c["seqs_q"]) if "seqs_q" in c else None,
+            max_seqlen_k=max(c["seqs_k"]) if "seqs_k" in c else None, seqused_q=x["su_q"], seqused_k=x["su_k"], **kw,
         )  # fmt: skip
     else:
         out, lse = fa4aot.flash_attn_func(x["q"], x["k"], x["v"], **kw)
