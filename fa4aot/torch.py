@@ -16,14 +16,17 @@ backward needs (FA4 does the same when an input requires grad).
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import torch
 
+from fa4aot.core.errors import ArgumentError
 from fa4aot.core.fa4_args import refuse
 from fa4aot.runtime import loader
 from fa4aot.runtime.backward import flash_attn_backward
 from fa4aot.runtime.forward import forward
+from fa4aot.runtime.metadata import SchedulerMetadata
 
 
 def _win(w: int) -> int | None:
@@ -32,6 +35,21 @@ def _win(w: int) -> int | None:
 
 #: How an absent window edge travels through the custom ops (their schema takes plain ints).
 _NONE = -(2**62)
+#: Scheduler metadata travels through the forward op as an int (its schema takes no Python
+#: objects): the id of a live fa4aot.SchedulerMetadata registered here (0: none).
+_METADATA: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+
+
+def _metadata_id(md: Any) -> int:
+    if md is None:
+        return 0
+    if not isinstance(md, SchedulerMetadata):
+        raise ArgumentError(
+            "scheduler_metadata must be a fa4aot.SchedulerMetadata (FA4's metadata tensors come from FA4's own "
+            "prepare kernel; get fa4aot's from get_scheduler_metadata)"
+        )
+    _METADATA[id(md)] = md
+    return id(md)
 
 
 def _fwd(
@@ -54,12 +72,17 @@ def _fwd(
     pack_gqa: bool | None,
     return_lse: bool,
     deterministic: bool,
+    requires_grad: bool,
+    metadata_id: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # return_lse only tells the autograd formula whether a gradient of the LSE is meaningful
+    md = _METADATA.get(metadata_id) if metadata_id else None
+    if metadata_id and md is None:
+        raise ArgumentError("scheduler_metadata: the SchedulerMetadata this call was traced with no longer exists")
     out, lse = forward(
         None, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
-        softmax_scale, causal, (_win(window_left), _win(window_right)), num_splits, pack_gqa, True, None, None,
-        None, None, learnable_sink, softcap,
+        softmax_scale, causal, (_win(window_left), _win(window_right)), num_splits, pack_gqa, True, None, md,
+        None, None, learnable_sink, softcap, requires_grad=requires_grad,
     )  # fmt: skip
     return out, lse
 
@@ -119,7 +142,7 @@ def _bwd_fake(dout, q, k, v, out, lse, dlse, *rest):
 _FWD_ARGS = (
     "q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k", "max_seqlen_q", "max_seqlen_k",
     "softmax_scale", "causal", "window_left", "window_right", "learnable_sink", "softcap", "num_splits", "pack_gqa",
-    "return_lse", "deterministic",
+    "return_lse", "deterministic", "requires_grad", "metadata_id",
 )  # fmt: skip
 
 
@@ -150,7 +173,29 @@ def _backward(ctx: Any, dout: torch.Tensor | None, dlse: torch.Tensor | None) ->
     )  # fmt: skip
     dq, dk, dv = grads[:3]
     dsink = grads[3] if sink is not None else None
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, dsink, None, None, None, None, None
+    return (
+        dq,
+        dk,
+        dv,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        dsink,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -169,7 +214,7 @@ _LIB.define(
     "fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_q, "
     "Tensor? seqused_k, int? max_seqlen_q, int? max_seqlen_k, float softmax_scale, bool causal, int window_left, "
     "int window_right, Tensor? learnable_sink, float softcap, int num_splits, bool? pack_gqa, bool return_lse, "
-    "bool deterministic) -> (Tensor, Tensor)"
+    "bool deterministic, bool requires_grad, int metadata_id) -> (Tensor, Tensor)"
 )
 _LIB.define(
     "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, Tensor? cu_seqlens_q, "
@@ -186,14 +231,16 @@ torch.library.register_autograd("fa4aot::fwd", _backward, setup_context=_setup_c
 
 def _call(
     q, k, v, cu_q, cu_k, su_q, su_k, max_q, max_k, softmax_scale, causal, window_size, learnable_sink, softcap,
-    num_splits, pack_gqa, return_lse, deterministic,
+    num_splits, pack_gqa, return_lse, deterministic, scheduler_metadata=None,
 ):  # fmt: skip
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
     wl, wr = (None, None) if window_size is None else window_size
+    # FA4 selects a training forward when an input requires grad (interface.py 659-661)
+    requires_grad = any(t is not None and t.requires_grad for t in (q, k, v, learnable_sink))
     out, lse = torch.ops.fa4aot.fwd(
         q, k, v, cu_q, cu_k, su_q, su_k, max_q, max_k, scale, bool(causal), _NONE if wl is None else int(wl),
         _NONE if wr is None else int(wr), learnable_sink, float(softcap or 0.0), int(num_splits), pack_gqa,
-        bool(return_lse), bool(deterministic),
+        bool(return_lse), bool(deterministic), requires_grad, _metadata_id(scheduler_metadata),
     )  # fmt: skip
     return out, (lse if return_lse else None)
 
@@ -273,11 +320,12 @@ def flash_attn_varlen_func(
     scales: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """FA4's differentiable ``flash_attn_varlen_func`` (packed sequences with ``cu_seqlens_q`` /
-    ``cu_seqlens_k``, optional ``seqused_q`` / ``seqused_k``); a paged KV cache has no backward."""
+    ``cu_seqlens_k``, optional ``seqused_q`` / ``seqused_k``; ``scheduler_metadata`` from
+    ``get_scheduler_metadata`` serves the forward); a paged KV cache has no backward."""
     refuse("flash_attn_varlen_func", locals(), autograd=True)
     return _call(
         q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-        window_size, learnable_sink, softcap, num_splits, pack_gqa, return_lse, deterministic,
+        window_size, learnable_sink, softcap, num_splits, pack_gqa, return_lse, deterministic, scheduler_metadata,
     )  # fmt: skip
 
 

@@ -832,3 +832,32 @@ def test_the_wheel_installs_the_pth_line(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     with zipfile.ZipFile(wheel) as z:
         assert z.read(dropin.PTH_NAME).decode() == dropin.PTH_LINE
+
+
+def test_autograd_op_carries_scheduler_metadata_and_requires_grad(monkeypatch):
+    """FA4's differentiable varlen function takes scheduler_metadata (its forward reads it) and
+    selects a training forward when an input requires grad: fa4aot's autograd op hands both to
+    the runtime's forward."""
+    torch = pytest.importorskip("torch")
+    import fa4aot.torch as ft
+
+    seen = {}
+
+    def fake_forward(*a, **kw):
+        seen.update(metadata=a[17], requires_grad=kw.get("requires_grad"))
+        q, v = a[1], a[3]
+        return q.new_zeros((*q.shape[:-1], v.shape[-1])), q.new_zeros((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+    monkeypatch.setattr(ft, "forward", fake_forward)
+    md = SchedulerMetadata.__new__(SchedulerMetadata)  # a metadata object; the op only passes it on
+    q = torch.zeros(10, 4, 64, requires_grad=True)
+    cu = torch.tensor([0, 10], dtype=torch.int32)
+    ft._fwd(q, q, q, cu, cu, None, None, 10, 10, 0.125, False, ft._NONE, ft._NONE, None, 0.0, 1, None, False, False,
+            True, ft._metadata_id(md))  # fmt: skip
+    assert seen == {"metadata": md, "requires_grad": True}
+    with pytest.raises(ArgumentError, match="must be a fa4aot.SchedulerMetadata"):
+        ft._metadata_id(object())
+    gone = ft._metadata_id(SchedulerMetadata.__new__(SchedulerMetadata))  # collected right away
+    with pytest.raises(ArgumentError, match="no longer exists"):
+        ft._fwd(q, q, q, cu, cu, None, None, 10, 10, 0.125, False, ft._NONE, ft._NONE, None, 0.0, 1, None, False,
+                False, True, gone)  # fmt: skip

@@ -111,7 +111,7 @@ FLASH_ATTN_VARLEN_FUNC = (
     _p("softmax_scale", None), _p("causal", False), _p("window_size", (None, None)), _p("learnable_sink", None),
     _p("softcap", 0.0), _p("num_splits", 1), _p("pack_gqa", None), _FWD_DETERMINISTIC,
     *_refused("score_mod", "score_mod_bwd", "mask_mod", "block_sparse_tensors", "aux_tensors", "aux_scalars"),
-    _p("return_lse", False), _p("scheduler_metadata", None, INFERENCE, NO_BACKWARD), *_refused("seqlen_k_per_split"),
+    _p("return_lse", False), _p("scheduler_metadata", None), *_refused("seqlen_k_per_split"),
     _p("disable_scheduler_metadata", False, REFUSED), _p("gather_bwd_recompute_p", False, REFUSED),
     *_refused("gather_bwd_token_chunk"), _p("config", None, INFERENCE, NO_BACKWARD),
     _p("scales", None, INFERENCE, "FP8 and MXFP8 are forward-only"),

@@ -69,8 +69,6 @@ def _check_forward_common(f: dict[str, Any]) -> str | None:
         return "causal and local are exclusive (FA4 resolves a causal window to causal)"
     if f["_page_size"] is not None and f["varlen_k"]:
         return "FA4 does not take page_table with cu_seqlens_k (paged KV is indexed per batch entry)"
-    if f["scheduler_metadata"] and not (f["varlen_q"] or f["seqused_q"]):
-        return "scheduler_metadata is for varlen queries (cu_seqlens_q or seqused_q)"
     return None
 
 

@@ -513,6 +513,8 @@ def call_group(f: fi.FwdFacts, knobs: fi.Knobs = fi.NO_KNOBS, config: Any = None
     }
     if f.varlen_q:  # FA4 routes padded varlen batches differently (its dynamic varlen scheduler)
         out["total_q"] = [f.total_q]
+    if f.caller_metadata:
+        out["scheduler_metadata"] = [True if f.caller_prepared else fi.UNPREPARED]
     if f.page_size is not None:
         out["paged_kv"] = [f.page_size]
     if f.requested_tile is not None:

@@ -128,7 +128,7 @@ def flash_attn_varlen_func(
     scales: Any = None,
 ) -> tuple[Any, Any]:
     """FA4's ``flash_attn_varlen_func``: ``(out, lse)``, differentiable when an input requires grad
-    (a paged KV cache and scheduler metadata are inference paths, as in FA4)."""
+    (a paged KV cache is an inference path, as in FA4)."""
     if needs_autograd(q, k, v, learnable_sink):
         refuse("flash_attn_varlen_func", locals(), autograd=True)  # inference-only FA4 paths
         return _fa4aot_torch().flash_attn_varlen_func(

@@ -594,8 +594,6 @@ def forward(
         rt, q, k, v, cu_q, cu_k, max_q, max_k, su_q, su_k, softmax_scale, causal, window_size, num_splits, pack_gqa,
         return_lse, metadata_kind(metadata), page_table, learnable_sink, softcap, requires_grad, config, requests, scales,
     )  # fmt: skip
-    if metadata is not None and cu_q is None and su_q is None:
-        raise ArgumentError("scheduler_metadata is for varlen queries (cu_seqlens_q or seqused_q)")
     s = default_stream(q) if stream is None else stream_handle(stream)
     out_shape = (*fc.rows, fc.nheads, fc.head_dim_v)
     out, od, lse, ld = _outputs(rt, fc, q, out, lse, return_lse, out_shape)

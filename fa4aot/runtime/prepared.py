@@ -268,8 +268,6 @@ def prepare_forward(
         window_size, num_splits, pack_gqa, lse is not None, metadata_kind(scheduler_metadata), page_table, learnable_sink,
         softcap, scales=scales,
     )  # fmt: skip
-    if scheduler_metadata is not None and cu_seqlens_q is None and seqused_q is None:
-        raise ArgumentError("scheduler_metadata is for varlen queries (cu_seqlens_q or seqused_q)")
     if fc.lv is None:
         raise ArgumentError(
             "prepare_forward: the call has no keys or no queries (an empty q, k or page pool); "

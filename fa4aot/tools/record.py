@@ -26,8 +26,9 @@ from typing import Any
 from fa4aot.core.backward import BACKWARD_FAMILY, CALL_FIELDS, check_call
 from fa4aot.core.env import child_environ
 from fa4aot.core.errors import Fa4aotError
-from fa4aot.core.fa4_interface import codegen_fields
+from fa4aot.core.fa4_interface import FwdFacts, codegen_fields
 from fa4aot.core.families import FAMILIES
+from fa4aot.core.fwd import call_group
 from fa4aot.core.manifest_text import render_manifest
 from fa4aot.core.targets import ARCHES, MODELS, arch_of_compute_capability
 from fa4aot.core.variant import FORWARD_FAMILY, Variant
@@ -267,15 +268,22 @@ class Recording:
         self.unsupported[(what, why)] = self.unsupported.get((what, why), 0) + 1
 
 
+#: FwdFacts fields a recorded call does not carry (its variant holds them; call_group reads none)
+_NOT_RECORDED = dict(arch=0, num_sms=0, dtype="bf16", head_dim=0, head_dim_v=0, num_heads=0, total_k=0)
+
+
 def _call_axes(call: dict[str, Any]) -> dict[str, Any]:
-    """A recorded call's shapes and requests as forward manifest axes (one value each)."""
+    """A recorded call's shapes and requests as forward manifest axes (one value each): the axes
+    fa4aot's own miss lines name (:func:`fa4aot.core.fwd.call_group`)."""
+    if "q_capacity" in call:  # record_hook.call_shapes: FwdFacts names
+        f = FwdFacts(**_NOT_RECORDED, **{k: tuple(v) if isinstance(v, list) else v for k, v in call.items()})
+        return {axis: values[0] for axis, values in call_group(f).items()}
+    # the record format before fa4aot 0.1's FwdFacts names (a record log written by an older hook)
     out: dict[str, Any] = {k: call[k] for k in ("batch", "seqlen_q", "seqlen_k", "nheads_kv")}
     out["num_splits"] = "auto" if call.get("num_splits", 1) < 1 else call.get("num_splits", 1)
     out["pack_gqa"] = "auto" if call.get("pack_gqa") is None else bool(call["pack_gqa"])
     if call.get("page_size"):
         out["paged_kv"] = call["page_size"]
-    if call.get("scheduler_metadata"):
-        out["scheduler_metadata"] = call["scheduler_metadata"]
     if call.get("window"):  # an open side reaches past every sequence
         big = max(call["seqlen_q"], call["seqlen_k"])
         # FA4 takes a negative side (a window that stops short of the diagonal); the manifest's

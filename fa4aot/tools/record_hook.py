@@ -130,8 +130,9 @@ class RecordingCache:
 
 
 def call_shapes(args: dict[str, Any]) -> dict[str, Any]:
-    """The shapes and requests of one ``_flash_attn_fwd`` call (its bound arguments): what a
-    manifest group needs to make FA4 select the call's kernel again."""
+    """The shapes and requests of one ``_flash_attn_fwd`` call (its bound arguments), named as
+    :class:`fa4aot.core.fa4_interface.FwdFacts` names them: :func:`fa4aot.core.fwd.call_group`
+    turns them into the manifest axes that make FA4 select the call's kernel again."""
     q, k = args["q"], args["k"]
     cu_q, cu_k, page_table = args.get("cu_seqlens_q"), args.get("cu_seqlens_k"), args.get("page_table")
     seqused_k = args.get("seqused_k")
@@ -142,29 +143,40 @@ def call_shapes(args: dict[str, Any]) -> dict[str, Any]:
         batch = cu_k.shape[0] - 1
     elif seqused_k is not None and cu_q is None:
         batch = seqused_k.shape[0]
-    seqlen_q = args.get("max_seqlen_q") or (q.shape[0] if cu_q is not None else q.shape[1])
+    q_capacity = q.shape[0] if cu_q is not None else q.shape[1]
     if page_table is not None:
-        seqlen_k = args.get("max_seqlen_k") or page_table.shape[1] * k.shape[1]
+        k_capacity = page_table.shape[1] * k.shape[1]
     else:
-        seqlen_k = args.get("max_seqlen_k") or (k.shape[0] if cu_k is not None else k.shape[1])
+        k_capacity = k.shape[0] if cu_k is not None else k.shape[1]
     out = {
         "batch": int(batch),
-        "seqlen_q": int(seqlen_q),
-        "seqlen_k": int(seqlen_k),
-        "nheads_kv": int(k.shape[-2]),
+        "q_capacity": int(q_capacity),
+        "k_capacity": int(k_capacity),
+        "total_q": int(q_capacity if cu_q is not None else batch * q_capacity),
+        "max_seqlen_q": args.get("max_seqlen_q"),
+        "max_seqlen_k": args.get("max_seqlen_k"),
+        "num_heads_kv": int(k.shape[-2]),
+        "varlen_q": cu_q is not None,
         "num_splits": int(args.get("num_splits", 1)),
         "pack_gqa": args.get("pack_gqa"),
+        "window_left": args.get("window_size_left"),
+        "window_right": args.get("window_size_right"),
+        # FA4: any input requiring grad selects a training forward (interface.py 659-661)
+        "requires_grad": any(
+            getattr(args.get(n), "requires_grad", False) for n in ("q", "k", "v", "qv", "learnable_sink")
+        ),
     }
     if page_table is not None:
         out["page_size"] = int(k.shape[1])
-    wl, wr = args.get("window_size_left"), args.get("window_size_right")
-    if wl is not None or wr is not None:
-        out["window"] = [wl, wr]
+    if args.get("tile_mn") is not None:
+        out["requested_tile"] = list(args["tile_mn"])
+    if args.get("mma_pv_is_rs") is not None:
+        out["requested_mma_pv_is_rs"] = bool(args["mma_pv_is_rs"])
     md = args.get("scheduler_metadata")
     if md is not None and not args.get("disable_scheduler_metadata"):
         # FA4's get_scheduler_metadata ran its prepare kernel, or (no split, not causal) returned no buffers
         prepared = any(getattr(md, n, None) is not None for n in ("num_m_blocks_ptr", "tile_count_semaphore"))
-        out["scheduler_metadata"] = True if prepared else "unprepared"
+        out["caller_metadata"], out["caller_prepared"] = True, prepared
     return out
 
 
