@@ -291,3 +291,22 @@ def test_record_learns_fa4s_backward_calls(tmp_path):
     variants = manifest.load(out).variants
     mains = [pv.variant for pv in variants if pv.variant.family == "bwd_sm100"]
     assert mains and all(v.fields["seqused_q"] and not v.fields["varlen_q"] for v in mains)
+
+
+def test_merge_keeps_backward_groups(recorded, tmp_path):
+    """--merge into a manifest with backward groups keeps them as written (their expansion is
+    kernels, not calls) and adds no duplicate when the same backward calls are recorded again."""
+    script = tmp_path / "bwd.py"
+    script.write_text(_BWD_WORKLOAD)
+    m = tmp_path / "m.yaml"
+    env = dict(os.environ, **SM100)
+    run_cli("record", "--no-compile", "-o", str(m), "--", sys.executable, str(script), env=env)
+    bwd = {pv.variant.variant_id for pv in manifest.load(m).variants}
+    (tmp_path / "a.json").write_text(json.dumps(CASES))
+    run_cli("record", "--merge", "-o", str(m), "--", sys.executable, WORKLOAD, "fa4", str(tmp_path / "a.json"), env=env)
+    run_cli("record", "--merge", "--no-compile", "-o", str(m), "--", sys.executable, str(script), env=env)
+    assert ids(m) == bwd | expected(CASES)
+    assert (
+        m.read_text().count("bwd_sm100:") == 1
+        and yaml.safe_load(m.read_text())["targets"][0]["families"]["bwd_sm100"].__len__() == 1
+    )

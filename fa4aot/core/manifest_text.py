@@ -139,13 +139,20 @@ def render_manifest(
     notes: Iterable[str] = (),
     group_prefix: str = "recorded",
     shapes: dict[str, dict[str, list[Any]]] | None = None,
+    groups: Iterable[tuple[str, int, str, dict[str, list[Any]]]] = (),
 ) -> str:
     """A manifest (``targets:`` form) building ``variants``: one target per (arch, SM count),
     grouped and merged; ``notes`` become trailing comments; ``shapes``: per forward or backward
-    variant id, the shapes (and requests) of the calls it served, pinned in its group."""
+    variant id, the shapes (and requests) of the calls it served, pinned in its group;
+    ``groups``: (arch, SM count, family, group) kept as they are (the groups of a manifest
+    merged into: re-rendering them from their expansion would lose their shapes)."""
     by_target: dict[tuple[str, int], dict[str, list[Variant]]] = {}
     for v in {v.variant_id: v for v in variants}.values():
         by_target.setdefault((v.arch, v.num_sms), {}).setdefault(v.family, []).append(v)
+    kept: dict[tuple[str, int, str], list[dict[str, list[Any]]]] = {}
+    for arch, sms, family, group in groups:
+        by_target.setdefault((arch, sms), {}).setdefault(family, [])
+        kept.setdefault((arch, sms, family), []).append(group)
     out = [f"# {line}" if line else "#" for line in header.splitlines()]
     out.append("targets:" if by_target else "targets: []")
     for arch, sms in sorted(by_target):
@@ -154,8 +161,8 @@ def render_manifest(
         out.append("    families:")
         for family in sorted(by_target[(arch, sms)]):
             vs = sorted(by_target[(arch, sms)][family], key=lambda v: v.label())
-            groups = [minimal_group(v, (shapes or {}).get(v.variant_id)) for v in vs]
-            unique = list({json.dumps(g, sort_keys=True): g for g in groups}.values())
+            made = kept.get((arch, sms, family), []) + [minimal_group(v, (shapes or {}).get(v.variant_id)) for v in vs]
+            unique = list({json.dumps(g, sort_keys=True): g for g in made}.values())
             merged = merge_groups(family, arch, sms, unique)
             out.append(f"      {family}:")
             for i, g in enumerate(sorted(merged, key=lambda g: json.dumps(g, sort_keys=True))):
@@ -163,3 +170,28 @@ def render_manifest(
     for n in notes:
         out.append(f"# {n}")
     return "\n".join(out) + "\n"
+
+
+def kept_groups(doc: Any) -> list[tuple[str, int, str, dict[str, list[Any]]]]:
+    """The groups of a parsed manifest (``target:`` or ``targets:`` form), as
+    :func:`render_manifest` keeps them: (arch, SM count, family, axis -> values)."""
+    targets = doc.get("targets") or [doc] if isinstance(doc, dict) else []
+    out = []
+    for t in targets:
+        target = t.get("target") or {}
+        for family, groups in (t.get("families") or {}).items():
+            if family not in FAMILIES:
+                continue
+            for g in groups if isinstance(groups, list) else [groups]:
+                axes = {k: v for k, v in g.items() if k != "name"}
+                out.append(
+                    (target["arch"], target["num_sms"], family, {k: _values(family, k, v) for k, v in axes.items()})
+                )
+    return out
+
+
+def _values(family: str, axis: str, v: Any) -> list[Any]:
+    """A group's axis value as the list of its values (a pair axis's scalar is one pair)."""
+    if not isinstance(v, list) or (_pair_axis(family, axis) and v and not isinstance(v[0], list)):
+        return [v]
+    return v

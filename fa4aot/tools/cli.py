@@ -1450,6 +1450,7 @@ def record_cmd(output: Path, target: str | None, merge: bool, no_compile: bool, 
     import time
 
     from fa4aot.compile import manifest as manifest_mod
+    from fa4aot.core.manifest_text import kept_groups
     from fa4aot.tools.record import exit_on_signals, manifest_text, python_cmd, read_log, run_recorded
 
     # SIGTERM/SIGHUP unwind (the temporary directory goes) instead of killing record outright
@@ -1458,8 +1459,9 @@ def record_cmd(output: Path, target: str | None, merge: bool, no_compile: bool, 
         try:
             rc = run_recorded(python_cmd(list(cmd)), log, no_compile=no_compile)
             rec = read_log([log] if log.exists() else [], target)
-            existing = []
-            if merge and output.exists():
+            existing, kept = [], []
+            if merge and output.exists():  # its groups stay as written (their shapes with them)
+                kept = kept_groups(manifest_mod.parse_yaml(output.read_bytes(), str(output)))
                 existing = [pv.variant for pv in manifest_mod.load(output).variants]
             header = f"recorded by fa4aot record on {time.strftime('%Y-%m-%d')}: {shlex.join(cmd)}"
             if merge and existing:
@@ -1477,7 +1479,7 @@ def record_cmd(output: Path, target: str | None, merge: bool, no_compile: bool, 
                     err=True,
                 )
                 sys.exit(rc or 1)
-            text = manifest_text(rec, header, target, existing)
+            text = manifest_text(rec, header, target, kept, [v.variant_id for v in existing])
             output.parent.mkdir(parents=True, exist_ok=True)
             staged = Path(tmp) / "manifest.yaml"
             staged.write_text(text)

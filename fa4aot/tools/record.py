@@ -342,15 +342,23 @@ def read_log(paths: Iterable[Path], target: str | None = None) -> Recording:
     return out
 
 
-def manifest_text(rec: Recording, header: str, target: str | None = None, existing: Iterable[Variant] = ()) -> str:
-    """The manifest building ``existing`` plus everything recorded; unbuildable configurations
-    become comments saying why."""
+def manifest_text(
+    rec: Recording,
+    header: str,
+    target: str | None = None,
+    kept: Iterable[tuple[str, int, str, dict[str, list[Any]]]] = (),
+    have: Iterable[str] = (),
+) -> str:
+    """The manifest building everything recorded; unbuildable configurations become comments
+    saying why. Merging: ``kept``, the groups of the manifest merged into, stay as written, and
+    recorded variants among ``have`` (the ids those groups build) are not added again."""
     names = {}
     if target:
         names[TARGETS[target]] = target
     notes = [f"not buildable by fa4aot: {what}: {why}" for what, why in sorted(rec.unsupported)]
-    variants = list(existing) + list(rec.variants.values())
-    return render_manifest(variants, header=header, names=names, notes=notes, shapes=rec.shapes)
+    have = set(have)
+    variants = [v for v in rec.variants.values() if v.variant_id not in have]
+    return render_manifest(variants, header=header, names=names, notes=notes, shapes=rec.shapes, groups=kept)
 
 
 #: Signals ``fa4aot record`` passes on to the workload's process group. The workload runs in a
