@@ -35,6 +35,7 @@ _LAZY = {
     "Prepared": ("fa4aot.runtime.prepared", "Prepared"),
     "Fa4aotError": ("fa4aot.core.errors", "Fa4aotError"),
     "ArgumentError": ("fa4aot.core.errors", "ArgumentError"),
+    "FA4RejectsError": ("fa4aot.core.errors", "FA4RejectsError"),
     "VariantNotFoundError": ("fa4aot.core.errors", "VariantNotFoundError"),
     "DeviceMismatchError": ("fa4aot.core.errors", "DeviceMismatchError"),
     "CorruptArtifactError": ("fa4aot.core.errors", "CorruptArtifactError"),

@@ -14,6 +14,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -772,20 +773,24 @@ def test_get_scheduler_metadata_runs_the_prepare_kernel_when_fa4_does(built_cach
 
 def test_unprepared_metadata_selects_fa4s_kernel_without_metadata_buffers():
     """A forward given metadata without buffers runs the kernel FA4 compiles for it: no split
-    counts, no tile semaphore, no nheads-in-L2 (FA4's compile key flags all false)."""
+    counts, no tile semaphore, no nheads-in-L2 (FA4's compile key flags all false). FA4's SM90
+    kernel takes no metadata at all (its key still names it): fa4aot builds the one kernel."""
     from fa4aot.core import fa4_interface as rules
     from fa4aot.core import selector
 
     sel = selector.installed()
-    base = dict(arch=90, num_sms=132, dtype="bf16", head_dim=128, head_dim_v=128, num_heads=16, num_heads_kv=4,
-                batch=8, total_q=4096, total_k=4096, q_capacity=4096, k_capacity=4096, max_seqlen_q=512,
-                max_seqlen_k=512, causal=False, varlen_q=True, varlen_k=True)  # fmt: skip
-    for prepared in (True, False):
-        f = rules.FwdFacts(**base, caller_metadata=True, caller_semaphore=prepared, caller_prepared=prepared)
-        inputs = rules.fwd_inputs(sel, f)
-        plan = rules.fwd_plan(sel, sel.select_fwd_config(inputs), inputs, f)
-        got = (plan.num_splits_dynamic, plan.tile_count_semaphore, plan.num_nheads_in_l2)
-        assert got == ((True, True, False) if prepared else (False, False, False)), (prepared, got)
+    base = dict(dtype="bf16", head_dim=128, head_dim_v=128, num_heads=16, num_heads_kv=4, batch=8, total_q=4096,
+                total_k=4096, q_capacity=4096, k_capacity=4096, max_seqlen_q=512, max_seqlen_k=512, causal=False,
+                varlen_q=True, varlen_k=True)  # fmt: skip
+    for arch, num_sms in ((100, 148), (90, 132)):
+        for prepared in (True, False):
+            f = rules.FwdFacts(arch=arch, num_sms=num_sms, **base, caller_metadata=True, caller_semaphore=prepared,
+                               caller_prepared=prepared)  # fmt: skip
+            inputs = rules.fwd_inputs(sel, f)
+            plan = rules.fwd_plan(sel, sel.select_fwd_config(inputs), inputs, f)
+            got = (plan.num_splits_dynamic, plan.tile_count_semaphore, plan.num_nheads_in_l2)
+            want = (True, True, False) if prepared and arch == 100 else (False, False, False)
+            assert got == want, (arch, prepared, got)
 
 
 def test_inference_calls_detach_tensors_that_require_grad(monkeypatch):
@@ -861,3 +866,24 @@ def test_autograd_op_carries_scheduler_metadata_and_requires_grad(monkeypatch):
     with pytest.raises(ArgumentError, match="no longer exists"):
         ft._fwd(q, q, q, cu, cu, None, None, 10, 10, 0.125, False, ft._NONE, ft._NONE, None, 0.0, 1, None, False,
                 False, True, gone)  # fmt: skip
+
+
+@pytest.mark.parametrize("head_dim", [4, 148, 288])
+def test_head_dims_fa4_asserts_on_raise_what_fa4_raises(built_cache, head_dim):
+    """FA4 checks head dims first, with an assert (its own test expects AssertionError and its
+    message): fa4aot raises FA4RejectsError, an ArgumentError and an AssertionError, with FA4's
+    words, even where a stride check would fail first (head_dim 4 and 148: unaligned rows)."""
+    from fake_driver import FakeDriver
+
+    from fa4aot.core.errors import FA4RejectsError
+    from fa4aot.runtime.loader import Runtime
+    from fa4aot.runtime.tensors import RawTensor
+
+    rt = Runtime(built_cache, driver=FakeDriver(cc=(9, 0), num_sms=132))
+    q = RawTensor(0x7F40_0000_0000, (1, 64, 4, head_dim), "bf16")
+    with pytest.raises(
+        AssertionError, match=re.escape(f"(head_dim, head_dim_v)=({head_dim}, {head_dim}) is not supported on SM")
+    ) as e:
+        fa4aot.flash_attn_func(q, q, q, runtime=rt)
+    assert isinstance(e.value, FA4RejectsError) and isinstance(e.value, ArgumentError)
+    assert rt.driver.launches == []

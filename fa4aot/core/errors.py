@@ -51,6 +51,11 @@ class ArgumentError(Fa4aotError, ValueError):
     """A launch argument has the wrong dtype, shape, stride, alignment or device."""
 
 
+class FA4RejectsError(ArgumentError, AssertionError):
+    """FA4's interface rejects this call with an assertion (its head-dim check, interface.py
+    134-151): an AssertionError too, as FA4's is, so callers that catch FA4's error catch it."""
+
+
 class PlanError(Fa4aotError):
     """A launch plan could not be loaded or called, or recorded something unexpected."""
 

@@ -23,6 +23,13 @@ BIN_BATCH_SEARCH_THRESH = 256
 UNPREPARED = "unprepared"
 
 
+def kernel_takes_metadata(arch_major: int) -> bool:
+    """FA4 4.0.0b40 ``interface.py`` 1690-1712: only its SM100-family forwards (10.x, 11.x) get the
+    scheduler metadata tensors; the SM80 / SM90 / SM120 kernels take none (their compile key
+    still names them, so FA4 compiles one identical kernel per combination: fa4aot builds one)."""
+    return arch_major in (10, 11)
+
+
 def needs_prepare_kernel(num_splits: int, causal: bool) -> bool:
     """FA4 4.0.0b40 ``interface.py`` 4381-4382 (``_get_scheduler_metadata``): the prepare kernel
     runs for split-KV or causal calls (or LPT sort, which FA4 does not implement); otherwise the
@@ -320,6 +327,8 @@ def fwd_plan(sel: Any, config: Any, inputs: Any, f: FwdFacts) -> FwdPlan:
         nsd = sem = l2 = False
     if config.use_swapab:
         sem = l2 = False
+    if not kernel_takes_metadata(f.arch // 10):
+        nsd = sem = l2 = False
     workspace = f.arch // 10 in (9, 10, 11) and f.page_size is None and (f.varlen_k or f.seqused_k)
     return FwdPlan(config.num_splits, prepare, prepare_semaphore, route, nsd, sem, l2, workspace)
 

@@ -20,7 +20,8 @@ from typing import Any, NamedTuple
 from fa4aot.core import fa4_interface as fi
 from fa4aot.core import fwd
 from fa4aot.core.bounded import BoundedDict
-from fa4aot.core.errors import ArgumentError
+from fa4aot.core.errors import ArgumentError, FA4RejectsError
+from fa4aot.core.targets import ARCHES
 from fa4aot.core.variant import FORWARD_FAMILY, Variant
 
 #: Shapes a rule remembers its decision for (a model's calls repeat a handful of shapes; a
@@ -154,10 +155,16 @@ class ForwardRule:
         try:
             return fwd.decide(self.sel, self.facts(shape), self.knobs, s.softcap, s.learnable_sink, s.config)
         except (ValueError, AssertionError) as e:
-            raise ArgumentError(f"FA4 rejects this call: {e}") from None
+            fa4_asserts = isinstance(e, AssertionError) or head_dims_rejected(s.arch, s.head_dim, s.head_dim_v, s.dtype)
+            raise (FA4RejectsError if fa4_asserts else ArgumentError)(f"FA4 rejects this call: {e}") from None
 
     def variant(self, fields: dict[str, Any]) -> Variant:
         return Variant.make(self.family, self.s.arch, self.s.num_sms, **fields)
+
+
+def head_dims_rejected(arch: str, head_dim: int, head_dim_v: int, dtype: str) -> str | None:
+    """FA4's head-dim assertion for a forward on ``arch`` (fa4_interface.head_dims_problem), or None."""
+    return fi.head_dims_problem(ARCHES[arch].compute_capability[0], head_dim, head_dim_v, dtype)
 
 
 def decide(sel: Any, s: StaticCall, shape: Shape, knobs: fi.Knobs = fi.NO_KNOBS) -> fwd.Decision:

@@ -23,7 +23,7 @@ import struct
 from typing import Any, NamedTuple
 
 from fa4aot.core import fwd
-from fa4aot.core.errors import ArgumentError
+from fa4aot.core.errors import ArgumentError, FA4RejectsError
 from fa4aot.core.fa4_args import refuse
 from fa4aot.core.fa4_interface import (
     TENSORMAP_WORDS,
@@ -38,7 +38,7 @@ from fa4aot.core.tuning import bucket
 from fa4aot.runtime import loader, validate
 from fa4aot.runtime.combine import combine
 from fa4aot.runtime.combine import pick as pick_combine
-from fa4aot.runtime.dispatch import ForwardRule, Pick, Shape, StaticCall
+from fa4aot.runtime.dispatch import ForwardRule, Pick, Shape, StaticCall, head_dims_rejected
 from fa4aot.runtime.driver import CudaError
 from fa4aot.runtime.frameworks import alloc_like, default_stream, framework, transposed
 from fa4aot.runtime.loader import Runtime
@@ -412,9 +412,14 @@ def _qkv(
         raise ArgumentError(f"q: dtype must be bf16, fp16, e4m3 or e5m2 (FP8: SM100-family only), got {dtype}")
     if kd[3] != dtype or (vd[3] != dtype and not scaled):
         raise ArgumentError(f"q, k and v must share one dtype, got {dtype}, {kd[3]}, {vd[3]}")
-    validate.io(qd, "q", 3 if varlen_q else 4, dev, rt)
-    validate.io(kd, "k", 3 if varlen_k else 4, dev, rt)
-    validate.io(vd, "v", 3 if varlen_k else 4, dev, rt)
+    try:
+        validate.io(qd, "q", 3 if varlen_q else 4, dev, rt)
+        validate.io(kd, "k", 3 if varlen_k else 4, dev, rt)
+        validate.io(vd, "v", 3 if varlen_k else 4, dev, rt)
+    except ArgumentError:  # FA4 asserts on its head dims before anything else: say what FA4 says
+        if len(qd[1]) >= 3 and (why := head_dims_rejected(rt.target.arch, qd[1][-1], vd[1][-1], dtype)):
+            raise FA4RejectsError(f"FA4 rejects this call: {why}") from None
+        raise
     qs, ks, vs = qd[1], kd[1], vd[1]
     if ks[:-1] != vs[:-1] or ks[-1] != qs[-1]:
         raise ArgumentError(f"k {tuple(ks)} and v {tuple(vs)} must agree (and k's head_dim equal q's {qs[-1]})")

@@ -26,7 +26,7 @@ from typing import Any
 from fa4aot.core.backward import BACKWARD_FAMILY, CALL_FIELDS, check_call
 from fa4aot.core.env import child_environ
 from fa4aot.core.errors import Fa4aotError
-from fa4aot.core.fa4_interface import FwdFacts, codegen_fields
+from fa4aot.core.fa4_interface import FwdFacts, codegen_fields, kernel_takes_metadata
 from fa4aot.core.families import FAMILIES
 from fa4aot.core.fwd import call_group
 from fa4aot.core.manifest_text import render_manifest
@@ -136,6 +136,8 @@ def fwd_fields(rec: dict[str, Any]) -> tuple[str, dict[str, Any]] | str:
         tile_count_semaphore=bool(k["tile_count_semaphore is not None"]),
         num_nheads_in_l2=bool(k["num_nheads_in_l2 is not None"]),
     )
+    if not kernel_takes_metadata(ARCHES[arch].compute_capability[0]):  # FA4's key names what its kernel ignores
+        f.update(num_splits_dynamic=False, tile_count_semaphore=False, num_nheads_in_l2=False)
     f.update(_scales_fields(k, dtype))
     return FORWARD_FAMILY[arch], f
 
