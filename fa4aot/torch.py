@@ -275,7 +275,26 @@ def flash_attn_func(
     """FA4's differentiable ``flash_attn_func``: ``(out, lse)`` for q (batch, seqlen_q, nheads,
     d), k / v (batch, seqlen_k, nheads_kv, d / d_v); gradients flow to q, k, v (and a learnable
     sink) through FA4's backward kernels."""
-    refuse("flash_attn_func", locals(), autograd=True)
+    # the refused arguments by name, not locals(): torch.compile cannot trace locals()
+    refuse(
+        "flash_attn_func",
+        dict(
+            qv=qv,
+            gather_kv_indices=gather_kv_indices,
+            score_mod=score_mod,
+            score_mod_bwd=score_mod_bwd,
+            mask_mod=mask_mod,
+            aux_tensors=aux_tensors,
+            aux_scalars=aux_scalars,
+            block_sparse_tensors=block_sparse_tensors,
+            block_sparse_tensors_bwd=block_sparse_tensors_bwd,
+            gather_bwd_recompute_p=gather_bwd_recompute_p,
+            gather_bwd_token_chunk=gather_bwd_token_chunk,
+            config=config,
+            scales=scales,
+        ),
+        autograd=True,
+    )
     return _call(
         q, k, v, None, None, None, None, None, None, softmax_scale, causal, window_size, learnable_sink, softcap,
         num_splits, pack_gqa, return_lse, deterministic,
@@ -322,7 +341,28 @@ def flash_attn_varlen_func(
     """FA4's differentiable ``flash_attn_varlen_func`` (packed sequences with ``cu_seqlens_q`` /
     ``cu_seqlens_k``, optional ``seqused_q`` / ``seqused_k``; ``scheduler_metadata`` from
     ``get_scheduler_metadata`` serves the forward); a paged KV cache has no backward."""
-    refuse("flash_attn_varlen_func", locals(), autograd=True)
+    # the refused arguments by name, not locals(): torch.compile cannot trace locals()
+    refuse(
+        "flash_attn_varlen_func",
+        dict(
+            qv=qv,
+            gather_kv_indices=gather_kv_indices,
+            page_table=page_table,
+            score_mod=score_mod,
+            score_mod_bwd=score_mod_bwd,
+            mask_mod=mask_mod,
+            block_sparse_tensors=block_sparse_tensors,
+            aux_tensors=aux_tensors,
+            aux_scalars=aux_scalars,
+            seqlen_k_per_split=seqlen_k_per_split,
+            disable_scheduler_metadata=disable_scheduler_metadata,
+            gather_bwd_recompute_p=gather_bwd_recompute_p,
+            gather_bwd_token_chunk=gather_bwd_token_chunk,
+            config=config,
+            scales=scales,
+        ),
+        autograd=True,
+    )
     return _call(
         q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
         window_size, learnable_sink, softcap, num_splits, pack_gqa, return_lse, deterministic, scheduler_metadata,

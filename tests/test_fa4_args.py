@@ -10,6 +10,7 @@ import inspect
 import re
 
 import pytest
+from helpers import ROOT
 
 from fa4aot.core import fa4_args
 from fa4aot.core.errors import ArgumentError
@@ -96,3 +97,21 @@ def test_defaults_pass_through_the_refusal():
     """FA4's own defaults, passed explicitly (as engines do), are not refusals."""
     for entry, table in fa4_args.ENTRY_POINTS.items():
         fa4_args.refuse(entry, {p.name: p.default for p in table}, autograd=True)
+
+
+def test_autograd_paths_name_every_refused_argument():
+    """The autograd paths (traced by torch.compile, which cannot trace ``locals()``) pass the
+    arguments they refuse by name: every name FA4's table refuses there, and only those."""
+    for path in ("fa4aot/torch.py", "fa4aot/integrations/flash_attn.py"):
+        calls = [
+            node
+            for node in ast.walk(ast.parse((ROOT / path).read_text()))
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "refuse"
+        ]
+        assert len(calls) == 2, path
+        for call in calls:
+            entry, values = call.args
+            assert isinstance(values, ast.Call) and values.func.id == "dict", f"{path}: {ast.unparse(values)}"
+            given = {kw.arg for kw in values.keywords}
+            assert all(kw.value.id == kw.arg for kw in values.keywords)
+            assert given == set(fa4_args.refused_names(entry.value, autograd=True)), (path, entry.value)

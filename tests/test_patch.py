@@ -887,3 +887,24 @@ def test_head_dims_fa4_asserts_on_raise_what_fa4_raises(built_cache, head_dim):
         fa4aot.flash_attn_func(q, q, q, runtime=rt)
     assert isinstance(e.value, FA4RejectsError) and isinstance(e.value, ArgumentError)
     assert rt.driver.launches == []
+
+
+def test_autograd_paths_trace_in_one_graph_under_torch_compile():
+    """torch.compile(fullgraph=True) traces fa4aot.torch's functions and the drop-in adapters
+    whole (their argument checks included; on meta tensors, where the ops' Meta kernels run)."""
+    torch = pytest.importorskip("torch")
+    import fa4aot.torch as ft
+
+    q = torch.empty(2, 16, 4, 64, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    cu = torch.zeros(3, dtype=torch.int32, device="meta")
+    qp = torch.empty(32, 4, 64, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    for fn in (ft.flash_attn_func, adapters.flash_attn_func):
+        out = torch.compile(lambda a, f=fn: f(a, a, a, causal=True)[0], fullgraph=True, backend="eager")(q)
+        assert out.shape == q.shape
+    for fn in (ft.flash_attn_varlen_func, adapters.flash_attn_varlen_func):
+        step = torch.compile(
+            lambda a, c, f=fn: f(a, a, a, cu_seqlens_q=c, cu_seqlens_k=c, max_seqlen_q=16, max_seqlen_k=16)[0],
+            fullgraph=True,
+            backend="eager",
+        )
+        assert step(qp, cu).shape == qp.shape

@@ -76,7 +76,26 @@ def flash_attn_func(
 ) -> tuple[Any, Any]:
     """FA4's ``flash_attn_func``: ``(out, lse)``, differentiable when an input requires grad."""
     if needs_autograd(q, k, v, learnable_sink):
-        refuse("flash_attn_func", locals(), autograd=True)  # inference-only FA4 paths
+        # the refused arguments by name, not locals(): torch.compile cannot trace locals()
+        refuse(
+            "flash_attn_func",
+            dict(
+                qv=qv,
+                gather_kv_indices=gather_kv_indices,
+                score_mod=score_mod,
+                score_mod_bwd=score_mod_bwd,
+                mask_mod=mask_mod,
+                aux_tensors=aux_tensors,
+                aux_scalars=aux_scalars,
+                block_sparse_tensors=block_sparse_tensors,
+                block_sparse_tensors_bwd=block_sparse_tensors_bwd,
+                gather_bwd_recompute_p=gather_bwd_recompute_p,
+                gather_bwd_token_chunk=gather_bwd_token_chunk,
+                config=config,
+                scales=scales,
+            ),
+            autograd=True,
+        )  # inference-only FA4 paths
         return _fa4aot_torch().flash_attn_func(
             q, k, v, qv, gather_kv_indices, softmax_scale, causal, window_size, learnable_sink, softcap, num_splits,
             pack_gqa, deterministic, score_mod, score_mod_bwd, mask_mod, aux_tensors, aux_scalars,
@@ -130,7 +149,28 @@ def flash_attn_varlen_func(
     """FA4's ``flash_attn_varlen_func``: ``(out, lse)``, differentiable when an input requires grad
     (a paged KV cache is an inference path, as in FA4)."""
     if needs_autograd(q, k, v, learnable_sink):
-        refuse("flash_attn_varlen_func", locals(), autograd=True)  # inference-only FA4 paths
+        # the refused arguments by name, not locals(): torch.compile cannot trace locals()
+        refuse(
+            "flash_attn_varlen_func",
+            dict(
+                qv=qv,
+                gather_kv_indices=gather_kv_indices,
+                page_table=page_table,
+                score_mod=score_mod,
+                score_mod_bwd=score_mod_bwd,
+                mask_mod=mask_mod,
+                block_sparse_tensors=block_sparse_tensors,
+                aux_tensors=aux_tensors,
+                aux_scalars=aux_scalars,
+                seqlen_k_per_split=seqlen_k_per_split,
+                disable_scheduler_metadata=disable_scheduler_metadata,
+                gather_bwd_recompute_p=gather_bwd_recompute_p,
+                gather_bwd_token_chunk=gather_bwd_token_chunk,
+                config=config,
+                scales=scales,
+            ),
+            autograd=True,
+        )  # inference-only FA4 paths
         return _fa4aot_torch().flash_attn_varlen_func(
             q, k, v, qv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, min_seqlen_k, seqused_q, seqused_k,
             gather_kv_indices, page_table, softmax_scale, causal, window_size, learnable_sink, softcap, num_splits,
