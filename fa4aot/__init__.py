@@ -39,7 +39,7 @@ _LAZY = {
     "VariantNotFoundError": ("fa4aot.core.errors", "VariantNotFoundError"),
     "DeviceMismatchError": ("fa4aot.core.errors", "DeviceMismatchError"),
     "CorruptArtifactError": ("fa4aot.core.errors", "CorruptArtifactError"),
-    "stats": ("fa4aot.runtime.stats", "stats"),
+    "stats": ("fa4aot.runtime.loader", "stats"),
     "RuntimeStats": ("fa4aot.runtime.stats", "RuntimeStats"),
     # the drop-in (docs/drop-in.md): FA4's entry points routed to fa4aot
     "patch": ("fa4aot.dropin", "patch"),

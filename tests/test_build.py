@@ -270,7 +270,7 @@ def test_cubins_are_the_ones_fa4_builds(ci_cache, fa4_cubins, arch, sms, kind, t
     """The variant dispatch picks for a call has exactly the cubin FA4's own JIT builds for it
     (a variant manifests/ci.yaml does not hold is built from the manifest line its miss names)."""
     from fa4aot.core import fwd
-    from fa4aot.core.families import describe_missing
+    from fa4aot.core.manifest_text import describe_missing
     from fa4aot.tools.fa4_calls import decide, facts
 
     (path,) = fa4_cubins[arch][kind]

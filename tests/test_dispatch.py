@@ -533,7 +533,7 @@ def test_a_miss_names_a_manifest_line_that_builds_the_variant():
     """For random calls, the manifest line a miss names (the call's features and shapes) expands
     through FA4's selector to a plan holding exactly the variant the call needs."""
     from fa4aot.compile import manifest
-    from fa4aot.core.families import describe_missing
+    from fa4aot.core.manifest_text import describe_missing
 
     rng = random.Random(7)
     checked = 0

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from fa4aot.runtime.driver import CudaDriver, CudaError, make_driver
+from fa4aot.runtime.driver import CudaDriver, CudaError
+from fa4aot.runtime.loader import make_driver
 
 
 def test_an_unknown_driver_is_a_typed_error_naming_the_choices(monkeypatch):

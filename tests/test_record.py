@@ -293,6 +293,7 @@ def test_record_learns_fa4s_backward_calls(tmp_path):
     assert mains and all(v.fields["seqused_q"] and not v.fields["varlen_q"] for v in mains)
 
 
+@pytest.mark.slow  # three records (about 17 s)
 def test_merge_keeps_backward_groups(recorded, tmp_path):
     """--merge into a manifest with backward groups keeps them as written (their expansion is
     kernels, not calls) and adds no duplicate when the same backward calls are recorded again."""

@@ -40,9 +40,9 @@ from fa4aot.core import cubin as cubin_mod
 from fa4aot.core import safejson
 from fa4aot.core.errors import CacheError, Fa4aotError
 from fa4aot.core.index import BLOB_EXT, Cache, Entry
+from fa4aot.core.records import key_problem, record_problems
 from fa4aot.core.signing import MAX_SIGNATURE_BYTES, Policy, Signer
 from fa4aot.core.variant import CACHE_FORMAT_VERSION, Variant, canonical_json, sha256_hex
-from fa4aot.tools.verify import key_problem, record_problems
 
 #: Version of the archive layout (the JSON member's "format").
 ARCHIVE_FORMAT = "fa4aot-archive/1"

@@ -35,16 +35,7 @@ BWD_WORKSPACE_DESCS = {"bwd_sm90": 2, "bwd_sm100": 3}
 
 #: The call fields of a backward group (what the runtime computes from a call).
 CALL_FIELDS = (
-    "dtype",
-    "head_dim",
-    "head_dim_v",
-    "qhead_per_kvhead",
-    "causal",
-    "local",
-    "varlen_q",
-    "varlen_k",
-    "seqused_q",
-    "seqused_k",
+    *fi.ATTENTION_CALL_FIELDS,
     "deterministic",
     "softcap",
     "has_dlse",

@@ -37,6 +37,20 @@ def needs_prepare_kernel(num_splits: int, causal: bool) -> bool:
     return num_splits > 1 or causal
 
 
+#: The call features FA4's forward and backward both key their kernels on (fa4aot's names):
+#: the head of each family's call fields (fwd.CALL_FIELDS, backward.CALL_FIELDS).
+ATTENTION_CALL_FIELDS = (
+    "dtype",
+    "head_dim",
+    "head_dim_v",
+    "qhead_per_kvhead",
+    "causal",
+    "local",
+    "varlen_q",
+    "varlen_k",
+    "seqused_q",
+    "seqused_k",
+)
 #: ``str(torch dtype)`` of each fa4aot dtype: what FA4 puts in ``FwdHeuristicInputs.dtype``.
 TORCH_DTYPE_NAMES = {
     "bf16": "torch.bfloat16",

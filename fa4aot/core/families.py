@@ -798,15 +798,3 @@ def group_for(variant: Variant, shapes: dict[str, list[Any]] | None = None) -> d
                 (key,) = axis.parse(axis.default[0]).keys()
                 out[axis.name] = [f[key]]
     return out
-
-
-def describe_missing(variant: Variant, shapes: dict[str, list[Any]] | None = None) -> str:
-    """One-line YAML the user can add under ``families:`` to build ``variant`` (``shapes``: the
-    call's, for a forward variant)."""
-    from fa4aot.core.manifest_text import yaml_value
-
-    items = ", ".join(f"{k}: {yaml_value(v)}" for k, v in group_for(variant, shapes).items())
-    note = ""
-    if variant.fields.get("paged_kv") == "cpasync":
-        note = f"; any page size but {variant.fields['tile_n']} builds this cp.async variant"
-    return f"families.{variant.family}: - {{{items}}}  (target arch {variant.arch}, num_sms {variant.num_sms}{note})"

@@ -27,16 +27,7 @@ from fa4aot.core import fa4_interface as fi
 
 #: The call features of a forward variant (fa4aot's names).
 CALL_FIELDS = (
-    "dtype",
-    "head_dim",
-    "head_dim_v",
-    "qhead_per_kvhead",
-    "causal",
-    "local",
-    "varlen_q",
-    "varlen_k",
-    "seqused_q",
-    "seqused_k",
+    *fi.ATTENTION_CALL_FIELDS,
     "has_lse",
     "paged_kv",
     "learnable_sink",

@@ -195,3 +195,13 @@ def _values(family: str, axis: str, v: Any) -> list[Any]:
     if not isinstance(v, list) or (_pair_axis(family, axis) and v and not isinstance(v[0], list)):
         return [v]
     return v
+
+
+def describe_missing(variant: Variant, shapes: dict[str, list[Any]] | None = None) -> str:
+    """One-line YAML the user can add under ``families:`` to build ``variant`` (``shapes``: the
+    call's, for a forward variant)."""
+    items = ", ".join(f"{k}: {yaml_value(v)}" for k, v in group_for(variant, shapes).items())
+    note = ""
+    if variant.fields.get("paged_kv") == "cpasync":
+        note = f"; any page size but {variant.fields['tile_n']} builds this cp.async variant"
+    return f"families.{variant.family}: - {{{items}}}  (target arch {variant.arch}, num_sms {variant.num_sms}{note})"

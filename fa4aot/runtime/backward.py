@@ -69,7 +69,7 @@ def pick(rt: Runtime, key: tuple[Any, ...], facts: BwdFacts) -> BackwardKernels:
     variants = [rt.variant_for(p.family, **p.field_dict) for p in ps]
     missing = [v for v in variants if not rt.has(v)]
     if missing:
-        from fa4aot.core.families import describe_missing  # the error path only
+        from fa4aot.core.manifest_text import describe_missing  # the error path only
 
         group = Variant.make(family, rt.target.arch, rt.target.num_sms, **fields)
         shapes = {"batch": [facts.batch], "nheads_kv": [facts.num_heads_kv]}

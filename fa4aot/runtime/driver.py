@@ -246,19 +246,3 @@ class CudaDriver:
         """Address of the driver's ``cuLaunchKernelEx``: plans call it directly with the launch
         they recorded."""
         return self._address("cuLaunchKernelEx")
-
-
-def make_driver() -> Any:
-    """The driver binding ``$FA4AOT_DRIVER`` names: :class:`CudaDriver` (``ctypes``, the default)
-    or :class:`fa4aot.runtime.driver_bindings.BindingsDriver` (``cuda-bindings``)."""
-    from fa4aot.core import env
-
-    try:
-        which = env.driver()
-    except ValueError as e:
-        raise CudaError(str(e)) from None
-    if which == "cuda-bindings":
-        from fa4aot.runtime.driver_bindings import BindingsDriver
-
-        return BindingsDriver()
-    return CudaDriver()

@@ -256,8 +256,6 @@ class Runtime:
         if allow_sm_mismatch is None:
             allow_sm_mismatch = env.allow_sm_mismatch()
         if driver is None:
-            from fa4aot.runtime.driver import make_driver
-
             driver = make_driver()
         self.driver = driver
         t1 = time.perf_counter()
@@ -505,7 +503,7 @@ class Runtime:
         """Raise VariantNotFoundError for a variant the cache lacks, naming the manifest line that
         builds it (with the call's ``shapes`` for a forward variant), after logging it. ``why``:
         the cache holds the variant but this runtime cannot use that entry (it says why)."""
-        from fa4aot.core.families import describe_missing
+        from fa4aot.core.manifest_text import describe_missing
 
         line = describe_missing(variant, shapes)
         if why:
@@ -778,8 +776,6 @@ def visible_device() -> DeviceInfo | None:
     """The device a runtime would open (ordinal 0; no context is created), or None when there is
     no CUDA driver or device (a build machine)."""
     try:
-        from fa4aot.runtime.driver import make_driver
-
         return make_driver().device_info(0)
     except Exception:  # no driver, no device, a driver too old: the CLI then works by host only
         return None
@@ -1000,3 +996,31 @@ def open_runtime(cache_dir: str | Path | None = None, **kwargs: Any) -> Runtime:
     rt = Runtime(cache_dir, **kwargs)
     set_default_runtime(rt)
     return rt
+
+
+def make_driver() -> Any:
+    """The driver binding ``$FA4AOT_DRIVER`` names: :class:`fa4aot.runtime.driver.CudaDriver` (``ctypes``, the default)
+    or :class:`fa4aot.runtime.driver_bindings.BindingsDriver` (``cuda-bindings``)."""
+    from fa4aot.runtime import driver
+
+    try:
+        which = env.driver()
+    except ValueError as e:
+        raise driver.CudaError(str(e)) from None
+    if which == "cuda-bindings":
+        from fa4aot.runtime.driver_bindings import BindingsDriver
+
+        return BindingsDriver()
+    return driver.CudaDriver()
+
+
+def stats(runtime: Runtime | None = None) -> Any:
+    """``runtime``'s counters, or the default runtime's (``fa4aot.stats()``), as a
+    :class:`fa4aot.runtime.stats.RuntimeStats`. Opens nothing: with no default runtime yet the
+    runtime counters are zero (the patch's fallbacks are still reported)."""
+    from fa4aot.runtime.stats import RuntimeStats, collect, patch_fallbacks
+
+    rt = runtime or _DEFAULT
+    if rt is None:
+        return RuntimeStats(patch_fallbacks=patch_fallbacks())
+    return collect(rt)

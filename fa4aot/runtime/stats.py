@@ -25,8 +25,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fa4aot.runtime import loader
-
 
 @dataclass(frozen=True)
 class RuntimeStats:
@@ -70,8 +68,8 @@ def patch_fallbacks() -> dict[str, int]:
     return mod.fallback_counts() if mod is not None else {}
 
 
-def collect(rt: loader.Runtime) -> RuntimeStats:
-    """The counters of ``rt`` now."""
+def collect(rt: Any) -> RuntimeStats:
+    """The counters of ``rt`` (a :class:`fa4aot.runtime.loader.Runtime`) now."""
     launches: dict[str, int] = {}
     for lv in list(rt._loaded.values()):  # list(): a snapshot, other threads may be loading
         n = lv.plan.launches
@@ -87,12 +85,3 @@ def collect(rt: loader.Runtime) -> RuntimeStats:
         launches=dict(sorted(launches.items())),
         patch_fallbacks=patch_fallbacks(),
     )
-
-
-def stats(runtime: loader.Runtime | None = None) -> RuntimeStats:
-    """``runtime``'s counters, or the default runtime's (``fa4aot.stats()``). Opens nothing: with no
-    default runtime yet the runtime counters are zero (the patch's fallbacks are still reported)."""
-    rt = runtime or loader._DEFAULT
-    if rt is None:
-        return RuntimeStats(patch_fallbacks=patch_fallbacks())
-    return collect(rt)

@@ -1393,7 +1393,7 @@ def _config() -> dict[str, Any]:
         places.append({"where": where, "path": str(path), "holds": have})
     info = None
     try:
-        from fa4aot.runtime.driver import make_driver
+        from fa4aot.runtime.loader import make_driver
 
         drv = make_driver()
         info = drv.device_info(drv.current_device())

@@ -28,12 +28,12 @@ from typing import Any
 from fa4aot.core.errors import CacheError
 from fa4aot.core.index import Cache, Entry
 from fa4aot.core.layouts import BACKWARD_KERNEL_FAMILIES, Dims, backward_tensors, forward_tensors
+from fa4aot.core.records import record_problems
 from fa4aot.core.samples import fake_pointer
 from fa4aot.core.signature import TensorDesc
 from fa4aot.core.variant import FORWARD_FAMILIES, Target, Variant
 from fa4aot.plan.library import open_plan, target_answers
 from fa4aot.tools.grids import backward_grid, sm90_forward_grid, sm100_forward_grid, sm120_forward_grid
-from fa4aot.tools.verify import record_problems
 
 FORWARD = FORWARD_FAMILIES
 #: what ``fa4aot check-plans`` exercises by default
