@@ -268,3 +268,35 @@ def test_the_workspace_of_a_batched_call_counts_every_query_row():
     assert workspace_slots(rt, fc) == 428
     packed = SimpleNamespace(**{**vars(fc), "rows": (7161,)})  # varlen queries: q.shape[0] rows
     assert workspace_slots(rt, packed) == 428
+
+
+def test_automatic_metadata_pool_allocates_nothing_after_warm_up(sm100):
+    """Split-KV varlen calls without caller metadata take their metadata from a pool per (stream,
+    configuration) shared by every batch size: 1,000 views cycling through 50 batch sizes grow it
+    twice and then allocate nothing; growing frees the old buffer only after a stream sync."""
+    from fa4aot.runtime.metadata import MIN_POOL_CAPACITY, MetadataPool, SchedulerMetadata, metadata_bytes
+
+    rt, drv = sm100
+
+    def make(batch, buffer):
+        return SchedulerMetadata(batch, 16, 4, 128, causal=True, runtime=rt, buffer=buffer)
+
+    pool = MetadataPool(rt, 9, make)
+    sizes = [1 + (i * 37) % 200 for i in range(50)]  # 1..200, in a scrambled order
+    for b in sizes:
+        pool.get(b)
+    capacity, allocated = pool.capacity, dict(drv.allocs)
+    assert capacity == 256 and len(drv.allocs) == 1 and drv.syncs == [9, 9]  # 64 -> 128 -> 256, old ones synced
+    assert list(drv.allocs.values()) == [metadata_bytes(256, 3)] and MIN_POOL_CAPACITY == 64
+    for i in range(1000):
+        md = pool.get(sizes[i % 50])
+        assert md.num_m_blocks.shape == (sizes[i % 50],) and md.fields["num_warps"] >= 1
+    assert drv.allocs == allocated and pool.capacity == capacity
+    (base,) = allocated
+    for md in map(pool.get, sizes[:5]):  # every view lies inside the one allocation, its vectors apart
+        ends = [md.num_m_blocks.ptr, md.num_splits_dynamic.ptr, md.num_nheads_in_l2.ptr]
+        assert base < ends[0] < ends[1] < ends[2] < base + metadata_bytes(256, 3)
+        md.close()  # a view owns nothing
+    assert drv.allocs == allocated
+    pool.close()
+    assert drv.allocs == {} and drv.syncs[-1] == 9

@@ -42,7 +42,7 @@ from fa4aot.runtime.dispatch import ForwardRule, Pick, Shape, StaticCall, head_d
 from fa4aot.runtime.driver import CudaError
 from fa4aot.runtime.frameworks import alloc_like, default_stream, framework, transposed
 from fa4aot.runtime.loader import Runtime
-from fa4aot.runtime.metadata import SchedulerMetadata, metadata_kind
+from fa4aot.runtime.metadata import MetadataPool, SchedulerMetadata, metadata_kind
 from fa4aot.runtime.scales import NO_SCALES
 from fa4aot.runtime.scales import check as check_scales
 from fa4aot.runtime.tensors import (
@@ -804,30 +804,26 @@ def check_metadata(md: SchedulerMetadata, fc: ForwardCall) -> None:
 
 def _auto_metadata(fc: ForwardCall, stream: int) -> SchedulerMetadata:
     """Prepare-kernel metadata for a split-KV varlen call, as FA4's forward prepares it
-    (interface.py 1064-1090). The buffers are kept per (stream, configuration) in a bounded
-    cache, so repeated calls allocate nothing."""
+    (interface.py 1064-1090). The buffers come from a pool per (stream, configuration) shared by
+    every batch size (:class:`fa4aot.runtime.metadata.MetadataPool`): after warm-up no call
+    allocates device memory, whatever its batch."""
     rt, f, c, plan = fc.rt, fc.lv.fields, fc.config, fc.plan
     nheads_kv = fc.nheads // f["qhead_per_kvhead"]
     policy = split_policy(rt.selector, c, f["head_dim"])
-    key = (stream, fc.batch, fc.nheads, nheads_kv, f["head_dim"], f["head_dim_v"], plan.num_nheads_in_l2,
-           c.pack_gqa, c.tile_m, c.tile_n, plan.prepare_semaphore, policy)  # fmt: skip
-    md = rt.auto_metadata.get(key)
-    if md is None:
-        md = SchedulerMetadata(
-            fc.batch,
-            fc.nheads,
-            nheads_kv,
-            f["head_dim"],
-            f["head_dim_v"],
-            causal=plan.num_nheads_in_l2,
-            pack_gqa=c.pack_gqa,
-            tile_m=c.tile_m,
-            tile_n=c.tile_n,
-            semaphore=plan.prepare_semaphore,
-            split_policy=policy,
-            runtime=rt,
-        )
-        rt.auto_metadata[key] = md
+    key = (stream, fc.nheads, nheads_kv, f["head_dim"], f["head_dim_v"], plan.num_nheads_in_l2, c.pack_gqa,
+           c.tile_m, c.tile_n, plan.prepare_semaphore, policy)  # fmt: skip
+    pool = rt.auto_metadata.get(key)
+    if pool is None:
+
+        def make(batch: int, buffer: tuple[int, int]) -> SchedulerMetadata:
+            return SchedulerMetadata(
+                batch, fc.nheads, nheads_kv, f["head_dim"], f["head_dim_v"], causal=plan.num_nheads_in_l2,
+                pack_gqa=c.pack_gqa, tile_m=c.tile_m, tile_n=c.tile_n, semaphore=plan.prepare_semaphore,
+                split_policy=policy, runtime=rt, buffer=buffer,
+            )  # fmt: skip
+
+        pool = rt.auto_metadata[key] = MetadataPool(rt, stream, make)
+    md = pool.get(fc.batch)
     md.compute(
         max_seqlen_q=fc.max_q,
         max_seqlen_k=fc.max_k,

@@ -300,7 +300,7 @@ class Runtime:
         self.backward_workspace: BoundedDict = BoundedDict(
             MAX_AUTO_METADATA, on_evict=lambda stream, ws: self._free_workspace(stream, ws[0])
         )
-        #: split-KV varlen calls without caller metadata: (stream, configuration) -> SchedulerMetadata
+        #: split-KV varlen calls without caller metadata: (stream, configuration) -> MetadataPool
         self.auto_metadata: BoundedDict = BoundedDict(MAX_AUTO_METADATA, on_evict=lambda k, md: md.close())
         #: FA4's tensor-map workspace per stream: stream -> (device pointer, slots)
         self.stream_workspaces: BoundedDict = BoundedDict(

@@ -69,6 +69,7 @@ class SchedulerMetadata:
         split_policy: tuple[int, int, int] = (1, 0, 0),
         prepare: bool = True,
         runtime: Runtime | None = None,
+        buffer: tuple[int, int] | None = None,
     ):
         if batch_size < 1:
             raise ArgumentError(f"batch_size must be >= 1, got {batch_size}")
@@ -103,18 +104,20 @@ class SchedulerMetadata:
             self.buffers: tuple[DeviceTensor | None, ...] = (None, None, None)
             return
         b = batch_size
-        n_vec = 3 if causal else 2
-        drv = self.runtime.driver
-        # one allocation: [semaphore, pad to 16 B][num_m_blocks][num_splits_dynamic][num_nheads_in_l2]
-        self._stride = (b + 3) // 4 * 4
-        self._ptr = drv.alloc(4 * (4 + n_vec * self._stride))
+        if buffer is None:  # its own allocation, freed by close()
+            self._stride = _stride(b)
+            self._ptr = base = self.runtime.driver.alloc(metadata_bytes(b, 3 if causal else 2))
+        else:  # a MetadataPool's (of at least metadata_bytes(capacity, 3)): the pool frees it
+            base, capacity = buffer
+            if capacity < b:
+                raise ArgumentError(f"a metadata buffer for {capacity} sequences cannot serve {b}")
+            self._stride = _stride(capacity)
+        # [semaphore, pad to 16 B][num_m_blocks][num_splits_dynamic][num_nheads_in_l2], int32 vectors
         dev = self.runtime.device
-        self.tile_count_semaphore = RawTensor(self._ptr, (1,), "int32", device=dev)
-        self.num_m_blocks = RawTensor(self._ptr + 16, (b,), "int32", device=dev)
-        self.num_splits_dynamic = RawTensor(self._ptr + 16 + 4 * self._stride, (b,), "int32", device=dev)
-        self.num_nheads_in_l2 = (
-            RawTensor(self._ptr + 16 + 8 * self._stride, (b,), "int32", device=dev) if causal else None
-        )
+        self.tile_count_semaphore = RawTensor(base, (1,), "int32", device=dev)
+        self.num_m_blocks = RawTensor(base + 16, (b,), "int32", device=dev)
+        self.num_splits_dynamic = RawTensor(base + 16 + 4 * self._stride, (b,), "int32", device=dev)
+        self.num_nheads_in_l2 = RawTensor(base + 16 + 8 * self._stride, (b,), "int32", device=dev) if causal else None
         #: (num_splits_dynamic, tile_count_semaphore, num_nheads_in_l2) as the forward's launcher takes them
         self.buffers = tuple(
             None if t is None else DeviceTensor(t.ptr, t.shape, t.strides, "int32", dev, "raw")
@@ -213,6 +216,63 @@ class SchedulerMetadata:
             self.close()
         except Exception:
             pass
+
+
+def _stride(batch: int) -> int:
+    """Elements of one metadata vector (a multiple of 4: each starts 16-byte aligned)."""
+    return (batch + 3) // 4 * 4
+
+
+def metadata_bytes(batch: int, vectors: int) -> int:
+    """Bytes of metadata buffers for ``batch`` sequences: the semaphore (padded to 16 bytes) and
+    ``vectors`` int32 vectors (num_m_blocks, num_splits_dynamic, and num_nheads_in_l2 if causal)."""
+    return 4 * (4 + vectors * _stride(batch))
+
+
+#: The smallest metadata pool (sequences): a few hundred bytes, so small batches never regrow it.
+MIN_POOL_CAPACITY = 64
+#: Metadata views a pool keeps (one per batch size seen; a view is a few Python objects).
+MAX_POOL_VIEWS = 256
+
+
+class MetadataPool:
+    """Scheduler-metadata buffers for one (stream, forward configuration), shared by every batch
+    size: one device allocation, doubled (the old one freed after a stream synchronisation) when a
+    larger batch arrives, so calls cycling through batch sizes allocate nothing after warm-up, and
+    a CUDA graph captured after warm-up launches with no allocation. ``make(batch, buffer)``
+    builds the :class:`SchedulerMetadata` view of ``batch`` sequences over ``buffer``."""
+
+    def __init__(self, runtime: Runtime, stream: int, make: Any):
+        self.runtime, self.stream, self._make = runtime, stream, make
+        self._ptr, self.capacity = 0, 0
+        self._views: dict[int, SchedulerMetadata] = {}
+
+    def get(self, batch: int) -> SchedulerMetadata:
+        """The metadata view for ``batch`` sequences (allocating only to grow)."""
+        md = self._views.get(batch)
+        if md is not None:
+            return md
+        if batch > self.capacity:
+            self._grow(batch)
+        if len(self._views) >= MAX_POOL_VIEWS:
+            self._views.clear()
+        md = self._views[batch] = self._make(batch, (self._ptr, self.capacity))
+        return md
+
+    def _grow(self, batch: int) -> None:
+        capacity = max(MIN_POOL_CAPACITY, 2 * self.capacity, 1 << (batch - 1).bit_length())
+        ptr = self.runtime.driver.alloc(metadata_bytes(capacity, 3))
+        self.close()
+        self._ptr, self.capacity = ptr, capacity
+
+    def close(self) -> None:
+        """Free the buffers once the work queued on the pool's stream has finished."""
+        self._views.clear()
+        if self._ptr:
+            drv = self.runtime.driver
+            drv.synchronize(self.stream)
+            drv.free(self._ptr)
+            self._ptr, self.capacity = 0, 0
 
 
 def metadata_kind(md: Any) -> bool | str:
