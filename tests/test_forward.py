@@ -258,7 +258,7 @@ def test_the_workspace_of_a_batched_call_counts_every_query_row():
     slots than CTAs: the grid has 8 * 7 * 6 = 336)."""
     from types import SimpleNamespace
 
-    from fa4aot.runtime.forward import workspace_slots
+    from fa4aot.runtime.workspaces import workspace_slots
 
     rt = SimpleNamespace(target=SimpleNamespace(num_sms=132))
     fc = SimpleNamespace(

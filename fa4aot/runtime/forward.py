@@ -19,41 +19,36 @@ which allocates everything at bind time.
 from __future__ import annotations
 
 import math
-import struct
 from typing import Any, NamedTuple
 
 from fa4aot.core import fwd
 from fa4aot.core.errors import ArgumentError, FA4RejectsError
 from fa4aot.core.fa4_args import refuse
 from fa4aot.core.fa4_interface import (
-    TENSORMAP_WORDS,
     as_fwd_config,
     clamp_window,
     out_dtype,
     resolve_window,
-    split_policy,
-    tensormap_workspace_ctas,
 )
 from fa4aot.core.tuning import bucket
 from fa4aot.runtime import loader, validate
 from fa4aot.runtime.combine import combine
 from fa4aot.runtime.combine import pick as pick_combine
 from fa4aot.runtime.dispatch import ForwardRule, Pick, Shape, StaticCall, head_dims_rejected
-from fa4aot.runtime.driver import CudaError
-from fa4aot.runtime.frameworks import alloc_like, default_stream, framework, transposed
+from fa4aot.runtime.empty import fill_empty
+from fa4aot.runtime.frameworks import alloc_like, default_stream, transposed
 from fa4aot.runtime.loader import Runtime
-from fa4aot.runtime.metadata import MetadataPool, SchedulerMetadata, metadata_kind
+from fa4aot.runtime.metadata import SchedulerMetadata, auto_metadata, check_metadata, metadata_kind
 from fa4aot.runtime.scales import NO_SCALES
 from fa4aot.runtime.scales import check as check_scales
 from fa4aot.runtime.tensors import (
-    ITEMSIZE,
     DeviceTensor,
     as_device_tensor,
     converter,
-    set_words,
     stream_handle,
 )
 from fa4aot.runtime.validate import FORWARD_DTYPES, FP8_DTYPES, INT32_MAX, SINK_DTYPES, check_window
+from fa4aot.runtime.workspaces import described, route_semaphore, workspace
 
 #: A forward rule caches at most this many loaded variants (its shape-dependent field
 #: combinations; in practice a handful).
@@ -673,165 +668,13 @@ def _scheduler_args(
     nsd = sem = l2 = md = None
     if metadata is not None or plan.prepare:
         # FA4's scheduler metadata: the caller's, or the prepare kernel's for a split varlen call
-        md = metadata if metadata is not None else _auto_metadata(fc, s)  # may launch prepare
+        md = metadata if metadata is not None else auto_metadata(fc, s)  # may launch prepare
         check_metadata(md, fc)
         b_nsd, b_sem, b_l2 = md.buffers
         nsd = b_nsd if plan.num_splits_dynamic else None
         sem = b_sem if plan.tile_count_semaphore else None
         l2 = b_l2 if plan.num_nheads_in_l2 else None
     elif plan.dynamic_route:
-        sem = _described(route_semaphore(rt, q, s), scratch)
-    ws = _described(workspace(rt, fc, q, s), scratch) if plan.tensormap_workspace else None
+        sem = described(route_semaphore(rt, q, s), scratch)
+    ws = described(workspace(rt, fc, q, s), scratch) if plan.tensormap_workspace else None
     return md, nsd, sem, l2, ws
-
-
-#: Bytes of one tensor-map workspace slot (FA4: int64 (n_ctas, 16), a 128-byte TMA descriptor per CTA).
-WORKSPACE_SLOT_BYTES = TENSORMAP_WORDS * 8
-
-
-def workspace(rt: Runtime, fc: ForwardCall, ref: Any, stream: int) -> DeviceTensor | Any:
-    """FA4's tensor-map workspace for this call, at least the slots FA4 sizes for the grid
-    (interface.py 1255-1272). Torch callers get FA4's own: a fresh ``torch.empty`` from the caching
-    allocator (stream-ordered, and safe inside CUDA-graph capture). Others get one buffer per
-    stream that only grows, so repeated calls allocate nothing and keep its address."""
-    slots = workspace_slots(rt, fc)
-    if framework(ref) == "torch":
-        return alloc_like(ref, (slots, TENSORMAP_WORDS), "int64")
-    have = rt.stream_workspaces.get(stream)
-    if have is None or have[1] < slots:
-        # a little headroom, so a growing batch does not reallocate at every step
-        ptr = _stream_alloc(rt, (slots + slots // 4) * WORKSPACE_SLOT_BYTES, stream, "tensor-map workspace")
-        if have is not None:
-            del rt.stream_workspaces[stream]  # frees it after the stream's queued work
-        rt.stream_workspaces[stream] = have = (ptr, slots + slots // 4)
-    return DeviceTensor(have[0], (have[1], TENSORMAP_WORDS), (TENSORMAP_WORDS, 1), "int64", rt.device, "raw")
-
-
-def workspace_slots(rt: Runtime, fc: ForwardCall) -> int:
-    """The workspace slots for the kernel this call launches: sized by its own tile and GQA
-    packing, which a tuned choice may change from FA4's config (a smaller tile_m has more CTAs)."""
-    f = fc.lv.fields
-    # FA4 counts query rows as q.shape[0] for packed queries, batch * seqlen_q for batched ones
-    rows = fc.rows[0] if len(fc.rows) == 1 else fc.rows[0] * fc.rows[1]
-    return tensormap_workspace_ctas(
-        bool(f.get("pack_gqa")), f["tile_m"], fc.nheads, fc.k[1][-2], rt.target.num_sms, rows, fc.batch, fc.num_splits
-    )  # fmt: skip
-
-
-def route_semaphore(rt: Runtime, ref: Any, stream: int) -> DeviceTensor | Any:
-    """The zeroed tile semaphore FA4 allocates for its dynamic varlen route (interface.py 1061):
-    torch callers get FA4's own (``torch.zeros(1)``, capture-safe); others one per stream, zeroed
-    once (the kernel resets it at exit, so launches ordered on the stream reuse it)."""
-    if framework(ref) == "torch":
-        return alloc_like(ref, (1,), "int32").zero_()
-    ptr = rt.route_semaphores.get(stream)
-    if ptr is None:
-        ptr = _stream_alloc(rt, 4, stream, "tile semaphore")
-        rt.driver.memset_d32(ptr, 0, 1, stream)
-        rt.route_semaphores[stream] = ptr
-    return DeviceTensor(ptr, (1,), (1,), "int32", rt.device, "raw")
-
-
-def _described(t: Any, keep: list[Any]) -> DeviceTensor:
-    """A scratch buffer as the launcher takes it; a framework tensor is kept in ``keep``."""
-    if isinstance(t, DeviceTensor):
-        return t
-    keep.append(t)
-    return as_device_tensor(t, "scratch")
-
-
-def _stream_alloc(rt: Runtime, nbytes: int, stream: int, what: str) -> int:
-    """``cuMemAlloc`` for a per-stream scratch buffer, with a specific error where the stream is
-    being captured into a CUDA graph (the driver refuses allocations there)."""
-    try:
-        return rt.driver.alloc(nbytes)
-    except CudaError as e:
-        if "STREAM_CAPTURE" not in str(e):
-            raise
-        raise ArgumentError(
-            f"this call needs a new {what} ({nbytes} bytes) and its stream is being captured into a CUDA graph, "
-            "where memory cannot be allocated: make the same call (with the largest bounds) once on the capturing "
-            "stream before capture, or pass torch tensors (their scratch comes from torch's graph-safe allocator)"
-        ) from e
-
-
-#: fp32 -inf: the LSE of a row with no keys and no sink (FA4: ``lse.fill_(-inf)``)
-NEG_INF_F32 = 0xFF800000
-
-
-def fill_empty(rt: Runtime, od: DeviceTensor, ld: DeviceTensor | None, sink: DeviceTensor | None, stream: int) -> None:
-    """FA4's result for a call without keys: ``out`` = 0 and ``lse`` = -inf, or the sink logit of
-    each head with a learnable sink (the sink is read back to the host: this synchronises)."""
-    drv = rt.driver
-    if 0 in od[1]:
-        return  # no queries: nothing to write
-    if (od[1][-1] * ITEMSIZE[od[3]]) % 4:
-        raise ArgumentError(f"out: rows of {od[1][-1]} {od[3]} elements are not whole 32-bit words")
-    set_words(drv, od, 0, stream)
-    if ld is None:
-        return
-    if sink is None:
-        set_words(drv, ld, NEG_INF_F32, stream)
-        return
-    raw = drv.read(sink[0], sink[1][0] * ITEMSIZE[sink[3]], stream)
-    if sink[3] == "fp32":
-        words = struct.unpack(f"<{sink[1][0]}I", raw)
-    elif sink[3] == "bf16":
-        words = tuple(w << 16 for w in struct.unpack(f"<{sink[1][0]}H", raw))
-    else:
-        halves = struct.unpack(f"<{sink[1][0]}e", raw)
-        words = struct.unpack(f"<{len(halves)}I", struct.pack(f"<{len(halves)}f", *halves))
-    shape, strides = ld[1], ld[2]
-    for h, word in enumerate(words):  # lse: (batch, nheads, seqlen_q) or (nheads, total_q)
-        if len(shape) == 3:
-            base = ld[0] + h * strides[1] * 4
-            drv.memset_d2d32(base, max(strides[0], shape[2]) * 4, word, shape[2], shape[0], stream)
-        else:
-            drv.memset_d2d32(ld[0] + h * strides[0] * 4, shape[1] * 4, word, shape[1], 1, stream)
-
-
-def check_metadata(md: SchedulerMetadata, fc: ForwardCall) -> None:
-    """``md`` fits the call (batch, computed, causal)."""
-    if not isinstance(md, SchedulerMetadata):
-        raise ArgumentError("scheduler_metadata must be a fa4aot.SchedulerMetadata")
-    if md.batch_size != fc.batch:
-        raise ArgumentError(f"scheduler_metadata was made for batch {md.batch_size}, this call has {fc.batch}")
-    if md.num_splits is None:
-        raise ArgumentError("scheduler_metadata has not been computed (call .compute(...))")
-    if fc.plan.num_nheads_in_l2 and md.num_nheads_in_l2 is None:
-        raise ArgumentError("scheduler_metadata was made with causal=False for a causal call")
-
-
-def _auto_metadata(fc: ForwardCall, stream: int) -> SchedulerMetadata:
-    """Prepare-kernel metadata for a split-KV varlen call, as FA4's forward prepares it
-    (interface.py 1064-1090). The buffers come from a pool per (stream, configuration) shared by
-    every batch size (:class:`fa4aot.runtime.metadata.MetadataPool`): after warm-up no call
-    allocates device memory, whatever its batch."""
-    rt, f, c, plan = fc.rt, fc.lv.fields, fc.config, fc.plan
-    nheads_kv = fc.nheads // f["qhead_per_kvhead"]
-    policy = split_policy(rt.selector, c, f["head_dim"])
-    key = (stream, fc.nheads, nheads_kv, f["head_dim"], f["head_dim_v"], plan.num_nheads_in_l2, c.pack_gqa,
-           c.tile_m, c.tile_n, plan.prepare_semaphore, policy)  # fmt: skip
-    pool = rt.auto_metadata.get(key)
-    if pool is None:
-
-        def make(batch: int, buffer: tuple[int, int]) -> SchedulerMetadata:
-            return SchedulerMetadata(
-                batch, fc.nheads, nheads_kv, f["head_dim"], f["head_dim_v"], causal=plan.num_nheads_in_l2,
-                pack_gqa=c.pack_gqa, tile_m=c.tile_m, tile_n=c.tile_n, semaphore=plan.prepare_semaphore,
-                split_policy=policy, runtime=rt, buffer=buffer,
-            )  # fmt: skip
-
-        pool = rt.auto_metadata[key] = MetadataPool(rt, stream, make)
-    md = pool.get(fc.batch)
-    md.compute(
-        max_seqlen_q=fc.max_q,
-        max_seqlen_k=fc.max_k,
-        num_splits=fc.num_splits,
-        cu_seqlens_q=fc.cu_q,
-        cu_seqlens_k=fc.cu_k,
-        seqused_q=fc.su_q,
-        seqused_k=fc.su_k,
-        stream=stream,
-    )
-    return md

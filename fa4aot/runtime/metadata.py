@@ -22,14 +22,17 @@ if you launch FA4 kernels with these buffers some other way.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fa4aot.core.errors import ArgumentError
-from fa4aot.core.fa4_interface import UNPREPARED, prepare_num_warps
+from fa4aot.core.fa4_interface import UNPREPARED, prepare_num_warps, split_policy
 from fa4aot.core.signature import TensorDesc
 from fa4aot.runtime import loader, validate
 from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.tensors import DeviceTensor, RawTensor, stream_handle
+
+if TYPE_CHECKING:
+    from fa4aot.runtime.forward import ForwardCall
 
 
 class SchedulerMetadata:
@@ -279,3 +282,50 @@ def metadata_kind(md: Any) -> bool | str:
     """What a forward's dispatch key records of its ``scheduler_metadata`` argument: False (none),
     True (a prepare kernel's buffers) or :data:`fa4aot.core.fa4_interface.UNPREPARED`."""
     return False if md is None else getattr(md, "kind", True)
+
+
+def check_metadata(md: SchedulerMetadata, fc: ForwardCall) -> None:
+    """``md`` fits the call (batch, computed, causal)."""
+    if not isinstance(md, SchedulerMetadata):
+        raise ArgumentError("scheduler_metadata must be a fa4aot.SchedulerMetadata")
+    if md.batch_size != fc.batch:
+        raise ArgumentError(f"scheduler_metadata was made for batch {md.batch_size}, this call has {fc.batch}")
+    if md.num_splits is None:
+        raise ArgumentError("scheduler_metadata has not been computed (call .compute(...))")
+    if fc.plan.num_nheads_in_l2 and md.num_nheads_in_l2 is None:
+        raise ArgumentError("scheduler_metadata was made with causal=False for a causal call")
+
+
+def auto_metadata(fc: ForwardCall, stream: int) -> SchedulerMetadata:
+    """Prepare-kernel metadata for a split-KV varlen call, as FA4's forward prepares it
+    (interface.py 1064-1090). The buffers come from a pool per (stream, configuration) shared by
+    every batch size (:class:`fa4aot.runtime.metadata.MetadataPool`): after warm-up no call
+    allocates device memory, whatever its batch."""
+    rt, f, c, plan = fc.rt, fc.lv.fields, fc.config, fc.plan
+    nheads_kv = fc.nheads // f["qhead_per_kvhead"]
+    policy = split_policy(rt.selector, c, f["head_dim"])
+    key = (stream, fc.nheads, nheads_kv, f["head_dim"], f["head_dim_v"], plan.num_nheads_in_l2, c.pack_gqa,
+           c.tile_m, c.tile_n, plan.prepare_semaphore, policy)  # fmt: skip
+    pool = rt.auto_metadata.get(key)
+    if pool is None:
+
+        def make(batch: int, buffer: tuple[int, int]) -> SchedulerMetadata:
+            return SchedulerMetadata(
+                batch, fc.nheads, nheads_kv, f["head_dim"], f["head_dim_v"], causal=plan.num_nheads_in_l2,
+                pack_gqa=c.pack_gqa, tile_m=c.tile_m, tile_n=c.tile_n, semaphore=plan.prepare_semaphore,
+                split_policy=policy, runtime=rt, buffer=buffer,
+            )  # fmt: skip
+
+        pool = rt.auto_metadata[key] = MetadataPool(rt, stream, make)
+    md = pool.get(fc.batch)
+    md.compute(
+        max_seqlen_q=fc.max_q,
+        max_seqlen_k=fc.max_k,
+        num_splits=fc.num_splits,
+        cu_seqlens_q=fc.cu_q,
+        cu_seqlens_k=fc.cu_k,
+        seqused_q=fc.su_q,
+        seqused_k=fc.su_k,
+        stream=stream,
+    )
+    return md

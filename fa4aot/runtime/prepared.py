@@ -37,12 +37,13 @@ from fa4aot.plan.abi import CALL_PTRS_OFFSET
 from fa4aot.plan.library import BoundCall, Plan
 from fa4aot.runtime import combine as combine_mod
 from fa4aot.runtime import loader, validate
-from fa4aot.runtime.forward import WORKSPACE_SLOT_BYTES, analyse, check_metadata, workspace_slots
+from fa4aot.runtime.forward import analyse
 from fa4aot.runtime.frameworks import default_stream, framework, transposed
 from fa4aot.runtime.loader import Runtime
-from fa4aot.runtime.metadata import SchedulerMetadata, metadata_kind
+from fa4aot.runtime.metadata import SchedulerMetadata, check_metadata, metadata_kind
 from fa4aot.runtime.scales import NAMES as SCALE_NAMES
 from fa4aot.runtime.tensors import DeviceTensor, as_device_tensor, contiguous_strides, stream_handle
+from fa4aot.runtime.workspaces import WORKSPACE_SLOT_BYTES, workspace_slots
 
 #: Alignment of the buffers a prepared call owns (cuMemAlloc gives 256 B; keep sub-buffers so).
 OWNED_ALIGN = 256
