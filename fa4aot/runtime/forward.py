@@ -10,8 +10,8 @@ A call validates its arguments, picks the cached variant FA4 would run (the comp
 :mod:`fa4aot.runtime.dispatch` cached per static configuration, the per-call arithmetic done
 every call), then launches: [prepare ->] forward [-> combine] on the stream. Allocation: ``out``
 and ``lse`` when not given, and for split-KV the fp32 partials (``out_partial``, ``lse_partial``)
-the combine reduces; split-KV varlen without ``scheduler_metadata`` also fills buffers kept per
-stream and configuration. Nothing on this path synchronises the host. For CUDA graphs, pass
+the combine reduces; split-KV varlen without ``scheduler_metadata`` also fills metadata from a
+pool per stream and configuration (:class:`fa4aot.runtime.metadata.MetadataPool`). Nothing on this path synchronises the host. For CUDA graphs, pass
 ``out`` (and, for split-KV varlen, ``scheduler_metadata``) or use :func:`fa4aot.prepare_forward`,
 which allocates everything at bind time.
 """
