@@ -197,8 +197,8 @@ def _wrap_forward(fn: Any) -> Any:
     return fwd
 
 
-#: What FA4's backward returns besides its gradients' inputs: (gradient argument, the input whose
-#: shape and dtype it has).
+#: The gradients FA4's backward returns: (its argument for a preallocated one, the input whose shape
+#: and dtype it has).
 _GRADS = (("dq", "q"), ("dk", "k"), ("dv", "v"))
 
 
