@@ -254,12 +254,15 @@ def test_ctrl_c_in_any_command_is_one_line_and_exit_130(tmp_path, monkeypatch):
     assert r.exit_code == cli.INTERRUPTED_EXIT and r.stderr == "fa4aot: interrupted\n" and r.stdout == ""
 
 
+#: 40 combine kernels (about 20 s on 2 cores): the build is still running when the signal comes,
+#: however quickly the first ones finish
 SIGINT_MANIFEST = """\
 target: {name: h100, arch: sm_90a, num_sms: 132}
 families:
   combine:
     - dtype: [bf16, fp16]
       head_dim: [64, 96, 128, 192, 256]
+      max_splits: [16, 32, 64, 128]
 """
 
 
