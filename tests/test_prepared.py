@@ -215,3 +215,41 @@ def test_prepared_call_from_threads(sm90):
         th.join()
     assert not errors and len(drv.launches) == 200
     assert sorted({x.stream for x in drv.launches}) == [100, 101, 102, 103]
+
+
+def test_launch_ptrs_launches_what_the_checked_call_launches(sm90, sm100):
+    """``launch_ptrs(*addresses, stream=)`` makes the launches of the checked call (kernels,
+    grids, streams, and the parameter bytes FA4's host code writes), with no tensor check."""
+    rt, drv = sm90
+    b, s, h, d = 2, 1000, 16, 128
+    ts = [t(i, (b, s, h, d)) for i in range(4)]
+    run = fa4aot.prepare_forward(*ts, causal=True, runtime=rt)
+    (lv,) = rt._loaded.values()
+    _record_params(rt, drv)
+    named = dict(zip(("q", "k", "v", "out"), (DeviceTensor(x.ptr, x.shape, x.strides, x.dtype, 0, "raw") for x in ts)))
+    for stream in (5, 6):
+        run(*ts, stream=stream)
+        run.launch_ptrs(*(x.ptr for x in ts), stream=stream)
+        checked, unchecked = drv.launches[-2:]
+        assert (checked.kernel, checked.grid, checked.block, checked.smem, checked.stream) == (
+            unchecked.kernel, unchecked.grid, unchecked.block, unchecked.smem, stream,
+        )  # fmt: skip
+        want, mask = _written(lv, dict(named, softmax_scale=128**-0.5, stream=stream))
+        assert _same(_buffer(unchecked, lv), want, mask) and _same(_buffer(checked, lv), want, mask)
+    # split-KV varlen: prepare -> forward -> combine, on the buffers the call owns
+    rt, drv = sm100
+    b, h, hk, d = 16, 16, 4, 128
+    ts = [t(0, (16, h, d)), t(1, (40000, hk, d)), t(2, (40000, hk, d)), t(3, (16, h, d)), t(4, (b + 1,), "int32"),
+          t(5, (b + 1,), "int32")]  # fmt: skip
+    run = fa4aot.prepare_forward(
+        *ts[:4], cu_seqlens_q=ts[4], cu_seqlens_k=ts[5], max_seqlen_q=1, max_seqlen_k=4000, num_splits=8, runtime=rt
+    )
+    _record_params(rt, drv)
+    run(*ts, stream=9)
+    run.launch_ptrs(*(x.ptr for x in ts), stream=9)
+    checked, unchecked = drv.launches[:3], drv.launches[3:]
+    assert [(x.kernel, x.grid, x.block, x.stream) for x in checked] == [
+        (x.kernel, x.grid, x.block, x.stream) for x in unchecked
+    ]
+    assert ts[0].ptr.to_bytes(8, "little") in b"".join(unchecked[1].params)  # q reached the forward
+    run.close()

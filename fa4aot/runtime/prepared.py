@@ -19,7 +19,8 @@ change, then ``cuLaunchKernelEx``). Nothing is allocated per call and nothing sy
 prepared call can be captured in a CUDA graph.
 
 Host scalars (softmax_scale, window, max_seqlen_q/k) are fixed at bind time; prepare one call per
-configuration (they are cheap to keep). The per-call function is generated for the bound
+configuration (they are cheap to keep). ``Prepared.launch_ptrs(*addresses, stream=)`` makes the same
+launches from raw device addresses without any check, for engines that validate themselves. The per-call function is generated for the bound
 tensors, with a fast path for PyTorch tensors (read through their own accessors).
 """
 
@@ -101,6 +102,10 @@ class Prepared:
         self._owned = owned
         self._lock = threading.Lock()
         run = self._generate(names, tensors, aligns, torch_keys, steps)
+        #: ``launch_ptrs(*addresses, stream=0)``: the call with device addresses in :attr:`arg_names`
+        #: order and a stream handle, *unchecked* - for engines that validate their buffers themselves
+        #: (a wrong address or shape is undefined behaviour, as in a raw kernel launch)
+        self.launch_ptrs: Callable[..., None] = self._generate_unchecked(len(names), steps)
         # Calls go straight to the generated function: a class of its own per prepared call
         # (Python looks __call__ up on the type), no forwarding frame.
         self.__class__ = type("Prepared", (Prepared,), {"__call__": staticmethod(run), "__slots__": ()})
@@ -167,6 +172,14 @@ class Prepared:
         lines += steps.lines
         gencode.run("\n".join(lines), scope, "prepared call")
         return scope["run"]
+
+    def _generate_unchecked(self, n: int, steps: _Steps) -> Callable[..., None]:
+        """The launches of :meth:`_generate` on addresses as given (no description, no check)."""
+        scope: dict[str, Any] = dict(steps.scope, _check=Plan._check)
+        args = ", ".join(f"p{i}" for i in range(n))
+        lines = [f"def launch_ptrs({args}, stream=0):", "    st = stream", *steps.lines]
+        gencode.run("\n".join(lines), scope, "prepared call (unchecked)")
+        return scope["launch_ptrs"]
 
     def _mismatch(self, i: int, obj: Any) -> None:
         name, want = self.arg_names[i], self._tensors[i]
