@@ -43,6 +43,10 @@ class FakeDriver:
     pointer_devices: dict = field(default_factory=dict)
     #: kernel handle -> kernel (symbol) name
     kernel_names: dict = field(default_factory=dict)
+    #: devices the process sees (one: the runtime remembers pointer ranges)
+    num_devices: int = 1
+    #: calls of pointer_device / pointer_range (what a range cache saves)
+    pointer_queries: int = 0
     _next: int = 0x7E00_0000_0000
 
     def ensure_context(self, ordinal: int) -> None:
@@ -77,7 +81,19 @@ class FakeDriver:
 
     def pointer_device(self, ptr: int):
         """Device of an address: ``pointer_devices`` overrides (None: not device memory)."""
+        self.pointer_queries += 1
         return self.pointer_devices.get(ptr, self.device)
+
+    def pointer_range(self, ptr: int):
+        """(device, start, size): an address lies in a 64 KiB range of its own (an override in
+        ``pointer_devices`` makes a one-byte range)."""
+        dev = self.pointer_device(ptr)
+        if dev is None:
+            return None
+        return (dev, ptr, 1) if ptr in self.pointer_devices else (dev, ptr & ~0xFFFF, 0x10000)
+
+    def device_count(self) -> int:
+        return self.num_devices
 
     def alloc(self, nbytes: int) -> int:
         ptr = self._next

@@ -645,7 +645,7 @@ class _CAI:
 
 
 def test_cuda_array_interface_tensors_on_another_device_are_refused(built_cache):
-    drv = FakeDriver()
+    drv = FakeDriver(num_devices=2)  # with one device, no buffer could be on cuda:1
     rt = Runtime(built_cache, driver=drv)
     q, k, v, o = (_CAI(0x7F60_0000_0000 + i * (1 << 36), (1, 64, 8, 128)) for i in range(4))
     drv.pointer_devices[q.__cuda_array_interface__["data"][0]] = 1
@@ -713,3 +713,36 @@ def test_read_only_dlpack_buffers_are_never_written(built_cache):
     out = _DLPackVersioned(0x7F70_0000_0000 + (4 << 36), shape, read_only=False)
     fa4aot.flash_attn_func(q, k, v, out=out, runtime=rt)  # read-only inputs are fine
     assert len(drv.launches) == 1
+
+
+def test_raw_pointers_are_located_once_per_allocation_range(built_cache):
+    """In a one-device process the driver is asked about each allocation range once, not about
+    each raw-pointer tensor on each call; with more devices it is asked every time (an address
+    freed on one device may come back on another)."""
+    from fa4aot.runtime.validate import MAX_POINTER_RANGES
+
+    for devices, per_call in ((1, 0), (2, 3)):  # q, k, v (out is checked after the lookup that fails here)
+        drv = FakeDriver(num_devices=devices)
+        rt = Runtime(built_cache, driver=drv)
+        q, k, v, o = (_CAI(0x7F60_0000_0000 + i * (1 << 36), (1, 64, 8, 128)) for i in range(4))
+        for _ in range(2):
+            with pytest.raises(VariantNotFoundError):  # checked, located; ci.yaml builds no fp16 SM90 forward
+                fa4aot.flash_attn_func(q, k, v, out=o, runtime=rt)
+        first = drv.pointer_queries
+        with pytest.raises(VariantNotFoundError):
+            fa4aot.flash_attn_func(q, k, v, out=o, runtime=rt)
+        assert drv.pointer_queries - first == per_call
+    # an address inside a remembered range is on the range's device without a query; a range not
+    # seen yet is asked about; a full table starts over
+    from fa4aot.runtime.validate import PointerRanges
+
+    drv = FakeDriver()
+    ranges = PointerRanges(drv)
+    assert ranges.device(0x7F60_0000_1000) == 0 and drv.pointer_queries == 1
+    assert ranges.device(0x7F60_0000_FFF0) == 0 and drv.pointer_queries == 1
+    assert ranges.device(0x7F60_0001_0000) == 0 and drv.pointer_queries == 2
+    drv.pointer_devices[0x7F70_0000_0000] = None
+    assert ranges.device(0x7F70_0000_0000) is None and drv.pointer_queries == 3
+    for i in range(MAX_POINTER_RANGES + 1):
+        ranges.device(0x7000_0000_0000 + i * 0x10000)
+    assert len(ranges._starts) <= MAX_POINTER_RANGES

@@ -21,8 +21,10 @@ DEV_ATTR_SM_COUNT = 16
 DEV_ATTR_CC_MAJOR = 75
 DEV_ATTR_CC_MINOR = 76
 DEV_ATTR_MAX_SMEM_OPTIN = 97
-#: CUpointer_attribute CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL (cuda.h)
+#: CUpointer_attribute CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, _RANGE_START_ADDR, _RANGE_SIZE (cuda.h)
 POINTER_ATTR_DEVICE_ORDINAL = 9
+POINTER_ATTR_RANGE_START = 11
+POINTER_ATTR_RANGE_SIZE = 12
 #: The driver ABI fa4aot asks cuGetProcAddress for: CUDA 12.0, the first with cuLibrary* and
 #: cuLaunchKernelEx (so every entry point below exists in that version).
 ABI_VERSION = 12000
@@ -56,6 +58,7 @@ _PROTOS: dict[str, tuple[Any, ...]] = {
     "cuMemcpyDtoH": (_p, _c_u64, _c_size),
     "cuStreamSynchronize": (_p,),
     "cuPointerGetAttribute": (_p, _c_int, _c_u64),
+    "cuDeviceGetCount": (ctypes.POINTER(_c_int),),
 }
 
 
@@ -185,6 +188,24 @@ class CudaDriver:
             return None
         self._check(rc, "cuPointerGetAttribute")
         return ordinal.value
+
+    def pointer_range(self, ptr: int) -> tuple[int, int, int] | None:
+        """(device ordinal, start, size) of the allocation holding ``ptr``; None for memory the
+        driver does not know."""
+        dev = self.pointer_device(ptr)
+        if dev is None:
+            return None
+        start, size = _c_u64(), _c_u64()
+        fn = self._fn("cuPointerGetAttribute")
+        self._check(fn(ctypes.byref(start), POINTER_ATTR_RANGE_START, ptr), "cuPointerGetAttribute")
+        self._check(fn(ctypes.byref(size), POINTER_ATTR_RANGE_SIZE, ptr), "cuPointerGetAttribute")
+        return dev, start.value, size.value
+
+    def device_count(self) -> int:
+        """How many CUDA devices this process sees (``cuDeviceGetCount``)."""
+        n = _c_int()
+        self._check(self._fn("cuDeviceGetCount")(ctypes.byref(n)), "cuDeviceGetCount")
+        return n.value
 
     # -- modules -------------------------------------------------------------------------------
 

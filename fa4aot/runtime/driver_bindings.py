@@ -20,6 +20,8 @@ from fa4aot.runtime.driver import (
     DEV_ATTR_MAX_SMEM_OPTIN,
     DEV_ATTR_SM_COUNT,
     POINTER_ATTR_DEVICE_ORDINAL,
+    POINTER_ATTR_RANGE_SIZE,
+    POINTER_ATTR_RANGE_START,
     CudaError,
     DeviceInfo,
 )
@@ -110,6 +112,24 @@ class BindingsDriver:
         if int(result[0]) == CUDA_ERROR_INVALID_VALUE:
             return None
         return int(self._check(result, "cuPointerGetAttribute"))
+
+    def pointer_range(self, ptr: int) -> tuple[int, int, int] | None:
+        """(device ordinal, start, size) of the allocation holding ``ptr`` (None: not device memory)."""
+        dev = self.pointer_device(ptr)
+        if dev is None:
+            return None
+        cu = self._cu
+        start = self._check(
+            cu.cuPointerGetAttribute(cu.CUpointer_attribute(POINTER_ATTR_RANGE_START), ptr), "cuPointerGetAttribute"
+        )
+        size = self._check(
+            cu.cuPointerGetAttribute(cu.CUpointer_attribute(POINTER_ATTR_RANGE_SIZE), ptr), "cuPointerGetAttribute"
+        )
+        return dev, int(start), int(size)
+
+    def device_count(self) -> int:
+        """How many CUDA devices this process sees (``cuDeviceGetCount``)."""
+        return int(self._check(self._cu.cuDeviceGetCount(), "cuDeviceGetCount"))
 
     # -- modules -------------------------------------------------------------------------------
 

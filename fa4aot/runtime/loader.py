@@ -283,6 +283,8 @@ class Runtime:
             raise ArgumentError(str(e)) from None
         self._selector: Any = None
         self._launch_fn = driver.launch_function()
+        #: where raw-pointer tensors live, per allocation range (one-device processes only)
+        self.pointer_ranges = _pointer_ranges(driver)
         self._loaded: dict[str, LoadedVariant] = {}
         self._loading: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
@@ -1024,3 +1026,16 @@ def stats(runtime: Runtime | None = None) -> Any:
     if rt is None:
         return RuntimeStats(patch_fallbacks=patch_fallbacks())
     return collect(rt)
+
+
+def _pointer_ranges(driver: Any) -> Any:
+    """A :class:`fa4aot.runtime.validate.PointerRanges` when the process sees exactly one device
+    (and the driver can say so), else None: every raw pointer is then asked about each call."""
+    from fa4aot.runtime.driver import CudaError
+    from fa4aot.runtime.validate import PointerRanges
+
+    try:
+        one = driver.device_count() == 1
+    except (AttributeError, CudaError):
+        return None
+    return PointerRanges(driver) if one else None

@@ -8,6 +8,7 @@ them by position (ptr, shape, strides, dtype, device).
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -24,13 +25,50 @@ INT32_MAX = 2**31 - 1
 READ_ONLY = "dlpack-readonly"
 
 
+#: Allocation ranges a runtime remembers (start address -> end, device); cleared when full.
+MAX_POINTER_RANGES = 1024
+
+
+class PointerRanges:
+    """The device of each allocation range the driver has been asked about, so a buffer used call
+    after call costs one lookup instead of ``cuPointerGetAttribute``. Kept only in a process that
+    sees one device: there a range freed and allocated again is still on that device (with more,
+    an address could come back on another one)."""
+
+    def __init__(self, driver: Any):
+        self._driver = driver
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        self._devices: list[int] = []
+
+    def device(self, ptr: int) -> int | None:
+        """The device of the allocation holding ``ptr`` (None: not device memory)."""
+        i = bisect.bisect_right(self._starts, ptr) - 1
+        if i >= 0 and ptr < self._ends[i]:
+            return self._devices[i]
+        found = self._driver.pointer_range(ptr)
+        if found is None:
+            return None
+        dev, start, size = found
+        if len(self._starts) >= MAX_POINTER_RANGES:
+            self._starts, self._ends, self._devices = [], [], []
+        j = bisect.bisect_right(self._starts, start)
+        if size > 0 and not (j > 0 and self._ends[j - 1] > start):  # a new range (never overlapping ones)
+            self._starts.insert(j, start)
+            self._ends.insert(j, start + size)
+            self._devices.insert(j, dev)
+        return dev
+
+
 def device_of(t: DeviceTensor, name: str, device: int, rt: Any) -> None:
     """``t`` lives on ``device``. Sources that do not say (``__cuda_array_interface__``) or whose
     device is only declared (:class:`fa4aot.RawTensor`) are asked through the driver's pointer
-    attributes, so a buffer of another GPU is refused whatever protocol it came through."""
+    attributes (remembered per allocation range in a one-device process: :class:`PointerRanges`),
+    so a buffer of another GPU is refused whatever protocol it came through."""
     dev = t[4]
     if (dev is None or t[5] == "raw") and t[0]:
-        actual = rt.driver.pointer_device(t[0])
+        ranges = rt.pointer_ranges
+        actual = ranges.device(t[0]) if ranges is not None else rt.driver.pointer_device(t[0])
         if actual is None:
             raise ArgumentError(f"{name}: address 0x{t[0]:x} is not CUDA device memory")
         if dev is not None and actual != dev:
