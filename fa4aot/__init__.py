@@ -32,6 +32,7 @@ _LAZY = {
     "flash_attn_backward": ("fa4aot.runtime.backward", "flash_attn_backward"),
     "prepare_forward": ("fa4aot.runtime.prepared", "prepare_forward"),
     "prepare_combine": ("fa4aot.runtime.prepared", "prepare_combine"),
+    "prepare_backward": ("fa4aot.runtime.backward", "prepare_backward"),
     "Prepared": ("fa4aot.runtime.prepared", "Prepared"),
     "Fa4aotError": ("fa4aot.core.errors", "Fa4aotError"),
     "ArgumentError": ("fa4aot.core.errors", "ArgumentError"),

@@ -526,3 +526,34 @@ def test_a_backward_miss_is_logged_as_its_group_and_from_misses_asks_for_every_k
         for p in parts("bwd_sm90", call(head_dim=64, head_dim_v=64, qhead_per_kvhead=4, causal=True))
     }
     assert {pv.variant.variant_id for pv in manifest.load(out).variants} == want
+
+
+def test_prepared_backward_launches_what_the_call_launches(sm90):
+    """fa4aot.prepare_backward: the launches and the zeroing of the plain backward (same kernels,
+    grids, blocks, streams; GQA's accumulators zeroed first), with new addresses followed, the
+    scratch owned by the call (nothing allocated per call), other shapes refused before launching."""
+    rt, drv = sm90
+    a = _args(2, 1000, 16, 4, 128)
+    _bwd(rt, a, causal=True, stream=7)
+    plain, plain_memsets = list(drv.launches), [m[1:] for m in drv.memsets]
+    drv.launches.clear(), drv.memsets.clear()
+    order = ("dout", "q", "k", "v", "out", "lse", "dq", "dk", "dv")
+    n_allocs = len(drv.allocs)
+    run = fa4aot.prepare_backward(*(a[n] for n in order), causal=True, runtime=rt)
+    assert run.arg_names == order and [v.family for v in run.variants][:2] == ["bwd_pre", "bwd_sm90"]
+    assert len(drv.allocs) == n_allocs + 1 and not drv.launches  # its scratch; nothing launched yet
+    run(*(a[n] for n in order), stream=7)
+    key = [(x.kernel, x.grid, x.block, x.stream) for x in plain]
+    assert [(x.kernel, x.grid, x.block, x.stream) for x in drv.launches] == key
+    assert [m[1:] for m in drv.memsets] == plain_memsets  # the dK/dV accumulators, zeroed per call
+    b2 = dict(a, q=t(20, a["q"].shape), dq=t(21, a["dq"].shape))
+    run(*(b2[n] for n in order), stream=8)
+    assert len(drv.allocs) == n_allocs + 1 and [x.stream for x in drv.launches[len(key) :]] == [8] * len(key)
+    launches = len(drv.launches)
+    with pytest.raises(ArgumentError, match="q: shape"):
+        run(*(dict(a, q=t(20, (2, 999, 16, 128)))[n] for n in order))
+    assert len(drv.launches) == launches
+    with pytest.raises(TypeError, match="learnable_sink"):  # not prepared: FA4 allocates dsink per call
+        fa4aot.prepare_backward(*(a[n] for n in order), learnable_sink=t(10, (16,)), runtime=rt)
+    run.close()
+    assert len(drv.allocs) == n_allocs

@@ -130,6 +130,59 @@ def flash_attn_backward(
     with the inputs' framework). ``stream`` defaults to the framework's current stream.
     """
     rt = runtime or loader._DEFAULT or loader.default_runtime()
+    c = analyse(
+        rt, dout, q, k, v, out, lse, softmax_scale, causal, window_size, softcap, cu_seqlens_q, cu_seqlens_k,
+        seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, deterministic, (dq, dk, dv), dlse, learnable_sink,
+    )  # fmt: skip
+    dq, dk, dv, dsink = c.outputs
+    s = default_stream(q) if stream is None else stream_handle(stream)
+    if c.kern is None:  # FA4: zero gradients, dsink = sum of dlse over the rows (or zero)
+        _bwd_empty(rt, c, s)
+    else:
+        _keep_until_done(_bwd_launch(rt, c, q, s), s, stream is None)
+    return (dq, dk, dv) if dsink is None else (dq, dk, dv, dsink)
+
+
+class BwdCall(NamedTuple):
+    """A backward call, checked and dispatched (nothing launched): what :func:`_bwd_launch`
+    and a prepared backward need."""
+
+    kern: BackwardKernels | None  # None: no queries or no keys (nothing to launch)
+    dims: tuple  # key, facts, batch, nheads, nheads_kv, max_q, max_k, total_q, total_k
+    t: tuple  # the descriptors: q, k, v, out, dout, lse, dlse, cu/seqused q/k, sink, dq, dk, dv, dsink
+    scale: float
+    local: bool
+    wl: int | None
+    wr: int | None
+    raw: bool  # raw-pointer inputs (no framework to allocate with)
+    outputs: tuple  # the caller's or new dq, dk, dv, dsink (None without a sink)
+
+
+def analyse(
+    rt: Runtime,
+    dout: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    lse: Any,
+    softmax_scale: float | None,
+    causal: bool,
+    window_size: Any,
+    softcap: float | None,
+    cu_seqlens_q: Any,
+    cu_seqlens_k: Any,
+    seqused_q: Any,
+    seqused_k: Any,
+    max_seqlen_q: int | None,
+    max_seqlen_k: int | None,
+    deterministic: bool,
+    given: tuple[Any, Any, Any],
+    dlse: Any,
+    learnable_sink: Any,
+) -> BwdCall:
+    """Validate a backward call, allocate the outputs not ``given`` and load its kernels;
+    nothing is launched or written."""
     varlen_q, varlen_k = cu_seqlens_q is not None, cu_seqlens_k is not None
     if deterministic.__class__ is not bool:
         raise ArgumentError(f"deterministic: expected True or False, got {deterministic!r}")
@@ -160,33 +213,30 @@ def flash_attn_backward(
         max_seqlen_q if varlen_q else None, max_seqlen_k if varlen_k else None, varlen_q, varlen_k, causal_r, local,
         deterministic, softcap != 0.0, sink is not None,
     )  # fmt: skip
-
     # outputs: the caller's (checked) or new ones from the inputs' framework
     empty = 0 in qd.shape or 0 in kd.shape
     raw = isinstance(q, (RawTensor, DeviceTensor))
-    (dq, dqd), (dk, dkd), (dv, dvd), (dsink, dsd) = _bwd_outputs(
-        rt, q, (dq, dk, dv), (qd, kd, vd), dtype, raw, learnable_sink, sink, nheads
-    )
+    (dq, dqd), (dk, dkd), (dv, dvd), (dsink, dsd) = _bwd_outputs(rt, q, given, (qd, kd, vd), dtype, raw,
+                                                                 learnable_sink, sink, nheads)  # fmt: skip
     kern = None if empty else pick(rt, key, facts)  # every kernel loaded before anything is written
-    s = default_stream(q) if stream is None else stream_handle(stream)
-    drv = rt.driver
-    if empty:  # FA4: zero gradients, dsink = sum of dlse over the rows (or zero)
-        for t in (dqd, dkd, dvd):
-            if 0 not in t.shape:
-                _zero(drv, t, s)
-        if dsd is not None:
-            if dld is not None and 0 not in dld.shape:
-                raise ArgumentError("learnable_sink with dlse and no keys: fa4aot does not reduce dlse on the host")
-            _zero(drv, dsd, s)
-        return (dq, dk, dv) if dsink is None else (dq, dk, dv, dsink)
-
-    assert kern is not None
-    bufs = _bwd_launch(
-        rt, kern, q, raw, s, (key, facts, batch, nheads, nheads_kv, max_q, max_k, total_q, total_k),
-        (qd, kd, vd, od, dod, ld, dld, cuq, cuk, suq, suk, sink, dqd, dkd, dvd, dsd), scale, local, wl, wr,
+    return BwdCall(
+        kern, (key, facts, batch, nheads, nheads_kv, max_q, max_k, total_q, total_k),
+        (qd, kd, vd, od, dod, ld, dld, cuq, cuk, suq, suk, sink, dqd, dkd, dvd, dsd), scale, local, wl, wr, raw,
+        (dq, dk, dv, dsink),
     )  # fmt: skip
-    _keep_until_done(bufs, s, stream is None)
-    return (dq, dk, dv) if dsink is None else (dq, dk, dv, dsink)
+
+
+def _bwd_empty(rt: Runtime, c: BwdCall, s: int) -> None:
+    """FA4's result without queries or keys: zero gradients, dsink zero (fa4aot does not reduce
+    dlse on the host)."""
+    dld, dqd, dkd, dvd, dsd = c.t[6], c.t[12], c.t[13], c.t[14], c.t[15]
+    for t in (dqd, dkd, dvd):
+        if 0 not in t.shape:
+            _zero(rt.driver, t, s)
+    if dsd is not None:
+        if dld is not None and 0 not in dld.shape:
+            raise ArgumentError("learnable_sink with dlse and no keys: fa4aot does not reduce dlse on the host")
+        _zero(rt.driver, dsd, s)
 
 
 def _bwd_stats(
@@ -322,70 +372,73 @@ def _bwd_outputs(
     return [*outs, (dsink, as_device_tensor(dsink, "dsink"))]
 
 
-def _bwd_launch(
-    rt: Runtime,
-    kern: Any,
-    q: Any,
-    raw: bool,
-    s: int,
-    dims: tuple,
-    t: tuple,
-    scale: float,
-    local: bool,
-    wl: int | None,
-    wr: int | None,
-) -> list[Any]:
+def _bwd_launch(rt: Runtime, c: BwdCall, q: Any, s: int) -> list[Any]:
     """Lay out the scratch, pack every kernel's arguments (checked against the plans' signatures
     before the first launch), zero what must start at zero, launch preprocess -> main ->
-    postprocess back to back; the framework buffers to keep alive until the stream is done."""  # fmt: skip
-    key, facts, batch, nheads, nheads_kv, max_q, max_k, total_q, total_k = dims
-    qd, kd, vd, od, dod, ld, dld, cuq, cuk, suq, suk, sink, dqd, dkd, dvd, dsd = t
-    dev, drv = rt.device, rt.driver
-    lkey = (key, facts, max_q, max_k, total_q, total_k)
-    layout = rt.backward_layouts.get(lkey)
-    if layout is None:
-        layout = scratch_layout(rt, kern, batch, nheads, nheads_kv, max_q, max_k, total_q, total_k)
-        rt.backward_layouts[lkey] = layout
+    postprocess back to back; the framework buffers to keep alive until the stream is done."""
+    layout = _layout(rt, c)
     regions, total_bytes, zero_offset = layout
     bufs: list[Any] = []
-    if raw:  # no framework to allocate with: the runtime's per-stream workspace
+    if c.raw:  # no framework to allocate with: the runtime's per-stream workspace
         base = workspace(rt, s, total_bytes)
     else:
         bufs = [alloc_like(q, (total_bytes // 4,), "fp32")]
         base = as_device_tensor(bufs[0], "scratch").ptr
-    sc = {name: DeviceTensor(base + off, sh, st, dt, dev, "scratch") for name, off, sh, st, dt in regions}
+    calls = kernel_calls(rt, c, regions, base, s)
+    packed = [(lv.plan, lv.plan.pack(named)) for lv, named in calls]
+    if total_bytes > zero_offset:
+        rt.driver.memset_d32(base + zero_offset, 0, (total_bytes - zero_offset) // 4, s)
+    for plan, flat in packed:
+        plan.call_launch(flat)
+    return bufs
+
+
+def _layout(rt: Runtime, c: BwdCall) -> tuple[list[tuple[str, int, tuple[int, ...], tuple[int, ...], str]], int, int]:
+    """The call's scratch layout (:func:`scratch_layout`), remembered per call shape."""
+    key, facts, batch, nheads, nheads_kv, max_q, max_k, total_q, total_k = c.dims
+    lkey = (key, facts, max_q, max_k, total_q, total_k)
+    layout = rt.backward_layouts.get(lkey)
+    if layout is None:
+        assert c.kern is not None
+        layout = scratch_layout(rt, c.kern, batch, nheads, nheads_kv, max_q, max_k, total_q, total_k)
+        rt.backward_layouts[lkey] = layout
+    return layout
+
+
+def kernel_calls(rt: Runtime, c: BwdCall, regions: list[Any], base: int, s: int) -> list[tuple[LoadedVariant, dict]]:
+    """FA4's backward launches as (kernel, named arguments): preprocess, main kernel, dQ (and
+    GQA dK, dV) postprocess, with the scratch regions laid out from ``base``."""
+    kern = c.kern
+    assert kern is not None
+    qd, kd, vd, od, dod, ld, dld, cuq, cuk, suq, suk, sink, dqd, dkd, dvd, dsd = c.t
+    sc = {name: DeviceTensor(base + off, sh, st, dt, rt.device, "scratch") for name, off, sh, st, dt in regions}
     dpsum, lse_log2, dq_accum = sc["dpsum"], sc["lse_log2"], sc["dq_accum"]
     dk_accum, dv_accum = sc.get("dk_accum"), sc.get("dv_accum")
     sem_t = {n: sc[n] for n in ("dq_semaphore", "dk_semaphore", "dv_semaphore") if n in sc}
     common_q = {"cu_seqlens_q": cuq, "seqused_q": suq}
     calls = [
         (kern.pre, dict(out=od, dout=dod, dpsum=dpsum, lse=ld, lse_log2=lse_log2, dq_accum=dq_accum, dlse=dld,
-                        softmax_scale=scale, stream=s, **common_q)),
+                        softmax_scale=c.scale, stream=s, **common_q)),
     ]  # fmt: skip
     main_args = dict(
         q=qd, k=kd, v=vd, dout=dod, lse_log2=lse_log2, dpsum=dpsum, dq_accum=dq_accum,
         dk=dk_accum if dk_accum is not None else dkd, dv=dv_accum if dv_accum is not None else dvd,
-        softmax_scale=scale, cu_seqlens_k=cuk, seqused_k=suk, stream=s, tensormap_workspace=sc.get("workspace"),
+        softmax_scale=c.scale, cu_seqlens_k=cuk, seqused_k=suk, stream=s, tensormap_workspace=sc.get("workspace"),
         **common_q, **sem_t,
     )  # fmt: skip
-    if local:
-        main_args.update(window_size_left=wl, window_size_right=wr)
+    if c.local:
+        main_args.update(window_size_left=c.wl, window_size_right=c.wr)
     calls.append((kern.main, main_args))
-    post = dict(accum=dq_accum, out=dqd, scale=scale, cu_seqlens=cuq, seqused=suq, stream=s)
+    post = dict(accum=dq_accum, out=dqd, scale=c.scale, cu_seqlens=cuq, seqused=suq, stream=s)
     if sink is not None:
         post.update(dpsum=dpsum, lse=ld, learnable_sink=sink, dsink=dsd)
     calls.append((kern.post_dq, post))
     if dk_accum is not None:
         assert kern.post_dk is not None and kern.post_dv is not None
         kv = dict(cu_seqlens=cuk, seqused=suk, stream=s)
-        calls.append((kern.post_dk, dict(accum=dk_accum, out=dkd, scale=scale, **kv)))
+        calls.append((kern.post_dk, dict(accum=dk_accum, out=dkd, scale=c.scale, **kv)))
         calls.append((kern.post_dv, dict(accum=dv_accum, out=dvd, scale=1.0, **kv)))
-    packed = [(lv.plan, lv.plan.pack({k: v for k, v in named.items() if v is not None})) for lv, named in calls]
-    if total_bytes > zero_offset:
-        drv.memset_d32(base + zero_offset, 0, (total_bytes - zero_offset) // 4, s)
-    for plan, flat in packed:
-        plan.call_launch(flat)
-    return bufs
+    return [(lv, {k: v for k, v in named.items() if v is not None}) for lv, named in calls]
 
 
 def scratch_layout(
@@ -473,3 +526,81 @@ def _keep_until_done(bufs: list[Any], stream: int, on_current: bool) -> None:
 
 #: stream -> scratch of the last backward launched there that is not stream-ordered
 _PINNED: BoundedDict = BoundedDict(64)
+
+
+#: The tensors a prepared backward takes, in order (then the optional ones given at bind time),
+#: with the positions of their descriptors in BwdCall.t and their base alignment in bytes.
+_PREPARED_TENSORS = (("dout", 4, 16), ("q", 0, 16), ("k", 1, 16), ("v", 2, 16), ("out", 3, 16), ("lse", 5, 4),
+                     ("dq", 12, 16), ("dk", 13, 16), ("dv", 14, 16))  # fmt: skip
+_PREPARED_OPTIONAL = (("dlse", 6), ("cu_seqlens_q", 7), ("cu_seqlens_k", 8), ("seqused_q", 9), ("seqused_k", 10))
+
+
+def prepare_backward(
+    dout: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    lse: Any,
+    dq: Any,
+    dk: Any,
+    dv: Any,
+    *,
+    cu_seqlens_q: Any = None,
+    cu_seqlens_k: Any = None,
+    seqused_q: Any = None,
+    seqused_k: Any = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int | None, int | None] = (None, None),
+    softcap: float = 0.0,
+    deterministic: bool = False,
+    dlse: Any = None,
+    runtime: Runtime | None = None,
+) -> Any:
+    """Prepare FA4's backward for tensors shaped like these (arguments as in
+    :func:`flash_attn_backward`; the gradients ``dq``, ``dk``, ``dv`` are written in place). The
+    prepared call (:class:`fa4aot.runtime.prepared.Prepared`) takes ``(dout, q, k, v, out, lse, dq,
+    dk, dv[, dlse][, cu_seqlens_q][, cu_seqlens_k][, seqused_q][, seqused_k])`` (those given here,
+    see ``arg_names``) and ``stream=``; per call it checks the tensors match, zeroes what FA4
+    zeroes and launches FA4's kernels - nothing allocated, nothing synchronised (CUDA-graph
+    capturable). FA4's scratch is allocated now and owned by the call (``close()`` frees it). A
+    learnable sink (whose gradient FA4 allocates per call) is not prepared: use
+    :func:`flash_attn_backward` for it."""
+    from fa4aot.runtime.prepared import Prepared, _Steps, _torch_keys
+
+    rt = runtime or loader._DEFAULT or loader.default_runtime()
+    c = analyse(
+        rt, dout, q, k, v, out, lse, softmax_scale, causal, window_size, softcap, cu_seqlens_q, cu_seqlens_k,
+        seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, deterministic, (dq, dk, dv), dlse, None,
+    )  # fmt: skip
+    if c.kern is None:
+        raise ArgumentError("prepare_backward: the call has no queries or no keys; call flash_attn_backward")
+    given = dict(dlse=dlse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
+                 seqused_k=seqused_k)  # fmt: skip
+    names = [n for n, _, _ in _PREPARED_TENSORS] + [n for n, _ in _PREPARED_OPTIONAL if given[n] is not None]
+    objs = [dout, q, k, v, out, lse, dq, dk, dv] + [given[n] for n, _ in _PREPARED_OPTIONAL if given[n] is not None]
+    at = dict((n, i) for n, i, _ in _PREPARED_TENSORS) | dict(_PREPARED_OPTIONAL)
+    descs = [c.t[at[n]] for n in names]
+    aligns = [a for _, _, a in _PREPARED_TENSORS] + [4] * (len(names) - len(_PREPARED_TENSORS))
+    regions, total_bytes, zero_offset = _layout(rt, c)
+    base = rt.driver.alloc(total_bytes)
+    owned: list[Any] = [base]
+    try:
+        steps = _Steps()
+        if total_bytes > zero_offset:  # what FA4 zeroes (torch.zeros), on the call's stream
+            memset, start, words = rt.driver.memset_d32, base + zero_offset, (total_bytes - zero_offset) // 4
+            steps.python(lambda st: memset(start, 0, words, st), "st")
+        user = {id(d): f"p{i}" for i, d in enumerate(descs)}
+        for lv, named in kernel_calls(rt, c, regions, base, 0):
+            sources = {n: user.get(id(t), t[0]) for n, t in named.items() if isinstance(t, DeviceTensor)}
+            steps.bound(lv.plan.bind(named), sources)
+        run = Prepared(rt, names, descs, aligns, _torch_keys(objs, descs), steps, owned)
+    except BaseException:
+        rt.driver.free(base)
+        raise
+    kern = c.kern
+    run.variants = tuple(lv.variant for lv in kern if lv is not None)
+    return run
