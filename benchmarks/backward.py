@@ -6,7 +6,8 @@
 Both get the same q, k, v, out, lse and dout (out and lse from fa4aot's forward). A sample is 10
 back-to-back calls (all kernels of the backward: preprocess, main kernel, postprocess) between two
 CUDA events, per call: the GPU time once the host keeps ahead, as in a training step; the host
-time of issuing a call is reported beside it. Samples interleave fa4aot / FA4, after warm-up
+time of issuing a call is reported beside it, also for fa4aot's prepared backward
+(``fa4aot.prepare_backward``, bound to the same tensors). Samples interleave fa4aot / FA4, after warm-up
 (FA4's compiles excluded). FLOPs: FA's convention, 2.5 x the forward's 4 * b * h * sq * sk
 * d, halved for causal. Reports medians. FA4 must be importable (../shared/device-fa4-on-h100.md).
 """
@@ -57,14 +58,23 @@ def run(cache: str, iters: int) -> dict:
             q, k, v, out, dout, lse, causal = a
             return fa4._flash_attn_bwd(q, k, v, out, dout, lse, causal=causal)
 
-        times: dict[str, list[float]] = {"fa4aot": [], "fa4": []}
-        host: dict[str, list[float]] = {"fa4aot": [], "fa4": []}
-        for f in (mine, theirs):
+        # the prepared backward (fa4aot.prepare_backward), gradients written into buffers it was bound to
+        grads = [torch.empty_like(t) for t in (q, k, v)]
+        bound = (dout, q, k, v, out, lse, *grads)
+        prepared_run = fa4aot.prepare_backward(*bound, causal=causal, runtime=rt)
+
+        def prepared(bound=bound, run=prepared_run):
+            run(*bound)
+
+        calls = (("fa4aot", mine), ("fa4", theirs), ("prepared", prepared))
+        times: dict[str, list[float]] = {name: [] for name, _ in calls}
+        host: dict[str, list[float]] = {name: [] for name, _ in calls}
+        for _, f in calls:
             for _ in range(3):
                 f()  # warm-up: loads (fa4aot) or compiles (FA4)
         torch.cuda.synchronize()
         for _ in range(iters):
-            for name, f in (("fa4aot", mine), ("fa4", theirs)):
+            for name, f in calls:
                 # CALLS back-to-back calls between two events: the GPU time per call once the
                 # host keeps ahead (as in training), and the host time of issuing them
                 e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -84,6 +94,7 @@ def run(cache: str, iters: int) -> dict:
             row[f"{name}_tflops"] = flops / med / 1e12
             row[f"{name}_host_us"] = statistics.median(host[name]) * 1e6
         row["ratio"] = row["fa4aot_tflops"] / row["fa4_tflops"]
+        row["prepared_host_vs_fa4"] = row["prepared_host_us"] / row["fa4_host_us"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     gpu = torch.cuda.get_device_name()
@@ -98,14 +109,15 @@ def markdown(res: dict) -> str:
         f"{CALLS} back-to-back calls, same run)",
         "",
         "| batch | seqlen | heads | kv heads | d | causal | fa4aot ms | FA4 ms | fa4aot TFLOP/s | FA4 TFLOP/s "
-        "| ratio | fa4aot host us | FA4 host us |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ratio | fa4aot host us | FA4 host us | prepared host us | prepared / FA4 host |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         lines.append(
             f"| {r['batch']} | {r['seqlen']} | {r['nheads']} | {r['nheads_kv']} | {r['head_dim']} | {r['causal']} "
             f"| {r['fa4aot_ms']:.3f} | {r['fa4_ms']:.3f} | {r['fa4aot_tflops']:.0f} | {r['fa4_tflops']:.0f} "
-            f"| {r['ratio']:.3f} | {r.get('fa4aot_host_us', float('nan')):.0f} | {r.get('fa4_host_us', float('nan')):.0f} |"
+            f"| {r['ratio']:.3f} | {r.get('fa4aot_host_us', float('nan')):.0f} | {r.get('fa4_host_us', float('nan')):.0f} "
+            f"| {r.get('prepared_host_us', float('nan')):.0f} | {r.get('prepared_host_vs_fa4', float('nan')):.2f} |"
         )
     lines += ["", f"Geometric mean of fa4aot/FA4: {res['geomean_ratio']:.3f}", ""]
     return "\n".join(lines)
