@@ -11,7 +11,8 @@ Rows (PyTorch tensors, ``out`` given, torch's current stream, bf16, causal, head
 * batched forward, same shapes (b1 s128 h16);
 * varlen forward, same shapes (batch 8, GQA 4: 32 query / 8 KV heads, 64 tokens each);
 * varlen forward with max_seqlen_q/k changing on every call (the serving case);
-* prepared calls (``fa4aot.prepare_forward``), batched and varlen;
+* prepared calls (``fa4aot.prepare_forward``), batched and varlen, checked and through
+  ``launch_ptrs`` (unchecked);
 * with ``--old-src``/``--old-cache``: the same plain calls through another fa4aot checkout (run in
   a subprocess, e.g. the commit before the runtime redesign) - the baseline, measured in this run.
 
@@ -241,6 +242,16 @@ def main() -> None:
     )
     rows["prepared call, varlen"] = median_us(
         lambda: run_v(qv, kv, kv, ov, cu, cu), args.inner, args.repeats, sync, args.sleep_cycles
+    )
+    # the unchecked entry (engines that validate their own buffers): addresses and a stream handle
+    stream = torch_stream()
+    ptrs_b = [t.data_ptr() for t in (q, q, q, o)]
+    ptrs_v = [t.data_ptr() for t in (qv, kv, kv, ov, cu, cu)]
+    rows["prepared call, batched, launch_ptrs (unchecked)"] = median_us(
+        lambda: run_b.launch_ptrs(*ptrs_b, stream=stream), args.inner, args.repeats, sync, args.sleep_cycles
+    )
+    rows["prepared call, varlen, launch_ptrs (unchecked)"] = median_us(
+        lambda: run_v.launch_ptrs(*ptrs_v, stream=stream), args.inner, args.repeats, sync, args.sleep_cycles
     )
     old: dict[str, float] = {}
     if args.old_src and args.old_cache:
