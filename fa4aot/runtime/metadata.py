@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fa4aot.core.errors import ArgumentError
+from fa4aot.core.errors import ArgumentError, Fa4aotError
 from fa4aot.core.fa4_interface import UNPREPARED, prepare_num_warps, split_policy
 from fa4aot.core.signature import TensorDesc
 from fa4aot.runtime import loader, validate
@@ -273,7 +273,10 @@ class MetadataPool:
         self._views.clear()
         if self._ptr:
             drv = self.runtime.driver
-            drv.synchronize(self.stream)
+            try:
+                drv.synchronize(self.stream)
+            except Fa4aotError:  # the stream is gone (destroyed: its work completes before it is released)
+                pass
             drv.free(self._ptr)
             self._ptr, self.capacity = 0, 0
 
