@@ -225,7 +225,7 @@ SM100_CASES = [
     "arch,sms,family,cases",
     [
         ("sm_90a", 132, "bwd_sm90", SM90_CASES),
-        ("sm_100a", 148, "bwd_sm100", SM100_CASES),
+        pytest.param("sm_100a", 148, "bwd_sm100", SM100_CASES, marks=pytest.mark.slow),
         pytest.param("sm_103a", 148, "bwd_sm100", SM100_CASES[:3], marks=pytest.mark.slow),
     ],  # fmt: skip
 )

@@ -269,6 +269,7 @@ with FakeTensorMode():
 """
 
 
+@pytest.mark.slow  # FA4's interface on fake tensors (about 4 s)
 def test_record_learns_fa4s_backward_calls(tmp_path):
     """`fa4aot record` learns each FA4 backward call as the bwd group fa4aot's runtime asks for
     (with the call's shapes, which FA4's SM100 selection reads); under --no-compile FA4's
