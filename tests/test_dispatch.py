@@ -473,6 +473,7 @@ def _calls_decide_like_fa4(cache, cases, on_call=None) -> int:
     return launched
 
 
+@pytest.mark.slow  # 20 s: FA4's interface in fake mode over 5 arches (the fixed lists above run fast)
 @needs_dsl
 def test_a_fixed_sample_of_calls_decides_like_fa4(built_cache):
     """30 calls per arch with random batch and max_seqlen (a fixed seed) through the API: every
