@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from fa4aot.core.fa4_args import refuse
 from fa4aot.runtime import fa4_entries, forward
 from fa4aot.runtime import interface as rt_interface
 from fa4aot.runtime.metadata import SchedulerMetadata
@@ -75,31 +74,12 @@ def flash_attn_func(
     scales: Any = None,
 ) -> tuple[Any, Any]:
     """FA4's ``flash_attn_func``: ``(out, lse)``, differentiable when an input requires grad."""
-    if needs_autograd(q, k, v, learnable_sink):
-        # the refused arguments by name, not locals(): torch.compile cannot trace locals()
-        refuse(
-            "flash_attn_func",
-            dict(
-                qv=qv,
-                gather_kv_indices=gather_kv_indices,
-                score_mod=score_mod,
-                score_mod_bwd=score_mod_bwd,
-                mask_mod=mask_mod,
-                aux_tensors=aux_tensors,
-                aux_scalars=aux_scalars,
-                block_sparse_tensors=block_sparse_tensors,
-                block_sparse_tensors_bwd=block_sparse_tensors_bwd,
-                gather_bwd_recompute_p=gather_bwd_recompute_p,
-                gather_bwd_token_chunk=gather_bwd_token_chunk,
-                config=config,
-                scales=scales,
-            ),
-            autograd=True,
-        )  # inference-only FA4 paths
+    if needs_autograd(q, k, v, learnable_sink):  # fa4aot.torch refuses the inference-only FA4 paths
         return _fa4aot_torch().flash_attn_func(
             q, k, v, qv, gather_kv_indices, softmax_scale, causal, window_size, learnable_sink, softcap, num_splits,
             pack_gqa, deterministic, score_mod, score_mod_bwd, mask_mod, aux_tensors, aux_scalars,
             block_sparse_tensors, block_sparse_tensors_bwd, return_lse, gather_bwd_recompute_p, gather_bwd_token_chunk,
+            config, scales,
         )  # fmt: skip
     q, k, v, learnable_sink = _plain(q), _plain(k), _plain(v), _plain(learnable_sink)
     return forward.flash_attn_func(
@@ -148,35 +128,13 @@ def flash_attn_varlen_func(
 ) -> tuple[Any, Any]:
     """FA4's ``flash_attn_varlen_func``: ``(out, lse)``, differentiable when an input requires grad
     (a paged KV cache is an inference path, as in FA4)."""
-    if needs_autograd(q, k, v, learnable_sink):
-        # the refused arguments by name, not locals(): torch.compile cannot trace locals()
-        refuse(
-            "flash_attn_varlen_func",
-            dict(
-                qv=qv,
-                gather_kv_indices=gather_kv_indices,
-                page_table=page_table,
-                score_mod=score_mod,
-                score_mod_bwd=score_mod_bwd,
-                mask_mod=mask_mod,
-                block_sparse_tensors=block_sparse_tensors,
-                aux_tensors=aux_tensors,
-                aux_scalars=aux_scalars,
-                seqlen_k_per_split=seqlen_k_per_split,
-                disable_scheduler_metadata=disable_scheduler_metadata,
-                gather_bwd_recompute_p=gather_bwd_recompute_p,
-                gather_bwd_token_chunk=gather_bwd_token_chunk,
-                config=config,
-                scales=scales,
-            ),
-            autograd=True,
-        )  # inference-only FA4 paths
+    if needs_autograd(q, k, v, learnable_sink):  # fa4aot.torch refuses the inference-only FA4 paths
         return _fa4aot_torch().flash_attn_varlen_func(
             q, k, v, qv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, min_seqlen_k, seqused_q, seqused_k,
             gather_kv_indices, page_table, softmax_scale, causal, window_size, learnable_sink, softcap, num_splits,
             pack_gqa, deterministic, score_mod, score_mod_bwd, mask_mod, block_sparse_tensors, aux_tensors,
             aux_scalars, return_lse, scheduler_metadata, seqlen_k_per_split, disable_scheduler_metadata,
-            gather_bwd_recompute_p, gather_bwd_token_chunk,
+            gather_bwd_recompute_p, gather_bwd_token_chunk, config, scales,
         )  # fmt: skip
     q, k, v, learnable_sink = _plain(q), _plain(k), _plain(v), _plain(learnable_sink)
     return forward.flash_attn_varlen_func(

@@ -38,7 +38,7 @@ from fa4aot.runtime.dispatch import ForwardRule, Pick, Shape, StaticCall, head_d
 from fa4aot.runtime.empty import fill_empty
 from fa4aot.runtime.frameworks import alloc_like, default_stream, transposed
 from fa4aot.runtime.loader import Runtime
-from fa4aot.runtime.metadata import SchedulerMetadata, auto_metadata, check_metadata, metadata_kind
+from fa4aot.runtime.metadata import SchedulerMetadata, auto_metadata, check_metadata
 from fa4aot.runtime.scales import NO_SCALES
 from fa4aot.runtime.scales import check as check_scales
 from fa4aot.runtime.tensors import (
@@ -592,7 +592,7 @@ def forward(
         return_lse = True
     fc = analyse(
         rt, q, k, v, cu_q, cu_k, max_q, max_k, su_q, su_k, softmax_scale, causal, window_size, num_splits, pack_gqa,
-        return_lse, metadata_kind(metadata), page_table, learnable_sink, softcap, requires_grad, config, requests, scales,
+        return_lse, False if metadata is None else metadata.kind, page_table, learnable_sink, softcap, requires_grad, config, requests, scales,
     )  # fmt: skip
     s = default_stream(q) if stream is None else stream_handle(stream)
     out_shape = (*fc.rows, fc.nheads, fc.head_dim_v)
