@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from fa4aot.core.errors import ArgumentError
-from fa4aot.core.fa4_args import refuse
+from fa4aot.core.fa4_args import mirror
 from fa4aot.runtime import loader
 from fa4aot.runtime.backward import flash_attn_backward
 from fa4aot.runtime.forward import forward
@@ -245,128 +245,36 @@ def _call(
     return out, (lse if return_lse else None)
 
 
-def flash_attn_func(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    qv: Any = None,
-    gather_kv_indices: Any = None,
-    softmax_scale: float | None = None,
-    causal: bool = False,
-    window_size: tuple[int | None, int | None] = (None, None),
-    learnable_sink: torch.Tensor | None = None,
-    softcap: float = 0.0,
-    num_splits: int = 1,
-    pack_gqa: bool | None = None,
-    deterministic: bool = False,
-    score_mod: Any = None,
-    score_mod_bwd: Any = None,
-    mask_mod: Any = None,
-    aux_tensors: Any = None,
-    aux_scalars: Any = None,
-    block_sparse_tensors: Any = None,
-    block_sparse_tensors_bwd: Any = None,
-    return_lse: bool = False,
-    gather_bwd_recompute_p: bool = False,
-    gather_bwd_token_chunk: int | None = None,
-    config: Any = None,
-    scales: Any = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """FA4's differentiable ``flash_attn_func``: ``(out, lse)`` for q (batch, seqlen_q, nheads,
-    d), k / v (batch, seqlen_k, nheads_kv, d / d_v); gradients flow to q, k, v (and a learnable
-    sink) through FA4's backward kernels."""
-    # the refused arguments by name, not locals(): torch.compile cannot trace locals()
-    refuse(
-        "flash_attn_func",
-        dict(
-            qv=qv,
-            gather_kv_indices=gather_kv_indices,
-            score_mod=score_mod,
-            score_mod_bwd=score_mod_bwd,
-            mask_mod=mask_mod,
-            aux_tensors=aux_tensors,
-            aux_scalars=aux_scalars,
-            block_sparse_tensors=block_sparse_tensors,
-            block_sparse_tensors_bwd=block_sparse_tensors_bwd,
-            gather_bwd_recompute_p=gather_bwd_recompute_p,
-            gather_bwd_token_chunk=gather_bwd_token_chunk,
-            config=config,
-            scales=scales,
-        ),
-        autograd=True,
-    )
+flash_attn_func = mirror(
+    "flash_attn_func",
+    """
     return _call(
         q, k, v, None, None, None, None, None, None, softmax_scale, causal, window_size, learnable_sink, softcap,
         num_splits, pack_gqa, return_lse, deterministic,
-    )  # fmt: skip
-
-
-def flash_attn_varlen_func(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    qv: Any = None,
-    cu_seqlens_q: torch.Tensor | None = None,
-    cu_seqlens_k: torch.Tensor | None = None,
-    max_seqlen_q: int | None = None,
-    max_seqlen_k: int | None = None,
-    min_seqlen_k: int | None = None,
-    seqused_q: torch.Tensor | None = None,
-    seqused_k: torch.Tensor | None = None,
-    gather_kv_indices: Any = None,
-    page_table: Any = None,
-    softmax_scale: float | None = None,
-    causal: bool = False,
-    window_size: tuple[int | None, int | None] = (None, None),
-    learnable_sink: torch.Tensor | None = None,
-    softcap: float = 0.0,
-    num_splits: int = 1,
-    pack_gqa: bool | None = None,
-    deterministic: bool = False,
-    score_mod: Any = None,
-    score_mod_bwd: Any = None,
-    mask_mod: Any = None,
-    block_sparse_tensors: Any = None,
-    aux_tensors: Any = None,
-    aux_scalars: Any = None,
-    return_lse: bool = False,
-    scheduler_metadata: Any = None,
-    seqlen_k_per_split: int | None = None,
-    disable_scheduler_metadata: bool = False,
-    gather_bwd_recompute_p: bool = False,
-    gather_bwd_token_chunk: int | None = None,
-    config: Any = None,
-    scales: Any = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """FA4's differentiable ``flash_attn_varlen_func`` (packed sequences with ``cu_seqlens_q`` /
-    ``cu_seqlens_k``, optional ``seqused_q`` / ``seqused_k``; ``scheduler_metadata`` from
-    ``get_scheduler_metadata`` serves the forward); a paged KV cache has no backward."""
-    # the refused arguments by name, not locals(): torch.compile cannot trace locals()
-    refuse(
-        "flash_attn_varlen_func",
-        dict(
-            qv=qv,
-            gather_kv_indices=gather_kv_indices,
-            page_table=page_table,
-            score_mod=score_mod,
-            score_mod_bwd=score_mod_bwd,
-            mask_mod=mask_mod,
-            block_sparse_tensors=block_sparse_tensors,
-            aux_tensors=aux_tensors,
-            aux_scalars=aux_scalars,
-            seqlen_k_per_split=seqlen_k_per_split,
-            disable_scheduler_metadata=disable_scheduler_metadata,
-            gather_bwd_recompute_p=gather_bwd_recompute_p,
-            gather_bwd_token_chunk=gather_bwd_token_chunk,
-            config=config,
-            scales=scales,
-        ),
-        autograd=True,
     )
+    """,
+    globals(),
+    check="autograd",
+    doc="""FA4's differentiable ``flash_attn_func``: ``(out, lse)`` for q (batch, seqlen_q, nheads,
+    d), k / v (batch, seqlen_k, nheads_kv, d / d_v); gradients flow to q, k, v (and a learnable
+    sink) through FA4's backward kernels.""",
+)
+
+
+flash_attn_varlen_func = mirror(
+    "flash_attn_varlen_func",
+    """
     return _call(
         q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
         window_size, learnable_sink, softcap, num_splits, pack_gqa, return_lse, deterministic, scheduler_metadata,
-    )  # fmt: skip
+    )
+    """,
+    globals(),
+    check="autograd",
+    doc="""FA4's differentiable ``flash_attn_varlen_func`` (packed sequences with ``cu_seqlens_q`` /
+    ``cu_seqlens_k``, optional ``seqused_q`` / ``seqused_k``; ``scheduler_metadata`` from
+    ``get_scheduler_metadata`` serves the forward); a paged KV cache has no backward.""",
+)
 
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func"]

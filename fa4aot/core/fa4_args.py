@@ -15,6 +15,7 @@ all read it; tests/test_fa4_args.py checks FA4's source and every mirror against
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -233,3 +234,64 @@ def refuse(entry: str, values: Mapping[str, Any], *, autograd: bool = False) -> 
 def refused_names(entry: str, autograd: bool = False) -> tuple[str, ...]:
     """The parameters of ``entry`` fa4aot refuses (with ``autograd``, the inference-only ones too)."""
     return tuple(p.name for p in ENTRY_POINTS[entry] if p.use == REFUSED or (autograd and p.use == INFERENCE))
+
+
+def _fast_check(entry: str) -> str:
+    """A one-expression test that every refused argument of ``entry`` is at FA4's default (the
+    usual call pays this, not the table walk of :func:`refuse`)."""
+    terms = []
+    for p in ENTRY_POINTS[entry]:
+        if p.use != REFUSED:
+            continue
+        if p.default is None or p.default is False or p.default is True:
+            terms.append(f"{p.name} is {p.default!r}")
+        else:
+            terms.append(f"_is_default({p.name}, _d_{p.name})")
+    return " and ".join(terms) or "True"
+
+
+def mirror(
+    entry: str,
+    body: str,
+    scope: dict[str, Any],
+    *,
+    extras: tuple[tuple[str, Any], ...] = (),
+    check: str = "fast",
+    doc: str = "",
+) -> Any:
+    """A function with FA4's ``entry`` parameter list (names, order, defaults, keyword-only ones)
+    plus fa4aot's keyword-only ``extras`` ((name, default) pairs), generated from this table so
+    the signatures live in one place. ``body`` (its lines, unindented) is the function's body;
+    ``{all}`` in it stands for every FA4 parameter passed on as received and ``{refused}`` for a
+    dict of the refused ones by name. ``check``: ``"fast"`` refuses non-default refused arguments
+    first (:func:`refuse`), ``"autograd"`` also the inference-only ones, ``"none"`` leaves it to
+    ``body``. Globals of the body are ``scope``'s (the defining module's)."""
+    from fa4aot.core import gencode
+
+    params = ENTRY_POINTS[entry]
+    defaults = {f"_d_{p.name}": p.default for p in params if p.default is not REQUIRED}
+    sig: list[str] = []
+    for p in params:
+        if p.keyword_only and "*" not in sig:
+            sig.append("*")
+        sig.append(p.name if p.default is REQUIRED else f"{p.name}=_d_{p.name}")
+    if extras and "*" not in sig:
+        sig.append("*")
+    sig += [f"{n}=_d_{n}" for n, _ in extras]
+    defaults.update({f"_d_{n}": d for n, d in extras})
+    passed = ", ".join(p.name if not p.keyword_only else f"{p.name}={p.name}" for p in params)
+    refused = ", ".join(f"{n}={n}" for n in refused_names(entry, autograd=check == "autograd"))
+    # a factory, so the defaults are its locals and the function's globals are the module's
+    # (names defined after the mirror resolve at call time)
+    lines = [f"def _make({', '.join(['_refuse', '_is_default', *defaults])}):", f"  def {entry}({', '.join(sig)}):"]
+    if check == "fast":
+        lines.append(f"    if not ({_fast_check(entry)}):\n      _refuse({entry!r}, locals())")
+    elif check == "autograd":  # by name, not locals(): torch.compile cannot trace locals()
+        lines.append(f"    _refuse({entry!r}, dict({refused}), autograd=True)")
+    lines += ["    " + line for line in textwrap.dedent(body).strip().format(all=passed, refused=f"dict({refused})").splitlines()]
+    lines.append(f"  return {entry}")
+    made: dict[str, Any] = {}
+    gencode.run("\n".join(lines) + "\n", scope, f"mirror {scope.get('__name__', '')}.{entry}", made)
+    fn = made["_make"](refuse, is_default, **defaults)
+    fn.__doc__, fn.__qualname__ = doc, entry
+    return fn

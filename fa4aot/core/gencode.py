@@ -15,8 +15,9 @@ MAX_SOURCES = 512
 _registered: OrderedDict[str, None] = OrderedDict()
 
 
-def run(source: str, scope: dict[str, Any], kind: str) -> None:
-    """Execute ``source`` (a generated module body) in ``scope``, under a linecache'd name."""
+def run(source: str, scope: dict[str, Any], kind: str, names: dict[str, Any] | None = None) -> None:
+    """Execute ``source`` (a generated module body) with globals ``scope``, under a linecache'd
+    name; ``names``: where its top-level definitions go (default: ``scope``)."""
     filename = f"<fa4aot {kind} {hashlib.sha256(source.encode()).hexdigest()[:12]}>"
     code = compile(source, filename, "exec")
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
@@ -24,4 +25,4 @@ def run(source: str, scope: dict[str, Any], kind: str) -> None:
     _registered.move_to_end(filename)
     while len(_registered) > MAX_SOURCES:
         linecache.cache.pop(_registered.popitem(last=False)[0], None)
-    exec(code, scope)  # noqa: S102 - fa4aot's own generated code, from recorded signatures and bound calls
+    exec(code, scope, scope if names is None else names)  # noqa: S102 - fa4aot's own generated code, from recorded signatures and bound calls

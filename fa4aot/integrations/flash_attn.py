@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from fa4aot.runtime import fa4_entries, forward
+from fa4aot.core.fa4_args import mirror
+from fa4aot.runtime import fa4_entries, forward  # noqa: F401 - called by the generated mirrors
 from fa4aot.runtime import interface as rt_interface
 from fa4aot.runtime.metadata import SchedulerMetadata
 
@@ -46,104 +47,33 @@ def _fa4aot_torch() -> Any:
     return ft
 
 
-def flash_attn_func(
-    q: Any,
-    k: Any,
-    v: Any,
-    qv: Any = None,
-    gather_kv_indices: Any = None,
-    softmax_scale: float | None = None,
-    causal: bool = False,
-    window_size: tuple[int | None, int | None] = (None, None),
-    learnable_sink: Any = None,
-    softcap: float = 0.0,
-    num_splits: int = 1,
-    pack_gqa: bool | None = None,
-    deterministic: bool = False,
-    score_mod: Any = None,
-    score_mod_bwd: Any = None,
-    mask_mod: Any = None,
-    aux_tensors: Any = None,
-    aux_scalars: Any = None,
-    block_sparse_tensors: Any = None,
-    block_sparse_tensors_bwd: Any = None,
-    return_lse: bool = False,
-    gather_bwd_recompute_p: bool = False,
-    gather_bwd_token_chunk: int | None = None,
-    config: Any = None,
-    scales: Any = None,
-) -> tuple[Any, Any]:
-    """FA4's ``flash_attn_func``: ``(out, lse)``, differentiable when an input requires grad."""
+flash_attn_func = mirror(
+    "flash_attn_func",
+    """
     if needs_autograd(q, k, v, learnable_sink):  # fa4aot.torch refuses the inference-only FA4 paths
-        return _fa4aot_torch().flash_attn_func(
-            q, k, v, qv, gather_kv_indices, softmax_scale, causal, window_size, learnable_sink, softcap, num_splits,
-            pack_gqa, deterministic, score_mod, score_mod_bwd, mask_mod, aux_tensors, aux_scalars,
-            block_sparse_tensors, block_sparse_tensors_bwd, return_lse, gather_bwd_recompute_p, gather_bwd_token_chunk,
-            config, scales,
-        )  # fmt: skip
+        return _fa4aot_torch().flash_attn_func({all})
     q, k, v, learnable_sink = _plain(q), _plain(k), _plain(v), _plain(learnable_sink)
-    return forward.flash_attn_func(
-        q, k, v, qv, gather_kv_indices, softmax_scale, causal, window_size, learnable_sink, softcap, num_splits,
-        pack_gqa, deterministic, score_mod, score_mod_bwd, mask_mod, aux_tensors, aux_scalars, block_sparse_tensors,
-        block_sparse_tensors_bwd, return_lse, gather_bwd_recompute_p, gather_bwd_token_chunk, config, scales,
-    )  # fmt: skip
+    return forward.flash_attn_func({all})
+    """,
+    globals(),
+    check="none",  # the functions it calls refuse
+    doc="""FA4's ``flash_attn_func``: ``(out, lse)``, differentiable when an input requires grad.""",
+)
 
 
-def flash_attn_varlen_func(
-    q: Any,
-    k: Any,
-    v: Any,
-    qv: Any = None,
-    cu_seqlens_q: Any = None,
-    cu_seqlens_k: Any = None,
-    max_seqlen_q: int | None = None,
-    max_seqlen_k: int | None = None,
-    min_seqlen_k: int | None = None,
-    seqused_q: Any = None,
-    seqused_k: Any = None,
-    gather_kv_indices: Any = None,
-    page_table: Any = None,
-    softmax_scale: float | None = None,
-    causal: bool = False,
-    window_size: tuple[int | None, int | None] = (None, None),
-    learnable_sink: Any = None,
-    softcap: float = 0.0,
-    num_splits: int = 1,
-    pack_gqa: bool | None = None,
-    deterministic: bool = False,
-    score_mod: Any = None,
-    score_mod_bwd: Any = None,
-    mask_mod: Any = None,
-    block_sparse_tensors: Any = None,
-    aux_tensors: Any = None,
-    aux_scalars: Any = None,
-    return_lse: bool = False,
-    scheduler_metadata: Any = None,
-    seqlen_k_per_split: int | None = None,
-    disable_scheduler_metadata: bool = False,
-    gather_bwd_recompute_p: bool = False,
-    gather_bwd_token_chunk: int | None = None,
-    config: Any = None,
-    scales: Any = None,
-) -> tuple[Any, Any]:
-    """FA4's ``flash_attn_varlen_func``: ``(out, lse)``, differentiable when an input requires grad
-    (a paged KV cache is an inference path, as in FA4)."""
+flash_attn_varlen_func = mirror(
+    "flash_attn_varlen_func",
+    """
     if needs_autograd(q, k, v, learnable_sink):  # fa4aot.torch refuses the inference-only FA4 paths
-        return _fa4aot_torch().flash_attn_varlen_func(
-            q, k, v, qv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, min_seqlen_k, seqused_q, seqused_k,
-            gather_kv_indices, page_table, softmax_scale, causal, window_size, learnable_sink, softcap, num_splits,
-            pack_gqa, deterministic, score_mod, score_mod_bwd, mask_mod, block_sparse_tensors, aux_tensors,
-            aux_scalars, return_lse, scheduler_metadata, seqlen_k_per_split, disable_scheduler_metadata,
-            gather_bwd_recompute_p, gather_bwd_token_chunk, config, scales,
-        )  # fmt: skip
+        return _fa4aot_torch().flash_attn_varlen_func({all})
     q, k, v, learnable_sink = _plain(q), _plain(k), _plain(v), _plain(learnable_sink)
-    return forward.flash_attn_varlen_func(
-        q, k, v, qv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, min_seqlen_k, seqused_q, seqused_k,
-        gather_kv_indices, page_table, softmax_scale, causal, window_size, learnable_sink, softcap, num_splits,
-        pack_gqa, deterministic, score_mod, score_mod_bwd, mask_mod, block_sparse_tensors, aux_tensors, aux_scalars,
-        return_lse, scheduler_metadata, seqlen_k_per_split, disable_scheduler_metadata, gather_bwd_recompute_p,
-        gather_bwd_token_chunk, config, scales,
-    )  # fmt: skip
+    return forward.flash_attn_varlen_func({all})
+    """,
+    globals(),
+    check="none",  # the functions it calls refuse
+    doc="""FA4's ``flash_attn_varlen_func``: ``(out, lse)``, differentiable when an input requires grad
+    (a paged KV cache is an inference path, as in FA4).""",
+)
 
 
 #: The runtime's mirrors of FA4's private entry points (torch-free; torch tensors go in by DLPack).

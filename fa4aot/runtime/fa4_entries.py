@@ -11,105 +11,46 @@ from __future__ import annotations
 from typing import Any
 
 from fa4aot.core.errors import ArgumentError
-from fa4aot.core.fa4_args import refuse
+from fa4aot.core.fa4_args import mirror
 from fa4aot.core.fa4_interface import needs_prepare_kernel, resolve_window, split_policy
 from fa4aot.runtime import loader, validate
-from fa4aot.runtime.backward import flash_attn_backward
-from fa4aot.runtime.combine import combine
+from fa4aot.runtime.backward import flash_attn_backward  # noqa: F401 - called by the generated mirrors
+from fa4aot.runtime.combine import combine  # noqa: F401 - called by the generated mirrors
+from fa4aot.runtime.interface import check_arch
 from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.metadata import SchedulerMetadata
 
-
-def _check_arch(rt: Runtime, arch: int | None) -> None:
-    """FA4's ``_arch`` (e.g. 90) must name this runtime's device: fa4aot runs what it has."""
-    if arch is not None:
-        cc = rt.info.compute_capability
-        if arch != cc[0] * 10 + cc[1]:
-            raise ArgumentError(f"_arch: {arch} is not this runtime's device (sm_{cc[0]}{cc[1]})")
-
-
-def _flash_attn_bwd(
-    q: Any,
-    k: Any,
-    v: Any,
-    out: Any,
-    dout: Any,
-    lse: Any,
-    softmax_scale: float | None = None,
-    causal: bool = False,
-    softcap: float = 0.0,
-    window_size_left: int | None = None,
-    window_size_right: int | None = None,
-    m_block_size: int = 64,
-    n_block_size: int = 128,
-    num_threads: int = 256,
-    pack_gqa: bool = False,
-    num_stages_Q: int = 2,
-    num_stages_dO: int = 2,
-    SdP_swapAB: bool = False,
-    dKV_swapAB: bool = False,
-    dQ_swapAB: bool = False,
-    AtomLayoutMSdP: int = 2,
-    AtomLayoutNdKV: int = 2,
-    AtomLayoutMdQ: int = 2,
-    V_in_regs: bool = False,
-    cu_seqlens_q: Any = None,
-    cu_seqlens_k: Any = None,
-    seqused_q: Any = None,
-    seqused_k: Any = None,
-    max_seqlen_q: int | None = None,
-    max_seqlen_k: int | None = None,
-    deterministic: bool = False,
-    dq: Any = None,
-    dk: Any = None,
-    dv: Any = None,
-    score_mod: Any = None,
-    score_mod_bwd: Any = None,
-    mask_mod: Any = None,
-    aux_tensors: Any = None,
-    aux_scalars: Any = None,
-    block_sparse_tensors: Any = None,
-    dlse: Any = None,
-    learnable_sink: Any = None,
-    *,
-    config: Any = None,
-    stream: Any = None,
-    runtime: Runtime | None = None,
-) -> tuple[Any, ...]:
-    """FA4's ``_flash_attn_bwd``: ``(dq, dk, dv)``, or ``(dq, dk, dv, dsink)`` with a learnable
-    sink (note FA4's argument order: ``out`` before ``dout``). The legacy tile arguments
-    (``IGNORED`` in :data:`fa4aot.core.fa4_args.FLASH_ATTN_BWD`) are ignored as FA4 ignores them; ``V_in_regs``, ``config``, score/mask
-    mods, aux tensors and block sparsity are FA4 paths fa4aot does not build."""
-    refuse("_flash_attn_bwd", locals())
+_flash_attn_bwd = mirror(
+    "_flash_attn_bwd",
+    """
     return flash_attn_backward(
         dout, q, k, v, out, lse, softmax_scale, causal, (window_size_left, window_size_right), softcap,
         cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, deterministic,
         dq, dk, dv, dlse, learnable_sink, stream, runtime=runtime,
-    )  # fmt: skip
+    )
+    """,
+    globals(),
+    extras=(("stream", None), ("runtime", None)),
+    doc="""FA4's ``_flash_attn_bwd``: ``(dq, dk, dv)``, or ``(dq, dk, dv, dsink)`` with a learnable
+    sink (note FA4's argument order: ``out`` before ``dout``). The legacy tile arguments
+    (``IGNORED`` in :data:`fa4aot.core.fa4_args.FLASH_ATTN_BWD`) are ignored as FA4 ignores them; ``V_in_regs``, ``config``, score/mask
+    mods, aux tensors and block sparsity are FA4 paths fa4aot does not build.""",
+)
 
 
-def _flash_attn_fwd_combine(
-    out_partial: Any,
-    lse_partial: Any,
-    out: Any,
-    lse: Any = None,
-    cu_seqlens: Any = None,
-    seqused: Any = None,
-    num_splits_dynamic_ptr: Any = None,
-    virtual_batch_idx: Any = None,
-    semaphore_to_reset: Any = None,
-    *,
-    _arch: int | None = None,
-    stream: Any = None,
-    runtime: Runtime | None = None,
-) -> None:
-    """FA4's ``_flash_attn_fwd_combine``: reduce split-KV partials into ``out`` (and ``lse``), FA4's
-    layouts (see :func:`fa4aot.combine`). ``virtual_batch_idx`` (FA4's LPT batch sort, which FA4
-    itself does not enable yet) and ``semaphore_to_reset`` are not built."""
-    refuse("_flash_attn_fwd_combine", locals())
+_flash_attn_fwd_combine = mirror(
+    "_flash_attn_fwd_combine",
+    """
     rt = runtime or loader._DEFAULT or loader.default_runtime()
-    _check_arch(rt, _arch)
+    check_arch(rt, _arch)
     combine(out_partial, lse_partial, out, lse, cu_seqlens, seqused, num_splits_dynamic_ptr, stream, runtime=rt)
+    """,
+    globals(),
+    extras=(("stream", None), ("runtime", None)),
+    doc="""FA4's ``_flash_attn_fwd_combine``: reduce split-KV partials into ``out`` (and ``lse``), FA4's
+    layouts (see :func:`fa4aot.combine`). ``virtual_batch_idx`` (FA4's LPT batch sort, which FA4
+    itself does not enable yet) and ``semaphore_to_reset`` are not built.""",
+)
 
 
 def dtype_name(dtype: Any) -> str:
@@ -138,40 +79,30 @@ def _batch_of(tensors: dict[str, Any], dev: int, rt: Runtime) -> int:
     return batch
 
 
-def get_scheduler_metadata(
+def _scheduler_metadata(
     max_seqlen_q: int,
     max_seqlen_k: int,
     nheads: int,
     nheads_kv: int,
     headdim: int,
     num_splits: int,
-    headdim_v: int | None = None,
-    pack_gqa: bool | None = None,
-    causal: bool = False,
-    window_size_left: int | None = None,
-    window_size_right: int | None = None,
-    seqlen_k_new: int = 0,
-    cu_seqlens_q: Any = None,
-    cu_seqlens_k: Any = None,
-    cu_seqlens_k_new: Any = None,
-    seqused_q: Any = None,
-    seqused_k: Any = None,
-    leftpad_k: Any = None,
-    seqlen_k_per_split: int | None = None,
-    _arch: int | None = None,
-    *,
-    dtype: Any = "bf16",
-    stream: Any = None,
-    runtime: Runtime | None = None,
+    headdim_v: int | None,
+    pack_gqa: bool | None,
+    causal: bool,
+    window_size_left: int | None,
+    window_size_right: int | None,
+    cu_seqlens_q: Any,
+    cu_seqlens_k: Any,
+    seqused_q: Any,
+    seqused_k: Any,
+    _arch: int | None,
+    dtype: Any,
+    stream: Any,
+    runtime: Runtime | None,
 ) -> SchedulerMetadata:
-    """FA4's public ``get_scheduler_metadata``: FA4's selector picks the forward config a call with
-    caller metadata would run (SwapAB excluded, as FA4 does), and the prepare kernel computes that
-    config's metadata on ``stream``. Returns a :class:`fa4aot.SchedulerMetadata`, which fa4aot's
-    forward takes as ``scheduler_metadata`` (FA4's own forward does not: it takes FA4's tensors).
-    ``dtype``: the attention inputs' dtype (``torch.bfloat16`` or ``torch.float16``, or a name)."""
-    refuse("get_scheduler_metadata", locals())
+    """The served part of FA4's ``get_scheduler_metadata`` (the mirror below refuses the rest)."""
     rt = runtime or loader._DEFAULT or loader.default_runtime()
-    _check_arch(rt, _arch)
+    check_arch(rt, _arch)
     name = dtype_name(dtype)
     headdim_v = headdim if headdim_v is None else headdim_v
     seqs = {"cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k, "seqused_q": seqused_q, "seqused_k": seqused_k}
@@ -213,6 +144,25 @@ def get_scheduler_metadata(
         stream=stream,
         **{n: t for n, t in seqs.items() if t is not None},
     )
+
+
+get_scheduler_metadata = mirror(
+    "get_scheduler_metadata",
+    """
+    return _scheduler_metadata(
+        max_seqlen_q, max_seqlen_k, nheads, nheads_kv, headdim, num_splits, headdim_v, pack_gqa, causal,
+        window_size_left, window_size_right, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, _arch, dtype,
+        stream, runtime,
+    )
+    """,
+    globals(),
+    extras=(("stream", None), ("runtime", None)),
+    doc="""FA4's public ``get_scheduler_metadata``: FA4's selector picks the forward config a call with
+    caller metadata would run (SwapAB excluded, as FA4 does), and the prepare kernel computes that
+    config's metadata on ``stream``. Returns a :class:`fa4aot.SchedulerMetadata`, which fa4aot's
+    forward takes as ``scheduler_metadata`` (FA4's own forward does not: it takes FA4's tensors).
+    ``dtype``: the attention inputs' dtype (``torch.bfloat16`` or ``torch.float16``, or a name).""",
+)
 
 
 __all__ = ["_flash_attn_bwd", "_flash_attn_fwd_combine", "get_scheduler_metadata"]

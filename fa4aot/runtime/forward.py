@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 from fa4aot.core import fwd
 from fa4aot.core.errors import ArgumentError, FA4RejectsError
-from fa4aot.core.fa4_args import refuse
+from fa4aot.core.fa4_args import mirror
 from fa4aot.core.fa4_interface import (
     as_fwd_config,
     clamp_window,
@@ -55,38 +55,20 @@ from fa4aot.runtime.workspaces import described, route_semaphore, workspace
 MAX_RULE_VARIANTS = 64
 
 
-def flash_attn_func(
-    q: Any,
-    k: Any,
-    v: Any,
-    qv: Any = None,
-    gather_kv_indices: Any = None,
-    softmax_scale: float | None = None,
-    causal: bool = False,
-    window_size: tuple[int | None, int | None] = (None, None),
-    learnable_sink: Any = None,
-    softcap: float = 0.0,
-    num_splits: int = 1,
-    pack_gqa: bool | None = None,
-    deterministic: bool = False,
-    score_mod: Any = None,
-    score_mod_bwd: Any = None,
-    mask_mod: Any = None,
-    aux_tensors: Any = None,
-    aux_scalars: Any = None,
-    block_sparse_tensors: Any = None,
-    block_sparse_tensors_bwd: Any = None,
-    return_lse: bool = False,
-    gather_bwd_recompute_p: bool = False,
-    gather_bwd_token_chunk: int | None = None,
-    config: Any = None,
-    scales: Any = None,
-    *,
-    out: Any = None,
-    stream: Any = None,
-    runtime: Runtime | None = None,
-) -> tuple[Any, Any]:
-    """FA4's ``flash_attn_func``, argument for argument (positional calls mean what they mean to
+#: fa4aot's keyword-only extras after FA4's parameters.
+EXTRAS = (("out", None), ("stream", None), ("runtime", None))
+
+flash_attn_func = mirror(
+    "flash_attn_func",
+    """
+    return forward(
+        runtime, q, k, v, None, None, None, None, None, None, softmax_scale, causal, window_size, num_splits,
+        pack_gqa, return_lse, out, None, stream, None, learnable_sink, softcap, config=config, scales=scales,
+    )
+    """,
+    globals(),
+    extras=EXTRAS,
+    doc="""FA4's ``flash_attn_func``, argument for argument (positional calls mean what they mean to
     FA4): attention over ``q`` (batch, seqlen_q, nheads, head_dim), ``k`` (batch, seqlen_k,
     nheads_kv, head_dim), ``v`` (batch, seqlen_k, nheads_kv, head_dim_v); returns ``(out, lse)``
     with ``out`` (batch, seqlen_q, nheads, head_dim_v) and ``lse`` (batch, nheads, seqlen_q) fp32
@@ -94,92 +76,21 @@ def flash_attn_func(
     arguments fa4aot does not build (qv, gather_kv_indices, score_mod, mask_mod, aux tensors,
     block sparsity, ...) raise ArgumentError when given. ``deterministic`` concerns only the
     backward. Keyword-only extras: ``out``, ``stream`` (default: the framework's current
-    stream), ``runtime``."""
-    # one cheap test for the usual call (every refused argument at FA4's default)
-    if not (
-        qv is None
-        and gather_kv_indices is None
-        and score_mod is None
-        and score_mod_bwd is None
-        and mask_mod is None
-        and aux_tensors is None
-        and aux_scalars is None
-        and block_sparse_tensors is None
-        and block_sparse_tensors_bwd is None
-        and gather_bwd_recompute_p is False
-        and gather_bwd_token_chunk is None
-    ):
-        refuse("flash_attn_func", locals())
+    stream), ``runtime``.""",
+)
+
+flash_attn_varlen_func = mirror(
+    "flash_attn_varlen_func",
+    """
     return forward(
-        runtime,
-        q,
-        k,
-        v,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        softmax_scale,
-        causal,
-        window_size,
-        num_splits,
-        pack_gqa,
-        return_lse,
-        out,
-        None,
-        stream,
-        None,
-        learnable_sink,
-        softcap,
-        config=config,
-        scales=scales,
+        runtime, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
+        softmax_scale, causal, window_size, num_splits, pack_gqa, return_lse, out, scheduler_metadata, stream,
+        page_table, learnable_sink, softcap, config=config, scales=scales,
     )
-
-
-def flash_attn_varlen_func(
-    q: Any,
-    k: Any,
-    v: Any,
-    qv: Any = None,
-    cu_seqlens_q: Any = None,
-    cu_seqlens_k: Any = None,
-    max_seqlen_q: int | None = None,
-    max_seqlen_k: int | None = None,
-    min_seqlen_k: int | None = None,
-    seqused_q: Any = None,
-    seqused_k: Any = None,
-    gather_kv_indices: Any = None,
-    page_table: Any = None,
-    softmax_scale: float | None = None,
-    causal: bool = False,
-    window_size: tuple[int | None, int | None] = (None, None),
-    learnable_sink: Any = None,
-    softcap: float = 0.0,
-    num_splits: int = 1,
-    pack_gqa: bool | None = None,
-    deterministic: bool = False,
-    score_mod: Any = None,
-    score_mod_bwd: Any = None,
-    mask_mod: Any = None,
-    block_sparse_tensors: Any = None,
-    aux_tensors: Any = None,
-    aux_scalars: Any = None,
-    return_lse: bool = False,
-    scheduler_metadata: SchedulerMetadata | None = None,
-    seqlen_k_per_split: int | None = None,
-    disable_scheduler_metadata: bool = False,
-    gather_bwd_recompute_p: bool = False,
-    gather_bwd_token_chunk: int | None = None,
-    config: Any = None,
-    scales: Any = None,
-    *,
-    out: Any = None,
-    stream: Any = None,
-    runtime: Runtime | None = None,
-) -> tuple[Any, Any]:
-    """FA4's ``flash_attn_varlen_func``, argument for argument. With ``cu_seqlens_q`` (batch+1,)
+    """,
+    globals(),
+    extras=EXTRAS,
+    doc="""FA4's ``flash_attn_varlen_func``, argument for argument. With ``cu_seqlens_q`` (batch+1,)
     int32, ``q`` is (total_q, nheads, head_dim) and ``out`` (total_q, nheads, head_dim_v), ``lse``
     (nheads, total_q); else ``q`` is batched. Likewise ``cu_seqlens_k`` for ``k``/``v``.
     ``seqused_q``/``seqused_k`` (batch,) limit the used length per batch entry.
@@ -192,49 +103,8 @@ def flash_attn_varlen_func(
     varlen; reuse it across layers); without it fa4aot runs the prepare kernel itself.
     ``min_seqlen_k`` only matters to FA4's sparse (gather) path and is ignored. Arguments fa4aot
     does not build raise ArgumentError when given; keyword-only extras: ``out``, ``stream``,
-    ``runtime``."""
-    # one cheap test for the usual call (every refused argument at FA4's default)
-    if not (
-        qv is None
-        and gather_kv_indices is None
-        and score_mod is None
-        and score_mod_bwd is None
-        and mask_mod is None
-        and block_sparse_tensors is None
-        and aux_tensors is None
-        and aux_scalars is None
-        and seqlen_k_per_split is None
-        and disable_scheduler_metadata is False
-        and gather_bwd_recompute_p is False
-        and gather_bwd_token_chunk is None
-    ):
-        refuse("flash_attn_varlen_func", locals())
-    return forward(
-        runtime,
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        seqused_q,
-        seqused_k,
-        softmax_scale,
-        causal,
-        window_size,
-        num_splits,
-        pack_gqa,
-        return_lse,
-        out,
-        scheduler_metadata,
-        stream,
-        page_table,
-        learnable_sink,
-        softcap,
-        config=config,
-        scales=scales,
-    )
+    ``runtime``.""",
+)
 
 
 class ForwardCall(NamedTuple):

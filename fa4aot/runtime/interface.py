@@ -12,92 +12,48 @@ from __future__ import annotations
 from typing import Any
 
 from fa4aot.core.errors import ArgumentError
-from fa4aot.core.fa4_args import refuse
+from fa4aot.core.fa4_args import mirror
 from fa4aot.core.fa4_interface import needs_prepare_kernel
-from fa4aot.runtime import loader
-from fa4aot.runtime.forward import forward
+from fa4aot.runtime import loader  # noqa: F401 - called by the generated mirrors
+from fa4aot.runtime.forward import forward  # noqa: F401 - called by the generated mirrors
+from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.metadata import SchedulerMetadata
 
 
-def _flash_attn_fwd(
-    q: Any,
-    k: Any,
-    v: Any,
-    qv: Any = None,
-    cu_seqlens_q: Any = None,
-    cu_seqlens_k: Any = None,
-    seqused_q: Any = None,
-    seqused_k: Any = None,
-    max_seqlen_q: int | None = None,
-    max_seqlen_k: int | None = None,
-    min_seqlen_k: int | None = None,
-    page_table: Any = None,
-    softmax_scale: float | None = None,
-    causal: bool = False,
-    softcap: float | None = None,
-    window_size_left: int | None = None,
-    window_size_right: int | None = None,
-    learnable_sink: Any = None,
-    tile_mn: Any = None,
-    mma_pv_is_rs: bool | None = None,
-    intra_wg_overlap: bool | None = None,
-    num_splits: int = 1,
-    pack_gqa: bool | None = None,
-    _arch: int | None = None,
-    score_mod: Any = None,
-    mask_mod: Any = None,
-    block_sparse_tensors: Any = None,
-    return_lse: bool = False,
-    out: Any = None,
-    lse: Any = None,
-    aux_tensors: Any = None,
-    aux_scalars: Any = None,
-    scales: Any = None,
-    gather_kv_indices: Any = None,
-    scheduler_metadata: SchedulerMetadata | None = None,
-    seqlen_k_per_split: int | None = None,
-    disable_scheduler_metadata: bool = False,
-    gather_bwd_recompute_p: bool = False,
-    *,
-    config: Any = None,
-    stream: Any = None,
-    runtime: Any = None,
-) -> tuple[Any, Any, None, None, None]:
-    """FA4's ``_flash_attn_fwd`` (4.0.0b40): returns ``(out, lse, None, None, None)`` like FA4
+def check_arch(rt: Runtime, arch: int | None) -> None:
+    """FA4's ``_arch`` (e.g. 90) must name this runtime's device: fa4aot runs what it has."""
+    if arch is not None:
+        cc = rt.info.compute_capability
+        if arch != cc[0] * 10 + cc[1]:
+            raise ArgumentError(f"_arch: {arch} is not this runtime's device (sm_{cc[0]}{cc[1]})")
+
+
+_flash_attn_fwd = mirror(
+    "_flash_attn_fwd",
+    """
+    rt = runtime or loader._DEFAULT or loader.default_runtime()
+    if q is None or k is None:
+        raise ArgumentError("q and k are required (fa4aot does not build FA4's MLA forms without them)")
+    if _arch is not None:
+        check_arch(rt, _arch)
+    out, lse = forward(
+        rt, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, softmax_scale,
+        causal, (window_size_left, window_size_right), num_splits, pack_gqa, return_lse, out, scheduler_metadata,
+        stream, page_table, learnable_sink, softcap, lse, config=config,
+        requests=(_tile_request(tile_mn), mma_pv_is_rs, intra_wg_overlap), scales=scales,
+    )
+    return out, lse, None, None, None
+    """,
+    globals(),
+    extras=(("stream", None), ("runtime", None)),
+    doc="""FA4's ``_flash_attn_fwd`` (4.0.0b40): returns ``(out, lse, None, None, None)`` like FA4
     (its last three are MLA outputs). ``q``, ``k``, ``v`` batched, varlen (``cu_seqlens_*``) or
     with a paged KV pool (``page_table``); ``lse``: a preallocated LSE to fill. ``tile_mn``,
     ``mma_pv_is_rs``, ``intra_wg_overlap`` are FA4's requests to its selector and ``config`` an
     explicit FwdConfig (FA4 validates it): served when the cache holds the variant. ``scales``:
     FA4's TensorwiseScales (FP8 descales) or BlockScales (MXFP8), SM100-family only. ``stream``
-    and ``runtime`` are fa4aot's keyword-only extras."""
-    # one cheap test for the usual call (every refused argument at FA4's default)
-    if not (
-        qv is None
-        and score_mod is None
-        and mask_mod is None
-        and block_sparse_tensors is None
-        and aux_tensors is None
-        and aux_scalars is None
-        and gather_kv_indices is None
-        and seqlen_k_per_split is None
-        and disable_scheduler_metadata is False
-        and gather_bwd_recompute_p is False
-    ):
-        refuse("_flash_attn_fwd", locals())
-    rt = runtime or loader._DEFAULT or loader.default_runtime()
-    if q is None or k is None:
-        raise ArgumentError("q and k are required (fa4aot does not build FA4's MLA forms without them)")
-    if _arch is not None:
-        cc = rt.info.compute_capability
-        if _arch != cc[0] * 10 + cc[1]:
-            raise ArgumentError(f"_arch: {_arch} is not this runtime's device (sm_{cc[0]}{cc[1]})")
-    out, lse = forward(
-        rt, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, softmax_scale, causal,
-        (window_size_left, window_size_right), num_splits, pack_gqa, return_lse, out, scheduler_metadata, stream,
-        page_table, learnable_sink, softcap, lse, config=config,
-        requests=(_tile_request(tile_mn), mma_pv_is_rs, intra_wg_overlap), scales=scales,
-    )  # fmt: skip
-    return out, lse, None, None, None
+    and ``runtime`` are fa4aot's keyword-only extras.""",
+)
 
 
 def _tile_request(tile_mn: Any) -> tuple[int, int] | None:
@@ -113,7 +69,7 @@ def _tile_request(tile_mn: Any) -> tuple[int, int] | None:
     return m, n
 
 
-def _get_scheduler_metadata(
+def _scheduler_metadata(
     num_batch: int,
     max_seqlen_q: int,
     max_seqlen_k: int,
@@ -123,33 +79,20 @@ def _get_scheduler_metadata(
     num_splits: int,
     tile_m: int,
     tile_n: int,
-    headdim_v: int | None = None,
-    pack_gqa: bool | None = False,
-    q_stage: int = 1,
-    cluster_shape_m: int = 1,
-    causal: bool = False,
-    enable_pdl: bool = False,
-    sort: bool = False,
-    seqlen_k_new: int = 0,
-    cu_seqlens_q: Any = None,
-    cu_seqlens_k: Any = None,
-    cu_seqlens_k_new: Any = None,
-    seqused_q: Any = None,
-    seqused_k: Any = None,
-    leftpad_k: Any = None,
-    seqlen_k_per_split: int | None = None,
-    zfill_padded_output: bool = True,
-    total_q: int | None = None,
-    use_clc_scheduler: bool = False,
-    ctas_per_sm: int = 1,
-    min_blocks_floor: tuple[int, int] | None = None,
-    *,
-    stream: Any = None,
-    runtime: Any = None,
+    headdim_v: int | None,
+    pack_gqa: bool | None,
+    causal: bool,
+    cu_seqlens_q: Any,
+    cu_seqlens_k: Any,
+    seqused_q: Any,
+    seqused_k: Any,
+    use_clc_scheduler: bool,
+    ctas_per_sm: int,
+    min_blocks_floor: tuple[int, int] | None,
+    stream: Any,
+    runtime: Any,
 ) -> SchedulerMetadata:
-    """FA4's ``_get_scheduler_metadata``: the varlen scheduler metadata, computed on the device by
-    FA4's prepare kernel, as a :class:`fa4aot.SchedulerMetadata` to pass to the forward."""
-    refuse("_get_scheduler_metadata", locals())
+    """The served part of FA4's ``_get_scheduler_metadata`` (the mirror below refuses the rest)."""
     if ctas_per_sm.__class__ is not int or ctas_per_sm < 1:
         raise ArgumentError(f"ctas_per_sm: expected an int >= 1, got {ctas_per_sm!r}")
     floor = (0, 0)
@@ -183,3 +126,19 @@ def _get_scheduler_metadata(
         seqused_k=seqused_k,
         stream=stream,
     )
+
+
+_get_scheduler_metadata = mirror(
+    "_get_scheduler_metadata",
+    """
+    return _scheduler_metadata(
+        num_batch, max_seqlen_q, max_seqlen_k, nheads, nheads_kv, headdim, num_splits, tile_m, tile_n, headdim_v,
+        pack_gqa, causal, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, use_clc_scheduler, ctas_per_sm,
+        min_blocks_floor, stream, runtime,
+    )
+    """,
+    globals(),
+    extras=(("stream", None), ("runtime", None)),
+    doc="""FA4's ``_get_scheduler_metadata``: the varlen scheduler metadata, computed on the device by
+    FA4's prepare kernel, as a :class:`fa4aot.SchedulerMetadata` to pass to the forward.""",
+)
