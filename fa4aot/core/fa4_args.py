@@ -288,7 +288,10 @@ def mirror(
         lines.append(f"    if not ({_fast_check(entry)}):\n      _refuse({entry!r}, locals())")
     elif check == "autograd":  # by name, not locals(): torch.compile cannot trace locals()
         lines.append(f"    _refuse({entry!r}, dict({refused}), autograd=True)")
-    lines += ["    " + line for line in textwrap.dedent(body).strip().format(all=passed, refused=f"dict({refused})").splitlines()]
+    lines += [
+        "    " + line
+        for line in textwrap.dedent(body).strip().format(all=passed, refused=f"dict({refused})").splitlines()
+    ]
     lines.append(f"  return {entry}")
     made: dict[str, Any] = {}
     gencode.run("\n".join(lines) + "\n", scope, f"mirror {scope.get('__name__', '')}.{entry}", made)
