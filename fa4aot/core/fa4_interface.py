@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, NamedTuple
 
+from fa4aot.core.bounded import BoundedDict
+
 #: FA4 4.0.0b40 ``tile_scheduler.py`` 1508: the semaphore's low bits count claimed tiles.
 SEMAPHORE_CLAIM_BITS = 24
 #: FA4 4.0.0b40 ``interface.py`` 99: above this batch size FA4's single-tile varlen scheduler
@@ -382,12 +384,19 @@ def tensormap_workspace_ctas(
 TENSORMAP_WORDS = 16
 
 
+#: FwdConfig -> its codegen fields (a call with new shapes re-selects, and FA4 returns one of a
+#: few configs: converting it again cost ~11 us of dataclass walking per call).
+_CODEGEN_FIELDS: BoundedDict = BoundedDict(256)
+
+
 def codegen_fields(config: Any) -> dict[str, Any]:
     """The variant fields of a selected ``FwdConfig``: what its compile key holds
     (``fwd_codegen_config``, interface.py 270: the split count only as split or not; and
     ``use_dynamic_varlen`` keyed out, 1237), every other field as FA4 names it. Registers become
     ``regs_<role>`` ints (or nothing, for SwapAB and SM120). ``config``: a FwdConfig, or its
     fields as a dict (a recorded key's)."""
+    if not isinstance(config, dict) and (known := _CODEGEN_FIELDS.get(config)) is not None:
+        return dict(known)  # a config seen before: FA4's configs are frozen dataclasses, equal by value
     out = {}
     items = config.items() if isinstance(config, dict) else config_fields(config).items()
     for name, value in items:
@@ -400,6 +409,8 @@ def codegen_fields(config: Any) -> dict[str, Any]:
                 out.update({f"regs_{k}": v for k, v in value.items()})
             continue
         out[name] = value
+    if not isinstance(config, dict):
+        _CODEGEN_FIELDS[config] = dict(out)
     return out
 
 
