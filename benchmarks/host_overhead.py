@@ -65,8 +65,25 @@ def median_us(fn):
 def varlen_changing():
     i = next(counter) % 4096
     fa4aot.flash_attn_varlen_func(qv, kv, kv, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=64 + i, max_seqlen_k=64 + (i * 7) % 4096, causal=True, out=ov)
+# batch sizes dividing the 512 packed tokens; max_seqlen bounds each sequence and changes too
+cus = [torch.arange(0, 513, 512 // b, dtype=torch.int32, device="cuda") for b in (1, 2, 4, 8, 16, 32, 64, 128)]
+def varlen_batch_changing():
+    i = next(counter)
+    c = cus[i % len(cus)]
+    m = 512 // (c.numel() - 1) + i % 997
+    fa4aot.flash_attn_varlen_func(qv, kv, kv, cu_seqlens_q=c, cu_seqlens_k=c, max_seqlen_q=m, max_seqlen_k=m + i % 13, causal=True, out=ov)
+# paged decode as vLLM's FA4 backend calls it: 8 requests, 1 query token, page 16, GQA 4
+from fa4aot.interface import _flash_attn_fwd
+qd = torch.randn(8, 1, 32, 128, device="cuda", dtype=bf); od = torch.empty_like(qd)
+pool = torch.randn(64, 16, 8, 128, device="cuda", dtype=bf)
+pt = torch.arange(64, dtype=torch.int32, device="cuda").reshape(8, 8)
+used = torch.full((8,), 100, dtype=torch.int32, device="cuda")
+def paged_decode():
+    _flash_attn_fwd(qd, pool, pool, seqused_k=used, max_seqlen_q=1, max_seqlen_k=128, page_table=pt, causal=True, out=od)
 rows = {
     "batched forward, same shapes": median_us(lambda: fa4aot.flash_attn_func(q, q, q, causal=True, out=o)),
+    "varlen forward, max_seqlen and batch changing": median_us(varlen_batch_changing),
+    "paged decode, _flash_attn_fwd": median_us(paged_decode),
     "varlen forward, same shapes": median_us(
         lambda: fa4aot.flash_attn_varlen_func(qv, kv, kv, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=64, max_seqlen_k=64, causal=True, out=ov)),
     "varlen forward, max_seqlen changing": median_us(varlen_changing),
@@ -168,6 +185,58 @@ def breakdown(rt, q, o, inner: int, repeats: int, sync, sleep: int) -> dict[str,
     }
 
 
+def churn(rt, qv, kv, calls: int = 1000, sizes: int = 50) -> dict[str, object]:
+    """``calls`` varlen calls cycling through ``sizes`` batch sizes (automatic scheduler metadata
+    where the arch uses it): device allocations by fa4aot's driver after one warm-up cycle, and a
+    CUDA graph of one cycle replayed against the eager outputs (bitwise)."""
+    import torch
+
+    import fa4aot
+    from fa4aot.core.targets import ARCHES
+
+    lens = [qv.shape[0] // b for b in range(1, sizes + 1)]
+    cus = [torch.arange(0, b * n + 1, n, dtype=torch.int32, device="cuda") for b, n in enumerate(lens, 1)]
+    outs = [torch.zeros_like(qv) for _ in cus]
+
+    def one(i: int) -> None:
+        c = cus[i % sizes]
+        fa4aot.flash_attn_varlen_func(
+            qv, kv, kv, cu_seqlens_q=c, cu_seqlens_k=c, max_seqlen_q=lens[i % sizes], max_seqlen_k=lens[i % sizes],
+            causal=True, num_splits=0, out=outs[i % sizes], runtime=rt,
+        )  # fmt: skip
+
+    for i in range(sizes):  # warm-up: every size once
+        one(i)
+    torch.cuda.synchronize()
+    allocs = []
+    real_alloc = rt.driver.alloc
+    rt.driver.alloc = lambda n: allocs.append(n) or real_alloc(n)
+    try:
+        for i in range(calls):
+            one(i)
+        torch.cuda.synchronize()
+    finally:
+        del rt.driver.alloc
+    eager = [o.clone() for o in outs]
+    for o in outs:
+        o.zero_()
+    graph = torch.cuda.Graph()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):  # capture on a side stream, as torch.cuda.graph does
+        with torch.cuda.graph(graph, stream=s):
+            for i in range(sizes):
+                one(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    return {
+        "calls": calls,
+        "batch_sizes": sizes,
+        "device_allocations_after_warmup": len(allocs),
+        "graph_replay_equals_eager": all(torch.equal(a, b) for a, b in zip(outs, eager)),
+        "arch_uses_scheduler_metadata": ARCHES[rt.target.arch].scheduler_metadata,
+    }
+
+
 def gpu_time_us(fn, n: int = 200) -> float:
     """Device time per call (CUDA events around n back-to-back calls)."""
     import torch
@@ -243,6 +312,15 @@ def main() -> None:
     rows["prepared call, varlen"] = median_us(
         lambda: run_v(qv, kv, kv, ov, cu, cu), args.inner, args.repeats, sync, args.sleep_cycles
     )
+    qd = torch.randn(8, 1, 32, 128, device="cuda", dtype=bf)
+    od = torch.empty_like(qd)
+    pool = torch.randn(64, 16, 8, 128, device="cuda", dtype=bf)
+    pt = torch.arange(64, dtype=torch.int32, device="cuda").reshape(8, 8)
+    used = torch.full((8,), 100, dtype=torch.int32, device="cuda")
+    run_d = fa4aot.prepare_forward(qd, pool, pool, od, seqused_k=used, page_table=pt, max_seqlen_k=128, causal=True)
+    rows["prepared call, paged decode"] = median_us(
+        lambda: run_d(qd, pool, pool, od, used, pt), args.inner, args.repeats, sync, args.sleep_cycles
+    )
     # the unchecked entry (engines that validate their own buffers): addresses and a stream handle
     stream = torch_stream()
     ptrs_b = [t.data_ptr() for t in (q, q, q, o)]
@@ -253,6 +331,7 @@ def main() -> None:
     rows["prepared call, varlen, launch_ptrs (unchecked)"] = median_us(
         lambda: run_v.launch_ptrs(*ptrs_v, stream=stream), args.inner, args.repeats, sync, args.sleep_cycles
     )
+    churned = churn(rt, qv, kv)
     old: dict[str, float] = {}
     if args.old_src and args.old_cache:
         proc = subprocess.run(
@@ -303,6 +382,7 @@ def main() -> None:
         print(f"{k:<62} {v:>8.2f} {v / floor:>8.2f}")
     for k, v in gpu_us.items():
         print(f"(device time per call, {k}: {v:.2f} us)")
+    print(f"varlen calls cycling through batch sizes: {churned}")
     print("where the batched plain call's host time goes:")
     for k, v in parts.items():
         print(f"  {k:<60} {v:>8.2f}")
@@ -314,6 +394,7 @@ def main() -> None:
         "baseline_us": old,
         "gpu_us": gpu_us,
         "breakdown_us": parts,
+        "churn": churned,
         "profile_varlen": buf.getvalue(),
     }
     if args.json:
