@@ -36,6 +36,7 @@ from fa4aot.runtime.combine import combine
 from fa4aot.runtime.combine import pick as pick_combine
 from fa4aot.runtime.dispatch import ForwardRule, Pick, Shape, StaticCall, head_dims_rejected
 from fa4aot.runtime.empty import fill_empty
+from fa4aot.runtime.fastpath import forward as _fast  # noqa: F401 - called by the generated mirrors
 from fa4aot.runtime.frameworks import alloc_like, default_stream, transposed
 from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.metadata import SchedulerMetadata, auto_metadata, check_metadata
@@ -61,8 +62,17 @@ EXTRAS = (("out", None), ("stream", None), ("runtime", None))
 flash_attn_func = mirror(
     "flash_attn_func",
     """
+    rt = runtime or loader._DEFAULT
+    if (
+        out is not None and rt is not None and stream is None and not return_lse and config is None
+        and scales is None and _fast(
+            rt, q, k, v, out, None, None, None, None, None, None, None, learnable_sink, softmax_scale, causal,
+            window_size, softcap, num_splits, pack_gqa,
+        )
+    ):  # a repeated call: launched from its prepared form (runtime/fastpath.py)
+        return out, None
     return forward(
-        runtime, q, k, v, None, None, None, None, None, None, softmax_scale, causal, window_size, num_splits,
+        rt, q, k, v, None, None, None, None, None, None, softmax_scale, causal, window_size, num_splits,
         pack_gqa, return_lse, out, None, stream, None, learnable_sink, softcap, config=config, scales=scales,
     )
     """,
@@ -82,8 +92,17 @@ flash_attn_func = mirror(
 flash_attn_varlen_func = mirror(
     "flash_attn_varlen_func",
     """
+    rt = runtime or loader._DEFAULT
+    if (
+        out is not None and rt is not None and stream is None and not return_lse and config is None
+        and scales is None and scheduler_metadata is None and _fast(
+            rt, q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
+            page_table, learnable_sink, softmax_scale, causal, window_size, softcap, num_splits, pack_gqa,
+        )
+    ):  # a repeated call: launched from its prepared form (runtime/fastpath.py)
+        return out, None
     return forward(
-        runtime, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
+        rt, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
         softmax_scale, causal, window_size, num_splits, pack_gqa, return_lse, out, scheduler_metadata, stream,
         page_table, learnable_sink, softcap, config=config, scales=scales,
     )

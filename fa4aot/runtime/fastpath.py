@@ -1,0 +1,183 @@
+"""Plain forward calls at a prepared call's cost: PyTorch calls that repeat (same shapes, strides,
+dtypes, devices and scalar arguments, ``out`` given) are served by a :class:`~fa4aot.Prepared`
+made for them, launched unchecked on the new addresses.
+
+The key holds every input the full path decides with: each tensor's (shape, strides, dtype,
+device) and each scalar argument with its class (``True`` is not ``1`` to the argument checks).
+Equal keys mean the full path would validate, dispatch and pack the same way, so only the
+addresses (alignment checked here) and the stream change. A key is prepared on its second
+sighting (one-off shapes stay on the full path); calls whose prepared form owns buffers (split-KV
+partials, scheduler metadata, TMA workspaces) are not served here, since a plain call allocates
+those per call and concurrent calls must not share them. Anything unusual - other tensor classes,
+tensors that require grad, a misaligned address, an unhashable argument - takes the full path,
+which raises the typed error. Launches under a lock per entry (the bound call block is shared).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import weakref
+from typing import Any
+
+from fa4aot.core.bounded import BoundedDict
+from fa4aot.core.errors import Fa4aotError
+
+#: Prepared plain calls per runtime (a model's layers repeat a handful of signatures).
+MAX_FAST_CALLS = 64
+#: Keys remembered for their first sighting.
+MAX_SIGHTED = 256
+#: Sightings after which a key is prepared (the first call of a shape runs the full path only).
+SIGHTINGS_TO_PREPARE = 2
+
+#: a key whose prepared form is not served here (it owns buffers, or preparing it failed)
+_NOT_SERVED = False
+
+
+class _Entry:
+    __slots__ = ("launch", "mask", "lock")
+
+    def __init__(self, launch: Any, align: int):
+        self.launch = launch
+        self.mask = align - 1
+        self.lock = threading.Lock()
+
+
+class _Calls:
+    """One runtime's fast plain calls: key -> _Entry (or _NOT_SERVED), and keys seen once."""
+
+    __slots__ = ("entries", "sighted", "hits", "__weakref__")
+
+    def __init__(self) -> None:
+        self.entries: BoundedDict = BoundedDict(MAX_FAST_CALLS)
+        self.sighted: BoundedDict = BoundedDict(MAX_SIGHTED)
+        self.hits = 0
+
+
+#: (torch.Tensor, torch's current-stream accessor by device ordinal), once torch is imported
+_API: list[tuple[type, Any]] = []
+
+
+def _torch_api() -> tuple[type, Any] | None:
+    if not _API:
+        torch = sys.modules.get("torch")
+        stream = getattr(getattr(torch, "_C", None), "_cuda_getCurrentRawStream", None)
+        if stream is None:
+            return None
+        _API.append((torch.Tensor, stream))
+    return _API[0]
+
+
+_BY_RUNTIME: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _calls(rt: Any) -> _Calls:
+    calls = _BY_RUNTIME.get(rt)
+    if calls is None:
+        calls = _BY_RUNTIME[rt] = _Calls()
+    return calls
+
+
+def forward(
+    rt: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    cu_q: Any,
+    cu_k: Any,
+    max_q: Any,
+    max_k: Any,
+    su_q: Any,
+    su_k: Any,
+    page_table: Any,
+    sink: Any,
+    softmax_scale: Any,
+    causal: Any,
+    window_size: Any,
+    softcap: Any,
+    num_splits: Any,
+    pack_gqa: Any,
+) -> bool:
+    """Launch this forward call (``out`` given, no LSE, no caller metadata, torch's current
+    stream) from its prepared form; False: not served here, the caller runs the full path."""
+    api = _API[0] if _API else _torch_api()
+    if api is None:
+        return False
+    cls, current_stream = api
+    # the prepared call's tensor order (prepare_forward): q, k, v, out, then those given
+    tensors = [q, k, v, out]
+    given = (cu_q is not None, cu_k is not None, su_q is not None, su_k is not None, page_table is not None,
+             sink is not None)  # fmt: skip
+    for t, there in zip((cu_q, cu_k, su_q, su_k, page_table, sink), given):
+        if there:
+            tensors.append(t)
+    key: list[Any] = []
+    for t in tensors:
+        if t.__class__ is not cls or t.requires_grad:
+            return False
+        key += (t.shape, t.stride(), t.dtype, t.get_device())
+    scalars = (max_q, max_k, softmax_scale, causal, window_size, softcap, num_splits, pack_gqa)
+    key += scalars
+    key += [x.__class__ for x in scalars]
+    if window_size.__class__ is tuple:
+        key += [x.__class__ for x in window_size]
+    key.append(given)
+    try:
+        k_ = tuple(key)
+        calls = _BY_RUNTIME.get(rt) or _calls(rt)
+        entry = calls.entries.get(k_)
+    except TypeError:  # an unhashable argument (a list window): the full path decides
+        return False
+    if entry is None:
+        _sight(calls, k_, lambda: _prepare(rt, tensors[:4], cu_q, cu_k, max_q, max_k, su_q, su_k, page_table, sink,
+                                           softmax_scale, causal, window_size, softcap, num_splits, pack_gqa))  # fmt: skip
+        return False
+    if entry is _NOT_SERVED:
+        return False
+    ptrs = [t.data_ptr() for t in tensors]
+    mask = entry.mask
+    for p in ptrs:
+        if p & mask:
+            return False  # the full path names the misaligned tensor
+    stream = current_stream(q.get_device())
+    with entry.lock:
+        entry.launch(*ptrs, stream=stream)
+    calls.hits += 1
+    return True
+
+
+def _prepare(rt: Any, qkvo: list[Any], cu_q: Any, cu_k: Any, max_q: Any, max_k: Any, su_q: Any, su_k: Any,
+             page_table: Any, sink: Any, softmax_scale: Any, causal: Any, window_size: Any, softcap: Any,
+             num_splits: Any, pack_gqa: Any) -> Any:  # fmt: skip
+    from fa4aot.runtime.prepared import prepare_forward  # it imports the forward path
+
+    return prepare_forward(
+        *qkvo, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k, seqused_q=su_q,
+        seqused_k=su_k, page_table=page_table, learnable_sink=sink, softcap=softcap, softmax_scale=softmax_scale,
+        causal=causal, window_size=window_size, num_splits=num_splits, pack_gqa=pack_gqa, runtime=rt,
+    )  # fmt: skip
+
+
+def _sight(calls: _Calls, key: tuple[Any, ...], prepare: Any) -> None:
+    seen = calls.sighted.get(key, 0) + 1
+    if seen < SIGHTINGS_TO_PREPARE:
+        calls.sighted[key] = seen
+        return
+    calls.sighted.pop(key, None)
+    try:
+        prepared = prepare()
+    except Fa4aotError:  # the full path raises it for this call
+        calls.entries[key] = _NOT_SERVED
+        return
+    if prepared._owned:  # buffers of its own: a plain call allocates them per call
+        prepared.close()
+        calls.entries[key] = _NOT_SERVED
+        return
+    # launch_ptrs holds the bound call blocks it writes (its generated scope)
+    calls.entries[key] = _Entry(prepared.launch_ptrs, max(prepared._aligns))
+
+
+def clear(rt: Any) -> None:
+    """Forget ``rt``'s fast calls (tests; a runtime closing)."""
+    _BY_RUNTIME.pop(rt, None)

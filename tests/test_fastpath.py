@@ -1,0 +1,157 @@
+"""Repeated plain calls launched from their prepared form (runtime/fastpath.py), on the CPU: the
+same launches as the full path (kernels, grids, streams, FA4's parameter bytes), and every
+unusual call back on the full path with its typed error. Torch-like tensors stand in for torch's
+(the fast path's tensor class is injected; the full path reads them as raw pointers)."""
+
+from __future__ import annotations
+
+import pytest
+from fake_driver import FakeDriver
+from test_prepared import _buffer, _record_params, _same, _written
+
+import fa4aot
+from fa4aot.core.errors import ArgumentError
+from fa4aot.interface import _flash_attn_fwd
+from fa4aot.runtime import fastpath, tensors
+from fa4aot.runtime.loader import Runtime
+from fa4aot.runtime.tensors import DeviceTensor, RawTensor
+
+B = 0x7F20_0000_0000
+
+
+class FakeTorch:
+    """torch.Tensor's accessors over a RawTensor."""
+
+    def __init__(self, raw: RawTensor, requires_grad: bool = False):
+        self.raw, self.requires_grad = raw, requires_grad
+        self.shape, self.dtype = raw.shape, raw.dtype
+
+    def stride(self):
+        return self.raw.strides
+
+    def get_device(self):
+        return self.raw.device
+
+    def data_ptr(self):
+        return self.raw.ptr
+
+
+def t(i, shape, dtype="bf16", offset=0, **kw):
+    return FakeTorch(RawTensor(B + i * (1 << 36) + offset, tuple(shape), dtype), **kw)
+
+
+@pytest.fixture(autouse=True)
+def fake_torch(monkeypatch):
+    monkeypatch.setitem(tensors._CONVERTERS, FakeTorch, lambda o, name: tensors._from_raw(o.raw, name))
+    monkeypatch.setattr(fastpath, "_API", [(FakeTorch, lambda device: 0)])  # stream 0, as the full path's
+
+
+@pytest.fixture
+def sm90(built_cache):
+    drv = FakeDriver(cc=(9, 0), num_sms=132)
+    return Runtime(built_cache, driver=drv), drv
+
+
+@pytest.fixture
+def sm100(built_cache):
+    drv = FakeDriver(cc=(10, 0), num_sms=148)
+    return Runtime(built_cache, driver=drv), drv
+
+
+def _hits(rt) -> int:
+    calls = fastpath._BY_RUNTIME.get(rt)
+    return calls.hits if calls is not None else 0
+
+
+def test_a_repeated_call_launches_what_the_full_path_launches(sm90):
+    rt, drv = sm90
+    b, s, h, d = 2, 1000, 16, 128
+    for n in range(4):  # new addresses every call
+        ts = [t(i, (b, s, h, d), offset=n * 4096) for i in range(4)]
+        q, k, v, out = ts
+        res, lse = fa4aot.flash_attn_func(q, k, v, causal=True, out=out, runtime=rt)
+        assert res is out and lse is None
+        if n == 0:
+            (lv,) = rt._loaded.values()
+            _record_params(rt, drv)
+    assert _hits(rt) == 2  # the first sighting and the second (which prepares) run the full path
+    assert len(drv.launches) == 4
+    full, fast = drv.launches[1], drv.launches[3]
+    assert (full.kernel, full.grid, full.block, full.smem, full.stream) == (
+        fast.kernel, fast.grid, fast.block, fast.smem, fast.stream,
+    )  # fmt: skip
+    named = {n: DeviceTensor(x.raw.ptr, x.shape, x.raw.strides, "bf16", 0, "raw") for n, x in zip("qkv", ts)}
+    named["out"] = DeviceTensor(ts[3].raw.ptr, ts[3].shape, ts[3].raw.strides, "bf16", 0, "raw")
+    want, mask = _written(lv, dict(named, softmax_scale=128**-0.5, stream=0))
+    assert _same(_buffer(fast, lv), want, mask)
+
+
+def test_paged_decode_through_the_engine_entry_takes_it_too(sm90):
+    """vLLM's decode call (_flash_attn_fwd, page table, seqused_k, out given, no LSE)."""
+    rt, drv = sm90
+    qd, od, pool = t(5, (8, 1, 32, 128)), t(6, (8, 1, 32, 128)), t(7, (300, 128, 8, 128))
+    pt, used = t(8, (8, 32), "int32"), t(9, (8,), "int32")
+
+    def call(max_k):
+        return _flash_attn_fwd(qd, pool, pool, seqused_k=used, max_seqlen_q=1, max_seqlen_k=max_k, page_table=pt,
+                               causal=True, out=od, runtime=rt)  # fmt: skip
+
+    for _ in range(3):
+        res = call(4096)
+        assert res[0] is od and res[1:] == (None, None, None, None)
+    assert _hits(rt) == 1
+    # max_seqlen_k is part of the call: a new value is a new key (the full path decides again)
+    call(4000)
+    assert _hits(rt) == 1 and len(drv.launches) == 4
+    full, fast = drv.launches[0], drv.launches[2]
+    assert (full.kernel, full.grid, full.block, full.smem) == (fast.kernel, fast.grid, fast.block, fast.smem)
+    for x in (pt, used, qd, od):  # the tensors reach the kernel (directly or in a TMA descriptor)
+        assert any(x.raw.ptr.to_bytes(8, "little") in p for p in fast.params)
+
+
+def test_unusual_calls_take_the_full_path_and_its_errors(sm90):
+    rt, drv = sm90
+    shape = (2, 1000, 16, 128)
+    q, k, v, out = (t(i, shape) for i in range(4))
+    for _ in range(3):
+        fa4aot.flash_attn_func(q, k, v, causal=True, out=out, runtime=rt)
+    assert _hits(rt) == 1 and len(drv.launches) == 3
+    # a misaligned address: the full path names the tensor, nothing launches
+    bad = t(1, shape, offset=2)
+    with pytest.raises(ArgumentError, match="^k: "):
+        fa4aot.flash_attn_func(q, bad, v, causal=True, out=out, runtime=rt)
+    # an argument of another class (True is not 1 to the checks): another key
+    with pytest.raises(ArgumentError, match="num_splits"):
+        fa4aot.flash_attn_func(q, k, v, causal=True, num_splits=True, out=out, runtime=rt)
+    # an input that requires grad is never served here
+    fa4aot.flash_attn_func(t(0, shape, requires_grad=True), k, v, causal=True, out=out, runtime=rt)
+    # an unhashable window (a list) is decided by the full path
+    fa4aot.flash_attn_func(q, k, v, causal=True, window_size=[None, None], out=out, runtime=rt)
+    assert _hits(rt) == 1 and len(drv.launches) == 5
+    # a wrong out shape on a fresh key: the full path's error, before anything launches
+    with pytest.raises(ArgumentError, match="^out: "):
+        for _ in range(3):
+            fa4aot.flash_attn_func(q, k, v, causal=True, out=t(3, (2, 999, 16, 128)), runtime=rt)
+    assert len(drv.launches) == 5
+
+
+def test_calls_owning_buffers_are_not_served(sm100, monkeypatch):
+    """Split-KV calls own partials (a plain call allocates them per call): never served here."""
+    from fa4aot.runtime import forward
+
+    made = []  # the caller's framework allocator, as fresh fake device buffers
+    monkeypatch.setattr(
+        forward, "alloc_like", lambda ref, shape, dtype: made.append(t(20 + len(made), shape, dtype).raw) or made[-1]
+    )
+    rt, drv = sm100
+    q, o = t(0, (16, 16, 128)), t(3, (16, 16, 128))
+    k = t(1, (40000, 4, 128))
+    cu_q, cu_k = t(4, (17,), "int32"), t(5, (17,), "int32")
+    for _ in range(3):
+        fa4aot.flash_attn_varlen_func(
+            q, k, k, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=1, max_seqlen_k=4000, num_splits=8, out=o,
+            runtime=rt, stream=None,
+        )  # fmt: skip
+    assert _hits(rt) == 0 and len(drv.launches) == 9  # prepare, forward, combine, three times
+    (entry,) = fastpath._BY_RUNTIME[rt].entries.values()
+    assert entry is fastpath._NOT_SERVED
