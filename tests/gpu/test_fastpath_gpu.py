@@ -1,0 +1,88 @@
+"""Repeated plain calls served from their prepared form (runtime/fastpath.py) on a real GPU:
+bitwise equal to the full path, on torch's current stream, inside a CUDA graph, and a bad call
+after warm-up still a typed error that leaves ``out`` untouched."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import fa4aot  # noqa: E402
+from fa4aot.core.errors import ArgumentError  # noqa: E402
+from fa4aot.runtime import fastpath  # noqa: E402
+
+
+def _rand(*shape, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
+
+
+def _hits(rt) -> int:
+    calls = fastpath._BY_RUNTIME.get(rt)
+    return calls.hits if calls is not None else 0
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_repeated_calls_equal_the_full_path_bitwise(runtime, causal):
+    b, s, h, hk, d = 2, 700, 16, 4, 128
+    want = None
+    before = _hits(runtime)
+    for seed in range(5):  # the same values at new addresses each time
+        q, k, v = _rand(b, s, h, d), _rand(b, s, hk, d, seed=1), _rand(b, s, hk, d, seed=2)
+        out = torch.full((b, s, h, d), 7.0, device="cuda", dtype=torch.bfloat16)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # the fast path launches on torch's current stream
+            res, lse = fa4aot.flash_attn_func(q, k, v, causal=causal, out=out, runtime=runtime)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        assert res is out and lse is None
+        if want is None:
+            want = out.clone()  # the first call: the full path
+        assert torch.equal(out, want), seed
+    assert _hits(runtime) - before == 3
+
+
+def test_varlen_calls_in_a_cuda_graph(runtime):
+    total, h, hk, d = 512, 32, 8, 128
+    q, k, v = _rand(total, h, d), _rand(total, hk, d, seed=1), _rand(total, hk, d, seed=2)
+    cu = torch.arange(0, total + 1, 64, dtype=torch.int32, device="cuda")
+    out = torch.zeros(total, h, d, device="cuda", dtype=torch.bfloat16)
+
+    def call():
+        fa4aot.flash_attn_varlen_func(
+            q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=64, max_seqlen_k=64, causal=True, out=out,
+            runtime=runtime,
+        )  # fmt: skip
+
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    want = out.clone()
+    out.zero_()
+    before = _hits(runtime)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    assert _hits(runtime) == before + 1  # captured through the fast path
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+
+
+def test_a_bad_call_after_warm_up_is_a_typed_error_and_out_stays(runtime):
+    b, s, h, d = 2, 256, 16, 128
+    q, k, v = _rand(b, s, h, d), _rand(b, s, h, d, seed=1), _rand(b, s, h, d, seed=2)
+    out = torch.empty_like(q)
+    for _ in range(3):
+        fa4aot.flash_attn_func(q, k, v, out=out, runtime=runtime)
+    guard = torch.full_like(q, 3.0)
+    bad_out = guard.clone()
+    with pytest.raises(ArgumentError):  # a K of another head dim: another key, the full path's error
+        fa4aot.flash_attn_func(q, _rand(b, s, h, 64), v, out=bad_out, runtime=runtime)
+    with pytest.raises(ArgumentError):  # a misaligned output view of the right shape
+        raw = torch.empty(q.numel() + 1, device="cuda", dtype=torch.bfloat16)
+        fa4aot.flash_attn_func(q, k, v, out=raw[1:].view(q.shape), runtime=runtime)
+    torch.cuda.synchronize()
+    assert torch.equal(bad_out, guard)
