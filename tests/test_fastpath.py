@@ -155,3 +155,29 @@ def test_calls_owning_buffers_are_not_served(sm100, monkeypatch):
     assert _hits(rt) == 0 and len(drv.launches) == 9  # prepare, forward, combine, three times
     (entry,) = fastpath._BY_RUNTIME[rt].entries.values()
     assert entry is fastpath._NOT_SERVED
+
+
+def test_threads_sharing_an_entry_launch_their_own_addresses(sm90):
+    """Each thread packs into its own call block: no launch mixes two calls' addresses."""
+    import threading
+
+    rt, drv = sm90
+    shape = (2, 1000, 16, 128)
+    sets = [[t(i, shape, offset=n * (1 << 20)) for i in range(4)] for n in range(4)]
+    for _ in range(3):
+        fa4aot.flash_attn_func(*sets[0][:3], causal=True, out=sets[0][3], runtime=rt)
+
+    def work(ts):
+        for _ in range(200):
+            fa4aot.flash_attn_func(*ts[:3], causal=True, out=ts[3], runtime=rt)
+
+    threads = [threading.Thread(target=work, args=(ts,)) for ts in sets]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert _hits(rt) == 1 + 800
+    for launch in drv.launches[3:]:
+        blob = b"".join(launch.params)
+        owners = {n for n, ts in enumerate(sets) for x in ts if x.raw.ptr.to_bytes(8, "little") in blob}
+        assert len(owners) == 1

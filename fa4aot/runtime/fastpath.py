@@ -10,13 +10,13 @@ sighting (one-off shapes stay on the full path); calls whose prepared form owns 
 partials, scheduler metadata, TMA workspaces) are not served here, since a plain call allocates
 those per call and concurrent calls must not share them. Anything unusual - other tensor classes,
 tensors that require grad, a misaligned address, an unhashable argument - takes the full path,
-which raises the typed error. Launches under a lock per entry (the bound call block is shared).
+which raises the typed error. Threads may share an entry: a prepared call packs into a block per
+thread.
 """
 
 from __future__ import annotations
 
 import sys
-import threading
 import weakref
 from typing import Any
 
@@ -35,12 +35,11 @@ _NOT_SERVED = False
 
 
 class _Entry:
-    __slots__ = ("launch", "mask", "lock")
+    __slots__ = ("launch", "mask")
 
     def __init__(self, launch: Any, align: int):
         self.launch = launch
         self.mask = align - 1
-        self.lock = threading.Lock()
 
 
 class _Calls:
@@ -141,8 +140,7 @@ def forward(
         if p & mask:
             return False  # the full path names the misaligned tensor
     stream = current_stream(q.get_device())
-    with entry.lock:
-        entry.launch(*ptrs, stream=stream)
+    entry.launch(*ptrs, stream=stream)
     calls.hits += 1
     return True
 
