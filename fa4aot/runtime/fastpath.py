@@ -145,6 +145,59 @@ def forward(
     return True
 
 
+def dense(
+    rt: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    softmax_scale: Any,
+    causal: Any,
+    window_size: Any,
+    softcap: Any,
+    num_splits: Any,
+    pack_gqa: Any,
+) -> bool:
+    """:func:`forward` for a batched call with no other tensor (``flash_attn_func``'s usual call),
+    written out: it is the call most often repeated."""
+    api = _API[0] if _API else _torch_api()
+    if api is None:
+        return False
+    cls = api[0]
+    if q.__class__ is not cls or k.__class__ is not cls or v.__class__ is not cls or out.__class__ is not cls:
+        return False
+    if q.requires_grad or k.requires_grad or v.requires_grad or out.requires_grad:
+        return False
+    try:
+        key = (
+            _DENSE, q.shape, q.stride(), q.dtype, q.get_device(), k.shape, k.stride(), k.dtype, k.get_device(),
+            v.shape, v.stride(), v.dtype, v.get_device(), out.shape, out.stride(), out.dtype, out.get_device(),
+            softmax_scale, causal, window_size, softcap, num_splits, pack_gqa, softmax_scale.__class__,
+            causal.__class__, softcap.__class__, num_splits.__class__, pack_gqa.__class__,
+            window_size.__class__, *map(type, window_size),
+        )  # fmt: skip
+        calls = _BY_RUNTIME.get(rt) or _calls(rt)
+        entry = calls.entries.get(key)
+    except TypeError:  # an unhashable or unusual argument: the full path decides
+        return False
+    if entry is None:
+        _sight(calls, key, lambda: _prepare(rt, [q, k, v, out], None, None, None, None, None, None, None, None,
+                                            softmax_scale, causal, window_size, softcap, num_splits, pack_gqa))  # fmt: skip
+        return False
+    if entry is _NOT_SERVED:
+        return False
+    pq, pk, pv, po = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
+    if (pq | pk | pv | po) & entry.mask:
+        return False  # the full path names the misaligned tensor
+    entry.launch(pq, pk, pv, po, stream=api[1](q.get_device()))
+    calls.hits += 1
+    return True
+
+
+#: the first item of :func:`dense`'s keys (they never equal :func:`forward`'s)
+_DENSE = "dense"
+
+
 def _prepare(rt: Any, qkvo: list[Any], cu_q: Any, cu_k: Any, max_q: Any, max_k: Any, su_q: Any, su_k: Any,
              page_table: Any, sink: Any, softmax_scale: Any, causal: Any, window_size: Any, softcap: Any,
              num_splits: Any, pack_gqa: Any) -> Any:  # fmt: skip

@@ -36,6 +36,7 @@ from fa4aot.runtime.combine import combine
 from fa4aot.runtime.combine import pick as pick_combine
 from fa4aot.runtime.dispatch import ForwardRule, Pick, Shape, StaticCall, head_dims_rejected
 from fa4aot.runtime.empty import fill_empty
+from fa4aot.runtime.fastpath import dense as _fast_dense  # noqa: F401 - called by the generated mirrors
 from fa4aot.runtime.fastpath import forward as _fast  # noqa: F401 - called by the generated mirrors
 from fa4aot.runtime.frameworks import alloc_like, default_stream, transposed
 from fa4aot.runtime.loader import Runtime
@@ -65,10 +66,8 @@ flash_attn_func = mirror(
     rt = runtime or loader._DEFAULT
     if (
         out is not None and rt is not None and stream is None and not return_lse and config is None
-        and scales is None and _fast(
-            rt, q, k, v, out, None, None, None, None, None, None, None, learnable_sink, softmax_scale, causal,
-            window_size, softcap, num_splits, pack_gqa,
-        )
+        and scales is None and learnable_sink is None
+        and _fast_dense(rt, q, k, v, out, softmax_scale, causal, window_size, softcap, num_splits, pack_gqa)
     ):  # a repeated call: launched from its prepared form (runtime/fastpath.py)
         return out, None
     return forward(
