@@ -178,6 +178,19 @@ def decide(sel: Any, f: fi.FwdFacts, knobs: fi.Knobs, softcap: float, sink: str,
             raise ValueError("An explicit config cannot reuse caller-built scheduler_metadata")
         sel.validate_fwd_config(config, inputs)
     plan = fi.fwd_plan(sel, config, inputs, f)
+    return finish(f, config, inputs, plan, softcap, sink)
+
+
+def select_and_plan(sel: Any, f: fi.FwdFacts, knobs: fi.Knobs, select: Any) -> tuple[Any, fi.FwdPlan]:
+    """The shape-dependent half of :func:`decide` (FA4's selection through ``select``, then the
+    interface's plan), for :mod:`fa4aot.runtime.regions` to trace."""
+    inputs = fi.fwd_inputs(sel, f, knobs)
+    config = select(inputs)
+    return config, fi.fwd_plan(sel, config, inputs, f)
+
+
+def finish(f: fi.FwdFacts, config: Any, inputs: Any, plan: fi.FwdPlan, softcap: float, sink: str) -> Decision:
+    """The rest of :func:`decide` once FA4 has chosen: the variant's fields (and SM120's limits)."""
     fields = variant_fields(config, f, plan, softcap, sink)
     if f.arch // 10 == 12 and (why := fi.sm120_problem(fields)) is not None:
         raise ValueError(why)

@@ -15,6 +15,8 @@ without it (same results, slower batch lookup for very large batches).
 
 from __future__ import annotations
 
+import os
+import threading
 from typing import Any, NamedTuple
 
 from fa4aot.core import fa4_interface as fi
@@ -23,6 +25,7 @@ from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import ArgumentError, FA4RejectsError
 from fa4aot.core.targets import ARCHES
 from fa4aot.core.variant import FORWARD_FAMILY, Variant
+from fa4aot.runtime import regions
 
 #: Shapes a rule remembers its decision for (a model's calls repeat a handful of shapes; a
 #: varying max_seqlen evicts the oldest).
@@ -89,7 +92,7 @@ class Pick(NamedTuple):
 class ForwardRule:
     """FA4's forward decisions for one :class:`StaticCall` on one runtime."""
 
-    __slots__ = ("s", "family", "sel", "knobs", "memo", "loaded")
+    __slots__ = ("s", "family", "sel", "knobs", "memo", "loaded", "regions")
 
     def __init__(self, s: StaticCall, sel: Any, knobs: fi.Knobs):
         self.s = s
@@ -107,6 +110,8 @@ class ForwardRule:
         self.memo: BoundedDict = BoundedDict(MAX_RULE_SHAPES)
         #: variant fields (as a sorted tuple) -> LoadedVariant, so a config seen again loads nothing
         self.loaded: BoundedDict = BoundedDict(MAX_RULE_SHAPES)
+        #: FA4's decisions by region of shapes (None: not traced - an explicit config, or disabled)
+        self.regions: regions.Regions | None = None if s.config is not None or not REGIONS_ON else regions.Regions()
 
     def facts(self, shape: Shape) -> fi.FwdFacts:
         s = self.s
@@ -158,8 +163,64 @@ class ForwardRule:
             fa4_asserts = isinstance(e, AssertionError) or head_dims_rejected(s.arch, s.head_dim, s.head_dim_v, s.dtype)
             raise (FA4RejectsError if fa4_asserts else ArgumentError)(f"FA4 rejects this call: {e}") from None
 
+    def region(self, shape: Shape) -> Any:
+        """The Pick of a traced region holding ``shape`` (None: none does)."""
+        r = self.regions
+        if r is None:
+            return None
+        return r.find(_region_key(shape), tuple(v for v in shape[:_N_TRACED] if v is not None))
+
+    def traced_decision(self, shape: Shape) -> tuple[fwd.Decision, Any] | None:
+        """FA4's decision for ``shape`` and its region's (key, check), by tracing FA4's selection
+        (:mod:`fa4aot.runtime.regions`); None where tracing does not apply or fails (the caller
+        decides plainly, which also raises FA4's errors)."""
+        r, sel, s = self.regions, self.sel, self.s
+        if r is None or not r.enabled:
+            return None
+        select = getattr(sel.select_fwd_config, "__wrapped__", None)
+        validate = sel.validate_fwd_config
+        if select is None or not hasattr(validate, "__wrapped__"):
+            r.enabled = False  # a selector without FA4's caches: nothing to bypass, trace nothing
+            return None
+        f = self.facts(shape)
+        if fwd.call_problem(f) is not None:
+            return None
+
+        def run(facts: dict[str, Any]) -> Any:
+            return fwd.select_and_plan(sel, self.facts(Shape(**facts)), self.knobs, select)
+
+        # FA4's lru_cache'd validate_fwd_config would hash (pin) every traced number: the selector
+        # module (the cache's private copy of FA4's config.py) calls the function it wraps instead
+        with _TRACE_LOCK:
+            sel.validate_fwd_config = validate.__wrapped__
+            try:
+                (config, plan), check = regions.trace(run, shape._asdict())
+            except Exception:  # noqa: BLE001 - FA4's rejection or an untraceable step: decide plainly
+                r.failed()
+                return None
+            finally:
+                sel.validate_fwd_config = validate
+        try:
+            d = fwd.finish(f, config, None, plan, s.softcap, s.learnable_sink)
+        except ValueError:
+            return None
+        return d, (_region_key(shape), check)
+
     def variant(self, fields: dict[str, Any]) -> Variant:
         return Variant.make(self.family, self.s.arch, self.s.num_sms, **fields)
+
+
+#: Shape's leading fields are regions.TRACED, in order; the rest key a region exactly.
+_N_TRACED = len(regions.TRACED)
+#: Tracing swaps the selector module's validate_fwd_config for the function it wraps.
+_TRACE_LOCK = threading.Lock()
+#: $FA4AOT_DECISION_REGIONS=0 turns region tracing off (every new shape decided plainly).
+REGIONS_ON = os.environ.get("FA4AOT_DECISION_REGIONS", "1").strip() != "0"
+
+
+def _region_key(shape: Shape) -> tuple[Any, ...]:
+    """What a region must match exactly: the untraced facts and which traced ones are None."""
+    return (*shape[_N_TRACED:], *(v is None for v in shape[:_N_TRACED]))
 
 
 def head_dims_rejected(arch: str, head_dim: int, head_dim_v: int, dtype: str) -> str | None:

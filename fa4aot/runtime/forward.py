@@ -422,18 +422,24 @@ def _sink(rt: Runtime, dev: int, learnable_sink: Any, nheads: int) -> DeviceTens
 
 
 def _pick(rt: Runtime, rule: ForwardRule, shape: Shape) -> Pick:
-    """FA4's decision for a shape the rule has not seen: FA4's selection, then the variant (loaded
-    on first use, or the manifest line that builds it when the cache lacks it)."""
-    d = rule.decision(shape)
-    key = tuple(sorted(d.fields.items()))
-    lv = rule.loaded.get(key)
-    if lv is None:
-        variant = rule.variant(d.fields)
-        if not rt.has(variant):
-            rt.miss(variant, fwd.call_group(rule.facts(shape), rule.knobs, rule.s.config))
-        lv = rt.load(variant)
-        rule.loaded[key] = lv
-    pick = Pick(lv, d.plan, d.config)
+    """FA4's decision for a shape the rule has not seen: a traced region's (runtime/regions.py),
+    else FA4's selection, then the variant (loaded on first use, or the manifest line that builds
+    it when the cache lacks it)."""
+    pick = rule.region(shape)
+    if pick is None:
+        traced = rule.traced_decision(shape)
+        d = traced[0] if traced is not None else rule.decision(shape)
+        key = tuple(sorted(d.fields.items()))
+        lv = rule.loaded.get(key)
+        if lv is None:
+            variant = rule.variant(d.fields)
+            if not rt.has(variant):
+                rt.miss(variant, fwd.call_group(rule.facts(shape), rule.knobs, rule.s.config))
+            lv = rt.load(variant)
+            rule.loaded[key] = lv
+        pick = Pick(lv, d.plan, d.config)
+        if traced is not None:
+            rule.regions.add(*traced[1], pick)
     rule.memo[shape] = pick
     return pick
 
