@@ -35,6 +35,15 @@ class FakeTorch:
     def data_ptr(self):
         return self.raw.ptr
 
+    def new_empty(self, shape, dtype=None):
+        """A fresh buffer (a new fake address), as torch's allocator would give."""
+        _made[0] += 1
+        name = "fp32" if dtype is not None and "float32" in str(dtype) else self.raw.dtype
+        return FakeTorch(RawTensor(B + (100 + _made[0]) * (1 << 36), tuple(shape), name))
+
+
+_made = [0]
+
 
 def t(i, shape, dtype="bf16", offset=0, **kw):
     return FakeTorch(RawTensor(B + i * (1 << 36) + offset, tuple(shape), dtype), **kw)
@@ -42,7 +51,11 @@ def t(i, shape, dtype="bf16", offset=0, **kw):
 
 @pytest.fixture(autouse=True)
 def fake_torch(monkeypatch):
+    from fa4aot.runtime import backward
+
     monkeypatch.setitem(tensors._CONVERTERS, FakeTorch, lambda o, name: tensors._from_raw(o.raw, name))
+    # the full path allocates with the inputs' framework, as torch would: new_empty
+    monkeypatch.setattr(backward, "alloc_like", lambda ref, shape, dtype: ref.new_empty(shape, dtype))
     monkeypatch.setattr(fastpath, "_API", [(FakeTorch, lambda device: 0)])  # stream 0, as the full path's
 
 
@@ -181,3 +194,29 @@ def test_threads_sharing_an_entry_launch_their_own_addresses(sm90):
         blob = b"".join(launch.params)
         owners = {n for n, ts in enumerate(sets) for x in ts if x.raw.ptr.to_bytes(8, "little") in blob}
         assert len(owners) == 1
+
+
+def test_a_repeated_backward_launches_what_the_full_path_launches(sm90):
+    """GQA backward (preprocess, main kernel, three postprocesses, one memset of the scratch):
+    the same kernels, grids and memset on new gradient and scratch buffers per call."""
+    pytest.importorskip("torch")  # the fast path allocates the fp32 scratch with torch's dtype
+    rt, drv = sm90
+    b, s, h, hk, d = 2, 1000, 16, 4, 128
+    q, out, dout = t(0, (b, s, h, d)), t(3, (b, s, h, d)), t(4, (b, s, h, d))
+    k, v, lse = t(1, (b, s, hk, d)), t(2, (b, s, hk, d)), t(5, (b, h, s), "fp32")
+    results = []
+    for _ in range(4):
+        results.append(fa4aot.flash_attn_backward(dout, q, k, v, out, lse, causal=True, runtime=rt))
+    assert _hits(rt) == 2
+    assert len(drv.launches) == 20 and len(drv.memsets) == 4
+    full, fast = drv.launches[5:10], drv.launches[15:20]
+    for a, b_ in zip(full, fast):
+        assert (a.kernel, a.grid, a.block, a.smem, a.stream) == (b_.kernel, b_.grid, b_.block, b_.smem, b_.stream)
+    assert drv.memsets[1][1:] == drv.memsets[3][1:]  # the same words zeroed, on the same stream
+    dq, dk, dv = results[3]
+    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+    assert len({id(r[0]) for r in results}) == 4  # new gradients every call
+    for grad, launch in ((dq, fast[2]), (dk, fast[3]), (dv, fast[4])):  # each postprocess writes its gradient
+        assert any(grad.raw.ptr.to_bytes(8, "little") in p for p in launch.params)
+    # the scratch the memset zeroes lies in a buffer of the full path's size (torch's, per call)
+    assert drv.memsets[3][0] != drv.memsets[1][0]

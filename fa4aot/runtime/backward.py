@@ -25,6 +25,7 @@ from fa4aot.core.errors import ArgumentError, VariantNotFoundError
 from fa4aot.core.fa4_interface import arch_number, clamp_window, resolve_window
 from fa4aot.core.variant import Variant
 from fa4aot.runtime import loader, validate
+from fa4aot.runtime.fastpath import backward as fast_backward
 from fa4aot.runtime.frameworks import alloc_like, default_stream, framework
 from fa4aot.runtime.loader import LoadedVariant, Runtime
 from fa4aot.runtime.tensors import (
@@ -130,6 +131,13 @@ def flash_attn_backward(
     with the inputs' framework). ``stream`` defaults to the framework's current stream.
     """
     rt = runtime or loader._DEFAULT or loader.default_runtime()
+    if dq is None and dk is None and dv is None and learnable_sink is None and stream is None:
+        grads = fast_backward(
+            rt, dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q,
+            max_seqlen_k, softmax_scale, causal, window_size, softcap, deterministic,
+        )  # fmt: skip
+        if grads is not None:  # a repeated call: launched from its prepared form (runtime/fastpath.py)
+            return grads
     c = analyse(
         rt, dout, q, k, v, out, lse, softmax_scale, causal, window_size, softcap, cu_seqlens_q, cu_seqlens_k,
         seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, deterministic, (dq, dk, dv), dlse, learnable_sink,
@@ -535,6 +543,15 @@ _PREPARED_TENSORS = (("dout", 4, 16), ("q", 0, 16), ("k", 1, 16), ("v", 2, 16), 
 _PREPARED_OPTIONAL = (("dlse", 6), ("cu_seqlens_q", 7), ("cu_seqlens_k", 8), ("seqused_q", 9), ("seqused_k", 10))
 
 
+#: Alignment of a caller-given scratch buffer (FA4's scratch regions keep their 256-byte offsets).
+SCRATCH_ALIGN = 256
+
+
+def _in_scratch(ptr: int, base: int, nbytes: int, at_base: str) -> int | str:
+    """A scratch address as the prepared call's source: relative to the scratch argument."""
+    return f"({at_base} + {ptr - base})" if base <= ptr < base + nbytes and not at_base.isdigit() else ptr
+
+
 def prepare_backward(
     dout: Any,
     q: Any,
@@ -569,37 +586,62 @@ def prepare_backward(
     capturable). FA4's scratch is allocated now and owned by the call (``close()`` frees it). A
     learnable sink (whose gradient FA4 allocates per call) is not prepared: use
     :func:`flash_attn_backward` for it."""
-    from fa4aot.runtime.prepared import Prepared, _Steps, _torch_keys
-
     rt = runtime or loader._DEFAULT or loader.default_runtime()
     c = analyse(
         rt, dout, q, k, v, out, lse, softmax_scale, causal, window_size, softcap, cu_seqlens_q, cu_seqlens_k,
         seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, deterministic, (dq, dk, dv), dlse, None,
     )  # fmt: skip
-    if c.kern is None:
-        raise ArgumentError("prepare_backward: the call has no queries or no keys; call flash_attn_backward")
     given = dict(dlse=dlse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
                  seqused_k=seqused_k)  # fmt: skip
+    return bind_backward(rt, c, [dout, q, k, v, out, lse, dq, dk, dv], given, None)
+
+
+def scratch_bytes(rt: Runtime, c: BwdCall) -> int:
+    """The bytes of FA4's scratch for the call ``c``."""
+    return _layout(rt, c)[1]
+
+
+def bind_backward(rt: Runtime, c: BwdCall, tensors: list[Any], given: dict[str, Any], scratch: Any) -> Any:
+    """The prepared form of the analysed call ``c`` (:func:`prepare_backward`). ``scratch``: None
+    (the call owns FA4's scratch), or an example framework buffer of :func:`scratch_bytes` bytes -
+    then the scratch is the prepared call's last argument, a new buffer each call (the plain
+    call's fast path, runtime/fastpath.py)."""
+    from fa4aot.runtime.prepared import Prepared, _Steps, _torch_keys
+
+    if c.kern is None:
+        raise ArgumentError("prepare_backward: the call has no queries or no keys; call flash_attn_backward")
     names = [n for n, _, _ in _PREPARED_TENSORS] + [n for n, _ in _PREPARED_OPTIONAL if given[n] is not None]
-    objs = [dout, q, k, v, out, lse, dq, dk, dv] + [given[n] for n, _ in _PREPARED_OPTIONAL if given[n] is not None]
+    objs = tensors + [given[n] for n, _ in _PREPARED_OPTIONAL if given[n] is not None]
     at = dict((n, i) for n, i, _ in _PREPARED_TENSORS) | dict(_PREPARED_OPTIONAL)
     descs = [c.t[at[n]] for n in names]
     aligns = [a for _, _, a in _PREPARED_TENSORS] + [4] * (len(names) - len(_PREPARED_TENSORS))
     regions, total_bytes, zero_offset = _layout(rt, c)
-    base = rt.driver.alloc(total_bytes)
-    owned: list[Any] = [base]
+    owned: list[Any] = []
+    if scratch is None:
+        base = rt.driver.alloc(total_bytes)
+        owned.append(base)
+        at_base = str(base)
+    else:
+        sd = as_device_tensor(scratch, "scratch")
+        base, at_base = sd.ptr, f"p{len(names)}"
+        names.append("scratch")
+        objs.append(scratch)
+        descs.append(sd)
+        aligns.append(SCRATCH_ALIGN)
     try:
         steps = _Steps()
         if total_bytes > zero_offset:  # what FA4 zeroes (torch.zeros), on the call's stream
-            memset, start, words = rt.driver.memset_d32, base + zero_offset, (total_bytes - zero_offset) // 4
-            steps.python(lambda st: memset(start, 0, words, st), "st")
+            memset, words = rt.driver.memset_d32, (total_bytes - zero_offset) // 4
+            steps.python(lambda st, b: memset(b + zero_offset, 0, words, st), f"st, {at_base}")
         user = {id(d): f"p{i}" for i, d in enumerate(descs)}
         for lv, named in kernel_calls(rt, c, regions, base, 0):
-            sources = {n: user.get(id(t), t[0]) for n, t in named.items() if isinstance(t, DeviceTensor)}
+            sources = {n: user.get(id(t)) or _in_scratch(t[0], base, total_bytes, at_base)
+                       for n, t in named.items() if isinstance(t, DeviceTensor)}  # fmt: skip
             steps.bound(lv.plan.bind(named), sources)
         run = Prepared(rt, names, descs, aligns, _torch_keys(objs, descs), steps, owned)
     except BaseException:
-        rt.driver.free(base)
+        for ptr in owned:
+            rt.driver.free(ptr)
         raise
     kern = c.kern
     run.variants = tuple(lv.variant for lv in kern if lv is not None)

@@ -1,17 +1,19 @@
-"""Plain forward calls at a prepared call's cost: PyTorch calls that repeat (same shapes, strides,
-dtypes, devices and scalar arguments, ``out`` given) are served by a :class:`~fa4aot.Prepared`
-made for them, launched unchecked on the new addresses.
+"""Plain calls at a prepared call's cost: PyTorch calls that repeat (same shapes, strides,
+dtypes, devices and scalar arguments) are served by a :class:`~fa4aot.Prepared` made for them,
+launched unchecked on the new addresses - the forward with ``out`` given and no LSE
+(:func:`forward`, :func:`dense`), and the backward with its gradients allocated as the full path
+allocates them (:func:`backward`).
 
 The key holds every input the full path decides with: each tensor's (shape, strides, dtype,
 device) and each scalar argument with its class (``True`` is not ``1`` to the argument checks).
 Equal keys mean the full path would validate, dispatch and pack the same way, so only the
 addresses (alignment checked here) and the stream change. A key is prepared on its second
-sighting (one-off shapes stay on the full path); calls whose prepared form owns buffers (split-KV
-partials, scheduler metadata, TMA workspaces) are not served here, since a plain call allocates
-those per call and concurrent calls must not share them. Anything unusual - other tensor classes,
-tensors that require grad, a misaligned address, an unhashable argument - takes the full path,
-which raises the typed error. Threads may share an entry: a prepared call packs into a block per
-thread.
+sighting (one-off shapes stay on the full path). A forward whose prepared form owns buffers
+(split-KV partials, scheduler metadata, TMA workspaces) is not served here: a plain call
+allocates those per call and concurrent calls must not share them; the backward's scratch is a
+new buffer from torch's allocator per call, as on the full path. Anything unusual - other tensor
+classes, a misaligned address, an unhashable argument - takes the full path, which raises the
+typed error. Threads may share an entry: a prepared call packs into a block per thread.
 """
 
 from __future__ import annotations
@@ -35,11 +37,13 @@ _NOT_SERVED = False
 
 
 class _Entry:
-    __slots__ = ("launch", "mask")
+    __slots__ = ("launch", "mask", "masks", "scratch_bytes")
 
-    def __init__(self, launch: Any, align: int):
-        self.launch = launch
-        self.mask = align - 1
+    def __init__(self, prepared: Any):
+        self.launch = prepared.launch_ptrs  # it holds the bound call blocks it writes
+        self.mask = max(prepared._aligns) - 1
+        self.masks = tuple(a - 1 for a in prepared._aligns)
+        self.scratch_bytes = getattr(prepared, "scratch_bytes", 0)
 
 
 class _Calls:
@@ -198,6 +202,104 @@ def dense(
 _DENSE = "dense"
 
 
+def backward(
+    rt: Any,
+    dout: Any,
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    lse: Any,
+    dlse: Any,
+    cu_q: Any,
+    cu_k: Any,
+    su_q: Any,
+    su_k: Any,
+    max_q: Any,
+    max_k: Any,
+    softmax_scale: Any,
+    causal: Any,
+    window_size: Any,
+    softcap: Any,
+    deterministic: Any,
+) -> tuple[Any, Any, Any] | None:
+    """The backward's fast path (no outputs given, no sink, torch's current stream): ``(dq, dk,
+    dv)`` allocated as the full path allocates them, FA4's scratch a new buffer from torch's
+    allocator per call (as the full path's), launched from the call's prepared form; None: not
+    served here."""
+    api = _API[0] if _API else _torch_api()
+    if api is None:
+        return None
+    cls, current_stream = api
+    tensors = [dout, q, k, v, out, lse]
+    given = (dlse is not None, cu_q is not None, cu_k is not None, su_q is not None, su_k is not None)
+    for t, there in zip((dlse, cu_q, cu_k, su_q, su_k), given):
+        if there:
+            tensors.append(t)
+    key: list[Any] = [_BWD]
+    for t in tensors:
+        if t.__class__ is not cls:
+            return None
+        key += (t.shape, t.stride(), t.dtype, t.get_device())
+    scalars = (max_q, max_k, softmax_scale, causal, window_size, softcap, deterministic)
+    key += scalars
+    key += [x.__class__ for x in scalars]
+    if window_size.__class__ is tuple:
+        key += [x.__class__ for x in window_size]
+    key.append(given)
+    try:
+        k_ = tuple(key)
+        calls = _BY_RUNTIME.get(rt) or _calls(rt)
+        entry = calls.entries.get(k_)
+    except TypeError:
+        return None
+    if entry is None:
+        _sight(calls, k_, lambda: _prepare_backward(rt, tensors, given, scalars, api))
+        return None
+    if entry is _NOT_SERVED:
+        return None
+    # the full path's allocations: gradients like q, k, v (q's dtype), fp32 scratch
+    dq, dk, dv = q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape)
+    scratch = q.new_empty((entry.scratch_bytes // 4,), dtype=_float32())
+    ptrs = [t.data_ptr() for t in tensors]
+    ptrs[6:6] = (dq.data_ptr(), dk.data_ptr(), dv.data_ptr())
+    ptrs.append(scratch.data_ptr())
+    for p, m in zip(ptrs, entry.masks):
+        if p & m:
+            return None  # the full path names the misaligned tensor
+    entry.launch(*ptrs, stream=current_stream(q.get_device()))
+    calls.hits += 1
+    return dq, dk, dv  # the scratch goes back to torch's allocator, ordered on this stream
+
+
+#: the first item of :func:`backward`'s keys
+_BWD = "bwd"
+
+
+def _float32() -> Any:
+    return sys.modules["torch"].float32
+
+
+def _prepare_backward(rt: Any, tensors: list[Any], given: tuple[bool, ...], scalars: tuple[Any, ...], api: Any) -> Any:
+    from fa4aot.runtime import backward as bwd  # it imports this module
+
+    dout, q, k, v, out, lse, *rest = tensors
+    opt = iter(rest)
+    dlse, cu_q, cu_k, su_q, su_k = (next(opt) if there else None for there in given)
+    max_q, max_k, softmax_scale, causal, window_size, softcap, deterministic = scalars
+    c = bwd.analyse(
+        rt, dout, q, k, v, out, lse, softmax_scale, causal, window_size, softcap, cu_q, cu_k, su_q, su_k, max_q,
+        max_k, deterministic, (None, None, None), dlse, None,
+    )  # fmt: skip
+    nbytes = bwd.scratch_bytes(rt, c) if c.kern is not None else 0
+    example = q.new_empty((max(nbytes, 4) // 4,), dtype=_float32())
+    dq, dk, dv, _ = c.outputs
+    names = dict(dlse=dlse, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_q=su_q, seqused_k=su_k)
+    run = bwd.bind_backward(rt, c, [dout, q, k, v, out, lse, dq, dk, dv], names, example)
+    run.scratch_bytes = nbytes
+    return run
+
+
 def _prepare(rt: Any, qkvo: list[Any], cu_q: Any, cu_k: Any, max_q: Any, max_k: Any, su_q: Any, su_k: Any,
              page_table: Any, sink: Any, softmax_scale: Any, causal: Any, window_size: Any, softcap: Any,
              num_splits: Any, pack_gqa: Any) -> Any:  # fmt: skip
@@ -225,8 +327,7 @@ def _sight(calls: _Calls, key: tuple[Any, ...], prepare: Any) -> None:
         prepared.close()
         calls.entries[key] = _NOT_SERVED
         return
-    # launch_ptrs holds the bound call blocks it writes (its generated scope)
-    calls.entries[key] = _Entry(prepared.launch_ptrs, max(prepared._aligns))
+    calls.entries[key] = _Entry(prepared)
 
 
 def clear(rt: Any) -> None:
