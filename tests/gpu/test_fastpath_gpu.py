@@ -112,6 +112,7 @@ def test_autograd_steps_take_the_backward_fast_path(runtime):
     """Training steps through fa4aot.torch: the same gradients every step (deterministic inputs)."""
     import fa4aot.torch as ft
 
+    fa4aot.open_runtime(runtime.cache.root)  # the default runtime the ops use
     b, s, h, hk, d = 2, 512, 16, 4, 128
     q0, k0, v0 = _rand(b, s, h, d), _rand(b, s, hk, d, seed=1), _rand(b, s, hk, d, seed=2)
     seen = []
