@@ -36,6 +36,7 @@ RECORD_HOOK = "FA4AOT_RECORD_HOOK"
 RECORD_PREFIX = "FA4AOT_RECORD_PREFIX"
 PATCH_MODULES = "FA4AOT_PATCH_MODULES"
 DRIVER = "FA4AOT_DRIVER"
+DECISION_REGIONS = "FA4AOT_DECISION_REGIONS"
 #: The runtime's CUDA driver bindings (fa4aot.runtime.driver.make_driver).
 DRIVERS = ("ctypes", "cuda-bindings")
 CC = "CC"
@@ -224,6 +225,14 @@ VARS: tuple[Var, ...] = (
         "plans' C code either way (benchmarks/driver_bindings.py compares them).",
     ),
     Var(
+        DECISION_REGIONS,
+        "0 or 1",
+        "1",
+        "runtime",
+        "0: decide every new call shape with FA4's selector (no decision regions, "
+        "fa4aot/runtime/regions.py); for comparisons and debugging.",
+    ),
+    Var(
         PYTHONPATH,
         "paths",
         "unset",
@@ -251,6 +260,11 @@ def get(name: str, default: str | None = None) -> str | None:
 def flag(name: str) -> bool:
     """True when the variable is ``1`` (spaces around it ignored)."""
     return (get(name) or "").strip() == "1"
+
+
+def decision_regions() -> bool:
+    """Whether forward rules reuse FA4's decisions by region (anything but ``0``)."""
+    return (get(DECISION_REGIONS, "1") or "").strip() != "0"
 
 
 def tuning() -> bool:

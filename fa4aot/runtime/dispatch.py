@@ -15,12 +15,11 @@ without it (same results, slower batch lookup for very large batches).
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Any, NamedTuple
 
+from fa4aot.core import env, fwd
 from fa4aot.core import fa4_interface as fi
-from fa4aot.core import fwd
 from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import ArgumentError, FA4RejectsError
 from fa4aot.core.targets import ARCHES
@@ -215,7 +214,7 @@ _N_TRACED = len(regions.TRACED)
 #: Tracing swaps the selector module's validate_fwd_config for the function it wraps.
 _TRACE_LOCK = threading.Lock()
 #: $FA4AOT_DECISION_REGIONS=0 turns region tracing off (every new shape decided plainly).
-REGIONS_ON = os.environ.get("FA4AOT_DECISION_REGIONS", "1").strip() != "0"
+REGIONS_ON = env.decision_regions()
 
 
 def _region_key(shape: Shape) -> tuple[Any, ...]:
