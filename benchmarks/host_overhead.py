@@ -172,7 +172,7 @@ def breakdown(rt, q, o, inner: int, repeats: int, sync, sleep: int) -> dict[str,
     def run_launcher():
         # FA4's launch order (loader.FORWARD_ORDER); a dense call has no scheduler buffers or workspace
         launch(fc.q, fc.k, fc.v, od, None, fc.cu_q, fc.cu_k, fc.su_q, fc.su_k, fc.page_table, None, None, None,
-               fc.scale, fc.wl, fc.wr, fc.learnable_sink, fc.max_q, None, stream)  # fmt: skip
+               fc.scale, fc.wl, fc.wr, fc.learnable_sink, fc.max_q, None, *fc.scales, stream)  # fmt: skip
 
     return {
         "describe one torch tensor": median_us(lambda: as_device_tensor(q, "q"), inner, repeats, sync, sleep),
@@ -220,7 +220,7 @@ def churn(rt, qv, kv, calls: int = 1000, sizes: int = 50) -> dict[str, object]:
     eager = [o.clone() for o in outs]
     for o in outs:
         o.zero_()
-    graph = torch.cuda.Graph()
+    graph = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):  # capture on a side stream, as torch.cuda.graph does
         with torch.cuda.graph(graph, stream=s):
@@ -331,7 +331,10 @@ def main() -> None:
     rows["prepared call, varlen, launch_ptrs (unchecked)"] = median_us(
         lambda: run_v.launch_ptrs(*ptrs_v, stream=stream), args.inner, args.repeats, sync, args.sleep_cycles
     )
-    churned = churn(rt, qv, kv)
+    try:
+        churned = churn(rt, qv, kv)
+    except Exception as e:  # noqa: BLE001 - reported with the table, the rows still print
+        churned = {"error": f"{type(e).__name__}: {e}"}
     old: dict[str, float] = {}
     if args.old_src and args.old_cache:
         proc = subprocess.run(

@@ -44,17 +44,13 @@ def test_repeated_calls_equal_the_full_path_bitwise(runtime, causal):
     assert _hits(runtime) - before == 3
 
 
-def test_varlen_calls_in_a_cuda_graph(runtime):
-    total, h, hk, d = 512, 32, 8, 128
-    q, k, v = _rand(total, h, d), _rand(total, hk, d, seed=1), _rand(total, hk, d, seed=2)
-    cu = torch.arange(0, total + 1, 64, dtype=torch.int32, device="cuda")
-    out = torch.zeros(total, h, d, device="cuda", dtype=torch.bfloat16)
+def test_repeated_calls_in_a_cuda_graph(runtime):
+    b, s, h, d = 2, 512, 16, 128
+    q, k, v = _rand(b, s, h, d), _rand(b, s, h, d, seed=1), _rand(b, s, h, d, seed=2)
+    out = torch.zeros_like(q)
 
     def call():
-        fa4aot.flash_attn_varlen_func(
-            q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=64, max_seqlen_k=64, causal=True, out=out,
-            runtime=runtime,
-        )  # fmt: skip
+        fa4aot.flash_attn_func(q, k, v, causal=True, out=out, runtime=runtime)
 
     for _ in range(3):
         call()
@@ -65,7 +61,7 @@ def test_varlen_calls_in_a_cuda_graph(runtime):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         call()
-    assert _hits(runtime) == before + 1  # captured through the fast path
+    assert _hits(runtime) == before + 1  # captured through the fast path, on the capture stream
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, want)
@@ -88,33 +84,47 @@ def test_a_bad_call_after_warm_up_is_a_typed_error_and_out_stays(runtime):
     assert torch.equal(bad_out, guard)
 
 
+def _same(grads, want, exact: bool) -> bool:
+    if exact:
+        return all(torch.equal(g, w) for g, w in zip(grads, want))
+    return all(torch.allclose(g.float(), w.float(), rtol=2e-2, atol=2e-2) for g, w in zip(grads, want))
+
+
 @pytest.mark.parametrize("heads", [(16, 16), (16, 4)])
-def test_repeated_backwards_equal_the_full_path_bitwise(runtime, heads):
-    """flash_attn_backward with no outputs given: the first call runs the full path, the third on
-    is served from its prepared form; gradients bitwise equal, new tensors each call."""
+def test_repeated_backwards_equal_the_full_path(runtime, heads):
+    """flash_attn_backward with no outputs given: the first two calls run the full path, the
+    third on are served from their prepared form. Bitwise equal to the full path where the full
+    path repeats itself bitwise (FA4's GQA dK/dV accumulate with atomics: there, within bf16
+    rounding - a scratch not zeroed or a wrong buffer is far outside it)."""
     b, s, d = 2, 700, 128
     h, hk = heads
     q, k, v = _rand(b, s, h, d), _rand(b, s, hk, d, seed=1), _rand(b, s, hk, d, seed=2)
     dout = _rand(b, s, h, d, seed=3)
     out, lse = fa4aot.flash_attn_func(q, k, v, causal=True, return_lse=True, runtime=runtime)
+    full = []
+    for _ in range(2):  # the full path (outputs given), twice: does it repeat itself bitwise?
+        grads = [torch.empty_like(t) for t in (q, k, v)]
+        fa4aot.flash_attn_backward(dout, q, k, v, out, lse, causal=True, dq=grads[0], dk=grads[1], dv=grads[2],
+                                   runtime=runtime)  # fmt: skip
+        full.append(grads)
+    torch.cuda.synchronize()
+    exact = _same(full[1], full[0], True)
+    assert exact or hk < h  # MHA's backward is deterministic
     before = _hits(runtime)
-    first = None
     for _ in range(4):
         grads = fa4aot.flash_attn_backward(dout, q, k, v, out, lse, causal=True, runtime=runtime)
         torch.cuda.synchronize()
-        if first is None:
-            first = [g.clone() for g in grads]
-        assert all(torch.equal(g, f) for g, f in zip(grads, first))
+        assert _same(grads, full[0], exact)
     assert _hits(runtime) - before == 2
 
 
 def test_autograd_steps_take_the_backward_fast_path(runtime):
-    """Training steps through fa4aot.torch: the same gradients every step (deterministic inputs)."""
+    """Training steps through fa4aot.torch (MHA: FA4's backward repeats itself bitwise)."""
     import fa4aot.torch as ft
 
     fa4aot.open_runtime(runtime.cache.root)  # the default runtime the ops use
-    b, s, h, hk, d = 2, 512, 16, 4, 128
-    q0, k0, v0 = _rand(b, s, h, d), _rand(b, s, hk, d, seed=1), _rand(b, s, hk, d, seed=2)
+    b, s, h, d = 2, 512, 16, 128
+    q0, k0, v0 = _rand(b, s, h, d), _rand(b, s, h, d, seed=1), _rand(b, s, h, d, seed=2)
     seen = []
     for _ in range(4):
         q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
@@ -123,4 +133,4 @@ def test_autograd_steps_take_the_backward_fast_path(runtime):
         torch.cuda.synchronize()
         seen.append((q.grad, k.grad, v.grad))
     for grads in seen[1:]:
-        assert all(torch.equal(g, f) for g, f in zip(grads, seen[0]))
+        assert _same(grads, seen[0], True)
