@@ -160,12 +160,15 @@ def test_calls_owning_buffers_are_not_served(sm100, monkeypatch):
     q, o = t(0, (16, 16, 128)), t(3, (16, 16, 128))
     k = t(1, (40000, 4, 128))
     cu_q, cu_k = t(4, (17,), "int32"), t(5, (17,), "int32")
+    allocs = []
     for _ in range(3):
         fa4aot.flash_attn_varlen_func(
             q, k, k, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=1, max_seqlen_k=4000, num_splits=8, out=o,
             runtime=rt, stream=None,
         )  # fmt: skip
+        allocs.append(len(drv.allocs))
     assert _hits(rt) == 0 and len(drv.launches) == 9  # prepare, forward, combine, three times
+    assert allocs[2] == allocs[0]  # the probe on the second call allocated nothing (graph-capture safe)
     (entry,) = fastpath._BY_RUNTIME[rt].entries.values()
     assert entry is fastpath._NOT_SERVED
 

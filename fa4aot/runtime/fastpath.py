@@ -308,7 +308,7 @@ def _prepare(rt: Any, qkvo: list[Any], cu_q: Any, cu_k: Any, max_q: Any, max_k: 
     return prepare_forward(
         *qkvo, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k, seqused_q=su_q,
         seqused_k=su_k, page_table=page_table, learnable_sink=sink, softcap=softcap, softmax_scale=softmax_scale,
-        causal=causal, window_size=window_size, num_splits=num_splits, pack_gqa=pack_gqa, runtime=rt,
+        causal=causal, window_size=window_size, num_splits=num_splits, pack_gqa=pack_gqa, runtime=rt, own=False,
     )  # fmt: skip
 
 
@@ -318,12 +318,14 @@ def _sight(calls: _Calls, key: tuple[Any, ...], prepare: Any) -> None:
         calls.sighted[key] = seen
         return
     calls.sighted.pop(key, None)
+    from fa4aot.runtime.prepared import NeedsBuffers
+
     try:
         prepared = prepare()
-    except Fa4aotError:  # the full path raises it for this call
+    except (Fa4aotError, NeedsBuffers):  # the full path raises the error / allocates per call
         calls.entries[key] = _NOT_SERVED
         return
-    if prepared._owned:  # buffers of its own: a plain call allocates them per call
+    if prepared._owned:  # not expected (the forward's probe refuses first; the backward binds its scratch)
         prepared.close()
         calls.entries[key] = _NOT_SERVED
         return

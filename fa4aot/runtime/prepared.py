@@ -50,6 +50,10 @@ from fa4aot.runtime.workspaces import WORKSPACE_SLOT_BYTES, workspace_slots
 OWNED_ALIGN = 256
 
 
+class NeedsBuffers(Exception):
+    """A call whose prepared form would own device buffers, asked for without them."""
+
+
 class _Steps:
     """The launches of one prepared call, as code: user tensors come in as p0, p1, ...; each step
     names, per plan tensor, either a user tensor index or a fixed address."""
@@ -262,6 +266,7 @@ def prepare_forward(
     scheduler_metadata: SchedulerMetadata | None = None,
     scales: Any = None,
     runtime: Runtime | None = None,
+    own: bool = True,
 ) -> Prepared:
     """Prepare FA4's forward for tensors shaped like these (arguments as in
     :func:`fa4aot.flash_attn_varlen_func`; ``lse`` given means return_lse). The prepared call
@@ -273,7 +278,8 @@ def prepare_forward(
     ``scheduler_metadata`` if given (recompute it per batch; the call zeroes its semaphore after
     each use), else own metadata recomputed on every call (the prepare kernel runs first).
     ``scales`` (FA4's TensorwiseScales or BlockScales) are bound: every call reads the tensors
-    given here (write new scale values into them in place).
+    given here (write new scale values into them in place). ``own=False``: raise
+    :class:`NeedsBuffers` instead of allocating anything (the plain-call fast path's probe).
     """
     rt = runtime or loader._DEFAULT or loader.default_runtime()
     dev = rt.device
@@ -287,6 +293,9 @@ def prepare_forward(
             "prepare_forward: the call has no keys or no queries (an empty q, k or page pool); "
             "prepare it with the buffers it will run on, or call flash_attn_func, which returns FA4's result"
         )
+    if not own and (fc.split or (scheduler_metadata is None and fc.plan.prepare) or fc.plan.dynamic_route
+                    or fc.plan.tensormap_workspace):  # fmt: skip
+        raise NeedsBuffers("the call needs buffers of its own")  # before anything is allocated
     out_shape = (*fc.rows, fc.nheads, fc.head_dim_v)
     od = as_device_tensor(out, "out")
     if od[3] != fc.out_dtype:
