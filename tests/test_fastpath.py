@@ -223,3 +223,37 @@ def test_a_repeated_backward_launches_what_the_full_path_launches(sm90):
         assert any(grad.raw.ptr.to_bytes(8, "little") in p for p in launch.params)
     # the scratch the memset zeroes lies in a buffer of the full path's size (torch's, per call)
     assert drv.memsets[3][0] != drv.memsets[1][0]
+
+
+def test_a_varlen_call_gets_a_new_tensor_map_workspace_per_call(sm100, monkeypatch):
+    """FA4's tensor-map workspace (varlen-K calls) is, as on the full path, a new buffer from the
+    caller's allocator on every call: the fast path passes it as the prepared call's last argument."""
+    from fa4aot.runtime import forward, prepared
+
+    monkeypatch.setattr(forward, "alloc_like", lambda ref, shape, dtype: ref.new_empty(shape, dtype).raw)
+    monkeypatch.setattr(prepared, "alloc_like", lambda ref, shape, dtype: ref.new_empty(shape, dtype))
+    rt, drv = sm100
+    b, s, h, d = 5, 3000, 16, 128
+    q, k, v, o = (t(i, (b * s, h, d)) for i in range(4))
+    cu = t(4, (b + 1,), "int32")
+    allocs = []
+    for _ in range(4):
+        fa4aot.flash_attn_varlen_func(
+            q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=s, max_seqlen_k=s, causal=True, out=o, runtime=rt
+        )
+        allocs.append(dict(drv.allocs))
+    assert _hits(rt) == 2 and len(drv.launches) == 4
+    full, fast = drv.launches[1], drv.launches[3]
+    assert (full.kernel, full.grid, full.block, full.smem) == (fast.kernel, fast.grid, fast.block, fast.smem)
+    (entry,) = fastpath._BY_RUNTIME[rt].entries.values()
+    assert entry.ws_slots > 0
+    # the probe and the fast calls allocate nothing from the driver (the full path's first call
+    # made its per-stream workspace: these stand-in tensors are not torch's)
+    assert allocs[3] == allocs[0]
+    made = _made[0]
+    fa4aot.flash_attn_varlen_func(
+        q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=s, max_seqlen_k=s, causal=True, out=o, runtime=rt
+    )
+    assert _made[0] == made + 1  # one new workspace from the caller's allocator
+    # the new buffer's address reached the kernel's arguments (its TMA descriptors live there)
+    assert any((B + (100 + _made[0]) * (1 << 36)).to_bytes(8, "little") in p for p in drv.launches[-1].params)

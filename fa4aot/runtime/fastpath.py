@@ -8,10 +8,10 @@ The key holds every input the full path decides with: each tensor's (shape, stri
 device) and each scalar argument with its class (``True`` is not ``1`` to the argument checks).
 Equal keys mean the full path would validate, dispatch and pack the same way, so only the
 addresses (alignment checked here) and the stream change. A key is prepared on its second
-sighting (one-off shapes stay on the full path). A forward whose prepared form owns buffers
-(split-KV partials, scheduler metadata, TMA workspaces) is not served here: a plain call
-allocates those per call and concurrent calls must not share them; the backward's scratch is a
-new buffer from torch's allocator per call, as on the full path. Anything unusual - other tensor
+sighting (one-off shapes stay on the full path). A forward whose prepared form would own buffers
+(split-KV partials, scheduler metadata, the route semaphore) is not served here: a plain call
+allocates those per call and concurrent calls must not share them. FA4's tensor-map workspace
+and the backward's scratch are new buffers from torch's allocator per call, as on the full path. Anything unusual - other tensor
 classes, a misaligned address, an unhashable argument - takes the full path, which raises the
 typed error. Threads may share an entry: a prepared call packs into a block per thread.
 """
@@ -24,6 +24,7 @@ from typing import Any
 
 from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import Fa4aotError
+from fa4aot.core.fa4_interface import TENSORMAP_WORDS
 
 #: Prepared plain calls per runtime (a model's layers repeat a handful of signatures).
 MAX_FAST_CALLS = 64
@@ -37,13 +38,14 @@ _NOT_SERVED = False
 
 
 class _Entry:
-    __slots__ = ("launch", "mask", "masks", "scratch_bytes")
+    __slots__ = ("launch", "mask", "masks", "scratch_bytes", "ws_slots")
 
     def __init__(self, prepared: Any):
         self.launch = prepared.launch_ptrs  # it holds the bound call blocks it writes
         self.mask = max(prepared._aligns) - 1
         self.masks = tuple(a - 1 for a in prepared._aligns)
         self.scratch_bytes = getattr(prepared, "scratch_bytes", 0)
+        self.ws_slots = getattr(prepared, "workspace_slots", 0)
 
 
 class _Calls:
@@ -143,6 +145,9 @@ def forward(
     for p in ptrs:
         if p & mask:
             return False  # the full path names the misaligned tensor
+    if entry.ws_slots:  # FA4's tensor-map workspace: a new torch buffer per call, as on the full path
+        ws = q.new_empty((entry.ws_slots, TENSORMAP_WORDS), dtype=sys.modules["torch"].int64)
+        ptrs.append(ws.data_ptr())
     stream = current_stream(q.get_device())
     entry.launch(*ptrs, stream=stream)
     calls.hits += 1

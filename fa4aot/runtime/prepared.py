@@ -39,7 +39,7 @@ from fa4aot.plan.library import BoundCall, Plan
 from fa4aot.runtime import combine as combine_mod
 from fa4aot.runtime import loader, validate
 from fa4aot.runtime.forward import analyse
-from fa4aot.runtime.frameworks import default_stream, framework, transposed
+from fa4aot.runtime.frameworks import alloc_like, default_stream, framework, transposed
 from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.metadata import SchedulerMetadata, check_metadata, metadata_kind
 from fa4aot.runtime.scales import NAMES as SCALE_NAMES
@@ -278,8 +278,9 @@ def prepare_forward(
     ``scheduler_metadata`` if given (recompute it per batch; the call zeroes its semaphore after
     each use), else own metadata recomputed on every call (the prepare kernel runs first).
     ``scales`` (FA4's TensorwiseScales or BlockScales) are bound: every call reads the tensors
-    given here (write new scale values into them in place). ``own=False``: raise
-    :class:`NeedsBuffers` instead of allocating anything (the plain-call fast path's probe).
+    given here (write new scale values into them in place). ``own=False`` (the plain-call fast
+    path): raise :class:`NeedsBuffers` instead of allocating device memory, and take FA4's
+    tensor-map workspace as a last argument (``workspace_slots`` x 16 int64, new per call).
     """
     rt = runtime or loader._DEFAULT or loader.default_runtime()
     dev = rt.device
@@ -293,8 +294,7 @@ def prepare_forward(
             "prepare_forward: the call has no keys or no queries (an empty q, k or page pool); "
             "prepare it with the buffers it will run on, or call flash_attn_func, which returns FA4's result"
         )
-    if not own and (fc.split or (scheduler_metadata is None and fc.plan.prepare) or fc.plan.dynamic_route
-                    or fc.plan.tensormap_workspace):  # fmt: skip
+    if not own and (fc.split or (scheduler_metadata is None and fc.plan.prepare) or fc.plan.dynamic_route):
         raise NeedsBuffers("the call needs buffers of its own")  # before anything is allocated
     out_shape = (*fc.rows, fc.nheads, fc.head_dim_v)
     od = as_device_tensor(out, "out")
@@ -305,6 +305,14 @@ def prepare_forward(
     given = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q, seqused_k=seqused_k,
                  page_table=page_table, learnable_sink=learnable_sink)  # fmt: skip
     names, objs, descs, aligns, ld = _call_tensors(rt, fc, (q, k, v, out), od, lse, given)
+    ws_slots = 0
+    if not own and fc.plan.tensormap_workspace:  # the workspace is the last argument, a new one per call
+        ws_slots = workspace_slots(rt, fc)
+        ws = alloc_like(q, (ws_slots, TENSORMAP_WORDS), "int64")
+        names.append("tensormap_workspace")
+        objs.append(ws)
+        descs.append(as_device_tensor(ws, "tensormap_workspace"))
+        aligns.append(16)
     src = {n: f"p{i}" for i, n in enumerate(names)}
     src_fwd: dict[str, Any] = dict(src)
     owned: list[Any] = []
@@ -343,6 +351,7 @@ def prepare_forward(
         raise
     prepared = Prepared(rt, names, descs, aligns, _torch_keys(objs, descs), steps, owned)
     prepared.variants = tuple(variants)
+    prepared.workspace_slots = ws_slots
     return prepared
 
 
@@ -426,7 +435,7 @@ def _bind_scheduler(
         rt.driver.synchronize(0)
         fwd_args["tile_count_semaphore"] = DeviceTensor(sem_ptr, (1,), (1,), "int32", dev, "raw")
         src_fwd["tile_count_semaphore"] = sem_ptr
-    if plan.tensormap_workspace:
+    if plan.tensormap_workspace and "tensormap_workspace" not in fwd_args:  # (else a call argument)
         slots = workspace_slots(rt, fc)
         ws_ptr = rt.driver.alloc(slots * WORKSPACE_SLOT_BYTES)
         owned.append(ws_ptr)

@@ -44,6 +44,25 @@ def test_repeated_calls_equal_the_full_path_bitwise(runtime, causal):
     assert _hits(runtime) - before == 3
 
 
+def test_repeated_varlen_calls_with_a_tensor_map_workspace_equal_the_full_path(runtime):
+    """SM90 varlen-K calls bind FA4's tensor-map workspace: the fast path gives each call a new one
+    from torch's allocator, as the full path does; outputs bitwise equal."""
+    total, h, hk, d = 512, 32, 8, 128
+    q, k, v = _rand(total, h, d), _rand(total, hk, d, seed=1), _rand(total, hk, d, seed=2)
+    cu = torch.arange(0, total + 1, 64, dtype=torch.int32, device="cuda")
+    before, want = _hits(runtime), None
+    for _ in range(4):
+        out = torch.full((total, h, d), 7.0, device="cuda", dtype=torch.bfloat16)
+        fa4aot.flash_attn_varlen_func(
+            q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=64, max_seqlen_k=64, causal=True, out=out,
+            runtime=runtime,
+        )  # fmt: skip
+        torch.cuda.synchronize()
+        want = out.clone() if want is None else want
+        assert torch.equal(out, want)
+    assert _hits(runtime) - before == 2
+
+
 def test_repeated_calls_in_a_cuda_graph(runtime):
     b, s, h, d = 2, 512, 16, 128
     q, k, v = _rand(b, s, h, d), _rand(b, s, h, d, seed=1), _rand(b, s, h, d, seed=2)
