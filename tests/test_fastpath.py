@@ -257,3 +257,28 @@ def test_a_varlen_call_gets_a_new_tensor_map_workspace_per_call(sm100, monkeypat
     assert _made[0] == made + 1  # one new workspace from the caller's allocator
     # the new buffer's address reached the kernel's arguments (its TMA descriptors live there)
     assert any((B + (100 + _made[0]) * (1 << 36)).to_bytes(8, "little") in p for p in drv.launches[-1].params)
+
+
+def test_a_workload_that_never_repeats_stops_paying_for_the_key(sm90, monkeypatch):
+    """A window of calls none of which is served (every call's shapes new) sends the next calls
+    straight to the full path; the fast path probes again after them."""
+    monkeypatch.setattr(fastpath, "WINDOW", 8)
+    monkeypatch.setattr(fastpath, "SKIP", 5)
+    rt, drv = sm90
+    pool, pt, used = t(7, (300, 128, 8, 128)), t(8, (8, 32), "int32"), t(9, (8,), "int32")
+    qd, od = t(5, (8, 1, 32, 128)), t(6, (8, 1, 32, 128))
+
+    def call(max_k):
+        _flash_attn_fwd(qd, pool, pool, seqused_k=used, max_seqlen_q=1, max_seqlen_k=max_k, page_table=pt,
+                        causal=True, out=od, runtime=rt)  # fmt: skip
+
+    for i in range(8):  # a decode loop: max_seqlen_k grows every call
+        call(3000 + i)
+    calls = fastpath._BY_RUNTIME[rt]
+    assert calls.skip == 5 and calls.hits == 0
+    for _ in range(5):  # skipped: no key, no sighting
+        call(4096)
+    assert calls.skip == 0 and calls.hits == 0 and len(calls.sighted) == 8
+    for _ in range(3):  # probing again: a repeated call is served from its third sighting
+        call(4096)
+    assert calls.hits == 1 and len(drv.launches) == 16

@@ -32,6 +32,9 @@ MAX_FAST_CALLS = 64
 MAX_SIGHTED = 256
 #: Sightings after which a key is prepared (the first call of a shape runs the full path only).
 SIGHTINGS_TO_PREPARE = 2
+#: A window of this many calls none of which was served pauses the fast path for SKIP calls.
+WINDOW = 256
+SKIP = 1024
 
 #: a key whose prepared form is not served here (it owns buffers, or preparing it failed)
 _NOT_SERVED = False
@@ -51,12 +54,26 @@ class _Entry:
 class _Calls:
     """One runtime's fast plain calls: key -> _Entry (or _NOT_SERVED), and keys seen once."""
 
-    __slots__ = ("entries", "sighted", "hits", "__weakref__")
+    __slots__ = ("entries", "sighted", "hits", "tries", "recent_hits", "skip", "__weakref__")
 
     def __init__(self) -> None:
         self.entries: BoundedDict = BoundedDict(MAX_FAST_CALLS)
         self.sighted: BoundedDict = BoundedDict(MAX_SIGHTED)
         self.hits = 0
+        self.tries = 0  # calls looked up in the current window
+        self.recent_hits = 0  # of them, served
+        self.skip = 0  # calls to pass straight to the full path
+
+    def missed(self) -> None:
+        """A call not served (a new key, or one that is never served). A window of
+        :data:`WINDOW` calls without one served - every call's shapes new, as in a decode loop
+        whose max_seqlen_k grows - sends the next :data:`SKIP` calls straight to the full path, so
+        such a workload pays the key (a few microseconds) on a few percent of its calls only."""
+        self.tries += 1
+        if self.tries >= WINDOW:
+            if not self.recent_hits:
+                self.skip = SKIP
+            self.tries = self.recent_hits = 0
 
 
 #: (torch.Tensor, torch's current-stream accessor by device ordinal), once torch is imported
@@ -109,6 +126,10 @@ def forward(
     api = _API[0] if _API else _torch_api()
     if api is None:
         return False
+    calls = _BY_RUNTIME.get(rt) or _calls(rt)
+    if calls.skip:
+        calls.skip -= 1
+        return False
     cls, current_stream = api
     # the prepared call's tensor order (prepare_forward): q, k, v, out, then those given
     tensors = [q, k, v, out]
@@ -130,7 +151,6 @@ def forward(
     key.append(given)
     try:
         k_ = tuple(key)
-        calls = _BY_RUNTIME.get(rt) or _calls(rt)
         entry = calls.entries.get(k_)
     except TypeError:  # an unhashable argument (a list window): the full path decides
         return False
@@ -139,6 +159,7 @@ def forward(
                                            softmax_scale, causal, window_size, softcap, num_splits, pack_gqa))  # fmt: skip
         return False
     if entry is _NOT_SERVED:
+        calls.missed()
         return False
     ptrs = [t.data_ptr() for t in tensors]
     mask = entry.mask
@@ -146,11 +167,12 @@ def forward(
         if p & mask:
             return False  # the full path names the misaligned tensor
     if entry.ws_slots:  # FA4's tensor-map workspace: a new torch buffer per call, as on the full path
-        ws = q.new_empty((entry.ws_slots, TENSORMAP_WORDS), dtype=sys.modules["torch"].int64)
+        ws = q.new_empty((entry.ws_slots, TENSORMAP_WORDS), dtype=_dtype("int64"))
         ptrs.append(ws.data_ptr())
     stream = current_stream(q.get_device())
     entry.launch(*ptrs, stream=stream)
     calls.hits += 1
+    calls.recent_hits += 1
     return True
 
 
@@ -172,6 +194,10 @@ def dense(
     api = _API[0] if _API else _torch_api()
     if api is None:
         return False
+    calls = _BY_RUNTIME.get(rt) or _calls(rt)
+    if calls.skip:
+        calls.skip -= 1
+        return False
     cls = api[0]
     if q.__class__ is not cls or k.__class__ is not cls or v.__class__ is not cls or out.__class__ is not cls:
         return False
@@ -185,7 +211,6 @@ def dense(
             causal.__class__, softcap.__class__, num_splits.__class__, pack_gqa.__class__,
             window_size.__class__, *map(type, window_size),
         )  # fmt: skip
-        calls = _BY_RUNTIME.get(rt) or _calls(rt)
         entry = calls.entries.get(key)
     except TypeError:  # an unhashable or unusual argument: the full path decides
         return False
@@ -194,12 +219,14 @@ def dense(
                                             softmax_scale, causal, window_size, softcap, num_splits, pack_gqa))  # fmt: skip
         return False
     if entry is _NOT_SERVED:
+        calls.missed()
         return False
     pq, pk, pv, po = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
     if (pq | pk | pv | po) & entry.mask:
         return False  # the full path names the misaligned tensor
     entry.launch(pq, pk, pv, po, stream=api[1](q.get_device()))
     calls.hits += 1
+    calls.recent_hits += 1
     return True
 
 
@@ -235,6 +262,10 @@ def backward(
     api = _API[0] if _API else _torch_api()
     if api is None:
         return None
+    calls = _BY_RUNTIME.get(rt) or _calls(rt)
+    if calls.skip:
+        calls.skip -= 1
+        return None
     cls, current_stream = api
     tensors = [dout, q, k, v, out, lse]
     given = (dlse is not None, cu_q is not None, cu_k is not None, su_q is not None, su_k is not None)
@@ -254,7 +285,6 @@ def backward(
     key.append(given)
     try:
         k_ = tuple(key)
-        calls = _BY_RUNTIME.get(rt) or _calls(rt)
         entry = calls.entries.get(k_)
     except TypeError:
         return None
@@ -262,10 +292,11 @@ def backward(
         _sight(calls, k_, lambda: _prepare_backward(rt, tensors, given, scalars, api))
         return None
     if entry is _NOT_SERVED:
+        calls.missed()
         return None
     # the full path's allocations: gradients like q, k, v (q's dtype), fp32 scratch
     dq, dk, dv = q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape)
-    scratch = q.new_empty((entry.scratch_bytes // 4,), dtype=_float32())
+    scratch = q.new_empty((entry.scratch_bytes // 4,), dtype=_dtype("float32"))
     ptrs = [t.data_ptr() for t in tensors]
     ptrs[6:6] = (dq.data_ptr(), dk.data_ptr(), dv.data_ptr())
     ptrs.append(scratch.data_ptr())
@@ -274,6 +305,7 @@ def backward(
             return None  # the full path names the misaligned tensor
     entry.launch(*ptrs, stream=current_stream(q.get_device()))
     calls.hits += 1
+    calls.recent_hits += 1
     return dq, dk, dv  # the scratch goes back to torch's allocator, ordered on this stream
 
 
@@ -281,8 +313,9 @@ def backward(
 _BWD = "bwd"
 
 
-def _float32() -> Any:
-    return sys.modules["torch"].float32
+def _dtype(name: str) -> Any:
+    """torch's dtype of that name (the tensors are torch's, so torch is imported)."""
+    return getattr(sys.modules.get("torch"), name, name)
 
 
 def _prepare_backward(rt: Any, tensors: list[Any], given: tuple[bool, ...], scalars: tuple[Any, ...], api: Any) -> Any:
@@ -297,7 +330,7 @@ def _prepare_backward(rt: Any, tensors: list[Any], given: tuple[bool, ...], scal
         max_k, deterministic, (None, None, None), dlse, None,
     )  # fmt: skip
     nbytes = bwd.scratch_bytes(rt, c) if c.kern is not None else 0
-    example = q.new_empty((max(nbytes, 4) // 4,), dtype=_float32())
+    example = q.new_empty((max(nbytes, 4) // 4,), dtype=_dtype("float32"))
     dq, dk, dv, _ = c.outputs
     names = dict(dlse=dlse, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_q=su_q, seqused_k=su_k)
     run = bwd.bind_backward(rt, c, [dout, q, k, v, out, lse, dq, dk, dv], names, example)
@@ -318,6 +351,7 @@ def _prepare(rt: Any, qkvo: list[Any], cu_q: Any, cu_k: Any, max_q: Any, max_k: 
 
 
 def _sight(calls: _Calls, key: tuple[Any, ...], prepare: Any) -> None:
+    calls.missed()
     seen = calls.sighted.get(key, 0) + 1
     if seen < SIGHTINGS_TO_PREPARE:
         calls.sighted[key] = seen
