@@ -294,8 +294,8 @@ def prepare_forward(
             "prepare_forward: the call has no keys or no queries (an empty q, k or page pool); "
             "prepare it with the buffers it will run on, or call flash_attn_func, which returns FA4's result"
         )
-    if not own and (fc.split or (scheduler_metadata is None and fc.plan.prepare) or fc.plan.dynamic_route):
-        raise NeedsBuffers("the call needs buffers of its own")  # before anything is allocated
+    if not own:
+        _refuse_owned(fc, scheduler_metadata)
     out_shape = (*fc.rows, fc.nheads, fc.head_dim_v)
     od = as_device_tensor(out, "out")
     if od[3] != fc.out_dtype:
@@ -305,14 +305,7 @@ def prepare_forward(
     given = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q, seqused_k=seqused_k,
                  page_table=page_table, learnable_sink=learnable_sink)  # fmt: skip
     names, objs, descs, aligns, ld = _call_tensors(rt, fc, (q, k, v, out), od, lse, given)
-    ws_slots = 0
-    if not own and fc.plan.tensormap_workspace:  # the workspace is the last argument, a new one per call
-        ws_slots = workspace_slots(rt, fc)
-        ws = alloc_like(q, (ws_slots, TENSORMAP_WORDS), "int64")
-        names.append("tensormap_workspace")
-        objs.append(ws)
-        descs.append(as_device_tensor(ws, "tensormap_workspace"))
-        aligns.append(16)
+    ws_slots = 0 if own else _workspace_argument(rt, fc, q, names, objs, descs, aligns)
     src = {n: f"p{i}" for i, n in enumerate(names)}
     src_fwd: dict[str, Any] = dict(src)
     owned: list[Any] = []
@@ -353,6 +346,30 @@ def prepare_forward(
     prepared.variants = tuple(variants)
     prepared.workspace_slots = ws_slots
     return prepared
+
+
+def _refuse_owned(fc: Any, scheduler_metadata: SchedulerMetadata | None) -> None:
+    """:class:`NeedsBuffers` for a call whose prepared form would own device buffers (split-KV
+    partials, its own scheduler metadata, the dynamic route's semaphore): raised before anything
+    is allocated."""
+    if fc.split or (scheduler_metadata is None and fc.plan.prepare) or fc.plan.dynamic_route:
+        raise NeedsBuffers("the call needs buffers of its own")
+
+
+def _workspace_argument(
+    rt: Runtime, fc: Any, q: Any, names: list[str], objs: list[Any], descs: list[Any], aligns: list[int]
+) -> int:
+    """FA4's tensor-map workspace as the prepared call's last argument (a new buffer per call, from
+    ``q``'s framework, as on the full path); its slots, or 0 where the call takes none."""
+    if not fc.plan.tensormap_workspace:
+        return 0
+    slots = workspace_slots(rt, fc)
+    ws = alloc_like(q, (slots, TENSORMAP_WORDS), "int64")
+    names.append("tensormap_workspace")
+    objs.append(ws)
+    descs.append(as_device_tensor(ws, "tensormap_workspace"))
+    aligns.append(16)
+    return slots
 
 
 def _call_tensors(
