@@ -283,7 +283,6 @@ def prepare_forward(
     tensor-map workspace as a last argument (``workspace_slots`` x 16 int64, new per call).
     """
     rt = runtime or loader._DEFAULT or loader.default_runtime()
-    dev = rt.device
     fc = analyse(
         rt, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, softmax_scale, causal,
         window_size, num_splits, pack_gqa, lse is not None, metadata_kind(scheduler_metadata), page_table, learnable_sink,
@@ -296,12 +295,7 @@ def prepare_forward(
         )
     if not own:
         _refuse_owned(fc, scheduler_metadata)
-    out_shape = (*fc.rows, fc.nheads, fc.head_dim_v)
-    od = as_device_tensor(out, "out")
-    if od[3] != fc.out_dtype:
-        raise ArgumentError(f"out: dtype must be {fc.out_dtype} (q's; bf16 for FP8 inputs), got {od[3]}")
-    validate.io(od, "out", len(out_shape), dev, rt, writable=True)
-    validate.shape(od, "out", out_shape, "q's shape with head_dim_v")
+    out_shape, od = _checked_out(rt, fc, out)
     given = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q, seqused_k=seqused_k,
                  page_table=page_table, learnable_sink=learnable_sink)  # fmt: skip
     names, objs, descs, aligns, ld = _call_tensors(rt, fc, (q, k, v, out), od, lse, given)
@@ -346,6 +340,17 @@ def prepare_forward(
     prepared.variants = tuple(variants)
     prepared.workspace_slots = ws_slots
     return prepared
+
+
+def _checked_out(rt: Runtime, fc: Any, out: Any) -> tuple[tuple[int, ...], DeviceTensor]:
+    """(the output's shape, ``out`` described and checked against it)."""
+    out_shape = (*fc.rows, fc.nheads, fc.head_dim_v)
+    od = as_device_tensor(out, "out")
+    if od[3] != fc.out_dtype:
+        raise ArgumentError(f"out: dtype must be {fc.out_dtype} (q's; bf16 for FP8 inputs), got {od[3]}")
+    validate.io(od, "out", len(out_shape), rt.device, rt, writable=True)
+    validate.shape(od, "out", out_shape, "q's shape with head_dim_v")
+    return out_shape, od
 
 
 def _refuse_owned(fc: Any, scheduler_metadata: SchedulerMetadata | None) -> None:
