@@ -132,28 +132,12 @@ def forward(
         return False
     cls, current_stream = api
     # the prepared call's tensor order (prepare_forward): q, k, v, out, then those given
-    tensors = [q, k, v, out]
-    given = (cu_q is not None, cu_k is not None, su_q is not None, su_k is not None, page_table is not None,
-             sink is not None)  # fmt: skip
-    for t, there in zip((cu_q, cu_k, su_q, su_k, page_table, sink), given):
-        if there:
-            tensors.append(t)
-    key: list[Any] = []
-    for t in tensors:
-        if t.__class__ is not cls or t.requires_grad:
-            return False
-        key += (t.shape, t.stride(), t.dtype, t.get_device())
+    tensors, given = _present([q, k, v, out], (cu_q, cu_k, su_q, su_k, page_table, sink))
     scalars = (max_q, max_k, softmax_scale, causal, window_size, softcap, num_splits, pack_gqa)
-    key += scalars
-    key += [x.__class__ for x in scalars]
-    if window_size.__class__ is tuple:
-        key += [x.__class__ for x in window_size]
-    key.append(given)
-    try:
-        k_ = tuple(key)
-        entry = calls.entries.get(k_)
-    except TypeError:  # an unhashable argument (a list window): the full path decides
+    found = _lookup(calls, _FWD, tensors, scalars, window_size, given, cls, no_grad=True)
+    if found is None:
         return False
+    k_, entry = found
     if entry is None:
         _sight(calls, k_, lambda: _prepare(rt, tensors[:4], cu_q, cu_k, max_q, max_k, su_q, su_k, page_table, sink,
                                            softmax_scale, causal, window_size, softcap, num_splits, pack_gqa))  # fmt: skip
@@ -174,6 +158,36 @@ def forward(
     calls.hits += 1
     calls.recent_hits += 1
     return True
+
+
+def _present(tensors: list[Any], optional: tuple[Any, ...]) -> tuple[list[Any], tuple[bool, ...]]:
+    """``tensors`` and the optional ones given (a prepared call takes those only, in order), and
+    which were given."""
+    given = tuple(t is not None for t in optional)
+    return tensors + [t for t in optional if t is not None], given
+
+
+def _lookup(
+    calls: _Calls, tag: str, tensors: list[Any], scalars: tuple[Any, ...], window_size: Any,
+    given: tuple[bool, ...], cls: type, no_grad: bool,
+) -> tuple[tuple[Any, ...], Any] | None:  # fmt: skip
+    """(the call's key, its entry or None); None: not a call for the fast path (another tensor
+    class, a tensor that requires grad where ``no_grad``, an unhashable argument)."""
+    key: list[Any] = [tag]
+    for t in tensors:
+        if t.__class__ is not cls or (no_grad and t.requires_grad):
+            return None
+        key += (t.shape, t.stride(), t.dtype, t.get_device())
+    key += scalars
+    key += [x.__class__ for x in scalars]
+    if window_size.__class__ is tuple:
+        key += [x.__class__ for x in window_size]
+    key.append(given)
+    try:
+        k = tuple(key)
+        return k, calls.entries.get(k)
+    except TypeError:  # an unhashable argument (a list window): the full path decides
+        return None
 
 
 def dense(
@@ -230,8 +244,8 @@ def dense(
     return True
 
 
-#: the first item of :func:`dense`'s keys (they never equal :func:`forward`'s)
-_DENSE = "dense"
+#: the first item of each function's keys (one's never equal another's)
+_DENSE, _FWD, _BWD = "dense", "fwd", "bwd"
 
 
 def backward(
@@ -267,27 +281,12 @@ def backward(
         calls.skip -= 1
         return None
     cls, current_stream = api
-    tensors = [dout, q, k, v, out, lse]
-    given = (dlse is not None, cu_q is not None, cu_k is not None, su_q is not None, su_k is not None)
-    for t, there in zip((dlse, cu_q, cu_k, su_q, su_k), given):
-        if there:
-            tensors.append(t)
-    key: list[Any] = [_BWD]
-    for t in tensors:
-        if t.__class__ is not cls:
-            return None
-        key += (t.shape, t.stride(), t.dtype, t.get_device())
+    tensors, given = _present([dout, q, k, v, out, lse], (dlse, cu_q, cu_k, su_q, su_k))
     scalars = (max_q, max_k, softmax_scale, causal, window_size, softcap, deterministic)
-    key += scalars
-    key += [x.__class__ for x in scalars]
-    if window_size.__class__ is tuple:
-        key += [x.__class__ for x in window_size]
-    key.append(given)
-    try:
-        k_ = tuple(key)
-        entry = calls.entries.get(k_)
-    except TypeError:
+    found = _lookup(calls, _BWD, tensors, scalars, window_size, given, cls, no_grad=False)
+    if found is None:
         return None
+    k_, entry = found
     if entry is None:
         _sight(calls, k_, lambda: _prepare_backward(rt, tensors, given, scalars, api))
         return None
@@ -307,10 +306,6 @@ def backward(
     calls.hits += 1
     calls.recent_hits += 1
     return dq, dk, dv  # the scratch goes back to torch's allocator, ordered on this stream
-
-
-#: the first item of :func:`backward`'s keys
-_BWD = "bwd"
 
 
 def _dtype(name: str) -> Any:
