@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -215,8 +216,6 @@ def concrete(obj: Any, depth: int = 0) -> Any:
 
 def _needed(tape: _Tape) -> list[tuple[str, str]]:
     """The operations the conditions depend on, in order."""
-    import re
-
     want = set(re.findall(r"\bt\d+\b", " ".join(tape.conds)))
     keep = []
     for name, expr in reversed(tape.ops):
