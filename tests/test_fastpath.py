@@ -88,7 +88,7 @@ def test_a_repeated_call_launches_what_the_full_path_launches(sm90):
             (lv,) = rt._loaded.values()
             _record_params(rt, drv)
     assert _hits(rt) == 2  # the first sighting and the second (which prepares) run the full path
-    assert len(drv.launches) == 4
+    assert len(drv.launches) == 4 and rt.stats().fast_calls == 2
     full, fast = drv.launches[1], drv.launches[3]
     assert (full.kernel, full.grid, full.block, full.smem, full.stream) == (
         fast.kernel, fast.grid, fast.block, fast.smem, fast.stream,

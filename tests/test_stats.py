@@ -163,3 +163,27 @@ def test_launch_counts_from_threads_add_up(sm90):
     for th in threads:
         th.join()
     assert rt.stats().launches == {"fwd_sm90": len(drv.launches)} and len(drv.launches) == 201
+
+
+@pytest.mark.parametrize("regions_on", [True, False])
+def test_new_shapes_are_counted_as_traced_or_reused_decisions(sm90, monkeypatch, regions_on):
+    """A decode loop (vLLM's call, max_seqlen_k growing by one): each new shape is decided either by
+    tracing FA4's selection into a region or by a region already traced; none with regions off."""
+    from fa4aot.interface import _flash_attn_fwd
+    from fa4aot.runtime import dispatch
+
+    monkeypatch.setattr(dispatch, "REGIONS_ON", regions_on)
+    rt, drv = sm90
+    q, out, pool = t(5, (8, 1, 32, 128)), t(6, (8, 1, 32, 128)), t(7, (300, 128, 8, 128))
+    table, used = t(8, (8, 32), "int32"), t(9, (8,), "int32")
+    for step in range(20):
+        _flash_attn_fwd(
+            q, pool, pool, seqused_k=used, max_seqlen_q=1, max_seqlen_k=3000 + step, page_table=table, causal=True,
+            out=out, runtime=rt,
+        )  # fmt: skip
+    s = rt.stats()
+    assert len(drv.launches) == 20 and s.fast_calls == 0  # raw pointers: the full path every call
+    if regions_on:
+        assert s.decisions_traced >= 1 and s.decisions_traced + s.decisions_reused == 20
+    else:
+        assert s.decisions_traced == s.decisions_reused == 0

@@ -16,6 +16,10 @@ a lookup the cache answers or cannot, a launch): reading them costs nothing on t
   per variant family (``fwd_sm90``, ``combine``, ``prepare``, ``bwd_sm100``, ...).
 - ``patch_fallbacks``: calls :func:`fa4aot.patch` handed to FA4's own (JIT) function under the
   ``warn`` or ``fallback`` policy, per FA4 function; process-wide.
+- ``fast_calls``: plain calls launched from their prepared form (``fa4aot/runtime/fastpath.py``).
+- ``decisions_traced`` / ``decisions_reused``: new call shapes whose forward decision was traced
+  into a region of FA4's selection, and new shapes a region answered
+  (``fa4aot/runtime/regions.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ class RuntimeStats:
     invalid: int = 0
     launches: Mapping[str, int] = field(default_factory=dict)
     patch_fallbacks: Mapping[str, int] = field(default_factory=dict)
+    fast_calls: int = 0
+    decisions_traced: int = 0
+    decisions_reused: int = 0
 
     @property
     def total_launches(self) -> int:
@@ -58,6 +65,9 @@ class RuntimeStats:
             "invalid": self.invalid,
             "launches": dict(self.launches),
             "patch_fallbacks": dict(self.patch_fallbacks),
+            "fast_calls": self.fast_calls,
+            "decisions_traced": self.decisions_traced,
+            "decisions_reused": self.decisions_reused,
         }
 
 
@@ -76,7 +86,13 @@ def collect(rt: Any) -> RuntimeStats:
         if n:
             family = lv.variant.family
             launches[family] = launches.get(family, 0) + n
+    fast = sys.modules.get("fa4aot.runtime.fastpath")
+    calls = fast._BY_RUNTIME.get(rt) if fast is not None else None
+    regions = [r.regions for r in list(rt.forward_rules.values()) if r.regions is not None]
     return RuntimeStats(
+        fast_calls=calls.hits if calls is not None else 0,
+        decisions_traced=sum(r.traces for r in regions),
+        decisions_reused=sum(r.reuses for r in regions),
         loads=rt._stat_loads,
         hits=rt._stat_hits,
         misses=rt._stat_misses,
