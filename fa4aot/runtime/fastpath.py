@@ -124,13 +124,10 @@ def forward(
 ) -> bool:
     """Launch this forward call (``out`` given, no LSE, no caller metadata, torch's current
     stream) from its prepared form; False: not served here, the caller runs the full path."""
-    api = _API[0] if _API else _torch_api()
-    if api is None:
+    started = _start(rt)
+    if started is None:
         return False
-    calls = _BY_RUNTIME.get(rt) or _calls(rt)
-    if calls.skip:
-        calls.skip -= 1
-        return False
+    api, calls = started
     cls, current_stream = api
     # the prepared call's tensor order (prepare_forward): q, k, v, out, then those given
     tensors, given = _present([q, k, v, out], (cu_q, cu_k, su_q, su_k, page_table, sink))
@@ -159,6 +156,19 @@ def forward(
     calls.hits += 1
     calls.recent_hits += 1
     return True
+
+
+def _start(rt: Any) -> tuple[tuple[type, Any], _Calls] | None:
+    """(torch's API, ``rt``'s fast calls) for a call the fast path looks up; None: torch is not
+    imported, or the fast path is paused (:meth:`_Calls.missed`)."""
+    api = _API[0] if _API else _torch_api()
+    if api is None:
+        return None
+    calls = _BY_RUNTIME.get(rt) or _calls(rt)
+    if calls.skip:
+        calls.skip -= 1
+        return None
+    return api, calls
 
 
 def _present(tensors: list[Any], optional: tuple[Any, ...]) -> tuple[list[Any], tuple[bool, ...]]:
@@ -206,13 +216,10 @@ def dense(
 ) -> bool:
     """:func:`forward` for a batched call with no other tensor (``flash_attn_func``'s usual call),
     written out: it is the call most often repeated."""
-    api = _API[0] if _API else _torch_api()
-    if api is None:
+    started = _start(rt)
+    if started is None:
         return False
-    calls = _BY_RUNTIME.get(rt) or _calls(rt)
-    if calls.skip:
-        calls.skip -= 1
-        return False
+    api, calls = started
     cls = api[0]
     if q.__class__ is not cls or k.__class__ is not cls or v.__class__ is not cls or out.__class__ is not cls:
         return False
@@ -278,13 +285,10 @@ def backward(
     dv)`` allocated as the full path allocates them, FA4's scratch a new buffer from torch's
     allocator per call (as the full path's), launched from the call's prepared form; None: not
     served here."""
-    api = _API[0] if _API else _torch_api()
-    if api is None:
+    started = _start(rt)
+    if started is None:
         return None
-    calls = _BY_RUNTIME.get(rt) or _calls(rt)
-    if calls.skip:
-        calls.skip -= 1
-        return None
+    api, calls = started
     cls, current_stream = api
     tensors, given = _present([dout, q, k, v, out, lse], (dlse, cu_q, cu_k, su_q, su_k))
     scalars = (max_q, max_k, softmax_scale, causal, window_size, softcap, deterministic)
