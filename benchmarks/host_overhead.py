@@ -115,17 +115,14 @@ def median_us(fn, inner: int, repeats: int, sync, sleep: int = SLEEP_CYCLES) -> 
     return statistics.median(per)
 
 
-def floors(rt, q, o, inner: int, repeats: int, sync, sleep: int) -> dict[str, float]:
-    """The two launch floors, for the batched forward's own kernel and launch."""
+def floors(rt, fc, named, label: str, inner: int, repeats: int, sync, sleep: int) -> dict[str, float]:
+    """The two launch floors of one call's kernel (``fc``: its analysed call, ``named``: its plan
+    arguments): cuda.bindings' cuLaunchKernelEx on prepacked parameters, and the shim relaunching
+    the launch it recorded."""
     from cuda.bindings import driver as d
 
-    from fa4aot.runtime.forward import analyse
-    from fa4aot.runtime.tensors import as_device_tensor
-
-    fc = analyse(rt, q, q, q, None, None, None, None, None, None, None, True, (None, None), 1, None, False, False)
     plan = fc.lv.plan
-    stream = torch_stream()
-    named = dict(q=fc.q, k=fc.k, v=fc.v, out=as_device_tensor(o, "out"), softmax_scale=fc.scale, stream=stream)
+    stream = named["stream"]
     rec = plan.call(plan.pack(named)).launches[0]
     k = fc.lv.entry.meta["kernels"][0]
     params = (ctypes.c_uint8 * rec.param_bytes).from_buffer_copy(bytes(rec.params[: rec.param_bytes]))
@@ -144,13 +141,37 @@ def floors(rt, q, o, inner: int, repeats: int, sync, sleep: int) -> dict[str, fl
     bound(ptrs, stream)  # records the launch; later calls with these addresses relaunch it
     run, addr = bound.run, s.addr
     return {
-        "floor: cuLaunchKernelEx via cuda.bindings, prepacked": median_us(
+        f"floor{label}: cuLaunchKernelEx via cuda.bindings, prepacked": median_us(
             lambda: d.cuLaunchKernelEx(cfg, fn, argv_addr, 0), inner, repeats, sync, sleep
         ),
-        "floor: C relaunch of a recorded launch (1 ctypes call)": median_us(
+        f"floor{label}: C relaunch of a recorded launch (1 ctypes call)": median_us(
             lambda: run(addr), inner, repeats, sync, sleep
         ),
     }
+
+
+def batched_floors(rt, q, o, inner: int, repeats: int, sync, sleep: int) -> dict[str, float]:
+    """The floors of the batched forward's own kernel and launch."""
+    from fa4aot.runtime.forward import analyse
+    from fa4aot.runtime.tensors import as_device_tensor
+
+    fc = analyse(rt, q, q, q, None, None, None, None, None, None, None, True, (None, None), 1, None, False, False)
+    named = dict(q=fc.q, k=fc.k, v=fc.v, out=as_device_tensor(o, "out"), softmax_scale=fc.scale, stream=torch_stream())
+    return floors(rt, fc, named, "", inner, repeats, sync, sleep)
+
+
+def paged_floors(rt, qd, pool, od, used, pt, inner: int, repeats: int, sync, sleep: int) -> dict[str, float]:
+    """The floors of the paged decode's kernel: its launch costs more than the batched one's
+    (compare the prepared rows), and these say whether the driver or fa4aot adds it."""
+    from fa4aot.runtime.forward import analyse
+    from fa4aot.runtime.tensors import as_device_tensor
+
+    fc = analyse(
+        rt, qd, pool, pool, None, None, 1, 128, None, used, None, True, (None, None), 1, None, False, False, pt
+    )
+    named = dict(q=fc.q, k=fc.k, v=fc.v, out=as_device_tensor(od, "out"), softmax_scale=fc.scale,
+                 seqused_k=fc.su_k, page_table=fc.page_table, stream=torch_stream())  # fmt: skip
+    return floors(rt, fc, named, " (paged decode kernel)", inner, repeats, sync, sleep)
 
 
 def breakdown(rt, q, o, inner: int, repeats: int, sync, sleep: int) -> dict[str, float]:
@@ -283,7 +304,7 @@ def main() -> None:
     ov = torch.empty_like(qv)
     cu = torch.arange(0, 513, 64, dtype=torch.int32, device="cuda")
     rows: dict[str, float] = {}
-    rows.update(floors(rt, q, o, args.inner, args.repeats, sync, args.sleep_cycles))
+    rows.update(batched_floors(rt, q, o, args.inner, args.repeats, sync, args.sleep_cycles))
     proc = subprocess.run(
         [sys.executable, "-c", PLAIN_CALLS, args.cache, str(args.inner), str(args.repeats), str(args.sleep_cycles)],
         capture_output=True,
@@ -321,6 +342,11 @@ def main() -> None:
     rows["prepared call, paged decode"] = median_us(
         lambda: run_d(qd, pool, pool, od, used, pt), args.inner, args.repeats, sync, args.sleep_cycles
     )
+    ptrs_d = [t.data_ptr() for t in (qd, pool, pool, od, used, pt)]
+    rows["prepared call, paged decode, launch_ptrs (unchecked)"] = median_us(
+        lambda: run_d.launch_ptrs(*ptrs_d, stream=torch_stream()), args.inner, args.repeats, sync, args.sleep_cycles
+    )
+    rows.update(paged_floors(rt, qd, pool, od, used, pt, args.inner, args.repeats, sync, args.sleep_cycles))
     # the unchecked entry (engines that validate their own buffers): addresses and a stream handle
     stream = torch_stream()
     ptrs_b = [t.data_ptr() for t in (q, q, q, o)]
