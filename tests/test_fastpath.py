@@ -10,7 +10,7 @@ from fake_driver import FakeDriver
 from test_prepared import _buffer, _record_params, _same, _written
 
 import fa4aot
-from fa4aot.core.errors import ArgumentError
+from fa4aot.core.errors import ArgumentError, VariantNotFoundError
 from fa4aot.interface import _flash_attn_fwd
 from fa4aot.runtime import fastpath, tensors
 from fa4aot.runtime.loader import Runtime
@@ -113,13 +113,78 @@ def test_paged_decode_through_the_engine_entry_takes_it_too(sm90):
         res = call(4096)
         assert res[0] is od and res[1:] == (None, None, None, None)
     assert _hits(rt) == 1
-    # max_seqlen_k is part of the call: a new value is a new key (the full path decides again)
+    # a new max_seqlen_k FA4 decides the same way for: the same family, launched with the new value
     call(4000)
-    assert _hits(rt) == 1 and len(drv.launches) == 4
-    full, fast = drv.launches[0], drv.launches[2]
+    assert _hits(rt) == 2 and len(drv.launches) == 4
+    full, fast = drv.launches[0], drv.launches[3]
     assert (full.kernel, full.grid, full.block, full.smem) == (fast.kernel, fast.grid, fast.block, fast.smem)
-    for x in (pt, used, qd, od):  # the tensors reach the kernel (directly or in a TMA descriptor)
-        assert any(x.raw.ptr.to_bytes(8, "little") in p for p in fast.params)
+
+
+def _variant_of(rt, handle):
+    return next(lv.variant for lv in rt._loaded.values() if handle in lv.kernels)
+
+
+@pytest.mark.parametrize("cc", [(10, 0)])  # (the fast tier builds varlen-K for SM100 only)
+def test_varlen_calls_with_a_new_batch_and_max_seqlen_every_call(built_cache, monkeypatch, cc):
+    """A serving loop's varlen calls: batch and max_seqlen_q/k change on every call. Served calls
+    launch the variant, grid, block and shared memory the full path launches for the same call
+    (a second runtime, fast path off), with exactly the parameter bytes FA4's host code writes
+    for the call's own arguments (batch-long cu_seqlens, the max_seqlen, a workspace sized for
+    the batch); a decision FA4 has not made for these values yet goes to the full path."""
+    import random
+
+    from fa4aot.runtime import prepared
+    from fa4aot.runtime.forward import analyse
+    from fa4aot.runtime.workspaces import workspace_slots
+
+    made = []
+    real_new_empty = FakeTorch.new_empty
+    monkeypatch.setattr(FakeTorch, "new_empty", lambda self, shape, dtype=None: made.append(real_new_empty(self, shape, dtype)) or made[-1])  # fmt: skip
+    monkeypatch.setattr(prepared, "alloc_like", lambda ref, shape, dtype: ref.new_empty(shape, dtype))
+    num_sms = 132 if cc == (9, 0) else 148
+    drv, ref_drv = FakeDriver(cc=cc, num_sms=num_sms), FakeDriver(cc=cc, num_sms=num_sms)
+    rt, ref = Runtime(built_cache, driver=drv), Runtime(built_cache, driver=ref_drv)
+    fastpath._calls(ref).skip = 10**9  # the reference: the full path only
+    total, h, hk, d = 15000, 16, 16, 128  # near tests/fast.yaml's varlen-prefill
+    q, k, v, o = t(0, (total, h, d)), t(1, (total, hk, d)), t(2, (total, hk, d)), t(3, (total, h, d))
+    rng = random.Random(0)
+    served = 0
+    for i in range(60):
+        b = rng.choice([3, 4, 5, 6, 8, 10]) if i >= 2 else 5  # (the key's first two sightings)
+        cu = t(4, (b + 1,), "int32", offset=64 * i)
+        mq, mk = rng.randint(total // b // 2, total // b), rng.randint(total // b // 2, total // b)
+        args = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=mq, max_seqlen_k=mk, causal=True, out=o)
+        before = _hits(rt)
+        try:
+            fa4aot.flash_attn_varlen_func(q, k, v, **args, runtime=ref)
+        except VariantNotFoundError:  # FA4 decides on a kernel the small test cache lacks
+            with pytest.raises(VariantNotFoundError):
+                fa4aot.flash_attn_varlen_func(q, k, v, **args, runtime=rt)
+            continue
+        fa4aot.flash_attn_varlen_func(q, k, v, **args, runtime=rt)
+        got, want = drv.launches[-1], ref_drv.launches[-1]
+        assert _variant_of(rt, got.kernel) == _variant_of(ref, want.kernel)
+        assert (got.grid, got.block, got.smem) == (want.grid, want.block, want.smem)
+        if _hits(rt) == before:
+            continue
+        served += 1
+        fc = analyse(ref, q, k, v, cu, cu, mq, mk, None, None, None, True, (None, None), 1, None, False, False)
+        lv = next(x for x in rt._loaded.values() if got.kernel in x.kernels)
+        _record_params(rt, drv)
+        named = {n: DeviceTensor(x.raw.ptr, x.shape, x.raw.strides, x.raw.dtype, 0, "raw") for n, x in
+                 (("q", q), ("k", k), ("v", v), ("out", o), ("cu_seqlens_q", cu), ("cu_seqlens_k", cu))}  # fmt: skip
+        named.update(softmax_scale=d**-0.5, stream=0)
+        takes = {a.name for a in lv.plan.signature}
+        if "max_seqlen_q" in takes:
+            named["max_seqlen_q"] = mq
+        if "tensormap_workspace" in takes:
+            ws = made[-1]
+            assert ws.shape == (workspace_slots(ref, fc), 16)
+            named["tensormap_workspace"] = DeviceTensor(ws.raw.ptr, ws.shape, (16, 1), "int64", 0, "raw")
+        assert got.params, "the fake driver recorded the parameter bytes"
+        want_bytes, mask = _written(lv, named)
+        assert _same(_buffer(got, lv), want_bytes, mask)
+    assert served >= 20, served  # most calls reuse a decision (FA4's regions) and are served
 
 
 def test_unusual_calls_take_the_full_path_and_its_errors(sm90):
@@ -245,8 +310,8 @@ def test_a_varlen_call_gets_a_new_tensor_map_workspace_per_call(sm100, monkeypat
     assert _hits(rt) == 2 and len(drv.launches) == 4
     full, fast = drv.launches[1], drv.launches[3]
     assert (full.kernel, full.grid, full.block, full.smem) == (fast.kernel, fast.grid, fast.block, fast.smem)
-    (entry,) = fastpath._BY_RUNTIME[rt].entries.values()
-    assert entry.ws_slots > 0
+    (family,) = fastpath._BY_RUNTIME[rt].entries.values()
+    assert family.last[1].ws_slots > 0
     # the probe and the fast calls allocate nothing from the driver (the full path's first call
     # made its per-stream workspace: these stand-in tensors are not torch's)
     assert allocs[3] == allocs[0]
@@ -260,7 +325,7 @@ def test_a_varlen_call_gets_a_new_tensor_map_workspace_per_call(sm100, monkeypat
 
 
 def test_a_workload_that_never_repeats_stops_paying_for_the_key(sm90, monkeypatch):
-    """A window of calls none of which is served (every call's shapes new) sends the next calls
+    """A window of calls none of which is served (every call's key new) sends the next calls
     straight to the full path; the fast path probes again after them."""
     monkeypatch.setattr(fastpath, "WINDOW", 8)
     monkeypatch.setattr(fastpath, "SKIP", 5)
@@ -268,17 +333,17 @@ def test_a_workload_that_never_repeats_stops_paying_for_the_key(sm90, monkeypatc
     pool, pt, used = t(7, (300, 128, 8, 128)), t(8, (8, 32), "int32"), t(9, (8,), "int32")
     qd, od = t(5, (8, 1, 32, 128)), t(6, (8, 1, 32, 128))
 
-    def call(max_k):
-        _flash_attn_fwd(qd, pool, pool, seqused_k=used, max_seqlen_q=1, max_seqlen_k=max_k, page_table=pt,
-                        causal=True, out=od, runtime=rt)  # fmt: skip
+    def call(scale):
+        _flash_attn_fwd(qd, pool, pool, seqused_k=used, max_seqlen_q=1, max_seqlen_k=4096, page_table=pt,
+                        softmax_scale=scale, causal=True, out=od, runtime=rt)  # fmt: skip
 
-    for i in range(8):  # a decode loop: max_seqlen_k grows every call
-        call(3000 + i)
+    for i in range(8):  # a new softmax scale every call: a new key every call
+        call(0.1 + i / 1024)
     calls = fastpath._BY_RUNTIME[rt]
     assert calls.skip == 5 and calls.hits == 0
     for _ in range(5):  # skipped: no key, no sighting
-        call(4096)
+        call(0.5)
     assert calls.skip == 0 and calls.hits == 0 and len(calls.sighted) == 8
     for _ in range(3):  # probing again: a repeated call is served from its third sighting
-        call(4096)
+        call(0.5)
     assert calls.hits == 1 and len(drv.launches) == 16

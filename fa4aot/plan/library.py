@@ -386,9 +386,10 @@ class Plan:
             raise PlanError("load the plan with a launch function before asking for a launcher")
         return _make_launcher(self, list(order), set(optional), ranks_checked)
 
-    def bind(self, named: Mapping[str, Any]) -> BoundCall:
-        """Fix every argument but the tensor addresses and the stream (see :class:`BoundCall`)."""
-        return BoundCall(self, named)
+    def bind(self, named: Mapping[str, Any], words: Sequence[tuple[str, int | None]] = ()) -> BoundCall:
+        """Fix every argument but the tensor addresses, the stream and ``words`` (32-bit values
+        written per call: see :meth:`BoundCall.word_offset`)."""
+        return BoundCall(self, named, words)
 
     # -- errors (slow path) --------------------------------------------------------------------
 
@@ -404,15 +405,16 @@ class Plan:
 
 
 class BoundCall:
-    """A plan call with every argument fixed except the tensor addresses and the stream.
+    """A plan call with every argument fixed except the tensor addresses, the stream and any
+    per-call words (a sequence count, a max_seqlen: see :meth:`word_offset`).
 
-    Per call: write the addresses (in the signature's tensor order) and the stream into the call
-    block and make one foreign call, which runs FA4's host code (or, when the addresses equal the
+    Per call: write the addresses (in the signature's tensor order), the words and the stream into
+    the call block and make one foreign call, which runs FA4's host code (or, when the addresses equal the
     last call's, reuses its launch) and launches. Each thread gets its own copy of the shim state
     and argument buffer, so a bound call may be shared by threads.
     """
 
-    def __init__(self, plan: Plan, named: Mapping[str, Any]):
+    def __init__(self, plan: Plan, named: Mapping[str, Any], words: Sequence[tuple[str, int | None]] = ()):
         if plan._template is None or not plan._launch_fn:
             raise PlanError("load the plan with a launch function before binding it")
         self.plan = plan
@@ -426,14 +428,38 @@ class BoundCall:
         tensors = [i for i, a in enumerate(plan.signature) if isinstance(a, TensorArg)]
         self.tensor_names = tuple(plan.signature[i].name for i in tensors)
         self._ptr_offsets = [plan._offsets[i] for i in tensors]
+        #: per word: the bytes above its 32-bit field in its 8-byte slot, as bound (see word_offset)
+        self.word_highs: tuple[int, ...] = ()
+        for name, dim in words:
+            off = self.word_offset(name, dim)
+            self._ptr_offsets.append(off)
+            self.word_highs += (int.from_bytes(self._initial[off + 4 : off + 8], "little") << 32,)
+        if len(self._ptr_offsets) > MAX_PTRS:
+            raise PlanError(f"a bound call writes at most {MAX_PTRS} addresses and words per call")
         streams = [i for i, a in enumerate(plan.signature) if isinstance(a, StreamArg)]
         if len(streams) != 1:
             raise PlanError("a bound call needs a plan with exactly one stream argument")
         self._stream_offset = plan._offsets[streams[0]]
-        n = len(tensors)
+        n = len(self._ptr_offsets)
         self.pack_into = struct.Struct(f"<{n}Q{(MAX_PTRS - n) * 8}xQ").pack_into
         self.run = plan._run_bound
         self._local = threading.local()
+
+    def word_offset(self, name: str, dim: int | None) -> int:
+        """Where a per-call 32-bit value goes in the packed arguments: the scalar ``name``
+        (``dim`` None), or the dynamic extent ``dim`` of tensor ``name``. Each per-call word is
+        written as 8 bytes (the shim's address slots): the value, then the 4 bytes that follow it
+        as bound (a scalar's padding, a neighbouring extent), kept in :attr:`word_highs`."""
+        sig = self.plan.signature
+        i = next((j for j, a in enumerate(sig) if a.name == name), None)
+        if i is None:
+            raise PlanError(f"the plan takes no argument {name!r}")
+        a, off = sig[i], self.plan._offsets[i]
+        if isinstance(a, ScalarArg) and dim is None and a.ctype == "i32":
+            return off
+        if isinstance(a, TensorArg) and dim is not None and a.shape_bits == 32 and a.shape[dim] is None:
+            return off + 8 + 4 * sum(x is None for x in a.shape[:dim])  # after the address
+        raise PlanError(f"{name}{'' if dim is None else f'[{dim}]'} is not a 32-bit value the plan reads per call")
 
     def scratch(self) -> _Scratch:
         """This thread's call block (its ``addr`` is what :attr:`run` takes)."""

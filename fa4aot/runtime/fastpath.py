@@ -7,14 +7,18 @@ allocates them (:func:`backward`).
 The key holds every input the full path decides with: each tensor's (shape, strides, dtype,
 device) and each scalar argument with its class (``True`` is not ``1`` to the argument checks).
 Equal keys mean the full path would validate, dispatch and pack the same way, so only the
-addresses (alignment checked here) and the stream change. A key is prepared on its second
-sighting (one-off shapes stay on the full path). A forward whose prepared form would own buffers
-(split-KV partials, scheduler metadata, the route semaphore) is not served here: a plain call
-allocates those per call and concurrent calls must not share them. FA4's tensor-map workspace
-and the backward's scratch are new buffers from torch's allocator per call, as on the full
-path. Anything unusual - other tensor classes, a misaligned address, an unhashable argument -
-takes the full path, which raises the typed error. Threads may share an entry: a prepared call
-packs into a block per thread.
+addresses (alignment checked here) and the stream change. Two inputs of :func:`forward` are left
+out: the batch (the length of cu_seqlens / seqused) and max_seqlen_q/k, which a serving engine
+changes on every call. For those it takes FA4's decision from the rule's memo or a traced region
+(:mod:`fa4aot.runtime.regions`), launches the prepared form made for that decision with the
+values as per-call words, and leaves a decision not yet made to the full path. A key is prepared
+on its second sighting (one-off shapes stay on the full path). A forward whose prepared form
+would own buffers (split-KV partials, scheduler metadata, the route semaphore) is not served
+here: a plain call allocates those per call and concurrent calls must not share them. FA4's
+tensor-map workspace and the backward's scratch are new buffers from torch's allocator per call,
+as on the full path. Anything unusual - other tensor classes, a misaligned address, an
+unhashable argument, sequence tensors whose lengths disagree - takes the full path, which raises
+the typed error. Threads may share an entry: a prepared call packs into a block per thread.
 """
 
 from __future__ import annotations
@@ -25,12 +29,15 @@ from typing import Any
 
 from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import Fa4aotError
-from fa4aot.core.fa4_interface import TENSORMAP_WORDS
+from fa4aot.core.fa4_interface import TENSORMAP_WORDS, tensormap_workspace_ctas
+from fa4aot.runtime.validate import INT32_MAX
 
 #: Prepared plain calls per runtime (a model's layers repeat a handful of signatures).
 MAX_FAST_CALLS = 64
 #: Keys remembered for their first sighting.
 MAX_SIGHTED = 256
+#: Decisions (FA4's, for the batches and max_seqlens a forward key sees) prepared per key.
+MAX_DECISIONS = 8
 #: Sightings after which a key is prepared (the first call of a shape runs the full path only).
 SIGHTINGS_TO_PREPARE = 2
 #: A window of this many calls none of which was served pauses the fast path for SKIP calls.
@@ -123,7 +130,13 @@ def forward(
     pack_gqa: Any,
 ) -> bool:
     """Launch this forward call (``out`` given, no LSE, no caller metadata, torch's current
-    stream) from its prepared form; False: not served here, the caller runs the full path."""
+    stream) from a prepared form; False: not served here, the caller runs the full path.
+
+    The batch (the sequence tensors' length) and max_seqlen_q/k may change from call to call:
+    they are not in the key. A call whose (batch, max_seqlen_q, max_seqlen_k) differs from the
+    last one's takes FA4's decision for them from the rule's memo or a traced region (never
+    deciding here) and launches the prepared form made for that decision with the new values
+    (:class:`_Family`)."""
     started = _start(rt)
     if started is None:
         return False
@@ -131,31 +144,127 @@ def forward(
     cls, current_stream = api
     # the prepared call's tensor order (prepare_forward): q, k, v, out, then those given
     tensors, given = _present([q, k, v, out], (cu_q, cu_k, su_q, su_k, page_table, sink))
-    scalars = (max_q, max_k, softmax_scale, causal, window_size, softcap, num_splits, pack_gqa)
-    found = _lookup(calls, _FWD, tensors, scalars, window_size, given, cls, no_grad=True)
+    seqs = [t for t in (cu_q, cu_k, su_q, su_k) if t is not None]
+    scalars = (softmax_scale, causal, window_size, softcap, num_splits, pack_gqa, max_q.__class__, max_k.__class__)
+    found = _lookup(calls, _FWD, tensors, scalars, window_size, given, cls, no_grad=True, lengths=len(seqs))
     if found is None:
         return False
-    k_, entry = found
-    if entry is None:
-        _sight(calls, k_, lambda: _prepare(rt, tensors[:4], cu_q, cu_k, max_q, max_k, su_q, su_k, page_table, sink,
-                                           softmax_scale, causal, window_size, softcap, num_splits, pack_gqa))  # fmt: skip
+    k_, fam = found
+    if fam is None:
+        _sight(calls, k_, lambda: _Family(_prepare(rt, tensors[:4], cu_q, cu_k, max_q, max_k, su_q, su_k, page_table,
+                                                  sink, softmax_scale, causal, window_size, softcap, num_splits,
+                                                  pack_gqa, varying=True)))  # fmt: skip
         return False
-    if entry is _NOT_SERVED:
+    if fam is _NOT_SERVED:
         calls.missed()
         return False
+    # the batch: the sequence tensors' lengths must agree with it (the key leaves them out)
+    batch = fam.pinned if fam.pinned is not None else seqs[0].shape[0] - 1
+    for t, extra in zip(seqs, fam.extras):
+        if t.shape[0] != batch + extra:
+            return False  # the full path names the mismatch
+    t = (batch, max_q, max_k)
+    last = fam.last
+    if last[0] != t:
+        last = fam.step(t, lambda: _prepare(rt, tensors[:4], cu_q, cu_k, max_q, max_k, su_q, su_k, page_table, sink,
+                                            softmax_scale, causal, window_size, softcap, num_splits, pack_gqa,
+                                            varying=True))  # fmt: skip
+        if last is None:
+            calls.missed()
+            return False
+    _, entry, vals = last
     ptrs = [t.data_ptr() for t in tensors]
     mask = entry.mask
     for p in ptrs:
         if p & mask:
             return False  # the full path names the misaligned tensor
     if entry.ws_slots:  # FA4's tensor-map workspace: a new torch buffer per call, as on the full path
-        ws = q.new_empty((entry.ws_slots, TENSORMAP_WORDS), dtype=_dtype("int64"))
+        ws = q.new_empty((vals[3], TENSORMAP_WORDS), dtype=_dtype("int64"))
         ptrs.append(ws.data_ptr())
-    stream = current_stream(q.get_device())
-    entry.launch(*ptrs, stream=stream)
+    entry.launch(*ptrs, stream=current_stream(q.get_device()), vb=vals[0], vq=vals[1], vk=vals[2], vs=vals[3])
     calls.hits += 1
     calls.recent_hits += 1
     return True
+
+
+class _Family:
+    """The calls of one key of :func:`forward`: same tensors but for the sequence tensors'
+    lengths, same arguments but for max_seqlen_q/k. Each decision FA4 makes for them has its
+    prepared form (bound with those values as per-call words); ``last`` is the last call's
+    ((batch, max_seqlen_q, max_seqlen_k), entry, per-call values)."""
+
+    __slots__ = ("rule", "base", "pinned", "extras", "default_q", "default_k", "exact", "ws", "by_pick", "last")
+
+    def __init__(self, prepared: Any):
+        fc = prepared.fc
+        if fc.rule is None or prepared._owned:  # (not expected: the probe refuses buffers first)
+            prepared.close()
+            raise _Unserved
+        self.rule, self.base = fc.rule, fc.shape
+        varlen_q = fc.cu_q is not None
+        # a batched q or a page table (batch, pages) in the key pins the batch
+        self.pinned = fc.batch if not varlen_q or fc.page_table is not None else None
+        self.extras = tuple(e for d, e in ((fc.cu_q, 1), (fc.cu_k, 1), (fc.su_q, 0), (fc.su_k, 0)) if d is not None)
+        s = fc.shape
+        # max_seqlen given as None: the full path's defaults (fixed by the key's shapes)
+        self.default_q = fc.max_q if s.max_seqlen_q is None else None
+        self.default_k = fc.max_k if s.max_seqlen_k is None else None
+        t = (fc.batch, s.max_seqlen_q, s.max_seqlen_k)
+        pick = fc.rule.memo.get(s)
+        # the kernel's window edges (local calls) and a tuned variant follow max_seqlen: those
+        # calls are served for the values they were prepared with only
+        self.exact = t if (fc.wl is not None or pick is None or pick.lv is not fc.lv) else None
+        self.ws = (fc.nheads, fc.k[1][-2], fc.rt.target.num_sms, fc.rows[0] * (1 if varlen_q else fc.rows[1]))
+        self.by_pick: BoundedDict = BoundedDict(MAX_DECISIONS)
+        entry = _Entry(prepared)
+        if pick is not None:
+            self.by_pick[id(pick)] = (pick, entry)
+        self.last = (t, entry, self._values(t, fc.lv.fields))
+
+    def _values(self, t: tuple[Any, Any, Any], fields: dict[str, Any]) -> tuple[int, int, int, int]:
+        """(batch, max_seqlen_q, max_seqlen_k, workspace slots) as the kernel takes them."""
+        batch, mq, mk = t
+        nheads, nheads_kv, num_sms, rows = self.ws
+        slots = tensormap_workspace_ctas(bool(fields.get("pack_gqa")), fields["tile_m"], nheads, nheads_kv, num_sms,
+                                         rows, batch, 1)  # fmt: skip
+        return batch, self.default_q if mq is None else mq, self.default_k if mk is None else mk, slots
+
+    def step(self, t: tuple[Any, Any, Any], prepare: Any) -> tuple[Any, _Entry, tuple[int, ...]] | None:
+        """``last`` for a call of new values ``t``; None: the full path serves it (no decision
+        known for them yet, out-of-range values, or a decision not served here)."""
+        batch, mq, mk = t
+        if batch < 1 or self.exact is not None:
+            return None
+        for m in (mq, mk):
+            if m is not None and not 0 <= m <= INT32_MAX:
+                return None  # the full path raises, saying why
+        rule = self.rule
+        shape = self.base._replace(batch=batch, max_seqlen_q=mq, max_seqlen_k=mk)
+        pick = rule.memo.get(shape) or rule.region(shape)
+        if pick is None:
+            return None  # the full path decides (and memoises) it
+        got = self.by_pick.get(id(pick))
+        if got is None or got[0] is not pick:
+            from fa4aot.runtime.prepared import NeedsBuffers  # it imports the forward path
+
+            try:
+                prepared = prepare()
+            except (Fa4aotError, NeedsBuffers, _Unserved):
+                self.by_pick[id(pick)] = (pick, _NOT_SERVED)
+                return None
+            fc = prepared.fc
+            if prepared._owned or fc.lv is not pick.lv or fc.wl is not None:
+                self.by_pick[id(pick)] = (pick, _NOT_SERVED)
+                return None
+            got = self.by_pick[id(pick)] = (pick, _Entry(prepared))
+        if got[1] is _NOT_SERVED:
+            return None
+        last = self.last = (t, got[1], self._values(t, pick.lv.fields))
+        return last
+
+
+class _Unserved(Exception):
+    """A prepared form the fast path does not serve."""
 
 
 def _start(rt: Any) -> tuple[tuple[type, Any], _Calls] | None:
@@ -180,15 +289,20 @@ def _present(tensors: list[Any], optional: tuple[Any, ...]) -> tuple[list[Any], 
 
 def _lookup(
     calls: _Calls, tag: str, tensors: list[Any], scalars: tuple[Any, ...], window_size: Any,
-    given: tuple[bool, ...], cls: type, no_grad: bool,
+    given: tuple[bool, ...], cls: type, no_grad: bool, lengths: int = 0,
 ) -> tuple[tuple[Any, ...], Any] | None:  # fmt: skip
     """(the call's key, its entry or None); None: not a call for the fast path (another tensor
-    class, a tensor that requires grad where ``no_grad``, an unhashable argument)."""
+    class, a tensor that requires grad where ``no_grad``, an unhashable argument). The
+    ``lengths`` tensors after the first four enter without their shape (their rank stays: the
+    strides' length)."""
     key: list[Any] = [tag]
-    for t in tensors:
+    for i, t in enumerate(tensors):
         if t.__class__ is not cls or (no_grad and t.requires_grad):
             return None
-        key += (t.shape, t.stride(), t.dtype, t.get_device())
+        if 4 <= i < 4 + lengths:
+            key += (t.stride(), t.dtype, t.get_device())
+        else:
+            key += (t.shape, t.stride(), t.dtype, t.get_device())
     key += scalars
     key += [x.__class__ for x in scalars]
     if window_size.__class__ is tuple:
@@ -344,13 +458,14 @@ def _prepare_backward(rt: Any, tensors: list[Any], given: tuple[bool, ...], scal
 
 def _prepare(rt: Any, qkvo: list[Any], cu_q: Any, cu_k: Any, max_q: Any, max_k: Any, su_q: Any, su_k: Any,
              page_table: Any, sink: Any, softmax_scale: Any, causal: Any, window_size: Any, softcap: Any,
-             num_splits: Any, pack_gqa: Any) -> Any:  # fmt: skip
+             num_splits: Any, pack_gqa: Any, varying: bool = False) -> Any:  # fmt: skip
     from fa4aot.runtime.prepared import prepare_forward  # it imports the forward path
 
     return prepare_forward(
         *qkvo, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k, seqused_q=su_q,
         seqused_k=su_k, page_table=page_table, learnable_sink=sink, softcap=softcap, softmax_scale=softmax_scale,
         causal=causal, window_size=window_size, num_splits=num_splits, pack_gqa=pack_gqa, runtime=rt, own=False,
+        varying=varying,
     )  # fmt: skip
 
 
@@ -365,8 +480,11 @@ def _sight(calls: _Calls, key: tuple[Any, ...], prepare: Any) -> None:
 
     try:
         prepared = prepare()
-    except (Fa4aotError, NeedsBuffers):  # the full path raises the error / allocates per call
+    except (Fa4aotError, NeedsBuffers, _Unserved):  # the full path raises the error / allocates per call
         calls.entries[key] = _NOT_SERVED
+        return
+    if isinstance(prepared, _Family):
+        calls.entries[key] = prepared
         return
     if prepared._owned:  # not expected (the forward's probe refuses first; the backward binds its scratch)
         prepared.close()

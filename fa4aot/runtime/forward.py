@@ -157,6 +157,8 @@ class ForwardCall(NamedTuple):
     learnable_sink: DeviceTensor | None
     scales: tuple[DeviceTensor | None, ...]  # FA4's scales= as launch arguments (fa4aot.runtime.scales.NAMES)
     out_dtype: str  # q's, or bf16 for FP8 / MXFP8 inputs
+    rule: ForwardRule | None  # the static call's decisions (None: an empty call)
+    shape: Shape | None  # the per-call facts it decided on
 
     @property
     def dynamic(self) -> bool:
@@ -247,7 +249,7 @@ def analyse(
     if seqlen_k == 0 or k_capacity == 0 or total_q == 0:
         return _new_call(
             ForwardCall,
-            (rt, None, 1, False, None, None, qd, kd, vd, cuq, cuk, suq, suk, batch, rows, nheads, head_dim_v, dtype, max_q, max_k, 0.0, None, None, pt, sink, sc.tensors, odtype),
+            (rt, None, 1, False, None, None, qd, kd, vd, cuq, cuk, suq, suk, batch, rows, nheads, head_dim_v, dtype, max_q, max_k, 0.0, None, None, pt, sink, sc.tensors, odtype, None, None),
         )  # fmt: skip
     # the static call: StaticCall's fields after arch and num_sms
     key = (
@@ -270,7 +272,7 @@ def analyse(
     splits = pick.plan.num_splits
     return _new_call(
         ForwardCall,
-        (rt, lv, splits, splits > 1, pick.plan, pick.config, qd, kd, vd, cuq, cuk, suq, suk, batch, rows, nheads, head_dim_v, dtype, max_q, max_k, scale, wl, wr, pt, sink, sc.tensors, odtype),
+        (rt, lv, splits, splits > 1, pick.plan, pick.config, qd, kd, vd, cuq, cuk, suq, suk, batch, rows, nheads, head_dim_v, dtype, max_q, max_k, scale, wl, wr, pt, sink, sc.tensors, odtype, rule, shape),
     )  # fmt: skip
 
 

@@ -50,6 +50,20 @@ from fa4aot.runtime.workspaces import WORKSPACE_SLOT_BYTES, workspace_slots
 OWNED_ALIGN = 256
 
 
+#: The per-call values a prepared call bound with ``varying=True`` takes beside the addresses,
+#: and the plan arguments each sets (argument, dynamic extent or None for a scalar, expression).
+PER_CALL = ("vb", "vq", "vk", "vs")  # batch, max_seqlen_q, max_seqlen_k, workspace slots
+PER_CALL_WORDS = (
+    ("cu_seqlens_q", 0, "vb + 1"),
+    ("cu_seqlens_k", 0, "vb + 1"),
+    ("seqused_q", 0, "vb"),
+    ("seqused_k", 0, "vb"),
+    ("tensormap_workspace", 0, "vs"),
+    ("max_seqlen_q", None, "vq"),
+    ("max_seqlen_k", None, "vk"),
+)
+
+
 class NeedsBuffers(Exception):
     """A call whose prepared form would own device buffers, asked for without them."""
 
@@ -62,11 +76,15 @@ class _Steps:
         self.lines: list[str] = []
         self.scope: dict[str, Any] = {}
 
-    def bound(self, call: BoundCall, sources: dict[str, int | str]) -> None:
+    def bound(self, call: BoundCall, sources: dict[str, int | str], words: Sequence[str] = ()) -> None:
+        """A plan call; ``words``: the expression of each of its per-call words (in the order
+        it was bound with), over the call's per-call values (:data:`PER_CALL`)."""
         i = len(self.scope)
         self.scope.update({f"_b{i}": call, f"_l{i}": call._local, f"_pk{i}": call.pack_into, f"_r{i}": call.run})
         self.scope[f"_p{i}"] = call.plan  # its launch counter (Runtime.stats())
-        ptrs = ", ".join(str(sources[n]) for n in call.tensor_names)
+        exprs = [str(sources[n]) for n in call.tensor_names]
+        exprs += [f"({w}) | {high}" if high else w for w, high in zip(words, call.word_highs)]
+        ptrs = ", ".join(exprs)
         self.lines += [
             f"    s_ = _l{i}.__dict__.get('s')",
             f"    if s_ is None: s_ = _b{i}.scratch()",
@@ -96,6 +114,7 @@ class Prepared:
         torch_keys: Sequence[Any] | None,
         steps: _Steps,
         owned: list[Any],
+        per_call: dict[str, int] | None = None,
     ):
         self.runtime = rt
         self.arg_names = tuple(names)
@@ -105,6 +124,8 @@ class Prepared:
         self.variants: tuple[Any, ...] = ()
         self._owned = owned
         self._lock = threading.Lock()
+        #: the per-call values' bound defaults (``prepare_forward(varying=True)``), else None
+        self.per_call = per_call
         run = self._generate(names, tensors, aligns, torch_keys, steps)
         #: ``launch_ptrs(*addresses, stream=0)``: the call with device addresses in :attr:`arg_names`
         #: order and a stream handle, *unchecked* - for engines that validate their buffers themselves
@@ -173,6 +194,8 @@ class Prepared:
             lines.append("    st = _cur(_dev) if stream is None else _stream(stream)")
         else:
             lines.append("    st = _default(a0) if stream is None else _stream(stream)")
+        if self.per_call:  # this call's own values
+            lines.append(f"    {', '.join(self.per_call)} = {', '.join(map(repr, self.per_call.values()))}")
         lines += steps.lines
         gencode.run("\n".join(lines), scope, "prepared call")
         return scope["run"]
@@ -180,8 +203,10 @@ class Prepared:
     def _generate_unchecked(self, n: int, steps: _Steps) -> Callable[..., None]:
         """The launches of :meth:`_generate` on addresses as given (no description, no check)."""
         scope: dict[str, Any] = dict(steps.scope, _check=Plan._check)
-        args = ", ".join(f"p{i}" for i in range(n))
-        lines = [f"def launch_ptrs({args}, stream=0):", "    st = stream", *steps.lines]
+        args = ", ".join(
+            [f"p{i}" for i in range(n)] + ["stream=0"] + [f"{k}={v!r}" for k, v in (self.per_call or {}).items()]
+        )
+        lines = [f"def launch_ptrs({args}):", "    st = stream", *steps.lines]
         gencode.run("\n".join(lines), scope, "prepared call (unchecked)")
         return scope["launch_ptrs"]
 
@@ -267,6 +292,7 @@ def prepare_forward(
     scales: Any = None,
     runtime: Runtime | None = None,
     own: bool = True,
+    varying: bool = False,
 ) -> Prepared:
     """Prepare FA4's forward for tensors shaped like these (arguments as in
     :func:`fa4aot.flash_attn_varlen_func`; ``lse`` given means return_lse). The prepared call
@@ -281,7 +307,12 @@ def prepare_forward(
     given here (write new scale values into them in place). ``own=False`` (the plain-call fast
     path): raise :class:`NeedsBuffers` instead of allocating device memory, and take FA4's
     tensor-map workspace as a last argument (``workspace_slots`` x 16 int64, new per call).
+    ``varying=True`` (with ``own=False``): the batch, max_seqlen_q/k and workspace slots are
+    per-call values too (:data:`PER_CALL`, keywords of ``launch_ptrs``; default: these
+    arguments'), for calls the same decision serves (the plain-call fast path checks that).
     """
+    if varying and own:
+        raise ValueError("prepare_forward: varying=True needs own=False (the plain-call fast path)")
     rt = runtime or loader._DEFAULT or loader.default_runtime()
     fc = analyse(
         rt, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, softmax_scale, causal,
@@ -320,7 +351,9 @@ def prepare_forward(
             fwd_args.update(window_size_left=fc.wl, window_size_right=fc.wr)
         if any(a.name == "max_seqlen_q" for a in fc.lv.plan.signature):
             fwd_args["max_seqlen_q"] = fc.max_q
-        steps.bound(fc.lv.plan.bind(fwd_args), src_fwd)
+        takes = {a.name for a in fc.lv.plan.signature}
+        per_call = [w for w in PER_CALL_WORDS if w[0] in takes] if varying else []
+        steps.bound(fc.lv.plan.bind(fwd_args, [w[:2] for w in per_call]), src_fwd, [w[2] for w in per_call])
         if fc.split:
             nsd_ptr = md.buffers[0].ptr if (md is not None and plan.num_splits_dynamic) else None
             src_comb = {"out_partial": op.ptr, "lse_partial": lp.ptr, "out": src["out"], "lse": src.get("lse"),
@@ -336,9 +369,12 @@ def prepare_forward(
         for item in owned:
             item.close() if isinstance(item, SchedulerMetadata) else rt.driver.free(item)
         raise
-    prepared = Prepared(rt, names, descs, aligns, _torch_keys(objs, descs), steps, owned)
+    defaults = dict(zip(PER_CALL, (fc.batch, fc.max_q, fc.max_k, ws_slots))) if varying else None
+    prepared = Prepared(rt, names, descs, aligns, _torch_keys(objs, descs), steps, owned, defaults)
     prepared.variants = tuple(variants)
     prepared.workspace_slots = ws_slots
+    if varying:
+        prepared.fc = fc  # what it decided on, for the fast path's checks
     return prepared
 
 
