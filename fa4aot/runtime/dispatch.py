@@ -167,7 +167,7 @@ class ForwardRule:
         r = self.regions
         if r is None:
             return None
-        return r.find(_region_key(shape), tuple(v for v in shape[:_N_TRACED] if v is not None))
+        return r.find(region_key(shape), tuple(v for v in shape[:_N_TRACED] if v is not None))
 
     def traced_decision(self, shape: Shape) -> tuple[fwd.Decision, Any] | None:
         """FA4's decision for ``shape`` and its region's (key, check), by tracing FA4's selection
@@ -203,7 +203,7 @@ class ForwardRule:
             d = fwd.finish(f, config, None, plan, s.softcap, s.learnable_sink)
         except ValueError:
             return None
-        return d, (_region_key(shape), check)
+        return d, (region_key(shape), check)
 
     def variant(self, fields: dict[str, Any]) -> Variant:
         return Variant.make(self.family, self.s.arch, self.s.num_sms, **fields)
@@ -217,7 +217,7 @@ _TRACE_LOCK = threading.Lock()
 REGIONS_ON = env.decision_regions()
 
 
-def _region_key(shape: Shape) -> tuple[Any, ...]:
+def region_key(shape: Shape) -> tuple[Any, ...]:
     """What a region must match exactly: the untraced facts and which traced ones are None."""
     return (*shape[_N_TRACED:], *(v is None for v in shape[:_N_TRACED]))
 

@@ -30,6 +30,7 @@ from typing import Any
 from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import Fa4aotError
 from fa4aot.core.fa4_interface import TENSORMAP_WORDS, tensormap_workspace_ctas
+from fa4aot.runtime.dispatch import region_key
 from fa4aot.runtime.validate import INT32_MAX
 
 #: Prepared plain calls per runtime (a model's layers repeat a handful of signatures).
@@ -193,7 +194,9 @@ class _Family:
     prepared form (bound with those values as per-call words); ``last`` is the last call's
     ((batch, max_seqlen_q, max_seqlen_k), entry, per-call values)."""
 
-    __slots__ = ("rule", "base", "pinned", "extras", "default_q", "default_k", "exact", "ws", "by_pick", "last")
+    __slots__ = (
+        "rule", "base", "rkey", "pinned", "extras", "default_q", "default_k", "exact", "ws", "by_pick", "last",
+    )  # fmt: skip
 
     def __init__(self, prepared: Any):
         fc = prepared.fc
@@ -201,6 +204,7 @@ class _Family:
             prepared.close()
             raise _Unserved
         self.rule, self.base = fc.rule, fc.shape
+        self.rkey = region_key(fc.shape)  # the same for every call of the key (its None-ness is in it)
         varlen_q = fc.cu_q is not None
         # a batched q or a page table (batch, pages) in the key pins the batch
         self.pinned = fc.batch if not varlen_q or fc.page_table is not None else None
@@ -238,11 +242,16 @@ class _Family:
         for m in (mq, mk):
             if m is not None and not 0 <= m <= INT32_MAX:
                 return None  # the full path raises, saying why
-        rule = self.rule
-        shape = self.base._replace(batch=batch, max_seqlen_q=mq, max_seqlen_k=mk)
-        pick = rule.memo.get(shape) or rule.region(shape)
+        rule, base = self.rule, self.base
+        pick = None
+        if rule.regions is not None:  # (Shape's traced facts, those not None, in order)
+            values = (batch, base.total_q, base.total_k, base.q_capacity, base.k_capacity)
+            values += (mq,) * (mq is not None) + (mk,) * (mk is not None)
+            pick = rule.regions.find(self.rkey, values)
         if pick is None:
-            return None  # the full path decides (and memoises) it
+            pick = rule.memo.get(base._replace(batch=batch, max_seqlen_q=mq, max_seqlen_k=mk))
+            if pick is None:
+                return None  # the full path decides (and memoises) it
         got = self.by_pick.get(id(pick))
         if got is None or got[0] is not pick:
             from fa4aot.runtime.prepared import NeedsBuffers  # it imports the forward path
