@@ -307,12 +307,11 @@ def prepare_forward(
     given here (write new scale values into them in place). ``own=False`` (the plain-call fast
     path): raise :class:`NeedsBuffers` instead of allocating device memory, and take FA4's
     tensor-map workspace as a last argument (``workspace_slots`` x 16 int64, new per call).
-    ``varying=True`` (with ``own=False``): the batch, max_seqlen_q/k and workspace slots are
-    per-call values too (:data:`PER_CALL`, keywords of ``launch_ptrs``; default: these
-    arguments'), for calls the same decision serves (the plain-call fast path checks that).
+    ``varying=True`` (with ``own=False``): the batch, max_seqlens and workspace slots are per-call
+    values too (:data:`PER_CALL`, keywords of ``launch_ptrs``), for calls of the same decision.
     """
     if varying and own:
-        raise ValueError("prepare_forward: varying=True needs own=False (the plain-call fast path)")
+        raise ValueError("prepare_forward: varying=True needs own=False")
     rt = runtime or loader._DEFAULT or loader.default_runtime()
     fc = analyse(
         rt, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, softmax_scale, causal,
@@ -346,14 +345,7 @@ def prepare_forward(
         md = _bind_scheduler(rt, fc, scheduler_metadata, names, src, steps, owned, fwd_args, src_fwd)
         if fc.split:
             op, lp, comb_lv, comb_named = _bind_split(rt, fc, out_shape, od, ld, md, owned, fwd_args, src_fwd)
-        fwd_args.update(softmax_scale=fc.scale, stream=0)
-        if fc.wl is not None:
-            fwd_args.update(window_size_left=fc.wl, window_size_right=fc.wr)
-        if any(a.name == "max_seqlen_q" for a in fc.lv.plan.signature):
-            fwd_args["max_seqlen_q"] = fc.max_q
-        takes = {a.name for a in fc.lv.plan.signature}
-        per_call = [w for w in PER_CALL_WORDS if w[0] in takes] if varying else []
-        steps.bound(fc.lv.plan.bind(fwd_args, [w[:2] for w in per_call]), src_fwd, [w[2] for w in per_call])
+        _bind_forward(fc, fwd_args, src_fwd, steps, varying)
         if fc.split:
             nsd_ptr = md.buffers[0].ptr if (md is not None and plan.num_splits_dynamic) else None
             src_comb = {"out_partial": op.ptr, "lse_partial": lp.ptr, "out": src["out"], "lse": src.get("lse"),
@@ -373,9 +365,21 @@ def prepare_forward(
     prepared = Prepared(rt, names, descs, aligns, _torch_keys(objs, descs), steps, owned, defaults)
     prepared.variants = tuple(variants)
     prepared.workspace_slots = ws_slots
-    if varying:
-        prepared.fc = fc  # what it decided on, for the fast path's checks
+    prepared.fc = fc if varying else None  # what it decided on, for the fast path's checks
     return prepared
+
+
+def _bind_forward(fc: Any, fwd_args: dict[str, Any], src_fwd: dict[str, Any], steps: _Steps, varying: bool) -> None:
+    """The forward kernel's step: its host scalars bound, and with ``varying`` the batch,
+    max_seqlens and workspace slots as per-call words (:data:`PER_CALL_WORDS`)."""
+    fwd_args.update(softmax_scale=fc.scale, stream=0)
+    if fc.wl is not None:
+        fwd_args.update(window_size_left=fc.wl, window_size_right=fc.wr)
+    takes = {a.name for a in fc.lv.plan.signature}
+    if "max_seqlen_q" in takes:
+        fwd_args["max_seqlen_q"] = fc.max_q
+    per_call = [w for w in PER_CALL_WORDS if w[0] in takes] if varying else []
+    steps.bound(fc.lv.plan.bind(fwd_args, [w[:2] for w in per_call]), src_fwd, [w[2] for w in per_call])
 
 
 def _checked_out(rt: Runtime, fc: Any, out: Any) -> tuple[tuple[int, ...], DeviceTensor]:
