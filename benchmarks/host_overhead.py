@@ -160,6 +160,23 @@ def batched_floors(rt, q, o, inner: int, repeats: int, sync, sleep: int) -> dict
     return floors(rt, fc, named, "", inner, repeats, sync, sleep)
 
 
+def varlen_floors(rt, qv, kv, ov, cu, inner: int, repeats: int, sync, sleep: int) -> dict[str, float]:
+    """The floors of the varlen forward's kernel (its tensor-map workspace allocated once)."""
+    import torch
+
+    from fa4aot.runtime.forward import analyse
+    from fa4aot.runtime.tensors import as_device_tensor
+    from fa4aot.runtime.workspaces import workspace_slots
+
+    fc = analyse(rt, qv, kv, kv, cu, cu, 64, 64, None, None, None, True, (None, None), 1, None, False, False)
+    named = dict(q=fc.q, k=fc.k, v=fc.v, out=as_device_tensor(ov, "out"), softmax_scale=fc.scale,
+                 cu_seqlens_q=fc.cu_q, cu_seqlens_k=fc.cu_k, stream=torch_stream())  # fmt: skip
+    if fc.plan.tensormap_workspace:
+        ws = torch.empty((workspace_slots(rt, fc), 16), dtype=torch.int64, device="cuda")
+        named["tensormap_workspace"] = as_device_tensor(ws, "tensormap_workspace")
+    return floors(rt, fc, named, " (varlen kernel)", inner, repeats, sync, sleep)
+
+
 def paged_floors(rt, qd, pool, od, used, pt, inner: int, repeats: int, sync, sleep: int) -> dict[str, float]:
     """The floors of the paged decode's kernel: its launch costs more than the batched one's
     (compare the prepared rows), and these say whether the driver or fa4aot adds it."""
@@ -346,7 +363,11 @@ def main() -> None:
     rows["prepared call, paged decode, launch_ptrs (unchecked)"] = median_us(
         lambda: run_d.launch_ptrs(*ptrs_d, stream=torch_stream()), args.inner, args.repeats, sync, args.sleep_cycles
     )
-    rows.update(paged_floors(rt, qd, pool, od, used, pt, args.inner, args.repeats, sync, args.sleep_cycles))
+    for kernel_floors, kernel_args in ((paged_floors, (qd, pool, od, used, pt)), (varlen_floors, (qv, kv, ov, cu))):
+        try:
+            rows.update(kernel_floors(rt, *kernel_args, args.inner, args.repeats, sync, args.sleep_cycles))
+        except Exception as e:  # noqa: BLE001 - a diagnostic row: the table still prints
+            print(f"{kernel_floors.__name__} failed: {type(e).__name__}: {e}", file=sys.stderr)
     # the unchecked entry (engines that validate their own buffers): addresses and a stream handle
     stream = torch_stream()
     ptrs_b = [t.data_ptr() for t in (q, q, q, o)]
