@@ -27,6 +27,7 @@ import sys
 import weakref
 from typing import Any
 
+from fa4aot.core import gencode
 from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import Fa4aotError
 from fa4aot.core.fa4_interface import TENSORMAP_WORDS, tensormap_workspace_ctas
@@ -143,14 +144,20 @@ def forward(
         return False
     api, calls = started
     cls, current_stream = api
-    # the prepared call's tensor order (prepare_forward): q, k, v, out, then those given
-    tensors, given = _present([q, k, v, out], (cu_q, cu_k, su_q, su_k, page_table, sink))
-    seqs = [t for t in (cu_q, cu_k, su_q, su_k) if t is not None]
-    scalars = (softmax_scale, causal, window_size, softcap, num_splits, pack_gqa, max_q.__class__, max_k.__class__)
-    found = _lookup(calls, _FWD, tensors, scalars, window_size, given, cls, no_grad=True, lengths=len(seqs))
-    if found is None:
+    given = (cu_q is not None, cu_k is not None, su_q is not None, su_k is not None, page_table is not None,
+             sink is not None)  # fmt: skip
+    make_key = _FORWARD_KEYS.get(given) or _forward_key(given)
+    try:
+        k_ = make_key(cls, q, k, v, out, cu_q, cu_k, su_q, su_k, page_table, sink, max_q, max_k, softmax_scale, causal,
+                      window_size, softcap, num_splits, pack_gqa)  # fmt: skip
+        if k_ is None:  # another tensor class, or a tensor that requires grad
+            return False
+        fam = calls.entries.get(k_)
+    except TypeError:  # an unhashable or unusual argument (a list window): the full path decides
         return False
-    k_, fam = found
+    # the prepared call's tensor order (prepare_forward): q, k, v, out, then those given
+    tensors = [q, k, v, out] + [t for t in (cu_q, cu_k, su_q, su_k, page_table, sink) if t is not None]
+    seqs = tensors[4 : 4 + sum(given[:4])]
     if fam is None:
         _sight(calls, k_, lambda: _Family(_prepare(rt, tensors[:4], cu_q, cu_k, max_q, max_k, su_q, su_k, page_table,
                                                   sink, softmax_scale, causal, window_size, softcap, num_splits,
@@ -186,6 +193,37 @@ def forward(
     calls.hits += 1
     calls.recent_hits += 1
     return True
+
+
+#: given-pattern of forward()'s optional tensors -> its generated key function (64 at most)
+_FORWARD_KEYS: dict[tuple[bool, ...], Any] = {}
+_OPTIONAL = ("cu_q", "cu_k", "su_q", "su_k", "page_table", "sink")
+
+
+def _forward_key(given: tuple[bool, ...]) -> Any:
+    """The key function of :func:`forward` for one pattern of given optional tensors, written out
+    (it runs on every call): None for another tensor class or a tensor that requires grad; the
+    sequence tensors (cu_seqlens, seqused) without their shape (the batch is checked per call)."""
+    names = ["q", "k", "v", "out"] + [n for n, there in zip(_OPTIONAL, given) if there]
+    parts = []
+    for n in names:
+        seq = n in ("cu_q", "cu_k", "su_q", "su_k")
+        parts += ([] if seq else [f"{n}.shape"]) + [f"{n}.stride()", f"{n}.dtype", f"{n}.get_device()"]
+    scalars = ("softmax_scale", "causal", "window_size", "softcap", "num_splits", "pack_gqa")
+    parts += [*scalars, *(f"{x}.__class__" for x in scalars), "max_q.__class__", "max_k.__class__"]
+    parts.append("tuple(map(type, window_size)) if window_size.__class__ is tuple else None")
+    src = "\n".join([
+        f"def key(C, q, k, v, out, {', '.join(_OPTIONAL)}, max_q, max_k, {', '.join(scalars)}):",
+        f"    if {' or '.join(f'{n}.__class__ is not C' for n in names)}:",
+        "        return None",
+        f"    if {' or '.join(f'{n}.requires_grad' for n in names)}:",
+        "        return None",
+        f"    return (_FWD, {given!r}, {', '.join(parts)})",
+    ])  # fmt: skip
+    scope: dict[str, Any] = {"_FWD": _FWD}
+    gencode.run(src, scope, "fast-path key")
+    _FORWARD_KEYS[given] = scope["key"]
+    return scope["key"]
 
 
 class _Family:
