@@ -238,6 +238,33 @@ def test_calls_owning_buffers_are_not_served(sm100, monkeypatch):
     assert entry is fastpath._NOT_SERVED
 
 
+@pytest.mark.parametrize(
+    "cu_q, cu_k, page_table, free",
+    [(True, True, False, True), (True, False, False, False), (True, False, True, False), (False, True, False, False)],
+)
+def test_the_batch_is_free_only_where_no_tensor_in_the_key_carries_it(cu_q, cu_k, page_table, free):
+    """A call family's batch may change per call only when q and k are both packed and there is
+    no page table: a batched q or k, or a page table (batch, pages), is in the key with its batch
+    (a call whose sequence tensors say otherwise must reach the full path's check)."""
+    from types import SimpleNamespace
+
+    from fa4aot.runtime.dispatch import Shape
+
+    shape = Shape(4, 400, 400, 400, 400, 100, 100, None, None, None, 1)
+    lv = SimpleNamespace(fields={"tile_m": 128, "pack_gqa": False})
+    rule = SimpleNamespace(memo={shape: SimpleNamespace(lv=lv)})
+    d = DeviceTensor(B, (5,), (1,), "int32", 0, "raw")
+    fc = SimpleNamespace(
+        rule=rule, shape=shape, cu_q=d if cu_q else None, cu_k=d if cu_k else None, su_q=None, su_k=None,
+        page_table=d if page_table else None, batch=4, max_q=100, max_k=100, wl=None, lv=lv, nheads=16,
+        k=(0, (400, 16, 128)), rt=SimpleNamespace(target=SimpleNamespace(num_sms=132)), rows=(400,) if cu_q else (4, 100),
+    )  # fmt: skip
+    prepared = SimpleNamespace(fc=fc, _owned=[], launch_ptrs=None, _aligns=[16])
+    family = fastpath._Family(prepared)
+    assert (family.pinned is None) == free
+    assert family.extras == tuple(e for there, e in ((cu_q, 1), (cu_k, 1)) if there)
+
+
 def test_threads_sharing_an_entry_launch_their_own_addresses(sm90):
     """Each thread packs into its own call block: no launch mixes two calls' addresses."""
     import threading

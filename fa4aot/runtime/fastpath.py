@@ -244,8 +244,9 @@ class _Family:
         self.rule, self.base = fc.rule, fc.shape
         self.rkey = region_key(fc.shape)  # the same for every call of the key (its None-ness is in it)
         varlen_q = fc.cu_q is not None
-        # a batched q or a page table (batch, pages) in the key pins the batch
-        self.pinned = fc.batch if not varlen_q or fc.page_table is not None else None
+        # a batched q or k, or a page table (batch, pages), is in the key: it pins the batch
+        free = varlen_q and fc.cu_k is not None and fc.page_table is None
+        self.pinned = None if free else fc.batch
         self.extras = tuple(e for d, e in ((fc.cu_q, 1), (fc.cu_k, 1), (fc.su_q, 0), (fc.su_k, 0)) if d is not None)
         s = fc.shape
         # max_seqlen given as None: the full path's defaults (fixed by the key's shapes)
