@@ -80,15 +80,33 @@ pt = torch.arange(64, dtype=torch.int32, device="cuda").reshape(8, 8)
 used = torch.full((8,), 100, dtype=torch.int32, device="cuda")
 def paged_decode():
     _flash_attn_fwd(qd, pool, pool, seqused_k=used, max_seqlen_q=1, max_seqlen_k=128, page_table=pt, causal=True, out=od)
-rows = {
-    "batched forward, same shapes": median_us(lambda: fa4aot.flash_attn_func(q, q, q, causal=True, out=o)),
-    "varlen forward, max_seqlen and batch changing": median_us(varlen_batch_changing),
-    "paged decode, _flash_attn_fwd": median_us(paged_decode),
-    "varlen forward, same shapes": median_us(
-        lambda: fa4aot.flash_attn_varlen_func(qv, kv, kv, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=64, max_seqlen_k=64, causal=True, out=ov)),
-    "varlen forward, max_seqlen changing": median_us(varlen_changing),
+calls = {
+    "batched forward, same shapes": lambda: fa4aot.flash_attn_func(q, q, q, causal=True, out=o),
+    "varlen forward, max_seqlen and batch changing": varlen_batch_changing,
+    "paged decode, _flash_attn_fwd": paged_decode,
+    "varlen forward, same shapes":
+        lambda: fa4aot.flash_attn_varlen_func(qv, kv, kv, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=64, max_seqlen_k=64, causal=True, out=ov),
+    "varlen forward, max_seqlen changing": varlen_changing,
 }
+def snap():
+    try:  # (a baseline checkout may have no stats() or other counters)
+        return dict(fa4aot.stats().to_dict())
+    except Exception:
+        return {}
+rows, diag = {}, {}
+for name, fn in calls.items():
+    # each row on its own: the fast path's state (and its pause) starts afresh, as in a process
+    # running that workload alone
+    fast = sys.modules.get("fa4aot.runtime.fastpath")
+    if fast is not None:
+        fast.clear(rt)
+    s0 = snap()
+    rows[name] = median_us(fn)
+    s1 = snap()
+    diag[name] = {k: s1[k] - s0.get(k, 0) for k in ("fast_calls", "decisions_traced", "decisions_reused") if k in s1}
+    diag[name]["calls"] = 50 + repeats * inner
 print(json.dumps(rows))
+print(json.dumps(diag), file=sys.stderr)
 """
 
 
@@ -331,6 +349,10 @@ def main() -> None:
         env=dict(os.environ, PYTHONPATH=ROOT),
     )
     rows.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    try:  # per row: calls, those the fast path served, decisions traced / reused by region
+        by_row = json.loads(proc.stderr.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        by_row = {"error": proc.stderr[-2000:]}
     run_b = fa4aot.prepare_forward(q, q, q, o, causal=True)
     run_v = fa4aot.prepare_forward(
         qv, kv, kv, ov, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=64, max_seqlen_k=64, causal=True
@@ -433,6 +455,7 @@ def main() -> None:
     for k, v in gpu_us.items():
         print(f"(device time per call, {k}: {v:.2f} us)")
     print(f"varlen calls cycling through batch sizes: {churned}")
+    print(f"fast path per row: {json.dumps(by_row)}")
     print("where the batched plain call's host time goes:")
     for k, v in parts.items():
         print(f"  {k:<60} {v:>8.2f}")
@@ -445,6 +468,7 @@ def main() -> None:
         "gpu_us": gpu_us,
         "breakdown_us": parts,
         "churn": churned,
+        "fast_path_by_row": by_row,
         "profile_varlen": buf.getvalue(),
     }
     if args.json:
