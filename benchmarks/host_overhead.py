@@ -90,7 +90,7 @@ calls = {
 }
 def snap():
     try:  # (a baseline checkout may have no stats() or other counters)
-        return dict(fa4aot.stats().to_dict())
+        return dict(fa4aot.stats().as_dict())
     except Exception:
         return {}
 rows, diag = {}, {}
