@@ -105,6 +105,16 @@ for name, fn in calls.items():
     s1 = snap()
     diag[name] = {k: s1[k] - s0.get(k, 0) for k in ("fast_calls", "decisions_traced", "decisions_reused") if k in s1}
     diag[name]["calls"] = 50 + repeats * inner
+import cProfile, io, pstats
+prof = cProfile.Profile()
+prof.enable()
+for _ in range(2000):
+    varlen_batch_changing()
+prof.disable()
+torch.cuda.synchronize()
+buf = io.StringIO()
+pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(14)
+diag["profile: varlen forward, max_seqlen and batch changing"] = buf.getvalue()
 print(json.dumps(rows))
 print(json.dumps(diag), file=sys.stderr)
 """
