@@ -24,3 +24,24 @@ def ci_cache(tmp_path_factory, built_cache) -> Path:
     """A cache holding every variant of manifests/ci.yaml (full tier; tests/fast.yaml's entries are
     reused, not compiled again)."""
     return build_session_cache(tmp_path_factory, "ci-cache", CI_MANIFEST, reuse=(built_cache,))
+
+
+def _fake_runtime(cache: Path, cc: tuple[int, int], num_sms: int):
+    from fake_driver import FakeDriver
+
+    from fa4aot.runtime.loader import Runtime
+
+    drv = FakeDriver(cc=cc, num_sms=num_sms)
+    return Runtime(cache, driver=drv), drv
+
+
+@pytest.fixture
+def sm90(built_cache):
+    """(a Runtime on the fast cache, its fake driver) for an H100: sm_90a, 132 SMs."""
+    return _fake_runtime(built_cache, (9, 0), 132)
+
+
+@pytest.fixture
+def sm100(built_cache):
+    """(a Runtime on the fast cache, its fake driver) for a B200: sm_100a, 148 SMs."""
+    return _fake_runtime(built_cache, (10, 0), 148)

@@ -288,12 +288,6 @@ def t(i, shape, dtype="bf16"):
     return RawTensor(B + i * (1 << 36), tuple(shape), dtype)
 
 
-@pytest.fixture
-def sm90(built_cache):
-    drv = FakeDriver(cc=(9, 0), num_sms=132)
-    return Runtime(built_cache, driver=drv), drv
-
-
 def _args(b, s, h, hk, d, varlen=False):
     rows = (b * s,) if varlen else (b, s)
     krows = (b * s,) if varlen else (b, s)

@@ -59,18 +59,6 @@ def fake_torch(monkeypatch):
     monkeypatch.setattr(fastpath, "_API", [(FakeTorch, lambda device: 0)])  # stream 0, as the full path's
 
 
-@pytest.fixture
-def sm90(built_cache):
-    drv = FakeDriver(cc=(9, 0), num_sms=132)
-    return Runtime(built_cache, driver=drv), drv
-
-
-@pytest.fixture
-def sm100(built_cache):
-    drv = FakeDriver(cc=(10, 0), num_sms=148)
-    return Runtime(built_cache, driver=drv), drv
-
-
 def _hits(rt) -> int:
     calls = fastpath._BY_RUNTIME.get(rt)
     return calls.hits if calls is not None else 0

@@ -4,12 +4,10 @@ combine sequence for split-KV, argument checks, and what a missing variant says.
 from __future__ import annotations
 
 import pytest
-from fake_driver import FakeDriver
 
 import fa4aot
 from fa4aot.core.errors import ArgumentError, VariantNotFoundError
 from fa4aot.core.fwd import scheduler_of
-from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.tensors import RawTensor
 
 B = 0x7F20_0000_0000
@@ -17,18 +15,6 @@ B = 0x7F20_0000_0000
 
 def t(i, shape, dtype="bf16", strides=None, offset=0):
     return RawTensor(B + i * (1 << 36) + offset, tuple(shape), dtype, strides)
-
-
-@pytest.fixture
-def sm100(built_cache):
-    drv = FakeDriver(cc=(10, 0), num_sms=148)
-    return Runtime(built_cache, driver=drv), drv
-
-
-@pytest.fixture
-def sm90(built_cache):
-    drv = FakeDriver(cc=(9, 0), num_sms=132)
-    return Runtime(built_cache, driver=drv), drv
 
 
 def test_sm90_forward_dispatch_and_launch(sm90):

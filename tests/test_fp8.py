@@ -24,12 +24,6 @@ def t(i, shape, dtype="e4m3", strides=None):
     return RawTensor(B + i * (1 << 36), tuple(shape), dtype, strides)
 
 
-@pytest.fixture
-def sm100(built_cache):
-    drv = FakeDriver(cc=(10, 0), num_sms=148)
-    return Runtime(built_cache, driver=drv), drv
-
-
 def _qkv(v_dtype="e4m3", heads=h, kv_heads=hk):
     return t(0, (b, s, heads, d)), t(1, (b, s, kv_heads, d)), t(2, (b, s, kv_heads, d), v_dtype)
 

@@ -7,11 +7,9 @@ from __future__ import annotations
 import threading
 
 import pytest
-from fake_driver import FakeDriver
 
 import fa4aot
 from fa4aot.core.errors import ArgumentError
-from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.metadata import SchedulerMetadata
 from fa4aot.runtime.tensors import DeviceTensor, RawTensor
 
@@ -50,18 +48,6 @@ def _written(lv, named):
 
 def _same(got: bytes, want: bytes, mask: list[bool]) -> bool:
     return all(g == w for g, w, m in zip(got, want, mask) if m)
-
-
-@pytest.fixture
-def sm90(built_cache):
-    drv = FakeDriver(cc=(9, 0), num_sms=132)
-    return Runtime(built_cache, driver=drv), drv
-
-
-@pytest.fixture
-def sm100(built_cache):
-    drv = FakeDriver(cc=(10, 0), num_sms=148)
-    return Runtime(built_cache, driver=drv), drv
 
 
 def test_prepared_forward_launches_what_the_plain_call_launches(sm90):

@@ -52,12 +52,6 @@ def families_launched(rt: Runtime, drv: FakeDriver) -> dict[str, int]:
     return out
 
 
-@pytest.fixture
-def sm90(built_cache):
-    drv = FakeDriver(cc=(9, 0), num_sms=132)
-    return Runtime(built_cache, driver=drv), drv
-
-
 def test_a_fresh_runtime_counts_nothing(sm90):
     rt, _ = sm90
     s = rt.stats()
