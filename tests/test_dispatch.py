@@ -62,31 +62,11 @@ SM90_CASES = [
     dict(batch=2, seqlen_q=1000, seqlen_k=1000, nheads=16, nheads_kv=16, head_dim=96, head_dim_v=96),
     dict(batch=2, seqlen_q=1000, seqlen_k=1000, nheads=16, nheads_kv=16, head_dim=96, head_dim_v=96, causal=True),
     dict(batch=2, seqlen_q=1000, seqlen_k=1000, nheads=16, nheads_kv=16, head_dim=256, head_dim_v=256, wl=64, wr=64),
-    dict(
-        batch=4,
-        seqlen_q=700,
-        seqlen_k=900,
-        nheads=32,
-        nheads_kv=8,
-        head_dim=128,
-        head_dim_v=128,
-        causal=True,
-        varlen=True,
-        total_q=2000,
-        total_k=3000,
-    ),
-    dict(
-        batch=8,
-        seqlen_q=1,
-        seqlen_k=4096,
-        nheads=32,
-        nheads_kv=8,
-        head_dim=128,
-        head_dim_v=128,
-        causal=True,
-        seqused_k=True,
-    ),
-]
+    dict(batch=4, seqlen_q=700, seqlen_k=900, nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128, causal=True,
+         varlen=True, total_q=2000, total_k=3000),
+    dict(batch=8, seqlen_q=1, seqlen_k=4096, nheads=32, nheads_kv=8, head_dim=128, head_dim_v=128, causal=True,
+         seqused_k=True),
+]  # fmt: skip
 
 
 #: Serving-engine calls: paged KV (TMA when the page size is tile_n, cp.async otherwise), vLLM's
