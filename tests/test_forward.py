@@ -93,19 +93,10 @@ def test_sm100_varlen_split_sequence(sm100, framework_alloc):
     q, k, v = t(0, (total_q, h, d)), t(1, (total_k, hk, d)), t(2, (total_k, hk, d))
     cu_q, cu_k = t(4, (b + 1,), "int32"), t(5, (b + 1,), "int32")
     out = t(3, (total_q, h, d))
-    res, lse = fa4aot.flash_attn_varlen_func(
-        q,
-        k,
-        v,
-        cu_seqlens_q=cu_q,
-        cu_seqlens_k=cu_k,
-        max_seqlen_q=1,
-        max_seqlen_k=4000,
-        num_splits=8,
-        out=out,
-        stream=9,
-        runtime=rt,
+    args = dict(
+        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=1, max_seqlen_k=4000, num_splits=8, out=out, stream=9
     )
+    res, lse = fa4aot.flash_attn_varlen_func(q, k, v, **args, runtime=rt)
     assert res is out and lse is None
     prepare, fwd, comb = drv.launches
     assert [x.stream for x in drv.launches] == [9, 9, 9]
@@ -119,38 +110,13 @@ def test_sm100_varlen_split_sequence(sm100, framework_alloc):
     assert lse_partial.shape == (8, h, total_q)
     # metadata buffers are cached per (stream, configuration): a second call allocates nothing new
     n_allocs = len(drv.allocs)
-    fa4aot.flash_attn_varlen_func(
-        q,
-        k,
-        v,
-        cu_seqlens_q=cu_q,
-        cu_seqlens_k=cu_k,
-        max_seqlen_q=1,
-        max_seqlen_k=4000,
-        num_splits=8,
-        out=out,
-        stream=9,
-        runtime=rt,
-    )
+    fa4aot.flash_attn_varlen_func(q, k, v, **args, runtime=rt)
     assert len(drv.allocs) == n_allocs and len(drv.launches) == 6 and drv.memsets == []
     # caller-provided metadata: no prepare launch, and the semaphore is reset after the forward
     md = fa4aot.SchedulerMetadata(b, h, hk, d, runtime=rt)
     md.compute(max_seqlen_q=1, max_seqlen_k=4000, num_splits=8, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, stream=9)
     n = len(drv.launches)
-    fa4aot.flash_attn_varlen_func(
-        q,
-        k,
-        v,
-        cu_seqlens_q=cu_q,
-        cu_seqlens_k=cu_k,
-        max_seqlen_q=1,
-        max_seqlen_k=4000,
-        num_splits=8,
-        out=out,
-        scheduler_metadata=md,
-        stream=9,
-        runtime=rt,
-    )
+    fa4aot.flash_attn_varlen_func(q, k, v, **args, scheduler_metadata=md, runtime=rt)
     assert [families.get(x.kernel, None) and families[x.kernel].family for x in drv.launches[n:]] == [
         "fwd_sm100",
         "combine",
