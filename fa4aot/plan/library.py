@@ -409,9 +409,9 @@ class BoundCall:
     per-call words (a sequence count, a max_seqlen: see :meth:`word_offset`).
 
     Per call: write the addresses (in the signature's tensor order), the words and the stream into
-    the call block and make one foreign call, which runs FA4's host code (or, when the addresses equal the
-    last call's, reuses its launch) and launches. Each thread gets its own copy of the shim state
-    and argument buffer, so a bound call may be shared by threads.
+    the call block and make one foreign call, which runs FA4's host code (or, when the addresses
+    and words equal the last call's, reuses its launch) and launches. Each thread gets its own
+    copy of the shim state and argument buffer, so a bound call may be shared by threads.
     """
 
     def __init__(self, plan: Plan, named: Mapping[str, Any], words: Sequence[tuple[str, int | None]] = ()):

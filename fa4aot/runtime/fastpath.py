@@ -337,20 +337,15 @@ def _present(tensors: list[Any], optional: tuple[Any, ...]) -> tuple[list[Any], 
 
 def _lookup(
     calls: _Calls, tag: str, tensors: list[Any], scalars: tuple[Any, ...], window_size: Any,
-    given: tuple[bool, ...], cls: type, no_grad: bool, lengths: int = 0,
+    given: tuple[bool, ...], cls: type, no_grad: bool,
 ) -> tuple[tuple[Any, ...], Any] | None:  # fmt: skip
     """(the call's key, its entry or None); None: not a call for the fast path (another tensor
-    class, a tensor that requires grad where ``no_grad``, an unhashable argument). The
-    ``lengths`` tensors after the first four enter without their shape (their rank stays: the
-    strides' length)."""
+    class, a tensor that requires grad where ``no_grad``, an unhashable argument)."""
     key: list[Any] = [tag]
-    for i, t in enumerate(tensors):
+    for t in tensors:
         if t.__class__ is not cls or (no_grad and t.requires_grad):
             return None
-        if 4 <= i < 4 + lengths:
-            key += (t.stride(), t.dtype, t.get_device())
-        else:
-            key += (t.shape, t.stride(), t.dtype, t.get_device())
+        key += (t.shape, t.stride(), t.dtype, t.get_device())
     key += scalars
     key += [x.__class__ for x in scalars]
     if window_size.__class__ is tuple:
