@@ -353,3 +353,31 @@ def test_generated_launchers_show_their_source_in_tracebacks():
     assert "<fa4aot launcher " in text and "return 1 // x  # the generated line" in text
     names = [n for n in linecache.cache if n.startswith("<fa4aot ")]
     assert len(names) <= gencode.MAX_SOURCES
+
+
+def test_bound_call_words_go_where_the_plan_reads_them(sm100):
+    """A bound call's per-call words: a 32-bit scalar's slot, or a tensor's dynamic extent after
+    its address. A call with words for another batch and max_seqlen_q launches what FA4's host
+    code launches for a plan bound with those values; anything else is refused."""
+    from fa4aot.core.errors import PlanError
+
+    rt, drv = sm100
+    e = next(x for x in Cache(rt.cache.root).entries() if x.variant.family == "fwd_sm100"
+             and x.variant.fields["varlen_q"] and x.variant.fields["varlen_k"])  # fmt: skip
+    plan = rt.load(e.variant).plan
+    named = samples.named_args(e.variant)
+    words = [("cu_seqlens_q", 0), ("cu_seqlens_k", 0), ("max_seqlen_q", None)]
+    bound = plan.bind(named, words)
+    for bad in [("softmax_scale", None), ("nope", None), ("q", 3), ("q", None), ("max_seqlen_q", 0)]:
+        with pytest.raises(PlanError):
+            bound.word_offset(*bad)
+    batch, max_q = named["cu_seqlens_q"][1][0] + 2, 77  # not the bound values
+    other = dict(named, max_seqlen_q=max_q)
+    for n in ("cu_seqlens_q", "cu_seqlens_k"):
+        other[n] = named[n]._replace(shape=(batch + 1,))
+    want = plan.plan(plan.order(other))
+    values = [batch + 1, batch + 1, max_q]
+    bound([named[n][0] for n in bound.tensor_names] + [v | h for v, h in zip(values, bound.word_highs)], 5)
+    got = drv.launches[-len(want) :]
+    assert [(g.grid, g.block, g.smem, g.stream) for g in got] == [(w.grid, w.block, w.smem, 5) for w in want]
+    assert want[0].grid != plan.plan(plan.order(named))[0].grid  # the words changed the launch

@@ -457,7 +457,7 @@ class BoundCall:
         a, off = sig[i], self.plan._offsets[i]
         if isinstance(a, ScalarArg) and dim is None and a.ctype == "i32":
             return off
-        if isinstance(a, TensorArg) and dim is not None and a.shape_bits == 32 and a.shape[dim] is None:
+        if isinstance(a, TensorArg) and dim in range(len(a.shape)) and a.shape_bits == 32 and a.shape[dim] is None:
             return off + 8 + 4 * sum(x is None for x in a.shape[:dim])  # after the address
         raise PlanError(f"{name}{'' if dim is None else f'[{dim}]'} is not a 32-bit value the plan reads per call")
 
