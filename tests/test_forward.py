@@ -9,6 +9,7 @@ import fa4aot
 from fa4aot.core.errors import ArgumentError, VariantNotFoundError
 from fa4aot.core.fwd import scheduler_of
 from fa4aot.runtime.tensors import RawTensor
+from fa4aot.runtime.workspaces import stream_workspaces
 
 B = 0x7F20_0000_0000
 
@@ -188,19 +189,23 @@ def test_varlen_workspace_per_stream_and_capture(sm100):
         )  # fmt: skip
 
     call(b, 7)
-    (ptr, slots), n = rt.stream_workspaces[7], len(drv.allocs)
+    (ptr, slots), n = stream_workspaces(rt)[7], len(drv.allocs)
     call(b, 7)  # same bounds: the same buffer, nothing allocated
-    assert rt.stream_workspaces[7] == (ptr, slots) and len(drv.allocs) == n and len(drv.launches) == 2
+    assert stream_workspaces(rt)[7] == (ptr, slots) and len(drv.allocs) == n and len(drv.launches) == 2
     call(b, 8)  # another stream: its own buffer
-    assert rt.stream_workspaces[8][0] != ptr
+    assert stream_workspaces(rt)[8][0] != ptr
 
     def capturing(nbytes):
         raise CudaError("cuMemAlloc failed: CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED", 900)
 
+    real_alloc = drv.alloc
     drv.alloc = capturing
     with pytest.raises(ArgumentError, match="captured into a CUDA graph"):
         call(4 * b, 7)  # more rows than the stream's buffer holds
-    assert len(drv.launches) == 3 and rt.stream_workspaces[7] == (ptr, slots)
+    assert len(drv.launches) == 3 and stream_workspaces(rt)[7] == (ptr, slots)
+    drv.alloc = real_alloc
+    call(4 * b, 7)  # a larger buffer replaces the stream's, and the old one is freed
+    assert stream_workspaces(rt)[7][0] != ptr and ptr not in drv.allocs
 
 
 def test_the_workspace_of_a_batched_call_counts_every_query_row():

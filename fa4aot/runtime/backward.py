@@ -38,6 +38,20 @@ from fa4aot.runtime.tensors import (
 )
 from fa4aot.runtime.validate import FORWARD_DTYPES, SINK_DTYPES, check_window
 
+#: Backward call configurations a runtime remembers the kernels of, and call shapes the scratch
+#: layout of.
+MAX_BACKWARD_PICKS = 256
+MAX_BACKWARD_LAYOUTS = 1024
+#: call fields -> BackwardKernels
+backward_picks = loader.api_cache("backward_picks", lambda rt: BoundedDict(MAX_BACKWARD_PICKS))
+#: call shape -> where its scratch regions lie (scratch_layout)
+backward_layouts = loader.api_cache("backward_layouts", lambda rt: BoundedDict(MAX_BACKWARD_LAYOUTS))
+#: raw-pointer inputs: stream -> (device pointer, bytes) of its scratch (freed when evicted)
+backward_workspaces = loader.api_cache(
+    "backward_workspaces",
+    lambda rt: BoundedDict(loader.MAX_PER_STREAM, on_evict=lambda stream, ws: rt.free_after(stream, ws[0])),
+)
+
 
 class BackwardKernels(NamedTuple):
     """The loaded kernels of one backward configuration, in launch order."""
@@ -54,7 +68,7 @@ def pick(rt: Runtime, key: tuple[Any, ...], facts: BwdFacts) -> BackwardKernels:
     :data:`fa4aot.core.backward.CALL_FIELDS` order, are ``key``, and whose shapes FA4's
     ``select_bwd_config`` reads are ``facts``; remembered per (key, facts). Raises
     VariantNotFoundError naming the manifest group to add when any of them is not cached."""
-    got = rt.backward_picks.get((key, facts))
+    got = backward_picks(rt).get((key, facts))
     if got is not None:
         return got
     fields = dict(zip(CALL_FIELDS, key))
@@ -90,7 +104,7 @@ def pick(rt: Runtime, key: tuple[Any, ...], facts: BwdFacts) -> BackwardKernels:
     got = BackwardKernels(
         loaded["pre"], loaded["main"], loaded["post_dq"], loaded.get("post_dk"), loaded.get("post_dv")
     )
-    rt.backward_picks[(key, facts)] = got
+    backward_picks(rt)[(key, facts)] = got
     return got
 
 
@@ -405,11 +419,11 @@ def _layout(rt: Runtime, c: BwdCall) -> tuple[list[tuple[str, int, tuple[int, ..
     """The call's scratch layout (:func:`scratch_layout`), remembered per call shape."""
     key, facts, batch, nheads, nheads_kv, max_q, max_k, total_q, total_k = c.dims
     lkey = (key, facts, max_q, max_k, total_q, total_k)
-    layout = rt.backward_layouts.get(lkey)
+    layout = backward_layouts(rt).get(lkey)
     if layout is None:
         assert c.kern is not None
         layout = scratch_layout(rt, c.kern, batch, nheads, nheads_kv, max_q, max_k, total_q, total_k)
-        rt.backward_layouts[lkey] = layout
+        backward_layouts(rt)[lkey] = layout
     return layout
 
 
@@ -504,15 +518,15 @@ def workspace(rt: Runtime, stream: int, nbytes: int) -> int:
     """The runtime's scratch for backward calls with raw-pointer inputs on ``stream``: one device
     allocation per stream, reused by later calls there (stream order keeps them apart) and
     replaced by a larger one when needed (after the stream's queued work, which may use it)."""
-    have = rt.backward_workspace.get(stream)
+    kept = backward_workspaces(rt)
+    have = kept.get(stream)
     if have is not None and have[1] >= nbytes:
         return have[0]
     if have is not None:
-        rt.driver.synchronize(stream)
-        rt.driver.free(have[0])
-        del rt.backward_workspace[stream]
+        rt.free_after(stream, have[0])
+        del kept[stream]
     ptr = rt.driver.alloc(nbytes)
-    rt.backward_workspace[stream] = (ptr, nbytes)
+    kept[stream] = (ptr, nbytes)
     return ptr
 
 

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import ArgumentError
 from fa4aot.core.fa4_interface import COMBINE_MAX_LOG_SPLITS, COMBINE_MAX_SPLITS, combine_geometry
 from fa4aot.runtime import loader, validate
 from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.tensors import stream_handle
+
+#: Combine call signatures a runtime remembers the variant of.
+MAX_COMBINE_PICKS = 256
+#: call signature -> LoadedVariant
+combine_picks = loader.api_cache("combine_picks", lambda rt: BoundedDict(MAX_COMBINE_PICKS))
 
 
 def combine(
@@ -147,9 +153,9 @@ def pick(
 ) -> Any:
     """The loaded combine variant for a call: FA4's log_max_splits for this split count if
     cached, else the next larger one cached (a kernel built for more splits handles fewer
-    correctly). Remembered per call signature in ``rt.combine_picks``."""
+    correctly). Remembered per call signature in :data:`combine_picks`."""
     key = (dtype, head_dim, heads, splits, varlen, seqused, has_lse, num_splits_dynamic)
-    lv = rt.combine_picks.get(key)
+    lv = combine_picks(rt).get(key)
     if lv is not None:
         return lv
     fields = dict(
@@ -169,5 +175,5 @@ def pick(
             break
     else:
         lv = rt.load(rt.variant_for("combine", log_max_splits=first, **fields))  # raises, naming the manifest entry
-    rt.combine_picks[key] = lv
+    combine_picks(rt)[key] = lv
     return lv

@@ -22,6 +22,7 @@ import math
 from typing import Any, NamedTuple
 
 from fa4aot.core import fwd
+from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import ArgumentError, FA4RejectsError
 from fa4aot.core.fa4_args import mirror
 from fa4aot.core.fa4_interface import (
@@ -51,6 +52,11 @@ from fa4aot.runtime.tensors import (
 )
 from fa4aot.runtime.validate import FORWARD_DTYPES, FP8_DTYPES, INT32_MAX, SINK_DTYPES, check_window
 from fa4aot.runtime.workspaces import described, route_semaphore, workspace
+
+#: Static forward configurations a runtime keeps rules for (a few per model are in use at once).
+MAX_FORWARD_RULES = 512
+#: static configuration -> ForwardRule (which caches its decisions and loaded variants)
+forward_rules = loader.api_cache("forward_rules", lambda rt: BoundedDict(MAX_FORWARD_RULES))
 
 #: A forward rule caches at most this many loaded variants (its shape-dependent field
 #: combinations; in practice a handful).
@@ -257,7 +263,7 @@ def analyse(
         su_k is not None, pack_gqa, bool(return_lse), has_metadata, pt is not None, sink_dtype, softcap, requires_grad,
         requests, config, sc.descales, sc.mxfp8,
     )  # fmt: skip
-    rule = rt.forward_rules.get(key) if config is None else None
+    rule = forward_rules(rt).get(key) if config is None else None
     if rule is None:
         rule = _rule(rt, key, config)
     total_k = ks[0] if varlen_k else ks[0] * ks[1]  # FA4: math.prod(v.shape[:-2])
@@ -353,11 +359,11 @@ def _rule(rt: Runtime, key: tuple, config: Any) -> ForwardRule:
             key = (*key[:-3], as_fwd_config(rt.selector, config), *key[-2:])
         except (TypeError, ValueError) as e:
             raise ArgumentError(f"config: {e}") from None
-        if (rule := rt.forward_rules.get(key)) is not None:
+        if (rule := forward_rules(rt).get(key)) is not None:
             return rule
     t = rt.target
     rule = ForwardRule(StaticCall(t.arch, t.num_sms, *key), rt.selector, rt.knobs)
-    rt.forward_rules[key] = rule
+    forward_rules(rt)[key] = rule
     return rule
 
 

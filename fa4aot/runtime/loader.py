@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 
 from fa4aot.core import env, logs
 from fa4aot.core.backward import bwd_knobs_from_env
-from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import (
     ArgumentError,
     CacheError,
@@ -71,13 +70,9 @@ if TYPE_CHECKING:
 
 #: CUDA driver version each cubin toolkit major needs.
 _DRIVER_FOR_TOOLKIT = {12: 12000, 13: 13000}
-#: Bounds of the runtime's caches (entries). Static forward configurations in use at once are a
-#: few per model; each automatic scheduler metadata holds device buffers, freed on eviction.
-MAX_FORWARD_RULES = 512
-MAX_COMBINE_PICKS = 256
-MAX_BACKWARD_PICKS = 256
-MAX_BACKWARD_LAYOUTS = 1024
-MAX_AUTO_METADATA = 16
+#: Per-stream buffers a runtime keeps (workspaces, metadata pools): each holds device memory,
+#: freed on eviction (the APIs that keep them declare them: :func:`api_cache`).
+MAX_PER_STREAM = 16
 #: Environment variables of the miss log, the record log and strict mode (see :class:`Runtime`).
 MISS_LOG_ENV = env.MISS_LOG
 RECORD_LOG_ENV = env.RECORD
@@ -290,28 +285,9 @@ class Runtime:
         self._lock = threading.Lock()
         #: event counters behind stats() (fa4aot.runtime.stats): plain ints, one add where each event happens
         self._stat_hits = self._stat_misses = self._stat_loads = self._stat_invalid = self._stat_refused = 0
-        #: forward dispatch: static configuration -> ForwardRule (which caches its loaded variants)
-        self.forward_rules: BoundedDict = BoundedDict(MAX_FORWARD_RULES)
-        #: combine: call signature -> LoadedVariant
-        self.combine_picks: BoundedDict = BoundedDict(MAX_COMBINE_PICKS)
-        #: backward: call fields -> BackwardKernels
-        self.backward_picks: BoundedDict = BoundedDict(MAX_BACKWARD_PICKS)
-        #: backward: call shape -> where its scratch regions lie (see runtime.backward.scratch_layout)
-        self.backward_layouts: BoundedDict = BoundedDict(MAX_BACKWARD_LAYOUTS)
-        #: backward with raw-pointer inputs: stream -> (device pointer, bytes) of its scratch
-        self.backward_workspace: BoundedDict = BoundedDict(
-            MAX_AUTO_METADATA, on_evict=lambda stream, ws: self._free_workspace(stream, ws[0])
-        )
-        #: split-KV varlen calls without caller metadata: (stream, configuration) -> MetadataPool
-        self.auto_metadata: BoundedDict = BoundedDict(MAX_AUTO_METADATA, on_evict=lambda k, md: md.close())
-        #: FA4's tensor-map workspace per stream: stream -> (device pointer, slots)
-        self.stream_workspaces: BoundedDict = BoundedDict(
-            MAX_AUTO_METADATA, on_evict=lambda stream, ws: self._free_workspace(stream, ws[0])
-        )
-        #: the zeroed tile semaphore of FA4's dynamic varlen route, per stream
-        self.route_semaphores: BoundedDict = BoundedDict(
-            MAX_AUTO_METADATA, on_evict=lambda stream, ptr: self._free_workspace(stream, ptr)
-        )
+        #: the caches the APIs keep per runtime, by name (each declared, and bounded, by its API:
+        #: :func:`api_cache`)
+        self.api_caches: dict[str, Any] = {}
         #: the device's tuning table (None: none, or not applied) and its lookup: default variant
         #: id -> shape bucket -> chosen variant id (only entries this cache can honour)
         self.tuning_table: TuningTable | None = None
@@ -635,24 +611,17 @@ class Runtime:
                 list(pool.map(self._load_id, todo))
         return len(ids)
 
-    def _free_workspace(self, stream: int, ptr: int) -> None:
-        self.driver.synchronize(stream)  # the stream's queued kernels may still use it
+    def free_after(self, stream: int, ptr: int) -> None:
+        """Free a per-stream buffer once the stream's queued kernels, which may use it, are done."""
+        self.driver.synchronize(stream)
         self.driver.free(ptr)
 
     def cache_sizes(self) -> dict[str, int]:
-        """Sizes of the runtime's caches (for monitoring; every one is bounded)."""
-        return {
-            "loaded_variants": len(self._loaded),
-            "forward_rules": len(self.forward_rules),
-            "forward_rule_variants": sum(len(r.loaded) for r in self.forward_rules.values()),
-            "combine_picks": len(self.combine_picks),
-            "backward_picks": len(self.backward_picks),
-            "backward_layouts": len(self.backward_layouts),
-            "backward_workspaces": len(self.backward_workspace),
-            "auto_metadata": len(self.auto_metadata),
-            "stream_workspaces": len(self.stream_workspaces),
-            "route_semaphores": len(self.route_semaphores),
-        }
+        """Sizes of the runtime's caches (for monitoring; every one is bounded): the loaded
+        variants and each API's caches (those used so far)."""
+        sizes = {"loaded_variants": len(self._loaded)}
+        sizes.update((name, len(c)) for name, c in self.api_caches.items())
+        return sizes
 
     def stats(self) -> Any:
         """This runtime's counters (loads, hits, misses, refused and invalid entries, launches per
@@ -660,6 +629,22 @@ class Runtime:
         from fa4aot.runtime.stats import collect
 
         return collect(self)
+
+
+def api_cache(name: str, make: Callable[[Runtime], Any]) -> Callable[[Runtime], Any]:
+    """Declare a cache an API keeps per runtime: ``cache = api_cache(name, make)`` in the API's
+    module, then ``cache(rt)`` is ``rt``'s (made by ``make(rt)`` on first use; ``make`` bounds
+    it). The runtime holds it, so it lives and goes with the runtime; ``rt.cache_sizes()``
+    reports it under ``name``."""
+
+    def get(rt: Runtime) -> Any:
+        c = rt.api_caches.get(name)
+        if c is None:
+            c = rt.api_caches.setdefault(name, make(rt))
+        return c
+
+    get.__name__ = get.__qualname__ = name
+    return get
 
 
 def choose_cache(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import ArgumentError, Fa4aotError
 from fa4aot.core.fa4_interface import UNPREPARED, prepare_num_warps, split_policy
 from fa4aot.core.signature import TensorDesc
@@ -299,6 +300,13 @@ def check_metadata(md: SchedulerMetadata, fc: ForwardCall) -> None:
         raise ArgumentError("scheduler_metadata was made with causal=False for a causal call")
 
 
+#: (stream, configuration) -> MetadataPool of split-KV varlen calls without caller metadata (each
+#: holds device buffers: closed when evicted)
+metadata_pools = loader.api_cache(
+    "metadata_pools", lambda rt: BoundedDict(loader.MAX_PER_STREAM, on_evict=lambda key, pool: pool.close())
+)
+
+
 def auto_metadata(fc: ForwardCall, stream: int) -> SchedulerMetadata:
     """Prepare-kernel metadata for a split-KV varlen call, as FA4's forward prepares it
     (interface.py 1064-1090). The buffers come from a pool per (stream, configuration) shared by
@@ -309,7 +317,7 @@ def auto_metadata(fc: ForwardCall, stream: int) -> SchedulerMetadata:
     policy = split_policy(rt.selector, c, f["head_dim"])
     key = (stream, fc.nheads, nheads_kv, f["head_dim"], f["head_dim_v"], plan.num_nheads_in_l2, c.pack_gqa,
            c.tile_m, c.tile_n, plan.prepare_semaphore, policy)  # fmt: skip
-    pool = rt.auto_metadata.get(key)
+    pool = metadata_pools(rt).get(key)
     if pool is None:
 
         def make(batch: int, buffer: tuple[int, int]) -> SchedulerMetadata:
@@ -319,7 +327,7 @@ def auto_metadata(fc: ForwardCall, stream: int) -> SchedulerMetadata:
                 split_policy=policy, runtime=rt, buffer=buffer,
             )  # fmt: skip
 
-        pool = rt.auto_metadata[key] = MetadataPool(rt, stream, make)
+        pool = metadata_pools(rt)[key] = MetadataPool(rt, stream, make)
     md = pool.get(fc.batch)
     md.compute(
         max_seqlen_q=fc.max_q,

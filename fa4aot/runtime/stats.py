@@ -88,7 +88,8 @@ def collect(rt: Any) -> RuntimeStats:
             launches[family] = launches.get(family, 0) + n
     fast = sys.modules.get("fa4aot.runtime.fastpath")
     calls = fast._BY_RUNTIME.get(rt) if fast is not None else None
-    regions = [r.regions for r in list(rt.forward_rules.values()) if r.regions is not None]
+    rules = rt.api_caches.get("forward_rules") or {}  # (runtime.forward's cache)
+    regions = [r.regions for r in list(rules.values()) if r.regions is not None]
     return RuntimeStats(
         fast_calls=calls.hits if calls is not None else 0,
         decisions_traced=sum(r.traces for r in regions),

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import ArgumentError
 from fa4aot.core.fa4_interface import TENSORMAP_WORDS, tensormap_workspace_ctas
+from fa4aot.runtime import loader
 from fa4aot.runtime.driver import CudaError
 from fa4aot.runtime.frameworks import alloc_like, framework
 from fa4aot.runtime.tensors import DeviceTensor, as_device_tensor
@@ -21,6 +23,17 @@ if TYPE_CHECKING:
 #: Bytes of one tensor-map workspace slot (FA4: int64 (n_ctas, 16), a 128-byte TMA descriptor per CTA).
 WORKSPACE_SLOT_BYTES = TENSORMAP_WORDS * 8
 
+#: FA4's tensor-map workspace of non-torch callers: stream -> (device pointer, slots)
+stream_workspaces = loader.api_cache(
+    "stream_workspaces",
+    lambda rt: BoundedDict(loader.MAX_PER_STREAM, on_evict=lambda stream, ws: rt.free_after(stream, ws[0])),
+)
+#: the zeroed tile semaphore of FA4's dynamic varlen route for non-torch callers, per stream
+route_semaphores = loader.api_cache(
+    "route_semaphores",
+    lambda rt: BoundedDict(loader.MAX_PER_STREAM, on_evict=lambda stream, ptr: rt.free_after(stream, ptr)),
+)
+
 
 def workspace(rt: Runtime, fc: ForwardCall, ref: Any, stream: int) -> DeviceTensor | Any:
     """FA4's tensor-map workspace for this call, at least the slots FA4 sizes for the grid
@@ -30,13 +43,15 @@ def workspace(rt: Runtime, fc: ForwardCall, ref: Any, stream: int) -> DeviceTens
     slots = workspace_slots(rt, fc)
     if framework(ref) == "torch":
         return alloc_like(ref, (slots, TENSORMAP_WORDS), "int64")
-    have = rt.stream_workspaces.get(stream)
+    kept = stream_workspaces(rt)
+    have = kept.get(stream)
     if have is None or have[1] < slots:
         # a little headroom, so a growing batch does not reallocate at every step
         ptr = stream_alloc(rt, (slots + slots // 4) * WORKSPACE_SLOT_BYTES, stream, "tensor-map workspace")
         if have is not None:
-            del rt.stream_workspaces[stream]  # frees it after the stream's queued work
-        rt.stream_workspaces[stream] = have = (ptr, slots + slots // 4)
+            rt.free_after(stream, have[0])  # after the stream's queued work, which may use it
+            del kept[stream]
+        kept[stream] = have = (ptr, slots + slots // 4)
     return DeviceTensor(have[0], (have[1], TENSORMAP_WORDS), (TENSORMAP_WORDS, 1), "int64", rt.device, "raw")
 
 
@@ -57,11 +72,12 @@ def route_semaphore(rt: Runtime, ref: Any, stream: int) -> DeviceTensor | Any:
     once (the kernel resets it at exit, so launches ordered on the stream reuse it)."""
     if framework(ref) == "torch":
         return alloc_like(ref, (1,), "int32").zero_()
-    ptr = rt.route_semaphores.get(stream)
+    kept = route_semaphores(rt)
+    ptr = kept.get(stream)
     if ptr is None:
         ptr = stream_alloc(rt, 4, stream, "tile semaphore")
         rt.driver.memset_d32(ptr, 0, 1, stream)
-        rt.route_semaphores[stream] = ptr
+        kept[stream] = ptr
     return DeviceTensor(ptr, (1,), (1,), "int32", rt.device, "raw")
 
 
