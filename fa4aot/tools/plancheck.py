@@ -168,6 +168,24 @@ def _start(cache: Cache, entry: Entry, seed: int) -> tuple[VariantReport, Any, d
     return VariantReport(entry), plan, k, starts, random.Random(f"{entry.variant_id}:{seed}")
 
 
+def _runs(cache: Cache, entry: Entry, n: int, seed: int, draw: Any) -> tuple[VariantReport, set[int], Any]:
+    """(the entry's report, where its first kernel's parameters start, ``n`` random calls): each
+    call drawn by ``draw(entry, rng)``, run through the plan, its block and smem checked, and
+    yielded as (named arguments, sizes, launch, where)."""
+    report, plan, k, starts, rng = _start(cache, entry, seed)
+
+    def runs() -> Any:
+        for _ in range(n):
+            named, sz = draw(entry, rng)
+            (launch,) = plan.plan(plan.order(named))
+            report.runs += 1
+            where = f"sizes {sz}"
+            _check_block_and_smem(report, launch, k, where)
+            yield named, sz, launch, where
+
+    return report, starts, runs()
+
+
 def _check_block_and_smem(report: VariantReport, launch: Any, k: dict, where: str) -> None:
     """Block equals the cubin's REQNTID; dynamic smem equals the build's record and fits the target."""
     entry = report.entry
@@ -180,35 +198,15 @@ def _check_block_and_smem(report: VariantReport, launch: Any, k: dict, where: st
 def check_entry(cache: Cache, entry: Entry, n: int = 30, seed: int = 0) -> VariantReport:
     if entry.variant.family in BACKWARD_KERNEL_FAMILIES:
         return check_backward_entry(cache, entry, n, seed)
-    report, plan, k, starts, rng = _start(cache, entry, seed)
+    report, starts, runs = _runs(cache, entry, n, seed, random_call)
     f = entry.variant.fields
-    for _ in range(n):
-        named, sz = random_call(entry, rng)
-        (launch,) = plan.plan(plan.order(named))
-        report.runs += 1
-        where = f"sizes {sz}"
-        _check_block_and_smem(report, launch, k, where)
+    for named, sz, launch, where in runs:
+        shape = {name: sz[name] for name in ("batch", "seqlen_q", "nheads", "nheads_kv", "total_q")}
         if entry.variant.family == "fwd_sm100":
-            want = sm100_forward_grid(
-                f,
-                batch=sz["batch"],
-                seqlen_q=sz["seqlen_q"],
-                nheads=sz["nheads"],
-                nheads_kv=sz["nheads_kv"],
-                num_sms=entry.target.num_sms,
-                total_q=sz["total_q"],
-                num_splits=sz["num_splits"],
-            )
+            want = sm100_forward_grid(f, **shape, num_sms=entry.target.num_sms, num_splits=sz["num_splits"])
         else:
             grid = sm120_forward_grid if entry.variant.family == "fwd_sm120" else sm90_forward_grid
-            want = grid(
-                f,
-                batch=sz["batch"],
-                seqlen_q=sz["seqlen_q"],
-                nheads=sz["nheads"],
-                nheads_kv=sz["nheads_kv"],
-                total_q=sz["total_q"],
-            )
+            want = grid(f, **shape)
         if launch.grid != want:
             report.problems.append(f"grid {launch.grid} != FA4 formula {want} ({where})")
         if (launch.cluster == (2, 1, 1)) != bool(f.get("use_2cta_instrs")):
@@ -229,14 +227,9 @@ def check_entry(cache: Cache, entry: Entry, n: int = 30, seed: int = 0) -> Varia
 def check_backward_entry(cache: Cache, entry: Entry, n: int = 30, seed: int = 0) -> VariantReport:
     """Random calls of a backward kernel's plan: block, smem, grid (FA4's scheduler formula),
     cluster, and that every tensor's base address starts a kernel parameter."""
-    report, plan, k, starts, rng = _start(cache, entry, seed)
+    report, starts, runs = _runs(cache, entry, n, seed, random_backward_call)
     f = entry.variant.fields
-    for _ in range(n):
-        named, sz = random_backward_call(entry, rng)
-        (launch,) = plan.plan(plan.order(named))
-        report.runs += 1
-        where = f"sizes {sz}"
-        _check_block_and_smem(report, launch, k, where)
+    for named, sz, launch, where in runs:
         want = backward_grid(entry.variant.family, f, **sz)
         if launch.grid != want:
             report.problems.append(f"grid {launch.grid} != FA4 formula {want} ({where})")
