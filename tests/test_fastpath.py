@@ -60,7 +60,7 @@ def fake_torch(monkeypatch):
 
 
 def _hits(rt) -> int:
-    calls = fastpath._BY_RUNTIME.get(rt)
+    calls = fastpath.calls_of(rt)
     return calls.hits if calls is not None else 0
 
 
@@ -222,7 +222,7 @@ def test_calls_owning_buffers_are_not_served(sm100, monkeypatch):
         allocs.append(len(drv.allocs))
     assert _hits(rt) == 0 and len(drv.launches) == 9  # prepare, forward, combine, three times
     assert allocs[2] == allocs[0]  # the probe on the second call allocated nothing (graph-capture safe)
-    (entry,) = fastpath._BY_RUNTIME[rt].entries.values()
+    (entry,) = fastpath.calls_of(rt).entries.values()
     assert entry is fastpath._NOT_SERVED
 
 
@@ -325,7 +325,7 @@ def test_a_varlen_call_gets_a_new_tensor_map_workspace_per_call(sm100, monkeypat
     assert _hits(rt) == 2 and len(drv.launches) == 4
     full, fast = drv.launches[1], drv.launches[3]
     assert (full.kernel, full.grid, full.block, full.smem) == (fast.kernel, fast.grid, fast.block, fast.smem)
-    (family,) = fastpath._BY_RUNTIME[rt].entries.values()
+    (family,) = fastpath.calls_of(rt).entries.values()
     assert family.last[1].ws_slots > 0
     # the probe and the fast calls allocate nothing from the driver (the full path's first call
     # made its per-stream workspace: these stand-in tensors are not torch's)
@@ -354,7 +354,7 @@ def test_a_workload_that_never_repeats_stops_paying_for_the_key(sm90, monkeypatc
 
     for i in range(8):  # a new softmax scale every call: a new key every call
         call(0.1 + i / 1024)
-    calls = fastpath._BY_RUNTIME[rt]
+    calls = fastpath.calls_of(rt)
     assert calls.skip == 5 and calls.hits == 0
     for _ in range(5):  # skipped: no key, no sighting
         call(0.5)

@@ -24,13 +24,13 @@ the typed error. Threads may share an entry: a prepared call packs into a block 
 from __future__ import annotations
 
 import sys
-import weakref
 from typing import Any
 
 from fa4aot.core import gencode
 from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import Fa4aotError
 from fa4aot.core.fa4_interface import TENSORMAP_WORDS, tensormap_workspace_ctas
+from fa4aot.runtime import loader
 from fa4aot.runtime.dispatch import region_key
 from fa4aot.runtime.validate import INT32_MAX
 
@@ -64,7 +64,7 @@ class _Entry:
 class _Calls:
     """One runtime's fast plain calls: key -> _Entry (or _NOT_SERVED), and keys seen once."""
 
-    __slots__ = ("entries", "sighted", "hits", "tries", "recent_hits", "skip", "__weakref__")
+    __slots__ = ("entries", "sighted", "hits", "tries", "recent_hits", "skip")
 
     def __init__(self) -> None:
         self.entries: BoundedDict = BoundedDict(MAX_FAST_CALLS)
@@ -73,6 +73,9 @@ class _Calls:
         self.tries = 0  # calls looked up in the current window
         self.recent_hits = 0  # of them, served
         self.skip = 0  # calls to pass straight to the full path
+
+    def __len__(self) -> int:  # (rt.cache_sizes())
+        return len(self.entries)
 
     def missed(self) -> None:
         """A call not served (a new key, or one that is never served). A window of
@@ -100,14 +103,13 @@ def _torch_api() -> tuple[type, Any] | None:
     return _API[0]
 
 
-_BY_RUNTIME: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: a runtime's fast calls (made on first use)
+_calls = loader.api_cache("fast_calls", lambda rt: _Calls())
 
 
-def _calls(rt: Any) -> _Calls:
-    calls = _BY_RUNTIME.get(rt)
-    if calls is None:
-        calls = _BY_RUNTIME[rt] = _Calls()
-    return calls
+def calls_of(rt: Any) -> _Calls | None:
+    """``rt``'s fast calls, None before its first call that looked one up (stats, tests)."""
+    return rt.api_caches.get("fast_calls")
 
 
 def forward(
@@ -321,7 +323,9 @@ def _start(rt: Any) -> tuple[tuple[type, Any], _Calls] | None:
     api = _API[0] if _API else _torch_api()
     if api is None:
         return None
-    calls = _BY_RUNTIME.get(rt) or _calls(rt)
+    calls = rt.api_caches.get("fast_calls")
+    if calls is None:
+        calls = _calls(rt)
     if calls.skip:
         calls.skip -= 1
         return None
@@ -538,4 +542,4 @@ def _sight(calls: _Calls, key: tuple[Any, ...], prepare: Any) -> None:
 
 def clear(rt: Any) -> None:
     """Forget ``rt``'s fast calls (tests; a runtime closing)."""
-    _BY_RUNTIME.pop(rt, None)
+    rt.api_caches.pop("fast_calls", None)

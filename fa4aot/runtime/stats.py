@@ -86,9 +86,9 @@ def collect(rt: Any) -> RuntimeStats:
         if n:
             family = lv.variant.family
             launches[family] = launches.get(family, 0) + n
-    fast = sys.modules.get("fa4aot.runtime.fastpath")
-    calls = fast._BY_RUNTIME.get(rt) if fast is not None else None
-    rules = rt.api_caches.get("forward_rules") or {}  # (runtime.forward's cache)
+    # the caches runtime.fastpath and runtime.forward keep (loader.api_cache), where used yet
+    calls = rt.api_caches.get("fast_calls")
+    rules = rt.api_caches.get("forward_rules") or {}
     regions = [r.regions for r in list(rules.values()) if r.regions is not None]
     return RuntimeStats(
         fast_calls=calls.hits if calls is not None else 0,

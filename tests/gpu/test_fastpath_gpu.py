@@ -19,7 +19,7 @@ def _rand(*shape, seed=0):
 
 
 def _hits(rt) -> int:
-    calls = fastpath._BY_RUNTIME.get(rt)
+    calls = fastpath.calls_of(rt)
     return calls.hits if calls is not None else 0
 
 
