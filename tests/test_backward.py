@@ -5,6 +5,7 @@ launch sequence on the fake driver, and byte identity with FA4's JIT for the CI 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -466,11 +467,11 @@ def test_fa4aot_torch_imports_no_build_stack():
 
 def test_check_plans_runs_every_backward_plan(built_cache):
     """FA4's host code of every backward kernel in the CI cache on random calls: block, smem,
-    cluster and the grid against FA4's scheduler formulas (tools/grids.backward_grid)."""
-    from fa4aot.core.layouts import BACKWARD_KERNEL_FAMILIES
+    cluster and the grid against FA4's scheduler formulas (the backward home's backward_grid)."""
+    from fa4aot.core.families import BACKWARD, of_stage
     from fa4aot.tools.plancheck import check_cache
 
-    reports = check_cache(Cache(built_cache), 25, families=BACKWARD_KERNEL_FAMILIES)
+    reports = check_cache(Cache(built_cache), 25, families=of_stage(BACKWARD))
     assert {(r.entry.variant.family, r.entry.target.arch) for r in reports} >= {
         ("bwd_sm90", "sm_90a"), ("bwd_pre", "sm_90a"), ("bwd_post", "sm_90a"), ("bwd_sm100", "sm_100a"),
     }  # fmt: skip
@@ -494,9 +495,11 @@ def test_deterministic_backward_zeroes_its_semaphores(sm90):
 
 def test_backward_plan_check_catches_a_wrong_grid(built_cache, monkeypatch):
     """The backward grid check can fail: with a wrong oracle it reports every call."""
+    from fa4aot.core.families import FAMILIES
     from fa4aot.tools import plancheck
 
-    monkeypatch.setattr(plancheck, "backward_grid", lambda family, f, **kw: (1, 1, 1))
+    wrong = dataclasses.replace(FAMILIES["bwd_sm90"], grid=lambda f, sizes, num_sms: (1, 1, 1))
+    monkeypatch.setitem(FAMILIES, "bwd_sm90", wrong)
     cache = Cache(built_cache)
     e = next(e for e in cache.entries() if e.variant.family == "bwd_sm90")
     assert len(plancheck.check_entry(cache, e, n=5).problems) == 5

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
 import subprocess
@@ -13,11 +14,13 @@ from helpers import run_cli
 
 from fa4aot.core import cubin, samples
 from fa4aot.core.errors import ArgumentError
+from fa4aot.core.families import dims_for
+from fa4aot.core.families.combine import combine_grid
+from fa4aot.core.families.forward import sm90_forward_grid, sm100_forward_grid
 from fa4aot.core.index import Cache
-from fa4aot.core.layouts import Dims, dims_for
+from fa4aot.core.layouts import Dims
 from fa4aot.core.signature import TensorDesc
 from fa4aot.plan.library import open_plan, target_answers
-from fa4aot.tools.grids import combine_grid, sm90_forward_grid, sm100_forward_grid
 
 SM90_MAX_SMEM_PER_BLOCK = 232448  # H100 opt-in shared memory per block (CUDA programming guide, CC 9.0)
 
@@ -318,9 +321,10 @@ def test_launch_plan_cli(built_cache):
 def test_every_forward_plan_on_random_arguments(built_cache):
     """>= 30 random argument sets per forward variant (see fa4aot.tools.plancheck for what varies and
     what is checked: block, smem, grid vs FA4's formulas, cluster, Q/K/V/O addresses)."""
-    from fa4aot.tools.plancheck import FORWARD, check_cache
+    from fa4aot.core.families import FORWARD, of_stage
+    from fa4aot.tools.plancheck import check_cache
 
-    reports = check_cache(Cache(built_cache), n=30, families=FORWARD)
+    reports = check_cache(Cache(built_cache), n=30, families=of_stage(FORWARD))
     assert {r.entry.variant.family for r in reports} == {"fwd_sm100", "fwd_sm90", "fwd_sm120"}
     assert all(r.runs >= 30 for r in reports)
     problems = [(r.entry.variant.label(), p) for r in reports for p in r.problems]
@@ -329,9 +333,11 @@ def test_every_forward_plan_on_random_arguments(built_cache):
 
 def test_plan_check_catches_a_wrong_grid(built_cache, monkeypatch):
     """The check can fail: with a wrong oracle it reports every call."""
+    from fa4aot.core.families import FAMILIES
     from fa4aot.tools import plancheck
 
-    monkeypatch.setattr(plancheck, "sm100_forward_grid", lambda f, **kw: (1, 1, 1))
+    wrong = dataclasses.replace(FAMILIES["fwd_sm100"], grid=lambda f, sizes, num_sms: (1, 1, 1))
+    monkeypatch.setitem(FAMILIES, "fwd_sm100", wrong)
     cache, (e, *_) = entries(built_cache, "fwd_sm100")
     assert len(plancheck.check_entry(cache, e, n=5).problems) == 5
 

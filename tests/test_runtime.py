@@ -317,7 +317,7 @@ def test_sm100_cache_on_sm90_device_is_refused(built_cache, tmp_path):
 def test_launches_from_several_threads(runtime):
     import threading
 
-    from fa4aot.tools.grids import combine_grid
+    from fa4aot.core.families.combine import combine_grid
 
     rt, drv = runtime
     errors = []

@@ -19,9 +19,8 @@ from test_plans import entries, load_plan
 import fa4aot
 from fa4aot.core import samples
 from fa4aot.core.errors import Fa4aotError
-from fa4aot.core.families import is_tuning_candidate
+from fa4aot.core.families import dims_for, is_tuning_candidate
 from fa4aot.core.fwd import sm90_smem_bytes
-from fa4aot.core.layouts import dims_for
 from fa4aot.core.tuning import (
     TuningEntry,
     TuningTable,

@@ -6,12 +6,12 @@ does arithmetic on the addresses (it never dereferences them), so any aligned va
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from fa4aot.core.layouts import Dims, dims_for, tensors_for
+from fa4aot.core.families import dims_for, sample_scalars, tensors_for
+from fa4aot.core.layouts import Dims
 from fa4aot.core.signature import TensorDesc
-from fa4aot.core.variant import FORWARD_FAMILIES, Variant
+from fa4aot.core.variant import Variant
 
 FAKE_BASE = 0x7F00_0000_0000
 FAKE_STRIDE = 0x0100_0000_0000 // 64  # 1 TiB / 64: room for any sample tensor
@@ -28,29 +28,7 @@ def named_args(variant: Variant, dims: Dims | None = None, *, stream: int = 0) -
     out: dict[str, Any] = {}
     for i, (name, t) in enumerate(sorted(tensors_for(variant, d).items())):
         out[name] = TensorDesc(fake_pointer(i), t.shape, t.strides)
-    f = variant.fields
-    if variant.family in FORWARD_FAMILIES:
-        out["softmax_scale"] = 1.0 / math.sqrt(d.head_dim)
-        if variant.family == "fwd_sm100":
-            out["max_seqlen_q"] = d.seqlen_q
-        if f["local"]:
-            out["window_size_left"] = 128
-            out["window_size_right"] = 0
-    elif variant.family in ("bwd_sm90", "bwd_sm100", "bwd_pre"):
-        out["softmax_scale"] = 1.0 / math.sqrt(d.head_dim)
-        if f.get("local"):
-            out["window_size_left"] = 128
-            out["window_size_right"] = 0
-    elif variant.family == "bwd_post":
-        out["scale"] = 1.0 / math.sqrt(d.head_dim)
-    elif variant.family == "prepare":
-        out.update(
-            max_seqlen_q=d.seqlen_q,
-            max_seqlen_k=d.seqlen_k,
-            seqlen_k_new=0,
-            num_batch=d.batch,
-            num_splits=max(d.num_splits, 1),
-        )
+    out.update(sample_scalars(variant, d))
     out["stream"] = stream
     return out
 

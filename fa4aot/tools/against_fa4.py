@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from fa4aot.core import fwd
+from fa4aot.core.backward import BACKWARD_FAMILIES
 from fa4aot.core.env import child_environ
 from fa4aot.core.errors import ArgumentError, Fa4aotError
-from fa4aot.core.families import is_tuning_candidate
+from fa4aot.core.families import BACKWARD, FAMILIES, is_tuning_candidate
 from fa4aot.core.index import Cache, Entry
 from fa4aot.core.variant import FORWARD_FAMILIES, Variant
 from fa4aot.tools.fa4_calls import decide
@@ -95,21 +96,6 @@ for i, case in enumerate(cases):
 """
 
 
-#: What a family's kernel is called in a cubin (an FA4 call may compile several kernels).
-KERNEL_KINDS = {
-    "combine": "FlashAttentionForwardCombine",
-    "prepare": "FlashPrepareScheduler",
-    "bwd_pre": "FlashAttentionBackwardPreprocess",
-    "bwd_sm90": "FlashAttentionBackwardSm90",
-    "bwd_sm100": "FlashAttentionBackwardSm100",
-    "bwd_post": "FlashAttentionBackwardPostprocess",
-}
-
-
-#: What FA4's SwapAB decode kernel is called in a cubin (``flash_fwd_decode_sm100._SwapABCore``).
-SWAPAB_KERNEL = "SwapABCore"
-
-
 @dataclass(frozen=True)
 class Comparison:
     entry: Entry
@@ -162,8 +148,6 @@ def _backward_calls(m: Variant) -> list[tuple[dict[str, Any], set[tuple[str, str
 def backward_case(v: Variant, mains: list[Variant]) -> dict[str, Any] | None:
     """A backward call for which FA4 compiles ``v`` (a main backward kernel, or a preprocess /
     postprocess one of the backward groups of ``mains``, the cache's main kernels), or None."""
-    from fa4aot.core.backward import BACKWARD_FAMILIES
-
     for m in [v] if v.family in BACKWARD_FAMILIES else mains:
         if (m.arch, m.num_sms) != (v.arch, v.num_sms):
             continue
@@ -199,16 +183,11 @@ def find_case(v: Variant, mains: list[Variant] = ()) -> dict[str, Any] | None:
     dispatch, which restates FA4's rules, maps to ``v``), or None. ``mains``: the main backward
     kernels of the cache (a backward helper kernel is found through the group it belongs to)."""
     f = v.fields
-    if v.family.startswith("bwd_"):
+    fam = FAMILIES[v.family]
+    if fam.fa4_case is not None:
+        return fam.fa4_case(v)
+    if fam.stage == BACKWARD:
         return backward_case(v, list(mains))
-    if v.family == "combine":
-        # FA4's combine kernel depends only on what its compile key holds: these fields
-        keys = ("dtype", "head_dim", "num_head", "varlen", "seqused", "has_lse", "num_splits_dynamic")
-        return dict({k: f[k] for k in keys}, kind="combine", arch=v.arch, num_splits=1 << f["log_max_splits"])
-    if v.family == "prepare":
-        # FA4's prepare kernel is compiled from these fields (its compile key), the batch size
-        # only through the warp count
-        return dict(f, kind="prepare")
     if v.family not in FORWARD_FAMILIES or is_tuning_candidate(v.family, f):
         return None
     qh = f["qhead_per_kvhead"]
@@ -277,10 +256,11 @@ def compare(
     total = len(entries)
     out: list[Comparison] = []
     by_target: dict[tuple[str, int], list[tuple[Entry, dict[str, Any]]]] = {}
-    mains = [e.variant for e in cache.entries() if e.variant.family in ("bwd_sm90", "bwd_sm100")]
+    mains = [e.variant for e in cache.entries() if e.variant.family in BACKWARD_FAMILIES]
     # backward kernels: grouped into few calls, each of which compiles several of them
-    bwd_calls, uncovered = backward_cases([e for e in entries if e.variant.family.startswith("bwd_")], mains)
-    entries = [e for e in entries if not e.variant.family.startswith("bwd_")]
+    backward = [e for e in entries if FAMILIES[e.variant.family].stage == BACKWARD]
+    bwd_calls, uncovered = backward_cases(backward, mains)
+    entries = [e for e in entries if FAMILIES[e.variant.family].stage != BACKWARD]
     for case, covered in bwd_calls:
         for e in covered:
             by_target.setdefault((e.target.arch, e.target.num_sms), []).append((e, case))
@@ -325,9 +305,7 @@ def compare(
                     out.append(Comparison(e, "failed", f"FA4 did not get to this call: {proc.stderr[-300:]}"))
                     continue
                 # a split-KV call also compiles the combine kernel: keep the cubin of the entry's kind
-                kind = KERNEL_KINDS.get(e.variant.family, "FlashAttentionForwardSm")
-                if e.variant.fields.get("use_swapab"):
-                    kind = SWAPAB_KERNEL
+                kind = FAMILIES[e.variant.family].fa4_kernel(e.variant.fields)
                 cubins = [
                     p for p in sorted(glob.glob(f"{dump}/{i}/*.cubin")) if _has_kernel(Path(p).read_bytes(), kind)
                 ]

@@ -1833,7 +1833,7 @@ def launch_plan_cmd(key: str, cache_dir: Path | None, shape: str, params: bool) 
     labelled with the tensor's name.
     """
     from fa4aot.core import samples
-    from fa4aot.core.layouts import dims_for
+    from fa4aot.core.families import dims_for
     from fa4aot.plan.library import open_plan, target_answers
 
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fa4aot.core.fa4_interface import arch_number, combine_geometry
-from fa4aot.core.layouts import needs_workspace
+from fa4aot.core.families.forward import needs_workspace
 from fa4aot.core.variant import Variant
 
 #: The functions whose keys fa4aot models, and the kind of kernel each compiles.

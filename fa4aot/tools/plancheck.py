@@ -6,13 +6,13 @@ sequences, padded (non-contiguous) batch/seq/head strides, decode shapes for Swa
 through FA4's exported host code, with checks that can fail:
 
 * block equals the cubin's REQNTID; dynamic smem equals the build's record and fits the target;
-* the grid equals FA4's scheduler formula (:mod:`fa4aot.tools.grids`, derived independently);
-* cluster (2,1,1) exactly for 2CTA variants;
-* the Q, K, V, O base addresses each start a kernel parameter of the cubin's table.
+* the grid equals FA4's scheduler formula (the family home's ``grid``, derived independently);
+* the cluster is the home's (2,1,1) exactly for 2CTA variants;
+* the addresses the home says a kernel takes as they are (a forward's Q, K, V, O bases) each start
+  a kernel parameter of the cubin's table.
 
 Backward kernels (main, preprocess, postprocess) get random calls of their own (FA4's padded
-scratch layouts, :func:`fa4aot.core.layouts.backward_tensors`) with the same block, smem, grid
-(:func:`fa4aot.tools.grids.backward_grid`) and cluster checks.
+scratch layouts, :func:`fa4aot.core.families.backward.backward_tensors`) with the same checks.
 
 ``fa4aot check-plans --cache DIR`` runs it; tests run it on manifests/ci.yaml.
 """
@@ -26,18 +26,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fa4aot.core.errors import CacheError
+from fa4aot.core.families import BACKWARD, FAMILIES, FORWARD, of_stage, sample_scalars, tensors_for
 from fa4aot.core.index import Cache, Entry
-from fa4aot.core.layouts import BACKWARD_KERNEL_FAMILIES, Dims, backward_tensors, forward_tensors
+from fa4aot.core.layouts import Dims
 from fa4aot.core.records import record_problems
 from fa4aot.core.samples import fake_pointer
 from fa4aot.core.signature import TensorDesc
-from fa4aot.core.variant import FORWARD_FAMILIES, Target, Variant
+from fa4aot.core.variant import Target, Variant
 from fa4aot.plan.library import open_plan, target_answers
-from fa4aot.tools.grids import backward_grid, sm90_forward_grid, sm100_forward_grid, sm120_forward_grid
 
-FORWARD = FORWARD_FAMILIES
+#: a launch's cluster of one CTA, which is none (FA4's SwapAB kernel states it)
+NO_CLUSTER = (1, 1, 1)
 #: what ``fa4aot check-plans`` exercises by default
-CHECKED = FORWARD_FAMILIES + BACKWARD_KERNEL_FAMILIES
+CHECKED = of_stage(FORWARD) + of_stage(BACKWARD)
 
 
 @dataclass
@@ -70,14 +71,14 @@ def _padded(rng: random.Random, shape: tuple[int, ...], pad: bool) -> tuple[int,
 
 def random_call(entry: Entry, rng: random.Random) -> tuple[dict[str, Any], dict[str, int]]:
     """Named plan arguments for one random call that fits ``entry``'s variant (FA4's layouts,
-    :func:`fa4aot.core.layouts.forward_tensors`, with padded strides), and its sizes."""
+    :func:`fa4aot.core.families.forward.forward_tensors`, with padded strides), and its sizes."""
     v = entry.variant
     f = v.fields
     qh = f["qhead_per_kvhead"]
     hk = rng.choice([1, 2, 4, 8])
     batch = rng.randint(1, 64)
     # SwapAB takes decode calls (one query a sequence); a 1-stage SM100 variant often serves them
-    small = v.family == "fwd_sm100" and (f["use_swapab"] or f["q_stage"] == 1)
+    small = f.get("use_swapab") or f.get("q_stage") == 1
     cap_q = max(1, 128 // (qh if f["pack_gqa"] else 1)) if small else 16384
     if f.get("use_swapab") or (small and rng.random() < 0.5):
         cap_q = 1
@@ -106,19 +107,13 @@ def random_call(entry: Entry, rng: random.Random) -> tuple[dict[str, Any], dict[
              page_size=page, num_pages=num_pages)  # fmt: skip
     pad = rng.random() < 0.5
     named: dict[str, Any] = {}
-    for i, (name, t) in enumerate(forward_tensors(v, d, entry.target.num_sms).items()):
+    for i, (name, t) in enumerate(tensors_for(v, d, entry.target.num_sms).items()):
         padded = pad and (name in ("q", "k", "v") or (name == "out" and not split))
         strides = _padded(rng, t.shape, True) if padded else t.strides
         if name == "page_table":
             strides = (t.shape[1] + rng.randint(0, 8), 1)
         named[name] = TensorDesc(fake_pointer(i), t.shape, strides)
-    named["softmax_scale"] = rng.uniform(0.01, 1.0)
-    if f["local"]:
-        named["window_size_left"] = rng.randint(0, 4096)
-        named["window_size_right"] = rng.randint(0, 4096)
-    if v.family == "fwd_sm100":
-        named["max_seqlen_q"] = seqlen_q
-    named["stream"] = 0
+    named.update(_random_scalars(v, d, rng))
     sizes = dict(batch=batch, seqlen_q=seqlen_q, total_q=total_q, nheads=hk * qh, nheads_kv=hk, num_splits=splits)
     if page is not None:
         sizes["page_size"] = page
@@ -126,12 +121,12 @@ def random_call(entry: Entry, rng: random.Random) -> tuple[dict[str, Any], dict[
 
 
 def random_backward_call(entry: Entry, rng: random.Random) -> tuple[dict[str, Any], dict[str, int]]:
-    """Named plan arguments for one random call of a backward kernel, and the rows it tiles."""
+    """Named plan arguments for one random call of a backward kernel, and its sizes."""
     v = entry.variant
     f = v.fields
     qh = f.get("qhead_per_kvhead", 1)
     hk = rng.choice([1, 2, 4, 8])
-    if v.family == "bwd_pre" and f["pack_factor"] > 1:  # specialized on its scratch heads
+    if "scratch_heads" in f and f["pack_factor"] > 1:  # a fold's preprocess: built for its scratch heads
         qh, hk = f["scratch_heads"] * f["pack_factor"], 1
     batch = rng.randint(1, 64)
     varlen_q = f.get("varlen_q", f.get("varlen", False))
@@ -143,19 +138,22 @@ def random_backward_call(entry: Entry, rng: random.Random) -> tuple[dict[str, An
     d = Dims(batch=batch, seqlen_q=sq, seqlen_k=sk, nheads=hk * qh, nheads_kv=hk, head_dim=hd,
              head_dim_v=f.get("head_dim_v", hd), total_q=tq, total_k=tk)  # fmt: skip
     named: dict[str, Any] = {}
-    for i, (name, t) in enumerate(sorted(backward_tensors(v, d).items())):
+    for i, (name, t) in enumerate(sorted(tensors_for(v, d).items())):
         named[name] = TensorDesc(fake_pointer(i), t.shape, t.strides)
-    if v.family == "bwd_post":
-        named["scale"] = rng.uniform(0.01, 1.0)
-    else:
-        named["softmax_scale"] = rng.uniform(0.01, 1.0)
-    if f.get("local"):
-        named["window_size_left"] = rng.randint(0, 4096)
-        named["window_size_right"] = rng.randint(0, 4096)
-    named["stream"] = 0
-    main = v.family in ("bwd_sm90", "bwd_sm100")
-    rows = dict(seqlen=sk, total=tk) if main else dict(seqlen=sq, total=tq)
-    return named, dict(batch=batch, nheads=hk * qh, **rows)
+    named.update(_random_scalars(v, d, rng))
+    return named, dict(batch=batch, nheads=hk * qh, seqlen_q=sq, seqlen_k=sk, total_q=tq, total_k=tk)
+
+
+def _random_scalars(v: Variant, d: Dims, rng: random.Random) -> dict[str, Any]:
+    """A call's scalars (the family's sample scalars) with a random softmax scale and window."""
+    out = sample_scalars(v, d)
+    for name in ("softmax_scale", "scale"):
+        if name in out:
+            out[name] = rng.uniform(0.01, 1.0)
+    if "window_size_left" in out:
+        out["window_size_left"], out["window_size_right"] = rng.randint(0, 4096), rng.randint(0, 4096)
+    out["stream"] = 0
+    return out
 
 
 def _start(cache: Cache, entry: Entry, seed: int) -> tuple[VariantReport, Any, dict, set[int], random.Random]:
@@ -196,51 +194,23 @@ def _check_block_and_smem(report: VariantReport, launch: Any, k: dict, where: st
 
 
 def check_entry(cache: Cache, entry: Entry, n: int = 30, seed: int = 0) -> VariantReport:
-    if entry.variant.family in BACKWARD_KERNEL_FAMILIES:
-        return check_backward_entry(cache, entry, n, seed)
-    report, starts, runs = _runs(cache, entry, n, seed, random_call)
+    """``n`` random calls of an entry's plan, each checked against what its family's home says:
+    block, smem, grid (FA4's scheduler formula), cluster, and that every address the kernel takes
+    as is starts a kernel parameter."""
+    fam = FAMILIES[entry.variant.family]
+    draw = random_backward_call if fam.stage == BACKWARD else random_call
+    report, starts, runs = _runs(cache, entry, n, seed, draw)
     f = entry.variant.fields
     for named, sz, launch, where in runs:
-        shape = {name: sz[name] for name in ("batch", "seqlen_q", "nheads", "nheads_kv", "total_q")}
-        if entry.variant.family == "fwd_sm100":
-            want = sm100_forward_grid(f, **shape, num_sms=entry.target.num_sms, num_splits=sz["num_splits"])
-        else:
-            grid = sm120_forward_grid if entry.variant.family == "fwd_sm120" else sm90_forward_grid
-            want = grid(f, **shape)
+        want = fam.grid(f, sz, entry.target.num_sms)
         if launch.grid != want:
             report.problems.append(f"grid {launch.grid} != FA4 formula {want} ({where})")
-        if (launch.cluster == (2, 1, 1)) != bool(f.get("use_2cta_instrs")):
+        if (None if launch.cluster == NO_CLUSTER else launch.cluster) != fam.cluster(f):
             report.problems.append(f"cluster {launch.cluster or 'none'} for use_2cta_instrs={f.get('use_2cta_instrs')}")
-        buf = launch.param_bytes
-        for name in ("q", "k", "v", "out"):
-            base = named[name].ptr
-            if name == "out" and entry.variant.family == "fwd_sm90" and f["varlen_q"]:
-                # SM90 stores varlen O through a ragged TMA view whose base is shifted back by
-                # 2**30 rows (quack's create_ragged_tensor_for_tma(ptr_shift=True))
-                base = (base - (1 << 30) * named[name].strides[0] * 2) % (1 << 64)
+        for name, base in fam.pointers(f, named).items():
             raw = struct.pack("<Q", base)
-            if not any(buf[s : s + 8] == raw for s in starts):
+            if not any(launch.param_bytes[s : s + 8] == raw for s in starts):
                 report.problems.append(f"&{name} starts no kernel parameter ({where})")
-    return report
-
-
-def check_backward_entry(cache: Cache, entry: Entry, n: int = 30, seed: int = 0) -> VariantReport:
-    """Random calls of a backward kernel's plan: block, smem, grid (FA4's scheduler formula),
-    cluster, and that every tensor's base address starts a kernel parameter."""
-    report, starts, runs = _runs(cache, entry, n, seed, random_backward_call)
-    f = entry.variant.fields
-    for named, sz, launch, where in runs:
-        want = backward_grid(entry.variant.family, f, **sz)
-        if launch.grid != want:
-            report.problems.append(f"grid {launch.grid} != FA4 formula {want} ({where})")
-        if (launch.cluster == (2, 1, 1)) != bool(f.get("use_2cta_instrs") and entry.variant.family == "bwd_sm100"):
-            report.problems.append(f"cluster {launch.cluster or 'none'} for use_2cta_instrs={f.get('use_2cta_instrs')}")
-        # the main kernel loads q/k/v/dout through TMA descriptors (their addresses live inside
-        # them); the preprocess and postprocess take plain pointers to every tensor
-        if entry.variant.family in ("bwd_pre", "bwd_post"):
-            for name in ("out", "dout") if entry.variant.family == "bwd_pre" else ("accum", "out"):
-                if not any(launch.param_bytes[s : s + 8] == struct.pack("<Q", named[name].ptr) for s in starts):
-                    report.problems.append(f"&{name} starts no kernel parameter ({where})")
     return report
 
 
