@@ -2,8 +2,8 @@
 (``flash_attn.cute.interface``), so an engine switches with one import. See
 :mod:`fa4aot.runtime.interface`."""
 
+from fa4aot.runtime.entry import flash_attn_func, flash_attn_varlen_func
 from fa4aot.runtime.fa4_entries import _flash_attn_bwd, _flash_attn_fwd_combine, get_scheduler_metadata
-from fa4aot.runtime.forward import flash_attn_func, flash_attn_varlen_func
 from fa4aot.runtime.interface import _flash_attn_fwd, _get_scheduler_metadata
 
 __all__ = [

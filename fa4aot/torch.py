@@ -24,7 +24,7 @@ import torch
 from fa4aot.core.errors import ArgumentError
 from fa4aot.core.fa4_args import mirror
 from fa4aot.runtime import loader
-from fa4aot.runtime.backward import flash_attn_backward
+from fa4aot.runtime.entry import flash_attn_backward
 from fa4aot.runtime.forward import forward
 from fa4aot.runtime.metadata import SchedulerMetadata
 

@@ -560,12 +560,12 @@ def test_forward_adapters_forward_or_refuse_every_parameter(monkeypatch, name):
     inference path it reaches the runtime forward under its name, which serves it or refuses it by
     name; on the autograd path it reaches fa4aot.torch's function (which serves or refuses it) or
     the adapter refuses it by name."""
-    from fa4aot.runtime import forward
+    from fa4aot.runtime import entry
 
     torch = pytest.importorskip("torch")
     import fa4aot.torch as ft
 
-    adapter, runtime_fn, torch_fn = getattr(adapters, name), getattr(forward, name), getattr(ft, name)
+    adapter, runtime_fn, torch_fn = getattr(adapters, name), getattr(entry, name), getattr(ft, name)
     params = [p for p in inspect.signature(getattr(fi, name)).parameters if p not in ("q", "k", "v")]
     for grad in (False, True):
         q = torch.zeros(1, requires_grad=True) if grad else _q()
@@ -576,7 +576,7 @@ def test_forward_adapters_forward_or_refuse_every_parameter(monkeypatch, name):
                 with pytest.raises(ArgumentError, match=rf"^{pname}: fa4aot"):
                     call()
                 continue
-            owner, fn = (ft, torch_fn) if grad else (forward, runtime_fn)
+            owner, fn = (ft, torch_fn) if grad else (entry, runtime_fn)
             got = _arrived(fn, monkeypatch, owner, name, call)
             assert got[pname] is marker, (name, grad, pname)
             monkeypatch.undo()
@@ -586,15 +586,15 @@ def test_forward_adapters_forward_or_refuse_every_parameter(monkeypatch, name):
 
 
 def test_flash_attn_bwd_forwards_ignores_or_refuses_every_parameter(monkeypatch):
-    from fa4aot.runtime import backward, fa4_entries
+    from fa4aot.runtime import entry, fa4_entries
 
     req = {n: _q() for n in ("q", "k", "v", "out", "dout", "lse")}
     _check_adapter(
-        "_flash_attn_bwd", adapters._flash_attn_bwd, backward.flash_attn_backward, fa4_entries, "flash_attn_backward",
+        "_flash_attn_bwd", adapters._flash_attn_bwd, entry.flash_attn_backward, fa4_entries, "flash_attn_backward",
         monkeypatch, req,
     )  # fmt: skip
     got = _arrived(
-        backward.flash_attn_backward,
+        entry.flash_attn_backward,
         monkeypatch,
         fa4_entries,
         "flash_attn_backward",
@@ -800,14 +800,14 @@ def test_inference_calls_detach_tensors_that_require_grad(monkeypatch):
     """Under torch.no_grad() a Parameter (gpt-oss's sinks) still requires grad, which DLPack
     refuses: the inference path hands the runtime a detached view of the same memory."""
     torch = pytest.importorskip("torch")
-    from fa4aot.runtime import forward
+    from fa4aot.runtime import entry
 
     sink = torch.nn.Parameter(torch.zeros(4))
     q = torch.zeros(1, 2, 4, 8, requires_grad=True)
     for name in ("flash_attn_func", "flash_attn_varlen_func"):
         with torch.no_grad():
             got = _arrived(
-                getattr(forward, name), monkeypatch, forward, name,
+                getattr(entry, name), monkeypatch, entry, name,
                 lambda: getattr(adapters, name)(q, q, q, learnable_sink=sink),  # noqa: B023
             )  # fmt: skip
         for arg, src in (("q", q), ("learnable_sink", sink)):

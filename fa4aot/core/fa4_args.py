@@ -191,8 +191,8 @@ ENTRY_POINTS: dict[str, tuple[Param, ...]] = {
 #: FA4's entry point -> fa4aot's torch-free mirror (same parameters in the same order; fa4aot's
 #: extras keyword-only after them).
 MIRRORS = {
-    "flash_attn_func": "fa4aot.runtime.forward.flash_attn_func",
-    "flash_attn_varlen_func": "fa4aot.runtime.forward.flash_attn_varlen_func",
+    "flash_attn_func": "fa4aot.runtime.entry.flash_attn_func",
+    "flash_attn_varlen_func": "fa4aot.runtime.entry.flash_attn_varlen_func",
     "_flash_attn_fwd": "fa4aot.runtime.interface._flash_attn_fwd",
     "_flash_attn_bwd": "fa4aot.runtime.fa4_entries._flash_attn_bwd",
     "_get_scheduler_metadata": "fa4aot.runtime.interface._get_scheduler_metadata",

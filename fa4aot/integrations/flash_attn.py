@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from fa4aot.core.fa4_args import mirror
-from fa4aot.runtime import fa4_entries, forward  # noqa: F401 - called by the generated mirrors
+from fa4aot.runtime import entry, fa4_entries  # noqa: F401 - called by the generated mirrors
 from fa4aot.runtime import interface as rt_interface
 from fa4aot.runtime.metadata import SchedulerMetadata
 
@@ -53,7 +53,7 @@ flash_attn_func = mirror(
     if needs_autograd(q, k, v, learnable_sink):  # fa4aot.torch refuses the inference-only FA4 paths
         return _fa4aot_torch().flash_attn_func({all})
     q, k, v, learnable_sink = _plain(q), _plain(k), _plain(v), _plain(learnable_sink)
-    return forward.flash_attn_func({all})
+    return entry.flash_attn_func({all})
     """,
     globals(),
     check="none",  # the functions it calls refuse
@@ -67,7 +67,7 @@ flash_attn_varlen_func = mirror(
     if needs_autograd(q, k, v, learnable_sink):  # fa4aot.torch refuses the inference-only FA4 paths
         return _fa4aot_torch().flash_attn_varlen_func({all})
     q, k, v, learnable_sink = _plain(q), _plain(k), _plain(v), _plain(learnable_sink)
-    return forward.flash_attn_varlen_func({all})
+    return entry.flash_attn_varlen_func({all})
     """,
     globals(),
     check="none",  # the functions it calls refuse

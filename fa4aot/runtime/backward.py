@@ -25,7 +25,6 @@ from fa4aot.core.errors import ArgumentError, VariantNotFoundError
 from fa4aot.core.fa4_interface import arch_number, clamp_window, resolve_window
 from fa4aot.core.variant import Variant
 from fa4aot.runtime import loader, validate
-from fa4aot.runtime.fastpath import backward as fast_backward
 from fa4aot.runtime.frameworks import alloc_like, default_stream, framework
 from fa4aot.runtime.loader import LoadedVariant, Runtime
 from fa4aot.runtime.tensors import (
@@ -108,50 +107,34 @@ def pick(rt: Runtime, key: tuple[Any, ...], facts: BwdFacts) -> BackwardKernels:
     return got
 
 
-def flash_attn_backward(
+def backward(
+    rt: Runtime,
     dout: Any,
     q: Any,
     k: Any,
     v: Any,
     out: Any,
     lse: Any,
-    softmax_scale: float | None = None,
-    causal: bool = False,
-    window_size: tuple[int | None, int | None] = (None, None),
-    softcap: float = 0.0,
-    cu_seqlens_q: Any = None,
-    cu_seqlens_k: Any = None,
-    seqused_q: Any = None,
-    seqused_k: Any = None,
-    max_seqlen_q: int | None = None,
-    max_seqlen_k: int | None = None,
-    deterministic: bool = False,
-    dq: Any = None,
-    dk: Any = None,
-    dv: Any = None,
-    dlse: Any = None,
-    learnable_sink: Any = None,
-    stream: Any = None,
-    *,
-    runtime: Runtime | None = None,
+    softmax_scale: float | None,
+    causal: bool,
+    window_size: tuple[int | None, int | None],
+    softcap: float,
+    cu_seqlens_q: Any,
+    cu_seqlens_k: Any,
+    seqused_q: Any,
+    seqused_k: Any,
+    max_seqlen_q: int | None,
+    max_seqlen_k: int | None,
+    deterministic: bool,
+    dq: Any,
+    dk: Any,
+    dv: Any,
+    dlse: Any,
+    learnable_sink: Any,
+    stream: Any,
 ) -> tuple[Any, ...]:
-    """Gradients of FA4's attention: ``(dq, dk, dv)``, or ``(dq, dk, dv, dsink)`` with a
-    ``learnable_sink``; FA4's ``_flash_attn_bwd`` semantics.
-
-    Layouts are FA4's: q/out/dout (batch, seqlen_q, nheads, d) or, with ``cu_seqlens_q``,
-    (total_q, nheads, d); k/v likewise with ``cu_seqlens_k``; ``lse`` (and ``dlse``, the
-    gradient of a returned LSE) (batch, nheads, seqlen_q) or (nheads, total_q) fp32, as the
-    forward returned it. ``dq``/``dk``/``dv``: preallocated outputs to write (else allocated
-    with the inputs' framework). ``stream`` defaults to the framework's current stream.
-    """
-    rt = runtime or loader._DEFAULT or loader.default_runtime()
-    if dq is None and dk is None and dv is None and learnable_sink is None and stream is None:
-        grads = fast_backward(
-            rt, dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q,
-            max_seqlen_k, softmax_scale, causal, window_size, softcap, deterministic,
-        )  # fmt: skip
-        if grads is not None:  # a repeated call: launched from its prepared form (runtime/fastpath.py)
-            return grads
+    """The backward call :func:`fa4aot.runtime.entry.flash_attn_backward` describes, checked,
+    dispatched and launched in full (the path that raises the typed errors)."""
     c = analyse(
         rt, dout, q, k, v, out, lse, softmax_scale, causal, window_size, softcap, cu_seqlens_q, cu_seqlens_k,
         seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, deterministic, (dq, dk, dv), dlse, learnable_sink,

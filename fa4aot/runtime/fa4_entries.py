@@ -14,8 +14,8 @@ from fa4aot.core.errors import ArgumentError
 from fa4aot.core.fa4_args import mirror
 from fa4aot.core.fa4_interface import needs_prepare_kernel, resolve_window, split_policy
 from fa4aot.runtime import loader, validate
-from fa4aot.runtime.backward import flash_attn_backward  # noqa: F401 - called by the generated mirrors
 from fa4aot.runtime.combine import combine  # noqa: F401 - called by the generated mirrors
+from fa4aot.runtime.entry import flash_attn_backward  # noqa: F401 - called by the generated mirrors
 from fa4aot.runtime.interface import check_arch
 from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.metadata import SchedulerMetadata

@@ -30,8 +30,10 @@ from fa4aot.core import gencode
 from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import Fa4aotError
 from fa4aot.core.fa4_interface import TENSORMAP_WORDS, tensormap_workspace_ctas
+from fa4aot.runtime import backward as bwd
 from fa4aot.runtime import loader
 from fa4aot.runtime.dispatch import region_key
+from fa4aot.runtime.prepared import NeedsBuffers, prepare_forward
 from fa4aot.runtime.validate import INT32_MAX
 
 #: Prepared plain calls per runtime (a model's layers repeat a handful of signatures).
@@ -295,8 +297,6 @@ class _Family:
                 return None  # the full path decides (and memoises) it
         got = self.by_pick.get(id(pick))
         if got is None or got[0] is not pick:
-            from fa4aot.runtime.prepared import NeedsBuffers  # it imports the forward path
-
             try:
                 prepared = prepare()
             except (Fa4aotError, NeedsBuffers, _Unserved):
@@ -484,8 +484,6 @@ def _dtype(name: str) -> Any:
 
 
 def _prepare_backward(rt: Any, tensors: list[Any], given: tuple[bool, ...], scalars: tuple[Any, ...], api: Any) -> Any:
-    from fa4aot.runtime import backward as bwd  # it imports this module
-
     dout, q, k, v, out, lse, *rest = tensors
     opt = iter(rest)
     dlse, cu_q, cu_k, su_q, su_k = (next(opt) if there else None for there in given)
@@ -506,8 +504,6 @@ def _prepare_backward(rt: Any, tensors: list[Any], given: tuple[bool, ...], scal
 def _prepare(rt: Any, qkvo: list[Any], cu_q: Any, cu_k: Any, max_q: Any, max_k: Any, su_q: Any, su_k: Any,
              page_table: Any, sink: Any, softmax_scale: Any, causal: Any, window_size: Any, softcap: Any,
              num_splits: Any, pack_gqa: Any, varying: bool = False) -> Any:  # fmt: skip
-    from fa4aot.runtime.prepared import prepare_forward  # it imports the forward path
-
     return prepare_forward(
         *qkvo, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k, seqused_q=su_q,
         seqused_k=su_k, page_table=page_table, learnable_sink=sink, softcap=softcap, softmax_scale=softmax_scale,
@@ -523,8 +519,6 @@ def _sight(calls: _Calls, key: tuple[Any, ...], prepare: Any) -> None:
         calls.sighted[key] = seen
         return
     calls.sighted.pop(key, None)
-    from fa4aot.runtime.prepared import NeedsBuffers
-
     try:
         prepared = prepare()
     except (Fa4aotError, NeedsBuffers, _Unserved):  # the full path raises the error / allocates per call

@@ -19,12 +19,11 @@ which allocates everything at bind time.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 from fa4aot.core import fwd
 from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import ArgumentError, FA4RejectsError
-from fa4aot.core.fa4_args import mirror
 from fa4aot.core.fa4_interface import (
     as_fwd_config,
     clamp_window,
@@ -33,12 +32,11 @@ from fa4aot.core.fa4_interface import (
 )
 from fa4aot.core.tuning import bucket
 from fa4aot.runtime import loader, validate
+from fa4aot.runtime.calls import ForwardCall
 from fa4aot.runtime.combine import combine
 from fa4aot.runtime.combine import pick as pick_combine
 from fa4aot.runtime.dispatch import ForwardRule, Pick, Shape, StaticCall, head_dims_rejected
 from fa4aot.runtime.empty import fill_empty
-from fa4aot.runtime.fastpath import dense as _fast_dense  # noqa: F401 - called by the generated mirrors
-from fa4aot.runtime.fastpath import forward as _fast  # noqa: F401 - called by the generated mirrors
 from fa4aot.runtime.frameworks import alloc_like, default_stream, transposed
 from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.metadata import SchedulerMetadata, auto_metadata, check_metadata
@@ -61,122 +59,6 @@ forward_rules = loader.api_cache("forward_rules", lambda rt: BoundedDict(MAX_FOR
 #: A forward rule caches at most this many loaded variants (its shape-dependent field
 #: combinations; in practice a handful).
 MAX_RULE_VARIANTS = 64
-
-
-#: fa4aot's keyword-only extras after FA4's parameters.
-EXTRAS = (("out", None), ("stream", None), ("runtime", None))
-
-flash_attn_func = mirror(
-    "flash_attn_func",
-    """
-    rt = runtime or loader._DEFAULT
-    if (
-        out is not None and rt is not None and stream is None and not return_lse and config is None
-        and scales is None and learnable_sink is None
-        and _fast_dense(rt, q, k, v, out, softmax_scale, causal, window_size, softcap, num_splits, pack_gqa)
-    ):  # a repeated call: launched from its prepared form (runtime/fastpath.py)
-        return out, None
-    return forward(
-        rt, q, k, v, None, None, None, None, None, None, softmax_scale, causal, window_size, num_splits,
-        pack_gqa, return_lse, out, None, stream, None, learnable_sink, softcap, config=config, scales=scales,
-    )
-    """,
-    globals(),
-    extras=EXTRAS,
-    doc="""FA4's ``flash_attn_func``, argument for argument (positional calls mean what they mean to
-    FA4): attention over ``q`` (batch, seqlen_q, nheads, head_dim), ``k`` (batch, seqlen_k,
-    nheads_kv, head_dim), ``v`` (batch, seqlen_k, nheads_kv, head_dim_v); returns ``(out, lse)``
-    with ``out`` (batch, seqlen_q, nheads, head_dim_v) and ``lse`` (batch, nheads, seqlen_q) fp32
-    or None. ``learnable_sink`` (nheads,) bf16/fp16/fp32; ``softcap`` >= 0 (0: off). FA4
-    arguments fa4aot does not build (qv, gather_kv_indices, score_mod, mask_mod, aux tensors,
-    block sparsity, ...) raise ArgumentError when given. ``deterministic`` concerns only the
-    backward. Keyword-only extras: ``out``, ``stream`` (default: the framework's current
-    stream), ``runtime``.""",
-)
-
-flash_attn_varlen_func = mirror(
-    "flash_attn_varlen_func",
-    """
-    rt = runtime or loader._DEFAULT
-    if (
-        out is not None and rt is not None and stream is None and not return_lse and config is None
-        and scales is None and scheduler_metadata is None and _fast(
-            rt, q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
-            page_table, learnable_sink, softmax_scale, causal, window_size, softcap, num_splits, pack_gqa,
-        )
-    ):  # a repeated call: launched from its prepared form (runtime/fastpath.py)
-        return out, None
-    return forward(
-        rt, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
-        softmax_scale, causal, window_size, num_splits, pack_gqa, return_lse, out, scheduler_metadata, stream,
-        page_table, learnable_sink, softcap, config=config, scales=scales,
-    )
-    """,
-    globals(),
-    extras=EXTRAS,
-    doc="""FA4's ``flash_attn_varlen_func``, argument for argument. With ``cu_seqlens_q`` (batch+1,)
-    int32, ``q`` is (total_q, nheads, head_dim) and ``out`` (total_q, nheads, head_dim_v), ``lse``
-    (nheads, total_q); else ``q`` is batched. Likewise ``cu_seqlens_k`` for ``k``/``v``.
-    ``seqused_q``/``seqused_k`` (batch,) limit the used length per batch entry.
-    ``page_table`` (batch, max_pages) int32 with ``k``/``v`` a page pool (num_pages, page_size,
-    nheads_kv, head_dim): FA4 loads pages by TMA when page_size equals the kernel's tile_n (128
-    on SM100), by cp.async otherwise; not with ``cu_seqlens_k``. ``max_seqlen_q``/``max_seqlen_k``
-    are host ints (FA4's tile and scheduler choices depend on them; they must bound every
-    sequence; with a page table max_seqlen_k defaults to max_pages * page_size).
-    ``scheduler_metadata``: a :class:`fa4aot.SchedulerMetadata` computed for this batch (split-KV
-    varlen; reuse it across layers); without it fa4aot runs the prepare kernel itself.
-    ``min_seqlen_k`` only matters to FA4's sparse (gather) path and is ignored. Arguments fa4aot
-    does not build raise ArgumentError when given; keyword-only extras: ``out``, ``stream``,
-    ``runtime``.""",
-)
-
-
-class ForwardCall(NamedTuple):
-    """One validated forward call: the descriptors, the chosen variant and its arguments (what
-    :func:`forward` launches and :func:`fa4aot.prepare_forward` binds). Built with one tuple
-    construction: it is made on every call."""
-
-    rt: Runtime
-    lv: Any  # LoadedVariant
-    num_splits: int
-    split: bool
-    plan: Any  # fa4_interface.FwdPlan: scheduler metadata and the tensor-map workspace
-    config: Any  # FA4's FwdConfig for the call
-    q: DeviceTensor
-    k: DeviceTensor
-    v: DeviceTensor
-    cu_q: DeviceTensor | None
-    cu_k: DeviceTensor | None
-    su_q: DeviceTensor | None
-    su_k: DeviceTensor | None
-    batch: int
-    rows: tuple[int, ...]  # (batch, seqlen_q), or (total_q,) for varlen queries
-    nheads: int
-    head_dim_v: int
-    dtype: str
-    max_q: int
-    max_k: int
-    scale: float
-    wl: int | None  # window edges as the local variants take them (None: not local)
-    wr: int | None
-    page_table: DeviceTensor | None
-    learnable_sink: DeviceTensor | None
-    scales: tuple[DeviceTensor | None, ...]  # FA4's scales= as launch arguments (fa4aot.runtime.scales.NAMES)
-    out_dtype: str  # q's, or bf16 for FP8 / MXFP8 inputs
-    rule: ForwardRule | None  # the static call's decisions (None: an empty call)
-    shape: Shape | None  # the per-call facts it decided on
-
-    @property
-    def dynamic(self) -> bool:
-        """The variant reads scheduler metadata (split counts or a tile semaphore)."""
-        p = self.plan
-        return p is not None and (p.num_splits_dynamic or p.tile_count_semaphore or p.num_nheads_in_l2)
-
-    @property
-    def lse_shape(self) -> tuple[int, ...]:
-        """FA4's LSE layout: (nheads, total_q) for varlen queries, else (batch, nheads, seqlen_q)."""
-        rows = self.rows
-        return (self.nheads, rows[0]) if len(rows) == 1 else (self.batch, self.nheads, rows[1])
 
 
 _new_call = tuple.__new__

@@ -33,7 +33,7 @@ from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.tensors import DeviceTensor, RawTensor, stream_handle
 
 if TYPE_CHECKING:
-    from fa4aot.runtime.forward import ForwardCall
+    from fa4aot.runtime.calls import ForwardCall
 
 
 class SchedulerMetadata:

@@ -16,7 +16,7 @@ from fa4aot.runtime.frameworks import alloc_like, framework
 from fa4aot.runtime.tensors import DeviceTensor, as_device_tensor
 
 if TYPE_CHECKING:
-    from fa4aot.runtime.forward import ForwardCall
+    from fa4aot.runtime.calls import ForwardCall
     from fa4aot.runtime.loader import Runtime
 
 
