@@ -132,12 +132,13 @@ def add_backward_tensors(sig: Signature, f: dict) -> None:
             sig.absent()
 
 
-def entry_for(kernel, variant: Variant) -> KernelEntry:
-    """The entry of an FA4 main backward kernel (SM90 and SM100 take the same arguments)."""
+def entry_for(kernel, variant: Variant, workspace: bool = True) -> KernelEntry:
+    """The entry of an FA4 main backward kernel (SM90, SM100 and SM120 take the same arguments;
+    FA4 hands SM120's no tensor-map workspace: ``workspace=False``, interface.py 2764-2769)."""
     f = variant.fields
     sig = Signature()
     add_backward_tensors(sig, f)
-    if f["varlen_k"] or f["seqused_k"]:
+    if workspace and (f["varlen_k"] or f["seqused_k"]):
         # the per-CTA K / V (and SM100 2-CTA Kt) descriptors (to_cute_tensor(..., assumed_align=128,
         # leading_dim=2)): FA4 passes it to varlen-K and seqused_k calls
         sig.tensor("tensormap_workspace", "int64", (sym(), sym(), sym()), leading_dim=2, align=128)
@@ -176,7 +177,7 @@ def entry_for(kernel, variant: Variant) -> KernelEntry:
             AuxData(None, None),
             None,  # blocksparse_tensors
             None,  # cu_total_m_blocks (FA4's batch-lookup aid above 256 varlen batches: not built)
-            tensormap_workspace,
+            *((tensormap_workspace,) if workspace else ()),
             stream,
         )  # fmt: skip
 

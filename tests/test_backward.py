@@ -220,6 +220,14 @@ SM100_CASES = [
     dict(head_dim=256, head_dim_v=256, qhead_per_kvhead=2),
 ]
 
+SM120_CASES = [
+    dict(causal=True),
+    dict(qhead_per_kvhead=4, causal=True, dtype="fp16"),
+    dict(head_dim=64, head_dim_v=64, qhead_per_kvhead=8, local=True, softcap=30.0),
+    dict(head_dim=192, head_dim_v=128, qhead_per_kvhead=2, varlen_q=True, varlen_k=True, has_dlse=True),
+    dict(head_dim=96, head_dim_v=96, seqused_k=True),
+]
+
 
 @needs_dsl
 @pytest.mark.parametrize(
@@ -228,6 +236,7 @@ SM100_CASES = [
         ("sm_90a", 132, "bwd_sm90", SM90_CASES),
         pytest.param("sm_100a", 148, "bwd_sm100", SM100_CASES, marks=pytest.mark.slow),
         pytest.param("sm_103a", 148, "bwd_sm100", SM100_CASES[:3], marks=pytest.mark.slow),
+        ("sm_120a", 188, "bwd_sm120", SM120_CASES),
     ],  # fmt: skip
 )
 def test_kernels_are_constructed_as_fa4_constructs_them(arch, sms, family, cases):
@@ -268,7 +277,7 @@ def test_manifest_errors_name_the_field(group, where, what):
 
 def test_helper_families_are_not_listed_directly():
     doc = {"target": {"name": "h100", "arch": "sm_90a", "num_sms": 132}, "families": {"bwd_pre": [{}]}}
-    with pytest.raises(ManifestError, match="bwd_sm90 / bwd_sm100 group"):
+    with pytest.raises(ManifestError, match="built as part of a backward group"):
         expand(doc)
 
 
@@ -279,6 +288,23 @@ def test_sm100_builds_fa4s_hd256_backward_and_refuses_the_sm90_family_on_blackwe
     assert mains and all(f["head_dim"] == 256 for f in mains)
     doc["families"] = {"bwd_sm90": [{}]}
     with pytest.raises(ManifestError, match="builds for"):
+        expand(doc)
+
+
+@pytest.mark.parametrize(
+    "group,what",
+    [
+        ({"head_dims": [[256, 256]]}, "131072 bytes of shared memory, more than SM120's 101376"),
+        ({"deterministic": True}, "SM120 backward is not deterministic"),
+        ({"learnable_sink": "bf16"}, "SM120 backward takes no learnable sink"),
+    ],
+)
+def test_sm120_backward_refuses_what_fa4s_cannot_build(group, what):
+    """FA4's SM120 backward (its SM80 kernel in 99 KiB): what FlashAttentionBackwardSm120 cannot
+    implement and what FA4's interface refuses on SM120 are refused by the manifest, naming why."""
+    doc = {"target": {"name": "rtx-pro-6000", "arch": "sm_120a", "num_sms": 188},
+           "families": {"bwd_sm120": [dict(group, batch=[2], seqlen_q=[512], seqlen_k=[512], nheads_kv=[2])]}}  # fmt: skip
+    with pytest.raises(ManifestError, match=what):
         expand(doc)
 
 
@@ -324,6 +350,30 @@ def test_backward_launch_sequence_gqa(sm90):
     (ws,) = drv.allocs
     _bwd(rt, a, causal=True, stream=7)
     assert list(drv.allocs) == [ws]
+
+
+def test_sm120_backward_launch_sequence_gqa(built_cache):
+    """On SM120 the runtime launches FA4's SM120 backward (the SM80 kernel) with its preprocess and
+    postprocesses: grids from FA4's single-tile scheduler over (KV blocks of 64, heads, batch), no
+    tensor-map workspace; a deterministic call, which FA4 refuses on SM120, is refused before
+    any launch."""
+    from fa4aot.core.variant import SMEM_OPTIN_BYTES
+
+    drv = FakeDriver(cc=(12, 0), num_sms=188, smem_optin=SMEM_OPTIN_BYTES["sm_120a"])
+    rt = Runtime(built_cache, driver=drv)
+    a = _args(2, 1000, 16, 4, 128)
+    assert _bwd(rt, a, causal=True, stream=5) == (a["dq"], a["dk"], a["dv"])
+    names = [drv.kernel_names[launch.kernel] for launch in drv.launches]
+    kinds = ["Preprocess", "BackwardSm", "Postprocess", "Postprocess", "Postprocess"]
+    assert all(k in n for k, n in zip(kinds, names)) and len(names) == 5, names
+    assert not any("Sm90" in n or "Sm100" in n for n in names), names
+    pre, main, post_dq, post_dk, post_dv = drv.launches
+    assert main.grid == (16, 16, 2) and main.block == (128, 1, 1)  # ceil(1000 / 64) KV blocks
+    assert post_dq.grid == (16, 16, 2) and post_dk.grid == (16, 4, 2)
+    n = len(drv.launches)
+    with pytest.raises(ArgumentError, match="SM120 backward is not deterministic"):
+        _bwd(rt, a, causal=True, deterministic=True)
+    assert len(drv.launches) == n
 
 
 def test_backward_mha_writes_dk_dv_directly(sm90):

@@ -27,7 +27,8 @@ def _builds_every_variant_for_every_arch(cache_dir: Path, manifest_path: Path) -
     assert {e.variant_id for e in entries} >= {pv.variant.variant_id for pv in plan.variants}
     assert {e.meta["cubin_arch"] for e in entries} == set(ARCHES)  # every arch of fa4aot's table
     assert {e.variant.family for e in entries} == {
-        "fwd_sm100", "fwd_sm90", "fwd_sm120", "combine", "prepare", "bwd_sm90", "bwd_sm100", "bwd_pre", "bwd_post",
+        "fwd_sm100", "fwd_sm90", "fwd_sm120", "combine", "prepare", "bwd_sm90", "bwd_sm100", "bwd_sm120", "bwd_pre",
+        "bwd_post",
     }  # fmt: skip
     out = run_cli("verify", "--cache", str(cache_dir))
     assert f"verified {len(entries)} entries: {len(entries)} ok, 0 bad" in out.stdout

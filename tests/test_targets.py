@@ -31,7 +31,8 @@ def _entries(built_cache: Path):
 def test_every_new_target_family_is_built_and_its_cubin_reads_back_its_arch(built_cache):
     cache, entries = _entries(built_cache)
     kinds = {(e.target.arch, e.variant.family) for e in entries}
-    assert kinds == {("sm_103a", "fwd_sm100"), ("sm_103a", "combine"), ("sm_120a", "fwd_sm120"), ("sm_120a", "combine")}
+    assert kinds == {("sm_103a", "fwd_sm100"), ("sm_103a", "combine"), ("sm_120a", "fwd_sm120"), ("sm_120a", "combine"),
+                     ("sm_120a", "bwd_sm120"), ("sm_120a", "bwd_pre"), ("sm_120a", "bwd_post")}  # fmt: skip
     for e in entries:
         parsed = cubin.parse(cache.read_cubin(e))
         assert parsed.arch == e.target.arch and parsed.sm == int(e.target.arch[3:6]), e.variant.label()

@@ -226,7 +226,8 @@ def test_a_different_record_under_an_installed_key_is_refused_unless_replace(src
     out = run_cli("install", "--insecure", str(swapped), "--cache", str(dst), "--replace").stdout
     assert f"replaced {v.key}" in out and "1 replaced" in out
     assert json.loads(dict(Cache(dst).records())[v.key])["cubin"] == wmeta["cubin"]
-    assert "0 added, 4 already present" in run_cli("install", "--insecure", str(swapped), "--cache", str(dst)).stdout
+    n = len(records)
+    assert f"0 added, {n} already present" in run_cli("install", "--insecure", str(swapped), "--cache", str(dst)).stdout
 
 
 def test_pull_refuses_a_different_record_under_a_present_key_unless_replace(src, store, tmp_path):
@@ -402,7 +403,7 @@ def test_gzip_plain_and_pax_archives_within_bounds_install(src, tmp_path, compre
     a fractional mtime) before every member, gzip or no compression."""
     arc = _write(tmp_path / f"a.{compress}", _archive(src["records"], src["blobs"], compress=compress, pax=True))
     out = run_cli("install", "--insecure", str(arc), "--cache", str(tmp_path / "node")).stdout
-    assert "4 added" in out
+    assert f"{len(src['records'])} added" in out
     assert "0 bad" in run_cli("verify", "--cache", str(tmp_path / "node"), "--no-plans").stdout
 
 

@@ -21,16 +21,16 @@ from typing import Any, NamedTuple
 from fa4aot.core import fa4_interface as fi
 from fa4aot.core.targets import ARCHES
 
-#: The main-kernel family per arch (FA4: 9.x FlashAttentionBackwardSm90, 10.x
-#: FlashAttentionBackwardSm100). SM120's backward (the SM80 kernel) is not built.
+#: The main-kernel family per arch (FA4: 9.x FlashAttentionBackwardSm90, 10.x / 11.x
+#: FlashAttentionBackwardSm100, 12.x FlashAttentionBackwardSm120).
 BACKWARD_FAMILY = {a.name: a.backward for a in ARCHES.values() if a.backward}
-BACKWARD_FAMILIES = ("bwd_sm90", "bwd_sm100")
+BACKWARD_FAMILIES = ("bwd_sm90", "bwd_sm100", "bwd_sm120")
 #: Threads of one warp group (FA4's SM90 backward runs num_wg MMA warp groups plus one producer).
 WARP_GROUP_THREADS = 128
 #: Threads of FA4's SM100 postprocess (interface.py 2766-2768).
 SM100_POST_THREADS = 128
-#: Descriptors per CTA in the backward's tensor-map workspace (interface.py 2585: K, V, and on
-#: SM100 the 2-CTA Kt).
+#: Descriptors per CTA in the backward's tensor-map workspace (interface.py 2579: K, V, and on
+#: SM100 the 2-CTA Kt); SM120's backward takes none.
 BWD_WORKSPACE_DESCS = {"bwd_sm90": 2, "bwd_sm100": 3}
 
 #: The call fields of a backward group (what the runtime computes from a call).
@@ -63,6 +63,12 @@ def check_call(family: str, f: dict[str, Any]) -> str | None:
         return fi.head_dims_problem(9, hd, hdv, f["dtype"])
     if family == "bwd_sm100":
         return fi.head_dims_problem(10, hd, hdv, f["dtype"])
+    if family == "bwd_sm120":  # no head-dim check in FA4's interface on SM120 (interface.py 2316)
+        if f["deterministic"]:
+            return "FA4's SM120 backward is not deterministic (interface.py 2159)"
+        if f["learnable_sink"] != "none":
+            return "FA4's SM120 backward takes no learnable sink (interface.py 2132)"
+        return None
     return f"unknown backward family {family!r}"
 
 
@@ -351,10 +357,30 @@ def facts_for(
     )  # fmt: skip
 
 
+def sm120_problem(f: dict[str, Any], config: dict[str, Any]) -> str | None:
+    """Why FA4's SM120 backward cannot compile the selected config (None: it can):
+    ``FlashAttentionBackwardSm120.can_implement`` (flash_bwd_sm120.py 16-55: head dims multiples
+    of 8; Q, dO, K and V tiles within SM120's shared memory), which FA4's interface does not check
+    before it compiles (interface.py 2708, "TODO: check @can_implement")."""
+    hd, hdv, tm, tn = f["head_dim"], f["head_dim_v"], config["tile_m"], config["tile_n"]
+    if hd % 8 or hdv % 8:
+        return "head dims must be multiples of 8 (FlashAttentionBackwardSm120.can_implement)"
+    q, v = tm * hd * config["num_stages_Q"] * 2, tn * hdv * 2
+    smem = (max(q, v) if config["V_in_regs"] else q + v) + tm * hdv * config["num_stages_dO"] * 2 + tn * hd * 2
+    if smem > fi.SM120_SMEM_CAPACITY:
+        return (
+            f"(head_dim, head_dim_v)=({hd}, {hdv}) is not supported by FA4's SM120 backward: its {tm}x{tn} "
+            f"tiles need {smem} bytes of shared memory, more than SM120's {fi.SM120_SMEM_CAPACITY}"
+        )
+    return None
+
+
 def select(sel: Any, family: str, call: dict[str, Any], f: BwdFacts, knobs: BwdKnobs = NO_BWD_KNOBS):
     """(config fields, parts) of FA4's backward for a call; FA4's rejection raises ValueError."""
     config = sel.select_bwd_config(bwd_inputs(sel, f, knobs))
     fields = config_fields(config)
+    if family == "bwd_sm120" and (why := sm120_problem(call, fields)):
+        raise ValueError(why)
     return fields, parts(family, call, fields, f.num_heads)
 
 
@@ -459,7 +485,7 @@ def scratch(
         if dk is not None:
             dk_sem = (batch, num_heads_kv, k_r // tn, 2)
     ws = None
-    if main["varlen_k"] or main["seqused_k"]:
+    if family in BWD_WORKSPACE_DESCS and (main["varlen_k"] or main["seqused_k"]):
         tk = total_k if total_k is not None else batch * seqlen_k
         n_blocks = tk // tn + 2 * batch + 1
         ws = (max(n_blocks * num_heads * 2, 2 * num_sms) + 8, BWD_WORKSPACE_DESCS[family], fi.TENSORMAP_WORDS)

@@ -36,8 +36,8 @@ ARCHES: dict[str, Arch] = {
         # Jetson Thor (compute capability 11.0): FA4 runs its SM100 classes there (arch // 10 in
         # [10, 11]); 228 KiB of shared memory per SM as on B200, so 227 KiB a block
         Arch("sm_110a", (11, 0), SMEM_OPTIN_227_KIB, "fwd_sm100", "bwd_sm100", True, "thor"),
-        # FA4's SM120 forward takes no scheduler metadata (no split-KV) and has no backward here
-        Arch("sm_120a", (12, 0), SMEM_OPTIN_99_KIB, "fwd_sm120", None, False, "rtx-pro-6000"),
+        # FA4's SM120 forward takes no scheduler metadata (no split-KV)
+        Arch("sm_120a", (12, 0), SMEM_OPTIN_99_KIB, "fwd_sm120", "bwd_sm120", False, "rtx-pro-6000"),
     )
 }
 

@@ -73,7 +73,7 @@ def pick(rt: Runtime, key: tuple[Any, ...], facts: BwdFacts) -> BackwardKernels:
     fields = dict(zip(CALL_FIELDS, key))
     family = BACKWARD_FAMILY.get(rt.target.arch)
     if family is None:
-        raise ArgumentError(f"fa4aot builds no backward for {rt.target.arch} (FA4's SM120 backward is not built)")
+        raise ArgumentError(f"fa4aot builds no backward for {rt.target.arch}")
     if reason := check_call(family, fields):
         raise ArgumentError(f"FA4's backward cannot run this call on {rt.target.arch}: {reason}")
     try:

@@ -1,4 +1,4 @@
-"""Home of the backward families: ``bwd_sm90`` / ``bwd_sm100`` (a manifest group names the call;
+"""Home of the backward families: ``bwd_sm90`` / ``bwd_sm100`` / ``bwd_sm120`` (a manifest group names the call;
 FA4's selector picks its configs and :func:`fa4aot.core.backward.parts` turns each into the kernels
 FA4 launches) and their helper kernels ``bwd_pre`` / ``bwd_post``: manifest axes and checks, the
 tensors each kernel takes (FA4's ``_flash_attn_bwd`` layouts and padded scratch), sample sizes and
@@ -55,7 +55,7 @@ def check_bwd(family: str) -> Callable[[dict[str, Any]], str | None]:
 
 
 def _helper_check(f: dict[str, Any]) -> str | None:
-    return "built as part of a bwd_sm90 / bwd_sm100 group, not listed on its own"
+    return "built as part of a backward group (bwd_sm90, bwd_sm100, bwd_sm120), not listed on its own"
 
 
 def _bwd_parts(family: str, f: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -228,7 +228,7 @@ def backward_grid(
     scheduler head (pack_gqa_layout); the SM100 head loop runs a KV head's sub-groups in one CTA.
     """
     pack = f.get("pack_factor", 1)
-    if family in ("bwd_sm90", "bwd_sm100"):
+    if family in backward_core.BACKWARD_FAMILIES:
         cm = 2 if f.get("use_2cta_instrs") else 1
         tile, varlen = f["tile_n"], f["varlen_k"]
         groups = f["qhead_per_kvhead"] // pack if f.get("head_loop") else 1
@@ -285,14 +285,19 @@ FAMILIES = (
         "FA4 SM100 backward: preprocess, FlashAttentionBackwardSm100, dQ (and GQA dK/dV) postprocess",
         cluster=lambda f: (2, 1, 1) if f.get("use_2cta_instrs") else None,
     ),
+    _main(
+        "bwd_sm120", "FlashAttentionBackwardSm",
+        "FA4 SM120 backward: preprocess, FlashAttentionBackwardSm120 (the SM80 kernel within SM120's 99 KiB), "
+        "dQ (and GQA dK/dV) postprocess",
+    ),
     _family(
         "bwd_pre", BACKWARD_ARCHES, (), _helper_check,
-        "FA4 backward preprocess (FlashAttentionBackwardPreprocess), built by bwd_sm90 / bwd_sm100 groups",
+        "FA4 backward preprocess (FlashAttentionBackwardPreprocess), built by the backward groups",
         fa4_kernel="FlashAttentionBackwardPreprocess", pointers=_pointers("out", "dout"),
     ),
     _family(
         "bwd_post", BACKWARD_ARCHES, (), _helper_check,
-        "FA4 backward postprocess (FlashAttentionBackwardPostprocess), built by bwd_sm90 / bwd_sm100 groups",
+        "FA4 backward postprocess (FlashAttentionBackwardPostprocess), built by the backward groups",
         fa4_kernel="FlashAttentionBackwardPostprocess", pointers=_pointers("accum", "out"),
     ),
 )  # fmt: skip
