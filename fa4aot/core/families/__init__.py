@@ -10,8 +10,9 @@ interface refuses before it selects (:mod:`fa4aot.core.fa4_interface` restates t
 lines); each rejection carries a reason, so ``fa4aot plan`` can say why a combination was skipped.
 
 Homes: :mod:`.forward` (fwd_sm90, fwd_sm100, fwd_sm120), :mod:`.combine`, :mod:`.prepare`,
-:mod:`.backward` (bwd_sm90, bwd_sm100 and their helpers bwd_pre, bwd_post). A new family is a
-home module and its row in :data:`FAMILIES`.
+:mod:`.backward` (bwd_sm90, bwd_sm100, bwd_sm120 and their helpers bwd_pre, bwd_post). A new
+family is a row in its kind's home, or a new home module and its row in :data:`FAMILIES`
+(docs/extending.md).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "dims_for",
     "group_for",
     "is_tuning_candidate",
+    "of_stage",
     "product",
     "resolve_fields",
     "sample_scalars",
