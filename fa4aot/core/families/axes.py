@@ -28,9 +28,9 @@ SCALES_SHORTHANDS = {
 }
 #: Out dtypes of the combine kernel (FA4: fp16, bf16 or fp32).
 COMBINE_DTYPES = ("bf16", "fp16", "fp32")
+#: The tile schedulers a forward group may filter on (static persistent, single-tile, dynamic
+#: persistent, cluster launch control).
 SCHEDULERS = ("static", "single", "dynamic", "clc")
-#: How a forward reads K/V: no page table, pages by TMA (page size == tile_n), pages by cp.async.
-PAGED_KV = ("none", "tma", "cpasync")
 #: learnable_sink dtypes FA4 takes (``_LEARNABLE_SINK_DTYPES``).
 SINK_DTYPES = ("bf16", "fp16", "fp32")
 #: Bounds for the page-size and softcap axes (far above any engine's: vLLM pages are 16-128 tokens,
@@ -128,17 +128,6 @@ def pair(f1: str, f2: str, lo: int = 1, hi: int = 1024) -> Callable[[Any], dict[
         ):
             raise ValueError(f"expected an integer or a pair [{f1}, {f2}] in {lo}..{hi}, got {v!r}")
         return {f1: v[0], f2: v[1]}
-
-    return parse
-
-
-def pair_or_auto(f1: str, f2: str) -> Callable[[Any], dict[str, Any]]:
-    inner = pair(f1, f2)
-
-    def parse(v: Any) -> dict[str, Any]:
-        if v == "auto":
-            return {f1: "auto", f2: "auto"}
-        return inner(v)
 
     return parse
 

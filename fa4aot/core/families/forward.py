@@ -158,7 +158,7 @@ FWD_DOMAIN_AXES = (
 FWD_FILTER_AXES = (
     ax.Axis("q_stage", ax.filter_values((1, 2)), (), "Q tiles per CTA"),
     ax.Axis("two_cta", ax.filter_values((False, True)), (), "2-CTA MMA (cluster 2x1)"),
-    ax.Axis("scheduler", ax.filter_values(("static", "single", "dynamic", "clc")), (), "tile scheduler"),
+    ax.Axis("scheduler", ax.filter_values(ax.SCHEDULERS), (), "tile scheduler"),
     ax.Axis("s_ping_pong", ax.filter_values((False, True)), (), "S ping-pong"),
     ax.Axis("split_kv", ax.filter_values((False, True)), (), "split-KV (fp32 partials for the combine)"),
     ax.Axis("swapab", ax.filter_values((False, True)), (), "FA4's SM100 SwapAB decode kernel"),
