@@ -233,7 +233,9 @@ def bwd_fields(rec: dict[str, Any]) -> tuple[str, dict[str, Any]] | str:
     arch = _arch(rec.get("device_arch"))
     family = BACKWARD_FAMILY.get(arch or "")
     if family is None:
-        return f"FA4's backward on arch {rec.get('device_arch')}: fa4aot builds the SM90 and SM100 backwards"
+        return (
+            f"FA4's backward on arch {rec.get('device_arch')}: fa4aot builds backwards for {', '.join(BACKWARD_FAMILY)}"
+        )
     fields = dict(rec["key"])
     if sorted(fields) != sorted(CALL_FIELDS):
         return "a backward record of another fa4aot version"
