@@ -305,6 +305,25 @@ def test_a_repeated_backward_launches_what_the_full_path_launches(sm90):
     assert drv.memsets[3][0] != drv.memsets[1][0]
 
 
+def test_unusual_backward_calls_take_the_full_path(sm90):
+    """The backward's key: an unhashable window (a list) and a scalar of another class (1 for
+    True) are the full path's to decide; a served key keeps serving after them."""
+    pytest.importorskip("torch")
+    rt, drv = sm90
+    b, s, h, hk, d = 2, 1000, 16, 4, 128
+    q, out, dout = t(0, (b, s, h, d)), t(3, (b, s, h, d)), t(4, (b, s, h, d))
+    k, v, lse = t(1, (b, s, hk, d)), t(2, (b, s, hk, d)), t(5, (b, h, s), "fp32")
+    for _ in range(3):
+        fa4aot.flash_attn_backward(dout, q, k, v, out, lse, causal=True, runtime=rt)
+    assert _hits(rt) == 1
+    fa4aot.flash_attn_backward(dout, q, k, v, out, lse, causal=True, window_size=[None, None], runtime=rt)
+    for _ in range(2):  # causal=1: a key of its own (its first two sightings run the full path)
+        fa4aot.flash_attn_backward(dout, q, k, v, out, lse, causal=1, runtime=rt)
+    assert _hits(rt) == 1 and len(drv.launches) == 6 * 5
+    fa4aot.flash_attn_backward(dout, q, k, v, out, lse, causal=True, runtime=rt)
+    assert _hits(rt) == 2
+
+
 def test_a_varlen_call_gets_a_new_tensor_map_workspace_per_call(sm100, monkeypatch):
     """FA4's tensor-map workspace (varlen-K calls) is, as on the full path, a new buffer from the
     caller's allocator on every call: the fast path passes it as the prepared call's last argument."""

@@ -332,36 +332,6 @@ def _start(rt: Any) -> tuple[tuple[type, Any], _Calls] | None:
     return api, calls
 
 
-def _present(tensors: list[Any], optional: tuple[Any, ...]) -> tuple[list[Any], tuple[bool, ...]]:
-    """``tensors`` and the optional ones given (a prepared call takes those only, in order), and
-    which were given."""
-    given = tuple(t is not None for t in optional)
-    return tensors + [t for t in optional if t is not None], given
-
-
-def _lookup(
-    calls: _Calls, tag: str, tensors: list[Any], scalars: tuple[Any, ...], window_size: Any,
-    given: tuple[bool, ...], cls: type, no_grad: bool,
-) -> tuple[tuple[Any, ...], Any] | None:  # fmt: skip
-    """(the call's key, its entry or None); None: not a call for the fast path (another tensor
-    class, a tensor that requires grad where ``no_grad``, an unhashable argument)."""
-    key: list[Any] = [tag]
-    for t in tensors:
-        if t.__class__ is not cls or (no_grad and t.requires_grad):
-            return None
-        key += (t.shape, t.stride(), t.dtype, t.get_device())
-    key += scalars
-    key += [x.__class__ for x in scalars]
-    if window_size.__class__ is tuple:
-        key += [x.__class__ for x in window_size]
-    key.append(given)
-    try:
-        k = tuple(key)
-        return k, calls.entries.get(k)
-    except TypeError:  # an unhashable argument (a list window): the full path decides
-        return None
-
-
 def dense(
     rt: Any,
     q: Any,
@@ -419,6 +389,31 @@ def dense(
 
 #: the first item of each function's keys (one's never equal another's)
 _DENSE, _FWD, _BWD = "dense", "fwd", "bwd"
+#: the backward's optional tensors, in its key's and its prepared call's order
+_BWD_OPTIONAL = ("dlse", "cu_q", "cu_k", "su_q", "su_k")
+#: given pattern -> the backward's key function (at most 2**5)
+_BACKWARD_KEYS: dict[tuple[bool, ...], Any] = {}
+
+
+def _backward_key(given: tuple[bool, ...]) -> Any:
+    """The key function of :func:`backward` for one pattern of given optional tensors, written out
+    (it runs on every call): None for another tensor class; every tensor's shape, strides, dtype
+    and device, every scalar and its class."""
+    names = ["dout", "q", "k", "v", "out", "lse"] + [n for n, there in zip(_BWD_OPTIONAL, given) if there]
+    parts = [f"{n}.{a}" for n in names for a in ("shape", "stride()", "dtype", "get_device()")]
+    scalars = ("max_q", "max_k", "softmax_scale", "causal", "window_size", "softcap", "deterministic")
+    parts += [*scalars, *(f"{x}.__class__" for x in scalars)]
+    parts.append("tuple(map(type, window_size)) if window_size.__class__ is tuple else None")
+    src = "\n".join([
+        f"def key(C, dout, q, k, v, out, lse, {', '.join(_BWD_OPTIONAL)}, {', '.join(scalars)}):",
+        f"    if {' or '.join(f'{n}.__class__ is not C' for n in names)}:",
+        "        return None",
+        f"    return (_BWD, {given!r}, {', '.join(parts)})",
+    ])  # fmt: skip
+    scope: dict[str, Any] = {"_BWD": _BWD}
+    gencode.run(src, scope, "fast-path backward key")
+    _BACKWARD_KEYS[given] = scope["key"]
+    return scope["key"]
 
 
 def backward(
@@ -451,13 +446,20 @@ def backward(
         return None
     api, calls = started
     cls, current_stream = api
-    tensors, given = _present([dout, q, k, v, out, lse], (dlse, cu_q, cu_k, su_q, su_k))
-    scalars = (max_q, max_k, softmax_scale, causal, window_size, softcap, deterministic)
-    found = _lookup(calls, _BWD, tensors, scalars, window_size, given, cls, no_grad=False)
-    if found is None:
+    given = (dlse is not None, cu_q is not None, cu_k is not None, su_q is not None, su_k is not None)
+    make_key = _BACKWARD_KEYS.get(given) or _backward_key(given)
+    k_ = make_key(cls, dout, q, k, v, out, lse, dlse, cu_q, cu_k, su_q, su_k, max_q, max_k, softmax_scale, causal,
+                  window_size, softcap, deterministic)  # fmt: skip
+    if k_ is None:
         return None
-    k_, entry = found
+    try:
+        entry = calls.entries.get(k_)
+    except TypeError:  # an unhashable argument (a list window): the full path decides
+        return None
+    # the prepared call's tensor order: the six always given, then the optional ones given
+    tensors = [dout, q, k, v, out, lse] + [t for t in (dlse, cu_q, cu_k, su_q, su_k) if t is not None]
     if entry is None:
+        scalars = (max_q, max_k, softmax_scale, causal, window_size, softcap, deterministic)
         _sight(calls, k_, lambda: _prepare_backward(rt, tensors, given, scalars, api))
         return None
     if entry is _NOT_SERVED:
