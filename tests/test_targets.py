@@ -78,6 +78,9 @@ def test_new_target_cubins_are_byte_identical_to_fa4s_jit(built_cache):
         ("sm_103a", "combine"),
         ("sm_120a", "fwd_sm120"),
         ("sm_120a", "combine"),
+        ("sm_120a", "bwd_sm120"),
+        ("sm_120a", "bwd_pre"),
+        ("sm_120a", "bwd_post"),
     }
 
 
