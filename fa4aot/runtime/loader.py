@@ -48,22 +48,15 @@ from fa4aot.core.index import (
     Entry,
     PackedKey,
     cache_search_path,
-    read_regular,
     splice_plan,
 )
 from fa4aot.core.signing import check_cache_files, runtime_trusted_keys
 from fa4aot.core.targets import arch_of_compute_capability
-from fa4aot.core.tuning import (
-    MAX_TABLE_BYTES,
-    TuningEntry,
-    TuningTable,
-    TuningTableError,
-    result_class_difference,
-    table_filename,
-)
+from fa4aot.core.tuning import TuningTable, table_filename
 from fa4aot.core.variant import Target, Variant, cache_key
 from fa4aot.plan.abi import DEV_ATTR_MAX_SMEM_OPTIN, FUNC_ATTR_SHARED_SIZE_BYTES, SHIM_ABI
 from fa4aot.plan.library import Plan, open_plan
+from fa4aot.runtime.tuned import TUNING_DIR, TunedChoices, open_tuning
 
 if TYPE_CHECKING:
     from fa4aot.runtime.driver import DeviceInfo
@@ -82,10 +75,6 @@ _log = logs.get(__name__)
 #: How the miss and record logs are opened: append-only, created if absent, never blocking (a
 #: FIFO without a reader fails with ENXIO instead of hanging the call), never through a symlink.
 LOG_OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW
-#: Directory of a cache holding tuning tables (one per target and device name).
-TUNING_DIR = "tuning"
-#: Largest tuning table read (a table is a few KB; a bigger file is not one).
-MAX_TUNING_BYTES = MAX_TABLE_BYTES
 
 #: Argument order of the forward launchers (a superset of every forward plan's signature).
 FORWARD_ORDER = (
@@ -168,28 +157,6 @@ class VariantLog:
                 return
             self.stopped = what
         warnings.warn(f"fa4aot: {self.path} is {what}; not logging variants there", RuntimeWarning, stacklevel=4)
-
-
-class TunedChoices(dict):
-    """One default variant's tuned choices (shape bucket -> chosen variant id), as the forward
-    dispatch reads them (``lv.tuned.get(bucket)``). A choice is loaded on its first use here, so a
-    choice that cannot load (a damaged blob or record) is dropped with one warning and the call
-    gets FA4's choice, instead of every call of its bucket failing."""
-
-    __slots__ = ("_runtime",)
-
-    def __init__(self, runtime: Runtime, choices: dict[tuple, str]):
-        super().__init__(choices)
-        self._runtime = runtime
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        """The chosen variant id for ``key`` (loaded), or ``default``."""
-        vid = dict.get(self, key)
-        if vid is None:
-            return default
-        if vid in self._runtime._loaded:  # the per-call path: already loaded
-            return vid
-        return self._runtime._tuned_choice(vid) or default
 
 
 class LoadedVariant:
@@ -291,9 +258,9 @@ class Runtime:
         #: the device's tuning table (None: none, or not applied) and its lookup: default variant
         #: id -> shape bucket -> chosen variant id (only entries this cache can honour)
         self.tuning_table: TuningTable | None = None
-        self.tuning: dict[str, dict[tuple, str]] = {}
+        self.tuning: dict[str, TunedChoices] = {}
         if tuned if tuned is not None else env.tuning():
-            self._open_tuning()
+            self.tuning_table, self.tuning = open_tuning(self)
         miss_log = miss_log or env.get(MISS_LOG_ENV)
         record_log = record_log or env.get(RECORD_LOG_ENV)
         self.miss_log = VariantLog(miss_log) if miss_log else None
@@ -326,90 +293,6 @@ class Runtime:
         """Where this cache keeps the tuning table for this target and device."""
         t = self.target
         return self.cache.root / TUNING_DIR / table_filename(t.arch, t.num_sms, self.info.name)
-
-    def _open_tuning(self) -> None:
-        """Read the device's tuning table if there is one. A corrupt, foreign or stale table (or
-        entry) never changes dispatch: it is skipped with one warning, and FA4's choice stands."""
-        path = self.tuning_path()
-        try:
-            table = self._read_tuning(path)
-            if table is None:
-                return
-            usable, stale = [], []
-            for e in table.entries:
-                why = self._tuning_entry_problem(e)
-                (stale if why else usable).append((e, why))
-        except (Fa4aotError, OSError) as e:
-            warnings.warn(f"tuning table {path} ignored: {e}; using FA4's dispatch", stacklevel=3)
-            return
-        if stale:
-            e, why = stale[0]
-            warnings.warn(
-                f"tuning table {path}: {len(stale)} of {len(table.entries)} entries ignored (stale: "
-                f"e.g. {e.default} -> {e.choice}: {why}); rerun `fa4aot tune` after rebuilding",
-                stacklevel=3,
-            )
-        self.tuning_table = table
-        self.tuning = {
-            vid: TunedChoices(self, buckets) for vid, buckets in table.lookup_map(e for e, _ in usable).items()
-        }
-
-    def _read_tuning(self, path: Path) -> TuningTable | None:
-        """The device's table (None: there is none); TuningTableError or OSError when it is damaged,
-        foreign or unreadable."""
-        try:
-            size = os.stat(path).st_size
-        except FileNotFoundError:
-            return None
-        if size > MAX_TUNING_BYTES:
-            raise TuningTableError(f"{size} bytes, more than {MAX_TUNING_BYTES}")
-        table = TuningTable.from_bytes(read_regular(self.cache.root, (TUNING_DIR, path.name), size))
-        t = self.target
-        if (table.arch, table.num_sms, table.device_name) != (t.arch, t.num_sms, self.info.name):
-            raise TuningTableError(
-                f"made for {table.device_name} ({table.arch}, {table.num_sms} SMs), this is "
-                f"{self.info.name} ({t.arch}, {t.num_sms} SMs)"
-            )
-        return table
-
-    def _tuning_entry_problem(self, e: TuningEntry) -> str | None:
-        """Why this runtime cannot honour a tuning entry (None: it can)."""
-        for vid in (e.default, e.choice):
-            if vid not in self.index:
-                return f"the cache has no variant {vid}"
-        try:
-            de, ce = self.index.entry(e.default), self.index.entry(e.choice)
-            for want, entry in zip(e.cubins, (de, ce)):
-                if want and (entry.cubin is None or entry.cubin.sha256 != want):
-                    return f"variant {entry.variant_id} was rebuilt (another cubin) since it was measured"
-        except (Fa4aotError, KeyError, TypeError, ValueError) as err:
-            # a damaged record of one variant disables only the entries naming it
-            return f"an index record it names is damaged ({err})"
-        d, c = de.variant, ce.variant
-        if d.family != c.family:
-            return "the two variants are of different families"
-        return result_class_difference(d.family, d.fields, c.fields)
-
-    def _tuned_choice(self, vid: str) -> str | None:
-        """Load a tuned choice on its first use; ``vid`` when it loads, else None after dropping it
-        from every tuned lookup with one warning (the call and later ones get FA4's choice)."""
-        try:
-            self._load_id(vid)
-            return vid
-        except (Fa4aotError, OSError) as e:
-            with self._lock:
-                dropped = not any(vid in m.values() for m in self.tuning.values())
-                for m in self.tuning.values():
-                    for b in [b for b, c in m.items() if c == vid]:
-                        del m[b]
-            if not dropped:  # another thread may have failed on it at the same time
-                warnings.warn(
-                    f"tuning table {self.tuning_path()}: the tuned choice {vid} cannot be loaded ({e}); "
-                    "using FA4's choice for its buckets",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-            return None
 
     # -- device checks ---------------------------------------------------------------------
 
