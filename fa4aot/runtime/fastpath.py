@@ -150,7 +150,7 @@ def forward(
     cls, current_stream = api
     given = (cu_q is not None, cu_k is not None, su_q is not None, su_k is not None, page_table is not None,
              sink is not None)  # fmt: skip
-    make_key = _FORWARD_KEYS.get(given) or _forward_key(given)
+    make_key = _KEYS.get((_FWD, given)) or _forward_key(given)
     try:
         k_ = make_key(cls, q, k, v, out, cu_q, cu_k, su_q, su_k, page_table, sink, max_q, max_k, softmax_scale, causal,
                       window_size, softcap, num_splits, pack_gqa)  # fmt: skip
@@ -199,34 +199,49 @@ def forward(
     return True
 
 
-#: given-pattern of forward()'s optional tensors -> its generated key function (64 at most)
-_FORWARD_KEYS: dict[tuple[bool, ...], Any] = {}
 _OPTIONAL = ("cu_q", "cu_k", "su_q", "su_k", "page_table", "sink")
+#: (function tag, given pattern of its optional tensors) -> its generated key function (forward:
+#: 2**6 patterns at most, backward: 2**5)
+_KEYS: dict[tuple[str, tuple[bool, ...]], Any] = {}
 
 
 def _forward_key(given: tuple[bool, ...]) -> Any:
-    """The key function of :func:`forward` for one pattern of given optional tensors, written out
-    (it runs on every call): None for another tensor class or a tensor that requires grad; the
-    sequence tensors (cu_seqlens, seqused) without their shape (the batch is checked per call)."""
-    names = ["q", "k", "v", "out"] + [n for n, there in zip(_OPTIONAL, given) if there]
+    """The key function of :func:`forward` for one pattern of given optional tensors: None for
+    another tensor class or a tensor that requires grad; the sequence tensors (cu_seqlens,
+    seqused) without their shape (the batch is checked per call), max_seqlen_q/k by class only."""
+    scalars = ("softmax_scale", "causal", "window_size", "softcap", "num_splits", "pack_gqa")
+    return _key_function(
+        _FWD, given, ("q", "k", "v", "out"), _OPTIONAL, f"q, k, v, out, {', '.join(_OPTIONAL)}, max_q, max_k",
+        scalars, ("max_q", "max_k"), shapeless=("cu_q", "cu_k", "su_q", "su_k"), no_grad=True,
+    )  # fmt: skip
+
+
+def _key_function(
+    tag: str, given: tuple[bool, ...], always: tuple[str, ...], optional: tuple[str, ...], params: str,
+    scalars: tuple[str, ...], class_only: tuple[str, ...], shapeless: tuple[str, ...] = (), no_grad: bool = False,
+) -> Any:  # fmt: skip
+    """A fast-path key function written out (it runs on every call): ``key(C, <params>,
+    <scalars>)`` is None for a tensor of another class than ``C`` (or, with ``no_grad``, one
+    that requires grad), else a tuple of every given tensor's shape (not for ``shapeless``),
+    strides, dtype and device, every scalar and its class, the classes of ``class_only`` and of
+    a tuple window's items."""
+    names = [*always, *(n for n, there in zip(optional, given) if there)]
     parts = []
     for n in names:
-        seq = n in ("cu_q", "cu_k", "su_q", "su_k")
-        parts += ([] if seq else [f"{n}.shape"]) + [f"{n}.stride()", f"{n}.dtype", f"{n}.get_device()"]
-    scalars = ("softmax_scale", "causal", "window_size", "softcap", "num_splits", "pack_gqa")
-    parts += [*scalars, *(f"{x}.__class__" for x in scalars), "max_q.__class__", "max_k.__class__"]
+        parts += ([] if n in shapeless else [f"{n}.shape"]) + [f"{n}.stride()", f"{n}.dtype", f"{n}.get_device()"]
+    parts += [*scalars, *(f"{x}.__class__" for x in (*scalars, *class_only))]
     parts.append("tuple(map(type, window_size)) if window_size.__class__ is tuple else None")
-    src = "\n".join([
-        f"def key(C, q, k, v, out, {', '.join(_OPTIONAL)}, max_q, max_k, {', '.join(scalars)}):",
+    lines = [
+        f"def key(C, {params}, {', '.join(scalars)}):",
         f"    if {' or '.join(f'{n}.__class__ is not C' for n in names)}:",
         "        return None",
-        f"    if {' or '.join(f'{n}.requires_grad' for n in names)}:",
-        "        return None",
-        f"    return (_FWD, {given!r}, {', '.join(parts)})",
-    ])  # fmt: skip
-    scope: dict[str, Any] = {"_FWD": _FWD}
-    gencode.run(src, scope, "fast-path key")
-    _FORWARD_KEYS[given] = scope["key"]
+    ]
+    if no_grad:
+        lines += [f"    if {' or '.join(f'{n}.requires_grad' for n in names)}:", "        return None"]
+    lines.append(f"    return ({tag!r}, {given!r}, {', '.join(parts)})")
+    scope: dict[str, Any] = {}
+    gencode.run("\n".join(lines), scope, f"fast-path {tag} key")
+    _KEYS[tag, given] = scope["key"]
     return scope["key"]
 
 
@@ -391,29 +406,14 @@ def dense(
 _DENSE, _FWD, _BWD = "dense", "fwd", "bwd"
 #: the backward's optional tensors, in its key's and its prepared call's order
 _BWD_OPTIONAL = ("dlse", "cu_q", "cu_k", "su_q", "su_k")
-#: given pattern -> the backward's key function (at most 2**5)
-_BACKWARD_KEYS: dict[tuple[bool, ...], Any] = {}
 
 
 def _backward_key(given: tuple[bool, ...]) -> Any:
-    """The key function of :func:`backward` for one pattern of given optional tensors, written out
-    (it runs on every call): None for another tensor class; every tensor's shape, strides, dtype
-    and device, every scalar and its class."""
-    names = ["dout", "q", "k", "v", "out", "lse"] + [n for n, there in zip(_BWD_OPTIONAL, given) if there]
-    parts = [f"{n}.{a}" for n in names for a in ("shape", "stride()", "dtype", "get_device()")]
+    """The key function of :func:`backward` for one pattern of given optional tensors: every
+    tensor's shape, strides, dtype and device, every scalar and its class."""
     scalars = ("max_q", "max_k", "softmax_scale", "causal", "window_size", "softcap", "deterministic")
-    parts += [*scalars, *(f"{x}.__class__" for x in scalars)]
-    parts.append("tuple(map(type, window_size)) if window_size.__class__ is tuple else None")
-    src = "\n".join([
-        f"def key(C, dout, q, k, v, out, lse, {', '.join(_BWD_OPTIONAL)}, {', '.join(scalars)}):",
-        f"    if {' or '.join(f'{n}.__class__ is not C' for n in names)}:",
-        "        return None",
-        f"    return (_BWD, {given!r}, {', '.join(parts)})",
-    ])  # fmt: skip
-    scope: dict[str, Any] = {"_BWD": _BWD}
-    gencode.run(src, scope, "fast-path backward key")
-    _BACKWARD_KEYS[given] = scope["key"]
-    return scope["key"]
+    params = f"dout, q, k, v, out, lse, {', '.join(_BWD_OPTIONAL)}"
+    return _key_function(_BWD, given, ("dout", "q", "k", "v", "out", "lse"), _BWD_OPTIONAL, params, scalars, ())
 
 
 def backward(
@@ -447,7 +447,7 @@ def backward(
     api, calls = started
     cls, current_stream = api
     given = (dlse is not None, cu_q is not None, cu_k is not None, su_q is not None, su_k is not None)
-    make_key = _BACKWARD_KEYS.get(given) or _backward_key(given)
+    make_key = _KEYS.get((_BWD, given)) or _backward_key(given)
     k_ = make_key(cls, dout, q, k, v, out, lse, dlse, cu_q, cu_k, su_q, su_k, max_q, max_k, softmax_scale, causal,
                   window_size, softcap, deterministic)  # fmt: skip
     if k_ is None:
