@@ -4,13 +4,8 @@ dsink. Built from fake tensors exactly as FA4's ``_compile_bwd_postprocess`` bui
 
 from __future__ import annotations
 
-from typing import Optional
-
-import cuda.bindings.driver as cuda
-import cutlass.cute as cute
-from cutlass import Float32
 from fa4aot_kernels.bwd_pre import DIV16, DIV32
-from fa4aot_kernels.common import CUTLASS_DTYPES, KernelEntry, Signature, sym
+from fa4aot_kernels.common import CUTLASS_DTYPES, EntryArgs, KernelEntry, Signature, sym
 from flash_attn.cute.bwd_accum_tile import AccumTileOrder
 from flash_attn.cute.flash_bwd_postprocess import FlashAttentionBackwardPostprocess, LearnableSinkBwdTensors
 
@@ -18,6 +13,7 @@ from fa4aot.core.variant import Target, Variant
 
 
 def make_entry(variant: Variant, target: Target) -> KernelEntry:
+    """The entry of FA4's backward postprocess for this variant."""
     f = variant.fields
     dt = f["dtype"]
     major, minor = target.compute_capability
@@ -52,17 +48,10 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
     sig.tensor("accum", "fp32", accum, align=16, stride_divisibility=DIV32)
     sig.tensor("out", dt, (*rows, h, d), align=16, stride_divisibility=DIV16)
     sig.scalar("scale", "f32")
-    if varlen:
-        sig.tensor("cu_seqlens", "int32", (sym(),), align=4)
-        batch = sym()
-    else:
-        sig.absent()
-        batch = b
-    if f["seqused"]:
-        sig.tensor("seqused", "int32", (batch,), align=4)
-    else:
-        sig.absent()
-    if sink:  # LearnableSinkBwdTensors(dpsum, lse, sink, dsink)
+    sig.optional_tensor("cu_seqlens", varlen, "int32", (sym(),), align=4)
+    batch = sym() if varlen else b
+    sig.optional_tensor("seqused", f["seqused"], "int32", (batch,), align=4)
+    if sink:  # LearnableSinkBwdTensors(dpsum, lse, sink, dsink): always passed together
         sig.tensor("dpsum", "fp32", per_head(sq_r), align=16, stride_divisibility=DIV32)
         sig.tensor("lse", "fp32", per_head(sq), align=4)
         sink_dt = f["learnable_sink"]
@@ -70,39 +59,12 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
         sig.tensor("learnable_sink", sink_dt, (h,), align=sink_align)
         sig.tensor("dsink", sink_dt, (h,), align=sink_align)
     else:
-        for _ in range(4):
-            sig.absent()
+        for name in ("dpsum", "lse", "learnable_sink", "dsink"):
+            sig.absent(name)
     sig.stream()
 
-    @cute.jit
-    def bwd_post_entry(
-        accum: cute.Tensor,
-        out: cute.Tensor,
-        scale: Float32,
-        cu_seqlens: Optional[cute.Tensor],
-        seqused: Optional[cute.Tensor],
-        dpsum: Optional[cute.Tensor],
-        lse: Optional[cute.Tensor],
-        learnable_sink: Optional[cute.Tensor],
-        dsink: Optional[cute.Tensor],
-        stream: cuda.CUstream,
-    ):
-        kernel(accum, out, scale, cu_seqlens, seqused, None, None, stream)
+    def call(a: EntryArgs) -> None:
+        sinks = LearnableSinkBwdTensors(*a.span("dpsum", "dsink")) if sink else None
+        kernel(*a.span("accum", "seqused"), sinks, None, a["stream"])
 
-    @cute.jit
-    def bwd_post_sink_entry(
-        accum: cute.Tensor,
-        out: cute.Tensor,
-        scale: Float32,
-        cu_seqlens: Optional[cute.Tensor],
-        seqused: Optional[cute.Tensor],
-        dpsum: cute.Tensor,
-        lse: cute.Tensor,
-        learnable_sink: cute.Tensor,
-        dsink: cute.Tensor,
-        stream: cuda.CUstream,
-    ):
-        sinks = LearnableSinkBwdTensors(dpsum, lse, learnable_sink, dsink)
-        kernel(accum, out, scale, cu_seqlens, seqused, sinks, None, stream)
-
-    return KernelEntry(bwd_post_sink_entry if sink else bwd_post_entry, sig.compile_args, sig.args)
+    return sig.entry("bwd_post_sink_entry" if sink else "bwd_post_entry", call)

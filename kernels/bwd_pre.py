@@ -4,12 +4,7 @@ LSE in log2 units, and the zeroed fp32 dQ accumulator. Built from fake tensors e
 
 from __future__ import annotations
 
-from typing import Optional
-
-import cuda.bindings.driver as cuda
-import cutlass.cute as cute
-from cutlass import Float32
-from fa4aot_kernels.common import CUTLASS_DTYPES, KernelEntry, Signature, sym
+from fa4aot_kernels.common import CUTLASS_DTYPES, EntryArgs, KernelEntry, Signature, sym
 from flash_attn.cute.flash_bwd_preprocess import FlashAttentionBackwardPreprocess, PackGQA
 
 from fa4aot.core.variant import Target, Variant
@@ -20,6 +15,7 @@ DIV32 = 4
 
 
 def make_entry(variant: Variant, target: Target) -> KernelEntry:
+    """The entry of FA4's backward preprocess for this variant."""
     f = variant.fields
     dt = f["dtype"]
     packed = f["pack_factor"] > 1
@@ -56,41 +52,15 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
     sig.tensor("lse", "fp32", per_head(sq), align=4)
     sig.tensor("lse_log2", "fp32", scratch(sq_r), align=16, stride_divisibility=DIV32)
     sig.tensor("dq_accum", "fp32", scratch(sq_dr), align=16, stride_divisibility=DIV32)
-    if f["varlen_q"]:
-        sig.tensor("cu_seqlens_q", "int32", (sym(),), align=4)
-        batch = sym()
-    else:
-        sig.absent()
-        batch = b
-    if f["seqused_q"]:
-        sig.tensor("seqused_q", "int32", (batch,), align=4)
-    else:
-        sig.absent()
-    if f["has_dlse"]:
-        sig.tensor("dlse", "fp32", per_head(sq), align=4)
-    else:
-        sig.absent()
+    sig.optional_tensor("cu_seqlens_q", f["varlen_q"], "int32", (sym(),), align=4)
+    batch = sym() if f["varlen_q"] else b
+    sig.optional_tensor("seqused_q", f["seqused_q"], "int32", (batch,), align=4)
+    sig.optional_tensor("dlse", f["has_dlse"], "fp32", per_head(sq), align=4)
     sig.scalar("softmax_scale", "f32")
     sig.stream()
 
-    @cute.jit
-    def bwd_pre_entry(
-        out: cute.Tensor,
-        dout: cute.Tensor,
-        dpsum: cute.Tensor,
-        lse: cute.Tensor,
-        lse_log2: cute.Tensor,
-        dq_accum: cute.Tensor,
-        cu_seqlens_q: Optional[cute.Tensor],
-        seqused_q: Optional[cute.Tensor],
-        dlse: Optional[cute.Tensor],
-        softmax_scale: Float32,
-        stream: cuda.CUstream,
-    ):
+    def call(a: EntryArgs) -> None:
         # row_max, scale_p (FA4's load-P mode), cu_total_m_blocks and o_lo are not used here
-        kernel(
-            out, dout, dpsum, lse, lse_log2, dq_accum, cu_seqlens_q, seqused_q, dlse,
-            None, None, softmax_scale, None, None, stream,
-        )  # fmt: skip
+        kernel(*a.span("out", "dlse"), None, None, a["softmax_scale"], None, None, a["stream"])
 
-    return KernelEntry(bwd_pre_entry, sig.compile_args, sig.args)
+    return sig.entry("bwd_pre_entry", call)

@@ -5,13 +5,7 @@ dynamic but the innermost, 16-byte alignment, 4 for the int32 vectors)."""
 
 from __future__ import annotations
 
-from typing import Optional
-
-import cuda.bindings.driver as cuda
-import cutlass.cute as cute
-from cutlass import Float32, Int32
-from fa4aot_kernels.common import CUTLASS_DTYPES, KernelEntry, Signature, sym
-from fa4aot_kernels.fwd_sm100 import softcap_score_mod
+from fa4aot_kernels.common import EntryArgs, KernelEntry, Signature, attention_kwargs, config_kwargs, sym
 from flash_attn.cute.flash_bwd_sm90 import FlashAttentionBackwardSm90
 from flash_attn.cute.utils import AuxData
 
@@ -36,37 +30,12 @@ def fa4_config(variant: Variant):
 
 
 def make_entry(variant: Variant, target: Target) -> KernelEntry:
+    """The entry of FA4's SM90 main backward kernel for this variant."""
     f = variant.fields
     c = fa4_config(variant)
     kernel = FlashAttentionBackwardSm90(
-        CUTLASS_DTYPES[f["dtype"]],
-        f["head_dim"],
-        f["head_dim_v"],
-        f["qhead_per_kvhead"],
-        f["causal"],
-        is_local=f["local"],
-        deterministic=f["deterministic"],
-        tile_m=c.tile_m,
-        tile_n=c.tile_n,
-        Q_stage=c.num_stages_Q,
-        dO_stage=c.num_stages_dO,
-        PdS_stage=c.num_stages_PdS,
-        SdP_swapAB=c.SdP_swapAB,
-        dKV_swapAB=c.dKV_swapAB,
-        dQ_swapAB=c.dQ_swapAB,
-        AtomLayoutMSdP=c.AtomLayoutMSdP,
-        AtomLayoutNdKV=c.AtomLayoutNdKV,
-        AtomLayoutMdQ=c.AtomLayoutMdQ,
-        num_threads=c.num_threads,
-        V_in_regs=c.V_in_regs,
-        score_mod=softcap_score_mod(f["softcap"]),
-        score_mod_bwd=softcap_score_mod_bwd(f["softcap"]),
-        mask_mod=None,
-        has_aux_tensors=False,
-        q_subtile_factor=BWD_Q_SUBTILE_FACTOR,
-        dQ_single_wg=c.dQ_single_wg,
-        spt=c.spt,
-        registers=c.registers,
+        **main_kwargs(f, c, dtype=True),
+        **config_kwargs(c, f"{SM80_MMA_CONFIG} num_threads dQ_single_wg", PdS_stage="num_stages_PdS"),
     )
     return entry_for(kernel, variant)
 
@@ -74,6 +43,30 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
 #: FA4's ``bwd_q_subtile_factor`` without block sparsity (config.py 2577-2580: "the legacy
 #: factor of 2").
 BWD_Q_SUBTILE_FACTOR = 2
+
+#: The ``BwdConfig`` attributes the SM90 and SM120 backward classes take under the same names:
+#: which GEMMs swap A/B, the MMA atom layouts, whether V stays in registers.
+SM80_MMA_CONFIG = "SdP_swapAB dKV_swapAB dQ_swapAB AtomLayoutMSdP AtomLayoutNdKV AtomLayoutMdQ V_in_regs"
+
+
+def backward_kwargs(f: dict, *, dtype: bool, mask_mod: bool = True) -> dict:
+    """:func:`~fa4aot_kernels.common.attention_kwargs` and the softcap's backward
+    ``score_mod_bwd``: what every FA4 main backward class takes from the variant's fields."""
+    return dict(
+        **attention_kwargs(f, dtype=dtype, mask_mod=mask_mod), score_mod_bwd=softcap_score_mod_bwd(f["softcap"])
+    )
+
+
+def main_kwargs(f: dict, c, *, dtype: bool) -> dict:
+    """The constructor arguments FA4's SM90 and SM100 main backward classes share: the fields'
+    (:func:`backward_kwargs`), determinism, the query subtile factor, and the config's tiles,
+    stages, scheduler and registers."""
+    return dict(
+        **backward_kwargs(f, dtype=dtype),
+        deterministic=f["deterministic"],
+        q_subtile_factor=BWD_Q_SUBTILE_FACTOR,
+        **config_kwargs(c, "tile_m tile_n spt registers", Q_stage="num_stages_Q", dO_stage="num_stages_dO"),
+    )
 
 
 def add_backward_tensors(sig: Signature, f: dict) -> None:
@@ -100,36 +93,21 @@ def add_backward_tensors(sig: Signature, f: dict) -> None:
         sig.tensor("dk", dt, dims(k_rank))
         sig.tensor("dv", dt, dims(k_rank))
     sig.scalar("softmax_scale", "f32")
-    for name, on in (
-        ("cu_seqlens_q", f["varlen_q"]),
-        ("cu_seqlens_k", f["varlen_k"]),
-        ("seqused_q", f["seqused_q"]),
-        ("seqused_k", f["seqused_k"]),
+    sig.seqlen_vectors(f)
+    sig.window_sizes(f)
+    # FA4's semaphores, deterministic only (dK / dV's only with the fp32 accumulators): int32
+    # (batch, heads, blocks, n) row-major, n static (the dQ one's the cluster size, dK/dV's 2),
+    # the rest dynamic (convert_from_dlpack_leading_static)
+    det = f["deterministic"]
+    for name, present, n in (
+        ("dq_semaphore", det, f["cluster_size"]),
+        ("dk_semaphore", det and gqa, 2),
+        ("dv_semaphore", det and gqa, 2),
     ):
-        if on:
-            sig.tensor(name, "int32", (sym(),), leading_dim=0, align=4)
+        if present:
+            sig.compact_tensor(name, "int32", (sym(), sym(), sym(), n), align=4, optional=True)
         else:
-            sig.absent()
-    if f["local"]:
-        sig.scalar("window_size_left", "i32")
-        sig.scalar("window_size_right", "i32")
-    else:
-        sig.absent()
-        sig.absent()
-    if f["deterministic"]:
-        # FA4's semaphores: int32 (batch, heads, blocks, n) row-major, n static (the dQ one's the
-        # cluster size, dK/dV's 2), the rest dynamic (convert_from_dlpack_leading_static)
-        cluster = f["cluster_size"]
-        sig.compact_tensor("dq_semaphore", "int32", (sym(), sym(), sym(), cluster), align=4)
-        if gqa:
-            sig.compact_tensor("dk_semaphore", "int32", (sym(), sym(), sym(), 2), align=4)
-            sig.compact_tensor("dv_semaphore", "int32", (sym(), sym(), sym(), 2), align=4)
-        else:
-            sig.absent()
-            sig.absent()
-    else:
-        for _ in range(3):  # dQ, dK, dV semaphores: deterministic only
-            sig.absent()
+            sig.absent(name)
 
 
 def entry_for(kernel, variant: Variant, workspace: bool = True) -> KernelEntry:
@@ -138,47 +116,20 @@ def entry_for(kernel, variant: Variant, workspace: bool = True) -> KernelEntry:
     f = variant.fields
     sig = Signature()
     add_backward_tensors(sig, f)
-    if workspace and (f["varlen_k"] or f["seqused_k"]):
-        # the per-CTA K / V (and SM100 2-CTA Kt) descriptors (to_cute_tensor(..., assumed_align=128,
-        # leading_dim=2)): FA4 passes it to varlen-K and seqused_k calls
-        sig.tensor("tensormap_workspace", "int64", (sym(), sym(), sym()), leading_dim=2, align=128)
-    else:
-        sig.absent()
+    # the per-CTA K / V (and SM100 2-CTA Kt) descriptors (to_cute_tensor(..., assumed_align=128,
+    # leading_dim=2)): FA4 passes it to varlen-K and seqused_k calls
+    present = workspace and (f["varlen_k"] or f["seqused_k"])
+    sig.optional_tensor("tensormap_workspace", present, "int64", (sym(), sym(), sym()), leading_dim=2, align=128)
     sig.stream()
 
-    @cute.jit
-    def bwd_entry(
-        q: cute.Tensor,
-        k: cute.Tensor,
-        v: cute.Tensor,
-        dout: cute.Tensor,
-        lse_log2: cute.Tensor,
-        dpsum: cute.Tensor,
-        dq_accum: cute.Tensor,
-        dk: cute.Tensor,
-        dv: cute.Tensor,
-        softmax_scale: Float32,
-        cu_seqlens_q: Optional[cute.Tensor],
-        cu_seqlens_k: Optional[cute.Tensor],
-        seqused_q: Optional[cute.Tensor],
-        seqused_k: Optional[cute.Tensor],
-        window_size_left: Optional[Int32],
-        window_size_right: Optional[Int32],
-        dq_semaphore: Optional[cute.Tensor],
-        dk_semaphore: Optional[cute.Tensor],
-        dv_semaphore: Optional[cute.Tensor],
-        tensormap_workspace: Optional[cute.Tensor],
-        stream: cuda.CUstream,
-    ):
+    def call(a: EntryArgs) -> None:
         kernel(
-            q, k, v, dout, lse_log2, dpsum, dq_accum, dk, dv, softmax_scale,
-            cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, window_size_left, window_size_right,
-            dq_semaphore, dk_semaphore, dv_semaphore,
+            *a.span("q", "dv_semaphore"),
             AuxData(None, None),
             None,  # blocksparse_tensors
             None,  # cu_total_m_blocks (FA4's batch-lookup aid above 256 varlen batches: not built)
-            *((tensormap_workspace,) if workspace else ()),
-            stream,
-        )  # fmt: skip
+            *((a["tensormap_workspace"],) if workspace else ()),
+            a["stream"],
+        )
 
-    return KernelEntry(bwd_entry, sig.compile_args, sig.args)
+    return sig.entry("bwd_entry", call)

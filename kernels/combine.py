@@ -3,12 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
-import cuda.bindings.driver as cuda
-import cutlass.cute as cute
 from cutlass import Float32
-from fa4aot_kernels.common import CUTLASS_DTYPES, KernelEntry, Signature, sym
+from fa4aot_kernels.common import CUTLASS_DTYPES, EntryArgs, KernelEntry, Signature, sym
 from flash_attn.cute.flash_fwd_combine import FlashAttentionForwardCombine
 
 from fa4aot.core.fa4_interface import combine_geometry
@@ -16,6 +12,7 @@ from fa4aot.core.variant import Target, Variant
 
 
 def make_entry(variant: Variant, target: Target) -> KernelEntry:
+    """The entry of FA4's split-KV combine kernel for this variant."""
     f = variant.fields
     head_dim = f["head_dim"]
     tile_m, k_block_size, _ = combine_geometry(head_dim, 1)
@@ -45,52 +42,25 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
     div = 128 // 32
     out_align = div * _bits(f["dtype"]) // 8
     num_splits, nheads = sym(), sym()
-    if f["varlen"]:
-        total_q = sym()
-        sig.tensor("out_partial", "fp32", (num_splits, total_q, nheads, head_dim), stride_divisibility=div)
-        sig.tensor("lse_partial", "fp32", (num_splits, total_q, nheads), leading_dim=1, align=4)
-        sig.tensor("out", f["dtype"], (total_q, nheads, head_dim), stride_divisibility=div, align=out_align)
-        if f["has_lse"]:
-            sig.tensor("lse", "fp32", (total_q, nheads), leading_dim=0, align=4)
-        else:
-            sig.absent()
-        batch_1d = sym()
-        sig.tensor("cu_seqlens", "int32", (sym(),), leading_dim=0, align=4)
-    else:
-        batch, seqlen = sym(), sym()
-        sig.tensor("out_partial", "fp32", (num_splits, batch, seqlen, nheads, head_dim), stride_divisibility=div)
-        sig.tensor("lse_partial", "fp32", (num_splits, batch, seqlen, nheads), leading_dim=2, align=4)
-        sig.tensor("out", f["dtype"], (batch, seqlen, nheads, head_dim), stride_divisibility=div, align=out_align)
-        if f["has_lse"]:
-            sig.tensor("lse", "fp32", (batch, seqlen, nheads), leading_dim=1, align=4)
-        else:
-            sig.absent()
-        batch_1d = batch
-        sig.absent()  # cu_seqlens
-    if f["seqused"]:
-        sig.tensor("seqused", "int32", (batch_1d,), leading_dim=0, align=4)
-    else:
-        sig.absent()
-    if f["num_splits_dynamic"]:
-        sig.tensor("num_splits_dynamic", "int32", (batch_1d,), leading_dim=0, align=4)
-    else:
-        sig.absent()
+    # rows: (total_q,) with cu_seqlens, else (batch, seqlen); the last of them is the contiguous
+    # mode of lse_partial and lse
+    varlen = f["varlen"]
+    rows = (sym(),) if varlen else (sym(), sym())
+    sig.tensor("out_partial", "fp32", (num_splits, *rows, nheads, head_dim), stride_divisibility=div)
+    sig.tensor("lse_partial", "fp32", (num_splits, *rows, nheads), leading_dim=len(rows), align=4)
+    sig.tensor("out", f["dtype"], (*rows, nheads, head_dim), stride_divisibility=div, align=out_align)
+    sig.optional_tensor("lse", f["has_lse"], "fp32", (*rows, nheads), leading_dim=len(rows) - 1, align=4)
+    batch = sym() if varlen else rows[0]
+    sig.optional_tensor("cu_seqlens", varlen, "int32", (sym(),), leading_dim=0, align=4)
+    for name in ("seqused", "num_splits_dynamic"):
+        sig.optional_tensor(name, f[name], "int32", (batch,), leading_dim=0, align=4)
     sig.stream()
 
-    @cute.jit
-    def combine_entry(
-        out_partial: cute.Tensor,
-        lse_partial: cute.Tensor,
-        out: cute.Tensor,
-        lse: Optional[cute.Tensor],
-        cu_seqlens: Optional[cute.Tensor],
-        seqused: Optional[cute.Tensor],
-        num_splits_dynamic: Optional[cute.Tensor],
-        stream: cuda.CUstream,
-    ):
-        kernel(out_partial, lse_partial, out, lse, cu_seqlens, seqused, num_splits_dynamic, None, None, stream)
+    def call(a: EntryArgs) -> None:
+        # virtual_batch_idx and semaphore_to_reset: None, as FA4's interface passes them
+        kernel(*a.span("out_partial", "num_splits_dynamic"), None, None, a["stream"])
 
-    return KernelEntry(combine_entry, sig.compile_args, sig.args)
+    return sig.entry("combine_entry", call)
 
 
 def _bits(dtype: str) -> int:

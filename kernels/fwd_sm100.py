@@ -7,12 +7,7 @@ dynamic except the innermost, 16-byte assumed alignment for q/k/v/o, 4 for the r
 
 from __future__ import annotations
 
-from typing import Optional
-
-import cuda.bindings.driver as cuda
-import cutlass.cute as cute
-from cutlass import Float32, Int32
-from fa4aot_kernels.common import KernelEntry, Signature, sym
+from fa4aot_kernels.common import EntryArgs, KernelEntry, Signature, attention_kwargs, sym
 from flash_attn.cute.flash_fwd_sm100 import DescaleTensors, FlashAttentionForwardSm100
 from flash_attn.cute.utils import AuxData
 
@@ -32,15 +27,8 @@ def constructor_kwargs(variant: Variant) -> dict:
     variant (interface.py 1502-1520)."""
     f = variant.fields
     return dict(
-        head_dim=f["head_dim"],
-        head_dim_v=f["head_dim_v"],
+        **attention_kwargs(f, dtype=False),
         config=fa4_config(variant),
-        qhead_per_kvhead=f["qhead_per_kvhead"],
-        is_causal=f["causal"],
-        is_local=f["local"],
-        score_mod=softcap_score_mod(f["softcap"]),
-        mask_mod=None,
-        has_aux_tensors=False,
         paged_kv_non_tma=not f["use_swapab"] and f["paged_kv"] == "cpasync",
         is_varlen_q=f["varlen_q"] or f["seqused_q"],
         q_subtile_factor=1,
@@ -53,6 +41,7 @@ def constructor_kwargs(variant: Variant) -> dict:
 
 
 def make_entry(variant: Variant, target: Target) -> KernelEntry:
+    """The entry of FA4's SM100 forward (or its SwapAB decode kernel) for this variant."""
     f = variant.fields
     if f["use_swapab"]:
         from flash_attn.cute.flash_fwd_decode_sm100 import FlashAttentionForwardSm100SwapAB as cls
@@ -64,91 +53,43 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
     # num_splits_dynamic, tile_count_semaphore, num_nheads_in_l2: the scheduler metadata FA4's
     # forward passes (virtual_batch_idx and the varlen batch-lookup aids stay None).
     for name in ("num_splits_dynamic", "tile_count_semaphore", "num_nheads_in_l2"):
-        if f[name]:
-            sig.tensor(name, "int32", (sym(),), leading_dim=0, align=4)
-        else:
-            sig.absent()
+        sig.optional_tensor(name, f[name], "int32", (sym(),), leading_dim=0, align=4)
     sig.scalar("max_seqlen_q", "i32")
     add_tensormap_workspace(sig, f)
     add_scales(sig, f)
     sig.stream()
 
-    @cute.jit
-    def fwd_sm100_entry(
-        q: cute.Tensor,
-        k: cute.Tensor,
-        v: cute.Tensor,
-        out: cute.Tensor,
-        lse: Optional[cute.Tensor],
-        softmax_scale: Float32,
-        cu_seqlens_q: Optional[cute.Tensor],
-        cu_seqlens_k: Optional[cute.Tensor],
-        seqused_q: Optional[cute.Tensor],
-        seqused_k: Optional[cute.Tensor],
-        page_table: Optional[cute.Tensor],
-        window_size_left: Optional[Int32],
-        window_size_right: Optional[Int32],
-        learnable_sink: Optional[cute.Tensor],
-        num_splits_dynamic: Optional[cute.Tensor],
-        tile_count_semaphore: Optional[cute.Tensor],
-        num_nheads_in_l2: Optional[cute.Tensor],
-        max_seqlen_q: Int32,
-        tensormap_workspace: Optional[cute.Tensor],
-        q_descale: Optional[cute.Tensor],
-        k_descale: Optional[cute.Tensor],
-        v_descale: Optional[cute.Tensor],
-        sf_q: Optional[cute.Tensor],
-        sf_k: Optional[cute.Tensor],
-        sf_v: Optional[cute.Tensor],
-        stream: cuda.CUstream,
-    ):
+    def call(a: EntryArgs) -> None:
         # FA4 passes DescaleTensors only when a descale is given (interface.py 1338-1342), and
         # the block-scale operands only to the standard kernel (1606-1613)
-        descales = (q_descale, k_descale, v_descale)
+        descales = a.span("q_descale", "v_descale")
         descale_tensors = DescaleTensors(*descales) if any(t is not None for t in descales) else None
-        sf = () if f["use_swapab"] else (sf_q, sf_k, sf_v)
+        sf = () if f["use_swapab"] else a.span("sf_q", "sf_v")
         kernel(
-            q,
-            k,
-            v,
-            out,
-            lse,
-            softmax_scale,
-            cu_seqlens_q,
-            cu_seqlens_k,
-            seqused_q,
-            seqused_k,
-            page_table,
-            window_size_left,
-            window_size_right,
-            learnable_sink,
+            *a.span("q", "learnable_sink"),
             descale_tensors,
             None,  # blocksparse_tensors
             AuxData(None, None),
-            num_splits_dynamic,
-            tile_count_semaphore,
+            *a.span("num_splits_dynamic", "tile_count_semaphore"),
             None,  # virtual_batch_idx (FA4's LPT batch sort is not implemented)
-            num_nheads_in_l2,
-            None,
-            None,
-            None,  # cu_total_m_blocks, cu_total_splits_m_blocks, blocks_to_batch_idx
-            max_seqlen_q,
-            tensormap_workspace,
+            a["num_nheads_in_l2"],
+            None,  # cu_total_m_blocks
+            None,  # cu_total_splits_m_blocks
+            None,  # blocks_to_batch_idx
+            *a.span("max_seqlen_q", "tensormap_workspace"),
             *sf,
-            stream,
+            a["stream"],
         )
 
-    return KernelEntry(fwd_sm100_entry, sig.compile_args, sig.args)
+    return sig.entry("fwd_sm100_entry", call)
 
 
 def add_tensormap_workspace(sig: Signature, f: dict) -> None:
     """FA4's per-CTA V descriptor workspace (int64 (n_ctas, 16), 128-byte aligned, rows
     contiguous: ``to_cute_tensor(..., assumed_align=128, leading_dim=1)``), passed to the SM90
     and SM100 forwards of varlen-K or seqused_k calls without a page table."""
-    if f["paged_kv"] == "none" and (f["varlen_k"] or f["seqused_k"]):
-        sig.tensor("tensormap_workspace", "int64", (sym(), sym()), leading_dim=1, align=128)
-    else:
-        sig.absent()
+    present = f["paged_kv"] == "none" and (f["varlen_k"] or f["seqused_k"])
+    sig.optional_tensor("tensormap_workspace", present, "int64", (sym(), sym()), leading_dim=1, align=128)
 
 
 #: Strides CuTe keeps static (0) for each descale layout of a (batch, kv_head) descale
@@ -163,16 +104,13 @@ def add_scales(sig: Signature, f: dict) -> None:
     variant takes it."""
     layouts = (f.get("descales") or "none,none,none").split(",")
     for name, layout in zip(("q_descale", "k_descale", "v_descale"), layouts):
-        if layout == "none":
-            sig.absent()
-        else:
-            sig.tensor(name, "fp32", (sym(), sym()), leading_dim=1, align=4, zero_strides=DESCALE_ZERO_STRIDES[layout])
+        zero_strides = DESCALE_ZERO_STRIDES.get(layout, ())
+        sig.optional_tensor(
+            name, layout != "none", "fp32", (sym(), sym()), leading_dim=1, align=4, zero_strides=zero_strides
+        )
     mx = f.get("mxfp8")
     for name, on in (("sf_q", mx), ("sf_k", mx), ("sf_v", mx == "pv")):
-        if on:
-            sig.tensor(name, "e8m0", (sym(),), leading_dim=0, align=16)
-        else:
-            sig.absent()
+        sig.optional_tensor(name, bool(on), "e8m0", (sym(),), leading_dim=0, align=16)
 
 
 def add_forward_tensors(sig: Signature, f: dict) -> None:
@@ -198,43 +136,12 @@ def add_forward_tensors(sig: Signature, f: dict) -> None:
     # With split-KV, out and lse are FA4's fp32 partials (a leading num_splits mode); FP8 and
     # MXFP8 calls write bf16 (interface.py 808).
     sig.tensor("out", "fp32" if split else out_dtype(dt, f.get("mxfp8")), tuple(sym() for _ in range(o_rank)))
-    if f["has_lse"] or split:
-        lse_rank = (2 if f["varlen_q"] else 3) + (1 if split else 0)
-        sig.tensor("lse", "fp32", tuple(sym() for _ in range(lse_rank)), align=4)
-    else:
-        sig.absent()
+    lse_rank = (2 if f["varlen_q"] else 3) + (1 if split else 0)
+    sig.optional_tensor("lse", f["has_lse"] or split, "fp32", tuple(sym() for _ in range(lse_rank)), align=4)
     sig.scalar("softmax_scale", "f32")
-    for name, on in (
-        ("cu_seqlens_q", f["varlen_q"]),
-        ("cu_seqlens_k", f["varlen_k"]),
-        ("seqused_q", f["seqused_q"]),
-        ("seqused_k", f["seqused_k"]),
-    ):
-        if on:
-            sig.tensor(name, "int32", (sym(),), leading_dim=0, align=4)
-        else:
-            sig.absent()
-    if paged:  # (batch, max_pages_per_seq), pages contiguous
-        sig.tensor("page_table", "int32", (sym(), sym()), leading_dim=1, align=4)
-    else:
-        sig.absent()
-    if f["local"]:
-        sig.scalar("window_size_left", "i32")
-        sig.scalar("window_size_right", "i32")
-    else:
-        sig.absent()
-        sig.absent()
-    if f["learnable_sink"] != "none":  # (nheads,)
-        sig.tensor("learnable_sink", f["learnable_sink"], (sym(),), leading_dim=0, align=4)
-    else:
-        sig.absent()
-
-
-def softcap_score_mod(softcap: float):
-    """FA4's softcap: a score_mod with the value baked in (``utils.create_softcap_scoremod``), or
-    None for 0 (FA4 turns softcap 0.0 into None)."""
-    if not softcap:
-        return None
-    from flash_attn.cute.utils import create_softcap_scoremod
-
-    return create_softcap_scoremod(float(softcap))
+    sig.seqlen_vectors(f)
+    # (batch, max_pages_per_seq), pages contiguous
+    sig.optional_tensor("page_table", paged, "int32", (sym(), sym()), leading_dim=1, align=4)
+    sig.window_sizes(f)
+    sink = f["learnable_sink"]  # (nheads,)
+    sig.optional_tensor("learnable_sink", sink != "none", sink, (sym(),), leading_dim=0, align=4)

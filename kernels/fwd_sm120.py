@@ -4,9 +4,8 @@ compute capability 12.x (128 threads, one K/V stage, no page table, no split-KV,
 
 from __future__ import annotations
 
-from fa4aot_kernels.common import CUTLASS_DTYPES, KernelEntry
+from fa4aot_kernels.common import KernelEntry, attention_kwargs
 from fa4aot_kernels.fwd_sm90 import entry_for
-from fa4aot_kernels.fwd_sm100 import softcap_score_mod
 from flash_attn.cute.flash_fwd_sm120 import FlashAttentionForwardSm120
 
 from fa4aot.core.fa4_interface import SM120_STAGES, SM120_THREADS
@@ -18,24 +17,15 @@ def constructor_kwargs(variant: Variant) -> dict:
     (interface.py 1522-1539: 128 threads, one K/V stage, the config's tiles)."""
     f = variant.fields
     return dict(
-        dtype=CUTLASS_DTYPES[f["dtype"]],
-        head_dim=f["head_dim"],
-        head_dim_v=f["head_dim_v"],
-        qhead_per_kvhead=f["qhead_per_kvhead"],
-        is_causal=f["causal"],
-        is_local=f["local"],
-        pack_gqa=f["pack_gqa"],
-        tile_m=f["tile_m"],
-        tile_n=f["tile_n"],
+        **attention_kwargs(f, dtype=True),
+        **{field: f[field] for field in ("pack_gqa", "tile_m", "tile_n")},  # the selected config's
         num_stages=SM120_STAGES,
         num_threads=SM120_THREADS,
         Q_in_regs=False,
-        score_mod=softcap_score_mod(f["softcap"]),
-        mask_mod=None,
-        has_aux_tensors=False,
     )
 
 
 def make_entry(variant: Variant, target: Target) -> KernelEntry:
+    """The entry of FA4's SM120 forward for this variant."""
     # page_table and learnable_sink are absent (FA4 refuses them on SM120); no workspace
     return entry_for(FlashAttentionForwardSm120(**constructor_kwargs(variant)), variant.fields, workspace=False)
