@@ -24,7 +24,8 @@ import json
 import statistics
 import subprocess
 import sys
-import time
+
+from _common import median_us
 
 SHAPES = [(8, 4096, 16, 128), (4, 8192, 16, 128), (16, 2048, 16, 64)]
 
@@ -105,17 +106,7 @@ HOLD_CYCLES = 5_000_000
 def host_us(fn, inner: int = 100, repeats: int = 30) -> float:
     import torch
 
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    per = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        per.append((time.perf_counter() - t0) / inner * 1e6)
-        torch.cuda.synchronize()
-    return statistics.median(per)
+    return median_us(fn, inner, repeats, warmup=20, sync=torch.cuda.synchronize)
 
 
 def _paged(b, ctx, hk, d, page_size, gen):

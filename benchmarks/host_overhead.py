@@ -30,17 +30,20 @@ import argparse
 import ctypes
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import _common
+
+BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCHMARKS)
 
 PLAIN_CALLS = r"""
-import json, statistics, sys, time
+import json, sys
 import torch
 import fa4aot
+sys.path.append(sys.argv[5])  # benchmarks/, for _common (standard library only): fa4aot is still the checkout's
+from _common import median_us as timed
 inner, repeats = int(sys.argv[2]), int(sys.argv[3])
 rt = fa4aot.open_runtime(sys.argv[1])
 bf = torch.bfloat16
@@ -49,19 +52,9 @@ qv = torch.randn(512, 32, 128, device="cuda", dtype=bf); kv = torch.randn(512, 8
 ov = torch.empty_like(qv)
 cu = torch.arange(0, 513, 64, dtype=torch.int32, device="cuda")
 counter = iter(range(10**9))
-def median_us(fn):
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    per = []
-    for _ in range(repeats):
-        torch.cuda._sleep(int(sys.argv[4]))  # see SLEEP_CYCLES
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        per.append((time.perf_counter() - t0) / inner * 1e6)
-        torch.cuda.synchronize()
-    return statistics.median(per)
+def median_us(fn):  # batches enqueued behind a sleep kernel: see SLEEP_CYCLES
+    hold = lambda: torch.cuda._sleep(int(sys.argv[4]))
+    return timed(fn, inner, repeats, warmup=50, sync=torch.cuda.synchronize, before_batch=hold)
 def varlen_changing():
     i = next(counter) % 4096
     fa4aot.flash_attn_varlen_func(qv, kv, kv, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=64 + i, max_seqlen_k=64 + (i * 7) % 4096, causal=True, out=ov)
@@ -127,20 +120,10 @@ SLEEP_CYCLES = 20_000_000
 
 
 def median_us(fn, inner: int, repeats: int, sync, sleep: int = SLEEP_CYCLES) -> float:
+    """_common.median_us of 50 warm-up calls, each batch enqueued behind a sleep kernel of ``sleep`` cycles."""
     import torch
 
-    for _ in range(50):
-        fn()
-    sync()
-    per = []
-    for _ in range(repeats):
-        torch.cuda._sleep(sleep)
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        per.append((time.perf_counter() - t0) / inner * 1e6)
-        sync()
-    return statistics.median(per)
+    return _common.median_us(fn, inner, repeats, warmup=50, sync=sync, before_batch=lambda: torch.cuda._sleep(sleep))
 
 
 def floors(rt, fc, named, label: str, inner: int, repeats: int, sync, sleep: int) -> dict[str, float]:
@@ -350,8 +333,9 @@ def main() -> None:
     cu = torch.arange(0, 513, 64, dtype=torch.int32, device="cuda")
     rows: dict[str, float] = {}
     rows.update(batched_floors(rt, q, o, args.inner, args.repeats, sync, args.sleep_cycles))
+    plain_args = [str(args.inner), str(args.repeats), str(args.sleep_cycles), BENCHMARKS]  # PLAIN_CALLS' argv[2:]
     proc = subprocess.run(
-        [sys.executable, "-c", PLAIN_CALLS, args.cache, str(args.inner), str(args.repeats), str(args.sleep_cycles)],
+        [sys.executable, "-c", PLAIN_CALLS, args.cache, *plain_args],
         capture_output=True,
         text=True,
         check=True,
@@ -417,15 +401,7 @@ def main() -> None:
     old: dict[str, float] = {}
     if args.old_src and args.old_cache:
         proc = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                PLAIN_CALLS,
-                args.old_cache,
-                str(args.inner),
-                str(args.repeats),
-                str(args.sleep_cycles),
-            ],
+            [sys.executable, "-c", PLAIN_CALLS, args.old_cache, *plain_args],
             capture_output=True,
             text=True,
             cwd=args.old_src,  # `python -c` puts the working directory first on sys.path
@@ -485,19 +461,10 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         items = list({**rows, **old}.items())
-        fig, ax = plt.subplots(figsize=(9, 0.45 * len(items) + 1))
         colors = ["#888" if k.startswith("floor") else "#c66" if k.startswith("baseline") else "#36c" for k, _ in items]
-        ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1], color=colors[::-1])
-        ax.set_xlabel("host microseconds per call (median)")
-        ax.set_title(f"fa4aot forward host overhead, {gpu}")
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
+        title = f"fa4aot forward host overhead, {gpu}"
+        _common.plot_host_us(args.plot, dict(items[::-1]), colors[::-1], title, (9, 0.45 * len(items) + 1))
 
 
 if __name__ == "__main__":

@@ -20,9 +20,22 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
-FIRST_LAUNCH = r"""
+from _common import median_us, plot_host_us
+
+#: The combine call's arguments (b=1 s=1 h=16 d=128, 4 splits) on cuMemAlloc buffers, with ``d``
+#: (cuda.bindings.driver) and ``RawTensor`` in scope: run by main() and by FIRST_LAUNCH alike.
+COMBINE_ARGS = r"""
+b, s, h, dim, splits = 1, 1, 16, 128, 4
+nbytes = [splits * b * s * h * dim * 4, splits * b * s * h * 4, b * s * h * dim * 2]
+ptrs = [int(d.cuMemAlloc(n)[1]) for n in nbytes]
+op = RawTensor(ptrs[0], (splits, b, s, h, dim), "fp32")
+lp = RawTensor(ptrs[1], (splits, b, s, h), "fp32", (b * h * s, h * s, 1, s))
+out = RawTensor(ptrs[2], (b, s, h, dim), "bf16")
+"""
+
+FIRST_LAUNCH = (
+    r"""
 import time, sys
 t0 = time.perf_counter()
 import fa4aot
@@ -30,31 +43,15 @@ t_import = time.perf_counter()
 from cuda.bindings import driver as d
 from fa4aot.runtime.tensors import RawTensor
 rt = fa4aot.open_runtime(sys.argv[1])
-b, s, h, dim, splits = 1, 1, 16, 128, 4
-nbytes = [splits * b * s * h * dim * 4, splits * b * s * h * 4, b * s * h * dim * 2]
-ptrs = [int(d.cuMemAlloc(n)[1]) for n in nbytes]
-op = RawTensor(ptrs[0], (splits, b, s, h, dim), "fp32")
-lp = RawTensor(ptrs[1], (splits, b, s, h), "fp32", (b * h * s, h * s, 1, s))
-out = RawTensor(ptrs[2], (b, s, h, dim), "bf16")
+"""
+    + COMBINE_ARGS
+    + r"""
 fa4aot.combine(op, lp, out)
 d.cuCtxSynchronize()
 t_first = time.perf_counter()
 print(t_import - t0, t_first - t0)
 """
-
-
-def median_us(fn, inner: int, repeats: int, sync) -> float:
-    for _ in range(100):
-        fn()
-    sync()
-    per = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        per.append((time.perf_counter() - t0) / inner * 1e6)
-        sync()  # drain the queue outside the timed region
-    return statistics.median(per)
+)
 
 
 def main() -> None:
@@ -73,12 +70,9 @@ def main() -> None:
     from fa4aot.runtime.tensors import RawTensor
 
     rt = fa4aot.open_runtime(args.cache)
-    b, s, h, dim, splits = 1, 1, 16, 128, 4
-    sizes = [splits * b * s * h * dim * 4, splits * b * s * h * 4, b * s * h * dim * 2]
-    ptrs = [int(d.cuMemAlloc(n)[1]) for n in sizes]
-    op = RawTensor(ptrs[0], (splits, b, s, h, dim), "fp32")
-    lp = RawTensor(ptrs[1], (splits, b, s, h), "fp32", (b * h * s, h * s, 1, s))
-    out = RawTensor(ptrs[2], (b, s, h, dim), "bf16")
+    combine_args = {"d": d, "RawTensor": RawTensor}
+    exec(COMBINE_ARGS, combine_args)  # the buffers FIRST_LAUNCH makes in its fresh processes
+    b, s, h, dim, op, lp, out = (combine_args[k] for k in ("b", "s", "h", "dim", "op", "lp", "out"))
     err, stream = d.cuStreamCreate(0)
     sh = int(stream)
 
@@ -118,13 +112,14 @@ def main() -> None:
     def raw_launch():
         d.cuLaunchKernelEx(cfg, fn, argv_addr, 0)
 
+    def timed(fn) -> float:
+        return median_us(fn, args.inner, args.repeats, warmup=100, sync=sync)
+
     rows = {
-        "raw cuLaunchKernelEx (prepacked)": median_us(raw_launch, args.inner, args.repeats, sync),
-        "plan call only": median_us(lambda: plan.call(flat), args.inner, args.repeats, sync),
-        "plan + launch, packed args": median_us(lambda: plan.call_launch(flat), args.inner, args.repeats, sync),
-        "fa4aot.combine (RawTensor args)": median_us(
-            lambda: fa4aot.combine(op, lp, out, stream=sh), args.inner, args.repeats, sync
-        ),
+        "raw cuLaunchKernelEx (prepacked)": timed(raw_launch),
+        "plan call only": timed(lambda: plan.call(flat)),
+        "plan + launch, packed args": timed(lambda: plan.call_launch(flat)),
+        "fa4aot.combine (RawTensor args)": timed(lambda: fa4aot.combine(op, lp, out, stream=sh)),
     }
     imports, firsts = [], []
     for _ in range(args.fresh):
@@ -156,17 +151,7 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 2.8))
-        ax.barh(list(rows), list(rows.values()), color=["#888", "#5a9", "#36c"])
-        ax.set_xlabel("host microseconds per call (median)")
-        ax.set_title(f"fa4aot combine launch overhead, {name}")
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
+        plot_host_us(args.plot, rows, ["#888", "#5a9", "#36c"], f"fa4aot combine launch overhead, {name}", (7, 2.8))
 
 
 if __name__ == "__main__":

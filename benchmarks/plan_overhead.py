@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
+
+from _common import median_us
 
 from fa4aot.core import samples
 from fa4aot.core.index import Cache
@@ -21,15 +21,7 @@ from fa4aot.plan.library import open_plan, target_answers
 
 def bench(fn, inner: int = 2000, repeats: int = 15) -> float:
     """Median microseconds per call over ``repeats`` batches of ``inner`` calls."""
-    for _ in range(200):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        times.append((time.perf_counter() - t0) / inner * 1e6)
-    return statistics.median(times)
+    return median_us(fn, inner, repeats, warmup=200)
 
 
 def main() -> None:

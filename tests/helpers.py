@@ -9,9 +9,13 @@ import importlib.util
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
+
+from fa4aot.core.variant import Variant
 
 ROOT = Path(__file__).resolve().parent.parent
 CI_MANIFEST = ROOT / "manifests" / "ci.yaml"
@@ -40,3 +44,54 @@ def build_session_cache(tmp_path_factory, name: str, manifest: Path, reuse: tupl
     proc = run_cli("build", str(manifest), "--cache", str(path), "-q", *args, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return path
+
+
+def run_threads(worker: Callable[..., object], args: Iterable[object]) -> None:
+    """Run ``worker(arg)`` for every ``arg`` at once, one thread each, and wait for all of them."""
+    threads = [threading.Thread(target=worker, args=(arg,)) for arg in args]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+
+
+def assert_imports_none_of(statement: str, packages: tuple[str, ...], modules: tuple[str, ...] = ()) -> None:
+    """Run ``statement`` in a fresh interpreter; fail if that imported a module of one of
+    ``packages`` (top-level names) or one whose name starts with one of ``modules``."""
+    code = (
+        f"import sys\n{statement}\n"
+        f"bad = [m for m in sys.modules if m.split('.')[0] in {packages!r} or m.startswith({modules!r})]\n"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def combine_variant(i: int, arch: str = "sm_100a", sms: int = 148) -> Variant:
+    """A combine variant, distinct for each ``i`` (its head count): what fake cache entries stand for."""
+    return Variant.make(
+        "combine",
+        arch,
+        sms,
+        dtype="bf16",
+        head_dim=128,
+        num_head=i,
+        log_max_splits=7,
+        varlen=False,
+        seqused=False,
+        has_lse=False,
+        num_splits_dynamic=False,
+    )
+
+
+#: The split-KV varlen decode the forward tests make: batch, heads, KV heads, head dim, then the
+#: packed query and key token counts (16 one-token queries against 40000 keys, GQA 4).
+SPLIT_DECODE = (16, 16, 4, 128, 16, 40000)
+
+
+def split_decode_tensors(t: Callable[..., object]) -> tuple:
+    """``(q, k, v, cu_seqlens_q, cu_seqlens_k, out)`` of SPLIT_DECODE, made by a test module's fake
+    tensor factory ``t(i, shape, dtype="bf16")`` (buffers 0 to 5)."""
+    b, h, hk, d, total_q, total_k = SPLIT_DECODE
+    q, k, v = t(0, (total_q, h, d)), t(1, (total_k, hk, d)), t(2, (total_k, hk, d))
+    cu_q, cu_k = t(4, (b + 1,), "int32"), t(5, (b + 1,), "int32")
+    return q, k, v, cu_q, cu_k, t(3, (total_q, h, d))

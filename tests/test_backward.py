@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from fake_driver import FakeDriver
-from helpers import needs_dsl
+from helpers import assert_imports_none_of, needs_dsl
 
 import fa4aot
 from fa4aot.compile.manifest import ManifestError, expand
@@ -456,13 +456,11 @@ def test_every_backward_entry_is_byte_identical_to_fa4s_jit(ci_cache):
 
 
 def test_runtime_never_imports_build_or_torch_for_backward():
-    code = (
-        "import sys, fa4aot; fa4aot.flash_attn_backward; import fa4aot.runtime.backward\n"
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'cutlass', 'flash_attn', 'tvm_ffi')"
-        " or m.startswith(('fa4aot.compile', 'fa4aot.tools'))]\n"
-        "assert not bad, bad"
+    assert_imports_none_of(
+        "import fa4aot; fa4aot.flash_attn_backward; import fa4aot.runtime.backward",
+        ("torch", "cutlass", "flash_attn", "tvm_ffi"),
+        ("fa4aot.compile", "fa4aot.tools"),
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # -- the PyTorch ops without a GPU (meta tensors: shapes and the autograd wiring) --------------------
@@ -506,13 +504,9 @@ def test_torch_api_refuses_what_fa4aot_does_not_build():
 
 def test_fa4aot_torch_imports_no_build_stack():
     pytest.importorskip("torch")
-    code = (
-        "import sys, fa4aot.torch\n"
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('cutlass', 'flash_attn', 'tvm_ffi')"
-        " or m.startswith(('fa4aot.compile', 'fa4aot.tools'))]\n"
-        "assert not bad, bad"
+    assert_imports_none_of(
+        "import fa4aot.torch", ("cutlass", "flash_attn", "tvm_ffi"), ("fa4aot.compile", "fa4aot.tools")
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_check_plans_runs_every_backward_plan(built_cache):

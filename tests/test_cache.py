@@ -12,7 +12,7 @@ import textwrap
 import time
 
 import pytest
-from helpers import HAS_DSL, run_cli
+from helpers import HAS_DSL, combine_variant, run_cli
 
 from fa4aot.compile.store import CacheWriter
 from fa4aot.core.errors import CacheError, CorruptArtifactError
@@ -26,25 +26,9 @@ def _meta(v: Variant) -> dict:
     return {"variant": v.to_dict(), "target": TARGET.to_dict(), "toolchain": {"x": "1"}, "host_arch": "x86_64"}
 
 
-def _variant(i: int) -> Variant:
-    return Variant.make(
-        "combine",
-        "sm_100a",
-        148,
-        dtype="bf16",
-        head_dim=128,
-        num_head=i,
-        log_max_splits=7,
-        varlen=False,
-        seqused=False,
-        has_lse=False,
-        num_splits_dynamic=False,
-    )
-
-
 def test_put_get_roundtrip(tmp_path):
     cache = CacheWriter(tmp_path)
-    v = _variant(1)
+    v = combine_variant(1)
     key = cache_key(v, {"x": "1"}, "x86_64")
     assert cache.get(key) is None
     entry = cache.put(key, _meta(v), {"cubin": b"c" * 100, "plan": b"p" * 10})
@@ -60,7 +44,7 @@ def test_put_get_roundtrip(tmp_path):
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
 def test_damaged_blob_is_never_served(tmp_path, damage):
     cache = CacheWriter(tmp_path)
-    v = _variant(2)
+    v = combine_variant(2)
     entry = cache.put("k", _meta(v), {"cubin": bytes(range(256)) * 8})
     path = cache.blob_path(entry.blobs["cubin"])
     data = bytearray(path.read_bytes())
@@ -80,7 +64,7 @@ def test_damaged_blob_is_never_served(tmp_path, damage):
 
 def test_readonly_open_writes_nothing(tmp_path):
     cache = CacheWriter(tmp_path)
-    cache.put("k", _meta(_variant(3)), {"cubin": b"x"})
+    cache.put("k", _meta(combine_variant(3)), {"cubin": b"x"})
     cache.close()
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     ro = Cache(tmp_path)
@@ -94,7 +78,7 @@ def test_readonly_open_writes_nothing(tmp_path):
 
 def test_gc_removes_orphans_but_not_fresh_files(tmp_path):
     cache = CacheWriter(tmp_path)
-    e = cache.put("k", _meta(_variant(5)), {"cubin": b"keep"})
+    e = cache.put("k", _meta(combine_variant(5)), {"cubin": b"keep"})
     orphan = cache.root / "blobs" / "zz" / "orphan.cubin"
     orphan.parent.mkdir(parents=True)
     orphan.write_bytes(b"old")
@@ -130,8 +114,8 @@ KILL_SCRIPT = textwrap.dedent(
 
 
 def test_sigkill_mid_put_leaves_no_valid_entry(tmp_path):
-    CacheWriter(tmp_path).put("other", _meta(_variant(6)), {"cubin": b"ok"})
-    script = KILL_SCRIPT % (_variant(7).to_dict(), TARGET.to_dict())
+    CacheWriter(tmp_path).put("other", _meta(combine_variant(6)), {"cubin": b"ok"})
+    script = KILL_SCRIPT % (combine_variant(7).to_dict(), TARGET.to_dict())
     proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().startswith("wrote 1")
     proc.send_signal(signal.SIGKILL)
@@ -238,7 +222,7 @@ def test_verify_catches_flipped_and_truncated_artifacts(built_cache, tmp_path):
 
 def test_malformed_index_record_is_reported(tmp_path):
     cache = CacheWriter(tmp_path)
-    cache.put("good", _meta(_variant(8)), {"cubin": b"x"})
+    cache.put("good", _meta(combine_variant(8)), {"cubin": b"x"})
     cache._writer().set("bad", json.dumps({"variant": {}}))
     from fa4aot.tools.verify import verify
 

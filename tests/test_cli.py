@@ -20,32 +20,16 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from fake_driver import FakeDriver
-from helpers import FAST_MANIFEST, ROOT, needs_dsl, run_cli
+from helpers import FAST_MANIFEST, ROOT, combine_variant, needs_dsl, run_cli
 
 from fa4aot.compile.store import CacheWriter, GcListing
 from fa4aot.core import env
 from fa4aot.core.errors import DeviceMismatchError
 from fa4aot.core.index import Cache
-from fa4aot.core.variant import Target, Variant, cache_key
+from fa4aot.core.variant import Target, cache_key
 from fa4aot.tools import cli
 from fa4aot.tools.cli import main
 from fa4aot.tools.progress import Progress
-
-
-def _variant(i: int, arch: str = "sm_100a", sms: int = 148) -> Variant:
-    return Variant.make(
-        "combine",
-        arch,
-        sms,
-        dtype="bf16",
-        head_dim=128,
-        num_head=i,
-        log_max_splits=7,
-        varlen=False,
-        seqused=False,
-        has_lse=False,
-        num_splits_dynamic=False,
-    )
 
 
 def _fake_cache(root: Path, targets: tuple[Target, ...] = (Target("b200", "sm_100a", 148),)) -> list[str]:
@@ -53,7 +37,7 @@ def _fake_cache(root: Path, targets: tuple[Target, ...] = (Target("b200", "sm_10
     cache = CacheWriter(root)
     keys = []
     for i, t in enumerate(targets, 1):
-        v = _variant(i, t.arch, t.num_sms)
+        v = combine_variant(i, t.arch, t.num_sms)
         key = cache_key(v, {"x": "1"}, "x86_64")
         meta = {"variant": v.to_dict(), "target": t.to_dict(), "toolchain": {"x": "1"}, "host_arch": "x86_64"}
         cache.put(key, meta, {"cubin": bytes([i]) * (1000 * i), "plan": bytes([i + 100]) * 50})

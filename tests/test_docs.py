@@ -48,13 +48,6 @@ NEWCOMER_TESTS = (
 )
 README_MAX_LINES = 250
 
-_FENCE = re.compile(r"^(?P<fence>```+|~~~+)\s*(?P<lang>[\w+-]*)\s*$")
-_DIRECTIVE = re.compile(r"^<!--\s*doc-test:\s*(?P<kind>[a-z-]+)\s*(?P<arg>.*?)\s*-->$")
-_REASON = re.compile(r"^\((?P<reason>.*\S.*)\)$")
-_LINK = re.compile(r"(?<!!)\[[^\]]*\]\((?P<target>[^)\s]+)\)")
-_SPAN = re.compile(r"(?<!`)`(?P<code>[^`]+)`(?!`)")
-_ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
-
 
 @dataclass(frozen=True)
 class Block:
@@ -68,6 +61,14 @@ class Block:
     @property
     def where(self) -> str:
         return f"{self.page.relative_to(ROOT)}:{self.line}"
+
+
+_FENCE = re.compile(r"^(?P<fence>```+|~~~+)\s*(?P<lang>[\w+-]*)\s*$")
+_DIRECTIVE = re.compile(r"^<!--\s*doc-test:\s*(?P<kind>[a-z-]+)\s*(?P<arg>.*?)\s*-->$")
+_REASON = re.compile(r"^\((?P<reason>.*\S.*)\)$")
+_LINK = re.compile(r"(?<!!)\[[^\]]*\]\((?P<target>[^)\s]+)\)")
+_SPAN = re.compile(r"(?<!`)`(?P<code>[^`]+)`(?!`)")
+_ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 
 
 def _directive_arg(kind: str, raw: str) -> tuple[str, str | None]:

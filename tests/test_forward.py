@@ -4,6 +4,7 @@ combine sequence for split-KV, argument checks, and what a missing variant says.
 from __future__ import annotations
 
 import pytest
+from helpers import SPLIT_DECODE, split_decode_tensors
 
 import fa4aot
 from fa4aot.core.errors import ArgumentError, VariantNotFoundError
@@ -49,11 +50,7 @@ def test_sm100_2cta_prefill_dispatch(sm100):
 
 def test_sm100_varlen_split_on_raw_pointers_asks_for_out_and_launches_nothing(sm100):
     rt, drv = sm100
-    b, h, hk, d = 16, 16, 4, 128
-    total_q, total_k = 16, 40000
-    q, k, v = t(0, (total_q, h, d)), t(1, (total_k, hk, d)), t(2, (total_k, hk, d))
-    cu_q, cu_k = t(4, (b + 1,), "int32"), t(5, (b + 1,), "int32")
-    out = t(3, (total_q, h, d))
+    q, k, v, cu_q, cu_k, out = split_decode_tensors(t)
     # raw pointers cannot get split-KV scratch buffers allocated for them
     with pytest.raises(ArgumentError, match="pass out="):
         fa4aot.flash_attn_varlen_func(
@@ -89,11 +86,8 @@ def framework_alloc(monkeypatch):
 
 def test_sm100_varlen_split_sequence(sm100, framework_alloc):
     rt, drv = sm100
-    b, h, hk, d = 16, 16, 4, 128
-    total_q, total_k = 16, 40000
-    q, k, v = t(0, (total_q, h, d)), t(1, (total_k, hk, d)), t(2, (total_k, hk, d))
-    cu_q, cu_k = t(4, (b + 1,), "int32"), t(5, (b + 1,), "int32")
-    out = t(3, (total_q, h, d))
+    b, h, hk, d, total_q, _ = SPLIT_DECODE
+    q, k, v, cu_q, cu_k, out = split_decode_tensors(t)
     args = dict(
         cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=1, max_seqlen_k=4000, num_splits=8, out=out, stream=9
     )

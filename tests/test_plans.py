@@ -7,10 +7,9 @@ import math
 import struct
 import subprocess
 import sys
-import threading
 
 import pytest
-from helpers import run_cli
+from helpers import run_cli, run_threads
 
 from fa4aot.core import cubin, samples
 from fa4aot.core.errors import ArgumentError
@@ -266,11 +265,7 @@ def test_plans_are_reentrant_across_threads(built_cache):
         except Exception as exc:  # surfaced below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(worker, range(8))
     assert not errors, errors[:3]
 
 

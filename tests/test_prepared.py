@@ -4,9 +4,8 @@ own their split-KV buffers."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
+from helpers import SPLIT_DECODE, run_threads, split_decode_tensors
 
 import fa4aot
 from fa4aot.core.errors import ArgumentError
@@ -50,6 +49,27 @@ def _same(got: bytes, want: bytes, mask: list[bool]) -> bool:
     return all(g == w for g, w, m in zip(got, want, mask) if m)
 
 
+def _same_launches(drv, lv, stream, named) -> bytes:
+    """Check the last two launches, the plain call's then the prepared call's: the same grid,
+    block, smem and attributes on ``stream``, and both carrying the bytes FA4's host code writes
+    for ``named``. The prepared launch's parameter buffer."""
+    plain, prep = drv.launches[-2:]
+    assert (prep.grid, prep.block, prep.smem, prep.attrs, prep.stream) == (
+        plain.grid,
+        plain.block,
+        plain.smem,
+        plain.attrs,
+        stream,
+    )
+    named = {
+        n: (DeviceTensor(x.ptr, x.shape, x.strides, x.dtype, 0, "raw") if isinstance(x, RawTensor) else x)
+        for n, x in named.items()
+    }
+    want, mask = _written(lv, named)
+    assert _same(_buffer(prep, lv), want, mask) and _same(_buffer(plain, lv), want, mask)
+    return _buffer(prep, lv)
+
+
 def test_prepared_forward_launches_what_the_plain_call_launches(sm90):
     rt, drv = sm90
     b, s, h, d = 2, 1000, 16, 128
@@ -63,24 +83,10 @@ def test_prepared_forward_launches_what_the_plain_call_launches(sm90):
     for qq, oo, stream in ((q, o, 5), (q2, o2, 6), (q, o, 7), (q, o, 8)):
         fa4aot.flash_attn_func(qq, k, v, causal=True, out=oo, stream=stream, runtime=rt)
         run(qq, k, v, oo, stream=stream)
-        plain, prep = drv.launches[-2:]
-        assert (prep.grid, prep.block, prep.smem, prep.attrs, prep.stream) == (
-            plain.grid,
-            plain.block,
-            plain.smem,
-            plain.attrs,
-            stream,
-        )
-        named = dict(
-            q=qq, k=k, v=v, out=oo, softmax_scale=128**-0.5, stream=stream
-        )  # what the launch must carry: FA4's host code run on these
-        named = {
-            n: (DeviceTensor(x.ptr, x.shape, x.strides, x.dtype, 0, "raw") if isinstance(x, RawTensor) else x)
-            for n, x in named.items()
-        }
-        want, mask = _written(lv, named)
-        assert _same(_buffer(prep, lv), want, mask) and _same(_buffer(plain, lv), want, mask)
-        assert qq.ptr.to_bytes(8, "little") in _buffer(prep, lv)  # the new q address reached the kernel
+        # what the launch must carry: FA4's host code run on these
+        named = dict(q=qq, k=k, v=v, out=oo, softmax_scale=128**-0.5, stream=stream)
+        params = _same_launches(drv, lv, stream, named)
+        assert qq.ptr.to_bytes(8, "little") in params  # the new q address reached the kernel
 
 
 def test_prepared_call_refuses_other_tensors_and_launches_nothing(sm90):
@@ -106,11 +112,7 @@ def test_prepared_call_refuses_other_tensors_and_launches_nothing(sm90):
 
 def test_prepared_split_varlen_owns_its_buffers(sm100):
     rt, drv = sm100
-    b, h, hk, d = 16, 16, 4, 128
-    total_q, total_k = 16, 40000
-    q, k, v = t(0, (total_q, h, d)), t(1, (total_k, hk, d)), t(2, (total_k, hk, d))
-    cu_q, cu_k = t(4, (b + 1,), "int32"), t(5, (b + 1,), "int32")
-    out = t(3, (total_q, h, d))
+    q, k, v, cu_q, cu_k, out = split_decode_tensors(t)
     before = dict(drv.allocs)
     run = fa4aot.prepare_forward(
         q, k, v, out, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=1, max_seqlen_k=4000, num_splits=8, runtime=rt
@@ -131,10 +133,8 @@ def test_prepared_split_varlen_owns_its_buffers(sm100):
 
 def test_prepared_split_varlen_with_caller_metadata_resets_its_semaphore(sm100):
     rt, drv = sm100
-    b, h, hk, d = 16, 16, 4, 128
-    q, k, v = t(0, (16, h, d)), t(1, (40000, hk, d)), t(2, (40000, hk, d))
-    cu_q, cu_k = t(4, (b + 1,), "int32"), t(5, (b + 1,), "int32")
-    out = t(3, (16, h, d))
+    b, h, hk, d, _, _ = SPLIT_DECODE
+    q, k, v, cu_q, cu_k, out = split_decode_tensors(t)
     md = SchedulerMetadata(b, h, hk, d, runtime=rt).compute(
         max_seqlen_q=1, max_seqlen_k=4000, num_splits=8, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k
     )
@@ -164,20 +164,9 @@ def test_prepared_combine_matches_combine(sm90):
     for oo_p, oo, stream in ((op, out, 4), (op2, out2, 5), (op, out, 6)):
         fa4aot.combine(oo_p, lp, oo, stream=stream, runtime=rt)
         run(oo_p, lp, oo, stream=stream)
-        plain, prep = drv.launches[-2:]
-        assert (prep.grid, prep.block, prep.smem, prep.attrs, prep.stream) == (
-            plain.grid,
-            plain.block,
-            plain.smem,
-            plain.attrs,
-            stream,
-        )
         named = dict(out_partial=oo_p, lse_partial=lp, out=oo, stream=stream)  # FA4's host code run on these
-        named = {n: DeviceTensor(x.ptr, x.shape, x.strides, x.dtype, 0, "raw") if isinstance(x, RawTensor) else x
-                 for n, x in named.items()}  # fmt: skip
-        want, mask = _written(lv, named)
-        assert _same(_buffer(prep, lv), want, mask) and _same(_buffer(plain, lv), want, mask)
-        assert oo_p.ptr.to_bytes(8, "little") in _buffer(prep, lv)  # the new partials' address reached the kernel
+        params = _same_launches(drv, lv, stream, named)
+        assert oo_p.ptr.to_bytes(8, "little") in params  # the new partials' address reached the kernel
 
 
 def test_prepared_call_from_threads(sm90):
@@ -194,11 +183,7 @@ def test_prepared_call_from_threads(sm90):
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(100 + i,)) for i in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    run_threads(worker, (100 + i for i in range(4)))
     assert not errors and len(drv.launches) == 200
     assert sorted({x.stream for x in drv.launches}) == [100, 101, 102, 103]
 

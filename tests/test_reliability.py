@@ -91,12 +91,11 @@ def _fill(root: Path, n: int, template) -> list[str]:
 def _committed_ok(root: Path) -> set[str]:
     """Keys of the committed entries, after checking every blob of each reads back intact."""
     cache = Cache(root)
-    keys = set()
-    for e in cache.entries():
+    entries = list(cache.entries())
+    for e in entries:
         for role in e.blobs:
             cache.read_blob(e, role)
-        keys.add(e.key)
-    return keys
+    return {e.key for e in entries}
 
 
 # ---- 1. readers never see uncommitted state ----------------------------------------------------
@@ -660,10 +659,15 @@ def test_cuda_array_interface_tensors_on_another_device_are_refused(built_cache)
     assert drv.launches == []
 
 
+class _DLPackVersion(ctypes.Structure):
+    _fields_ = [("major", ctypes.c_uint32), ("minor", ctypes.c_uint32)]
+
+
 class _DLManagedTensorVersioned(ctypes.Structure):
+    """DLPack 1.0's DLManagedTensorVersioned, laid out here apart from fa4aot's offsets."""
+
     _fields_ = [
-        ("major", ctypes.c_uint32),
-        ("minor", ctypes.c_uint32),
+        ("version", _DLPackVersion),
         ("manager_ctx", ctypes.c_void_p),
         ("deleter", ctypes.c_void_p),
         ("flags", ctypes.c_uint64),
@@ -682,7 +686,7 @@ class _DLPackVersioned:
             st[i] = st[i + 1] * shape[i + 1]
         self._strides = (ctypes.c_int64 * n)(*st)
         m = self._m = _DLManagedTensorVersioned()
-        m.major, m.flags = 1, 1 if read_only else 0
+        m.version.major, m.flags = 1, 1 if read_only else 0
         t = m.dl_tensor
         t.data, t.ndim, t.shape, t.strides = ptr, n, self._shape, self._strides
         t.device.device_type, t.device.device_id = 2, 0

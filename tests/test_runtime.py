@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from fake_driver import FakeDriver
+from helpers import run_threads
 
 import fa4aot
 from fa4aot.compile.store import CacheWriter
@@ -315,8 +316,6 @@ def test_sm100_cache_on_sm90_device_is_refused(built_cache, tmp_path):
 
 
 def test_launches_from_several_threads(runtime):
-    import threading
-
     from fa4aot.core.families.combine import combine_grid
 
     rt, drv = runtime
@@ -331,11 +330,7 @@ def test_launches_from_several_threads(runtime):
         except Exception as e:
             errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    run_threads(worker, range(8))
     assert not errors
     assert len(drv.launches) == 400
     fields = next(iter(rt._loaded.values())).variant.fields

@@ -68,12 +68,15 @@ def first_line(cmd: list[str], env: dict[str, str]) -> tuple[str, float, subproc
 
 
 def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-    q, k, v = (x.astype(np.float32) for x in (q, k, v))
-    s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
-    n = q.shape[1]
-    s = np.where(np.tril(np.ones((n, n), dtype=bool)), s, -np.inf)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    return np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v)
+    """Causal attention of the inputs cast to float32: the test's own, not the example's function
+    (the example's check is not its own reference), with the same arithmetic in the same order
+    (so both find the same error)."""
+    qf, kf, vf = (x.astype(np.float32) for x in (q, k, v))
+    future = np.triu(np.ones((q.shape[1],) * 2, dtype=bool), k=1)  # keys after each query
+    scores = np.where(future, -np.inf, np.einsum("bqhd,bkhd->bhqk", qf, kf) / np.sqrt(q.shape[-1]))
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", weights, vf)
 
 
 @pytest.mark.skipif(not _has_cuda_core(), reason="needs cuda.core (pip install cuda-core)")

@@ -8,14 +8,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from torch_helpers import qkv, rand  # noqa: E402
+
 import fa4aot  # noqa: E402
 from fa4aot.core.errors import ArgumentError  # noqa: E402
 from fa4aot.runtime import fastpath  # noqa: E402
-
-
-def _rand(*shape, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
 
 
 def _hits(rt) -> int:
@@ -29,7 +26,7 @@ def test_repeated_calls_equal_the_full_path_bitwise(runtime, causal):
     want = None
     before = _hits(runtime)
     for seed in range(5):  # the same values at new addresses each time
-        q, k, v = _rand(b, s, h, d), _rand(b, s, hk, d, seed=1), _rand(b, s, hk, d, seed=2)
+        q, k, v = qkv(b, s, h, d, hk)
         out = torch.full((b, s, h, d), 7.0, device="cuda", dtype=torch.bfloat16)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -48,7 +45,7 @@ def test_repeated_varlen_calls_with_a_tensor_map_workspace_equal_the_full_path(r
     """SM90 varlen-K calls bind FA4's tensor-map workspace: the fast path gives each call a new one
     from torch's allocator, as the full path does; outputs bitwise equal."""
     total, h, hk, d = 512, 32, 8, 128
-    q, k, v = _rand(total, h, d), _rand(total, hk, d, seed=1), _rand(total, hk, d, seed=2)
+    q, k, v = rand(total, h, d), rand(total, hk, d, seed=1), rand(total, hk, d, seed=2)
     cu = torch.arange(0, total + 1, 64, dtype=torch.int32, device="cuda")
     before, want = _hits(runtime), None
     for _ in range(4):
@@ -68,7 +65,7 @@ def test_varlen_calls_with_batch_and_max_seqlen_changing_equal_the_full_path(run
     them from FA4's decisions by region with per-call values; outputs bitwise equal the full
     path's (the fast path paused) for the same calls."""
     total, h, hk, d = 512, 32, 8, 128
-    q, k, v = _rand(total, h, d), _rand(total, hk, d, seed=1), _rand(total, hk, d, seed=2)
+    q, k, v = rand(total, h, d), rand(total, hk, d, seed=1), rand(total, hk, d, seed=2)
     sizes = [1, 2, 4, 8, 16, 32, 64, 128, 3, 5]
     cus = {b: torch.arange(0, total + 1, total // b, dtype=torch.int32, device="cuda")[: b + 1] for b in sizes}
     calls = fastpath._calls(runtime)
@@ -96,7 +93,7 @@ def test_varlen_calls_with_batch_and_max_seqlen_changing_equal_the_full_path(run
 
 def test_repeated_calls_in_a_cuda_graph(runtime):
     b, s, h, d = 2, 512, 16, 128
-    q, k, v = _rand(b, s, h, d), _rand(b, s, h, d, seed=1), _rand(b, s, h, d, seed=2)
+    q, k, v = qkv(b, s, h, d)
     out = torch.zeros_like(q)
 
     def call():
@@ -119,14 +116,14 @@ def test_repeated_calls_in_a_cuda_graph(runtime):
 
 def test_a_bad_call_after_warm_up_is_a_typed_error_and_out_stays(runtime):
     b, s, h, d = 2, 256, 16, 128
-    q, k, v = _rand(b, s, h, d), _rand(b, s, h, d, seed=1), _rand(b, s, h, d, seed=2)
+    q, k, v = qkv(b, s, h, d)
     out = torch.empty_like(q)
     for _ in range(3):
         fa4aot.flash_attn_func(q, k, v, out=out, runtime=runtime)
     guard = torch.full_like(q, 3.0)
     bad_out = guard.clone()
     with pytest.raises(ArgumentError):  # a K of another head dim: another key, the full path's error
-        fa4aot.flash_attn_func(q, _rand(b, s, h, 64), v, out=bad_out, runtime=runtime)
+        fa4aot.flash_attn_func(q, rand(b, s, h, 64), v, out=bad_out, runtime=runtime)
     with pytest.raises(ArgumentError):  # a misaligned output view of the right shape
         raw = torch.empty(q.numel() + 1, device="cuda", dtype=torch.bfloat16)
         fa4aot.flash_attn_func(q, k, v, out=raw[1:].view(q.shape), runtime=runtime)
@@ -148,8 +145,8 @@ def test_repeated_backwards_equal_the_full_path(runtime, heads):
     rounding - a scratch not zeroed or a wrong buffer is far outside it)."""
     b, s, d = 2, 700, 128
     h, hk = heads
-    q, k, v = _rand(b, s, h, d), _rand(b, s, hk, d, seed=1), _rand(b, s, hk, d, seed=2)
-    dout = _rand(b, s, h, d, seed=3)
+    q, k, v = qkv(b, s, h, d, hk)
+    dout = rand(b, s, h, d, seed=3)
     out, lse = fa4aot.flash_attn_func(q, k, v, causal=True, return_lse=True, runtime=runtime)
     full = []
     for _ in range(2):  # the full path (outputs given), twice: does it repeat itself bitwise?
@@ -174,7 +171,7 @@ def test_autograd_steps_take_the_backward_fast_path(runtime):
 
     fa4aot.open_runtime(runtime.cache.root)  # the default runtime the ops use
     b, s, h, d = 2, 512, 16, 128
-    q0, k0, v0 = _rand(b, s, h, d), _rand(b, s, h, d, seed=1), _rand(b, s, h, d, seed=2)
+    q0, k0, v0 = qkv(b, s, h, d)
     seen = []
     for _ in range(4):
         q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))

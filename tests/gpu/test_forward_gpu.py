@@ -11,6 +11,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from torch_helpers import upcast_gqa, varlen_args  # noqa: E402
+
 import fa4aot  # noqa: E402
 
 
@@ -27,11 +29,7 @@ def attention_ref(q, k, v, causal, upcast=True, cu_q=None, cu_k=None):
             lses.append(lse[0])
         return torch.cat(outs), torch.cat(lses, dim=-1)
     dtype = q.dtype
-    if upcast:
-        q, k, v = q.float(), k.float(), v.float()
-    h, hk = q.shape[2], k.shape[2]
-    k = k.repeat_interleave(h // hk, dim=2)
-    v = v.repeat_interleave(h // hk, dim=2)
+    q, k, v = upcast_gqa(q, k, v, upcast, heads_dim=2)
     scale = 1.0 / math.sqrt(q.shape[-1])
     s = torch.einsum("bqhd,bkhd->bhqk", q * scale, k).float()
     sq, sk = q.shape[1], k.shape[1]
@@ -81,25 +79,14 @@ def test_batched_forward_matches_reference(runtime, d, causal, heads, shape):
 def test_varlen_forward_matches_reference(runtime, d, causal, heads):
     h, hk = heads
     lens_q, lens_k = [5, 0, 300, 1, 129], [40, 7, 300, 1000, 129]
-    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32, device="cuda")
-    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32, device="cuda")
+    varlen = varlen_args(lens_q, lens_k)
     g = torch.Generator(device="cuda").manual_seed(d + causal)
     q = torch.randn(sum(lens_q), h, d, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(sum(lens_k), hk, d, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn(sum(lens_k), hk, d, device="cuda", dtype=torch.bfloat16, generator=g)
-    out, _ = fa4aot.flash_attn_varlen_func(
-        q,
-        k,
-        v,
-        cu_seqlens_q=cu_q,
-        cu_seqlens_k=cu_k,
-        max_seqlen_q=max(lens_q),
-        max_seqlen_k=max(lens_k),
-        causal=causal,
-        runtime=runtime,
-    )
+    out, _ = fa4aot.flash_attn_varlen_func(q, k, v, **varlen, causal=causal, runtime=runtime)
     torch.cuda.synchronize()
-    check(out, q, k, v, causal, cu_q=cu_q.cpu(), cu_k=cu_k.cpu())
+    check(out, q, k, v, causal, cu_q=varlen["cu_seqlens_q"].cpu(), cu_k=varlen["cu_seqlens_k"].cpu())
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -7,13 +7,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from torch_helpers import qkv, rand, varlen_args  # noqa: E402
+
 import fa4aot  # noqa: E402
 from fa4aot.core.errors import ArgumentError  # noqa: E402
-
-
-def _rand(*shape, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -22,11 +19,11 @@ def test_prepared_batched_forward_equals_plain_call(runtime, causal, heads):
     b, s, d = 2, 700, 128
     h, hk = heads
     run = fa4aot.prepare_forward(
-        _rand(b, s, h, d), _rand(b, s, hk, d), _rand(b, s, hk, d), torch.empty(b, s, h, d, device="cuda",
+        rand(b, s, h, d), rand(b, s, hk, d), rand(b, s, hk, d), torch.empty(b, s, h, d, device="cuda",
         dtype=torch.bfloat16), causal=causal, runtime=runtime,
     )  # fmt: skip
     for seed in range(3):  # new tensors (new addresses) each time, then the same ones again
-        q, k, v = _rand(b, s, h, d, seed=seed), _rand(b, s, hk, d, seed=seed + 10), _rand(b, s, hk, d, seed=seed + 20)
+        q, k, v = rand(b, s, h, d, seed=seed), rand(b, s, hk, d, seed=seed + 10), rand(b, s, hk, d, seed=seed + 20)
         want, _ = fa4aot.flash_attn_func(q, k, v, causal=causal, runtime=runtime)
         out = torch.full_like(want, 7.0)
         stream = torch.cuda.Stream()
@@ -40,27 +37,13 @@ def test_prepared_batched_forward_equals_plain_call(runtime, causal, heads):
 
 def test_prepared_varlen_forward_and_combine_equal_plain_calls(runtime):
     lens_q, lens_k = [5, 0, 300, 1, 129], [40, 7, 300, 1000, 129]
-    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-    q, k, v = _rand(sum(lens_q), 16, 128), _rand(sum(lens_k), 4, 128, seed=1), _rand(sum(lens_k), 4, 128, seed=2)
-    want, _ = fa4aot.flash_attn_varlen_func(
-        q,
-        k,
-        v,
-        cu_seqlens_q=cu_q,
-        cu_seqlens_k=cu_k,
-        max_seqlen_q=max(lens_q),
-        max_seqlen_k=max(lens_k),
-        causal=True,
-        runtime=runtime,
-    )
+    varlen = varlen_args(lens_q, lens_k)
+    q, k, v = rand(sum(lens_q), 16, 128), rand(sum(lens_k), 4, 128, seed=1), rand(sum(lens_k), 4, 128, seed=2)
+    want, _ = fa4aot.flash_attn_varlen_func(q, k, v, **varlen, causal=True, runtime=runtime)
     out = torch.zeros_like(want)
-    run = fa4aot.prepare_forward(
-        q, k, v, out, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k),
-        causal=True, runtime=runtime,
-    )  # fmt: skip
+    run = fa4aot.prepare_forward(q, k, v, out, **varlen, causal=True, runtime=runtime)
     assert run.arg_names == ("q", "k", "v", "out", "cu_seqlens_q", "cu_seqlens_k")
-    run(q, k, v, out, cu_q, cu_k)
+    run(q, k, v, out, varlen["cu_seqlens_q"], varlen["cu_seqlens_k"])
     torch.cuda.synchronize()
     assert torch.equal(out, want)
     # combine
@@ -76,9 +59,28 @@ def test_prepared_varlen_forward_and_combine_equal_plain_calls(runtime):
     assert torch.equal(a, b)
 
 
+def test_prepared_call_refusals_leave_out_untouched(runtime):
+    b, s, h, d = 1, 256, 8, 128
+    q, k, v = qkv(b, s, h, d)
+    out = torch.full_like(q, 7.0)
+    run = fa4aot.prepare_forward(q, k, v, out, runtime=runtime)
+    big = rand(b, s, h, d + 8)
+    for args in (
+        (q[:, :100], k, v, out),  # shape
+        (big[..., :d], k, v, out),  # strides
+        (q.half(), k, v, out),  # dtype
+        (q.cpu(), k, v, out),  # device
+        (rand(b * s * h * d + 4).view(-1)[4:].view(b, s, h, d), k, v, out),  # 8-byte aligned only
+    ):
+        with pytest.raises(ArgumentError):
+            run(*args)
+    torch.cuda.synchronize()
+    assert (out == 7.0).all()
+
+
 def test_prepared_call_in_a_cuda_graph(runtime):
     b, s, h, d = 2, 512, 16, 128
-    q, k, v = _rand(b, s, h, d), _rand(b, s, h, d, seed=1), _rand(b, s, h, d, seed=2)
+    q, k, v = qkv(b, s, h, d)
     out = torch.empty_like(q)
     run = fa4aot.prepare_forward(q, k, v, out, causal=True, runtime=runtime)
     side = torch.cuda.Stream()
@@ -90,7 +92,7 @@ def test_prepared_call_in_a_cuda_graph(runtime):
     with torch.cuda.graph(graph):
         run(q, k, v, out)  # the stream defaults to torch's current (capturing) stream
     for seed in range(3):
-        q.copy_(_rand(b, s, h, d, seed=100 + seed))
+        q.copy_(rand(b, s, h, d, seed=100 + seed))
         out.zero_()
         graph.replay()
         torch.cuda.synchronize()
@@ -99,32 +101,13 @@ def test_prepared_call_in_a_cuda_graph(runtime):
         assert torch.equal(out, want)
 
 
-def test_prepared_call_refusals_leave_out_untouched(runtime):
-    b, s, h, d = 1, 256, 8, 128
-    q, k, v = _rand(b, s, h, d), _rand(b, s, h, d, seed=1), _rand(b, s, h, d, seed=2)
-    out = torch.full_like(q, 7.0)
-    run = fa4aot.prepare_forward(q, k, v, out, runtime=runtime)
-    big = _rand(b, s, h, d + 8)
-    for args in (
-        (q[:, :100], k, v, out),  # shape
-        (big[..., :d], k, v, out),  # strides
-        (q.half(), k, v, out),  # dtype
-        (q.cpu(), k, v, out),  # device
-        (_rand(b * s * h * d + 4).view(-1)[4:].view(b, s, h, d), k, v, out),  # 8-byte aligned only
-    ):
-        with pytest.raises(ArgumentError):
-            run(*args)
-    torch.cuda.synchronize()
-    assert (out == 7.0).all()
-
-
 def test_preload_then_calls_load_nothing(gpu_cache):
     from fa4aot.runtime.loader import Runtime
 
     rt = Runtime(gpu_cache)
     n = rt.preload("all", threads=4)
     assert n == len(rt.index) == len(rt._loaded)
-    q = _rand(1, 128, 16, 128)
+    q = rand(1, 128, 16, 128)
     out, _ = fa4aot.flash_attn_func(q, q, q, causal=True, runtime=rt)
     torch.cuda.synchronize()
     assert len(rt._loaded) == n and out.isfinite().all()

@@ -13,6 +13,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from torch_helpers import cu_seqlens, upcast_gqa  # noqa: E402
+
 import fa4aot  # noqa: E402
 import fa4aot.interface as fi  # noqa: E402
 
@@ -27,11 +29,8 @@ def reference(qs, ks, vs, *, causal=False, window=(None, None), sink=None, softc
     outs, lses = [], []
     for q, k, v in zip(qs, ks, vs):
         dtype = q.dtype
-        if upcast:
-            q, k, v = q.float(), k.float(), v.float()
-        h, hk = q.shape[1], k.shape[1]
-        k = k.repeat_interleave(h // hk, dim=1)
-        v = v.repeat_interleave(h // hk, dim=1)
+        q, k, v = upcast_gqa(q, k, v, upcast, heads_dim=1)
+        h = q.shape[1]
         sc = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
         s = torch.einsum("qhd,khd->hqk", q, k).float() * sc
         if softcap:
@@ -98,10 +97,6 @@ class Paged:
         self.vs = [self.v[table[i, :n].long()].flatten(0, 1)[:sk] for i, (n, sk) in enumerate(zip(per_seq, lens_k))]
 
 
-def _cu(lens):
-    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-
-
 def _fa4():
     """FA4's own interface, or skip (it needs the CUTLASS DSL JIT stack)."""
     return pytest.importorskip("flash_attn.cute.interface", reason="FA4's JIT stack is not installed here")
@@ -129,7 +124,7 @@ def _paged_case(phase, page_size, seed):
 def test_paged_kv_matches_reference(runtime, phase, page_size):
     lens_q, lens_k, pg, q = _paged_case(phase, page_size, seed=page_size + len(phase))
     out, lse = fa4aot.flash_attn_varlen_func(
-        q, pg.k, pg.v, cu_seqlens_q=_cu(lens_q), max_seqlen_q=max(lens_q), seqused_k=pg.seqused,
+        q, pg.k, pg.v, cu_seqlens_q=cu_seqlens(lens_q), max_seqlen_q=max(lens_q), seqused_k=pg.seqused,
         page_table=pg.table, causal=True, return_lse=True, runtime=runtime,
     )  # fmt: skip
     torch.cuda.synchronize()
@@ -178,7 +173,7 @@ def _sink_case(seed, page_size):
 def test_learnable_sink_matches_reference(runtime, window, page_size):
     lens_q, q, k, v, ks, vs, sink, used, extra = _sink_case(3, page_size)
     out, lse = fa4aot.flash_attn_varlen_func(
-        q, k, v, cu_seqlens_q=_cu(lens_q), max_seqlen_q=max(lens_q), seqused_k=used, causal=True,
+        q, k, v, cu_seqlens_q=cu_seqlens(lens_q), max_seqlen_q=max(lens_q), seqused_k=used, causal=True,
         window_size=window or (None, None), learnable_sink=sink, return_lse=True, runtime=runtime, **extra,
     )  # fmt: skip
     torch.cuda.synchronize()
@@ -195,7 +190,7 @@ def test_softcap_matches_reference(runtime, d, window):
     k = torch.randn(sum(lens_k), hk, d, device="cuda", dtype=BF16, generator=g) * 3
     v = torch.randn(sum(lens_k), hk, d, device="cuda", dtype=BF16, generator=g)
     out, lse = fa4aot.flash_attn_varlen_func(
-        q, k, v, cu_seqlens_q=_cu(lens_q), cu_seqlens_k=_cu(lens_k), max_seqlen_q=max(lens_q),
+        q, k, v, cu_seqlens_q=cu_seqlens(lens_q), cu_seqlens_k=cu_seqlens(lens_k), max_seqlen_q=max(lens_q),
         max_seqlen_k=max(lens_k), causal=True, window_size=window or (None, None), softcap=50.0,
         return_lse=True, runtime=runtime,
     )  # fmt: skip
@@ -225,7 +220,7 @@ def test_vllm_call_pattern_replay(runtime, page_size):
     scale = d**-0.5
     for wl, wr in [(127, 0), (-1, -1), (127, 0)]:  # sliding and full layers alternate
         o, lse, *rest = fi._flash_attn_fwd(
-            q, pg.k, pg.v, cu_seqlens_q=_cu(lens_q), max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k),
+            q, pg.k, pg.v, cu_seqlens_q=cu_seqlens(lens_q), max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k),
             seqused_k=pg.seqused, page_table=pg.table, learnable_sink=s_aux, window_size_left=wl,
             window_size_right=wr, softmax_scale=scale, causal=True, num_splits=1, return_lse=True, out=out,
             runtime=runtime,
@@ -289,7 +284,7 @@ def test_bitwise_equal_to_fa4_jit(runtime, kind):
         v = torch.randn(sum(lens_k), 4, 128, device="cuda", dtype=BF16, generator=g)
 
         def call(fn):
-            return fn(q, k, v, cu_seqlens_q=_cu(lens_q), cu_seqlens_k=_cu(lens_k), max_seqlen_q=max(lens_q),
+            return fn(q, k, v, cu_seqlens_q=cu_seqlens(lens_q), cu_seqlens_k=cu_seqlens(lens_k), max_seqlen_q=max(lens_q),
                       max_seqlen_k=max(lens_k), causal=True, return_lse=True)  # fmt: skip
     elif kind.startswith("paged"):
         page_size = 128 if "tma" in kind else 16
@@ -297,7 +292,7 @@ def test_bitwise_equal_to_fa4_jit(runtime, kind):
         lens_q, lens_k, pg, q = _paged_case(phase, page_size, seed=21)
 
         def call(fn):
-            return fn(q, pg.k, pg.v, cu_seqlens_q=_cu(lens_q), max_seqlen_q=max(lens_q), seqused_k=pg.seqused,
+            return fn(q, pg.k, pg.v, cu_seqlens_q=cu_seqlens(lens_q), max_seqlen_q=max(lens_q), seqused_k=pg.seqused,
                       page_table=pg.table, causal=True, return_lse=True)  # fmt: skip
     elif kind.startswith("sink"):
         page_size = 16 if kind.endswith("paged") else None
@@ -305,7 +300,7 @@ def test_bitwise_equal_to_fa4_jit(runtime, kind):
         wl = 127 if "window" in kind else None
 
         def call(fn):
-            return fn(q, k, v, cu_seqlens_q=_cu(lens_q), max_seqlen_q=max(lens_q), seqused_k=used, causal=True,
+            return fn(q, k, v, cu_seqlens_q=cu_seqlens(lens_q), max_seqlen_q=max(lens_q), seqused_k=used, causal=True,
                       window_size_left=wl, window_size_right=0 if wl else None, learnable_sink=sink,
                       return_lse=True, **extra)  # fmt: skip
     else:
@@ -318,7 +313,7 @@ def test_bitwise_equal_to_fa4_jit(runtime, kind):
         v = torch.randn(sum(lens_k), 8, d, device="cuda", dtype=BF16, generator=g)
 
         def call(fn):
-            return fn(q, k, v, cu_seqlens_q=_cu(lens_q), cu_seqlens_k=_cu(lens_k), max_seqlen_q=max(lens_q),
+            return fn(q, k, v, cu_seqlens_q=cu_seqlens(lens_q), cu_seqlens_k=cu_seqlens(lens_k), max_seqlen_q=max(lens_q),
                       max_seqlen_k=max(lens_k), causal=True, window_size_left=wl, window_size_right=0 if wl else None,
                       softcap=50.0, return_lse=True)  # fmt: skip
 
