@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -362,18 +362,7 @@ def _axis_values(axis: Any, path: str, key: str, value: Any) -> list[Any]:
     """The listed values of one axis, each parsed (a ManifestError names the bad or repeated one)."""
     listed = isinstance(value, list) and not _is_pair_scalar(key, value)
     items = value if listed else [value]
-    if not items:
-        raise ManifestError(f"{path}.{key}", "empty list")
-    parsed: list[dict[str, Any]] = []
-    for j, item in enumerate(items):
-        where = f"{path}.{key}[{j}]" if listed else f"{path}.{key}"
-        try:
-            fields = axis.parse(item)
-        except ValueError as e:
-            raise ManifestError(where, str(e)) from None
-        if fields in parsed:
-            raise ManifestError(where, f"{item!r} is listed twice (also at [{parsed.index(fields)}])")
-        parsed.append(fields)
+    _parse_each(items, f"{path}.{key}", listed, axis.parse)
     return items
 
 
@@ -460,19 +449,27 @@ def _nothing_valid(family: Family, path: str, values: dict, explicit: dict, plan
 def _side_values(axis: Any, path: str, key: str, value: Any) -> list[Any]:
     """The parsed values of a domain or filter axis (a scalar is one value)."""
     items = value if isinstance(value, list) and not (key == "window" and _is_window(value)) else [value]
-    if not items:
-        raise ManifestError(f"{path}.{key}", "empty list")
     if len(items) > MAX_SHAPE_VALUES:
         raise ManifestError(f"{path}.{key}", f"{len(items)} values (at most {MAX_SHAPE_VALUES})")
+    indexed = len(items) > 1 or isinstance(value, list)
+    return _parse_each(items, f"{path}.{key}", indexed, lambda item: axis.parse(item)["value"])
+
+
+def _parse_each(items: list[Any], where: str, indexed: bool, parse: Callable[[Any], Any]) -> list[Any]:
+    """Each of a key's listed ``items`` parsed, in order. A ManifestError at ``where`` (with the
+    item's ``[j]`` when ``indexed``) names an empty list, a value ``parse`` refuses (its
+    ValueError's text) or one parsing the same as an earlier one."""
+    if not items:
+        raise ManifestError(where, "empty list")
     out: list[Any] = []
     for j, item in enumerate(items):
-        where = f"{path}.{key}[{j}]" if len(items) > 1 or isinstance(value, list) else f"{path}.{key}"
+        at = f"{where}[{j}]" if indexed else where
         try:
-            parsed = axis.parse(item)["value"]
+            parsed = parse(item)
         except ValueError as e:
-            raise ManifestError(where, str(e)) from None
+            raise ManifestError(at, str(e)) from None
         if parsed in out:
-            raise ManifestError(where, f"{item!r} is listed twice (also at [{out.index(parsed)}])")
+            raise ManifestError(at, f"{item!r} is listed twice (also at [{out.index(parsed)}])")
         out.append(parsed)
     return out
 

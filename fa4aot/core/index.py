@@ -35,7 +35,7 @@ import json
 import math
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -450,40 +450,42 @@ class Cache:
         ref = entry.blobs.get(role)
         if ref is None:
             raise CacheError(f"entry {entry.key} has no {role} blob")
-        path = self.blob_path(ref)
-        try:
-            data = read_regular(self.root, ("blobs", ref.sha256[:2], ref.filename), ref.size)
-        except SizeMismatch as e:
-            raise CorruptArtifactError(
-                f"{role} of entry {entry.key} ({entry.variant.label()}) is corrupt: {path} has {e.actual} "
-                f"bytes, the index records {ref.size}. Refusing to use it; run `fa4aot verify` and rebuild."
-            ) from None
-        except OSError as e:
-            raise CorruptArtifactError(
-                f"{role} of entry {entry.key} ({entry.variant.label()}) is missing or not a plain file: {path}: "
-                f"{e.strerror or e}. Rebuild it with `fa4aot build`."
-            ) from None
+        what = f"{role} of entry {entry.key} ({entry.variant.label()})"
+
+        def unreadable(path: Path, e: OSError) -> str:
+            if isinstance(e, SizeMismatch):
+                return (
+                    f"{what} is corrupt: {path} has {e.actual} bytes, the index records {ref.size}. "
+                    "Refusing to use it; run `fa4aot verify` and rebuild."
+                )
+            return f"{what} is missing or not a plain file: {path}: {e.strerror or e}. Rebuild it with `fa4aot build`."
+
+        path, data = self._read_file(ref, unreadable)
         if len(data) != ref.size or sha256_hex(data) != ref.sha256:
             raise CorruptArtifactError(
-                f"{role} of entry {entry.key} ({entry.variant.label()}) is corrupt: {path} has "
-                f"{len(data)} bytes and sha256 {sha256_hex(data)[:16]}..., the index records "
-                f"{ref.size} bytes and {ref.sha256[:16]}.... Refusing to use it; run "
-                "`fa4aot verify` and rebuild."
+                f"{what} is corrupt: {path} has {len(data)} bytes and sha256 {sha256_hex(data)[:16]}..., the index "
+                f"records {ref.size} bytes and {ref.sha256[:16]}.... Refusing to use it; run `fa4aot verify` and rebuild."
             )
         return data
 
     def read_ref(self, ref: BlobRef, what: str) -> bytes:
         """The bytes of the blob ``ref`` names (size and sha256 checked; regular files only)."""
-        path = self.blob_path(ref)
-        try:
-            data = read_regular(self.root, ("blobs", ref.sha256[:2], ref.filename), ref.size)
-        except OSError as e:
-            raise CorruptArtifactError(
-                f"{what} is missing, damaged or not a plain file: {path}: {e.strerror or e}"
-            ) from None
+        path, data = self._read_file(
+            ref, lambda path, e: f"{what} is missing, damaged or not a plain file: {path}: {e.strerror or e}"
+        )
         if sha256_hex(data) != ref.sha256:
             raise CorruptArtifactError(f"{what} is corrupt: {path} does not match its sha256; rebuild the cache")
         return data
+
+    def _read_file(self, ref: BlobRef, unreadable: Callable[[Path, OSError], str]) -> tuple[Path, bytes]:
+        """The path of ``ref``'s blob file and its bytes, read by :func:`read_regular` (plain files of
+        the recorded size only); the caller's ``unreadable`` words the CorruptArtifactError for a
+        file that cannot be read so (its callers describe the blob differently)."""
+        path = self.blob_path(ref)
+        try:
+            return path, read_regular(self.root, ("blobs", ref.sha256[:2], ref.filename), ref.size)
+        except OSError as e:
+            raise CorruptArtifactError(unreadable(path, e)) from None
 
     def read_cubin(self, entry: Entry) -> bytes:
         """The entry's cubin (its blob, hash-checked)."""

@@ -7,7 +7,9 @@ itself, in :mod:`fa4aot.runtime.validate`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,13 @@ def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 def contiguous(dtype: str, *shape: int) -> TensorLayout:
     """A row-major tensor of this dtype and shape."""
     return TensorLayout(dtype, tuple(shape), contiguous_strides(tuple(shape)))
+
+
+def int32_vectors(fields: Mapping[str, Any], wanted: Iterable[tuple[str | None, str, int]]) -> dict[str, TensorLayout]:
+    """The int32 vectors (cu_seqlens, seqused, scheduler metadata) a call takes, from ``(switch,
+    name, length)`` rows: each present when the variant field ``switch`` is true (None: always),
+    in the rows' order."""
+    return {name: contiguous("int32", n) for switch, name, n in wanted if switch is None or fields[switch]}
 
 
 def swap_last(layout: TensorLayout) -> TensorLayout:

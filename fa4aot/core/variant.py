@@ -70,13 +70,8 @@ class Target(NamedTuple):
         return {"arch": self.arch, "num_sms": self.num_sms}
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "arch": self.arch,
-            "num_sms": self.num_sms,
-            "l2_bytes": self.l2_bytes,
-            "smem_optin_bytes": self.optin_smem(),
-        }
+        """The target as JSON-able fields, its opt-in shared memory resolved (never None)."""
+        return {**self._asdict(), "smem_optin_bytes": self.optin_smem()}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Target:
@@ -107,12 +102,8 @@ class Variant(NamedTuple):
         return dict(self.params)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "family": self.family,
-            "arch": self.arch,
-            "num_sms": self.num_sms,
-            "params": dict(self.params),
-        }
+        """The variant as JSON-able fields, its params a dict (what :attr:`variant_id` hashes)."""
+        return {**self._asdict(), "params": dict(self.params)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Variant:

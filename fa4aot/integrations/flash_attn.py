@@ -47,31 +47,29 @@ def _fa4aot_torch() -> Any:
     return ft
 
 
-flash_attn_func = mirror(
-    "flash_attn_func",
-    """
+def _differentiable(entry_point: str, doc: str) -> Any:
+    """A mirror of FA4's differentiable ``entry_point``: through fa4aot.torch's autograd op when the
+    call needs autograd, else straight to the runtime's function of that name."""
+    return mirror(
+        entry_point,
+        f"""
     if needs_autograd(q, k, v, learnable_sink):  # fa4aot.torch refuses the inference-only FA4 paths
-        return _fa4aot_torch().flash_attn_func({all})
+        return _fa4aot_torch().{entry_point}({{all}})
     q, k, v, learnable_sink = _plain(q), _plain(k), _plain(v), _plain(learnable_sink)
-    return entry.flash_attn_func({all})
+    return entry.{entry_point}({{all}})
     """,
-    globals(),
-    check="none",  # the functions it calls refuse
-    doc="""FA4's ``flash_attn_func``: ``(out, lse)``, differentiable when an input requires grad.""",
+        globals(),
+        check="none",  # the functions it calls refuse
+        doc=doc,
+    )
+
+
+flash_attn_func = _differentiable(
+    "flash_attn_func", """FA4's ``flash_attn_func``: ``(out, lse)``, differentiable when an input requires grad."""
 )
-
-
-flash_attn_varlen_func = mirror(
+flash_attn_varlen_func = _differentiable(
     "flash_attn_varlen_func",
-    """
-    if needs_autograd(q, k, v, learnable_sink):  # fa4aot.torch refuses the inference-only FA4 paths
-        return _fa4aot_torch().flash_attn_varlen_func({all})
-    q, k, v, learnable_sink = _plain(q), _plain(k), _plain(v), _plain(learnable_sink)
-    return entry.flash_attn_varlen_func({all})
-    """,
-    globals(),
-    check="none",  # the functions it calls refuse
-    doc="""FA4's ``flash_attn_varlen_func``: ``(out, lse)``, differentiable when an input requires grad
+    """FA4's ``flash_attn_varlen_func``: ``(out, lse)``, differentiable when an input requires grad
     (a paged KV cache is an inference path, as in FA4).""",
 )
 

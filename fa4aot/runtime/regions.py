@@ -109,6 +109,36 @@ def _compare(sym: str, fn: Callable[[Any, Any], bool]) -> Callable[..., Any]:
     return cmp
 
 
+#: The arithmetic a :class:`Sym` traces: each operator's symbol in the generated check, and the
+#: stem of its methods (``__add__`` and the reflected ``__radd__`` for ``+``) and of its function
+#: in :mod:`operator`.
+_ARITHMETIC = {
+    "+": "add",
+    "-": "sub",
+    "*": "mul",
+    "//": "floordiv",
+    "/": "truediv",
+    "%": "mod",
+    "**": "pow",
+    "&": "and",
+    "|": "or",
+    "^": "xor",
+    "<<": "lshift",
+    ">>": "rshift",
+}
+
+
+def _with_arithmetic(cls: type) -> type:
+    """``cls`` given the traced :data:`_ARITHMETIC` (set after its body: a loop there cannot bind
+    computed names)."""
+    for sym, stem in _ARITHMETIC.items():
+        fwd, rev = _binary(sym, getattr(operator, f"__{stem}__"))
+        setattr(cls, f"__{stem}__", fwd)
+        setattr(cls, f"__r{stem}__", rev)
+    return cls
+
+
+@_with_arithmetic
 class Sym:
     """A traced number: its value ``v``, its name ``r`` in the generated check, its tape ``t``.
     ``isinstance(sym, int)`` holds for an int value (``__class__``), as the selection expects."""
@@ -127,18 +157,6 @@ class Sym:
         self.t.cond(f"{self.r} == {self.v!r}")
         return self.v
 
-    __add__, __radd__ = _binary("+", operator.add)
-    __sub__, __rsub__ = _binary("-", operator.sub)
-    __mul__, __rmul__ = _binary("*", operator.mul)
-    __floordiv__, __rfloordiv__ = _binary("//", operator.floordiv)
-    __truediv__, __rtruediv__ = _binary("/", operator.truediv)
-    __mod__, __rmod__ = _binary("%", operator.mod)
-    __pow__, __rpow__ = _binary("**", operator.pow)
-    __and__, __rand__ = _binary("&", operator.and_)
-    __or__, __ror__ = _binary("|", operator.or_)
-    __xor__, __rxor__ = _binary("^", operator.xor)
-    __lshift__, __rlshift__ = _binary("<<", operator.lshift)
-    __rshift__, __rrshift__ = _binary(">>", operator.rshift)
     __lt__ = _compare("<", operator.lt)
     __le__ = _compare("<=", operator.le)
     __gt__ = _compare(">", operator.gt)

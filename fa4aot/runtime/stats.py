@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -57,18 +57,9 @@ class RuntimeStats:
 
     def as_dict(self) -> dict[str, Any]:
         """The snapshot as plain JSON-able values."""
-        return {
-            "loads": self.loads,
-            "hits": self.hits,
-            "misses": self.misses,
-            "refused": self.refused,
-            "invalid": self.invalid,
-            "launches": dict(self.launches),
-            "patch_fallbacks": dict(self.patch_fallbacks),
-            "fast_calls": self.fast_calls,
-            "decisions_traced": self.decisions_traced,
-            "decisions_reused": self.decisions_reused,
-        }
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        # the per-family and per-function counts may be any Mapping: copied into plain dicts
+        return {k: dict(v) if isinstance(v, Mapping) else v for k, v in values.items()}
 
 
 def patch_fallbacks() -> dict[str, int]:

@@ -3,6 +3,7 @@ show the launches its plans make - all without a GPU."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import platform
@@ -10,9 +11,10 @@ import re
 import struct
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 try:
     import click
@@ -22,6 +24,9 @@ except ImportError:  # the runtime-only install has no CLI stack
 from fa4aot.core import env, logs
 from fa4aot.core.errors import Fa4aotError
 from fa4aot.core.index import Cache, default_cache_dir
+
+if TYPE_CHECKING:
+    from fa4aot.core.signing import Policy
 
 _log = logs.get("fa4aot.cli")
 
@@ -885,14 +890,6 @@ SIGN_OPTION = click.option(
     envvar="FA4AOT_SIGNING_KEY",
     help="Sign with this ed25519 private key (fa4aot keygen) [default: $FA4AOT_SIGNING_KEY].",
 )
-SHA256_OPTION = click.option(
-    "--sha256", "pinned", default=None, help="Accept the source unsigned if its sha256 is this (given out of band)."
-)
-INSECURE_OPTION = click.option(
-    "--insecure",
-    is_flag=True,
-    help="Accept a source no trusted key signed and no --sha256 pins (contents still checked).",
-)
 
 
 def _signer(path: Path | None):
@@ -901,14 +898,57 @@ def _signer(path: Path | None):
     return None if path is None else Signer.load(path)
 
 
-def _policy(root: Path, pinned: str | None, insecure: bool):
-    """What an install or pull into ``root`` requires: a signature by a key it trusts, the
-    pinned sha256, or --insecure."""
-    from fa4aot.core.signing import Policy, trusted_keys
+@dataclass(frozen=True)
+class _Receive:
+    """The options install and pull share: --replace, what the source must satisfy (a signature
+    by a key the cache trusts, else --sha256 or --insecure) and --json."""
 
-    if pinned is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", pinned):
-        raise click.BadParameter("--sha256 takes 64 hex digits")
-    return Policy(tuple(trusted_keys(root)), pinned, insecure)
+    replace: bool
+    pinned: str | None
+    insecure: bool
+    as_json: bool
+
+    def policy(self, root: Path) -> Policy:
+        """What an install or pull into ``root`` requires: a signature by a key it trusts, the
+        pinned sha256, or --insecure."""
+        from fa4aot.core.signing import Policy, trusted_keys
+
+        if self.pinned is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.pinned):
+            raise click.BadParameter("--sha256 takes 64 hex digits")
+        return Policy(tuple(trusted_keys(root)), self.pinned, self.insecure)
+
+
+def _receive_options(command: Callable[..., None]) -> Callable[..., None]:
+    """``command`` with the options of :class:`_Receive` (in --help in its field order), handed to
+    it as one ``receive`` argument."""
+
+    @functools.wraps(command)
+    def receiving(*, replace: bool, pinned: str | None, insecure: bool, as_json: bool, **kwargs: Any) -> None:
+        command(receive=_Receive(replace, pinned, insecure, as_json), **kwargs)
+
+    options = (
+        click.option(
+            "--replace",
+            is_flag=True,
+            help="Replace entries whose record differs from the one the cache holds under the same key "
+            "(refused otherwise); each replacement is listed.",
+        ),
+        click.option(
+            "--sha256",
+            "pinned",
+            default=None,
+            help="Accept the source unsigned if its sha256 is this (given out of band).",
+        ),
+        click.option(
+            "--insecure",
+            is_flag=True,
+            help="Accept a source no trusted key signed and no --sha256 pins (contents still checked).",
+        ),
+        JSON_OPTION,
+    )
+    for option in reversed(options):  # the last applied is listed first, as with stacked decorators
+        receiving = option(receiving)
+    return receiving
 
 
 @main.command("pack")
@@ -954,31 +994,12 @@ def pack_cmd(
     )
 
 
-REPLACE_OPTION = click.option(
-    "--replace",
-    is_flag=True,
-    help="Replace entries whose record differs from the one the cache holds under the same key "
-    "(refused otherwise); each replacement is listed.",
-)
-
-
 @main.command("install")
 @click.argument("source")
 @CACHE_OPTION
 @click.option("--dry-run", is_flag=True, help="Verify the archive and list what would be added; write nothing.")
-@REPLACE_OPTION
-@SHA256_OPTION
-@INSECURE_OPTION
-@JSON_OPTION
-def install_cmd(
-    source: str,
-    cache_dir: Path | None,
-    dry_run: bool,
-    replace: bool,
-    pinned: str | None,
-    insecure: bool,
-    as_json: bool,
-) -> None:
+@_receive_options
+def install_cmd(source: str, cache_dir: Path | None, dry_run: bool, receive: _Receive) -> None:
     """Verify the archive SOURCE (a file, an http(s) URL, or - for stdin) completely - every
     sha256, every cubin, every key recomputed from its record, host arch, formats, member paths,
     sizes - and only then add its entries to the cache (blobs first, index last). Entries already
@@ -990,15 +1011,15 @@ def install_cmd(
 
     root = _cache_dir(cache_dir)
     try:
-        policy = _policy(root, pinned, insecure)
+        policy = receive.policy(root)
         stream, what = open_source(source)
         with stream:
             archive = read_archive(stream, host_arch=host_arch(), what=what, policy=policy)
-        res = install(root, archive, dry_run=dry_run, replace=replace)
+        res = install(root, archive, dry_run=dry_run, replace=receive.replace)
     except Fa4aotError as e:
         raise click.ClickException(str(e)) from None
     by_key = {e.key: e for e in archive.entries}
-    if as_json:
+    if receive.as_json:
         actions = [("added", res.added), ("replaced", res.replaced), ("present", res.present)]
         records = [
             {"key": key, "label": by_key[key].variant.label(), "action": action, "dry_run": dry_run}
@@ -1152,10 +1173,7 @@ def push_cmd(
 @MANIFEST_SELECT
 @HOST_SELECT
 @click.option("--dry-run", is_flag=True, help="List what would be downloaded; write nothing.")
-@REPLACE_OPTION
-@SHA256_OPTION
-@INSECURE_OPTION
-@JSON_OPTION
+@_receive_options
 def pull_cmd(
     store: str | None,
     cache_dir: Path | None,
@@ -1163,10 +1181,7 @@ def pull_cmd(
     manifest: Path | None,
     host_arch: str | None,
     dry_run: bool,
-    replace: bool,
-    pinned: str | None,
-    insecure: bool,
-    as_json: bool,
+    receive: _Receive,
 ) -> None:
     """Download from STORE (a directory, an http(s) URL, s3://...; default $FA4AOT_STORE) the
     selected entries the cache lacks, verifying every byte (sha256, size, cubin, each key
@@ -1179,25 +1194,25 @@ def pull_cmd(
 
     root = _cache_dir(cache_dir)
     try:
-        policy = _policy(root, pinned, insecure)
+        policy = receive.policy(root)
         st = open_store(store)
         hashes = authenticated_hashes(st, policy)
         entries, host = _select(store_entries(st, hashes), st.url, manifest, targets, host_arch)
         have = present_records(root)
         differ = [e for e in entries if e.key in have and record_differs(have[e.key], e)]
-        if differ and not replace:
+        if differ and not receive.replace:
             raise conflict_error(differ, root, st.url)  # before anything is downloaded
         todo = [e.key for e in entries if e.key not in have] + [e.key for e in differ]
         if dry_run:
-            _pull_listing(entries, todo, have, st.url, root, as_json)
+            _pull_listing(entries, todo, have, st.url, root, receive.as_json)
             return
         with _progress(len(todo), "pull", lines=False) as bar:
             archive = fetch_entries(st, todo, host_arch=host, hashes=hashes, progress=bar.callback())
-        res = install(root, archive, replace=replace)
+        res = install(root, archive, replace=receive.replace)
     except Fa4aotError as e:
         raise click.ClickException(str(e)) from None
     labels = {e.key: e.variant.label() for e in entries}
-    if as_json:
+    if receive.as_json:
         pulled = set(res.added) | set(res.replaced)
         records = [
             {
@@ -1481,10 +1496,7 @@ def record_cmd(output: Path, target: str | None, merge: bool, no_compile: bool, 
                 sys.exit(rc or 1)
             text = manifest_text(rec, header, target, kept, [v.variant_id for v in existing])
             output.parent.mkdir(parents=True, exist_ok=True)
-            staged = Path(tmp) / "manifest.yaml"
-            staged.write_text(text)
-            manifest_mod.load(staged)  # what we write, `fa4aot plan` accepts
-            output.write_text(text)
+            _write_manifest(text, output, Path(tmp))
         except Fa4aotError as e:
             raise click.ClickException(str(e)) from None
     click.echo(
@@ -1492,6 +1504,17 @@ def record_cmd(output: Path, target: str | None, merge: bool, no_compile: bool, 
         f"fa4aot cannot build (listed as comments); the workload exited {rc}"
     )
     sys.exit(rc)
+
+
+def _write_manifest(text: str, output: Path, tmp: Path) -> None:
+    """Write the manifest ``text`` to ``output`` once a copy staged in the directory ``tmp`` loads:
+    what record and from-misses write, `fa4aot plan` accepts (a ManifestError writes nothing)."""
+    from fa4aot.compile import manifest as manifest_mod
+
+    staged = tmp / "manifest.yaml"
+    staged.write_text(text)
+    manifest_mod.load(staged)
+    output.write_text(text)
 
 
 @main.group("manifest")
@@ -1505,7 +1528,6 @@ def manifest_group() -> None:
 def from_misses_cmd(logs: tuple[Path, ...], output: Path) -> None:
     """Turn miss logs ($FA4AOT_MISS_LOG of any number of nodes) into one manifest building every
     variant they name."""
-    from fa4aot.compile import manifest as manifest_mod
     from fa4aot.tools.record import manifest_text, read_log
 
     try:
@@ -1517,10 +1539,7 @@ def from_misses_cmd(logs: tuple[Path, ...], output: Path) -> None:
             )
         text = manifest_text(rec, f"from the miss logs {', '.join(str(p) for p in logs)}")
         with tempfile.TemporaryDirectory(prefix="fa4aot-misses-") as tmp:
-            staged = Path(tmp) / "manifest.yaml"
-            staged.write_text(text)
-            manifest_mod.load(staged)  # what we write, `fa4aot plan` accepts
-        output.write_text(text)
+            _write_manifest(text, output, Path(tmp))
     except Fa4aotError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"{output}: {len(rec.variants)} variants from {len(logs)} log(s)")

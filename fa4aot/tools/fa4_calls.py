@@ -171,32 +171,19 @@ def facts(arch: str, num_sms: int, case: dict):
     ``case`` (what fa4aot's decision reads)."""
     from fa4aot.core.fa4_interface import FwdFacts, arch_number
 
-    b, sq, sk, h, hk = (case[k] for k in ("batch", "seqlen_q", "seqlen_k", "nheads", "nheads_kv"))
+    sq, sk = case["seqlen_q"], case["seqlen_k"]
     varlen = case.get("varlen", False)
     varlen_q = varlen or case.get("varlen_q", False)
     page = case.get("page_size")
-    total_q = case["total_q"] if varlen_q else b * sq
-    if page:
-        pages = math.ceil(sk / page)
-        n = case.get("num_pages", b * pages)
-        k_capacity, total_k = pages * page, n * page
-    elif varlen:
-        k_capacity = total_k = case["total_k"]
-    else:
-        k_capacity, total_k = sk, b * sk
     return FwdFacts(
         arch=arch_number(arch),
         num_sms=num_sms,
         dtype=case.get("dtype", "bf16"),
         head_dim=case["head_dim"],
         head_dim_v=case["head_dim_v"],
-        num_heads=h,
-        num_heads_kv=hk,
-        batch=b,
-        total_q=total_q,
-        total_k=total_k,
-        q_capacity=total_q if varlen_q else sq,
-        k_capacity=k_capacity,
+        num_heads=case["nheads"],
+        num_heads_kv=case["nheads_kv"],
+        **_token_counts(case, varlen_q, varlen, page),
         max_seqlen_q=sq if varlen_q else None,
         max_seqlen_k=sk if (varlen or page) else None,
         causal=case.get("causal", False),
@@ -216,6 +203,22 @@ def facts(arch: str, num_sms: int, case: dict):
         descales=case.get("descales"),
         mxfp8=case.get("mxfp8"),
     )
+
+
+def _token_counts(case: dict, varlen_q: bool, varlen_k: bool, page: int | None) -> dict[str, int]:
+    """The batch, token totals and capacities FA4 reads off ``case``'s q and k/v tensors (packed
+    with varlen, a pool of num_pages pages with a page size): :func:`facts`' FwdFacts fields."""
+    b, sq, sk = case["batch"], case["seqlen_q"], case["seqlen_k"]
+    total_q = case["total_q"] if varlen_q else b * sq
+    if page:
+        pages = math.ceil(sk / page)
+        k_capacity, total_k = pages * page, case.get("num_pages", b * pages) * page
+    elif varlen_k:
+        k_capacity = total_k = case["total_k"]
+    else:
+        k_capacity, total_k = sk, b * sk
+    q_capacity = total_q if varlen_q else sq
+    return {"batch": b, "total_q": total_q, "total_k": total_k, "q_capacity": q_capacity, "k_capacity": k_capacity}
 
 
 def decide(arch: str, num_sms: int, case: dict, sel=None, knobs=None):

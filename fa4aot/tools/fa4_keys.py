@@ -216,19 +216,25 @@ def combine_key(v: Variant) -> dict[str, Any]:
     }
 
 
+#: The leading elements of FA4's prepare key: variant fields of the same name.
+PREPARE_KEY_FIELDS = (
+    "num_warps",
+    "tile_m",
+    "tile_n",
+    "nheads",
+    "nheads_kv",
+    "headdim",
+    "headdim_v",
+    "causal",
+    "pack_gqa",
+)
+
+
 def prepare_key(v: Variant) -> dict[str, Any]:
     """The key of FA4's ``_get_scheduler_metadata`` prepare kernel for prepare variant ``v``."""
     f = v.fields
     return {
-        "num_warps": f["num_warps"],
-        "tile_m": f["tile_m"],
-        "tile_n": f["tile_n"],
-        "nheads": f["nheads"],
-        "nheads_kv": f["nheads_kv"],
-        "headdim": f["headdim"],
-        "headdim_v": f["headdim_v"],
-        "causal": f["causal"],
-        "pack_gqa": f["pack_gqa"],
+        **{name: f[name] for name in PREPARE_KEY_FIELDS},
         "enable_pdl": False,
         "sort": False,
         "cu_seqlens_q is not None": f["varlen_q"],

@@ -77,10 +77,13 @@ def boolean(field: str) -> Callable[[Any], dict[str, Any]]:
     return parse
 
 
-def bool_or_auto(field: str) -> Callable[[Any], dict[str, Any]]:
+def bool_or_auto(field: str, auto: Any = "auto") -> Callable[[Any], dict[str, Any]]:
+    """true, false or auto; auto sets the field to ``auto`` (by default the string itself, for the
+    family's resolve step to decide)."""
+
     def parse(v: Any) -> dict[str, Any]:
         if v == "auto":
-            return {field: "auto"}
+            return {field: auto}
         if not isinstance(v, bool):
             raise ValueError(f"expected true, false or auto, got {v!r}")
         return {field: v}
@@ -249,14 +252,8 @@ def config(v: Any) -> dict[str, Any]:
 
 
 def request_bool(field: str) -> Callable[[Any], dict[str, Any]]:
-    def parse(v: Any) -> dict[str, Any]:
-        if v == "auto":
-            return {field: None}
-        if not isinstance(v, bool):
-            raise ValueError(f"expected true, false or auto, got {v!r}")
-        return {field: v}
-
-    return parse
+    """An FA4 argument that is true, false or auto: auto is None, FA4 deciding."""
+    return bool_or_auto(field, auto=None)
 
 
 def ints(lo: int, hi: int) -> Callable[[Any], dict[str, Any]]:

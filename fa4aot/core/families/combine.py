@@ -9,7 +9,7 @@ from typing import Any
 from fa4aot.core.fa4_interface import COMBINE_MAX_LOG_SPLITS, combine_geometry
 from fa4aot.core.families import axes as ax
 from fa4aot.core.families.base import COMPANION, Family, cdiv, packed
-from fa4aot.core.layouts import Dims, TensorLayout, contiguous, swap_last
+from fa4aot.core.layouts import Dims, TensorLayout, contiguous, int32_vectors, swap_last
 from fa4aot.core.targets import ARCHES
 from fa4aot.core.variant import Variant
 
@@ -53,8 +53,9 @@ def resolve(raw: dict[str, Any]) -> list[dict[str, Any]]:
     return [f]
 
 
-def combine_tensors(variant: Variant, d: Dims) -> dict[str, TensorLayout]:
-    """Tensors of a combine call, as FA4's forward hands them over (LSE seqlen-contiguous)."""
+def combine_tensors(variant: Variant, d: Dims, num_sms: int | None = None) -> dict[str, TensorLayout]:
+    """Tensors of a combine call, as FA4's forward hands them over (LSE seqlen-contiguous).
+    ``num_sms`` (every family's tensors take it) changes none of them."""
     f = variant.fields
     b, h, hd, s = d.batch, d.nheads, f["head_dim"], d.num_splits
     tq = d.total_q if d.total_q is not None else b * d.seqlen_q
@@ -75,11 +76,7 @@ def combine_tensors(variant: Variant, d: Dims) -> dict[str, TensorLayout]:
         }
         if f["has_lse"]:
             out["lse"] = swap_last(contiguous("fp32", b, h, d.seqlen_q))
-    if f["seqused"]:
-        out["seqused"] = contiguous("int32", b)
-    if f["num_splits_dynamic"]:
-        out["num_splits_dynamic"] = contiguous("int32", b)
-    return out
+    return out | int32_vectors(f, (("seqused", "seqused", b), ("num_splits_dynamic", "num_splits_dynamic", b)))
 
 
 def dims(variant: Variant) -> dict[str, Any]:
@@ -114,7 +111,7 @@ FAMILY = Family(
     check_combine,
     "FA4 split-KV combine (FlashAttentionForwardCombine)",
     COMPANION,
-    tensors=lambda v, d, num_sms=None: combine_tensors(v, d),
+    tensors=combine_tensors,
     dims=dims,
     scalars=lambda v, d: {},
     fa4_kernel=lambda f: "FlashAttentionForwardCombine",

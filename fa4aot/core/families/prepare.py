@@ -9,7 +9,7 @@ from typing import Any
 from fa4aot.core.fa4_interface import PREPARE_WARPS, prepare_num_warps
 from fa4aot.core.families import axes as ax
 from fa4aot.core.families.base import COMPANION, Family
-from fa4aot.core.layouts import Dims, TensorLayout, contiguous
+from fa4aot.core.layouts import Dims, TensorLayout, int32_vectors
 from fa4aot.core.targets import ARCHES
 from fa4aot.core.variant import Variant
 
@@ -79,26 +79,23 @@ def resolve(raw: dict[str, Any]) -> list[dict[str, Any]]:
     return [dict(f, num_warps=w) for w in PREPARE_WARPS if w <= top]
 
 
-def prepare_tensors(variant: Variant, d: Dims) -> dict[str, TensorLayout]:
-    """Tensors of a prepare call: the varlen inputs and the metadata buffers it fills."""
-    f = variant.fields
+def prepare_tensors(variant: Variant, d: Dims, num_sms: int | None = None) -> dict[str, TensorLayout]:
+    """Tensors of a prepare call: the varlen inputs and the metadata buffers it fills, in FA4's
+    argument order. ``num_sms`` (every family's tensors take it) changes none of them."""
     b = d.batch
-    out: dict[str, TensorLayout] = {}
-    if f["varlen_q"]:
-        out["cu_seqlens_q"] = contiguous("int32", b + 1)
-    if f["seqused_q"]:
-        out["seqused_q"] = contiguous("int32", b)
-    if f["varlen_k"]:
-        out["cu_seqlens_k"] = contiguous("int32", b + 1)
-    if f["seqused_k"]:
-        out["seqused_k"] = contiguous("int32", b)
-    if f["has_semaphore"]:
-        out["tile_count_semaphore"] = contiguous("int32", 1)
-    out["num_m_blocks"] = contiguous("int32", b)
-    out["num_splits_dynamic"] = contiguous("int32", b)
-    if f["causal"]:
-        out["num_nheads_in_l2"] = contiguous("int32", b)
-    return out
+    return int32_vectors(
+        variant.fields,
+        (
+            ("varlen_q", "cu_seqlens_q", b + 1),
+            ("seqused_q", "seqused_q", b),
+            ("varlen_k", "cu_seqlens_k", b + 1),
+            ("seqused_k", "seqused_k", b),
+            ("has_semaphore", "tile_count_semaphore", 1),
+            (None, "num_m_blocks", b),
+            (None, "num_splits_dynamic", b),
+            ("causal", "num_nheads_in_l2", b),
+        ),
+    )
 
 
 def dims(variant: Variant) -> dict[str, Any]:
@@ -130,7 +127,7 @@ FAMILY = Family(
     check_prepare,
     "FA4 scheduler-metadata prepare (FlashPrepareScheduler)",
     COMPANION,
-    tensors=lambda v, d, num_sms=None: prepare_tensors(v, d),
+    tensors=prepare_tensors,
     dims=dims,
     scalars=scalars,
     fa4_kernel=lambda f: "FlashPrepareScheduler",
