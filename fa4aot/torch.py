@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections import namedtuple
 from typing import Any
 
 import torch
@@ -52,150 +53,102 @@ def _metadata_id(md: Any) -> int:
     return id(md)
 
 
-def _fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor | None,
-    cu_seqlens_k: torch.Tensor | None,
-    seqused_q: torch.Tensor | None,
-    seqused_k: torch.Tensor | None,
-    max_seqlen_q: int | None,
-    max_seqlen_k: int | None,
-    softmax_scale: float,
-    causal: bool,
-    window_left: int,
-    window_right: int,
-    learnable_sink: torch.Tensor | None,
-    softcap: float,
-    num_splits: int,
-    pack_gqa: bool | None,
-    return_lse: bool,
-    deterministic: bool,
-    requires_grad: bool,
-    metadata_id: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _fields(schema: str) -> tuple[str, ...]:
+    """The argument names of an op's schema, in order (the schema is the one statement of them)."""
+    params = schema[schema.index("(") + 1 : schema.index(") ->")]
+    return tuple(p.split()[-1] for p in params.split(","))
+
+
+#: The ops' schemas: every argument crosses the op boundary by position, in this order.
+_FWD_SCHEMA = (
+    "fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_q, "
+    "Tensor? seqused_k, int? max_seqlen_q, int? max_seqlen_k, float softmax_scale, bool causal, int window_left, "
+    "int window_right, Tensor? learnable_sink, float softcap, int num_splits, bool? pack_gqa, bool return_lse, "
+    "bool deterministic, bool requires_grad, int metadata_id) -> (Tensor, Tensor)"
+)
+_BWD_SCHEMA = (
+    "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, Tensor? cu_seqlens_q, "
+    "Tensor? cu_seqlens_k, Tensor? seqused_q, Tensor? seqused_k, int? max_seqlen_q, int? max_seqlen_k, "
+    "float softmax_scale, bool causal, int window_left, int window_right, Tensor? learnable_sink, float softcap, "
+    "bool deterministic) -> Tensor[]"
+)
+_FwdArgs = namedtuple("_FwdArgs", _fields(_FWD_SCHEMA))
+_BwdArgs = namedtuple("_BwdArgs", _fields(_BWD_SCHEMA))
+#: What the forward saves for the backward (besides out and lse), and the scalars it keeps.
+_SAVED = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k", "learnable_sink")
+_KEPT = ("max_seqlen_q", "max_seqlen_k", "softmax_scale", "causal", "window_left", "window_right", "softcap")
+
+
+def _fwd(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    a = _FwdArgs(*args)
     # return_lse only tells the autograd formula whether a gradient of the LSE is meaningful
-    md = _METADATA.get(metadata_id) if metadata_id else None
-    if metadata_id and md is None:
+    md = _METADATA.get(a.metadata_id) if a.metadata_id else None
+    if a.metadata_id and md is None:
         raise ArgumentError("scheduler_metadata: the SchedulerMetadata this call was traced with no longer exists")
     out, lse = forward(
-        None, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
-        softmax_scale, causal, (_win(window_left), _win(window_right)), num_splits, pack_gqa, True, None, md,
-        None, None, learnable_sink, softcap, requires_grad=requires_grad,
+        None, a.q, a.k, a.v, a.cu_seqlens_q, a.cu_seqlens_k, a.max_seqlen_q, a.max_seqlen_k, a.seqused_q,
+        a.seqused_k, a.softmax_scale, a.causal, (_win(a.window_left), _win(a.window_right)), a.num_splits,
+        a.pack_gqa, True, None, md, None, None, a.learnable_sink, a.softcap, requires_grad=a.requires_grad,
     )  # fmt: skip
     return out, lse
 
 
-def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, *rest):
-    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
-    if cu_seqlens_q is not None:
+def _fwd_fake(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    a = _FwdArgs(*args)
+    q = a.q
+    out = q.new_empty((*q.shape[:-1], a.v.shape[-1]))
+    if a.cu_seqlens_q is not None:
         lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
     else:
         lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
     return out, lse
 
 
-def _bwd(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    dlse: torch.Tensor | None,
-    cu_seqlens_q: torch.Tensor | None,
-    cu_seqlens_k: torch.Tensor | None,
-    seqused_q: torch.Tensor | None,
-    seqused_k: torch.Tensor | None,
-    max_seqlen_q: int | None,
-    max_seqlen_k: int | None,
-    softmax_scale: float,
-    causal: bool,
-    window_left: int,
-    window_right: int,
-    learnable_sink: torch.Tensor | None,
-    softcap: float,
-    deterministic: bool,
-) -> list[torch.Tensor]:
+def _bwd(*args: Any) -> list[torch.Tensor]:
+    a = _BwdArgs(*args)
     # PyTorch runs the backward on its autograd thread, where the driver may have no current
     # context (the runtime API binds one lazily): bind q's device's primary context
     rt = loader._DEFAULT or loader.default_runtime()
-    rt.driver.ensure_context(q.get_device())
+    rt.driver.ensure_context(a.q.get_device())
     res = flash_attn_backward(
-        dout, q, k, v, out, lse, softmax_scale, causal, (_win(window_left), _win(window_right)), softcap,
-        cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, deterministic,
-        dlse=dlse, learnable_sink=learnable_sink,
+        a.dout, a.q, a.k, a.v, a.out, a.lse, a.softmax_scale, a.causal, (_win(a.window_left), _win(a.window_right)),
+        a.softcap, a.cu_seqlens_q, a.cu_seqlens_k, a.seqused_q, a.seqused_k, a.max_seqlen_q, a.max_seqlen_k,
+        a.deterministic, dlse=a.dlse, learnable_sink=a.learnable_sink,
     )  # fmt: skip
     return list(res)
 
 
-def _bwd_fake(dout, q, k, v, out, lse, dlse, *rest):
-    learnable_sink = rest[10]
-    grads = [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
-    if learnable_sink is not None:
-        grads.append(torch.empty_like(learnable_sink))
+def _bwd_fake(*args: Any) -> list[torch.Tensor]:
+    a = _BwdArgs(*args)
+    grads = [torch.empty_like(a.q), torch.empty_like(a.k), torch.empty_like(a.v)]
+    if a.learnable_sink is not None:
+        grads.append(torch.empty_like(a.learnable_sink))
     return grads
 
 
-# positions of the forward op's inputs, for the autograd formula
-_FWD_ARGS = (
-    "q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k", "max_seqlen_q", "max_seqlen_k",
-    "softmax_scale", "causal", "window_left", "window_right", "learnable_sink", "softcap", "num_splits", "pack_gqa",
-    "return_lse", "deterministic", "requires_grad", "metadata_id",
-)  # fmt: skip
-
-
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    a = dict(zip(_FWD_ARGS, inputs))
+    a = _FwdArgs(*inputs)._asdict()
     out, lse = output
-    ctx.save_for_backward(
-        a["q"], a["k"], a["v"], out, lse, a["cu_seqlens_q"], a["cu_seqlens_k"], a["seqused_q"], a["seqused_k"],
-        a["learnable_sink"],
-    )  # fmt: skip
-    ctx.args = {k: a[k] for k in ("max_seqlen_q", "max_seqlen_k", "softmax_scale", "causal", "window_left",
-                                 "window_right", "softcap")}  # fmt: skip
+    ctx.save_for_backward(out, lse, *(a[n] for n in _SAVED))
+    ctx.args = {n: a[n] for n in _KEPT}
     ctx.deterministic = a["deterministic"]
     ctx.return_lse = a["return_lse"]
     ctx.set_materialize_grads(False)  # FA4: an unused output's gradient stays None
 
 
 def _backward(ctx: Any, dout: torch.Tensor | None, dlse: torch.Tensor | None) -> tuple:
-    q, k, v, out, lse, cu_q, cu_k, su_q, su_k, sink = ctx.saved_tensors
-    a = ctx.args
+    out, lse, *saved = ctx.saved_tensors
+    s = dict(zip(_SAVED, saved))
     if dout is None:
         dout = torch.zeros_like(out)
     dlse = _dense(dlse) if ctx.return_lse else None
-    grads = torch.ops.fa4aot.bwd(
-        _dense(dout), q, k, v, out, lse, dlse, cu_q, cu_k, su_q, su_k,
-        a["max_seqlen_q"], a["max_seqlen_k"], a["softmax_scale"], a["causal"], a["window_left"], a["window_right"],
-        sink, a["softcap"], ctx.deterministic,
-    )  # fmt: skip
-    dq, dk, dv = grads[:3]
-    dsink = grads[3] if sink is not None else None
-    return (
-        dq,
-        dk,
-        dv,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        dsink,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+    grads = torch.ops.fa4aot.bwd(*_BwdArgs(
+        dout=_dense(dout), out=out, lse=lse, dlse=dlse, deterministic=ctx.deterministic, **s, **ctx.args
+    ))  # fmt: skip
+    # one gradient per forward input: q, k, v and the sink's; None for the rest
+    got = dict(zip(("q", "k", "v"), grads[:3]))
+    got["learnable_sink"] = grads[3] if s["learnable_sink"] is not None else None
+    return tuple(got.get(n) for n in _FwdArgs._fields)
 
 
 def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -210,18 +163,8 @@ def _dense(t: torch.Tensor | None) -> torch.Tensor | None:
 # and source lookups cost ~10 ms of start-up), CUDA kernels, Meta kernels (what FakeTensor and
 # torch.compile trace with), and the backward as the forward's autograd formula.
 _LIB = torch.library.Library("fa4aot", "DEF")
-_LIB.define(
-    "fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? seqused_q, "
-    "Tensor? seqused_k, int? max_seqlen_q, int? max_seqlen_k, float softmax_scale, bool causal, int window_left, "
-    "int window_right, Tensor? learnable_sink, float softcap, int num_splits, bool? pack_gqa, bool return_lse, "
-    "bool deterministic, bool requires_grad, int metadata_id) -> (Tensor, Tensor)"
-)
-_LIB.define(
-    "bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, Tensor? cu_seqlens_q, "
-    "Tensor? cu_seqlens_k, Tensor? seqused_q, Tensor? seqused_k, int? max_seqlen_q, int? max_seqlen_k, "
-    "float softmax_scale, bool causal, int window_left, int window_right, Tensor? learnable_sink, float softcap, "
-    "bool deterministic) -> Tensor[]"
-)
+_LIB.define(_FWD_SCHEMA)
+_LIB.define(_BWD_SCHEMA)
 _LIB.impl("fwd", _fwd, "CUDA")
 _LIB.impl("fwd", _fwd_fake, "Meta")
 _LIB.impl("bwd", _bwd, "CUDA")

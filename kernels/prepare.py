@@ -6,6 +6,7 @@ from __future__ import annotations
 from fa4aot_kernels.common import EntryArgs, KernelEntry, Signature, sym
 from flash_attn.cute.prepare_scheduler import FlashPrepareScheduler
 
+from fa4aot.core.fa4_interface import PrepareOptions
 from fa4aot.core.variant import Target, Variant
 
 
@@ -23,9 +24,7 @@ def make_entry(variant: Variant, target: Target) -> KernelEntry:
         f["causal"],
         packgqa=f["pack_gqa"],
         sort=False,
-        zfill_padded_output=True,
-        ctas_per_sm=f["ctas_per_sm"],
-        min_blocks_floor=(f["floor_ctas"], f["floor_blocks"]) if f["floor_ctas"] else None,
+        **PrepareOptions.of_fields(f).kwargs(),
     )
     sig = Signature()
     sig.scalar("max_seqlen_q", "i32")

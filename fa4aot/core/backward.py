@@ -174,17 +174,9 @@ def bwd_inputs(sel: Any, f: BwdFacts, knobs: BwdKnobs = NO_BWD_KNOBS) -> Any:
         return seqlen
 
     inputs = sel.BwdHeuristicInputs(
-        device_arch=f.arch,
-        head_dim=f.head_dim,
-        head_dim_v=f.head_dim_v,
-        num_heads=f.num_heads,
-        num_heads_kv=f.num_heads_kv,
-        dtype=fi.TORCH_DTYPE_NAMES[f.dtype],
-        batch_size=f.batch,
+        **fi.problem_inputs(f),
         max_seqlen_q=heuristic_seqlen(f.max_seqlen_q, f.total_q) if f.varlen_q else f.total_q // max(f.batch, 1),
         max_seqlen_k=heuristic_seqlen(f.max_seqlen_k, f.total_k) if f.varlen_k else f.total_k // max(f.batch, 1),
-        total_q=f.total_q,
-        total_k=f.total_k,
         has_cu_seqlens=f.varlen_q or f.varlen_k,
         causal=f.causal,
         local=f.local,
@@ -283,6 +275,17 @@ def parts(family: str, call: dict[str, Any], config: dict[str, Any], num_heads: 
         dkv_threads = num_wg * WARP_GROUP_THREADS
     else:
         dq_threads = dkv_threads = SM100_POST_THREADS
+
+    def post(role: str, head_dim: int, side: str, **rest: Any) -> Any:
+        """A postprocess: dQ's reads the Q side's tile, atoms and lengths, dK's / dV's the K side's."""
+        q = side == "q"
+        return _part(
+            role, "bwd_post", dtype=call["dtype"], head_dim=head_dim, tile=config["tile_m" if q else "tile_n"],
+            atom_layout=config["AtomLayoutMdQ" if q else "AtomLayoutNdKV"],
+            swap_ab=config["dQ_swapAB" if q else "dKV_swapAB"], varlen=call[f"varlen_{side}"],
+            seqused=call[f"seqused_{side}"], hdim_multiple_of=mult, **rest,
+        )  # fmt: skip
+
     out = [
         _part(
             "pre",
@@ -299,44 +302,30 @@ def parts(family: str, call: dict[str, Any], config: dict[str, Any], num_heads: 
             scratch_heads=num_heads // pack if pack > 1 else 1,
         ),
         _part("main", family, **main_fields),
-        _part(
+        post(
             "post_dq",
-            "bwd_post",
-            dtype=call["dtype"],
-            head_dim=hd,
-            tile=config["tile_m"],
+            hd,
+            "q",
             num_threads=dq_threads,
-            atom_layout=config["AtomLayoutMdQ"],
-            swap_ab=config["dQ_swapAB"],
-            varlen=call["varlen_q"],
-            seqused=call["seqused_q"],
             two_cta=config["use_2cta_instrs"],
             cluster_size=1,
             accum_order=dq_order,
             learnable_sink=call["learnable_sink"],
-            hdim_multiple_of=mult,
             pack_factor=pack,
         ),
     ]
     if dkv_postprocess(main_fields):
         for role, dim in (("post_dk", hd), ("post_dv", hdv)):
             out.append(
-                _part(
+                post(
                     role,
-                    "bwd_post",
-                    dtype=call["dtype"],
-                    head_dim=dim,
-                    tile=config["tile_n"],
+                    dim,
+                    "k",
                     num_threads=dkv_threads,
-                    atom_layout=config["AtomLayoutNdKV"],
-                    swap_ab=config["dKV_swapAB"],
-                    varlen=call["varlen_k"],
-                    seqused=call["seqused_k"],
                     two_cta=False,
                     cluster_size=config["cluster_size"],
                     accum_order=dkv_order,
                     learnable_sink="none",
-                    hdim_multiple_of=mult,
                     pack_factor=1,
                 )
             )

@@ -15,6 +15,8 @@ all read it; tests/test_fa4_args.py checks FA4's source and every mirror against
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import textwrap
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -250,6 +252,14 @@ def _fast_check(entry: str) -> str:
     return " and ".join(terms) or "True"
 
 
+@functools.cache
+def arguments(entry: str) -> type:
+    """A frozen dataclass of FA4's ``entry`` parameters in FA4's order (``{args}`` in a mirror's
+    body builds one): the argument object a mirror hands the code that serves it."""
+    names = [p.name for p in ENTRY_POINTS[entry]]
+    return dataclasses.make_dataclass(f"{entry.strip('_')}_args", names, frozen=True, slots=True)
+
+
 def mirror(
     entry: str,
     body: str,
@@ -262,8 +272,8 @@ def mirror(
     """A function with FA4's ``entry`` parameter list (names, order, defaults, keyword-only ones)
     plus fa4aot's keyword-only ``extras`` ((name, default) pairs), generated from this table so
     the signatures live in one place. ``body`` (its lines, unindented) is the function's body;
-    ``{all}`` in it stands for every FA4 parameter passed on as received and ``{refused}`` for a
-    dict of the refused ones by name. ``check``: ``"fast"`` refuses non-default refused arguments
+    ``{all}`` in it stands for every FA4 parameter passed on as received, ``{args}`` for them as
+    one :func:`arguments` object and ``{refused}`` for a dict of the refused ones by name. ``check``: ``"fast"`` refuses non-default refused arguments
     first (:func:`refuse`), ``"autograd"`` also the inference-only ones, ``"none"`` leaves it to
     ``body``. Globals of the body are ``scope``'s (the defining module's)."""
     from fa4aot.core import gencode
@@ -283,18 +293,25 @@ def mirror(
     refused = ", ".join(f"{n}={n}" for n in refused_names(entry, autograd=check == "autograd"))
     # a factory, so the defaults are its locals and the function's globals are the module's
     # (names defined after the mirror resolve at call time)
-    lines = [f"def _make({', '.join(['_refuse', '_is_default', *defaults])}):", f"  def {entry}({', '.join(sig)}):"]
+    names = ", ".join(p.name for p in params)
+    lines = [
+        f"def _make({', '.join(['_refuse', '_is_default', '_Args', *defaults])}):",
+        f"  def {entry}({', '.join(sig)}):",
+    ]
     if check == "fast":
         lines.append(f"    if not ({_fast_check(entry)}):\n      _refuse({entry!r}, locals())")
     elif check == "autograd":  # by name, not locals(): torch.compile cannot trace locals()
         lines.append(f"    _refuse({entry!r}, dict({refused}), autograd=True)")
     lines += [
         "    " + line
-        for line in textwrap.dedent(body).strip().format(all=passed, refused=f"dict({refused})").splitlines()
+        for line in textwrap.dedent(body)
+        .strip()
+        .format(all=passed, args=f"_Args({names})", refused=f"dict({refused})")
+        .splitlines()
     ]
     lines.append(f"  return {entry}")
     made: dict[str, Any] = {}
     gencode.run("\n".join(lines) + "\n", scope, f"mirror {scope.get('__name__', '')}.{entry}", made)
-    fn = made["_make"](refuse, is_default, **defaults)
+    fn = made["_make"](refuse, is_default, arguments(entry), **defaults)
     fn.__doc__, fn.__qualname__ = doc, entry
     return fn

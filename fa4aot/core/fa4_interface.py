@@ -11,9 +11,11 @@ Pure Python: no FA4, torch or DSL import (the runtime uses it on every call's fi
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from fa4aot.core.bounded import BoundedDict
+from fa4aot.core.errors import ArgumentError
 
 #: FA4 4.0.0b40 ``tile_scheduler.py`` 1508: the semaphore's low bits count claimed tiles.
 SEMAPHORE_CLAIM_BITS = 24
@@ -258,16 +260,11 @@ def knobs_from_env(environ: Any) -> Knobs:
 NO_KNOBS = Knobs()
 
 
-def fwd_inputs(sel: Any, f: FwdFacts, knobs: Knobs = NO_KNOBS) -> Any:
-    """``FwdHeuristicInputs`` as ``_flash_attn_fwd`` builds them (interface.py 860-935 with
-    ``_get_fwd_config`` 200-263 and ``_get_fwd_inputs`` 176-197); ``sel``: FA4's selector module.
-    The window is the one given (FA4 selects on the unclamped sides)."""
-    causal, local, wl, wr = resolve_window(f.causal, f.window_left, f.window_right)
-    max_q = f.q_capacity if f.max_seqlen_q is None else f.max_seqlen_q
-    max_k = f.k_capacity if f.max_seqlen_k is None else f.max_seqlen_k
-    return sel.FwdHeuristicInputs(
+def problem_inputs(f: Any) -> dict[str, Any]:
+    """The problem's sizes as both of FA4's heuristics inputs name them (``FwdHeuristicInputs``,
+    ``BwdHeuristicInputs``), from a call's facts (:class:`FwdFacts` or the backward's ``BwdFacts``)."""
+    return dict(
         device_arch=f.arch,
-        num_sms=f.num_sms,
         dtype=TORCH_DTYPE_NAMES[f.dtype],
         head_dim=f.head_dim,
         head_dim_v=f.head_dim_v,
@@ -276,6 +273,19 @@ def fwd_inputs(sel: Any, f: FwdFacts, knobs: Knobs = NO_KNOBS) -> Any:
         batch_size=f.batch,
         total_q=f.total_q,
         total_k=f.total_k,
+    )
+
+
+def fwd_inputs(sel: Any, f: FwdFacts, knobs: Knobs = NO_KNOBS) -> Any:
+    """``FwdHeuristicInputs`` as ``_flash_attn_fwd`` builds them (interface.py 860-935 with
+    ``_get_fwd_config`` 200-263 and ``_get_fwd_inputs`` 176-197); ``sel``: FA4's selector module.
+    The window is the one given (FA4 selects on the unclamped sides)."""
+    causal, local, wl, wr = resolve_window(f.causal, f.window_left, f.window_right)
+    max_q = f.q_capacity if f.max_seqlen_q is None else f.max_seqlen_q
+    max_k = f.k_capacity if f.max_seqlen_k is None else f.max_seqlen_k
+    return sel.FwdHeuristicInputs(
+        **problem_inputs(f),
+        num_sms=f.num_sms,
         max_seqlen_q=max_q,
         max_seqlen_k=max_k,
         has_max_seqlen_q_hint=f.max_seqlen_q is not None,
@@ -349,15 +359,92 @@ def fwd_plan(sel: Any, config: Any, inputs: Any, f: FwdFacts) -> FwdPlan:
     return FwdPlan(config.num_splits, prepare, prepare_semaphore, route, nsd, sem, l2, workspace)
 
 
-def split_policy(sel: Any, config: Any, head_dim: int) -> tuple[int, int, int]:
-    """(ctas_per_sm, floor CTAs, floor blocks) of the prepare kernel FA4 runs for ``config``
-    (interface.py 1096: ``SWAPAB.split_policy`` for its SwapAB kernel); (1, 0, 0), the prepare
-    kernel's default rule, otherwise."""
+class PrepareOptions(NamedTuple):
+    """The options of FA4's ``_get_scheduler_metadata`` that shape its prepare kernel's split rule
+    (``prepare_scheduler.num_splits_for_sequence``), under FA4's names - the same in its signature
+    (interface.py 4350-4352), its compile key (4425-4427) and ``FlashPrepareScheduler``'s
+    constructor (4470-4474). ``min_blocks_floor``: (low CTAs, min blocks), or None;
+    ``zfill_padded_output``: every sequence gets at least one split, so the forward writes (zeros
+    to) the output rows of an empty one (False: FA4 may give it none, leaving them untouched)."""
+
+    ctas_per_sm: int = 1
+    min_blocks_floor: tuple[int, int] | None = None
+    zfill_padded_output: bool = True
+
+    def fields(self) -> dict[str, Any]:
+        """As a prepare variant's fields (the floor as ``floor_ctas`` / ``floor_blocks``; 0: none)."""
+        d = self._asdict()
+        d["floor_ctas"], d["floor_blocks"] = d.pop("min_blocks_floor") or (0, 0)
+        return d
+
+    @classmethod
+    def of_fields(cls, f: Mapping[str, Any]) -> PrepareOptions:
+        """The options a prepare variant was built with (the inverse of :meth:`fields`)."""
+        floor = (f["floor_ctas"], f["floor_blocks"]) if f["floor_ctas"] else None
+        return cls(**{n: f[n] for n in cls._fields if n != "min_blocks_floor"}, min_blocks_floor=floor)
+
+    @classmethod
+    def of_call(cls, args: Any) -> PrepareOptions:
+        """The options among an FA4 call's arguments (any object with FA4's parameter names as
+        attributes), checked."""
+        return cls(**{n: getattr(args, n) for n in cls._fields}).checked()
+
+    def kwargs(self) -> dict[str, Any]:
+        """The options as FA4's ``_get_scheduler_metadata`` and ``FlashPrepareScheduler`` take them."""
+        return self._asdict()
+
+    def checked(self) -> PrepareOptions:
+        """These options, or ArgumentError naming the first one FA4's kernel cannot take."""
+        if self.ctas_per_sm.__class__ is not int or self.ctas_per_sm < 1:
+            raise ArgumentError(f"ctas_per_sm: expected an int >= 1, got {self.ctas_per_sm!r}")
+        floor = self.min_blocks_floor
+        if floor is not None and not (
+            isinstance(floor, tuple) and len(floor) == 2 and all(x.__class__ is int and x > 0 for x in floor)
+        ):
+            raise ArgumentError(f"min_blocks_floor: expected (low_ctas, min_blocks), got {floor!r}")
+        if self.zfill_padded_output.__class__ is not bool:
+            raise ArgumentError(f"zfill_padded_output: expected True or False, got {self.zfill_padded_output!r}")
+        return self
+
+
+#: FA4's defaults of every prepare option.
+DEFAULT_PREPARE_OPTIONS = PrepareOptions()
+
+
+def forward_prepare_options(sel: Any, config: Any, head_dim: int) -> PrepareOptions:
+    """The prepare kernel's options FA4's forward passes for ``config`` (interface.py 1096:
+    ``SWAPAB.split_policy`` for its SwapAB kernel, FA4's defaults otherwise)."""
     if not config.use_swapab:
-        return 1, 0, 0
-    p = sel.SWAPAB.split_policy(head_dim)
-    low, blocks = p["min_blocks_floor"] or (0, 0)
-    return p["ctas_per_sm"], low, blocks
+        return DEFAULT_PREPARE_OPTIONS
+    return PrepareOptions(**sel.SWAPAB.split_policy(head_dim))
+
+
+def prepare_fields(
+    num_batch: int,
+    heads: tuple[int, int],
+    head_dims: tuple[int, int],
+    tile: tuple[int, int],
+    causal: bool,
+    pack_gqa: bool,
+    semaphore: bool,
+    options: PrepareOptions,
+) -> dict[str, Any]:
+    """A prepare variant's fields but its varlen inputs (what FA4's compile key holds,
+    interface.py 4402-4428): ``causal`` adds the L2 head swizzle, ``semaphore`` resets the tile
+    semaphore (FA4: unless its CLC scheduler runs)."""
+    return dict(
+        num_warps=prepare_num_warps(num_batch),
+        nheads=heads[0],
+        nheads_kv=heads[1],
+        headdim=head_dims[0],
+        headdim_v=head_dims[1],
+        tile_m=tile[0],
+        tile_n=tile[1],
+        causal=causal,
+        pack_gqa=pack_gqa,
+        has_semaphore=semaphore,
+        **options.fields(),
+    )
 
 
 def tensormap_workspace_ctas(

@@ -120,26 +120,12 @@ def companions(sel: Any, f: fi.FwdFacts, d: Decision) -> list[tuple[str, dict[st
         )
         out.append(("combine", combine))
     if plan.prepare:
-        ctas_per_sm, floor_ctas, floor_blocks = fi.split_policy(sel, c, f.head_dim)
-        prepare = dict(
-            num_warps=fi.prepare_num_warps(f.batch),
-            tile_m=c.tile_m,
-            tile_n=c.tile_n,
-            nheads=f.num_heads,
-            nheads_kv=f.num_heads_kv,
-            headdim=f.head_dim,
-            headdim_v=f.head_dim_v,
-            causal=plan.num_nheads_in_l2,
-            pack_gqa=c.pack_gqa,
-            varlen_q=f.varlen_q,
-            seqused_q=f.seqused_q,
-            varlen_k=f.varlen_k,
-            seqused_k=f.seqused_k,
-            has_semaphore=plan.prepare_semaphore,
-            ctas_per_sm=ctas_per_sm,
-            floor_ctas=floor_ctas,
-            floor_blocks=floor_blocks,
-        )
+        options = fi.forward_prepare_options(sel, c, f.head_dim)
+        prepare = fi.prepare_fields(
+            f.batch, (f.num_heads, f.num_heads_kv), (f.head_dim, f.head_dim_v), (c.tile_m, c.tile_n),
+            plan.num_nheads_in_l2, c.pack_gqa, plan.prepare_semaphore, options,
+        )  # fmt: skip
+        prepare.update(varlen_q=f.varlen_q, seqused_q=f.seqused_q, varlen_k=f.varlen_k, seqused_k=f.seqused_k)
         out.append(("prepare", prepare))
     return out
 

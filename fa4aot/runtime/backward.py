@@ -62,6 +62,35 @@ class BackwardKernels(NamedTuple):
     post_dv: LoadedVariant | None
 
 
+class BwdArgs(NamedTuple):
+    """A backward call's arguments as :func:`fa4aot.runtime.entry.flash_attn_backward` takes them
+    (FA4's names; the defaults are FA4's): what the full path checks and dispatches."""
+
+    dout: Any
+    q: Any
+    k: Any
+    v: Any
+    out: Any
+    lse: Any
+    softmax_scale: float | None = None
+    causal: bool = False
+    window_size: Any = (None, None)
+    softcap: float | None = 0.0
+    cu_seqlens_q: Any = None
+    cu_seqlens_k: Any = None
+    seqused_q: Any = None
+    seqused_k: Any = None
+    max_seqlen_q: int | None = None
+    max_seqlen_k: int | None = None
+    deterministic: bool = False
+    dq: Any = None
+    dk: Any = None
+    dv: Any = None
+    dlse: Any = None
+    learnable_sink: Any = None
+    stream: Any = None
+
+
 def pick(rt: Runtime, key: tuple[Any, ...], facts: BwdFacts) -> BackwardKernels:
     """Load the kernels FA4's backward launches for a call whose field values, in
     :data:`fa4aot.core.backward.CALL_FIELDS` order, are ``key``, and whose shapes FA4's
@@ -107,44 +136,16 @@ def pick(rt: Runtime, key: tuple[Any, ...], facts: BwdFacts) -> BackwardKernels:
     return got
 
 
-def backward(
-    rt: Runtime,
-    dout: Any,
-    q: Any,
-    k: Any,
-    v: Any,
-    out: Any,
-    lse: Any,
-    softmax_scale: float | None,
-    causal: bool,
-    window_size: tuple[int | None, int | None],
-    softcap: float,
-    cu_seqlens_q: Any,
-    cu_seqlens_k: Any,
-    seqused_q: Any,
-    seqused_k: Any,
-    max_seqlen_q: int | None,
-    max_seqlen_k: int | None,
-    deterministic: bool,
-    dq: Any,
-    dk: Any,
-    dv: Any,
-    dlse: Any,
-    learnable_sink: Any,
-    stream: Any,
-) -> tuple[Any, ...]:
+def backward(rt: Runtime, a: BwdArgs) -> tuple[Any, ...]:
     """The backward call :func:`fa4aot.runtime.entry.flash_attn_backward` describes, checked,
     dispatched and launched in full (the path that raises the typed errors)."""
-    c = analyse(
-        rt, dout, q, k, v, out, lse, softmax_scale, causal, window_size, softcap, cu_seqlens_q, cu_seqlens_k,
-        seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, deterministic, (dq, dk, dv), dlse, learnable_sink,
-    )  # fmt: skip
+    c = analyse(rt, a)
     dq, dk, dv, dsink = c.outputs
-    s = default_stream(q) if stream is None else stream_handle(stream)
+    s = default_stream(a.q) if a.stream is None else stream_handle(a.stream)
     if c.kern is None:  # FA4: zero gradients, dsink = sum of dlse over the rows (or zero)
         _bwd_empty(rt, c, s)
     else:
-        _keep_until_done(_bwd_launch(rt, c, q, s), s, stream is None)
+        _keep_until_done(_bwd_launch(rt, c, a.q, s), s, a.stream is None)
     return (dq, dk, dv) if dsink is None else (dq, dk, dv, dsink)
 
 
@@ -163,49 +164,33 @@ class BwdCall(NamedTuple):
     outputs: tuple  # the caller's or new dq, dk, dv, dsink (None without a sink)
 
 
-def analyse(
-    rt: Runtime,
-    dout: Any,
-    q: Any,
-    k: Any,
-    v: Any,
-    out: Any,
-    lse: Any,
-    softmax_scale: float | None,
-    causal: bool,
-    window_size: Any,
-    softcap: float | None,
-    cu_seqlens_q: Any,
-    cu_seqlens_k: Any,
-    seqused_q: Any,
-    seqused_k: Any,
-    max_seqlen_q: int | None,
-    max_seqlen_k: int | None,
-    deterministic: bool,
-    given: tuple[Any, Any, Any],
-    dlse: Any,
-    learnable_sink: Any,
-) -> BwdCall:
-    """Validate a backward call, allocate the outputs not ``given`` and load its kernels;
+def analyse(rt: Runtime, a: BwdArgs) -> BwdCall:
+    """Validate a backward call, allocate the gradients not given (``a.dq``...) and load its kernels;
     nothing is launched or written."""
-    varlen_q, varlen_k = cu_seqlens_q is not None, cu_seqlens_k is not None
+    q, deterministic = a.q, a.deterministic
+    varlen_q, varlen_k = a.cu_seqlens_q is not None, a.cu_seqlens_k is not None
     if deterministic.__class__ is not bool:
         raise ArgumentError(f"deterministic: expected True or False, got {deterministic!r}")
-    qd, kd, vd, od, dod = _bwd_inputs(rt, q, k, v, out, dout, varlen_q, varlen_k)
+    qd, kd, vd, od, dod = _bwd_inputs(rt, q, a.k, a.v, a.out, a.dout, varlen_q, varlen_k)
     dtype, qrows = qd.dtype, qd.shape[:-2]
     nheads, head_dim = qd.shape[-2], qd.shape[-1]
     nheads_kv, head_dim_v = vd.shape[-2], vd.shape[-1]
     cuq, cuk, suq, suk, batch, max_q, total_q, max_k, total_k = _bwd_lengths(
-        rt, qrows, kd, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k
+        rt, qrows, kd, a.cu_seqlens_q, a.cu_seqlens_k, a.max_seqlen_q, a.max_seqlen_k, a.seqused_q, a.seqused_k
     )
     lse_shape = (nheads, qrows[0]) if varlen_q else (batch, nheads, qrows[1])
-    ld, dld, sink = _bwd_stats(rt, lse, dlse, learnable_sink, lse_shape, nheads)
-    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else validate.finite(softmax_scale, "softmax_scale")
-    softcap = 0.0 if softcap is None else validate.finite(softcap, "softcap")
+    ld, dld, sink = _bwd_stats(rt, a.lse, a.dlse, a.learnable_sink, lse_shape, nheads)
+    scale = 1.0 / math.sqrt(head_dim) if a.softmax_scale is None else validate.finite(a.softmax_scale, "softmax_scale")
+    softcap = 0.0 if a.softcap is None else validate.finite(a.softcap, "softcap")
     if softcap < 0:
         raise ArgumentError(f"softcap: must be >= 0 (0: off), got {softcap}")
     causal_r, local, wl, wr = _bwd_window(
-        causal, window_size, qrows[0] if varlen_q else qrows[1], kd.shape[0] if varlen_k else kd.shape[1], max_q, max_k
+        a.causal,
+        a.window_size,
+        qrows[0] if varlen_q else qrows[1],
+        kd.shape[0] if varlen_k else kd.shape[1],
+        max_q,
+        max_k,
     )
     # the call's fields in CALL_FIELDS order (the dispatch key), and what FA4's selection reads
     key = (
@@ -215,14 +200,14 @@ def analyse(
     facts = BwdFacts(
         arch_number(rt.target.arch), rt.target.num_sms, dtype, head_dim, head_dim_v, nheads, nheads_kv, batch,
         qrows[0] if varlen_q else batch * qrows[1], kd.shape[0] if varlen_k else batch * kd.shape[1],
-        max_seqlen_q if varlen_q else None, max_seqlen_k if varlen_k else None, varlen_q, varlen_k, causal_r, local,
+        a.max_seqlen_q if varlen_q else None, a.max_seqlen_k if varlen_k else None, varlen_q, varlen_k, causal_r, local,
         deterministic, softcap != 0.0, sink is not None,
     )  # fmt: skip
     # outputs: the caller's (checked) or new ones from the inputs' framework
     empty = 0 in qd.shape or 0 in kd.shape
     raw = isinstance(q, (RawTensor, DeviceTensor))
-    (dq, dqd), (dk, dkd), (dv, dvd), (dsink, dsd) = _bwd_outputs(rt, q, given, (qd, kd, vd), dtype, raw,
-                                                                 learnable_sink, sink, nheads)  # fmt: skip
+    (dq, dqd), (dk, dkd), (dv, dvd), (dsink, dsd) = _bwd_outputs(rt, q, (a.dq, a.dk, a.dv), (qd, kd, vd), dtype, raw,
+                                                                 a.learnable_sink, sink, nheads)  # fmt: skip
     kern = None if empty else pick(rt, key, facts)  # every kernel loaded before anything is written
     return BwdCall(
         kern, (key, facts, batch, nheads, nheads_kv, max_q, max_k, total_q, total_k),
@@ -549,6 +534,11 @@ def _in_scratch(ptr: int, base: int, nbytes: int, at_base: str) -> int | str:
     return f"({at_base} + {ptr - base})" if base <= ptr < base + nbytes and not at_base.isdigit() else ptr
 
 
+#: :class:`BwdArgs` a prepared backward takes as keywords (the gradients are positional; a
+#: learnable sink's gradient is allocated per call and the stream given per call: not prepared).
+PREPARED_OPTIONS = tuple(n for n in BwdArgs._fields[6:] if n not in ("dq", "dk", "dv", "learnable_sink", "stream"))
+
+
 def prepare_backward(
     dout: Any,
     q: Any,
@@ -560,37 +550,30 @@ def prepare_backward(
     dk: Any,
     dv: Any,
     *,
-    cu_seqlens_q: Any = None,
-    cu_seqlens_k: Any = None,
-    seqused_q: Any = None,
-    seqused_k: Any = None,
-    max_seqlen_q: int | None = None,
-    max_seqlen_k: int | None = None,
-    softmax_scale: float | None = None,
-    causal: bool = False,
-    window_size: tuple[int | None, int | None] = (None, None),
-    softcap: float = 0.0,
-    deterministic: bool = False,
-    dlse: Any = None,
     runtime: Runtime | None = None,
+    **options: Any,
 ) -> Any:
-    """Prepare FA4's backward for tensors shaped like these (arguments as in
-    :func:`flash_attn_backward`; the gradients ``dq``, ``dk``, ``dv`` are written in place). The
-    prepared call (:class:`fa4aot.runtime.prepared.Prepared`) takes ``(dout, q, k, v, out, lse, dq,
-    dk, dv[, dlse][, cu_seqlens_q][, cu_seqlens_k][, seqused_q][, seqused_k])`` (those given here,
-    see ``arg_names``) and ``stream=``; per call it checks the tensors match, zeroes what FA4
-    zeroes and launches FA4's kernels - nothing allocated, nothing synchronised (CUDA-graph
-    capturable). FA4's scratch is allocated now and owned by the call (``close()`` frees it). A
-    learnable sink (whose gradient FA4 allocates per call) is not prepared: use
-    :func:`flash_attn_backward` for it."""
+    """Prepare FA4's backward for tensors shaped like these; ``options``: the keyword arguments of
+    :func:`flash_attn_backward` (``cu_seqlens_q``, ``cu_seqlens_k``, ``seqused_q``, ``seqused_k``,
+    ``max_seqlen_q``, ``max_seqlen_k``, ``softmax_scale``, ``causal``, ``window_size``,
+    ``softcap``, ``deterministic``, ``dlse``: :data:`PREPARED_OPTIONS`); the gradients ``dq``,
+    ``dk``, ``dv`` are written in place. The prepared call (:class:`fa4aot.runtime.prepared.Prepared`)
+    takes ``(dout, q, k, v, out, lse, dq, dk, dv[, dlse][, cu_seqlens_q][, cu_seqlens_k][,
+    seqused_q][, seqused_k])`` (those given here, see ``arg_names``) and ``stream=``; per call it
+    checks the tensors match, zeroes what FA4 zeroes and launches FA4's kernels - nothing
+    allocated, nothing synchronised (CUDA-graph capturable). FA4's scratch is allocated now and
+    owned by the call (``close()`` frees it). A learnable sink (whose gradient FA4 allocates per
+    call) is not prepared: use :func:`flash_attn_backward` for it."""
+    unknown = sorted(set(options) - set(PREPARED_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"prepare_backward() got unexpected keyword arguments {unknown}: it takes {', '.join(PREPARED_OPTIONS)} "
+            "(a learnable sink's gradient is allocated per call: use flash_attn_backward for it)"
+        )
     rt = runtime or loader._DEFAULT or loader.default_runtime()
-    c = analyse(
-        rt, dout, q, k, v, out, lse, softmax_scale, causal, window_size, softcap, cu_seqlens_q, cu_seqlens_k,
-        seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, deterministic, (dq, dk, dv), dlse, None,
-    )  # fmt: skip
-    given = dict(dlse=dlse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q,
-                 seqused_k=seqused_k)  # fmt: skip
-    return bind_backward(rt, c, [dout, q, k, v, out, lse, dq, dk, dv], given, None)
+    a = BwdArgs(dout, q, k, v, out, lse, dq=dq, dk=dk, dv=dv, **options)
+    given = {n: getattr(a, n) for n in ("dlse", "cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k")}
+    return bind_backward(rt, analyse(rt, a), [dout, q, k, v, out, lse, dq, dk, dv], given, None)
 
 
 def scratch_bytes(rt: Runtime, c: BwdCall) -> int:

@@ -59,52 +59,26 @@ def analyse(
     arguments by name, each tensor's required base alignment in bytes)."""
     dev = rt.device
     varlen = cu_seqlens is not None
-    rank = 4 if varlen else 5
-    op = validate.tensor(
-        out_partial, "out_partial", dtypes=("fp32",), rank=rank, device=dev, rt=rt, align=16, stride_multiple=4
-    )
+    rank = 4 if varlen else 5  # out_partial's; lse_partial and out one less, lse two less
+
+    def check(obj: Any, name: str, dims: int, **kw: Any) -> Any:
+        return validate.tensor(obj, name, rank=rank - dims, device=dev, rt=rt, **kw)
+
+    op = check(out_partial, "out_partial", 0, dtypes=("fp32",), align=16, stride_multiple=4)
     splits, head_dim, heads = op.shape[0], op.shape[-1], op.shape[-2]
     rows = op.shape[1:-2]  # (batch, seqlen) or (total_q,)
     if not 1 <= splits <= COMBINE_MAX_SPLITS:
         raise ArgumentError(f"out_partial: {splits} splits; FA4's combine takes 1..{COMBINE_MAX_SPLITS}")
-    lp = validate.tensor(
-        lse_partial,
-        "lse_partial",
-        dtypes=("fp32",),
-        rank=rank - 1,
-        device=dev,
-        rt=rt,
-        align=4,
-        contiguous_dim=1 if varlen else 2,
-    )
+    # the LSEs are contiguous along the rows (seqlen or total_q)
+    lp = check(lse_partial, "lse_partial", 1, dtypes=("fp32",), align=4, contiguous_dim=1 if varlen else 2)
     validate.shape(lp, "lse_partial", (splits, *rows, heads), "out_partial's shape without head_dim")
-    o = validate.tensor(
-        out,
-        "out",
-        dtypes=("bf16", "fp16", "fp32"),
-        rank=rank - 1,
-        device=dev,
-        rt=rt,
-        align=8,
-        stride_multiple=4,
-        writable=True,
-    )
+    o = check(out, "out", 1, dtypes=("bf16", "fp16", "fp32"), align=8, stride_multiple=4, writable=True)
     if o.dtype == "fp32" and o.ptr % 16:
         raise ArgumentError(f"out: base address 0x{o.ptr:x} is not 16-byte aligned")
     validate.shape(o, "out", (*rows, heads, head_dim), "out_partial's shape without splits")
     named: dict[str, Any] = {"out_partial": op, "lse_partial": lp, "out": o}
     if lse is not None:
-        ls = validate.tensor(
-            lse,
-            "lse",
-            dtypes=("fp32",),
-            rank=rank - 2,
-            device=dev,
-            rt=rt,
-            align=4,
-            contiguous_dim=0 if varlen else 1,
-            writable=True,
-        )
+        ls = check(lse, "lse", 2, dtypes=("fp32",), align=4, contiguous_dim=0 if varlen else 1, writable=True)
         validate.shape(ls, "lse", (*rows, heads), "out's shape without head_dim")
         named["lse"] = ls
     if varlen:
@@ -123,21 +97,16 @@ def analyse(
     if num_splits_dynamic is not None:
         nsd = validate.int32_vector(num_splits_dynamic, "num_splits_dynamic", batch, dev, rt)
         named["num_splits_dynamic"] = nsd
-    lv = pick(
-        rt,
-        o.dtype,
-        head_dim,
-        heads,
-        splits,
-        varlen,
-        seqused is not None,
-        lse is not None,
-        num_splits_dynamic is not None,
-    )
+    has = (seqused is not None, lse is not None, num_splits_dynamic is not None)
+    lv = pick(rt, o.dtype, head_dim, heads, splits, varlen, *has)
     aligns = {name: 4 for name in named}
     aligns["out_partial"] = 16
     aligns["out"] = 16 if o.dtype == "fp32" else 8
     return lv, named, aligns
+
+
+#: The combine variant's fields a call decides (log_max_splits is searched).
+_CALL_FIELDS = ("dtype", "head_dim", "num_head", "varlen", "seqused", "has_lse", "num_splits_dynamic")
 
 
 def pick(
@@ -158,15 +127,7 @@ def pick(
     lv = combine_picks(rt).get(key)
     if lv is not None:
         return lv
-    fields = dict(
-        dtype=dtype,
-        head_dim=head_dim,
-        num_head=heads,
-        varlen=varlen,
-        seqused=seqused,
-        has_lse=has_lse,
-        num_splits_dynamic=num_splits_dynamic,
-    )
+    fields = dict(zip(_CALL_FIELDS, (dtype, head_dim, heads, varlen, seqused, has_lse, num_splits_dynamic)))
     first = combine_geometry(head_dim, splits)[2]
     for log in range(first, COMBINE_MAX_LOG_SPLITS + 1):
         v = rt.variant_for("combine", log_max_splits=log, **fields)

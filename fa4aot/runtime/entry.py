@@ -10,7 +10,7 @@ from typing import Any
 
 from fa4aot.core.fa4_args import mirror
 from fa4aot.runtime import fastpath, loader
-from fa4aot.runtime.backward import backward
+from fa4aot.runtime.backward import BwdArgs, backward
 from fa4aot.runtime.forward import forward  # noqa: F401 - called by the generated mirrors
 from fa4aot.runtime.loader import Runtime
 
@@ -126,7 +126,7 @@ def flash_attn_backward(
         )  # fmt: skip
         if grads is not None:  # a repeated call: launched from its prepared form (runtime/fastpath.py)
             return grads
-    return backward(
-        rt, dout, q, k, v, out, lse, softmax_scale, causal, window_size, softcap, cu_seqlens_q, cu_seqlens_k,
+    return backward(rt, BwdArgs(
+        dout, q, k, v, out, lse, softmax_scale, causal, window_size, softcap, cu_seqlens_q, cu_seqlens_k,
         seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, deterministic, dq, dk, dv, dlse, learnable_sink, stream,
-    )  # fmt: skip
+    ))  # fmt: skip

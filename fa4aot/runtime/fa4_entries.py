@@ -12,7 +12,7 @@ from typing import Any
 
 from fa4aot.core.errors import ArgumentError
 from fa4aot.core.fa4_args import mirror
-from fa4aot.core.fa4_interface import needs_prepare_kernel, resolve_window, split_policy
+from fa4aot.core.fa4_interface import forward_prepare_options, needs_prepare_kernel, resolve_window
 from fa4aot.runtime import loader, validate
 from fa4aot.runtime.combine import combine  # noqa: F401 - called by the generated mirrors
 from fa4aot.runtime.entry import flash_attn_backward  # noqa: F401 - called by the generated mirrors
@@ -79,38 +79,19 @@ def _batch_of(tensors: dict[str, Any], dev: int, rt: Runtime) -> int:
     return batch
 
 
-def _scheduler_metadata(
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    nheads: int,
-    nheads_kv: int,
-    headdim: int,
-    num_splits: int,
-    headdim_v: int | None,
-    pack_gqa: bool | None,
-    causal: bool,
-    window_size_left: int | None,
-    window_size_right: int | None,
-    cu_seqlens_q: Any,
-    cu_seqlens_k: Any,
-    seqused_q: Any,
-    seqused_k: Any,
-    _arch: int | None,
-    dtype: Any,
-    stream: Any,
-    runtime: Runtime | None,
-) -> SchedulerMetadata:
+def _scheduler_metadata(a: Any, stream: Any, runtime: Runtime | None) -> SchedulerMetadata:
     """The served part of FA4's ``get_scheduler_metadata`` (the mirror below refuses the rest)."""
     rt = runtime or loader._DEFAULT or loader.default_runtime()
-    check_arch(rt, _arch)
-    name = dtype_name(dtype)
-    headdim_v = headdim if headdim_v is None else headdim_v
-    seqs = {"cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k, "seqused_q": seqused_q, "seqused_k": seqused_k}
+    check_arch(rt, a._arch)
+    name = dtype_name(a.dtype)
+    headdim, nheads, nheads_kv, num_splits = a.headdim, a.nheads, a.nheads_kv, a.num_splits
+    headdim_v = headdim if a.headdim_v is None else a.headdim_v
+    seqs = {n: getattr(a, n) for n in ("cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k")}
     batch = _batch_of(seqs, rt.device, rt)
-    max_q, max_k = validate.seqlen(max_seqlen_q, "max_seqlen_q"), validate.seqlen(max_seqlen_k, "max_seqlen_k")
+    max_q, max_k = validate.seqlen(a.max_seqlen_q, "max_seqlen_q"), validate.seqlen(a.max_seqlen_k, "max_seqlen_k")
     if not isinstance(num_splits, int) or isinstance(num_splits, bool):
         raise ArgumentError(f"num_splits: expected an int, got {num_splits!r}")
-    is_causal, local, wl, wr = resolve_window(bool(causal), window_size_left, window_size_right)
+    is_causal, local, wl, wr = resolve_window(bool(a.causal), a.window_size_left, a.window_size_right)
     sel = rt.selector
     arch = rt.info.compute_capability[0] * 10 + rt.info.compute_capability[1]
     # FA4's get_scheduler_metadata (interface.py 4622-4643): _get_fwd_inputs with these fields
@@ -119,9 +100,9 @@ def _scheduler_metadata(
         head_dim=headdim, head_dim_v=headdim_v, num_heads=nheads, num_heads_kv=nheads_kv, batch_size=batch,
         total_q=batch * max_q, total_k=batch * max_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
         seqlen_k_per_split=None, causal=is_causal, local=local, window_size_left=wl, window_size_right=wr,
-        has_cu_seqlens_q=cu_seqlens_q is not None, has_cu_seqlens_k=cu_seqlens_k is not None,
-        has_seqused_q=seqused_q is not None, has_seqused_k=seqused_k is not None,
-        has_caller_scheduler_metadata=True, pack_gqa=pack_gqa,
+        has_cu_seqlens_q=a.cu_seqlens_q is not None, has_cu_seqlens_k=a.cu_seqlens_k is not None,
+        has_seqused_q=a.seqused_q is not None, has_seqused_k=a.seqused_k is not None,
+        has_caller_scheduler_metadata=True, pack_gqa=a.pack_gqa,
         requested_num_splits=None if num_splits < 1 else num_splits,
         disable_2cta=rt.knobs.disable_2cta, disable_s_ping_pong=rt.knobs.disable_s_ping_pong,
         requested_use_swapab=False,
@@ -131,10 +112,10 @@ def _scheduler_metadata(
     except (ValueError, AssertionError) as e:
         raise ArgumentError(f"FA4 rejects this call: {e}") from None
     # the kernel's split rule for this config (FA4's SwapAB rule only for SwapAB, excluded here)
-    policy = split_policy(sel, config, headdim)
+    options = forward_prepare_options(sel, config, headdim)
     md = SchedulerMetadata(
         batch, nheads, nheads_kv, headdim, headdim_v, causal=is_causal, pack_gqa=bool(config.pack_gqa),
-        tile_m=config.tile_m, tile_n=config.tile_n, semaphore=not config.use_clc_scheduler, split_policy=policy,
+        tile_m=config.tile_m, tile_n=config.tile_n, semaphore=not config.use_clc_scheduler, options=options,
         prepare=needs_prepare_kernel(config.num_splits, is_causal), runtime=rt,
     )  # fmt: skip
     return md.compute(
@@ -149,11 +130,7 @@ def _scheduler_metadata(
 get_scheduler_metadata = mirror(
     "get_scheduler_metadata",
     """
-    return _scheduler_metadata(
-        max_seqlen_q, max_seqlen_k, nheads, nheads_kv, headdim, num_splits, headdim_v, pack_gqa, causal,
-        window_size_left, window_size_right, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, _arch, dtype,
-        stream, runtime,
-    )
+    return _scheduler_metadata({args}, stream, runtime)
     """,
     globals(),
     extras=(("stream", None), ("runtime", None)),

@@ -490,10 +490,10 @@ def _prepare_backward(rt: Any, tensors: list[Any], given: tuple[bool, ...], scal
     opt = iter(rest)
     dlse, cu_q, cu_k, su_q, su_k = (next(opt) if there else None for there in given)
     max_q, max_k, softmax_scale, causal, window_size, softcap, deterministic = scalars
-    c = bwd.analyse(
-        rt, dout, q, k, v, out, lse, softmax_scale, causal, window_size, softcap, cu_q, cu_k, su_q, su_k, max_q,
-        max_k, deterministic, (None, None, None), dlse, None,
-    )  # fmt: skip
+    c = bwd.analyse(rt, bwd.BwdArgs(
+        dout, q, k, v, out, lse, softmax_scale, causal, window_size, softcap, cu_q, cu_k, su_q, su_k, max_q, max_k,
+        deterministic, dlse=dlse,
+    ))  # fmt: skip
     nbytes = bwd.scratch_bytes(rt, c) if c.kern is not None else 0
     example = q.new_empty((max(nbytes, 4) // 4,), dtype=_dtype("float32"))
     dq, dk, dv, _ = c.outputs

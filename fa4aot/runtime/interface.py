@@ -13,7 +13,7 @@ from typing import Any
 
 from fa4aot.core.errors import ArgumentError
 from fa4aot.core.fa4_args import mirror
-from fa4aot.core.fa4_interface import needs_prepare_kernel
+from fa4aot.core.fa4_interface import PrepareOptions, needs_prepare_kernel
 from fa4aot.runtime import loader  # noqa: F401 - called by the generated mirrors
 from fa4aot.runtime.fastpath import forward as _fast  # noqa: F401 - called by the generated mirrors
 from fa4aot.runtime.forward import forward  # noqa: F401 - called by the generated mirrors
@@ -80,73 +80,24 @@ def _tile_request(tile_mn: Any) -> tuple[int, int] | None:
     return m, n
 
 
-def _scheduler_metadata(
-    num_batch: int,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    nheads: int,
-    nheads_kv: int,
-    headdim: int,
-    num_splits: int,
-    tile_m: int,
-    tile_n: int,
-    headdim_v: int | None,
-    pack_gqa: bool | None,
-    causal: bool,
-    cu_seqlens_q: Any,
-    cu_seqlens_k: Any,
-    seqused_q: Any,
-    seqused_k: Any,
-    use_clc_scheduler: bool,
-    ctas_per_sm: int,
-    min_blocks_floor: tuple[int, int] | None,
-    stream: Any,
-    runtime: Any,
-) -> SchedulerMetadata:
+def _scheduler_metadata(a: Any, stream: Any, runtime: Any) -> SchedulerMetadata:
     """The served part of FA4's ``_get_scheduler_metadata`` (the mirror below refuses the rest)."""
-    if ctas_per_sm.__class__ is not int or ctas_per_sm < 1:
-        raise ArgumentError(f"ctas_per_sm: expected an int >= 1, got {ctas_per_sm!r}")
-    floor = (0, 0)
-    if min_blocks_floor is not None:
-        if not (isinstance(min_blocks_floor, tuple) and len(min_blocks_floor) == 2
-                and all(x.__class__ is int and x > 0 for x in min_blocks_floor)):  # fmt: skip
-            raise ArgumentError(f"min_blocks_floor: expected (low_ctas, min_blocks), got {min_blocks_floor!r}")
-        floor = min_blocks_floor
     md = SchedulerMetadata(
-        num_batch,
-        nheads,
-        nheads_kv,
-        headdim,
-        headdim_v,
-        causal=causal,
-        pack_gqa=bool(pack_gqa),
-        tile_m=tile_m,
-        tile_n=tile_n,
-        semaphore=not use_clc_scheduler,  # FA4 allocates no semaphore for its CLC scheduler
-        split_policy=(ctas_per_sm, *floor),
-        prepare=needs_prepare_kernel(num_splits, causal),
-        runtime=runtime,
-    )
+        a.num_batch, a.nheads, a.nheads_kv, a.headdim, a.headdim_v, causal=a.causal, pack_gqa=bool(a.pack_gqa),
+        tile_m=a.tile_m, tile_n=a.tile_n,
+        semaphore=not a.use_clc_scheduler,  # FA4 allocates no semaphore for its CLC scheduler
+        options=PrepareOptions.of_call(a), prepare=needs_prepare_kernel(a.num_splits, a.causal), runtime=runtime,
+    )  # fmt: skip
+    seqs = {n: getattr(a, n) for n in ("cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k")}
     return md.compute(
-        max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k,
-        num_splits=num_splits,
-        cu_seqlens_q=cu_seqlens_q,
-        cu_seqlens_k=cu_seqlens_k,
-        seqused_q=seqused_q,
-        seqused_k=seqused_k,
-        stream=stream,
+        max_seqlen_q=a.max_seqlen_q, max_seqlen_k=a.max_seqlen_k, num_splits=a.num_splits, stream=stream, **seqs
     )
 
 
 _get_scheduler_metadata = mirror(
     "_get_scheduler_metadata",
     """
-    return _scheduler_metadata(
-        num_batch, max_seqlen_q, max_seqlen_k, nheads, nheads_kv, headdim, num_splits, tile_m, tile_n, headdim_v,
-        pack_gqa, causal, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, use_clc_scheduler, ctas_per_sm,
-        min_blocks_floor, stream, runtime,
-    )
+    return _scheduler_metadata({args}, stream, runtime)
     """,
     globals(),
     extras=(("stream", None), ("runtime", None)),

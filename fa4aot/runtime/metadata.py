@@ -26,7 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import ArgumentError, Fa4aotError
-from fa4aot.core.fa4_interface import UNPREPARED, prepare_num_warps, split_policy
+from fa4aot.core.fa4_interface import (
+    DEFAULT_PREPARE_OPTIONS,
+    UNPREPARED,
+    PrepareOptions,
+    forward_prepare_options,
+    prepare_fields,
+)
 from fa4aot.core.signature import TensorDesc
 from fa4aot.runtime import loader, validate
 from fa4aot.runtime.loader import Runtime
@@ -42,9 +48,9 @@ class SchedulerMetadata:
     The buffers are allocated once (one ``cuMemAlloc``) and owned by this object; ``close()`` (or
     garbage collection) frees them. ``tile_m``/``tile_n`` are those of the forward kernel the
     metadata serves (FA4: 128 x 128 on SM100). ``semaphore``: allocate the tile semaphore (FA4:
-    unless the forward runs its CLC scheduler); ``split_policy``: the prepare kernel's split rule
-    (ctas_per_sm, floor CTAs, floor blocks) - FA4's ``SWAPAB.split_policy`` for its SwapAB decode
-    kernel, (1, 0, 0) otherwise. ``prepare=False``: no buffers and no prepare kernel (FA4's
+    unless the forward runs its CLC scheduler); ``options``: FA4's options of the prepare
+    kernel's split rule (:class:`fa4aot.core.fa4_interface.PrepareOptions`; FA4's forward passes
+    ``SWAPAB.split_policy`` for its SwapAB decode kernel, the defaults otherwise). ``prepare=False``: no buffers and no prepare kernel (FA4's
     ``get_scheduler_metadata`` for calls that need none). Buffers are exposed as :class:`RawTensor`,
     also under FA4's names (``num_m_blocks_ptr``, ...); fa4aot never computes FA4's batch-lookup
     aid, so ``cu_total_m_blocks``, ``cu_total_splits_m_blocks`` and ``blocks_to_batch_idx`` are None.
@@ -70,7 +76,7 @@ class SchedulerMetadata:
         tile_m: int = 128,
         tile_n: int = 128,
         semaphore: bool = True,
-        split_policy: tuple[int, int, int] = (1, 0, 0),
+        options: PrepareOptions = DEFAULT_PREPARE_OPTIONS,
         prepare: bool = True,
         runtime: Runtime | None = None,
         buffer: tuple[int, int] | None = None,
@@ -81,21 +87,10 @@ class SchedulerMetadata:
             raise ArgumentError(f"nheads ({nheads}) must be a multiple of nheads_kv ({nheads_kv})")
         self.runtime = runtime or loader._DEFAULT or loader.default_runtime()
         self.batch_size = batch_size
-        self.fields = dict(
-            tile_m=tile_m,
-            tile_n=tile_n,
-            nheads=nheads,
-            nheads_kv=nheads_kv,
-            headdim=headdim,
-            headdim_v=headdim if headdim_v is None else headdim_v,
-            causal=causal,
-            pack_gqa=(nheads > nheads_kv) if pack_gqa is None else pack_gqa,
-            num_warps=prepare_num_warps(batch_size),
-            has_semaphore=semaphore,
-            ctas_per_sm=split_policy[0],
-            floor_ctas=split_policy[1],
-            floor_blocks=split_policy[2],
-        )
+        self.fields = prepare_fields(
+            batch_size, (nheads, nheads_kv), (headdim, headdim if headdim_v is None else headdim_v), (tile_m, tile_n),
+            causal, (nheads > nheads_kv) if pack_gqa is None else pack_gqa, semaphore, options,
+        )  # fmt: skip
         #: what the forward's dispatch key says of this metadata (fa4_interface.FwdFacts.caller_prepared)
         self.kind: bool | str = True if prepare else UNPREPARED
         self.num_splits: int | None = None
@@ -314,9 +309,9 @@ def auto_metadata(fc: ForwardCall, stream: int) -> SchedulerMetadata:
     allocates device memory, whatever its batch."""
     rt, f, c, plan = fc.rt, fc.lv.fields, fc.config, fc.plan
     nheads_kv = fc.nheads // f["qhead_per_kvhead"]
-    policy = split_policy(rt.selector, c, f["head_dim"])
+    options = forward_prepare_options(rt.selector, c, f["head_dim"])
     key = (stream, fc.nheads, nheads_kv, f["head_dim"], f["head_dim_v"], plan.num_nheads_in_l2, c.pack_gqa,
-           c.tile_m, c.tile_n, plan.prepare_semaphore, policy)  # fmt: skip
+           c.tile_m, c.tile_n, plan.prepare_semaphore, options)  # fmt: skip
     pool = metadata_pools(rt).get(key)
     if pool is None:
 
@@ -324,7 +319,7 @@ def auto_metadata(fc: ForwardCall, stream: int) -> SchedulerMetadata:
             return SchedulerMetadata(
                 batch, fc.nheads, nheads_kv, f["head_dim"], f["head_dim_v"], causal=plan.num_nheads_in_l2,
                 pack_gqa=c.pack_gqa, tile_m=c.tile_m, tile_n=c.tile_n, semaphore=plan.prepare_semaphore,
-                split_policy=policy, runtime=rt, buffer=buffer,
+                options=options, runtime=rt, buffer=buffer,
             )  # fmt: skip
 
         pool = metadata_pools(rt)[key] = MetadataPool(rt, stream, make)

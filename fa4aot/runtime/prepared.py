@@ -33,7 +33,7 @@ from typing import Any
 
 from fa4aot.core import gencode
 from fa4aot.core.errors import ArgumentError
-from fa4aot.core.fa4_interface import TENSORMAP_WORDS, split_policy
+from fa4aot.core.fa4_interface import TENSORMAP_WORDS, forward_prepare_options
 from fa4aot.plan.abi import CALL_PTRS_OFFSET
 from fa4aot.plan.library import BoundCall, Plan
 from fa4aot.runtime import combine as combine_mod
@@ -472,7 +472,7 @@ def _bind_scheduler(
                 tile_m=c.tile_m,
                 tile_n=c.tile_n,
                 semaphore=plan.prepare_semaphore,
-                split_policy=split_policy(rt.selector, c, f["head_dim"]),
+                options=forward_prepare_options(rt.selector, c, f["head_dim"]),
                 runtime=rt,
             )
             owned.append(md)

@@ -138,6 +138,8 @@ def fa4_prepare(interface, torch, case: dict) -> None:
     """Run FA4's ``_get_scheduler_metadata`` (what its varlen split-KV forward calls) for a
     prepare case: keys num_warps, tile_m, tile_n, nheads, nheads_kv, headdim, headdim_v, causal,
     pack_gqa, varlen_q, varlen_k, seqused_q, seqused_k, has_semaphore (call it under FakeTensorMode)."""
+    from fa4aot.core.fa4_interface import PrepareOptions
+
     b = 31 * case["num_warps"]  # FA4 sizes the CTA at 31 batches a warp, rounded up to a power of two
 
     def vec(on: bool, n: int):
@@ -161,8 +163,7 @@ def fa4_prepare(interface, torch, case: dict) -> None:
         seqused_q=vec(case["seqused_q"], b),
         seqused_k=vec(case["seqused_k"], b),
         use_clc_scheduler=not case["has_semaphore"],
-        ctas_per_sm=case.get("ctas_per_sm", 1),
-        min_blocks_floor=(case["floor_ctas"], case["floor_blocks"]) if case.get("floor_ctas") else None,
+        **PrepareOptions.of_fields(case).kwargs(),
     )
 
 

@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from fa4aot.core.fa4_interface import arch_number, combine_geometry
+from fa4aot.core.fa4_interface import PrepareOptions, arch_number, combine_geometry
 from fa4aot.core.families.forward import needs_workspace
 from fa4aot.core.variant import Variant
 
@@ -249,9 +249,8 @@ def prepare_key(v: Variant) -> dict[str, Any]:
         "num_nheads_in_l2 is not None": f["causal"],
         "tile_count_semaphore is not None": f["has_semaphore"],
         "n_blocks_per_split is not None": False,
-        "zfill_padded_output": True,
-        "ctas_per_sm": f["ctas_per_sm"],
-        "min_blocks_floor": [f["floor_ctas"], f["floor_blocks"]] if f["floor_ctas"] else None,
+        # FA4's key holds the options under their own names (a tuple reads back as a list)
+        **{n: list(x) if isinstance(x, tuple) else x for n, x in PrepareOptions.of_fields(f).kwargs().items()},
     }
 
 

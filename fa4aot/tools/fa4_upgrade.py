@@ -161,6 +161,7 @@ def entry_points(old_src: str, new_src: str) -> list[str]:
 
 def _modeled_names() -> dict[str, set[str]]:
     """The key element names fa4aot's predictions produce (fwd, combine, prepare)."""
+    from fa4aot.core.fa4_interface import DEFAULT_PREPARE_OPTIONS, prepare_fields
     from fa4aot.core.variant import Variant
     from fa4aot.tools import fa4_keys
     from fa4aot.tools.fa4_calls import decide
@@ -170,10 +171,9 @@ def _modeled_names() -> dict[str, set[str]]:
     fwd = set(fa4_keys.fwd_key(v)) | set(fa4_keys.FWD_UNMODELED)
     comb = Variant.make("combine", "sm_100a", 148, dtype="bf16", head_dim=128, num_head=16, log_max_splits=5,
                         varlen=False, seqused=False, has_lse=False, num_splits_dynamic=False)  # fmt: skip
-    prep = Variant.make("prepare", "sm_100a", 148, num_warps=1, tile_m=128, tile_n=128, nheads=16, nheads_kv=16,
-                        headdim=128, headdim_v=128, causal=False, pack_gqa=False, varlen_q=True, seqused_q=False,
-                        varlen_k=True, seqused_k=False, has_semaphore=True, ctas_per_sm=1, floor_ctas=0,
-                        floor_blocks=0)  # fmt: skip
+    one = prepare_fields(1, (16, 16), (128, 128), (128, 128), False, False, True, DEFAULT_PREPARE_OPTIONS)
+    prep = Variant.make("prepare", "sm_100a", 148, **one, varlen_q=True, seqused_q=False, varlen_k=True,
+                        seqused_k=False)  # fmt: skip
     return {"fwd": fwd, "combine": set(fa4_keys.combine_key(comb)), "prepare": set(fa4_keys.prepare_key(prep))}
 
 

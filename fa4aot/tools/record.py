@@ -26,7 +26,7 @@ from typing import Any
 from fa4aot.core.backward import BACKWARD_FAMILY, CALL_FIELDS, check_call
 from fa4aot.core.env import child_environ
 from fa4aot.core.errors import Fa4aotError
-from fa4aot.core.fa4_interface import FwdFacts, codegen_fields, kernel_takes_metadata
+from fa4aot.core.fa4_interface import FwdFacts, PrepareOptions, codegen_fields, kernel_takes_metadata
 from fa4aot.core.families import FAMILIES
 from fa4aot.core.fwd import call_group
 from fa4aot.core.manifest_text import render_manifest
@@ -218,11 +218,18 @@ def prepare_fields(rec: dict[str, Any]) -> tuple[str, dict[str, Any]] | str:
         seqused_q=bool(k["seqused_q is not None"]),
         seqused_k=bool(k["seqused_k is not None"]),
         has_semaphore=bool(k["tile_count_semaphore is not None"]),
-        ctas_per_sm=int(k.get("ctas_per_sm", 1)),
-        floor_ctas=int((k.get("min_blocks_floor") or (0, 0))[0]),
-        floor_blocks=int((k.get("min_blocks_floor") or (0, 0))[1]),
+        **_prepare_options(k).fields(),
         _arch=_arch(rec.get("device_arch")),
     )
+
+
+def _prepare_options(key: dict[str, Any]) -> PrepareOptions:
+    """The prepare options a recorded FA4 key holds under FA4's names (JSON turned the floor's
+    tuple into a list; a key of an older FA4 may lack one: FA4's default)."""
+    given = {n: key[n] for n in PrepareOptions._fields if n in key}
+    if given.get("min_blocks_floor") is not None:
+        given["min_blocks_floor"] = tuple(int(x) for x in given["min_blocks_floor"])
+    return PrepareOptions(**given)
 
 
 def bwd_fields(rec: dict[str, Any]) -> tuple[str, dict[str, Any]] | str:

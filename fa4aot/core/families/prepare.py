@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fa4aot.core.fa4_interface import PREPARE_WARPS, prepare_num_warps
+from fa4aot.core.fa4_interface import DEFAULT_PREPARE_OPTIONS, PREPARE_WARPS, PrepareOptions, prepare_num_warps
 from fa4aot.core.families import axes as ax
 from fa4aot.core.families.base import COMPANION, Family
 from fa4aot.core.layouts import Dims, TensorLayout, int32_vectors
@@ -68,13 +68,14 @@ def resolve(raw: dict[str, Any]) -> list[dict[str, Any]]:
     f = dict(raw)
     if f["pack_gqa"] == "auto":
         f["pack_gqa"] = f["nheads"] > f["nheads_kv"]
-    f["ctas_per_sm"], f["floor_ctas"], f["floor_blocks"] = (1, 0, 0)
+    options = DEFAULT_PREPARE_OPTIONS
     if f.pop("_swapab"):
         from fa4aot.core import selector
 
-        policy = selector.installed().SWAPAB.split_policy(f["headdim"])
-        f["ctas_per_sm"] = policy["ctas_per_sm"]
-        f["floor_ctas"], f["floor_blocks"] = policy["min_blocks_floor"] or (0, 0)
+        options = PrepareOptions(**selector.installed().SWAPAB.split_policy(f["headdim"]))
+    # an option the manifest names (an axis called as FA4's argument) overrides the policy's
+    options = options._replace(**{n: f.pop(n) for n in PrepareOptions._fields if n in f})
+    f.update(options.fields())
     top = prepare_num_warps(f.pop("_max_batch"))
     return [dict(f, num_warps=w) for w in PREPARE_WARPS if w <= top]
 
