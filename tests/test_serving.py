@@ -335,3 +335,30 @@ def test_a_call_without_queries_writes_nothing(rt):
     q, k = t(0, (0, 5, 16, 128)), t(1, (0, 5, 16, 128))
     fa4aot.flash_attn_func(q, k, k, out=t(3, (0, 5, 16, 128)), runtime=rt)
     assert rt.driver.launches == [] and rt.driver.memsets == []
+
+
+# --- FA4's _get_scheduler_metadata options ----------------------------------------------------
+
+
+@pytest.mark.parametrize("zfill", [True, False])
+def test_zfill_padded_output_picks_the_prepare_kernel_built_with_it(rt, zfill):
+    """``zfill_padded_output`` is compiled into FA4's prepare kernel (its compile key holds it):
+    the call launches the variant built with the value given (tests/fast.yaml builds both)."""
+    cu_q, cu_k = t(1, (9,), "int32"), t(2, (9,), "int32")
+    md = fi._get_scheduler_metadata(
+        8, 64, 512, 16, 4, 128, 4, 128, 128, pack_gqa=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+        zfill_padded_output=zfill, runtime=rt,
+    )  # fmt: skip
+    (lv,) = [lv for lv in rt._loaded.values() if lv.variant.family == "prepare"]
+    assert lv.variant.fields["zfill_padded_output"] is zfill
+    assert md.fields["zfill_padded_output"] is zfill
+    assert [launch.kernel for launch in rt.driver.launches] == lv.kernels[:1]
+
+
+def test_a_zfill_padded_output_that_is_not_a_bool_is_refused_before_launch(rt):
+    cu = t(1, (9,), "int32")
+    with pytest.raises(ArgumentError, match=r"^zfill_padded_output: expected True or False, got 0"):
+        fi._get_scheduler_metadata(
+            8, 64, 512, 16, 4, 128, 4, 128, 128, cu_seqlens_q=cu, cu_seqlens_k=cu, zfill_padded_output=0, runtime=rt
+        )
+    assert rt.driver.launches == []

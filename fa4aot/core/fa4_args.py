@@ -73,7 +73,6 @@ WHY = {
     "seqlen_k_new": "appended K/V (seqlen_k_new)",
     "cu_seqlens_k_new": "appended K/V (cu_seqlens_k_new)",
     "leftpad_k": "left-padded K",
-    "zfill_padded_output": "unpadded output",
     "virtual_batch_idx": "MLA's virtual batches",
     "semaphore_to_reset": "a combine that resets a semaphore",
     "config_bwd": "an explicit BwdConfig",
@@ -160,7 +159,7 @@ GET_SCHEDULER_METADATA_PRIVATE = (
     _p("q_stage", 1, REFUSED), _p("cluster_shape_m", 1, REFUSED), _p("causal", False),
     _p("enable_pdl", False, REFUSED), _p("sort", False, REFUSED), _p("seqlen_k_new", 0, REFUSED),
     _p("cu_seqlens_q", None), _p("cu_seqlens_k", None), *_refused("cu_seqlens_k_new"), _p("seqused_q", None),
-    _p("seqused_k", None), *_refused("leftpad_k", "seqlen_k_per_split"), _p("zfill_padded_output", True, REFUSED),
+    _p("seqused_k", None), *_refused("leftpad_k", "seqlen_k_per_split"), _p("zfill_padded_output", True),
     _p("total_q", None), _p("use_clc_scheduler", False), _p("ctas_per_sm", 1), _p("min_blocks_floor", None),
 )  # fmt: skip
 

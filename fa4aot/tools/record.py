@@ -201,8 +201,8 @@ def prepare_fields(rec: dict[str, Any]) -> tuple[str, dict[str, Any]] | str:
         )
         if k.get(n)
     ]
-    if odd or k.get("sort") or k.get("enable_pdl") or not k.get("zfill_padded_output", True):
-        return "scheduler metadata with " + (", ".join(odd) or "sorting, PDL or no zero-fill")
+    if odd or k.get("sort") or k.get("enable_pdl"):
+        return "scheduler metadata with " + (", ".join(odd) or "sorting or PDL")
     return "prepare", dict(
         num_warps=int(k["num_warps"]),
         tile_m=int(k["tile_m"]),

@@ -85,8 +85,11 @@ def test_combine_matches_fp32_reference(runtime, varlen, d, dtype, with_lse, wit
 NUM_SMS = 132
 
 
-def prepare_reference(lens_q, lens_k, num_splits, nheads, nheads_kv, hd, hdv, causal, pack, tile_m=128, tile_n=128):
-    """Python rendering of FA4's FlashPrepareScheduler (sort off, zfill on), float32 where FA4 is."""
+def prepare_reference(
+    lens_q, lens_k, num_splits, nheads, nheads_kv, hd, hdv, causal, pack, tile_m=128, tile_n=128, zfill=True
+):
+    """Python rendering of FA4's FlashPrepareScheduler (sort off), float32 where FA4 is; ``zfill``:
+    its zfill_padded_output (num_splits_for_sequence: at least one split per sequence)."""
     f32 = np.float32
     b = len(lens_q)
     qh = nheads // nheads_kv
@@ -104,8 +107,10 @@ def prepare_reference(lens_q, lens_k, num_splits, nheads, nheads_kv, hd, hdv, ca
             sm_margin = max(f32(f32(NUM_SMS) / f32(128)) + f32(0.001), f32(1.1))
             bps = max(int(f32(f32(f32(f32(total) * sm_margin) * f32(nheads_computed)) / f32(NUM_SMS))), 1)
             s = min((ni + bps - 1) // bps, num_splits)
-            s = max(s, 1)
-            ni = (ni + s - 1) // s
+            if zfill:
+                s = max(s, 1)
+            if s > 0:  # FA4 divides the blocks only among splits it gives
+                ni = (ni + s - 1) // s
         nsd.append(s)
         n_after.append(ni)
     l2 = None
@@ -162,6 +167,32 @@ def test_prepare_matches_fa4_formulas(runtime, heads, pack, causal):
                 assert got["num_nheads_in_l2"] == l2, f"batch {batch}"
             assert got["tile_count_semaphore"] == [0]
             md.close()
+
+
+@pytest.mark.parametrize("zfill", [True, False])
+def test_zfill_padded_output_as_fa4s_prepare_kernel_computes_it(runtime, zfill):
+    """FA4's ``_get_scheduler_metadata(zfill_padded_output=...)``: an empty sequence (no keys) gets
+    one split, or none with False; the others the same either way (tests/fast.yaml builds both)."""
+    from fa4aot.runtime.interface import _get_scheduler_metadata
+
+    rng = np.random.default_rng(11 + zfill)
+    for batch in (5, 31):
+        lens_q = rng.integers(1, 700, batch).tolist()
+        lens_k = rng.integers(1, 9000, batch).tolist()
+        lens_k[0] = lens_k[batch // 2] = 0
+        cu_q = torch.tensor([0] + list(np.cumsum(lens_q)), dtype=torch.int32, device="cuda")
+        cu_k = torch.tensor([0] + list(np.cumsum(lens_k)), dtype=torch.int32, device="cuda")
+        md = _get_scheduler_metadata(
+            batch, max(lens_q), max(lens_k), 16, 4, 128, 16, 128, 128, pack_gqa=True, cu_seqlens_q=cu_q,
+            cu_seqlens_k=cu_k, zfill_padded_output=zfill, stream=torch.cuda.current_stream(), runtime=runtime,
+        )  # fmt: skip
+        torch.cuda.synchronize()
+        got = _read_i32(md, batch)
+        m, nsd, _ = prepare_reference(lens_q, lens_k, 16, 16, 4, 128, 128, False, True, zfill=zfill)
+        assert got["num_m_blocks"] == m and got["num_splits_dynamic"] == nsd, f"batch {batch}"
+        empty = [got["num_splits_dynamic"][i] for i in (0, batch // 2)]
+        assert empty == ([1, 1] if zfill else [0, 0])
+        md.close()
 
 
 def _read_i32(md, batch):

@@ -46,6 +46,12 @@ PREPARE_AXES = (
     ax.Axis("seqused_k", ax.boolean("seqused_k"), (False,), "seqused_k"),
     ax.Axis("semaphore", ax.boolean("has_semaphore"), (True,), "reset the tile_count_semaphore (FA4: unless CLC)"),
     ax.Axis(
+        "zfill_padded_output",
+        ax.boolean("zfill_padded_output"),
+        (True,),
+        "FA4's zfill_padded_output: an empty sequence gets one split (false: none, its output rows untouched)",
+    ),
+    ax.Axis(
         "max_batch",
         ax.max_batch,
         (992,),
