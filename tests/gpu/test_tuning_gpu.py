@@ -123,7 +123,11 @@ def test_every_candidate_the_cache_holds_matches_the_reference(runtime):
 
 def test_every_tuned_choice_matches_the_reference_on_its_measured_shape(runtime):
     table = _table(runtime)
-    assert runtime.tuning, "the table has no entry this cache can honour"
+    if not table.entries:
+        # `fa4aot tune` writes an entry only where a candidate beat FA4's choice beyond the noise;
+        # every candidate's numerics are checked above whatever tune decided
+        pytest.skip("the device's tuning table has no entries: tune kept FA4's choice on every shape")
+    assert runtime.tuning, "the table has entries but none this cache can honour (stale?)"
     for e in table.entries:
         shape = tune.parse_shape(e.shape)
         run = tune.ShapeRun(runtime, shape, e.default)
