@@ -77,6 +77,11 @@ def boolean(field: str) -> Callable[[Any], dict[str, Any]]:
     return parse
 
 
+def flag(name: str, default: bool, doc: str, field: str | None = None) -> Axis:
+    """A true/false axis setting the variant field ``field`` (by default the axis's name)."""
+    return Axis(name, boolean(field or name), (default,), doc)
+
+
 def bool_or_auto(field: str, auto: Any = "auto") -> Callable[[Any], dict[str, Any]]:
     """true, false or auto; auto sets the field to ``auto`` (by default the string itself, for the
     family's resolve step to decide)."""
@@ -297,11 +302,11 @@ HEAD_DIMS = Axis("head_dims", pair("head_dim", "head_dim_v"), ((128, 128),), "(h
 QHEAD_PER_KVHEAD = Axis(
     "qhead_per_kvhead", posint("qhead_per_kvhead", 1, 256), (1,), "query heads per KV head (GQA ratio)"
 )
-CAUSAL = Axis("causal", boolean("causal"), (False,), "causal mask")
-VARLEN_Q = Axis("varlen_q", boolean("varlen_q"), (False,), "cu_seqlens_q (packed variable-length queries)")
-VARLEN_K = Axis("varlen_k", boolean("varlen_k"), (False,), "cu_seqlens_k (packed variable-length keys)")
-SEQUSED_Q = Axis("seqused_q", boolean("seqused_q"), (False,), "seqused_q (per-batch used query length)")
-SEQUSED_K = Axis("seqused_k", boolean("seqused_k"), (False,), "seqused_k (per-batch used key length, e.g. a KV cache)")
+CAUSAL = flag("causal", False, "causal mask")
+VARLEN_Q = flag("varlen_q", False, "cu_seqlens_q (packed variable-length queries)")
+VARLEN_K = flag("varlen_k", False, "cu_seqlens_k (packed variable-length keys)")
+SEQUSED_Q = flag("seqused_q", False, "seqused_q (per-batch used query length)")
+SEQUSED_K = flag("seqused_k", False, "seqused_k (per-batch used key length, e.g. a KV cache)")
 SOFTCAP = Axis("softcap", softcap, (0,), "softcap value, baked into the kernels: one variant per value (0: off)")
 LEARNABLE_SINK = Axis(
     "learnable_sink", sink, (False,), "learnable sink logits (nheads,) in this dtype; false: none", sink_value

@@ -32,19 +32,14 @@ BWD_AXES = (
     ax.HEAD_DIMS,
     ax.QHEAD_PER_KVHEAD,
     ax.CAUSAL,
-    ax.Axis("local", ax.boolean("local"), (False,), "sliding-window (local) attention"),
+    ax.flag("local", False, "sliding-window (local) attention"),
     ax.VARLEN_Q,
     ax.VARLEN_K,
     ax.SEQUSED_Q,
     ax.SEQUSED_K,
-    ax.Axis(
-        "deterministic",
-        ax.boolean("deterministic"),
-        (False,),
-        "FA4's deterministic backward (semaphore-ordered: bitwise reproducible gradients)",
-    ),
+    ax.flag("deterministic", False, "FA4's deterministic backward (semaphore-ordered: bitwise reproducible gradients)"),
     ax.SOFTCAP,
-    ax.Axis("dlse", ax.boolean("has_dlse"), (False,), "a gradient flows into the returned LSE (FA4: return_lse=True)"),
+    ax.flag("dlse", False, "a gradient flows into the returned LSE (FA4: return_lse=True)", "has_dlse"),
     ax.LEARNABLE_SINK,
 )
 

@@ -32,15 +32,10 @@ COMBINE_AXES = (
     ax.Axis("head_dim", ax.posint("head_dim", 8, 512), (128,), "head dimension of the partials"),
     ax.Axis("num_head", ax.posint("num_head", 1, 1024), (16,), "query heads (FA4 specializes varlen combine on it)"),
     ax.Axis("max_splits", ax.max_splits, (128,), "largest split count to support", lambda f: 1 << f["log_max_splits"]),
-    ax.Axis("varlen", ax.boolean("varlen"), (False,), "cu_seqlens (packed variable-length)"),
-    ax.Axis("seqused", ax.boolean("seqused"), (False,), "seqused (with varlen)"),
-    ax.Axis("return_lse", ax.boolean("has_lse"), (False,), "write the combined log-sum-exp"),
-    ax.Axis(
-        "num_splits_dynamic",
-        ax.boolean("num_splits_dynamic"),
-        (False,),
-        "per-batch split counts from the prepare kernel",
-    ),
+    ax.flag("varlen", False, "cu_seqlens (packed variable-length)"),
+    ax.flag("seqused", False, "seqused (with varlen)"),
+    ax.flag("return_lse", False, "write the combined log-sum-exp", "has_lse"),
+    ax.flag("num_splits_dynamic", False, "per-batch split counts from the prepare kernel"),
 )
 
 

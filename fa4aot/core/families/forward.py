@@ -72,12 +72,12 @@ _COMMON_FWD_AXES = (
     ax.QHEAD_PER_KVHEAD,
     ax.Axis("pack_gqa", ax.request_bool("pack_gqa"), ("auto",), "FA4's pack_gqa argument (auto: FA4 decides)"),
     ax.CAUSAL,
-    ax.Axis("local", ax.boolean("local"), (False,), "sliding-window (local) attention (window sizes: the window axis)"),
+    ax.flag("local", False, "sliding-window (local) attention (window sizes: the window axis)"),
     ax.VARLEN_Q,
     ax.VARLEN_K,
     ax.SEQUSED_Q,
     ax.SEQUSED_K,
-    ax.Axis("return_lse", ax.boolean("has_lse"), (False,), "write the log-sum-exp"),
+    ax.flag("return_lse", False, "write the log-sum-exp", "has_lse"),
     ax.Axis(
         "paged_kv",
         ax.paged_kv,
@@ -95,9 +95,7 @@ _COMMON_FWD_AXES = (
         "the call passes scheduler metadata (fa4aot.SchedulerMetadata, varlen queries); unprepared: from "
         "get_scheduler_metadata where FA4 runs no prepare kernel (no split, not causal)",
     ),
-    ax.Axis(
-        "requires_grad", ax.boolean("requires_grad"), (False,), "a training forward (FA4 selects for the backward)"
-    ),
+    ax.flag("requires_grad", False, "a training forward (FA4 selects for the backward)"),
     ax.Axis(
         "tiles", ax.request_pair("tiles"), ("auto",), "FA4's tile_mn argument (auto: FA4's choice); others: tuning"
     ),
