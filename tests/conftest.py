@@ -9,13 +9,38 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import CI_MANIFEST, FAST_MANIFEST, build_session_cache  # noqa: E402
+from helpers import CI_MANIFEST, FAST_MANIFEST, HAS_DSL, BackgroundBuild, build_session_cache  # noqa: E402
+
+#: The fast cache's build, started once collection shows a test needs it.
+_FAST_BUILD: list[BackgroundBuild] = []
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k have deselected what this run skips
+def pytest_collection_modifyitems(session, config, items):
+    """Start building tests/fast.yaml in the background and run the tests that need no cache
+    first (in their order), so the build overlaps them instead of delaying the whole run."""
+    needs = [item for item in items if "built_cache" in getattr(item, "fixturenames", ())]
+    if not needs or not HAS_DSL or _FAST_BUILD:
+        return
+    _FAST_BUILD.append(BackgroundBuild(config._tmp_path_factory, "fast-cache", FAST_MANIFEST))
+    first = [item for item in items if "built_cache" not in getattr(item, "fixturenames", ())]
+    items[:] = first + needs
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A build no test waited for (the run stopped early) does not outlive the session."""
+    for build in _FAST_BUILD:
+        if build.proc.poll() is None:
+            build.proc.kill()
+            build.proc.communicate()
 
 
 @pytest.fixture(scope="session")
 def built_cache(tmp_path_factory) -> Path:
     """A cache holding every variant of tests/fast.yaml (built once per session): one kernel of
     every family on every arch, and what the fast tier's runtime tests load."""
+    if _FAST_BUILD:
+        return _FAST_BUILD[0].wait()
     return build_session_cache(tmp_path_factory, "fast-cache", FAST_MANIFEST)
 
 

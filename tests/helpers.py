@@ -33,15 +33,40 @@ def run_cli(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess
     return proc
 
 
+def _cache_path(tmp_path_factory, name: str) -> Path:
+    keep = os.environ.get("FA4AOT_TEST_CACHE_DIR")
+    return Path(keep) / name if keep else tmp_path_factory.mktemp(name)
+
+
+def _build_command(path: Path, manifest: Path, reuse: tuple[Path, ...]) -> list[str]:
+    args = [arg for r in reuse for arg in ("--reuse", str(r))]
+    return [sys.executable, "-m", "fa4aot.tools.cli", "build", str(manifest), "--cache", str(path), "-q", *args]
+
+
+class BackgroundBuild:
+    """A session cache compiled by the CLI in a child process while the tests that need no
+    cache run (the build keeps both cores busy only part of the time; the tests use one)."""
+
+    def __init__(self, tmp_path_factory, name: str, manifest: Path) -> None:
+        self.path = _cache_path(tmp_path_factory, name)
+        self.proc = subprocess.Popen(
+            _build_command(self.path, manifest, ()), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+
+    def wait(self) -> Path:
+        """The built cache (the build's output in the failure message if it failed)."""
+        out, _ = self.proc.communicate()
+        assert self.proc.returncode == 0, out
+        return self.path
+
+
 def build_session_cache(tmp_path_factory, name: str, manifest: Path, reuse: tuple[Path, ...] = ()) -> Path:
     """A cache holding every variant of ``manifest``, compiled by the CLI (entries another session
     cache holds under the same key are copied with ``--reuse``)."""
     if not HAS_DSL:
         pytest.skip("needs the build extra (CUTLASS DSL + flash-attn-4) to compile kernels")
-    keep = os.environ.get("FA4AOT_TEST_CACHE_DIR")
-    path = Path(keep) / name if keep else tmp_path_factory.mktemp(name)
-    args = [arg for r in reuse for arg in ("--reuse", str(r))]
-    proc = run_cli("build", str(manifest), "--cache", str(path), "-q", *args, check=False)
+    path = _cache_path(tmp_path_factory, name)
+    proc = subprocess.run(_build_command(path, manifest, reuse), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return path
 
