@@ -272,9 +272,10 @@ def mirror(
     plus fa4aot's keyword-only ``extras`` ((name, default) pairs), generated from this table so
     the signatures live in one place. ``body`` (its lines, unindented) is the function's body;
     ``{all}`` in it stands for every FA4 parameter passed on as received, ``{args}`` for them as
-    one :func:`arguments` object and ``{refused}`` for a dict of the refused ones by name. ``check``: ``"fast"`` refuses non-default refused arguments
-    first (:func:`refuse`), ``"autograd"`` also the inference-only ones, ``"none"`` leaves it to
-    ``body``. Globals of the body are ``scope``'s (the defining module's)."""
+    one :func:`arguments` object and ``{refused}`` for a dict of the refused ones by name.
+    ``check``: ``"fast"`` refuses non-default refused arguments first (:func:`refuse`),
+    ``"autograd"`` also the inference-only ones, ``"none"`` leaves it to ``body``. Globals of the
+    body are ``scope``'s (the defining module's)."""
     from fa4aot.core import gencode
 
     params = ENTRY_POINTS[entry]

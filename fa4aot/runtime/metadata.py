@@ -50,8 +50,9 @@ class SchedulerMetadata:
     metadata serves (FA4: 128 x 128 on SM100). ``semaphore``: allocate the tile semaphore (FA4:
     unless the forward runs its CLC scheduler); ``options``: FA4's options of the prepare
     kernel's split rule (:class:`fa4aot.core.fa4_interface.PrepareOptions`; FA4's forward passes
-    ``SWAPAB.split_policy`` for its SwapAB decode kernel, the defaults otherwise). ``prepare=False``: no buffers and no prepare kernel (FA4's
-    ``get_scheduler_metadata`` for calls that need none). Buffers are exposed as :class:`RawTensor`,
+    ``SWAPAB.split_policy`` for its SwapAB decode kernel, the defaults otherwise).
+    ``prepare=False``: no buffers and no prepare kernel (FA4's ``get_scheduler_metadata`` for
+    calls that need none). Buffers are exposed as :class:`RawTensor`,
     also under FA4's names (``num_m_blocks_ptr``, ...); fa4aot never computes FA4's batch-lookup
     aid, so ``cu_total_m_blocks``, ``cu_total_splits_m_blocks`` and ``blocks_to_batch_idx`` are None.
     """
