@@ -228,3 +228,28 @@ def test_malformed_index_record_is_reported(tmp_path):
 
     n, problems = verify(Cache(tmp_path), run_plans=False)
     assert n == 2 and any(p.key == "bad" and "malformed" in p.what for p in problems)
+
+
+def test_verify_loads_each_selector_once_and_reports_a_bad_one_per_entry(built_cache, tmp_path, monkeypatch):
+    """Entries share FA4's selector module: verify loads each distinct one once, and reports a
+    module that does not load on every entry that carries it."""
+    from fa4aot.core import selector
+    from fa4aot.tools.verify import verify
+
+    copy = tmp_path / "copy"
+    shutil.copytree(built_cache, copy)
+    good = Cache(copy)
+    entries = [e for e in good.entries() if "selector" in e.blobs]
+    writer = CacheWriter(copy)
+    for e in entries[:2]:  # the same records, but a selector that does not compile
+        blobs = {r: good.read_blob(e, r) for r in e.blobs} | {"selector": b"def broken(:\n"}
+        writer.put(e.key, {k: v for k, v in e.meta.items() if k != "blobs"}, blobs)
+    loads = []
+    real = selector.load
+    monkeypatch.setattr(selector, "load", lambda source, origin: loads.append(origin) or real(source, origin))
+    n, problems = verify(Cache(copy), run_plans=False)
+    bad = [p for p in problems if "does not compile" in p.what]
+    others = [p for p in problems if not p.key.startswith("packed/")]  # the packed index differs, rightly
+    assert n == len(good.entries()) and len(others) == len(bad) == 2
+    assert {p.key for p in bad} == {e.key for e in entries[:2]}
+    assert len(loads) == 2  # the good module and the bad one, once each

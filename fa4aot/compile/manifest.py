@@ -62,6 +62,9 @@ MAX_DOMAIN_POINTS = 100_000
 #: FA4 selections one forward group may ask for (its call classes times its shapes): about 40 us
 #: each, so a group expands in at most ~20 s.
 MAX_SELECTIONS = 500_000
+#: ... and a whole manifest (manifests/h100.yaml, the largest shipped, asks for about 300,000), so
+#: that many groups each under the limit still expand in minutes, not hours.
+MAX_MANIFEST_SELECTIONS = 2_000_000
 MAX_VARIANTS = 20_000
 
 
@@ -255,6 +258,7 @@ def expand(doc: Any) -> Plan:
         prefixes = [f"targets[{i}]." for i in range(len(sections))]
     else:
         sections, prefixes = [doc], [""]
+    _check_selection_budget(sections, prefixes)
     plan = Plan([])
     seen: set[str] = set()
     for section, prefix in zip(sections, prefixes):
@@ -478,6 +482,48 @@ def _is_window(value: list[Any]) -> bool:
     return len(value) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
 
 
+def _selections(domain: Any, values: dict[str, list[Any]], path: str) -> int:
+    """How many calls FA4's selector is asked about to expand a forward group (its call classes
+    times its shapes), within the per-group limits."""
+    points = len(domain.batch) * len(domain.seqlen_q) * len(domain.seqlen_k) * len(domain.nheads_kv)
+    if points * len(domain.window) > MAX_DOMAIN_POINTS:
+        raise ManifestError(path, f"its shapes form {points} points (at most {MAX_DOMAIN_POINTS}); list fewer")
+    calls = points * len(domain.window) * math.prod(len(v) for v in values.values())
+    if calls > MAX_SELECTIONS:
+        raise ManifestError(
+            path, f"it asks FA4's selector about {calls} calls (at most {MAX_SELECTIONS}): list fewer values or shapes"
+        )
+    return calls
+
+
+def _check_selection_budget(sections: list[Any], prefixes: list[str]) -> None:
+    """Refuse, before expanding anything, a manifest whose forward groups together ask FA4's
+    selector about more than :data:`MAX_MANIFEST_SELECTIONS` calls. Groups that do not parse are
+    left to the expansion, which reports them in order."""
+    from fa4aot.core import fwd
+
+    total = 0
+    for section, prefix in zip(sections, prefixes):
+        fams = section.get("families") if isinstance(section, Mapping) else None
+        for fam_name, groups in (fams or {}).items() if isinstance(fams, Mapping) else ():
+            family = FAMILIES.get(fam_name)
+            if family is None or not family.selected:
+                continue
+            for i, group in enumerate(groups if isinstance(groups, list) else [groups]):
+                path = f"{prefix}families.{fam_name}[{i}]"
+                try:
+                    _, values, _, shapes, _ = _parse_group(family, path, group)
+                    total += _selections(fwd.Domain(**{k: tuple(v) for k, v in shapes.items()}), values, path)
+                except (ManifestError, TypeError):
+                    continue
+                if total > MAX_MANIFEST_SELECTIONS:
+                    raise ManifestError(
+                        path,
+                        f"with the groups before it, the manifest asks FA4's selector about {total} calls "
+                        f"(at most {MAX_MANIFEST_SELECTIONS}): split it into several manifests",
+                    )
+
+
 def _expand_selected(
     family: Family,
     path: str,
@@ -500,14 +546,7 @@ def _expand_selected(
     except Fa4aotError as e:
         raise ManifestError(path, f"expanding a {family.name} group runs FA4's selector: {e}") from None
     domain = fwd.Domain(**{k: tuple(v) for k, v in shapes.items()})
-    points = len(domain.batch) * len(domain.seqlen_q) * len(domain.seqlen_k) * len(domain.nheads_kv)
-    if points * len(domain.window) > MAX_DOMAIN_POINTS:
-        raise ManifestError(path, f"its shapes form {points} points (at most {MAX_DOMAIN_POINTS}); list fewer")
-    calls = points * len(domain.window) * math.prod(len(v) for v in values.values())
-    if calls > MAX_SELECTIONS:
-        raise ManifestError(
-            path, f"it asks FA4's selector about {calls} calls (at most {MAX_SELECTIONS}): list fewer values or shapes"
-        )
+    _selections(domain, values, path)
     used: dict[tuple[str, int], bool] = {}
     first_reason: dict[tuple[str, int], str] = {}
     matched: dict[str, set[Any]] = {k: set() for k in filters}
