@@ -10,6 +10,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -48,11 +49,12 @@ def _package_dirs() -> dict[str, Path]:
 
 
 def _data_files(pkg_dir: Path) -> list[str]:
-    """Files of a package directory (not of its subpackages) that are not Python source."""
+    """Files of a package directory (not of its subpackages) that are not Python source (nor an
+    extension module an editable install compiled in place: setup.py's)."""
     out = []
     for p in pkg_dir.rglob("*"):
         rel = p.relative_to(pkg_dir)
-        if not p.is_file() or "__pycache__" in rel.parts or p.suffix in (".py", ".pyc"):
+        if not p.is_file() or "__pycache__" in rel.parts or p.suffix in (".py", ".pyc", ".so"):
             continue
         # a file inside a subpackage is that subpackage's
         if any((pkg_dir.joinpath(*rel.parts[:i]) / "__init__.py").exists() for i in range(1, len(rel.parts))):
@@ -153,7 +155,8 @@ def dists(tmp_path_factory) -> tuple[Path, Path]:
 def test_the_wheel_holds_every_package_data_and_license_file(dists):
     _, wheel = dists
     version = _pyproject()["project"]["version"]
-    assert wheel.name == f"fa4aot-{version}-py3-none-any.whl"
+    # the compiled hop (setup.py) makes it a wheel of this host arch, for every CPython >= 3.10
+    assert wheel.name == f"fa4aot-{version}-cp310-abi3-linux_{platform.machine()}.whl"
     with zipfile.ZipFile(wheel) as z:
         members = set(z.namelist())
         metadata = z.read(f"fa4aot-{version}.dist-info/METADATA").decode()
@@ -164,6 +167,7 @@ def test_the_wheel_holds_every_package_data_and_license_file(dists):
         expected |= {f"{base}/{rel}" for rel in _data_files(d)}
     assert {"fa4aot/plan/shim.c", "fa4aot/plan/runner.c", "fa4aot_kernels/__init__.py"} <= expected
     assert expected - members == set(), "files on disk missing from the wheel"
+    assert "fa4aot/plan/_hop.abi3.so" in members
     licenses = {f"fa4aot-{version}.dist-info/licenses/LICENSE", f"fa4aot-{version}.dist-info/licenses/NOTICE"}
     assert licenses <= members
     assert "License-Expression: BSD-3-Clause" in metadata and "License-File: NOTICE" in metadata
@@ -174,7 +178,8 @@ def test_the_sdist_holds_the_sources_and_licenses(dists):
     version = _pyproject()["project"]["version"]
     with tarfile.open(sdist) as t:
         members = {m.name.split("/", 1)[1] for m in t.getmembers() if "/" in m.name}
-    want = {"LICENSE", "NOTICE", "README.md", "pyproject.toml", "fa4aot/plan/shim.c", "kernels/__init__.py"}
+    want = {"LICENSE", "NOTICE", "README.md", "pyproject.toml", "setup.py", "fa4aot/plan/shim.c", "fa4aot/plan/_hop.c"}
+    want.add("kernels/__init__.py")
     want |= {f"fa4aot/compile/licenses/{p.name}" for p in (ROOT / "fa4aot" / "compile" / "licenses").iterdir()}
     assert want - members == set()
     assert sdist.name == f"fa4aot-{version}.tar.gz"
@@ -195,6 +200,7 @@ def test_the_wheel_installs_into_a_fresh_venv_and_imports(dists, tmp_path):
         "import json, fa4aot, importlib.resources as r, importlib.util as u\n"
         "print(json.dumps({'file': fa4aot.__file__, 'version': fa4aot.__version__,\n"
         "  'shim': r.files('fa4aot.plan').joinpath('shim.c').is_file(),\n"
+        "  'hop': u.find_spec('fa4aot.plan._hop') is not None,\n"
         "  'kernels': u.find_spec('fa4aot_kernels').origin,\n"
         "  'notice': r.files('fa4aot.compile').joinpath('licenses/NOTICE').is_file()}))\n"
     )
@@ -203,7 +209,7 @@ def test_the_wheel_installs_into_a_fresh_venv_and_imports(dists, tmp_path):
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
     assert Path(got["file"]).is_relative_to(venv) and Path(got["kernels"]).is_relative_to(venv), got
-    assert got["version"] == _pyproject()["project"]["version"] and got["shim"] and got["notice"]
+    assert got["version"] == _pyproject()["project"]["version"] and got["shim"] and got["notice"] and got["hop"]
     assert (venv / "bin" / "fa4aot").is_file()  # the console script
     # the CLI's own dependencies (click, ...) from this environment, fa4aot from the venv
     import click

@@ -224,3 +224,48 @@ def test_launch_ptrs_launches_what_the_checked_call_launches(sm90, sm100):
     ]
     assert ts[0].ptr.to_bytes(8, "little") in b"".join(unchecked[1].params)  # q reached the forward
     run.close()
+
+
+def _launches_of_each_path(cache, hop):
+    """The launches of a plain call (the full launcher), a checked prepared call and its
+    ``launch_ptrs``, with fa4aot's compiled hop or with ctypes."""
+    from fake_driver import FakeDriver
+
+    from fa4aot.plan import library
+    from fa4aot.runtime.loader import Runtime
+
+    saved, library.HOP = library.HOP, hop
+    try:
+        drv = FakeDriver(cc=(9, 0), num_sms=132)
+        rt = Runtime(cache, driver=drv)
+        ts = [t(i, (2, 1000, 16, 128)) for i in range(4)]
+        run = fa4aot.prepare_forward(*ts, causal=True, runtime=rt)
+        _record_params(rt, drv)
+        fa4aot.flash_attn_func(*ts[:3], causal=True, out=ts[3], stream=5, runtime=rt)
+        run(*ts, stream=6)
+        run.launch_ptrs(*(x.ptr for x in ts), stream=7)
+        with pytest.raises(ArgumentError, match="not a 64-bit unsigned int|not a valid pointer"):
+            run.launch_ptrs(-1, *(x.ptr for x in ts[1:]), stream=7)
+        (lv,) = rt._loaded.values()
+        named = dict(
+            zip(("q", "k", "v", "out"), (DeviceTensor(x.ptr, x.shape, x.strides, x.dtype, 0, "raw") for x in ts))
+        )
+        out = []
+        for x in drv.launches:  # the bytes FA4's host code writes (the rest is stack)
+            want, mask = _written(lv, dict(named, softmax_scale=128**-0.5, stream=x.stream))
+            assert _same(_buffer(x, lv), want, mask)
+            out.append((x.kernel, x.grid, x.block, x.smem, x.attrs, x.stream, bytes(want)))
+        return out
+    finally:
+        library.HOP = saved
+
+
+def test_the_compiled_hop_launches_what_ctypes_launches(built_cache):
+    """``pip install`` builds fa4aot/plan/_hop.c where a C compiler is (the test environment has
+    one: the build extra links launch plans), and a launch through it carries what the ctypes path
+    carries; a bad address is a typed error either way, launching nothing."""
+    from fa4aot.plan import library
+
+    assert library.HOP is not None, "fa4aot.plan._hop is not built: reinstall with `pip install -e .` (needs cc)"
+    with_hop = _launches_of_each_path(built_cache, library.HOP)
+    assert len(with_hop) == 3 and with_hop == _launches_of_each_path(built_cache, None)

@@ -37,6 +37,7 @@ RECORD_PREFIX = "FA4AOT_RECORD_PREFIX"
 PATCH_MODULES = "FA4AOT_PATCH_MODULES"
 DRIVER = "FA4AOT_DRIVER"
 DECISION_REGIONS = "FA4AOT_DECISION_REGIONS"
+HOP = "FA4AOT_HOP"
 #: The runtime's CUDA driver bindings (fa4aot.runtime.driver.make_driver).
 DRIVERS = ("ctypes", "cuda-bindings")
 CC = "CC"
@@ -233,6 +234,14 @@ VARS: tuple[Var, ...] = (
         "fa4aot/runtime/regions.py); for comparisons and debugging.",
     ),
     Var(
+        HOP,
+        "0 or 1",
+        "1",
+        "runtime",
+        "0: launch through ctypes even where fa4aot's compiled hop (fa4aot/plan/_hop.c, built by "
+        "`pip install` when a C compiler is there) is installed; for comparisons and debugging.",
+    ),
+    Var(
         PYTHONPATH,
         "paths",
         "unset",
@@ -265,6 +274,11 @@ def flag(name: str) -> bool:
 def decision_regions() -> bool:
     """Whether forward rules reuse FA4's decisions by region (anything but ``0``)."""
     return (get(DECISION_REGIONS, "1") or "").strip() != "0"
+
+
+def hop() -> bool:
+    """Whether launches may use the compiled hop (anything but ``0``)."""
+    return (get(HOP, "1") or "").strip() != "0"
 
 
 def tuning() -> bool:

@@ -26,6 +26,7 @@ tensors, with a fast path for PyTorch tensors (read through their own accessors)
 
 from __future__ import annotations
 
+import struct
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -81,18 +82,17 @@ class _Steps:
         it was bound with), over the call's per-call values (:data:`PER_CALL`)."""
         i = len(self.scope)
         self.scope.update({f"_b{i}": call, f"_l{i}": call._local, f"_pk{i}": call.pack_into, f"_r{i}": call.run})
+        self.scope.update({f"_h{i}": call.hop, f"_a{i}": call.run_addr})
         self.scope[f"_p{i}"] = call.plan  # its launch counter (Runtime.stats())
         exprs = [str(sources[n]) for n in call.tensor_names]
         exprs += [f"({w}) | {high}" if high else w for w, high in zip(words, call.word_highs)]
         ptrs = ", ".join(exprs)
-        self.lines += [
-            f"    s_ = _l{i}.__dict__.get('s')",
-            f"    if s_ is None: s_ = _b{i}.scratch()",
-            f"    _pk{i}(s_.block, {CALL_PTRS_OFFSET}, {ptrs}, st)",
-            f"    rc = _r{i}(s_.addr)",
-            "    if rc: _check(rc, s_.state)",
-            f"    _p{i}.launches += 1",
-        ]
+        self.lines += [f"    s_ = _l{i}.__dict__.get('s')", f"    if s_ is None: s_ = _b{i}.scratch()"]
+        if call.hop is not None:  # one C call writes the words and launches
+            self.lines.append(f"    rc = _h{i}(_a{i}, s_.addr, {ptrs}, st)")
+        else:
+            self.lines += [f"    _pk{i}(s_.block, {CALL_PTRS_OFFSET}, {ptrs}, st)", f"    rc = _r{i}(s_.addr)"]
+        self.lines += ["    if rc: _check(rc, s_.state)", f"    _p{i}.launches += 1"]
 
     def python(self, fn: Callable[..., None], args: str) -> None:
         i = len(self.scope)
@@ -202,11 +202,12 @@ class Prepared:
 
     def _generate_unchecked(self, n: int, steps: _Steps) -> Callable[..., None]:
         """The launches of :meth:`_generate` on addresses as given (no description, no check)."""
-        scope: dict[str, Any] = dict(steps.scope, _check=Plan._check)
+        scope: dict[str, Any] = dict(steps.scope, _check=Plan._check, _struct_error=struct.error, _bad_word=_bad_word)
         args = ", ".join(
             [f"p{i}" for i in range(n)] + ["stream=0"] + [f"{k}={v!r}" for k, v in (self.per_call or {}).items()]
         )
-        lines = [f"def launch_ptrs({args}):", "    st = stream", *steps.lines]
+        lines = [f"def launch_ptrs({args}):", "    st = stream", "    try:", *("    " + x for x in steps.lines)]
+        lines += ["    except _struct_error as e:", "        raise _bad_word(e) from None"]
         gencode.run("\n".join(lines), scope, "prepared call (unchecked)")
         return scope["launch_ptrs"]
 
@@ -245,6 +246,12 @@ class Prepared:
             self.close()
         except Exception:
             pass
+
+
+def _bad_word(e: Exception) -> ArgumentError:
+    """What ``launch_ptrs`` raises for an address, word or stream that is no 64-bit unsigned int
+    (the compiled hop raises the same class itself)."""
+    return ArgumentError(f"a tensor address, per-call word or stream is not a 64-bit unsigned int: {e}")
 
 
 def _torch_current_stream(torch_keys: Sequence[Any] | None) -> Callable[[int], int] | None:

@@ -1,0 +1,130 @@
+/* fa4aot.plan._hop: the Python -> C hop of a bound plan call, without ctypes.
+ *
+ * A bound call's launch writes its per-call words (tensor addresses, 32-bit values) and the
+ * stream into the call block, then calls the shim's fa4aot_shim_run_bound(block). Through ctypes
+ * that is a struct.pack_into and a foreign call (0.41 us on the 2-core CI box); here it is one
+ * METH_FASTCALL call (0.20 us). The GIL is released around the shim call, as ctypes does, so a
+ * launch that blocks in the driver does not stall other threads.
+ *
+ * Optional: the runtime falls back to ctypes where this module was not built (fa4aot/plan/
+ * library.py). Limited API (abi3), so one build serves every CPython >= 3.10 of its host arch.
+ */
+#ifndef Py_LIMITED_API
+#define Py_LIMITED_API 0x030A0000
+#endif
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+/* fa4aot_shim_run and fa4aot_shim_run_bound (fa4aot/plan/shim.c) */
+typedef int32_t (*run_bound_fn)(void *block);
+
+/* The call block's layout (fa4aot.plan.abi.CallBlock), set once by layout(). */
+static Py_ssize_t ptrs_offset = -1;
+static Py_ssize_t stream_offset = -1;
+static Py_ssize_t max_words = 0;
+static PyObject *argument_error = NULL;
+
+static int as_u64(PyObject *obj, uint64_t *out) {
+    unsigned long long v = PyLong_AsUnsignedLongLong(obj);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(argument_error, "a tensor address, per-call word or stream is not a 64-bit unsigned int: %R",
+                     obj);
+        return -1;
+    }
+    *out = (uint64_t)v;
+    return 0;
+}
+
+/* layout(ptrs_offset, stream_offset, max_words, error_class) */
+static PyObject *layout(PyObject *self, PyObject *args) {
+    Py_ssize_t p, s, m;
+    PyObject *err;
+    if (!PyArg_ParseTuple(args, "nnnO", &p, &s, &m, &err))
+        return NULL;
+    if (p < 0 || s < 0 || m <= 0) {
+        PyErr_SetString(PyExc_ValueError, "bad call block layout");
+        return NULL;
+    }
+    Py_INCREF(err);
+    Py_XDECREF(argument_error);
+    argument_error = err;
+    ptrs_offset = p;
+    stream_offset = s;
+    max_words = m;
+    Py_RETURN_NONE;
+}
+
+/* launch(run_bound, block, *words, stream) -> the shim's return code */
+static PyObject *launch(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (ptrs_offset < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "fa4aot.plan._hop.layout() was not called");
+        return NULL;
+    }
+    Py_ssize_t n = nargs - 3;
+    if (n < 0 || n > max_words) {
+        PyErr_Format(PyExc_TypeError, "launch() takes the function, the block, 0..%zd words and the stream",
+                     max_words);
+        return NULL;
+    }
+    void *fn = PyLong_AsVoidPtr(args[0]);
+    if (fn == NULL && PyErr_Occurred())
+        return NULL;
+    char *block = (char *)PyLong_AsVoidPtr(args[1]);
+    if (block == NULL && PyErr_Occurred())
+        return NULL;
+    if (fn == NULL || block == NULL) {
+        PyErr_SetString(PyExc_ValueError, "launch() needs the shim's function and a call block");
+        return NULL;
+    }
+    uint64_t *words = (uint64_t *)(block + ptrs_offset);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (as_u64(args[2 + i], &words[i]) < 0)
+            return NULL;
+    }
+    if (as_u64(args[nargs - 1], (uint64_t *)(block + stream_offset)) < 0)
+        return NULL;
+    int32_t rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ((run_bound_fn)fn)(block);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(rc);
+}
+
+/* run(fn, block) -> fn(block): the full launcher's call (it packs the whole argument struct itself) */
+static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "run() takes the function and the call block");
+        return NULL;
+    }
+    void *fn = PyLong_AsVoidPtr(args[0]);
+    if (fn == NULL && PyErr_Occurred())
+        return NULL;
+    void *block = PyLong_AsVoidPtr(args[1]);
+    if (block == NULL && PyErr_Occurred())
+        return NULL;
+    if (fn == NULL || block == NULL) {
+        PyErr_SetString(PyExc_ValueError, "run() needs the shim's function and a call block");
+        return NULL;
+    }
+    int32_t rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ((run_bound_fn)fn)(block);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(rc);
+}
+
+static PyMethodDef methods[] = {
+    {"layout", layout, METH_VARARGS, "layout(ptrs_offset, stream_offset, max_words, error_class): the call block's."},
+    {"launch", (PyCFunction)(void (*)(void))launch, METH_FASTCALL,
+     "launch(run_bound, block, *words, stream) -> int: write the words and stream, call the shim."},
+    {"run", (PyCFunction)(void (*)(void))run, METH_FASTCALL, "run(fn, block) -> int: call the shim."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_hop", "The Python -> C hop of a bound plan call (fa4aot.plan.library).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__hop(void) { return PyModule_Create(&module); }
