@@ -376,3 +376,26 @@ def test_every_b200_entry_is_byte_identical_to_fa4s_jit(tmp_path):
     run_cli("build", str(Path(CI_MANIFEST).parent / "b200.yaml"), "--cache", str(cache), "-q")
     out = run_cli("verify", "--cache", str(cache), "--no-plans", "--against-fa4", check=False)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def test_a_stopped_build_pool_kills_a_worker_that_ignores_sigterm():
+    """Ctrl-C stops a build's pool at once: a worker whose SIGTERM does not end it (deferred inside
+    a native compile, or handled by a library) is killed after the grace period, so the build's
+    exit never waits on it."""
+    import concurrent.futures as cf
+    import multiprocessing
+    import signal
+
+    from fa4aot.compile import orchestrate
+
+    ctx = multiprocessing.get_context("spawn")
+    pool = cf.ProcessPoolExecutor(
+        1, mp_context=ctx, initializer=signal.signal, initargs=(signal.SIGTERM, signal.SIG_IGN)
+    )
+    assert pool.submit(os.getpid).result(timeout=60) > 0  # the worker is up, SIGTERM ignored
+    (proc,) = pool._processes.values()
+    pool.submit(time.sleep, 120)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    orchestrate._stop(pool)
+    assert not proc.is_alive() and time.monotonic() - t0 < orchestrate.STOP_GRACE_S + 3

@@ -27,6 +27,8 @@ from fa4aot.core.variant import Target, Variant, cache_key
 TASKS_PER_WORKER = 16
 #: Rough peak RSS of one FA4 forward compile, for the default job count.
 WORKER_RSS_BYTES = 1 << 30
+#: Seconds a stopped worker gets to exit after SIGTERM before it is killed (Ctrl-C).
+STOP_GRACE_S = 2.0
 
 
 @dataclass
@@ -242,6 +244,15 @@ def _stop(pool: cf.Executor) -> None:
     for proc in procs:
         with contextlib.suppress(Exception):  # already gone
             proc.terminate()
+    # a worker whose SIGTERM is deferred or handled (inside a long native compile, or by a library's
+    # handler) is killed after a grace period: the interpreter's exit joins every worker
+    deadline = time.monotonic() + STOP_GRACE_S
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(STOP_GRACE_S)
 
 
 def _open_reuse(path: str | Path) -> Cache:
