@@ -430,10 +430,13 @@ def main() -> None:
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(12)
 
+    from fa4aot.plan import library
     from fa4aot.runtime.driver import CudaDriver
 
     gpu = CudaDriver().device_info(rt.device).name
+    hop = "compiled hop (fa4aot/plan/_hop.c)" if library.HOP is not None else "ctypes"
     print(f"GPU: {gpu}; host microseconds per call, median of {args.repeats} x {args.inner} back-to-back calls")
+    print(f"launches through: {hop}")
     floor = rows["floor: cuLaunchKernelEx via cuda.bindings, prepacked"]
     print(f"{'call':<62} {'us/call':>8} {'x floor':>8}")
     for k, v in {**rows, **old}.items():
@@ -447,6 +450,7 @@ def main() -> None:
         print(f"  {k:<60} {v:>8.2f}")
     result = {
         "gpu": gpu,
+        "launch_hop": hop,
         "inner": args.inner,
         "repeats": args.repeats,
         "host_us": rows,

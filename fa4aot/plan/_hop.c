@@ -2,8 +2,8 @@
  *
  * A bound call's launch writes its per-call words (tensor addresses, 32-bit values) and the
  * stream into the call block, then calls the shim's fa4aot_shim_run_bound(block). Through ctypes
- * that is a struct.pack_into and a foreign call (0.41 us on the 2-core CI box); here it is one
- * METH_FASTCALL call (0.20 us). The GIL is released around the shim call, as ctypes does, so a
+ * that is a struct.pack_into and a foreign call (0.33 us on the 2-core CI box); here it is one
+ * METH_FASTCALL call (0.14 us; benchmarks/hop.py). The GIL is released around the shim call, as ctypes does, so a
  * launch that blocks in the driver does not stall other threads.
  *
  * Optional: the runtime falls back to ctypes where this module was not built (fa4aot/plan/

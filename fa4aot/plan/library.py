@@ -57,8 +57,8 @@ _RUN_T = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p)
 def _load_hop() -> Any:
     """fa4aot's compiled hop (fa4aot/plan/_hop.c: one C call writes a launch's per-call words and
     calls the shim), or None: not built (no C compiler at install) or turned off ($FA4AOT_HOP=0).
-    Without it launches go through ctypes: a struct.pack_into and a foreign call, 0.2 us more on the
-    2-core CI box."""
+    Without it launches go through ctypes: a struct.pack_into and a foreign call, 0.18 us more on the
+    2-core CI box (benchmarks/hop.py)."""
     if not env.hop():
         return None
     try:
