@@ -25,7 +25,8 @@ tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
 #: What never goes into a distribution: VCS data, environments, caches and build outputs.
 NOT_SOURCE = (".git", ".venv", "venv", "cache", ".devcarry", ".device", ".whl", "build", "dist")
-NOT_SOURCE_GLOBS = ("*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache", "*.pyc")
+#: (*.so: the compiled hop an editable install builds in place; the wheel must build its own)
+NOT_SOURCE_GLOBS = ("*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache", "*.pyc", "*.so")
 
 
 def _pyproject() -> dict:
@@ -182,6 +183,7 @@ def test_the_sdist_holds_the_sources_and_licenses(dists):
     want.add("kernels/__init__.py")
     want |= {f"fa4aot/compile/licenses/{p.name}" for p in (ROOT / "fa4aot" / "compile" / "licenses").iterdir()}
     assert want - members == set()
+    assert not [m for m in members if m.endswith(".so")], "an sdist carries sources only"
     assert sdist.name == f"fa4aot-{version}.tar.gz"
 
 
