@@ -1,7 +1,8 @@
 """The one compiled part of fa4aot: the optional Python -> C hop of a launch (fa4aot/plan/_hop.c).
 
 Everything else is in pyproject.toml. ``optional=True``: without a C compiler the install goes on
-and the runtime launches through ctypes instead (0.18 us more a launch on the 2-core CI box: benchmarks/hop.py).
+and the runtime launches through ctypes instead (0.18 us more a launch on the 2-core CI box:
+benchmarks/hop.py).
 """
 
 from setuptools import Extension, setup

@@ -3,8 +3,8 @@
  * A bound call's launch writes its per-call words (tensor addresses, 32-bit values) and the
  * stream into the call block, then calls the shim's fa4aot_shim_run_bound(block). Through ctypes
  * that is a struct.pack_into and a foreign call (0.33 us on the 2-core CI box); here it is one
- * METH_FASTCALL call (0.14 us; benchmarks/hop.py). The GIL is released around the shim call, as ctypes does, so a
- * launch that blocks in the driver does not stall other threads.
+ * METH_FASTCALL call (0.14 us; benchmarks/hop.py). The GIL is released around the shim call, as
+ * ctypes does, so a launch that blocks in the driver does not stall other threads.
  *
  * Optional: the runtime falls back to ctypes where this module was not built (fa4aot/plan/
  * library.py). Limited API (abi3), so one build serves every CPython >= 3.10 of its host arch.
@@ -29,8 +29,8 @@ static int as_u64(PyObject *obj, uint64_t *out) {
     unsigned long long v = PyLong_AsUnsignedLongLong(obj);
     if (v == (unsigned long long)-1 && PyErr_Occurred()) {
         PyErr_Clear();
-        PyErr_Format(argument_error, "a tensor address, per-call word or stream is not a 64-bit unsigned int: %R",
-                     obj);
+        PyErr_Format(argument_error,
+                     "a tensor address, per-call word or stream is not a 64-bit unsigned int: %R", obj);
         return -1;
     }
     *out = (uint64_t)v;
@@ -92,7 +92,7 @@ static PyObject *launch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromLong(rc);
 }
 
-/* run(fn, block) -> fn(block): the full launcher's call (it packs the whole argument struct itself) */
+/* run(fn, block) -> fn(block): the full launcher's call (it packs the whole argument struct) */
 static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "run() takes the function and the call block");
@@ -116,7 +116,8 @@ static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
 }
 
 static PyMethodDef methods[] = {
-    {"layout", layout, METH_VARARGS, "layout(ptrs_offset, stream_offset, max_words, error_class): the call block's."},
+    {"layout", layout, METH_VARARGS,
+     "layout(ptrs_offset, stream_offset, max_words, error_class): the call block's layout."},
     {"launch", (PyCFunction)(void (*)(void))launch, METH_FASTCALL,
      "launch(run_bound, block, *words, stream) -> int: write the words and stream, call the shim."},
     {"run", (PyCFunction)(void (*)(void))run, METH_FASTCALL, "run(fn, block) -> int: call the shim."},
@@ -124,7 +125,8 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_hop", "The Python -> C hop of a bound plan call (fa4aot.plan.library).", -1, methods,
+    PyModuleDef_HEAD_INIT, "_hop", "The Python -> C hop of a bound plan call (fa4aot.plan.library).", -1,
+    methods,
 };
 
 PyMODINIT_FUNC PyInit__hop(void) { return PyModule_Create(&module); }

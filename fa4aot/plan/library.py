@@ -15,8 +15,10 @@ Three ways to call a plan:
 * :meth:`Plan.bind` - a :class:`BoundCall` with every argument fixed but the tensor addresses and
   the stream (prepared calls).
 
-Run-time module: ctypes and the standard library only. Each thread gets its own shim state,
-argument buffer and call block, so one plan may be called from several threads at once.
+Run-time module: ctypes and the standard library only (and, where pip built it, fa4aot's
+compiled hop ``_hop``, which makes the per-call foreign call of the last two without ctypes).
+Each thread gets its own shim state, argument buffer and call block, so one plan may be called
+from several threads at once.
 """
 
 from __future__ import annotations
