@@ -56,6 +56,30 @@ static PyObject *layout(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* The shim function and call block of a launch()/run() call (args[0], args[1]); -1 on error. */
+static int fn_and_block(PyObject *const *args, run_bound_fn *fn, char **block) {
+    *fn = (run_bound_fn)PyLong_AsVoidPtr(args[0]);
+    if (*fn == NULL && PyErr_Occurred())
+        return -1;
+    *block = (char *)PyLong_AsVoidPtr(args[1]);
+    if (*block == NULL && PyErr_Occurred())
+        return -1;
+    if (*fn == NULL || *block == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the hop needs the shim's function and a call block");
+        return -1;
+    }
+    return 0;
+}
+
+/* fn(block) with the GIL released; the shim's return code. */
+static PyObject *call_shim(run_bound_fn fn, char *block) {
+    int32_t rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fn(block);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(rc);
+}
+
 /* launch(run_bound, block, *words, stream) -> the shim's return code */
 static PyObject *launch(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (ptrs_offset < 0) {
@@ -68,16 +92,10 @@ static PyObject *launch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                      max_words);
         return NULL;
     }
-    void *fn = PyLong_AsVoidPtr(args[0]);
-    if (fn == NULL && PyErr_Occurred())
+    run_bound_fn fn;
+    char *block;
+    if (fn_and_block(args, &fn, &block) < 0)
         return NULL;
-    char *block = (char *)PyLong_AsVoidPtr(args[1]);
-    if (block == NULL && PyErr_Occurred())
-        return NULL;
-    if (fn == NULL || block == NULL) {
-        PyErr_SetString(PyExc_ValueError, "launch() needs the shim's function and a call block");
-        return NULL;
-    }
     uint64_t *words = (uint64_t *)(block + ptrs_offset);
     for (Py_ssize_t i = 0; i < n; i++) {
         if (as_u64(args[2 + i], &words[i]) < 0)
@@ -85,11 +103,7 @@ static PyObject *launch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     if (as_u64(args[nargs - 1], (uint64_t *)(block + stream_offset)) < 0)
         return NULL;
-    int32_t rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = ((run_bound_fn)fn)(block);
-    Py_END_ALLOW_THREADS
-    return PyLong_FromLong(rc);
+    return call_shim(fn, block);
 }
 
 /* run(fn, block) -> fn(block): the full launcher's call (it packs the whole argument struct) */
@@ -98,21 +112,11 @@ static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         PyErr_SetString(PyExc_TypeError, "run() takes the function and the call block");
         return NULL;
     }
-    void *fn = PyLong_AsVoidPtr(args[0]);
-    if (fn == NULL && PyErr_Occurred())
+    run_bound_fn fn;
+    char *block;
+    if (fn_and_block(args, &fn, &block) < 0)
         return NULL;
-    void *block = PyLong_AsVoidPtr(args[1]);
-    if (block == NULL && PyErr_Occurred())
-        return NULL;
-    if (fn == NULL || block == NULL) {
-        PyErr_SetString(PyExc_ValueError, "run() needs the shim's function and a call block");
-        return NULL;
-    }
-    int32_t rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = ((run_bound_fn)fn)(block);
-    Py_END_ALLOW_THREADS
-    return PyLong_FromLong(rc);
+    return call_shim(fn, block);
 }
 
 static PyMethodDef methods[] = {
