@@ -398,4 +398,7 @@ def test_a_stopped_build_pool_kills_a_worker_that_ignores_sigterm():
     time.sleep(0.3)
     t0 = time.monotonic()
     orchestrate._stop(pool)
-    assert not proc.is_alive() and time.monotonic() - t0 < orchestrate.STOP_GRACE_S + 3
+    # the pool's own thread may reap the worker first: its exit code shows up there a moment later
+    while proc.is_alive() and time.monotonic() - t0 < orchestrate.STOP_GRACE_S + 3:
+        time.sleep(0.05)
+    assert not proc.is_alive()
