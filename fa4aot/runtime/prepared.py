@@ -81,16 +81,17 @@ class _Steps:
         """A plan call; ``words``: the expression of each of its per-call words (in the order
         it was bound with), over the call's per-call values (:data:`PER_CALL`)."""
         i = len(self.scope)
-        self.scope.update({f"_b{i}": call, f"_l{i}": call._local, f"_pk{i}": call.pack_into, f"_r{i}": call.run})
-        self.scope.update({f"_h{i}": call.hop, f"_a{i}": call.run_addr})
+        self.scope.update({f"_b{i}": call, f"_l{i}": call._local})
         self.scope[f"_p{i}"] = call.plan  # its launch counter (Runtime.stats())
         exprs = [str(sources[n]) for n in call.tensor_names]
         exprs += [f"({w}) | {high}" if high else w for w, high in zip(words, call.word_highs)]
         ptrs = ", ".join(exprs)
         self.lines += [f"    s_ = _l{i}.__dict__.get('s')", f"    if s_ is None: s_ = _b{i}.scratch()"]
         if call.hop is not None:  # one C call writes the words and launches
+            self.scope.update({f"_h{i}": call.hop, f"_a{i}": call.run_addr})
             self.lines.append(f"    rc = _h{i}(_a{i}, s_.addr, {ptrs}, st)")
         else:
+            self.scope.update({f"_pk{i}": call.pack_into, f"_r{i}": call.run})
             self.lines += [f"    _pk{i}(s_.block, {CALL_PTRS_OFFSET}, {ptrs}, st)", f"    rc = _r{i}(s_.addr)"]
         self.lines += ["    if rc: _check(rc, s_.state)", f"    _p{i}.launches += 1"]
 
