@@ -32,6 +32,15 @@ class FakeTorch:
     def get_device(self):
         return self.raw.device
 
+    def is_contiguous(self):
+        """torch's rule: every dimension of extent above 1 strided row-major."""
+        want = 1
+        for size, stride in reversed(list(zip(self.shape, self.raw.strides))):
+            if size != 1 and stride != want:
+                return False
+            want *= size
+        return True
+
     def data_ptr(self):
         return self.raw.ptr
 
@@ -189,11 +198,13 @@ def test_unusual_calls_take_the_full_path_and_its_errors(sm90):
     # an argument of another class (True is not 1 to the checks): another key
     with pytest.raises(ArgumentError, match="num_splits"):
         fa4aot.flash_attn_func(q, k, v, causal=True, num_splits=True, out=out, runtime=rt)
-    # an input that requires grad is never served here
-    fa4aot.flash_attn_func(t(0, shape, requires_grad=True), k, v, causal=True, out=out, runtime=rt)
     # an unhashable window (a list) is decided by the full path
     fa4aot.flash_attn_func(q, k, v, causal=True, window_size=[None, None], out=out, runtime=rt)
-    assert _hits(rt) == 1 and len(drv.launches) == 5
+    assert _hits(rt) == 1 and len(drv.launches) == 4
+    # an input that requires grad: the runtime's call has no autograd either way (the full path
+    # launches the same), so it is served like any other
+    fa4aot.flash_attn_func(t(0, shape, requires_grad=True), k, v, causal=True, out=out, runtime=rt)
+    assert _hits(rt) == 2 and len(drv.launches) == 5
     # a wrong out shape on a fresh key: the full path's error, before anything launches
     with pytest.raises(ArgumentError, match="^out: "):
         for _ in range(3):
@@ -247,10 +258,22 @@ def test_the_batch_is_free_only_where_no_tensor_in_the_key_carries_it(cu_q, cu_k
         page_table=d if page_table else None, batch=4, max_q=100, max_k=100, wl=None, lv=lv, nheads=16,
         k=(0, (400, 16, 128)), rt=SimpleNamespace(target=SimpleNamespace(num_sms=132)), rows=(400,) if cu_q else (4, 100),
     )  # fmt: skip
-    prepared = SimpleNamespace(fc=fc, _owned=[], launch_ptrs=None, _aligns=[16])
+    names = ("q", "k", "v", "out") + ("cu_seqlens_q",) * cu_q + ("cu_seqlens_k",) * cu_k + ("page_table",) * page_table
+    prepared = SimpleNamespace(fc=fc, _owned=[], launch_ptrs=None, _aligns=[16] * len(names), arg_names=names,
+                               _tensors=[d] * len(names), workspace_slots=0)  # fmt: skip
     family = fastpath._Family(prepared)
-    assert (family.pinned is None) == free
-    assert family.extras == tuple(e for there, e in ((cu_q, 1), (cu_k, 1)) if there)
+
+    def seq(n):
+        return SimpleNamespace(shape=(n,))
+
+    # sequence tensors of a batch of 6 (cu_seqlens: 7 entries): a free family takes it, a pinned
+    # one (batch 4, in the key) returns -1 so the full path names the mismatch
+    given = dict(cu_q=seq(7) if cu_q else None, cu_k=seq(7) if cu_k else None, su_q=None, su_k=None)
+    assert family.batch_of(**given) == (6 if free else -1)
+    # the key's own batch: 4 everywhere
+    assert family.batch_of(**{n: seq(5) if t is not None else None for n, t in given.items()}) == 4
+    if cu_q and cu_k:  # lengths that disagree with each other: -1, either way
+        assert family.batch_of(cu_q=seq(7), cu_k=seq(6), su_q=None, su_k=None) == -1
 
 
 def test_threads_sharing_an_entry_launch_their_own_addresses(sm90):

@@ -24,7 +24,8 @@ the typed error. Threads may share an entry: a prepared call packs into a block 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 from fa4aot.core import gencode
 from fa4aot.core.bounded import BoundedDict
@@ -33,7 +34,7 @@ from fa4aot.core.fa4_interface import TENSORMAP_WORDS, tensormap_workspace_ctas
 from fa4aot.runtime import backward as bwd
 from fa4aot.runtime import loader
 from fa4aot.runtime.dispatch import region_key
-from fa4aot.runtime.prepared import NeedsBuffers, prepare_forward
+from fa4aot.runtime.prepared import NeedsBuffers, prepare_forward, torch_mismatch
 from fa4aot.runtime.validate import INT32_MAX
 
 #: Prepared plain calls per runtime (a model's layers repeat a handful of signatures).
@@ -53,22 +54,36 @@ _NOT_SERVED = False
 
 
 class _Entry:
-    __slots__ = ("launch", "mask", "masks", "scratch_bytes", "ws_slots")
+    """A prepared form the fast path launches (``launch``: its ``launch_ptrs``); ``serve`` (a
+    forward's, :func:`_serve_dense`) or ``mismatch`` (a backward's, :func:`_mismatch`) answer the
+    calls of its key."""
+
+    __slots__ = ("launch", "masks", "scratch_bytes", "ws_slots", "names", "serve", "mismatch")
 
     def __init__(self, prepared: Any):
         self.launch = prepared.launch_ptrs  # it holds the bound call blocks it writes
-        self.mask = max(prepared._aligns) - 1
         self.masks = tuple(a - 1 for a in prepared._aligns)
         self.scratch_bytes = getattr(prepared, "scratch_bytes", 0)
         self.ws_slots = getattr(prepared, "workspace_slots", 0)
+        #: the fast path's names of the tensors the prepared call takes, in its order
+        self.names = tuple(_PARAM_OF.get(n, n) for n in prepared.arg_names if n != "tensormap_workspace")
+        self.serve: Any = None
+        self.mismatch: Any = None
+
+
+#: prepare_forward's tensor names -> the fast path's parameters
+_PARAM_OF = {"cu_seqlens_q": "cu_q", "cu_seqlens_k": "cu_k", "seqused_q": "su_q", "seqused_k": "su_k",
+             "learnable_sink": "sink"}  # fmt: skip
 
 
 class _Calls:
     """One runtime's fast plain calls: key -> _Entry (or _NOT_SERVED), and keys seen once."""
 
-    __slots__ = ("entries", "sighted", "hits", "tries", "recent_hits", "skip")
+    __slots__ = ("entries", "sighted", "hits", "tries", "recent_hits", "skip", "last")
 
     def __init__(self) -> None:
+        #: per function tag, the entry (or _Family) that served its last keyed call
+        self.last: dict[str, Any] = {}
         self.entries: BoundedDict = BoundedDict(MAX_FAST_CALLS)
         self.sighted: BoundedDict = BoundedDict(MAX_SIGHTED)
         self.hits = 0
@@ -143,106 +158,271 @@ def forward(
     last one's takes FA4's decision for them from the rule's memo or a traced region (never
     deciding here) and launches the prepared form made for that decision with the new values
     (:class:`_Family`)."""
+    calls = rt.api_caches.get("fast_calls")
+    if calls is not None and not calls.skip:
+        fam = calls.last.get(_FWD)
+        if fam is not None:  # the family that served the last call: it answers calls of its key
+            r = fam.serve(q, k, v, out, cu_q, cu_k, su_q, su_k, page_table, sink, max_q, max_k, softmax_scale, causal,
+                          window_size, softcap, num_splits, pack_gqa)  # fmt: skip
+            if r >= 0:
+                return r == 1
     started = _start(rt)
     if started is None:
         return False
     api, calls = started
-    cls, current_stream = api
     given = (cu_q is not None, cu_k is not None, su_q is not None, su_k is not None, page_table is not None,
              sink is not None)  # fmt: skip
-    make_key = _KEYS.get((_FWD, given)) or _forward_key(given)
-    try:
-        k_ = make_key(cls, q, k, v, out, cu_q, cu_k, su_q, su_k, page_table, sink, max_q, max_k, softmax_scale, causal,
-                      window_size, softcap, num_splits, pack_gqa)  # fmt: skip
-        if k_ is None:  # another tensor class, or a tensor that requires grad
-            return False
-        fam = calls.entries.get(k_)
-    except TypeError:  # an unhashable or unusual argument (a list window): the full path decides
-        return False
-    # the prepared call's tensor order (prepare_forward): q, k, v, out, then those given
-    tensors = [q, k, v, out] + [t for t in (cu_q, cu_k, su_q, su_k, page_table, sink) if t is not None]
-    seqs = tensors[4 : 4 + sum(given[:4])]
+    fam = _keyed(api, calls, _FWD, given, (q, k, v, out, cu_q, cu_k, su_q, su_k, page_table, sink, max_q, max_k,
+                                           softmax_scale, causal, window_size, softcap, num_splits, pack_gqa),
+                 lambda: _Family(_prepare(rt, [q, k, v, out], cu_q, cu_k, max_q, max_k, su_q, su_k, page_table, sink,
+                                          softmax_scale, causal, window_size, softcap, num_splits, pack_gqa,
+                                          varying=True)))  # fmt: skip
     if fam is None:
-        _sight(calls, k_, lambda: _Family(_prepare(rt, tensors[:4], cu_q, cu_k, max_q, max_k, su_q, su_k, page_table,
-                                                  sink, softmax_scale, causal, window_size, softcap, num_splits,
-                                                  pack_gqa, varying=True)))  # fmt: skip
         return False
-    if fam is _NOT_SERVED:
-        calls.missed()
-        return False
-    # the batch: the sequence tensors' lengths must agree with it (the key leaves them out)
-    batch = fam.pinned if fam.pinned is not None else seqs[0].shape[0] - 1
-    for t, extra in zip(seqs, fam.extras):
-        if t.shape[0] != batch + extra:
-            return False  # the full path names the mismatch
+    batch = fam.batch_of(cu_q, cu_k, su_q, su_k)
+    if batch < 0:
+        return False  # the sequence tensors' lengths disagree: the full path names the mismatch
     t = (batch, max_q, max_k)
-    last = fam.last
-    if last[0] != t:
-        last = fam.step(t, lambda: _prepare(rt, tensors[:4], cu_q, cu_k, max_q, max_k, su_q, su_k, page_table, sink,
-                                            softmax_scale, causal, window_size, softcap, num_splits, pack_gqa,
+    if fam.last[0] != t:  # a decision for these values, prepared now if it has no prepared form
+        last = fam.step(t, lambda: _prepare(rt, [q, k, v, out], cu_q, cu_k, max_q, max_k, su_q, su_k, page_table,
+                                            sink, softmax_scale, causal, window_size, softcap, num_splits, pack_gqa,
                                             varying=True))  # fmt: skip
         if last is None:
             calls.missed()
             return False
-    _, entry, vals = last
-    ptrs = [t.data_ptr() for t in tensors]
-    mask = entry.mask
-    for p in ptrs:
-        if p & mask:
-            return False  # the full path names the misaligned tensor
-    if entry.ws_slots:  # FA4's tensor-map workspace: a new torch buffer per call, as on the full path
-        ws = q.new_empty((vals[3], TENSORMAP_WORDS), dtype=_dtype("int64"))
-        ptrs.append(ws.data_ptr())
-    entry.launch(*ptrs, stream=current_stream(q.get_device()), vb=vals[0], vq=vals[1], vk=vals[2], vs=vals[3])
-    calls.hits += 1
-    calls.recent_hits += 1
-    return True
+    return fam.serve(q, k, v, out, cu_q, cu_k, su_q, su_k, page_table, sink, max_q, max_k, softmax_scale, causal,
+                     window_size, softcap, num_splits, pack_gqa) == 1  # fmt: skip
 
 
 _OPTIONAL = ("cu_q", "cu_k", "su_q", "su_k", "page_table", "sink")
+#: :func:`forward`'s tensor parameters, in order
+_FWD_TENSORS = ("q", "k", "v", "out", *_OPTIONAL)
+#: the first item of each function's keys (one's never equal another's)
+_DENSE, _FWD, _BWD = "dense", "fwd", "bwd"
+#: the backward's optional tensors, in its key's and its prepared call's order
+_BWD_OPTIONAL = ("dlse", "cu_q", "cu_k", "su_q", "su_k")
+_FWD_SCALARS = ("softmax_scale", "causal", "window_size", "softcap", "num_splits", "pack_gqa")
+
+
+class _Spec(NamedTuple):
+    """What one function's key holds: tensors always given, optional tensors, the parameter
+    list (tensors and scalars not in the key's own scalars), scalars (value and class), names
+    whose class only counts, and tensors whose shape is checked per call instead. Whether a
+    tensor requires grad is not in it: the runtime's calls have no autograd (the integrations
+    route those calls to :mod:`fa4aot.torch`), so the full path launches the same either way."""
+
+    always: tuple[str, ...]
+    optional: tuple[str, ...]
+    params: tuple[str, ...]
+    scalars: tuple[str, ...]
+    class_only: tuple[str, ...] = ()
+    shapeless: tuple[str, ...] = ()
+
+
+_SPECS = {
+    # flash_attn_func's usual call: four tensors, no other
+    _DENSE: _Spec(("q", "k", "v", "out"), (), ("q", "k", "v", "out"), _FWD_SCALARS),
+    # the batch (sequence tensors' lengths) and max_seqlen_q/k are checked per call (_Family)
+    _FWD: _Spec(("q", "k", "v", "out"), _OPTIONAL, ("q", "k", "v", "out", *_OPTIONAL, "max_q", "max_k"),
+                _FWD_SCALARS, ("max_q", "max_k"), ("cu_q", "cu_k", "su_q", "su_k")),  # fmt: skip
+    _BWD: _Spec(("dout", "q", "k", "v", "out", "lse"), _BWD_OPTIONAL,
+                ("dout", "q", "k", "v", "out", "lse", *_BWD_OPTIONAL),
+                ("max_q", "max_k", "softmax_scale", "causal", "window_size", "softcap", "deterministic")),  # fmt: skip
+}
 #: (function tag, given pattern of its optional tensors) -> its generated key function (forward:
-#: 2**6 patterns at most, backward: 2**5)
+#: 2**6 patterns at most, backward: 2**5, dense: 1)
 _KEYS: dict[tuple[str, tuple[bool, ...]], Any] = {}
 
 
-def _forward_key(given: tuple[bool, ...]) -> Any:
-    """The key function of :func:`forward` for one pattern of given optional tensors: None for
-    another tensor class or a tensor that requires grad; the sequence tensors (cu_seqlens,
-    seqused) without their shape (the batch is checked per call), max_seqlen_q/k by class only."""
-    scalars = ("softmax_scale", "causal", "window_size", "softcap", "num_splits", "pack_gqa")
-    return _key_function(
-        _FWD, given, ("q", "k", "v", "out"), _OPTIONAL, f"q, k, v, out, {', '.join(_OPTIONAL)}, max_q, max_k",
-        scalars, ("max_q", "max_k"), shapeless=("cu_q", "cu_k", "su_q", "su_k"), no_grad=True,
-    )  # fmt: skip
+def _given_names(spec: _Spec, given: tuple[bool, ...]) -> list[str]:
+    return [*spec.always, *(n for n, there in zip(spec.optional, given) if there)]
 
 
-def _key_function(
-    tag: str, given: tuple[bool, ...], always: tuple[str, ...], optional: tuple[str, ...], params: str,
-    scalars: tuple[str, ...], class_only: tuple[str, ...], shapeless: tuple[str, ...] = (), no_grad: bool = False,
-) -> Any:  # fmt: skip
-    """A fast-path key function written out (it runs on every call): ``key(C, <params>,
-    <scalars>)`` is None for a tensor of another class than ``C`` (or, with ``no_grad``, one
-    that requires grad), else a tuple of every given tensor's shape (not for ``shapeless``),
-    strides, dtype and device, every scalar and its class, the classes of ``class_only`` and of
-    a tuple window's items."""
-    names = [*always, *(n for n, there in zip(optional, given) if there)]
+def _key_function(tag: str, given: tuple[bool, ...]) -> Any:
+    """The key function of ``tag``'s function for one pattern of given optional tensors, written
+    out (it runs on a call :func:`_mismatch` did not serve): ``key(C, <params>, <scalars>)`` is
+    None for a tensor of another class than ``C``, else a tuple of every given tensor's shape (not for ``shapeless``), strides, dtype and device,
+    every scalar and its class, the classes of ``class_only`` and of a tuple window's items."""
+    spec = _SPECS[tag]
+    names = _given_names(spec, given)
     parts = []
     for n in names:
-        parts += ([] if n in shapeless else [f"{n}.shape"]) + [f"{n}.stride()", f"{n}.dtype", f"{n}.get_device()"]
-    parts += [*scalars, *(f"{x}.__class__" for x in (*scalars, *class_only))]
+        parts += ([] if n in spec.shapeless else [f"{n}.shape"]) + [f"{n}.stride()", f"{n}.dtype", f"{n}.get_device()"]
+    parts += [*spec.scalars, *(f"{x}.__class__" for x in (*spec.scalars, *spec.class_only))]
     parts.append("tuple(map(type, window_size)) if window_size.__class__ is tuple else None")
     lines = [
-        f"def key(C, {params}, {', '.join(scalars)}):",
+        f"def key(C, {', '.join(spec.params)}, {', '.join(spec.scalars)}):",
         f"    if {' or '.join(f'{n}.__class__ is not C' for n in names)}:",
         "        return None",
     ]
-    if no_grad:
-        lines += [f"    if {' or '.join(f'{n}.requires_grad' for n in names)}:", "        return None"]
     lines.append(f"    return ({tag!r}, {given!r}, {', '.join(parts)})")
     scope: dict[str, Any] = {}
     gencode.run("\n".join(lines), scope, f"fast-path {tag} key")
     _KEYS[tag, given] = scope["key"]
     return scope["key"]
+
+
+def _conditions(cls: type, key: tuple[Any, ...], scope: dict[str, Any]) -> str | None:
+    """The expression (generated code, over the key function's parameters) that is false
+    exactly for calls whose key would be ``key`` - checked attribute by attribute against the
+    key's values, cheapest first, with no tuple built or hashed; its constants go into
+    ``scope``. One relaxation: a tensor keyed contiguous matches any tensor of its shape that
+    torch calls contiguous (:func:`~fa4aot.runtime.prepared.torch_mismatch`: it reads the same
+    addresses). None when a scalar of the key is of a class this does not write out (the key
+    lookup serves those calls)."""
+    tag, given = key[0], key[1]
+    spec = _SPECS[tag]
+    names = _given_names(spec, given)
+    scope["_C"] = cls
+    conds = [f"{n}.__class__ is not _C" for n in names]
+    conds += [f"{n} is not None" for n, there in zip(spec.optional, given) if not there]
+    values = iter(key[2:])
+    tensors = []
+    for i, n in enumerate(names):
+        shape = None if n in spec.shapeless else next(values)
+        strides, dtype, device = next(values), next(values), next(values)
+        scope.setdefault("_device", device)  # (the first tensor's: the launch's stream is that device's)
+        if shape is None:  # (the per-call batch check reads its length)
+            scope[f"_s{i}"], scope[f"_d{i}"] = strides, dtype
+            tensors.append(f"{n}.dtype is not _d{i} or {n}.stride() != _s{i} or {n}.get_device() != {device!r}")
+        else:
+            tensors.append(torch_mismatch(n, (shape, strides, dtype, device), f"_t{i}", scope))
+    for i, name in enumerate(spec.scalars):
+        cond = _scalar_mismatch(name, next(values), f"_v{i}", scope)
+        if cond is None:
+            return None
+        conds.append(cond)
+    # after the scalars: their classes (implied above), class_only's classes, the window's items'
+    classes = key[len(key) - 1 - len(spec.class_only) : len(key) - 1]
+    for i, (name, c) in enumerate(zip(spec.class_only, classes)):
+        scope[f"_k{i}"] = c
+        conds.append(f"{name}.__class__ is not _k{i}")
+    return " or ".join(conds + tensors)
+
+
+def _mismatch(cls: type, key: tuple[Any, ...]) -> Any:
+    """:func:`_conditions` as a function of the key function's arguments (without the class);
+    None where it has none."""
+    scope: dict[str, Any] = {}
+    body = _conditions(cls, key, scope)
+    if body is None:
+        return None
+    spec = _SPECS[key[0]]
+    gencode.run(f"def mismatch({', '.join((*spec.params, *spec.scalars))}):\n    return {body}", scope,
+                f"fast-path {key[0]} match")  # fmt: skip
+    return scope["mismatch"]
+
+
+def _launch_lines(entry: str, names: Sequence[str], masks: Sequence[int], ws_slots: str | None, words: str,
+                  indent: str = "    ") -> list[str]:  # fmt: skip
+    """Generated code that reads the addresses of tensors ``names`` (a prepared call's, in its
+    order), returns 0 when one is misaligned for it (``masks``: alignment - 1; the full path
+    names the tensor), makes FA4's tensor-map workspace of ``ws_slots`` slots when not None (a
+    new torch buffer per call, as on the full path: torch's allocator orders its reuse on the
+    stream) and launches ``entry`` (its ``launch_ptrs``) with ``words`` after the addresses."""
+    lines = [f"p{i} = {n}.data_ptr()" for i, n in enumerate(names)]
+    by_mask: dict[int, list[str]] = {}
+    for i, m in enumerate(masks[: len(names)]):
+        by_mask.setdefault(m, []).append(f"p{i}")
+    conds = [f"({' | '.join(ps)}) & {m}" for m, ps in sorted(by_mask.items()) if m]
+    if conds:
+        lines += [f"if {' or '.join(conds)}:", "    return 0"]
+    ptrs = ", ".join(f"p{i}" for i in range(len(names)))
+    if ws_slots is not None:
+        lines += [f"ws = {names[0]}.new_empty(({ws_slots}, _W), dtype=_i64)", "ptr_ws = ws.data_ptr()"]
+        ptrs += ", ptr_ws"
+    lines.append(f"{entry}.launch({ptrs}, {words})")
+    return [indent + x for x in lines]
+
+
+def _scalar_mismatch(name: str, value: Any, const: str, scope: dict[str, Any]) -> str | None:
+    """The condition under which scalar ``name`` differs from the key's ``value`` (in value or
+    class: ``True`` is not ``1`` to the argument checks); None for a class not written out."""
+    if value is None or value is True or value is False:
+        return f"{name} is not {value!r}"
+    cls = value.__class__
+    if cls is int or cls is float:
+        scope[const] = value
+        return f"{name}.__class__ is not {cls.__name__} or {name} != {const}"
+    if cls is tuple:
+        scope[const] = value
+        items = []
+        for j, item in enumerate(value):
+            if item is None:
+                items.append(f"{name}[{j}] is not None")
+            elif item.__class__ is int:
+                items.append(f"{name}[{j}].__class__ is not int")
+            else:
+                return None
+        return " or ".join([f"{name}.__class__ is not tuple or {name} != {const}", *items])
+    return None
+
+
+def _serve_dense(entry: _Entry, cond: str, scope: dict[str, Any], calls: _Calls, current_stream: Any) -> Any:
+    """``serve(<dense's parameters>)``: -1 when the call is not of the entry's key (``cond``,
+    :func:`_conditions`), 0 when it is not served (a misaligned address: the full path names
+    it), else 1: launched on torch's current stream."""
+    spec = _SPECS[_DENSE]
+    scope.update(_e=entry, _calls=calls, _cur=current_stream, _W=TENSORMAP_WORDS, _i64=_dtype("int64"))
+    lines = [f"def serve({', '.join((*spec.params, *spec.scalars))}):", f"    if {cond}:", "        return -1"]
+    ws = str(entry.ws_slots) if entry.ws_slots else None
+    lines += _launch_lines("_e", entry.names, entry.masks, ws, f"_cur({_device(scope)})")
+    lines += ["    _calls.hits += 1", "    _calls.recent_hits += 1", "    return 1"]
+    gencode.run("\n".join(lines), scope, "fast-path dense call")
+    return scope["serve"]
+
+
+def _device(scope: dict[str, Any]) -> str:
+    """The bound device (q's, from :func:`_conditions`' constants: every tensor's is checked)."""
+    return repr(scope.get("_device", 0))
+
+
+def _batch_lines(pinned: int | None, seqs: Sequence[str], fail: str) -> list[str]:
+    """Generated code setting ``b``, the call's batch - ``pinned`` (fixed by a tensor's shape in
+    the key), else the first sequence tensor's - and returning ``fail`` when a given sequence
+    tensor's length disagrees with it (cu_seqlens: batch + 1, seqused: batch)."""
+    extra = {"cu_q": 1, "cu_k": 1, "su_q": 0, "su_k": 0}
+    first = repr(pinned) if pinned is not None else f"{seqs[0]}.shape[0] - {extra[seqs[0]]}"
+    checks = [f"{n}.shape[0] != b + {extra[n]}" for n in seqs if pinned is not None or n != seqs[0]]
+    return [f"    b = {first}"] + ([f"    if {' or '.join(checks)}:", f"        return {fail}"] if checks else [])
+
+
+def _serve_family(fam: _Family, cond: str, scope: dict[str, Any], calls: _Calls, current_stream: Any) -> Any:
+    """``serve(<forward's parameters>)``: -1 when the call is not of the family's key (``cond``)
+    or its decision has no prepared form yet, 0 when it is not served (sequence tensors whose
+    lengths disagree, a decision not served here, a misaligned address: the full path), else 1:
+    the prepared form of FA4's decision for the call's (batch, max_seqlen_q, max_seqlen_k)
+    launched with them (and its workspace slots) as per-call words."""
+    spec = _SPECS[_FWD]
+    scope.update(_F=fam, _calls=calls, _cur=current_stream, _W=TENSORMAP_WORDS, _i64=_dtype("int64"),
+                 _PREPARE=_PREPARE)  # fmt: skip
+    lines = [f"def serve({', '.join((*spec.params, *spec.scalars))}):", f"    if {cond}:", "        return -1"]
+    lines += _batch_lines(fam.pinned, fam.seqs, "0")
+    lines += [
+        "    t = (b, max_q, max_k)",
+        "    last = _F.last",
+        "    if last[0] != t:",
+        "        last = _F.step(t, None)",
+        "        if last is None:",
+        "            _calls.missed()",
+        "            return 0",
+        "        if last is _PREPARE:",
+        "            return -1",
+        "    e = last[1]",
+        "    vb, vq, vk, vs = last[2]",
+        "    if e.ws_slots:",
+    ]
+    words = f"_cur({_device(scope)}), vb, vq, vk, vs"
+    lines += _launch_lines("e", fam.names, fam.masks, "vs", words, "        ")
+    lines.append("    else:")
+    lines += _launch_lines("e", fam.names, fam.masks, None, words, "        ")
+    lines += ["    _calls.hits += 1", "    _calls.recent_hits += 1", "    return 1"]
+    gencode.run("\n".join(lines), scope, "fast-path forward call")
+    return scope["serve"]
+
+
+#: :meth:`_Family.step` without a prepare function, for a decision that has no prepared form yet
+_PREPARE = object()
 
 
 class _Family:
@@ -252,7 +432,8 @@ class _Family:
     ((batch, max_seqlen_q, max_seqlen_k), entry, per-call values)."""
 
     __slots__ = (
-        "rule", "base", "rkey", "pinned", "extras", "default_q", "default_k", "exact", "ws", "by_pick", "last",
+        "rule", "base", "rkey", "pinned", "seqs", "batch_of", "default_q", "default_k", "exact", "ws", "by_pick",
+        "last", "names", "masks", "serve",
     )  # fmt: skip
 
     def __init__(self, prepared: Any):
@@ -261,12 +442,15 @@ class _Family:
             prepared.close()
             raise _Unserved
         self.rule, self.base = fc.rule, fc.shape
+        self.serve: Any = None  # (_serve_family's function, once keyed)
         self.rkey = region_key(fc.shape)  # the same for every call of the key (its None-ness is in it)
         varlen_q = fc.cu_q is not None
         # a batched q or k, or a page table (batch, pages), is in the key: it pins the batch
         free = varlen_q and fc.cu_k is not None and fc.page_table is None
         self.pinned = None if free else fc.batch
-        self.extras = tuple(e for d, e in ((fc.cu_q, 1), (fc.cu_k, 1), (fc.su_q, 0), (fc.su_k, 0)) if d is not None)
+        self.seqs = [n for n, d in zip(("cu_q", "cu_k", "su_q", "su_k"), (fc.cu_q, fc.cu_k, fc.su_q, fc.su_k))
+                     if d is not None]  # fmt: skip
+        self.batch_of = _batch_of(self.pinned, self.seqs)
         s = fc.shape
         # max_seqlen given as None: the full path's defaults (fixed by the key's shapes)
         self.default_q = fc.max_q if s.max_seqlen_q is None else None
@@ -279,6 +463,7 @@ class _Family:
         self.ws = (fc.nheads, fc.k[1][-2], fc.rt.target.num_sms, fc.rows[0] * (1 if varlen_q else fc.rows[1]))
         self.by_pick: BoundedDict = BoundedDict(MAX_DECISIONS)
         entry = _Entry(prepared)
+        self.names, self.masks = entry.names, entry.masks  # (every decision's prepared form has them)
         if pick is not None:
             self.by_pick[id(pick)] = (pick, entry)
         self.last = (t, entry, self._values(t, fc.lv.fields))
@@ -291,9 +476,10 @@ class _Family:
                                          rows, batch, 1)  # fmt: skip
         return batch, self.default_q if mq is None else mq, self.default_k if mk is None else mk, slots
 
-    def step(self, t: tuple[Any, Any, Any], prepare: Any) -> tuple[Any, _Entry, tuple[int, ...]] | None:
+    def step(self, t: tuple[Any, Any, Any], prepare: Any) -> Any:
         """``last`` for a call of new values ``t``; None: the full path serves it (no decision
-        known for them yet, out-of-range values, or a decision not served here)."""
+        known for them yet, out-of-range values, or a decision not served here); :data:`_PREPARE`
+        when the decision has no prepared form yet and ``prepare`` is None."""
         batch, mq, mk = t
         if batch < 1 or self.exact is not None:
             return None
@@ -312,6 +498,8 @@ class _Family:
                 return None  # the full path decides (and memoises) it
         got = self.by_pick.get(id(pick))
         if got is None or got[0] is not pick:
+            if prepare is None:
+                return _PREPARE
             try:
                 prepared = prepare()
             except (Fa4aotError, NeedsBuffers, _Unserved):
@@ -321,11 +509,24 @@ class _Family:
             if prepared._owned or fc.lv is not pick.lv or fc.wl is not None:
                 self.by_pick[id(pick)] = (pick, _NOT_SERVED)
                 return None
-            got = self.by_pick[id(pick)] = (pick, _Entry(prepared))
+            entry = _Entry(prepared)
+            if (entry.names, entry.masks) != (self.names, self.masks):  # (not expected: the same tensors)
+                self.by_pick[id(pick)] = (pick, _NOT_SERVED)
+                return None
+            got = self.by_pick[id(pick)] = (pick, entry)
         if got[1] is _NOT_SERVED:
             return None
         last = self.last = (t, got[1], self._values(t, pick.lv.fields))
         return last
+
+
+def _batch_of(pinned: int | None, seqs: list[str]) -> Any:
+    """``batch_of(cu_q, cu_k, su_q, su_k)``: the call's batch (:func:`_batch_lines`), -1 when the
+    sequence tensors' lengths disagree with it."""
+    lines = ["def batch_of(cu_q, cu_k, su_q, su_k):", *_batch_lines(pinned, seqs, "-1"), "    return b"]
+    scope: dict[str, Any] = {}
+    gencode.run("\n".join(lines), scope, "fast-path batch")
+    return scope["batch_of"]
 
 
 class _Unserved(Exception):
@@ -347,6 +548,29 @@ def _start(rt: Any) -> tuple[tuple[type, Any], _Calls] | None:
     return api, calls
 
 
+def _keyed(api: tuple[type, Any], calls: _Calls, tag: str, given: tuple[bool, ...], args: tuple[Any, ...],
+           prepare: Any) -> Any:  # fmt: skip
+    """The entry (or :class:`_Family`) for a call the last one served did not match, by the
+    call's key (it becomes the last one); None: not served (a key sighted now, one never
+    served, another tensor class, an unhashable argument)."""
+    make_key = _KEYS.get((tag, given)) or _key_function(tag, given)
+    try:
+        key = make_key(api[0], *args)
+        if key is None:  # another tensor class
+            return None
+        got = calls.entries.get(key)
+    except TypeError:  # an unhashable or unusual argument (a list window): the full path decides
+        return None
+    if got is None:
+        _sight(calls, key, prepare, api)
+        return None
+    if got is _NOT_SERVED:
+        calls.missed()
+        return None
+    calls.last[tag] = got
+    return got
+
+
 def dense(
     rt: Any,
     q: Any,
@@ -362,58 +586,23 @@ def dense(
 ) -> bool:
     """:func:`forward` for a batched call with no other tensor (``flash_attn_func``'s usual call),
     written out: it is the call most often repeated."""
+    calls = rt.api_caches.get("fast_calls")
+    if calls is not None and not calls.skip:
+        entry = calls.last.get(_DENSE)
+        if entry is not None:  # the entry that served the last call: it answers calls of its key
+            r = entry.serve(q, k, v, out, softmax_scale, causal, window_size, softcap, num_splits, pack_gqa)
+            if r >= 0:
+                return r == 1
     started = _start(rt)
     if started is None:
         return False
     api, calls = started
-    cls = api[0]
-    if q.__class__ is not cls or k.__class__ is not cls or v.__class__ is not cls or out.__class__ is not cls:
-        return False
-    if q.requires_grad or k.requires_grad or v.requires_grad or out.requires_grad:
-        return False
-    try:
-        key = (
-            _DENSE, q.shape, q.stride(), q.dtype, q.get_device(), k.shape, k.stride(), k.dtype, k.get_device(),
-            v.shape, v.stride(), v.dtype, v.get_device(), out.shape, out.stride(), out.dtype, out.get_device(),
-            softmax_scale, causal, window_size, softcap, num_splits, pack_gqa, softmax_scale.__class__,
-            causal.__class__, softcap.__class__, num_splits.__class__, pack_gqa.__class__,
-            window_size.__class__, *map(type, window_size),
-        )  # fmt: skip
-        entry = calls.entries.get(key)
-    except TypeError:  # an unhashable or unusual argument: the full path decides
-        return False
-    if entry is None:
-        _sight(calls, key, lambda: _prepare(rt, [q, k, v, out], None, None, None, None, None, None, None, None,
-                                            softmax_scale, causal, window_size, softcap, num_splits, pack_gqa))  # fmt: skip
-        return False
-    if entry is _NOT_SERVED:
-        calls.missed()
-        return False
-    pq, pk, pv, po = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
-    if (pq | pk | pv | po) & entry.mask:
-        return False  # the full path names the misaligned tensor
-    if entry.ws_slots:  # (a batched call binds no tensor-map workspace today; FA4's choice)
-        ws = q.new_empty((entry.ws_slots, TENSORMAP_WORDS), dtype=_dtype("int64"))
-        entry.launch(pq, pk, pv, po, ws.data_ptr(), stream=api[1](q.get_device()))
-    else:
-        entry.launch(pq, pk, pv, po, stream=api[1](q.get_device()))
-    calls.hits += 1
-    calls.recent_hits += 1
-    return True
-
-
-#: the first item of each function's keys (one's never equal another's)
-_DENSE, _FWD, _BWD = "dense", "fwd", "bwd"
-#: the backward's optional tensors, in its key's and its prepared call's order
-_BWD_OPTIONAL = ("dlse", "cu_q", "cu_k", "su_q", "su_k")
-
-
-def _backward_key(given: tuple[bool, ...]) -> Any:
-    """The key function of :func:`backward` for one pattern of given optional tensors: every
-    tensor's shape, strides, dtype and device, every scalar and its class."""
-    scalars = ("max_q", "max_k", "softmax_scale", "causal", "window_size", "softcap", "deterministic")
-    params = f"dout, q, k, v, out, lse, {', '.join(_BWD_OPTIONAL)}"
-    return _key_function(_BWD, given, ("dout", "q", "k", "v", "out", "lse"), _BWD_OPTIONAL, params, scalars, ())
+    entry = _keyed(api, calls, _DENSE, (), (q, k, v, out, softmax_scale, causal, window_size, softcap, num_splits,
+                                            pack_gqa),
+                   lambda: _prepare(rt, [q, k, v, out], None, None, None, None, None, None, None, None, softmax_scale,
+                                    causal, window_size, softcap, num_splits, pack_gqa))  # fmt: skip
+    return entry is not None and entry.serve(q, k, v, out, softmax_scale, causal, window_size, softcap, num_splits,
+                                             pack_gqa) == 1  # fmt: skip
 
 
 def backward(
@@ -445,26 +634,18 @@ def backward(
     if started is None:
         return None
     api, calls = started
-    cls, current_stream = api
-    given = (dlse is not None, cu_q is not None, cu_k is not None, su_q is not None, su_k is not None)
-    make_key = _KEYS.get((_BWD, given)) or _backward_key(given)
-    k_ = make_key(cls, dout, q, k, v, out, lse, dlse, cu_q, cu_k, su_q, su_k, max_q, max_k, softmax_scale, causal,
-                  window_size, softcap, deterministic)  # fmt: skip
-    if k_ is None:
-        return None
-    try:
-        entry = calls.entries.get(k_)
-    except TypeError:  # an unhashable argument (a list window): the full path decides
-        return None
+    entry = calls.last.get(_BWD)
+    if entry is None or entry.mismatch(dout, q, k, v, out, lse, dlse, cu_q, cu_k, su_q, su_k, max_q, max_k,
+                                       softmax_scale, causal, window_size, softcap, deterministic):  # fmt: skip
+        given = (dlse is not None, cu_q is not None, cu_k is not None, su_q is not None, su_k is not None)
+        scalars = (max_q, max_k, softmax_scale, causal, window_size, softcap, deterministic)
+        entry = _keyed(api, calls, _BWD, given, (dout, q, k, v, out, lse, dlse, cu_q, cu_k, su_q, su_k, *scalars),
+                       lambda: _prepare_backward(rt, [dout, q, k, v, out, lse, *(t for t in (dlse, cu_q, cu_k, su_q, su_k)
+                                                                                 if t is not None)], given, scalars))  # fmt: skip
+        if entry is None:
+            return None
     # the prepared call's tensor order: the six always given, then the optional ones given
     tensors = [dout, q, k, v, out, lse] + [t for t in (dlse, cu_q, cu_k, su_q, su_k) if t is not None]
-    if entry is None:
-        scalars = (max_q, max_k, softmax_scale, causal, window_size, softcap, deterministic)
-        _sight(calls, k_, lambda: _prepare_backward(rt, tensors, given, scalars, api))
-        return None
-    if entry is _NOT_SERVED:
-        calls.missed()
-        return None
     # the full path's allocations: gradients like q, k, v (q's dtype), fp32 scratch
     dq, dk, dv = q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape)
     scratch = q.new_empty((entry.scratch_bytes // 4,), dtype=_dtype("float32"))
@@ -474,7 +655,7 @@ def backward(
     for p, m in zip(ptrs, entry.masks):
         if p & m:
             return None  # the full path names the misaligned tensor
-    entry.launch(*ptrs, stream=current_stream(q.get_device()))
+    entry.launch(*ptrs, stream=api[1](q.get_device()))
     calls.hits += 1
     calls.recent_hits += 1
     return dq, dk, dv  # the scratch goes back to torch's allocator, ordered on this stream
@@ -485,7 +666,7 @@ def _dtype(name: str) -> Any:
     return getattr(sys.modules.get("torch"), name, name)
 
 
-def _prepare_backward(rt: Any, tensors: list[Any], given: tuple[bool, ...], scalars: tuple[Any, ...], api: Any) -> Any:
+def _prepare_backward(rt: Any, tensors: list[Any], given: tuple[bool, ...], scalars: tuple[Any, ...]) -> Any:
     dout, q, k, v, out, lse, *rest = tensors
     opt = iter(rest)
     dlse, cu_q, cu_k, su_q, su_k = (next(opt) if there else None for there in given)
@@ -514,7 +695,9 @@ def _prepare(rt: Any, qkvo: list[Any], cu_q: Any, cu_k: Any, max_q: Any, max_k: 
     )  # fmt: skip
 
 
-def _sight(calls: _Calls, key: tuple[Any, ...], prepare: Any) -> None:
+def _sight(calls: _Calls, key: tuple[Any, ...], prepare: Any, api: tuple[type, Any]) -> None:
+    """Count a sighting of ``key``; on the one that prepares it, store its entry (or family)
+    with the function that answers the calls of its key, or :data:`_NOT_SERVED`."""
     calls.missed()
     seen = calls.sighted.get(key, 0) + 1
     if seen < SIGHTINGS_TO_PREPARE:
@@ -522,18 +705,28 @@ def _sight(calls: _Calls, key: tuple[Any, ...], prepare: Any) -> None:
         return
     calls.sighted.pop(key, None)
     try:
-        prepared = prepare()
+        got = prepare()
     except (Fa4aotError, NeedsBuffers, _Unserved):  # the full path raises the error / allocates per call
         calls.entries[key] = _NOT_SERVED
         return
-    if isinstance(prepared, _Family):
-        calls.entries[key] = prepared
-        return
-    if prepared._owned:  # not expected (the forward's probe refuses first; the backward binds its scratch)
-        prepared.close()
+    if not isinstance(got, _Family):
+        if got._owned:  # not expected (the forward's probe refuses first; the backward binds its scratch)
+            got.close()
+            calls.entries[key] = _NOT_SERVED
+            return
+        got = _Entry(got)
+    scope: dict[str, Any] = {}
+    cond = _conditions(api[0], key, scope)
+    if cond is None:  # a scalar of a class not written out (a NumPy float): the full path serves it
         calls.entries[key] = _NOT_SERVED
         return
-    calls.entries[key] = _Entry(prepared)
+    if key[0] == _FWD:
+        got.serve = _serve_family(got, cond, scope, calls, api[1])
+    elif key[0] == _DENSE:
+        got.serve = _serve_dense(got, cond, scope, calls, api[1])
+    else:
+        got.mismatch = _mismatch(api[0], key)
+    calls.entries[key] = got
 
 
 def clear(rt: Any) -> None:

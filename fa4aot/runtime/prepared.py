@@ -11,8 +11,9 @@ dtypes and devices (new addresses are fine) and an optional stream::
     for layer in layers:
         run(q[layer], k[layer], v[layer], out[layer])
 
-Per call it checks each tensor's (shape, strides, dtype, device) against the bound ones in one
-tuple comparison and the base alignment; a mismatch raises :class:`~fa4aot.ArgumentError` and
+Per call it checks each tensor's (shape, strides, dtype, device) against the bound ones (for
+PyTorch tensors one accessor each; a tensor bound contiguous must be contiguous) and the base
+alignment; a mismatch raises :class:`~fa4aot.ArgumentError` and
 launches nothing. Then it writes the addresses and the stream into the bound call block and makes
 one foreign call per kernel (FA4's host code, or its last launch again when the addresses did not
 change, then ``cuLaunchKernelEx``). Nothing is allocated per call and nothing synchronises, so a
@@ -174,11 +175,8 @@ class Prepared:
             cond = " and ".join(f"a{i}.__class__ is _T" for i in range(n))
             lines.append(f"    if {cond}:")
             for i in range(n):
-                scope[f"_t{i}"] = torch_keys[1 + i]
-                lines += [
-                    f"        if (a{i}.shape, a{i}.stride(), a{i}.dtype, a{i}.get_device()) != _t{i}: _bad({i}, a{i})",
-                    f"        p{i} = a{i}.data_ptr()",
-                ]
+                lines += [f"        if {torch_mismatch(f'a{i}', torch_keys[1 + i], f'_t{i}', scope)}: _bad({i}, a{i})",
+                          f"        p{i} = a{i}.data_ptr()"]  # fmt: skip
             lines.append("    else:")
             lines += generic
         else:
@@ -260,6 +258,30 @@ def _torch_current_stream(torch_keys: Sequence[Any] | None) -> Callable[[int], i
     if torch_keys is None:
         return None
     return getattr(sys.modules["torch"]._C, "_cuda_getCurrentRawStream", None)
+
+
+def torch_contiguous(shape: Sequence[int], strides: Sequence[int]) -> bool:
+    """Whether torch calls a tensor of this shape and these strides contiguous: every dimension
+    of extent above 1 strided as in a row-major array (an extent-1 dimension's stride is never
+    multiplied by a non-zero index, so it does not change which addresses the kernel reads)."""
+    want = 1
+    for size, stride in zip(reversed(shape), reversed(strides)):
+        if size > 1 and stride != want:
+            return False
+        want *= size
+    return True
+
+
+def torch_mismatch(obj: str, meta: tuple[Any, Any, Any, Any], name: str, scope: dict[str, Any]) -> str:
+    """The expression (generated code) that is true when torch tensor ``obj`` differs from the
+    bound (shape, strides, dtype, device) ``meta``; the constants go into ``scope`` under
+    ``name``. One accessor per property, cheapest test first: dtypes are singletons (``is``),
+    and a tensor bound contiguous is checked with ``is_contiguous()`` (one call, no tuple) - a
+    tensor of the same shape that torch calls contiguous reads the same addresses."""
+    shape, strides, dtype, device = meta
+    scope[f"{name}s"], scope[f"{name}d"], scope[f"{name}t"] = shape, dtype, strides
+    stride_test = f"not {obj}.is_contiguous()" if torch_contiguous(shape, strides) else f"{obj}.stride() != {name}t"
+    return f"{obj}.dtype is not {name}d or {obj}.shape != {name}s or {stride_test} or {obj}.get_device() != {device!r}"
 
 
 def _torch_keys(objs: Sequence[Any], descs: Sequence[DeviceTensor]) -> list[Any] | None:
