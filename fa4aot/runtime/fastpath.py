@@ -223,11 +223,20 @@ _SPECS = {
     # flash_attn_func's usual call: four tensors, no other
     _DENSE: _Spec(("q", "k", "v", "out"), (), ("q", "k", "v", "out"), _FWD_SCALARS),
     # the batch (sequence tensors' lengths) and max_seqlen_q/k are checked per call (_Family)
-    _FWD: _Spec(("q", "k", "v", "out"), _OPTIONAL, ("q", "k", "v", "out", *_OPTIONAL, "max_q", "max_k"),
-                _FWD_SCALARS, ("max_q", "max_k"), ("cu_q", "cu_k", "su_q", "su_k")),  # fmt: skip
-    _BWD: _Spec(("dout", "q", "k", "v", "out", "lse"), _BWD_OPTIONAL,
-                ("dout", "q", "k", "v", "out", "lse", *_BWD_OPTIONAL),
-                ("max_q", "max_k", "softmax_scale", "causal", "window_size", "softcap", "deterministic")),  # fmt: skip
+    _FWD: _Spec(
+        ("q", "k", "v", "out"),
+        _OPTIONAL,
+        ("q", "k", "v", "out", *_OPTIONAL, "max_q", "max_k"),
+        _FWD_SCALARS,
+        ("max_q", "max_k"),
+        ("cu_q", "cu_k", "su_q", "su_k"),
+    ),  # fmt: skip
+    _BWD: _Spec(
+        ("dout", "q", "k", "v", "out", "lse"),
+        _BWD_OPTIONAL,
+        ("dout", "q", "k", "v", "out", "lse", *_BWD_OPTIONAL),
+        ("max_q", "max_k", "softmax_scale", "causal", "window_size", "softcap", "deterministic"),
+    ),  # fmt: skip
 }
 #: (function tag, given pattern of its optional tensors) -> its generated key function (forward:
 #: 2**6 patterns at most, backward: 2**5, dense: 1)
