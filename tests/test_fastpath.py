@@ -412,3 +412,106 @@ def test_a_workload_that_never_repeats_stops_paying_for_the_key(sm90, monkeypatc
     for _ in range(3):  # probing again: a repeated call is served from its third sighting
         call(0.5)
     assert calls.hits == 1 and len(drv.launches) == 16
+
+
+class _Other(FakeTorch):
+    """A tensor class of its own (a subclass may override any accessor)."""
+
+
+def _raw(i, shape, dtype="bf16", strides=None, device=0, offset=0):
+    return FakeTorch(RawTensor(B + i * (1 << 36) + offset, tuple(shape), dtype, strides, device))
+
+
+def test_the_last_served_call_answers_exactly_the_calls_of_its_key(sm90):
+    """After a served call, the next call is checked attribute by attribute against the served
+    key (no key built): a call with new addresses is launched (1); a call that differs in any
+    tensor's shape, strides, dtype, device or class, or in a scalar's value or class, is not
+    (-1: the key path decides); a misaligned address is not served (0: the full path names it).
+    A contiguous tensor whose extent-1 dimension has another stride reads the same addresses:
+    served."""
+    rt, drv = sm90
+    shape = (2, 1000, 16, 128)
+    base = dict(softmax_scale=None, causal=True, window_size=(None, None), softcap=0.0, num_splits=1, pack_gqa=None)
+    for _ in range(3):
+        fa4aot.flash_attn_func(*(t(i, shape) for i in range(3)), **base, out=t(3, shape), runtime=rt)
+    serve = fastpath.calls_of(rt).last["dense"].serve
+
+    def call(*tensors, **scalars):
+        return serve(*tensors, **dict(base, **scalars))
+
+    q, k, v, out = (_raw(i, shape, offset=4096) for i in range(4))
+    assert call(q, k, v, out) == 1
+    assert len(drv.launches) == 4  # the three calls above, then this one
+    odd = (1000 * 16 * 128, 16 * 128, 128, 1)
+    assert call(_raw(0, (1, 1000, 16, 128), strides=odd), k, v, out) == -1  # another shape
+    variants = [
+        _raw(0, (2, 1000, 16, 128), strides=(1000 * 16 * 128, 128, 1000 * 128, 1)),  # transposed heads
+        _raw(0, shape, dtype="fp16"),
+        _raw(0, shape, device=1),
+        _Other(RawTensor(B, shape, "bf16")),
+    ]
+    for bad in variants:
+        assert call(bad, k, v, out) == -1
+        assert call(q, k, v, bad) == -1
+    for name, value in [("causal", 1), ("causal", False), ("softmax_scale", 0.1), ("window_size", (None, 0)),
+                        ("window_size", [None, None]), ("softcap", 0), ("softcap", 1.0), ("num_splits", True),
+                        ("num_splits", 2), ("pack_gqa", False)]:  # fmt: skip
+        assert call(q, k, v, out, **{name: value}) == -1, (name, value)
+    assert call(q, _raw(1, shape, offset=2), v, out) == 0
+    # (1, ...) batch with any stride on its extent-1 dimension: contiguous to torch, same addresses
+    for _ in range(3):
+        fa4aot.flash_attn_func(*(t(i, (1,) + shape[1:]) for i in range(3)), causal=True, out=t(3, (1,) + shape[1:]),
+                               runtime=rt)  # fmt: skip
+    serve = fastpath.calls_of(rt).last["dense"].serve
+    one = [_raw(i, (1,) + shape[1:]) for i in range(4)]
+    assert call(_raw(0, (1,) + shape[1:], strides=(7,) + odd[1:]), *one[1:]) == 1
+    assert len(drv.launches) == 8  # nothing launched for the calls not served
+
+
+def test_a_served_family_answers_only_calls_of_its_key(sm90):
+    """The paged decode family: new addresses and a new max_seqlen_k FA4 decides the same way are
+    served; a sequence tensor of another dtype, strides or length, a page table of another
+    shape, max_seqlen of another class, or a tensor given that the key has not, are not."""
+    rt, drv = sm90
+    qd, od, pool = t(5, (8, 1, 32, 128)), t(6, (8, 1, 32, 128)), t(7, (300, 128, 8, 128))
+    pt, used = t(8, (8, 32), "int32"), t(9, (8,), "int32")
+    for _ in range(3):
+        _flash_attn_fwd(qd, pool, pool, seqused_k=used, max_seqlen_q=1, max_seqlen_k=4096, page_table=pt, causal=True,
+                        out=od, runtime=rt)  # fmt: skip
+    serve = fastpath.calls_of(rt).last["fwd"].serve
+    scalars = (None, True, (None, None), None, 1, None)
+
+    def call(q=qd, k=pool, v=pool, out=od, su_k=used, page_table=pt, max_q=1, max_k=4096, cu_q=None, sink=None):
+        return serve(q, k, v, out, cu_q, None, None, su_k, page_table, sink, max_q, max_k, *scalars)
+
+    assert call(su_k=t(9, (8,), "int32", offset=256)) == 1
+    assert call(max_k=4000) == 1
+    assert call(su_k=t(9, (8,), "int64")) == -1
+    assert call(su_k=_raw(9, (8,), "int32", strides=(2,))) == -1
+    assert call(su_k=t(9, (7,), "int32")) == 0  # the key's page table says 8: the full path names it
+    assert call(page_table=t(8, (8, 16), "int32")) == -1
+    assert call(max_k=4096.0) == -1
+    assert call(cu_q=t(10, (9,), "int32")) == -1
+    assert call(sink=t(11, (32,), "fp32")) == -1
+    assert len(drv.launches) == 5
+
+
+def test_a_torch_tensors_check_in_prepared_calls():
+    """prepared.torch_mismatch: a tensor bound contiguous matches any tensor of its shape that
+    torch calls contiguous (an extent-1 dimension's stride is never used); one bound strided
+    matches its strides exactly; dtype and device always."""
+    from fa4aot.runtime.prepared import torch_contiguous, torch_mismatch
+
+    assert torch_contiguous((2, 1, 4), (4, 99, 1)) and not torch_contiguous((2, 3, 4), (12, 1, 3))
+    for bound, same, differ in [
+        (_raw(0, (2, 1, 4)), [_raw(1, (2, 1, 4), strides=(4, 7, 1))], [_raw(1, (2, 4, 1)), _raw(1, (2, 1, 4), "fp16"),
+                                                                        _raw(1, (2, 1, 4), device=1),
+                                                                        _raw(1, (2, 1, 4), strides=(8, 4, 1))]),
+        (_raw(0, (2, 3, 4), strides=(24, 4, 1)), [_raw(1, (2, 3, 4), strides=(24, 4, 1))],
+         [_raw(1, (2, 3, 4)), _raw(1, (2, 3, 4), strides=(12, 1, 3))]),
+    ]:  # fmt: skip
+        scope = {}
+        meta = (bound.shape, bound.stride(), bound.dtype, bound.get_device())
+        expr = torch_mismatch("a", meta, "_b", scope)
+        for obj, want in [(x, False) for x in same] + [(x, True) for x in differ]:
+            assert eval(expr, dict(scope, a=obj)) is want, (obj.shape, obj.stride(), obj.dtype)  # noqa: S307
