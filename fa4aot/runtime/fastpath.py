@@ -54,11 +54,10 @@ _NOT_SERVED = False
 
 
 class _Entry:
-    """A prepared form the fast path launches (``launch``: its ``launch_ptrs``); ``serve`` (a
-    forward's, :func:`_serve_dense`) or ``mismatch`` (a backward's, :func:`_mismatch`) answer the
-    calls of its key."""
+    """A prepared form the fast path launches (``launch``: its ``launch_ptrs``); ``serve``
+    (:func:`_serve_dense`, :func:`_serve_backward`) answers the calls of its key."""
 
-    __slots__ = ("launch", "masks", "scratch_bytes", "ws_slots", "names", "serve", "mismatch")
+    __slots__ = ("launch", "masks", "scratch_bytes", "ws_slots", "names", "serve")
 
     def __init__(self, prepared: Any):
         self.launch = prepared.launch_ptrs  # it holds the bound call blocks it writes
@@ -68,7 +67,6 @@ class _Entry:
         #: the fast path's names of the tensors the prepared call takes, in its order
         self.names = tuple(_PARAM_OF.get(n, n) for n in prepared.arg_names if n != "tensormap_workspace")
         self.serve: Any = None
-        self.mismatch: Any = None
 
 
 #: prepare_forward's tensor names -> the fast path's parameters
@@ -249,7 +247,7 @@ def _given_names(spec: _Spec, given: tuple[bool, ...]) -> list[str]:
 
 def _key_function(tag: str, given: tuple[bool, ...]) -> Any:
     """The key function of ``tag``'s function for one pattern of given optional tensors, written
-    out (it runs on a call :func:`_mismatch` did not serve): ``key(C, <params>, <scalars>)`` is
+    out (it runs on a call the last one served did not match): ``key(C, <params>, <scalars>)`` is
     None for a tensor of another class than ``C``, else a tuple of every given tensor's shape (not for ``shapeless``), strides, dtype and device,
     every scalar and its class, the classes of ``class_only`` and of a tuple window's items."""
     spec = _SPECS[tag]
@@ -285,11 +283,10 @@ def _conditions(cls: type, key: tuple[Any, ...], scope: dict[str, Any]) -> str |
     scope["_C"] = cls
     conds = [f"{n}.__class__ is not _C" for n in names]
     conds += [f"{n} is not None" for n, there in zip(spec.optional, given) if not there]
-    values = iter(key[2:])
+    metas = _metas(key)
+    values = iter(key[2 + sum(4 - (m[0] is None) for _, m in metas) :])
     tensors = []
-    for i, n in enumerate(names):
-        shape = None if n in spec.shapeless else next(values)
-        strides, dtype, device = next(values), next(values), next(values)
+    for i, (n, (shape, strides, dtype, device)) in enumerate(metas):
         scope.setdefault("_device", device)  # (the first tensor's: the launch's stream is that device's)
         if shape is None:  # (the per-call batch check reads its length)
             scope[f"_s{i}"], scope[f"_d{i}"] = strides, dtype
@@ -309,17 +306,16 @@ def _conditions(cls: type, key: tuple[Any, ...], scope: dict[str, Any]) -> str |
     return " or ".join(conds + tensors)
 
 
-def _mismatch(cls: type, key: tuple[Any, ...]) -> Any:
-    """:func:`_conditions` as a function of the key function's arguments (without the class);
-    None where it has none."""
-    scope: dict[str, Any] = {}
-    body = _conditions(cls, key, scope)
-    if body is None:
-        return None
+def _metas(key: tuple[Any, ...]) -> list[tuple[str, tuple[Any, Any, Any, Any]]]:
+    """Each given tensor of ``key`` with its (shape - None for a shapeless one -, strides, dtype,
+    device), in the key's order (:func:`_key_function`)."""
     spec = _SPECS[key[0]]
-    gencode.run(f"def mismatch({', '.join((*spec.params, *spec.scalars))}):\n    return {body}", scope,
-                f"fast-path {key[0]} match")  # fmt: skip
-    return scope["mismatch"]
+    values = iter(key[2:])
+    out = []
+    for n in _given_names(spec, key[1]):
+        shape = None if n in spec.shapeless else next(values)
+        out.append((n, (shape, next(values), next(values), next(values))))
+    return out
 
 
 def _launch_lines(entry: str, names: Sequence[str], masks: Sequence[int], ws_slots: str | None, words: str,
@@ -378,6 +374,25 @@ def _serve_dense(entry: _Entry, cond: str, scope: dict[str, Any], calls: _Calls,
     lines += _launch_lines("_e", entry.names, entry.masks, ws, f"_cur({_device(scope)})")
     lines += ["    _calls.hits += 1", "    _calls.recent_hits += 1", "    return 1"]
     gencode.run("\n".join(lines), scope, "fast-path dense call")
+    return scope["serve"]
+
+
+def _serve_backward(entry: _Entry, key: tuple[Any, ...], cond: str, scope: dict[str, Any], calls: _Calls,
+                    current_stream: Any) -> Any:  # fmt: skip
+    """``serve(<backward's parameters>)``: -1 when the call is not of the entry's key (``cond``), 0
+    when it is not served (a misaligned address), else ``(dq, dk, dv)``: the gradients allocated
+    as the full path allocates them (like q, k and v in q's dtype) and FA4's fp32 scratch a new
+    buffer per call (torch's allocator orders its reuse on the stream), launched."""
+    spec = _SPECS[_BWD]
+    shapes = {name: meta[0] for name, meta in _metas(key)}
+    scope.update(_e=entry, _calls=calls, _cur=current_stream, _f32=_dtype("float32"), _gq=shapes["q"],
+                 _gk=shapes["k"], _gv=shapes["v"])  # fmt: skip
+    lines = [f"def serve({', '.join((*spec.params, *spec.scalars))}):", f"    if {cond}:", "        return -1"]
+    lines += ["    dq, dk, dv = q.new_empty(_gq), q.new_empty(_gk), q.new_empty(_gv)",
+              f"    scratch = q.new_empty(({entry.scratch_bytes // 4},), dtype=_f32)"]  # fmt: skip
+    lines += _launch_lines("_e", entry.names, entry.masks, None, f"_cur({_device(scope)})")
+    lines += ["    _calls.hits += 1", "    _calls.recent_hits += 1", "    return dq, dk, dv"]
+    gencode.run("\n".join(lines), scope, "fast-path backward call")
     return scope["serve"]
 
 
@@ -639,35 +654,27 @@ def backward(
     dv)`` allocated as the full path allocates them, FA4's scratch a new buffer from torch's
     allocator per call (as the full path's), launched from the call's prepared form; None: not
     served here."""
+    calls = rt.api_caches.get("fast_calls")
+    if calls is not None and not calls.skip:
+        entry = calls.last.get(_BWD)
+        if entry is not None:  # the entry that served the last call: it answers calls of its key
+            r = entry.serve(dout, q, k, v, out, lse, dlse, cu_q, cu_k, su_q, su_k, max_q, max_k, softmax_scale, causal,
+                            window_size, softcap, deterministic)  # fmt: skip
+            if r != -1:
+                return r or None
     started = _start(rt)
     if started is None:
         return None
     api, calls = started
-    entry = calls.last.get(_BWD)
-    if entry is None or entry.mismatch(dout, q, k, v, out, lse, dlse, cu_q, cu_k, su_q, su_k, max_q, max_k,
-                                       softmax_scale, causal, window_size, softcap, deterministic):  # fmt: skip
-        given = (dlse is not None, cu_q is not None, cu_k is not None, su_q is not None, su_k is not None)
-        scalars = (max_q, max_k, softmax_scale, causal, window_size, softcap, deterministic)
-        entry = _keyed(api, calls, _BWD, given, (dout, q, k, v, out, lse, dlse, cu_q, cu_k, su_q, su_k, *scalars),
-                       lambda: _prepare_backward(rt, [dout, q, k, v, out, lse, *(t for t in (dlse, cu_q, cu_k, su_q, su_k)
-                                                                                 if t is not None)], given, scalars))  # fmt: skip
-        if entry is None:
-            return None
-    # the prepared call's tensor order: the six always given, then the optional ones given
-    tensors = [dout, q, k, v, out, lse] + [t for t in (dlse, cu_q, cu_k, su_q, su_k) if t is not None]
-    # the full path's allocations: gradients like q, k, v (q's dtype), fp32 scratch
-    dq, dk, dv = q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape)
-    scratch = q.new_empty((entry.scratch_bytes // 4,), dtype=_dtype("float32"))
-    ptrs = [t.data_ptr() for t in tensors]
-    ptrs[6:6] = (dq.data_ptr(), dk.data_ptr(), dv.data_ptr())
-    ptrs.append(scratch.data_ptr())
-    for p, m in zip(ptrs, entry.masks):
-        if p & m:
-            return None  # the full path names the misaligned tensor
-    entry.launch(*ptrs, stream=api[1](q.get_device()))
-    calls.hits += 1
-    calls.recent_hits += 1
-    return dq, dk, dv  # the scratch goes back to torch's allocator, ordered on this stream
+    given = (dlse is not None, cu_q is not None, cu_k is not None, su_q is not None, su_k is not None)
+    scalars = (max_q, max_k, softmax_scale, causal, window_size, softcap, deterministic)
+    optional = [x for x in (dlse, cu_q, cu_k, su_q, su_k) if x is not None]
+    entry = _keyed(api, calls, _BWD, given, (dout, q, k, v, out, lse, dlse, cu_q, cu_k, su_q, su_k, *scalars),
+                   lambda: _prepare_backward(rt, [dout, q, k, v, out, lse, *optional], given, scalars))  # fmt: skip
+    if entry is None:
+        return None
+    r = entry.serve(dout, q, k, v, out, lse, dlse, cu_q, cu_k, su_q, su_k, *scalars)
+    return r if r.__class__ is tuple else None
 
 
 def _dtype(name: str) -> Any:
@@ -734,7 +741,7 @@ def _sight(calls: _Calls, key: tuple[Any, ...], prepare: Any, api: tuple[type, A
     elif key[0] == _DENSE:
         got.serve = _serve_dense(got, cond, scope, calls, api[1])
     else:
-        got.mismatch = _mismatch(api[0], key)
+        got.serve = _serve_backward(got, key, cond, scope, calls, api[1])
     calls.entries[key] = got
 
 
