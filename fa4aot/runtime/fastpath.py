@@ -456,8 +456,8 @@ class _Family:
     ((batch, max_seqlen_q, max_seqlen_k), entry, per-call values)."""
 
     __slots__ = (
-        "rule", "base", "rkey", "pinned", "seqs", "batch_of", "default_q", "default_k", "exact", "ws", "by_pick",
-        "last", "names", "masks", "serve",
+        "rule", "base", "rkey", "fixed", "pinned", "seqs", "batch_of", "default_q", "default_k", "exact", "ws",
+        "by_pick", "last", "names", "masks", "serve",
     )  # fmt: skip
 
     def __init__(self, prepared: Any):
@@ -468,6 +468,8 @@ class _Family:
         self.rule, self.base = fc.rule, fc.shape
         self.serve: Any = None  # (_serve_family's function, once keyed)
         self.rkey = region_key(fc.shape)  # the same for every call of the key (its None-ness is in it)
+        s = fc.shape  # the traced facts the key fixes (regions: Shape's facts, those not None, in order)
+        self.fixed = (s.total_q, s.total_k, s.q_capacity, s.k_capacity)
         varlen_q = fc.cu_q is not None
         # a batched q or k, or a page table (batch, pages), is in the key: it pins the batch
         free = varlen_q and fc.cu_k is not None and fc.page_table is None
@@ -510,14 +512,16 @@ class _Family:
         for m in (mq, mk):
             if m is not None and not 0 <= m <= INT32_MAX:
                 return None  # the full path raises, saying why
-        rule, base = self.rule, self.base
+        rule = self.rule
         pick = None
-        if rule.regions is not None:  # (Shape's traced facts, those not None, in order)
-            values = (batch, base.total_q, base.total_k, base.q_capacity, base.k_capacity)
-            values += (mq,) * (mq is not None) + (mk,) * (mk is not None)
+        if rule.regions is not None:
+            if mq is not None and mk is not None:
+                values = (batch, *self.fixed, mq, mk)
+            else:
+                values = (batch, *self.fixed) + (mq,) * (mq is not None) + (mk,) * (mk is not None)
             pick = rule.regions.find(self.rkey, values)
         if pick is None:
-            pick = rule.memo.get(base._replace(batch=batch, max_seqlen_q=mq, max_seqlen_k=mk))
+            pick = rule.memo.get(self.base._replace(batch=batch, max_seqlen_q=mq, max_seqlen_k=mk))
             if pick is None:
                 return None  # the full path decides (and memoises) it
         got = self.by_pick.get(id(pick))
