@@ -51,20 +51,21 @@ q = torch.randn(1, 128, 16, 128, device="cuda", dtype=bf); o = torch.empty_like(
 qv = torch.randn(512, 32, 128, device="cuda", dtype=bf); kv = torch.randn(512, 8, 128, device="cuda", dtype=bf)
 ov = torch.empty_like(qv)
 cu = torch.arange(0, 513, 64, dtype=torch.int32, device="cuda")
-counter = iter(range(10**9))
 def median_us(fn):  # batches enqueued behind a sleep kernel: see SLEEP_CYCLES
     hold = lambda: torch.cuda._sleep(int(sys.argv[4]))
     return timed(fn, inner, repeats, warmup=50, sync=torch.cuda.synchronize, before_batch=hold)
+# the changing rows' arguments, made before timing (cycled) so the row times the call, not the harness
+from itertools import cycle
+changing = cycle([(64 + i, 64 + (i * 7) % 4096) for i in range(4096)])
 def varlen_changing():
-    i = next(counter) % 4096
-    fa4aot.flash_attn_varlen_func(qv, kv, kv, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=64 + i, max_seqlen_k=64 + (i * 7) % 4096, causal=True, out=ov)
+    mq, mk = next(changing)
+    fa4aot.flash_attn_varlen_func(qv, kv, kv, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=mq, max_seqlen_k=mk, causal=True, out=ov)
 # batch sizes dividing the 512 packed tokens; max_seqlen bounds each sequence and changes too
 cus = [torch.arange(0, 513, 512 // b, dtype=torch.int32, device="cuda") for b in (1, 2, 4, 8, 16, 32, 64, 128)]
+batch_changing = cycle([(cus[i % 8], 512 // (cus[i % 8].numel() - 1) + i % 997, i % 13) for i in range(8 * 997)])
 def varlen_batch_changing():
-    i = next(counter)
-    c = cus[i % len(cus)]
-    m = 512 // (c.numel() - 1) + i % 997
-    fa4aot.flash_attn_varlen_func(qv, kv, kv, cu_seqlens_q=c, cu_seqlens_k=c, max_seqlen_q=m, max_seqlen_k=m + i % 13, causal=True, out=ov)
+    c, m, dk = next(batch_changing)
+    fa4aot.flash_attn_varlen_func(qv, kv, kv, cu_seqlens_q=c, cu_seqlens_k=c, max_seqlen_q=m, max_seqlen_k=m + dk, causal=True, out=ov)
 # paged decode as vLLM's FA4 backend calls it: 8 requests, 1 query token, page 16, GQA 4
 from fa4aot.interface import _flash_attn_fwd
 qd = torch.randn(8, 1, 32, 128, device="cuda", dtype=bf); od = torch.empty_like(qd)
