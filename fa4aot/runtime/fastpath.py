@@ -193,8 +193,6 @@ def forward(
 
 
 _OPTIONAL = ("cu_q", "cu_k", "su_q", "su_k", "page_table", "sink")
-#: :func:`forward`'s tensor parameters, in order
-_FWD_TENSORS = ("q", "k", "v", "out", *_OPTIONAL)
 #: the first item of each function's keys (one's never equal another's)
 _DENSE, _FWD, _BWD = "dense", "fwd", "bwd"
 #: the backward's optional tensors, in its key's and its prepared call's order
