@@ -12,7 +12,10 @@ out: the batch (the length of cu_seqlens / seqused) and max_seqlen_q/k, which a 
 changes on every call. For those it takes FA4's decision from the rule's memo or a traced region
 (:mod:`fa4aot.runtime.regions`), launches the prepared form made for that decision with the
 values as per-call words, and leaves a decision not yet made to the full path. A key is prepared
-on its second sighting (one-off shapes stay on the full path). A forward whose prepared form
+on its second sighting (one-off shapes stay on the full path). The next call is first offered to
+the entry of the key served last: code generated from that key compares each argument with it,
+attribute by attribute, and launches in the same frame (:func:`_conditions`); only a call of
+another key builds its key. A forward whose prepared form
 would own buffers (split-KV partials, scheduler metadata, the route semaphore) is not served
 here: a plain call allocates those per call and concurrent calls must not share them. FA4's
 tensor-map workspace and the backward's scratch are new buffers from torch's allocator per call,
