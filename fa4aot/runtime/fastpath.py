@@ -278,14 +278,12 @@ def _conditions(cls: type, key: tuple[Any, ...], scope: dict[str, Any]) -> str |
     torch calls contiguous (:func:`~fa4aot.runtime.prepared.torch_mismatch`: it reads the same
     addresses). None when a scalar of the key is of a class this does not write out (the key
     lookup serves those calls)."""
-    tag, given = key[0], key[1]
-    spec = _SPECS[tag]
-    names = _given_names(spec, given)
+    spec = _SPECS[key[0]]
+    metas, rest = _metas(key)
+    values = iter(rest)
     scope["_C"] = cls
-    conds = [f"{n}.__class__ is not _C" for n in names]
-    conds += [f"{n} is not None" for n, there in zip(spec.optional, given) if not there]
-    metas = _metas(key)
-    values = iter(key[2 + sum(4 - (m[0] is None) for _, m in metas) :])
+    conds = [f"{n}.__class__ is not _C" for n, _ in metas]
+    conds += [f"{n} is not None" for n, there in zip(spec.optional, key[1]) if not there]
     tensors = []
     for i, (n, (shape, strides, dtype, device)) in enumerate(metas):
         scope.setdefault("_device", device)  # (the first tensor's: the launch's stream is that device's)
@@ -307,16 +305,16 @@ def _conditions(cls: type, key: tuple[Any, ...], scope: dict[str, Any]) -> str |
     return " or ".join(conds + tensors)
 
 
-def _metas(key: tuple[Any, ...]) -> list[tuple[str, tuple[Any, Any, Any, Any]]]:
+def _metas(key: tuple[Any, ...]) -> tuple[list[tuple[str, tuple[Any, Any, Any, Any]]], tuple[Any, ...]]:
     """Each given tensor of ``key`` with its (shape - None for a shapeless one -, strides, dtype,
-    device), in the key's order (:func:`_key_function`)."""
+    device), in the key's order (:func:`_key_function`), and the key's items after them."""
     spec = _SPECS[key[0]]
     values = iter(key[2:])
     out = []
     for n in _given_names(spec, key[1]):
         shape = None if n in spec.shapeless else next(values)
         out.append((n, (shape, next(values), next(values), next(values))))
-    return out
+    return out, tuple(values)
 
 
 def _launch_lines(entry: str, names: Sequence[str], masks: Sequence[int], ws_slots: str | None, words: str,
@@ -385,7 +383,7 @@ def _serve_backward(entry: _Entry, key: tuple[Any, ...], cond: str, scope: dict[
     as the full path allocates them (like q, k and v in q's dtype) and FA4's fp32 scratch a new
     buffer per call (torch's allocator orders its reuse on the stream), launched."""
     spec = _SPECS[_BWD]
-    shapes = {name: meta[0] for name, meta in _metas(key)}
+    shapes = {name: meta[0] for name, meta in _metas(key)[0]}
     scope.update(_e=entry, _calls=calls, _cur=current_stream, _f32=_dtype("float32"), _gq=shapes["q"],
                  _gk=shapes["k"], _gv=shapes["v"])  # fmt: skip
     lines = [f"def serve({', '.join((*spec.params, *spec.scalars))}):", f"    if {cond}:", "        return -1"]
@@ -478,7 +476,6 @@ class _Family:
         self.seqs = [n for n, d in zip(("cu_q", "cu_k", "su_q", "su_k"), (fc.cu_q, fc.cu_k, fc.su_q, fc.su_k))
                      if d is not None]  # fmt: skip
         self.batch_of = _batch_of(self.pinned, self.seqs)
-        s = fc.shape
         # max_seqlen given as None: the full path's defaults (fixed by the key's shapes)
         self.default_q = fc.max_q if s.max_seqlen_q is None else None
         self.default_k = fc.max_k if s.max_seqlen_k is None else None
