@@ -515,3 +515,46 @@ def test_a_torch_tensors_check_in_prepared_calls():
         expr = torch_mismatch("a", meta, "_b", scope)
         for obj, want in [(x, False) for x in same] + [(x, True) for x in differ]:
             assert eval(expr, dict(scope, a=obj)) is want, (obj.shape, obj.stride(), obj.dtype)  # noqa: S307
+
+
+@pytest.mark.parametrize("current", [0, 1])
+def test_the_workspace_from_torchs_raw_allocator_on_the_call_stream(sm100, monkeypatch, current):
+    """With torch's caching allocator's raw entry points (CUDA builds of torch), a served varlen
+    call's tensor-map workspace is a raw block of the size FA4 needs, allocated on the launch's
+    stream and freed after the launch (its reuse ordered on that stream, as a freed tensor's);
+    when torch's current device is not the tensors', a new tensor on theirs instead."""
+    from fa4aot.core.fa4_interface import TENSORMAP_WORDS
+    from fa4aot.runtime import forward, prepared
+
+    monkeypatch.setattr(forward, "alloc_like", lambda ref, shape, dtype: ref.new_empty(shape, dtype).raw)
+    monkeypatch.setattr(prepared, "alloc_like", lambda ref, shape, dtype: ref.new_empty(shape, dtype))
+    events = []
+    raw = B + (1 << 44)
+
+    def alloc(nbytes, stream):
+        events.append(("alloc", nbytes, stream))
+        return raw
+
+    allocator = dict(fastpath._allocator(), _raw_alloc=alloc, _raw_free=lambda p: events.append(("free", p)),
+                     _current_device=lambda: current)  # fmt: skip
+    monkeypatch.setattr(fastpath, "_allocator", lambda: allocator)
+    monkeypatch.setattr(fastpath, "_API", [(FakeTorch, lambda device: 7)])  # torch's current stream: 7
+    rt, drv = sm100
+    b, s, h, d = 5, 3000, 16, 128
+    q, k, v, o = (t(i, (b * s, h, d)) for i in range(4))
+    cu = t(4, (b + 1,), "int32")
+    for _ in range(3):
+        fa4aot.flash_attn_varlen_func(
+            q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=s, max_seqlen_k=s, causal=True, out=o, runtime=rt
+        )
+    assert _hits(rt) == 1
+    (family,) = fastpath.calls_of(rt).entries.values()
+    slots = family.last[2][3]
+    launched = drv.launches[-1]
+    assert launched.stream == 7
+    if current == 0:
+        assert events == [("alloc", slots * TENSORMAP_WORDS * 8, 7), ("free", raw)]
+        assert any(raw.to_bytes(8, "little") in p for p in launched.params)
+    else:
+        assert events == []
+        assert any((B + (100 + _made[0]) * (1 << 36)).to_bytes(8, "little") in p for p in launched.params)

@@ -317,13 +317,17 @@ def _metas(key: tuple[Any, ...]) -> tuple[list[tuple[str, tuple[Any, Any, Any, A
     return out, tuple(values)
 
 
-def _launch_lines(entry: str, names: Sequence[str], masks: Sequence[int], ws_slots: str | None, words: str,
-                  indent: str = "    ") -> list[str]:  # fmt: skip
+def _launch_lines(entry: str, names: Sequence[str], masks: Sequence[int], ws_slots: str | None, device: str,
+                  words: str = "", indent: str = "    ") -> list[str]:  # fmt: skip
     """Generated code that reads the addresses of tensors ``names`` (a prepared call's, in its
     order), returns 0 when one is misaligned for it (``masks``: alignment - 1; the full path
-    names the tensor), makes FA4's tensor-map workspace of ``ws_slots`` slots when not None (a
-    new torch buffer per call, as on the full path: torch's allocator orders its reuse on the
-    stream) and launches ``entry`` (its ``launch_ptrs``) with ``words`` after the addresses."""
+    names the tensor) and launches ``entry`` (its ``launch_ptrs``) on torch's current stream of
+    ``device`` with ``words`` after the stream. With ``ws_slots`` (an expression), FA4's
+    tensor-map workspace of that many slots comes first, from torch's caching allocator on that
+    stream as on the full path (so its reuse is ordered on the stream, and a CUDA graph capture
+    takes it from the graph's pool): raw, and freed once launched, when torch's current device is
+    the tensors' (a quarter of a tensor's cost on an H100 host,
+    benchmarks/results/h100-host-path/round3/ws_alloc.txt), else as a new torch tensor."""
     lines = [f"p{i} = {n}.data_ptr()" for i, n in enumerate(names)]
     by_mask: dict[int, list[str]] = {}
     for i, m in enumerate(masks[: len(names)]):
@@ -331,12 +335,38 @@ def _launch_lines(entry: str, names: Sequence[str], masks: Sequence[int], ws_slo
     conds = [f"({' | '.join(ps)}) & {m}" for m, ps in sorted(by_mask.items()) if m]
     if conds:
         lines += [f"if {' or '.join(conds)}:", "    return 0"]
+    lines.append(f"st = _cur({device})")
     ptrs = ", ".join(f"p{i}" for i in range(len(names)))
-    if ws_slots is not None:
-        lines += [f"ws = {names[0]}.new_empty(({ws_slots}, _W), dtype=_i64)", "ptr_ws = ws.data_ptr()"]
-        ptrs += ", ptr_ws"
-    lines.append(f"{entry}.launch({ptrs}, {words})")
+    tail = f"st{', ' + words if words else ''}"
+    if ws_slots is None:
+        lines.append(f"{entry}.launch({ptrs}, {tail})")
+    else:
+        lines += [
+            f"if _raw_alloc is not None and _current_device() == {device}:",
+            f"    pw = _raw_alloc(({ws_slots}) * _SLOT_BYTES, st)",
+            "    try:",
+            f"        {entry}.launch({ptrs}, pw, {tail})",
+            "    finally:",
+            "        _raw_free(pw)",
+            "else:",
+            f"    ws = {names[0]}.new_empty(({ws_slots}, _W), dtype=_i64)",
+            f"    {entry}.launch({ptrs}, ws.data_ptr(), {tail})",
+        ]
     return [indent + x for x in lines]
+
+
+def _allocator() -> dict[str, Any]:
+    """The generated launches' names for FA4's tensor-map workspace: torch's caching allocator's
+    raw entry points (None where this torch has none: the workspace is then a torch tensor)."""
+    c = getattr(sys.modules.get("torch"), "_C", None)
+    return {
+        "_raw_alloc": getattr(c, "_cuda_cudaCachingAllocator_raw_alloc", None),
+        "_raw_free": getattr(c, "_cuda_cudaCachingAllocator_raw_delete", None),
+        "_current_device": getattr(c, "_cuda_getDevice", None),
+        "_SLOT_BYTES": TENSORMAP_WORDS * 8,
+        "_W": TENSORMAP_WORDS,
+        "_i64": _dtype("int64"),
+    }
 
 
 def _scalar_mismatch(name: str, value: Any, const: str, scope: dict[str, Any]) -> str | None:
@@ -367,10 +397,10 @@ def _serve_dense(entry: _Entry, cond: str, scope: dict[str, Any], calls: _Calls,
     :func:`_conditions`), 0 when it is not served (a misaligned address: the full path names
     it), else 1: launched on torch's current stream."""
     spec = _SPECS[_DENSE]
-    scope.update(_e=entry, _calls=calls, _cur=current_stream, _W=TENSORMAP_WORDS, _i64=_dtype("int64"))
+    scope.update(_e=entry, _calls=calls, _cur=current_stream, **_allocator())
     lines = [f"def serve({', '.join((*spec.params, *spec.scalars))}):", f"    if {cond}:", "        return -1"]
     ws = str(entry.ws_slots) if entry.ws_slots else None
-    lines += _launch_lines("_e", entry.names, entry.masks, ws, f"_cur({_device(scope)})")
+    lines += _launch_lines("_e", entry.names, entry.masks, ws, _device(scope))
     lines += ["    _calls.hits += 1", "    _calls.recent_hits += 1", "    return 1"]
     gencode.run("\n".join(lines), scope, "fast-path dense call")
     return scope["serve"]
@@ -389,7 +419,7 @@ def _serve_backward(entry: _Entry, key: tuple[Any, ...], cond: str, scope: dict[
     lines = [f"def serve({', '.join((*spec.params, *spec.scalars))}):", f"    if {cond}:", "        return -1"]
     lines += ["    dq, dk, dv = q.new_empty(_gq), q.new_empty(_gk), q.new_empty(_gv)",
               f"    scratch = q.new_empty(({entry.scratch_bytes // 4},), dtype=_f32)"]  # fmt: skip
-    lines += _launch_lines("_e", entry.names, entry.masks, None, f"_cur({_device(scope)})")
+    lines += _launch_lines("_e", entry.names, entry.masks, None, _device(scope))
     lines += ["    _calls.hits += 1", "    _calls.recent_hits += 1", "    return dq, dk, dv"]
     gencode.run("\n".join(lines), scope, "fast-path backward call")
     return scope["serve"]
@@ -417,8 +447,7 @@ def _serve_family(fam: _Family, cond: str, scope: dict[str, Any], calls: _Calls,
     the prepared form of FA4's decision for the call's (batch, max_seqlen_q, max_seqlen_k)
     launched with them (and its workspace slots) as per-call words."""
     spec = _SPECS[_FWD]
-    scope.update(_F=fam, _calls=calls, _cur=current_stream, _W=TENSORMAP_WORDS, _i64=_dtype("int64"),
-                 _PREPARE=_PREPARE)  # fmt: skip
+    scope.update(_F=fam, _calls=calls, _cur=current_stream, _PREPARE=_PREPARE, **_allocator())
     lines = [f"def serve({', '.join((*spec.params, *spec.scalars))}):", f"    if {cond}:", "        return -1"]
     lines += _batch_lines(fam.pinned, fam.seqs, "0")
     lines += [
@@ -435,10 +464,9 @@ def _serve_family(fam: _Family, cond: str, scope: dict[str, Any], calls: _Calls,
         "    vb, vq, vk, vs = last[2]",
         "    if e.ws_slots:",
     ]
-    words = f"_cur({_device(scope)}), vb, vq, vk, vs"
-    lines += _launch_lines("e", fam.names, fam.masks, "vs", words, "        ")
+    lines += _launch_lines("e", fam.names, fam.masks, "vs", _device(scope), "vb, vq, vk, vs", "        ")
     lines.append("    else:")
-    lines += _launch_lines("e", fam.names, fam.masks, None, words, "        ")
+    lines += _launch_lines("e", fam.names, fam.masks, None, _device(scope), "vb, vq, vk, vs", "        ")
     lines += ["    _calls.hits += 1", "    _calls.recent_hits += 1", "    return 1"]
     gencode.run("\n".join(lines), scope, "fast-path forward call")
     return scope["serve"]
