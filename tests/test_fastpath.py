@@ -134,7 +134,9 @@ def test_varlen_calls_with_a_new_batch_and_max_seqlen_every_call(built_cache, mo
     from fa4aot.runtime.forward import analyse
     from fa4aot.runtime.workspaces import workspace_slots
 
-    made = []
+    made, steps = [], []
+    real_step = fastpath._Family.step
+    monkeypatch.setattr(fastpath._Family, "step", lambda self, *a: steps.append(a) or real_step(self, *a))
     real_new_empty = FakeTorch.new_empty
     monkeypatch.setattr(FakeTorch, "new_empty", lambda self, shape, dtype=None: made.append(real_new_empty(self, shape, dtype)) or made[-1])  # fmt: skip
     monkeypatch.setattr(prepared, "alloc_like", lambda ref, shape, dtype: ref.new_empty(shape, dtype))
@@ -182,6 +184,8 @@ def test_varlen_calls_with_a_new_batch_and_max_seqlen_every_call(built_cache, mo
         want_bytes, mask = _written(lv, named)
         assert _same(_buffer(got, lv), want_bytes, mask)
     assert served >= 20, served  # most calls reuse a decision (FA4's regions) and are served
+    # new values in the last decision's region are served without step() (_region_lines)
+    assert len(steps) < served // 2, (len(steps), served)
 
 
 def test_unusual_calls_take_the_full_path_and_its_errors(sm90):

@@ -221,6 +221,23 @@ def test_the_workspace_of_a_batched_call_counts_every_query_row():
     assert workspace_slots(rt, packed) == 428
 
 
+def test_the_workspace_of_a_packed_gqa_call_counts_rows_per_kv_head():
+    """Packed GQA (32 heads over 8): q_mult 4, so 5000 varlen rows of batch 3 make 5000 * 4 // 128
+    + 2 * 3 + 1 = 163 m-blocks over 8 KV heads, max(1304, 264) + 8 = 1312 slots; the fast path's
+    per-batch form (base + per_batch * batch) gives the same for every batch."""
+    from fa4aot.core.fa4_interface import tensormap_workspace_ctas, tensormap_workspace_terms
+
+    assert tensormap_workspace_ctas(True, 128, 32, 8, 132, 5000, 3, 1) == 1312
+    assert tensormap_workspace_ctas(False, 128, 32, 8, 132, 5000, 3, 1) == (5000 // 128 + 7) * 32 + 8
+    assert tensormap_workspace_ctas(True, 128, 32, 8, 132, 10, 1, 1) == 2 * 132 + 8  # the SM floor
+    for pack, splits in ((True, 1), (False, 1), (True, 3)):
+        base, per_batch, least = tensormap_workspace_terms(pack, 128, 32, 8, 132, 5000, splits)
+        for batch in (1, 3, 17, 300):
+            q_mult = 4 if pack else 1  # FA4's lines, written out
+            want = max((5000 * q_mult // 128 + 2 * batch + 1) * (8 if pack else 32) * splits, 2 * 132) + 8
+            assert max(base + per_batch * batch, least) == want
+
+
 def test_automatic_metadata_pool_allocates_nothing_after_warm_up(sm100):
     """Split-KV varlen calls without caller metadata take their metadata from a pool per (stream,
     configuration) shared by every batch size: 1,000 views cycling through 50 batch sizes grow it

@@ -457,14 +457,31 @@ def tensormap_workspace_ctas(
     q_batch: int,
     num_splits: int,
 ) -> int:
-    """The workspace's slot count FA4 allocates (interface.py 1255-1272): an upper bound on the
+    """The workspace's slot count FA4 allocates (interface.py 1220-1231): an upper bound on the
     grid's CTAs. ``q_rows``: q.shape[0] for varlen Q, else batch * seqlen_q; ``q_batch``: the
     batch (cu_seqlens_q's length - 1, or q.shape[0])."""
+    base, per_batch, least = tensormap_workspace_terms(pack_gqa, tile_m, num_heads, num_heads_kv, num_sms, q_rows,
+                                                       num_splits)  # fmt: skip
+    return max(base + per_batch * q_batch, least)
+
+
+def tensormap_workspace_terms(
+    pack_gqa: bool, tile_m: int, num_heads: int, num_heads_kv: int, num_sms: int, q_rows: int, num_splits: int
+) -> tuple[int, int, int]:
+    """FA4's slot count (:func:`tensormap_workspace_ctas`) as a function of the batch: ``(base,
+    per_batch, least)`` with slots ``max(base + per_batch * q_batch, least)``, so a call whose
+    batch changes computes it in one expression. FA4's lines: ``m_blocks_bound = q_rows * q_mult
+    // tile_m + 2 * q_batch + 1``, ``max(m_blocks_bound * heads * num_splits, 2 * num_sms) + 8``."""
     qhead_per_kvhead = num_heads // num_heads_kv
     q_mult = qhead_per_kvhead if pack_gqa and qhead_per_kvhead > 1 else 1
-    m_blocks_bound = q_rows * q_mult // tile_m + 2 * q_batch + 1
     heads = num_heads_kv if q_mult > 1 else num_heads
-    return max(m_blocks_bound * heads * num_splits, 2 * num_sms) + 8
+    per_block = heads * num_splits
+    return ((q_rows * q_mult // tile_m + 1) * per_block + TENSORMAP_SLACK, 2 * per_block,
+            2 * num_sms + TENSORMAP_SLACK)  # fmt: skip
+
+
+#: Slots FA4 adds to its bound (interface.py: ``... + 8``).
+TENSORMAP_SLACK = 8
 
 
 #: int64 words per slot of the workspace (one 128-byte TMA descriptor).

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 from fa4aot.core import gencode
 from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import Fa4aotError
-from fa4aot.core.fa4_interface import TENSORMAP_WORDS, tensormap_workspace_ctas
+from fa4aot.core.fa4_interface import TENSORMAP_WORDS, tensormap_workspace_terms
 from fa4aot.runtime import backward as bwd
 from fa4aot.runtime import loader
 from fa4aot.runtime.dispatch import region_key
@@ -440,7 +440,8 @@ def _batch_lines(pinned: int | None, seqs: Sequence[str], fail: str) -> list[str
     return [f"    b = {first}"] + ([f"    if {' or '.join(checks)}:", f"        return {fail}"] if checks else [])
 
 
-def _serve_family(fam: _Family, cond: str, scope: dict[str, Any], calls: _Calls, current_stream: Any) -> Any:
+def _serve_family(fam: _Family, key: tuple[Any, ...], cond: str, scope: dict[str, Any], calls: _Calls,
+                  current_stream: Any) -> Any:  # fmt: skip
     """``serve(<forward's parameters>)``: -1 when the call is not of the family's key (``cond``)
     or its decision has no prepared form yet, 0 when it is not served (sequence tensors whose
     lengths disagree, a decision not served here, a misaligned address: the full path), else 1:
@@ -450,26 +451,55 @@ def _serve_family(fam: _Family, cond: str, scope: dict[str, Any], calls: _Calls,
     scope.update(_F=fam, _calls=calls, _cur=current_stream, _PREPARE=_PREPARE, **_allocator())
     lines = [f"def serve({', '.join((*spec.params, *spec.scalars))}):", f"    if {cond}:", "        return -1"]
     lines += _batch_lines(fam.pinned, fam.seqs, "0")
-    lines += [
-        "    t = (b, max_q, max_k)",
-        "    last = _F.last",
-        "    if last[0] != t:",
-        "        last = _F.step(t, None)",
-        "        if last is None:",
-        "            _calls.missed()",
-        "            return 0",
-        "        if last is _PREPARE:",
-        "            return -1",
-        "    e = last[1]",
-        "    vb, vq, vk, vs = last[2]",
-        "    if e.ws_slots:",
+    lines += ["    t = (b, max_q, max_k)", "    last = _F.last", "    if last[0] != t:"]
+    region = _region_lines(fam, key, scope)
+    step = [
+        "last = _F.step(t, None)",
+        "if last is None:",
+        "    _calls.missed()",
+        "    return 0",
+        "if last is _PREPARE:",
+        "    return -1",
     ]
+    if region:  # new values in the last decision's region: its decision, without step()
+        lines += ["        " + x for x in region]
+        lines += ["        else:", *("            " + x for x in step)]
+    else:
+        lines += ["        " + x for x in step]
+    lines += ["    e = last[1]", "    vb, vq, vk, vs = last[2]", "    if e.ws_slots:"]
     lines += _launch_lines("e", fam.names, fam.masks, "vs", _device(scope), "vb, vq, vk, vs", "        ")
     lines.append("    else:")
     lines += _launch_lines("e", fam.names, fam.masks, None, _device(scope), "vb, vq, vk, vs", "        ")
     lines += ["    _calls.hits += 1", "    _calls.recent_hits += 1", "    return 1"]
     gencode.run("\n".join(lines), scope, "fast-path forward call")
     return scope["serve"]
+
+
+def _region_lines(fam: _Family, key: tuple[Any, ...], scope: dict[str, Any]) -> list[str]:
+    """Generated code (in :func:`_serve_family`, after ``last[0] != t``) that serves new values
+    ``t`` held by the region of the last decision (``last[3]``: its check and workspace terms,
+    :meth:`_Family._last`) as :meth:`_Family.step` would - the same facts, range checks and
+    values - and sets ``last``; the lines open an ``if`` whose ``else`` the caller writes. Empty
+    where step() never serves new values (``exact``) or the rule has no regions."""
+    if fam.exact is not None or fam.rule.regions is None:
+        return []
+    classes = key[len(key) - 1 - len(_SPECS[_FWD].class_only) : len(key) - 1]  # max_q's, max_k's
+    given = [name for name, c in zip(("max_q", "max_k"), classes) if c is not type(None)]
+    scope.update(_R=fam.rule.regions, _IMAX=INT32_MAX, _dq=fam.default_q, _dk=fam.default_k)
+    facts = ["b", *map(repr, fam.fixed), *given]
+    held = " and ".join(["r is not None", "b > 0", *(f"0 <= {n} <= _IMAX" for n in given), f"r[0]({', '.join(facts)})"])
+    mq = "max_q" if "max_q" in given else "_dq"
+    mk = "max_k" if "max_k" in given else "_dk"
+    return [
+        "r = last[3]",
+        "try:",
+        f"    held = {held}",
+        "except Exception:  # (arithmetic outside the region, as Regions.match)",
+        "    held = False",
+        "if held:",
+        "    _R.reuses += 1",
+        f"    last = _F.last = (t, last[1], (b, {mq}, {mk}, max(r[1] + r[2] * b, r[3])), r)",
+    ]
 
 
 #: :meth:`_Family.step` without a prepare function, for a decision that has no prepared form yet
@@ -518,15 +548,20 @@ class _Family:
         self.names, self.masks = entry.names, entry.masks  # (every decision's prepared form has them)
         if pick is not None:
             self.by_pick[id(pick)] = (pick, entry)
-        self.last = (t, entry, self._values(t, fc.lv.fields))
+        self.last = self._last(t, entry, fc.lv.fields, None)
 
-    def _values(self, t: tuple[Any, Any, Any], fields: dict[str, Any]) -> tuple[int, int, int, int]:
-        """(batch, max_seqlen_q, max_seqlen_k, workspace slots) as the kernel takes them."""
+    def _last(self, t: tuple[Any, Any, Any], entry: Any, fields: dict[str, Any], check: Any) -> tuple[Any, ...]:
+        """``last`` for values ``t`` and the decision of ``fields`` (its prepared form ``entry``):
+        (t, entry, (batch, max_seqlen_q, max_seqlen_k, workspace slots) as the kernel takes them,
+        region) - region: (its check, the workspace terms) when the decision came from a traced
+        region, so the next call that region holds is served without :meth:`step`."""
         batch, mq, mk = t
         nheads, nheads_kv, num_sms, rows = self.ws
-        slots = tensormap_workspace_ctas(bool(fields.get("pack_gqa")), fields["tile_m"], nheads, nheads_kv, num_sms,
-                                         rows, batch, 1)  # fmt: skip
-        return batch, self.default_q if mq is None else mq, self.default_k if mk is None else mk, slots
+        terms = tensormap_workspace_terms(bool(fields.get("pack_gqa")), fields["tile_m"], nheads, nheads_kv, num_sms,
+                                          rows, 1)  # fmt: skip
+        values = (batch, self.default_q if mq is None else mq, self.default_k if mk is None else mk,
+                  max(terms[0] + terms[1] * batch, terms[2]))  # fmt: skip
+        return t, entry, values, None if check is None else (check, *terms)
 
     def step(self, t: tuple[Any, Any, Any], prepare: Any) -> Any:
         """``last`` for a call of new values ``t``; None: the full path serves it (no decision
@@ -539,13 +574,15 @@ class _Family:
             if m is not None and not 0 <= m <= INT32_MAX:
                 return None  # the full path raises, saying why
         rule = self.rule
-        pick = None
+        pick = check = None
         if rule.regions is not None:
             if mq is not None and mk is not None:
                 values = (batch, *self.fixed, mq, mk)
             else:
                 values = (batch, *self.fixed) + (mq,) * (mq is not None) + (mk,) * (mk is not None)
-            pick = rule.regions.find(self.rkey, values)
+            found = rule.regions.match(self.rkey, values)
+            if found is not None:
+                check, pick = found
         if pick is None:
             pick = rule.memo.get(self.base._replace(batch=batch, max_seqlen_q=mq, max_seqlen_k=mk))
             if pick is None:
@@ -570,7 +607,7 @@ class _Family:
             got = self.by_pick[id(pick)] = (pick, entry)
         if got[1] is _NOT_SERVED:
             return None
-        last = self.last = (t, got[1], self._values(t, pick.lv.fields))
+        last = self.last = self._last(t, got[1], pick.lv.fields, check)
         return last
 
 
@@ -767,7 +804,7 @@ def _sight(calls: _Calls, key: tuple[Any, ...], prepare: Any, api: tuple[type, A
         calls.entries[key] = _NOT_SERVED
         return
     if key[0] == _FWD:
-        got.serve = _serve_family(got, cond, scope, calls, api[1])
+        got.serve = _serve_family(got, key, cond, scope, calls, api[1])
     elif key[0] == _DENSE:
         got.serve = _serve_dense(got, cond, scope, calls, api[1])
     else:

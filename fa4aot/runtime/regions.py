@@ -287,6 +287,11 @@ class Regions:
 
     def find(self, key: Any, values: tuple[int, ...]) -> Any:
         """The decision of a region holding ``values`` (the traced facts in order), or None."""
+        got = self.match(key, values)
+        return None if got is None else got[1]
+
+    def match(self, key: Any, values: tuple[int, ...]) -> tuple[Callable[..., bool], Any] | None:
+        """(check, decision) of a region holding ``values``, or None (:meth:`find`)."""
         regions = self.by_key.get(key)
         if not regions:
             return None
@@ -301,7 +306,7 @@ class Regions:
                         if i < len(regions) and regions[i][0] is check:
                             regions.insert(0, regions.pop(i))
                 self.reuses += 1
-                return decision
+                return check, decision
         return None
 
     def add(self, key: Any, check: Callable[..., bool], decision: Any) -> None:
