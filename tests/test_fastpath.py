@@ -438,7 +438,7 @@ def test_the_last_served_call_answers_exactly_the_calls_of_its_key(sm90):
     base = dict(softmax_scale=None, causal=True, window_size=(None, None), softcap=0.0, num_splits=1, pack_gqa=None)
     for _ in range(3):
         fa4aot.flash_attn_func(*(t(i, shape) for i in range(3)), **base, out=t(3, shape), runtime=rt)
-    serve = fastpath.calls_of(rt).last["dense"].serve
+    serve = fastpath.calls_of(rt).dense
 
     def call(*tensors, **scalars):
         return serve(*tensors, **dict(base, **scalars))
@@ -466,7 +466,7 @@ def test_the_last_served_call_answers_exactly_the_calls_of_its_key(sm90):
     for _ in range(3):
         fa4aot.flash_attn_func(*(t(i, (1,) + shape[1:]) for i in range(3)), causal=True, out=t(3, (1,) + shape[1:]),
                                runtime=rt)  # fmt: skip
-    serve = fastpath.calls_of(rt).last["dense"].serve
+    serve = fastpath.calls_of(rt).dense
     one = [_raw(i, (1,) + shape[1:]) for i in range(4)]
     assert call(_raw(0, (1,) + shape[1:], strides=(7,) + odd[1:]), *one[1:]) == 1
     assert len(drv.launches) == 8  # nothing launched for the calls not served
@@ -482,7 +482,7 @@ def test_a_served_family_answers_only_calls_of_its_key(sm90):
     for _ in range(3):
         _flash_attn_fwd(qd, pool, pool, seqused_k=used, max_seqlen_q=1, max_seqlen_k=4096, page_table=pt, causal=True,
                         out=od, runtime=rt)  # fmt: skip
-    serve = fastpath.calls_of(rt).last["fwd"].serve
+    serve = fastpath.calls_of(rt).fwd
     scalars = (None, True, (None, None), None, 1, None)
 
     def call(q=qd, k=pool, v=pool, out=od, su_k=used, page_table=pt, max_q=1, max_k=4096, cu_q=None, sink=None):

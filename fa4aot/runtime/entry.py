@@ -24,9 +24,15 @@ flash_attn_func = mirror(
     if (
         out is not None and rt is not None and stream is None and not return_lse and config is None
         and scales is None and learnable_sink is None
-        and fastpath.dense(rt, q, k, v, out, softmax_scale, causal, window_size, softcap, num_splits, pack_gqa)
-    ):  # a repeated call: launched from its prepared form (runtime/fastpath.py)
-        return out, None
+    ):  # a repeated call: launched from its prepared form (runtime/fastpath.py), first by the
+        # serve of the key served last, else by the call's key
+        f = rt.api_caches.get("fast_calls")
+        f = None if f is None else f.dense
+        r = -1 if f is None else f(q, k, v, out, softmax_scale, causal, window_size, softcap, num_splits, pack_gqa)
+        if r == 1 or r == -1 and fastpath.dense(
+            rt, q, k, v, out, softmax_scale, causal, window_size, softcap, num_splits, pack_gqa
+        ):
+            return out, None
     return forward(
         rt, q, k, v, None, None, None, None, None, None, softmax_scale, causal, window_size, num_splits,
         pack_gqa, return_lse, out, None, stream, None, learnable_sink, softcap, config=config, scales=scales,
@@ -51,12 +57,20 @@ flash_attn_varlen_func = mirror(
     rt = runtime or loader._DEFAULT
     if (
         out is not None and rt is not None and stream is None and not return_lse and config is None
-        and scales is None and scheduler_metadata is None and fastpath.forward(
+        and scales is None and scheduler_metadata is None
+    ):  # a repeated call: launched from its prepared form (runtime/fastpath.py), first by the
+        # serve of the key served last, else by the call's key
+        f = rt.api_caches.get("fast_calls")
+        f = None if f is None else f.fwd
+        r = -1 if f is None else f(
+            q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, page_table, learnable_sink,
+            max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_size, softcap, num_splits, pack_gqa,
+        )
+        if r == 1 or r == -1 and fastpath.forward(
             rt, q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
             page_table, learnable_sink, softmax_scale, causal, window_size, softcap, num_splits, pack_gqa,
-        )
-    ):  # a repeated call: launched from its prepared form (runtime/fastpath.py)
-        return out, None
+        ):
+            return out, None
     return forward(
         rt, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
         softmax_scale, causal, window_size, num_splits, pack_gqa, return_lse, out, scheduler_metadata, stream,
@@ -120,11 +134,20 @@ def flash_attn_backward(
     """
     rt = runtime or loader._DEFAULT or loader.default_runtime()
     if dq is None and dk is None and dv is None and learnable_sink is None and stream is None:
-        grads = fastpath.backward(
-            rt, dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q,
+        # a repeated call: launched from its prepared form (runtime/fastpath.py), first by the
+        # serve of the key served last, else by the call's key
+        f = rt.api_caches.get("fast_calls")
+        f = None if f is None else f.bwd
+        grads = -1 if f is None else f(
+            dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q,
             max_seqlen_k, softmax_scale, causal, window_size, softcap, deterministic,
         )  # fmt: skip
-        if grads is not None:  # a repeated call: launched from its prepared form (runtime/fastpath.py)
+        if grads == -1:
+            grads = fastpath.backward(
+                rt, dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, max_seqlen_q,
+                max_seqlen_k, softmax_scale, causal, window_size, softcap, deterministic,
+            )  # fmt: skip
+        if grads:
             return grads
     return backward(rt, BwdArgs(
         dout, q, k, v, out, lse, softmax_scale, causal, window_size, softcap, cu_seqlens_q, cu_seqlens_k,

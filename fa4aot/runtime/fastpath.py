@@ -80,11 +80,15 @@ _PARAM_OF = {"cu_seqlens_q": "cu_q", "cu_seqlens_k": "cu_k", "seqused_q": "su_q"
 class _Calls:
     """One runtime's fast plain calls: key -> _Entry (or _NOT_SERVED), and keys seen once."""
 
-    __slots__ = ("entries", "sighted", "hits", "tries", "recent_hits", "skip", "last")
+    __slots__ = ("entries", "sighted", "hits", "tries", "recent_hits", "skip", "dense", "fwd", "bwd")
 
     def __init__(self) -> None:
-        #: per function tag, the entry (or _Family) that served its last keyed call
-        self.last: dict[str, Any] = {}
+        #: per function tag (an attribute each, read by the public functions' mirrors in
+        #: runtime/entry.py): the ``serve`` of the entry or _Family its last keyed call found, or
+        #: None (none yet, or the fast path is paused)
+        self.dense: Any = None
+        self.fwd: Any = None
+        self.bwd: Any = None
         self.entries: BoundedDict = BoundedDict(MAX_FAST_CALLS)
         self.sighted: BoundedDict = BoundedDict(MAX_SIGHTED)
         self.hits = 0
@@ -104,6 +108,7 @@ class _Calls:
         if self.tries >= WINDOW:
             if not self.recent_hits:
                 self.skip = SKIP
+                self.dense = self.fwd = self.bwd = None  # (each is offered the next call first)
             self.tries = self.recent_hits = 0
 
 
@@ -152,21 +157,15 @@ def forward(
     pack_gqa: Any,
 ) -> bool:
     """Launch this forward call (``out`` given, no LSE, no caller metadata, torch's current
-    stream) from a prepared form; False: not served here, the caller runs the full path.
+    stream) from a prepared form; False: not served here, the caller runs the full path. The
+    mirrors (runtime/entry.py) offer the call to ``_Calls.fwd`` first, the serve of the key
+    served last; this is the path of a call it did not answer: the call's key.
 
     The batch (the sequence tensors' length) and max_seqlen_q/k may change from call to call:
     they are not in the key. A call whose (batch, max_seqlen_q, max_seqlen_k) differs from the
     last one's takes FA4's decision for them from the rule's memo or a traced region (never
     deciding here) and launches the prepared form made for that decision with the new values
     (:class:`_Family`)."""
-    calls = rt.api_caches.get("fast_calls")
-    if calls is not None and not calls.skip:
-        fam = calls.last.get(_FWD)
-        if fam is not None:  # the family that served the last call: it answers calls of its key
-            r = fam.serve(q, k, v, out, cu_q, cu_k, su_q, su_k, page_table, sink, max_q, max_k, softmax_scale, causal,
-                          window_size, softcap, num_splits, pack_gqa)  # fmt: skip
-            if r >= 0:
-                return r == 1
     started = _start(rt)
     if started is None:
         return False
@@ -658,7 +657,7 @@ def _keyed(api: tuple[type, Any], calls: _Calls, tag: str, given: tuple[bool, ..
     if got is _NOT_SERVED:
         calls.missed()
         return None
-    calls.last[tag] = got
+    setattr(calls, tag, got.serve)  # (tag: "dense", "fwd" or "bwd", _Calls' attributes)
     return got
 
 
@@ -676,14 +675,7 @@ def dense(
     pack_gqa: Any,
 ) -> bool:
     """:func:`forward` for a batched call with no other tensor (``flash_attn_func``'s usual call),
-    written out: it is the call most often repeated."""
-    calls = rt.api_caches.get("fast_calls")
-    if calls is not None and not calls.skip:
-        entry = calls.last.get(_DENSE)
-        if entry is not None:  # the entry that served the last call: it answers calls of its key
-            r = entry.serve(q, k, v, out, softmax_scale, causal, window_size, softcap, num_splits, pack_gqa)
-            if r >= 0:
-                return r == 1
+    written out: it is the call most often repeated (after ``_Calls.dense``, as there)."""
     started = _start(rt)
     if started is None:
         return False
@@ -720,15 +712,7 @@ def backward(
     """The backward's fast path (no outputs given, no sink, torch's current stream): ``(dq, dk,
     dv)`` allocated as the full path allocates them, FA4's scratch a new buffer from torch's
     allocator per call (as the full path's), launched from the call's prepared form; None: not
-    served here."""
-    calls = rt.api_caches.get("fast_calls")
-    if calls is not None and not calls.skip:
-        entry = calls.last.get(_BWD)
-        if entry is not None:  # the entry that served the last call: it answers calls of its key
-            r = entry.serve(dout, q, k, v, out, lse, dlse, cu_q, cu_k, su_q, su_k, max_q, max_k, softmax_scale, causal,
-                            window_size, softcap, deterministic)  # fmt: skip
-            if r != -1:
-                return r or None
+    served here (after ``_Calls.bwd``, as in :func:`forward`)."""
     started = _start(rt)
     if started is None:
         return None

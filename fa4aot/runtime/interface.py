@@ -40,13 +40,20 @@ _flash_attn_fwd = mirror(
     if (
         out is not None and lse is None and stream is None and not return_lse and config is None and scales is None
         and scheduler_metadata is None and tile_mn is None and mma_pv_is_rs is None and intra_wg_overlap is None
-        and _fast(
-            rt, q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
-            page_table, learnable_sink, softmax_scale, causal, (window_size_left, window_size_right), softcap,
-            num_splits, pack_gqa,
+    ):  # a repeated call: launched from its prepared form (runtime/fastpath.py), first by the
+        # serve of the key served last, else by the call's key
+        window = (window_size_left, window_size_right)
+        f = rt.api_caches.get("fast_calls")
+        f = None if f is None else f.fwd
+        r = -1 if f is None else f(
+            q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, page_table, learnable_sink,
+            max_seqlen_q, max_seqlen_k, softmax_scale, causal, window, softcap, num_splits, pack_gqa,
         )
-    ):  # a repeated call: launched from its prepared form (runtime/fastpath.py)
-        return out, None, None, None, None
+        if r == 1 or r == -1 and _fast(
+            rt, q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
+            page_table, learnable_sink, softmax_scale, causal, window, softcap, num_splits, pack_gqa,
+        ):
+            return out, None, None, None, None
     out, lse = forward(
         rt, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, softmax_scale,
         causal, (window_size_left, window_size_right), num_splits, pack_gqa, return_lse, out, scheduler_metadata,
