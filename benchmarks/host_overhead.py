@@ -35,6 +35,8 @@ import sys
 
 import _common
 
+from fa4aot.plan.abi import ATTR_NAMES
+
 BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCHMARKS)
 
@@ -152,12 +154,57 @@ def floors(rt, fc, named, label: str, inner: int, repeats: int, sync, sleep: int
     ptrs = [named[n][0] for n in bound.tensor_names]
     bound(ptrs, stream)  # records the launch; later calls with these addresses relaunch it
     run, addr = bound.run, s.addr
-    return {
+    rows = {
         f"floor{label}: cuLaunchKernelEx via cuda.bindings, prepacked": median_us(
             lambda: d.cuLaunchKernelEx(cfg, fn, argv_addr, 0), inner, repeats, sync, sleep
         ),
         f"floor{label}: C relaunch of a recorded launch (1 ctypes call)": median_us(
             lambda: run(addr), inner, repeats, sync, sleep
+        ),
+    }
+    if not label:
+        rows.update(attribute_floors(rec, fc.lv.kernels[0], argv_addr, stream, inner, repeats, sync, sleep))
+    return rows
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute (cuda.h)
+    _fields_ = [("id", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("val", ctypes.c_uint8 * 64)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig (cuda.h)
+    _fields_ = [("dims", ctypes.c_uint32 * 7), ("stream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint32)]  # fmt: skip
+
+
+def attribute_floors(rec, function: int, argv_addr: int, stream: int, inner: int, repeats: int, sync,
+                     sleep: int) -> dict[str, float]:  # fmt: skip
+    """What the driver's launch costs with the launch attributes FA4's host code set (recorded
+    in ``rec``; on SM90 cooperative and programmatic stream serialization, both 0: the
+    defaults), without them, and through cuLaunchKernel - each one ctypes call into libcuda,
+    so the differences are the driver's."""
+    cuda = ctypes.CDLL("libcuda.so.1")
+    ex, plain = cuda.cuLaunchKernelEx, cuda.cuLaunchKernel
+    ex.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    plain.argtypes = [ctypes.c_void_p, *[ctypes.c_uint32] * 7, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    attrs = (_LaunchAttribute * max(rec.n_attrs, 1))()
+    for i in range(rec.n_attrs):
+        attrs[i].id = rec.attr_id[i]
+        ctypes.memmove(attrs[i].val, rec.attr_val[i], 64)
+    dims = (*rec.grid, *rec.block, rec.smem)
+    with_attrs = _LaunchConfig((ctypes.c_uint32 * 7)(*dims), stream, attrs, rec.n_attrs)
+    without = _LaunchConfig((ctypes.c_uint32 * 7)(*dims), stream, attrs, 0)
+    names = ", ".join(f"{ATTR_NAMES.get(rec.attr_id[i], rec.attr_id[i])}={bytes(rec.attr_val[i][:4]).hex()}"
+                      for i in range(rec.n_attrs))  # fmt: skip
+    p_with, p_without = ctypes.byref(with_attrs), ctypes.byref(without)
+    return {
+        f"attributes: cuLaunchKernelEx via ctypes, FA4's attributes ({names})": median_us(
+            lambda: ex(p_with, function, argv_addr, None), inner, repeats, sync, sleep
+        ),
+        "attributes: cuLaunchKernelEx via ctypes, no attributes": median_us(
+            lambda: ex(p_without, function, argv_addr, None), inner, repeats, sync, sleep
+        ),
+        "attributes: cuLaunchKernel via ctypes": median_us(
+            lambda: plain(function, *dims, stream, argv_addr, None), inner, repeats, sync, sleep
         ),
     }
 
