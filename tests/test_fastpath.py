@@ -562,3 +562,99 @@ def test_the_workspace_from_torchs_raw_allocator_on_the_call_stream(sm100, monke
     else:
         assert events == []
         assert any((B + (100 + _made[0]) * (1 << 36)).to_bytes(8, "little") in p for p in launched.params)
+
+
+def _torch_guard_or_skip():
+    torch = pytest.importorskip("torch")
+    from fa4aot.runtime.prepared import torch_guard
+
+    if torch_guard([torch.zeros(2)], [(2,)]) is None:
+        pytest.skip(f"torch {torch.__version__} has no torch._C._dynamo.guards.TensorGuards (accessors check instead)")
+    return torch, torch_guard
+
+
+def test_torchs_own_check_passes_exactly_tensors_like_the_bound_ones():
+    """prepared.torch_guard: torch's C++ check of the bound tensors passes new tensors of the same
+    class, dtype, device, shape (any length where the size is None) and strides, passed with
+    the same aliasing; anything else fails (the caller then checks through the accessors)."""
+    torch, torch_guard = _torch_guard_or_skip()
+    bf = torch.bfloat16
+
+    def bound():
+        q, k = torch.zeros(2, 3, 4, 8, dtype=bf), torch.zeros(2, 5, 4, 8, dtype=bf)
+        return [q, k, k, torch.zeros(3, dtype=torch.int32)]  # v is k; a sequence tensor of any length
+
+    objs = bound()
+    guard = torch_guard(objs, [objs[0].shape, objs[1].shape, objs[2].shape, (None,)])
+    assert guard.unique == (0, 1, 3) and guard.aliases == ((2, 1),)
+    scope = {}
+    expr = guard.expression(["a", "b", "c", "d"], scope, "_G")
+
+    def passes(q, k, v, cu):
+        return eval(expr, dict(scope, a=q, b=k, c=v, d=cu))  # noqa: S307
+
+    q, k, _, cu = bound()
+    assert passes(q, k, k, cu) and passes(q, k, k, torch.zeros(9, dtype=torch.int32))
+
+    class Sub(torch.Tensor):
+        pass
+
+    for bad_q in [
+        q.float(),  # dtype
+        torch.zeros(2, 3, 4, 16, dtype=bf),  # shape
+        torch.zeros(2, 4, 3, 8, dtype=bf).transpose(1, 2),  # strides
+        torch.zeros(2, 3, 4, 8, dtype=bf, device="meta"),  # device
+        torch.zeros(2, 3, 4, 8, dtype=bf, requires_grad=True),
+        q.as_subclass(Sub),
+        None,
+        0,
+    ]:
+        assert not passes(bad_q, k, k, cu)
+    assert not passes(q, k, k, torch.zeros(3, dtype=torch.int64))
+    assert not passes(q, k, k, torch.zeros(6, dtype=torch.int32)[::2])  # a strided sequence tensor
+    assert not passes(q, k, torch.zeros_like(k), cu)  # v no longer k
+    assert not passes(q, q, q, cu)  # an alias it was not bound with (and q's shape is not k's)
+    assert not passes(q, k, k, q)  # q twice: torch's check refuses a repeated tensor
+
+
+def test_torch_tensors_take_torchs_check_in_served_and_prepared_calls(sm90, monkeypatch):
+    """PyTorch tensors (host memory standing in for device 0's): a prepared call and the last
+    served plain call check them with torch's own check; a call that fails it is checked through
+    the accessors, so tensors that torch's check refuses only by aliasing or requires_grad are
+    still launched, and a wrong tensor is still a typed error with nothing launched."""
+    torch, _ = _torch_guard_or_skip()
+    from fa4aot.runtime import frameworks, tensors
+
+    dtypes = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+    monkeypatch.setattr(frameworks, "_TORCH_STREAM", [lambda device: 0])  # torch's current stream: 0
+    monkeypatch.setitem(tensors._CONVERTERS, torch.Tensor, lambda o, name: DeviceTensor(
+        o.data_ptr(), tuple(o.shape), o.stride(), dtypes[o.dtype], 0, "torch"))  # fmt: skip
+    monkeypatch.setattr(fastpath, "_API", [(torch.Tensor, lambda device: 0)])
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)  # (host tensors as device 0's)
+    rt, drv = sm90
+    shape = (2, 1000, 16, 128)
+    q, k, v, out = (torch.zeros(shape, dtype=torch.bfloat16) for _ in range(4))
+    run = fa4aot.prepare_forward(q, k, v, out, causal=True, runtime=rt)
+    assert "_G" in type(run).__call__.__globals__  # the generated call offers torch's check first
+    run(q, k, v, out)
+    run(q, k, k, out)  # aliased: refused by torch's check, passed by the accessors
+    run(q, k, v, out.requires_grad_(True))
+    assert len(drv.launches) == 3
+    with pytest.raises(ArgumentError, match="dtype"):
+        run(q, k, v, out.detach().half())
+    with pytest.raises(ArgumentError, match="shape"):
+        run(q, k, v, torch.zeros(2, 999, 16, 128, dtype=torch.bfloat16))
+    assert len(drv.launches) == 3
+    out.requires_grad_(False)
+    for _ in range(3):
+        fa4aot.flash_attn_func(q, k, v, causal=True, out=out, runtime=rt)
+    serve = fastpath.calls_of(rt).dense
+    assert "_G" in serve.__globals__
+    scalars = dict(softmax_scale=None, causal=True, window_size=(None, None), softcap=0.0, num_splits=1,
+                   pack_gqa=None)  # fmt: skip
+    fresh = [torch.zeros(shape, dtype=torch.bfloat16) for _ in range(4)]
+    assert serve(*fresh, **scalars) == 1
+    assert serve(fresh[0], fresh[1], fresh[1], fresh[3], **scalars) == 1  # aliased: the accessors pass it
+    assert serve(fresh[0].half(), *fresh[1:], **scalars) == -1
+    assert serve(*fresh[:3], torch.zeros(2, 999, 16, 128, dtype=torch.bfloat16), **scalars) == -1
+    assert len(drv.launches) == 3 + 3 + 2

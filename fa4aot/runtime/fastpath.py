@@ -37,7 +37,7 @@ from fa4aot.core.fa4_interface import TENSORMAP_WORDS, tensormap_workspace_terms
 from fa4aot.runtime import backward as bwd
 from fa4aot.runtime import loader
 from fa4aot.runtime.dispatch import region_key
-from fa4aot.runtime.prepared import NeedsBuffers, prepare_forward, torch_mismatch
+from fa4aot.runtime.prepared import NeedsBuffers, prepare_forward, torch_guard, torch_mismatch
 from fa4aot.runtime.validate import INT32_MAX
 
 #: Prepared plain calls per runtime (a model's layers repeat a handful of signatures).
@@ -269,14 +269,16 @@ def _key_function(tag: str, given: tuple[bool, ...]) -> Any:
     return scope["key"]
 
 
-def _conditions(cls: type, key: tuple[Any, ...], scope: dict[str, Any]) -> str | None:
+def _conditions(cls: type, key: tuple[Any, ...], scope: dict[str, Any], objs: dict[str, Any]) -> str | None:
     """The expression (generated code, over the key function's parameters) that is false
     exactly for calls whose key would be ``key`` - checked attribute by attribute against the
     key's values, cheapest first, with no tuple built or hashed; its constants go into
     ``scope``. One relaxation: a tensor keyed contiguous matches any tensor of its shape that
     torch calls contiguous (:func:`~fa4aot.runtime.prepared.torch_mismatch`: it reads the same
     addresses). None when a scalar of the key is of a class this does not write out (the key
-    lookup serves those calls)."""
+    lookup serves those calls). ``objs``: the call's tensors by parameter name, of this key: the
+    tensors are first offered to torch's C++ check built from them
+    (:func:`~fa4aot.runtime.prepared.torch_guard`), which passes only tensors that match exactly."""
     spec = _SPECS[key[0]]
     metas, rest = _metas(key)
     values = iter(rest)
@@ -291,6 +293,11 @@ def _conditions(cls: type, key: tuple[Any, ...], scope: dict[str, Any]) -> str |
             tensors.append(f"{n}.dtype is not _d{i} or {n}.stride() != _s{i} or {n}.get_device() != {device!r}")
         else:
             tensors.append(torch_mismatch(n, (shape, strides, dtype, device), f"_t{i}", scope))
+    names = [n for n, _ in metas]
+    guard = torch_guard([objs[n] for n in names], [(None,) * len(m[1]) if m[0] is None else m[0] for _, m in metas])
+    tensor_cond = " or ".join(tensors)
+    if guard is not None:
+        tensor_cond = f"not ({guard.expression(names, scope, '_G')}) and ({tensor_cond})"
     for i, name in enumerate(spec.scalars):
         cond = _scalar_mismatch(name, next(values), f"_v{i}", scope)
         if cond is None:
@@ -301,7 +308,7 @@ def _conditions(cls: type, key: tuple[Any, ...], scope: dict[str, Any]) -> str |
     for i, (name, c) in enumerate(zip(spec.class_only, classes)):
         scope[f"_k{i}"] = c
         conds.append(f"{name}.__class__ is not _k{i}")
-    return " or ".join(conds + tensors)
+    return " or ".join([*conds, tensor_cond])
 
 
 def _metas(key: tuple[Any, ...]) -> tuple[list[tuple[str, tuple[Any, Any, Any, Any]]], tuple[Any, ...]]:
@@ -652,7 +659,7 @@ def _keyed(api: tuple[type, Any], calls: _Calls, tag: str, given: tuple[bool, ..
     except TypeError:  # an unhashable or unusual argument (a list window): the full path decides
         return None
     if got is None:
-        _sight(calls, key, prepare, api)
+        _sight(calls, key, prepare, api, args)
         return None
     if got is _NOT_SERVED:
         calls.missed()
@@ -762,7 +769,7 @@ def _prepare(rt: Any, qkvo: list[Any], cu_q: Any, cu_k: Any, max_q: Any, max_k: 
     )  # fmt: skip
 
 
-def _sight(calls: _Calls, key: tuple[Any, ...], prepare: Any, api: tuple[type, Any]) -> None:
+def _sight(calls: _Calls, key: tuple[Any, ...], prepare: Any, api: tuple[type, Any], args: tuple[Any, ...]) -> None:
     """Count a sighting of ``key``; on the one that prepares it, store its entry (or family)
     with the function that answers the calls of its key, or :data:`_NOT_SERVED`."""
     calls.missed()
@@ -783,7 +790,7 @@ def _sight(calls: _Calls, key: tuple[Any, ...], prepare: Any, api: tuple[type, A
             return
         got = _Entry(got)
     scope: dict[str, Any] = {}
-    cond = _conditions(api[0], key, scope)
+    cond = _conditions(api[0], key, scope, dict(zip(_SPECS[key[0]].params, args)))
     if cond is None:  # a scalar of a class not written out (a NumPy float): the full path serves it
         calls.entries[key] = _NOT_SERVED
         return

@@ -31,7 +31,7 @@ import struct
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from fa4aot.core import gencode
 from fa4aot.core.errors import ArgumentError
@@ -113,7 +113,7 @@ class Prepared:
         names: Sequence[str],
         tensors: Sequence[DeviceTensor],
         aligns: Sequence[int],
-        torch_keys: Sequence[Any] | None,
+        torch_keys: TorchKeys | None,
         steps: _Steps,
         owned: list[Any],
         per_call: dict[str, int] | None = None,
@@ -146,7 +146,7 @@ class Prepared:
         names: Sequence[str],
         tensors: Sequence[DeviceTensor],
         aligns: Sequence[int],
-        torch_keys: Sequence[Any] | None,
+        torch_keys: TorchKeys | None,
         steps: _Steps,
     ) -> Callable[..., None]:
         n = len(names)
@@ -171,11 +171,16 @@ class Prepared:
                 f"        p{i} = d[0]",
             ]
         if torch_keys is not None:
-            scope["_T"] = torch_keys[0]
+            scope["_T"] = torch_keys.cls
             cond = " and ".join(f"a{i}.__class__ is _T" for i in range(n))
-            lines.append(f"    if {cond}:")
+            if torch_keys.guard is not None:  # torch's own check of every tensor, in one C call
+                lines.append(f"    if {torch_keys.guard.expression(args, scope, '_G')}:")
+                lines += [f"        p{i} = a{i}.data_ptr()" for i in range(n)]
+                lines.append(f"    elif {cond}:")
+            else:
+                lines.append(f"    if {cond}:")
             for i in range(n):
-                lines += [f"        if {torch_mismatch(f'a{i}', torch_keys[1 + i], f'_t{i}', scope)}: _bad({i}, a{i})",
+                lines += [f"        if {torch_mismatch(f'a{i}', torch_keys.metas[i], f'_t{i}', scope)}: _bad({i}, a{i})",
                           f"        p{i} = a{i}.data_ptr()"]  # fmt: skip
             lines.append("    else:")
             lines += generic
@@ -189,7 +194,7 @@ class Prepared:
         lines.append(f"    if {cond}: _misaligned(({', '.join(f'p{i}' for i in range(n))},))")
         cur = _torch_current_stream(torch_keys)
         if cur is not None:  # torch's current stream of the bound device, read directly
-            scope["_cur"], scope["_dev"] = cur, torch_keys[1][3]
+            scope["_cur"], scope["_dev"] = cur, torch_keys.metas[0][3]
             lines.append("    st = _cur(_dev) if stream is None else _stream(stream)")
         else:
             lines.append("    st = _default(a0) if stream is None else _stream(stream)")
@@ -253,7 +258,7 @@ def _bad_word(e: Exception) -> ArgumentError:
     return ArgumentError(f"a tensor address, per-call word or stream is not a 64-bit unsigned int: {e}")
 
 
-def _torch_current_stream(torch_keys: Sequence[Any] | None) -> Callable[[int], int] | None:
+def _torch_current_stream(torch_keys: TorchKeys | None) -> Callable[[int], int] | None:
     """torch's fast current-stream accessor when the bound tensors are torch's (else None)."""
     if torch_keys is None:
         return None
@@ -284,13 +289,70 @@ def torch_mismatch(obj: str, meta: tuple[Any, Any, Any, Any], name: str, scope: 
     return f"{obj}.dtype is not {name}d or {obj}.shape != {name}s or {stride_test} or {obj}.get_device() != {device!r}"
 
 
-def _torch_keys(objs: Sequence[Any], descs: Sequence[DeviceTensor]) -> list[Any] | None:
-    """(torch.Tensor class, then per tensor (shape, strides, dtype object, device)) when every
-    bound tensor is a plain torch.Tensor; else None."""
+class TorchGuard(NamedTuple):
+    """torch's C++ check of tensors against the ones it was built from (:func:`torch_guard`):
+    ``check(*tensors)`` over the arguments at ``unique`` (the others alias an earlier one,
+    ``aliases``: (position, position of the same object))."""
+
+    check: Callable[..., bool]
+    unique: tuple[int, ...]
+    aliases: tuple[tuple[int, int], ...]
+
+    def expression(self, names: Sequence[str], scope: dict[str, Any], const: str) -> str:
+        """Generated code over the variables ``names`` (one per argument), true when they pass:
+        the same arguments aliased, and torch's check of the others."""
+        scope[const] = self.check
+        same = [f"{names[i]} is {names[j]}" for i, j in self.aliases]
+        return " and ".join([*same, f"{const}({', '.join(names[i] for i in self.unique)})"])
+
+
+def torch_guard(objs: Sequence[Any], sizes: Sequence[Sequence[int | None]]) -> TorchGuard | None:
+    """torch's own check (``torch._C._dynamo.guards.TensorGuards``, the C++ check behind
+    torch.compile's guards) of tensors like ``objs``: each exactly of its class, dtype, device
+    and dispatch keys, requires_grad, ``sizes`` (None: any extent) and strides - stricter than
+    :func:`torch_mismatch` and one C call for all of them (0.43 us for four tensors on the CI
+    box against 1.06 through their accessors). It refuses a tensor passed twice, so an argument
+    that is the same object as an earlier one in ``objs`` is checked by identity instead. None
+    where this torch has no such check or it does not pass ``objs`` themselves."""
+    guards = getattr(getattr(getattr(sys.modules.get("torch"), "_C", None), "_dynamo", None), "guards", None)
+    cls = getattr(guards, "TensorGuards", None)
+    if cls is None:
+        return None
+    first: dict[int, int] = {}
+    unique, aliases = [], []
+    for i, o in enumerate(objs):
+        j = first.setdefault(id(o), i)
+        if j == i:
+            unique.append(i)
+        else:
+            aliases.append((i, j))
+    mine = [objs[i] for i in unique]
+    try:
+        g = cls(*mine, dynamic_dims_sizes=[list(sizes[i]) for i in unique],
+                dynamic_dims_strides=[list(o.stride()) for o in mine])  # fmt: skip
+        if g.check(*mine) is not True:
+            return None
+    except Exception:  # noqa: BLE001 - another torch's signature: the accessors check instead
+        return None
+    return TorchGuard(g.check, tuple(unique), tuple(aliases))
+
+
+class TorchKeys(NamedTuple):
+    """Bound PyTorch tensors: their class, each one's (shape, strides, dtype object, device),
+    and torch's check of all of them (None where torch has none)."""
+
+    cls: type
+    metas: tuple[tuple[Any, Any, Any, Any], ...]
+    guard: TorchGuard | None
+
+
+def _torch_keys(objs: Sequence[Any], descs: Sequence[DeviceTensor]) -> TorchKeys | None:
+    """The bound tensors' :class:`TorchKeys` when every one is a plain torch.Tensor; else None."""
     cls = objs[0].__class__
     if framework(objs[0]) != "torch" or any(o.__class__ is not cls for o in objs):
         return None
-    return [cls] + [(o.shape, o.stride(), o.dtype, o.get_device()) for o in objs]
+    metas = tuple((o.shape, o.stride(), o.dtype, o.get_device()) for o in objs)
+    return TorchKeys(cls, metas, torch_guard(objs, [m[0] for m in metas]))
 
 
 def _owned_tensor(ptr: int, shape: tuple[int, ...], dev: int) -> DeviceTensor:
