@@ -278,6 +278,8 @@ def test_the_batch_is_free_only_where_no_tensor_in_the_key_carries_it(cu_q, cu_k
     assert family.batch_of(**{n: seq(5) if t is not None else None for n, t in given.items()}) == 4
     if cu_q and cu_k:  # lengths that disagree with each other: -1, either way
         assert family.batch_of(cu_q=seq(7), cu_k=seq(6), su_q=None, su_k=None) == -1
+        same = seq(7)  # one tensor for both (self-attention): its length is read once
+        assert family.batch_of(cu_q=same, cu_k=same, su_q=None, su_k=None) == (6 if free else -1)
 
 
 def test_threads_sharing_an_entry_launch_their_own_addresses(sm90):

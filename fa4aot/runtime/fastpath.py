@@ -442,7 +442,13 @@ def _batch_lines(pinned: int | None, seqs: Sequence[str], fail: str) -> list[str
     tensor's length disagrees with it (cu_seqlens: batch + 1, seqused: batch)."""
     extra = {"cu_q": 1, "cu_k": 1, "su_q": 0, "su_k": 0}
     first = repr(pinned) if pinned is not None else f"{seqs[0]}.shape[0] - {extra[seqs[0]]}"
-    checks = [f"{n}.shape[0] != b + {extra[n]}" for n in seqs if pinned is not None or n != seqs[0]]
+    checks = []
+    for n in seqs:
+        if pinned is None and n == seqs[0]:
+            continue
+        same = pinned is None and extra[n] == extra[seqs[0]]  # (the same tensor: its length agrees)
+        checks.append(f"({n} is not {seqs[0]} and {n}.shape[0] != b + {extra[n]})" if same else
+                      f"{n}.shape[0] != b + {extra[n]}")  # fmt: skip
     return [f"    b = {first}"] + ([f"    if {' or '.join(checks)}:", f"        return {fail}"] if checks else [])
 
 
