@@ -647,6 +647,19 @@ def test_torch_tensors_take_torchs_check_in_served_and_prepared_calls(sm90, monk
     with pytest.raises(ArgumentError, match="shape"):
         run(q, k, v, torch.zeros(2, 999, 16, 128, dtype=torch.bfloat16))
     assert len(drv.launches) == 3
+    # bound with v the same tensor as k: the address torch's check lets through is k's, read once
+    aliased = fa4aot.prepare_forward(q, k, k, out.detach(), causal=True, runtime=rt)
+    _record_params(rt, drv)
+    k2 = torch.zeros(shape, dtype=torch.bfloat16)
+    aliased(q, k2, k2, out.detach())
+    assert "_G" in type(aliased).__call__.__globals__ and len(drv.launches) == 4
+    # its parameter bytes are what FA4's host code writes for q, k2, k2, out
+    (lv,) = [x for x in rt._loaded.values() if drv.launches[-1].kernel in x.kernels]
+    named = {n: DeviceTensor(x.data_ptr(), shape, x.stride(), "bf16", 0, "raw") for n, x in
+             (("q", q), ("k", k2), ("v", k2), ("out", out))}  # fmt: skip
+    want, mask = _written(lv, dict(named, softmax_scale=128**-0.5, stream=0))
+    assert _same(_buffer(drv.launches[-1], lv), want, mask)
+    del drv.launches[-1]
     out.requires_grad_(False)
     for _ in range(3):
         fa4aot.flash_attn_func(q, k, v, causal=True, out=out, runtime=rt)

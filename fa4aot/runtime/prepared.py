@@ -175,7 +175,9 @@ class Prepared:
             cond = " and ".join(f"a{i}.__class__ is _T" for i in range(n))
             if torch_keys.guard is not None:  # torch's own check of every tensor, in one C call
                 lines.append(f"    if {torch_keys.guard.expression(args, scope, '_G')}:")
-                lines += [f"        p{i} = a{i}.data_ptr()" for i in range(n)]
+                alias = dict(torch_keys.guard.aliases)  # (the same object: its address read once)
+                lines += [f"        p{i} = p{alias[i]}" if i in alias else f"        p{i} = a{i}.data_ptr()"
+                          for i in range(n)]  # fmt: skip
                 lines.append(f"    elif {cond}:")
             else:
                 lines.append(f"    if {cond}:")
