@@ -283,9 +283,8 @@ def _conditions(cls: type, key: tuple[Any, ...], scope: dict[str, Any], objs: di
     metas, rest = _metas(key)
     values = iter(rest)
     scope["_C"] = cls
-    conds = [f"{n}.__class__ is not _C" for n, _ in metas]
-    conds += [f"{n} is not None" for n, there in zip(spec.optional, key[1]) if not there]
-    tensors = []
+    conds = [f"{n} is not None" for n, there in zip(spec.optional, key[1]) if not there]
+    tensors = [f"{n}.__class__ is not _C" for n, _ in metas]  # (torch's check tests the class itself)
     for i, (n, (shape, strides, dtype, device)) in enumerate(metas):
         scope.setdefault("_device", device)  # (the first tensor's: the launch's stream is that device's)
         if shape is None:  # (the per-call batch check reads its length)
