@@ -39,6 +39,40 @@ def median_us(
     return statistics.median(per)
 
 
+def medians_interleaved(
+    fns: dict[str, Callable[[], object]],
+    inner: int,
+    repeats: int,
+    *,
+    warmup: int,
+    sync: Callable[[], object] | None = None,
+    before_batch: Callable[[], object] | None = None,
+) -> dict[str, float]:
+    """:func:`median_us` of several rows at once, interleaved: each repeat times one batch of
+    every row, starting one row later each time, so a noisy host's slow spells fall on every
+    row alike and the rows' ratios hold within a repeat's span."""
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    if sync is not None:
+        sync()
+    per: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for j in range(len(names)):
+            name = names[(r + j) % len(names)]
+            fn = fns[name]
+            if before_batch is not None:
+                before_batch()
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            per[name].append((time.perf_counter() - t0) / inner * 1e6)
+            if sync is not None:
+                sync()
+    return {name: statistics.median(per[name]) for name in names}
+
+
 def plot_host_us(path: str, rows: dict[str, float], colors: list[str], title: str, figsize: tuple[float, float]):
     """A horizontal bar per row (the first at the bottom), in host microseconds per call, saved
     to ``path`` (PNG, 120 dpi)."""

@@ -13,6 +13,9 @@ Rows (PyTorch tensors, ``out`` given, torch's current stream, bf16, causal, head
 * varlen forward with max_seqlen_q/k changing on every call (the serving case);
 * prepared calls (``fa4aot.prepare_forward``), batched and varlen, checked and through
   ``launch_ptrs`` (unchecked);
+* interleaved: the prepared rows and the floors timed again together, each repeat one batch of
+  every row in rotating order (``_common.medians_interleaved``), so their ratios hold on a noisy
+  host;
 * with ``--old-src``/``--old-cache``: the same plain calls through another fa4aot checkout (run in
   a subprocess, e.g. the commit before the runtime redesign) - the baseline, measured in this run.
 
@@ -129,6 +132,29 @@ def median_us(fn, inner: int, repeats: int, sync, sleep: int = SLEEP_CYCLES) -> 
     return _common.median_us(fn, inner, repeats, warmup=50, sync=sync, before_batch=lambda: torch.cuda._sleep(sleep))
 
 
+#: The floors' calls by row name (floors() fills it): the interleaved rows time them again.
+FLOOR_CALLS: dict[str, object] = {}
+FLOOR = "floor: cuLaunchKernelEx via cuda.bindings, prepacked"
+#: a prepared row's words -> its kernel's cuda.bindings floor row
+_KERNEL_FLOORS = {
+    "varlen": "floor (varlen kernel): cuLaunchKernelEx via cuda.bindings, prepacked",
+    "paged decode": "floor (paged decode kernel): cuLaunchKernelEx via cuda.bindings, prepacked",
+}
+
+
+def interleaved(calls: dict[str, object], inner: int, repeats: int, sync, sleep: int) -> dict[str, float]:
+    """The floors and ``calls`` (the prepared rows) timed again together, interleaved
+    (:func:`_common.medians_interleaved`): a noisy host's slow spells fall on every row alike, so
+    the ratios issue 27's goal is about hold within one pass."""
+    import torch
+
+    rows = {name: call for name, call in FLOOR_CALLS.items() if "cuda.bindings" in name or name.startswith("floor:")}
+    rows.update(calls)
+    return _common.medians_interleaved(
+        rows, inner, repeats, warmup=50, sync=sync, before_batch=lambda: torch.cuda._sleep(sleep)
+    )
+
+
 def floors(rt, fc, named, label: str, inner: int, repeats: int, sync, sleep: int) -> dict[str, float]:
     """The two launch floors of one call's kernel (``fc``: its analysed call, ``named``: its plan
     arguments): cuda.bindings' cuLaunchKernelEx on prepacked parameters, and the shim relaunching
@@ -154,14 +180,14 @@ def floors(rt, fc, named, label: str, inner: int, repeats: int, sync, sleep: int
     ptrs = [named[n][0] for n in bound.tensor_names]
     bound(ptrs, stream)  # records the launch; later calls with these addresses relaunch it
     run, addr = bound.run, s.addr
-    rows = {
-        f"floor{label}: cuLaunchKernelEx via cuda.bindings, prepacked": median_us(
-            lambda: d.cuLaunchKernelEx(cfg, fn, argv_addr, 0), inner, repeats, sync, sleep
+    calls = {
+        f"floor{label}: cuLaunchKernelEx via cuda.bindings, prepacked": lambda: d.cuLaunchKernelEx(
+            cfg, fn, argv_addr, 0
         ),
-        f"floor{label}: C relaunch of a recorded launch (1 ctypes call)": median_us(
-            lambda: run(addr), inner, repeats, sync, sleep
-        ),
+        f"floor{label}: C relaunch of a recorded launch (1 ctypes call)": lambda: run(addr),
     }
+    FLOOR_CALLS.update(calls)
+    rows = {name: median_us(call, inner, repeats, sync, sleep) for name, call in calls.items()}
     if not label:
         rows.update(attribute_floors(rec, fc.lv.kernels[0], argv_addr, stream, inner, repeats, sync, sleep))
     return rows
@@ -442,6 +468,20 @@ def main() -> None:
     rows["prepared call, varlen, launch_ptrs (unchecked)"] = median_us(
         lambda: run_v.launch_ptrs(*ptrs_v, stream=stream), args.inner, args.repeats, sync, args.sleep_cycles
     )
+    inter = interleaved(
+        {
+            "prepared call, batched": lambda: run_b(q, q, q, o),
+            "prepared call, varlen": lambda: run_v(qv, kv, kv, ov, cu, cu),
+            "prepared call, paged decode": lambda: run_d(qd, pool, pool, od, used, pt),
+            "prepared call, batched, launch_ptrs (unchecked)": lambda: run_b.launch_ptrs(*ptrs_b, stream=stream),
+            "prepared call, varlen, launch_ptrs (unchecked)": lambda: run_v.launch_ptrs(*ptrs_v, stream=stream),
+            "prepared call, paged decode, launch_ptrs (unchecked)": lambda: run_d.launch_ptrs(*ptrs_d, stream=stream),
+        },
+        args.inner,
+        args.repeats,
+        sync,
+        args.sleep_cycles,
+    )
     try:
         churned = churn(rt, qv, kv)
     except Exception as e:  # noqa: BLE001 - reported with the table, the rows still print
@@ -489,6 +529,14 @@ def main() -> None:
     print(f"{'call':<62} {'us/call':>8} {'x floor':>8}")
     for k, v in {**rows, **old}.items():
         print(f"{k:<62} {v:>8.2f} {v / floor:>8.2f}")
+    print("interleaved (every row once per repeat, in rotating order; x its own kernel's floor, same pass):")
+    for k, v in inter.items():
+        own = (
+            inter[FLOOR]
+            if k.startswith(("floor:", "prepared call, batched"))
+            else next((inter.get(f, inter[FLOOR]) for label, f in _KERNEL_FLOORS.items() if label in k), inter[FLOOR])
+        )
+        print(f"  {k:<60} {v:>8.2f} {v / inter[FLOOR]:>8.2f} {v / own:>8.2f}")
     for k, v in gpu_us.items():
         print(f"(device time per call, {k}: {v:.2f} us)")
     print(f"varlen calls cycling through batch sizes: {churned}")
@@ -502,6 +550,7 @@ def main() -> None:
         "inner": args.inner,
         "repeats": args.repeats,
         "host_us": rows,
+        "interleaved_us": inter,
         "baseline_us": old,
         "gpu_us": gpu_us,
         "breakdown_us": parts,
