@@ -22,7 +22,7 @@ prepared call can be captured in a CUDA graph.
 Host scalars (softmax_scale, window, max_seqlen_q/k) are fixed at bind time; prepare one call per
 configuration (they are cheap to keep). ``Prepared.launch_ptrs(*addresses, stream=)`` makes the same
 launches from raw device addresses without any check, for engines that validate themselves. The per-call function is generated for the bound
-tensors, with a fast path for PyTorch tensors (read through their own accessors).
+tensors, with a fast path for PyTorch tensors (torch's own tensor check, then their accessors).
 """
 
 from __future__ import annotations
