@@ -525,7 +525,7 @@ def main() -> None:
     hop = "compiled hop (fa4aot/plan/_hop.c)" if library.HOP is not None else "ctypes"
     print(f"GPU: {gpu}; host microseconds per call, median of {args.repeats} x {args.inner} back-to-back calls")
     print(f"launches through: {hop}")
-    floor = rows["floor: cuLaunchKernelEx via cuda.bindings, prepacked"]
+    floor = rows[FLOOR]
     print(f"{'call':<62} {'us/call':>8} {'x floor':>8}")
     for k, v in {**rows, **old}.items():
         print(f"{k:<62} {v:>8.2f} {v / floor:>8.2f}")
