@@ -523,47 +523,73 @@ def test_a_torch_tensors_check_in_prepared_calls():
             assert eval(expr, dict(scope, a=obj)) is want, (obj.shape, obj.stride(), obj.dtype)  # noqa: S307
 
 
-@pytest.mark.parametrize("current", [0, 1])
-def test_the_workspace_from_torchs_raw_allocator_on_the_call_stream(sm100, monkeypatch, current):
+def test_the_workspace_is_a_buffer_per_stream_and_a_block_per_call_while_capturing(sm100, monkeypatch):
     """With torch's caching allocator's raw entry points (CUDA builds of torch), a served varlen
-    call's tensor-map workspace is a raw block of the size FA4 needs, allocated on the launch's
-    stream and freed after the launch (its reuse ordered on that stream, as a freed tensor's);
-    when torch's current device is not the tensors', a new tensor on theirs instead."""
+    call's tensor-map workspace is its launch stream's buffer, from torch's allocator on that
+    stream: made once, shared by the stream's calls, replaced by one twice as large when a call
+    needs more slots (the old one kept, not freed, while a thread may hold it), one per stream.
+    While the stream is being captured into a CUDA graph, a raw block of the size FA4 needs per
+    call, freed after the launch (the graph's pool keeps it). When torch's current device is not
+    the tensors', a new tensor on theirs. ``clear`` frees every buffer."""
     from fa4aot.core.fa4_interface import TENSORMAP_WORDS
     from fa4aot.runtime import forward, prepared
 
     monkeypatch.setattr(forward, "alloc_like", lambda ref, shape, dtype: ref.new_empty(shape, dtype).raw)
     monkeypatch.setattr(prepared, "alloc_like", lambda ref, shape, dtype: ref.new_empty(shape, dtype))
-    events = []
-    raw = B + (1 << 44)
+    events, state = [], {"stream": 7, "capturing": False, "device": 0}
+    blocks = iter(range(B + (1 << 44), B + (1 << 45), 1 << 20))
 
     def alloc(nbytes, stream):
-        events.append(("alloc", nbytes, stream))
-        return raw
+        ptr = next(blocks)
+        events.append(("alloc", nbytes, stream, ptr))
+        return ptr
 
-    allocator = dict(fastpath._allocator(), _raw_alloc=alloc, _raw_free=lambda p: events.append(("free", p)),
-                     _current_device=lambda: current)  # fmt: skip
-    monkeypatch.setattr(fastpath, "_allocator", lambda: allocator)
-    monkeypatch.setattr(fastpath, "_API", [(FakeTorch, lambda device: 7)])  # torch's current stream: 7
+    memory = (alloc, lambda p: events.append(("free", p)), lambda: state["capturing"], lambda: state["device"])
+    monkeypatch.setattr(fastpath, "_torch_memory", lambda: memory)
+    monkeypatch.setattr(fastpath, "_API", [(FakeTorch, lambda device: state["stream"])])
     rt, drv = sm100
-    b, s, h, d = 5, 3000, 16, 128
-    q, k, v, o = (t(i, (b * s, h, d)) for i in range(4))
-    cu = t(4, (b + 1,), "int32")
-    for _ in range(3):
+    s, h, d = 3000, 16, 128
+    q, k, v, o = (t(i, (16 * s, h, d)) for i in range(4))
+    cus = {b: t(4 + b, (b + 1,), "int32") for b in (1, 2, 16)}
+
+    def call(b):
         fa4aot.flash_attn_varlen_func(
-            q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=s, max_seqlen_k=s, causal=True, out=o, runtime=rt
-        )
+            q, k, v, cu_seqlens_q=cus[b], cu_seqlens_k=cus[b], max_seqlen_q=s, max_seqlen_k=s, causal=True, out=o,
+            runtime=rt,
+        )  # fmt: skip
+        families = list(fastpath.calls_of(rt).entries.values())
+        return (families[0].last[2][3] if families else None), drv.launches[-1]
+
+    def launched_with(launch, ptr):
+        return any(ptr.to_bytes(8, "little") in p for p in launch.params)
+
+    for _ in range(2):
+        call(2)
+    assert _hits(rt) == 0 and events == []  # (the second call prepared its key: the full path's tensor)
+    slots2, launch = call(2)
+    (first,) = events
     assert _hits(rt) == 1
-    (family,) = fastpath.calls_of(rt).entries.values()
-    slots = family.last[2][3]
-    launched = drv.launches[-1]
-    assert launched.stream == 7
-    if current == 0:
-        assert events == [("alloc", slots * TENSORMAP_WORDS * 8, 7), ("free", raw)]
-        assert any(raw.to_bytes(8, "little") in p for p in launched.params)
-    else:
-        assert events == []
-        assert any((B + (100 + _made[0]) * (1 << 36)).to_bytes(8, "little") in p for p in launched.params)
+    assert first[1:3] == (slots2 * TENSORMAP_WORDS * 8, 7) and launch.stream == 7 and launched_with(launch, first[3])
+    assert launched_with(call(1)[1], first[3])  # fewer slots: the same buffer
+    assert len(events) == 1
+    slots16, launch = call(16)
+    assert slots16 > slots2 and events[1][1:3] == (max(slots16, 2 * slots2) * TENSORMAP_WORDS * 8, 7)
+    assert launched_with(launch, events[1][3]) and launched_with(call(2)[1], events[1][3])  # kept, grown
+    state["stream"] = 9  # another stream: a buffer of its own
+    _, launch = call(2)
+    assert events[2][1:3] == (slots2 * TENSORMAP_WORDS * 8, 9) and launched_with(launch, events[2][3])
+    assert not any(e[0] == "free" for e in events)
+    state["capturing"] = True  # a block per call, freed once launched
+    for b in (2, 16):
+        slots, launch = call(b)
+        assert events[-2][1:3] == (slots * TENSORMAP_WORDS * 8, 9) and events[-1] == ("free", events[-2][3])
+        assert launched_with(launch, events[-2][3])
+    state["capturing"], state["device"] = False, 1  # another current device: a tensor on the tensors'
+    n = len(events)
+    _, launch = call(2)
+    assert len(events) == n and launched_with(launch, B + (100 + _made[0]) * (1 << 36))
+    fastpath.clear(rt)
+    assert sorted(e[1] for e in events[n:]) == sorted([first[3], events[1][3], events[2][3]])
 
 
 def _torch_guard_or_skip():

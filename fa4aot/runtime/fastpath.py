@@ -18,8 +18,9 @@ attribute by attribute, and launches in the same frame (:func:`_conditions`); on
 another key builds its key. A forward whose prepared form
 would own buffers (split-KV partials, scheduler metadata, the route semaphore) is not served
 here: a plain call allocates those per call and concurrent calls must not share them. FA4's
-tensor-map workspace and the backward's scratch are new buffers from torch's allocator per call,
-as on the full path. Anything unusual - other tensor classes, a misaligned address, an
+tensor-map workspace is a buffer per launch stream kept by the runtime (:class:`_Workspaces`),
+and a new one from torch's allocator per call while the stream is being captured into a CUDA
+graph; the backward's scratch is a new buffer per call, as on the full path. Anything unusual - other tensor classes, a misaligned address, an
 unhashable argument, sequence tensors whose lengths disagree - takes the full path, which raises
 the typed error. Threads may share an entry: a prepared call packs into a block per thread.
 """
@@ -27,6 +28,7 @@ the typed error. Threads may share an entry: a prepared call packs into a block 
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -51,6 +53,10 @@ SIGHTINGS_TO_PREPARE = 2
 #: A window of this many calls none of which was served pauses the fast path for SKIP calls.
 WINDOW = 256
 SKIP = 1024
+#: Launch streams whose tensor-map workspace a runtime keeps (a process launches on a few), and
+#: workspaces it keeps after replacing them (a thread may still be launching with one).
+MAX_WORKSPACE_STREAMS = 32
+MAX_RETIRED_WORKSPACES = 64
 
 #: a key whose prepared form is not served here (it owns buffers, or preparing it failed)
 _NOT_SERVED = False
@@ -80,7 +86,7 @@ _PARAM_OF = {"cu_seqlens_q": "cu_q", "cu_seqlens_k": "cu_k", "seqused_q": "su_q"
 class _Calls:
     """One runtime's fast plain calls: key -> _Entry (or _NOT_SERVED), and keys seen once."""
 
-    __slots__ = ("entries", "sighted", "hits", "tries", "recent_hits", "skip", "dense", "fwd", "bwd")
+    __slots__ = ("entries", "sighted", "hits", "tries", "recent_hits", "skip", "dense", "fwd", "bwd", "workspaces")
 
     def __init__(self) -> None:
         #: per function tag (an attribute each, read by the public functions' mirrors in
@@ -95,6 +101,7 @@ class _Calls:
         self.tries = 0  # calls looked up in the current window
         self.recent_hits = 0  # of them, served
         self.skip = 0  # calls to pass straight to the full path
+        self.workspaces: _Workspaces | None = None  # (made with the first served call that needs one)
 
     def __len__(self) -> int:  # (rt.cache_sizes())
         return len(self.entries)
@@ -328,11 +335,10 @@ def _launch_lines(entry: str, names: Sequence[str], masks: Sequence[int], ws_slo
     order), returns 0 when one is misaligned for it (``masks``: alignment - 1; the full path
     names the tensor) and launches ``entry`` (its ``launch_ptrs``) on torch's current stream of
     ``device`` with ``words`` after the stream. With ``ws_slots`` (an expression), FA4's
-    tensor-map workspace of that many slots comes first, from torch's caching allocator on that
-    stream as on the full path (so its reuse is ordered on the stream, and a CUDA graph capture
-    takes it from the graph's pool): raw, and freed once launched, when torch's current device is
-    the tensors' (a quarter of a tensor's cost on an H100 host,
-    benchmarks/results/h100-host-path/round3/ws_alloc.txt), else as a new torch tensor."""
+    tensor-map workspace of that many slots comes first: when torch's current device is the
+    tensors', the stream's buffer (:class:`_Workspaces`), or while the stream is being captured
+    into a CUDA graph a raw block from torch's caching allocator on it, freed once launched (the
+    graph's pool keeps it); on another current device a new torch tensor on the tensors'."""
     lines = [f"p{i} = {n}.data_ptr()" for i, n in enumerate(names)]
     by_mask: dict[int, list[str]] = {}
     for i, m in enumerate(masks[: len(names)]):
@@ -347,12 +353,17 @@ def _launch_lines(entry: str, names: Sequence[str], masks: Sequence[int], ws_slo
         lines.append(f"{entry}.launch({ptrs}, {tail})")
     else:
         lines += [
-            f"if _raw_alloc is not None and _current_device() == {device}:",
-            f"    pw = _raw_alloc(({ws_slots}) * _SLOT_BYTES, st)",
-            "    try:",
+            f"if _wss is not None and _current_device() == {device}:",
+            "    if _capturing():",
+            f"        pw = _raw_alloc(({ws_slots}) * _SLOT_BYTES, st)",
+            "        try:",
+            f"            {entry}.launch({ptrs}, pw, {tail})",
+            "        finally:",
+            "            _raw_free(pw)",
+            "    else:",
+            "        w = _wss.get(st)",
+            f"        pw = w[0] if w is not None and w[1] >= {ws_slots} else _grow(st, {ws_slots})",
             f"        {entry}.launch({ptrs}, pw, {tail})",
-            "    finally:",
-            "        _raw_free(pw)",
             "else:",
             f"    ws = {names[0]}.new_empty(({ws_slots}, _W), dtype=_i64)",
             f"    {entry}.launch({ptrs}, ws.data_ptr(), {tail})",
@@ -360,14 +371,78 @@ def _launch_lines(entry: str, names: Sequence[str], masks: Sequence[int], ws_slo
     return [indent + x for x in lines]
 
 
-def _allocator() -> dict[str, Any]:
-    """The generated launches' names for FA4's tensor-map workspace: torch's caching allocator's
-    raw entry points (None where this torch has none: the workspace is then a torch tensor)."""
+class _Workspaces:
+    """FA4's tensor-map workspace of a runtime's served calls: one buffer per launch stream, from
+    torch's caching allocator on that stream. Kernels launched on a stream run in its order, so
+    its calls can share one buffer, as consecutive calls each allocating their own get the same
+    cached block back. A call needing more slots replaces its stream's buffer by one twice as
+    large; a replaced or evicted buffer is freed only after :data:`MAX_RETIRED_WORKSPACES` more
+    (a thread may have read its address before it was replaced)."""
+
+    __slots__ = ("by_stream", "retired", "_alloc", "_free", "_lock")
+
+    def __init__(self, alloc: Any, free: Any):
+        #: stream handle -> (address, slots); read by the generated calls without the lock
+        self.by_stream: dict[int, tuple[int, int]] = {}
+        self.retired: list[int] = []
+        self._alloc, self._free = alloc, free
+        self._lock = threading.Lock()
+
+    def grow(self, stream: int, slots: int) -> int:
+        """The address of ``stream``'s buffer, made to hold at least ``slots`` slots."""
+        with self._lock:
+            old = self.by_stream.get(stream)
+            if old is not None and old[1] >= slots:
+                return old[0]
+            n = max(slots, 2 * old[1]) if old is not None else slots
+            ptr = self._alloc(n * TENSORMAP_WORDS * 8, stream)
+            if old is not None:
+                self._retire(old[0])
+            elif len(self.by_stream) >= MAX_WORKSPACE_STREAMS:
+                self._retire(self.by_stream.pop(next(iter(self.by_stream)))[0])
+            self.by_stream[stream] = (ptr, n)
+            return ptr
+
+    def _retire(self, ptr: int) -> None:
+        self.retired.append(ptr)
+        if len(self.retired) > MAX_RETIRED_WORKSPACES:
+            self._free(self.retired.pop(0))
+
+    def close(self) -> None:
+        """Free every buffer (to torch's allocator, ordered on the stream each was made on)."""
+        with self._lock:
+            ptrs = [w[0] for w in self.by_stream.values()] + self.retired
+            self.by_stream.clear()  # (in place: the generated calls hold this dict)
+            self.retired = []
+        for p in ptrs:
+            self._free(p)
+
+
+def _torch_memory() -> tuple[Any, Any, Any, Any]:
+    """torch's caching allocator's raw ``alloc(nbytes, stream)`` and ``free(ptr)``, its check
+    whether the current stream is being captured, and its current device (each None where this
+    torch has none: a CPU build)."""
     c = getattr(sys.modules.get("torch"), "_C", None)
+    names = ("_cuda_cudaCachingAllocator_raw_alloc", "_cuda_cudaCachingAllocator_raw_delete",
+             "_cuda_isCurrentStreamCapturing", "_cuda_getDevice")  # fmt: skip
+    return tuple(getattr(c, n, None) for n in names)  # type: ignore[return-value]
+
+
+def _allocator(calls: _Calls) -> dict[str, Any]:
+    """The generated launches' names for FA4's tensor-map workspace (:func:`_launch_lines`):
+    ``calls``' :class:`_Workspaces` and torch's caching allocator's raw entry points (where this
+    torch has none, ``_wss`` is None: the workspace is then a torch tensor)."""
+    alloc, free, capturing, device = _torch_memory()
+    if calls.workspaces is None and alloc is not None and free is not None and device is not None:
+        calls.workspaces = _Workspaces(alloc, free)
+    ws = calls.workspaces
     return {
-        "_raw_alloc": getattr(c, "_cuda_cudaCachingAllocator_raw_alloc", None),
-        "_raw_free": getattr(c, "_cuda_cudaCachingAllocator_raw_delete", None),
-        "_current_device": getattr(c, "_cuda_getDevice", None),
+        "_raw_alloc": alloc,
+        "_raw_free": free,
+        "_wss": None if ws is None else ws.by_stream,
+        "_grow": None if ws is None else ws.grow,
+        "_capturing": capturing or (lambda: True),  # (no check: every call takes a block of its own)
+        "_current_device": device,
         "_SLOT_BYTES": TENSORMAP_WORDS * 8,
         "_W": TENSORMAP_WORDS,
         "_i64": _dtype("int64"),
@@ -402,7 +477,7 @@ def _serve_dense(entry: _Entry, cond: str, scope: dict[str, Any], calls: _Calls,
     :func:`_conditions`), 0 when it is not served (a misaligned address: the full path names
     it), else 1: launched on torch's current stream."""
     spec = _SPECS[_DENSE]
-    scope.update(_e=entry, _calls=calls, _cur=current_stream, **_allocator())
+    scope.update(_e=entry, _calls=calls, _cur=current_stream, **_allocator(calls))
     lines = [f"def serve({', '.join((*spec.params, *spec.scalars))}):", f"    if {cond}:", "        return -1"]
     ws = str(entry.ws_slots) if entry.ws_slots else None
     lines += _launch_lines("_e", entry.names, entry.masks, ws, _device(scope))
@@ -459,7 +534,7 @@ def _serve_family(fam: _Family, key: tuple[Any, ...], cond: str, scope: dict[str
     the prepared form of FA4's decision for the call's (batch, max_seqlen_q, max_seqlen_k)
     launched with them (and its workspace slots) as per-call words."""
     spec = _SPECS[_FWD]
-    scope.update(_F=fam, _calls=calls, _cur=current_stream, _PREPARE=_PREPARE, **_allocator())
+    scope.update(_F=fam, _calls=calls, _cur=current_stream, _PREPARE=_PREPARE, **_allocator(calls))
     lines = [f"def serve({', '.join((*spec.params, *spec.scalars))}):", f"    if {cond}:", "        return -1"]
     lines += _batch_lines(fam.pinned, fam.seqs, "0")
     lines += ["    t = (b, max_q, max_k)", "    last = _F.last", "    if last[0] != t:"]
@@ -809,5 +884,7 @@ def _sight(calls: _Calls, key: tuple[Any, ...], prepare: Any, api: tuple[type, A
 
 
 def clear(rt: Any) -> None:
-    """Forget ``rt``'s fast calls (tests; a runtime closing)."""
-    rt.api_caches.pop("fast_calls", None)
+    """Forget ``rt``'s fast calls (tests; a runtime closing) and free their workspaces."""
+    calls = rt.api_caches.pop("fast_calls", None)
+    if calls is not None and calls.workspaces is not None:
+        calls.workspaces.close()

@@ -42,8 +42,8 @@ def test_repeated_calls_equal_the_full_path_bitwise(runtime, causal):
 
 
 def test_repeated_varlen_calls_with_a_tensor_map_workspace_equal_the_full_path(runtime):
-    """SM90 varlen-K calls bind FA4's tensor-map workspace: the fast path gives each call a new one
-    from torch's allocator, as the full path does; outputs bitwise equal."""
+    """SM90 varlen-K calls bind FA4's tensor-map workspace: the fast path launches them with its
+    stream's buffer; outputs bitwise equal the full path's (a new workspace per call)."""
     total, h, hk, d = 512, 32, 8, 128
     q, k, v = rand(total, h, d), rand(total, hk, d, seed=1), rand(total, hk, d, seed=2)
     cu = torch.arange(0, total + 1, 64, dtype=torch.int32, device="cuda")
@@ -89,6 +89,66 @@ def test_varlen_calls_with_batch_and_max_seqlen_changing_equal_the_full_path(run
             assert torch.equal(call(i), wants[i]), i
     torch.cuda.synchronize()
     assert _hits(runtime) - before >= 60  # most calls after the first sightings are served
+
+
+def test_varlen_workspaces_on_two_streams_and_in_a_cuda_graph(runtime):
+    """The served varlen calls' tensor-map workspace is a buffer per stream: calls interleaved on
+    two streams (batches growing the buffers as they go) equal the full path's; a call captured in
+    a CUDA graph takes a block of the graph's pool and replays equal after eager calls on the
+    capture stream replaced that stream's buffer."""
+    total, h, hk, d = 1024, 32, 8, 128
+    q, k, v = rand(total, h, d), rand(total, hk, d, seed=1), rand(total, hk, d, seed=2)
+    sizes = [2, 128, 4, 64, 8, 256]
+    cus = {b: torch.arange(0, total + 1, total // b, dtype=torch.int32, device="cuda") for b in sizes}
+    calls = fastpath._calls(runtime)
+
+    def call(b, out):
+        fa4aot.flash_attn_varlen_func(
+            q, k, v, cu_seqlens_q=cus[b], cu_seqlens_k=cus[b], max_seqlen_q=total // b, max_seqlen_k=total // b,
+            causal=True, out=out, runtime=runtime,
+        )  # fmt: skip
+
+    def fresh():
+        return torch.full((total, h, d), 7.0, device="cuda", dtype=torch.bfloat16)
+
+    calls.skip = 10**9  # the full path only
+    wants = {}
+    for b in sizes:
+        wants[b] = fresh()
+        call(b, wants[b])
+    calls.skip = 0
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for st in streams:
+        st.wait_stream(torch.cuda.current_stream())
+    outs, before = [], _hits(runtime)
+    for rep in range(3):
+        for i, b in enumerate(sizes):
+            out = fresh()
+            with torch.cuda.stream(streams[(i + rep) % 2]):
+                call(b, out)
+            outs.append((b, out))
+    torch.cuda.synchronize()
+    assert _hits(runtime) - before >= len(sizes)  # the later rounds served
+    for b, out in outs:
+        assert torch.equal(out, wants[b]), b
+    assert calls.workspaces is not None and len(calls.workspaces.by_stream) >= 2
+    graph, side, out = torch.cuda.CUDAGraph(), torch.cuda.Stream(), fresh()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            call(4, out)  # the stream's buffer sized for batch 4
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    out.fill_(7.0)
+    with torch.cuda.graph(graph, stream=side):
+        call(4, out)
+    with torch.cuda.stream(side):
+        other = fresh()
+        call(256, other)  # replaces the side stream's buffer by a larger one
+    torch.cuda.current_stream().wait_stream(side)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, wants[4]) and torch.equal(other, wants[256])
 
 
 def test_repeated_calls_in_a_cuda_graph(runtime):
