@@ -131,8 +131,6 @@ def test_varlen_calls_with_a_new_batch_and_max_seqlen_every_call(built_cache, mo
     import random
 
     from fa4aot.runtime import prepared
-    from fa4aot.runtime.forward import analyse
-    from fa4aot.runtime.workspaces import workspace_slots
 
     made, steps = [], []
     real_step = fastpath._Family.step
@@ -167,25 +165,36 @@ def test_varlen_calls_with_a_new_batch_and_max_seqlen_every_call(built_cache, mo
         if _hits(rt) == before:
             continue
         served += 1
-        fc = analyse(ref, q, k, v, cu, cu, mq, mk, None, None, None, True, (None, None), 1, None, False, False)
-        lv = next(x for x in rt._loaded.values() if got.kernel in x.kernels)
-        _record_params(rt, drv)
-        named = {n: DeviceTensor(x.raw.ptr, x.shape, x.raw.strides, x.raw.dtype, 0, "raw") for n, x in
-                 (("q", q), ("k", k), ("v", v), ("out", o), ("cu_seqlens_q", cu), ("cu_seqlens_k", cu))}  # fmt: skip
-        named.update(softmax_scale=d**-0.5, stream=0)
-        takes = {a.name for a in lv.plan.signature}
-        if "max_seqlen_q" in takes:
-            named["max_seqlen_q"] = mq
-        if "tensormap_workspace" in takes:
-            ws = made[-1]
-            assert ws.shape == (workspace_slots(ref, fc), 16)
-            named["tensormap_workspace"] = DeviceTensor(ws.raw.ptr, ws.shape, (16, 1), "int64", 0, "raw")
-        assert got.params, "the fake driver recorded the parameter bytes"
-        want_bytes, mask = _written(lv, named)
-        assert _same(_buffer(got, lv), want_bytes, mask)
+        _assert_fa4s_bytes(rt, drv, ref, (q, k, v, o, cu), mq, mk, made[-1] if made else None)
     assert served >= 20, served  # most calls reuse a decision (FA4's regions) and are served
     # new values in the last decision's region are served without step() (_region_lines)
     assert len(steps) < served // 2, (len(steps), served)
+
+
+def _assert_fa4s_bytes(rt, drv, ref, tensors, mq, mk, ws):
+    """The last launch's parameter bytes are those FA4's host code writes for a varlen call of
+    ``tensors`` (q, k, v, out, cu_seqlens used for q and k) and max_seqlens ``mq``/``mk``, with
+    the workspace ``ws`` (the last one made) sized for the call's batch."""
+    from fa4aot.runtime.forward import analyse
+    from fa4aot.runtime.workspaces import workspace_slots
+
+    q, k, v, o, cu = tensors
+    got = drv.launches[-1]
+    fc = analyse(ref, q, k, v, cu, cu, mq, mk, None, None, None, True, (None, None), 1, None, False, False)
+    lv = next(x for x in rt._loaded.values() if got.kernel in x.kernels)
+    _record_params(rt, drv)
+    named = {n: DeviceTensor(x.raw.ptr, x.shape, x.raw.strides, x.raw.dtype, 0, "raw") for n, x in
+             (("q", q), ("k", k), ("v", v), ("out", o), ("cu_seqlens_q", cu), ("cu_seqlens_k", cu))}  # fmt: skip
+    named.update(softmax_scale=q.shape[-1] ** -0.5, stream=0)
+    takes = {a.name for a in lv.plan.signature}
+    if "max_seqlen_q" in takes:
+        named["max_seqlen_q"] = mq
+    if "tensormap_workspace" in takes:
+        assert ws.shape == (workspace_slots(ref, fc), 16)
+        named["tensormap_workspace"] = DeviceTensor(ws.raw.ptr, ws.shape, (16, 1), "int64", 0, "raw")
+    assert got.params, "the fake driver recorded the parameter bytes"
+    want_bytes, mask = _written(lv, named)
+    assert _same(_buffer(got, lv), want_bytes, mask)
 
 
 def test_unusual_calls_take_the_full_path_and_its_errors(sm90):
@@ -264,7 +273,7 @@ def test_the_batch_is_free_only_where_no_tensor_in_the_key_carries_it(cu_q, cu_k
     )  # fmt: skip
     names = ("q", "k", "v", "out") + ("cu_seqlens_q",) * cu_q + ("cu_seqlens_k",) * cu_k + ("page_table",) * page_table
     prepared = SimpleNamespace(fc=fc, _owned=[], launch_ptrs=None, _aligns=[16] * len(names), arg_names=names,
-                               _tensors=[d] * len(names), workspace_slots=0)  # fmt: skip
+                               _tensors=[d] * len(names), workspace_slots=0, runtime=fc.rt)  # fmt: skip
     family = fastpath._Family(prepared)
 
     def seq(n):
@@ -362,8 +371,9 @@ def test_unusual_backward_calls_take_the_full_path(sm90):
 
 
 def test_a_varlen_call_gets_a_new_tensor_map_workspace_per_call(sm100, monkeypatch):
-    """FA4's tensor-map workspace (varlen-K calls) is, as on the full path, a new buffer from the
-    caller's allocator on every call: the fast path passes it as the prepared call's last argument."""
+    """Without torch's raw allocator (a CPU build of torch), FA4's tensor-map workspace (varlen-K
+    calls) is, as on the full path, a new buffer from the caller's allocator on every call: the
+    fast path passes it as the prepared call's last argument."""
     from fa4aot.runtime import forward, prepared
 
     monkeypatch.setattr(forward, "alloc_like", lambda ref, shape, dtype: ref.new_empty(shape, dtype).raw)
@@ -525,12 +535,12 @@ def test_a_torch_tensors_check_in_prepared_calls():
 
 def test_the_workspace_is_a_buffer_per_stream_and_a_block_per_call_while_capturing(sm100, monkeypatch):
     """With torch's caching allocator's raw entry points (CUDA builds of torch), a served varlen
-    call's tensor-map workspace is its launch stream's buffer, from torch's allocator on that
-    stream: made once, shared by the stream's calls, replaced by one twice as large when a call
-    needs more slots (the old one kept, not freed, while a thread may hold it), one per stream.
-    While the stream is being captured into a CUDA graph, a raw block of the size FA4 needs per
-    call, freed after the launch (the graph's pool keeps it). When torch's current device is not
-    the tensors', a new tensor on theirs. ``clear`` frees every buffer."""
+    call's tensor-map workspace is its launch stream's buffer, the one the full path gives
+    other frameworks' calls (workspaces.stream_workspace): made once, shared by the stream's
+    calls, replaced by a larger one when a call needs more slots (the old one freed after the
+    stream's queued work), one per stream. While the stream is being captured into a CUDA graph,
+    a raw block of torch's of the size FA4 needs per call, freed after the launch (the graph's
+    pool keeps it). When torch's current device is not the tensors', a new tensor on theirs."""
     from fa4aot.core.fa4_interface import TENSORMAP_WORDS
     from fa4aot.runtime import forward, prepared
 
@@ -548,9 +558,11 @@ def test_the_workspace_is_a_buffer_per_stream_and_a_block_per_call_while_capturi
     monkeypatch.setattr(fastpath, "_torch_memory", lambda: memory)
     monkeypatch.setattr(fastpath, "_API", [(FakeTorch, lambda device: state["stream"])])
     rt, drv = sm100
+    syncs = []
+    monkeypatch.setattr(drv, "synchronize", lambda stream: syncs.append(stream))
     s, h, d = 3000, 16, 128
     q, k, v, o = (t(i, (16 * s, h, d)) for i in range(4))
-    cus = {b: t(4 + b, (b + 1,), "int32") for b in (1, 2, 16)}
+    cus = {b: t(4 + b, (b + 1,), "int32") for b in (1, 2, 96)}
 
     def call(b):
         fa4aot.flash_attn_varlen_func(
@@ -565,31 +577,36 @@ def test_the_workspace_is_a_buffer_per_stream_and_a_block_per_call_while_capturi
 
     for _ in range(2):
         call(2)
-    assert _hits(rt) == 0 and events == []  # (the second call prepared its key: the full path's tensor)
+    assert _hits(rt) == 0  # (the second call prepared its key: the full path's tensor)
+    held = set(drv.allocs)  # (the runtime's own buffers)
+
+    def buffer():  # (address, bytes) of the stream buffers the driver holds since, newest last
+        return [(p, n) for p, n in drv.allocs.items() if p not in held]
+
+    assert buffer() == []
     slots2, launch = call(2)
-    (first,) = events
-    assert _hits(rt) == 1
-    assert first[1:3] == (slots2 * TENSORMAP_WORDS * 8, 7) and launch.stream == 7 and launched_with(launch, first[3])
-    assert launched_with(call(1)[1], first[3])  # fewer slots: the same buffer
-    assert len(events) == 1
-    slots16, launch = call(16)
-    assert slots16 > slots2 and events[1][1:3] == (max(slots16, 2 * slots2) * TENSORMAP_WORDS * 8, 7)
-    assert launched_with(launch, events[1][3]) and launched_with(call(2)[1], events[1][3])  # kept, grown
+    assert _hits(rt) == 1 and launch.stream == 7
+    ((first, nbytes),) = buffer()
+    assert nbytes >= slots2 * TENSORMAP_WORDS * 8 and launched_with(launch, first)
+    assert launched_with(call(1)[1], first) and len(buffer()) == 1  # fewer slots: the same buffer
+    slots_big, launch = call(96)
+    assert slots_big > slots2 and syncs == [7]  # the old buffer freed after the stream's work
+    ((grown, nbytes),) = buffer()
+    assert nbytes >= slots_big * TENSORMAP_WORDS * 8 and launched_with(launch, grown)
+    assert launched_with(call(2)[1], grown)
     state["stream"] = 9  # another stream: a buffer of its own
     _, launch = call(2)
-    assert events[2][1:3] == (slots2 * TENSORMAP_WORDS * 8, 9) and launched_with(launch, events[2][3])
-    assert not any(e[0] == "free" for e in events)
+    assert len(buffer()) == 2 and launched_with(launch, buffer()[-1][0])
+    assert events == []  # torch's raw blocks: only while capturing
     state["capturing"] = True  # a block per call, freed once launched
-    for b in (2, 16):
+    for b in (2, 96):
         slots, launch = call(b)
         assert events[-2][1:3] == (slots * TENSORMAP_WORDS * 8, 9) and events[-1] == ("free", events[-2][3])
         assert launched_with(launch, events[-2][3])
     state["capturing"], state["device"] = False, 1  # another current device: a tensor on the tensors'
-    n = len(events)
+    n, allocs = len(events), buffer()
     _, launch = call(2)
-    assert len(events) == n and launched_with(launch, B + (100 + _made[0]) * (1 << 36))
-    fastpath.clear(rt)
-    assert sorted(e[1] for e in events[n:]) == sorted([first[3], events[1][3], events[2][3]])
+    assert len(events) == n and buffer() == allocs and launched_with(launch, B + (100 + _made[0]) * (1 << 36))
 
 
 def _torch_guard_or_skip():

@@ -66,7 +66,7 @@ flash_attn_varlen_func = mirror(
             q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, page_table, learnable_sink,
             max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_size, softcap, num_splits, pack_gqa,
         )
-        if r == 1 or r == -1 and fastpath.forward(
+        if r == 1 or r < 0 and fastpath.forward(
             rt, q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
             page_table, learnable_sink, softmax_scale, causal, window_size, softcap, num_splits, pack_gqa,
         ):

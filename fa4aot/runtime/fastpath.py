@@ -18,7 +18,7 @@ attribute by attribute, and launches in the same frame (:func:`_conditions`); on
 another key builds its key. A forward whose prepared form
 would own buffers (split-KV partials, scheduler metadata, the route semaphore) is not served
 here: a plain call allocates those per call and concurrent calls must not share them. FA4's
-tensor-map workspace is a buffer per launch stream kept by the runtime (:class:`_Workspaces`),
+tensor-map workspace is a buffer per launch stream kept by the runtime (:mod:`.workspaces`),
 and a new one from torch's allocator per call while the stream is being captured into a CUDA
 graph; the backward's scratch is a new buffer per call, as on the full path. Anything unusual - other tensor classes, a misaligned address, an
 unhashable argument, sequence tensors whose lengths disagree - takes the full path, which raises
@@ -28,7 +28,6 @@ the typed error. Threads may share an entry: a prepared call packs into a block 
 from __future__ import annotations
 
 import sys
-import threading
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -41,6 +40,7 @@ from fa4aot.runtime import loader
 from fa4aot.runtime.dispatch import region_key
 from fa4aot.runtime.prepared import NeedsBuffers, prepare_forward, torch_guard, torch_mismatch
 from fa4aot.runtime.validate import INT32_MAX
+from fa4aot.runtime.workspaces import stream_workspace, stream_workspaces
 
 #: Prepared plain calls per runtime (a model's layers repeat a handful of signatures).
 MAX_FAST_CALLS = 64
@@ -53,10 +53,6 @@ SIGHTINGS_TO_PREPARE = 2
 #: A window of this many calls none of which was served pauses the fast path for SKIP calls.
 WINDOW = 256
 SKIP = 1024
-#: Launch streams whose tensor-map workspace a runtime keeps (a process launches on a few), and
-#: workspaces it keeps after replacing them (a thread may still be launching with one).
-MAX_WORKSPACE_STREAMS = 32
-MAX_RETIRED_WORKSPACES = 64
 
 #: a key whose prepared form is not served here (it owns buffers, or preparing it failed)
 _NOT_SERVED = False
@@ -66,9 +62,10 @@ class _Entry:
     """A prepared form the fast path launches (``launch``: its ``launch_ptrs``); ``serve``
     (:func:`_serve_dense`, :func:`_serve_backward`) answers the calls of its key."""
 
-    __slots__ = ("launch", "masks", "scratch_bytes", "ws_slots", "names", "serve")
+    __slots__ = ("launch", "masks", "scratch_bytes", "ws_slots", "names", "serve", "rt")
 
     def __init__(self, prepared: Any):
+        self.rt = prepared.runtime
         self.launch = prepared.launch_ptrs  # it holds the bound call blocks it writes
         self.masks = tuple(a - 1 for a in prepared._aligns)
         self.scratch_bytes = getattr(prepared, "scratch_bytes", 0)
@@ -86,7 +83,7 @@ _PARAM_OF = {"cu_seqlens_q": "cu_q", "cu_seqlens_k": "cu_k", "seqused_q": "su_q"
 class _Calls:
     """One runtime's fast plain calls: key -> _Entry (or _NOT_SERVED), and keys seen once."""
 
-    __slots__ = ("entries", "sighted", "hits", "tries", "recent_hits", "skip", "dense", "fwd", "bwd", "workspaces")
+    __slots__ = ("entries", "sighted", "hits", "tries", "recent_hits", "skip", "dense", "fwd", "bwd")
 
     def __init__(self) -> None:
         #: per function tag (an attribute each, read by the public functions' mirrors in
@@ -101,7 +98,6 @@ class _Calls:
         self.tries = 0  # calls looked up in the current window
         self.recent_hits = 0  # of them, served
         self.skip = 0  # calls to pass straight to the full path
-        self.workspaces: _Workspaces | None = None  # (made with the first served call that needs one)
 
     def __len__(self) -> int:  # (rt.cache_sizes())
         return len(self.entries)
@@ -186,19 +182,63 @@ def forward(
                                           varying=True)))  # fmt: skip
     if fam is None:
         return False
+    return decided(rt, fam, (q, k, v, out, cu_q, cu_k, su_q, su_k, page_table, sink, max_q, max_k, softmax_scale,
+                             causal, window_size, softcap, num_splits, pack_gqa))  # fmt: skip
+
+
+def decided(rt: Any, fam: _Family, args: tuple[Any, ...]) -> bool:
+    """Launch a call of ``fam``'s key (``args``: its serve's parameters) whose (batch,
+    max_seqlen_q, max_seqlen_k) take a decision that may have no prepared form yet: prepared now
+    (:meth:`_Family.step`); False: not served (the full path decides it, or serves it)."""
+    q, k, v, out, cu_q, cu_k, su_q, su_k, page_table, sink, max_q, max_k = args[:12]
     batch = fam.batch_of(cu_q, cu_k, su_q, su_k)
     if batch < 0:
         return False  # the sequence tensors' lengths disagree: the full path names the mismatch
     t = (batch, max_q, max_k)
     if fam.last[0] != t:  # a decision for these values, prepared now if it has no prepared form
         last = fam.step(t, lambda: _prepare(rt, [q, k, v, out], cu_q, cu_k, max_q, max_k, su_q, su_k, page_table,
-                                            sink, softmax_scale, causal, window_size, softcap, num_splits, pack_gqa,
-                                            varying=True))  # fmt: skip
+                                            sink, *args[12:], varying=True))  # fmt: skip
         if last is None:
-            calls.missed()
+            calls = calls_of(rt)
+            if calls is not None:
+                calls.missed()
             return False
-    return fam.serve(q, k, v, out, cu_q, cu_k, su_q, su_k, page_table, sink, max_q, max_k, softmax_scale, causal,
-                     window_size, softcap, num_splits, pack_gqa) == 1  # fmt: skip
+    return fam.serve(*args) == 1
+
+
+def bind_forward(rt: Any, args: tuple[Any, ...]) -> _Family | None:
+    """The family of forward calls like ``args`` (its serve's parameters), prepared now, without
+    waiting for sightings (:func:`~fa4aot.runtime.prepared.prepare_forward` with
+    ``varying=True``). None where the fast path does not serve them: torch not imported,
+    tensors that are not all torch.Tensor, an unhashable argument, a call whose prepared form
+    would own buffers or that preparing refuses."""
+    api = _torch_api()
+    if api is None:
+        return None
+    calls = _calls(rt)
+    given = tuple(a is not None for a in args[4:10])
+    make_key = _KEYS.get((_FWD, given)) or _key_function(_FWD, given)
+    try:
+        key = make_key(api[0], *args)
+        got = None if key is None else calls.entries.get(key)
+    except TypeError:
+        return None
+    if key is None:
+        return None
+    if got is None:
+        q, k, v, out, cu_q, cu_k, su_q, su_k, page_table, sink, max_q, max_k = args[:12]
+        got = _store(
+            calls,
+            key,
+            api,
+            args,
+            lambda: _Family(
+                _prepare(
+                    rt, [q, k, v, out], cu_q, cu_k, max_q, max_k, su_q, su_k, page_table, sink, *args[12:], varying=True
+                )
+            ),
+        )
+    return got or None
 
 
 _OPTIONAL = ("cu_q", "cu_k", "su_q", "su_k", "page_table", "sink")
@@ -336,7 +376,7 @@ def _launch_lines(entry: str, names: Sequence[str], masks: Sequence[int], ws_slo
     names the tensor) and launches ``entry`` (its ``launch_ptrs``) on torch's current stream of
     ``device`` with ``words`` after the stream. With ``ws_slots`` (an expression), FA4's
     tensor-map workspace of that many slots comes first: when torch's current device is the
-    tensors', the stream's buffer (:class:`_Workspaces`), or while the stream is being captured
+    tensors', the stream's buffer (:func:`~fa4aot.runtime.workspaces.stream_workspace`), or while the stream is being captured
     into a CUDA graph a raw block from torch's caching allocator on it, freed once launched (the
     graph's pool keeps it); on another current device a new torch tensor on the tensors'."""
     lines = [f"p{i} = {n}.data_ptr()" for i, n in enumerate(names)]
@@ -371,53 +411,6 @@ def _launch_lines(entry: str, names: Sequence[str], masks: Sequence[int], ws_slo
     return [indent + x for x in lines]
 
 
-class _Workspaces:
-    """FA4's tensor-map workspace of a runtime's served calls: one buffer per launch stream, from
-    torch's caching allocator on that stream. Kernels launched on a stream run in its order, so
-    its calls can share one buffer, as consecutive calls each allocating their own get the same
-    cached block back. A call needing more slots replaces its stream's buffer by one twice as
-    large; a replaced or evicted buffer is freed only after :data:`MAX_RETIRED_WORKSPACES` more
-    (a thread may have read its address before it was replaced)."""
-
-    __slots__ = ("by_stream", "retired", "_alloc", "_free", "_lock")
-
-    def __init__(self, alloc: Any, free: Any):
-        #: stream handle -> (address, slots); read by the generated calls without the lock
-        self.by_stream: dict[int, tuple[int, int]] = {}
-        self.retired: list[int] = []
-        self._alloc, self._free = alloc, free
-        self._lock = threading.Lock()
-
-    def grow(self, stream: int, slots: int) -> int:
-        """The address of ``stream``'s buffer, made to hold at least ``slots`` slots."""
-        with self._lock:
-            old = self.by_stream.get(stream)
-            if old is not None and old[1] >= slots:
-                return old[0]
-            n = max(slots, 2 * old[1]) if old is not None else slots
-            ptr = self._alloc(n * TENSORMAP_WORDS * 8, stream)
-            if old is not None:
-                self._retire(old[0])
-            elif len(self.by_stream) >= MAX_WORKSPACE_STREAMS:
-                self._retire(self.by_stream.pop(next(iter(self.by_stream)))[0])
-            self.by_stream[stream] = (ptr, n)
-            return ptr
-
-    def _retire(self, ptr: int) -> None:
-        self.retired.append(ptr)
-        if len(self.retired) > MAX_RETIRED_WORKSPACES:
-            self._free(self.retired.pop(0))
-
-    def close(self) -> None:
-        """Free every buffer (to torch's allocator, ordered on the stream each was made on)."""
-        with self._lock:
-            ptrs = [w[0] for w in self.by_stream.values()] + self.retired
-            self.by_stream.clear()  # (in place: the generated calls hold this dict)
-            self.retired = []
-        for p in ptrs:
-            self._free(p)
-
-
 def _torch_memory() -> tuple[Any, Any, Any, Any]:
     """torch's caching allocator's raw ``alloc(nbytes, stream)`` and ``free(ptr)``, its check
     whether the current stream is being captured, and its current device (each None where this
@@ -428,19 +421,18 @@ def _torch_memory() -> tuple[Any, Any, Any, Any]:
     return tuple(getattr(c, n, None) for n in names)  # type: ignore[return-value]
 
 
-def _allocator(calls: _Calls) -> dict[str, Any]:
+def _allocator(rt: Any) -> dict[str, Any]:
     """The generated launches' names for FA4's tensor-map workspace (:func:`_launch_lines`):
-    ``calls``' :class:`_Workspaces` and torch's caching allocator's raw entry points (where this
-    torch has none, ``_wss`` is None: the workspace is then a torch tensor)."""
+    ``rt``'s per-stream buffers (:func:`~fa4aot.runtime.workspaces.stream_workspace`) and torch's
+    caching allocator's raw entry points (where this torch has none, ``_wss`` is None: the
+    workspace is then a torch tensor)."""
     alloc, free, capturing, device = _torch_memory()
-    if calls.workspaces is None and alloc is not None and free is not None and device is not None:
-        calls.workspaces = _Workspaces(alloc, free)
-    ws = calls.workspaces
+    served = alloc is not None and free is not None and device is not None
     return {
         "_raw_alloc": alloc,
         "_raw_free": free,
-        "_wss": None if ws is None else ws.by_stream,
-        "_grow": None if ws is None else ws.grow,
+        "_wss": stream_workspaces(rt) if served else None,
+        "_grow": lambda stream, slots: stream_workspace(rt, stream, slots)[0],
         "_capturing": capturing or (lambda: True),  # (no check: every call takes a block of its own)
         "_current_device": device,
         "_SLOT_BYTES": TENSORMAP_WORDS * 8,
@@ -477,7 +469,7 @@ def _serve_dense(entry: _Entry, cond: str, scope: dict[str, Any], calls: _Calls,
     :func:`_conditions`), 0 when it is not served (a misaligned address: the full path names
     it), else 1: launched on torch's current stream."""
     spec = _SPECS[_DENSE]
-    scope.update(_e=entry, _calls=calls, _cur=current_stream, **_allocator(calls))
+    scope.update(_e=entry, _calls=calls, _cur=current_stream, **_allocator(entry.rt))
     lines = [f"def serve({', '.join((*spec.params, *spec.scalars))}):", f"    if {cond}:", "        return -1"]
     ws = str(entry.ws_slots) if entry.ws_slots else None
     lines += _launch_lines("_e", entry.names, entry.masks, ws, _device(scope))
@@ -528,13 +520,13 @@ def _batch_lines(pinned: int | None, seqs: Sequence[str], fail: str) -> list[str
 
 def _serve_family(fam: _Family, key: tuple[Any, ...], cond: str, scope: dict[str, Any], calls: _Calls,
                   current_stream: Any) -> Any:  # fmt: skip
-    """``serve(<forward's parameters>)``: -1 when the call is not of the family's key (``cond``)
-    or its decision has no prepared form yet, 0 when it is not served (sequence tensors whose
+    """``serve(<forward's parameters>)``: -1 when the call is not of the family's key (``cond``),
+    -2 when its decision has no prepared form yet (:func:`decided`), 0 when it is not served (sequence tensors whose
     lengths disagree, a decision not served here, a misaligned address: the full path), else 1:
     the prepared form of FA4's decision for the call's (batch, max_seqlen_q, max_seqlen_k)
     launched with them (and its workspace slots) as per-call words."""
     spec = _SPECS[_FWD]
-    scope.update(_F=fam, _calls=calls, _cur=current_stream, _PREPARE=_PREPARE, **_allocator(calls))
+    scope.update(_F=fam, _calls=calls, _cur=current_stream, _PREPARE=_PREPARE, **_allocator(fam.rt))
     lines = [f"def serve({', '.join((*spec.params, *spec.scalars))}):", f"    if {cond}:", "        return -1"]
     lines += _batch_lines(fam.pinned, fam.seqs, "0")
     lines += ["    t = (b, max_q, max_k)", "    last = _F.last", "    if last[0] != t:"]
@@ -545,7 +537,7 @@ def _serve_family(fam: _Family, key: tuple[Any, ...], cond: str, scope: dict[str
         "    _calls.missed()",
         "    return 0",
         "if last is _PREPARE:",
-        "    return -1",
+        "    return -2",
     ]
     if region:  # new values in the last decision's region: its decision, without step()
         lines += ["        " + x for x in region]
@@ -600,7 +592,7 @@ class _Family:
 
     __slots__ = (
         "rule", "base", "rkey", "fixed", "pinned", "seqs", "batch_of", "default_q", "default_k", "exact", "ws",
-        "by_pick", "last", "names", "masks", "serve",
+        "by_pick", "last", "names", "masks", "serve", "rt",
     )  # fmt: skip
 
     def __init__(self, prepared: Any):
@@ -608,7 +600,7 @@ class _Family:
         if fc.rule is None or prepared._owned:  # (not expected: the probe refuses buffers first)
             prepared.close()
             raise _Unserved
-        self.rule, self.base = fc.rule, fc.shape
+        self.rule, self.base, self.rt = fc.rule, fc.shape, fc.rt
         self.serve: Any = None  # (_serve_family's function, once keyed)
         self.rkey = region_key(fc.shape)  # the same for every call of the key (its None-ness is in it)
         s = fc.shape  # the traced facts the key fixes (regions: Shape's facts, those not None, in order)
@@ -858,22 +850,28 @@ def _sight(calls: _Calls, key: tuple[Any, ...], prepare: Any, api: tuple[type, A
         calls.sighted[key] = seen
         return
     calls.sighted.pop(key, None)
+    _store(calls, key, api, args, prepare)
+
+
+def _store(calls: _Calls, key: tuple[Any, ...], api: tuple[type, Any], args: tuple[Any, ...], prepare: Any) -> Any:
+    """Prepare ``key`` and store its entry (or family) with the function that answers the
+    calls of its key (:func:`_serve_family` ...), or :data:`_NOT_SERVED`; returns what it stored."""
     try:
         got = prepare()
     except (Fa4aotError, NeedsBuffers, _Unserved):  # the full path raises the error / allocates per call
         calls.entries[key] = _NOT_SERVED
-        return
+        return _NOT_SERVED
     if not isinstance(got, _Family):
         if got._owned:  # not expected (the forward's probe refuses first; the backward binds its scratch)
             got.close()
             calls.entries[key] = _NOT_SERVED
-            return
+            return _NOT_SERVED
         got = _Entry(got)
     scope: dict[str, Any] = {}
     cond = _conditions(api[0], key, scope, dict(zip(_SPECS[key[0]].params, args)))
     if cond is None:  # a scalar of a class not written out (a NumPy float): the full path serves it
         calls.entries[key] = _NOT_SERVED
-        return
+        return _NOT_SERVED
     if key[0] == _FWD:
         got.serve = _serve_family(got, key, cond, scope, calls, api[1])
     elif key[0] == _DENSE:
@@ -881,10 +879,9 @@ def _sight(calls: _Calls, key: tuple[Any, ...], prepare: Any, api: tuple[type, A
     else:
         got.serve = _serve_backward(got, key, cond, scope, calls, api[1])
     calls.entries[key] = got
+    return got
 
 
 def clear(rt: Any) -> None:
-    """Forget ``rt``'s fast calls (tests; a runtime closing) and free their workspaces."""
-    calls = rt.api_caches.pop("fast_calls", None)
-    if calls is not None and calls.workspaces is not None:
-        calls.workspaces.close()
+    """Forget ``rt``'s fast calls (tests; a runtime closing)."""
+    rt.api_caches.pop("fast_calls", None)

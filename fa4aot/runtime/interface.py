@@ -49,7 +49,7 @@ _flash_attn_fwd = mirror(
             q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k, page_table, learnable_sink,
             max_seqlen_q, max_seqlen_k, softmax_scale, causal, window, softcap, num_splits, pack_gqa,
         )
-        if r == 1 or r == -1 and _fast(
+        if r == 1 or r < 0 and _fast(
             rt, q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k,
             page_table, learnable_sink, softmax_scale, causal, window, softcap, num_splits, pack_gqa,
         ):

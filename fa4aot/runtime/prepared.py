@@ -20,7 +20,8 @@ change, then ``cuLaunchKernelEx``). Nothing is allocated per call and nothing sy
 prepared call can be captured in a CUDA graph.
 
 Host scalars (softmax_scale, window, max_seqlen_q/k) are fixed at bind time; prepare one call per
-configuration (they are cheap to keep). ``Prepared.launch_ptrs(*addresses, stream=)`` makes the same
+configuration (they are cheap to keep), or with ``varying=True`` (:mod:`fa4aot.runtime.varying`)
+take the batch and max_seqlens per call. ``Prepared.launch_ptrs(*addresses, stream=)`` makes the same
 launches from raw device addresses without any check, for engines that validate themselves. The per-call function is generated for the bound
 tensors, with a fast path for PyTorch tensors (torch's own tensor check, then their accessors).
 """
@@ -387,7 +388,7 @@ def prepare_forward(
     runtime: Runtime | None = None,
     own: bool = True,
     varying: bool = False,
-) -> Prepared:
+) -> Prepared | Any:
     """Prepare FA4's forward for tensors shaped like these (arguments as in
     :func:`fa4aot.flash_attn_varlen_func`; ``lse`` given means return_lse). The prepared call
     takes ``(q, k, v, out[, lse][, cu_seqlens_q][, cu_seqlens_k][, seqused_q][, seqused_k]
@@ -401,12 +402,17 @@ def prepare_forward(
     given here (write new scale values into them in place). ``own=False`` (the plain-call fast
     path): raise :class:`NeedsBuffers` instead of allocating device memory, and take FA4's
     tensor-map workspace as a last argument (``workspace_slots`` x 16 int64, new per call).
-    ``varying=True`` (with ``own=False``): the batch, max_seqlens and workspace slots are per-call
-    values too (:data:`PER_CALL`, keywords of ``launch_ptrs``), for calls of the same decision.
+    ``varying=True``: a :class:`~fa4aot.runtime.varying.VaryingForward` instead, called with
+    sequence tensors of any batch and ``max_seqlen_q=`` / ``max_seqlen_k=`` per call, re-deciding
+    only when they cross a boundary of FA4's decision (no lse, scales or scheduler_metadata).
+    With ``own=False`` (the fast path's forms): the batch, max_seqlens and workspace slots are
+    per-call values of one decision (:data:`PER_CALL`, keywords of ``launch_ptrs``).
     """
-    if varying and own:
-        raise ValueError("prepare_forward: varying=True needs own=False")
     rt = runtime or loader._DEFAULT or loader.default_runtime()
+    if varying and own:
+        for name, obj in (("lse", lse), ("scales", scales), ("scheduler_metadata", scheduler_metadata)):
+            if obj is not None:
+                raise ArgumentError(f"prepare_forward: varying=True takes no {name} (prepare one call per batch)")
     fc = analyse(
         rt, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, softmax_scale, causal,
         window_size, num_splits, pack_gqa, lse is not None, metadata_kind(scheduler_metadata), page_table, learnable_sink,
@@ -420,6 +426,26 @@ def prepare_forward(
     if not own:
         _refuse_owned(fc, scheduler_metadata)
     out_shape, od = _checked_out(rt, fc, out)
+    if varying and own:
+        from fa4aot.runtime.varying import VaryingForward  # (it builds on the fast path, which imports this)
+
+        tensors = dict(
+            q=q,
+            k=k,
+            v=v,
+            out=out,
+            cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k,
+            seqused_q=seqused_q,
+            seqused_k=seqused_k,
+            page_table=page_table,
+            learnable_sink=learnable_sink,
+        )
+        descs = dict(q=fc.q, k=fc.k, v=fc.v, out=od, cu_seqlens_q=fc.cu_q, cu_seqlens_k=fc.cu_k, seqused_q=fc.su_q,
+                     seqused_k=fc.su_k, page_table=fc.page_table, learnable_sink=fc.learnable_sink)  # fmt: skip
+        scalars = (softmax_scale, causal, window_size, softcap, num_splits, pack_gqa)
+        return VaryingForward(rt, {n: t for n, t in tensors.items() if t is not None}, descs, scalars, max_seqlen_q,
+                              max_seqlen_k)  # fmt: skip
     given = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q, seqused_k=seqused_k,
                  page_table=page_table, learnable_sink=learnable_sink)  # fmt: skip
     names, objs, descs, aligns, ld = _call_tensors(rt, fc, (q, k, v, out), od, lse, given)

@@ -1,7 +1,7 @@
 """Per-call scratch of FA4's forward that fa4aot provides: the tensor-map workspace (SM90 /
 SM100 varlen-K calls) and the zeroed tile semaphore of FA4's dynamic varlen route - from the
-caller's torch allocator (capture-safe), or for other frameworks one buffer per stream that only
-grows."""
+caller's torch allocator (capture-safe), or for other frameworks (and the fast path's torch calls
+outside graph capture) one buffer per stream that only grows."""
 
 from __future__ import annotations
 
@@ -43,6 +43,13 @@ def workspace(rt: Runtime, fc: ForwardCall, ref: Any, stream: int) -> DeviceTens
     slots = workspace_slots(rt, fc)
     if framework(ref) == "torch":
         return alloc_like(ref, (slots, TENSORMAP_WORDS), "int64")
+    ptr, have = stream_workspace(rt, stream, slots)
+    return DeviceTensor(ptr, (have, TENSORMAP_WORDS), (TENSORMAP_WORDS, 1), "int64", rt.device, "raw")
+
+
+def stream_workspace(rt: Runtime, stream: int, slots: int) -> tuple[int, int]:
+    """``stream``'s tensor-map workspace (address, slots), grown to hold at least ``slots``:
+    kernels on a stream run in its order, so its calls share one buffer."""
     kept = stream_workspaces(rt)
     have = kept.get(stream)
     if have is None or have[1] < slots:
@@ -52,7 +59,7 @@ def workspace(rt: Runtime, fc: ForwardCall, ref: Any, stream: int) -> DeviceTens
             rt.free_after(stream, have[0])  # after the stream's queued work, which may use it
             del kept[stream]
         kept[stream] = have = (ptr, slots + slots // 4)
-    return DeviceTensor(have[0], (have[1], TENSORMAP_WORDS), (TENSORMAP_WORDS, 1), "int64", rt.device, "raw")
+    return have
 
 
 def workspace_slots(rt: Runtime, fc: ForwardCall) -> int:

@@ -1,0 +1,119 @@
+"""Prepared forwards whose batch and max_seqlen_q/k change from call to call
+(``prepare_forward(..., varying=True)``): a serving engine's layer call, bound once for its
+tensors' shapes and its scalar arguments, then called with new sequence tensors (any batch) and
+new max_seqlens on every step, without a prepared call per bucket.
+
+PyTorch calls are served by the fast path's family of the bound call (:mod:`.fastpath`): FA4's
+decision for the call's (batch, max_seqlen_q, max_seqlen_k) is the last one while the values stay
+in its traced region (:mod:`.regions`), and is taken again - from the rule's memo or another
+region, or by the full path's selection - only when they cross one of its boundaries; each
+decision's prepared form is made once and launched with the values as per-call words. A call the
+family does not serve (a decision whose launch would own buffers - split-KV partials, scheduler
+metadata - or a local window's exact edges, another framework's tensors, a ``stream`` given)
+runs the full path, which checks everything and allocates what the call needs, as
+:func:`fa4aot.flash_attn_varlen_func` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fa4aot.core import gencode
+from fa4aot.core.errors import ArgumentError
+from fa4aot.runtime import fastpath
+from fa4aot.runtime.forward import forward
+from fa4aot.runtime.loader import Runtime
+from fa4aot.runtime.tensors import DeviceTensor, as_device_tensor
+
+#: The sequence tensors, whose length (the batch) may change from call to call.
+SEQUENCES = ("cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k")
+#: The optional tensors in the order a call takes them (those given at prepare time).
+OPTIONAL = (*SEQUENCES, "page_table", "learnable_sink")
+
+
+class VaryingForward:
+    """``prepared(q, k, v, out[, cu_seqlens_q][, cu_seqlens_k][, seqused_q][, seqused_k]
+    [, page_table][, learnable_sink], max_seqlen_q=, max_seqlen_k=, stream=None)``: the bound
+    forward for this call's tensors (shaped like the prepared ones, the sequence tensors of any
+    common batch) and max_seqlens (default: the values given at prepare time). A tensor whose
+    shape (but a sequence tensor's length), strides, dtype or device differ from the prepared
+    one raises :class:`~fa4aot.ArgumentError` and launches nothing."""
+
+    def __init__(self, rt: Runtime, tensors: dict[str, Any], descs: dict[str, DeviceTensor], scalars: tuple[Any, ...],
+                 max_q: int | None, max_k: int | None):  # fmt: skip
+        self.runtime = rt
+        self.arg_names = ("q", "k", "v", "out", *(n for n in OPTIONAL if n in tensors))
+        self._descs = [descs[n] for n in self.arg_names]
+        args = (*(tensors.get(n) for n in ("q", "k", "v", "out", *OPTIONAL)), max_q, max_k, *scalars)
+        #: the fast path's family serving this call's PyTorch calls (None: every call takes the full path)
+        self.family = fastpath.bind_forward(rt, args)
+        run = self._generate(scalars, max_q, max_k)
+        self.__class__ = type("VaryingForward", (VaryingForward,), {"__call__": staticmethod(run), "__slots__": ()})
+
+    def __call__(self, *tensors: Any, max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
+                 stream: Any = None) -> None:  # fmt: skip
+        """(replaced per instance by the generated function)"""
+        raise NotImplementedError
+
+    @property
+    def served(self) -> bool:
+        """Whether PyTorch calls are launched from the fast path's family (else the full path)."""
+        return self.family is not None
+
+    def _generate(self, scalars: tuple[Any, ...], max_q: int | None, max_k: int | None) -> Callable[..., None]:
+        """``run(<tensors>, max_seqlen_q=, max_seqlen_k=, stream=None)``: the family's serve, the
+        decision made for new values, else the checks and the full path."""
+        given = self.arg_names[4:]
+        params = ["q", "k", "v", "out", *(f"a_{n}" for n in given)]
+        by_name = dict(zip(self.arg_names, params))
+        opt = [by_name.get(n, "None") for n in OPTIONAL]
+        cu_q, cu_k, su_q, su_k, pt, sink = opt
+        scope: dict[str, Any] = {
+            "_mq": max_q, "_mk": max_k, "_rt": self.runtime, "_check": self._check, "_forward": forward,
+            "_decided": fastpath.decided, "_fam": self.family, "_sc": scalars,
+            "_serve": None if self.family is None else self.family.serve,
+        }  # fmt: skip
+        sc = ", ".join(f"_sc[{i}]" for i in range(len(scalars)))
+        served = f"q, k, v, out, {', '.join(opt)}, max_seqlen_q, max_seqlen_k, {sc}"
+        softmax_scale, causal, window, softcap, num_splits, pack_gqa = (f"_sc[{i}]" for i in range(6))
+        lines = [f"def run({', '.join(params)}, max_seqlen_q=_mq, max_seqlen_k=_mk, stream=None):"]
+        if self.family is not None:
+            lines += [
+                "    if stream is None:",
+                f"        r = _serve({served})",
+                "        if r == 1 or r == -2 and _decided(_rt, _fam, (" + served + ")):",
+                "            return None",
+                "        if r == -1:",
+                f"            _check({', '.join(params)})",
+            ]
+        else:
+            lines.append(f"    _check({', '.join(params)})")
+        lines += [
+            f"    _forward(_rt, q, k, v, {cu_q}, {cu_k}, max_seqlen_q, max_seqlen_k, {su_q}, {su_k}, {softmax_scale},",
+            f"             {causal}, {window}, {num_splits}, {pack_gqa}, False, out, None, stream, {pt}, {sink},",
+            f"             {softcap})",
+            "    return None",
+        ]
+        gencode.run("\n".join(lines), scope, "varying prepared forward")
+        return scope["run"]
+
+    def _check(self, *tensors: Any) -> None:
+        """Raise :class:`~fa4aot.ArgumentError` for the first tensor that differs from the
+        prepared one (a sequence tensor: but for its length); the full path checks the rest."""
+        for name, obj, want in zip(self.arg_names, tensors, self._descs):
+            got = as_device_tensor(obj, name)
+            _compare(name, got, want, free_length=name in SEQUENCES)
+
+    def close(self) -> None:
+        """Nothing to free (the family's prepared forms own no buffers)."""
+
+
+def _compare(name: str, got: DeviceTensor, want: DeviceTensor, free_length: bool) -> None:
+    shape: Sequence[int] = tuple(got[1])
+    if free_length and len(shape) == len(want[1]) == 1:
+        shape = tuple(want[1])
+    for what, a, b in (("shape", shape, tuple(want[1])), ("strides", tuple(got[2]), tuple(want[2])),
+                       ("dtype", got[3], want[3]), ("device", got[4], want[4]), ("kind", got[5], want[5])):  # fmt: skip
+        if a != b:
+            raise ArgumentError(f"{name}: {what} {a} differs from the prepared call's {b}; prepare another call")

@@ -1,0 +1,126 @@
+"""Prepared forwards with a per-call batch and max_seqlen (``prepare_forward(varying=True)``,
+runtime/varying.py) on the CPU: every call launches what the full path launches for the same
+arguments, with FA4's parameter bytes; bad tensors are typed errors with nothing launched."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from fake_driver import FakeDriver
+from test_fastpath import FakeTorch, _assert_fa4s_bytes, _hits, _made, _variant_of, fake_torch, t  # noqa: F401
+
+import fa4aot
+from fa4aot.core.errors import ArgumentError, VariantNotFoundError
+from fa4aot.runtime import fastpath, prepared
+from fa4aot.runtime.loader import Runtime
+from fa4aot.runtime.tensors import RawTensor
+
+
+@pytest.fixture
+def pair(built_cache, monkeypatch):
+    """(runtime, its driver, a reference runtime on the full path only, its driver): an SM100
+    (the fast tier builds varlen-K kernels for SM100 only)."""
+    monkeypatch.setattr(prepared, "alloc_like", lambda ref, shape, dtype: ref.new_empty(shape, dtype))
+    drv, ref_drv = FakeDriver(cc=(10, 0), num_sms=148), FakeDriver(cc=(10, 0), num_sms=148)
+    rt, ref = Runtime(built_cache, driver=drv), Runtime(built_cache, driver=ref_drv)
+    fastpath._calls(ref).skip = 10**9
+    return rt, drv, ref, ref_drv
+
+
+def test_every_batch_and_max_seqlen_launches_what_the_full_path_launches(pair, monkeypatch):
+    """A serving loop through one varying prepared call: batch and max_seqlen_q/k new on every
+    call, served from the first call on (no sightings), re-deciding only at FA4's boundaries;
+    each launch is the full path's kernel, grid, block and shared memory for the same call, with
+    FA4's parameter bytes for the call's own values."""
+    rt, drv, ref, ref_drv = pair
+    steps = []
+    real_step = fastpath._Family.step
+    monkeypatch.setattr(fastpath._Family, "step", lambda self, *a: steps.append(a) or real_step(self, *a))
+    made = []
+    real_new_empty = FakeTorch.new_empty
+    monkeypatch.setattr(FakeTorch, "new_empty", lambda self, shape, dtype=None: made.append(real_new_empty(self, shape, dtype)) or made[-1])  # fmt: skip
+    total, h, hk, d = 15000, 16, 16, 128
+    q, k, v, o = t(0, (total, h, d)), t(1, (total, hk, d)), t(2, (total, hk, d)), t(3, (total, h, d))
+    cu5 = t(4, (6,), "int32")
+    run = fa4aot.prepare_forward(q, k, v, o, cu_seqlens_q=cu5, cu_seqlens_k=cu5, max_seqlen_q=3000,
+                                 max_seqlen_k=3000, causal=True, varying=True, runtime=rt)  # fmt: skip
+    assert run.served and run.arg_names == ("q", "k", "v", "out", "cu_seqlens_q", "cu_seqlens_k")
+    assert drv.launches == []  # preparing launches nothing
+    rng = random.Random(1)
+    served = 0
+    for i in range(50):
+        b = rng.choice([1, 3, 5, 7, 12, 40])
+        cu = t(4, (b + 1,), "int32", offset=64 * i)
+        mq, mk = rng.randint(total // b // 2, total // b), rng.randint(total // b // 2, total // b)
+        try:
+            fa4aot.flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=mq, max_seqlen_k=mk,
+                                          causal=True, out=o, runtime=ref)  # fmt: skip
+        except VariantNotFoundError:  # FA4 decides on a kernel the small test cache lacks
+            with pytest.raises(VariantNotFoundError):
+                run(q, k, v, o, cu, cu, max_seqlen_q=mq, max_seqlen_k=mk)
+            continue
+        before = _hits(rt)
+        run(q, k, v, o, cu, cu, max_seqlen_q=mq, max_seqlen_k=mk)
+        got, want = drv.launches[-1], ref_drv.launches[-1]
+        assert _variant_of(rt, got.kernel) == _variant_of(ref, want.kernel)
+        assert (got.grid, got.block, got.smem) == (want.grid, want.block, want.smem)
+        if _hits(rt) > before:
+            served += 1
+            _assert_fa4s_bytes(rt, drv, ref, (q, k, v, o, cu), mq, mk, made[-1] if made else None)
+    assert served >= 40, served
+    assert len(steps) < served // 2, (len(steps), served)  # most calls stay in the last decision's region
+
+
+def test_bad_tensors_are_typed_errors_and_nothing_launches(pair):
+    """A tensor unlike the prepared one (shape, dtype, strides; a sequence tensor's length is
+    free) raises before anything launches; sequence tensors of different batches get the full
+    path's error; prepare refuses what a varying call does not take."""
+    rt, drv, _, _ = pair
+    total, h, d = 4000, 16, 128
+    q, k, v, o = (t(i, (total, h, d)) for i in range(4))
+    cu = t(4, (5,), "int32")
+    run = fa4aot.prepare_forward(q, k, v, o, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=1000, max_seqlen_k=1000,
+                                 causal=True, varying=True, runtime=rt)  # fmt: skip
+    run(q, k, v, o, cu, cu)
+    n = len(drv.launches)
+    for bad, match in [
+        ((t(0, (total, h, 64)), k, v, o, cu, cu), "^q: shape"),
+        ((q, t(1, (total, h, d), "fp16"), v, o, cu, cu), "^k: dtype"),
+        ((q, k, v, o, cu, t(5, (3, 2), "int32")), "^cu_seqlens_k: shape"),
+        ((q, k, v, o, cu, t(5, (4,), "int32")), "cu_seqlens_k"),  # batch 3 against cu_seqlens_q's 4
+    ]:
+        with pytest.raises(ArgumentError, match=match):
+            run(*bad)
+    assert len(drv.launches) == n
+    for kw in ({"lse": t(6, (h, total), "fp32")}, {"scales": object()}):
+        with pytest.raises(ArgumentError, match="varying=True takes no"):
+            fa4aot.prepare_forward(q, k, v, o, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=1000,
+                                   max_seqlen_k=1000, varying=True, runtime=rt, **kw)  # fmt: skip
+
+
+def test_other_frameworks_and_a_given_stream_take_the_full_path(pair):
+    """Tensors that are not torch's (raw pointers here) and calls with ``stream=`` run the full
+    path - the same launch as the plain call - and the first call is the served one otherwise."""
+    rt, drv, ref, ref_drv = pair
+    total, h, d = 4000, 16, 128
+    raws = [RawTensor(0x7F30_0000_0000 + i * (1 << 36), (total, h, d), "bf16") for i in range(4)]
+    cu = RawTensor(0x7F30_0000_0000 + 4 * (1 << 36), (5,), "int32")
+    run = fa4aot.prepare_forward(*raws, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=1000, max_seqlen_k=1000,
+                                 causal=True, varying=True, runtime=rt)  # fmt: skip
+    assert not run.served
+    cu3 = RawTensor(cu.ptr, (4,), "int32")
+    run(*raws, cu3, cu3, max_seqlen_q=1300, max_seqlen_k=1333, stream=5)
+    fa4aot.flash_attn_varlen_func(*raws[:3], cu_seqlens_q=cu3, cu_seqlens_k=cu3, max_seqlen_q=1300,
+                                  max_seqlen_k=1333, causal=True, out=raws[3], stream=5, runtime=ref)  # fmt: skip
+    got, want = drv.launches[-1], ref_drv.launches[-1]
+    assert (got.grid, got.block, got.smem, got.stream) == (want.grid, want.block, want.smem, 5)
+    q, k, v, o = (t(i, (total, h, d)) for i in range(4))
+    tcu = t(4, (5,), "int32")
+    run = fa4aot.prepare_forward(q, k, v, o, cu_seqlens_q=tcu, cu_seqlens_k=tcu, max_seqlen_q=1000,
+                                 max_seqlen_k=1000, causal=True, varying=True, runtime=rt)  # fmt: skip
+    before = _hits(rt)
+    run(q, k, v, o, tcu, tcu, stream=5)  # a stream given: the full path
+    assert _hits(rt) == before and drv.launches[-1].stream == 5
+    run(q, k, v, o, tcu, tcu)
+    assert _hits(rt) == before + 1
