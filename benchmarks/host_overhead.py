@@ -12,7 +12,8 @@ Rows (PyTorch tensors, ``out`` given, torch's current stream, bf16, causal, head
 * varlen forward, same shapes (batch 8, GQA 4: 32 query / 8 KV heads, 64 tokens each);
 * varlen forward with max_seqlen_q/k changing on every call (the serving case);
 * prepared calls (``fa4aot.prepare_forward``), batched and varlen, checked and through
-  ``launch_ptrs`` (unchecked);
+  ``launch_ptrs`` (unchecked), and ``varying=True`` with the varlen row's batch and max_seqlen
+  changing on every call;
 * interleaved: the prepared rows and the floors timed again together, each repeat one batch of
   every row in rotating order (``_common.medians_interleaved``), so their ratios hold on a noisy
   host;
@@ -130,6 +131,28 @@ def median_us(fn, inner: int, repeats: int, sync, sleep: int = SLEEP_CYCLES) -> 
     import torch
 
     return _common.median_us(fn, inner, repeats, warmup=50, sync=sync, before_batch=lambda: torch.cuda._sleep(sleep))
+
+
+def varying_call(qv, kv, ov, cu):
+    """A ``prepare_forward(varying=True)`` call taking the varlen row's arguments that change on
+    every call (PLAIN_CALLS' ``varlen_batch_changing``: batch 1-128, max_seqlen_q/k changing)."""
+    import itertools
+
+    import torch
+
+    import fa4aot
+
+    cus = [torch.arange(0, 513, 512 // b, dtype=torch.int32, device="cuda") for b in (1, 2, 4, 8, 16, 32, 64, 128)]
+    steps = itertools.cycle([(cus[i % 8], 512 // (cus[i % 8].numel() - 1) + i % 997, i % 13) for i in range(8 * 997)])
+    run = fa4aot.prepare_forward(
+        qv, kv, kv, ov, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=64, max_seqlen_k=64, causal=True, varying=True
+    )
+
+    def call() -> None:
+        c, m, dk = next(steps)
+        run(qv, kv, kv, ov, c, c, max_seqlen_q=m, max_seqlen_k=m + dk)
+
+    return call
 
 
 #: The floors' calls by row name (floors() fills it): the interleaved rows time them again.
@@ -439,6 +462,9 @@ def main() -> None:
     )
     rows["prepared call, varlen"] = median_us(
         lambda: run_v(qv, kv, kv, ov, cu, cu), args.inner, args.repeats, sync, args.sleep_cycles
+    )
+    rows["prepared call, varying=True, batch and max_seqlen changing"] = median_us(
+        varying_call(qv, kv, ov, cu), args.inner, args.repeats, sync, args.sleep_cycles
     )
     qd = torch.randn(8, 1, 32, 128, device="cuda", dtype=bf)
     od = torch.empty_like(qd)

@@ -126,6 +126,18 @@ def rows(cache: str, inner: int, repeats: int) -> dict[str, float]:
                                     causal=True, runtime=rt)  # fmt: skip
         pp = fa4aot.prepare_forward(qd, pool, pool, od, seqused_k=used, page_table=pt, max_seqlen_k=128, causal=True,
                                     runtime=rt)  # fmt: skip
+        try:  # (a baseline checkout may have no varying prepared forward)
+            pc = fa4aot.prepare_forward(qv, kv, kv, ov, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=64,
+                                        max_seqlen_k=64, causal=True, varying=True, runtime=rt)  # fmt: skip
+        except (TypeError, ValueError):
+            pc = None
+        if pc is not None:
+
+            def varying() -> None:
+                c, m, dk = changing[next(it) % len(changing)]
+                pc(qv, kv, kv, ov, c, c, max_seqlen_q=m, max_seqlen_k=m + dk)
+
+            calls["prepared call, varying=True, batch and max_seqlen changing"] = varying
         ptrs = [t.data_ptr() for t in (q, q, q, o)]
         calls.update({
             "prepared call, batched": lambda: pb(q, q, q, o),
@@ -159,11 +171,11 @@ def main() -> None:
         old = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"host microseconds per call (Python only: CPU tensors, a launch that returns at once), "
           f"median of {args.repeats} x {args.inner} calls")  # fmt: skip
-    print(f"{'call':<52} {'this tree':>10} {'baseline':>10}")
+    print(f"{'call':<62} {'this tree':>10} {'baseline':>10}")
     print(f"this tree: {got.pop('fa4aot')}; baseline: {old.pop('fa4aot', None)}")
     for name, us in got.items():
         base = f"{old[name]:>10.2f}" if name in old else f"{'':>10}"
-        print(f"{name:<52} {us:>10.2f} {base}")
+        print(f"{name:<62} {us:>10.2f} {base}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": got, "baseline": old, "old_src": args.old_src}, f, indent=1)

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 from torch_helpers import qkv, rand, varlen_args  # noqa: E402
 
 import fa4aot  # noqa: E402
-from fa4aot.core.errors import ArgumentError  # noqa: E402
+from fa4aot.core.errors import ArgumentError, VariantNotFoundError  # noqa: E402
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -99,6 +99,57 @@ def test_prepared_call_in_a_cuda_graph(runtime):
         want, _ = fa4aot.flash_attn_func(q, k, v, causal=True, runtime=runtime)
         torch.cuda.synchronize()
         assert torch.equal(out, want)
+
+
+def test_a_varying_prepared_forward_equals_plain_calls_for_every_batch(runtime):
+    """prepare_forward(varying=True): one prepared call, the batch and max_seqlen_q/k new on every
+    call (some seen before, some not), each output bitwise equal to the plain call's; a tensor of
+    another shape is refused with out untouched; calls captured in a CUDA graph replay equal."""
+    total, h, hk, d = 512, 32, 8, 128
+    q, k, v = rand(total, h, d), rand(total, hk, d, seed=1), rand(total, hk, d, seed=2)
+    sizes = [1, 3, 8, 2, 64, 5, 16, 128, 7]
+    cus = {b: torch.arange(0, total + 1, total // b, dtype=torch.int32, device="cuda") for b in sizes}
+    out = torch.empty_like(q)
+    run = fa4aot.prepare_forward(q, k, v, out, cu_seqlens_q=cus[8], cu_seqlens_k=cus[8], max_seqlen_q=64,
+                                 max_seqlen_k=64, causal=True, varying=True, runtime=runtime)  # fmt: skip
+    assert run.served
+    checked = 0
+    for rep in range(2):
+        for i, b in enumerate(sizes):
+            m = total // b
+            mq, mk = m + (i + rep) % 5, m + (i * 3 + rep) % 11
+            try:
+                want, _ = fa4aot.flash_attn_varlen_func(q, k, v, cu_seqlens_q=cus[b], cu_seqlens_k=cus[b],
+                                                        max_seqlen_q=mq, max_seqlen_k=mk, causal=True, runtime=runtime)  # fmt: skip
+            except VariantNotFoundError:  # a decision whose kernel the GPU cache lacks
+                with pytest.raises(VariantNotFoundError):
+                    run(q, k, v, out, cus[b], cus[b], max_seqlen_q=mq, max_seqlen_k=mk)
+                continue
+            out.fill_(7.0)
+            run(q, k, v, out, cus[b], cus[b], max_seqlen_q=mq, max_seqlen_k=mk)
+            torch.cuda.synchronize()
+            assert torch.equal(out, want), (b, mq, mk)
+            checked += 1
+    assert checked >= 12, checked
+    out.fill_(7.0)
+    with pytest.raises(ArgumentError, match="^q: shape"):
+        run(q[:-1], k, v, out, cus[8], cus[8], max_seqlen_q=64, max_seqlen_k=64)
+    torch.cuda.synchronize()
+    assert bool((out == 7.0).all())
+    graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run(q, k, v, out, cus[16], cus[16], max_seqlen_q=128, max_seqlen_k=128)
+    torch.cuda.current_stream().wait_stream(side)
+    want, _ = fa4aot.flash_attn_varlen_func(q, k, v, cu_seqlens_q=cus[16], cu_seqlens_k=cus[16], max_seqlen_q=128,
+                                            max_seqlen_k=128, causal=True, runtime=runtime)  # fmt: skip
+    torch.cuda.synchronize()
+    out.fill_(7.0)
+    with torch.cuda.graph(graph, stream=side):
+        run(q, k, v, out, cus[16], cus[16], max_seqlen_q=128, max_seqlen_k=128)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
 
 
 def test_preload_then_calls_load_nothing(gpu_cache):
