@@ -20,9 +20,9 @@ would own buffers (split-KV partials, scheduler metadata, the route semaphore) i
 here: a plain call allocates those per call and concurrent calls must not share them. FA4's
 tensor-map workspace is a buffer per launch stream kept by the runtime (:mod:`.workspaces`),
 and a new one from torch's allocator per call while the stream is being captured into a CUDA
-graph; the backward's scratch is a new buffer per call, as on the full path. Anything unusual - other tensor classes, a misaligned address, an
-unhashable argument, sequence tensors whose lengths disagree - takes the full path, which raises
-the typed error. Threads may share an entry: a prepared call packs into a block per thread.
+graph; the backward's scratch is a new buffer per call, as on the full path. Anything unusual -
+other tensor classes, a misaligned address, an unhashable argument, sequence tensors whose
+lengths disagree - takes the full path, which raises the typed error. Threads may share an entry: a prepared call packs into a block per thread.
 """
 
 from __future__ import annotations
@@ -376,9 +376,10 @@ def _launch_lines(entry: str, names: Sequence[str], masks: Sequence[int], ws_slo
     names the tensor) and launches ``entry`` (its ``launch_ptrs``) on torch's current stream of
     ``device`` with ``words`` after the stream. With ``ws_slots`` (an expression), FA4's
     tensor-map workspace of that many slots comes first: when torch's current device is the
-    tensors', the stream's buffer (:func:`~fa4aot.runtime.workspaces.stream_workspace`), or while the stream is being captured
-    into a CUDA graph a raw block from torch's caching allocator on it, freed once launched (the
-    graph's pool keeps it); on another current device a new torch tensor on the tensors'."""
+    tensors', the stream's buffer (:func:`~fa4aot.runtime.workspaces.stream_workspace`), or
+    while the stream is being captured into a CUDA graph a raw block from torch's caching
+    allocator on it, freed once launched (the graph's pool keeps it); on another current device
+    a new torch tensor on the tensors'."""
     lines = [f"p{i} = {n}.data_ptr()" for i, n in enumerate(names)]
     by_mask: dict[int, list[str]] = {}
     for i, m in enumerate(masks[: len(names)]):
@@ -521,9 +522,9 @@ def _batch_lines(pinned: int | None, seqs: Sequence[str], fail: str) -> list[str
 def _serve_family(fam: _Family, key: tuple[Any, ...], cond: str, scope: dict[str, Any], calls: _Calls,
                   current_stream: Any) -> Any:  # fmt: skip
     """``serve(<forward's parameters>)``: -1 when the call is not of the family's key (``cond``),
-    -2 when its decision has no prepared form yet (:func:`decided`), 0 when it is not served (sequence tensors whose
-    lengths disagree, a decision not served here, a misaligned address: the full path), else 1:
-    the prepared form of FA4's decision for the call's (batch, max_seqlen_q, max_seqlen_k)
+    -2 when its decision has no prepared form yet (:func:`decided`), 0 when it is not served
+    (sequence tensors whose lengths disagree, a decision not served here, a misaligned address:
+    the full path), else 1: the prepared form of FA4's decision for the call's (batch, max_seqlen_q, max_seqlen_k)
     launched with them (and its workspace slots) as per-call words."""
     spec = _SPECS[_FWD]
     scope.update(_F=fam, _calls=calls, _cur=current_stream, _PREPARE=_PREPARE, **_allocator(fam.rt))
