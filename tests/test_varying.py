@@ -94,7 +94,7 @@ def test_bad_tensors_are_typed_errors_and_nothing_launches(pair):
             run(*bad)
     assert len(drv.launches) == n
     for kw in ({"lse": t(6, (h, total), "fp32")}, {"scales": object()}):
-        with pytest.raises(ArgumentError, match="varying=True takes no"):
+        with pytest.raises(ArgumentError, match="varying=True takes no lse, scales"):
             fa4aot.prepare_forward(q, k, v, o, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=1000,
                                    max_seqlen_k=1000, varying=True, runtime=rt, **kw)  # fmt: skip
 

@@ -362,6 +362,12 @@ def _owned_tensor(ptr: int, shape: tuple[int, ...], dev: int) -> DeviceTensor:
     return DeviceTensor(ptr, shape, contiguous_strides(shape), "fp32", dev, "raw")
 
 
+_NOTHING_TO_PREPARE = (
+    "prepare_forward: the call has no keys or no queries (an empty q, k or page pool); prepare it with the buffers "
+    "it will run on, or call flash_attn_func, which returns FA4's result"
+)
+
+
 def prepare_forward(
     q: Any,
     k: Any,
@@ -392,62 +398,36 @@ def prepare_forward(
     """Prepare FA4's forward for tensors shaped like these (arguments as in
     :func:`fa4aot.flash_attn_varlen_func`; ``lse`` given means return_lse). The prepared call
     takes ``(q, k, v, out[, lse][, cu_seqlens_q][, cu_seqlens_k][, seqused_q][, seqused_k]
-    [, page_table][, learnable_sink])`` (those given here, in this order; see ``arg_names``) and
-    ``stream=``.
-
-    Split-KV partials are allocated now and owned by the prepared call. Split-KV varlen calls use
-    ``scheduler_metadata`` if given (recompute it per batch; the call zeroes its semaphore after
-    each use), else own metadata recomputed on every call (the prepare kernel runs first).
-    ``scales`` (FA4's TensorwiseScales or BlockScales) are bound: every call reads the tensors
-    given here (write new scale values into them in place). ``own=False`` (the plain-call fast
-    path): raise :class:`NeedsBuffers` instead of allocating device memory, and take FA4's
-    tensor-map workspace as a last argument (``workspace_slots`` x 16 int64, new per call).
-    ``varying=True``: a :class:`~fa4aot.runtime.varying.VaryingForward` instead, called with
-    sequence tensors of any batch and ``max_seqlen_q=`` / ``max_seqlen_k=`` per call, re-deciding
-    only when they cross a boundary of FA4's decision (no lse, scales or scheduler_metadata).
-    With ``own=False`` (the fast path's forms): the batch, max_seqlens and workspace slots are
-    per-call values of one decision (:data:`PER_CALL`, keywords of ``launch_ptrs``).
+    [, page_table][, learnable_sink])`` (those given here, in this order: ``arg_names``) and
+    ``stream=``. It owns split-KV partials and, for split-KV varlen without ``scheduler_metadata``
+    (recompute that per batch; the call zeroes its semaphore), metadata recomputed per call.
+    ``scales`` are bound (write new values into the same tensors). ``varying=True``: a
+    :class:`~fa4aot.runtime.varying.VaryingForward`, called with sequence tensors of any batch
+    and ``max_seqlen_q=`` / ``max_seqlen_k=`` per call. ``own=False`` (the fast path's forms):
+    raise :class:`NeedsBuffers` instead of allocating, take FA4's tensor-map workspace as a last
+    argument, and with ``varying`` the batch, max_seqlens and workspace slots as per-call values
+    of one decision (:data:`PER_CALL`, keywords of ``launch_ptrs``).
     """
+    arguments = dict(locals())  # (for the varying form)
+    if varying and own and (lse is not None or scales is not None or scheduler_metadata is not None):
+        raise ArgumentError("prepare_forward: varying=True takes no lse, scales or scheduler_metadata")
     rt = runtime or loader._DEFAULT or loader.default_runtime()
-    if varying and own:
-        for name, obj in (("lse", lse), ("scales", scales), ("scheduler_metadata", scheduler_metadata)):
-            if obj is not None:
-                raise ArgumentError(f"prepare_forward: varying=True takes no {name} (prepare one call per batch)")
     fc = analyse(
         rt, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q, seqused_k, softmax_scale, causal,
         window_size, num_splits, pack_gqa, lse is not None, metadata_kind(scheduler_metadata), page_table, learnable_sink,
         softcap, scales=scales,
     )  # fmt: skip
     if fc.lv is None:
-        raise ArgumentError(
-            "prepare_forward: the call has no keys or no queries (an empty q, k or page pool); "
-            "prepare it with the buffers it will run on, or call flash_attn_func, which returns FA4's result"
-        )
+        raise ArgumentError(_NOTHING_TO_PREPARE)
     if not own:
         _refuse_owned(fc, scheduler_metadata)
     out_shape, od = _checked_out(rt, fc, out)
     if varying and own:
         from fa4aot.runtime.varying import VaryingForward  # (it builds on the fast path, which imports this)
 
-        tensors = dict(
-            q=q,
-            k=k,
-            v=v,
-            out=out,
-            cu_seqlens_q=cu_seqlens_q,
-            cu_seqlens_k=cu_seqlens_k,
-            seqused_q=seqused_q,
-            seqused_k=seqused_k,
-            page_table=page_table,
-            learnable_sink=learnable_sink,
-        )
-        descs = dict(q=fc.q, k=fc.k, v=fc.v, out=od, cu_seqlens_q=fc.cu_q, cu_seqlens_k=fc.cu_k, seqused_q=fc.su_q,
-                     seqused_k=fc.su_k, page_table=fc.page_table, learnable_sink=fc.learnable_sink)  # fmt: skip
-        scalars = (softmax_scale, causal, window_size, softcap, num_splits, pack_gqa)
-        return VaryingForward(rt, {n: t for n, t in tensors.items() if t is not None}, descs, scalars, max_seqlen_q,
-                              max_seqlen_k)  # fmt: skip
-    given = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_q=seqused_q, seqused_k=seqused_k,
-                 page_table=page_table, learnable_sink=learnable_sink)  # fmt: skip
+        return VaryingForward.bind(fc, od, arguments)
+    given = {n: arguments[n] for n in ("cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k", "page_table",
+                                       "learnable_sink")}  # fmt: skip
     names, objs, descs, aligns, ld = _call_tensors(rt, fc, (q, k, v, out), od, lse, given)
     ws_slots = 0 if own else _workspace_argument(rt, fc, q, names, objs, descs, aligns)
     src = {n: f"p{i}" for i, n in enumerate(names)}

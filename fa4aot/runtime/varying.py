@@ -51,6 +51,18 @@ class VaryingForward:
         run = self._generate(scalars, max_q, max_k)
         self.__class__ = type("VaryingForward", (VaryingForward,), {"__call__": staticmethod(run), "__slots__": ()})
 
+    @classmethod
+    def bind(cls, fc: Any, od: DeviceTensor, given: dict[str, Any]) -> VaryingForward:
+        """The varying form of prepare_forward's checked call ``fc`` (``od``: out's descriptor;
+        ``given``: prepare_forward's arguments by name)."""
+        descs = dict(q=fc.q, k=fc.k, v=fc.v, out=od, cu_seqlens_q=fc.cu_q, cu_seqlens_k=fc.cu_k, seqused_q=fc.su_q,
+                     seqused_k=fc.su_k, page_table=fc.page_table, learnable_sink=fc.learnable_sink)  # fmt: skip
+        tensors = {n: given[n] for n in descs if given[n] is not None}
+        scalars = tuple(
+            given[n] for n in ("softmax_scale", "causal", "window_size", "softcap", "num_splits", "pack_gqa")
+        )
+        return cls(fc.rt, tensors, descs, scalars, given["max_seqlen_q"], given["max_seqlen_k"])
+
     def __call__(self, *tensors: Any, max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
                  stream: Any = None) -> None:  # fmt: skip
         """(replaced per instance by the generated function)"""
