@@ -83,7 +83,7 @@ _PARAM_OF = {"cu_seqlens_q": "cu_q", "cu_seqlens_k": "cu_k", "seqused_q": "su_q"
 class _Calls:
     """One runtime's fast plain calls: key -> _Entry (or _NOT_SERVED), and keys seen once."""
 
-    __slots__ = ("entries", "sighted", "hits", "tries", "recent_hits", "skip", "dense", "fwd", "bwd")
+    __slots__ = ("entries", "sighted", "hits", "tries", "window_hits", "skip", "dense", "fwd", "bwd")
 
     def __init__(self) -> None:
         #: per function tag (an attribute each, read by the public functions' mirrors in
@@ -96,7 +96,7 @@ class _Calls:
         self.sighted: BoundedDict = BoundedDict(MAX_SIGHTED)
         self.hits = 0
         self.tries = 0  # calls looked up in the current window
-        self.recent_hits = 0  # of them, served
+        self.window_hits = 0  # hits when the window started (a served call counts once, in hits)
         self.skip = 0  # calls to pass straight to the full path
 
     def __len__(self) -> int:  # (rt.cache_sizes())
@@ -109,10 +109,10 @@ class _Calls:
         such a workload pays the key (a few microseconds) on a fifth of its calls at most."""
         self.tries += 1
         if self.tries >= WINDOW:
-            if not self.recent_hits:
+            if self.hits == self.window_hits:
                 self.skip = SKIP
                 self.dense = self.fwd = self.bwd = None  # (each is offered the next call first)
-            self.tries = self.recent_hits = 0
+            self.tries, self.window_hits = 0, self.hits
 
 
 #: (torch.Tensor, torch's current-stream accessor by device ordinal), once torch is imported
@@ -474,7 +474,7 @@ def _serve_dense(entry: _Entry, cond: str, scope: dict[str, Any], calls: _Calls,
     lines = [f"def serve({', '.join((*spec.params, *spec.scalars))}):", f"    if {cond}:", "        return -1"]
     ws = str(entry.ws_slots) if entry.ws_slots else None
     lines += _launch_lines("_e", entry.names, entry.masks, ws, _device(scope))
-    lines += ["    _calls.hits += 1", "    _calls.recent_hits += 1", "    return 1"]
+    lines += ["    _calls.hits += 1", "    return 1"]
     gencode.run("\n".join(lines), scope, "fast-path dense call")
     return scope["serve"]
 
@@ -493,7 +493,7 @@ def _serve_backward(entry: _Entry, key: tuple[Any, ...], cond: str, scope: dict[
     lines += ["    dq, dk, dv = q.new_empty(_gq), q.new_empty(_gk), q.new_empty(_gv)",
               f"    scratch = q.new_empty(({entry.scratch_bytes // 4},), dtype=_f32)"]  # fmt: skip
     lines += _launch_lines("_e", entry.names, entry.masks, None, _device(scope))
-    lines += ["    _calls.hits += 1", "    _calls.recent_hits += 1", "    return dq, dk, dv"]
+    lines += ["    _calls.hits += 1", "    return dq, dk, dv"]
     gencode.run("\n".join(lines), scope, "fast-path backward call")
     return scope["serve"]
 
@@ -549,7 +549,7 @@ def _serve_family(fam: _Family, key: tuple[Any, ...], cond: str, scope: dict[str
     lines += _launch_lines("e", fam.names, fam.masks, "vs", _device(scope), "vb, vq, vk, vs", "        ")
     lines.append("    else:")
     lines += _launch_lines("e", fam.names, fam.masks, None, _device(scope), "vb, vq, vk, vs", "        ")
-    lines += ["    _calls.hits += 1", "    _calls.recent_hits += 1", "    return 1"]
+    lines += ["    _calls.hits += 1", "    return 1"]
     gencode.run("\n".join(lines), scope, "fast-path forward call")
     return scope["serve"]
 
