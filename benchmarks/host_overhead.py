@@ -157,6 +157,8 @@ def varying_call(qv, kv, ov, cu):
 
 #: The floors' calls by row name (floors() fills it): the interleaved rows time them again.
 FLOOR_CALLS: dict[str, object] = {}
+#: what the floors' calls read (parameter buffers, bound calls, workspaces), kept alive with them
+_KEEP: list[object] = []
 FLOOR = "floor: cuLaunchKernelEx via cuda.bindings, prepacked"
 #: a prepared row's words -> its kernel's cuda.bindings floor row
 _KERNEL_FLOORS = {
@@ -210,6 +212,7 @@ def floors(rt, fc, named, label: str, inner: int, repeats: int, sync, sleep: int
         f"floor{label}: C relaunch of a recorded launch (1 ctypes call)": lambda: run(addr),
     }
     FLOOR_CALLS.update(calls)
+    _KEEP.append((params, argv, cfg, fn, bound, s, named))  # (the calls hold only their addresses)
     rows = {name: median_us(call, inner, repeats, sync, sleep) for name, call in calls.items()}
     if not label:
         rows.update(attribute_floors(rec, fc.lv.kernels[0], argv_addr, stream, inner, repeats, sync, sleep))
@@ -282,6 +285,7 @@ def varlen_floors(rt, qv, kv, ov, cu, inner: int, repeats: int, sync, sleep: int
     if fc.plan.tensormap_workspace:
         ws = torch.empty((workspace_slots(rt, fc), 16), dtype=torch.int64, device="cuda")
         named["tensormap_workspace"] = as_device_tensor(ws, "tensormap_workspace")
+        _KEEP.append(ws)  # (the floors launch on it after this returns)
     return floors(rt, fc, named, " (varlen kernel)", inner, repeats, sync, sleep)
 
 
