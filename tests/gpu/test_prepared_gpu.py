@@ -128,7 +128,8 @@ def test_a_varying_prepared_forward_equals_plain_calls_for_every_batch(runtime):
             out.fill_(7.0)
             run(q, k, v, out, cus[b], cus[b], max_seqlen_q=mq, max_seqlen_k=mk)
             torch.cuda.synchronize()
-            assert torch.equal(out, want), (b, mq, mk)
+            n = int(cus[b][-1])  # the rows of the sequences (the plain call's other rows are torch.empty's)
+            assert torch.equal(out[:n], want[:n]), (b, mq, mk)
             checked += 1
     assert checked >= 12, checked
     out.fill_(7.0)
