@@ -123,8 +123,9 @@ def test_varlen_workspaces_on_two_streams_and_in_a_cuda_graph(runtime):
     outs, before = [], _hits(runtime)
     for rep in range(3):
         for i, b in enumerate(sizes):
-            out = fresh()
-            with torch.cuda.stream(streams[(i + rep) % 2]):
+            out, st = fresh(), streams[(i + rep) % 2]
+            st.wait_stream(torch.cuda.current_stream())  # (out's fill, on the current stream, first)
+            with torch.cuda.stream(st):
                 call(b, out)
             outs.append((b, out))
     torch.cuda.synchronize()
@@ -142,8 +143,9 @@ def test_varlen_workspaces_on_two_streams_and_in_a_cuda_graph(runtime):
     out.fill_(7.0)
     with torch.cuda.graph(graph, stream=side):
         call(4, out)
+    other = fresh()
+    side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        other = fresh()
         call(256, other)  # replaces the side stream's buffer by a larger one
     torch.cuda.current_stream().wait_stream(side)
     graph.replay()
