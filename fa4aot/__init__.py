@@ -34,6 +34,7 @@ _LAZY = {
     "prepare_combine": ("fa4aot.runtime.prepared", "prepare_combine"),
     "prepare_backward": ("fa4aot.runtime.backward", "prepare_backward"),
     "Prepared": ("fa4aot.runtime.prepared", "Prepared"),
+    "VaryingForward": ("fa4aot.runtime.varying", "VaryingForward"),
     "Fa4aotError": ("fa4aot.core.errors", "Fa4aotError"),
     "ArgumentError": ("fa4aot.core.errors", "ArgumentError"),
     "FA4RejectsError": ("fa4aot.core.errors", "FA4RejectsError"),

@@ -32,7 +32,7 @@ import struct
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from fa4aot.core import gencode
 from fa4aot.core.errors import ArgumentError
@@ -48,6 +48,9 @@ from fa4aot.runtime.metadata import SchedulerMetadata, check_metadata, metadata_
 from fa4aot.runtime.scales import NAMES as SCALE_NAMES
 from fa4aot.runtime.tensors import DeviceTensor, as_device_tensor, contiguous_strides, stream_handle
 from fa4aot.runtime.workspaces import WORKSPACE_SLOT_BYTES, workspace_slots
+
+if TYPE_CHECKING:
+    from fa4aot.runtime.varying import VaryingForward
 
 #: Alignment of the buffers a prepared call owns (cuMemAlloc gives 256 B; keep sub-buffers so).
 OWNED_ALIGN = 256
@@ -394,7 +397,7 @@ def prepare_forward(
     runtime: Runtime | None = None,
     own: bool = True,
     varying: bool = False,
-) -> Prepared | Any:
+) -> Prepared | VaryingForward:
     """Prepare FA4's forward for tensors shaped like these (arguments as in
     :func:`fa4aot.flash_attn_varlen_func`; ``lse`` given means return_lse). The prepared call
     takes ``(q, k, v, out[, lse][, cu_seqlens_q][, cu_seqlens_k][, seqused_q][, seqused_k]
@@ -423,9 +426,9 @@ def prepare_forward(
         _refuse_owned(fc, scheduler_metadata)
     out_shape, od = _checked_out(rt, fc, out)
     if varying and own:
-        from fa4aot.runtime.varying import VaryingForward  # (it builds on the fast path, which imports this)
+        from fa4aot.runtime import varying  # (it builds on the fast path, which imports this module)
 
-        return VaryingForward.bind(fc, od, arguments)
+        return varying.VaryingForward.bind(fc, od, arguments)
     given = {n: arguments[n] for n in ("cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k", "page_table",
                                        "learnable_sink")}  # fmt: skip
     names, objs, descs, aligns, ld = _call_tensors(rt, fc, (q, k, v, out), od, lse, given)
