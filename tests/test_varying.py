@@ -92,6 +92,9 @@ def test_bad_tensors_are_typed_errors_and_nothing_launches(pair):
     ]:
         with pytest.raises(ArgumentError, match=match):
             run(*bad)
+    for bad_max in (-1, 2**31, 1.5, "64"):  # the full path's typed errors for bad max_seqlens
+        with pytest.raises(ArgumentError, match="max_seqlen_q"):
+            run(q, k, v, o, cu, cu, max_seqlen_q=bad_max)
     assert len(drv.launches) == n
     for kw in ({"lse": t(6, (h, total), "fp32")}, {"scales": object()}):
         with pytest.raises(ArgumentError, match="varying=True takes no lse, scales"):
