@@ -22,7 +22,8 @@ tensor-map workspace is a buffer per launch stream kept by the runtime (:mod:`.w
 and a new one from torch's allocator per call while the stream is being captured into a CUDA
 graph; the backward's scratch is a new buffer per call, as on the full path. Anything unusual -
 other tensor classes, a misaligned address, an unhashable argument, sequence tensors whose
-lengths disagree - takes the full path, which raises the typed error. Threads may share an entry: a prepared call packs into a block per thread.
+lengths disagree - takes the full path, which raises the typed error. Threads may share an
+entry: a prepared call packs into a block per thread.
 """
 
 from __future__ import annotations
@@ -175,29 +176,22 @@ def forward(
     api, calls = started
     given = (cu_q is not None, cu_k is not None, su_q is not None, su_k is not None, page_table is not None,
              sink is not None)  # fmt: skip
-    fam = _keyed(api, calls, _FWD, given, (q, k, v, out, cu_q, cu_k, su_q, su_k, page_table, sink, max_q, max_k,
-                                           softmax_scale, causal, window_size, softcap, num_splits, pack_gqa),
-                 lambda: _Family(_prepare(rt, [q, k, v, out], cu_q, cu_k, max_q, max_k, su_q, su_k, page_table, sink,
-                                          softmax_scale, causal, window_size, softcap, num_splits, pack_gqa,
-                                          varying=True)))  # fmt: skip
-    if fam is None:
-        return False
-    return decided(rt, fam, (q, k, v, out, cu_q, cu_k, su_q, su_k, page_table, sink, max_q, max_k, softmax_scale,
-                             causal, window_size, softcap, num_splits, pack_gqa))  # fmt: skip
+    args = (q, k, v, out, cu_q, cu_k, su_q, su_k, page_table, sink, max_q, max_k, softmax_scale, causal, window_size,
+            softcap, num_splits, pack_gqa)  # fmt: skip
+    fam = _keyed(api, calls, _FWD, given, args, lambda: _Family(_prepare_from(rt, args)))
+    return fam is not None and decided(rt, fam, args)
 
 
 def decided(rt: Any, fam: _Family, args: tuple[Any, ...]) -> bool:
     """Launch a call of ``fam``'s key (``args``: its serve's parameters) whose (batch,
     max_seqlen_q, max_seqlen_k) take a decision that may have no prepared form yet: prepared now
     (:meth:`_Family.step`); False: not served (the full path decides it, or serves it)."""
-    q, k, v, out, cu_q, cu_k, su_q, su_k, page_table, sink, max_q, max_k = args[:12]
-    batch = fam.batch_of(cu_q, cu_k, su_q, su_k)
+    batch = fam.batch_of(*args[4:8])
     if batch < 0:
         return False  # the sequence tensors' lengths disagree: the full path names the mismatch
-    t = (batch, max_q, max_k)
+    t = (batch, args[10], args[11])
     if fam.last[0] != t:  # a decision for these values, prepared now if it has no prepared form
-        last = fam.step(t, lambda: _prepare(rt, [q, k, v, out], cu_q, cu_k, max_q, max_k, su_q, su_k, page_table,
-                                            sink, *args[12:], varying=True))  # fmt: skip
+        last = fam.step(t, lambda: _prepare_from(rt, args))
         if last is None:
             calls = calls_of(rt)
             if calls is not None:
@@ -216,28 +210,12 @@ def bind_forward(rt: Any, args: tuple[Any, ...]) -> _Family | None:
     if api is None:
         return None
     calls = _calls(rt)
-    given = tuple(a is not None for a in args[4:10])
-    make_key = _KEYS.get((_FWD, given)) or _key_function(_FWD, given)
-    try:
-        key = make_key(api[0], *args)
-        got = None if key is None else calls.entries.get(key)
-    except TypeError:
+    found = _lookup(api, calls, _FWD, tuple(a is not None for a in args[4:10]), args)
+    if found is None:
         return None
-    if key is None:
-        return None
+    key, got = found
     if got is None:
-        q, k, v, out, cu_q, cu_k, su_q, su_k, page_table, sink, max_q, max_k = args[:12]
-        got = _store(
-            calls,
-            key,
-            api,
-            args,
-            lambda: _Family(
-                _prepare(
-                    rt, [q, k, v, out], cu_q, cu_k, max_q, max_k, su_q, su_k, page_table, sink, *args[12:], varying=True
-                )
-            ),
-        )
+        got = _store(calls, key, api, args, lambda: _Family(_prepare_from(rt, args)))
     return got or None
 
 
@@ -524,8 +502,8 @@ def _serve_family(fam: _Family, key: tuple[Any, ...], cond: str, scope: dict[str
     """``serve(<forward's parameters>)``: -1 when the call is not of the family's key (``cond``),
     -2 when its decision has no prepared form yet (:func:`decided`), 0 when it is not served
     (sequence tensors whose lengths disagree, a decision not served here, a misaligned address:
-    the full path), else 1: the prepared form of FA4's decision for the call's (batch, max_seqlen_q, max_seqlen_k)
-    launched with them (and its workspace slots) as per-call words."""
+    the full path), else 1: the prepared form of FA4's decision for the call's (batch,
+    max_seqlen_q, max_seqlen_k) launched with them (and its workspace slots) as per-call words."""
     spec = _SPECS[_FWD]
     scope.update(_F=fam, _calls=calls, _cur=current_stream, _PREPARE=_PREPARE, **_allocator(fam.rt))
     lines = [f"def serve({', '.join((*spec.params, *spec.scalars))}):", f"    if {cond}:", "        return -1"]
@@ -718,19 +696,27 @@ def _start(rt: Any) -> tuple[tuple[type, Any], _Calls] | None:
     return api, calls
 
 
+def _lookup(api: tuple[type, Any], calls: _Calls, tag: str, given: tuple[bool, ...], args: tuple[Any, ...]) -> Any:
+    """(key, what ``calls`` holds for it or None) for a call of ``tag``'s function (``args``: its
+    serve's parameters); None for a tensor of another class, or an unhashable or unusual
+    argument (a list window): the full path decides those."""
+    make_key = _KEYS.get((tag, given)) or _key_function(tag, given)
+    try:
+        key = make_key(api[0], *args)
+        return None if key is None else (key, calls.entries.get(key))
+    except TypeError:
+        return None
+
+
 def _keyed(api: tuple[type, Any], calls: _Calls, tag: str, given: tuple[bool, ...], args: tuple[Any, ...],
            prepare: Any) -> Any:  # fmt: skip
     """The entry (or :class:`_Family`) for a call the last one served did not match, by the
     call's key (it becomes the last one); None: not served (a key sighted now, one never
     served, another tensor class, an unhashable argument)."""
-    make_key = _KEYS.get((tag, given)) or _key_function(tag, given)
-    try:
-        key = make_key(api[0], *args)
-        if key is None:  # another tensor class
-            return None
-        got = calls.entries.get(key)
-    except TypeError:  # an unhashable or unusual argument (a list window): the full path decides
+    found = _lookup(api, calls, tag, given, args)
+    if found is None:
         return None
+    key, got = found
     if got is None:
         _sight(calls, key, prepare, api, args)
         return None
@@ -840,6 +826,13 @@ def _prepare(rt: Any, qkvo: list[Any], cu_q: Any, cu_k: Any, max_q: Any, max_k: 
         causal=causal, window_size=window_size, num_splits=num_splits, pack_gqa=pack_gqa, runtime=rt, own=False,
         varying=varying,
     )  # fmt: skip
+
+
+def _prepare_from(rt: Any, args: tuple[Any, ...]) -> Any:
+    """:func:`_prepare` (``varying``) for a forward call given as its serve's parameters."""
+    q, k, v, out, cu_q, cu_k, su_q, su_k, page_table, sink, max_q, max_k = args[:12]
+    return _prepare(rt, [q, k, v, out], cu_q, cu_k, max_q, max_k, su_q, su_k, page_table, sink, *args[12:],
+                    varying=True)  # fmt: skip
 
 
 def _sight(calls: _Calls, key: tuple[Any, ...], prepare: Any, api: tuple[type, Any], args: tuple[Any, ...]) -> None:

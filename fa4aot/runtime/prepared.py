@@ -222,17 +222,8 @@ class Prepared:
         return scope["launch_ptrs"]
 
     def _mismatch(self, i: int, obj: Any) -> None:
-        name, want = self.arg_names[i], self._tensors[i]
-        got = as_device_tensor(obj, name)
-        for what, a, b in (
-            ("shape", tuple(got[1]), tuple(want[1])),
-            ("strides", tuple(got[2]), tuple(want[2])),
-            ("dtype", got[3], want[3]),
-            ("device", got[4], want[4]),
-            ("kind", got[5], want[5]),
-        ):
-            if a != b:
-                raise ArgumentError(f"{name}: {what} {a} differs from the prepared call's {b}; prepare another call")
+        name = self.arg_names[i]
+        refuse_unlike(name, as_device_tensor(obj, name), self._tensors[i])
         raise ArgumentError(f"{name}: does not match the prepared call")
 
     def _misaligned(self, ptrs: tuple[int, ...]) -> None:
@@ -256,6 +247,24 @@ class Prepared:
             self.close()
         except Exception:
             pass
+
+
+def refuse_unlike(name: str, got: DeviceTensor, want: DeviceTensor, free_length: bool = False) -> None:
+    """Raise :class:`ArgumentError` naming the first of shape, strides, dtype, device and kind in
+    which tensor ``got`` differs from the prepared call's ``want`` (``free_length``: a 1-D
+    tensor's length may differ)."""
+    shape = tuple(got[1])
+    if free_length and len(shape) == len(want[1]) == 1:
+        shape = tuple(want[1])
+    for what, a, b in (
+        ("shape", shape, tuple(want[1])),
+        ("strides", tuple(got[2]), tuple(want[2])),
+        ("dtype", got[3], want[3]),
+        ("device", got[4], want[4]),
+        ("kind", got[5], want[5]),
+    ):
+        if a != b:
+            raise ArgumentError(f"{name}: {what} {a} differs from the prepared call's {b}; prepare another call")
 
 
 def _bad_word(e: Exception) -> ArgumentError:

@@ -16,14 +16,14 @@ runs the full path, which checks everything and allocates what the call needs, a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from fa4aot.core import gencode
-from fa4aot.core.errors import ArgumentError
 from fa4aot.runtime import fastpath
 from fa4aot.runtime.forward import forward
 from fa4aot.runtime.loader import Runtime
+from fa4aot.runtime.prepared import refuse_unlike
 from fa4aot.runtime.tensors import DeviceTensor, as_device_tensor
 
 #: The sequence tensors, whose length (the batch) may change from call to call.
@@ -114,18 +114,7 @@ class VaryingForward:
         """Raise :class:`~fa4aot.ArgumentError` for the first tensor that differs from the
         prepared one (a sequence tensor: but for its length); the full path checks the rest."""
         for name, obj, want in zip(self.arg_names, tensors, self._descs):
-            got = as_device_tensor(obj, name)
-            _compare(name, got, want, free_length=name in SEQUENCES)
+            refuse_unlike(name, as_device_tensor(obj, name), want, free_length=name in SEQUENCES)
 
     def close(self) -> None:
         """Nothing to free (the family's prepared forms own no buffers)."""
-
-
-def _compare(name: str, got: DeviceTensor, want: DeviceTensor, free_length: bool) -> None:
-    shape: Sequence[int] = tuple(got[1])
-    if free_length and len(shape) == len(want[1]) == 1:
-        shape = tuple(want[1])
-    for what, a, b in (("shape", shape, tuple(want[1])), ("strides", tuple(got[2]), tuple(want[2])),
-                       ("dtype", got[3], want[3]), ("device", got[4], want[4]), ("kind", got[5], want[5])):  # fmt: skip
-        if a != b:
-            raise ArgumentError(f"{name}: {what} {a} differs from the prepared call's {b}; prepare another call")
