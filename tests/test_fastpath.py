@@ -183,18 +183,26 @@ def _assert_fa4s_bytes(rt, drv, ref, tensors, mq, mk, ws):
     fc = analyse(ref, q, k, v, cu, cu, mq, mk, None, None, None, True, (None, None), 1, None, False, False)
     lv = next(x for x in rt._loaded.values() if got.kernel in x.kernels)
     _record_params(rt, drv)
-    named = {n: DeviceTensor(x.raw.ptr, x.shape, x.raw.strides, x.raw.dtype, 0, "raw") for n, x in
+    named = {n: _as_raw(x) for n, x in
              (("q", q), ("k", k), ("v", v), ("out", o), ("cu_seqlens_q", cu), ("cu_seqlens_k", cu))}  # fmt: skip
     named.update(softmax_scale=q.shape[-1] ** -0.5, stream=0)
     takes = {a.name for a in lv.plan.signature}
     if "max_seqlen_q" in takes:
         named["max_seqlen_q"] = mq
     if "tensormap_workspace" in takes:
-        assert ws.shape == (workspace_slots(ref, fc), 16)
-        named["tensormap_workspace"] = DeviceTensor(ws.raw.ptr, ws.shape, (16, 1), "int64", 0, "raw")
+        assert tuple(ws.shape) == (workspace_slots(ref, fc), 16)
+        named["tensormap_workspace"] = DeviceTensor(ws.data_ptr(), tuple(ws.shape), (16, 1), "int64", 0, "raw")
     assert got.params, "the fake driver recorded the parameter bytes"
     want_bytes, mask = _written(lv, named)
     assert _same(_buffer(got, lv), want_bytes, mask)
+
+
+def _as_raw(x) -> DeviceTensor:
+    """A FakeTorch's or a torch host tensor's description, as raw device 0 memory."""
+    if isinstance(x, FakeTorch):
+        return DeviceTensor(x.raw.ptr, x.shape, x.raw.strides, x.raw.dtype, 0, "raw")
+    dtype = str(x.dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float16", "fp16")
+    return DeviceTensor(x.data_ptr(), tuple(x.shape), x.stride(), dtype, 0, "raw")
 
 
 def test_unusual_calls_take_the_full_path_and_its_errors(sm90):
@@ -662,20 +670,119 @@ def test_torchs_own_check_passes_exactly_tensors_like_the_bound_ones():
     assert not passes(q, k, k, q)  # q twice: torch's check refuses a repeated tensor
 
 
-def test_torch_tensors_take_torchs_check_in_served_and_prepared_calls(sm90, monkeypatch):
-    """PyTorch tensors (host memory standing in for device 0's): a prepared call and the last
-    served plain call check them with torch's own check; a call that fails it is checked through
-    the accessors, so tensors that torch's check refuses only by aliasing or requires_grad are
-    still launched, and a wrong tensor is still a typed error with nothing launched."""
+def _torch_on_cpu(monkeypatch):
+    """torch (with its C++ tensor check), its host tensors standing in for device 0's."""
     torch, _ = _torch_guard_or_skip()
     from fa4aot.runtime import frameworks, tensors
 
-    dtypes = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+    dtypes = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "int32", torch.int64: "int64"}
     monkeypatch.setattr(frameworks, "_TORCH_STREAM", [lambda device: 0])  # torch's current stream: 0
     monkeypatch.setitem(tensors._CONVERTERS, torch.Tensor, lambda o, name: DeviceTensor(
         o.data_ptr(), tuple(o.shape), o.stride(), dtypes[o.dtype], 0, "torch"))  # fmt: skip
     monkeypatch.setattr(fastpath, "_API", [(torch.Tensor, lambda device: 0)])
     monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)  # (host tensors as device 0's)
+    return torch
+
+
+def test_prepared_torch_calls_have_the_compiled_hop_read_the_addresses(sm90, monkeypatch):
+    """A prepared call hands tensors that passed torch's check to the compiled hop, which reads
+    their addresses with torch's own reader: the launch carries FA4's parameter bytes for the new
+    tensors; a misaligned one is the typed error naming it, nothing launched; tensors torch's check
+    refuses take the accessors, as before."""
+    from fa4aot.plan.library import HOP
+
+    torch = _torch_on_cpu(monkeypatch)
+    if not hasattr(torch._C._dynamo.guards, "_torchinductor_pyobject_tensor_data_ptr"):
+        pytest.skip(f"torch {torch.__version__} exports no tensor address reader (the accessors read them)")
+    assert HOP is not None, "fa4aot.plan._hop is not built: reinstall with `pip install -e .` (needs cc)"
+    rt, drv = sm90
+    shape, bf = (2, 300, 16, 128), torch.bfloat16
+    q, k, v, out = (torch.zeros(shape, dtype=bf) for _ in range(4))
+    run = fa4aot.prepare_forward(q, k, v, out, causal=True, runtime=rt)
+    scope = type(run).__call__.__globals__
+    assert "_A" in scope and "_ht0" in scope  # the branch for tensors that pass torch's check
+    _record_params(rt, drv)
+    fresh = [torch.zeros(shape, dtype=bf) for _ in range(4)]
+    run(*fresh)
+    (lv,) = [x for x in rt._loaded.values() if drv.launches[-1].kernel in x.kernels]
+    named = {
+        n: DeviceTensor(x.data_ptr(), shape, x.stride(), "bf16", 0, "raw")
+        for n, x in zip(("q", "k", "v", "out"), fresh)
+    }
+    want, mask = _written(lv, dict(named, softmax_scale=128**-0.5, stream=0))
+    assert _same(_buffer(drv.launches[-1], lv), want, mask)
+    numel = q.numel()
+    for i, name in enumerate(("q", "k", "v", "out")):  # a view 2 bytes past a buffer's start
+        odd = list(fresh)
+        odd[i] = torch.zeros(numel + 8, dtype=bf)[1 : numel + 1].view(shape)
+        with pytest.raises(ArgumentError, match=f"^{name}: base address 0x[0-9a-f]+ is not 16-byte aligned"):
+            run(*odd)
+    assert len(drv.launches) == 1
+    run(fresh[0], fresh[1], fresh[1], fresh[3])  # aliased: torch's check refuses it, the accessors pass it
+    assert len(drv.launches) == 2
+    # the hop reads only tensors of the reader's class, and only as words of launch_tensors/aligned
+    with pytest.raises(ArgumentError, match="not a 64-bit unsigned int"):
+        HOP.launch_tensors(1, 1, "q", 0)
+    with pytest.raises(TypeError):
+        HOP.aligned(b"\x0f", 16)
+    with pytest.raises(TypeError):
+        HOP.aligned(b"\x0f\x0f", q)
+    with pytest.raises(ValueError):
+        HOP.tensor_reader(0, torch.Tensor)
+    assert HOP.aligned(b"\x0f", q) is True and HOP.aligned(b"\x0f", odd[3]) is False
+
+
+def test_served_torch_varlen_calls_have_the_compiled_hop_read_the_addresses(built_cache, monkeypatch):
+    """Served varlen calls of torch tensors whose batch and max_seqlen change: the tensors that
+    pass torch's check are launched as objects, the compiled hop reading their addresses, with
+    FA4's parameter bytes for each call; an aliased call (refused by torch's check) and a
+    misaligned one are still served and refused as before."""
+    import random
+
+    torch = _torch_on_cpu(monkeypatch)
+    if not hasattr(torch._C._dynamo.guards, "_torchinductor_pyobject_tensor_data_ptr"):
+        pytest.skip(f"torch {torch.__version__} exports no tensor address reader (the accessors read them)")
+    made = []
+    real_new_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: made.append(real_new_empty(self, *a, **kw)) or made[-1])  # fmt: skip
+    # (the fast tier builds varlen-K for SM100 only)
+    drv, ref_drv = FakeDriver(cc=(10, 0), num_sms=148), FakeDriver(cc=(10, 0), num_sms=148)
+    rt, ref = Runtime(built_cache, driver=drv), Runtime(built_cache, driver=ref_drv)
+    fastpath._calls(ref).skip = 10**9  # the reference: the full path only
+    total, h, d, bf = 15000, 16, 128, torch.bfloat16
+    q, k, v, o = (torch.zeros(total, h, d, dtype=bf) for _ in range(4))
+    rng, served = random.Random(1), 0
+    for i in range(40):
+        b = rng.choice([3, 4, 5, 6, 8, 10]) if i >= 2 else 5
+        cu = torch.zeros(b + 1, dtype=torch.int32)
+        mq = rng.randint(total // b // 2, total // b)
+        args = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=mq, max_seqlen_k=mq, causal=True, out=o)
+        try:
+            fa4aot.flash_attn_varlen_func(q, k, v, **args, runtime=ref)
+        except VariantNotFoundError:  # FA4 decides on a kernel the small test cache lacks
+            continue
+        before = _hits(rt)
+        fa4aot.flash_attn_varlen_func(q, k, v, **args, runtime=rt)
+        if _hits(rt) > before:
+            served += 1
+            _assert_fa4s_bytes(rt, drv, ref, (q, k, v, o, cu), mq, mq, made[-1] if made else None)
+    assert served >= 15, served
+    serve = fastpath.calls_of(rt).fwd
+    assert "_A" in serve.__globals__  # the branch for tensors that pass torch's check
+    n = len(drv.launches)
+    fa4aot.flash_attn_varlen_func(q, k, k, **args, runtime=rt)  # aliased: the accessors' branch
+    odd = torch.zeros(q.numel() + 8, dtype=bf)[1 : q.numel() + 1].view(q.shape)
+    with pytest.raises(ArgumentError, match="aligned"):
+        fa4aot.flash_attn_varlen_func(odd, k, v, **args, runtime=rt)
+    assert len(drv.launches) == n + 1
+
+
+def test_torch_tensors_take_torchs_check_in_served_and_prepared_calls(sm90, monkeypatch):
+    """PyTorch tensors (host memory standing in for device 0's): a prepared call and the last
+    served plain call check them with torch's own check; a call that fails it is checked through
+    the accessors, so tensors that torch's check refuses only by aliasing or requires_grad are
+    still launched, and a wrong tensor is still a typed error with nothing launched."""
+    torch = _torch_on_cpu(monkeypatch)
     rt, drv = sm90
     shape = (2, 1000, 16, 128)
     q, k, v, out = (torch.zeros(shape, dtype=torch.bfloat16) for _ in range(4))

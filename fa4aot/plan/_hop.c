@@ -25,6 +25,17 @@ static Py_ssize_t stream_offset = -1;
 static Py_ssize_t max_words = 0;
 static PyObject *argument_error = NULL;
 
+/* torch's reader of a tensor object's data address - torch._C._dynamo.guards.
+ * _torchinductor_pyobject_tensor_data_ptr, the function Inductor's generated C++ kernels call on
+ * their tensor arguments - and the class (torch.Tensor) whose instances it is called on. Set by
+ * tensor_reader(); it throws a C++ exception on a tensor without storage, which C cannot catch, so
+ * only launch_tensors() and aligned() use it, and only the generated code of a prepared call calls
+ * those, after torch's own check (TensorGuards) passed every tensor: each exactly of the bound
+ * class and dispatch keys, so a dense tensor with storage. */
+typedef void *(*tensor_ptr_fn)(PyObject *);
+static tensor_ptr_fn tensor_ptr = NULL;
+static PyObject *tensor_type = NULL;
+
 static int as_u64(PyObject *obj, uint64_t *out) {
     unsigned long long v = PyLong_AsUnsignedLongLong(obj);
     if (v == (unsigned long long)-1 && PyErr_Occurred()) {
@@ -35,6 +46,15 @@ static int as_u64(PyObject *obj, uint64_t *out) {
     }
     *out = (uint64_t)v;
     return 0;
+}
+
+/* A word of launch_tensors(): a tensor of exactly tensor_type (its address), else an int. */
+static int word_of(PyObject *obj, uint64_t *out) {
+    if ((PyObject *)Py_TYPE(obj) == tensor_type) {
+        *out = (uint64_t)(uintptr_t)tensor_ptr(obj);
+        return 0;
+    }
+    return as_u64(obj, out);
 }
 
 /* layout(ptrs_offset, stream_offset, max_words, error_class) */
@@ -53,6 +73,25 @@ static PyObject *layout(PyObject *self, PyObject *args) {
     ptrs_offset = p;
     stream_offset = s;
     max_words = m;
+    Py_RETURN_NONE;
+}
+
+/* tensor_reader(address, cls): torch's tensor address reader and the class it reads. */
+static PyObject *tensor_reader(PyObject *self, PyObject *args) {
+    PyObject *addr, *cls;
+    if (!PyArg_ParseTuple(args, "OO", &addr, &cls))
+        return NULL;
+    void *fn = PyLong_AsVoidPtr(addr);
+    if (fn == NULL && PyErr_Occurred())
+        return NULL;
+    if (fn == NULL || !PyType_Check(cls)) {
+        PyErr_SetString(PyExc_ValueError, "tensor_reader() takes a function address and a class");
+        return NULL;
+    }
+    Py_INCREF(cls);
+    Py_XDECREF(tensor_type);
+    tensor_type = cls;
+    tensor_ptr = (tensor_ptr_fn)fn;
     Py_RETURN_NONE;
 }
 
@@ -80,10 +119,14 @@ static PyObject *call_shim(run_bound_fn fn, char *block) {
     return PyLong_FromLong(rc);
 }
 
-/* launch(run_bound, block, *words, stream) -> the shim's return code */
-static PyObject *launch(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+/* launch() and launch_tensors(): write the words (read_tensors: tensors too) and the stream. */
+static PyObject *launch_words(PyObject *const *args, Py_ssize_t nargs, int read_tensors) {
     if (ptrs_offset < 0) {
         PyErr_SetString(PyExc_RuntimeError, "fa4aot.plan._hop.layout() was not called");
+        return NULL;
+    }
+    if (read_tensors && tensor_ptr == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "fa4aot.plan._hop.tensor_reader() was not called");
         return NULL;
     }
     Py_ssize_t n = nargs - 3;
@@ -98,12 +141,42 @@ static PyObject *launch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     uint64_t *words = (uint64_t *)(block + ptrs_offset);
     for (Py_ssize_t i = 0; i < n; i++) {
-        if (as_u64(args[2 + i], &words[i]) < 0)
+        if ((read_tensors ? word_of(args[2 + i], &words[i]) : as_u64(args[2 + i], &words[i])) < 0)
             return NULL;
     }
     if (as_u64(args[nargs - 1], (uint64_t *)(block + stream_offset)) < 0)
         return NULL;
     return call_shim(fn, block);
+}
+
+/* launch(run_bound, block, *words, stream) -> the shim's return code */
+static PyObject *launch(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return launch_words(args, nargs, 0);
+}
+
+/* launch_tensors(run_bound, block, *words, stream): launch() whose words may be tensors of the
+ * reader's class, whose addresses it reads (only after torch's check of them: see tensor_ptr). */
+static PyObject *launch_tensors(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    return launch_words(args, nargs, 1);
+}
+
+/* aligned(masks, *tensors) -> bool: whether every tensor's address & masks[i] is 0 (masks: bytes,
+ * one alignment - 1 per tensor; tensors of the reader's class, checked as for launch_tensors). */
+static PyObject *aligned(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (tensor_ptr == NULL || nargs < 1 || !PyBytes_Check(args[0]) || PyBytes_Size(args[0]) != nargs - 1) {
+        PyErr_SetString(PyExc_TypeError, "aligned() takes a mask per tensor and the tensors, after tensor_reader()");
+        return NULL;
+    }
+    const unsigned char *masks = (const unsigned char *)PyBytes_AsString(args[0]);
+    for (Py_ssize_t i = 1; i < nargs; i++) {
+        if ((PyObject *)Py_TYPE(args[i]) != tensor_type) {
+            PyErr_SetString(PyExc_TypeError, "aligned() reads tensors of the reader's class only");
+            return NULL;
+        }
+        if ((uintptr_t)tensor_ptr(args[i]) & masks[i - 1])
+            Py_RETURN_FALSE;
+    }
+    Py_RETURN_TRUE;
 }
 
 /* run(fn, block) -> fn(block): the full launcher's call (it packs the whole argument struct) */
@@ -124,6 +197,12 @@ static PyMethodDef methods[] = {
      "layout(ptrs_offset, stream_offset, max_words, error_class): the call block's layout."},
     {"launch", (PyCFunction)(void (*)(void))launch, METH_FASTCALL,
      "launch(run_bound, block, *words, stream) -> int: write the words and stream, call the shim."},
+    {"launch_tensors", (PyCFunction)(void (*)(void))launch_tensors, METH_FASTCALL,
+     "launch_tensors(run_bound, block, *words, stream) -> int: launch() reading tensors' addresses."},
+    {"aligned", (PyCFunction)(void (*)(void))aligned, METH_FASTCALL,
+     "aligned(masks, *tensors) -> bool: every tensor's address aligned to its mask + 1."},
+    {"tensor_reader", tensor_reader, METH_VARARGS,
+     "tensor_reader(address, cls): torch's tensor address reader and the class it is called on."},
     {"run", (PyCFunction)(void (*)(void))run, METH_FASTCALL, "run(fn, block) -> int: call the shim."},
     {NULL, NULL, 0, NULL},
 };

@@ -36,10 +36,11 @@ from fa4aot.core import gencode
 from fa4aot.core.bounded import BoundedDict
 from fa4aot.core.errors import Fa4aotError
 from fa4aot.core.fa4_interface import TENSORMAP_WORDS, tensormap_workspace_terms
+from fa4aot.plan.library import HOP
 from fa4aot.runtime import backward as bwd
 from fa4aot.runtime import loader
 from fa4aot.runtime.dispatch import region_key
-from fa4aot.runtime.prepared import NeedsBuffers, prepare_forward, torch_guard, torch_mismatch
+from fa4aot.runtime.prepared import NeedsBuffers, prepare_forward, tensor_reader, torch_guard, torch_mismatch
 from fa4aot.runtime.validate import INT32_MAX
 from fa4aot.runtime.workspaces import stream_workspace, stream_workspaces
 
@@ -63,11 +64,13 @@ class _Entry:
     """A prepared form the fast path launches (``launch``: its ``launch_ptrs``); ``serve``
     (:func:`_serve_dense`, :func:`_serve_backward`) answers the calls of its key."""
 
-    __slots__ = ("launch", "masks", "scratch_bytes", "ws_slots", "names", "serve", "rt")
+    __slots__ = ("launch", "launch_tensors", "masks", "scratch_bytes", "ws_slots", "names", "serve", "rt")
 
     def __init__(self, prepared: Any):
         self.rt = prepared.runtime
         self.launch = prepared.launch_ptrs  # it holds the bound call blocks it writes
+        #: its launches of tensors that passed torch's check, or None (Prepared.launch_tensors)
+        self.launch_tensors = getattr(prepared, "launch_tensors", None)
         self.masks = tuple(a - 1 for a in prepared._aligns)
         self.scratch_bytes = getattr(prepared, "scratch_bytes", 0)
         self.ws_slots = getattr(prepared, "workspace_slots", 0)
@@ -321,7 +324,8 @@ def _conditions(cls: type, key: tuple[Any, ...], scope: dict[str, Any], objs: di
     guard = torch_guard([objs[n] for n in names], [(None,) * len(m[1]) if m[0] is None else m[0] for _, m in metas])
     tensor_cond = " or ".join(tensors)
     if guard is not None:
-        tensor_cond = f"not ({guard.expression(names, scope, '_G')}) and ({tensor_cond})"
+        # (_ok: whether torch's check passed them - the launch may then read their addresses in C)
+        tensor_cond = f"not (_ok := {guard.expression(names, scope, '_G')}) and ({tensor_cond})"
     for i, name in enumerate(spec.scalars):
         cond = _scalar_mismatch(name, next(values), f"_v{i}", scope)
         if cond is None:
@@ -348,7 +352,7 @@ def _metas(key: tuple[Any, ...]) -> tuple[list[tuple[str, tuple[Any, Any, Any, A
 
 
 def _launch_lines(entry: str, names: Sequence[str], masks: Sequence[int], ws_slots: str | None, device: str,
-                  words: str = "", indent: str = "    ") -> list[str]:  # fmt: skip
+                  words: str = "", indent: str = "    ", objects: bool = False) -> list[str]:  # fmt: skip
     """Generated code that reads the addresses of tensors ``names`` (a prepared call's, in its
     order), returns 0 when one is misaligned for it (``masks``: alignment - 1; the full path
     names the tensor) and launches ``entry`` (its ``launch_ptrs``) on torch's current stream of
@@ -357,37 +361,55 @@ def _launch_lines(entry: str, names: Sequence[str], masks: Sequence[int], ws_slo
     tensors', the stream's buffer (:func:`~fa4aot.runtime.workspaces.stream_workspace`), or
     while the stream is being captured into a CUDA graph a raw block from torch's caching
     allocator on it, freed once launched (the graph's pool keeps it); on another current device
-    a new torch tensor on the tensors'."""
-    lines = [f"p{i} = {n}.data_ptr()" for i, n in enumerate(names)]
-    by_mask: dict[int, list[str]] = {}
-    for i, m in enumerate(masks[: len(names)]):
-        by_mask.setdefault(m, []).append(f"p{i}")
-    conds = [f"({' | '.join(ps)}) & {m}" for m, ps in sorted(by_mask.items()) if m]
-    if conds:
-        lines += [f"if {' or '.join(conds)}:", "    return 0"]
+    a new torch tensor on the tensors'. ``objects``: the tensors passed torch's check, so the
+    compiled hop reads their addresses (``_A``, ``_mk``: :func:`_objects_scope`) and ``entry``'s
+    ``launch_tensors`` launches them."""
+    if objects:
+        lines = [f"if not _A(_mk, {', '.join(names)}):", "    return 0"]
+        ptrs, launch = ", ".join(names), f"{entry}.launch_tensors"
+    else:
+        lines = [f"p{i} = {n}.data_ptr()" for i, n in enumerate(names)]
+        by_mask: dict[int, list[str]] = {}
+        for i, m in enumerate(masks[: len(names)]):
+            by_mask.setdefault(m, []).append(f"p{i}")
+        conds = [f"({' | '.join(ps)}) & {m}" for m, ps in sorted(by_mask.items()) if m]
+        if conds:
+            lines += [f"if {' or '.join(conds)}:", "    return 0"]
+        ptrs, launch = ", ".join(f"p{i}" for i in range(len(names))), f"{entry}.launch"
     lines.append(f"st = _cur({device})")
-    ptrs = ", ".join(f"p{i}" for i in range(len(names)))
     tail = f"st{', ' + words if words else ''}"
     if ws_slots is None:
-        lines.append(f"{entry}.launch({ptrs}, {tail})")
+        lines.append(f"{launch}({ptrs}, {tail})")
     else:
         lines += [
             f"if _wss is not None and _current_device() == {device}:",
             "    if _capturing():",
             f"        pw = _raw_alloc(({ws_slots}) * _SLOT_BYTES, st)",
             "        try:",
-            f"            {entry}.launch({ptrs}, pw, {tail})",
+            f"            {launch}({ptrs}, pw, {tail})",
             "        finally:",
             "            _raw_free(pw)",
             "    else:",
             "        w = _wss.get(st)",
             f"        pw = w[0] if w is not None and w[1] >= {ws_slots} else _grow(st, {ws_slots})",
-            f"        {entry}.launch({ptrs}, pw, {tail})",
+            f"        {launch}({ptrs}, pw, {tail})",
             "else:",
             f"    ws = {names[0]}.new_empty(({ws_slots}, _W), dtype=_i64)",
-            f"    {entry}.launch({ptrs}, ws.data_ptr(), {tail})",
+            f"    {launch}({ptrs}, ws.data_ptr(), {tail})",
         ]
     return [indent + x for x in lines]
+
+
+def _objects_scope(names: Sequence[str], masks: Sequence[int], scope: dict[str, Any]) -> bool:
+    """Whether a served call's tensors that passed torch's check (``_ok``, :func:`_conditions`)
+    may be launched as objects, their addresses read by the compiled hop
+    (:func:`~fa4aot.runtime.prepared.tensor_reader`); if so the names that needs go into
+    ``scope``."""
+    masks = masks[: len(names)]  # (a workspace's mask comes last)
+    if "_G" not in scope or max(masks, default=0) > 255 or not tensor_reader(scope["_C"]):
+        return False
+    scope.update(_A=HOP.aligned, _mk=bytes(masks))
+    return True
 
 
 def _torch_memory() -> tuple[Any, Any, Any, Any]:
@@ -451,7 +473,13 @@ def _serve_dense(entry: _Entry, cond: str, scope: dict[str, Any], calls: _Calls,
     scope.update(_e=entry, _calls=calls, _cur=current_stream, **_allocator(entry.rt))
     lines = [f"def serve({', '.join((*spec.params, *spec.scalars))}):", f"    if {cond}:", "        return -1"]
     ws = str(entry.ws_slots) if entry.ws_slots else None
-    lines += _launch_lines("_e", entry.names, entry.masks, ws, _device(scope))
+    if entry.launch_tensors is not None and _objects_scope(entry.names, entry.masks, scope):
+        lines.append("    if _ok:")
+        lines += _launch_lines("_e", entry.names, entry.masks, ws, _device(scope), indent="        ", objects=True)
+        lines.append("    else:")
+        lines += _launch_lines("_e", entry.names, entry.masks, ws, _device(scope), indent="        ")
+    else:
+        lines += _launch_lines("_e", entry.names, entry.masks, ws, _device(scope))
     lines += ["    _calls.hits += 1", "    return 1"]
     gencode.run("\n".join(lines), scope, "fast-path dense call")
     return scope["serve"]
@@ -470,7 +498,13 @@ def _serve_backward(entry: _Entry, key: tuple[Any, ...], cond: str, scope: dict[
     lines = [f"def serve({', '.join((*spec.params, *spec.scalars))}):", f"    if {cond}:", "        return -1"]
     lines += ["    dq, dk, dv = q.new_empty(_gq), q.new_empty(_gk), q.new_empty(_gv)",
               f"    scratch = q.new_empty(({entry.scratch_bytes // 4},), dtype=_f32)"]  # fmt: skip
-    lines += _launch_lines("_e", entry.names, entry.masks, None, _device(scope))
+    if entry.launch_tensors is not None and _objects_scope(entry.names, entry.masks, scope):
+        lines.append("    if _ok:")
+        lines += _launch_lines("_e", entry.names, entry.masks, None, _device(scope), indent="        ", objects=True)
+        lines.append("    else:")
+        lines += _launch_lines("_e", entry.names, entry.masks, None, _device(scope), indent="        ")
+    else:
+        lines += _launch_lines("_e", entry.names, entry.masks, None, _device(scope))
     lines += ["    _calls.hits += 1", "    return dq, dk, dv"]
     gencode.run("\n".join(lines), scope, "fast-path backward call")
     return scope["serve"]
@@ -523,10 +557,19 @@ def _serve_family(fam: _Family, key: tuple[Any, ...], cond: str, scope: dict[str
         lines += ["        else:", *("            " + x for x in step)]
     else:
         lines += ["        " + x for x in step]
-    lines += ["    e = last[1]", "    vb, vq, vk, vs = last[2]", "    if e.ws_slots:"]
-    lines += _launch_lines("e", fam.names, fam.masks, "vs", _device(scope), "vb, vq, vk, vs", "        ")
+    lines += ["    e = last[1]", "    vb, vq, vk, vs = last[2]"]
+    words, dev = "vb, vq, vk, vs", _device(scope)
+    if _objects_scope(fam.names, fam.masks, scope):  # (every decision's form may have them: checked per call)
+        lines += ["    if _ok and e.launch_tensors is not None:", "        if e.ws_slots:"]
+        lines += _launch_lines("e", fam.names, fam.masks, "vs", dev, words, " " * 12, objects=True)
+        lines.append("        else:")
+        lines += _launch_lines("e", fam.names, fam.masks, None, dev, words, " " * 12, objects=True)
+        lines.append("    elif e.ws_slots:")
+    else:
+        lines.append("    if e.ws_slots:")
+    lines += _launch_lines("e", fam.names, fam.masks, "vs", dev, words, "        ")
     lines.append("    else:")
-    lines += _launch_lines("e", fam.names, fam.masks, None, _device(scope), "vb, vq, vk, vs", "        ")
+    lines += _launch_lines("e", fam.names, fam.masks, None, dev, words, "        ")
     lines += ["    _calls.hits += 1", "    return 1"]
     gencode.run("\n".join(lines), scope, "fast-path forward call")
     return scope["serve"]
