@@ -777,6 +777,26 @@ def test_served_torch_varlen_calls_have_the_compiled_hop_read_the_addresses(buil
     assert len(drv.launches) == n + 1
 
 
+def test_steps_launch_objects_only_where_every_tensor_word_is_a_tensor_or_a_fixed_address():
+    """A prepared call launches tensors as objects (the hop reading their addresses) only where
+    each of its tensor words is a user tensor itself or a fixed address: a sub-buffer of one (a
+    backward's scratch regions: ``p9 + offset``) is an address computation, so such a call keeps
+    the addresses' path - the fault the GPU tests found (the offset added to the tensor)."""
+    from types import SimpleNamespace
+
+    from fa4aot.plan.library import HOP
+    from fa4aot.runtime.prepared import _Steps
+
+    if HOP is None:
+        pytest.skip("fa4aot.plan._hop is not built (launches go through ctypes, never as objects)")
+    call = SimpleNamespace(tensor_names=("a", "b"), word_highs=(), hop=HOP.launch, run_addr=1, plan=None, _local=None)
+    steps = _Steps()
+    steps.bound(call, {"a": "p0", "b": 4096})
+    assert steps.tensor_lines is not None and "_ht0(_a0, s_.addr, p0, 4096, st)" in "\n".join(steps.tensor_lines)
+    steps.bound(call, {"a": "p0", "b": "(p1 + 256)"})
+    assert steps.tensor_lines is None and len(steps.lines) == 2 * 5
+
+
 def test_torch_tensors_take_torchs_check_in_served_and_prepared_calls(sm90, monkeypatch):
     """PyTorch tensors (host memory standing in for device 0's): a prepared call and the last
     served plain call check them with torch's own check; a call that fails it is checked through

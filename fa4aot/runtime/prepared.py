@@ -28,6 +28,7 @@ tensors, with a fast path for PyTorch tensors (torch's own tensor check, then th
 
 from __future__ import annotations
 
+import re
 import struct
 import sys
 import threading
@@ -74,6 +75,10 @@ class NeedsBuffers(Exception):
     """A call whose prepared form would own device buffers, asked for without them."""
 
 
+#: a step's source that is a user tensor itself (p0, p1, ...)
+_USER_TENSOR = re.compile(r"p\d+")
+
+
 class _Steps:
     """The launches of one prepared call, as code: user tensors come in as p0, p1, ...; each step
     names, per plan tensor, either a user tensor index or a fixed address."""
@@ -107,7 +112,10 @@ class _Steps:
                 f"    rc = _r{i}(s_.addr)",
                 *tail,
             ]
-        if call.hop is not None and self.tensor_lines is not None:
+        # (as objects only where every tensor word is a user tensor itself or a fixed address: an
+        # expression over one, a sub-buffer of a scratch tensor, is an address computation)
+        plain = all(isinstance(sources[n], int) or _USER_TENSOR.fullmatch(str(sources[n])) for n in call.tensor_names)
+        if call.hop is not None and self.tensor_lines is not None and plain:
             self.scope[f"_ht{i}"] = HOP.launch_tensors
             self.tensor_lines += [*head, f"    rc = _ht{i}(_a{i}, s_.addr, {ptrs}, st)", *tail]
         else:
