@@ -14,9 +14,9 @@ Rows (PyTorch tensors, ``out`` given, torch's current stream, bf16, causal, head
 * prepared calls (``fa4aot.prepare_forward``), batched and varlen, checked and through
   ``launch_ptrs`` (unchecked), and ``varying=True`` with the varlen row's batch and max_seqlen
   changing on every call;
-* interleaved: the prepared rows and the floors timed again together, each repeat one batch of
-  every row in rotating order (``_common.medians_interleaved``), so their ratios hold on a noisy
-  host;
+* interleaved: the floors, the plain rows issue 27 sets goals for (``_plain_calls.GOAL_ROWS``)
+  and the prepared rows timed again together in one process, each repeat one batch of every row
+  in rotating order (``_common.medians_interleaved``), so their ratios hold on a noisy host;
 * with ``--old-src``/``--old-cache``: the same plain calls through another fa4aot checkout (run in
   a subprocess, e.g. the commit before the runtime redesign) - the baseline, measured in this run.
 
@@ -38,6 +38,7 @@ import subprocess
 import sys
 
 import _common
+import _plain_calls
 
 from fa4aot.plan.abi import ATTR_NAMES
 
@@ -52,42 +53,11 @@ sys.path.append(sys.argv[5])  # benchmarks/, for _common (standard library only)
 from _common import median_us as timed
 inner, repeats = int(sys.argv[2]), int(sys.argv[3])
 rt = fa4aot.open_runtime(sys.argv[1])
-bf = torch.bfloat16
-q = torch.randn(1, 128, 16, 128, device="cuda", dtype=bf); o = torch.empty_like(q)
-qv = torch.randn(512, 32, 128, device="cuda", dtype=bf); kv = torch.randn(512, 8, 128, device="cuda", dtype=bf)
-ov = torch.empty_like(qv)
-cu = torch.arange(0, 513, 64, dtype=torch.int32, device="cuda")
 def median_us(fn):  # batches enqueued behind a sleep kernel: see SLEEP_CYCLES
     hold = lambda: torch.cuda._sleep(int(sys.argv[4]))
     return timed(fn, inner, repeats, warmup=50, sync=torch.cuda.synchronize, before_batch=hold)
-# the changing rows' arguments, made before timing (cycled) so the row times the call, not the harness
-from itertools import cycle
-changing = cycle([(64 + i, 64 + (i * 7) % 4096) for i in range(4096)])
-def varlen_changing():
-    mq, mk = next(changing)
-    fa4aot.flash_attn_varlen_func(qv, kv, kv, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=mq, max_seqlen_k=mk, causal=True, out=ov)
-# batch sizes dividing the 512 packed tokens; max_seqlen bounds each sequence and changes too
-cus = [torch.arange(0, 513, 512 // b, dtype=torch.int32, device="cuda") for b in (1, 2, 4, 8, 16, 32, 64, 128)]
-batch_changing = cycle([(cus[i % 8], 512 // (cus[i % 8].numel() - 1) + i % 997, i % 13) for i in range(8 * 997)])
-def varlen_batch_changing():
-    c, m, dk = next(batch_changing)
-    fa4aot.flash_attn_varlen_func(qv, kv, kv, cu_seqlens_q=c, cu_seqlens_k=c, max_seqlen_q=m, max_seqlen_k=m + dk, causal=True, out=ov)
-# paged decode as vLLM's FA4 backend calls it: 8 requests, 1 query token, page 16, GQA 4
-from fa4aot.interface import _flash_attn_fwd
-qd = torch.randn(8, 1, 32, 128, device="cuda", dtype=bf); od = torch.empty_like(qd)
-pool = torch.randn(64, 16, 8, 128, device="cuda", dtype=bf)
-pt = torch.arange(64, dtype=torch.int32, device="cuda").reshape(8, 8)
-used = torch.full((8,), 100, dtype=torch.int32, device="cuda")
-def paged_decode():
-    _flash_attn_fwd(qd, pool, pool, seqused_k=used, max_seqlen_q=1, max_seqlen_k=128, page_table=pt, causal=True, out=od)
-calls = {
-    "batched forward, same shapes": lambda: fa4aot.flash_attn_func(q, q, q, causal=True, out=o),
-    "varlen forward, max_seqlen and batch changing": varlen_batch_changing,
-    "paged decode, _flash_attn_fwd": paged_decode,
-    "varlen forward, same shapes":
-        lambda: fa4aot.flash_attn_varlen_func(qv, kv, kv, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=64, max_seqlen_k=64, causal=True, out=ov),
-    "varlen forward, max_seqlen changing": varlen_changing,
-}
+from _plain_calls import calls as make_calls
+calls = make_calls(fa4aot, torch)
 def snap():
     try:  # (a baseline checkout may have no stats() or other counters)
         return dict(fa4aot.stats().as_dict())
@@ -109,7 +79,7 @@ import cProfile, io, pstats
 prof = cProfile.Profile()
 prof.enable()
 for _ in range(2000):
-    varlen_batch_changing()
+    calls["varlen forward, max_seqlen and batch changing"]()
 prof.disable()
 torch.cuda.synchronize()
 buf = io.StringIO()
@@ -168,7 +138,7 @@ _KERNEL_FLOORS = {
 
 
 def interleaved(calls: dict[str, object], inner: int, repeats: int, sync, sleep: int) -> dict[str, float]:
-    """The floors and ``calls`` (the prepared rows) timed again together, interleaved
+    """The floors and ``calls`` (plain and prepared rows) timed again together, interleaved
     (:func:`_common.medians_interleaved`): a noisy host's slow spells fall on every row alike, so
     the ratios issue 27's goal is about hold within one pass."""
     import torch
@@ -498,8 +468,11 @@ def main() -> None:
     rows["prepared call, varlen, launch_ptrs (unchecked)"] = median_us(
         lambda: run_v.launch_ptrs(*ptrs_v, stream=stream), args.inner, args.repeats, sync, args.sleep_cycles
     )
+    plain = _plain_calls.calls(fa4aot, torch)  # (this checkout's, in this process: interleaved with the floor)
     inter = interleaved(
         {
+            **{k: plain[k] for k in _plain_calls.GOAL_ROWS},
+            "prepared call, varying=True, batch and max_seqlen changing": varying_call(qv, kv, ov, cu),
             "prepared call, batched": lambda: run_b(q, q, q, o),
             "prepared call, varlen": lambda: run_v(qv, kv, kv, ov, cu, cu),
             "prepared call, paged decode": lambda: run_d(qd, pool, pool, od, used, pt),
