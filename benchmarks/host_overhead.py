@@ -43,7 +43,6 @@ import _plain_calls
 from fa4aot.plan.abi import ATTR_NAMES
 
 BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(BENCHMARKS)
 
 PLAIN_CALLS = r"""
 import json, sys
@@ -394,6 +393,7 @@ def main() -> None:
     import fa4aot
 
     rt = fa4aot.open_runtime(args.cache)
+    src = os.path.dirname(os.path.dirname(os.path.abspath(fa4aot.__file__)))  # (the plain rows' subprocess: the same)
     sync = torch.cuda.synchronize
     bf = torch.bfloat16
     q = torch.randn(1, 128, 16, 128, device="cuda", dtype=bf)
@@ -410,8 +410,8 @@ def main() -> None:
         capture_output=True,
         text=True,
         check=True,
-        cwd=ROOT,
-        env=dict(os.environ, PYTHONPATH=ROOT),
+        cwd=src,
+        env=dict(os.environ, PYTHONPATH=src),
     )
     rows.update(json.loads(proc.stdout.strip().splitlines()[-1]))
     try:  # per row: calls, those the fast path served, decisions traced / reused by region
