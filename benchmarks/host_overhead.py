@@ -102,24 +102,35 @@ def median_us(fn, inner: int, repeats: int, sync, sleep: int = SLEEP_CYCLES) -> 
     return _common.median_us(fn, inner, repeats, warmup=50, sync=sync, before_batch=lambda: torch.cuda._sleep(sleep))
 
 
-def varying_call(qv, kv, ov, cu):
+def varying_call(qv, kv, ov, cu, raw: bool = False):
     """A ``prepare_forward(varying=True)`` call taking the varlen row's arguments that change on
-    every call (PLAIN_CALLS' ``varlen_batch_changing``: batch 1-128, max_seqlen_q/k changing)."""
+    every call (PLAIN_CALLS' ``varlen_batch_changing``: batch 1-128, max_seqlen_q/k changing);
+    ``raw``: the same tensors as raw device pointers (another framework's call), on torch's
+    current stream read once."""
     import itertools
 
     import torch
 
     import fa4aot
+    from fa4aot.runtime.tensors import RawTensor
 
-    cus = [torch.arange(0, 513, 512 // b, dtype=torch.int32, device="cuda") for b in (1, 2, 4, 8, 16, 32, 64, 128)]
-    steps = itertools.cycle([(cus[i % 8], 512 // (cus[i % 8].numel() - 1) + i % 997, i % 13) for i in range(8 * 997)])
+    def as_given(t):
+        dtype = "int32" if t.dtype == torch.int32 else "bf16"
+        return RawTensor(t.data_ptr(), tuple(t.shape), dtype, device=t.get_device()) if raw else t
+
+    qv, kv, ov, cu = (as_given(t) for t in (qv, kv, ov, cu))
+    cus = [as_given(torch.arange(0, 513, 512 // b, dtype=torch.int32, device="cuda")) for b in (1, 2, 4, 8, 16, 32, 64,
+                                                                                                 128)]  # fmt: skip
+    _KEEP.append(cus)
+    steps = itertools.cycle([(cus[i % 8], 512 // (cus[i % 8].shape[0] - 1) + i % 997, i % 13) for i in range(8 * 997)])
     run = fa4aot.prepare_forward(
         qv, kv, kv, ov, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=64, max_seqlen_k=64, causal=True, varying=True
     )
+    stream = torch_stream() if raw else None
 
     def call() -> None:
         c, m, dk = next(steps)
-        run(qv, kv, kv, ov, c, c, max_seqlen_q=m, max_seqlen_k=m + dk)
+        run(qv, kv, kv, ov, c, c, max_seqlen_q=m, max_seqlen_k=m + dk, stream=stream)
 
     return call
 
@@ -473,6 +484,9 @@ def main() -> None:
         {
             **{k: plain[k] for k in _plain_calls.GOAL_ROWS},
             "prepared call, varying=True, batch and max_seqlen changing": varying_call(qv, kv, ov, cu),
+            "prepared call, varying=True, raw pointers, batch and max_seqlen changing": varying_call(
+                qv, kv, ov, cu, True
+            ),
             "prepared call, batched": lambda: run_b(q, q, q, o),
             "prepared call, varlen": lambda: run_v(qv, kv, kv, ov, cu, cu),
             "prepared call, paged decode": lambda: run_d(qd, pool, pool, od, used, pt),

@@ -198,9 +198,11 @@ def _assert_fa4s_bytes(rt, drv, ref, tensors, mq, mk, ws):
 
 
 def _as_raw(x) -> DeviceTensor:
-    """A FakeTorch's or a torch host tensor's description, as raw device 0 memory."""
+    """A FakeTorch's, a RawTensor's or a torch host tensor's description, as raw device 0 memory."""
     if isinstance(x, FakeTorch):
         return DeviceTensor(x.raw.ptr, x.shape, x.raw.strides, x.raw.dtype, 0, "raw")
+    if isinstance(x, RawTensor):
+        return DeviceTensor(x.ptr, x.shape, x.strides, x.dtype, 0, "raw")
     dtype = str(x.dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float16", "fp16")
     return DeviceTensor(x.data_ptr(), tuple(x.shape), x.stride(), dtype, 0, "raw")
 

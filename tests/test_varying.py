@@ -14,14 +14,16 @@ import fa4aot
 from fa4aot.core.errors import ArgumentError, VariantNotFoundError
 from fa4aot.runtime import fastpath, prepared
 from fa4aot.runtime.loader import Runtime
-from fa4aot.runtime.tensors import RawTensor
+from fa4aot.runtime.tensors import DeviceTensor, RawTensor
 
 
 @pytest.fixture
 def pair(built_cache, monkeypatch):
     """(runtime, its driver, a reference runtime on the full path only, its driver): an SM100
     (the fast tier builds varlen-K kernels for SM100 only)."""
-    monkeypatch.setattr(prepared, "alloc_like", lambda ref, shape, dtype: ref.new_empty(shape, dtype))
+    real = prepared.alloc_like  # (raw pointers: the real one, which cannot allocate for them)
+    monkeypatch.setattr(prepared, "alloc_like", lambda ref, shape, dtype: ref.new_empty(shape, dtype)
+                        if isinstance(ref, FakeTorch) else real(ref, shape, dtype))  # fmt: skip
     drv, ref_drv = FakeDriver(cc=(10, 0), num_sms=148), FakeDriver(cc=(10, 0), num_sms=148)
     rt, ref = Runtime(built_cache, driver=drv), Runtime(built_cache, driver=ref_drv)
     fastpath._calls(ref).skip = 10**9
@@ -102,28 +104,77 @@ def test_bad_tensors_are_typed_errors_and_nothing_launches(pair):
                                    max_seqlen_k=1000, varying=True, runtime=rt, **kw)  # fmt: skip
 
 
-def test_other_frameworks_and_a_given_stream_take_the_full_path(pair):
-    """Tensors that are not torch's (raw pointers here) and calls with ``stream=`` run the full
-    path - the same launch as the plain call - and the first call is the served one otherwise."""
+def test_raw_pointer_calls_are_served_on_their_stream_and_a_torch_stream_call_takes_the_full_path(pair):
+    """Another framework's tensors (raw pointers here): every call of a new batch and max_seqlen
+    launches from the family's prepared form - the full path's kernel, grid, block and shared
+    memory, on the given stream, with FA4's parameter bytes for the call's own values and the
+    stream's workspace buffer, which the full path gives such calls too; a tensor unlike the
+    bound one is still the full path's typed error, nothing launched. PyTorch calls given a
+    ``stream`` run the full path."""
+    from test_fastpath import _as_raw
+    from test_prepared import _buffer, _record_params, _same, _written
+
+    from fa4aot.runtime.forward import analyse
+    from fa4aot.runtime.workspaces import stream_workspaces, workspace_slots
+
     rt, drv, ref, ref_drv = pair
-    total, h, d = 4000, 16, 128
-    raws = [RawTensor(0x7F30_0000_0000 + i * (1 << 36), (total, h, d), "bf16") for i in range(4)]
-    cu = RawTensor(0x7F30_0000_0000 + 4 * (1 << 36), (5,), "int32")
-    run = fa4aot.prepare_forward(*raws, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=1000, max_seqlen_k=1000,
+    total, h, d, base = 15000, 16, 128, 0x7F30_0000_0000
+    raws = [RawTensor(base + i * (1 << 36), (total, h, d), "bf16") for i in range(4)]
+    q, k, v, o = raws
+    cu5 = RawTensor(base + 4 * (1 << 36), (6,), "int32")
+    run = fa4aot.prepare_forward(*raws, cu_seqlens_q=cu5, cu_seqlens_k=cu5, max_seqlen_q=3000, max_seqlen_k=3000,
                                  causal=True, varying=True, runtime=rt)  # fmt: skip
-    assert not run.served
-    cu3 = RawTensor(cu.ptr, (4,), "int32")
-    run(*raws, cu3, cu3, max_seqlen_q=1300, max_seqlen_k=1333, stream=5)
-    fa4aot.flash_attn_varlen_func(*raws[:3], cu_seqlens_q=cu3, cu_seqlens_k=cu3, max_seqlen_q=1300,
-                                  max_seqlen_k=1333, causal=True, out=raws[3], stream=5, runtime=ref)  # fmt: skip
-    got, want = drv.launches[-1], ref_drv.launches[-1]
-    assert (got.grid, got.block, got.smem, got.stream) == (want.grid, want.block, want.smem, 5)
-    q, k, v, o = (t(i, (total, h, d)) for i in range(4))
+    assert not run.served and run.other is not None and drv.launches == []
+    rng, served = random.Random(2), 0
+    for i in range(30):
+        b = rng.choice([1, 3, 5, 7, 12, 40])
+        cu = RawTensor(cu5.ptr + 256 * i, (b + 1,), "int32")
+        mq, mk = rng.randint(total // b // 2, total // b), rng.randint(total // b // 2, total // b)
+        stream = 5 + i % 2
+        try:
+            fa4aot.flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=mq, max_seqlen_k=mk,
+                                          causal=True, out=o, stream=stream, runtime=ref)  # fmt: skip
+        except VariantNotFoundError:  # FA4 decides on a kernel the small test cache lacks
+            with pytest.raises(VariantNotFoundError):
+                run(q, k, v, o, cu, cu, max_seqlen_q=mq, max_seqlen_k=mk, stream=stream)
+            continue
+        before = run.other_calls
+        run(q, k, v, o, cu, cu, max_seqlen_q=mq, max_seqlen_k=mk, stream=stream)
+        got, want = drv.launches[-1], ref_drv.launches[-1]
+        assert _variant_of(rt, got.kernel) == _variant_of(ref, want.kernel)
+        assert (got.grid, got.block, got.smem, got.stream) == (want.grid, want.block, want.smem, stream)
+        if run.other_calls == before:
+            continue
+        served += 1
+        lv = next(x for x in rt._loaded.values() if got.kernel in x.kernels)
+        _record_params(rt, drv)
+        named = {n: _as_raw(x) for n, x in (("q", q), ("k", k), ("v", v), ("out", o), ("cu_seqlens_q", cu),
+                                             ("cu_seqlens_k", cu))}  # fmt: skip
+        named.update(softmax_scale=d**-0.5, stream=stream)
+        takes = {a.name for a in lv.plan.signature}
+        if "max_seqlen_q" in takes:
+            named["max_seqlen_q"] = mq
+        if "tensormap_workspace" in takes:  # the stream's buffer, as large as this call needs at least
+            fc = analyse(ref, q, k, v, cu, cu, mq, mk, None, None, None, True, (None, None), 1, None, False, False)
+            ptr, have = stream_workspaces(rt)[stream]
+            assert have >= workspace_slots(ref, fc)
+            named["tensormap_workspace"] = DeviceTensor(ptr, (workspace_slots(ref, fc), 16), (16, 1), "int64", 0, "raw")
+        want_bytes, mask = _written(lv, named)
+        assert _same(_buffer(got, lv), want_bytes, mask)
+    assert served >= 20, served
+    n = len(drv.launches)
+    with pytest.raises(ArgumentError, match="^k: dtype"):
+        run(q, RawTensor(k.ptr, k.shape, "fp16"), v, o, cu5, cu5)
+    with pytest.raises(ArgumentError, match="cu_seqlens_k"):  # batch 3 against cu_seqlens_q's 5
+        run(q, k, v, o, cu5, RawTensor(cu5.ptr, (4,), "int32"))
+    assert len(drv.launches) == n
+    tq, tk, tv, to = (t(i, (4000, h, d)) for i in range(4))
     tcu = t(4, (5,), "int32")
-    run = fa4aot.prepare_forward(q, k, v, o, cu_seqlens_q=tcu, cu_seqlens_k=tcu, max_seqlen_q=1000,
+    run = fa4aot.prepare_forward(tq, tk, tv, to, cu_seqlens_q=tcu, cu_seqlens_k=tcu, max_seqlen_q=1000,
                                  max_seqlen_k=1000, causal=True, varying=True, runtime=rt)  # fmt: skip
+    assert run.other is None
     before = _hits(rt)
-    run(q, k, v, o, tcu, tcu, stream=5)  # a stream given: the full path
+    run(tq, tk, tv, to, tcu, tcu, stream=5)  # a stream given: the full path
     assert _hits(rt) == before and drv.launches[-1].stream == 5
-    run(q, k, v, o, tcu, tcu)
+    run(tq, tk, tv, to, tcu, tcu)
     assert _hits(rt) == before + 1

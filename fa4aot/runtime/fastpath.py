@@ -75,12 +75,12 @@ class _Entry:
         self.scratch_bytes = getattr(prepared, "scratch_bytes", 0)
         self.ws_slots = getattr(prepared, "workspace_slots", 0)
         #: the fast path's names of the tensors the prepared call takes, in its order
-        self.names = tuple(_PARAM_OF.get(n, n) for n in prepared.arg_names if n != "tensormap_workspace")
+        self.names = tuple(PARAM_OF.get(n, n) for n in prepared.arg_names if n != "tensormap_workspace")
         self.serve: Any = None
 
 
 #: prepare_forward's tensor names -> the fast path's parameters
-_PARAM_OF = {"cu_seqlens_q": "cu_q", "cu_seqlens_k": "cu_k", "seqused_q": "su_q", "seqused_k": "su_k",
+PARAM_OF = {"cu_seqlens_q": "cu_q", "cu_seqlens_k": "cu_k", "seqused_q": "su_q", "seqused_k": "su_k",
              "learnable_sink": "sink"}  # fmt: skip
 
 
@@ -181,7 +181,7 @@ def forward(
              sink is not None)  # fmt: skip
     args = (q, k, v, out, cu_q, cu_k, su_q, su_k, page_table, sink, max_q, max_k, softmax_scale, causal, window_size,
             softcap, num_splits, pack_gqa)  # fmt: skip
-    fam = _keyed(api, calls, _FWD, given, args, lambda: _Family(_prepare_from(rt, args)))
+    fam = _keyed(api, calls, _FWD, given, args, lambda: _Family(prepare_from(rt, args)))
     return fam is not None and decided(rt, fam, args)
 
 
@@ -194,7 +194,7 @@ def decided(rt: Any, fam: _Family, args: tuple[Any, ...]) -> bool:
         return False  # the sequence tensors' lengths disagree: the full path names the mismatch
     t = (batch, args[10], args[11])
     if fam.last[0] != t:  # a decision for these values, prepared now if it has no prepared form
-        last = fam.step(t, lambda: _prepare_from(rt, args))
+        last = fam.step(t, lambda: prepare_from(rt, args))
         if last is None:
             calls = calls_of(rt)
             if calls is not None:
@@ -218,8 +218,19 @@ def bind_forward(rt: Any, args: tuple[Any, ...]) -> _Family | None:
         return None
     key, got = found
     if got is None:
-        got = _store(calls, key, api, args, lambda: _Family(_prepare_from(rt, args)))
+        got = _store(calls, key, api, args, lambda: _Family(prepare_from(rt, args)))
     return got or None
+
+
+def bind_family(rt: Any, args: tuple[Any, ...]) -> _Family | None:
+    """The family of forward calls like ``args`` (its serve's parameters) for tensors of any
+    framework, unkeyed: the caller checks each call's tensors itself
+    (:class:`~fa4aot.runtime.varying.VaryingForward`). None where the fast path would not serve
+    it: a prepared form that would own buffers, or one that preparing refuses."""
+    try:
+        return _Family(prepare_from(rt, args))
+    except (Fa4aotError, NeedsBuffers, _Unserved):
+        return None
 
 
 _OPTIONAL = ("cu_q", "cu_k", "su_q", "su_k", "page_table", "sink")
@@ -515,7 +526,7 @@ def _device(scope: dict[str, Any]) -> str:
     return repr(scope.get("_device", 0))
 
 
-def _batch_lines(pinned: int | None, seqs: Sequence[str], fail: str) -> list[str]:
+def batch_lines(pinned: int | None, seqs: Sequence[str], fail: str) -> list[str]:
     """Generated code setting ``b``, the call's batch - ``pinned`` (fixed by a tensor's shape in
     the key), else the first sequence tensor's - and returning ``fail`` when a given sequence
     tensor's length disagrees with it (cu_seqlens: batch + 1, seqused: batch)."""
@@ -541,9 +552,10 @@ def _serve_family(fam: _Family, key: tuple[Any, ...], cond: str, scope: dict[str
     spec = _SPECS[_FWD]
     scope.update(_F=fam, _calls=calls, _cur=current_stream, _PREPARE=_PREPARE, **_allocator(fam.rt))
     lines = [f"def serve({', '.join((*spec.params, *spec.scalars))}):", f"    if {cond}:", "        return -1"]
-    lines += _batch_lines(fam.pinned, fam.seqs, "0")
+    lines += batch_lines(fam.pinned, fam.seqs, "0")
     lines += ["    t = (b, max_q, max_k)", "    last = _F.last", "    if last[0] != t:"]
-    region = _region_lines(fam, key, scope)
+    classes = key[len(key) - 1 - len(_SPECS[_FWD].class_only) : len(key) - 1]  # max_q's, max_k's
+    region = _region_lines(fam, classes, scope)
     step = [
         "last = _F.step(t, None)",
         "if last is None:",
@@ -575,7 +587,22 @@ def _serve_family(fam: _Family, key: tuple[Any, ...], cond: str, scope: dict[str
     return scope["serve"]
 
 
-def _region_lines(fam: _Family, key: tuple[Any, ...], scope: dict[str, Any]) -> list[str]:
+def advance_function(fam: _Family, classes: tuple[type, type]) -> Any:
+    """``advance(b, max_q, max_k)``: ``fam``'s ``last`` for a call of these values (``classes``:
+    max_seqlen_q's and max_seqlen_k's, as bound) - the last one's, or the last decision's region
+    holding them (:func:`_region_lines`, as a served call takes it) - else None: the caller steps
+    (:meth:`_Family.step`)."""
+    scope: dict[str, Any] = {"_F": fam}
+    region = _region_lines(fam, classes, scope)
+    lines = ["def advance(b, max_q, max_k):", "    t = (b, max_q, max_k)", "    last = _F.last", "    if last[0] == t:",
+             "        return last"]  # fmt: skip
+    lines += ["    " + x for x in region] + (["    else:", "        return None"] if region else ["    return None"])
+    lines.append("    return last")
+    gencode.run("\n".join(lines), scope, "fast-path decision for new values")
+    return scope["advance"]
+
+
+def _region_lines(fam: _Family, classes: tuple[type, type], scope: dict[str, Any]) -> list[str]:
     """Generated code (in :func:`_serve_family`, after ``last[0] != t``) that serves new values
     ``t`` held by the region of the last decision (``last[3]``: its check and workspace terms,
     :meth:`_Family._last`) as :meth:`_Family.step` would - the same facts, range checks and
@@ -583,7 +610,6 @@ def _region_lines(fam: _Family, key: tuple[Any, ...], scope: dict[str, Any]) -> 
     where step() never serves new values (``exact``) or the rule has no regions."""
     if fam.exact is not None or fam.rule.regions is None:
         return []
-    classes = key[len(key) - 1 - len(_SPECS[_FWD].class_only) : len(key) - 1]  # max_q's, max_k's
     given = [name for name, c in zip(("max_q", "max_k"), classes) if c is not type(None)]
     scope.update(_R=fam.rule.regions, _IMAX=INT32_MAX, _dq=fam.default_q, _dk=fam.default_k)
     facts = ["b", *map(repr, fam.fixed), *given]
@@ -714,7 +740,7 @@ class _Family:
 def _batch_of(pinned: int | None, seqs: list[str]) -> Any:
     """``batch_of(cu_q, cu_k, su_q, su_k)``: the call's batch (:func:`_batch_lines`), -1 when the
     sequence tensors' lengths disagree with it."""
-    lines = ["def batch_of(cu_q, cu_k, su_q, su_k):", *_batch_lines(pinned, seqs, "-1"), "    return b"]
+    lines = ["def batch_of(cu_q, cu_k, su_q, su_k):", *batch_lines(pinned, seqs, "-1"), "    return b"]
     scope: dict[str, Any] = {}
     gencode.run("\n".join(lines), scope, "fast-path batch")
     return scope["batch_of"]
@@ -871,7 +897,7 @@ def _prepare(rt: Any, qkvo: list[Any], cu_q: Any, cu_k: Any, max_q: Any, max_k: 
     )  # fmt: skip
 
 
-def _prepare_from(rt: Any, args: tuple[Any, ...]) -> Any:
+def prepare_from(rt: Any, args: tuple[Any, ...]) -> Any:
     """:func:`_prepare` (``varying``) for a forward call given as its serve's parameters."""
     q, k, v, out, cu_q, cu_k, su_q, su_k, page_table, sink, max_q, max_k = args[:12]
     return _prepare(rt, [q, k, v, out], cu_q, cu_k, max_q, max_k, su_q, su_k, page_table, sink, *args[12:],

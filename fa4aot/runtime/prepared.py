@@ -48,7 +48,7 @@ from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.metadata import SchedulerMetadata, check_metadata, metadata_kind
 from fa4aot.runtime.scales import NAMES as SCALE_NAMES
 from fa4aot.runtime.tensors import DeviceTensor, as_device_tensor, contiguous_strides, stream_handle
-from fa4aot.runtime.workspaces import WORKSPACE_SLOT_BYTES, workspace_slots
+from fa4aot.runtime.workspaces import WORKSPACE_SLOT_BYTES, stream_workspace, workspace_slots
 
 if TYPE_CHECKING:
     from fa4aot.runtime.varying import VaryingForward
@@ -612,10 +612,16 @@ def _workspace_argument(
     if not fc.plan.tensormap_workspace:
         return 0
     slots = workspace_slots(rt, fc)
-    ws = alloc_like(q, (slots, TENSORMAP_WORDS), "int64")
+    try:
+        ws = alloc_like(q, (slots, TENSORMAP_WORDS), "int64")
+        desc = as_device_tensor(ws, "tensormap_workspace")
+    except ArgumentError:  # raw pointers: the runtime's buffer of the legacy stream stands in (only its
+        # layout is bound; each call passes its own stream's, as the full path gives such callers)
+        ptr, _ = stream_workspace(rt, 0, slots)
+        ws = desc = DeviceTensor(ptr, (slots, TENSORMAP_WORDS), (TENSORMAP_WORDS, 1), "int64", rt.device, "raw")
     names.append("tensormap_workspace")
     objs.append(ws)
-    descs.append(as_device_tensor(ws, "tensormap_workspace"))
+    descs.append(desc)
     aligns.append(16)
     return slots
 

@@ -7,10 +7,13 @@ PyTorch calls are served by the fast path's family of the bound call (:mod:`.fas
 decision for the call's (batch, max_seqlen_q, max_seqlen_k) is the last one while the values stay
 in its traced region (:mod:`.regions`), and is taken again - from the rule's memo or another
 region, or by the full path's selection - only when they cross one of its boundaries; each
-decision's prepared form is made once and launched with the values as per-call words. A call the
-family does not serve (a decision whose launch would own buffers - split-KV partials, scheduler
-metadata - or a local window's exact edges, another framework's tensors, a ``stream`` given)
-runs the full path, which checks everything and allocates what the call needs, as
+decision's prepared form is made once and launched with the values as per-call words. Calls of
+another framework's tensors (CuPy, JAX, raw pointers) are launched from a family of their own the
+same way, their tensors described and compared with the bound ones on every call, FA4's tensor-map
+workspace the launch stream's buffer (:func:`~fa4aot.runtime.workspaces.stream_workspace`), as the
+full path gives such calls. A call neither serves (a decision whose launch would own buffers -
+split-KV partials, scheduler metadata - or a local window's exact edges, a PyTorch call given a
+``stream``) runs the full path, which checks everything and allocates what the call needs, as
 :func:`fa4aot.flash_attn_varlen_func` does.
 """
 
@@ -22,14 +25,18 @@ from typing import Any
 from fa4aot.core import gencode
 from fa4aot.runtime import fastpath
 from fa4aot.runtime.forward import forward
+from fa4aot.runtime.frameworks import default_stream, framework
 from fa4aot.runtime.loader import Runtime
 from fa4aot.runtime.prepared import refuse_unlike
-from fa4aot.runtime.tensors import DeviceTensor, as_device_tensor
+from fa4aot.runtime.tensors import DeviceTensor, as_device_tensor, stream_handle
+from fa4aot.runtime.workspaces import stream_workspace
 
 #: The sequence tensors, whose length (the batch) may change from call to call.
 SEQUENCES = ("cu_seqlens_q", "cu_seqlens_k", "seqused_q", "seqused_k")
 #: The optional tensors in the order a call takes them (those given at prepare time).
 OPTIONAL = (*SEQUENCES, "page_table", "learnable_sink")
+#: The fast path's tensor parameters of a forward call, in its serve's order.
+_SERVE_TENSORS = ("q", "k", "v", "out", "cu_q", "cu_k", "su_q", "su_k", "page_table", "sink")
 
 
 class VaryingForward:
@@ -48,6 +55,10 @@ class VaryingForward:
         args = (*(tensors.get(n) for n in ("q", "k", "v", "out", *OPTIONAL)), max_q, max_k, *scalars)
         #: the fast path's family serving this call's PyTorch calls (None: every call takes the full path)
         self.family = fastpath.bind_forward(rt, args)
+        #: the family serving calls of another framework's tensors (None: PyTorch's, or none served)
+        torch = self.family is not None or framework(tensors["q"]) == "torch"
+        self.other = None if torch else fastpath.bind_family(rt, args)
+        self._served_other = [0]
         run = self._generate(scalars, max_q, max_k)
         self.__class__ = type("VaryingForward", (VaryingForward,), {"__call__": staticmethod(run), "__slots__": ()})
 
@@ -69,6 +80,12 @@ class VaryingForward:
         raise NotImplementedError
 
     @property
+    def other_calls(self) -> int:
+        """Calls of another framework's tensors launched from :attr:`other` (the rest took the
+        full path)."""
+        return self._served_other[0]
+
+    @property
     def served(self) -> bool:
         """Whether PyTorch calls are launched from the fast path's family (else the full path)."""
         return self.family is not None
@@ -85,6 +102,7 @@ class VaryingForward:
             "_mq": max_q, "_mk": max_k, "_rt": self.runtime, "_check": self._check, "_forward": forward,
             "_decided": fastpath.decided, "_fam": self.family, "_sc": scalars,
             "_serve": None if self.family is None else self.family.serve,
+            "_other": None if self.other is None else self._other_function(scalars, (max_q.__class__, max_k.__class__)),
         }  # fmt: skip
         sc = ", ".join(f"_sc[{i}]" for i in range(len(scalars)))
         served = f"q, k, v, out, {', '.join(opt)}, max_seqlen_q, max_seqlen_k, {sc}"
@@ -99,6 +117,12 @@ class VaryingForward:
                 "        if r == -1:",
                 f"            _check({', '.join(params)})",
             ]
+        elif self.other is not None:
+            lines += [
+                f"    if _other({', '.join(params)}, max_seqlen_q, max_seqlen_k, stream):",
+                "        return None",
+                f"    _check({', '.join(params)})",
+            ]
         else:
             lines.append(f"    _check({', '.join(params)})")
         lines += [
@@ -109,6 +133,63 @@ class VaryingForward:
         ]
         gencode.run("\n".join(lines), scope, "varying prepared forward")
         return scope["run"]
+
+    def _other_function(self, scalars: tuple[Any, ...], classes: tuple[type, type]) -> Callable[..., bool]:
+        """``other(<tensors>, max_q, max_k, stream) -> bool``: launch a call of another
+        framework's tensors from :attr:`other`'s prepared form of FA4's decision for its (batch,
+        max_seqlen_q, max_seqlen_k) - each tensor described and compared with the bound one, the
+        workspace the launch stream's buffer, as the full path gives such calls; False: the full
+        path takes it (a tensor unlike the bound one, sequence lengths that disagree, a max_seqlen
+        of another class than the bound one's, a decision not served here, a misaligned address)
+        and names what is wrong."""
+        fam = self.other
+        names = [fastpath.PARAM_OF.get(n, n) for n in self.arg_names]  # (the fast path's: q, cu_q, ...)
+        scope: dict[str, Any] = {
+            "_desc": as_device_tensor, "_fam": fam, "_advance": fastpath.advance_function(fam, classes),
+            "_prepare": fastpath.prepare_from, "_rt": self.runtime, "_sc": scalars, "_cq": classes[0], "_ck": classes[1],
+            "_default": default_stream, "_handle": stream_handle, "_ws": stream_workspace, "_n": self._served_other,
+        }  # fmt: skip
+        lines = [f"def other({', '.join(f'a_{n}' for n in names)}, max_q, max_k, stream):",
+                 "    if max_q.__class__ is not _cq or max_k.__class__ is not _ck:", "        return False"]  # fmt: skip
+        for i, (name, n, want) in enumerate(zip(self.arg_names, names, self._descs)):
+            lines.append(f"    {n} = _desc(a_{n}, {name!r})")
+            if name in SEQUENCES:  # (any length)
+                scope[f"_g{i}"] = (want[2], want[3], want[4], want[5])
+                lines.append(f"    if len({n}[1]) != 1 or ({n}[2], {n}[3], {n}[4], {n}[5]) != _g{i}:")
+            else:
+                scope[f"_g{i}"] = (want[1], want[2], want[3], want[4], want[5])
+                lines.append(f"    if ({n}[1], {n}[2], {n}[3], {n}[4], {n}[5]) != _g{i}:")
+            lines.append("        return False")
+        lines += fastpath.batch_lines(fam.pinned, fam.seqs, "False")
+        serve_args = ", ".join(n if n in names else "None" for n in _SERVE_TENSORS)
+        lines += [
+            "    last = _advance(b, max_q, max_k)  # (the last decision, or its region's)",
+            "    if last is None:",
+            "        if b < 1:",
+            "            return False",
+            f"        last = _fam.step((b, max_q, max_k), lambda: _prepare(_rt, ({serve_args}, max_q, max_k, *_sc)))",
+            "        if last is None:",
+            "            return False",
+            "    e = last[1]",
+            "    vb, vq, vk, vs = last[2]",
+        ]
+        ptrs = [f"{n}[0]" for n in fam.names]
+        by_mask: dict[int, list[str]] = {}
+        for p, m in zip(ptrs, fam.masks):
+            by_mask.setdefault(m, []).append(p)
+        conds = [f"({' | '.join(ps)}) & {m}" for m, ps in sorted(by_mask.items()) if m]
+        lines += [f"    if {' or '.join(conds)}:", "        return False"] if conds else []
+        lines += [
+            f"    st = _default(a_{names[0]}) if stream is None else _handle(stream)",
+            "    if e.ws_slots:",
+            f"        e.launch({', '.join(ptrs)}, _ws(_rt, st, vs)[0], st, vb, vq, vk, vs)",
+            "    else:",
+            f"        e.launch({', '.join(ptrs)}, st, vb, vq, vk, vs)",
+            "    _n[0] += 1",
+            "    return True",
+        ]
+        gencode.run("\n".join(lines), scope, "varying prepared forward, other frameworks")
+        return scope["other"]
 
     def _check(self, *tensors: Any) -> None:
         """Raise :class:`~fa4aot.ArgumentError` for the first tensor that differs from the

@@ -153,6 +153,52 @@ def test_a_varying_prepared_forward_equals_plain_calls_for_every_batch(runtime):
     assert torch.equal(out, want)
 
 
+def test_a_varying_prepared_forward_of_raw_pointers_equals_plain_calls(runtime):
+    """prepare_forward(varying=True) bound to raw device pointers (another framework's tensors):
+    calls of new batches and max_seqlens, on a stream of their own, launched from prepared forms
+    (not the full path), each output bitwise equal to the plain PyTorch call's; a tensor of another
+    dtype is refused with out untouched."""
+    from fa4aot.runtime.tensors import RawTensor
+
+    total, h, hk, d = 512, 32, 8, 128
+    q, k, v = rand(total, h, d), rand(total, hk, d, seed=1), rand(total, hk, d, seed=2)
+    sizes = [8, 1, 3, 2, 64, 5, 16, 128, 7]
+    cus = {b: torch.arange(0, total + 1, total // b, dtype=torch.int32, device="cuda") for b in sizes}
+    out = torch.empty_like(q)
+
+    def raw(x, dtype="bf16"):
+        return RawTensor(x.data_ptr(), tuple(x.shape), dtype, device=0)
+
+    rq, rk, rv, ro = raw(q), raw(k), raw(v), raw(out)
+    run = fa4aot.prepare_forward(rq, rk, rv, ro, cu_seqlens_q=raw(cus[8], "int32"), cu_seqlens_k=raw(cus[8], "int32"),
+                                 max_seqlen_q=64, max_seqlen_k=64, causal=True, varying=True, runtime=runtime)  # fmt: skip
+    assert not run.served and run.other is not None
+    side = torch.cuda.Stream()
+    checked = 0
+    for i, b in enumerate(sizes):
+        m = total // b
+        mq, mk = m + i % 5, m + (i * 3) % 11
+        try:
+            want, _ = fa4aot.flash_attn_varlen_func(q, k, v, cu_seqlens_q=cus[b], cu_seqlens_k=cus[b],
+                                                    max_seqlen_q=mq, max_seqlen_k=mk, causal=True, runtime=runtime)  # fmt: skip
+        except VariantNotFoundError:  # a decision whose kernel the GPU cache lacks
+            continue
+        out.fill_(7.0)
+        side.wait_stream(torch.cuda.current_stream())
+        rc = raw(cus[b], "int32")
+        run(rq, rk, rv, ro, rc, rc, max_seqlen_q=mq, max_seqlen_k=mk, stream=side.cuda_stream)
+        torch.cuda.synchronize()
+        n = int(cus[b][-1])
+        assert torch.equal(out[:n], want[:n]), (b, mq, mk)
+        checked += 1
+    assert checked >= 6 and run.other_calls >= checked - 1, (checked, run.other_calls)
+    out.fill_(7.0)
+    with pytest.raises(ArgumentError, match="^k: dtype"):
+        run(rq, raw(k, "fp16"), rv, ro, raw(cus[8], "int32"), raw(cus[8], "int32"))
+    torch.cuda.synchronize()
+    assert bool((out == 7.0).all())
+
+
 def test_preload_then_calls_load_nothing(gpu_cache):
     from fa4aot.runtime.loader import Runtime
 
