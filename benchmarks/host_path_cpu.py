@@ -138,6 +138,9 @@ def rows(cache: str, inner: int, repeats: int) -> dict[str, float]:
                 pc(qv, kv, kv, ov, c, c, max_seqlen_q=m, max_seqlen_k=m + dk)
 
             calls["prepared call, varying=True, batch and max_seqlen changing"] = varying
+            raw = varying_raw(rt, qv, kv, ov, changing, it)
+            if raw is not None:
+                calls["prepared call, varying=True, raw pointers, batch and max_seqlen changing"] = raw
         ptrs = [t.data_ptr() for t in (q, q, q, o)]
         calls.update({
             "prepared call, batched": lambda: pb(q, q, q, o),
@@ -147,6 +150,29 @@ def rows(cache: str, inner: int, repeats: int) -> dict[str, float]:
         })  # fmt: skip
     got = {name: _common.median_us(fn, inner, repeats, warmup=200) for name, fn in calls.items()}
     return dict(got, fa4aot=os.path.dirname(os.path.dirname(fa4aot.__file__)))
+
+
+def varying_raw(rt, qv, kv, ov, changing, it):
+    """The varying row's calls on raw pointers to the same tensors (another framework's call, on
+    stream 0), or None where this checkout serves no such call from a prepared form."""
+    import fa4aot
+    from fa4aot.runtime.tensors import RawTensor
+
+    def raw(t, dtype):
+        return RawTensor(t.data_ptr(), tuple(t.shape), dtype)
+
+    rq, rk, ro = raw(qv, "bf16"), raw(kv, "bf16"), raw(ov, "bf16")
+    steps = [(raw(c, "int32"), m, dk) for c, m, dk in changing]
+    run = fa4aot.prepare_forward(rq, rk, rk, ro, cu_seqlens_q=steps[3][0], cu_seqlens_k=steps[3][0], max_seqlen_q=64,
+                                 max_seqlen_k=64, causal=True, varying=True, runtime=rt)  # fmt: skip
+    if getattr(run, "other", None) is None:
+        return None
+
+    def call() -> None:
+        c, m, dk = steps[next(it) % len(steps)]
+        run(rq, rk, rk, ro, c, c, max_seqlen_q=m, max_seqlen_k=m + dk, stream=0)
+
+    return call
 
 
 def main() -> None:

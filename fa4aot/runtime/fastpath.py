@@ -423,6 +423,17 @@ def _objects_scope(names: Sequence[str], masks: Sequence[int], scope: dict[str, 
     return True
 
 
+def _entry_launch(entry: _Entry, ws_slots: str | None, scope: dict[str, Any]) -> list[str]:
+    """:func:`_launch_lines` of a served call's entry ``_e``: where its tensors may go to the hop
+    as objects (:func:`_objects_scope`), that launch when torch's check passed them (``_ok``),
+    else the addresses' launch."""
+    names, masks, dev = entry.names, entry.masks, _device(scope)
+    if entry.launch_tensors is None or not _objects_scope(names, masks, scope):
+        return _launch_lines("_e", names, masks, ws_slots, dev)
+    return ["    if _ok:", *_launch_lines("_e", names, masks, ws_slots, dev, indent="        ", objects=True),
+            "    else:", *_launch_lines("_e", names, masks, ws_slots, dev, indent="        ")]  # fmt: skip
+
+
 def _torch_memory() -> tuple[Any, Any, Any, Any]:
     """torch's caching allocator's raw ``alloc(nbytes, stream)`` and ``free(ptr)``, its check
     whether the current stream is being captured, and its current device (each None where this
@@ -483,14 +494,7 @@ def _serve_dense(entry: _Entry, cond: str, scope: dict[str, Any], calls: _Calls,
     spec = _SPECS[_DENSE]
     scope.update(_e=entry, _calls=calls, _cur=current_stream, **_allocator(entry.rt))
     lines = [f"def serve({', '.join((*spec.params, *spec.scalars))}):", f"    if {cond}:", "        return -1"]
-    ws = str(entry.ws_slots) if entry.ws_slots else None
-    if entry.launch_tensors is not None and _objects_scope(entry.names, entry.masks, scope):
-        lines.append("    if _ok:")
-        lines += _launch_lines("_e", entry.names, entry.masks, ws, _device(scope), indent="        ", objects=True)
-        lines.append("    else:")
-        lines += _launch_lines("_e", entry.names, entry.masks, ws, _device(scope), indent="        ")
-    else:
-        lines += _launch_lines("_e", entry.names, entry.masks, ws, _device(scope))
+    lines += _entry_launch(entry, str(entry.ws_slots) if entry.ws_slots else None, scope)
     lines += ["    _calls.hits += 1", "    return 1"]
     gencode.run("\n".join(lines), scope, "fast-path dense call")
     return scope["serve"]
@@ -509,13 +513,7 @@ def _serve_backward(entry: _Entry, key: tuple[Any, ...], cond: str, scope: dict[
     lines = [f"def serve({', '.join((*spec.params, *spec.scalars))}):", f"    if {cond}:", "        return -1"]
     lines += ["    dq, dk, dv = q.new_empty(_gq), q.new_empty(_gk), q.new_empty(_gv)",
               f"    scratch = q.new_empty(({entry.scratch_bytes // 4},), dtype=_f32)"]  # fmt: skip
-    if entry.launch_tensors is not None and _objects_scope(entry.names, entry.masks, scope):
-        lines.append("    if _ok:")
-        lines += _launch_lines("_e", entry.names, entry.masks, None, _device(scope), indent="        ", objects=True)
-        lines.append("    else:")
-        lines += _launch_lines("_e", entry.names, entry.masks, None, _device(scope), indent="        ")
-    else:
-        lines += _launch_lines("_e", entry.names, entry.masks, None, _device(scope))
+    lines += _entry_launch(entry, None, scope)
     lines += ["    _calls.hits += 1", "    return dq, dk, dv"]
     gencode.run("\n".join(lines), scope, "fast-path backward call")
     return scope["serve"]

@@ -87,7 +87,8 @@ class _Steps:
         self.lines: list[str] = []
         self.scope: dict[str, Any] = {}
         #: the same launches with p0, p1, ... the tensor objects themselves, whose addresses the
-        #: compiled hop reads (:func:`_tensor_reader`); None where a step is not a compiled hop
+        #: compiled hop reads (:func:`tensor_reader`); None where a step is not a compiled hop or computes
+        #: an address from a tensor's
         self.tensor_lines: list[str] | None = [] if HOP is not None else None
 
     def bound(self, call: BoundCall, sources: dict[str, int | str], words: Sequence[str] = ()) -> None:
@@ -607,8 +608,9 @@ def _refuse_owned(fc: Any, scheduler_metadata: SchedulerMetadata | None) -> None
 def _workspace_argument(
     rt: Runtime, fc: Any, q: Any, names: list[str], objs: list[Any], descs: list[Any], aligns: list[int]
 ) -> int:
-    """FA4's tensor-map workspace as the prepared call's last argument (a new buffer per call, from
-    ``q``'s framework, as on the full path); its slots, or 0 where the call takes none."""
+    """FA4's tensor-map workspace as the prepared call's last argument (each call passes its own: a
+    buffer of ``q``'s framework, or the stream's for raw pointers, as on the full path); its slots,
+    or 0 where the call takes none."""
     if not fc.plan.tensormap_workspace:
         return 0
     slots = workspace_slots(rt, fc)
