@@ -178,3 +178,45 @@ def test_raw_pointer_calls_are_served_on_their_stream_and_a_torch_stream_call_ta
     assert _hits(rt) == before and drv.launches[-1].stream == 5
     run(tq, tk, tv, to, tcu, tcu)
     assert _hits(rt) == before + 1
+
+
+def test_hostile_calls_of_raw_pointers_are_typed_errors_with_nothing_launched_or_allocated(pair):
+    """A raw-pointer varying call given bad tensors, sequence lengths, alignments, max_seqlens or
+    streams: the full path's typed error naming the argument, nothing launched and no buffer made
+    (a bad stream handle is refused before its workspace would be)."""
+    rt, drv, _, _ = pair
+    total, h, d, base = 15000, 16, 128, 0x7F30_0000_0000
+    q, k, v, o = (RawTensor(base + i * (1 << 36), (total, h, d), "bf16") for i in range(4))
+    cu = RawTensor(base + 4 * (1 << 36), (6,), "int32")
+    run = fa4aot.prepare_forward(q, k, v, o, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=3000, max_seqlen_k=3000,
+                                 causal=True, varying=True, runtime=rt)  # fmt: skip
+    run(q, k, v, o, cu, cu)
+    assert run.other_calls == 1
+    launches, allocs = len(drv.launches), dict(drv.allocs)
+    bad_tensors = [
+        ((q, k, v, None, cu, cu), "^out: expected a CUDA tensor"),
+        (("q", k, v, o, cu, cu), "^q: expected a CUDA tensor"),
+        ((q, k, v, o, RawTensor(cu.ptr, (3, 2), "int32"), cu), "^cu_seqlens_q: shape"),
+        ((q, k, v, o, cu, RawTensor(cu.ptr, (4,), "int32")), "^cu_seqlens_k: expected length 6"),
+        ((q, k, v, o, RawTensor(cu.ptr, (1,), "int32"), RawTensor(cu.ptr, (1,), "int32")), "^cu_seqlens_q: needs"),
+        ((RawTensor(q.ptr + 2, q.shape, "bf16"), k, v, o, cu, cu), "^q: base address 0x[0-9a-f]+ is not 16-byte"),
+        ((q, k, v, o, RawTensor(cu.ptr + 2, (6,), "int32"), RawTensor(cu.ptr + 2, (6,), "int32")), "4-byte aligned"),
+        ((RawTensor(q.ptr, q.shape, "bf16", device=1), k, v, o, cu, cu), "^q: device 1 differs"),
+        ((q, RawTensor(k.ptr, k.shape, "bf16", strides=(h * d * 2, d, 1)), v, o, cu, cu), "^k: strides"),
+    ]
+    for args, match in bad_tensors:
+        with pytest.raises(ArgumentError, match=match):
+            run(*args)
+    for kw, match in [
+        (dict(max_seqlen_q=-1), "^max_seqlen_q: must be >= 0"),
+        (dict(max_seqlen_q=True), "^max_seqlen_q: expected an int"),
+        (dict(max_seqlen_k=1.5), "^max_seqlen_k: expected an int"),
+        (dict(max_seqlen_q=2**40), "^max_seqlen_q: .* does not fit"),
+        (dict(stream=-1), "^stream: -1 is not a CUDA stream handle"),
+        (dict(stream=2**64), "^stream: .* is not a CUDA stream handle"),
+        (dict(stream=True), "^stream: True is not a CUDA stream handle"),
+        (dict(stream="s"), "^stream: cannot get a CUDA stream handle"),
+    ]:
+        with pytest.raises(ArgumentError, match=match):
+            run(q, k, v, o, cu, cu, **kw)
+    assert len(drv.launches) == launches and drv.allocs == allocs

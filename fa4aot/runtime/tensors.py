@@ -293,11 +293,22 @@ def _from_dlpack(obj: Any, name: str) -> DeviceTensor:
 
 
 def stream_handle(stream: Any) -> int:
-    """The raw ``CUstream`` value of ``stream`` (see the module doc); 0 is the legacy default."""
+    """The raw ``CUstream`` value of ``stream`` (see the module doc); 0 is the legacy default.
+    :class:`~fa4aot.ArgumentError` for anything else, or a handle that is no 64-bit unsigned int
+    (before any buffer is made for the stream)."""
     if stream is None:
         return 0
     if isinstance(stream, int):
-        return stream
+        handle = stream
+    else:
+        handle = _handle_of(stream)
+    if handle.__class__ is not int or not 0 <= handle < 1 << 64:
+        raise ArgumentError(f"stream: {stream!r} is not a CUDA stream handle (a 64-bit unsigned int)")
+    return handle
+
+
+def _handle_of(stream: Any) -> Any:
+    """``stream``'s handle from the protocols streams of CUDA Python, PyTorch, CuPy and others offer."""
     proto = getattr(stream, "__cuda_stream__", None)
     if proto is not None:
         _, handle = proto() if callable(proto) else proto
