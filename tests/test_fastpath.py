@@ -5,6 +5,8 @@ unusual call back on the full path with its typed error. Torch-like tensors stan
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from fake_driver import FakeDriver
 from test_prepared import _buffer, _record_params, _same, _written
@@ -28,6 +30,11 @@ class FakeTorch:
 
     def stride(self):
         return self.raw.strides
+
+    @property
+    def layout(self):
+        """torch's strided layout (checked once torch is imported, as every real tensor has one)."""
+        return sys.modules["torch"].strided
 
     def get_device(self):
         return self.raw.device
@@ -675,14 +682,13 @@ def test_torchs_own_check_passes_exactly_tensors_like_the_bound_ones():
 def _torch_on_cpu(monkeypatch):
     """torch (with its C++ tensor check), its host tensors standing in for device 0's."""
     torch, _ = _torch_guard_or_skip()
-    from fa4aot.runtime import frameworks, tensors
+    from fa4aot.runtime import frameworks
 
-    dtypes = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "int32", torch.int64: "int64"}
     monkeypatch.setattr(frameworks, "_TORCH_STREAM", [lambda device: 0])  # torch's current stream: 0
-    monkeypatch.setitem(tensors._CONVERTERS, torch.Tensor, lambda o, name: DeviceTensor(
-        o.data_ptr(), tuple(o.shape), o.stride(), dtypes[o.dtype], 0, "torch"))  # fmt: skip
     monkeypatch.setattr(fastpath, "_API", [(torch.Tensor, lambda device: 0)])
-    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)  # (host tensors as device 0's)
+    # host tensors as device 0's, read by fa4aot's own torch converter
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     return torch
 
 
@@ -732,6 +738,29 @@ def test_prepared_torch_calls_have_the_compiled_hop_read_the_addresses(sm90, mon
     with pytest.raises(ValueError):
         HOP.tensor_reader(0, torch.Tensor)
     assert HOP.aligned(b"\x0f", q) is True and HOP.aligned(b"\x0f", odd[3]) is False
+
+
+def test_a_sparse_tensor_is_a_typed_error_in_prepared_served_and_plain_calls(sm90, monkeypatch):
+    """A sparse tensor of the bound shape (no strides, no address) gets the full path's typed error
+    naming its layout - from a prepared call, a served plain call and a first plain call - with
+    nothing launched."""
+    torch = _torch_on_cpu(monkeypatch)
+    rt, drv = sm90
+    shape, bf = (2, 300, 16, 128), torch.bfloat16
+    q, k, v, out = (torch.zeros(shape, dtype=bf) for _ in range(4))
+    run = fa4aot.prepare_forward(q, k, v, out, causal=True, runtime=rt)
+    for _ in range(3):  # (the plain call's key is served from here on)
+        fa4aot.flash_attn_func(q, k, v, causal=True, out=out, runtime=rt)
+    n = len(drv.launches)
+    sparse = q.to_sparse()
+    with pytest.raises(ArgumentError, match="^q: a torch.sparse_coo tensor; FA4 takes strided"):
+        run(sparse, k, v, out)
+    with pytest.raises(ArgumentError, match="^k: a torch.sparse_coo tensor"):
+        fa4aot.flash_attn_func(q, sparse, v, causal=True, out=out, runtime=rt)
+    fastpath.clear(rt)
+    with pytest.raises(ArgumentError, match="^v: a torch.sparse_coo tensor"):
+        fa4aot.flash_attn_func(q, k, sparse, causal=True, out=out, runtime=rt)
+    assert len(drv.launches) == n
 
 
 def test_served_torch_varlen_calls_have_the_compiled_hop_read_the_addresses(built_cache, monkeypatch):

@@ -393,7 +393,12 @@ def torch_mismatch(obj: str, meta: tuple[Any, Any, Any, Any], name: str, scope: 
     shape, strides, dtype, device = meta
     scope[f"{name}s"], scope[f"{name}d"], scope[f"{name}t"] = shape, dtype, strides
     stride_test = f"not {obj}.is_contiguous()" if torch_contiguous(shape, strides) else f"{obj}.stride() != {name}t"
-    return f"{obj}.dtype is not {name}d or {obj}.shape != {name}s or {stride_test} or {obj}.get_device() != {device!r}"
+    test = f"{obj}.dtype is not {name}d or {obj}.shape != {name}s or {stride_test} or {obj}.get_device() != {device!r}"
+    strided = getattr(sys.modules.get("torch"), "strided", None)
+    if strided is None:
+        return test
+    scope["_strided"] = strided  # (a sparse tensor of the same shape has no address: its full path's error)
+    return f"{obj}.layout is not _strided or {test}"
 
 
 class TorchGuard(NamedTuple):

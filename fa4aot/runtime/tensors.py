@@ -178,7 +178,10 @@ def _from_torch(t: Any, name: str) -> DeviceTensor:
     dev = t.get_device()
     if dev < 0 or not t.is_cuda:
         raise ArgumentError(f"{name}: must be a CUDA tensor, got one on {t.device}")
-    return _new(DeviceTensor, (t.data_ptr(), t.shape, t.stride(), dtype, dev, "torch"))
+    try:
+        return _new(DeviceTensor, (t.data_ptr(), t.shape, t.stride(), dtype, dev, "torch"))
+    except RuntimeError:  # (no strides or no storage: a sparse or nested tensor)
+        raise ArgumentError(f"{name}: a {t.layout} tensor; FA4 takes strided (dense) tensors") from None
 
 
 _CUPY_TYPES = {"e": "fp16", "f": "fp32", "i": "int32", "l": "int64", "q": "int64", "B": "uint8"}
