@@ -29,9 +29,9 @@ static PyObject *argument_error = NULL;
  * _torchinductor_pyobject_tensor_data_ptr, the function Inductor's generated C++ kernels call on
  * their tensor arguments - and the class (torch.Tensor) whose instances it is called on. Set by
  * tensor_reader(); it throws a C++ exception on a tensor without storage, which C cannot catch, so
- * only launch_tensors() and aligned() use it, and only the generated code of a prepared call calls
- * those, after torch's own check (TensorGuards) passed every tensor: each exactly of the bound
- * class and dispatch keys, so a dense tensor with storage. */
+ * only launch_tensors() and aligned() use it, and only code fa4aot generates (prepared calls, the
+ * fast path's served calls) calls those, after torch's own check (TensorGuards) passed every
+ * tensor: each exactly of the bound class and dispatch keys, so a dense tensor with storage. */
 typedef void *(*tensor_ptr_fn)(PyObject *);
 static tensor_ptr_fn tensor_ptr = NULL;
 static PyObject *tensor_type = NULL;
