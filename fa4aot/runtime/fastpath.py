@@ -40,7 +40,14 @@ from fa4aot.plan.library import HOP
 from fa4aot.runtime import backward as bwd
 from fa4aot.runtime import loader
 from fa4aot.runtime.dispatch import region_key
-from fa4aot.runtime.prepared import NeedsBuffers, prepare_forward, tensor_reader, torch_guard, torch_mismatch
+from fa4aot.runtime.prepared import (
+    NeedsBuffers,
+    misaligned_test,
+    prepare_forward,
+    tensor_reader,
+    torch_guard,
+    torch_mismatch,
+)
 from fa4aot.runtime.validate import INT32_MAX
 from fa4aot.runtime.workspaces import stream_workspace, stream_workspaces
 
@@ -380,12 +387,8 @@ def _launch_lines(entry: str, names: Sequence[str], masks: Sequence[int], ws_slo
         ptrs, launch = ", ".join(names), f"{entry}.launch_tensors"
     else:
         lines = [f"p{i} = {n}.data_ptr()" for i, n in enumerate(names)]
-        by_mask: dict[int, list[str]] = {}
-        for i, m in enumerate(masks[: len(names)]):
-            by_mask.setdefault(m, []).append(f"p{i}")
-        conds = [f"({' | '.join(ps)}) & {m}" for m, ps in sorted(by_mask.items()) if m]
-        if conds:
-            lines += [f"if {' or '.join(conds)}:", "    return 0"]
+        cond = misaligned_test([f"p{i}" for i in range(len(names))], masks[: len(names)])
+        lines += [f"if {cond}:", "    return 0"] if cond else []
         ptrs, launch = ", ".join(f"p{i}" for i in range(len(names))), f"{entry}.launch"
     lines.append(f"st = _cur({device})")
     tail = f"st{', ' + words if words else ''}"

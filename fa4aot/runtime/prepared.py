@@ -236,11 +236,9 @@ class Prepared:
         else:
             lines.append("    if True:")
             lines += generic
-        by_align: dict[int, list[str]] = {}
-        for i in range(n):
-            by_align.setdefault(aligns[i], []).append(f"p{i}")
-        cond = " or ".join(f"({' | '.join(ps)}) & {a - 1}" for a, ps in sorted(by_align.items()))
-        lines.append(f"    if {cond}: _misaligned(({', '.join(f'p{i}' for i in range(n))},))")
+        ptrs = [f"p{i}" for i in range(n)]
+        cond = misaligned_test(ptrs, [a - 1 for a in aligns])
+        lines += [f"    if {cond}: _misaligned(({', '.join(ptrs)},))"] if cond else []
         lines += [stream_line, *per_call, *steps.lines]
         gencode.run("\n".join(lines), scope, "prepared call")
         return scope["run"]
@@ -302,6 +300,16 @@ def refuse_unlike(name: str, got: DeviceTensor, want: DeviceTensor, free_length:
     ):
         if a != b:
             raise ArgumentError(f"{name}: {what} {a} differs from the prepared call's {b}; prepare another call")
+
+
+def misaligned_test(ptrs: Sequence[str], masks: Sequence[int]) -> str:
+    """Generated code, true when an address of ``ptrs`` (expressions) has a bit of its mask
+    (alignment - 1) set: one test per distinct mask; "" where no mask is set."""
+    by_mask: dict[int, list[str]] = {}
+    for p, m in zip(ptrs, masks):
+        if m:
+            by_mask.setdefault(m, []).append(p)
+    return " or ".join(f"({' | '.join(ps)}) & {m}" for m, ps in sorted(by_mask.items()))
 
 
 def _tensor_path(

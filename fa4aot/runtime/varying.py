@@ -27,7 +27,7 @@ from fa4aot.runtime import fastpath
 from fa4aot.runtime.forward import forward
 from fa4aot.runtime.frameworks import default_stream, framework
 from fa4aot.runtime.loader import Runtime
-from fa4aot.runtime.prepared import refuse_unlike
+from fa4aot.runtime.prepared import misaligned_test, refuse_unlike
 from fa4aot.runtime.tensors import DeviceTensor, as_device_tensor, stream_handle
 from fa4aot.runtime.workspaces import stream_workspace
 
@@ -174,11 +174,8 @@ class VaryingForward:
             "    vb, vq, vk, vs = last[2]",
         ]
         ptrs = [f"{n}[0]" for n in fam.names]
-        by_mask: dict[int, list[str]] = {}
-        for p, m in zip(ptrs, fam.masks):
-            by_mask.setdefault(m, []).append(p)
-        conds = [f"({' | '.join(ps)}) & {m}" for m, ps in sorted(by_mask.items()) if m]
-        lines += [f"    if {' or '.join(conds)}:", "        return False"] if conds else []
+        cond = misaligned_test(ptrs, fam.masks)
+        lines += [f"    if {cond}:", "        return False"] if cond else []
         lines += [
             f"    st = _default(a_{names[0]}) if stream is None else _handle(stream)",
             "    if e.ws_slots:",
