@@ -26,19 +26,23 @@ import _common
 BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCHMARKS)
 
-#: A launch function that returns CUDA_SUCCESS without doing anything (built with the system C
-#: compiler on first use).
-NOOP_C = "int noop(void *config, void *f, void **params, void **extra) { return 0; }\n"
+#: A launch function that returns CUDA_SUCCESS without doing anything, and a cuStreamIsCapturing
+#: that says no stream is being captured (built with the system C compiler on first use).
+NOOP_C = (
+    "int noop(void *config, void *f, void **params, void **extra) { return 0; }\n"
+    "int not_capturing(void *stream, int *status) { *status = 0; return 0; }\n"
+)
 
 
-def noop_launch() -> int:
-    """The address of :data:`NOOP_C`'s function."""
+def noop_launch() -> tuple[int, int]:
+    """The addresses of :data:`NOOP_C`'s functions."""
     d = tempfile.mkdtemp(prefix="fa4aot-noop-")
     src, lib = os.path.join(d, "noop.c"), os.path.join(d, "noop.so")
     with open(src, "w") as f:
         f.write(NOOP_C)
     subprocess.run([os.environ.get("CC", "cc"), "-O2", "-shared", "-fPIC", "-o", lib, src], check=True)
-    return ctypes.cast(ctypes.CDLL(lib).noop, ctypes.c_void_p).value
+    so = ctypes.CDLL(lib)
+    return ctypes.cast(so.noop, ctypes.c_void_p).value, ctypes.cast(so.not_capturing, ctypes.c_void_p).value
 
 
 def rows(cache: str, inner: int, repeats: int) -> dict[str, float]:
@@ -53,11 +57,17 @@ def rows(cache: str, inner: int, repeats: int) -> dict[str, float]:
     from fa4aot.runtime.loader import Runtime
     from fa4aot.runtime.tensors import DeviceTensor
 
-    launch = noop_launch()
+    launch, not_capturing = noop_launch()
 
     class Driver(FakeDriver):
         def launch_function(self) -> int:
             return launch
+
+        def capture_status_function(self) -> int:
+            return not_capturing
+
+    if hasattr(fastpath, "_torch_memory"):  # the workspace as CUDA builds of torch serve it (CPU tensors: device -1)
+        fastpath._torch_memory = lambda: (lambda n, s: 1 << 40, lambda p: None, lambda: False, lambda: -1)
 
     # torch's CPU tensors read as device 0's, torch's current stream as stream 0
     dtypes = {torch.bfloat16: "bf16", torch.int32: "int32", torch.int64: "int64", torch.float32: "fp32"}

@@ -47,6 +47,10 @@ class FakeDriver:
     num_devices: int = 1
     #: calls of pointer_device / pointer_range (what a range cache saves)
     pointer_queries: int = 0
+    #: streams cuStreamIsCapturing reports as being captured into a CUDA graph
+    capturing: set = field(default_factory=set)
+    #: cuStreamIsCapturing's CUresult (non-zero: the driver cannot tell)
+    capture_result: int = 0
     _next: int = 0x7E00_0000_0000
 
     def ensure_context(self, ordinal: int) -> None:
@@ -124,6 +128,16 @@ class FakeDriver:
             self._cb = _LAUNCH_T(self._record)
         return ctypes.cast(self._cb, ctypes.c_void_p).value
 
+    def capture_status_function(self) -> int:
+        """A C-callable stand-in for cuStreamIsCapturing reporting :attr:`capturing`."""
+        if getattr(self, "_capture_cb", None) is None:
+            self._capture_cb = _CAPTURE_T(self._capture_status)
+        return ctypes.cast(self._capture_cb, ctypes.c_void_p).value
+
+    def _capture_status(self, stream, status):
+        status[0] = 1 if (stream or 0) in self.capturing else 0  # CU_STREAM_CAPTURE_STATUS_ACTIVE / NONE
+        return self.capture_result
+
     def _record(self, cfg_ptr, f, params, extra):
         cfg = _Config.from_address(cfg_ptr)
         attrs = tuple(
@@ -153,6 +167,7 @@ class _Config(ctypes.Structure):
     ]
 
 
+_CAPTURE_T = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int))
 _LAUNCH_T = ctypes.CFUNCTYPE(
     ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p
 )

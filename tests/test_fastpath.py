@@ -39,6 +39,12 @@ class FakeTorch:
     def get_device(self):
         return self.raw.device
 
+    def numel(self):
+        n = 1
+        for size in self.shape:
+            n *= size
+        return n
+
     def is_contiguous(self):
         """torch's rule: every dimension of extent above 1 strided row-major."""
         want = 1
@@ -550,16 +556,26 @@ def test_a_torch_tensors_check_in_prepared_calls():
             assert eval(expr, dict(scope, a=obj)) is want, (obj.shape, obj.stride(), obj.dtype)  # noqa: S307
 
 
-def test_the_workspace_is_a_buffer_per_stream_and_a_block_per_call_while_capturing(sm100, monkeypatch):
+@pytest.mark.parametrize("driver_query", [True, False], ids=["driver-capture-query", "torch-checks-only"])
+def test_the_workspace_is_a_buffer_per_stream_and_a_block_per_call_while_capturing(sm100, monkeypatch, driver_query):
     """With torch's caching allocator's raw entry points (CUDA builds of torch), a served varlen
     call's tensor-map workspace is its launch stream's buffer, the one the full path gives
     other frameworks' calls (workspaces.stream_workspace): made once, shared by the stream's
     calls, replaced by a larger one when a call needs more slots (the old one freed after the
     stream's queued work), one per stream. While the stream is being captured into a CUDA graph,
     a raw block of torch's of the size FA4 needs per call, freed after the launch (the graph's
-    pool keeps it). When torch's current device is not the tensors', a new tensor on theirs."""
+    pool keeps it). ``driver_query``: the compiled hop asks the driver (cuStreamIsCapturing)
+    about the launch stream itself first, so another current device of torch's still takes the
+    stream's buffer, and a driver that cannot tell leaves the call to torch's checks; without
+    the driver's function, torch's checks decide every call, and when torch's current device is
+    not the tensors', the workspace is a new tensor on theirs."""
     from fa4aot.core.fa4_interface import TENSORMAP_WORDS
     from fa4aot.runtime import forward, prepared
+
+    if not driver_query:
+        monkeypatch.delattr(FakeDriver, "capture_status_function")
+    elif fastpath.HOP is None:
+        pytest.skip("the compiled hop (fa4aot/plan/_hop.c) is not built here: torch's checks decide every call")
 
     monkeypatch.setattr(forward, "alloc_like", lambda ref, shape, dtype: ref.new_empty(shape, dtype).raw)
     monkeypatch.setattr(prepared, "alloc_like", lambda ref, shape, dtype: ref.new_empty(shape, dtype))
@@ -616,14 +632,23 @@ def test_the_workspace_is_a_buffer_per_stream_and_a_block_per_call_while_capturi
     assert len(buffer()) == 2 and launched_with(launch, buffer()[-1][0])
     assert events == []  # torch's raw blocks: only while capturing
     state["capturing"] = True  # a block per call, freed once launched
+    drv.capturing = {9}
     for b in (2, 96):
         slots, launch = call(b)
         assert events[-2][1:3] == (slots * TENSORMAP_WORDS * 8, 9) and events[-1] == ("free", events[-2][3])
         assert launched_with(launch, events[-2][3])
-    state["capturing"], state["device"] = False, 1  # another current device: a tensor on the tensors'
+    drv.capture_result = 999  # the driver cannot tell: torch's check (capturing) decides
+    slots, launch = call(2)
+    assert events[-2][1:3] == (slots * TENSORMAP_WORDS * 8, 9) and launched_with(launch, events[-2][3])
+    drv.capture_result, drv.capturing = 0, set()
+    state["capturing"], state["device"] = False, 1  # another current device
     n, allocs = len(events), buffer()
     _, launch = call(2)
-    assert len(events) == n and buffer() == allocs and launched_with(launch, B + (100 + _made[0]) * (1 << 36))
+    assert len(events) == n and buffer() == allocs
+    if driver_query:  # the launch stream's own buffer: the driver said it is not being captured
+        assert launched_with(launch, allocs[-1][0])
+    else:  # torch's checks are of its current device: a tensor on the tensors'
+        assert launched_with(launch, B + (100 + _made[0]) * (1 << 36))
 
 
 def _torch_guard_or_skip():

@@ -269,3 +269,29 @@ def test_the_compiled_hop_launches_what_ctypes_launches(built_cache):
     assert library.HOP is not None, "fa4aot.plan._hop is not built: reinstall with `pip install -e .` (needs cc)"
     with_hop = _launches_of_each_path(built_cache, library.HOP)
     assert len(with_hop) == 3 and with_hop == _launches_of_each_path(built_cache, None)
+
+
+def test_the_hops_stream_buffer_answers_only_an_uncaptured_stream_with_enough_slots():
+    """fa4aot.plan._hop.stream_buffer (the served calls' workspace check): the stream's buffer
+    address when the dict holds one of at least the slots asked and the driver's
+    cuStreamIsCapturing says the stream is not being captured; None when it is (or the driver
+    cannot tell, or there is no buffer, or it is too small), so the caller's own path decides."""
+    from fake_driver import FakeDriver
+
+    from fa4aot.plan import library
+
+    assert library.HOP is not None, "fa4aot.plan._hop is not built: reinstall with `pip install -e .` (needs cc)"
+    sb, drv = library.HOP.stream_buffer, FakeDriver()
+    query = drv.capture_status_function()
+    buffers = {7: (0x7F00_0000_0000, 64), 0: (0x7F00_1000_0000, 8)}
+    assert sb(query, buffers, 7, 64) == 0x7F00_0000_0000 and sb(query, buffers, 7, 1) == 0x7F00_0000_0000
+    assert sb(query, buffers, 0, 8) == 0x7F00_1000_0000  # (the legacy default stream, handle 0)
+    assert sb(query, buffers, 7, 65) is None and sb(query, buffers, 9, 1) is None
+    drv.capturing = {7}
+    assert sb(query, buffers, 7, 1) is None and sb(query, buffers, 0, 1) == 0x7F00_1000_0000
+    drv.capturing, drv.capture_result = set(), 900  # (CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED)
+    assert sb(query, buffers, 7, 1) is None
+    with pytest.raises(TypeError):
+        sb(query, list(buffers.items()), 7, 1)
+    with pytest.raises(ArgumentError):
+        sb(query, buffers, -1, 1)

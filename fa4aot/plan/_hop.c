@@ -40,7 +40,7 @@ static int as_u64(PyObject *obj, uint64_t *out) {
     unsigned long long v = PyLong_AsUnsignedLongLong(obj);
     if (v == (unsigned long long)-1 && PyErr_Occurred()) {
         PyErr_Clear();
-        PyErr_Format(argument_error,
+        PyErr_Format(argument_error != NULL ? argument_error : PyExc_ValueError,
                      "a tensor address, per-call word or stream is not a 64-bit unsigned int: %R", obj);
         return -1;
     }
@@ -179,6 +179,49 @@ static PyObject *aligned(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     Py_RETURN_TRUE;
 }
 
+/* The driver's cuStreamIsCapturing(CUstream, CUstreamCaptureStatus *) -> CUresult. */
+typedef int (*capture_status_fn)(void *stream, int *status);
+
+/* stream_buffer(capture_status, buffers, stream, slots) -> address or None: the buffer that
+ * buffers (a dict: stream -> (address, slots)) holds for stream, when it holds at least slots
+ * and the driver's capture_status (the address of cuStreamIsCapturing) says the stream is not
+ * being captured into a CUDA graph. None otherwise - no buffer, too small, capturing, or the
+ * driver could not tell: the caller's own path decides (it grows the buffer, or takes a block
+ * the graph keeps). One C call for what torch's current-device and capture checks, a dict
+ * lookup and a comparison cost in Python; the check is of the launch stream itself. */
+static PyObject *stream_buffer(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4 || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "stream_buffer() takes the capture query, a dict, the stream and the slots");
+        return NULL;
+    }
+    capture_status_fn query = (capture_status_fn)PyLong_AsVoidPtr(args[0]);
+    if (query == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "stream_buffer() needs the driver's cuStreamIsCapturing");
+        return NULL;
+    }
+    uint64_t stream;
+    if (as_u64(args[2], &stream) < 0)
+        return NULL;
+    PyObject *have = PyDict_GetItemWithError(args[1], args[2]); /* borrowed */
+    if (have == NULL) {
+        if (PyErr_Occurred())
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    if (!PyTuple_Check(have) || PyTuple_Size(have) != 2)
+        Py_RETURN_NONE;
+    int enough = PyObject_RichCompareBool(PyTuple_GetItem(have, 1), args[3], Py_GE);
+    if (enough < 0)
+        return NULL;
+    int status = -1;
+    if (!enough || query((void *)(uintptr_t)stream, &status) != 0 || status != 0)
+        Py_RETURN_NONE; /* (CU_STREAM_CAPTURE_STATUS_NONE is 0) */
+    PyObject *ptr = PyTuple_GetItem(have, 0);
+    Py_INCREF(ptr);
+    return ptr;
+}
+
 /* run(fn, block) -> fn(block): the full launcher's call (it packs the whole argument struct) */
 static PyObject *run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2) {
@@ -203,6 +246,8 @@ static PyMethodDef methods[] = {
      "aligned(masks, *tensors) -> bool: every tensor's address aligned to its mask + 1."},
     {"tensor_reader", tensor_reader, METH_VARARGS,
      "tensor_reader(address, cls): torch's tensor address reader and the class it is called on."},
+    {"stream_buffer", (PyCFunction)(void (*)(void))stream_buffer, METH_FASTCALL,
+     "stream_buffer(capture_status, buffers, stream, slots) -> int | None: the stream's buffer, if usable now."},
     {"run", (PyCFunction)(void (*)(void))run, METH_FASTCALL, "run(fn, block) -> int: call the shim."},
     {NULL, NULL, 0, NULL},
 };

@@ -267,3 +267,8 @@ class CudaDriver:
         """Address of the driver's ``cuLaunchKernelEx``: plans call it directly with the launch
         they recorded."""
         return self._address("cuLaunchKernelEx")
+
+    def capture_status_function(self) -> int:
+        """Address of the driver's ``cuStreamIsCapturing``: the fast path asks it from C whether a
+        launch stream is being captured into a CUDA graph (fa4aot.plan._hop.stream_buffer)."""
+        return self._address("cuStreamIsCapturing")

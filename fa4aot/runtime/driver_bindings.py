@@ -187,5 +187,12 @@ class BindingsDriver:
 
     def launch_function(self) -> int:
         """Address of the driver's ``cuLaunchKernelEx`` (plans call it from C)."""
-        pfn, _status = self._check(self._cu.cuGetProcAddress(b"cuLaunchKernelEx", ABI_VERSION, 0), "cuGetProcAddress")
+        return self._address(b"cuLaunchKernelEx")
+
+    def capture_status_function(self) -> int:
+        """Address of the driver's ``cuStreamIsCapturing`` (the fast path calls it from C)."""
+        return self._address(b"cuStreamIsCapturing")
+
+    def _address(self, name: bytes) -> int:
+        pfn, _status = self._check(self._cu.cuGetProcAddress(name, ABI_VERSION, 0), "cuGetProcAddress")
         return int(pfn)

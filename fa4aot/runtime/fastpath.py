@@ -370,7 +370,7 @@ def _metas(key: tuple[Any, ...]) -> tuple[list[tuple[str, tuple[Any, Any, Any, A
 
 
 def _launch_lines(entry: str, names: Sequence[str], masks: Sequence[int], ws_slots: str | None, device: str,
-                  words: str = "", indent: str = "    ", objects: bool = False) -> list[str]:  # fmt: skip
+                  words: str = "", indent: str = "    ", objects: bool = False, buffer: bool = False) -> list[str]:  # fmt: skip
     """Generated code that reads the addresses of tensors ``names`` (a prepared call's, in its
     order), returns 0 when one is misaligned for it (``masks``: alignment - 1; the full path
     names the tensor) and launches ``entry`` (its ``launch_ptrs``) on torch's current stream of
@@ -381,7 +381,9 @@ def _launch_lines(entry: str, names: Sequence[str], masks: Sequence[int], ws_slo
     allocator on it, freed once launched (the graph's pool keeps it); on another current device
     a new torch tensor on the tensors'. ``objects``: the tensors passed torch's check, so the
     compiled hop reads their addresses (``_A``, ``_mk``: :func:`_objects_scope`) and ``entry``'s
-    ``launch_tensors`` launches them."""
+    ``launch_tensors`` launches them. ``buffer``: the compiled hop answers first whether the
+    stream's buffer serves the call (``_sb``, :func:`_buffer_query`): enough slots and the launch
+    stream itself not being captured (whatever torch's current device)."""
     if objects:
         lines = [f"if not _A(_mk, {', '.join(names)}):", "    return 0"]
         ptrs, launch = ", ".join(names), f"{entry}.launch_tensors"
@@ -395,8 +397,12 @@ def _launch_lines(entry: str, names: Sequence[str], masks: Sequence[int], ws_slo
     if ws_slots is None:
         lines.append(f"{launch}({ptrs}, {tail})")
     else:
+        if buffer:  # the stream's buffer, when it is large enough and the stream not being captured
+            lines += [f"pw = _sb(_csf, _wss, st, {ws_slots})", "if pw is not None:", f"    {launch}({ptrs}, pw, {tail})",
+                      f"elif _wss is not None and _current_device() == {device}:"]  # fmt: skip
+        else:
+            lines.append(f"if _wss is not None and _current_device() == {device}:")
         lines += [
-            f"if _wss is not None and _current_device() == {device}:",
             "    if _capturing():",
             f"        pw = _raw_alloc(({ws_slots}) * _SLOT_BYTES, st)",
             "        try:",
@@ -430,11 +436,11 @@ def _entry_launch(entry: _Entry, ws_slots: str | None, scope: dict[str, Any]) ->
     """:func:`_launch_lines` of a served call's entry ``_e``: where its tensors may go to the hop
     as objects (:func:`_objects_scope`), that launch when torch's check passed them (``_ok``),
     else the addresses' launch."""
-    names, masks, dev = entry.names, entry.masks, _device(scope)
+    names, masks, dev, buf = entry.names, entry.masks, _device(scope), scope.get("_sb") is not None
     if entry.launch_tensors is None or not _objects_scope(names, masks, scope):
-        return _launch_lines("_e", names, masks, ws_slots, dev)
-    return ["    if _ok:", *_launch_lines("_e", names, masks, ws_slots, dev, indent="        ", objects=True),
-            "    else:", *_launch_lines("_e", names, masks, ws_slots, dev, indent="        ")]  # fmt: skip
+        return _launch_lines("_e", names, masks, ws_slots, dev, buffer=buf)
+    return ["    if _ok:", *_launch_lines("_e", names, masks, ws_slots, dev, indent="        ", objects=True, buffer=buf),
+            "    else:", *_launch_lines("_e", names, masks, ws_slots, dev, indent="        ", buffer=buf)]  # fmt: skip
 
 
 def _torch_memory() -> tuple[Any, Any, Any, Any]:
@@ -451,7 +457,8 @@ def _allocator(rt: Any) -> dict[str, Any]:
     """The generated launches' names for FA4's tensor-map workspace (:func:`_launch_lines`):
     ``rt``'s per-stream buffers (:func:`~fa4aot.runtime.workspaces.stream_workspace`) and torch's
     caching allocator's raw entry points (where this torch has none, ``_wss`` is None: the
-    workspace is then a torch tensor)."""
+    workspace is then a torch tensor); ``_sb``: the compiled hop's check of a stream's buffer
+    (:func:`_buffer_query`), or None."""
     alloc, free, capturing, device = _torch_memory()
     served = alloc is not None and free is not None and device is not None
     return {
@@ -464,7 +471,22 @@ def _allocator(rt: Any) -> dict[str, Any]:
         "_SLOT_BYTES": TENSORMAP_WORDS * 8,
         "_W": TENSORMAP_WORDS,
         "_i64": _dtype("int64"),
+        **(_buffer_query(rt) if served else {"_sb": None}),
     }
+
+
+def _buffer_query(rt: Any) -> dict[str, Any]:
+    """``_sb`` (the hop's ``stream_buffer``) and ``_csf`` (the driver's ``cuStreamIsCapturing``):
+    a served call's workspace is its launch stream's buffer when that holds enough slots and the
+    driver says the stream is not being captured - one C call. ``_sb`` is None without the
+    compiled hop or the driver's function (the Python checks then decide every call)."""
+    query = getattr(rt.driver, "capture_status_function", None)
+    if HOP is None or not hasattr(HOP, "stream_buffer") or query is None:
+        return {"_sb": None}
+    try:
+        return {"_sb": HOP.stream_buffer, "_csf": query()}
+    except Fa4aotError:  # (a driver without it)
+        return {"_sb": None}
 
 
 def _scalar_mismatch(name: str, value: Any, const: str, scope: dict[str, Any]) -> str | None:
@@ -473,9 +495,12 @@ def _scalar_mismatch(name: str, value: Any, const: str, scope: dict[str, Any]) -
     if value is None or value is True or value is False:
         return f"{name} is not {value!r}"
     cls = value.__class__
+    # (the key's own object first: a default argument, or a small int, is the same object on
+    # every call, and an int, float (not NaN) or tuple of ints and Nones is equal to itself)
+    same = f"{name} is not {const} and "
     if cls is int or cls is float:
         scope[const] = value
-        return f"{name}.__class__ is not {cls.__name__} or {name} != {const}"
+        return f"{same if value == value else ''}({name}.__class__ is not {cls.__name__} or {name} != {const})"
     if cls is tuple:
         scope[const] = value
         items = []
@@ -486,7 +511,7 @@ def _scalar_mismatch(name: str, value: Any, const: str, scope: dict[str, Any]) -
                 items.append(f"{name}[{j}].__class__ is not int")
             else:
                 return None
-        return " or ".join([f"{name}.__class__ is not tuple or {name} != {const}", *items])
+        return f"{same}({' or '.join([f'{name}.__class__ is not tuple or {name} != {const}', *items])})"
     return None
 
 
@@ -527,19 +552,20 @@ def _device(scope: dict[str, Any]) -> str:
     return repr(scope.get("_device", 0))
 
 
-def batch_lines(pinned: int | None, seqs: Sequence[str], fail: str) -> list[str]:
+def batch_lines(pinned: int | None, seqs: Sequence[str], fail: str, length: str = "{}.shape[0]") -> list[str]:
     """Generated code setting ``b``, the call's batch - ``pinned`` (fixed by a tensor's shape in
     the key), else the first sequence tensor's - and returning ``fail`` when a given sequence
-    tensor's length disagrees with it (cu_seqlens: batch + 1, seqused: batch)."""
+    tensor's length disagrees with it (cu_seqlens: batch + 1, seqused: batch). ``length``: the
+    expression of a sequence tensor's length (``{}``: its name)."""
     extra = {"cu_q": 1, "cu_k": 1, "su_q": 0, "su_k": 0}
-    first = repr(pinned) if pinned is not None else f"{seqs[0]}.shape[0] - {extra[seqs[0]]}"
+    first = repr(pinned) if pinned is not None else f"{length.format(seqs[0])} - {extra[seqs[0]]}"
     checks = []
     for n in seqs:
         if pinned is None and n == seqs[0]:
             continue
         same = pinned is None and extra[n] == extra[seqs[0]]  # (the same tensor: its length agrees)
-        checks.append(f"({n} is not {seqs[0]} and {n}.shape[0] != b + {extra[n]})" if same else
-                      f"{n}.shape[0] != b + {extra[n]}")  # fmt: skip
+        checks.append(f"({n} is not {seqs[0]} and {length.format(n)} != b + {extra[n]})" if same else
+                      f"{length.format(n)} != b + {extra[n]}")  # fmt: skip
     return [f"    b = {first}"] + ([f"    if {' or '.join(checks)}:", f"        return {fail}"] if checks else [])
 
 
@@ -553,7 +579,7 @@ def _serve_family(fam: _Family, key: tuple[Any, ...], cond: str, scope: dict[str
     spec = _SPECS[_FWD]
     scope.update(_F=fam, _calls=calls, _cur=current_stream, _PREPARE=_PREPARE, **_allocator(fam.rt))
     lines = [f"def serve({', '.join((*spec.params, *spec.scalars))}):", f"    if {cond}:", "        return -1"]
-    lines += batch_lines(fam.pinned, fam.seqs, "0")
+    lines += batch_lines(fam.pinned, fam.seqs, "0", "{}.numel()")  # (1-D: the key's strides; numel() is cheapest)
     lines += ["    t = (b, max_q, max_k)", "    last = _F.last", "    if last[0] != t:"]
     classes = key[len(key) - 1 - len(_SPECS[_FWD].class_only) : len(key) - 1]  # max_q's, max_k's
     region = _region_lines(fam, classes, scope)
@@ -571,16 +597,16 @@ def _serve_family(fam: _Family, key: tuple[Any, ...], cond: str, scope: dict[str
     else:
         lines += ["        " + x for x in step]
     lines += ["    e = last[1]", "    vb, vq, vk, vs = last[2]"]
-    words, dev = "vb, vq, vk, vs", _device(scope)
+    words, dev, buf = "vb, vq, vk, vs", _device(scope), scope.get("_sb") is not None
     if _objects_scope(fam.names, fam.masks, scope):  # (every decision's form may have them: checked per call)
         lines += ["    if _ok and e.launch_tensors is not None:", "        if e.ws_slots:"]
-        lines += _launch_lines("e", fam.names, fam.masks, "vs", dev, words, " " * 12, objects=True)
+        lines += _launch_lines("e", fam.names, fam.masks, "vs", dev, words, " " * 12, objects=True, buffer=buf)
         lines.append("        else:")
         lines += _launch_lines("e", fam.names, fam.masks, None, dev, words, " " * 12, objects=True)
         lines.append("    elif e.ws_slots:")
     else:
         lines.append("    if e.ws_slots:")
-    lines += _launch_lines("e", fam.names, fam.masks, "vs", dev, words, "        ")
+    lines += _launch_lines("e", fam.names, fam.masks, "vs", dev, words, "        ", buffer=buf)
     lines.append("    else:")
     lines += _launch_lines("e", fam.names, fam.masks, None, dev, words, "        ")
     lines += ["    _calls.hits += 1", "    return 1"]
@@ -625,7 +651,10 @@ def _region_lines(fam: _Family, classes: tuple[type, type], scope: dict[str, Any
         "    held = False",
         "if held:",
         "    _R.reuses += 1",
-        f"    last = _F.last = (t, last[1], (b, {mq}, {mk}, max(r[1] + r[2] * b, r[3])), r)",
+        "    vs = r[1] + r[2] * b",  # (FA4's workspace slots: max(r[1] + r[2] * b, r[3]), without a call)
+        "    if vs < r[3]:",
+        "        vs = r[3]",
+        f"    last = _F.last = (t, last[1], (b, {mq}, {mk}, vs), r)",
     ]
 
 
