@@ -383,7 +383,11 @@ EXT_BOMBS = {
 }
 
 
-@pytest.mark.parametrize("kind", list(EXT_BOMBS))
+@pytest.mark.parametrize(
+    "kind",
+    # (streaming the GiB itself takes ~5 s: the full tier; the same header without its bytes stays fast)
+    [pytest.param(k, marks=pytest.mark.slow) if k.endswith("with its bytes") else k for k in EXT_BOMBS],
+)
 def test_an_oversized_tar_extension_header_is_refused_before_it_is_read(src, tmp_path, kind):
     typ, size, payload = EXT_BOMBS[kind]
     good = lzma.decompress(_archive(src["records"], src["blobs"]))
@@ -464,6 +468,7 @@ def _bomb(records: dict[str, str], blobs: dict[str, bytes], zeros: dict[str, int
     return _zeros_xz(_without_end(_tar(members)), [(f"blobs/{sha}.so", size) for sha, size in zeros.items()])
 
 
+@pytest.mark.slow  # (~5 s; the fast tier keeps the bomb in a used blob, below)
 def test_an_xz_bomb_of_unused_listed_blobs_is_refused_unpacked_no_further(src, tmp_path):
     """The probe's 586 KB archive that installed at 4.1 GB RSS: listed blobs of zeros (sha256s
     right) that no entry uses, each within the per-blob limit. Here 4 of about 256 MiB."""
