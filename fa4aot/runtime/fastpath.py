@@ -398,11 +398,13 @@ def _launch_lines(entry: str, names: Sequence[str], masks: Sequence[int], ws_slo
         lines.append(f"{launch}({ptrs}, {tail})")
     else:
         if buffer:  # the stream's buffer, when it is large enough and the stream not being captured
-            lines += [f"pw = _sb(_csf, _wss, st, {ws_slots})", "if pw is not None:", f"    {launch}({ptrs}, pw, {tail})",
-                      f"elif _wss is not None and _current_device() == {device}:"]  # fmt: skip
-        else:
-            lines.append(f"if _wss is not None and _current_device() == {device}:")
+            lines += [
+                f"pw = _sb(_csf, _wss, st, {ws_slots})",
+                "if pw is not None:",
+                f"    {launch}({ptrs}, pw, {tail})",
+            ]
         lines += [
+            f"{'elif' if buffer else 'if'} _wss is not None and _current_device() == {device}:",
             "    if _capturing():",
             f"        pw = _raw_alloc(({ws_slots}) * _SLOT_BYTES, st)",
             "        try:",
