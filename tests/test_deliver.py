@@ -46,6 +46,14 @@ def small_archive(built_cache, tmp_path_factory) -> Path:
     return p
 
 
+@pytest.fixture(scope="module")
+def small_node(small_archive, tmp_path_factory) -> Path:
+    """A cache ``small_archive`` was installed into (each hostile-archive test copies it)."""
+    node = tmp_path_factory.mktemp("small-node") / "node"
+    run_cli("install", "--insecure", str(small_archive), "--cache", str(node))
+    return node
+
+
 def test_pack_install_round_trip_equals_the_source(built_cache, archive, tmp_path):
     dst = tmp_path / "node"
     out = run_cli("install", "--insecure", str(archive), "--cache", str(dst)).stdout
@@ -174,7 +182,7 @@ HOSTILE = {
 
 
 @pytest.mark.parametrize("kind", list(HOSTILE))
-def test_hostile_archives_are_refused_and_nothing_is_written(small_archive, tmp_path, kind):
+def test_hostile_archives_are_refused_and_nothing_is_written(small_archive, small_node, tmp_path, kind):
     archive = small_archive
     make, match = HOSTILE[kind]
     bad = _write(make(_members(archive)), tmp_path / "bad.fa4")
@@ -182,8 +190,8 @@ def test_hostile_archives_are_refused_and_nothing_is_written(small_archive, tmp_
     p = run_cli("install", "--insecure", str(bad), "--cache", str(dst), check=False)
     assert p.returncode == 1 and match in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not dst.exists()
-    # into an existing cache: nothing changes either
-    run_cli("install", "--insecure", str(archive), "--cache", str(dst))
+    # into an existing cache (the archive installed): nothing changes either
+    shutil.copytree(small_node, dst, symlinks=True)
     before = sorted(str(x.relative_to(dst)) for x in dst.rglob("*"))
     assert run_cli("install", "--insecure", str(bad), "--cache", str(dst), check=False).returncode == 1
     assert sorted(str(x.relative_to(dst)) for x in dst.rglob("*")) == before
