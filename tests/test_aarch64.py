@@ -108,6 +108,7 @@ def test_every_ci_variant_records_the_same_launches_on_both_host_archs(ci_both_h
     _same_launches_on_both_hosts(ci_both_hosts, 40)
 
 
+@pytest.mark.slow  # (the both-host build: the full tier's; the fast tier keeps the no-emulation refusal)
 @needs_dsl
 @needs_emulation
 def test_the_cubin_is_stored_once_and_only_the_plans_differ(both_hosts):
@@ -120,6 +121,7 @@ def test_the_cubin_is_stored_once_and_only_the_plans_differ(both_hosts):
     assert len(list((both_hosts / "blobs").rglob("*.cubin"))) == len(cubins)
 
 
+@pytest.mark.slow
 @needs_dsl
 @needs_emulation
 def test_verify_runs_the_aarch64_plans_under_emulation_and_ls_shows_both(both_hosts):
@@ -129,6 +131,7 @@ def test_verify_runs_the_aarch64_plans_under_emulation_and_ls_shows_both(both_ho
     assert "aarch64" in ls and "x86_64" in ls
 
 
+@pytest.mark.slow
 @needs_dsl
 @needs_emulation
 def test_verify_says_it_skipped_the_aarch64_plans_without_emulation(both_hosts):
@@ -138,6 +141,7 @@ def test_verify_says_it_skipped_the_aarch64_plans_without_emulation(both_hosts):
     assert "0 bad" in out.stdout
 
 
+@pytest.mark.slow
 @needs_dsl
 @needs_emulation
 def test_an_aarch64_host_gets_the_aarch64_entries_and_an_x86_only_cache_is_refused(
@@ -151,6 +155,7 @@ def test_an_aarch64_host_gets_the_aarch64_entries_and_an_x86_only_cache_is_refus
         Runtime(built_cache, driver=FakeDriver(cc=(9, 0), num_sms=132))
 
 
+@pytest.mark.slow
 @needs_dsl
 @needs_emulation
 def test_pack_for_aarch64_hosts_installs_on_one(both_hosts, tmp_path):

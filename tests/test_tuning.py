@@ -232,6 +232,7 @@ def test_a_win_must_beat_the_noise():
     assert tune.pick_winner({d: quiet, c: quiet}, d)[0] == d  # a tie keeps FA4's choice
 
 
+@pytest.mark.slow  # (expands the shipped h100.yaml: ~8 s)
 def test_every_sweep24_shape_is_tunable_with_the_shipped_h100_manifest():
     """`fa4aot tune manifests/h100.yaml` (the README's recipe) measures every shape of the sweep:
     the manifest builds the variant FA4 runs for it and at least two other tilings to time
