@@ -21,8 +21,8 @@ def pytest_configure(config):
     every tier: its build starts now, so it also overlaps collection (~15 s of imports on the
     2-core CI box); collection stops it if no selected test needs it after all."""
     whole = getattr(config, "args_source", None) == pytest.Config.ArgsSource.TESTPATHS
-    if HAS_DSL and whole and not config.option.collectonly and not _FAST_BUILD:
-        _FAST_BUILD.append(BackgroundBuild(config._tmp_path_factory, "fast-cache", FAST_MANIFEST))
+    if HAS_DSL and whole and not config.option.collectonly:
+        _start_build(config)
 
 
 @pytest.hookimpl(trylast=True)  # after -m / -k have deselected what this run skips
@@ -33,14 +33,18 @@ def pytest_collection_modifyitems(session, config, items):
     needs = [item for item in items if "built_cache" in getattr(item, "fixturenames", ())]
     if not needs:
         _stop_builds()  # (an early build no selected test needs)
-        _FAST_BUILD.clear()
         return
     if not HAS_DSL:
         return
-    if not _FAST_BUILD:
-        _FAST_BUILD.append(BackgroundBuild(config._tmp_path_factory, "fast-cache", FAST_MANIFEST))
+    _start_build(config)
     first = [item for item in items if "built_cache" not in getattr(item, "fixturenames", ())]
     items[:] = first + needs
+
+
+def _start_build(config) -> None:
+    """The fast cache's background build, once per session."""
+    if not _FAST_BUILD:
+        _FAST_BUILD.append(BackgroundBuild(config._tmp_path_factory, "fast-cache", FAST_MANIFEST))
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -49,10 +53,10 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def _stop_builds() -> None:
+    """Stop a background build still running, and forget it."""
     for build in _FAST_BUILD:
-        if build.proc.poll() is None:
-            build.proc.kill()
-            build.proc.communicate()
+        build.stop()
+    _FAST_BUILD.clear()
 
 
 @pytest.fixture(scope="session")

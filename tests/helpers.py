@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -49,15 +50,23 @@ class BackgroundBuild:
 
     def __init__(self, tmp_path_factory, name: str, manifest: Path) -> None:
         self.path = _cache_path(tmp_path_factory, name)
+        # (its own process group: its pool workers hold the output pipe, so stop() kills them too)
         self.proc = subprocess.Popen(
-            _build_command(self.path, manifest, ()), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
+            _build_command(self.path, manifest, ()), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True,
+        )  # fmt: skip
 
     def wait(self) -> Path:
         """The built cache (the build's output in the failure message if it failed)."""
         out, _ = self.proc.communicate()
         assert self.proc.returncode == 0, out
         return self.path
+
+    def stop(self) -> None:
+        """Kill the build and its workers if it is still running."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.communicate()
 
 
 def build_session_cache(tmp_path_factory, name: str, manifest: Path, reuse: tuple[Path, ...] = ()) -> Path:
